@@ -1,0 +1,7 @@
+"""edgekit's device side: the shared formats (bundle, profile, schema) and the agent.
+
+Importing this package does no work and pulls in nothing heavier than numpy; the runtimes
+(onnxruntime, LiteRT) are imported only when a model is loaded.
+"""
+
+__version__ = "0.1.0"

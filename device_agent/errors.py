@@ -1,0 +1,95 @@
+"""The device side's exception tree. Catch ``AgentError`` to catch them all.
+
+::
+
+    AgentError
+    ├── BundleError                 a bundle that cannot be trusted or read
+    │   ├── BundleFormatError       not a bundle, truncated, missing or unexpected members, bad paths
+    │   ├── BundleIntegrityError    a member whose sha256 differs from the manifest's
+    │   └── SignatureError          no signature, a bad signature, or signed by another key
+    ├── KeyFileError                a public or private key file that cannot be read
+    ├── ProfileError                a profile that is malformed or merged with one of another baseline
+    ├── InputError                  rows that do not fit the model's input schema (wrong width, NaN, strings)
+    ├── RuntimeUnavailableError     the runtime a model needs is not installed
+    └── ModelError                  the runtime refused the model, or failed while running it
+
+Every message names the problem and what to do; the facts it is built from are kept as
+attributes so callers can act on them without parsing text.
+"""
+
+from __future__ import annotations
+
+
+class AgentError(Exception):
+    """Root of every error the device side raises on purpose."""
+
+
+class BundleError(AgentError):
+    def __init__(self, path: object, problem: str, fix: str = "") -> None:
+        self.path = str(path)
+        self.problem = problem
+        self.fix = fix
+        message = f"{self.path}: {problem}"
+        if fix:
+            message += f"; {fix}"
+        super().__init__(message)
+
+
+class BundleFormatError(BundleError):
+    pass
+
+
+class BundleIntegrityError(BundleError):
+    def __init__(self, path: object, member: str, expected: str, actual: str) -> None:
+        self.member = member
+        self.expected = expected
+        self.actual = actual
+        super().__init__(
+            path,
+            f"member {member!r} has sha256 {actual[:12]}…, the manifest says {expected[:12]}… (tampered or corrupted)",
+            "rebuild the bundle with 'edgekit package' or download it again",
+        )
+
+
+class SignatureError(BundleError):
+    pass
+
+
+class KeyFileError(AgentError):
+    def __init__(self, path: object, problem: str, fix: str = "") -> None:
+        self.path = str(path)
+        message = f"{self.path}: {problem}"
+        if fix:
+            message += f"; {fix}"
+        super().__init__(message)
+
+
+class ProfileError(AgentError):
+    pass
+
+
+class InputError(AgentError):
+    """Rows that do not fit the model. ``row`` and ``column`` locate the first offender when known."""
+
+    def __init__(self, problem: str, fix: str = "", *, row: int | None = None, column: str | None = None) -> None:
+        self.problem = problem
+        self.fix = fix
+        self.row = row
+        self.column = column
+        super().__init__(f"{problem}; {fix}" if fix else problem)
+
+
+class RuntimeUnavailableError(AgentError):
+    pass
+
+
+class ModelError(AgentError):
+    """The runtime could not load or run a model; ``runtime`` names which one, ``source`` which model."""
+
+    def __init__(self, source: object, runtime: str, problem: str, fix: str = "") -> None:
+        self.source = str(source)
+        self.runtime = runtime
+        message = f"{self.source}: {runtime} {problem}"
+        if fix:
+            message += f"; {fix}"
+        super().__init__(message)

@@ -1,0 +1,80 @@
+"""What a model's output tensors mean, and turning them into labels, probabilities or values.
+
+The host decides this once when it packages a model (``output`` in the manifest); the device and
+the host's validator read raw outputs through the same ``OutputSpec``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+CLASSIFICATION = "classification"
+REGRESSION = "regression"
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """Labels and probabilities for classifiers; values (rows × targets) for regressors."""
+
+    labels: np.ndarray | None = None
+    probabilities: np.ndarray | None = None
+    values: np.ndarray | None = None
+
+    @property
+    def primary(self) -> np.ndarray:
+        return self.labels if self.labels is not None else self.values  # type: ignore[return-value]
+
+    @property
+    def scores(self) -> np.ndarray:
+        """The continuous output to compare between models: probabilities, else values."""
+        return self.probabilities if self.probabilities is not None else self.values  # type: ignore[return-value]
+
+
+@dataclass(frozen=True)
+class OutputSpec:
+    task: str
+    labels: tuple[Any, ...] = ()
+    label_output: str | None = None
+    probabilities_output: str | None = None
+    value_output: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.task not in (CLASSIFICATION, REGRESSION):
+            raise ValueError(f"unknown task {self.task!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        doc: dict[str, Any] = {"task": self.task}
+        if self.task == CLASSIFICATION:
+            doc.update(labels=list(self.labels), label_output=self.label_output, probabilities_output=self.probabilities_output)
+        else:
+            doc.update(value_output=self.value_output)
+        return doc
+
+    @classmethod
+    def from_dict(cls, doc: dict[str, Any]) -> "OutputSpec":
+        return cls(
+            task=doc["task"],
+            labels=tuple(doc.get("labels", ())),
+            label_output=doc.get("label_output"),
+            probabilities_output=doc.get("probabilities_output"),
+            value_output=doc.get("value_output"),
+        )
+
+    def interpret(self, raw: dict[str, np.ndarray]) -> Prediction:
+        if self.task == REGRESSION:
+            values = np.asarray(raw[self.value_output], dtype=np.float64)  # type: ignore[index]
+            return Prediction(values=values.reshape(values.shape[0], -1))
+        probabilities = None
+        if self.probabilities_output is not None:
+            probabilities = np.asarray(raw[self.probabilities_output], dtype=np.float64).reshape(len(next(iter(raw.values()))), -1)
+        if self.label_output is not None:
+            labels = np.asarray(raw[self.label_output]).ravel()
+        else:
+            # A bare scores tensor: the label is the class with the highest score.
+            labels = np.asarray(self.labels, dtype=object)[np.argmax(probabilities, axis=1)] if self.labels else np.argmax(probabilities, axis=1)
+            if self.labels and all(isinstance(c, int) for c in self.labels):
+                labels = labels.astype(np.int64)
+        return Prediction(labels=labels, probabilities=probabilities)

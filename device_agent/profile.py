@@ -1,0 +1,410 @@
+"""Profiles: compact, mergeable sketches of what a model sees and says.
+
+A baseline profile is made on the host from training data and travels in the bundle; a device
+makes window profiles with the *same bin definitions*, so profiles of one baseline merge by
+addition: windows into a device, devices into a fleet, exactly. Drift is then a comparison of
+two count vectors, never of raw data.
+
+Numeric features are binned on the baseline's quantiles. Bin layout, ``k`` bins from ``k-1`` cuts::
+
+    [ underflow (< low) | [low, c1) | [c1, c2) | ... | [c_{k-1}, high] | overflow (> high) ]
+
+NaN and ±inf are counted apart (``nulls``, ``infs``), with count, sum, sum of squares, min and
+max of the finite values. Categorical values (and predicted classes) count the baseline's top
+categories plus one "other".
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+
+from .canonical import canonical_json, sha256_hex
+from .errors import ProfileError
+
+PROFILE_SCHEMA = "edgekit.profile/1"
+DEFAULT_BINS = 10
+CONFIDENCE_CUTS = tuple(round(0.1 * i, 1) for i in range(1, 10))
+LATENCY_CUTS_MS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0)
+
+
+@dataclass
+class NumericSketch:
+    """Binned counts and moments of one numeric column. ``low``/``high`` may be None (unbounded)."""
+
+    name: str
+    cuts: np.ndarray
+    low: float | None
+    high: float | None
+    counts: np.ndarray = None  # type: ignore[assignment]
+    count: int = 0
+    nulls: int = 0
+    infs: int = 0
+    total: float = 0.0
+    total_sq: float = 0.0
+    minimum: float = math.inf
+    maximum: float = -math.inf
+
+    kind = "numeric"
+
+    def __post_init__(self) -> None:
+        self.cuts = np.asarray(self.cuts, dtype=np.float64)
+        if self.counts is None:
+            self.counts = np.zeros(len(self.cuts) + 3, dtype=np.int64)
+        self.counts = np.asarray(self.counts, dtype=np.int64)
+        if self.counts.shape != (len(self.cuts) + 3,):
+            raise ProfileError(f"feature {self.name!r}: {len(self.counts)} counts for {len(self.cuts)} cuts (expected cuts + 3)")
+
+    @classmethod
+    def from_values(cls, name: str, values: np.ndarray, bins: int = DEFAULT_BINS) -> "NumericSketch":
+        """A baseline sketch: cuts at the quantiles of ``values``, then ``values`` counted into it."""
+        values = np.asarray(values, dtype=np.float64)
+        finite = values[np.isfinite(values)]
+        if finite.size == 0:
+            sketch = cls(name, np.empty(0), None, None)
+        else:
+            quantiles = np.quantile(finite, np.linspace(0.0, 1.0, bins + 1)[1:-1])
+            low, high = float(finite.min()), float(finite.max())
+            cuts = np.unique(quantiles)
+            cuts = cuts[(cuts > low) & (cuts <= high)]
+            sketch = cls(name, cuts, low, high)
+        sketch.update(values)
+        return sketch
+
+    def empty_like(self) -> "NumericSketch":
+        return NumericSketch(self.name, self.cuts, self.low, self.high)
+
+    def update(self, values: np.ndarray) -> None:
+        values = np.asarray(values, dtype=np.float64).ravel()
+        nan = np.isnan(values)
+        inf = np.isinf(values)
+        finite = values[~(nan | inf)]
+        self.nulls += int(nan.sum())
+        self.infs += int(inf.sum())
+        if finite.size == 0:
+            return
+        index = np.searchsorted(self.cuts, finite, side="right") + 1
+        if self.low is not None:
+            index[finite < self.low] = 0
+        if self.high is not None:
+            index[finite > self.high] = len(self.counts) - 1
+        self.counts += np.bincount(index, minlength=len(self.counts))
+        self.count += int(finite.size)
+        self.total += float(finite.sum())
+        self.total_sq += float(np.dot(finite, finite))
+        self.minimum = min(self.minimum, float(finite.min()))
+        self.maximum = max(self.maximum, float(finite.max()))
+
+    def definition(self) -> dict[str, Any]:
+        return {"name": self.name, "kind": self.kind, "cuts": self.cuts.tolist(), "low": self.low, "high": self.high}
+
+    def merge(self, other: "NumericSketch") -> None:
+        _check_same_definition(self, other)
+        self.counts += other.counts
+        self.count += other.count
+        self.nulls += other.nulls
+        self.infs += other.infs
+        self.total += other.total
+        self.total_sq += other.total_sq
+        self.minimum = min(self.minimum, other.minimum)
+        self.maximum = max(self.maximum, other.maximum)
+
+    @property
+    def mean(self) -> float | None:
+        return self.total / self.count if self.count else None
+
+    @property
+    def std(self) -> float | None:
+        if not self.count:
+            return None
+        variance = self.total_sq / self.count - (self.total / self.count) ** 2
+        return math.sqrt(max(variance, 0.0))
+
+    def quantile(self, q: float) -> float | None:
+        """Approximate quantile from the bins (upper edge of the bin where the CDF passes q)."""
+        if not self.count:
+            return None
+        cdf = np.cumsum(self.counts) / self.counts.sum()
+        position = int(np.searchsorted(cdf, q, side="left"))
+        edges = [self.low] + self.cuts.tolist() + [self.high]
+        if position == 0:
+            return self.minimum
+        if position >= len(self.counts) - 1:
+            return self.maximum
+        upper = edges[position]
+        return float(upper) if upper is not None else self.maximum
+
+    def to_dict(self) -> dict[str, Any]:
+        doc = self.definition()
+        doc.update(
+            counts=self.counts.tolist(),
+            count=self.count,
+            nulls=self.nulls,
+            infs=self.infs,
+            sum=self.total,
+            sum_sq=self.total_sq,
+            min=self.minimum if self.count else None,
+            max=self.maximum if self.count else None,
+        )
+        return doc
+
+    @classmethod
+    def from_dict(cls, doc: dict[str, Any]) -> "NumericSketch":
+        return cls(
+            name=doc["name"],
+            cuts=np.asarray(doc["cuts"], dtype=np.float64),
+            low=doc["low"],
+            high=doc["high"],
+            counts=np.asarray(doc["counts"], dtype=np.int64),
+            count=int(doc["count"]),
+            nulls=int(doc["nulls"]),
+            infs=int(doc.get("infs", 0)),
+            total=float(doc["sum"]),
+            total_sq=float(doc["sum_sq"]),
+            minimum=math.inf if doc["min"] is None else float(doc["min"]),
+            maximum=-math.inf if doc["max"] is None else float(doc["max"]),
+        )
+
+
+@dataclass
+class CategoricalSketch:
+    """Counts of the baseline's categories plus a final "other" slot, and missing values."""
+
+    name: str
+    categories: list[Any]
+    counts: np.ndarray = None  # type: ignore[assignment]
+    nulls: int = 0
+    _index: dict[Any, int] = field(default=None, repr=False, compare=False)  # type: ignore[assignment]
+
+    kind = "categorical"
+
+    def __post_init__(self) -> None:
+        self.categories = list(self.categories)
+        if self.counts is None:
+            self.counts = np.zeros(len(self.categories) + 1, dtype=np.int64)
+        self.counts = np.asarray(self.counts, dtype=np.int64)
+        if self.counts.shape != (len(self.categories) + 1,):
+            raise ProfileError(f"feature {self.name!r}: {len(self.counts)} counts for {len(self.categories)} categories (expected + 1)")
+        self._index = {_category_key(c): i for i, c in enumerate(self.categories)}
+
+    @classmethod
+    def from_values(cls, name: str, values: Sequence[Any], top: int = 20, categories: Sequence[Any] | None = None) -> "CategoricalSketch":
+        """A baseline sketch over the ``top`` most frequent values (or the given ``categories``)."""
+        if categories is None:
+            present = [v for v in np.asarray(values, dtype=object).ravel().tolist() if not _is_missing(v)]
+            unique, freq = np.unique(np.asarray([_category_key(v) for v in present], dtype=object).astype(str), return_counts=True)
+            order = np.argsort(-freq, kind="stable")[:top]
+            by_key = {str(_category_key(v)): _json_scalar(v) for v in present}
+            categories = [by_key[unique[i]] for i in order]
+        sketch = cls(name, [_json_scalar(c) for c in categories])
+        sketch.update(values)
+        return sketch
+
+    def empty_like(self) -> "CategoricalSketch":
+        return CategoricalSketch(self.name, self.categories)
+
+    @property
+    def count(self) -> int:
+        return int(self.counts.sum())
+
+    def update(self, values: Iterable[Any]) -> None:
+        array = np.asarray(values)
+        if array.dtype.kind in "iu" and all(isinstance(c, int) for c in self.categories):
+            self._update_integers(array.ravel())
+            return
+        other = len(self.categories)
+        for value in array.ravel().tolist():
+            if _is_missing(value):
+                self.nulls += 1
+            else:
+                self.counts[self._index.get(_category_key(value), other)] += 1
+
+    def _update_integers(self, values: np.ndarray) -> None:
+        # The hot path for predicted classes: a vectorised lookup instead of a dict per value.
+        categories = np.asarray(self.categories, dtype=np.int64)
+        order = np.argsort(categories)
+        position = np.searchsorted(categories[order], values)
+        position = np.clip(position, 0, len(categories) - 1)
+        known = categories[order][position] == values
+        slots = np.where(known, order[position], len(categories))
+        self.counts += np.bincount(slots, minlength=len(self.counts))
+
+    def definition(self) -> dict[str, Any]:
+        return {"name": self.name, "kind": self.kind, "categories": self.categories}
+
+    def merge(self, other: "CategoricalSketch") -> None:
+        _check_same_definition(self, other)
+        self.counts += other.counts
+        self.nulls += other.nulls
+
+    def to_dict(self) -> dict[str, Any]:
+        doc = self.definition()
+        doc.update(counts=self.counts.tolist(), nulls=self.nulls)
+        return doc
+
+    @classmethod
+    def from_dict(cls, doc: dict[str, Any]) -> "CategoricalSketch":
+        return cls(name=doc["name"], categories=doc["categories"], counts=np.asarray(doc["counts"], dtype=np.int64), nulls=int(doc.get("nulls", 0)))
+
+
+Sketch = NumericSketch | CategoricalSketch
+
+
+@dataclass
+class Profile:
+    """Sketches of the inputs, the outputs and (on devices) latency, under one baseline id."""
+
+    features: list[Sketch]
+    outputs: dict[str, Sketch]
+    latency_ms: NumericSketch
+    rows: int = 0
+
+    def __post_init__(self) -> None:
+        self.baseline_id = sha256_hex(canonical_json(self._definition()))[:16]
+
+    def _definition(self) -> dict[str, Any]:
+        return {
+            "features": [s.definition() for s in self.features],
+            "outputs": {k: s.definition() for k, s in sorted(self.outputs.items())},
+            "latency_ms": self.latency_ms.definition(),
+        }
+
+    @property
+    def feature_names(self) -> list[str]:
+        return [s.name for s in self.features]
+
+    def feature(self, name: str) -> Sketch:
+        for sketch in self.features:
+            if sketch.name == name:
+                return sketch
+        raise KeyError(name)
+
+    def empty_like(self) -> "Profile":
+        """A zero-count profile with this one's bins: what a device fills during one window."""
+        return Profile(
+            features=[s.empty_like() for s in self.features],
+            outputs={k: s.empty_like() for k, s in self.outputs.items()},
+            latency_ms=self.latency_ms.empty_like(),
+        )
+
+    def update_inputs(self, rows: np.ndarray) -> None:
+        rows = np.asarray(rows)
+        if rows.ndim != 2 or rows.shape[1] != len(self.features):
+            raise ProfileError(f"rows of shape {rows.shape} do not fit a profile of {len(self.features)} features")
+        for column, sketch in enumerate(self.features):
+            sketch.update(rows[:, column])
+        self.rows += rows.shape[0]
+
+    def update_outputs(self, *, labels: Any = None, probabilities: Any = None, values: Any = None) -> None:
+        if labels is not None and "prediction" in self.outputs:
+            self.outputs["prediction"].update(labels)
+        if values is not None and "prediction" in self.outputs:
+            self.outputs["prediction"].update(values)
+        if probabilities is not None and "confidence" in self.outputs:
+            self.outputs["confidence"].update(np.max(np.asarray(probabilities), axis=1))
+
+    def update_latency(self, milliseconds: Any) -> None:
+        self.latency_ms.update(np.asarray(milliseconds, dtype=np.float64))
+
+    def merge(self, other: "Profile") -> "Profile":
+        if other.baseline_id != self.baseline_id:
+            raise ProfileError(f"cannot merge a profile of baseline {other.baseline_id} into one of baseline {self.baseline_id}")
+        for mine, theirs in zip(self.features, other.features):
+            mine.merge(theirs)
+        for key, sketch in self.outputs.items():
+            sketch.merge(other.outputs[key])
+        self.latency_ms.merge(other.latency_ms)
+        self.rows += other.rows
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "schema": PROFILE_SCHEMA,
+            "baseline_id": self.baseline_id,
+            "rows": self.rows,
+            "features": [s.to_dict() for s in self.features],
+            "outputs": {k: s.to_dict() for k, s in sorted(self.outputs.items())},
+            "latency_ms": self.latency_ms.to_dict(),
+        }
+
+    @classmethod
+    def from_dict(cls, doc: dict[str, Any]) -> "Profile":
+        if not isinstance(doc, dict) or doc.get("schema") != PROFILE_SCHEMA:
+            raise ProfileError(f"not an {PROFILE_SCHEMA} document (schema={doc.get('schema') if isinstance(doc, dict) else None!r})")
+        try:
+            profile = cls(
+                features=[_sketch_from_dict(d) for d in doc["features"]],
+                outputs={k: _sketch_from_dict(d) for k, d in doc["outputs"].items()},
+                latency_ms=NumericSketch.from_dict(doc["latency_ms"]),
+                rows=int(doc["rows"]),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ProfileError(f"malformed profile: {exc!r}") from exc
+        if doc.get("baseline_id", profile.baseline_id) != profile.baseline_id:
+            raise ProfileError("profile baseline_id does not match its bin definitions (edited or corrupted)")
+        return profile
+
+
+def build_baseline(
+    rows: np.ndarray,
+    feature_names: Sequence[str],
+    *,
+    labels: Sequence[Any] | None = None,
+    predicted_labels: Any = None,
+    probabilities: Any = None,
+    predicted_values: Any = None,
+    bins: int = DEFAULT_BINS,
+) -> Profile:
+    """The baseline profile of training ``rows`` and of the model's answers on them.
+
+    Classifiers give ``labels`` (the class list, fixing the category order), ``predicted_labels``
+    and ``probabilities``; regressors give ``predicted_values``.
+    """
+    rows = np.asarray(rows, dtype=np.float64)
+    if rows.ndim != 2 or rows.shape[1] != len(feature_names):
+        raise ProfileError(f"baseline rows of shape {rows.shape} do not match {len(feature_names)} feature names")
+    features: list[Sketch] = [NumericSketch.from_values(name, rows[:, i], bins) for i, name in enumerate(feature_names)]
+    outputs: dict[str, Sketch] = {}
+    if labels is not None:
+        outputs["prediction"] = CategoricalSketch.from_values("prediction", predicted_labels if predicted_labels is not None else [], categories=labels)
+        outputs["confidence"] = NumericSketch("confidence", np.asarray(CONFIDENCE_CUTS), 0.0, 1.0)
+        if probabilities is not None:
+            outputs["confidence"].update(np.max(np.asarray(probabilities), axis=1))
+    elif predicted_values is not None:
+        outputs["prediction"] = NumericSketch.from_values("prediction", np.asarray(predicted_values, dtype=np.float64).ravel(), bins)
+    profile = Profile(features=features, outputs=outputs, latency_ms=NumericSketch("latency_ms", np.asarray(LATENCY_CUTS_MS), 0.0, None))
+    profile.rows = rows.shape[0]
+    return profile
+
+
+def _sketch_from_dict(doc: dict[str, Any]) -> Sketch:
+    kind = doc.get("kind")
+    if kind == "numeric":
+        return NumericSketch.from_dict(doc)
+    if kind == "categorical":
+        return CategoricalSketch.from_dict(doc)
+    raise ProfileError(f"unknown sketch kind {kind!r}")
+
+
+def _check_same_definition(mine: Sketch, theirs: Sketch) -> None:
+    if mine.definition() != theirs.definition():
+        raise ProfileError(f"feature {mine.name!r}: cannot merge sketches with different bins or categories")
+
+
+def _is_missing(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def _json_scalar(value: Any) -> Any:
+    return value.item() if isinstance(value, np.generic) else value
+
+
+def _category_key(value: Any) -> Any:
+    value = _json_scalar(value)
+    # 3 and 3.0 are the same class; keep bools and strings apart from numbers.
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value

@@ -1,0 +1,60 @@
+"""ONNX Runtime behind the runtime seam, with its errors translated where they enter."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..errors import ModelError, RuntimeUnavailableError
+
+INSTALL_HINT = "pip install onnxruntime (or 'edgekit[agent]')"
+
+
+def _import_onnxruntime():
+    try:
+        import onnxruntime
+    except ImportError as exc:
+        raise RuntimeUnavailableError(f"onnxruntime is not installed; {INSTALL_HINT}") from exc
+    return onnxruntime
+
+
+class OnnxRuntime:
+    """One ``InferenceSession`` on the CPU. ``threads`` bounds intra-op parallelism (1 on a busy Pi)."""
+
+    name = "onnxruntime"
+
+    def __init__(self, *, threads: int = 1, source: str = "model") -> None:
+        self.threads = threads
+        self.source = source
+        self._session = None
+        self.input_names: list[str] = []
+        self.output_names: list[str] = []
+
+    def load(self, model: bytes) -> None:
+        ort = _import_onnxruntime()
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = self.threads
+        options.inter_op_num_threads = 1
+        options.log_severity_level = 3  # warnings about unused initializers are noise to a user
+        try:
+            self._session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # onnxruntime raises its own pybind classes with no common base
+            raise ModelError(self.source, "onnxruntime", f"cannot load the model: {_first_line(exc)}", "check it is a valid ONNX file for this onnxruntime version") from exc
+        self.input_names = [i.name for i in self._session.get_inputs()]
+        self.output_names = [o.name for o in self._session.get_outputs()]
+
+    def predict(self, rows: np.ndarray) -> dict[str, np.ndarray]:
+        if self._session is None:
+            raise ModelError(self.source, "onnxruntime", "has no model loaded", "call load() first")
+        try:
+            values = self._session.run(None, {self.input_names[0]: rows})
+        except Exception as exc:
+            raise ModelError(self.source, "onnxruntime", f"failed to run: {_first_line(exc)}") from exc
+        return dict(zip(self.output_names, values))
+
+    def close(self) -> None:
+        self._session = None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__

@@ -1,0 +1,68 @@
+"""How two models' answers on the same rows are compared: one definition for validate and the search.
+
+Classifiers: accuracy, label agreement, and |Δ| of class probabilities.
+Regressors: RMSE and MAE; agreement is the share of rows whose outputs differ by at most 1 % of
+the reference outputs' standard deviation; |Δ| of the values.
+``metric_drop`` is how much worse the candidate is: accuracy points as a fraction (0.01 is one
+point) for classifiers, the relative increase of RMSE for regressors.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from device_agent.outputs import CLASSIFICATION, OutputSpec, Prediction
+
+REGRESSION_AGREEMENT_TOLERANCE = 0.01
+
+
+def metric_name(spec: OutputSpec) -> str:
+    return "accuracy" if spec.task == CLASSIFICATION else "rmse"
+
+
+def task_metric(spec: OutputSpec, prediction: Prediction, y: np.ndarray | None) -> float | None:
+    if y is None:
+        return None
+    if spec.task == CLASSIFICATION:
+        return float(np.mean(_labels_equal(prediction.labels, y)))
+    values = prediction.values[:, 0] if prediction.values.shape[1] == 1 else prediction.values
+    errors = values - np.asarray(y, dtype=np.float64).reshape(values.shape)
+    return float(np.sqrt(np.mean(errors**2)))
+
+
+def mae(prediction: Prediction, y: np.ndarray) -> float:
+    values = prediction.values.reshape(len(y), -1)
+    return float(np.mean(np.abs(values - np.asarray(y, dtype=np.float64).reshape(values.shape))))
+
+
+def metric_drop(spec: OutputSpec, reference: float | None, candidate: float | None) -> float | None:
+    if reference is None or candidate is None:
+        return None
+    if spec.task == CLASSIFICATION:
+        return reference - candidate
+    return (candidate - reference) / reference if reference > 0 else candidate - reference
+
+
+def agreement(spec: OutputSpec, reference: Prediction, candidate: Prediction) -> float:
+    if spec.task == CLASSIFICATION:
+        return float(np.mean(_labels_equal(reference.labels, candidate.labels)))
+    scale = float(np.std(reference.values)) or 1.0
+    close = np.all(np.abs(reference.values - candidate.values) <= REGRESSION_AGREEMENT_TOLERANCE * scale, axis=1)
+    return float(np.mean(close))
+
+
+def output_diff(reference: Prediction, candidate: Prediction) -> dict[str, float | None]:
+    ref, cand = reference.scores, candidate.scores
+    if ref is None or cand is None or np.shape(ref) != np.shape(cand):
+        return {"max_abs_diff": None, "mean_abs_diff": None}
+    diff = np.abs(np.asarray(ref, dtype=np.float64) - np.asarray(cand, dtype=np.float64))
+    return {"max_abs_diff": float(diff.max()), "mean_abs_diff": float(diff.mean())}
+
+
+def _labels_equal(a: Any, b: Any) -> np.ndarray:
+    a, b = np.asarray(a).ravel(), np.asarray(b).ravel()
+    if a.dtype.kind in "iuf" and b.dtype.kind in "iuf":
+        return a == b
+    return a.astype(str) == b.astype(str)

@@ -1,0 +1,69 @@
+"""Where int8 hurts: per-tensor error between a float model and its QDQ-quantized version.
+
+Runs both models with every intermediate tensor exposed (onnxruntime's ``qdq_loss_debug``) and
+reports, for each activation the QDQ model quantizes, the signal-to-quantization-noise ratio in dB
+against the float model's own tensor. Low SQNR marks the layers to keep in float.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import require
+from .graph_passes import lower_for_quantization
+from .quantize import _quiet_quantizer
+
+MAX_ROWS = 256
+
+
+def is_qdq(proto: Any) -> bool:
+    ops = {n.op_type for n in proto.graph.node}
+    return "QuantizeLinear" in ops and "DequantizeLinear" in ops
+
+
+def layer_errors(float_proto: Any, qdq_proto: Any, rows: np.ndarray) -> list[dict[str, Any]]:
+    """Activations of ``qdq_proto`` sorted worst first: tensor, producing node, op type, SQNR (dB)."""
+    debug = require("onnxruntime.quantization.qdq_loss_debug")
+    onnx = require("onnx")
+    float_proto = lower_for_quantization(float_proto)  # the QDQ model was built from the lowered graph
+    rows = np.ascontiguousarray(rows[:MAX_ROWS], dtype=np.float32)
+    input_name = float_proto.graph.input[0].name
+    with tempfile.TemporaryDirectory(prefix="edgekit-layers-") as tmp, _quiet_quantizer():
+        activations = {}
+        for label, proto in (("float", float_proto), ("qdq", qdq_proto)):
+            source, augmented = Path(tmp, f"{label}.onnx"), Path(tmp, f"{label}.aug.onnx")
+            onnx.save(proto, source)
+            debug.modify_model_output_intermediate_tensors(source, augmented)
+            activations[label] = debug.collect_activations(str(augmented), _OneBatch(input_name, rows))
+        matched = debug.create_activation_matching(activations["qdq"], activations["float"])
+        errors = debug.compute_activation_error(matched)
+    producers = {out: node for node in float_proto.graph.node for out in node.output}
+    report = []
+    for tensor, error in errors.items():
+        if "xmodel_err" not in error or tensor not in producers:
+            continue
+        node = producers[tensor]
+        report.append({"tensor": tensor, "node": node.name, "op": node.op_type, "sqnr_db": _finite(error["xmodel_err"])})
+    return sorted(report, key=lambda r: r["sqnr_db"])
+
+
+def worst_nodes(report: list[dict[str, Any]], count: int, quantizable: set[str]) -> tuple[str, ...]:
+    """The ``count`` nodes with the lowest SQNR among those the quantizer would touch."""
+    names = [r["node"] for r in report if r["op"] in quantizable and r["node"]]
+    return tuple(dict.fromkeys(names))[:count]
+
+
+def _finite(value: float) -> float:
+    return float(value) if np.isfinite(value) else 999.0
+
+
+class _OneBatch:
+    def __init__(self, input_name: str, rows: np.ndarray) -> None:
+        self._batches = iter([{input_name: rows}])
+
+    def get_next(self):
+        return next(self._batches, None)

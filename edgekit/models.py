@@ -1,0 +1,251 @@
+"""Loading models and running them the same way, whatever they are.
+
+``load_model(path)`` gives a ``SklearnModel`` (joblib or pickle) or an ``OnnxModel``; both have an
+``input`` schema, an ``output`` spec and ``predict(X) -> Prediction``. Validation and the
+quantization search compare models through this interface only.
+
+Loading a pickle or joblib file runs code from that file: load only files you trust.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from device_agent.errors import AgentError
+from device_agent.outputs import CLASSIFICATION, REGRESSION, OutputSpec, Prediction
+from device_agent.runtimes.onnx import OnnxRuntime
+from device_agent.schema import InputSchema
+
+from .data import default_feature_names
+from .errors import ModelLoadError, require
+
+SKLEARN_SUFFIXES = (".joblib", ".pkl", ".pickle", ".sav")
+ONNX_SUFFIXES = (".onnx",)
+METADATA_INPUT = "edgekit.input"
+METADATA_OUTPUT = "edgekit.output"
+METADATA_SOURCE = "edgekit.source"
+
+
+class Model(Protocol):
+    kind: str
+    path: str
+    input: InputSchema
+    output: OutputSpec
+
+    @property
+    def size_bytes(self) -> int: ...
+
+    def predict(self, X: np.ndarray) -> Prediction: ...
+
+
+def load_model(path: str | Path, *, threads: int = 1) -> "SklearnModel | OnnxModel":
+    path = Path(path)
+    if not path.is_file():
+        raise ModelLoadError("no such file" if not path.exists() else "is not a file", "check the path", path=path)
+    kind = _sniff(path)
+    if kind == "onnx":
+        return OnnxModel.from_bytes(path.read_bytes(), path=str(path), threads=threads)
+    if kind == "sklearn":
+        return SklearnModel.from_file(path)
+    raise ModelLoadError(
+        "is not a model edgekit reads",
+        "give a scikit-learn model saved with joblib or pickle (.joblib, .pkl) or an ONNX file (.onnx)",
+        path=path,
+    )
+
+
+def _sniff(path: Path) -> str | None:
+    suffix = path.suffix.lower()
+    if suffix in ONNX_SUFFIXES:
+        return "onnx"
+    if suffix in SKLEARN_SUFFIXES:
+        return "sklearn"
+    head = path.open("rb").read(4)
+    if head[:1] == b"\x80" or head[:2] in (b"x\x9c", b"x\xda"):  # pickle protocol 2+, or zlib-compressed joblib
+        return "sklearn"
+    return None
+
+
+@dataclass
+class SklearnModel:
+    """A fitted scikit-learn estimator or Pipeline."""
+
+    path: str
+    estimator: Any
+    input: InputSchema
+    output: OutputSpec
+    kind: str = "sklearn"
+
+    @classmethod
+    def from_file(cls, path: Path) -> "SklearnModel":
+        joblib = require("joblib")
+        require("sklearn")
+        try:
+            estimator = joblib.load(path)
+        except (pickle.UnpicklingError, EOFError, ValueError, KeyError, IndexError) as exc:
+            raise ModelLoadError(f"is not a readable joblib/pickle file ({type(exc).__name__}: {exc})", "save the model with joblib.dump(model, path)", path=path) from exc
+        except (ModuleNotFoundError, AttributeError) as exc:
+            raise ModelLoadError(f"needs code this environment lacks to unpickle ({exc})", "install the package the model was trained with", path=path) from exc
+        return cls.from_estimator(estimator, path=str(path))
+
+    @classmethod
+    def from_estimator(cls, estimator: Any, *, path: str = "<estimator>") -> "SklearnModel":
+        if not hasattr(estimator, "predict"):
+            raise ModelLoadError(f"holds a {type(estimator).__name__}, not a fitted scikit-learn model", "save a fitted estimator or Pipeline", path=path)
+        width = getattr(estimator, "n_features_in_", None)
+        if width is None:
+            raise ModelLoadError(f"holds a {type(estimator).__name__} that is not fitted (no n_features_in_)", "fit the model before saving it", path=path)
+        names = getattr(estimator, "feature_names_in_", None)
+        names = tuple(str(n) for n in names) if names is not None else default_feature_names(int(width))
+        schema = InputSchema(input_name="X", feature_names=names, dtype="float32", allow_nan=_sklearn_allows_nan(estimator))
+        return cls(path=path, estimator=estimator, input=schema, output=_sklearn_output_spec(estimator))
+
+    @property
+    def size_bytes(self) -> int:
+        path = Path(self.path)
+        return path.stat().st_size if path.is_file() else len(pickle.dumps(self.estimator))
+
+    @property
+    def is_classifier(self) -> bool:
+        return self.output.task == CLASSIFICATION
+
+    def predict(self, X: np.ndarray) -> Prediction:
+        with warnings.catch_warnings():
+            # A model fitted on a DataFrame warns when given an array; the columns are aligned already.
+            warnings.filterwarnings("ignore", message="X does not have valid feature names")
+            if self.is_classifier:
+                probabilities = self.estimator.predict_proba(X) if hasattr(self.estimator, "predict_proba") else None
+                return Prediction(labels=np.asarray(self.estimator.predict(X)), probabilities=probabilities)
+            values = np.asarray(self.estimator.predict(X), dtype=np.float64)
+            return Prediction(values=values.reshape(values.shape[0], -1))
+
+
+def _sklearn_output_spec(estimator: Any) -> OutputSpec:
+    from sklearn.base import is_classifier
+
+    if is_classifier(estimator):
+        labels = tuple(c.item() if isinstance(c, np.generic) else c for c in estimator.classes_)
+        return OutputSpec(CLASSIFICATION, labels=labels, label_output="label", probabilities_output="probabilities" if hasattr(estimator, "predict_proba") else None)
+    return OutputSpec(REGRESSION, value_output="variable")
+
+
+def _sklearn_allows_nan(estimator: Any) -> bool:
+    try:
+        from sklearn.utils import get_tags
+
+        return bool(get_tags(estimator).input_tags.allow_nan)
+    except (ImportError, AttributeError):
+        return False
+
+
+@dataclass
+class OnnxModel:
+    """An ONNX model run with onnxruntime on the CPU (the same runtime class the agent uses)."""
+
+    path: str
+    data: bytes
+    input: InputSchema
+    output: OutputSpec
+    runtime: OnnxRuntime
+    kind: str = "onnx"
+
+    @classmethod
+    def from_bytes(cls, data: bytes, *, path: str = "<model>", threads: int = 1) -> "OnnxModel":
+        onnx = require("onnx")
+        try:
+            proto = onnx.load_model_from_string(data)
+        except Exception as exc:  # protobuf's DecodeError and friends share no useful base
+            raise ModelLoadError("is not a valid ONNX file (it does not parse)", "re-export the model, or check the file is complete", path=path) from exc
+        if not proto.graph.node:
+            raise ModelLoadError("is not a valid ONNX model (its graph is empty)", "re-export the model", path=path)
+        runtime = OnnxRuntime(threads=threads, source=path)
+        try:
+            runtime.load(data)
+        except AgentError as exc:
+            raise ModelLoadError(str(exc).split(": ", 1)[-1], path=path) from exc
+        schema, spec = describe_onnx(proto)
+        return cls(path=path, data=data, input=schema, output=spec, runtime=runtime)
+
+    @property
+    def size_bytes(self) -> int:
+        return len(self.data)
+
+    def proto(self):
+        return require("onnx").load_model_from_string(self.data)
+
+    def predict(self, X: np.ndarray) -> Prediction:
+        return self.output.interpret(self.runtime.predict(np.ascontiguousarray(X, dtype=np.dtype(self.input.dtype))))
+
+    def raw(self, X: np.ndarray) -> dict[str, np.ndarray]:
+        return self.runtime.predict(np.ascontiguousarray(X, dtype=np.dtype(self.input.dtype)))
+
+
+def describe_onnx(proto: Any) -> tuple[InputSchema, OutputSpec]:
+    """The input schema and output meaning of an ONNX model: from edgekit's metadata, else inferred."""
+    meta = {p.key: p.value for p in proto.metadata_props}
+    if METADATA_INPUT in meta and METADATA_OUTPUT in meta:
+        return InputSchema.from_dict(json.loads(meta[METADATA_INPUT])), OutputSpec.from_dict(json.loads(meta[METADATA_OUTPUT]))
+    return _infer_input(proto), _infer_output(proto)
+
+
+_ONNX_DTYPES = {1: "float32", 11: "float64", 7: "int64", 6: "int32"}
+
+
+def _graph_inputs(proto: Any) -> list[Any]:
+    initializers = {i.name for i in proto.graph.initializer}
+    return [i for i in proto.graph.input if i.name not in initializers]
+
+
+def _infer_input(proto: Any) -> InputSchema:
+    inputs = _graph_inputs(proto)
+    if len(inputs) != 1:
+        raise ModelLoadError(f"has {len(inputs)} inputs; edgekit serves models with one tabular input", "export the model with a single [batch, features] input")
+    tensor = inputs[0].type.tensor_type
+    dims = [d.dim_value if d.HasField("dim_value") else None for d in tensor.shape.dim]
+    if len(dims) != 2 or dims[1] is None:
+        raise ModelLoadError(f"input {inputs[0].name!r} has shape {dims}; edgekit serves [batch, features] inputs", "export the model with a 2-D input and a fixed feature count")
+    dtype = _ONNX_DTYPES.get(tensor.elem_type)
+    if dtype is None:
+        raise ModelLoadError(f"input {inputs[0].name!r} has ONNX element type {tensor.elem_type}, not a number type edgekit feeds", "export the model with a float input")
+    allow_nan = any(n.op_type == "Imputer" for n in proto.graph.node)
+    return InputSchema(input_name=inputs[0].name, feature_names=default_feature_names(dims[1]), dtype=dtype, allow_nan=allow_nan)
+
+
+def _infer_output(proto: Any) -> OutputSpec:
+    outputs = list(proto.graph.output)
+    integer_like = [o for o in outputs if o.type.tensor_type.elem_type in (6, 7, 8)]  # int32, int64, string
+    floats = [o for o in outputs if o.type.tensor_type.elem_type in (1, 11)]
+    classes = _classes_initializer(proto)
+    if integer_like:
+        probabilities = floats[0].name if floats else None
+        return OutputSpec(CLASSIFICATION, labels=tuple(classes or ()), label_output=integer_like[0].name, probabilities_output=probabilities)
+    if len(floats) == 1:
+        last = [n for n in proto.graph.node if floats[0].name in n.output]
+        if last and last[0].op_type in ("Softmax", "LogSoftmax") or classes:
+            width = _last_dim(floats[0])
+            labels = tuple(classes) if classes else tuple(range(width or 0))
+            return OutputSpec(CLASSIFICATION, labels=labels, probabilities_output=floats[0].name)
+        return OutputSpec(REGRESSION, value_output=floats[0].name)
+    raise ModelLoadError(f"has outputs {[o.name for o in outputs]} whose meaning edgekit cannot tell", "export a label and a probability output, or a single value output")
+
+
+def _classes_initializer(proto: Any) -> list[Any] | None:
+    from onnx import numpy_helper
+
+    for init in proto.graph.initializer:
+        if init.name == "classes":
+            values = numpy_helper.to_array(init).tolist()
+            return [v.decode() if isinstance(v, bytes) else v for v in values]
+    return None
+
+
+def _last_dim(value_info: Any) -> int | None:
+    dims = value_info.type.tensor_type.shape.dim
+    return dims[-1].dim_value if dims and dims[-1].HasField("dim_value") else None

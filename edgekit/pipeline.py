@@ -1,0 +1,112 @@
+"""``edgekit convert``: model file in, checked (and optionally int8) ONNX file out.
+
+Without ``--quantize`` the float32 model is written. With it, the candidates are tried and the
+choice is made by ``quant_search``: with labelled ``--eval`` data every sensible configuration is
+tried against the accuracy limit; without, the one configuration the options describe (static if
+calibration data was given, else dynamic) is checked only for speed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .convert import sample_rows, serialize, to_onnx
+from .data import load_dataset
+from .errors import DataError
+from .fsutil import write_bytes_atomic
+from .models import load_model
+from .onnx_target import RuntimeTarget
+from .progress import NoProgress, Progress
+from .quant_search import SearchOutcome, candidate_configs, search
+from .quantize import ensure_quantizable
+
+DEFAULT_MAX_DROP = 0.01
+
+
+@dataclass(frozen=True)
+class QuantizeOptions:
+    mode: str | None = None  # None: static with calibration data, else dynamic
+    per_channel: bool | None = None
+    activation_type: str | None = None
+    weight_type: str | None = None
+    calibration_method: str = "minmax"
+    max_accuracy_drop: float | None = None
+    force: bool = False
+
+
+@dataclass
+class ConvertOutcome:
+    source: str
+    output: str
+    size_bytes: int
+    search: SearchOutcome | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return self.search is None or self.search.passed
+
+    def to_dict(self) -> dict[str, Any]:
+        doc: dict[str, Any] = {"source": self.source, "output": self.output, "size_bytes": self.size_bytes, "passed": self.passed, "notes": self.notes}
+        if self.search is not None:
+            doc["quantization"] = self.search.to_dict()
+        return doc
+
+
+def convert_model(
+    source: str,
+    output: str,
+    *,
+    quantize: QuantizeOptions | None = None,
+    calibration: str | None = None,
+    evaluation: str | None = None,
+    label: str | None = None,
+    target: RuntimeTarget = RuntimeTarget(),
+    progress: Progress = NoProgress(),
+) -> ConvertOutcome:
+    model = load_model(source)
+    fp32 = to_onnx(model, target=target)
+    if quantize is None:
+        if calibration or evaluation:
+            raise DataError("--calibration and --eval are used only with --quantize int8", "add --quantize int8, or drop them")
+        data = serialize(fp32)
+        write_bytes_atomic(output, data)
+        return ConvertOutcome(source, output, len(data))
+    ensure_quantizable(fp32, source=source)
+    calibration_rows = _rows(calibration, model, label) if calibration else None
+    eval_set = load_dataset(evaluation, label=label).aligned_to(model.input.feature_names) if evaluation else None
+    notes = []
+    if eval_set is not None:
+        labels = eval_set.require_labels("--eval")
+        rows = model.input.check(eval_set.X, source=evaluation)
+        max_drop = quantize.max_accuracy_drop if quantize.max_accuracy_drop is not None else DEFAULT_MAX_DROP
+        configs = candidate_configs(calibrated=calibration_rows is not None, calibration=quantize.calibration_method, mode=quantize.mode,
+                                    per_channel=quantize.per_channel, activation_type=quantize.activation_type, weight_type=quantize.weight_type)
+        if calibration_rows is None:
+            notes.append("no --calibration data: only dynamic quantization was tried (static needs representative rows)")
+    else:
+        if quantize.max_accuracy_drop is not None:
+            raise DataError("--max-accuracy-drop needs labelled --eval data to measure accuracy on", "add --eval test.csv (or .npz with y)")
+        labels, max_drop = None, None
+        rows = calibration_rows if calibration_rows is not None else sample_rows(model)
+        mode = quantize.mode or ("static" if calibration_rows is not None else "dynamic")
+        configs = candidate_configs(calibrated=calibration_rows is not None, calibration=quantize.calibration_method, mode=mode,
+                                    per_channel=bool(quantize.per_channel), activation_type=quantize.activation_type or "uint8",
+                                    weight_type=quantize.weight_type or "int8")[:1]
+        notes.append("no --eval data: accuracy was not checked; agreement is measured against float32 on " + ("the calibration rows" if calibration_rows is not None else "synthetic rows"))
+    if not configs:
+        raise DataError("the options leave no quantization configuration to try", "static quantization needs --calibration; relax --mode/--per-channel")
+    outcome = search(fp32, configs, rows=rows, labels=labels, calibration=calibration_rows, max_drop=max_drop, force=quantize.force,
+                     target=target, progress=progress, source=source)
+    data = serialize(outcome.chosen.proto)
+    write_bytes_atomic(output, data)
+    return ConvertOutcome(source, output, len(data), outcome, notes)
+
+
+def _rows(path: str, model: Any, label: str | None) -> np.ndarray:
+    dataset = load_dataset(path, label=label).aligned_to(model.input.feature_names)
+    return model.input.check(dataset.X, source=str(Path(path)))

@@ -1,0 +1,244 @@
+"""Choosing an int8 configuration by measured accuracy and speed, not by hope.
+
+Each candidate configuration is quantized, scored on labelled evaluation rows, and timed against
+float32 interleaved in one process (batch 1 and 256, one thread). The fastest candidate within the
+accuracy limit wins, but only if it is not slower than float32 at either batch size: int8 is not
+always faster (Q/DQ overhead dominates small layers), and then float32 is kept unless forced.
+When no candidate is within the limit, the nodes with the worst quantization error are kept in
+float and the best static configuration is tried again.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from . import compare
+from .convert import serialize
+from .errors import NotQuantizableError, QuantizationError
+from .latency import batches_from, measure
+from .layer_error import layer_errors, worst_nodes
+from .models import OnnxModel
+from .onnx_target import RuntimeTarget
+from .progress import NoProgress, Progress
+from .quantize import QUANTIZABLE_OPS, QuantConfig, calibration_steps, quantize
+
+FLOAT32 = "float32"
+FLOAT_NODE_ROUNDS = (1, 2, 4)
+
+
+@dataclass
+class Trial:
+    name: str
+    config: QuantConfig | None
+    proto: Any = field(default=None, repr=False)
+    size_bytes: int = 0
+    metric: float | None = None
+    drop: float | None = None
+    agreement: float | None = None
+    latency: dict[int, dict[str, float]] = field(default_factory=dict)
+    error: str | None = None
+    within: bool | None = None
+
+    def speedup(self, baseline: "Trial", batch: int) -> float | None:
+        mine, theirs = self.latency.get(batch), baseline.latency.get(batch)
+        if not mine or not theirs:
+            return None
+        return theirs["p50_ms"] / mine["p50_ms"]
+
+    def speed_score(self, baseline: "Trial") -> float:
+        speedups = [self.speedup(baseline, b) for b in self.latency]
+        speedups = [s for s in speedups if s]
+        return math.exp(sum(math.log(s) for s in speedups) / len(speedups)) if speedups else 0.0
+
+    def not_slower(self, baseline: "Trial") -> bool:
+        return all((self.speedup(baseline, b) or 0.0) >= 1.0 for b in baseline.latency)
+
+    def to_dict(self, baseline: "Trial") -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "config": self.config.to_dict() if self.config else None,
+            "size_bytes": self.size_bytes,
+            "metric": self.metric,
+            "accuracy_drop": self.drop,
+            "agreement": self.agreement,
+            "within_limit": self.within,
+            "latency": {str(b): v for b, v in self.latency.items()},
+            "speedup": {str(b): self.speedup(baseline, b) for b in self.latency},
+            "error": self.error,
+        }
+
+
+@dataclass
+class SearchOutcome:
+    chosen: Trial
+    baseline: Trial
+    trials: list[Trial]
+    passed: bool
+    verdict: str
+    metric_name: str
+    max_drop: float | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "chosen": self.chosen.name,
+            "quantized": self.chosen.config is not None,
+            "passed": self.passed,
+            "verdict": self.verdict,
+            "metric": self.metric_name,
+            "max_accuracy_drop": self.max_drop,
+            "latency_method": "interleaved in one process, 1 intra-op thread, p50 of repeated calls",
+            "trials": [t.to_dict(self.baseline) for t in [self.baseline, *self.trials]],
+        }
+
+
+def candidate_configs(*, calibrated: bool, calibration: str = "minmax", mode: str | None = None, per_channel: bool | None = None,
+                      activation_type: str | None = None, weight_type: str | None = None) -> list[QuantConfig]:
+    """The configurations worth trying, narrowed by any choice the user made explicitly."""
+    configs = [QuantConfig("dynamic")]
+    if calibrated:
+        configs += [
+            QuantConfig("static", per_channel=pc, activation_type=act, weight_type="int8", calibration=calibration)
+            for act in ("uint8", "int8")
+            for pc in (False, True)
+        ]
+    return [
+        c for c in configs
+        if (mode is None or c.mode == mode)
+        and (per_channel is None or c.per_channel == per_channel)
+        and (activation_type is None or c.mode == "dynamic" or c.activation_type == activation_type)
+        and (weight_type is None or c.weight_type == weight_type)
+    ]
+
+
+def search(
+    fp32_proto: Any,
+    configs: list[QuantConfig],
+    *,
+    rows: np.ndarray,
+    labels: np.ndarray | None,
+    calibration: np.ndarray | None,
+    max_drop: float | None,
+    force: bool = False,
+    target: RuntimeTarget = RuntimeTarget(),
+    progress: Progress = NoProgress(),
+    source: str = "model",
+    latency_budget: float = 3.0,
+) -> SearchOutcome:
+    reference = OnnxModel.from_bytes(serialize(fp32_proto), path=source)
+    spec = reference.output
+    reference_prediction = reference.predict(rows)
+    baseline = Trial(FLOAT32, None, fp32_proto, len(serialize(fp32_proto)), compare.task_metric(spec, reference_prediction, labels), 0.0, 1.0, within=True)
+    steps_per_static = calibration_steps(len(calibration)) if calibration is not None else 0
+    progress.start(sum(1 + (steps_per_static if c.mode == "static" else 0) for c in configs) + 1, "quantizing")
+    context = _Context(fp32_proto, rows, labels, calibration, max_drop, target, progress, source, reference_prediction, baseline, spec)
+    trials = [context.try_config(config) for config in configs]
+    if labels is not None and max_drop is not None and not any(t.within for t in trials):
+        trials += context.keep_worst_in_float(trials)
+    timed = [t for t in trials if t.error is None]
+    latencies = measure({t.name: _runner(t, source) for t in [baseline, *timed]}, batches_from(rows), budget_seconds=latency_budget)
+    for trial in [baseline, *timed]:
+        trial.latency = latencies[trial.name]
+    progress.advance()
+    progress.finish()
+    return _choose(baseline, trials, max_drop=max_drop, force=force, metric_name=compare.metric_name(spec))
+
+
+@dataclass
+class _Context:
+    fp32_proto: Any
+    rows: np.ndarray
+    labels: np.ndarray | None
+    calibration: np.ndarray | None
+    max_drop: float | None
+    target: RuntimeTarget
+    progress: Progress
+    source: str
+    reference_prediction: Any
+    baseline: Trial
+    spec: Any
+
+    def try_config(self, config: QuantConfig) -> Trial:
+        trial = Trial(_unique_name(config), config)
+        try:
+            trial.proto = quantize(self.fp32_proto, config, calibration=self.calibration, target=self.target,
+                                   progress=lambda n: self.progress.advance(n), source=self.source)
+        except NotQuantizableError:
+            raise
+        except QuantizationError as exc:
+            trial.error = exc.problem
+            self.progress.advance()
+            return trial
+        model = OnnxModel.from_bytes(serialize(trial.proto), path=f"{self.source} ({config.label})")
+        prediction = model.predict(self.rows)
+        trial.size_bytes = model.size_bytes
+        trial.metric = compare.task_metric(self.spec, prediction, self.labels)
+        trial.drop = compare.metric_drop(self.spec, self.baseline.metric, trial.metric)
+        trial.agreement = compare.agreement(self.spec, self.reference_prediction, prediction)
+        trial.within = None if self.max_drop is None or trial.drop is None else trial.drop <= self.max_drop
+        self.progress.advance()
+        return trial
+
+    def keep_worst_in_float(self, trials: list[Trial]) -> list[Trial]:
+        """Retry the most accurate static candidate with its worst layers left in float."""
+        static = [t for t in trials if t.error is None and t.config and t.config.mode == "static"]
+        if not static:
+            return []
+        best = min(static, key=lambda t: t.drop if t.drop is not None else math.inf)
+        report = layer_errors(self.fp32_proto, best.proto, self.rows)
+        retried: list[Trial] = []
+        for count in FLOAT_NODE_ROUNDS:
+            nodes = worst_nodes(report, count, QUANTIZABLE_OPS)
+            if len(nodes) < count or (retried and retried[-1].config.exclude == nodes):
+                break
+            self.progress.start(calibration_steps(len(self.calibration)) + 1, f"keeping {count} node(s) in float")
+            retried.append(self.try_config(best.config.excluding(nodes)))
+            if retried[-1].within:
+                break
+        return retried
+
+
+def _unique_name(config: QuantConfig) -> str:
+    return config.label
+
+
+def _runner(trial: Trial, source: str):
+    model = OnnxModel.from_bytes(serialize(trial.proto), path=f"{source} ({trial.name})")
+    return model.raw
+
+
+def _choose(baseline: Trial, trials: list[Trial], *, max_drop: float | None, force: bool, metric_name: str) -> SearchOutcome:
+    usable = [t for t in trials if t.error is None]
+    outcome = lambda chosen, passed, verdict: SearchOutcome(chosen, baseline, trials, passed, verdict, metric_name, max_drop)  # noqa: E731
+    if not usable:
+        return outcome(baseline, False, "every int8 configuration failed to quantize; kept float32")
+    within = [t for t in usable if t.within is not False]
+    if not within:
+        best = min(usable, key=lambda t: t.drop)
+        return outcome(best, False, f"no int8 candidate is within the accuracy limit ({_points(max_drop)}); kept the most accurate, {best.name}, which loses {_points(best.drop)}")
+    fastest = max(within, key=lambda t: t.speed_score(baseline))
+    faster = [t for t in within if t.not_slower(baseline)]
+    if faster:
+        chosen = max(faster, key=lambda t: t.speed_score(baseline))
+        return outcome(chosen, True, f"chose {chosen.name}: {_speed(chosen, baseline)}, {chosen.size_bytes / baseline.size_bytes:.2f}x the size{_drop_text(chosen)}")
+    if force:
+        return outcome(fastest, True, f"kept {fastest.name} because of --force, though it is slower than float32 on this host ({_speed(fastest, baseline)})")
+    return outcome(
+        baseline, True,
+        f"kept float32: int8 is slower than float32 on this host (best int8, {fastest.name}: {_speed(fastest, baseline)}); pass --force to keep int8 anyway",
+    )
+
+
+def _speed(trial: Trial, baseline: Trial) -> str:
+    return ", ".join(f"{trial.speedup(baseline, b):.2f}x float32 speed at batch {b}" for b in sorted(trial.latency))
+
+
+def _points(drop: float | None) -> str:
+    return "n/a" if drop is None else f"{drop * 100:.2f} points"
+
+
+def _drop_text(trial: Trial) -> str:
+    return "" if trial.drop is None else f", accuracy drop {_points(trial.drop)}"
