@@ -83,13 +83,17 @@ def _rename_outputs(proto: Any, model: SklearnModel) -> None:
 
 
 def stamp(proto: Any, schema: dict[str, Any], spec: dict[str, Any], source: str) -> None:
-    values = {METADATA_INPUT: json.dumps(schema), METADATA_OUTPUT: json.dumps(spec), METADATA_SOURCE: source}
-    kept = [p for p in proto.metadata_props if p.key not in values]
+    for key, value in {METADATA_INPUT: json.dumps(schema), METADATA_OUTPUT: json.dumps(spec), METADATA_SOURCE: source}.items():
+        stamp_metadata(proto, key, value)
+
+
+def stamp_metadata(proto: Any, key: str, value: str) -> None:
+    """Set one ``metadata_props`` entry, replacing any earlier value."""
+    kept = [p for p in proto.metadata_props if p.key != key]
     del proto.metadata_props[:]
     proto.metadata_props.extend(kept)
-    for key, value in values.items():
-        entry = proto.metadata_props.add()
-        entry.key, entry.value = key, value
+    entry = proto.metadata_props.add()
+    entry.key, entry.value = key, value
 
 
 def copy_metadata(source: Any, destination: Any) -> None:

@@ -12,11 +12,14 @@ import hashlib
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
 from .errors import DataError
+
+if TYPE_CHECKING:
+    from device_agent.schema import InputSchema
 
 LABEL_COLUMN_GUESSES = ("label", "target", "y")
 
@@ -198,3 +201,17 @@ def _normalise_labels(y: np.ndarray | None) -> np.ndarray | None:
 def _names(names: Sequence[str], limit: int = 6) -> str:
     shown = ", ".join(repr(n) for n in list(names)[:limit])
     return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def adopt_feature_names(schema: "InputSchema", dataset: Dataset | None) -> "InputSchema":
+    """The model's schema, named after the data's columns when the model itself knows no names.
+
+    A Pipeline fitted on a bare array has no ``feature_names_in_``; the CSV header (or the .npz's
+    ``feature_names``) is then the best record of what each column means, and it goes into the
+    ONNX metadata and the bundle so devices report drift per named feature.
+    """
+    from dataclasses import replace
+
+    if dataset is None or dataset.feature_names is None or not _is_default(schema.feature_names) or dataset.width != schema.width:
+        return schema
+    return replace(schema, feature_names=dataset.feature_names)

@@ -62,8 +62,19 @@ def _finite(value: float) -> float:
 
 
 class _OneBatch:
+    """The calibration-reader protocol collect_activations iterates over: here, a single batch."""
+
     def __init__(self, input_name: str, rows: np.ndarray) -> None:
         self._batches = iter([{input_name: rows}])
 
     def get_next(self):
         return next(self._batches, None)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        batch = self.get_next()
+        if batch is None:
+            raise StopIteration
+        return batch

@@ -9,16 +9,17 @@ calibration data was given, else dynamic) is checked only for speed.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .convert import sample_rows, serialize, to_onnx
-from .data import load_dataset
+import json
+
+from .convert import sample_rows, serialize, stamp_metadata, to_onnx
+from .data import Dataset, adopt_feature_names, load_dataset
 from .errors import DataError
 from .fsutil import write_bytes_atomic
-from .models import load_model
+from .models import METADATA_QUANTIZATION, load_model
 from .onnx_target import RuntimeTarget
 from .progress import NoProgress, Progress
 from .quant_search import SearchOutcome, candidate_configs, search
@@ -69,16 +70,20 @@ def convert_model(
     progress: Progress = NoProgress(),
 ) -> ConvertOutcome:
     model = load_model(source)
+    if quantize is None and (calibration or evaluation):
+        raise DataError("--calibration and --eval are used only with --quantize int8", "add --quantize int8, or drop them")
+    calibration_set = load_dataset(calibration, label=label) if calibration else None
+    eval_set = load_dataset(evaluation, label=label) if evaluation else None
+    for dataset in (calibration_set, eval_set):
+        model.input = adopt_feature_names(model.input, dataset)
     fp32 = to_onnx(model, target=target)
     if quantize is None:
-        if calibration or evaluation:
-            raise DataError("--calibration and --eval are used only with --quantize int8", "add --quantize int8, or drop them")
         data = serialize(fp32)
         write_bytes_atomic(output, data)
         return ConvertOutcome(source, output, len(data))
     ensure_quantizable(fp32, source=source)
-    calibration_rows = _rows(calibration, model, label) if calibration else None
-    eval_set = load_dataset(evaluation, label=label).aligned_to(model.input.feature_names) if evaluation else None
+    calibration_rows = _rows(calibration_set, model) if calibration_set else None
+    eval_set = eval_set.aligned_to(model.input.feature_names) if eval_set else None
     notes = []
     if eval_set is not None:
         labels = eval_set.require_labels("--eval")
@@ -102,11 +107,12 @@ def convert_model(
         raise DataError("the options leave no quantization configuration to try", "static quantization needs --calibration; relax --mode/--per-channel")
     outcome = search(fp32, configs, rows=rows, labels=labels, calibration=calibration_rows, max_drop=max_drop, force=quantize.force,
                      target=target, progress=progress, source=source)
-    data = serialize(outcome.chosen.proto)
+    chosen = outcome.chosen
+    stamp_metadata(chosen.proto, METADATA_QUANTIZATION, json.dumps(chosen.config.to_dict() if chosen.config else {"mode": "none"}))
+    data = serialize(chosen.proto)
     write_bytes_atomic(output, data)
     return ConvertOutcome(source, output, len(data), outcome, notes)
 
 
-def _rows(path: str, model: Any, label: str | None) -> np.ndarray:
-    dataset = load_dataset(path, label=label).aligned_to(model.input.feature_names)
-    return model.input.check(dataset.X, source=str(Path(path)))
+def _rows(dataset: Dataset, model: Any) -> np.ndarray:
+    return model.input.check(dataset.aligned_to(model.input.feature_names).X, source=dataset.source)

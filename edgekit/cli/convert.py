@@ -1,0 +1,89 @@
+"""``edgekit convert``."""
+
+from __future__ import annotations
+
+import click
+
+from ..onnx_target import DEFAULT_MIN_RUNTIME, DEFAULT_OPSET, RuntimeTarget
+from ..pipeline import QuantizeOptions, convert_model
+from .common import EXIT_THRESHOLD, BarProgress, emit_json, exit_with, fmt, json_option, table
+
+
+def register(cli: click.Group) -> None:
+    cli.add_command(convert)
+
+
+@click.command()
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Where to write the ONNX model.")
+@click.option("--quantize", type=click.Choice(["int8"]), help="Quantize float32 to int8 with onnxruntime.quantization.")
+@click.option("--calibration", type=click.Path(dir_okay=False), help="Representative rows (.npz/.csv) for static quantization.")
+@click.option("--eval", "evaluation", type=click.Path(dir_okay=False), help="Labelled rows: try every configuration, keep the fastest within --max-accuracy-drop.")
+@click.option("--label", help="Label column of CSV data (default: a column named label, target or y).")
+@click.option("--max-accuracy-drop", type=click.FloatRange(0, 1), help="Largest accuracy loss accepted, as a fraction (0.01 = one point). Default with --eval: 0.01.")
+@click.option("--mode", type=click.Choice(["dynamic", "static"]), help="Only this quantization mode (default: static with --calibration, else dynamic).")
+@click.option("--per-channel/--per-tensor", default=None, help="Per-channel or per-tensor weight scales (default: per-tensor, or both with --eval).")
+@click.option("--activation-type", type=click.Choice(["uint8", "int8"]), help="Activation type for static quantization.")
+@click.option("--weight-type", type=click.Choice(["int8", "uint8"]), help="Weight type.")
+@click.option("--calibrate-method", type=click.Choice(["minmax", "entropy", "percentile"]), default="minmax", show_default=True, help="How static quantization sets activation ranges.")
+@click.option("--force", is_flag=True, help="Keep int8 even when it measures slower than float32 on this host.")
+@click.option("--min-runtime", default=DEFAULT_MIN_RUNTIME, show_default=True, help="Oldest onnxruntime the model must load on (pins IR version and opsets).")
+@click.option("--opset", type=int, default=DEFAULT_OPSET, show_default=True, help="ai.onnx opset for scikit-learn conversion.")
+@json_option
+def convert(model, output, quantize, calibration, evaluation, label, max_accuracy_drop, mode, per_channel, activation_type, weight_type,
+            calibrate_method, force, min_runtime, opset, as_json):
+    """Convert a scikit-learn model or ONNX file to ONNX, optionally int8.
+
+    A scikit-learn estimator or Pipeline (joblib or pickle: loading one runs its code, so load only
+    files you trust) is converted whole with skl2onnx. With --quantize int8 the int8 model is kept
+    only if it is not slower than float32 here (unless --force); with --eval, every configuration is
+    tried and the fastest within --max-accuracy-drop is kept. Exit 1 when none is within it.
+
+    \b
+    Examples:
+      edgekit convert model.joblib -o model.onnx
+      edgekit convert model.joblib --quantize int8 --calibration train.npz -o model.int8.onnx
+      edgekit convert model.onnx --quantize int8 --calibration train.csv --label target \\
+          --eval test.csv --max-accuracy-drop 0.01 -o model.int8.onnx
+    """
+    options = None
+    if quantize:
+        options = QuantizeOptions(mode=mode, per_channel=per_channel, activation_type=activation_type, weight_type=weight_type,
+                                  calibration_method=calibrate_method, max_accuracy_drop=max_accuracy_drop, force=force)
+    progress = BarProgress(enabled=not as_json)
+    try:
+        outcome = convert_model(model, output, quantize=options, calibration=calibration, evaluation=evaluation, label=label,
+                                target=RuntimeTarget(min_runtime=min_runtime, opset=opset), progress=progress)
+    finally:
+        progress.finish()
+    if as_json:
+        emit_json(outcome.to_dict())
+    else:
+        _render(outcome)
+    exit_with(0 if outcome.passed else EXIT_THRESHOLD)
+
+
+def _render(outcome) -> None:
+    if outcome.search is None:
+        click.echo(f"wrote {outcome.output} (float32, {outcome.size_bytes:,} bytes)")
+        return
+    search = outcome.search
+    baseline = search.baseline
+    rows = []
+    for trial in [baseline, *search.trials]:
+        speed = [fmt(trial.speedup(baseline, b), ".2f") + "x" if trial.latency else "-" for b in (1, 256)]
+        rows.append([
+            ("* " if trial is search.chosen else "  ") + trial.name,
+            f"{trial.size_bytes:,}" if trial.size_bytes else "-",
+            fmt(trial.metric),
+            "-" if trial.drop is None else f"{trial.drop * 100:+.2f}",
+            fmt(trial.agreement),
+            *speed,
+            trial.error or ("" if trial.within is not False else "over limit"),
+        ])
+    click.echo(table(rows, ["configuration", "bytes", search.metric_name, "drop(pts)", "agreement", "speed b1", "speed b256", "note"]))
+    click.echo(f"latency: {search.to_dict()['latency_method']}")
+    for note in outcome.notes:
+        click.echo(f"note: {note}")
+    click.echo(("" if search.passed else "FAILED: ") + search.verdict)
+    click.echo(f"wrote {outcome.output} ({outcome.size_bytes:,} bytes)")

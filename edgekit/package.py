@@ -1,0 +1,161 @@
+"""``edgekit package``: a model, its baseline and self-test, signed into one ``.edgebundle``.
+
+The format is defined (and read) in ``device_agent.bundle``; this module only writes it. The
+manifest is canonical JSON, signed with Ed25519; every other member is listed in it with its size
+and sha256, so a reader checks everything before loading anything.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import zipfile
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from device_agent.bundle import BASELINE, BUNDLE_SCHEMA, MANIFEST, MODEL_FILES, SELFTEST, SIGNATURE
+from device_agent.canonical import canonical_json, sha256_hex
+from device_agent.profile import Profile, build_baseline
+from device_agent.signing import key_id
+
+from . import __version__
+from .data import adopt_feature_names, load_dataset
+from .errors import PackageError
+from .fsutil import atomic_path
+from .keys import load_private_key, sign
+from .lineage import git_state
+from .models import METADATA_QUANTIZATION, METADATA_SOURCE, OnnxModel, load_model
+from .onnx_target import RuntimeTarget
+
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+SELFTEST_ROWS = 16
+DEFAULT_DRIFT_THRESHOLDS = {
+    "psi": 0.2,  # population stability index: 0.1 watch, 0.2 act (the usual credit-scoring bands)
+    "ks": 0.15,
+    "js": 0.1,
+    "chi2_p": 0.01,
+    "min_rows": 100,  # below this a window's statistics are too noisy to call drift
+    "consecutive_windows": 3,
+}
+_ZIP_TIME = (1980, 1, 1, 0, 0, 0)  # fixed member times: same inputs, same bytes (but for "created")
+
+
+def build_bundle(
+    model_path: str,
+    *,
+    name: str,
+    version: int,
+    baseline_path: str,
+    key_path: str,
+    output: str,
+    label: str | None = None,
+    report_path: str | None = None,
+    drift: dict[str, float] | None = None,
+    target: RuntimeTarget = RuntimeTarget(),
+) -> dict[str, Any]:
+    """Write the bundle to ``output`` (atomically) and return its manifest."""
+    _check_identity(name, version)
+    key = load_private_key(key_path)
+    model = load_model(model_path)
+    if not isinstance(model, OnnxModel):
+        raise PackageError(f"is a {model.kind} model; bundles carry converted models", f"run 'edgekit convert {model_path} -o model.onnx' first", path=model_path)
+    baseline_data = load_dataset(baseline_path, label=label)
+    model.input = adopt_feature_names(model.input, baseline_data)
+    baseline_data = baseline_data.aligned_to(model.input.feature_names)
+    rows = model.input.check(baseline_data.X, source=baseline_path)
+    prediction = model.predict(rows)
+    spec = model.output
+    profile = build_baseline(rows, model.input.feature_names, labels=list(spec.labels) if spec.task == "classification" else None,
+                             predicted_labels=prediction.labels, probabilities=prediction.probabilities, predicted_values=prediction.values)
+    members = {
+        MODEL_FILES["onnx"]: model.data,
+        BASELINE: canonical_json(profile.to_dict()),
+        SELFTEST: _selftest(model, rows),
+    }
+    manifest = _manifest(model, name=name, version=version, members=members, profile=profile, baseline_sha256=baseline_data.sha256,
+                         report=_read_report(report_path), drift={**DEFAULT_DRIFT_THRESHOLDS, **(drift or {})}, target=target)
+    manifest_bytes = canonical_json(manifest)
+    with atomic_path(output) as tmp:
+        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+            for member, data in [(MANIFEST, manifest_bytes), (SIGNATURE, sign(manifest_bytes, key)), *sorted(members.items())]:
+                archive.writestr(zipfile.ZipInfo(member, _ZIP_TIME), data, compress_type=zipfile.ZIP_DEFLATED)
+    return manifest
+
+
+def _check_identity(name: str, version: int) -> None:
+    if not NAME_PATTERN.match(name):
+        raise PackageError(f"bundle name {name!r} is not allowed", "use 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit")
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise PackageError(f"version {version!r} is not a positive integer", "versions are integers that only go up: 1, 2, 3, …")
+
+
+def _selftest(model: OnnxModel, rows: np.ndarray) -> bytes:
+    """A few baseline rows and the model's own outputs on them, for the device's health check."""
+    take = np.linspace(0, len(rows) - 1, num=min(SELFTEST_ROWS, len(rows))).round().astype(int)
+    inputs = np.ascontiguousarray(rows[take])
+    outputs = model.raw(inputs)
+    buffer = io.BytesIO()
+    np.savez(buffer, inputs=inputs, **{f"output:{key}": np.asarray(value) for key, value in outputs.items()})
+    return buffer.getvalue()
+
+
+def _read_report(path: str | None) -> dict[str, Any] | None:
+    if path is None:
+        return None
+    try:
+        report = json.loads(Path(path).read_text())
+    except OSError as exc:
+        raise PackageError(f"cannot read the validation report ({exc.strerror})", "write it with 'edgekit validate ... --json > report.json'", path=path) from exc
+    except ValueError as exc:
+        raise PackageError("is not JSON", "write it with 'edgekit validate ... --json > report.json'", path=path) from exc
+    if not isinstance(report, dict) or "passed" not in report:
+        raise PackageError("is not an edgekit validation report", "write it with 'edgekit validate ... --json > report.json'", path=path)
+    keep = ("passed", "failures", "task", "metric", "rows", "size_ratio", "accuracy_drop", "agreement", "max_abs_diff", "mean_abs_diff", "speedup", "thresholds")
+    summary = {k: report.get(k) for k in keep}
+    summary["reference_metric"] = (report.get("reference") or {}).get("metric")
+    summary["candidate_metric"] = (report.get("candidate") or {}).get("metric")
+    return summary
+
+
+def _manifest(model: OnnxModel, *, name: str, version: int, members: dict[str, bytes], profile: Profile, baseline_sha256: str,
+              report: dict[str, Any] | None, drift: dict[str, float], target: RuntimeTarget) -> dict[str, Any]:
+    proto = model.proto()
+    meta = {p.key: p.value for p in proto.metadata_props}
+    return {
+        "schema": BUNDLE_SCHEMA,
+        "name": name,
+        "version": version,
+        "created": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "runtime": target.to_dict(proto),
+        "input": model.input.to_dict(),
+        "output": model.output.to_dict(),
+        "files": {member: {"sha256": sha256_hex(data), "size": len(data)} for member, data in sorted(members.items())},
+        "baseline_id": profile.baseline_id,
+        "quantization": json.loads(meta[METADATA_QUANTIZATION]) if METADATA_QUANTIZATION in meta else _detect_quantization(proto),
+        "validation": report,
+        "drift": drift,
+        "lineage": {
+            **git_state(),
+            "baseline_sha256": baseline_sha256,
+            "model_sha256": sha256_hex(model.data),
+            "model_source": meta.get(METADATA_SOURCE),
+            "edgekit_version": __version__,
+        },
+    }
+
+
+def _detect_quantization(proto: Any) -> dict[str, Any]:
+    ops = {n.op_type for n in proto.graph.node}
+    if "DynamicQuantizeLinear" in ops or "MatMulInteger" in ops:
+        return {"mode": "dynamic", "format": "QOperator"}
+    if "QuantizeLinear" in ops:
+        return {"mode": "static", "format": "QDQ"}
+    return {"mode": "none"}
+
+
+def signer_key_id(key_path: str) -> str:
+    return key_id(load_private_key(key_path).public_key())

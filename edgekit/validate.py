@@ -1,0 +1,114 @@
+"""``edgekit validate``: does the candidate (int8, converted) still do the reference's job?
+
+Both models answer the same rows; the report gives the task metric of each, label agreement,
+|Δ| of probabilities or values, file sizes and latency (p50/p99 at batch 1 and 256, interleaved in
+one process with one thread). Thresholds turn it into a verdict; when one fails and the candidate
+is a QDQ model, the per-layer error shows where int8 hurt.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+from . import compare
+from .convert import to_onnx
+from .data import load_dataset
+from .errors import DataError, EdgekitError
+from .latency import batches_from, measure
+from .layer_error import is_qdq, layer_errors
+from .models import OnnxModel, load_model
+
+LATENCY_METHOD = "interleaved in one process, 1 intra-op thread (numpy/BLAS limited to 1 thread too)"
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    max_accuracy_drop: float | None = None
+    min_agreement: float | None = None
+    max_size_ratio: float | None = None
+
+
+def validate(
+    candidate_path: str,
+    *,
+    reference_path: str,
+    data_path: str,
+    label: str | None = None,
+    thresholds: Thresholds = Thresholds(),
+    latency_budget: float = 2.0,
+) -> dict[str, Any]:
+    reference = load_model(reference_path)
+    candidate = load_model(candidate_path)
+    _check_compatible(reference, candidate)
+    dataset = load_dataset(data_path, label=label)
+    names = reference.input.feature_names if reference.kind == "sklearn" else candidate.input.feature_names
+    dataset = dataset.aligned_to(names)
+    X = candidate.input.check(dataset.X, source=data_path)
+    y = dataset.y
+    if thresholds.max_accuracy_drop is not None:
+        y = dataset.require_labels("--max-accuracy-drop")
+    spec = reference.output
+    ref_pred, cand_pred = reference.predict(X), candidate.predict(X)
+    ref_metric, cand_metric = compare.task_metric(spec, ref_pred, y), compare.task_metric(spec, cand_pred, y)
+    report: dict[str, Any] = {
+        "task": spec.task,
+        "metric": compare.metric_name(spec),
+        "rows": int(X.shape[0]),
+        "labelled": y is not None,
+        "reference": _side(reference, ref_metric, ref_pred, y),
+        "candidate": _side(candidate, cand_metric, cand_pred, y),
+        "size_ratio": candidate.size_bytes / reference.size_bytes,
+        "accuracy_drop": compare.metric_drop(spec, ref_metric, cand_metric),
+        "agreement": compare.agreement(spec, ref_pred, cand_pred),
+        **compare.output_diff(ref_pred, cand_pred),
+        "thresholds": asdict(thresholds),
+    }
+    timings = measure({"reference": reference.timed_call, "candidate": candidate.timed_call}, batches_from(X), budget_seconds=latency_budget)
+    report["latency"] = {side: {str(b): v for b, v in per.items()} for side, per in timings.items()}
+    report["latency"]["method"] = LATENCY_METHOD
+    report["speedup"] = {str(b): timings["reference"][b]["p50_ms"] / timings["candidate"][b]["p50_ms"] for b in timings["candidate"]}
+    report["failures"] = _failures(report, thresholds)
+    report["passed"] = not report["failures"]
+    report["layer_errors"] = _layer_errors(reference, candidate, X) if report["failures"] else None
+    return report
+
+
+def _check_compatible(reference: Any, candidate: Any) -> None:
+    if reference.input.width != candidate.input.width:
+        raise DataError(f"the reference takes {reference.input.width} features and the candidate {candidate.input.width}", "compare a model with its own conversion")
+    if reference.output.task != candidate.output.task:
+        raise DataError(f"the reference is a {reference.output.task} model and the candidate a {candidate.output.task} model", "compare a model with its own conversion")
+
+
+def _side(model: Any, metric: float | None, prediction: Any, y: np.ndarray | None) -> dict[str, Any]:
+    side = {"path": model.path, "kind": model.kind, "size_bytes": model.size_bytes, "metric": metric}
+    if model.output.task == "regression" and y is not None:
+        side["mae"] = compare.mae(prediction, y)
+    return side
+
+
+def _failures(report: dict[str, Any], thresholds: Thresholds) -> list[dict[str, Any]]:
+    checks = [
+        ("accuracy_drop", report["accuracy_drop"], thresholds.max_accuracy_drop, lambda v, limit: v <= limit, "≤"),
+        ("agreement", report["agreement"], thresholds.min_agreement, lambda v, limit: v >= limit, "≥"),
+        ("size_ratio", report["size_ratio"], thresholds.max_size_ratio, lambda v, limit: v <= limit, "≤"),
+    ]
+    failures = []
+    for name, value, limit, holds, sign in checks:
+        if limit is not None and value is not None and not holds(value, limit):
+            failures.append({"check": name, "value": value, "limit": limit, "message": f"{name} {value:.4f} is not {sign} {limit}"})
+    return failures
+
+
+def _layer_errors(reference: Any, candidate: Any, X: np.ndarray) -> list[dict[str, Any]] | None:
+    if not isinstance(candidate, OnnxModel) or not is_qdq(candidate.proto()):
+        return None
+    float_proto = reference.proto() if isinstance(reference, OnnxModel) else to_onnx(reference)
+    try:
+        return layer_errors(float_proto, candidate.proto(), X)[:10]
+    except (EdgekitError, KeyError, ValueError, RuntimeError):
+        # Models of different lineage share no tensor names; the report then simply has none.
+        return []

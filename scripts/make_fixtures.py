@@ -1,0 +1,37 @@
+#!/usr/bin/env python3
+"""Regenerate fixtures/ from datasets scikit-learn ships (nothing is downloaded).
+
+    python scripts/make_fixtures.py [--out fixtures] [--only digits,cancer,wide]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from edgekit.fixtures import FIXTURES, make_fixtures  # noqa: E402
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default=str(Path(__file__).resolve().parent.parent / "fixtures"))
+    parser.add_argument("--only", default=",".join(FIXTURES), help="comma-separated subset of " + ", ".join(FIXTURES))
+    args = parser.parse_args()
+    names = tuple(n for n in args.only.split(",") if n)
+    unknown = set(names) - set(FIXTURES)
+    if unknown:
+        parser.error(f"unknown fixtures {sorted(unknown)}")
+    start = time.perf_counter()
+    written = make_fixtures(args.out, names)
+    for name, paths in written.items():
+        print(f"{name}: " + ", ".join(Path(p).name for p in paths.values()))
+    print(f"done in {time.perf_counter() - start:.1f}s -> {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
