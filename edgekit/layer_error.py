@@ -47,13 +47,32 @@ def layer_errors(float_proto: Any, qdq_proto: Any, rows: np.ndarray) -> list[dic
         if "xmodel_err" not in error or tensor not in producers:
             continue
         node = producers[tensor]
-        report.append({"tensor": tensor, "node": node.name, "op": node.op_type, "sqnr_db": _finite(error["xmodel_err"])})
+        source = _quantized_source(node, producers)
+        report.append({"tensor": tensor, "node": node.name, "op": node.op_type, "sqnr_db": _finite(error["xmodel_err"]),
+                       "source_node": source.name if source is not None else None})
     return sorted(report, key=lambda r: r["sqnr_db"])
 
 
-def worst_nodes(report: list[dict[str, Any]], count: int, quantizable: set[str]) -> tuple[str, ...]:
-    """The ``count`` nodes with the lowest SQNR among those the quantizer would touch."""
-    names = [r["node"] for r in report if r["op"] in quantizable and r["node"]]
+def _quantized_source(node: Any, producers: dict[str, Any], hops: int = 4) -> Any:
+    """The nearest node upstream (or this one) whose arithmetic int8 changes.
+
+    QDQ fuses Gemm + Relu, so a Gemm's error is observed at the Relu after it; keeping the Relu in
+    float would change nothing, keeping the Gemm does.
+    """
+    from .quantize import QUANTIZABLE_OPS
+
+    for _ in range(hops):
+        if node.op_type in QUANTIZABLE_OPS:
+            return node
+        if not node.input or node.input[0] not in producers:
+            return None
+        node = producers[node.input[0]]
+    return None
+
+
+def worst_nodes(report: list[dict[str, Any]], count: int) -> tuple[str, ...]:
+    """The ``count`` quantized nodes whose outputs show the lowest SQNR."""
+    names = [r["source_node"] for r in report if r.get("source_node")]
     return tuple(dict.fromkeys(names))[:count]
 
 

@@ -48,13 +48,15 @@ class Model(Protocol):
     def timed_call(self, X: np.ndarray) -> object: ...
 
 
-def load_model(path: str | Path, *, threads: int = 1) -> "SklearnModel | OnnxModel":
+def load_model(path: str | Path, *, threads: int = 1, pin_to: Any = None) -> "SklearnModel | OnnxModel":
+    """Load a model file. ``pin_to`` (a ``RuntimeTarget``) first lowers an ONNX file's IR version to
+    what that runtime loads, for files written by a newer onnx than the runtime here reads."""
     path = Path(path)
     if not path.is_file():
         raise ModelLoadError("no such file" if not path.exists() else "is not a file", "check the path", path=path)
     kind = _sniff(path)
     if kind == "onnx":
-        return OnnxModel.from_bytes(path.read_bytes(), path=str(path), threads=threads)
+        return OnnxModel.from_bytes(path.read_bytes(), path=str(path), threads=threads, pin_to=pin_to)
     if kind == "sklearn":
         return SklearnModel.from_file(path)
     raise ModelLoadError(
@@ -70,7 +72,8 @@ def _sniff(path: Path) -> str | None:
         return "onnx"
     if suffix in SKLEARN_SUFFIXES:
         return "sklearn"
-    head = path.open("rb").read(4)
+    with path.open("rb") as handle:
+        head = handle.read(4)
     if head[:1] == b"\x80" or head[:2] in (b"x\x9c", b"x\xda"):  # pickle protocol 2+, or zlib-compressed joblib
         return "sklearn"
     return None
@@ -168,7 +171,9 @@ class OnnxModel:
     kind: str = "onnx"
 
     @classmethod
-    def from_bytes(cls, data: bytes, *, path: str = "<model>", threads: int = 1) -> "OnnxModel":
+    def from_bytes(cls, data: bytes, *, path: str = "<model>", threads: int = 1, pin_to: Any = None) -> "OnnxModel":
+        from .onnx_target import RuntimeTarget, pin
+
         onnx = require("onnx")
         try:
             proto = onnx.load_model_from_string(data)
@@ -176,6 +181,14 @@ class OnnxModel:
             raise ModelLoadError("is not a valid ONNX file (it does not parse)", "re-export the model, or check the file is complete", path=path) from exc
         if not proto.graph.node:
             raise ModelLoadError("is not a valid ONNX model (its graph is empty)", "re-export the model", path=path)
+        if pin_to is not None:
+            data = pin(proto, pin_to, source=path).SerializeToString()
+        elif proto.ir_version > RuntimeTarget().max_ir:
+            raise ModelLoadError(
+                f"has IR version {proto.ir_version}, newer than onnxruntime loads (at most {RuntimeTarget().max_ir})",
+                f"pin it with 'edgekit convert {path} -o pinned.onnx'",
+                path=path,
+            )
         runtime = OnnxRuntime(threads=threads, source=path)
         try:
             runtime.load(data)

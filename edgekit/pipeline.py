@@ -36,6 +36,7 @@ class QuantizeOptions:
     weight_type: str | None = None
     calibration_method: str = "minmax"
     max_accuracy_drop: float | None = None
+    min_agreement: float | None = None
     force: bool = False
 
 
@@ -69,7 +70,7 @@ def convert_model(
     target: RuntimeTarget = RuntimeTarget(),
     progress: Progress = NoProgress(),
 ) -> ConvertOutcome:
-    model = load_model(source)
+    model = load_model(source, pin_to=target)
     if quantize is None and (calibration or evaluation):
         raise DataError("--calibration and --eval are used only with --quantize int8", "add --quantize int8, or drop them")
     calibration_set = load_dataset(calibration, label=label) if calibration else None
@@ -105,7 +106,7 @@ def convert_model(
         notes.append("no --eval data: accuracy was not checked; agreement is measured against float32 on " + ("the calibration rows" if calibration_rows is not None else "synthetic rows"))
     if not configs:
         raise DataError("the options leave no quantization configuration to try", "static quantization needs --calibration; relax --mode/--per-channel")
-    outcome = search(fp32, configs, rows=rows, labels=labels, calibration=calibration_rows, max_drop=max_drop, force=quantize.force,
+    outcome = search(fp32, configs, rows=rows, labels=labels, calibration=calibration_rows, max_drop=max_drop, min_agreement=quantize.min_agreement, force=quantize.force,
                      target=target, progress=progress, source=source)
     chosen = outcome.chosen
     stamp_metadata(chosen.proto, METADATA_QUANTIZATION, json.dumps(chosen.config.to_dict() if chosen.config else {"mode": "none"}))

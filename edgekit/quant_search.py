@@ -24,7 +24,7 @@ from .layer_error import layer_errors, worst_nodes
 from .models import OnnxModel
 from .onnx_target import RuntimeTarget
 from .progress import NoProgress, Progress
-from .quantize import QUANTIZABLE_OPS, QuantConfig, calibration_steps, quantize
+from .quantize import QuantConfig, calibration_steps, quantize
 
 FLOAT32 = "float32"
 FLOAT_NODE_ROUNDS = (1, 2, 4)
@@ -80,7 +80,7 @@ class SearchOutcome:
     passed: bool
     verdict: str
     metric_name: str
-    max_drop: float | None
+    limits: "Limits"
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -89,7 +89,8 @@ class SearchOutcome:
             "passed": self.passed,
             "verdict": self.verdict,
             "metric": self.metric_name,
-            "max_accuracy_drop": self.max_drop,
+            "max_accuracy_drop": self.limits.max_drop,
+            "min_agreement": self.limits.min_agreement,
             "latency_method": "interleaved in one process, 1 intra-op thread, p50 of repeated calls",
             "trials": [t.to_dict(self.baseline) for t in [self.baseline, *self.trials]],
         }
@@ -122,6 +123,7 @@ def search(
     labels: np.ndarray | None,
     calibration: np.ndarray | None,
     max_drop: float | None,
+    min_agreement: float | None = None,
     force: bool = False,
     target: RuntimeTarget = RuntimeTarget(),
     progress: Progress = NoProgress(),
@@ -134,9 +136,10 @@ def search(
     baseline = Trial(FLOAT32, None, fp32_proto, len(serialize(fp32_proto)), compare.task_metric(spec, reference_prediction, labels), 0.0, 1.0, within=True)
     steps_per_static = calibration_steps(len(calibration)) if calibration is not None else 0
     progress.start(sum(1 + (steps_per_static if c.mode == "static" else 0) for c in configs) + 1, "quantizing")
-    context = _Context(fp32_proto, rows, labels, calibration, max_drop, target, progress, source, reference_prediction, baseline, spec)
+    limits = Limits(max_drop if labels is not None else None, min_agreement)
+    context = _Context(fp32_proto, rows, labels, calibration, limits, target, progress, source, reference_prediction, baseline, spec)
     trials = [context.try_config(config) for config in configs]
-    if labels is not None and max_drop is not None and not any(t.within for t in trials):
+    if limits.any and not any(t.within for t in trials):
         trials += context.keep_worst_in_float(trials)
     timed = [t for t in trials if t.error is None]
     latencies = measure({t.name: _runner(t, source) for t in [baseline, *timed]}, batches_from(rows), budget_seconds=latency_budget)
@@ -144,7 +147,34 @@ def search(
         trial.latency = latencies[trial.name]
     progress.advance()
     progress.finish()
-    return _choose(baseline, trials, max_drop=max_drop, force=force, metric_name=compare.metric_name(spec))
+    return _choose(baseline, trials, limits=limits, force=force, metric_name=compare.metric_name(spec))
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What a candidate must meet: a largest accuracy drop (needs labels), a smallest agreement with float32."""
+
+    max_drop: float | None = None
+    min_agreement: float | None = None
+
+    @property
+    def any(self) -> bool:
+        return self.max_drop is not None or self.min_agreement is not None
+
+    def holds(self, trial: "Trial") -> bool | None:
+        if not self.any:
+            return None
+        drop_ok = self.max_drop is None or (trial.drop is not None and trial.drop <= self.max_drop)
+        agreement_ok = self.min_agreement is None or (trial.agreement is not None and trial.agreement >= self.min_agreement)
+        return drop_ok and agreement_ok
+
+    def describe(self) -> str:
+        parts = []
+        if self.max_drop is not None:
+            parts.append(f"accuracy drop ≤ {_points(self.max_drop)}")
+        if self.min_agreement is not None:
+            parts.append(f"agreement ≥ {self.min_agreement:.4f}")
+        return " and ".join(parts)
 
 
 @dataclass
@@ -153,7 +183,7 @@ class _Context:
     rows: np.ndarray
     labels: np.ndarray | None
     calibration: np.ndarray | None
-    max_drop: float | None
+    limits: Limits
     target: RuntimeTarget
     progress: Progress
     source: str
@@ -178,7 +208,7 @@ class _Context:
         trial.metric = compare.task_metric(self.spec, prediction, self.labels)
         trial.drop = compare.metric_drop(self.spec, self.baseline.metric, trial.metric)
         trial.agreement = compare.agreement(self.spec, self.reference_prediction, prediction)
-        trial.within = None if self.max_drop is None or trial.drop is None else trial.drop <= self.max_drop
+        trial.within = self.limits.holds(trial)
         self.progress.advance()
         return trial
 
@@ -187,11 +217,11 @@ class _Context:
         static = [t for t in trials if t.error is None and t.config and t.config.mode == "static"]
         if not static:
             return []
-        best = min(static, key=lambda t: t.drop if t.drop is not None else math.inf)
+        best = min(static, key=lambda t: (t.drop if t.drop is not None else 0.0, -(t.agreement or 0.0)))
         report = layer_errors(self.fp32_proto, best.proto, self.rows)
         retried: list[Trial] = []
         for count in FLOAT_NODE_ROUNDS:
-            nodes = worst_nodes(report, count, QUANTIZABLE_OPS)
+            nodes = worst_nodes(report, count)
             if len(nodes) < count or (retried and retried[-1].config.exclude == nodes):
                 break
             self.progress.start(calibration_steps(len(self.calibration)) + 1, f"keeping {count} node(s) in float")
@@ -210,15 +240,16 @@ def _runner(trial: Trial, source: str):
     return model.raw
 
 
-def _choose(baseline: Trial, trials: list[Trial], *, max_drop: float | None, force: bool, metric_name: str) -> SearchOutcome:
+def _choose(baseline: Trial, trials: list[Trial], *, limits: Limits, force: bool, metric_name: str) -> SearchOutcome:
     usable = [t for t in trials if t.error is None]
-    outcome = lambda chosen, passed, verdict: SearchOutcome(chosen, baseline, trials, passed, verdict, metric_name, max_drop)  # noqa: E731
+    outcome = lambda chosen, passed, verdict: SearchOutcome(chosen, baseline, trials, passed, verdict, metric_name, limits)  # noqa: E731
     if not usable:
         return outcome(baseline, False, "every int8 configuration failed to quantize; kept float32")
     within = [t for t in usable if t.within is not False]
     if not within:
-        best = min(usable, key=lambda t: t.drop)
-        return outcome(best, False, f"no int8 candidate is within the accuracy limit ({_points(max_drop)}); kept the most accurate, {best.name}, which loses {_points(best.drop)}")
+        best = min(usable, key=lambda t: (t.drop if t.drop is not None else 0.0, -(t.agreement or 0.0)))
+        return outcome(best, False, f"no int8 candidate meets {limits.describe()}; kept the most accurate, {best.name} "
+                                    f"(accuracy drop {_points(best.drop)}, agreement {best.agreement:.4f})")
     fastest = max(within, key=lambda t: t.speed_score(baseline))
     faster = [t for t in within if t.not_slower(baseline)]
     if faster:

@@ -9,6 +9,7 @@ which makes skl2onnx graphs visible to the quantizer and keeps their preprocessi
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import tempfile
 from dataclasses import dataclass, field, replace
@@ -150,6 +151,10 @@ class _CalibrationReader:
 
     def __init__(self, input_name: str, rows: np.ndarray, progress: Progress | None) -> None:
         rows = np.ascontiguousarray(rows[:MAX_CALIBRATION_ROWS], dtype=np.float32)
+        # Equal batches: the histogram calibrators (entropy, percentile) stack per-batch outputs
+        # and fail on a shorter last batch, so the remainder is dropped.
+        if len(rows) > CALIBRATION_BATCH:
+            rows = rows[: len(rows) // CALIBRATION_BATCH * CALIBRATION_BATCH]
         self._batches: Iterator[dict[str, np.ndarray]] = iter({input_name: rows[i : i + CALIBRATION_BATCH]} for i in range(0, len(rows), CALIBRATION_BATCH))
         self._progress = progress
 
@@ -164,17 +169,19 @@ class _CalibrationReader:
 
 
 def calibration_steps(rows: int) -> int:
-    return -(-min(rows, MAX_CALIBRATION_ROWS) // CALIBRATION_BATCH)
+    return max(1, min(rows, MAX_CALIBRATION_ROWS) // CALIBRATION_BATCH)
 
 
 @contextlib.contextmanager
 def _quiet_quantizer() -> Iterator[None]:
-    """onnxruntime.quantization logs advice ('consider pre-processing') at WARNING on every call."""
+    """onnxruntime.quantization logs advice ('consider pre-processing') at WARNING on every call,
+    and its histogram calibrators print() progress, which would corrupt ``--json`` on stdout."""
     logger = logging.getLogger()
     level = logger.level
     logger.setLevel(logging.ERROR)
     try:
-        yield
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
     finally:
         logger.setLevel(level)
 

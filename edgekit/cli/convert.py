@@ -21,6 +21,7 @@ def register(cli: click.Group) -> None:
 @click.option("--eval", "evaluation", type=click.Path(dir_okay=False), help="Labelled rows: try every configuration, keep the fastest within --max-accuracy-drop.")
 @click.option("--label", help="Label column of CSV data (default: a column named label, target or y).")
 @click.option("--max-accuracy-drop", type=click.FloatRange(0, 1), help="Largest accuracy loss accepted, as a fraction (0.01 = one point). Default with --eval: 0.01.")
+@click.option("--min-agreement", type=click.FloatRange(0, 1), help="Smallest share of rows on which int8 must answer like float32 (no labels needed).")
 @click.option("--mode", type=click.Choice(["dynamic", "static"]), help="Only this quantization mode (default: static with --calibration, else dynamic).")
 @click.option("--per-channel/--per-tensor", default=None, help="Per-channel or per-tensor weight scales (default: per-tensor, or both with --eval).")
 @click.option("--activation-type", type=click.Choice(["uint8", "int8"]), help="Activation type for static quantization.")
@@ -30,14 +31,15 @@ def register(cli: click.Group) -> None:
 @click.option("--min-runtime", default=DEFAULT_MIN_RUNTIME, show_default=True, help="Oldest onnxruntime the model must load on (pins IR version and opsets).")
 @click.option("--opset", type=int, default=DEFAULT_OPSET, show_default=True, help="ai.onnx opset for scikit-learn conversion.")
 @json_option
-def convert(model, output, quantize, calibration, evaluation, label, max_accuracy_drop, mode, per_channel, activation_type, weight_type,
+def convert(model, output, quantize, calibration, evaluation, label, max_accuracy_drop, min_agreement, mode, per_channel, activation_type, weight_type,
             calibrate_method, force, min_runtime, opset, as_json):
     """Convert a scikit-learn model or ONNX file to ONNX, optionally int8.
 
     A scikit-learn estimator or Pipeline (joblib or pickle: loading one runs its code, so load only
     files you trust) is converted whole with skl2onnx. With --quantize int8 the int8 model is kept
     only if it is not slower than float32 here (unless --force); with --eval, every configuration is
-    tried and the fastest within --max-accuracy-drop is kept. Exit 1 when none is within it.
+    tried and the fastest within --max-accuracy-drop (and --min-agreement) is kept; when none is, the
+    layers with the worst quantization error are kept in float and tried again. Exit 1 when still none is.
 
     \b
     Examples:
@@ -49,7 +51,8 @@ def convert(model, output, quantize, calibration, evaluation, label, max_accurac
     options = None
     if quantize:
         options = QuantizeOptions(mode=mode, per_channel=per_channel, activation_type=activation_type, weight_type=weight_type,
-                                  calibration_method=calibrate_method, max_accuracy_drop=max_accuracy_drop, force=force)
+                                  calibration_method=calibrate_method, max_accuracy_drop=max_accuracy_drop,
+                                  min_agreement=min_agreement, force=force)
     progress = BarProgress(enabled=not as_json)
     try:
         outcome = convert_model(model, output, quantize=options, calibration=calibration, evaluation=evaluation, label=label,
@@ -79,7 +82,7 @@ def _render(outcome) -> None:
             "-" if trial.drop is None else f"{trial.drop * 100:+.2f}",
             fmt(trial.agreement),
             *speed,
-            trial.error or ("" if trial.within is not False else "over limit"),
+            trial.error or ("" if trial.within is not False else "outside the limits"),
         ])
     click.echo(table(rows, ["configuration", "bytes", search.metric_name, "drop(pts)", "agreement", "speed b1", "speed b256", "note"]))
     click.echo(f"latency: {search.to_dict()['latency_method']}")

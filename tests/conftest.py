@@ -1,0 +1,123 @@
+"""Shared test fixtures: reference models and data, and a CLI runner.
+
+The committed fixtures/ are used when they were pickled by the installed scikit-learn; otherwise
+they are regenerated once per session into a temporary directory (pickles do not travel across
+scikit-learn versions). The weight-heavy 'wide' model is never committed and is made on demand.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from edgekit.cli import cli_for_tests
+from edgekit.fixtures import fixtures_usable, make_fixtures
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class Fixture:
+    model: Path
+    train: Path
+    test: Path
+    test_csv: Path
+
+
+def _fixture(directory: Path, name: str) -> Fixture:
+    return Fixture(directory / f"{name}.joblib", directory / f"{name}_train.npz", directory / f"{name}_test.npz", directory / f"{name}_test.csv")
+
+
+@pytest.fixture(scope="session")
+def fixture_dir(tmp_path_factory) -> Path:
+    repo = ROOT / "fixtures"
+    if fixtures_usable(repo, ("digits", "cancer")):
+        return repo
+    directory = tmp_path_factory.mktemp("fixtures")
+    make_fixtures(directory, ("digits", "cancer"))
+    return directory
+
+
+@pytest.fixture(scope="session")
+def digits(fixture_dir) -> Fixture:
+    return _fixture(fixture_dir, "digits")
+
+
+@pytest.fixture(scope="session")
+def cancer(fixture_dir) -> Fixture:
+    return _fixture(fixture_dir, "cancer")
+
+
+@pytest.fixture(scope="session")
+def wide(tmp_path_factory) -> Fixture:
+    repo = ROOT / "fixtures"
+    if fixtures_usable(repo, ("wide",)):
+        return _fixture(repo, "wide")
+    directory = tmp_path_factory.mktemp("wide")
+    make_fixtures(directory, ("wide",))
+    return _fixture(directory, "wide")
+
+
+@pytest.fixture(scope="session")
+def digits_onnx(digits, tmp_path_factory) -> Path:
+    from edgekit.pipeline import convert_model
+
+    path = tmp_path_factory.mktemp("digits_onnx") / "digits.onnx"
+    convert_model(str(digits.model), str(path))
+    return path
+
+
+@pytest.fixture(scope="session")
+def digits_int8(digits, tmp_path_factory) -> Path:
+    """A static QDQ int8 digits model, forced so it exists whatever the speed here."""
+    from edgekit.pipeline import QuantizeOptions, convert_model
+
+    path = tmp_path_factory.mktemp("digits_int8") / "digits.int8.onnx"
+    convert_model(str(digits.model), str(path), quantize=QuantizeOptions(mode="static", per_channel=False, force=True), calibration=str(digits.train))
+    return path
+
+
+@pytest.fixture(scope="session")
+def keypair(tmp_path_factory) -> tuple[Path, Path]:
+    from edgekit.keys import generate_keypair
+
+    private, public, _ = generate_keypair(tmp_path_factory.mktemp("keys"))
+    return private, public
+
+
+@pytest.fixture(scope="session")
+def bundle(digits, digits_int8, keypair, tmp_path_factory) -> Path:
+    from edgekit.package import build_bundle
+
+    path = tmp_path_factory.mktemp("bundle") / "digits-3.edgebundle"
+    build_bundle(str(digits_int8), name="digits", version=3, baseline_path=str(digits.train), key_path=str(keypair[0]), output=str(path))
+    return path
+
+
+class Cli:
+    """Runs ``edgekit`` in-process; ``result.exit_code``, ``.stdout`` and ``.stderr`` are kept apart."""
+
+    def __init__(self) -> None:
+        self.runner = CliRunner()
+
+    def __call__(self, *args: object, env: dict[str, str] | None = None):
+        return self.runner.invoke(cli_for_tests(), [str(a) for a in args], env=env, catch_exceptions=False)
+
+
+@pytest.fixture
+def cli() -> Cli:
+    return Cli()
+
+
+@pytest.fixture
+def copy_of(tmp_path):
+    def copy(path: Path) -> Path:
+        destination = tmp_path / Path(path).name
+        shutil.copy(path, destination)
+        return destination
+
+    return copy

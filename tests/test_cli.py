@@ -1,0 +1,35 @@
+import click
+
+from edgekit.cli import cli_for_tests
+
+
+def all_commands():
+    group = cli_for_tests()
+    return group, group.commands
+
+
+def test_every_command_has_help_ending_with_an_example(cli):
+    group, commands = all_commands()
+    assert {"convert", "validate", "keygen", "package", "inspect", "verify", "demo"} <= set(commands)
+    for name, command in commands.items():
+        result = cli(name, "--help")
+        assert result.exit_code == 0, name
+        assert "Example" in command.help and "edgekit " + name in command.help.split("Example")[-1], name
+
+
+def test_every_option_has_help_text():
+    _, commands = all_commands()
+    for name, command in commands.items():
+        for param in command.params:
+            if isinstance(param, click.Option):
+                assert param.help, f"{name} {param.opts}"
+
+
+def test_version(cli):
+    result = cli("--version")
+    assert result.exit_code == 0 and "0.1.0" in result.stdout
+
+
+def test_usage_errors_exit_2(cli):
+    assert cli("convert").exit_code == 2
+    assert cli("nonsense").exit_code == 2
