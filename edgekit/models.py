@@ -194,7 +194,10 @@ class OnnxModel:
             runtime.load(data)
         except AgentError as exc:
             raise ModelLoadError(str(exc).split(": ", 1)[-1], path=path) from exc
-        schema, spec = describe_onnx(proto)
+        try:
+            schema, spec = describe_onnx(proto)
+        except ModelLoadError as exc:
+            raise ModelLoadError(exc.problem, exc.fix, path=path) from exc
         return cls(path=path, data=data, input=schema, output=spec, runtime=runtime)
 
     @property

@@ -15,7 +15,7 @@ import numpy as np
 
 from . import compare
 from .convert import to_onnx
-from .data import load_dataset
+from .data import default_feature_names, load_dataset
 from .errors import DataError, EdgekitError
 from .latency import batches_from, measure
 from .layer_error import is_qdq, layer_errors
@@ -44,8 +44,7 @@ def validate(
     candidate = load_model(candidate_path)
     _check_compatible(reference, candidate)
     dataset = load_dataset(data_path, label=label)
-    names = reference.input.feature_names if reference.kind == "sklearn" else candidate.input.feature_names
-    dataset = dataset.aligned_to(names)
+    dataset = dataset.aligned_to(_known_names(candidate, reference))
     X = candidate.input.check(dataset.X, source=data_path)
     y = dataset.y
     if thresholds.max_accuracy_drop is not None:
@@ -81,6 +80,14 @@ def _check_compatible(reference: Any, candidate: Any) -> None:
         raise DataError(f"the reference takes {reference.input.width} features and the candidate {candidate.input.width}", "compare a model with its own conversion")
     if reference.output.task != candidate.output.task:
         raise DataError(f"the reference is a {reference.output.task} model and the candidate a {candidate.output.task} model", "compare a model with its own conversion")
+
+
+def _known_names(*models: Any) -> tuple[str, ...]:
+    """The first model's feature names that are real names rather than the f0… placeholders."""
+    for model in models:
+        if model.input.feature_names != default_feature_names(model.input.width):
+            return model.input.feature_names
+    return models[0].input.feature_names
 
 
 def _side(model: Any, metric: float | None, prediction: Any, y: np.ndarray | None) -> dict[str, Any]:
