@@ -19,6 +19,7 @@ import numpy as np
 
 from device_agent.bundle import BASELINE, BUNDLE_SCHEMA, MANIFEST, MODEL_FILES, SELFTEST, SIGNATURE
 from device_agent.canonical import canonical_json, sha256_hex
+from device_agent.drift import DEFAULT_DRIFT_THRESHOLDS
 from device_agent.profile import Profile, build_baseline
 from device_agent.signing import key_id
 
@@ -33,14 +34,6 @@ from .onnx_target import RuntimeTarget
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 SELFTEST_ROWS = 16
-DEFAULT_DRIFT_THRESHOLDS = {
-    "psi": 0.2,  # population stability index: 0.1 watch, 0.2 act (the usual credit-scoring bands)
-    "ks": 0.15,
-    "js": 0.1,
-    "chi2_p": 0.01,
-    "min_rows": 100,  # below this a window's statistics are too noisy to call drift
-    "consecutive_windows": 3,
-}
 _ZIP_TIME = (1980, 1, 1, 0, 0, 0)  # fixed member times: same inputs, same bytes (but for "created")
 
 

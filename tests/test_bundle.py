@@ -45,14 +45,14 @@ def test_package_inspect_verify(cli, digits, digits_int8, keypair, tmp_path):
     report = tmp_path / "report.json"
     report.write_text(cli("validate", digits_int8, "--reference", digits.model, "--data", digits.test, "--json").stdout)
     result = cli("package", digits_int8, "--name", "digits", "--version", "3", "--baseline", digits.train, "--key", keypair[0],
-                 "--report", report, "--drift", "psi=0.25", "-o", out)
+                 "--report", report, "--drift", "alpha=0.05", "-o", out)
     assert result.exit_code == 0, result.stderr
     verified = cli("verify", out, "--pubkey", keypair[1])
     assert verified.exit_code == 0 and "digits v3" in verified.stdout
     inspected = json.loads(cli("inspect", out, "--json", "--pubkey", keypair[1]).stdout)
     manifest = inspected["manifest"]
     assert inspected["signature"].startswith("verified")
-    assert manifest["name"] == "digits" and manifest["version"] == 3 and manifest["drift"]["psi"] == 0.25
+    assert manifest["name"] == "digits" and manifest["version"] == 3 and manifest["drift"]["alpha"] == 0.05
     assert manifest["input"]["feature_names"][:2] == ["pixel_0_0", "pixel_0_1"]
     assert manifest["runtime"]["engine"] == "onnxruntime" and manifest["runtime"]["ir_version"] <= 13
     assert manifest["quantization"]["mode"] == "static" and manifest["validation"]["passed"] is True

@@ -44,7 +44,7 @@ def keygen(directory, name, force):
 @click.option("-o", "--output", type=click.Path(dir_okay=False), help="Bundle path (default: <name>-<version>.edgebundle).")
 @click.option("--label", help="Label column of CSV baseline data, left out of the features.")
 @click.option("--report", type=click.Path(dir_okay=False), help="A 'validate --json' report to record in the manifest.")
-@click.option("--drift", "drift", multiple=True, metavar="NAME=VALUE", help="Override a drift threshold (psi, ks, js, chi2_p, min_rows, consecutive_windows).")
+@click.option("--drift", "drift", multiple=True, metavar="NAME=VALUE", help="Override a drift threshold (alpha, min_psi, min_rows, consecutive_windows).")
 @json_option
 def package(model, name, version, baseline, key_path, output, label, report, drift, as_json):
     """Package a converted model as a signed, versioned .edgebundle with its baseline profile.
@@ -64,7 +64,7 @@ def package(model, name, version, baseline, key_path, output, label, report, dri
 
 
 def _parse_drift(pairs: tuple[str, ...]) -> dict[str, float]:
-    from ..package import DEFAULT_DRIFT_THRESHOLDS
+    from device_agent.drift import DEFAULT_DRIFT_THRESHOLDS
 
     parsed = {}
     for pair in pairs:

@@ -1,0 +1,149 @@
+"""Drift between a baseline profile and a window profile, with a verdict that knows its sample size.
+
+Per feature (and for the model's predictions) we report effect sizes on the shared bins: PSI
+(population stability index), KS distance on the binned CDF, and Jensen-Shannon divergence
+(base 2, in [0, 1]). The verdict does not threshold those directly: a fixed PSI cut-off raises false
+alarms on small windows and misses real shifts on large ones. Instead each feature gets a
+two-sample chi-square test of homogeneity between the baseline's counts and the window's (bins
+merged until every expected count is at least 5), which accounts for both sample sizes, and the
+window's family of tests is Bonferroni-corrected so that a clean window is flagged with probability
+at most ``alpha`` however many features the model has. A feature is drifted when its test rejects
+*and* its PSI is at least ``min_psi``, so huge windows do not flag shifts too small to matter.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .profile import Profile
+from .stats import chi2_sf
+
+DEFAULT_DRIFT_THRESHOLDS: dict[str, float] = {
+    "alpha": 0.01,  # family-wise false-alarm rate of one window's verdict
+    "min_psi": 0.02,  # effect-size floor: below this a "significant" shift is too small to act on
+    "min_rows": 100,  # windows with fewer rows get no verdict
+    "consecutive_windows": 3,  # for alerts (collector side): drifted this many windows in a row
+}
+PSI_EPSILON = 1e-4
+MIN_EXPECTED = 5.0
+
+
+@dataclass(frozen=True)
+class Comparison:
+    psi: float
+    ks: float
+    js: float
+    chi2: float
+    dof: int
+    p_value: float
+
+    def to_dict(self, drifted: bool) -> dict[str, Any]:
+        return {"psi": round(self.psi, 6), "ks": round(self.ks, 6), "js": round(self.js, 6), "p": float(f"{self.p_value:.4g}"), "drifted": drifted}
+
+
+def proportions(counts: np.ndarray) -> np.ndarray:
+    total = counts.sum()
+    return counts / total if total else np.zeros(len(counts))
+
+
+def psi(expected: np.ndarray, actual: np.ndarray) -> float:
+    p, q = np.maximum(proportions(np.asarray(expected, float)), PSI_EPSILON), np.maximum(proportions(np.asarray(actual, float)), PSI_EPSILON)
+    return float(np.sum((q - p) * np.log(q / p)))
+
+
+def ks_distance(expected: np.ndarray, actual: np.ndarray) -> float:
+    return float(np.max(np.abs(np.cumsum(proportions(np.asarray(expected, float))) - np.cumsum(proportions(np.asarray(actual, float))))))
+
+
+def js_divergence(expected: np.ndarray, actual: np.ndarray) -> float:
+    p, q = proportions(np.asarray(expected, float)), proportions(np.asarray(actual, float))
+    m = (p + q) / 2
+
+    def kl(a: np.ndarray, b: np.ndarray) -> float:
+        mask = a > 0
+        return float(np.sum(a[mask] * np.log2(a[mask] / b[mask])))
+
+    return max(0.0, 0.5 * kl(p, m) + 0.5 * kl(q, m))
+
+
+def chi2_homogeneity(expected: np.ndarray, actual: np.ndarray) -> tuple[float, int, float]:
+    """Chi-square statistic, degrees of freedom and p-value for "same distribution" over shared bins."""
+    a, b = _merge_small_bins(np.asarray(expected, float), np.asarray(actual, float))
+    if len(a) < 2:
+        return 0.0, 0, 1.0
+    table = np.vstack([a, b])
+    expected_counts = table.sum(axis=1, keepdims=True) * table.sum(axis=0, keepdims=True) / table.sum()
+    statistic = float(np.sum((table - expected_counts) ** 2 / expected_counts))
+    dof = len(a) - 1
+    return statistic, dof, chi2_sf(statistic, dof)
+
+
+def _merge_small_bins(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Merge adjacent bins until each merged bin's smaller expected count reaches MIN_EXPECTED."""
+    n_a, n_b = a.sum(), b.sum()
+    if n_a == 0 or n_b == 0:
+        return a[:0], b[:0]
+    smaller = min(n_a, n_b) / (n_a + n_b)
+    merged_a, merged_b = [], []
+    acc_a = acc_b = 0.0
+    for x, y in zip(a, b):
+        acc_a, acc_b = acc_a + x, acc_b + y
+        if (acc_a + acc_b) * smaller >= MIN_EXPECTED:
+            merged_a.append(acc_a)
+            merged_b.append(acc_b)
+            acc_a = acc_b = 0.0
+    if acc_a + acc_b > 0:
+        if merged_a:
+            merged_a[-1] += acc_a
+            merged_b[-1] += acc_b
+        else:
+            merged_a.append(acc_a)
+            merged_b.append(acc_b)
+    return np.asarray(merged_a), np.asarray(merged_b)
+
+
+def compare(expected: np.ndarray, actual: np.ndarray) -> Comparison:
+    statistic, dof, p_value = chi2_homogeneity(expected, actual)
+    return Comparison(psi(expected, actual), ks_distance(expected, actual), js_divergence(expected, actual), statistic, dof, p_value)
+
+
+def drift_report(baseline: Profile, window: Profile, thresholds: dict[str, float] | None = None) -> dict[str, Any]:
+    """Per-feature and prediction drift of ``window`` against ``baseline``, and the window's verdict."""
+    limits = {**DEFAULT_DRIFT_THRESHOLDS, **(thresholds or {})}
+    sketches = [(s.name, s, w) for s, w in zip(baseline.features, window.features)]
+    if "prediction" in baseline.outputs:
+        sketches.append(("prediction", baseline.outputs["prediction"], window.outputs["prediction"]))
+    comparisons = {name: compare(b.counts, w.counts) for name, b, w in sketches}
+    tested = window.rows >= limits["min_rows"]
+    per_test_alpha = limits["alpha"] / max(1, len(comparisons))
+    verdicts = {name: tested and c.p_value < per_test_alpha and c.psi >= limits["min_psi"] for name, c in comparisons.items()}
+    features = {name: comparisons[name].to_dict(verdicts[name]) for name, _, _ in sketches if name != "prediction"}
+    worst = max(features, key=lambda n: comparisons[n].psi) if features else None
+    report: dict[str, Any] = {
+        "drifted": any(verdicts.values()) if tested else None,
+        "tested": tested,
+        "alpha": limits["alpha"],
+        "worst_feature": worst,
+        "features": features,
+    }
+    if "prediction" in comparisons:
+        report["prediction"] = comparisons["prediction"].to_dict(verdicts["prediction"])
+    return report
+
+
+def exact_psi(baseline_values: np.ndarray, window_values: np.ndarray, cuts: np.ndarray, low: float, high: float) -> float:
+    """PSI computed from raw values on the given bins: the reference the sketch's PSI is checked against."""
+    def counts(values: np.ndarray) -> np.ndarray:
+        values = values[np.isfinite(values)]
+        index = np.searchsorted(cuts, values, side="right") + 1
+        index[values < low] = 0
+        index[values > high] = len(cuts) + 2
+        return np.bincount(index, minlength=len(cuts) + 3).astype(float)
+
+    return psi(counts(baseline_values), counts(window_values))
+
+
