@@ -5,3 +5,14 @@ Importing this package does no work and pulls in nothing heavier than numpy; the
 """
 
 __version__ = "0.1.0"
+
+__all__ = ["Agent", "__version__"]
+
+
+def __getattr__(name: str):
+    # ``from device_agent import Agent`` without importing the agent (and its runtime) at package import.
+    if name == "Agent":
+        from .agent import Agent
+
+        return Agent
+    raise AttributeError(name)

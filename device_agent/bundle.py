@@ -18,7 +18,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import tempfile
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +27,7 @@ import numpy as np
 
 from .canonical import sha256_hex
 from .errors import BundleFormatError, BundleIntegrityError, SignatureError
+from .fsutil import write_atomic
 from .outputs import OutputSpec
 from .profile import Profile
 from .schema import InputSchema
@@ -95,7 +95,7 @@ class Bundle:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         for member, data in self.members.items():
-            _write_atomic(directory / member, data)
+            write_atomic(directory / member, data)
         return directory
 
 
@@ -184,15 +184,3 @@ def _read_listed_members(source: str, archive: zipfile.ZipFile, infos: dict[str,
         members[name] = data
     return members
 
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -11,7 +11,10 @@
     ├── ProfileError                a profile that is malformed or merged with one of another baseline
     ├── InputError                  rows that do not fit the model's input schema (wrong width, NaN, strings)
     ├── RuntimeUnavailableError     the runtime a model needs is not installed
-    └── ModelError                  the runtime refused the model, or failed while running it
+    ├── ModelError                  the runtime refused the model, or failed while running it
+    ├── ConfigError                 an agent.toml that is missing, malformed or incomplete
+    ├── ProtocolError               an MQTT payload that is malformed, oversized or of an unknown schema
+    └── InstallError                a bundle that may not be installed (older version, no model installed)
 
 Every message names the problem and what to do; the facts it is built from are kept as
 attributes so callers can act on them without parsing text.
@@ -93,3 +96,19 @@ class ModelError(AgentError):
         if fix:
             message += f"; {fix}"
         super().__init__(message)
+
+
+class ConfigError(AgentError):
+    def __init__(self, path: object, problem: str, fix: str = "") -> None:
+        self.path = str(path)
+        super().__init__(f"{self.path}: {problem}" + (f"; {fix}" if fix else ""))
+
+
+class InstallError(AgentError):
+    pass
+
+
+class ProtocolError(AgentError):
+    def __init__(self, reason: str, problem: str) -> None:
+        self.reason = reason  # a short machine-readable cause: "json", "schema", "size", "field"
+        super().__init__(problem)

@@ -330,6 +330,37 @@ class Profile:
             "latency_ms": self.latency_ms.to_dict(),
         }
 
+    def to_compact(self) -> dict[str, Any]:
+        """Counts and moments only, positionally; the bins are the baseline's (named by ``baseline_id``).
+
+        This is what a device sends every window: a 64-feature window fits in a few kilobytes.
+        """
+        return {
+            "baseline_id": self.baseline_id,
+            "rows": self.rows,
+            "features": [_compact(s) for s in self.features],
+            "outputs": {k: _compact(s) for k, s in sorted(self.outputs.items())},
+            "latency_ms": _compact(self.latency_ms),
+        }
+
+    def from_compact(self, doc: dict[str, Any]) -> "Profile":
+        """A window profile rebuilt from ``to_compact`` output, on this (baseline) profile's bins."""
+        if doc.get("baseline_id") != self.baseline_id:
+            raise ProfileError(f"window of baseline {doc.get('baseline_id')!r} does not match baseline {self.baseline_id}")
+        window = self.empty_like()
+        try:
+            if len(doc["features"]) != len(window.features) or set(doc["outputs"]) != set(window.outputs):
+                raise ProfileError("window profile does not have the baseline's features and outputs")
+            for sketch, values in zip(window.features, doc["features"]):
+                _fill(sketch, values)
+            for key, sketch in window.outputs.items():
+                _fill(sketch, doc["outputs"][key])
+            _fill(window.latency_ms, doc["latency_ms"])
+            window.rows = int(doc["rows"])
+        except (KeyError, TypeError, ValueError, IndexError) as exc:
+            raise ProfileError(f"malformed compact profile: {exc!r}") from exc
+        return window
+
     @classmethod
     def from_dict(cls, doc: dict[str, Any]) -> "Profile":
         if not isinstance(doc, dict) or doc.get("schema") != PROFILE_SCHEMA:
@@ -378,6 +409,35 @@ def build_baseline(
     profile = Profile(features=features, outputs=outputs, latency_ms=NumericSketch("latency_ms", np.asarray(LATENCY_CUTS_MS), 0.0, None))
     profile.rows = rows.shape[0]
     return profile
+
+
+def _short(value: float) -> float | int:
+    """Six significant digits, and no ".0" on whole numbers: summaries go over the air every window."""
+    short = float(f"{value:.6g}")
+    return int(short) if short.is_integer() and abs(short) < 2**53 else short
+
+
+def _compact(sketch: Sketch) -> list[Any]:
+    """``[counts, nulls]`` for categorical sketches; ``[counts, nulls, infs, sum, sum_sq, min, max]`` for
+    numeric ones (the finite count is the sum of the bin counts, so it is not sent)."""
+    if isinstance(sketch, CategoricalSketch):
+        return [sketch.counts.tolist(), sketch.nulls]
+    bounds = [_short(sketch.minimum), _short(sketch.maximum)] if sketch.count else [None, None]
+    return [sketch.counts.tolist(), sketch.nulls, sketch.infs, _short(sketch.total), _short(sketch.total_sq), *bounds]
+
+
+def _fill(sketch: Sketch, values: list[Any]) -> None:
+    counts = np.asarray(values[0], dtype=np.int64)
+    if counts.shape != sketch.counts.shape or (counts < 0).any():
+        raise ProfileError(f"feature {sketch.name!r}: {len(counts)} counts where the baseline has {len(sketch.counts)} bins")
+    sketch.counts = counts
+    if isinstance(sketch, CategoricalSketch):
+        sketch.nulls = int(values[1])
+        return
+    sketch.count, sketch.nulls, sketch.infs = int(counts.sum()), int(values[1]), int(values[2])
+    sketch.total, sketch.total_sq = float(values[3]), float(values[4])
+    sketch.minimum = math.inf if values[5] is None else float(values[5])
+    sketch.maximum = -math.inf if values[6] is None else float(values[6])
 
 
 def _sketch_from_dict(doc: dict[str, Any]) -> Sketch:

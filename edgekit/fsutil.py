@@ -8,6 +8,8 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
+from device_agent.fsutil import write_atomic
+
 
 @contextlib.contextmanager
 def atomic_path(path: str | Path, mode: int | None = None) -> Iterator[Path]:
@@ -27,8 +29,4 @@ def atomic_path(path: str | Path, mode: int | None = None) -> Iterator[Path]:
 
 
 def write_bytes_atomic(path: str | Path, data: bytes, mode: int | None = None) -> None:
-    with atomic_path(path, mode) as tmp:
-        with open(tmp, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
+    write_atomic(path, data, mode)

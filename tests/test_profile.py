@@ -73,3 +73,20 @@ def test_moments_and_quantiles():
     assert sketch.mean == pytest.approx(499.5)
     assert sketch.std == pytest.approx(np.arange(1000.0).std())
     assert 400 <= sketch.quantile(0.5) <= 600
+
+
+def test_compact_form_round_trips_on_the_baseline_bins():
+    base = baseline()
+    window = base.empty_like()
+    window.update_inputs(rng.normal(size=(300, 3)))
+    window.update_outputs(labels=rng.integers(0, 3, 300), probabilities=rng.dirichlet([1, 1, 1], 300))
+    rebuilt = base.from_compact(json.loads(json.dumps(window.to_compact())))
+    for a, b in zip(rebuilt.to_dict()["features"], window.to_dict()["features"]):
+        assert a["counts"] == b["counts"] and a["count"] == b["count"] and a["sum"] == pytest.approx(b["sum"], rel=1e-5)
+    assert rebuilt.outputs["prediction"].counts.tolist() == window.outputs["prediction"].counts.tolist()
+    with pytest.raises(ProfileError, match="does not match baseline"):
+        baseline().from_compact(window.to_compact())
+    broken = window.to_compact()
+    broken["features"][0][0] = [1, 2]
+    with pytest.raises(ProfileError, match="counts where the baseline has"):
+        base.from_compact(broken)

@@ -1,0 +1,157 @@
+"""``agent.toml``: the agent's one configuration file (read with the standard library's tomllib).
+
+::
+
+    device_id = "pi-kitchen-01"
+    fleet = "default"
+    state_dir = "/var/lib/edgekit"
+    [mqtt]
+    url = "mqtt://127.0.0.1:1883"     # mqtts:// for TLS; username, password or password_file
+    [server]
+    listen = "127.0.0.1:8470"          # token_file = "/etc/edgekit/token" for a bearer token
+    [monitor]
+    window_rows = 1000
+    window_seconds = 60
+    [trust]
+    public_key = "/etc/edgekit/edgekit.pub"
+
+Relative paths are relative to the file. Secrets come from files or the environment
+(``EDGEKIT_MQTT_PASSWORD``, ``EDGEKIT_API_TOKEN``), never from the TOML itself if avoidable.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+from .errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on 3.10 only
+    import tomli as tomllib
+
+ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+@dataclass(frozen=True)
+class MqttConfig:
+    url: str | None = None
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+    keepalive: int = 30
+    streaming: bool = False  # score rows published to .../input, answer on .../output
+
+    @property
+    def host(self) -> str:
+        return urlparse(self.url).hostname or "127.0.0.1"
+
+    @property
+    def port(self) -> int:
+        parsed = urlparse(self.url)
+        return parsed.port or (8883 if parsed.scheme == "mqtts" else 1883)
+
+    @property
+    def tls(self) -> bool:
+        return urlparse(self.url).scheme == "mqtts"
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    listen: str | None = "127.0.0.1:8470"
+    token: str | None = field(default=None, repr=False)
+
+    @property
+    def address(self) -> tuple[str, int]:
+        host, _, port = (self.listen or "").rpartition(":")
+        return host or "127.0.0.1", int(port)
+
+
+@dataclass(frozen=True)
+class MonitorConfig:
+    window_rows: int = 1000
+    window_seconds: float = 60.0
+    log_rows: int = 10000  # prediction log ring size
+    keep_acked_seconds: float = 3600.0  # acknowledged summaries kept for resend requests
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    device_id: str
+    state_dir: Path
+    public_key: Path
+    fleet: str = "default"
+    threads: int = 1
+    mqtt: MqttConfig = MqttConfig()
+    server: ServerConfig = ServerConfig()
+    monitor: MonitorConfig = MonitorConfig()
+    source: str = "<config>"
+
+
+def load_config(path: str | Path) -> AgentConfig:
+    path = Path(path)
+    try:
+        doc = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(path, "no such file", "write an agent.toml (see 'edge-agent --help') or pass --config") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(path, f"cannot be read ({exc})") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(path, f"is not valid TOML ({exc})", "fix the syntax") from exc
+    return parse_config(doc, base=path.parent, source=str(path))
+
+
+def parse_config(doc: dict[str, Any], *, base: Path = Path("."), source: str = "<config>") -> AgentConfig:
+    def need(table: dict[str, Any], key: str, where: str) -> Any:
+        if key not in table:
+            raise ConfigError(source, f"missing {where}{key}", f"add {key} = ... to the config")
+        return table[key]
+
+    def resolve(value: str) -> Path:
+        p = Path(value).expanduser()
+        return p if p.is_absolute() else (base / p)
+
+    device_id = str(need(doc, "device_id", ""))
+    fleet = str(doc.get("fleet", "default"))
+    for label, value in (("device_id", device_id), ("fleet", fleet)):
+        if not ID_PATTERN.match(value):
+            raise ConfigError(source, f"{label} {value!r} is not allowed", "use letters, digits, '.', '_' or '-' (it becomes an MQTT topic level)")
+    trust, mqtt, server, monitor = (doc.get(k, {}) for k in ("trust", "mqtt", "server", "monitor"))
+    try:
+        mqtt_config = MqttConfig(
+            url=mqtt.get("url"), username=mqtt.get("username"), password=_secret(mqtt, "password", "EDGEKIT_MQTT_PASSWORD", resolve),
+            keepalive=int(mqtt.get("keepalive", 30)), streaming=bool(mqtt.get("streaming", False)),
+        )
+        if mqtt_config.url and urlparse(mqtt_config.url).scheme not in ("mqtt", "mqtts"):
+            raise ConfigError(source, f"[mqtt] url {mqtt_config.url!r} is not mqtt:// or mqtts://", "write it as mqtt://host:1883")
+        server_config = ServerConfig(listen=server.get("listen", "127.0.0.1:8470") or None, token=_secret(server, "token", "EDGEKIT_API_TOKEN", resolve))
+        if server_config.listen:
+            server_config.address  # noqa: B018 - validates the port
+        monitor_config = MonitorConfig(
+            window_rows=int(monitor.get("window_rows", 1000)), window_seconds=float(monitor.get("window_seconds", 60)),
+            log_rows=int(monitor.get("log_rows", 10000)), keep_acked_seconds=float(monitor.get("keep_acked_seconds", 3600)),
+        )
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(source, f"a value has the wrong type ({exc})", "check numbers are numbers and listen is host:port") from exc
+    if monitor_config.window_rows < 1 or monitor_config.window_seconds <= 0:
+        raise ConfigError(source, "[monitor] window_rows and window_seconds must be positive")
+    return AgentConfig(
+        device_id=device_id, fleet=fleet, state_dir=resolve(str(need(doc, "state_dir", ""))), public_key=resolve(str(need(trust, "public_key", "[trust] "))),
+        threads=int(doc.get("threads", 1)), mqtt=mqtt_config, server=server_config, monitor=monitor_config, source=source,
+    )
+
+
+def _secret(table: dict[str, Any], key: str, env: str, resolve) -> str | None:
+    if env in os.environ:
+        return os.environ[env]
+    if f"{key}_file" in table:
+        try:
+            return resolve(table[f"{key}_file"]).read_text().strip()
+        except OSError as exc:
+            raise ConfigError(table[f"{key}_file"], f"cannot read the {key} file ({exc.strerror})") from exc
+    return table.get(key)

@@ -1,0 +1,154 @@
+"""The MQTT contract between devices and the fleet: topics, payloads, their codec and checks.
+
+Topics live under ``edgekit/v1/<fleet>/<device>/``:
+
+- ``state``    retained; ``online`` birth on connect, retained last will ``offline``
+- ``baseline`` retained; the active model's baseline profile, so a collector can merge windows
+- ``summary``  QoS 1; one closed window (see ``build_summary`` and docs/protocol.md)
+- ``cmd``      commands to the device, e.g. ``{"schema": "edgekit.cmd/1", "cmd": "resend", "seqs": [4, 5]}``
+- ``desired`` / ``reported``  rollout state (OTA)
+- ``input`` / ``output``  optional streaming inference
+
+Every payload is compact JSON with a ``schema`` field, at most ``MAX_PAYLOAD_BYTES``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+import numpy as np
+
+from .drift import drift_report
+from .errors import ProtocolError
+from .monitor import ClosedWindow
+from .profile import Profile
+
+TOPIC_ROOT = "edgekit/v1"
+SUMMARY_SCHEMA = "edgekit.summary/1"
+STATE_SCHEMA = "edgekit.state/1"
+BASELINE_SCHEMA = "edgekit.baseline/1"
+COMMAND_SCHEMA = "edgekit.cmd/1"
+MAX_PAYLOAD_BYTES = 256 * 1024
+_LEVEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+@dataclass(frozen=True)
+class Topics:
+    fleet: str
+    device: str
+
+    def __post_init__(self) -> None:
+        for label, value in (("fleet", self.fleet), ("device", self.device)):
+            if not _LEVEL.match(value):
+                raise ValueError(f"{label} {value!r} cannot be an MQTT topic level")
+
+    def __getattr__(self, leaf: str) -> str:
+        if leaf in ("state", "baseline", "summary", "cmd", "desired", "reported", "input", "output"):
+            return f"{TOPIC_ROOT}/{self.fleet}/{self.device}/{leaf}"
+        raise AttributeError(leaf)
+
+
+def encode(payload: dict[str, Any]) -> bytes:
+    data = json.dumps(payload, separators=(",", ":"), allow_nan=False).encode()
+    if len(data) > MAX_PAYLOAD_BYTES:
+        raise ProtocolError("size", f"payload of {len(data)} bytes is over the {MAX_PAYLOAD_BYTES}-byte limit")
+    return data
+
+
+def decode(data: bytes, schema: str) -> dict[str, Any]:
+    """Parse a payload and check its schema field; raise ``ProtocolError`` with a reason otherwise."""
+    if len(data) > MAX_PAYLOAD_BYTES:
+        raise ProtocolError("size", f"payload of {len(data)} bytes is over the {MAX_PAYLOAD_BYTES}-byte limit")
+    try:
+        doc = json.loads(data)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ProtocolError("json", f"payload is not JSON ({exc})") from exc
+    if not isinstance(doc, dict):
+        raise ProtocolError("json", "payload is not a JSON object")
+    if doc.get("schema") != schema:
+        raise ProtocolError("schema", f"payload schema is {doc.get('schema')!r}, expected {schema!r}")
+    return doc
+
+
+def iso(timestamp: float) -> str:
+    return datetime.fromtimestamp(timestamp, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")[:-4] + "Z"
+
+
+def state_payload(*, online: bool, device: str, fleet: str, model: dict[str, Any] | None, runtime: str | None, agent_version: str) -> dict[str, Any]:
+    return {"schema": STATE_SCHEMA, "device": device, "fleet": fleet, "online": online, "model": model, "runtime": runtime, "agent_version": agent_version}
+
+
+def baseline_payload(*, device: str, model: dict[str, Any], baseline: Profile) -> dict[str, Any]:
+    return {"schema": BASELINE_SCHEMA, "device": device, "model": model, "baseline_id": baseline.baseline_id, "profile": baseline.to_dict()}
+
+
+def build_summary(window: ClosedWindow, *, device: str, fleet: str, model: dict[str, Any], seq: int, baseline: Profile,
+                  thresholds: dict[str, float] | None) -> dict[str, Any]:
+    profile = window.profile
+    drift = drift_report(baseline, profile, thresholds)
+    return {
+        "schema": SUMMARY_SCHEMA,
+        "device": device,
+        "fleet": fleet,
+        "model": model,
+        "seq": seq,
+        "rows": profile.rows,
+        "window": {"start": iso(window.start), "end": iso(window.end)},
+        "drift": drift,
+        "predictions": _predictions(profile),
+        "quality": _quality(profile),
+        "latency": _latency(window.latencies_ms),
+        "errors": window.errors,
+        "accuracy": {"labelled": window.labelled, "correct": window.correct, "accuracy": window.correct / window.labelled} if window.labelled else None,
+        "profile": profile.to_compact(),
+    }
+
+
+def _predictions(profile: Profile) -> dict[str, Any]:
+    sketch = profile.outputs.get("prediction")
+    if sketch is None:
+        return {}
+    if sketch.kind == "categorical":
+        classes = {str(c): int(n) for c, n in zip(sketch.categories, sketch.counts[:-1]) if n}
+        if sketch.counts[-1]:
+            classes["other"] = int(sketch.counts[-1])
+        return {"classes": classes}
+    return {"mean": sketch.mean, "std": sketch.std, "min": sketch.minimum if sketch.count else None, "max": sketch.maximum if sketch.count else None}
+
+
+def _quality(profile: Profile) -> dict[str, Any]:
+    numeric = [s for s in profile.features if s.kind == "numeric"]
+    nulls = sum(s.nulls for s in profile.features)
+    cells = profile.rows * max(1, len(profile.features))
+    return {
+        "nulls": int(nulls),
+        "infs": int(sum(s.infs for s in numeric)),
+        "out_of_range": int(sum(s.counts[0] + s.counts[-1] for s in numeric)),
+        "null_rate": nulls / cells if cells else 0.0,
+    }
+
+
+def _latency(latencies: np.ndarray) -> dict[str, Any]:
+    if latencies.size == 0:
+        return {"p50_ms": None, "p99_ms": None, "max_ms": None}
+    p50, p99 = np.percentile(latencies, [50, 99])
+    return {"p50_ms": _short(p50), "p99_ms": _short(p99), "max_ms": _short(latencies.max())}
+
+
+def _short(value: float) -> float | None:
+    return float(f"{value:.4g}") if math.isfinite(value) else None
+
+
+def command(data: bytes) -> dict[str, Any]:
+    doc = decode(data, COMMAND_SCHEMA)
+    if doc.get("cmd") == "resend":
+        seqs = doc.get("seqs")
+        if not isinstance(seqs, list) or not all(isinstance(s, int) and s >= 0 for s in seqs) or len(seqs) > 10000:
+            raise ProtocolError("field", "resend needs 'seqs': a list of at most 10000 non-negative integers")
+        return doc
+    raise ProtocolError("field", f"unknown command {doc.get('cmd')!r}")

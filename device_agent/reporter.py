@@ -1,0 +1,133 @@
+"""Publishing summaries over MQTT with paho-mqtt 2.x, without ever losing a closed window.
+
+Every summary is already in the spool when ``publish`` is called; it leaves the spool only when
+the broker's PUBACK arrives. On every (re)connect the birth message and baseline are published
+(retained), the command topic is subscribed, and the whole spool is drained in ``seq`` order.
+paho's network loop runs in its own thread and reconnects with backoff; nothing here blocks the
+caller on the network.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any, Callable
+
+from .config import MqttConfig
+from .errors import ProtocolError, RuntimeUnavailableError
+from .protocol import Topics, command, encode
+from .spool import Spool
+
+log = logging.getLogger("device_agent.reporter")
+
+
+def _paho():
+    try:
+        import paho.mqtt.client as mqtt
+    except ImportError as exc:
+        raise RuntimeUnavailableError("paho-mqtt is not installed; pip install 'paho-mqtt>=2' (or 'edgekit[agent]')") from exc
+    return mqtt
+
+
+class MqttReporter:
+    def __init__(self, config: MqttConfig, topics: Topics, spool: Spool, *, client_id: str, birth: Callable[[], dict[str, Any]],
+                 offline: dict[str, Any], retained: Callable[[], list[tuple[str, dict[str, Any]]]] = lambda: [],
+                 on_input: Callable[[bytes], None] | None = None) -> None:
+        self.config, self.topics, self.spool = config, topics, spool
+        self.client_id = client_id
+        self._birth, self._offline, self._retained, self._on_input = birth, offline, retained, on_input
+        self._lock = threading.Lock()
+        self._inflight: dict[int, int] = {}  # paho mid -> seq
+        self.connected = threading.Event()
+        self.rejected_commands = 0
+        self._client = None
+
+    def start(self) -> None:
+        mqtt = _paho()
+        client = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2, client_id=self.client_id, protocol=mqtt.MQTTv5)
+        client.will_set(self.topics.state, encode(self._offline), qos=1, retain=True)
+        if self.config.username:
+            client.username_pw_set(self.config.username, self.config.password)
+        if self.config.tls:
+            client.tls_set()
+        client.reconnect_delay_set(min_delay=1, max_delay=30)
+        client.max_queued_messages_set(0)
+        client.on_connect, client.on_disconnect = self._on_connect, self._on_disconnect
+        client.on_publish, client.on_message = self._on_publish, self._on_message
+        self._client = client
+        client.connect_async(self.config.host, self.config.port, keepalive=self.config.keepalive)
+        client.loop_start()
+
+    def publish(self, seq: int, payload: bytes) -> None:
+        """Send a spooled summary now if connected; otherwise it goes out with the next drain."""
+        with self._lock:
+            if self.connected.is_set():
+                self._send(seq, payload)
+
+    def publish_raw(self, topic: str, payload: dict[str, Any], *, qos: int = 1, retain: bool = False) -> None:
+        if self._client is not None and self.connected.is_set():
+            self._client.publish(topic, encode(payload), qos=qos, retain=retain)
+
+    def stop(self, timeout: float = 2.0) -> None:
+        client, self._client = self._client, None
+        if client is None:
+            return
+        if self.connected.is_set():
+            info = client.publish(self.topics.state, encode(self._offline), qos=1, retain=True)
+            try:
+                info.wait_for_publish(timeout)
+            except (RuntimeError, ValueError):
+                pass
+        client.disconnect()
+        client.loop_stop()
+        self.connected.clear()
+
+    # -- paho callbacks (network thread) -----------------------------------------------------------
+    def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
+        if reason_code.is_failure:
+            log.warning("broker refused the connection: %s", reason_code)
+            return
+        client.publish(self.topics.state, encode(self._birth()), qos=1, retain=True)
+        for topic, payload in self._retained():
+            client.publish(topic, encode(payload), qos=1, retain=True)
+        client.subscribe(self.topics.cmd, qos=1)
+        if self._on_input is not None:
+            client.subscribe(self.topics.input, qos=1)
+        with self._lock:
+            self._inflight.clear()
+            self.connected.set()
+            for seq in self.spool.pending():
+                payload = self.spool.get(seq)
+                if payload is not None:
+                    self._send(seq, payload)
+
+    def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
+        with self._lock:
+            self.connected.clear()
+            self._inflight.clear()  # still pending in the spool: drained again on reconnect
+
+    def _on_publish(self, client, userdata, mid, reason_code, properties) -> None:
+        with self._lock:
+            seq = self._inflight.pop(mid, None)
+        if seq is not None and not reason_code.is_failure:
+            self.spool.ack(seq)
+
+    def _on_message(self, client, userdata, message) -> None:
+        if message.topic == self.topics.input and self._on_input is not None:
+            self._on_input(message.payload)
+            return
+        try:
+            doc = command(message.payload)
+        except ProtocolError as exc:
+            self.rejected_commands += 1
+            log.warning("ignored a command on %s: %s", message.topic, exc)
+            return
+        with self._lock:
+            for seq in doc["seqs"]:
+                payload = self.spool.get(seq)
+                if payload is not None and self.connected.is_set():
+                    self._send(seq, payload)
+
+    def _send(self, seq: int, payload: bytes) -> None:
+        info = self._client.publish(self.topics.summary, payload, qos=1)
+        self._inflight[info.mid] = seq

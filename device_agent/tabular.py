@@ -1,0 +1,136 @@
+"""Reading tabular files (``.npz`` and ``.csv``): the one reader the host and the device share.
+
+``.npz`` holds ``X`` (rows × features), optionally ``y`` and ``feature_names``; ``.csv`` has a header
+row, numbers in every feature cell (empty, NA, NaN, null and ? are missing values) and an optional
+label column: ``label`` argument, else a column named ``label``, ``target`` or ``y``.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from .errors import InputError
+
+LABEL_COLUMN_GUESSES = ("label", "target", "y")
+
+
+class TableError(InputError):
+    """A file that cannot be read as a table; the caller adds the path."""
+
+
+def read_table(path: str | Path, label: str | None = None, raw: bytes | None = None) -> tuple[np.ndarray, np.ndarray | None, tuple[str, ...] | None]:
+    """``(X, y, feature_names)`` from an .npz or .csv file; ``TableError`` says what is wrong."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix == ".npz":
+        return _read_npz(path, label)
+    if suffix in (".csv", ".txt"):
+        return _read_csv(path, path.read_bytes() if raw is None else raw, label)
+    raise TableError(f"unknown data file type {suffix or '(none)'!r}", "give a .npz with X (and y) or a .csv with a header row")
+
+
+def _read_npz(path: Path, label: str | None) -> tuple[np.ndarray, np.ndarray | None, tuple[str, ...] | None]:
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {key: data[key] for key in data.files}
+    except (ValueError, OSError, EOFError) as exc:
+        raise TableError(f"is not a readable .npz ({exc})", "save it with numpy.savez(path, X=..., y=...)") from exc
+    if "X" not in arrays:
+        raise TableError(f"has no array 'X' (it has {sorted(arrays)})", "save it with numpy.savez(path, X=..., y=...)")
+    X = arrays["X"]
+    if X.dtype.kind not in "fiub":
+        raise TableError(f"X has dtype {X.dtype}, not numbers", "encode every feature as a number")
+    y_key = label or "y"
+    y = arrays.get(y_key)
+    if label and y is None:
+        raise TableError(f"has no array {label!r}", f"the arrays are {sorted(arrays)}")
+    names = tuple(str(n) for n in arrays["feature_names"].tolist()) if "feature_names" in arrays else None
+    if names is not None and X.ndim == 2 and len(names) != X.shape[1]:
+        raise TableError(f"has {len(names)} feature_names for {X.shape[1]} columns", "save one name per column")
+    return X.astype(np.float32), normalise_labels(y), names
+
+
+def _read_csv(path: Path, raw: bytes, label: str | None) -> tuple[np.ndarray, np.ndarray | None, tuple[str, ...]]:
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise TableError("is not UTF-8 text", "save the CSV as UTF-8") from exc
+    reader = csv.reader(text.splitlines())
+    header = next(reader, None)
+    if not header or not any(h.strip() for h in header):
+        raise TableError("is empty or has no header row", "put the column names on the first line")
+    header = [h.strip() for h in header]
+    if len(set(header)) != len(header):
+        duplicated = sorted({h for h in header if header.count(h) > 1})
+        raise TableError(f"has duplicated column names {duplicated}", "give each column a unique name")
+    label_index = _label_index(path, header, label)
+    rows = []
+    for line_number, row in enumerate(reader, start=2):
+        if not row or all(not cell.strip() for cell in row):
+            continue
+        if len(row) != len(header):
+            raise TableError(f"line {line_number} has {len(row)} fields, the header has {len(header)}", "fix that row (a missing or extra comma?)")
+        rows.append(row)
+    if not rows:
+        raise TableError("has a header but no rows", "add data rows")
+    feature_columns = [i for i in range(len(header)) if i != label_index]
+    X = np.empty((len(rows), len(feature_columns)), dtype=np.float32)
+    for r, row in enumerate(rows):
+        for c, column in enumerate(feature_columns):
+            X[r, c] = _parse_number(path, row[column], r + 2, header[column])
+    y = None
+    if label_index is not None:
+        y = normalise_labels(np.asarray([row[label_index].strip() for row in rows], dtype=object))
+    return X, y, tuple(header[i] for i in feature_columns)
+
+
+def _label_index(path: Path, header: list[str], label: str | None) -> int | None:
+    if label is not None:
+        if label not in header:
+            raise TableError(f"has no column {label!r} (columns: {preview_names(header)})", "name the label column with --label")
+        return header.index(label)
+    for guess in LABEL_COLUMN_GUESSES:
+        if guess in header:
+            return header.index(guess)
+    return None
+
+
+_MISSING = {"", "na", "nan", "null", "none", "?"}
+
+
+def _parse_number(path: Path, cell: str, line: int, column: str) -> float:
+    cell = cell.strip()
+    if cell.lower() in _MISSING:
+        return math.nan
+    try:
+        return float(cell)
+    except ValueError:
+        raise TableError(f"line {line} column {column!r} holds {cell!r}, not a number", "encode categories as numbers before scoring") from None
+
+
+def normalise_labels(y: np.ndarray | None) -> np.ndarray | None:
+    """Labels as int64 when they are all whole numbers, float for regression targets, else strings."""
+    if y is None:
+        return None
+    y = np.asarray(y).ravel()
+    if y.dtype.kind in "iub":
+        return y.astype(np.int64)
+    if y.dtype.kind == "f":
+        return y.astype(np.int64) if np.all(np.isfinite(y)) and np.all(y == np.round(y)) else y.astype(np.float64)
+    try:
+        numbers = y.astype(np.float64)
+    except ValueError:
+        return y.astype(str)
+    return normalise_labels(numbers)
+
+
+def preview_names(names: Sequence[str], limit: int = 6) -> str:
+    shown = ", ".join(repr(n) for n in list(names)[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
