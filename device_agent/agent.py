@@ -8,6 +8,7 @@ appends; everything else happens on the background thread.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import threading
@@ -21,6 +22,7 @@ from . import __version__
 from .bundle import Bundle
 from .config import AgentConfig
 from .errors import AgentError, InputError
+from .fsutil import write_atomic
 from .monitor import ClosedWindow, Monitor
 from .outputs import Prediction
 from .predlog import PredictionLog
@@ -101,6 +103,11 @@ class Agent:
             from .server import serve
 
             self.server = serve(self, self.config.server)
+            write_atomic(self.config.state_dir / "http.json", json.dumps({"host": self.server.server_address[0], "port": self.server.server_address[1]}).encode())
+        if self.config.emulate is not None:
+            from .emulation import Feeder
+
+            self.feeder = Feeder(self, self.config.emulate).start()
         return self
 
     def _load(self, bundle: Bundle) -> None:
@@ -111,6 +118,8 @@ class Agent:
 
     def stop(self) -> None:
         """Close the open window (it is spooled), flush the log, say offline, stop serving."""
+        if getattr(self, "feeder", None) is not None:
+            self.feeder.stop()
         if self.server is not None:
             self.server.shutdown()
             self.server.server_close()

@@ -19,6 +19,7 @@ import io
 import json
 import os
 import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -106,7 +107,7 @@ def read_bundle(path: str | Path, public_key: Any = None) -> Bundle:
         archive = zipfile.ZipFile(path)
     except FileNotFoundError as exc:
         raise BundleFormatError(source, "no such file", "check the path") from exc
-    except (zipfile.BadZipFile, OSError) as exc:
+    except (zipfile.BadZipFile, OSError, ValueError, NotImplementedError, RuntimeError) as exc:
         raise BundleFormatError(source, "is not an edgekit bundle (not a ZIP archive, or truncated)", "rebuild it with 'edgekit package' or download it again") from exc
     with archive:
         infos = _checked_members(source, archive)
@@ -140,7 +141,7 @@ def _read_member(source: str, archive: zipfile.ZipFile, info: zipfile.ZipInfo, l
         raise BundleFormatError(source, f"member {info.filename!r} is {info.file_size} bytes, over the {limit}-byte limit")
     try:
         return archive.read(info)
-    except (zipfile.BadZipFile, EOFError, OSError, ValueError) as exc:
+    except (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError, NotImplementedError, RuntimeError) as exc:
         # zipfile checks each member's CRC; a flipped byte or a cut-off file lands here.
         raise BundleFormatError(source, f"member {info.filename!r} is corrupted or truncated ({exc})", "download or rebuild the bundle") from exc
 
@@ -176,7 +177,8 @@ def _read_listed_members(source: str, archive: zipfile.ZipFile, infos: dict[str,
     for name, entry in listed.items():
         info = infos[name]
         if info.file_size != entry.get("size"):
-            raise BundleIntegrityError(source, name, entry.get("sha256", "?"), f"size {info.file_size}≠{entry.get('size')}")
+            raise BundleFormatError(source, f"member {name!r} is {info.file_size} bytes, the manifest says {entry.get('size')} (tampered or corrupted)",
+                                    "rebuild the bundle with 'edgekit package' or download it again")
         data = _read_member(source, archive, info, MAX_MEMBER_BYTES)
         digest = sha256_hex(data)
         if digest != entry.get("sha256"):

@@ -90,6 +90,7 @@ class AgentConfig:
     mqtt: MqttConfig = MqttConfig()
     server: ServerConfig = ServerConfig()
     monitor: MonitorConfig = MonitorConfig()
+    emulate: Any = None  # an emulation.EmulationConfig when the [emulate] table is present
     source: str = "<config>"
 
 
@@ -140,7 +141,13 @@ def parse_config(doc: dict[str, Any], *, base: Path = Path("."), source: str = "
         raise ConfigError(source, f"a value has the wrong type ({exc})", "check numbers are numbers and listen is host:port") from exc
     if monitor_config.window_rows < 1 or monitor_config.window_seconds <= 0:
         raise ConfigError(source, "[monitor] window_rows and window_seconds must be positive")
+    emulate = None
+    if "emulate" in doc:
+        from .emulation import EmulationConfig
+
+        emulate = EmulationConfig.from_table(doc["emulate"], base=base, source=source)
     return AgentConfig(
+        emulate=emulate,
         device_id=device_id, fleet=fleet, state_dir=resolve(str(need(doc, "state_dir", ""))), public_key=resolve(str(need(trust, "public_key", "[trust] "))),
         threads=int(doc.get("threads", 1)), mqtt=mqtt_config, server=server_config, monitor=monitor_config, source=source,
     )

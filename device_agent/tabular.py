@@ -65,6 +65,9 @@ def _read_csv(path: Path, raw: bytes, label: str | None) -> tuple[np.ndarray, np
     if not header or not any(h.strip() for h in header):
         raise TableError("is empty or has no header row", "put the column names on the first line")
     header = [h.strip() for h in header]
+    if len(header) == 1 and (";" in header[0] or "\t" in header[0]):
+        separator = "';'" if ";" in header[0] else "tabs"
+        raise TableError(f"has one column named {header[0][:40]!r}…: it looks separated by {separator}, not commas", "save it as comma-separated CSV")
     if len(set(header)) != len(header):
         duplicated = sorted({h for h in header if header.count(h) > 1})
         raise TableError(f"has duplicated column names {duplicated}", "give each column a unique name")

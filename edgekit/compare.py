@@ -18,6 +18,20 @@ from device_agent.outputs import CLASSIFICATION, OutputSpec, Prediction
 REGRESSION_AGREEMENT_TOLERANCE = 0.01
 
 
+def check_labels(spec: OutputSpec, y: np.ndarray | None, *, source: str) -> None:
+    """Refuse labels that are not among the classifier's classes: they would silently score as wrong."""
+    from .errors import DataError
+
+    if y is None or spec.task != CLASSIFICATION or not spec.labels:
+        return
+    known = {str(label) for label in spec.labels}
+    unknown = sorted({str(v) for v in np.asarray(y).ravel().tolist()} - known)
+    if unknown:
+        shown = ", ".join(repr(u) for u in unknown[:5]) + (" …" if len(unknown) > 5 else "")
+        raise DataError(f"has labels the model does not know: {shown} (its classes are {list(spec.labels)[:10]})",
+                        "check the label column (--label) and that the data belongs to this model", path=source)
+
+
 def metric_name(spec: OutputSpec) -> str:
     return "accuracy" if spec.task == CLASSIFICATION else "rmse"
 

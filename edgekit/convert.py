@@ -61,6 +61,7 @@ def _from_sklearn(model: SklearnModel, target: RuntimeTarget) -> Any:
             path=model.path,
         ) from exc
     _rename_outputs(proto, model)
+    proto.graph.name = "edgekit"  # skl2onnx names graphs randomly; the same model should give the same bytes
     return proto
 
 

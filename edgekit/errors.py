@@ -10,7 +10,8 @@
     ├── QuantizationError        onnxruntime.quantization failed
     │   └── NotQuantizableError  nothing in the graph can be quantized (tree ensembles, linear ML ops)
     ├── SigningKeyError          a signing key that cannot be read or written
-    └── PackageError             bundle inputs that do not make a valid bundle
+    ├── PackageError             bundle inputs that do not make a valid bundle
+    └── OutputError              an output path that cannot be written
 
 Errors from the device side's shared formats (``device_agent.errors.AgentError``: bundle, profile,
 schema) pass through unchanged; the CLI reports both trees the same way.
@@ -67,6 +68,10 @@ class SigningKeyError(EdgekitError):
 
 
 class PackageError(EdgekitError):
+    pass
+
+
+class OutputError(EdgekitError):
     pass
 
 

@@ -8,6 +8,7 @@ variable ``EDGEKIT_KEY_PASSPHRASE`` to encrypt the private key at ``keygen`` and
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
@@ -23,6 +24,8 @@ PASSPHRASE_ENV = "EDGEKIT_KEY_PASSPHRASE"
 
 def generate_keypair(directory: str | Path, *, name: str = "edgekit", force: bool = False) -> tuple[Path, Path, str]:
     """Write a new key pair; return (private path, public path, key id). Never overwrites unless ``force``."""
+    if not re.match(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$", name):
+        raise SigningKeyError(f"key name {name!r} is not allowed", "use letters, digits, '.', '_' or '-' (it names files in the -o directory)")
     directory = Path(directory)
     private_path, public_path = directory / f"{name}.key", directory / f"{name}.pub"
     existing = [str(p) for p in (private_path, public_path) if p.exists()]

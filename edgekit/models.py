@@ -119,6 +119,13 @@ class SklearnModel:
         return path.stat().st_size if path.is_file() else len(pickle.dumps(self.estimator))
 
     @property
+    def sha256(self) -> str:
+        import hashlib
+
+        path = Path(self.path)
+        return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else ""
+
+    @property
     def is_classifier(self) -> bool:
         return self.output.task == CLASSIFICATION
 
@@ -203,6 +210,12 @@ class OnnxModel:
     @property
     def size_bytes(self) -> int:
         return len(self.data)
+
+    @property
+    def sha256(self) -> str:
+        import hashlib
+
+        return hashlib.sha256(self.data).hexdigest()
 
     def proto(self):
         return require("onnx").load_model_from_string(self.data)

@@ -70,7 +70,7 @@ def build_bundle(
         SELFTEST: _selftest(model, rows),
     }
     manifest = _manifest(model, name=name, version=version, members=members, profile=profile, baseline_sha256=baseline_data.sha256,
-                         report=_read_report(report_path), drift={**DEFAULT_DRIFT_THRESHOLDS, **(drift or {})}, target=target)
+                         report=_read_report(report_path, model), drift={**DEFAULT_DRIFT_THRESHOLDS, **(drift or {})}, target=target)
     manifest_bytes = canonical_json(manifest)
     with atomic_path(output) as tmp:
         with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as archive:
@@ -96,7 +96,7 @@ def _selftest(model: OnnxModel, rows: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def _read_report(path: str | None) -> dict[str, Any] | None:
+def _read_report(path: str | None, model: OnnxModel) -> dict[str, Any] | None:
     if path is None:
         return None
     try:
@@ -107,6 +107,10 @@ def _read_report(path: str | None) -> dict[str, Any] | None:
         raise PackageError("is not JSON", "write it with 'edgekit validate ... --json > report.json'", path=path) from exc
     if not isinstance(report, dict) or "passed" not in report:
         raise PackageError("is not an edgekit validation report", "write it with 'edgekit validate ... --json > report.json'", path=path)
+    reported = (report.get("candidate") or {}).get("sha256")
+    if reported != model.sha256:
+        raise PackageError(f"is a validation report of another model (candidate sha256 {str(reported)[:12]}…, this model {model.sha256[:12]}…)",
+                           f"validate this model: 'edgekit validate {model.path} --reference ... --data ... --json > report.json'", path=path)
     keep = ("passed", "failures", "task", "metric", "rows", "size_ratio", "accuracy_drop", "agreement", "max_abs_diff", "mean_abs_diff", "speedup", "thresholds")
     summary = {k: report.get(k) for k in keep}
     summary["reference_metric"] = (report.get("reference") or {}).get("metric")

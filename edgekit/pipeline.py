@@ -15,6 +15,7 @@ import numpy as np
 
 import json
 
+from . import compare
 from .convert import sample_rows, serialize, stamp_metadata, to_onnx
 from .data import Dataset, adopt_feature_names, load_dataset
 from .errors import DataError
@@ -78,16 +79,18 @@ def convert_model(
     for dataset in (calibration_set, eval_set):
         model.input = adopt_feature_names(model.input, dataset)
     fp32 = to_onnx(model, target=target)
+    if quantize is not None:
+        ensure_quantizable(fp32, source=source)
     if quantize is None:
         data = serialize(fp32)
         write_bytes_atomic(output, data)
         return ConvertOutcome(source, output, len(data))
-    ensure_quantizable(fp32, source=source)
     calibration_rows = _rows(calibration_set, model) if calibration_set else None
     eval_set = eval_set.aligned_to(model.input.feature_names) if eval_set else None
     notes = []
     if eval_set is not None:
         labels = eval_set.require_labels("--eval")
+        compare.check_labels(model.output, labels, source=evaluation)
         rows = model.input.check(eval_set.X, source=evaluation)
         max_drop = quantize.max_accuracy_drop if quantize.max_accuracy_drop is not None else DEFAULT_MAX_DROP
         configs = candidate_configs(calibrated=calibration_rows is not None, calibration=quantize.calibration_method, mode=quantize.mode,

@@ -83,6 +83,9 @@ def quantizable_ops(proto: Any) -> list[str]:
 
 def ensure_quantizable(proto: Any, *, source: str = "model") -> None:
     """Raise ``NotQuantizableError`` when the lowered graph has no operator int8 would change."""
+    already = sorted({n.op_type for n in proto.graph.node} & QUANTIZED_OPS)
+    if already:
+        raise NotQuantizableError(f"is already quantized (it has {', '.join(already)})", "quantize the float32 model instead", path=source, operators=tuple(already))
     lowered = lower_for_quantization(proto)
     if quantizable_ops(lowered):
         return

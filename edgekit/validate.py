@@ -50,6 +50,7 @@ def validate(
     if thresholds.max_accuracy_drop is not None:
         y = dataset.require_labels("--max-accuracy-drop")
     spec = reference.output
+    compare.check_labels(spec, y, source=data_path)
     ref_pred, cand_pred = reference.predict(X), candidate.predict(X)
     ref_metric, cand_metric = compare.task_metric(spec, ref_pred, y), compare.task_metric(spec, cand_pred, y)
     report: dict[str, Any] = {
@@ -91,7 +92,7 @@ def _known_names(*models: Any) -> tuple[str, ...]:
 
 
 def _side(model: Any, metric: float | None, prediction: Any, y: np.ndarray | None) -> dict[str, Any]:
-    side = {"path": model.path, "kind": model.kind, "size_bytes": model.size_bytes, "metric": metric}
+    side = {"path": model.path, "kind": model.kind, "size_bytes": model.size_bytes, "sha256": model.sha256, "metric": metric}
     if model.output.task == "regression" and y is not None:
         side["mae"] = compare.mae(prediction, y)
     return side

@@ -6,7 +6,7 @@ import click
 
 from ..onnx_target import DEFAULT_MIN_RUNTIME, DEFAULT_OPSET, RuntimeTarget
 from ..pipeline import QuantizeOptions, convert_model
-from .common import EXIT_THRESHOLD, BarProgress, emit_json, exit_with, fmt, json_option, table
+from .common import EXIT_THRESHOLD, BarProgress, CommandError, emit_json, exit_with, fmt, json_option, table
 
 
 def register(cli: click.Group) -> None:
@@ -49,6 +49,10 @@ def convert(model, output, quantize, calibration, evaluation, label, max_accurac
           --eval test.csv --max-accuracy-drop 0.01 -o model.int8.onnx
     """
     options = None
+    needs_quantize = [flag for flag, value in (("--max-accuracy-drop", max_accuracy_drop), ("--min-agreement", min_agreement), ("--mode", mode),
+                                               ("--force", force), ("--per-channel/--per-tensor", per_channel)) if value not in (None, False)]
+    if needs_quantize and not quantize:
+        raise CommandError(f"{', '.join(needs_quantize)} only apply with --quantize int8; add it, or drop them")
     if quantize:
         options = QuantizeOptions(mode=mode, per_channel=per_channel, activation_type=activation_type, weight_type=weight_type,
                                   calibration_method=calibrate_method, max_accuracy_drop=max_accuracy_drop,
@@ -68,7 +72,7 @@ def convert(model, output, quantize, calibration, evaluation, label, max_accurac
 
 def _render(outcome) -> None:
     if outcome.search is None:
-        click.echo(f"wrote {outcome.output} (float32, {outcome.size_bytes:,} bytes)")
+        click.echo(f"wrote {outcome.output} ({outcome.size_bytes:,} bytes)")
         return
     search = outcome.search
     baseline = search.baseline

@@ -1,0 +1,107 @@
+"""Emulated traffic: feed an agent rows from a data file at a steady rate, with drift injected on cue.
+
+Enabled by an ``[emulate]`` table in agent.toml (``edgekit emulate`` writes it)::
+
+    [emulate]
+    data = "test.npz"            # .npz or .csv with the model's features
+    rows_per_second = 100
+    drift_feature = "pixel_2_4"  # optional: shift this feature ...
+    drift_shift = 8.0            # ... by this much ...
+    drift_after = 500            # ... from this row on
+    seed = 0
+
+The feeder calls ``Agent.predict`` like any app embedding the agent would, so an emulated device
+exercises the real serving, monitoring and reporting paths.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import AgentError, ConfigError
+from .tabular import TableError, read_table
+
+log = logging.getLogger("device_agent.emulation")
+CHUNK_SECONDS = 0.05
+
+
+@dataclass(frozen=True)
+class EmulationConfig:
+    data: Path
+    rows_per_second: float = 100.0
+    drift_feature: str | None = None
+    drift_shift: float = 0.0
+    drift_after: int = 0
+    seed: int = 0
+
+    @classmethod
+    def from_table(cls, table: dict[str, Any], *, base: Path, source: str) -> "EmulationConfig":
+        if "data" not in table:
+            raise ConfigError(source, "[emulate] needs data", 'add data = "test.npz"')
+        data = Path(table["data"]).expanduser()
+        try:
+            config = cls(data=data if data.is_absolute() else base / data, rows_per_second=float(table.get("rows_per_second", 100)),
+                         drift_feature=table.get("drift_feature"), drift_shift=float(table.get("drift_shift", 0.0)),
+                         drift_after=int(table.get("drift_after", 0)), seed=int(table.get("seed", 0)))
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(source, f"[emulate] has a value of the wrong type ({exc})") from exc
+        if config.rows_per_second <= 0:
+            raise ConfigError(source, "[emulate] rows_per_second must be positive")
+        return config
+
+
+class Feeder:
+    def __init__(self, agent: Any, config: EmulationConfig) -> None:
+        self.agent, self.config = agent, config
+        try:
+            X, _, names = read_table(config.data)
+        except (TableError, OSError) as exc:
+            raise ConfigError(config.data, f"cannot be read as emulation data ({exc})") from exc
+        schema = agent.schema
+        if names is not None and set(names) == set(schema.feature_names):
+            X = X[:, [names.index(n) for n in schema.feature_names]]
+        self.rows = np.ascontiguousarray(X, dtype=np.float32)
+        self.drift_column = None
+        if config.drift_feature is not None:
+            if config.drift_feature not in schema.feature_names:
+                raise ConfigError(config.data, f"drift feature {config.drift_feature!r} is not one of the model's features", f"use one of {', '.join(schema.feature_names[:5])}, …")
+            self.drift_column = schema.feature_names.index(config.drift_feature)
+        self.sent = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="edgekit-feeder", daemon=True)
+
+    def start(self) -> "Feeder":
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        rng = np.random.default_rng(self.config.seed)
+        order = rng.permutation(len(self.rows))
+        position, started = 0, time.monotonic()
+        while not self._stop.is_set():
+            due = int((time.monotonic() - started) * self.config.rows_per_second) - self.sent
+            if due <= 0:
+                self._stop.wait(CHUNK_SECONDS)
+                continue
+            index = order[(position + np.arange(due)) % len(order)]
+            position = (position + due) % len(order)
+            batch = self.rows[index].copy()
+            if self.drift_column is not None:
+                shifted = self.sent + np.arange(due) >= self.config.drift_after
+                batch[shifted, self.drift_column] += self.config.drift_shift
+            try:
+                self.agent.predict(batch)
+            except AgentError:
+                log.exception("emulated request failed")
+            self.sent += due
