@@ -121,3 +121,21 @@ def copy_of(tmp_path):
         return destination
 
     return copy
+
+
+@pytest.fixture
+def broker(tmp_path):
+    from tests.mqtt_helpers import Mosquitto
+
+    server = Mosquitto(tmp_path / "broker").start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def fleet_name(request) -> str:
+    """A fleet (topic level) unique to this test, so tests never hear each other."""
+    import re
+    import uuid
+
+    return re.sub(r"[^A-Za-z0-9_-]", "-", request.node.name)[:40] + "-" + uuid.uuid4().hex[:6]

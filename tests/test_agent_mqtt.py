@@ -1,0 +1,125 @@
+"""The agent against a real Mosquitto: summaries, drift, and no lost window through crashes."""
+
+import time
+
+import numpy as np
+import pytest
+
+from device_agent import Agent
+from tests.agent_helpers import config_of, make_device
+from tests.mqtt_helpers import AgentProcess, Collector
+
+pytestmark = pytest.mark.network
+
+
+def emulated_device(tmp_path, bundle, keypair, digits, broker, fleet, *, rate=2000, window_rows=100, drift=None, device_id="dev1"):
+    config = make_device(tmp_path / device_id, bundle, keypair[1], device_id=device_id, fleet=fleet, broker=broker.url, window_rows=window_rows, http=False)
+    lines = ["[emulate]", f'data = "{digits.test}"', f"rows_per_second = {rate}"]
+    if drift:
+        lines += [f'drift_feature = "{drift[0]}"', f"drift_shift = {drift[1]}", "drift_after = 0"]
+    with open(config, "a") as handle:
+        handle.write("\n".join(lines) + "\n")
+    return config
+
+
+def no_gaps(collector, device, upto):
+    return set(range(1, upto + 1)) <= collector.seqs(device)
+
+
+def fill_gaps(collector, device, upto):
+    """What a collector does after an outage: ask the device to resend the seqs it never heard."""
+    missing = sorted(set(range(1, upto + 1)) - collector.seqs(device))
+    if missing:
+        collector.resend(device, missing)
+    collector.wait(lambda: no_gaps(collector, device, upto), what=f"seqs 1..{upto} (missing {missing[:10]})")
+
+
+def test_summaries_arrive_with_the_right_row_counts_and_state_is_retained(tmp_path, bundle, keypair, digits, broker, fleet_name):
+    collector = Collector(broker.url, fleet_name)
+    config = make_device(tmp_path / "dev", bundle, keypair[1], fleet=fleet_name, broker=broker.url, window_rows=100, http=False)
+    X = np.load(digits.test)["X"]
+    with Agent(config_of(config)).start() as agent:
+        collector.wait(lambda: collector.states.get("dev1", {}).get("online") is True, what="birth message")
+        agent.predict(X[:250])
+        agent.predict(X[250:500])
+        collector.wait(lambda: len(collector.of("dev1")) == 5, what="5 summaries")
+        assert agent.spool.depth() == 0 or collector.wait(lambda: agent.spool.depth() == 0, what="spool drained") is None
+    summaries = sorted(collector.of("dev1"), key=lambda s: s["seq"])
+    assert [s["seq"] for s in summaries] == [1, 2, 3, 4, 5] and all(s["rows"] == 100 for s in summaries)
+    assert summaries[0]["model"] == {"name": "digits", "version": 3} and summaries[0]["fleet"] == fleet_name
+    assert set(summaries[0]["drift"]["features"]) == set(agent.schema.feature_names)
+    assert collector.baselines["dev1"]["baseline_id"] == summaries[0]["profile"]["baseline_id"]
+    collector.wait(lambda: collector.states["dev1"]["online"] is False, what="offline state on stop")
+    collector.close()
+
+
+def test_a_shifted_feature_is_flagged_and_the_others_are_not(tmp_path, bundle, keypair, digits, broker, fleet_name):
+    collector = Collector(broker.url, fleet_name)
+    agent = AgentProcess(emulated_device(tmp_path, bundle, keypair, digits, broker, fleet_name, rate=3000, window_rows=500, drift=("pixel_2_4", 8.0))).start()
+    try:
+        collector.wait(lambda: len(collector.of("dev1")) >= 4, timeout=30, what="4 summaries")
+    finally:
+        agent.stop()
+    summaries = collector.of("dev1")[:4]
+    assert all(s["drift"]["features"]["pixel_2_4"]["drifted"] for s in summaries)
+    assert all(s["drift"]["worst_feature"] == "pixel_2_4" for s in summaries)
+    false_flags = sum(v["drifted"] for s in summaries for name, v in s["drift"]["features"].items() if name != "pixel_2_4")
+    assert false_flags <= 1
+    collector.close()
+
+
+def test_broker_killed_and_restarted_mid_stream_loses_no_window(tmp_path, bundle, keypair, digits, broker, fleet_name):
+    collector = Collector(broker.url, fleet_name)
+    agent = AgentProcess(emulated_device(tmp_path, bundle, keypair, digits, broker, fleet_name, rate=2000, window_rows=100)).start()
+    try:
+        collector.wait(lambda: len(collector.of("dev1")) >= 10, timeout=30, what="10 summaries before the outage")
+        broker.kill()
+        time.sleep(2.0)  # the agent keeps scoring; windows close into the spool
+        broker.start()
+        collector.wait(lambda: max(collector.seqs("dev1")) >= 60, timeout=40, what="summaries after the outage")
+    finally:
+        agent.stop()
+    upto = max(collector.seqs("dev1"))
+    agent = AgentProcess(agent.config).start()  # a running device answers resend requests
+    try:
+        collector.wait(lambda: collector.states.get("dev1", {}).get("online") is True, what="agent back online")
+        fill_gaps(collector, "dev1", upto)
+    finally:
+        agent.stop()
+    rows = {s["seq"]: s["rows"] for s in collector.of("dev1")}
+    assert all(rows[seq] == 100 for seq in range(1, upto))
+    collector.close()
+
+
+def test_agent_killed_and_restarted_loses_no_closed_window(tmp_path, bundle, keypair, digits, broker, fleet_name):
+    collector = Collector(broker.url, fleet_name)
+    config = emulated_device(tmp_path, bundle, keypair, digits, broker, fleet_name, rate=2000, window_rows=100)
+    agent = AgentProcess(config).start()
+    collector.wait(lambda: len(collector.of("dev1")) >= 8, timeout=30, what="summaries before the crash")
+    agent.kill()
+    spooled = sorted(int(p.stem) for p in (tmp_path / "dev1" / "state" / "spool" / "pending").glob("*.json"))
+    closed_before = max([*collector.seqs("dev1"), *spooled])
+    agent = AgentProcess(config).start()
+    try:
+        collector.wait(lambda: max(collector.seqs("dev1")) >= closed_before + 5, timeout=30, what="summaries after the restart")
+        fill_gaps(collector, "dev1", max(collector.seqs("dev1")))
+    finally:
+        agent.stop()
+    seqs = collector.seqs("dev1")
+    assert set(range(1, closed_before + 1)) <= seqs  # every window closed before the crash arrived
+    assert len([s for s in collector.of("dev1") if s["seq"] > closed_before]) >= 5  # numbering went on, never reused
+    collector.close()
+
+
+def test_malformed_commands_are_ignored_and_the_agent_keeps_reporting(tmp_path, bundle, keypair, digits, broker, fleet_name):
+    collector = Collector(broker.url, fleet_name)
+    config = make_device(tmp_path / "dev", bundle, keypair[1], fleet=fleet_name, broker=broker.url, window_rows=50, http=False)
+    X = np.load(digits.test)["X"]
+    with Agent(config_of(config)).start() as agent:
+        collector.wait(lambda: agent.reporter.connected.is_set(), what="connection")
+        for payload in (b"\xff\xfe", b"[]", b'{"schema": "edgekit.cmd/1", "cmd": "rm -rf"}', b'{"schema": "edgekit.cmd/1", "cmd": "resend", "seqs": "all"}', b"{" * 10000):
+            collector.client.publish(f"edgekit/v1/{fleet_name}/dev1/cmd", payload, qos=1)
+        collector.wait(lambda: agent.reporter.rejected_commands == 5, what="5 rejected commands")
+        agent.predict(X[:100])
+        collector.wait(lambda: len(collector.of("dev1")) == 2, what="summaries after the junk")
+    collector.close()
