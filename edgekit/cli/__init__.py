@@ -28,9 +28,9 @@ def _build():
         """
         ctx.obj = {"debug": debug}
 
-    from . import bundle, convert, demo, validate
+    from . import bundle, convert, demo, emulate, validate
 
-    for module in (convert, validate, bundle, demo):
+    for module in (convert, validate, bundle, emulate, demo):
         module.register(cli)
     return cli
 

@@ -1,0 +1,137 @@
+"""``edgekit emulate``: a fleet of real agent processes on one machine.
+
+Each emulated device is an ``edge-agent run`` process with its own device id, state dir (the
+bundle installed in its active slot), ``agent.toml`` and HTTP port, fed rows from a data file at a
+steady rate by the agent's emulation feeder, with drift injected into chosen devices.
+"""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from device_agent.bundle import read_bundle
+from device_agent.errors import InstallError
+from device_agent.signing import load_public_key
+from device_agent.state import StateDir
+
+from .errors import EdgekitError
+
+
+@dataclass(frozen=True)
+class DriftSpec:
+    """``feature=f20,shift=8,after=500,devices=0-1``: shift a feature of some devices from a row on."""
+
+    feature: str
+    shift: float
+    after: int = 0
+    devices: frozenset[int] = frozenset({0})
+
+    @classmethod
+    def parse(cls, text: str) -> "DriftSpec":
+        fields = dict(part.split("=", 1) for part in text.split(",") if "=" in part)
+        unknown = set(fields) - {"feature", "shift", "after", "devices"}
+        if "feature" not in fields or "shift" not in fields or unknown:
+            raise EdgekitError(f"drift spec {text!r} is not understood", "write it as feature=NAME,shift=NUMBER[,after=ROWS][,devices=0-1]")
+        try:
+            return cls(fields["feature"], float(fields["shift"]), int(fields.get("after", 0)), _device_set(fields.get("devices", "0")))
+        except ValueError:
+            raise EdgekitError(f"drift spec {text!r} has a value that is not a number", "e.g. feature=f20,shift=8,after=500,devices=0-1") from None
+
+
+def _device_set(text: str) -> frozenset[int]:
+    indices: set[int] = set()
+    for part in text.split(";") if ";" in text else text.split(" "):
+        for piece in part.split("+"):
+            if "-" in piece:
+                low, high = piece.split("-", 1)
+                indices.update(range(int(low), int(high) + 1))
+            elif piece:
+                indices.add(int(piece))
+    return frozenset(indices)
+
+
+def prepare_devices(*, devices: int, bundle: str, pubkey: str, broker: str | None, data: str, fleet: str, window_rows: int,
+                    window_seconds: float, rows_per_second: float, drift: DriftSpec | None, state_dir: str, http_port_base: int | None) -> list[Path]:
+    """Write each device's directory (agent.toml, trusted key, installed bundle); return the config paths."""
+    key = load_public_key(pubkey)
+    opened = read_bundle(bundle, key)
+    feature = _resolve_feature(drift.feature, opened.input_schema.feature_names) if drift else None
+    root = Path(state_dir).resolve()
+    configs = []
+    for index in range(devices):
+        device_id = f"emu-{index:02d}"
+        directory = root / device_id
+        directory.mkdir(parents=True, exist_ok=True)
+        shutil.copy(pubkey, directory / "trusted.pub")
+        state = StateDir(directory / "state")
+        try:
+            state.install(bundle, key)
+        except InstallError:
+            if state.state().get("version") != opened.version:
+                raise  # a newer model is installed there: do not silently run something else
+        lines = [f'device_id = "{device_id}"', f'fleet = "{fleet}"', 'state_dir = "state"', "[trust]", 'public_key = "trusted.pub"',
+                 "[monitor]", f"window_rows = {window_rows}", f"window_seconds = {window_seconds}", "[server]",
+                 f'listen = "127.0.0.1:{http_port_base + index}"' if http_port_base else 'listen = "127.0.0.1:0"']
+        if broker:
+            lines += ["[mqtt]", f'url = "{broker}"']
+        lines += ["[emulate]", f'data = "{Path(data).resolve()}"', f"rows_per_second = {rows_per_second}", f"seed = {index}"]
+        if drift and index in drift.devices:
+            lines += [f'drift_feature = "{feature}"', f"drift_shift = {drift.shift}", f"drift_after = {drift.after}"]
+        config = directory / "agent.toml"
+        config.write_text("\n".join(lines) + "\n")
+        configs.append(config)
+    return configs
+
+
+def _resolve_feature(name: str, feature_names: tuple[str, ...]) -> str:
+    """A feature by name, or ``f<index>`` for the feature at that position."""
+    if name in feature_names:
+        return name
+    if name.startswith("f") and name[1:].isdigit() and int(name[1:]) < len(feature_names):
+        return feature_names[int(name[1:])]
+    raise EdgekitError(f"the model has no feature {name!r}", f"use a name ({', '.join(feature_names[:4])}, …) or f0…f{len(feature_names) - 1}")
+
+
+def run_devices(configs: list[Path], *, duration: float | None = None, say: Callable[[str], None] = print) -> int:
+    """Run one ``edge-agent run`` process per config until ``duration`` passes or Ctrl-C; stop them all."""
+    processes = []
+    for config in configs:
+        with open(config.parent / "agent.log", "ab") as log:
+            processes.append(subprocess.Popen([sys.executable, "-m", "device_agent", "run", "--config", str(config)], stdout=log, stderr=log))
+        say(f"started {config.parent.name} (pid {processes[-1].pid}, log {config.parent / 'agent.log'})")
+    stopping = False
+
+    def stop(*_: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    previous = signal.signal(signal.SIGINT, stop), signal.signal(signal.SIGTERM, stop)
+    deadline = None if duration is None else time.monotonic() + duration
+    try:
+        while not stopping and (deadline is None or time.monotonic() < deadline):
+            failed = [(c, p) for c, p in zip(configs, processes) if p.poll() is not None]
+            if failed:
+                config, process = failed[0]
+                tail = (config.parent / "agent.log").read_text().strip().splitlines()[-1:] or ["(no output)"]
+                raise EdgekitError(f"emulated device {config.parent.name} exited with code {process.returncode}: {tail[0]}", f"see {config.parent / 'agent.log'}")
+            time.sleep(0.2)
+    finally:
+        signal.signal(signal.SIGINT, previous[0])
+        signal.signal(signal.SIGTERM, previous[1])
+        for process in processes:
+            if process.poll() is None:
+                process.terminate()
+        for process in processes:
+            try:
+                process.wait(15)
+            except subprocess.TimeoutExpired:
+                process.kill()
+        say(f"stopped {len(processes)} emulated device(s)")
+    return 0

@@ -1,0 +1,35 @@
+import pytest
+
+from edgekit.emulate import DriftSpec
+from edgekit.errors import EdgekitError
+from tests.mqtt_helpers import Collector
+
+
+def test_drift_spec_parsing():
+    spec = DriftSpec.parse("feature=f20,shift=8,after=500,devices=0-2")
+    assert (spec.feature, spec.shift, spec.after, spec.devices) == ("f20", 8.0, 500, frozenset({0, 1, 2}))
+    with pytest.raises(EdgekitError, match="is not understood"):
+        DriftSpec.parse("shift=8")
+
+
+@pytest.mark.network
+def test_emulated_fleet_reports_and_only_drifted_devices_are_flagged(cli, bundle, keypair, digits, broker, fleet_name, tmp_path):
+    collector = Collector(broker.url, fleet_name)
+    result = cli("emulate", "--devices", "2", "--bundle", bundle, "--pubkey", keypair[1], "--broker", broker.url, "--data", digits.test,
+                 "--fleet", fleet_name, "--window-rows", "300", "--rows-per-second", "1500", "--drift", "feature=f20,shift=8,after=0,devices=0",
+                 "--state-dir", tmp_path / "fleet", "--duration", "4")
+    assert result.exit_code == 0, result.output
+    assert "stopped 2 emulated device(s)" in result.stdout
+    collector.wait(lambda: len(collector.of("emu-00")) >= 3 and len(collector.of("emu-01")) >= 3, what="summaries from both devices")
+    drifted = collector.of("emu-00")
+    clean = collector.of("emu-01")
+    assert all(s["drift"]["features"]["pixel_2_4"]["drifted"] for s in drifted if s["rows"] >= 300)
+    assert sum(bool(s["drift"]["drifted"]) for s in clean if s["rows"] >= 300) <= 1
+    assert collector.states["emu-00"]["online"] is False  # stopped cleanly: the retained state says so
+    collector.close()
+
+
+def test_unknown_drift_feature_is_one_line(cli, bundle, keypair, digits, tmp_path):
+    result = cli("emulate", "--devices", "1", "--bundle", bundle, "--pubkey", keypair[1], "--data", digits.test, "--drift", "feature=nope,shift=1",
+                 "--state-dir", tmp_path / "fleet", "--duration", "1")
+    assert result.exit_code == 2 and "the model has no feature 'nope'" in result.stderr
