@@ -164,16 +164,15 @@ class Agent:
             first = self._counter
             self._counter += len(X)
         self.monitor.record(X, prediction, elapsed_ms / len(X))
-        result = PredictResult(self.boot, first, prediction, self.model_info["version"], self.spec.labels)
-        self.log.add(self.boot, first, X, result.answers())
-        return result
+        self.log.add(self.boot, first, X, prediction.primary)
+        return PredictResult(self.boot, first, prediction, self.model_info["version"], self.spec.labels)
 
     def feedback(self, prediction_id: str, label: Any) -> bool:
         """A delayed label for an earlier prediction; counted in the window's accuracy. False if unknown."""
         boot, _, n = str(prediction_id).rpartition("-")
         if not boot or not n.isdigit():
             raise InputError(f"prediction id {prediction_id!r} is malformed", "use an id returned by :predict")
-        logged = self.log.label(boot, int(n), label)
+        logged = self.log.label(boot, self.boot, int(n), label)
         if logged is None:
             return False
         self.monitor.record_feedback(str(logged) == str(label))

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -40,7 +40,22 @@ class ClosedWindow:
 class _Batch:
     rows: np.ndarray
     prediction: Prediction
-    latency_ms: float  # per row of this batch
+    latency_ms: Any  # per row: a float for one request, an array once requests are concatenated
+
+
+def _concatenate(batches: list[_Batch]) -> _Batch:
+    """Many requests as one batch, so the sketches are updated once per feature, not once per request."""
+    if len(batches) == 1:
+        b = batches[0]
+        return _Batch(b.rows, b.prediction, np.full(len(b.rows), b.latency_ms))
+
+    def join(attribute: str) -> np.ndarray | None:
+        parts = [getattr(b.prediction, attribute) for b in batches]
+        return None if parts[0] is None else np.concatenate(parts)
+
+    prediction = Prediction(labels=join("labels"), probabilities=join("probabilities"), values=join("values"))
+    latencies = np.repeat([b.latency_ms for b in batches], [len(b.rows) for b in batches])
+    return _Batch(np.concatenate([b.rows for b in batches]), prediction, latencies)
 
 
 @dataclass
@@ -50,7 +65,7 @@ class Monitor:
     window_seconds: float
     on_window: Callable[[ClosedWindow], None]
     clock: Callable[[], float] = time.time
-    _pending: list[_Batch] = field(default_factory=list)
+    _pending: deque = field(default_factory=deque)  # deque.append/popleft are atomic: no lock on the request path
     _errors: Counter = field(default_factory=Counter)
     _feedback: list[bool] = field(default_factory=list)
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -68,8 +83,7 @@ class Monitor:
 
     # -- the request path: O(1), no numpy work ---------------------------------------------------
     def record(self, rows: np.ndarray, prediction: Prediction, latency_ms: float) -> None:
-        with self._lock:
-            self._pending.append(_Batch(rows, prediction, latency_ms))
+        self._pending.append(_Batch(rows, prediction, latency_ms))
 
     def record_error(self, kind: str) -> None:
         with self._lock:
@@ -83,16 +97,16 @@ class Monitor:
     def process(self, now: float | None = None) -> int:
         """Fold pending batches into windows; close windows that are full or old. Returns windows closed."""
         with self._process_lock:
+            pending = []
+            while self._pending:
+                pending.append(self._pending.popleft())
             with self._lock:
-                pending, self._pending = self._pending, []
                 errors, self._errors = self._errors, Counter()
                 feedback, self._feedback = self._feedback, []
             self._window_errors.update(errors)
             self._labelled += len(feedback)
             self._correct += sum(feedback)
-            closed = 0
-            for batch in pending:
-                closed += self._absorb(batch)
+            closed = self._absorb(_concatenate(pending)) if pending else 0
             now = self.clock() if now is None else now
             if now - self._window_start >= self.window_seconds:
                 if self._window.rows:
@@ -103,8 +117,7 @@ class Monitor:
             return closed
 
     def pending_rows(self) -> int:
-        with self._lock:
-            return sum(len(b.rows) for b in self._pending)
+        return sum(len(b.rows) for b in list(self._pending))
 
     def _absorb(self, batch: _Batch) -> int:
         closed, offset, total = 0, 0, len(batch.rows)
@@ -119,7 +132,7 @@ class Monitor:
                 probabilities=None if p.probabilities is None else p.probabilities[part],
                 values=None if p.values is None else p.values[part],
             )
-            latencies = np.full(take, batch.latency_ms)
+            latencies = batch.latency_ms[part]
             self._window.update_latency(latencies)
             self._latencies.append(latencies)
             offset += take

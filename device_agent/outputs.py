@@ -69,9 +69,11 @@ class OutputSpec:
             return Prediction(values=values.reshape(values.shape[0], -1))
         probabilities = None
         if self.probabilities_output is not None:
-            probabilities = np.asarray(raw[self.probabilities_output], dtype=np.float64).reshape(len(next(iter(raw.values()))), -1)
+            probabilities = raw[self.probabilities_output]
+            if probabilities.ndim != 2:
+                probabilities = probabilities.reshape(len(probabilities), -1)
         if self.label_output is not None:
-            labels = np.asarray(raw[self.label_output]).ravel()
+            labels = raw[self.label_output].ravel()
         else:
             # A bare scores tensor: the label is the class with the highest score.
             labels = np.asarray(self.labels, dtype=object)[np.argmax(probabilities, axis=1)] if self.labels else np.argmax(probabilities, axis=1)

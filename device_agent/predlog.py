@@ -1,71 +1,99 @@
-"""A bounded prediction log in SQLite, for debugging and for delayed labels.
+"""What the agent remembers of its predictions: a ring of recent answers, and a sampled debug log.
 
-Rows are written by the agent's background thread in batches (never on the request path). Inputs
-are kept as a short hash, and in full for one row in ``sample_every``. The table is a ring: past
-``capacity`` rows the oldest are deleted.
+- ``RecentPredictions``: the last ``capacity`` answers in numpy arrays, indexed by prediction
+  number, so delayed labels (``:feedback``) find their prediction without any I/O.
+- ``PredictionLog``: SQLite, written by the background thread in batches: one row in
+  ``sample_every`` with its full input, answer and time, ring-buffered at ``capacity`` rows, plus every
+  row that received a label. Logging every row would cost more than the model itself.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import sqlite3
 import threading
 import time
-from pathlib import Path
+from collections import deque
 from typing import Any
 
 import numpy as np
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS predictions (
-    boot TEXT NOT NULL, n INTEGER NOT NULL, ts REAL NOT NULL, input_sha TEXT NOT NULL, input TEXT,
+    boot TEXT NOT NULL, n INTEGER NOT NULL, ts REAL NOT NULL, input TEXT,
     prediction TEXT NOT NULL, label TEXT, PRIMARY KEY (boot, n)
 );
 """
 
 
+class RecentPredictions:
+    def __init__(self, capacity: int = 10000) -> None:
+        self.capacity = capacity
+        self._answers = np.empty(capacity, dtype=object)
+        self._filled_to = 0  # one past the highest prediction number written
+
+    def put(self, numbers: np.ndarray, answers: list[Any]) -> None:
+        """Store ``answers[i]`` as prediction number ``numbers[i]`` (older ones fall out of the ring)."""
+        if len(numbers) > self.capacity:
+            numbers, answers = numbers[-self.capacity:], answers[-self.capacity:]
+        self._answers[numbers % self.capacity] = answers
+        self._filled_to = max(self._filled_to, int(numbers.max()) + 1)
+
+    def get(self, n: int) -> Any:
+        if not (self._filled_to - self.capacity <= n < self._filled_to) or n < 0:
+            return None
+        return self._answers[n % self.capacity]
+
+
 class PredictionLog:
-    def __init__(self, path: str | Path, *, capacity: int = 10000, sample_every: int = 100) -> None:
+    def __init__(self, path: str, *, capacity: int = 10000, sample_every: int = 100) -> None:
         self.capacity, self.sample_every = capacity, sample_every
         self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(SCHEMA)
         self._lock = threading.Lock()
-        self._queue: list[tuple[str, int, float, np.ndarray, list[Any]]] = []
+        self._queue: deque = deque()  # appended on the request path without a lock
+        self.recent = RecentPredictions(capacity)
 
-    def add(self, boot: str, first: int, rows: np.ndarray, answers: list[Any]) -> None:
-        """Queue one batch (cheap: a list append); ``flush`` writes it."""
-        with self._lock:
-            self._queue.append((boot, first, time.time(), rows, answers))
+    def add(self, boot: str, first: int, rows: np.ndarray, answers: Any) -> None:
+        """Queue one request (a deque append); ``flush`` files it."""
+        self._queue.append((boot, first, time.time(), rows, answers))
 
     def flush(self) -> int:
-        with self._lock:
-            queue, self._queue = self._queue, []
-        records = []
-        for boot, first, ts, rows, answers in queue:
-            for i, (row, answer) in enumerate(zip(rows, answers)):
-                n = first + i
-                sample = json.dumps(row.tolist()) if n % self.sample_every == 0 else None
-                records.append((boot, n, ts, hashlib.blake2b(row.tobytes(), digest_size=8).hexdigest(), sample, json.dumps(answer)))
+        queue = []
+        while self._queue:
+            queue.append(self._queue.popleft())
+        if not queue:
+            return 0
+        numbers = np.concatenate([first + np.arange(len(rows)) for _, first, _, rows, _ in queue])
+        answers = [a for *_, rows, batch in queue for a in _as_answers(batch)]
+        holder = np.empty(len(answers), dtype=object)
+        holder[:] = answers
+        self.recent.put(numbers, holder)
+        records, position = [], 0
+        for boot, first, ts, rows, _ in queue:
+            for i in range((-first) % self.sample_every, len(rows), self.sample_every):
+                records.append((boot, first + i, ts, json.dumps(rows[i].tolist()), json.dumps(answers[position + i])))
+            position += len(rows)
         if records:
             with self._lock:
                 self._db.execute("BEGIN")
-                self._db.executemany("INSERT OR REPLACE INTO predictions (boot, n, ts, input_sha, input, prediction) VALUES (?,?,?,?,?,?)", records)
+                self._db.executemany("INSERT OR REPLACE INTO predictions (boot, n, ts, input, prediction) VALUES (?,?,?,?,?)", records)
                 self._db.execute("DELETE FROM predictions WHERE rowid <= (SELECT max(rowid) FROM predictions) - ?", (self.capacity,))
                 self._db.execute("COMMIT")
         return len(records)
 
-    def label(self, boot: str, n: int, label: Any) -> Any:
-        """Record a delayed label; return the logged prediction, or None for an unknown (or evicted) id."""
+    def label(self, boot: str, current_boot: str, n: int, label: Any) -> Any:
+        """Record a delayed label; return the prediction it labels, or None for an unknown or too old id."""
         self.flush()
+        answer = self.recent.get(n) if boot == current_boot else None
+        if answer is None:
+            return None
         with self._lock:
-            row = self._db.execute("SELECT prediction FROM predictions WHERE boot=? AND n=?", (boot, n)).fetchone()
-            if row is None:
-                return None
-            self._db.execute("UPDATE predictions SET label=? WHERE boot=? AND n=?", (json.dumps(label), boot, n))
-        return json.loads(row[0])
+            self._db.execute("INSERT INTO predictions (boot, n, ts, prediction, label) VALUES (?,?,?,?,?) "
+                             "ON CONFLICT (boot, n) DO UPDATE SET label=excluded.label", (boot, n, time.time(), json.dumps(answer), json.dumps(label)))
+        return answer
 
     def count(self) -> int:
         with self._lock:
@@ -75,3 +103,10 @@ class PredictionLog:
         self.flush()
         with self._lock:
             self._db.close()
+
+
+def _as_answers(answers: Any) -> list[Any]:
+    answers = np.asarray(answers)
+    if answers.ndim > 1 and answers.shape[1] == 1:
+        answers = answers[:, 0]
+    return answers.tolist()

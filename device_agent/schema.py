@@ -6,6 +6,7 @@ agent), so a file the host accepts is a request the device accepts.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -31,6 +32,7 @@ class InputSchema:
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "_np_dtype", np.dtype(self.dtype))
         if self.dtype not in SUPPORTED_DTYPES:
             raise ValueError(f"unsupported input dtype {self.dtype!r}")
         if len(set(self.feature_names)) != len(self.feature_names):
@@ -60,6 +62,9 @@ class InputSchema:
 
     def check(self, rows: Any, *, source: str = "input") -> np.ndarray:
         """Return ``rows`` as a 2-D array of the schema's dtype, or raise ``InputError`` naming the first problem."""
+        if (isinstance(rows, np.ndarray) and rows.ndim == 2 and rows.dtype == self._np_dtype and rows.shape[1] == self.width
+                and rows.shape[0] and math.isfinite(rows.sum())):
+            return rows  # the fast path an embedding app hits on every call: one sum tells "all finite"
         array = _as_numeric_2d(rows, source)
         if array.shape[1] != self.width:
             raise InputError(

@@ -90,3 +90,23 @@ def test_compact_form_round_trips_on_the_baseline_bins():
     broken["features"][0][0] = [1, 2]
     with pytest.raises(ProfileError, match="counts where the baseline has"):
         base.from_compact(broken)
+
+
+@pytest.mark.parametrize("dirty", [False, True])
+def test_vectorized_update_equals_the_per_feature_definition(digits, dirty):
+    """The agent's fast block update must count exactly what NumericSketch.update counts."""
+    train = np.load(digits.train)["X"].astype(float)
+    base = build_baseline(train, [f"f{i}" for i in range(64)])
+    local = np.random.default_rng(5)
+    data = np.resize(train, (700, 64)) + local.normal(0, 4, (700, 64))
+    if dirty:
+        data[local.random(data.shape) < 0.02] = np.nan
+        data[local.random(data.shape) < 0.01] = np.inf
+        data[local.random(data.shape) < 0.01] = -np.inf
+    block, reference = base.empty_like(), base.empty_like()
+    block.update_inputs(data)
+    for column, sketch in enumerate(reference.features):
+        sketch.update(data[:, column])
+    for a, b in zip(block.features, reference.features):
+        assert a.counts.tolist() == b.counts.tolist() and (a.count, a.nulls, a.infs) == (b.count, b.nulls, b.infs)
+        assert (a.minimum, a.maximum) == (b.minimum, b.maximum) and a.total == pytest.approx(b.total) and a.total_sq == pytest.approx(b.total_sq)
