@@ -32,3 +32,33 @@ def test_a_bare_scores_output_is_read_as_classes():
     spec = OutputSpec("classification", labels=("cat", "dog"), probabilities_output="scores")
     prediction = spec.interpret({"scores": np.array([[0.2, 0.8], [0.9, 0.1]])})
     assert prediction.labels.tolist() == ["dog", "cat"]
+
+
+def test_tflite_runtime_refuses_garbage_with_a_clear_error():
+    pytest.importorskip("ai_edge_litert")
+    with pytest.raises(ModelError, match="cannot load the model"):
+        open_runtime("tflite", b"not a flatbuffer", source="bad.tflite")
+
+
+def test_tflite_runtime_says_exactly_why_tflite_runtime_cannot_run_under_numpy_2(monkeypatch):
+    import builtins
+    import sys
+    import types
+
+    from device_agent.runtimes import litert
+
+    real_import = builtins.__import__
+
+    def fake_import(name, *args, **kwargs):
+        if name.startswith("ai_edge_litert"):
+            raise ImportError("not installed")
+        return real_import(name, *args, **kwargs)
+
+    fake = types.ModuleType("tflite_runtime.interpreter")
+    fake.Interpreter = object
+    monkeypatch.setitem(sys.modules, "tflite_runtime", types.ModuleType("tflite_runtime"))
+    monkeypatch.setitem(sys.modules, "tflite_runtime.interpreter", fake)
+    monkeypatch.setattr(builtins, "__import__", fake_import)
+    monkeypatch.setattr(litert.np, "__version__", "2.1.0")
+    with pytest.raises(RuntimeUnavailableError, match="tflite-runtime is the only TFLite runtime here and it cannot create an Interpreter under NumPy 2.1.0"):
+        litert._interpreter_class()

@@ -28,6 +28,10 @@ def open_runtime(model_format: str, model: bytes, *, threads: int = 1, source: s
         from .onnx import OnnxRuntime
 
         runtime: Runtime = OnnxRuntime(threads=threads, source=source)
+    elif model_format == "tflite":
+        from .litert import LiteRtRuntime
+
+        runtime = LiteRtRuntime(threads=threads, source=source)
     else:
         from ..errors import RuntimeUnavailableError
 

@@ -1,0 +1,95 @@
+"""TFLite models behind the runtime seam: ai-edge-litert first, tflite-runtime as the fallback.
+
+tflite-runtime 2.14 (its last release) was built against NumPy 1 and cannot create an
+Interpreter under NumPy 2; when it is the only TFLite runtime and NumPy is 2.x we say exactly
+that instead of surfacing its import error. Full-integer models get their inputs quantized and
+their outputs dequantized here, so callers always see float arrays.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..errors import ModelError, RuntimeUnavailableError
+
+INSTALL_HINT = "pip install ai-edge-litert (or 'edgekit[tflite]')"
+
+
+def _interpreter_class():
+    try:
+        from ai_edge_litert.interpreter import Interpreter
+
+        return Interpreter, "ai-edge-litert"
+    except ImportError:
+        pass
+    try:
+        from tflite_runtime.interpreter import Interpreter
+    except ImportError as exc:
+        raise RuntimeUnavailableError(f"no TFLite runtime is installed; {INSTALL_HINT}") from exc
+    except Exception as exc:  # tflite-runtime built for NumPy 1 fails with AttributeError/ImportError variants under NumPy 2
+        if int(np.__version__.split(".")[0]) >= 2:
+            raise RuntimeUnavailableError(
+                f"tflite-runtime is the only TFLite runtime here and it cannot run under NumPy {np.__version__} "
+                f"(its last release, 2.14, was built for NumPy 1); {INSTALL_HINT}, or pip install 'numpy<2'"
+            ) from exc
+        raise RuntimeUnavailableError(f"tflite-runtime failed to import ({exc}); {INSTALL_HINT}") from exc
+    if int(np.__version__.split(".")[0]) >= 2:
+        raise RuntimeUnavailableError(
+            f"tflite-runtime is the only TFLite runtime here and it cannot create an Interpreter under NumPy {np.__version__} "
+            f"(its last release, 2.14, was built for NumPy 1); {INSTALL_HINT}, or pip install 'numpy<2'"
+        )
+    return Interpreter, "tflite-runtime"
+
+
+class LiteRtRuntime:
+    name = "litert"
+
+    def __init__(self, *, threads: int = 1, source: str = "model") -> None:
+        self.threads, self.source = threads, source
+        self._interpreter = None
+        self._batch = None
+
+    def load(self, model: bytes) -> None:
+        interpreter_class, self.name = _interpreter_class()
+        try:
+            self._interpreter = interpreter_class(model_content=model, num_threads=self.threads)
+            self._interpreter.allocate_tensors()
+        except (ValueError, RuntimeError) as exc:
+            raise ModelError(self.source, self.name, f"cannot load the model: {exc}", "check it is a valid .tflite file") from exc
+        self._input = self._interpreter.get_input_details()[0]
+        self._outputs = self._interpreter.get_output_details()
+        self.input_names = [self._input["name"]]
+        self.output_names = [o["name"] for o in self._outputs]
+
+    def predict(self, rows: np.ndarray) -> dict[str, np.ndarray]:
+        if self._interpreter is None:
+            raise ModelError(self.source, self.name, "has no model loaded", "call load() first")
+        try:
+            if self._batch != len(rows):
+                self._interpreter.resize_tensor_input(self._input["index"], [len(rows), *self._input["shape"][1:]])
+                self._interpreter.allocate_tensors()
+                self._batch = len(rows)
+            self._interpreter.set_tensor(self._input["index"], _quantize(rows, self._input))
+            self._interpreter.invoke()
+            return {o["name"]: _dequantize(self._interpreter.get_tensor(o["index"]), o) for o in self._outputs}
+        except (ValueError, RuntimeError) as exc:
+            raise ModelError(self.source, self.name, f"failed to run: {exc}") from exc
+
+    def close(self) -> None:
+        self._interpreter = None
+
+
+def _quantize(rows: np.ndarray, detail: dict) -> np.ndarray:
+    dtype = detail["dtype"]
+    if np.issubdtype(dtype, np.floating):
+        return np.ascontiguousarray(rows, dtype=dtype)
+    scale, zero = detail["quantization"]
+    info = np.iinfo(dtype)
+    return np.clip(np.round(rows / scale + zero), info.min, info.max).astype(dtype)
+
+
+def _dequantize(values: np.ndarray, detail: dict) -> np.ndarray:
+    scale, zero = detail["quantization"]
+    if np.issubdtype(values.dtype, np.integer) and scale:
+        return (values.astype(np.float32) - zero) * scale
+    return values
