@@ -10,6 +10,7 @@ caller on the network.
 from __future__ import annotations
 
 import logging
+import socket
 import threading
 from typing import Any, Callable
 
@@ -19,6 +20,8 @@ from .protocol import Topics, command, encode
 from .spool import Spool
 
 log = logging.getLogger("device_agent.reporter")
+UNSUPPORTED_PROTOCOL_VERSION = 132  # MQTT 5 CONNACK reason; paho maps MQTT 3's return code 1 to it too
+FALLBACK_AFTER_SECONDS = 3.0
 
 
 def _paho():
@@ -40,11 +43,13 @@ class MqttReporter:
         self._inflight: dict[int, int] = {}  # paho mid -> seq
         self.connected = threading.Event()
         self.rejected_commands = 0
+        self.protocol = "5"  # falls back to "3.1.1" when the broker does not speak MQTT 5
         self._client = None
 
     def start(self) -> None:
         mqtt = _paho()
-        client = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2, client_id=self.client_id, protocol=mqtt.MQTTv5)
+        protocol = mqtt.MQTTv5 if self.protocol == "5" else mqtt.MQTTv311
+        client = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2, client_id=self.client_id, protocol=protocol)
         client.will_set(self.topics.state, encode(self._offline), qos=1, retain=True)
         if self.config.username:
             client.username_pw_set(self.config.username, self.config.password)
@@ -57,6 +62,24 @@ class MqttReporter:
         self._client = client
         client.connect_async(self.config.host, self.config.port, keepalive=self.config.keepalive)
         client.loop_start()
+        if self.protocol == "5":
+            threading.Thread(target=self._fallback_watchdog, args=(client,), name="edgekit-mqtt-watchdog", daemon=True).start()
+
+    def _fallback_watchdog(self, client) -> None:
+        """Some MQTT 3.1.1 brokers (amqtt) drop an MQTT 5 CONNECT with a will without a CONNACK: if the
+        broker's port answers but MQTT 5 has not connected after a while, try MQTT 3.1.1 instead."""
+        if self.connected.wait(FALLBACK_AFTER_SECONDS) or self._client is not client or self.protocol != "5":
+            return
+        try:
+            socket.create_connection((self.config.host, self.config.port), timeout=2).close()
+        except OSError:
+            return  # the broker is down, not old: paho keeps retrying MQTT 5
+        self._fall_back("the broker did not answer an MQTT 5 connect")
+
+    def _fall_back(self, why: str) -> None:
+        log.info("%s; reconnecting with MQTT 3.1.1", why)
+        self.protocol = "3.1.1"
+        threading.Thread(target=self._restart, name="edgekit-mqtt-fallback", daemon=True).start()
 
     def publish(self, seq: int, payload: bytes) -> None:
         """Send a spooled summary now if connected; otherwise it goes out with the next drain."""
@@ -85,6 +108,9 @@ class MqttReporter:
     # -- paho callbacks (network thread) -----------------------------------------------------------
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
         if reason_code.is_failure:
+            if reason_code.value == UNSUPPORTED_PROTOCOL_VERSION and self.protocol == "5":
+                self._fall_back("the broker does not speak MQTT 5")
+                return
             log.warning("broker refused the connection: %s", reason_code)
             return
         client.publish(self.topics.state, encode(self._birth()), qos=1, retain=True)
@@ -100,6 +126,13 @@ class MqttReporter:
                 payload = self.spool.get(seq)
                 if payload is not None:
                     self._send(seq, payload)
+
+    def _restart(self) -> None:
+        old, self._client = self._client, None
+        if old is not None:
+            old.disconnect()
+            old.loop_stop()
+        self.start()
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
         with self._lock:

@@ -154,3 +154,51 @@ def test_streaming_rows_over_mqtt_are_scored_and_answered(tmp_path, bundle, keyp
     client.disconnect()
     assert answers[0]["request_id"] == "r1" and len(answers[0]["predictions"]) == 3 and answers[0]["schema"] == "edgekit.output/1"
     assert "error" in answers[1]
+
+
+def test_a_broker_that_speaks_only_mqtt_3_gets_mqtt_3(tmp_path, bundle, keypair, digits, fleet_name):
+    """amqtt (the demo's embedded broker) speaks MQTT 3.1.1 only: the agent falls back and still reports."""
+    import json
+    import socket
+    import subprocess
+    import sys
+    import threading
+    from pathlib import Path
+
+    import paho.mqtt.client as mqtt
+
+    pytest.importorskip("amqtt")
+    from tests.agent_helpers import free_port
+
+    port = free_port()
+    broker = subprocess.Popen([sys.executable, str(Path(__file__).parent / "amqtt_broker.py"), str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 15
+        while time.time() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                break
+            except OSError:
+                time.sleep(0.1)
+        summaries, lock = [], threading.Lock()
+        listener = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv311)
+        listener.on_message = lambda c, u, m: summaries.append(json.loads(m.payload))
+        listener.connect("127.0.0.1", port)
+        listener.subscribe(f"edgekit/v1/{fleet_name}/+/summary", qos=1)
+        listener.loop_start()
+        config = make_device(tmp_path / "dev", bundle, keypair[1], fleet=fleet_name, broker=f"mqtt://127.0.0.1:{port}", window_rows=100, http=False)
+        with Agent(config_of(config)).start() as agent:
+            deadline = time.time() + 15
+            while not agent.reporter.connected.is_set() and time.time() < deadline:
+                time.sleep(0.05)
+            assert agent.reporter.protocol == "3.1.1" and agent.reporter.connected.is_set()
+            agent.predict(np.load(digits.test)["X"][:200])
+            deadline = time.time() + 15
+            while len(summaries) < 2 and time.time() < deadline:
+                time.sleep(0.05)
+        listener.loop_stop()
+        listener.disconnect()
+        assert sorted(s["seq"] for s in summaries) == [1, 2]
+    finally:
+        broker.terminate()
+        broker.wait(10)
