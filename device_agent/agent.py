@@ -81,7 +81,7 @@ class Agent:
         self._thread: threading.Thread | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------------
-    def start(self, *, http: bool = True, mqtt: bool = True) -> "Agent":
+    def start(self, *, http: bool = True, mqtt: bool = True) -> Agent:
         public_key = load_public_key(self.config.public_key)
         self._load(self.state.active_bundle(public_key))
         self.spool = Spool(self.state.spool, keep_seconds=self.config.monitor.keep_acked_seconds)
@@ -138,7 +138,7 @@ class Agent:
         if self.runtime is not None:
             self.runtime.close()
 
-    def __enter__(self) -> "Agent":
+    def __enter__(self) -> Agent:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

@@ -13,7 +13,6 @@ at most ``alpha`` however many features the model has. A feature is drifted when
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 

@@ -42,7 +42,7 @@ class EmulationConfig:
     seed: int = 0
 
     @classmethod
-    def from_table(cls, table: dict[str, Any], *, base: Path, source: str) -> "EmulationConfig":
+    def from_table(cls, table: dict[str, Any], *, base: Path, source: str) -> EmulationConfig:
         if "data" not in table:
             raise ConfigError(source, "[emulate] needs data", 'add data = "test.npz"')
         data = Path(table["data"]).expanduser()
@@ -77,7 +77,7 @@ class Feeder:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="edgekit-feeder", daemon=True)
 
-    def start(self) -> "Feeder":
+    def start(self) -> Feeder:
         self._thread.start()
         return self
 

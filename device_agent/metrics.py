@@ -8,7 +8,7 @@ if TYPE_CHECKING:
     from .agent import Agent
 
 
-def render_metrics(agent: "Agent") -> str:
+def render_metrics(agent: Agent) -> str:
     from .agent import LATENCY_BUCKETS_MS
 
     labels = f'model="{agent.model_info["name"]}",version="{agent.model_info["version"]}"'

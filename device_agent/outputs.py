@@ -54,7 +54,7 @@ class OutputSpec:
         return doc
 
     @classmethod
-    def from_dict(cls, doc: dict[str, Any]) -> "OutputSpec":
+    def from_dict(cls, doc: dict[str, Any]) -> OutputSpec:
         return cls(
             task=doc["task"],
             labels=tuple(doc.get("labels", ())),

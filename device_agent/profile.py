@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Sequence
+from typing import Any
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 
@@ -59,7 +60,7 @@ class NumericSketch:
             raise ProfileError(f"feature {self.name!r}: {len(self.counts)} counts for {len(self.cuts)} cuts (expected cuts + 3)")
 
     @classmethod
-    def from_values(cls, name: str, values: np.ndarray, bins: int = DEFAULT_BINS) -> "NumericSketch":
+    def from_values(cls, name: str, values: np.ndarray, bins: int = DEFAULT_BINS) -> NumericSketch:
         """A baseline sketch: cuts at the quantiles of ``values``, then ``values`` counted into it."""
         values = np.asarray(values, dtype=np.float64)
         finite = values[np.isfinite(values)]
@@ -74,7 +75,7 @@ class NumericSketch:
         sketch.update(values)
         return sketch
 
-    def empty_like(self) -> "NumericSketch":
+    def empty_like(self) -> NumericSketch:
         return NumericSketch(self.name, self.cuts, self.low, self.high)
 
     def update(self, values: np.ndarray) -> None:
@@ -101,7 +102,7 @@ class NumericSketch:
     def definition(self) -> dict[str, Any]:
         return {"name": self.name, "kind": self.kind, "cuts": self.cuts.tolist(), "low": self.low, "high": self.high}
 
-    def merge(self, other: "NumericSketch") -> None:
+    def merge(self, other: NumericSketch) -> None:
         _check_same_definition(self, other)
         self.counts += other.counts
         self.count += other.count
@@ -152,7 +153,7 @@ class NumericSketch:
         return doc
 
     @classmethod
-    def from_dict(cls, doc: dict[str, Any]) -> "NumericSketch":
+    def from_dict(cls, doc: dict[str, Any]) -> NumericSketch:
         return cls(
             name=doc["name"],
             cuts=np.asarray(doc["cuts"], dtype=np.float64),
@@ -191,7 +192,7 @@ class CategoricalSketch:
         self._index = {_category_key(c): i for i, c in enumerate(self.categories)}
 
     @classmethod
-    def from_values(cls, name: str, values: Sequence[Any], top: int = 20, categories: Sequence[Any] | None = None) -> "CategoricalSketch":
+    def from_values(cls, name: str, values: Sequence[Any], top: int = 20, categories: Sequence[Any] | None = None) -> CategoricalSketch:
         """A baseline sketch over the ``top`` most frequent values (or the given ``categories``)."""
         if categories is None:
             present = [v for v in np.asarray(values, dtype=object).ravel().tolist() if not _is_missing(v)]
@@ -203,7 +204,7 @@ class CategoricalSketch:
         sketch.update(values)
         return sketch
 
-    def empty_like(self) -> "CategoricalSketch":
+    def empty_like(self) -> CategoricalSketch:
         return CategoricalSketch(self.name, self.categories)
 
     @property
@@ -235,7 +236,7 @@ class CategoricalSketch:
     def definition(self) -> dict[str, Any]:
         return {"name": self.name, "kind": self.kind, "categories": self.categories}
 
-    def merge(self, other: "CategoricalSketch") -> None:
+    def merge(self, other: CategoricalSketch) -> None:
         _check_same_definition(self, other)
         self.counts += other.counts
         self.nulls += other.nulls
@@ -246,7 +247,7 @@ class CategoricalSketch:
         return doc
 
     @classmethod
-    def from_dict(cls, doc: dict[str, Any]) -> "CategoricalSketch":
+    def from_dict(cls, doc: dict[str, Any]) -> CategoricalSketch:
         return cls(name=doc["name"], categories=doc["categories"], counts=np.asarray(doc["counts"], dtype=np.int64), nulls=int(doc.get("nulls", 0)))
 
 
@@ -283,7 +284,7 @@ class Profile:
                 return sketch
         raise KeyError(name)
 
-    def empty_like(self) -> "Profile":
+    def empty_like(self) -> Profile:
         """A zero-count profile with this one's bins: what a device fills during one window."""
         return Profile(
             features=[s.empty_like() for s in self.features],
@@ -314,7 +315,7 @@ class Profile:
     def update_latency(self, milliseconds: Any) -> None:
         self.latency_ms.update(np.asarray(milliseconds, dtype=np.float64))
 
-    def merge(self, other: "Profile") -> "Profile":
+    def merge(self, other: Profile) -> Profile:
         if other.baseline_id != self.baseline_id:
             raise ProfileError(f"cannot merge a profile of baseline {other.baseline_id} into one of baseline {self.baseline_id}")
         for mine, theirs in zip(self.features, other.features):
@@ -348,7 +349,7 @@ class Profile:
             "latency_ms": _compact(self.latency_ms),
         }
 
-    def from_compact(self, doc: dict[str, Any]) -> "Profile":
+    def from_compact(self, doc: dict[str, Any]) -> Profile:
         """A window profile rebuilt from ``to_compact`` output, on this (baseline) profile's bins."""
         if doc.get("baseline_id") != self.baseline_id:
             raise ProfileError(f"window of baseline {doc.get('baseline_id')!r} does not match baseline {self.baseline_id}")
@@ -367,7 +368,7 @@ class Profile:
         return window
 
     @classmethod
-    def from_dict(cls, doc: dict[str, Any]) -> "Profile":
+    def from_dict(cls, doc: dict[str, Any]) -> Profile:
         if not isinstance(doc, dict) or doc.get("schema") != PROFILE_SCHEMA:
             raise ProfileError(f"not an {PROFILE_SCHEMA} document (schema={doc.get('schema') if isinstance(doc, dict) else None!r})")
         try:
@@ -392,7 +393,7 @@ class _NumericBlock:
     number of cuts it reaches, and one ``bincount`` fills every feature's counts.
     """
 
-    def __init__(self, columns: list[tuple[int, "NumericSketch"]]) -> None:
+    def __init__(self, columns: list[tuple[int, NumericSketch]]) -> None:
         self.columns = np.asarray([i for i, _ in columns], dtype=np.intp)
         self.sketches = [s for _, s in columns]
         width = max((len(s.cuts) for s in self.sketches), default=0)

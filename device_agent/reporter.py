@@ -12,7 +12,8 @@ from __future__ import annotations
 import logging
 import socket
 import threading
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 from .config import MqttConfig
 from .errors import ProtocolError, RuntimeUnavailableError

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -52,7 +53,7 @@ class InputSchema:
         }
 
     @classmethod
-    def from_dict(cls, doc: dict[str, Any]) -> "InputSchema":
+    def from_dict(cls, doc: dict[str, Any]) -> InputSchema:
         return cls(
             input_name=doc["input_name"],
             feature_names=tuple(doc["feature_names"]),

@@ -32,7 +32,7 @@ _ROUTE = re.compile(r"^/v1/models/(?P<name>[^/:]+)(?::(?P<verb>predict|feedback)
 log = logging.getLogger("device_agent.server")
 
 
-def serve(agent: "Agent", config: ServerConfig) -> ThreadingHTTPServer:
+def serve(agent: Agent, config: ServerConfig) -> ThreadingHTTPServer:
     handler = type("Handler", (_Handler,), {"agent": agent, "token": config.token})
     try:
         server = ThreadingHTTPServer(config.address, handler)
@@ -44,7 +44,7 @@ def serve(agent: "Agent", config: ServerConfig) -> ThreadingHTTPServer:
 
 
 class _Handler(BaseHTTPRequestHandler):
-    agent: "Agent"
+    agent: Agent
     token: str | None
     server_version = "edgekit-agent"
     protocol_version = "HTTP/1.1"

@@ -10,7 +10,8 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -45,7 +46,7 @@ class Dataset:
             raise DataError(f"has no labels, which {why} needs", "give an .npz with 'y' or a CSV with a label column (--label NAME)", path=self.source)
         return self.y
 
-    def aligned_to(self, feature_names: Sequence[str] | None, width: int | None = None) -> "Dataset":
+    def aligned_to(self, feature_names: Sequence[str] | None, width: int | None = None) -> Dataset:
         """This data with columns in the model's order, or a ``DataError`` naming what does not match."""
         if feature_names is not None and self.feature_names is not None and not _is_default(feature_names):
             missing = [n for n in feature_names if n not in self.feature_names]
@@ -65,7 +66,7 @@ class Dataset:
             raise DataError(f"has {self.width} feature columns, the model takes {expected}", "give data with the model's features (and name the label column with --label)", path=self.source)
         return self
 
-    def sample(self, rows: int, seed: int = 0) -> "Dataset":
+    def sample(self, rows: int, seed: int = 0) -> Dataset:
         if self.rows <= rows:
             return self
         index = np.sort(np.random.default_rng(seed).choice(self.rows, rows, replace=False))
@@ -96,7 +97,7 @@ def load_dataset(path: str | Path, *, label: str | None = None) -> Dataset:
     return Dataset(X, y, names, str(path), hashlib.sha256(raw).hexdigest())
 
 
-def adopt_feature_names(schema: "InputSchema", dataset: Dataset | None) -> "InputSchema":
+def adopt_feature_names(schema: InputSchema, dataset: Dataset | None) -> InputSchema:
     """The model's schema, named after the data's columns when the model itself knows no names.
 
     A Pipeline fitted on a bare array has no ``feature_names_in_``; the CSV header (or the .npz's

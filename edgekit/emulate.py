@@ -14,7 +14,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from collections.abc import Callable
 
 from device_agent.bundle import read_bundle
 from device_agent.errors import InstallError
@@ -34,7 +34,7 @@ class DriftSpec:
     devices: frozenset[int] = frozenset({0})
 
     @classmethod
-    def parse(cls, text: str) -> "DriftSpec":
+    def parse(cls, text: str) -> DriftSpec:
         fields = dict(part.split("=", 1) for part in text.split(",") if "=" in part)
         unknown = set(fields) - {"feature", "shift", "after", "devices"}
         if "feature" not in fields or "shift" not in fields or unknown:

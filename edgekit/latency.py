@@ -8,7 +8,8 @@ report and decide on. Thread count is the caller's: the runtimes are built with 
 from __future__ import annotations
 
 import time
-from typing import Any, Callable, Mapping
+from typing import Any
+from collections.abc import Callable, Mapping
 
 import numpy as np
 
@@ -32,7 +33,7 @@ def measure(
     single_thread = _limit_threads()
     samples: dict[str, dict[int, list[float]]] = {name: {size: [] for size in batches} for name in predictors}
     with single_thread:
-        for name, predict in predictors.items():  # warm-up: first calls allocate and JIT-pack weights
+        for predict in predictors.values():  # warm-up: first calls allocate and JIT-pack weights
             for batch in batches.values():
                 predict(batch)
         start = time.perf_counter()

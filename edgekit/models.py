@@ -48,7 +48,7 @@ class Model(Protocol):
     def timed_call(self, X: np.ndarray) -> object: ...
 
 
-def load_model(path: str | Path, *, threads: int = 1, pin_to: Any = None) -> "SklearnModel | OnnxModel":
+def load_model(path: str | Path, *, threads: int = 1, pin_to: Any = None) -> SklearnModel | OnnxModel:
     """Load a model file. ``pin_to`` (a ``RuntimeTarget``) first lowers an ONNX file's IR version to
     what that runtime loads, for files written by a newer onnx than the runtime here reads."""
     path = Path(path)
@@ -90,7 +90,7 @@ class SklearnModel:
     kind: str = "sklearn"
 
     @classmethod
-    def from_file(cls, path: Path) -> "SklearnModel":
+    def from_file(cls, path: Path) -> SklearnModel:
         joblib = require("joblib")
         require("sklearn")
         try:
@@ -102,7 +102,7 @@ class SklearnModel:
         return cls.from_estimator(estimator, path=str(path))
 
     @classmethod
-    def from_estimator(cls, estimator: Any, *, path: str = "<estimator>") -> "SklearnModel":
+    def from_estimator(cls, estimator: Any, *, path: str = "<estimator>") -> SklearnModel:
         if not hasattr(estimator, "predict"):
             raise ModelLoadError(f"holds a {type(estimator).__name__}, not a fitted scikit-learn model", "save a fitted estimator or Pipeline", path=path)
         width = getattr(estimator, "n_features_in_", None)
@@ -178,7 +178,7 @@ class OnnxModel:
     kind: str = "onnx"
 
     @classmethod
-    def from_bytes(cls, data: bytes, *, path: str = "<model>", threads: int = 1, pin_to: Any = None) -> "OnnxModel":
+    def from_bytes(cls, data: bytes, *, path: str = "<model>", threads: int = 1, pin_to: Any = None) -> OnnxModel:
         from .onnx_target import RuntimeTarget, pin
 
         onnx = require("onnx")

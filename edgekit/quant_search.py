@@ -43,21 +43,21 @@ class Trial:
     error: str | None = None
     within: bool | None = None
 
-    def speedup(self, baseline: "Trial", batch: int) -> float | None:
+    def speedup(self, baseline: Trial, batch: int) -> float | None:
         mine, theirs = self.latency.get(batch), baseline.latency.get(batch)
         if not mine or not theirs:
             return None
         return theirs["p50_ms"] / mine["p50_ms"]
 
-    def speed_score(self, baseline: "Trial") -> float:
+    def speed_score(self, baseline: Trial) -> float:
         speedups = [self.speedup(baseline, b) for b in self.latency]
         speedups = [s for s in speedups if s]
         return math.exp(sum(math.log(s) for s in speedups) / len(speedups)) if speedups else 0.0
 
-    def not_slower(self, baseline: "Trial") -> bool:
+    def not_slower(self, baseline: Trial) -> bool:
         return all((self.speedup(baseline, b) or 0.0) >= 1.0 for b in baseline.latency)
 
-    def to_dict(self, baseline: "Trial") -> dict[str, Any]:
+    def to_dict(self, baseline: Trial) -> dict[str, Any]:
         return {
             "name": self.name,
             "config": self.config.to_dict() if self.config else None,
@@ -80,7 +80,7 @@ class SearchOutcome:
     passed: bool
     verdict: str
     metric_name: str
-    limits: "Limits"
+    limits: Limits
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -161,7 +161,7 @@ class Limits:
     def any(self) -> bool:
         return self.max_drop is not None or self.min_agreement is not None
 
-    def holds(self, trial: "Trial") -> bool | None:
+    def holds(self, trial: Trial) -> bool | None:
         if not self.any:
             return None
         drop_ok = self.max_drop is None or (trial.drop is not None and trial.drop <= self.max_drop)

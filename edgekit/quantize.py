@@ -14,7 +14,8 @@ import logging
 import tempfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
+from collections.abc import Callable, Iterator
 
 import numpy as np
 
@@ -60,7 +61,7 @@ class QuantConfig:
         if self.mode == "static":
             parts += [types, self.calibration]
         else:
-            parts.append(f"S8 weights" if self.weight_type == "int8" else "U8 weights")
+            parts.append("S8 weights" if self.weight_type == "int8" else "U8 weights")
         if self.exclude:
             parts.append(f"{len(self.exclude)} node(s) in float")
         return " ".join(parts)
@@ -73,7 +74,7 @@ class QuantConfig:
             doc["float_nodes"] = list(self.exclude)
         return doc
 
-    def excluding(self, nodes: tuple[str, ...]) -> "QuantConfig":
+    def excluding(self, nodes: tuple[str, ...]) -> QuantConfig:
         return replace(self, exclude=tuple(dict.fromkeys(self.exclude + nodes)))
 
 

@@ -22,7 +22,7 @@ def make_device(root: Path, bundle: Path, public_key: Path, *, device_id: str = 
     root.mkdir(parents=True, exist_ok=True)
     lines = [f'device_id = "{device_id}"', f'fleet = "{fleet}"', f'state_dir = "{root / "state"}"', "[trust]", f'public_key = "{public_key}"',
              "[monitor]", f"window_rows = {window_rows}", f"window_seconds = {window_seconds}", "[server]",
-             f'listen = "127.0.0.1:0"' if http else 'listen = ""']
+             'listen = "127.0.0.1:0"' if http else 'listen = ""']
     if token:
         lines.append(f'token = "{token}"')
     if broker:

@@ -47,7 +47,7 @@ class Mosquitto:
     def url(self) -> str:
         return f"mqtt://127.0.0.1:{self.port}"
 
-    def start(self) -> "Mosquitto":
+    def start(self) -> Mosquitto:
         with open(self.dir / "stderr.log", "ab") as log:
             self.process = subprocess.Popen([self.binary, "-c", str(self.dir / "mosquitto.conf")], stdout=subprocess.DEVNULL, stderr=log)
         deadline = time.time() + 10
@@ -57,7 +57,7 @@ class Mosquitto:
                     return self
             except OSError:
                 if self.process.poll() is not None:
-                    raise RuntimeError(f"mosquitto exited: {(self.dir / 'stderr.log').read_text()}")
+                    raise RuntimeError(f"mosquitto exited: {(self.dir / 'stderr.log').read_text()}") from None
                 time.sleep(0.05)
         raise RuntimeError("mosquitto did not start listening within 10 s")
 
@@ -132,7 +132,7 @@ class AgentProcess:
         self.config = config
         self.process: subprocess.Popen | None = None
 
-    def start(self) -> "AgentProcess":
+    def start(self) -> AgentProcess:
         with open(self.config.parent / "agent.log", "ab") as log:
             self.process = subprocess.Popen([sys.executable, "-m", "device_agent", "run", "--config", str(self.config)], cwd=ROOT, stdout=log, stderr=log)
         return self

@@ -162,7 +162,6 @@ def test_a_broker_that_speaks_only_mqtt_3_gets_mqtt_3(tmp_path, bundle, keypair,
     import socket
     import subprocess
     import sys
-    import threading
     from pathlib import Path
 
     import paho.mqtt.client as mqtt
@@ -180,7 +179,7 @@ def test_a_broker_that_speaks_only_mqtt_3_gets_mqtt_3(tmp_path, bundle, keypair,
                 break
             except OSError:
                 time.sleep(0.1)
-        summaries, lock = [], threading.Lock()
+        summaries = []
         listener = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv311)
         listener.on_message = lambda c, u, m: summaries.append(json.loads(m.payload))
         listener.connect("127.0.0.1", port)

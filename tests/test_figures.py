@@ -4,9 +4,7 @@ Speed figures (int8 throughput, "never slower than float32") are measured by
 scripts/bench_quantize.py, never asserted here: timings on a shared machine flake.
 """
 
-import json
 
-import numpy as np
 import pytest
 
 from edgekit.pipeline import QuantizeOptions, convert_model

@@ -2,7 +2,6 @@ import json
 
 import numpy as np
 import onnx
-import pytest
 
 from edgekit.layer_error import layer_errors
 from edgekit.models import load_model

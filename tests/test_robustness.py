@@ -1,12 +1,10 @@
 """Careless and hostile inputs found by trying edgekit as a new user: each gets one line and exit 2."""
 
-import json
 import os
 import random
 import stat
 
 import numpy as np
-import pytest
 
 from device_agent.bundle import read_bundle
 from device_agent.errors import AgentError

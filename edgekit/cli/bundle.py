@@ -104,7 +104,7 @@ def inspect(bundle, pubkey, as_json):
         f"output     {output['task']}" + (f", labels {output['labels'][:10]}{' …' if len(output['labels']) > 10 else ''}" if output["task"] == "classification" else ""),
         f"quantized  {_quantization_text(m.get('quantization'))}",
         f"validation {_validation_text(m.get('validation'))}",
-        f"drift      " + ", ".join(f"{k}={v}" for k, v in m["drift"].items()),
+        "drift      " + ", ".join(f"{k}={v}" for k, v in m["drift"].items()),
         f"lineage    commit {(m['lineage'].get('git_commit') or 'none')[:12]}{' (dirty)' if m['lineage'].get('git_dirty') else ''}, baseline sha256 {m['lineage']['baseline_sha256'][:12]}…, from {m['lineage'].get('model_source')}",
         "files      " + ", ".join(f"{k} {v['size']:,} B sha256 {v['sha256'][:12]}…" for k, v in m["files"].items()),
     ]
