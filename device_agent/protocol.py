@@ -152,3 +152,66 @@ def command(data: bytes) -> dict[str, Any]:
             raise ProtocolError("field", "resend needs 'seqs': a list of at most 10000 non-negative integers")
         return doc
     raise ProtocolError("field", f"unknown command {doc.get('cmd')!r}")
+
+
+def check_summary(doc: dict[str, Any]) -> dict[str, Any]:
+    """The fields a collector relies on, with their types; ``ProtocolError("field", ...)`` otherwise."""
+    _require(doc, {"device": str, "fleet": str, "model": dict, "seq": int, "rows": int, "window": dict, "drift": dict, "profile": dict,
+                   "quality": dict, "latency": dict, "errors": dict})
+    if not _LEVEL.match(doc["device"]) or not _LEVEL.match(doc["fleet"]):
+        raise ProtocolError("field", "device and fleet must be valid topic levels")
+    _require(doc["model"], {"name": str, "version": int}, "model.")
+    _require(doc["window"], {"start": str, "end": str}, "window.")
+    _require(doc["profile"], {"baseline_id": str, "rows": int, "features": list, "outputs": dict, "latency_ms": list}, "profile.")
+    if doc["seq"] < 1 or doc["rows"] < 0:
+        raise ProtocolError("field", "seq must be ≥ 1 and rows ≥ 0")
+    features = doc["drift"].get("features")
+    if not isinstance(features, dict) or not all(isinstance(v, dict) for v in features.values()):
+        raise ProtocolError("field", "drift.features must map feature names to objects")
+    if doc["drift"].get("drifted") not in (True, False, None):
+        raise ProtocolError("field", "drift.drifted must be true, false or null")
+    _optional(doc["drift"], {"worst_feature": str}, "drift.")
+    _optional(doc["quality"], {"null_rate": (int, float)}, "quality.")
+    _optional(doc["latency"], {"p99_ms": (int, float)}, "latency.")
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in doc["errors"].values()):
+        raise ProtocolError("field", "errors must map kinds to counts")
+    if doc.get("accuracy") is not None:
+        _require(doc["accuracy"], {"labelled": int, "correct": int}, "accuracy.")
+    return doc
+
+
+def check_state(doc: dict[str, Any]) -> dict[str, Any]:
+    _require(doc, {"device": str, "fleet": str, "online": bool})
+    if doc.get("model") is not None:
+        _require(doc["model"], {"name": str, "version": int}, "model.")
+    _optional(doc, {"runtime": str, "agent_version": str})
+    return doc
+
+
+def check_baseline(doc: dict[str, Any]) -> dict[str, Any]:
+    _require(doc, {"device": str, "baseline_id": str, "model": dict, "profile": dict})
+    _require(doc["model"], {"name": str, "version": int}, "model.")
+    return doc
+
+
+def _optional(doc: dict[str, Any], fields: dict[str, Any], prefix: str = "") -> None:
+    if not isinstance(doc, dict):
+        raise ProtocolError("field", f"{prefix.rstrip('.') or 'payload'} must be an object")
+    for name, kind in fields.items():
+        value = doc.get(name)
+        if value is not None and (not isinstance(value, kind) or isinstance(value, bool)):
+            raise ProtocolError("field", f"{prefix}{name} has the wrong type ({type(value).__name__})")
+
+
+MAX_INT = 2**53  # what JSON numbers hold exactly, and SQLite's INTEGER with room to spare
+
+
+def _require(doc: dict[str, Any], fields: dict[str, type], prefix: str = "") -> None:
+    if not isinstance(doc, dict):
+        raise ProtocolError("field", f"{prefix.rstrip('.') or 'payload'} must be an object")
+    for name, kind in fields.items():
+        value = doc.get(name)
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise ProtocolError("field", f"{prefix}{name} must be {kind.__name__}, got {type(value).__name__}")
+        if kind is int and not -MAX_INT < value < MAX_INT:
+            raise ProtocolError("field", f"{prefix}{name} is out of range")

@@ -5,14 +5,19 @@ from edgekit.cli import cli_for_tests
 
 def all_commands():
     group = cli_for_tests()
-    return group, group.commands
+    commands = {}
+    for name, command in group.commands.items():
+        commands[name] = command
+        if isinstance(command, click.Group):
+            commands.update({f"{name} {sub}": c for sub, c in command.commands.items()})
+    return group, commands
 
 
 def test_every_command_has_help_ending_with_an_example(cli):
     group, commands = all_commands()
-    assert {"convert", "validate", "keygen", "package", "inspect", "verify", "demo"} <= set(commands)
+    assert {"convert", "validate", "keygen", "package", "inspect", "verify", "demo", "emulate", "fleet collect", "fleet status"} <= set(commands)
     for name, command in commands.items():
-        result = cli(name, "--help")
+        result = cli(*name.split(), "--help")
         assert result.exit_code == 0, name
         assert "Example" in command.help and "edgekit " + name in command.help.split("Example")[-1], name
 

@@ -28,9 +28,9 @@ def _build():
         """
         ctx.obj = {"debug": debug}
 
-    from . import bundle, convert, demo, emulate, validate
+    from . import bundle, convert, demo, emulate, fleet, validate
 
-    for module in (convert, validate, bundle, emulate, demo):
+    for module in (convert, validate, bundle, emulate, fleet, demo):
         module.register(cli)
     return cli
 

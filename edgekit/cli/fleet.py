@@ -1,0 +1,158 @@
+"""``edgekit fleet``: collect, status, drift, alerts."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from datetime import datetime, timezone
+
+import click
+
+from ..fleet.alerts import AlertEngine, load_alert_config
+from ..fleet.collector import Collector, CollectorConfig
+from ..fleet.merge import merged_drift, since_timestamp
+from ..fleet.store import SqliteStore
+from .common import emit_json, fmt, json_option, table
+
+DB_OPTION = click.option("--db", default="fleet.db", show_default=True, type=click.Path(dir_okay=False), help="The fleet database (SQLite).")
+
+
+def register(cli: click.Group) -> None:
+    cli.add_command(fleet)
+
+
+@click.group()
+def fleet():
+    """Collect device summaries, and show the fleet, its drift and its alerts.
+
+    \b
+    Example:
+      edgekit fleet collect --broker mqtt://127.0.0.1:1883 --db fleet.db --http 127.0.0.1:8480
+    """
+
+
+@fleet.command()
+@click.option("--broker", default="mqtt://127.0.0.1:1883", show_default=True, help="MQTT broker URL (mqtt:// or mqtts://).")
+@DB_OPTION
+@click.option("--http", default="127.0.0.1:8480", show_default=True, help="Dashboard, JSON API and /metrics address ('' to disable).")
+@click.option("--alerts", "alerts_file", type=click.Path(dir_okay=False), help="alerts.toml: rule thresholds and sinks (webhook, command).")
+@click.option("--group", default="edgekit", show_default=True, help="Shared-subscription group: collectors in one group split the fleet.")
+@click.option("--client-id", default="edgekit-collector", show_default=True, help="MQTT client id; keep it stable so the broker keeps the session.")
+@click.option("--devices-file", type=click.Path(dir_okay=False), help="Known device ids, one per line; others are rejected as unknown-device.")
+@click.option("--duration", type=float, help="Stop after this many seconds (default: until Ctrl-C).")
+def collect(broker, db, http, alerts_file, group, client_id, devices_file, duration):
+    """Run the collector: ingest, store, request missing windows, alert, serve the dashboard.
+
+    \b
+    Example:
+      edgekit fleet collect --broker mqtt://127.0.0.1:1883 --db fleet.db --http 127.0.0.1:8480 --alerts alerts.toml
+    """
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    rules, sinks = load_alert_config(alerts_file)
+    allowed = None
+    if devices_file:
+        with open(devices_file) as handle:
+            allowed = frozenset(line.strip() for line in handle if line.strip() and not line.startswith("#"))
+    collector = Collector(CollectorConfig(broker=broker, db=db, http=http or None, group=group, client_id=client_id, allowed_devices=allowed))
+    collector.alerts = AlertEngine(collector.store, rules, sinks)
+    collector.start()
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    click.echo(f"collecting from {broker} into {db}" + (f"; dashboard at http://{http}/" if http else ""))
+    stop.wait(duration)
+    collector.stop()
+
+
+@fleet.command()
+@DB_OPTION
+@json_option
+def status(db, as_json):
+    """One row per device: online, model, windows, rows, latest drift verdict, worst feature.
+
+    \b
+    Example:
+      edgekit fleet status --db fleet.db --json
+    """
+    store = SqliteStore(db)
+    devices = store.status()
+    rejects = store.rejects()
+    if as_json:
+        emit_json(devices)
+        return
+    rows = [[d["device"], d["fleet"], "online" if d["online"] else "offline" if d["online"] is False else "?", f"{d['model']} v{d['model_version']}",
+             _ago(d["last_seen"]), d["windows"], d["rows"], "DRIFTED" if d["drifted"] else "no" if d["drifted"] is False else "-", d["worst_feature"] or "-",
+             d["missing_seqs"], d["rejected"]] for d in devices]
+    click.echo(table(rows, ["device", "fleet", "state", "model", "last seen", "windows", "rows", "drift", "worst feature", "missing", "rejected"]))
+    if rejects:
+        click.echo("rejected payloads: " + ", ".join(f"{reason} {count}" for reason, count in sorted(rejects.items())))
+
+
+@fleet.command()
+@DB_OPTION
+@click.option("--device", help="Only this device.")
+@click.option("--model", help="Only this model name.")
+@click.option("--version", type=int, help="Only this model version.")
+@click.option("--since", help="Only windows ending within this long ago: 30m, 1h, 2d.")
+@json_option
+def drift(db, device, model, version, since, as_json):
+    """Drift of merged windows against their baseline: per device, model version, fleet, time range.
+
+    \b
+    Example:
+      edgekit fleet drift --model digits --version 3 --since 1h
+    """
+    reports = merged_drift(SqliteStore(db), device=device, model=model, version=version, since=since_timestamp(since))
+    if as_json:
+        emit_json([{k: v for k, v in r.items() if k != "feature_distributions"} for r in reports])
+        return
+    if not reports:
+        click.echo("no windows match")
+    for report in reports:
+        header = f"{report['model']} v{report['model_version']}: {report['windows']} windows, {report['rows']:,} rows from {len(report['devices'])} device(s), {report['first']} … {report['last']}"
+        click.echo(header)
+        if report["drift"] is None:
+            click.echo(f"  {report['note']}")
+            continue
+        features = sorted(report["drift"]["features"].items(), key=lambda kv: -kv[1]["psi"])[:10]
+        rows = [[name, fmt(v["psi"]), fmt(v["ks"]), fmt(v["js"]), "DRIFTED" if v["drifted"] else "no"] for name, v in features]
+        if report["drift"].get("prediction"):
+            p = report["drift"]["prediction"]
+            rows.append(["(prediction)", fmt(p["psi"]), fmt(p["ks"]), fmt(p["js"]), "DRIFTED" if p["drifted"] else "no"])
+        click.echo(table(rows, ["feature", "psi", "ks", "js", "verdict"]))
+        click.echo(f"  merged verdict: {'DRIFTED' if report['drift']['drifted'] else 'no drift'} (family-wise alpha {report['drift']['alpha']})\n")
+
+
+@fleet.command()
+@DB_OPTION
+@click.option("--all", "show_all", is_flag=True, help="Closed alerts too.")
+@json_option
+def alerts(db, show_all, as_json):
+    """Open alerts (drift, prediction shift, null rate, latency, errors, offline, accuracy).
+
+    \b
+    Example:
+      edgekit fleet alerts --db fleet.db --json
+    """
+    found = SqliteStore(db).alerts(open_only=not show_all)
+    if as_json:
+        emit_json(found)
+        return
+    if not found:
+        click.echo("no open alerts" if not show_all else "no alerts")
+        return
+    click.echo(table([[a["state"], a["rule"], a["device"], a["subject"], _ago(a["opened_at"]), a["message"]] for a in found],
+                     ["state", "rule", "device", "subject", "opened", "message"]))
+
+
+def _ago(timestamp) -> str:
+    if not timestamp:
+        return "-"
+    seconds = time.time() - timestamp
+    if seconds < 120:
+        return f"{seconds:.0f}s ago"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f}m ago"
+    return datetime.fromtimestamp(timestamp, timezone.utc).strftime("%Y-%m-%d %H:%M")

@@ -1,0 +1,1 @@
+"""The fleet collector: ingest device summaries from MQTT, store, merge, alert, show."""

@@ -1,0 +1,199 @@
+"""Alerts: conditions over the stored windows, opened once, refreshed while they hold, closed when they clear.
+
+Rules (defaults; ``alerts.toml`` changes them)::
+
+    [rules]
+    drift_windows = 3          # a feature drifted in this many consecutive windows
+    prediction_windows = 2     # the prediction distribution drifted in this many consecutive windows
+    null_rate_max = 0.05       # share of missing input values in the latest window
+    p99_ms_max = 500.0         # latest window's p99 latency
+    error_rate_max = 0.05      # refused or failed requests / all requests, latest window
+    offline_seconds = 300      # offline (its last will, or a clean stop) for longer than this
+    accuracy_drop_max = 0.05   # delayed-label accuracy below the device's earlier windows by more than this
+    accuracy_min_labels = 20   # labels a window needs before its accuracy counts
+    [sinks]
+    log = true
+    webhook = "http://127.0.0.1:9000/hook"     # POST of the alert as JSON
+    command = "python retrain.py"              # run with the alert as JSON on stdin
+
+Sinks hear about an alert when it opens and when it closes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shlex
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections import Counter
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Callable
+
+from ..errors import EdgekitError
+from .store import SqliteStore
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+log = logging.getLogger("edgekit.alerts")
+
+
+@dataclass(frozen=True)
+class AlertRules:
+    drift_windows: int = 3
+    prediction_windows: int = 2
+    null_rate_max: float = 0.05
+    p99_ms_max: float = 500.0
+    error_rate_max: float = 0.05
+    offline_seconds: float = 300.0
+    accuracy_drop_max: float = 0.05
+    accuracy_min_labels: int = 20
+
+
+@dataclass(frozen=True)
+class AlertSinks:
+    log: bool = True
+    webhook: str | None = None
+    command: tuple[str, ...] | None = None
+
+
+def load_alert_config(path: str | Path | None) -> tuple[AlertRules, AlertSinks]:
+    if path is None:
+        return AlertRules(), AlertSinks()
+    try:
+        doc = tomllib.loads(Path(path).read_text())
+    except OSError as exc:
+        raise EdgekitError(f"cannot read the alerts file ({exc.strerror})", "check --alerts", path=path) from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise EdgekitError(f"is not valid TOML ({exc})", "fix the syntax", path=path) from exc
+    rules_doc, sinks_doc = doc.get("rules", {}), doc.get("sinks", {})
+    known = {f.name: f.type for f in fields(AlertRules)}
+    unknown = set(rules_doc) - set(known)
+    if unknown:
+        raise EdgekitError(f"unknown alert rules {sorted(unknown)}", f"use {', '.join(known)}", path=path)
+    try:
+        rules = AlertRules(**{k: type(getattr(AlertRules(), k))(v) for k, v in rules_doc.items()})
+    except (TypeError, ValueError) as exc:
+        raise EdgekitError(f"a rule has a value of the wrong type ({exc})", path=path) from exc
+    command = sinks_doc.get("command")
+    sinks = AlertSinks(log=bool(sinks_doc.get("log", True)), webhook=sinks_doc.get("webhook"),
+                       command=tuple(shlex.split(command) if isinstance(command, str) else command) if command else None)
+    return rules, sinks
+
+
+class AlertEngine:
+    def __init__(self, store: SqliteStore, rules: AlertRules = AlertRules(), sinks: AlertSinks = AlertSinks(), *, clock: Callable[[], float] = time.time) -> None:
+        self.store, self.rules, self.sinks, self.clock = store, rules, sinks, clock
+        self._lock = threading.Lock()
+
+    def evaluate(self, now: float | None = None, devices: set[str] | None = None) -> list[dict[str, Any]]:
+        """Check every device (or only ``devices``); return the alerts that opened or closed."""
+        now = self.clock() if now is None else now
+        changes = []
+        with self._lock:
+            for device in self.store.status():
+                if devices is None or device["device"] in devices:
+                    changes += self._evaluate_device(device, now)
+        return changes
+
+    def _evaluate_device(self, device: dict[str, Any], now: float) -> list[dict[str, Any]]:
+        name = device["device"]
+        depth = max(self.rules.drift_windows, self.rules.prediction_windows, 1)
+        recent = self.store.recent_summaries(name, depth)
+        holding: dict[tuple[str, str], tuple[str, dict[str, Any]]] = {}
+        if recent:
+            latest = recent[0]
+            holding.update(self._drift(recent))
+            holding.update(self._latest_window(latest))
+            holding.update(self._accuracy(name, latest))
+        offline_for = now - (device["last_seen"] or now)
+        # Offline is what the device's last will says; silence alone is not (no traffic, no windows).
+        if device["online"] is False and offline_for > self.rules.offline_seconds:
+            holding[("offline", "device")] = (f"{name} has been offline for {offline_for:.0f} s", {"last_seen": device["last_seen"], "online": False})
+        changes = []
+        for (rule, subject), (message, evidence) in holding.items():
+            evidence = {"device": name, "fleet": device["fleet"], "model": device["model"], "model_version": device["model_version"], **evidence}
+            if self.store.open_alert(rule, name, subject, message, evidence, now):
+                changes.append(self._notify("open", rule, name, subject, message, evidence, now))
+        for rule, subject in self.store.open_alerts_of(name) - set(holding):
+            if self.store.close_alert(rule, name, subject, now):
+                changes.append(self._notify("closed", rule, name, subject, f"{rule} on {subject} cleared", {"device": name}, now))
+        return changes
+
+    def _drift(self, recent: list[dict[str, Any]]) -> dict[tuple[str, str], tuple[str, dict[str, Any]]]:
+        found = {}
+        windows = recent[: self.rules.drift_windows]
+        if len(windows) == self.rules.drift_windows:
+            for feature in windows[0]["drift"]["features"]:
+                if all(w["drift"]["features"].get(feature, {}).get("drifted") for w in windows):
+                    psi = [w["drift"]["features"][feature]["psi"] for w in windows]
+                    found[("drift", feature)] = (f"{feature} drifted in {len(windows)} consecutive windows (PSI {psi[0]:.3f})",
+                                                 {"feature": feature, "psi": psi, "seqs": [w["seq"] for w in windows]})
+        windows = recent[: self.rules.prediction_windows]
+        if len(windows) == self.rules.prediction_windows and all((w["drift"].get("prediction") or {}).get("drifted") for w in windows):
+            found[("prediction_shift", "prediction")] = (f"the prediction distribution shifted in {len(windows)} consecutive windows",
+                                                         {"prediction": [w["predictions"] for w in windows], "seqs": [w["seq"] for w in windows]})
+        return found
+
+    def _latest_window(self, latest: dict[str, Any]) -> dict[tuple[str, str], tuple[str, dict[str, Any]]]:
+        found = {}
+        evidence = {"seq": latest["seq"], "window": latest["window"]}
+        null_rate = latest["quality"].get("null_rate") or 0.0
+        if null_rate > self.rules.null_rate_max:
+            found[("null_rate", "inputs")] = (f"{null_rate:.1%} of input values are missing (limit {self.rules.null_rate_max:.1%})", {**evidence, "null_rate": null_rate})
+        p99 = latest["latency"].get("p99_ms")
+        if p99 is not None and p99 > self.rules.p99_ms_max:
+            found[("latency_p99", "latency")] = (f"p99 latency {p99:.1f} ms is over {self.rules.p99_ms_max:.0f} ms", {**evidence, "p99_ms": p99})
+        errors = sum(latest["errors"].values())
+        requests = latest["rows"] + errors
+        if requests and errors / requests > self.rules.error_rate_max:
+            found[("error_rate", "requests")] = (f"{errors / requests:.1%} of requests failed or were refused", {**evidence, "errors": latest["errors"], "rows": latest["rows"]})
+        return found
+
+    def _accuracy(self, device: str, latest: dict[str, Any]) -> dict[tuple[str, str], tuple[str, dict[str, Any]]]:
+        history = [h for h in self.store.labelled_accuracy(device, latest["model"]["name"], latest["model"]["version"]) if h[2] >= self.rules.accuracy_min_labels]
+        if len(history) < 2:
+            return {}
+        *earlier, (seq, accuracy, labelled) = history
+        reference = sum(a * n for _, a, n in earlier) / sum(n for *_, n in earlier)
+        if reference - accuracy > self.rules.accuracy_drop_max:
+            return {("accuracy", "labels"): (f"accuracy on delayed labels fell to {accuracy:.3f} from {reference:.3f}",
+                                             {"seq": seq, "accuracy": accuracy, "reference": reference, "labelled": labelled})}
+        return {}
+
+    def _notify(self, state: str, rule: str, device: str, subject: str, message: str, evidence: dict[str, Any], now: float) -> dict[str, Any]:
+        alert = {"state": state, "rule": rule, "device": device, "subject": subject, "message": message, "evidence": evidence, "at": now}
+        if self.sinks.log:
+            (log.warning if state == "open" else log.info)("alert %s: %s %s/%s: %s", state, rule, device, subject, message)
+        if self.sinks.webhook or self.sinks.command:
+            threading.Thread(target=self._deliver, args=(alert,), name="edgekit-alert-sink", daemon=True).start()
+        return alert
+
+    def _deliver(self, alert: dict[str, Any]) -> None:
+        body = json.dumps(alert, default=str).encode()
+        if self.sinks.webhook:
+            try:
+                request = urllib.request.Request(self.sinks.webhook, data=body, headers={"Content-Type": "application/json"}, method="POST")
+                urllib.request.urlopen(request, timeout=10).close()
+            except OSError as exc:
+                log.warning("alert webhook %s failed: %s", self.sinks.webhook, exc)
+        if self.sinks.command:
+            try:
+                done = subprocess.run(list(self.sinks.command), input=body, capture_output=True, timeout=300)
+                if done.returncode:
+                    log.warning("alert command %s exited %d: %s", self.sinks.command[0], done.returncode, done.stderr[-300:].decode(errors="replace"))
+            except (OSError, subprocess.TimeoutExpired) as exc:
+                log.warning("alert command %s failed: %s", self.sinks.command[0], exc)
+
+    def list(self, *, open_only: bool = False, limit: int = 200) -> list[dict[str, Any]]:
+        return self.store.alerts(open_only=open_only, limit=limit)
+
+    def open_counts(self) -> dict[str, int]:
+        return dict(Counter(a["rule"] for a in self.store.alerts(open_only=True, limit=100000)))

@@ -1,0 +1,193 @@
+"""``edgekit fleet collect``: the long-running collector.
+
+MQTT: a persistent MQTT 5 session (clean_start off, a day of session expiry), so what devices send
+while the collector is down waits on the broker; summaries through a shared subscription
+(``$share/<group>/edgekit/v1/+/+/summary``) so several collectors split one fleet; state and baselines
+through plain subscriptions (shared ones get no retained messages). Acknowledgements are manual and
+sent only after the SQLite transaction holding the message has committed, so a collector killed at
+any moment loses nothing: the broker redelivers, and the store ignores what it already has.
+Brokers without MQTT 5 get MQTT 3.1.1 with a persistent session and no shared subscription.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlparse
+
+from ..errors import EdgekitError, require
+from .ingest import Ingestor, Message
+from .store import SqliteStore
+
+log = logging.getLogger("edgekit.fleet")
+BATCH_MAX = 1000
+BATCH_WAIT = 0.05
+GAP_CHECK_SECONDS = 5.0
+UNSUPPORTED_PROTOCOL_VERSION = 132
+
+
+@dataclass(frozen=True)
+class CollectorConfig:
+    broker: str = "mqtt://127.0.0.1:1883"
+    db: str = "fleet.db"
+    http: str | None = "127.0.0.1:8480"
+    group: str = "edgekit"
+    client_id: str = "edgekit-collector"
+    username: str | None = None
+    password: str | None = None
+    gap_retry_seconds: float = 30.0
+    allowed_devices: frozenset[str] | None = None
+
+
+class Collector:
+    def __init__(self, config: CollectorConfig, *, store: SqliteStore | None = None) -> None:
+        self.config = config
+        self.store = store or SqliteStore(config.db)
+        self.ingestor = Ingestor(self.store, allowed_devices=set(config.allowed_devices) if config.allowed_devices else None)
+        self.protocol = "5"
+        self.connected = threading.Event()
+        self.received = 0
+        self._queue: deque = deque()
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._client = None
+        self._threads: list[threading.Thread] = []
+        self.server = None
+        self.alerts = None
+
+    # -- lifecycle -----------------------------------------------------------------------------------
+    def start(self) -> "Collector":
+        self._connect()
+        for target, name in ((self._writer, "edgekit-collector-writer"), (self._housekeeping, "edgekit-collector-gaps")):
+            thread = threading.Thread(target=target, name=name, daemon=True)
+            thread.start()
+            self._threads.append(thread)
+        if self.config.http:
+            from .web import serve
+
+            self.server = serve(self, self.config.http)
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        for thread in self._threads:
+            thread.join(timeout=5)
+        if self.server is not None:
+            self.server.shutdown()
+            self.server.server_close()
+        if self._client is not None:
+            self._client.disconnect()
+            self._client.loop_stop()
+        self.store.close()
+
+    def _connect(self) -> None:
+        mqtt = require("paho.mqtt.client", "host")
+        from paho.mqtt.packettypes import PacketTypes
+        from paho.mqtt.properties import Properties
+
+        parsed = urlparse(self.config.broker)
+        if parsed.scheme not in ("mqtt", "mqtts") or not parsed.hostname:
+            raise EdgekitError(f"--broker {self.config.broker!r} is not an mqtt:// or mqtts:// URL", "write it as mqtt://host:1883")
+        v5 = self.protocol == "5"
+        client = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2, client_id=self.config.client_id,
+                             protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311, clean_session=None if v5 else False, manual_ack=True)
+        if self.config.username:
+            client.username_pw_set(self.config.username, self.config.password)
+        if parsed.scheme == "mqtts":
+            client.tls_set()
+        client.reconnect_delay_set(min_delay=1, max_delay=30)
+        client.on_connect, client.on_message, client.on_disconnect = self._on_connect, self._on_message, self._on_disconnect
+        kwargs: dict[str, Any] = {}
+        if v5:
+            properties = Properties(PacketTypes.CONNECT)
+            properties.SessionExpiryInterval = 86400
+            kwargs = {"clean_start": False, "properties": properties}
+        self._client = client
+        client.connect_async(parsed.hostname, parsed.port or (8883 if parsed.scheme == "mqtts" else 1883), keepalive=30, **kwargs)
+        client.loop_start()
+
+    def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
+        if reason_code.is_failure:
+            if reason_code.value == UNSUPPORTED_PROTOCOL_VERSION and self.protocol == "5":
+                log.info("the broker does not speak MQTT 5; using MQTT 3.1.1 (no shared subscription)")
+                self.protocol = "3.1.1"
+                threading.Thread(target=self._reconnect_older, daemon=True).start()
+            else:
+                log.warning("the broker refused the collector: %s", reason_code)
+            return
+        summary = "edgekit/v1/+/+/summary"
+        if self.protocol == "5":
+            summary = f"$share/{self.config.group}/{summary}"
+        client.subscribe([("edgekit/v1/+/+/state", 1), ("edgekit/v1/+/+/baseline", 1), (summary, 1)])
+        self.connected.set()
+        log.info("collector connected to %s (MQTT %s)", self.config.broker, self.protocol)
+
+    def _reconnect_older(self) -> None:
+        old, self._client = self._client, None
+        old.disconnect()
+        old.loop_stop()
+        self._connect()
+
+    def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
+        self.connected.clear()
+
+    def _on_message(self, client, userdata, message) -> None:
+        self._queue.append((Message(message.topic, message.payload, time.time()), message.mid, message.qos))
+        self.received += 1
+        if len(self._queue) >= BATCH_MAX:
+            self._wake.set()
+
+    # -- threads ---------------------------------------------------------------------------------------
+    def _writer(self) -> None:
+        while not self._stop.is_set():
+            self._wake.wait(BATCH_WAIT)
+            self._wake.clear()
+            self.drain()
+
+    def drain(self) -> int:
+        """Store what has arrived, then acknowledge it (never before the commit)."""
+        batch = []
+        while self._queue and len(batch) < BATCH_MAX * 5:
+            batch.append(self._queue.popleft())
+        if not batch:
+            return 0
+        try:
+            self.ingestor.handle([m for m, _, _ in batch])
+        except Exception:  # a failed commit: do not ack, the broker will redeliver
+            log.exception("could not store a batch of %d messages", len(batch))
+            return 0
+        client = self._client
+        for _, mid, qos in batch:
+            if qos and client is not None:
+                client.ack(mid, qos)
+        if self.alerts is not None and self.ingestor.touched:
+            touched, self.ingestor.touched = self.ingestor.touched, set()
+            self.alerts.evaluate(devices=touched)
+        return len(batch)
+
+    def _housekeeping(self) -> None:
+        while not self._stop.wait(GAP_CHECK_SECONDS):
+            try:
+                self.request_gaps()
+                if self.alerts is not None:
+                    self.alerts.evaluate()
+            except Exception:
+                log.exception("housekeeping failed")
+
+    def request_gaps(self) -> int:
+        """Ask devices for the windows the store is missing (each seq again after ``gap_retry_seconds``)."""
+        client = self._client
+        if client is None or not self.connected.is_set():
+            return 0
+        fleets = {d["device"]: d["fleet"] for d in self.store.status()}
+        wanted = self.store.gaps_to_request(time.time(), retry_after=self.config.gap_retry_seconds)
+        for device, seqs in wanted.items():
+            payload = json.dumps({"schema": "edgekit.cmd/1", "cmd": "resend", "seqs": seqs})
+            client.publish(f"edgekit/v1/{fleets.get(device, 'default')}/{device}/cmd", payload, qos=1)
+        return sum(len(s) for s in wanted.values())

@@ -1,0 +1,126 @@
+"""Turning raw MQTT messages into stored facts, refusing everything that is not well-formed.
+
+Each message is checked in order: topic shape, size, JSON, schema, fields, that the payload's
+device and fleet are the topic's (no device speaks for another), and, when an allow-list is given,
+that the device is known. Rejections are counted per reason (in the store and in memory for
+/metrics) and logged at most once per device and reason per minute. Nothing a device sends can
+raise out of ``handle``.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import sqlite3
+import time
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from device_agent.errors import ProtocolError
+from device_agent.protocol import BASELINE_SCHEMA, MAX_PAYLOAD_BYTES, STATE_SCHEMA, SUMMARY_SCHEMA, check_baseline, check_state, check_summary, decode
+
+from .store import FleetStore
+
+log = logging.getLogger("edgekit.fleet")
+TOPIC = re.compile(r"^edgekit/v1/(?P<fleet>[A-Za-z0-9][A-Za-z0-9._-]{0,63})/(?P<device>[A-Za-z0-9][A-Za-z0-9._-]{0,63})/(?P<leaf>state|summary|baseline)$")
+LOG_INTERVAL = 60.0
+
+
+@dataclass(frozen=True)
+class Message:
+    topic: str
+    payload: bytes
+    received_at: float
+
+
+class Ingestor:
+    def __init__(self, store: FleetStore, *, allowed_devices: set[str] | None = None, clock: Callable[[], float] = time.time) -> None:
+        self.store, self.allowed, self.clock = store, allowed_devices, clock
+        self.counters: Counter = Counter()
+        self.touched: set[str] = set()  # devices with news since the alert engine last looked
+        self._last_logged: dict[tuple[str, str], float] = {}
+
+    def handle(self, messages: list[Message]) -> Counter:
+        """Check and store a batch (one transaction for its summaries); return what happened to it."""
+        outcome: Counter = Counter()
+        summaries: list[tuple[dict[str, Any], str]] = []
+        for message in messages:
+            try:
+                kind, doc = self._check(message)
+            except ProtocolError as exc:
+                self._reject(exc.reason, _device_of(message.topic), str(exc), message.received_at)
+                outcome[f"rejected_{exc.reason}"] += 1
+                continue
+            except Exception as exc:  # a collector must outlive any payload; this is a bug, so log it loudly
+                log.exception("unexpected error on %s", message.topic)
+                self._reject("internal", _device_of(message.topic), repr(exc), message.received_at)
+                outcome["rejected_internal"] += 1
+                continue
+            if kind in ("summary", "state"):
+                self.touched.add(doc["device"])
+            if kind == "summary":
+                summaries.append((doc, message.payload.decode()))
+            elif kind == "state":
+                self.store.record_state(doc, message.received_at)
+                outcome["states"] += 1
+            else:
+                self.store.record_baseline(doc, message.received_at)
+                outcome["baselines"] += 1
+        if summaries:
+            self._store_summaries(summaries, outcome)
+        self.counters.update(outcome)
+        return outcome
+
+    def _store_summaries(self, summaries: list[tuple[dict[str, Any], str]], outcome: Counter) -> None:
+        """One transaction for the batch; if it fails, one per summary, so a single bad one cannot
+        poison the batch (unacknowledged, it would be redelivered forever)."""
+        try:
+            stored, duplicates = self.store.add_summaries(summaries, self.clock())
+        except (sqlite3.Error, OverflowError):
+            stored = duplicates = 0
+            for item in summaries:
+                try:
+                    s, d = self.store.add_summaries([item], self.clock())
+                except (sqlite3.IntegrityError, sqlite3.InterfaceError, sqlite3.ProgrammingError, OverflowError) as exc:
+                    self._reject("internal", item[0].get("device", ""), repr(exc), self.clock())
+                    outcome["rejected_internal"] += 1
+                    continue
+                stored, duplicates = stored + s, duplicates + d
+        outcome["stored"] += stored
+        outcome["duplicates"] += duplicates
+
+    def _check(self, message: Message) -> tuple[str, dict[str, Any]]:
+        match = TOPIC.match(message.topic)
+        if match is None:
+            raise ProtocolError("topic", f"topic {message.topic[:100]!r} is not edgekit/v1/<fleet>/<device>/(state|summary|baseline)")
+        if not message.payload and match["leaf"] == "state":
+            raise ProtocolError("json", "empty state payload (a retained message was cleared)")
+        if len(message.payload) > MAX_PAYLOAD_BYTES:
+            raise ProtocolError("size", f"payload of {len(message.payload)} bytes is over the {MAX_PAYLOAD_BYTES}-byte limit")
+        leaf = match["leaf"]
+        schema = {"summary": SUMMARY_SCHEMA, "state": STATE_SCHEMA, "baseline": BASELINE_SCHEMA}[leaf]
+        doc = decode(message.payload, schema)
+        if leaf == "summary":
+            check_summary(doc)
+        elif leaf == "state":
+            check_state(doc)
+        else:
+            check_baseline(doc)
+        if leaf != "baseline" and (doc["device"] != match["device"] or doc["fleet"] != match["fleet"]):
+            raise ProtocolError("mismatch", f"payload says {doc['fleet']}/{doc['device']} but was published on {match['fleet']}/{match['device']}")
+        if self.allowed is not None and match["device"] not in self.allowed:
+            raise ProtocolError("unknown-device", f"device {match['device']!r} is not in the fleet's device list")
+        return leaf, doc
+
+    def _reject(self, reason: str, device: str, why: str, now: float) -> None:
+        self.store.count_reject(reason, device, now)
+        key = (device, reason)
+        if now - self._last_logged.get(key, 0.0) >= LOG_INTERVAL:
+            self._last_logged[key] = now
+            log.warning("rejected a payload from %s (%s): %s", device or "?", reason, why[:200])
+
+
+def _device_of(topic: str) -> str:
+    parts = topic.split("/")
+    return parts[3][:64] if len(parts) >= 5 and parts[0] == "edgekit" else ""

@@ -1,0 +1,48 @@
+"""The collector's /metrics, built with prometheus-client from the store and the ingest counters."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .collector import Collector
+
+
+def render(collector: "Collector") -> bytes:
+    from prometheus_client import CollectorRegistry, generate_latest
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+    class _Fleet:
+        def collect(self):
+            status = collector.store.status()
+            devices = GaugeMetricFamily("edgekit_fleet_devices", "Devices known to the collector, by state.", labels=["state"])
+            devices.add_metric(["online"], sum(1 for d in status if d["online"]))
+            devices.add_metric(["offline"], sum(1 for d in status if not d["online"]))
+            yield devices
+            drifted = GaugeMetricFamily("edgekit_device_drifted", "Latest window's drift verdict per device.", labels=["device", "fleet", "model"])
+            rows = CounterMetricFamily("edgekit_device_rows", "Rows summarised per device.", labels=["device", "fleet"])
+            missing = GaugeMetricFamily("edgekit_device_missing_windows", "Seq gaps still unfilled per device.", labels=["device"])
+            for d in status:
+                drifted.add_metric([d["device"], d["fleet"], str(d["model"])], 1.0 if d["drifted"] else 0.0)
+                rows.add_metric([d["device"], d["fleet"]], d["rows"])
+                missing.add_metric([d["device"]], d["missing_seqs"])
+            yield drifted
+            yield rows
+            yield missing
+            ingest = CounterMetricFamily("edgekit_collector_messages", "Messages handled by outcome.", labels=["outcome"])
+            for outcome, count in sorted(collector.ingestor.counters.items()):
+                ingest.add_metric([outcome], count)
+            yield ingest
+            rejected = CounterMetricFamily("edgekit_collector_rejected", "Payloads rejected, by reason (all collectors on this store).", labels=["reason"])
+            for reason, count in sorted(collector.store.rejects().items()):
+                rejected.add_metric([reason], count)
+            yield rejected
+            if collector.alerts is not None:
+                alerts = GaugeMetricFamily("edgekit_alerts_open", "Open alerts by rule.", labels=["rule"])
+                for rule, count in collector.alerts.open_counts().items():
+                    alerts.add_metric([rule], count)
+                yield alerts
+
+    registry = CollectorRegistry()
+    registry.register(_Fleet())
+    return generate_latest(registry)

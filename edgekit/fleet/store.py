@@ -1,0 +1,281 @@
+"""The fleet store: SQLite behind a small seam (``FleetStore``), so PostgreSQL can stand in for large fleets.
+
+Summaries are stored idempotently by ``(device, seq)``: a QoS 1 redelivery is counted, never stored
+twice. The raw payload is kept as received; the columns a query filters on are extracted. Gaps in
+each device's ``seq`` are tracked so the collector can ask for resends. Nothing here assumes one
+collector: every write is an upsert or an insert-or-ignore inside a transaction.
+
+The store takes a path, ``:memory:``, or an open ``sqlite3.Connection``; it runs in WAL mode and
+records its migrations in the ``migrations`` table, each applied in its own transaction.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sqlite3
+import threading
+import time
+from pathlib import Path
+from typing import Any, Iterator, Protocol
+
+from ..errors import EdgekitError
+
+MAX_GAP = 1000  # a jump larger than this is a reset or garbage, not a gap worth resending
+
+MIGRATIONS: list[tuple[str, str]] = [
+    ("0001_initial", """
+        CREATE TABLE devices (
+            device TEXT PRIMARY KEY, fleet TEXT NOT NULL, online INTEGER, model TEXT, model_version INTEGER,
+            runtime TEXT, agent_version TEXT, state_at REAL, last_seen REAL, max_seq INTEGER NOT NULL DEFAULT 0,
+            windows INTEGER NOT NULL DEFAULT 0, rows INTEGER NOT NULL DEFAULT 0, drifted INTEGER, worst_feature TEXT,
+            redeliveries INTEGER NOT NULL DEFAULT 0
+        );
+        CREATE TABLE summaries (
+            device TEXT NOT NULL, seq INTEGER NOT NULL, fleet TEXT NOT NULL, model TEXT NOT NULL, model_version INTEGER NOT NULL,
+            window_start TEXT NOT NULL, window_end TEXT NOT NULL, received_at REAL NOT NULL, rows INTEGER NOT NULL,
+            drifted INTEGER, worst_feature TEXT, baseline_id TEXT NOT NULL, payload TEXT NOT NULL,
+            PRIMARY KEY (device, seq)
+        );
+        CREATE INDEX summaries_by_model ON summaries (model, model_version, window_end);
+        CREATE INDEX summaries_by_fleet ON summaries (fleet, window_end);
+        CREATE TABLE baselines (baseline_id TEXT PRIMARY KEY, model TEXT, model_version INTEGER, profile TEXT NOT NULL, received_at REAL);
+        CREATE TABLE rejects (reason TEXT NOT NULL, device TEXT NOT NULL, count INTEGER NOT NULL, last_at REAL, PRIMARY KEY (reason, device));
+        CREATE TABLE gaps (device TEXT NOT NULL, seq INTEGER NOT NULL, requested_at REAL, requests INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (device, seq));
+        CREATE TABLE alerts (
+            id INTEGER PRIMARY KEY, rule TEXT NOT NULL, device TEXT NOT NULL, subject TEXT NOT NULL, state TEXT NOT NULL,
+            opened_at REAL NOT NULL, updated_at REAL NOT NULL, closed_at REAL, message TEXT NOT NULL, evidence TEXT NOT NULL
+        );
+        CREATE UNIQUE INDEX alerts_one_open ON alerts (rule, device, subject) WHERE state = 'open';
+    """),
+]
+
+
+class StoreError(EdgekitError):
+    pass
+
+
+class FleetStore(Protocol):
+    """What the collector, the CLI and the dashboard need from a store."""
+
+    def record_state(self, doc: dict[str, Any], now: float) -> None: ...
+
+    def record_baseline(self, doc: dict[str, Any], now: float) -> None: ...
+
+    def add_summaries(self, items: list[tuple[dict[str, Any], str]], now: float) -> tuple[int, int]: ...
+
+    def count_reject(self, reason: str, device: str, now: float) -> None: ...
+
+    def status(self) -> list[dict[str, Any]]: ...
+
+    def summaries(self, **selection: Any) -> Iterator[dict[str, Any]]: ...
+
+
+class SqliteStore:
+    def __init__(self, path: str | Path | sqlite3.Connection = ":memory:") -> None:
+        if isinstance(path, sqlite3.Connection):
+            self.db = path
+        else:
+            try:
+                self.db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None, timeout=30)
+            except sqlite3.Error as exc:
+                raise StoreError(f"cannot open the fleet database ({exc})", "check the --db path and its directory", path=path) from exc
+        self._lock = threading.RLock()
+        self.db.row_factory = sqlite3.Row
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=NORMAL")
+        self.migrate()
+
+    @contextlib.contextmanager
+    def atomic(self) -> Iterator[sqlite3.Connection]:
+        """One transaction; nested calls join the outer one."""
+        with self._lock:
+            if self.db.in_transaction:
+                yield self.db
+                return
+            self.db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self.db
+            except BaseException:
+                self.db.execute("ROLLBACK")
+                raise
+            self.db.execute("COMMIT")
+
+    def migrate(self) -> list[str]:
+        with self._lock:
+            self.db.execute("CREATE TABLE IF NOT EXISTS migrations (name TEXT PRIMARY KEY, applied_at REAL NOT NULL)")
+            done = {row[0] for row in self.db.execute("SELECT name FROM migrations")}
+            applied = []
+            for name, sql in MIGRATIONS:
+                if name in done:
+                    continue
+                with self.atomic() as db:
+                    for statement in filter(str.strip, sql.split(";")):
+                        db.execute(statement)
+                    db.execute("INSERT INTO migrations VALUES (?, ?)", (name, time.time()))
+                applied.append(name)
+            return applied
+
+    # -- writes ----------------------------------------------------------------------------------------
+    def record_state(self, doc: dict[str, Any], now: float) -> None:
+        model = doc.get("model") or {}
+        with self.atomic() as db:
+            db.execute(
+                """INSERT INTO devices (device, fleet, online, model, model_version, runtime, agent_version, state_at, last_seen)
+                   VALUES (:device, :fleet, :online, :model, :version, :runtime, :agent, :now, :now)
+                   ON CONFLICT (device) DO UPDATE SET fleet=excluded.fleet, online=excluded.online, model=coalesce(excluded.model, model),
+                   model_version=coalesce(excluded.model_version, model_version), runtime=coalesce(excluded.runtime, runtime),
+                   agent_version=excluded.agent_version, state_at=excluded.state_at, last_seen=max(coalesce(last_seen, 0), excluded.last_seen)""",
+                {"device": doc["device"], "fleet": doc["fleet"], "online": int(doc["online"]), "model": model.get("name"), "version": model.get("version"),
+                 "runtime": doc.get("runtime"), "agent": doc.get("agent_version"), "now": now},
+            )
+
+    def record_baseline(self, doc: dict[str, Any], now: float) -> None:
+        with self.atomic() as db:
+            db.execute("INSERT OR IGNORE INTO baselines VALUES (?, ?, ?, ?, ?)",
+                       (doc["baseline_id"], doc["model"]["name"], doc["model"]["version"], json.dumps(doc["profile"]), now))
+
+    def add_summaries(self, items: list[tuple[dict[str, Any], str]], now: float) -> tuple[int, int]:
+        """Store summaries (parsed doc, raw payload); return (stored, duplicates)."""
+        stored = duplicates = 0
+        with self.atomic() as db:
+            for doc, payload in items:
+                cursor = db.execute(
+                    "INSERT OR IGNORE INTO summaries VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                    (doc["device"], doc["seq"], doc["fleet"], doc["model"]["name"], doc["model"]["version"], doc["window"]["start"], doc["window"]["end"],
+                     now, doc["rows"], _flag(doc["drift"].get("drifted")), doc["drift"].get("worst_feature"), doc["profile"]["baseline_id"], payload),
+                )
+                if cursor.rowcount == 0:
+                    duplicates += 1
+                    db.execute("UPDATE devices SET redeliveries = redeliveries + 1 WHERE device = ?", (doc["device"],))
+                    continue
+                stored += 1
+                self._account(db, doc, now)
+        return stored, duplicates
+
+    def _account(self, db: sqlite3.Connection, doc: dict[str, Any], now: float) -> None:
+        device, seq = doc["device"], doc["seq"]
+        row = db.execute("SELECT max_seq FROM devices WHERE device = ?", (device,)).fetchone()
+        max_seq = row["max_seq"] if row else 0
+        if row is None:
+            db.execute("INSERT INTO devices (device, fleet, model, model_version, last_seen) VALUES (?, ?, ?, ?, ?)",
+                       (device, doc["fleet"], doc["model"]["name"], doc["model"]["version"], now))
+        if seq > max_seq:
+            if 1 < seq - max_seq <= MAX_GAP:
+                db.executemany("INSERT OR IGNORE INTO gaps (device, seq) VALUES (?, ?)", [(device, s) for s in range(max_seq + 1, seq)])
+            db.execute(
+                """UPDATE devices SET max_seq=?, windows=windows+1, rows=rows+?, last_seen=max(coalesce(last_seen, 0), ?), drifted=?, worst_feature=?,
+                   model=?, model_version=? WHERE device=?""",
+                (seq, doc["rows"], now, _flag(doc["drift"].get("drifted")), doc["drift"].get("worst_feature"), doc["model"]["name"], doc["model"]["version"], device),
+            )
+        else:
+            db.execute("DELETE FROM gaps WHERE device = ? AND seq = ?", (device, seq))
+            db.execute("UPDATE devices SET windows=windows+1, rows=rows+?, last_seen=max(coalesce(last_seen, 0), ?) WHERE device=?", (doc["rows"], now, device))
+
+    def count_reject(self, reason: str, device: str, now: float) -> None:
+        with self.atomic() as db:
+            db.execute("INSERT INTO rejects VALUES (?, ?, 1, ?) ON CONFLICT (reason, device) DO UPDATE SET count = count + 1, last_at = excluded.last_at",
+                       (reason, device or "", now))
+
+    # -- gaps ------------------------------------------------------------------------------------------
+    def gaps_to_request(self, now: float, *, retry_after: float = 30.0, limit: int = 500) -> dict[str, list[int]]:
+        """Missing seqs not requested in the last ``retry_after`` seconds, marked as requested now."""
+        with self.atomic() as db:
+            rows = db.execute("SELECT device, seq FROM gaps WHERE requested_at IS NULL OR requested_at < ? ORDER BY device, seq LIMIT ?",
+                              (now - retry_after, limit)).fetchall()
+            db.executemany("UPDATE gaps SET requested_at = ?, requests = requests + 1 WHERE device = ? AND seq = ?", [(now, r["device"], r["seq"]) for r in rows])
+        wanted: dict[str, list[int]] = {}
+        for row in rows:
+            wanted.setdefault(row["device"], []).append(row["seq"])
+        return wanted
+
+    # -- reads -----------------------------------------------------------------------------------------
+    def status(self) -> list[dict[str, Any]]:
+        with self._lock:
+            rows = self.db.execute("SELECT * FROM devices ORDER BY fleet, device").fetchall()
+            gaps = dict(self.db.execute("SELECT device, count(*) FROM gaps GROUP BY device").fetchall())
+            rejects = {}
+            for row in self.db.execute("SELECT device, sum(count) FROM rejects GROUP BY device"):
+                rejects[row[0]] = row[1]
+        return [
+            {"device": r["device"], "fleet": r["fleet"], "online": None if r["online"] is None else bool(r["online"]), "model": r["model"],
+             "model_version": r["model_version"], "last_seen": r["last_seen"], "windows": r["windows"], "rows": r["rows"],
+             "drifted": None if r["drifted"] is None else bool(r["drifted"]), "worst_feature": r["worst_feature"], "missing_seqs": gaps.get(r["device"], 0),
+             "redeliveries": r["redeliveries"], "rejected": rejects.get(r["device"], 0), "runtime": r["runtime"], "agent_version": r["agent_version"]}
+            for r in rows
+        ]
+
+    def rejects(self) -> dict[str, int]:
+        with self._lock:
+            return {row[0]: row[1] for row in self.db.execute("SELECT reason, sum(count) FROM rejects GROUP BY reason")}
+
+    def summaries(self, *, device: str | None = None, model: str | None = None, version: int | None = None, fleet: str | None = None,
+                  since: str | None = None) -> Iterator[dict[str, Any]]:
+        clauses, params = [], []
+        for column, value in (("device", device), ("model", model), ("model_version", version), ("fleet", fleet)):
+            if value is not None:
+                clauses.append(f"{column} = ?")
+                params.append(value)
+        if since is not None:
+            clauses.append("window_end >= ?")
+            params.append(since)
+        query = "SELECT payload FROM summaries" + (" WHERE " + " AND ".join(clauses) if clauses else "") + " ORDER BY window_end, device, seq"
+        with self._lock:
+            rows = self.db.execute(query, params).fetchall()
+        for row in rows:
+            yield json.loads(row[0])
+
+    def baseline(self, baseline_id: str) -> dict[str, Any] | None:
+        with self._lock:
+            row = self.db.execute("SELECT profile FROM baselines WHERE baseline_id = ?", (baseline_id,)).fetchone()
+        return None if row is None else json.loads(row[0])
+
+    def recent_summaries(self, device: str, count: int) -> list[dict[str, Any]]:
+        """The device's last ``count`` windows, newest first."""
+        with self._lock:
+            rows = self.db.execute("SELECT payload FROM summaries WHERE device = ? ORDER BY seq DESC LIMIT ?", (device, count)).fetchall()
+        return [json.loads(r[0]) for r in rows]
+
+    def labelled_accuracy(self, device: str, model: str, version: int) -> list[tuple[int, float, int]]:
+        """(seq, accuracy, labelled) of the device's windows that received delayed labels, oldest first."""
+        with self._lock:
+            rows = self.db.execute("SELECT seq, json_extract(payload, '$.accuracy.accuracy'), json_extract(payload, '$.accuracy.labelled') FROM summaries "
+                                   "WHERE device = ? AND model = ? AND model_version = ? AND json_extract(payload, '$.accuracy') IS NOT NULL ORDER BY seq",
+                                   (device, model, version)).fetchall()
+        return [(r[0], r[1], r[2]) for r in rows]
+
+    # -- alerts ----------------------------------------------------------------------------------------
+    def open_alert(self, rule: str, device: str, subject: str, message: str, evidence: dict[str, Any], now: float) -> bool:
+        """Open an alert, or refresh the open one; True when it is new."""
+        with self.atomic() as db:
+            cursor = db.execute("UPDATE alerts SET updated_at = ?, message = ?, evidence = ? WHERE rule = ? AND device = ? AND subject = ? AND state = 'open'",
+                                (now, message, json.dumps(evidence), rule, device, subject))
+            if cursor.rowcount:
+                return False
+            db.execute("INSERT INTO alerts (rule, device, subject, state, opened_at, updated_at, message, evidence) VALUES (?, ?, ?, 'open', ?, ?, ?, ?)",
+                       (rule, device, subject, now, now, message, json.dumps(evidence)))
+            return True
+
+    def close_alert(self, rule: str, device: str, subject: str, now: float) -> bool:
+        with self.atomic() as db:
+            cursor = db.execute("UPDATE alerts SET state = 'closed', closed_at = ?, updated_at = ? WHERE rule = ? AND device = ? AND subject = ? AND state = 'open'",
+                                (now, now, rule, device, subject))
+            return cursor.rowcount > 0
+
+    def open_alerts_of(self, device: str) -> set[tuple[str, str]]:
+        with self._lock:
+            return {(r[0], r[1]) for r in self.db.execute("SELECT rule, subject FROM alerts WHERE device = ? AND state = 'open'", (device,))}
+
+    def alerts(self, *, open_only: bool = False, limit: int = 200) -> list[dict[str, Any]]:
+        query = "SELECT * FROM alerts" + (" WHERE state = 'open'" if open_only else "") + " ORDER BY state DESC, updated_at DESC LIMIT ?"
+        with self._lock:
+            rows = self.db.execute(query, (limit,)).fetchall()
+        return [{**dict(r), "evidence": json.loads(r["evidence"])} for r in rows]
+
+    def close(self) -> None:
+        with self._lock:
+            self.db.close()
+
+
+def _flag(value: Any) -> int | None:
+    return None if value is None else int(bool(value))

@@ -1,0 +1,164 @@
+"""The collector's HTTP side: a server-rendered dashboard, JSON APIs and Prometheus metrics.
+
+    GET /                      the fleet table and open alerts
+    GET /devices/<device>      that device's drift per feature over time (inline SVG), its windows
+    GET /api/status            ``fleet status --json``
+    GET /api/drift?device=&model=&version=&since=   merged drift (``fleet drift --json``)
+    GET /api/alerts            open and recent alerts
+    GET /metrics               Prometheus text (prometheus-client)
+
+No front-end build step, no JavaScript: HTML and SVG written here.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qs, urlparse
+
+from ..errors import EdgekitError
+from .merge import merged_drift, since_timestamp
+
+if TYPE_CHECKING:
+    from .collector import Collector
+
+PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf")
+
+
+def serve(collector: "Collector", listen: str) -> ThreadingHTTPServer:
+    host, _, port = listen.rpartition(":")
+    handler = type("Handler", (_Handler,), {"collector": collector})
+    try:
+        server = ThreadingHTTPServer((host or "127.0.0.1", int(port)), handler)
+    except (OSError, ValueError) as exc:
+        raise EdgekitError(f"cannot serve HTTP on {listen} ({exc})", "free the port or pass another --http host:port") from exc
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, name="edgekit-collector-http", daemon=True).start()
+    return server
+
+
+class _Handler(BaseHTTPRequestHandler):
+    collector: "Collector"
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+        pass
+
+    def do_GET(self) -> None:  # noqa: N802
+        url = urlparse(self.path)
+        query = {k: v[-1] for k, v in parse_qs(url.query).items()}
+        store = self.collector.store
+        try:
+            if url.path == "/":
+                return self._send(200, render_fleet(store.status(), _alerts(self.collector)), "text/html; charset=utf-8")
+            if url.path.startswith("/devices/"):
+                device = url.path.split("/", 2)[2]
+                return self._send(200, render_device(device, list(store.summaries(device=device))), "text/html; charset=utf-8")
+            if url.path == "/api/status":
+                return self._json(store.status())
+            if url.path == "/api/drift":
+                version = int(query["version"]) if "version" in query else None
+                return self._json(merged_drift(store, device=query.get("device"), model=query.get("model"), version=version, since=since_timestamp(query.get("since"))))
+            if url.path == "/api/alerts":
+                return self._json(_alerts(self.collector))
+            if url.path == "/metrics":
+                from .metrics import render
+
+                return self._send(200, render(self.collector), "text/plain; version=0.0.4")
+        except (EdgekitError, ValueError) as exc:
+            return self._send(400, json.dumps({"error": str(exc)}).encode(), "application/json")
+        self._send(404, json.dumps({"error": f"no route {url.path}"}).encode(), "application/json")
+
+    def _json(self, doc: Any) -> None:
+        self._send(200, json.dumps(doc, default=str).encode(), "application/json")
+
+    def _send(self, status: int, body: bytes | str, content_type: str) -> None:
+        data = body.encode() if isinstance(body, str) else body
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+
+def _alerts(collector: "Collector") -> list[dict[str, Any]]:
+    return collector.alerts.list(open_only=False, limit=50) if collector.alerts is not None else []
+
+
+STYLE = """
+body{font-family:system-ui,sans-serif;margin:1.5rem;color:#222} h1{font-size:1.4rem} table{border-collapse:collapse;margin:.5rem 0 1.5rem}
+th,td{padding:.3rem .7rem;border-bottom:1px solid #ddd;text-align:left;font-size:.9rem} th{background:#f4f4f4}
+.bad{color:#b00020;font-weight:600} .ok{color:#137333} .muted{color:#888} svg{background:#fafafa;border:1px solid #ddd}
+"""
+
+
+def _page(title: str, body: str) -> bytes:
+    return f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>{STYLE}</style></head><body>{body}</body></html>".encode()
+
+
+def render_fleet(status: list[dict[str, Any]], alerts: list[dict[str, Any]]) -> bytes:
+    rows = "".join(
+        f"<tr><td><a href='/devices/{html.escape(d['device'])}'>{html.escape(d['device'])}</a></td><td>{html.escape(d['fleet'])}</td>"
+        f"<td class='{'ok' if d['online'] else 'bad'}'>{'online' if d['online'] else 'offline' if d['online'] is False else '?'}</td>"
+        f"<td>{html.escape(str(d['model']))} v{d['model_version']}</td><td>{d['windows']}</td><td>{d['rows']}</td>"
+        f"<td class='{'bad' if d['drifted'] else 'ok'}'>{'drifted' if d['drifted'] else 'no' if d['drifted'] is False else '-'}</td>"
+        f"<td>{html.escape(str(d['worst_feature'] or '-'))}</td><td>{d['missing_seqs']}</td><td>{d['rejected']}</td></tr>"
+        for d in status
+    )
+    open_alerts = [a for a in alerts if a["state"] == "open"]
+    alert_rows = "".join(
+        f"<tr><td class='bad'>{html.escape(a['rule'])}</td><td>{html.escape(a['device'])}</td><td>{html.escape(a['subject'])}</td><td>{html.escape(a['message'])}</td></tr>"
+        for a in open_alerts
+    ) or "<tr><td colspan='4' class='muted'>no open alerts</td></tr>"
+    body = (f"<h1>edgekit fleet</h1><p class='muted'>{len(status)} devices, {sum(1 for d in status if d['online'])} online, "
+            f"{sum(1 for d in status if d['drifted'])} drifted</p><table><tr><th>device</th><th>fleet</th><th>state</th><th>model</th><th>windows</th>"
+            f"<th>rows</th><th>drift</th><th>worst feature</th><th>missing</th><th>rejected</th></tr>{rows}</table>"
+            f"<h2>Open alerts</h2><table><tr><th>rule</th><th>device</th><th>subject</th><th>message</th></tr>{alert_rows}</table>")
+    return _page("edgekit fleet", body)
+
+
+def render_device(device: str, summaries: list[dict[str, Any]]) -> bytes:
+    if not summaries:
+        return _page(device, f"<h1>{html.escape(device)}</h1><p class='muted'>no windows stored yet</p><p><a href='/'>fleet</a></p>")
+    summaries.sort(key=lambda s: s["seq"])
+    features = list(summaries[-1]["drift"]["features"])
+    # the features that ever moved the most, so the plot shows what matters
+    peak = {f: max(s["drift"]["features"].get(f, {}).get("psi", 0.0) for s in summaries) for f in features}
+    shown = sorted(features, key=lambda f: -peak[f])[:6]
+    chart = drift_chart(summaries, shown)
+    latest = summaries[-1]
+    rows = "".join(
+        f"<tr><td>{html.escape(f)}</td><td>{v['psi']:.4f}</td><td>{v['ks']:.4f}</td><td>{v['js']:.4f}</td><td class='{'bad' if v['drifted'] else 'ok'}'>{'yes' if v['drifted'] else 'no'}</td></tr>"
+        for f, v in sorted(latest["drift"]["features"].items(), key=lambda kv: -kv[1]["psi"])[:15]
+    )
+    body = (f"<p><a href='/'>fleet</a></p><h1>{html.escape(device)}</h1><p class='muted'>{len(summaries)} windows, model {html.escape(latest['model']['name'])} "
+            f"v{latest['model']['version']}, last window {html.escape(latest['window']['end'])}</p><h2>Drift per feature (PSI) over windows</h2>{chart}"
+            f"<h2>Latest window</h2><table><tr><th>feature</th><th>PSI</th><th>KS</th><th>JS</th><th>drifted</th></tr>{rows}</table>")
+    return _page(device, body)
+
+
+def drift_chart(summaries: list[dict[str, Any]], features: list[str], width: int = 720, height: int = 260) -> str:
+    """An inline SVG line chart of PSI per feature across windows, with a legend."""
+    pad, legend = 40, 150
+    plot_w, plot_h = width - pad - legend, height - 2 * pad
+    top = max([0.05] + [s["drift"]["features"].get(f, {}).get("psi", 0.0) for s in summaries for f in features])
+    count = max(1, len(summaries) - 1)
+    x = lambda i: pad + plot_w * i / count  # noqa: E731
+    y = lambda v: pad + plot_h * (1 - v / top)  # noqa: E731
+    parts = [f"<svg xmlns='http://www.w3.org/2000/svg' width='{width}' height='{height}' role='img' aria-label='drift per feature'>",
+             f"<line x1='{pad}' y1='{pad + plot_h}' x2='{pad + plot_w}' y2='{pad + plot_h}' stroke='#999'/>",
+             f"<line x1='{pad}' y1='{pad}' x2='{pad}' y2='{pad + plot_h}' stroke='#999'/>",
+             f"<text x='{pad - 4}' y='{pad + 4}' font-size='10' text-anchor='end'>{top:.2f}</text>",
+             f"<text x='{pad - 4}' y='{pad + plot_h}' font-size='10' text-anchor='end'>0</text>",
+             f"<text x='{pad + plot_w / 2}' y='{height - 8}' font-size='11' text-anchor='middle'>window (seq {summaries[0]['seq']}…{summaries[-1]['seq']})</text>"]
+    for index, feature in enumerate(features):
+        color = PALETTE[index % len(PALETTE)]
+        points = " ".join(f"{x(i):.1f},{y(s['drift']['features'].get(feature, {}).get('psi', 0.0)):.1f}" for i, s in enumerate(summaries))
+        parts.append(f"<polyline fill='none' stroke='{color}' stroke-width='2' points='{points}'/>")
+        parts.append(f"<rect x='{width - legend + 10}' y='{pad + 16 * index}' width='10' height='10' fill='{color}'/>")
+        parts.append(f"<text x='{width - legend + 26}' y='{pad + 9 + 16 * index}' font-size='11'>{html.escape(feature)}</text>")
+    parts.append("</svg>")
+    return "".join(parts)

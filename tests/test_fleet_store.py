@@ -1,0 +1,158 @@
+"""The collector's ingest, store and merge, without a broker."""
+
+import json
+import random
+
+import pytest
+
+from edgekit.fleet.ingest import Ingestor, Message
+from edgekit.fleet.merge import merged_drift, since_timestamp
+from edgekit.fleet.store import SqliteStore
+from tests.fleet_helpers import baseline, baseline_message, state, summary
+
+BASE = baseline()
+
+
+def feed(ingestor, *messages, now=1.7e9):
+    return ingestor.handle([Message(topic, payload, now) for topic, payload in messages])
+
+
+@pytest.fixture
+def store(tmp_path):
+    return SqliteStore(tmp_path / "fleet.db")
+
+
+def test_migrations_are_recorded_and_applied_once(tmp_path):
+    first = SqliteStore(tmp_path / "fleet.db")
+    assert first.db.execute("SELECT name FROM migrations").fetchall()[0][0] == "0001_initial"
+    assert first.db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    first.close()
+    assert SqliteStore(tmp_path / "fleet.db").migrate() == []
+
+
+def test_redelivery_is_counted_never_stored_twice(store):
+    ingestor = Ingestor(store)
+    message = summary(BASE, "d1", 1)
+    assert feed(ingestor, message)["stored"] == 1
+    assert feed(ingestor, message)["duplicates"] == 1
+    device = store.status()[0]
+    assert (device["windows"], device["rows"], device["redeliveries"]) == (1, 500, 1)
+
+
+def test_gaps_are_found_requested_and_filled(store):
+    ingestor = Ingestor(store)
+    feed(ingestor, summary(BASE, "d1", 1), summary(BASE, "d1", 2), summary(BASE, "d1", 5))
+    assert store.status()[0]["missing_seqs"] == 2
+    assert store.gaps_to_request(now=100.0) == {"d1": [3, 4]}
+    assert store.gaps_to_request(now=110.0, retry_after=30) == {}  # asked recently: wait
+    feed(ingestor, summary(BASE, "d1", 3))
+    assert store.gaps_to_request(now=200.0) == {"d1": [4]}
+    status = store.status()[0]
+    assert status["windows"] == 4 and status["rows"] == 2000
+
+
+def test_status_combines_state_and_summaries(store):
+    ingestor = Ingestor(store)
+    feed(ingestor, state("d1", True), summary(BASE, "d1", 1, shift=3.0), state("d2", False))
+    by_device = {d["device"]: d for d in store.status()}
+    assert by_device["d1"]["online"] is True and by_device["d1"]["drifted"] is True and by_device["d1"]["worst_feature"] == "f0"
+    assert by_device["d2"]["online"] is False and by_device["d2"]["windows"] == 0
+    assert set(by_device["d1"]) >= {"device", "fleet", "online", "model", "model_version", "last_seen", "windows", "rows", "drifted", "worst_feature"}
+
+
+@pytest.mark.parametrize(
+    "topic, payload, reason",
+    [
+        ("edgekit/v1/f/d1/summary", b"\xff\x00garbage", "json"),
+        ("edgekit/v1/f/d1/summary", b"[1, 2]", "json"),
+        ("edgekit/v1/f/d1/summary", b'{"schema": "edgekit.summary/0"}', "schema"),
+        ("edgekit/v1/f/d1/summary", b'{"schema": "edgekit.summary/1", "device": "d1"}', "field"),
+        ("edgekit/v1/f/d1/summary", b"{" + b" " * 300_000 + b"}", "size"),
+        ("edgekit/v1/f/../summary", b"{}", "topic"),
+        ("other/topic", b"{}", "topic"),
+    ],
+)
+def test_bad_payloads_are_rejected_and_counted_by_reason(store, topic, payload, reason):
+    outcome = feed(Ingestor(store), (topic, payload))
+    assert outcome[f"rejected_{reason}"] == 1
+    assert store.rejects() == {reason: 1}
+
+
+def test_a_device_cannot_speak_for_another_and_unknown_devices_are_refused(store):
+    topic, payload = summary(BASE, "d1", 1)
+    assert feed(Ingestor(store), ("edgekit/v1/f/d2/summary", payload))["rejected_mismatch"] == 1
+    assert feed(Ingestor(store, allowed_devices={"d9"}), (topic, payload))["rejected_unknown-device"] == 1
+    assert store.status() == []
+
+
+def test_ten_thousand_fuzzed_payloads_never_crash_the_ingestor(store):
+    """Mutations of valid summaries, states and baselines: bytes flipped, fields dropped or retyped, junk."""
+    rng = random.Random(1)
+    valid = [summary(BASE, "d1", s) for s in range(1, 6)] + [state("d1", True), baseline_message(BASE, "d1")]
+    docs = [(t, json.loads(p)) for t, p in valid]
+    junk_values = [None, -1, 2**70, "x" * 100, [], {}, 1.5, True, float("inf")]
+
+    def mutate(doc):
+        doc = json.loads(json.dumps(doc))
+        for _ in range(rng.randint(1, 3)):
+            target = doc
+            path = []
+            while isinstance(target, (dict, list)) and target and rng.random() < 0.6:
+                key = rng.choice(list(target) if isinstance(target, dict) else range(len(target)))
+                path.append(key)
+                parent, target = target, target[key]
+            if path:
+                if rng.random() < 0.3 and isinstance(parent, dict):
+                    del parent[path[-1]]
+                else:
+                    parent[path[-1]] = rng.choice(junk_values)
+        return json.dumps(doc, allow_nan=True).encode()
+
+    ingestor = Ingestor(store)
+    batch = []
+    for i in range(10_000):
+        topic, doc = rng.choice(docs)
+        kind = rng.random()
+        if kind < 0.6:
+            payload = mutate(doc)
+        elif kind < 0.8:
+            raw = bytearray(json.dumps(doc).encode())
+            for _ in range(rng.randint(1, 5)):
+                raw[rng.randrange(len(raw))] = rng.randrange(256)
+            payload = bytes(raw)
+        else:
+            payload = bytes(rng.randrange(256) for _ in range(rng.randint(0, 200)))
+        batch.append(Message(topic, payload, 1.7e9 + i))
+        if len(batch) == 500:
+            ingestor.handle(batch)
+            batch = []
+    ingestor.handle(batch)
+    counted = sum(v for k, v in ingestor.counters.items())
+    assert counted == 10_000
+    assert ingestor.counters["rejected_internal"] == 0, store.rejects()
+    assert sum(store.rejects().values()) == sum(v for k, v in ingestor.counters.items() if k.startswith("rejected_"))
+    assert feed(ingestor, summary(BASE, "d7", 1))["stored"] == 1  # still healthy
+
+
+def test_drift_merges_windows_across_devices_and_time(store):
+    ingestor = Ingestor(store)
+    feed(ingestor, baseline_message(BASE, "d1"))
+    feed(ingestor, *[summary(BASE, "d1", s, rows=300) for s in range(1, 4)], *[summary(BASE, "d2", s, rows=300, shift=1.0, seed=100 + s) for s in range(1, 4)])
+    fleet = merged_drift(store)
+    assert len(fleet) == 1 and fleet[0]["devices"] == ["d1", "d2"] and fleet[0]["rows"] == 1800 and fleet[0]["windows"] == 6
+    assert fleet[0]["drift"]["features"]["f0"]["drifted"] is True
+    clean = merged_drift(store, device="d1")[0]
+    assert clean["drift"]["drifted"] is False and clean["rows"] == 900
+    assert merged_drift(store, model="other") == []
+    assert fleet[0]["feature_distributions"]["f0"]["baseline"] == BASE.features[0].counts.tolist()
+
+
+def test_drift_without_a_published_baseline_says_so(store):
+    feed(Ingestor(store), summary(BASE, "d1", 1))
+    assert "no device has published this baseline" in merged_drift(store)[0]["note"]
+
+
+def test_since_durations():
+    assert since_timestamp("1h", now=3600.0 * 24) == "1970-01-01T23:00:00.00Z"
+    with pytest.raises(Exception, match="is not a duration"):
+        since_timestamp("yesterday")
