@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import re
 import time
-from datetime import datetime, timezone
 from typing import Any
 
 from device_agent.drift import drift_report
 from device_agent.profile import Profile
+from device_agent.protocol import iso
 
 from ..errors import EdgekitError
 from .store import SqliteStore
@@ -29,8 +29,7 @@ def since_timestamp(text: str | None, now: float | None = None) -> str | None:
     match = _DURATION.match(text.strip())
     if match is None:
         raise EdgekitError(f"--since {text!r} is not a duration", "write it as a number and s, m, h or d, e.g. 1h")
-    cutoff = (time.time() if now is None else now) - float(match[1]) * _SECONDS[match[2]]
-    return datetime.fromtimestamp(cutoff, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")[:-4] + "Z"
+    return iso((time.time() if now is None else now) - float(match[1]) * _SECONDS[match[2]])
 
 
 def merged_drift(store: SqliteStore, **selection: Any) -> list[dict[str, Any]]:
