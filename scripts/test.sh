@@ -4,13 +4,17 @@
 set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 source "$REPO/scripts/setup_env.sh" dev
-# The MQTT tests run a real Mosquitto (Debian package); install it when missing and we are root.
-if ! command -v mosquitto >/dev/null 2>&1 && [ ! -x /usr/sbin/mosquitto ]; then
+# The network tests run a real Mosquitto, and the dashboard test headless Chromium (Debian packages);
+# install them when missing and we are root.
+missing=""
+{ command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ]; } || missing="$missing mosquitto"
+command -v chromium >/dev/null 2>&1 || missing="$missing chromium"
+if [ -n "$missing" ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-    echo "edgekit: installing mosquitto (apt-get)" >&2
-    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto >/dev/null
+    echo "edgekit: installing$missing (apt-get)" >&2
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $missing >/dev/null
   else
-    echo "edgekit: the MQTT tests need mosquitto: sudo apt-get install mosquitto" >&2
+    echo "edgekit: the tests need$missing: sudo apt-get install$missing" >&2
     exit 2
   fi
 fi

@@ -1,0 +1,134 @@
+"""Alert rules open, de-duplicate while they hold, close when they clear, and reach their sinks."""
+
+import json
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, HTTPServer
+
+import pytest
+
+from edgekit.errors import EdgekitError
+from edgekit.fleet.alerts import AlertEngine, AlertRules, AlertSinks, load_alert_config
+from edgekit.fleet.ingest import Ingestor, Message
+from edgekit.fleet.store import SqliteStore
+from tests.fleet_helpers import baseline, state, summary
+
+BASE = baseline()
+
+
+@pytest.fixture
+def fleet(tmp_path):
+    store = SqliteStore(tmp_path / "fleet.db")
+    return store, Ingestor(store)
+
+
+def feed(ingestor, *messages, now=1.7e9):
+    ingestor.handle([Message(topic, payload, now) for topic, payload in messages])
+
+
+def rules_of(store):
+    return {(a["rule"], a["subject"]): a for a in store.alerts(open_only=True)}
+
+
+def test_drift_for_k_consecutive_windows_opens_once_and_closes_when_clean(fleet):
+    store, ingestor = fleet
+    engine = AlertEngine(store, AlertRules(drift_windows=3), AlertSinks(log=False))
+    feed(ingestor, *[summary(BASE, "d1", s, shift=2.0) for s in (1, 2)])
+    assert engine.evaluate(now=1.7e9) == [] and rules_of(store) == {}  # two drifted windows are not three
+    feed(ingestor, summary(BASE, "d1", 3, shift=2.0))
+    opened = engine.evaluate(now=1.7e9)
+    assert [(c["state"], c["rule"], c["subject"]) for c in opened if c["rule"] == "drift"] == [("open", "drift", "f0")]
+    feed(ingestor, summary(BASE, "d1", 4, shift=2.0))
+    assert [c for c in engine.evaluate(now=1.7e9) if c["rule"] == "drift"] == []  # still open: de-duplicated
+    assert len(store.alerts(open_only=True)) >= 1
+    feed(ingestor, summary(BASE, "d1", 5))
+    closed = engine.evaluate(now=1.7e9)
+    assert ("closed", "drift", "f0") in [(c["state"], c["rule"], c["subject"]) for c in closed]
+    assert ("drift", "f0") not in rules_of(store)
+
+
+def test_latest_window_rules(fleet):
+    store, ingestor = fleet
+    engine = AlertEngine(store, AlertRules(), AlertSinks(log=False))
+    feed(ingestor, summary(BASE, "d1", 1, null_rate=0.2, latency_ms=900.0, errors={"bad_input": 100}))
+    engine.evaluate(now=1.7e9)
+    assert {("null_rate", "inputs"), ("latency_p99", "latency"), ("error_rate", "requests")} <= set(rules_of(store))
+    feed(ingestor, summary(BASE, "d1", 2))
+    engine.evaluate(now=1.7e9)
+    assert not {("null_rate", "inputs"), ("latency_p99", "latency"), ("error_rate", "requests")} & set(rules_of(store))
+
+
+def test_offline_longer_than_t(fleet):
+    store, ingestor = fleet
+    engine = AlertEngine(store, AlertRules(offline_seconds=60), AlertSinks(log=False))
+    feed(ingestor, state("d1", False), now=1000.0)
+    assert engine.evaluate(now=1030.0) == []
+    assert [c["rule"] for c in engine.evaluate(now=1100.0)] == ["offline"]
+    feed(ingestor, state("d1", True), now=1200.0)
+    assert [(c["state"], c["rule"]) for c in engine.evaluate(now=1200.0)] == [("closed", "offline")]
+
+
+def test_accuracy_on_delayed_labels_down_more_than_five_points(fleet):
+    store, ingestor = fleet
+    engine = AlertEngine(store, AlertRules(), AlertSinks(log=False))
+    feed(ingestor, summary(BASE, "d1", 1, labelled=100, correct=95), summary(BASE, "d1", 2, labelled=100, correct=94))
+    assert engine.evaluate(now=1.7e9) == []
+    feed(ingestor, summary(BASE, "d1", 3, labelled=100, correct=80))
+    opened = engine.evaluate(now=1.7e9)
+    assert [c["rule"] for c in opened] == ["accuracy"] and opened[0]["evidence"]["reference"] == pytest.approx(0.945)
+
+
+def test_sinks_get_the_evidence_by_webhook_and_on_a_command_stdin(fleet, tmp_path):
+    store, ingestor = fleet
+    received = []
+
+    class Hook(BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802
+            received.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+            self.send_response(204)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Hook)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    out = tmp_path / "retrain.json"
+    script = tmp_path / "retrain.py"
+    script.write_text(f"import sys, pathlib; pathlib.Path({str(out)!r}).write_bytes(sys.stdin.buffer.read())\n")
+    engine = AlertEngine(store, AlertRules(), AlertSinks(log=False, webhook=f"http://127.0.0.1:{server.server_port}/hook", command=(sys.executable, str(script))))
+    feed(ingestor, summary(BASE, "d1", 1, latency_ms=900.0))
+    engine.evaluate(now=1.7e9)
+    deadline = time.time() + 10
+    while (not received or not out.exists()) and time.time() < deadline:
+        time.sleep(0.05)
+    server.shutdown()
+    server.server_close()
+    assert received[0]["rule"] == "latency_p99" and received[0]["evidence"]["p99_ms"] == 900.0
+    assert json.loads(out.read_text())["state"] == "open"
+
+
+def test_alerts_toml(tmp_path):
+    path = tmp_path / "alerts.toml"
+    path.write_text('[rules]\ndrift_windows = 5\np99_ms_max = 50\n[sinks]\nlog = false\ncommand = "python retrain.py --fast"\n')
+    rules, sinks = load_alert_config(path)
+    assert rules.drift_windows == 5 and rules.p99_ms_max == 50.0 and sinks.command == ("python", "retrain.py", "--fast") and sinks.log is False
+    path.write_text("[rules]\nnope = 1\n")
+    with pytest.raises(EdgekitError, match="unknown alert rules"):
+        load_alert_config(path)
+
+
+def test_fleet_cli_reads_the_store(cli, fleet, tmp_path):
+    store, ingestor = fleet
+    feed(ingestor, state("d1", True), summary(BASE, "d1", 1, shift=2.0), summary(BASE, "d1", 3))
+    AlertEngine(store, AlertRules(), AlertSinks(log=False)).evaluate(now=1.7e9)
+    db = tmp_path / "fleet.db"
+    status = json.loads(cli("fleet", "status", "--db", db, "--json").stdout)
+    assert status[0]["device"] == "d1" and status[0]["windows"] == 2 and status[0]["missing_seqs"] == 1
+    table = cli("fleet", "status", "--db", db).stdout
+    assert "d1" in table and "online" in table
+    drift = cli("fleet", "drift", "--db", db, "--device", "d1")
+    assert drift.exit_code == 0 and "no device has published this baseline" in drift.stdout
+    assert cli("fleet", "drift", "--db", db, "--since", "soon").exit_code == 2
+    assert cli("fleet", "alerts", "--db", db, "--json").exit_code == 0
