@@ -156,3 +156,10 @@ def test_since_durations():
     assert since_timestamp("1h", now=3600.0 * 24) == "1970-01-01T23:00:00.000Z"
     with pytest.raises(Exception, match="is not a duration"):
         since_timestamp("yesterday")
+
+
+def test_a_window_without_a_verdict_does_not_hide_the_last_verdict(store):
+    ingestor = Ingestor(store)
+    feed(ingestor, summary(BASE, "d1", 1, shift=3.0), summary(BASE, "d1", 2, rows=20))  # 20 rows: below min_rows, no verdict
+    device = store.status()[0]
+    assert device["drifted"] is True and device["worst_feature"] == "f0" and device["windows"] == 2

@@ -163,10 +163,15 @@ class SqliteStore:
         if seq > max_seq:
             if 1 < seq - max_seq <= MAX_GAP:
                 db.executemany("INSERT OR IGNORE INTO gaps (device, seq) VALUES (?, ?)", [(device, s) for s in range(max_seq + 1, seq)])
+            # The verdict shown is the latest *tested* window's: a small window (say, the flush when an
+            # agent stops) has no verdict and must not hide the last real one.
+            tested = doc["drift"].get("drifted") is not None
             db.execute(
-                """UPDATE devices SET max_seq=?, windows=windows+1, rows=rows+?, last_seen=max(coalesce(last_seen, 0), ?), drifted=?, worst_feature=?,
+                """UPDATE devices SET max_seq=?, windows=windows+1, rows=rows+?, last_seen=max(coalesce(last_seen, 0), ?),
+                   drifted=CASE WHEN ? THEN ? ELSE drifted END, worst_feature=CASE WHEN ? THEN ? ELSE worst_feature END,
                    model=?, model_version=? WHERE device=?""",
-                (seq, doc["rows"], now, _flag(doc["drift"].get("drifted")), doc["drift"].get("worst_feature"), doc["model"]["name"], doc["model"]["version"], device),
+                (seq, doc["rows"], now, tested, _flag(doc["drift"].get("drifted")), tested, doc["drift"].get("worst_feature"),
+                 doc["model"]["name"], doc["model"]["version"], device),
             )
         else:
             db.execute("DELETE FROM gaps WHERE device = ? AND seq = ?", (device, seq))
