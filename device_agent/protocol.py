@@ -60,13 +60,23 @@ def encode(payload: dict[str, Any]) -> bytes:
     return data
 
 
+try:  # a collector parses thousands of summaries a second; orjson is faster where it is installed
+    from orjson import JSONDecodeError as _OrjsonError
+    from orjson import loads as _loads
+
+    _JSON_ERRORS: tuple[type[BaseException], ...] = (ValueError, UnicodeDecodeError, _OrjsonError)
+except ImportError:  # the device and a plain install use the standard library
+    _loads = json.loads
+    _JSON_ERRORS = (ValueError, UnicodeDecodeError)
+
+
 def decode(data: bytes, schema: str) -> dict[str, Any]:
     """Parse a payload and check its schema field; raise ``ProtocolError`` with a reason otherwise."""
     if len(data) > MAX_PAYLOAD_BYTES:
         raise ProtocolError("size", f"payload of {len(data)} bytes is over the {MAX_PAYLOAD_BYTES}-byte limit")
     try:
-        doc = json.loads(data)
-    except (ValueError, UnicodeDecodeError) as exc:
+        doc = _loads(data)
+    except _JSON_ERRORS as exc:
         raise ProtocolError("json", f"payload is not JSON ({exc})") from exc
     if not isinstance(doc, dict):
         raise ProtocolError("json", "payload is not a JSON object")
@@ -170,7 +180,7 @@ def check_summary(doc: dict[str, Any]) -> dict[str, Any]:
         raise ProtocolError("field", "drift.features must map feature names to objects")
     if doc["drift"].get("drifted") not in (True, False, None):
         raise ProtocolError("field", "drift.drifted must be true, false or null")
-    _optional(doc["drift"], {"worst_feature": str}, "drift.")
+    _optional(doc["drift"], {"worst_feature": str, "prediction": dict}, "drift.")
     _optional(doc["quality"], {"null_rate": (int, float)}, "quality.")
     _optional(doc["latency"], {"p99_ms": (int, float)}, "latency.")
     if not all(isinstance(v, int) and not isinstance(v, bool) for v in doc["errors"].values()):

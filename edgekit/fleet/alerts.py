@@ -106,7 +106,7 @@ class AlertEngine:
     def _evaluate_device(self, device: dict[str, Any], now: float) -> list[dict[str, Any]]:
         name = device["device"]
         depth = max(self.rules.drift_windows, self.rules.prediction_windows, 1)
-        recent = self.store.recent_summaries(name, depth)
+        recent = self.store.recent_facts(name, depth)
         holding: dict[tuple[str, str], tuple[str, dict[str, Any]]] = {}
         if recent:
             latest = recent[0]
@@ -131,13 +131,13 @@ class AlertEngine:
         found = {}
         windows = recent[: self.rules.drift_windows]
         if len(windows) == self.rules.drift_windows:
-            for feature in windows[0]["drift"]["features"]:
-                if all(w["drift"]["features"].get(feature, {}).get("drifted") for w in windows):
-                    psi = [w["drift"]["features"][feature]["psi"] for w in windows]
+            for feature in windows[0]["drifted"]:
+                if all(feature in w["drifted"] for w in windows):
+                    psi = [w["drifted"][feature] for w in windows]
                     found[("drift", feature)] = (f"{feature} drifted in {len(windows)} consecutive windows (PSI {psi[0]:.3f})",
                                                  {"feature": feature, "psi": psi, "seqs": [w["seq"] for w in windows]})
         windows = recent[: self.rules.prediction_windows]
-        if len(windows) == self.rules.prediction_windows and all((w["drift"].get("prediction") or {}).get("drifted") for w in windows):
+        if len(windows) == self.rules.prediction_windows and all(w["prediction_drifted"] for w in windows):
             found[("prediction_shift", "prediction")] = (f"the prediction distribution shifted in {len(windows)} consecutive windows",
                                                          {"prediction": [w["predictions"] for w in windows], "seqs": [w["seq"] for w in windows]})
         return found
@@ -145,10 +145,10 @@ class AlertEngine:
     def _latest_window(self, latest: dict[str, Any]) -> dict[tuple[str, str], tuple[str, dict[str, Any]]]:
         found = {}
         evidence = {"seq": latest["seq"], "window": latest["window"]}
-        null_rate = latest["quality"].get("null_rate") or 0.0
+        null_rate = latest["null_rate"]
         if null_rate > self.rules.null_rate_max:
             found[("null_rate", "inputs")] = (f"{null_rate:.1%} of input values are missing (limit {self.rules.null_rate_max:.1%})", {**evidence, "null_rate": null_rate})
-        p99 = latest["latency"].get("p99_ms")
+        p99 = latest["p99_ms"]
         if p99 is not None and p99 > self.rules.p99_ms_max:
             found[("latency_p99", "latency")] = (f"p99 latency {p99:.1f} ms is over {self.rules.p99_ms_max:.0f} ms", {**evidence, "p99_ms": p99})
         errors = sum(latest["errors"].values())

@@ -48,6 +48,12 @@ MIGRATIONS: list[tuple[str, str]] = [
         );
         CREATE UNIQUE INDEX alerts_one_open ON alerts (rule, device, subject) WHERE state = 'open';
     """),
+    # What alert rules read, extracted once at insert: evaluating a device must not re-parse its payloads.
+    ("0002_alert_facts", """
+        ALTER TABLE summaries ADD COLUMN labelled INTEGER NOT NULL DEFAULT 0;
+        ALTER TABLE summaries ADD COLUMN facts TEXT;
+        CREATE INDEX summaries_labelled ON summaries (device, model, model_version, seq) WHERE labelled > 0
+    """),
 ]
 
 
@@ -62,7 +68,64 @@ class FleetStore(Protocol):
 
     def record_baseline(self, doc: dict[str, Any], now: float) -> None: ...
 
-    def add_summaries(self, items: list[tuple[dict[str, Any], str]], now: float) -> tuple[int, int]: ...
+    def add_summaries(self, items: list[tuple[dict[str, Any], str]], now: float) -> tuple[int, int]:
+        """Store summaries (parsed doc, raw payload); return (stored, duplicates).
+
+        One INSERT OR IGNORE per summary tells new from redelivered; the per-device bookkeeping
+        (counters, latest verdict, seq gaps) is then done once per device for the whole batch.
+        """
+        stored: dict[str, list[dict[str, Any]]] = {}
+        redelivered: dict[str, int] = {}
+        with self.atomic() as db:
+            for doc, payload in items:
+                accuracy = doc.get("accuracy") or {}
+                cursor = db.execute(
+                    "INSERT OR IGNORE INTO summaries VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                    (doc["device"], doc["seq"], doc["fleet"], doc["model"]["name"], doc["model"]["version"], doc["window"]["start"], doc["window"]["end"],
+                     now, doc["rows"], _flag(doc["drift"].get("drifted")), doc["drift"].get("worst_feature"), doc["profile"]["baseline_id"], payload,
+                     accuracy.get("labelled", 0), json.dumps(alert_facts(doc))),
+                )
+                if cursor.rowcount:
+                    stored.setdefault(doc["device"], []).append(doc)
+                else:
+                    redelivered[doc["device"]] = redelivered.get(doc["device"], 0) + 1
+            for device, count in redelivered.items():
+                db.execute("UPDATE devices SET redeliveries = redeliveries + ? WHERE device = ?", (count, device))
+            for device, docs in stored.items():
+                self._account(db, device, docs, now)
+        total = sum(len(d) for d in stored.values())
+        return total, len(items) - total
+
+    def _account(self, db: sqlite3.Connection, device: str, docs: list[dict[str, Any]], now: float) -> None:
+        row = db.execute("SELECT max_seq FROM devices WHERE device = ?", (device,)).fetchone()
+        max_seq = row["max_seq"] if row else 0
+        first = docs[0]
+        if row is None:
+            db.execute("INSERT INTO devices (device, fleet, model, model_version, last_seen) VALUES (?, ?, ?, ?, ?)",
+                       (device, first["fleet"], first["model"]["name"], first["model"]["version"], now))
+        seqs = sorted(d["seq"] for d in docs)
+        new_max = max(max_seq, seqs[-1])
+        filled = [s for s in seqs if s <= max_seq]
+        if filled:
+            db.executemany("DELETE FROM gaps WHERE device = ? AND seq = ?", [(device, s) for s in filled])
+        if new_max > max_seq and new_max - max_seq <= MAX_GAP:
+            arrived = set(seqs)
+            missing = [(device, s) for s in range(max_seq + 1, new_max) if s not in arrived]
+            if missing:
+                db.executemany("INSERT OR IGNORE INTO gaps (device, seq) VALUES (?, ?)", missing)
+        # The verdict shown is the latest *tested* window's: a small window (say, the flush when an
+        # agent stops) has no verdict and must not hide the last real one.
+        tested = [d for d in docs if d["seq"] > max_seq and d["drift"].get("drifted") is not None]
+        latest = max(tested, key=lambda d: d["seq"]) if tested else None
+        newest = max(docs, key=lambda d: d["seq"])
+        db.execute(
+            """UPDATE devices SET max_seq=?, windows=windows+?, rows=rows+?, last_seen=max(coalesce(last_seen, 0), ?),
+               drifted=CASE WHEN ? THEN ? ELSE drifted END, worst_feature=CASE WHEN ? THEN ? ELSE worst_feature END,
+               model=CASE WHEN ? THEN ? ELSE model END, model_version=CASE WHEN ? THEN ? ELSE model_version END WHERE device=?""",
+            (new_max, len(docs), sum(d["rows"] for d in docs), now,
+             latest is not None, _flag(latest["drift"]["drifted"]) if latest else None, latest is not None, latest["drift"].get("worst_feature") if latest else None,
+             newest["seq"] > max_seq, newest["model"]["name"], newest["seq"] > max_seq, newest["model"]["version"], device),
+        )
 
     def count_reject(self, reason: str, device: str, now: float) -> None: ...
 
@@ -140,10 +203,12 @@ class SqliteStore:
         stored = duplicates = 0
         with self.atomic() as db:
             for doc, payload in items:
+                accuracy = doc.get("accuracy") or {}
                 cursor = db.execute(
-                    "INSERT OR IGNORE INTO summaries VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                    "INSERT OR IGNORE INTO summaries VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                     (doc["device"], doc["seq"], doc["fleet"], doc["model"]["name"], doc["model"]["version"], doc["window"]["start"], doc["window"]["end"],
-                     now, doc["rows"], _flag(doc["drift"].get("drifted")), doc["drift"].get("worst_feature"), doc["profile"]["baseline_id"], payload),
+                     now, doc["rows"], _flag(doc["drift"].get("drifted")), doc["drift"].get("worst_feature"), doc["profile"]["baseline_id"], payload,
+                     accuracy.get("labelled", 0), json.dumps(alert_facts(doc))),
                 )
                 if cursor.rowcount == 0:
                     duplicates += 1
@@ -235,19 +300,19 @@ class SqliteStore:
             row = self.db.execute("SELECT profile FROM baselines WHERE baseline_id = ?", (baseline_id,)).fetchone()
         return None if row is None else json.loads(row[0])
 
-    def recent_summaries(self, device: str, count: int) -> list[dict[str, Any]]:
-        """The device's last ``count`` windows, newest first."""
+    def recent_facts(self, device: str, count: int) -> list[dict[str, Any]]:
+        """The alert facts of the device's last ``count`` windows, newest first."""
         with self._lock:
-            rows = self.db.execute("SELECT payload FROM summaries WHERE device = ? ORDER BY seq DESC LIMIT ?", (device, count)).fetchall()
+            rows = self.db.execute("SELECT facts FROM summaries WHERE device = ? ORDER BY seq DESC LIMIT ?", (device, count)).fetchall()
         return [json.loads(r[0]) for r in rows]
 
-    def labelled_accuracy(self, device: str, model: str, version: int) -> list[tuple[int, float, int]]:
-        """(seq, accuracy, labelled) of the device's windows that received delayed labels, oldest first."""
+    def labelled_accuracy(self, device: str, model: str, version: int, *, limit: int = 50) -> list[tuple[int, float, int]]:
+        """(seq, accuracy, labelled) of the device's last ``limit`` windows that received delayed labels, oldest first."""
         with self._lock:
-            rows = self.db.execute("SELECT seq, json_extract(payload, '$.accuracy.accuracy'), json_extract(payload, '$.accuracy.labelled') FROM summaries "
-                                   "WHERE device = ? AND model = ? AND model_version = ? AND json_extract(payload, '$.accuracy') IS NOT NULL ORDER BY seq",
-                                   (device, model, version)).fetchall()
-        return [(r[0], r[1], r[2]) for r in rows]
+            rows = self.db.execute("SELECT seq, json_extract(facts, '$.accuracy'), labelled FROM summaries "
+                                   "WHERE device = ? AND model = ? AND model_version = ? AND labelled > 0 ORDER BY seq DESC LIMIT ?",
+                                   (device, model, version, limit)).fetchall()
+        return [(r[0], r[1], r[2]) for r in reversed(rows)]
 
     # -- alerts ----------------------------------------------------------------------------------------
     def open_alert(self, rule: str, device: str, subject: str, message: str, evidence: dict[str, Any], now: float) -> bool:
@@ -280,6 +345,18 @@ class SqliteStore:
     def close(self) -> None:
         with self._lock:
             self.db.close()
+
+
+def alert_facts(doc: dict[str, Any]) -> dict[str, Any]:
+    """The few fields of a summary that alert rules read, small enough to load by the thousand."""
+    drift, accuracy = doc["drift"], doc.get("accuracy") or {}
+    return {
+        "seq": doc["seq"], "window": doc["window"], "rows": doc["rows"], "model": doc["model"],
+        "drifted": {name: v.get("psi") for name, v in drift["features"].items() if v.get("drifted")},
+        "prediction_drifted": bool((drift.get("prediction") or {}).get("drifted")),
+        "predictions": doc.get("predictions"), "null_rate": doc["quality"].get("null_rate") or 0.0,
+        "p99_ms": doc["latency"].get("p99_ms"), "errors": doc["errors"], "accuracy": accuracy.get("accuracy"),
+    }
 
 
 def _flag(value: Any) -> int | None:

@@ -1,0 +1,217 @@
+#!/usr/bin/env python3
+"""Measure the fleet collector; print a table and write JSON.
+
+1. Store ingest: 64-feature summaries (made by the device's own code) from 1,000 device ids,
+   handed to the collector's ingest in batches: summaries stored per second in SQLite.
+2. End to end: Mosquitto, ``edgekit fleet collect`` in its own process, and publisher processes
+   sending the same summaries at QoS 1 as fast as the broker takes them: stored per second.
+3. Sustained: publishers at a steady rate for ``--duration`` seconds (600 for the full 10-minute
+   check) while the collector's RSS is sampled: growth from the first to the last quarter.
+
+    python scripts/bench_collector.py [--duration 60] [--out bench-results/bench_collector.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from device_agent.monitor import ClosedWindow  # noqa: E402
+from device_agent.profile import build_baseline  # noqa: E402
+from device_agent.protocol import build_summary  # noqa: E402
+from edgekit.fleet.ingest import Ingestor, Message  # noqa: E402
+from edgekit.fleet.store import SqliteStore  # noqa: E402
+
+DEVICES = 1000
+FEATURES = 64
+TARGETS = {"ingest_per_second_min": 5000}
+
+PUBLISHER = r"""
+import json, sys, time, paho.mqtt.client as mqtt
+port, first, count, rate, templates = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4]), json.load(open(sys.argv[5]))
+client = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+client.max_inflight_messages_set(1000)
+client.max_queued_messages_set(0)
+client.connect("127.0.0.1", port)
+client.loop_start()
+start = time.time()
+infos = []
+for i in range(first, first + count):
+    device, seq = i % 1000, i // 1000 + 1
+    doc = templates[i % len(templates)]
+    payload = doc.replace('"device":"D"', f'"device":"dev{device:04d}"').replace('"seq":0', f'"seq":{seq}')
+    infos.append(client.publish(f"edgekit/v1/bench/dev{device:04d}/summary", payload, qos=1))
+    if rate and i % 100 == 0:
+        ahead = (i - first) / rate - (time.time() - start)
+        if ahead > 0:
+            time.sleep(ahead)
+for info in infos:
+    info.wait_for_publish(60)
+client.loop_stop()
+"""
+
+
+def templates(count: int = 20) -> list[str]:
+    """Summary payloads with placeholder device and seq, from real windows on a 64-feature baseline."""
+    rng = np.random.default_rng(0)
+    names = [f"feature_{i:02d}" for i in range(FEATURES)]
+    base = build_baseline(rng.normal(size=(20000, FEATURES)), names, labels=list(range(10)), predicted_labels=rng.integers(0, 10, 20000),
+                          probabilities=rng.dirichlet(np.ones(10), 20000))
+    out = []
+    for i in range(count):
+        window = base.empty_like()
+        window.update_inputs(rng.normal(loc=0.05 * (i % 3), size=(1000, FEATURES)))
+        window.update_outputs(labels=rng.integers(0, 10, 1000), probabilities=rng.dirichlet(np.ones(10), 1000))
+        closed = ClosedWindow(window, 1.7e9 + i, 1.7e9 + i + 60, np.full(1000, 0.02), {})
+        doc = build_summary(closed, device="D", fleet="bench", model={"name": "bench", "version": 1}, seq=0, baseline=base, thresholds=None)
+        out.append(json.dumps(doc, separators=(",", ":")))
+    return out
+
+
+def payload(template: str, index: int) -> tuple[str, bytes]:
+    device, seq = index % DEVICES, index // DEVICES + 1
+    text = template.replace('"device":"D"', f'"device":"dev{device:04d}"').replace('"seq":0', f'"seq":{seq}')
+    return f"edgekit/v1/bench/dev{device:04d}/summary", text.encode()
+
+
+def bench_store(work: Path, docs: list[str], count: int = 20000) -> dict:
+    messages = [Message(*payload(docs[i % len(docs)], i), 0.0) for i in range(count)]
+    store = SqliteStore(work / "store-bench.db")
+    ingestor = Ingestor(store)
+    start = time.perf_counter()
+    for i in range(0, count, 1000):
+        ingestor.handle(messages[i : i + 1000])
+    elapsed = time.perf_counter() - start
+    stored = store.db.execute("SELECT count(*) FROM summaries").fetchone()[0]
+    return {"store_summaries": stored, "store_seconds": elapsed, "store_per_second": stored / elapsed, "payload_bytes": len(messages[0].payload)}
+
+
+class Broker:
+    def __init__(self, work: Path) -> None:
+        import socket
+
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            self.port = sock.getsockname()[1]
+        directory = work / f"broker-{self.port}"
+        directory.mkdir()
+        (directory / "m.conf").write_text(f"listener {self.port} 127.0.0.1\nallow_anonymous true\nmax_queued_messages 1000000\nmax_inflight_messages 1000\n")
+        if os.geteuid() == 0:
+            import pwd
+
+            user = pwd.getpwnam("mosquitto")
+            os.chown(directory, user.pw_uid, user.pw_gid)
+        self.process = subprocess.Popen([shutil.which("mosquitto") or "/usr/sbin/mosquitto", "-c", str(directory / "m.conf")], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(0.5)
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(10)
+
+
+def rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmRSS")) / 1024
+
+
+def stored(db: Path) -> int:
+    try:
+        with sqlite3.connect(db, timeout=10) as connection:
+            return connection.execute("SELECT count(*) FROM summaries").fetchone()[0]
+    except sqlite3.Error:
+        return 0
+
+
+def run_pipeline(work: Path, docs: list[str], *, total: int, rate: float, publishers: int = 2, collectors: int = 1, sample_every: float = 2.0,
+                 timeout: float = 900) -> dict:
+    """Collectors in one shared-subscription group, writing one database, fed by publisher processes."""
+    broker = Broker(work)
+    db = work / f"fleet-{total}-{int(rate)}-{collectors}.db"
+    SqliteStore(db).close()  # create and migrate once, before collectors race to
+    group = [subprocess.Popen([sys.executable, "-m", "edgekit.cli", "fleet", "collect", "--broker", f"mqtt://127.0.0.1:{broker.port}", "--db", str(db),
+                               "--http", "", "--client-id", f"bench-{int(rate)}-{i}"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+             for i in range(collectors)]
+    collector = group[0]
+    templates_file = work / "templates.json"
+    templates_file.write_text(json.dumps(docs))
+    script = work / "publisher.py"
+    script.write_text(PUBLISHER)
+    try:
+        while stored(db) == 0 and not db.exists():
+            time.sleep(0.2)
+        time.sleep(1.0)  # subscribed
+        share = total // publishers
+        start = time.perf_counter()
+        workers = [subprocess.Popen([sys.executable, str(script), str(broker.port), str(i * share), str(share), str(rate / publishers), str(templates_file)])
+                   for i in range(publishers)]
+        samples = []
+        while stored(db) < share * publishers and time.perf_counter() - start < timeout:
+            time.sleep(sample_every)
+            samples.append((time.perf_counter() - start, stored(db), sum(rss_mb(c.pid) for c in group) / len(group)))
+        elapsed = time.perf_counter() - start
+        for worker in workers:
+            worker.wait(60)
+        count = stored(db)
+    finally:
+        for member in group:
+            member.send_signal(signal.SIGTERM)
+        for member in group:
+            member.wait(30)
+        broker.stop()
+    quarter = max(1, len(samples) // 4)
+    first, last = np.mean([s[2] for s in samples[:quarter]]), np.mean([s[2] for s in samples[-quarter:]])
+    return {"sent": share * publishers, "stored": count, "seconds": elapsed, "per_second": count / elapsed, "rss_first_quarter_mb": float(first),
+            "rss_last_quarter_mb": float(last), "rss_growth_mb": float(last - first), "samples": samples}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--duration", type=float, default=60.0, help="seconds of the sustained run (600 for the 10-minute check)")
+    parser.add_argument("--rate", type=float, default=1000.0, help="summaries per second during the sustained run")
+    parser.add_argument("--out", default=str(ROOT / "bench-results" / "bench_collector.json"))
+    args = parser.parse_args()
+    docs = templates()
+    with tempfile.TemporaryDirectory(prefix="edgekit-bench-collector-") as tmp:
+        work = Path(tmp)
+        results = {"store": bench_store(work, docs)}
+        results["burst"] = run_pipeline(work, docs, total=30000, rate=0)
+        results["burst_two_collectors"] = run_pipeline(work, docs, total=30000, rate=0, collectors=2)
+        results["sustained"] = run_pipeline(work, docs, total=int(args.duration * args.rate), rate=args.rate, sample_every=5.0)
+    store, burst, sustained, pair = results["store"], results["burst"], results["sustained"], results["burst_two_collectors"]
+    rows = [
+        ("store ingest, summaries/s (64 features, 1,000 devices)", store["store_per_second"], f"≥ {TARGETS['ingest_per_second_min']}", store["store_per_second"] >= TARGETS["ingest_per_second_min"]),
+        ("end to end via Mosquitto QoS 1, summaries/s", burst["per_second"], f"≥ {TARGETS['ingest_per_second_min']}", burst["per_second"] >= TARGETS["ingest_per_second_min"]),
+        ("end to end: stored / sent", burst["stored"] / burst["sent"], "= 1", burst["stored"] == burst["sent"]),
+        ("end to end, two collectors sharing the subscription, summaries/s", pair["per_second"], f"≥ {TARGETS['ingest_per_second_min']}", pair["per_second"] >= TARGETS["ingest_per_second_min"]),
+        ("two collectors: stored / sent", pair["stored"] / pair["sent"], "= 1", pair["stored"] == pair["sent"]),
+        (f"sustained {sustained['seconds']:.0f} s at {args.rate:.0f}/s: stored / sent", sustained["stored"] / sustained["sent"], "= 1", sustained["stored"] == sustained["sent"]),
+        ("collector RSS growth, first to last quarter (MB)", sustained["rss_growth_mb"], "flat", abs(sustained["rss_growth_mb"]) < 20),
+    ]
+    width = max(len(r[0]) for r in rows)
+    print(f"{'figure'.ljust(width)}  {'measured':>10}  target")
+    for name, value, target, ok in rows:
+        print(f"{name.ljust(width)}  {value:>10.4g}  {target:<8} {'ok' if ok else 'MISS'}")
+    print(f"\nsummary payload {store['payload_bytes']:,} bytes; collector RSS {sustained['rss_first_quarter_mb']:.1f} → {sustained['rss_last_quarter_mb']:.1f} MB")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"targets": TARGETS, "results": results, "checks": [{"figure": r[0], "value": r[1], "ok": r[3]} for r in rows]}, indent=1))
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
