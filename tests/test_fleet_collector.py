@@ -67,6 +67,9 @@ def test_collector_ingests_a_fleet_shows_it_and_alerts(tmp_path, bundle, keypair
     assert 'edgekit_device_drifted{device="dev0"' in metrics and "edgekit_collector_messages_total" in metrics
     html_page = get(port, "/devices/dev0")[1].decode()
     assert "<svg" in html_page and "pixel_2_4" in html_page
+    fleet_drift = get(port, "/drift?feature=pixel_2_4")[1].decode()
+    assert "distribution of pixel_2_4" in fleet_drift and "merged verdict" in fleet_drift
+    screenshot(f"http://127.0.0.1:{port}/drift?feature=pixel_2_4", tmp_path / "dashboard-fleet-drift.png")
     shot = screenshot(f"http://127.0.0.1:{port}/devices/dev0", tmp_path / "dashboard-device.png")
     fleet_shot = screenshot(f"http://127.0.0.1:{port}/", tmp_path / "dashboard-fleet.png")
     assert shot.stat().st_size > 10_000 and fleet_shot.stat().st_size > 5_000
