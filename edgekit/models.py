@@ -28,6 +28,7 @@ from .errors import ModelLoadError, require
 
 SKLEARN_SUFFIXES = (".joblib", ".pkl", ".pickle", ".sav")
 ONNX_SUFFIXES = (".onnx",)
+TFLITE_SUFFIXES = (".tflite",)
 METADATA_INPUT = "edgekit.input"
 METADATA_OUTPUT = "edgekit.output"
 METADATA_SOURCE = "edgekit.source"
@@ -55,6 +56,8 @@ def load_model(path: str | Path, *, threads: int = 1, pin_to: Any = None) -> Skl
     if not path.is_file():
         raise ModelLoadError("no such file" if not path.exists() else "is not a file", "check the path", path=path)
     kind = _sniff(path)
+    if kind == "tflite":
+        return TfliteModel.from_bytes(path.read_bytes(), path=str(path), threads=threads)
     if kind == "onnx":
         return OnnxModel.from_bytes(path.read_bytes(), path=str(path), threads=threads, pin_to=pin_to)
     if kind == "sklearn":
@@ -70,10 +73,14 @@ def _sniff(path: Path) -> str | None:
     suffix = path.suffix.lower()
     if suffix in ONNX_SUFFIXES:
         return "onnx"
+    if suffix in TFLITE_SUFFIXES:
+        return "tflite"
     if suffix in SKLEARN_SUFFIXES:
         return "sklearn"
     with path.open("rb") as handle:
-        head = handle.read(4)
+        head = handle.read(8)
+    if head[4:8] == b"TFL3":
+        return "tflite"
     if head[:1] == b"\x80" or head[:2] in (b"x\x9c", b"x\xda"):  # pickle protocol 2+, or zlib-compressed joblib
         return "sklearn"
     return None
@@ -291,3 +298,69 @@ def _classes_initializer(proto: Any) -> list[Any] | None:
 def _last_dim(value_info: Any) -> int | None:
     dims = value_info.type.tensor_type.shape.dim
     return dims[-1].dim_value if dims and dims[-1].HasField("dim_value") else None
+
+
+@dataclass
+class TfliteModel:
+    """A .tflite model run with LiteRT (the agent's runtime); edgekit's schema and output meaning
+    travel in the flatbuffer's metadata."""
+
+    path: str
+    data: bytes
+    input: InputSchema
+    output: OutputSpec
+    runtime: Any
+    kind: str = "tflite"
+
+    @classmethod
+    def from_bytes(cls, data: bytes, *, path: str = "<model>", threads: int = 1) -> "TfliteModel":
+        from device_agent.runtimes.litert import LiteRtRuntime
+
+        metadata = tflite_metadata(data, path)
+        if METADATA_INPUT not in metadata or METADATA_OUTPUT not in metadata:
+            raise ModelLoadError("is a .tflite without edgekit metadata (input schema, output meaning)", "convert it with 'edgekit convert --target tflite'", path=path)
+        runtime = LiteRtRuntime(threads=threads, source=path)
+        try:
+            runtime.load(data)
+        except AgentError as exc:
+            raise ModelLoadError(str(exc).split(": ", 1)[-1], path=path) from exc
+        return cls(path=path, data=data, input=InputSchema.from_dict(json.loads(metadata[METADATA_INPUT])),
+                   output=OutputSpec.from_dict(json.loads(metadata[METADATA_OUTPUT])), runtime=runtime)
+
+    @property
+    def size_bytes(self) -> int:
+        return len(self.data)
+
+    @property
+    def sha256(self) -> str:
+        import hashlib
+
+        return hashlib.sha256(self.data).hexdigest()
+
+    @property
+    def metadata(self) -> dict[str, str]:
+        return tflite_metadata(self.data, self.path)
+
+    def predict(self, X: np.ndarray) -> Prediction:
+        return self.output.interpret(self.raw(X))
+
+    def raw(self, X: np.ndarray) -> dict[str, np.ndarray]:
+        return self.runtime.predict(np.ascontiguousarray(X, dtype=np.float32))
+
+    timed_call = raw
+
+
+def tflite_metadata(data: bytes, path: str = "<model>") -> dict[str, str]:
+    """The flatbuffer's metadata entries whose names start with ``edgekit.``."""
+    schema = require("ai_edge_litert.schema_py_generated", "tflite")
+    try:
+        model = schema.Model.GetRootAs(data, 0)
+        entries = {}
+        for i in range(model.MetadataLength()):
+            entry = model.Metadata(i)
+            name = entry.Name().decode()
+            if name.startswith("edgekit."):
+                entries[name] = model.Buffers(entry.Buffer()).DataAsNumpy().tobytes().decode()
+        return entries
+    except Exception as exc:  # flatbuffers raises struct.error, IndexError, ... on a damaged file
+        raise ModelLoadError("is not a readable .tflite flatbuffer", "re-convert it with 'edgekit convert --target tflite'", path=path) from exc

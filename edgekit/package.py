@@ -29,7 +29,7 @@ from .errors import PackageError
 from .fsutil import atomic_path
 from .keys import load_private_key, sign
 from .lineage import git_state
-from .models import METADATA_QUANTIZATION, METADATA_SOURCE, OnnxModel, load_model
+from .models import METADATA_QUANTIZATION, METADATA_SOURCE, OnnxModel, TfliteModel, load_model
 from .onnx_target import RuntimeTarget
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -54,7 +54,7 @@ def build_bundle(
     _check_identity(name, version)
     key = load_private_key(key_path)
     model = load_model(model_path)
-    if not isinstance(model, OnnxModel):
+    if not isinstance(model, (OnnxModel, TfliteModel)):
         raise PackageError(f"is a {model.kind} model; bundles carry converted models", f"run 'edgekit convert {model_path} -o model.onnx' first", path=model_path)
     baseline_data = load_dataset(baseline_path, label=label)
     model.input = adopt_feature_names(model.input, baseline_data)
@@ -65,7 +65,7 @@ def build_bundle(
     profile = build_baseline(rows, model.input.feature_names, labels=list(spec.labels) if spec.task == "classification" else None,
                              predicted_labels=prediction.labels, probabilities=prediction.probabilities, predicted_values=prediction.values)
     members = {
-        MODEL_FILES["onnx"]: model.data,
+        MODEL_FILES[model.kind]: model.data,
         BASELINE: canonical_json(profile.to_dict()),
         SELFTEST: _selftest(model, rows),
     }
@@ -86,7 +86,7 @@ def _check_identity(name: str, version: int) -> None:
         raise PackageError(f"version {version!r} is not a positive integer", "versions are integers that only go up: 1, 2, 3, …")
 
 
-def _selftest(model: OnnxModel, rows: np.ndarray) -> bytes:
+def _selftest(model: OnnxModel | TfliteModel, rows: np.ndarray) -> bytes:
     """A few baseline rows and the model's own outputs on them, for the device's health check."""
     take = np.linspace(0, len(rows) - 1, num=min(SELFTEST_ROWS, len(rows))).round().astype(int)
     inputs = np.ascontiguousarray(rows[take])
@@ -118,21 +118,27 @@ def _read_report(path: str | None, model: OnnxModel) -> dict[str, Any] | None:
     return summary
 
 
-def _manifest(model: OnnxModel, *, name: str, version: int, members: dict[str, bytes], profile: Profile, baseline_sha256: str,
+def _manifest(model: OnnxModel | TfliteModel, *, name: str, version: int, members: dict[str, bytes], profile: Profile, baseline_sha256: str,
               report: dict[str, Any] | None, drift: dict[str, float], target: RuntimeTarget) -> dict[str, Any]:
-    proto = model.proto()
-    meta = {p.key: p.value for p in proto.metadata_props}
+    if isinstance(model, TfliteModel):
+        meta = model.metadata
+        runtime = {"format": "tflite", "engine": "litert", "min_runtime_version": None}
+        detected = {"mode": "none"}
+    else:
+        proto = model.proto()
+        meta = {p.key: p.value for p in proto.metadata_props}
+        runtime, detected = target.to_dict(proto), _detect_quantization(proto)
     return {
         "schema": BUNDLE_SCHEMA,
         "name": name,
         "version": version,
         "created": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "runtime": target.to_dict(proto),
+        "runtime": runtime,
         "input": model.input.to_dict(),
         "output": model.output.to_dict(),
         "files": {member: {"sha256": sha256_hex(data), "size": len(data)} for member, data in sorted(members.items())},
         "baseline_id": profile.baseline_id,
-        "quantization": json.loads(meta[METADATA_QUANTIZATION]) if METADATA_QUANTIZATION in meta else _detect_quantization(proto),
+        "quantization": json.loads(meta[METADATA_QUANTIZATION]) if METADATA_QUANTIZATION in meta else detected,
         "validation": report,
         "drift": drift,
         "lineage": {

@@ -48,6 +48,7 @@ class ConvertOutcome:
     size_bytes: int
     search: SearchOutcome | None = None
     notes: list[str] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def passed(self) -> bool:
@@ -57,6 +58,7 @@ class ConvertOutcome:
         doc: dict[str, Any] = {"source": self.source, "output": self.output, "size_bytes": self.size_bytes, "passed": self.passed, "notes": self.notes}
         if self.search is not None:
             doc["quantization"] = self.search.to_dict()
+        doc.update(self.extra)
         return doc
 
 
@@ -70,7 +72,10 @@ def convert_model(
     label: str | None = None,
     target: RuntimeTarget = RuntimeTarget(),
     progress: Progress = NoProgress(),
+    target_format: str = "onnx",
 ) -> ConvertOutcome:
+    if target_format not in ("onnx", "tflite"):
+        raise DataError(f"unknown --target {target_format!r}", "use onnx or tflite")
     model = load_model(source, pin_to=target)
     if quantize is None and (calibration or evaluation):
         raise DataError("--calibration and --eval are used only with --quantize int8", "add --quantize int8, or drop them")
@@ -79,6 +84,8 @@ def convert_model(
     for dataset in (calibration_set, eval_set):
         model.input = adopt_feature_names(model.input, dataset)
     fp32 = to_onnx(model, target=target)
+    if target_format == "tflite":
+        return _convert_tflite(fp32, source, output, model, quantize, calibration_set, eval_set, progress)
     if quantize is not None:
         ensure_quantizable(fp32, source=source)
     if quantize is None:
@@ -116,6 +123,36 @@ def convert_model(
     data = serialize(chosen.proto)
     write_bytes_atomic(output, data)
     return ConvertOutcome(source, output, len(data), outcome, notes)
+
+
+def _convert_tflite(fp32: Any, source: str, output: str, model: Any, quantize: QuantizeOptions | None, calibration_set: Dataset | None,
+                    eval_set: Dataset | None, progress: Progress) -> ConvertOutcome:
+    from .quant_search import Limits
+    from .tflite.convert import FLOAT, build, choose
+
+    if quantize is None:
+        data = build(fp32, calibration=None, source=source)[FLOAT]
+        write_bytes_atomic(output, data)
+        return ConvertOutcome(source, output, len(data), notes=["float32 .tflite"])
+    if calibration_set is None:
+        raise DataError("--target tflite --quantize int8 makes a full-integer model and needs --calibration rows", "add --calibration train.npz")
+    calibration_rows = _rows(calibration_set, model)
+    labels = None
+    rows = calibration_rows
+    if eval_set is not None:
+        eval_set = eval_set.aligned_to(model.input.feature_names)
+        labels = eval_set.require_labels("--eval")
+        compare.check_labels(model.output, labels, source=eval_set.source)
+        rows = model.input.check(eval_set.X, source=eval_set.source)
+    max_drop = quantize.max_accuracy_drop if quantize.max_accuracy_drop is not None else (DEFAULT_MAX_DROP if labels is not None else None)
+    outcome, data, extra = choose(fp32, rows=rows, labels=labels, calibration=calibration_rows, limits=Limits(max_drop, quantize.min_agreement),
+                                  force=quantize.force, source=source, progress=progress)
+    write_bytes_atomic(output, data)
+    notes = [f"speed of each .tflite against float32 onnxruntime on the same rows (b1, b256): " +
+             "; ".join(f"{name}: {v['1']:.2f}x, {v['256']:.2f}x" for name, v in extra["speedup_vs_onnxruntime_fp32"].items())]
+    result = ConvertOutcome(source, output, len(data), outcome, notes)
+    result.extra = extra
+    return result
 
 
 def _rows(dataset: Dataset, model: Any) -> np.ndarray:

@@ -35,6 +35,9 @@ from edgekit.validate import validate  # noqa: E402
 import numpy as np  # noqa: E402
 
 TARGETS = {
+    "tflite_agreement_min": 0.995,
+    "tflite_int8_size_ratio_max": 0.3,
+    "tflite_b1_speedup_min": 2.5,
     "wide_size_ratio_max": 0.26,
     "accuracy_drop_max": 0.005,
     "agreement_min": 0.995,
@@ -88,6 +91,29 @@ def bench_fixture(name: str, paths: dict[str, Path], work: Path) -> dict:
     return row
 
 
+def bench_tflite(paths: dict[str, Path], work: Path) -> dict:
+    """The digits pipeline as .tflite: float32 and int8 against scikit-learn, and the chosen one against onnxruntime."""
+    from edgekit.models import load_model as load
+
+    fp32_onnx, tfl, tfl8, chosen = work / "t.onnx", work / "t.tflite", work / "t.int8.tflite", work / "t.chosen.tflite"
+    convert_model(str(paths["model"]), str(fp32_onnx))
+    convert_model(str(paths["model"]), str(tfl), target_format="tflite")
+    convert_model(str(paths["model"]), str(tfl8), target_format="tflite", quantize=QuantizeOptions(force=True), calibration=str(paths["train"]))
+    outcome = convert_model(str(paths["model"]), str(chosen), target_format="tflite", quantize=QuantizeOptions(), calibration=str(paths["train"]),
+                            evaluation=str(paths["test"]))
+    X = np.load(paths["test"])["X"]
+    reference = load(paths["model"]).predict(X).labels
+    models = {"onnxruntime fp32": load(fp32_onnx), "tflite fp32": load(tfl), "tflite int8": load(tfl8), "chosen": load(chosen)}
+    timing = measure({k: m.raw for k, m in models.items()}, batches_from(X), min_repeats=100, budget_seconds=4.0)
+    row = {"tflite_chosen": outcome.search.chosen.name, "tflite_fp32_bytes": tfl.stat().st_size, "tflite_int8_bytes": tfl8.stat().st_size,
+           "tflite_int8_size_ratio": tfl8.stat().st_size / tfl.stat().st_size}
+    for key in ("tflite fp32", "tflite int8", "chosen"):
+        row[f"{key} agreement"] = float(np.mean(models[key].predict(X).labels == reference))
+        for batch in (1, 256):
+            row[f"{key} b{batch} vs onnxruntime"] = timing["onnxruntime fp32"][batch]["p50_ms"] / timing[key][batch]["p50_ms"]
+    return row
+
+
 def time_digits_pipeline(paths: dict[str, Path], work: Path) -> float:
     """convert + quantize (the search) + validate, as a user runs them: two CLI processes."""
     out = work / "cli.int8.onnx"
@@ -99,8 +125,16 @@ def time_digits_pipeline(paths: dict[str, Path], work: Path) -> float:
     return time.perf_counter() - start
 
 
-def checks(rows: list[dict], pipeline_seconds: float | None) -> list[dict]:
+def checks(rows: list[dict], pipeline_seconds: float | None, tflite: dict | None = None) -> list[dict]:
     results = []
+    if tflite:
+        for key in ("tflite fp32", "tflite int8"):
+            results.append({"check": f"digits {key}: agreement with scikit-learn ≥ {TARGETS['tflite_agreement_min']}", "value": tflite[f"{key} agreement"],
+                            "ok": tflite[f"{key} agreement"] >= TARGETS["tflite_agreement_min"]})
+        results.append({"check": f"digits tflite int8 size ≤ {TARGETS['tflite_int8_size_ratio_max']} of fp32 .tflite", "value": tflite["tflite_int8_size_ratio"],
+                        "ok": tflite["tflite_int8_size_ratio"] <= TARGETS["tflite_int8_size_ratio_max"]})
+        results.append({"check": f"digits chosen .tflite ({tflite['tflite_chosen']}) batch-1 speed ≥ {TARGETS['tflite_b1_speedup_min']}x onnxruntime fp32",
+                        "value": tflite["chosen b1 vs onnxruntime"], "ok": tflite["chosen b1 vs onnxruntime"] >= TARGETS["tflite_b1_speedup_min"]})
     for row in rows:
         name = row["fixture"]
         results.append({"check": f"{name}: accuracy drop ≤ {TARGETS['accuracy_drop_max'] * 100:.1f} pt", "value": row["accuracy_drop"], "ok": row["accuracy_drop"] <= TARGETS["accuracy_drop_max"]})
@@ -145,14 +179,15 @@ def main() -> int:
         paths = fixture_paths(names, work)
         rows = [bench_fixture(name, paths[name], work) for name in names]
         pipeline_seconds = time_digits_pipeline(paths["digits"], work) if "digits" in paths else None
-    results = checks(rows, pipeline_seconds)
+        tflite = bench_tflite(paths["digits"], work) if "digits" in paths else None
+    results = checks(rows, pipeline_seconds, tflite)
     print_table(rows, results)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     import platform
 
     out.write_text(json.dumps({"machine": {"python": platform.python_version(), "processor": platform.processor() or platform.machine()},
-                               "targets": TARGETS, "fixtures": rows, "digits_pipeline_seconds": pipeline_seconds, "checks": results}, indent=1))
+                               "targets": TARGETS, "fixtures": rows, "digits_pipeline_seconds": pipeline_seconds, "tflite": tflite, "checks": results}, indent=1))
     print(f"\nwrote {out}")
     return 0
 

@@ -13,6 +13,7 @@ import numpy as np
 from ..errors import ModelError, RuntimeUnavailableError
 
 INSTALL_HINT = "pip install ai-edge-litert (or 'edgekit[tflite]')"
+MAX_INTERPRETERS = 4
 
 
 def _interpreter_class():
@@ -46,37 +47,51 @@ class LiteRtRuntime:
 
     def __init__(self, *, threads: int = 1, source: str = "model") -> None:
         self.threads, self.source = threads, source
-        self._interpreter = None
-        self._batch = None
+        self._model: bytes | None = None
+        self._class = None
+        # One interpreter per recent batch size: resizing an interpreter re-plans and re-allocates
+        # every tensor, which costs more than a small model's inference when sizes alternate.
+        self._by_batch: dict[int, object] = {}
 
     def load(self, model: bytes) -> None:
-        interpreter_class, self.name = _interpreter_class()
-        try:
-            self._interpreter = interpreter_class(model_content=model, num_threads=self.threads)
-            self._interpreter.allocate_tensors()
-        except (ValueError, RuntimeError) as exc:
-            raise ModelError(self.source, self.name, f"cannot load the model: {exc}", "check it is a valid .tflite file") from exc
-        self._input = self._interpreter.get_input_details()[0]
-        self._outputs = self._interpreter.get_output_details()
+        self._class, self.name = _interpreter_class()
+        self._model = model
+        interpreter = self._interpreter_for(None)
+        self._input = interpreter.get_input_details()[0]
+        self._outputs = interpreter.get_output_details()
         self.input_names = [self._input["name"]]
         self.output_names = [o["name"] for o in self._outputs]
 
-    def predict(self, rows: np.ndarray) -> dict[str, np.ndarray]:
-        if self._interpreter is None:
-            raise ModelError(self.source, self.name, "has no model loaded", "call load() first")
+    def _interpreter_for(self, batch: int | None):
+        interpreter = self._by_batch.get(batch)
+        if interpreter is not None:
+            return interpreter
         try:
-            if self._batch != len(rows):
-                self._interpreter.resize_tensor_input(self._input["index"], [len(rows), *self._input["shape"][1:]])
-                self._interpreter.allocate_tensors()
-                self._batch = len(rows)
-            self._interpreter.set_tensor(self._input["index"], _quantize(rows, self._input))
-            self._interpreter.invoke()
-            return {o["name"]: _dequantize(self._interpreter.get_tensor(o["index"]), o) for o in self._outputs}
+            interpreter = self._class(model_content=self._model, num_threads=self.threads)
+            if batch is not None:
+                interpreter.resize_tensor_input(self._input["index"], [batch, *self._input["shape"][1:]])
+            interpreter.allocate_tensors()
+        except (ValueError, RuntimeError) as exc:
+            raise ModelError(self.source, self.name, f"cannot load the model: {exc}", "check it is a valid .tflite file") from exc
+        if len(self._by_batch) >= MAX_INTERPRETERS:
+            self._by_batch.pop(next(iter(self._by_batch)))
+        self._by_batch[batch] = interpreter
+        return interpreter
+
+    def predict(self, rows: np.ndarray) -> dict[str, np.ndarray]:
+        if self._model is None:
+            raise ModelError(self.source, self.name, "has no model loaded", "call load() first")
+        interpreter = self._interpreter_for(len(rows))
+        try:
+            interpreter.set_tensor(self._input["index"], _quantize(rows, self._input))
+            interpreter.invoke()
+            return {o["name"]: _dequantize(interpreter.get_tensor(o["index"]), o) for o in self._outputs}
         except (ValueError, RuntimeError) as exc:
             raise ModelError(self.source, self.name, f"failed to run: {exc}") from exc
 
     def close(self) -> None:
-        self._interpreter = None
+        self._model = None
+        self._by_batch.clear()
 
 
 def _quantize(rows: np.ndarray, detail: dict) -> np.ndarray:

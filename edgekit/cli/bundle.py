@@ -97,7 +97,7 @@ def inspect(bundle, pubkey, as_json):
     schema, output = m["input"], m["output"]
     lines = [
         f"bundle     {bundle}",
-        f"model      {m['name']} v{m['version']}  ({m['runtime']['format']}, {m['runtime']['engine']} >= {m['runtime']['min_runtime_version']}, IR {m['runtime']['ir_version']}, opsets {m['runtime']['opsets']})",
+        f"model      {m['name']} v{m['version']}  ({_runtime_text(m['runtime'])})",
         f"created    {m['created']}",
         f"signature  {_signature_state(opened)}",
         f"input      {schema['input_name']}: {schema['dtype']} [{len(schema['feature_names'])} features: {', '.join(schema['feature_names'][:6])}{', …' if len(schema['feature_names']) > 6 else ''}]  NaN {'allowed' if schema['allow_nan'] else 'refused'}",
@@ -109,6 +109,12 @@ def inspect(bundle, pubkey, as_json):
         "files      " + ", ".join(f"{k} {v['size']:,} B sha256 {v['sha256'][:12]}…" for k, v in m["files"].items()),
     ]
     click.echo("\n".join(lines))
+
+
+def _runtime_text(runtime) -> str:
+    if runtime.get("format") == "onnx":
+        return f"onnx, onnxruntime >= {runtime['min_runtime_version']}, IR {runtime['ir_version']}, opsets {runtime['opsets']}"
+    return f"{runtime.get('format')}, {runtime.get('engine')}"
 
 
 def _signature_state(opened) -> str:

@@ -28,11 +28,13 @@ def register(cli: click.Group) -> None:
 @click.option("--weight-type", type=click.Choice(["int8", "uint8"]), help="Weight type.")
 @click.option("--calibrate-method", type=click.Choice(["minmax", "entropy", "percentile"]), default="minmax", show_default=True, help="How static quantization sets activation ranges.")
 @click.option("--force", is_flag=True, help="Keep int8 even when it measures slower than float32 on this host.")
+@click.option("--target", "target_format", type=click.Choice(["onnx", "tflite"]), default="onnx", show_default=True,
+              help="Output format: ONNX, or TFLite (LiteRT) written without TensorFlow (dense networks).")
 @click.option("--min-runtime", default=DEFAULT_MIN_RUNTIME, show_default=True, help="Oldest onnxruntime the model must load on (pins IR version and opsets).")
 @click.option("--opset", type=int, default=DEFAULT_OPSET, show_default=True, help="ai.onnx opset for scikit-learn conversion.")
 @json_option
 def convert(model, output, quantize, calibration, evaluation, label, max_accuracy_drop, min_agreement, mode, per_channel, activation_type, weight_type,
-            calibrate_method, force, min_runtime, opset, as_json):
+            calibrate_method, force, target_format, min_runtime, opset, as_json):
     """Convert a scikit-learn model or ONNX file to ONNX, optionally int8.
 
     A scikit-learn estimator or Pipeline (joblib or pickle: loading one runs its code, so load only
@@ -47,6 +49,7 @@ def convert(model, output, quantize, calibration, evaluation, label, max_accurac
       edgekit convert model.joblib --quantize int8 --calibration train.npz -o model.int8.onnx
       edgekit convert model.onnx --quantize int8 --calibration train.csv --label target \\
           --eval test.csv --max-accuracy-drop 0.01 -o model.int8.onnx
+      edgekit convert model.joblib --target tflite --quantize int8 --calibration train.npz -o model.tflite
     """
     options = None
     needs_quantize = [flag for flag, value in (("--max-accuracy-drop", max_accuracy_drop), ("--min-agreement", min_agreement), ("--mode", mode),
@@ -60,7 +63,7 @@ def convert(model, output, quantize, calibration, evaluation, label, max_accurac
     progress = BarProgress(enabled=not as_json)
     try:
         outcome = convert_model(model, output, quantize=options, calibration=calibration, evaluation=evaluation, label=label,
-                                target=RuntimeTarget(min_runtime=min_runtime, opset=opset), progress=progress)
+                                target=RuntimeTarget(min_runtime=min_runtime, opset=opset), progress=progress, target_format=target_format)
     finally:
         progress.finish()
     if as_json:
@@ -72,7 +75,7 @@ def convert(model, output, quantize, calibration, evaluation, label, max_accurac
 
 def _render(outcome) -> None:
     if outcome.search is None:
-        click.echo(f"wrote {outcome.output} ({outcome.size_bytes:,} bytes)")
+        click.echo(f"wrote {outcome.output} ({outcome.size_bytes:,} bytes{', ' + outcome.notes[0] if outcome.notes else ''})")
         return
     search = outcome.search
     baseline = search.baseline

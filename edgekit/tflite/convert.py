@@ -1,0 +1,86 @@
+"""``edgekit convert --target tflite``: float32 or full int8 .tflite from a model, and the choice between them.
+
+The float .tflite is the reference choice; the int8 one (with calibration data) is kept only when
+it meets the accuracy/agreement limits and is not slower than the float one at batch 1 or 256,
+through the same ``_choose`` as the ONNX search. Speeds are also reported against float32
+onnxruntime on the same model, timed interleaved in this process.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import numpy as np
+
+from .. import compare
+from ..convert import serialize
+from ..latency import batches_from, measure
+from ..models import METADATA_INPUT, METADATA_OUTPUT, METADATA_QUANTIZATION, METADATA_SOURCE, OnnxModel, TfliteModel
+from ..progress import NoProgress, Progress
+from ..quant_search import Limits, SearchOutcome, Trial, _choose
+from ..quantize import QuantConfig
+from .plan import plan_from_onnx
+from .writer import write_float, write_int8
+
+FLOAT = "tflite float32"
+INT8 = "tflite int8 (full integer, per-channel weights)"
+
+
+def tflite_output(spec: Any) -> str:
+    return spec.probabilities_output if spec.task == "classification" else spec.value_output
+
+
+def build(fp32_proto: Any, *, calibration: np.ndarray | None, source: str) -> dict[str, bytes]:
+    """The float32 .tflite and, with calibration rows, the int8 one, keyed by trial name."""
+    reference = OnnxModel.from_bytes(serialize(fp32_proto), path=source)
+    schema, spec = reference.input, reference.output
+    if spec.task == "classification" and spec.probabilities_output is None:
+        from ..errors import ConversionError
+
+        raise ConversionError("the classifier has no probability output to convert", "use --target onnx", path=source)
+    plan = plan_from_onnx(fp32_proto, tflite_output(spec), source=source)
+    tflite_spec = spec.to_dict()
+    if spec.task == "classification":
+        int_labels = all(isinstance(c, int) and not isinstance(c, bool) for c in spec.labels)
+        tflite_spec.update(label_output="label" if int_labels else None, probabilities_output=tflite_output(spec))
+    meta = {p.key: p.value for p in fp32_proto.metadata_props}
+    metadata = {METADATA_INPUT: json.dumps(schema.to_dict()), METADATA_OUTPUT: json.dumps(tflite_spec), METADATA_SOURCE: meta.get(METADATA_SOURCE, "onnx")}
+    labels = tuple(spec.labels) if spec.task == "classification" else None
+    built = {FLOAT: write_float(plan, tflite_output(spec), labels, {**metadata, METADATA_QUANTIZATION: json.dumps({"mode": "none"})})}
+    if calibration is not None:
+        int8_meta = {**metadata, METADATA_QUANTIZATION: json.dumps({"mode": "static", "format": "tflite full integer", "per_channel": True,
+                                                                    "activation_type": "int8", "weight_type": "int8", "label": INT8})}
+        built[INT8] = write_int8(plan, tflite_output(spec), calibration, labels, int8_meta)
+    return built
+
+
+def choose(fp32_proto: Any, *, rows: np.ndarray, labels: np.ndarray | None, calibration: np.ndarray | None, limits: Limits, force: bool,
+           source: str, progress: Progress = NoProgress()) -> tuple[SearchOutcome, bytes, dict[str, Any]]:
+    progress.start(3, "building .tflite")
+    built = build(fp32_proto, calibration=calibration, source=source)
+    progress.advance()
+    onnx_fp32 = OnnxModel.from_bytes(serialize(fp32_proto), path=source)
+    models = {name: TfliteModel.from_bytes(data, path=f"{source} ({name})") for name, data in built.items()}
+    reference = onnx_fp32.predict(rows)
+    trials = {}
+    for name, model in models.items():
+        prediction = model.predict(rows)
+        config = None if name == FLOAT else QuantConfig("static", per_channel=True, activation_type="int8")
+        trial = Trial(name, config, built[name], model.size_bytes)
+        trial.metric = compare.task_metric(model.output, prediction, labels)
+        trial.agreement = compare.agreement(model.output, reference, prediction)
+        trials[name] = trial
+    progress.advance()
+    timing = measure({"onnxruntime float32": onnx_fp32.raw, **{name: m.raw for name, m in models.items()}}, batches_from(rows), budget_seconds=3.0)
+    progress.advance()
+    progress.finish()
+    base = trials[FLOAT]
+    onnx_metric = compare.task_metric(onnx_fp32.output, reference, labels)
+    for name, trial in trials.items():
+        trial.latency = timing[name]
+        trial.drop = compare.metric_drop(onnx_fp32.output, onnx_metric, trial.metric)
+        trial.within = limits.holds(trial) if trial is not base else True
+    outcome = _choose(base, [t for n, t in trials.items() if n != FLOAT], limits=limits, force=force, metric_name=compare.metric_name(onnx_fp32.output))
+    versus_onnx = {name: {str(b): timing["onnxruntime float32"][b]["p50_ms"] / timing[name][b]["p50_ms"] for b in timing[name]} for name in trials}
+    return outcome, outcome.chosen.proto, {"speedup_vs_onnxruntime_fp32": versus_onnx, "onnxruntime_fp32_latency": {str(b): v for b, v in timing["onnxruntime float32"].items()}}

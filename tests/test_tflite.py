@@ -1,0 +1,80 @@
+"""ONNX -> TFLite without TensorFlow: float32 and full int8, validated, packaged, served by the agent."""
+
+import json
+
+import numpy as np
+import pytest
+
+pytest.importorskip("ai_edge_litert")
+
+from device_agent import Agent  # noqa: E402
+from edgekit.models import TfliteModel, load_model  # noqa: E402
+from tests.agent_helpers import config_of, make_device  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tflite_models(tmp_path_factory, digits):
+    from edgekit.pipeline import QuantizeOptions, convert_model
+
+    directory = tmp_path_factory.mktemp("tflite")
+    float_path, int8_path = directory / "digits.tflite", directory / "digits.int8.tflite"
+    convert_model(str(digits.model), str(float_path), target_format="tflite")
+    convert_model(str(digits.model), str(int8_path), target_format="tflite", quantize=QuantizeOptions(force=True), calibration=str(digits.train))
+    return float_path, int8_path
+
+
+def test_float_tflite_answers_like_scikit_learn(tflite_models, digits):
+    model, reference = load_model(tflite_models[0]), load_model(digits.model)
+    X = np.load(digits.test)["X"]
+    ours, theirs = model.predict(X), reference.predict(X)
+    assert isinstance(model, TfliteModel) and model.output.label_output == "label"
+    assert np.mean(ours.labels == theirs.labels) >= 0.995
+    assert np.abs(ours.probabilities - theirs.probabilities).max() < 1e-4
+
+
+def test_int8_tflite_is_full_integer_small_and_close(tflite_models, digits):
+    from ai_edge_litert.interpreter import Interpreter
+
+    model, reference = load_model(tflite_models[1]), load_model(digits.model)
+    X, y = np.load(digits.test)["X"], np.load(digits.test)["y"]
+    ours = model.predict(X)
+    assert np.mean(ours.labels == reference.predict(X).labels) >= 0.99
+    assert np.mean(ours.labels == y) >= 0.95
+    assert tflite_models[1].stat().st_size <= 0.6 * tflite_models[0].stat().st_size
+    details = Interpreter(model_path=str(tflite_models[1])).get_tensor_details()
+    fc_weights = [d for d in details if d["name"].endswith("/weights")]
+    assert fc_weights and all(d["dtype"] == np.int8 and len(d["quantization_parameters"]["scales"]) > 1 for d in fc_weights)  # per-channel
+    assert json.loads(model.metadata["edgekit.quantization"])["format"] == "tflite full integer"
+
+
+def test_unsupported_operators_are_named_with_the_alternative(cli, cancer, tmp_path):
+    result = cli("convert", cancer.model, "--target", "tflite", "-o", tmp_path / "c.tflite")
+    assert result.exit_code == 2 and "LinearClassifier" in result.stderr and "--target onnx" in result.stderr
+    assert not (tmp_path / "c.tflite").exists()
+
+
+def test_int8_tflite_needs_calibration(cli, digits, tmp_path):
+    result = cli("convert", digits.model, "--target", "tflite", "--quantize", "int8", "-o", tmp_path / "d.tflite")
+    assert result.exit_code == 2 and "needs --calibration" in result.stderr
+
+
+def test_validate_takes_tflite_as_candidate_and_reference(cli, tflite_models, digits, digits_onnx):
+    result = cli("validate", tflite_models[1], "--reference", tflite_models[0], "--data", digits.test, "--json")
+    assert result.exit_code == 0 and json.loads(result.stdout)["candidate"]["kind"] == "tflite"
+    result = cli("validate", tflite_models[0], "--reference", digits_onnx, "--data", digits.test, "--min-agreement", "0.995")
+    assert result.exit_code == 0
+
+
+def test_a_tflite_bundle_is_served_by_the_agent_with_litert(cli, tflite_models, digits, keypair, tmp_path):
+    bundle = tmp_path / "digits-9.edgebundle"
+    assert cli("package", tflite_models[1], "--name", "digits", "--version", "9", "--baseline", digits.train, "--key", keypair[0], "-o", bundle).exit_code == 0
+    inspected = json.loads(cli("inspect", bundle, "--json").stdout)["manifest"]
+    assert inspected["runtime"] == {"format": "tflite", "engine": "litert", "min_runtime_version": None} and "model.tflite" in inspected["files"]
+    config = make_device(tmp_path / "dev", bundle, keypair[1], window_rows=100, http=False)
+    X, y = np.load(digits.test)["X"], np.load(digits.test)["y"]
+    with Agent(config_of(config)).start(http=False) as agent:
+        assert agent.runtime.name in ("ai-edge-litert", "tflite-runtime")
+        result = agent.predict(X[:200])
+        assert np.mean(np.asarray(result.answers()) == y[:200]) > 0.93
+        agent.monitor.process()
+        assert agent.last_summary["rows"] == 100
