@@ -10,19 +10,17 @@ caller on the network.
 from __future__ import annotations
 
 import logging
-import socket
 import threading
 from typing import Any
 from collections.abc import Callable
 
+from . import mqtt_fallback
 from .config import MqttConfig
 from .errors import ProtocolError, RuntimeUnavailableError
 from .protocol import Topics, command, encode
 from .spool import Spool
 
 log = logging.getLogger("device_agent.reporter")
-UNSUPPORTED_PROTOCOL_VERSION = 132  # MQTT 5 CONNACK reason; paho maps MQTT 3's return code 1 to it too
-FALLBACK_AFTER_SECONDS = 3.0
 
 
 def _paho():
@@ -64,18 +62,8 @@ class MqttReporter:
         client.connect_async(self.config.host, self.config.port, keepalive=self.config.keepalive)
         client.loop_start()
         if self.protocol == "5":
-            threading.Thread(target=self._fallback_watchdog, args=(client,), name="edgekit-mqtt-watchdog", daemon=True).start()
-
-    def _fallback_watchdog(self, client) -> None:
-        """Some MQTT 3.1.1 brokers (amqtt) drop an MQTT 5 CONNECT with a will without a CONNACK: if the
-        broker's port answers but MQTT 5 has not connected after a while, try MQTT 3.1.1 instead."""
-        if self.connected.wait(FALLBACK_AFTER_SECONDS) or self._client is not client or self.protocol != "5":
-            return
-        try:
-            socket.create_connection((self.config.host, self.config.port), timeout=2).close()
-        except OSError:
-            return  # the broker is down, not old: paho keeps retrying MQTT 5
-        self._fall_back("the broker did not answer an MQTT 5 connect")
+            mqtt_fallback.watch(self.connected, self.config.host, self.config.port, lambda: self._fall_back("the broker did not answer an MQTT 5 connect"),
+                                still_relevant=lambda: self._client is client and self.protocol == "5")
 
     def _fall_back(self, why: str) -> None:
         log.info("%s; reconnecting with MQTT 3.1.1", why)
@@ -109,7 +97,7 @@ class MqttReporter:
     # -- paho callbacks (network thread) -----------------------------------------------------------
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
         if reason_code.is_failure:
-            if reason_code.value == UNSUPPORTED_PROTOCOL_VERSION and self.protocol == "5":
+            if mqtt_fallback.refused_for_version(reason_code) and self.protocol == "5":
                 self._fall_back("the broker does not speak MQTT 5")
                 return
             log.warning("broker refused the connection: %s", reason_code)

@@ -1,20 +1,26 @@
-"""``edgekit demo``: the whole loop on one machine, on models made from scikit-learn's datasets.
+"""``edgekit demo``: the whole loop on one machine, offline, on models made from scikit-learn's datasets.
 
-Today the loop is the host pipeline: train (from the shipped digits dataset), convert, quantize
-with the accuracy- and speed-aware search, validate against the scikit-learn model, make a key,
-package a signed bundle, and verify it as a device would. Each step is the library call the
-matching CLI command makes.
+Host: fixtures (or training anew), convert, the int8 search, validation against scikit-learn, a
+signing key, bundles v1 and v2, verified as a device would. Fleet: a local broker (Mosquitto if
+installed, otherwise the embedded amqtt), the collector with its dashboard, and N emulated devices
+(real agent processes) scoring held-out digits, the first with drift injected. The fleet table is
+printed as it updates; at the end the final status, the drift, the alerts and the dashboard URL.
+Every process is stopped on exit or Ctrl-C. Each step is the library call its CLI command makes.
 """
 
 from __future__ import annotations
 
+import json
+import time
 from dataclasses import dataclass
 from pathlib import Path
-from collections.abc import Callable
+from typing import Callable
 
 from device_agent.bundle import read_bundle
 from device_agent.signing import load_public_key
 
+from .broker import start_local_broker
+from .emulate import DriftSpec, EmulatedFleet, interrupted, prepare_devices
 from .fixtures import fixtures_usable, make_fixtures
 from .keys import generate_keypair
 from .package import build_bundle
@@ -22,6 +28,7 @@ from .pipeline import QuantizeOptions, convert_model
 from .validate import Thresholds, validate
 
 Say = Callable[[str], None]
+DRIFT = DriftSpec(feature="pixel_2_4", shift=8.0, after=600, devices=frozenset({0}))
 
 
 @dataclass(frozen=True)
@@ -29,37 +36,101 @@ class DemoResult:
     workdir: Path
     bundle: Path
     validation_passed: bool
+    devices: list[dict]
+    alerts: list[dict]
 
 
-def run_demo(workdir: str | Path, *, fixtures: str | Path | None = None, say: Say = print) -> DemoResult:
+def run_demo(workdir: str | Path, *, fixtures: str | Path | None = None, devices: int = 4, duration: float = 60.0, broker: str = "auto",
+             keep_serving: bool = False, say: Say = print) -> DemoResult:
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
+    bundle, public, test_data, passed = _host_pipeline(workdir, fixtures, say)
+    if devices <= 0:
+        return DemoResult(workdir, bundle, passed, [], [])
+    status, alerts = _fleet(workdir, bundle, public, test_data, devices=devices, duration=duration, broker=broker, keep_serving=keep_serving, say=say)
+    return DemoResult(workdir, bundle, passed, status, alerts)
+
+
+def _host_pipeline(workdir: Path, fixtures: str | Path | None, say: Say) -> tuple[Path, Path, Path, bool]:
     data_dir = Path(fixtures) if fixtures and fixtures_usable(fixtures, ("digits",)) else workdir / "fixtures"
-    if data_dir == workdir / "fixtures":
-        say(f"[1/6] training the digits model (StandardScaler + MLP) from scikit-learn's bundled dataset -> {data_dir}")
+    if data_dir == workdir / "fixtures" and not fixtures_usable(data_dir, ("digits",)):
+        say(f"[1/7] training the digits model (StandardScaler + MLP) from scikit-learn's bundled dataset -> {data_dir}")
         make_fixtures(data_dir, ("digits",))
     else:
-        say(f"[1/6] using the digits fixtures in {data_dir}")
+        say(f"[1/7] using the digits fixtures in {data_dir}")
     model, train, test = data_dir / "digits.joblib", data_dir / "digits_train.npz", data_dir / "digits_test.npz"
     fp32, int8 = workdir / "digits.onnx", workdir / "digits.int8.onnx"
     convert_model(str(model), str(fp32))
-    say(f"[2/6] converted {model.name} -> {fp32} ({fp32.stat().st_size:,} bytes, float32)")
     outcome = convert_model(str(model), str(int8), quantize=QuantizeOptions(max_accuracy_drop=0.01), calibration=str(train), evaluation=str(test))
-    say(f"[3/6] quantization search: {outcome.search.verdict}")
+    say(f"[2/7] converted {model.name} to ONNX ({fp32.stat().st_size:,} bytes); int8 search: {outcome.search.verdict}")
     report = validate(str(int8), reference_path=str(model), data_path=str(test), thresholds=Thresholds(max_accuracy_drop=0.01, min_agreement=0.99))
     report_path = workdir / "validation.json"
-    import json
-
     report_path.write_text(json.dumps(report, indent=1, default=str))
-    say(
-        f"[4/6] validated {int8.name} against scikit-learn on {report['rows']} held-out rows: accuracy {report['reference']['metric']:.4f} -> "
-        f"{report['candidate']['metric']:.4f}, agreement {report['agreement']:.4f}, size ratio {report['size_ratio']:.3f}, "
-        f"{'PASSED' if report['passed'] else 'FAILED'}"
-    )
+    say(f"[3/7] validated against scikit-learn on {report['rows']} held-out rows: accuracy {report['reference']['metric']:.4f} -> "
+        f"{report['candidate']['metric']:.4f}, agreement {report['agreement']:.4f}, {'PASSED' if report['passed'] else 'FAILED'}")
     private, public, key_id = generate_keypair(workdir / "keys", force=True)
-    bundle = workdir / "digits-1.edgebundle"
-    build_bundle(str(int8), name="digits", version=1, baseline_path=str(train), key_path=str(private), output=str(bundle), report_path=str(report_path))
-    say(f"[5/6] packaged {bundle} ({bundle.stat().st_size:,} bytes), signed with key {key_id}")
-    opened = read_bundle(bundle, load_public_key(public))
-    say(f"[6/6] verified {bundle.name} as a device would: signature by {opened.signed_by}, {len(opened.members)} members match their sha256, baseline of {opened.baseline().rows} rows")
-    return DemoResult(workdir, bundle, bool(report["passed"]))
+    bundles = []
+    for version, source in ((1, int8), (2, fp32)):
+        bundle = workdir / f"digits-{version}.edgebundle"
+        build_bundle(str(source), name="digits", version=version, baseline_path=str(train), key_path=str(private), output=str(bundle),
+                     report_path=str(report_path) if source == int8 else None)
+        bundles.append(bundle)
+    opened = read_bundle(bundles[0], load_public_key(public))
+    say(f"[4/7] packaged and signed digits v1 ({bundles[0].stat().st_size:,} B) and v2 (key {key_id}); v1 verified as a device would: "
+        f"{len(opened.members)} members match their sha256")
+    return bundles[0], public, test, bool(report["passed"])
+
+
+def _fleet(workdir: Path, bundle: Path, public: Path, test_data: Path, *, devices: int, duration: float, broker: str, keep_serving: bool,
+           say: Say) -> tuple[list[dict], list[dict]]:
+    from .fleet.alerts import AlertEngine, AlertRules, AlertSinks
+    from .fleet.collector import Collector, CollectorConfig
+
+    local = start_local_broker(workdir / "broker", prefer="amqtt" if broker == "amqtt" else "mosquitto")
+    collector = fleet = None
+    try:
+        say(f"[5/7] broker: {local.kind} at {local.url}")
+        collector = Collector(CollectorConfig(broker=local.url, db=str(workdir / "fleet.db"), http="127.0.0.1:0", client_id=f"edgekit-demo-{local.port}"))
+        collector.alerts = AlertEngine(collector.store, AlertRules(drift_windows=2, offline_seconds=3600), AlertSinks(log=False))
+        collector.start()
+        dashboard = f"http://127.0.0.1:{collector.server.server_address[1]}/"
+        configs = prepare_devices(devices=devices, bundle=str(bundle), pubkey=str(public), broker=local.url, data=str(test_data), fleet="demo",
+                                  window_rows=200, window_seconds=10, rows_per_second=200, drift=DRIFT, state_dir=str(workdir / "fleet"), http_port_base=None)
+        fleet = EmulatedFleet(configs, say=lambda _: None).start()
+        say(f"[6/7] collector and dashboard at {dashboard}; {devices} emulated devices scoring 200 rows/s each, {DRIFT.feature} shifted by "
+            f"{DRIFT.shift:g} on emu-00 after {DRIFT.after} rows; running {duration:.0f} s (Ctrl-C stops early)")
+        with interrupted() as stop:
+            deadline = time.monotonic() + duration
+            next_line = time.monotonic() + 5
+            while not stop.is_set() and time.monotonic() < deadline:
+                fleet.check()
+                stop.wait(0.5)
+                if time.monotonic() >= next_line:
+                    next_line += 5
+                    say("      " + "  ".join(f"{d['device']}: {d['windows']} windows{' DRIFTED' if d['drifted'] else ''}" for d in collector.store.status()))
+            fleet.stop()
+            fleet = None
+            collector.drain()
+            time.sleep(1.0)
+            collector.drain()
+            collector.alerts.evaluate()
+            status, alerts = collector.store.status(), collector.store.alerts(open_only=True)
+            say("[7/7] final fleet status:")
+            from .cli.common import table
+
+            say(table([[d["device"], "online" if d["online"] else "offline", f"{d['model']} v{d['model_version']}", d["windows"], d["rows"],
+                        "DRIFTED" if d["drifted"] else "no", d["worst_feature"] or "-", d["missing_seqs"]] for d in status],
+                      ["device", "state", "model", "windows", "rows", "drift", "worst feature", "missing"]))
+            say("open alerts: " + ("; ".join(f"{a['rule']} {a['device']} {a['subject']}: {a['message']}" for a in alerts) or "none"))
+            say(f"dashboard: {dashboard} (fleet table, per-device drift, fleet-wide drift at {dashboard}drift); "
+                + ("it stays up until Ctrl-C" if keep_serving else "it closes with the demo: pass --keep-serving to browse it afterwards"))
+            if keep_serving:
+                say("serving the dashboard until Ctrl-C")
+                stop.wait()
+            return status, alerts
+    finally:
+        if fleet is not None:
+            fleet.stop()
+        if collector is not None:
+            collector.stop()
+        local.stop()

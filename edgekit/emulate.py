@@ -7,14 +7,16 @@ steady rate by the agent's emulation feeder, with drift injected into chosen dev
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from collections.abc import Callable
 
 from device_agent.bundle import read_bundle
 from device_agent.errors import InstallError
@@ -99,39 +101,62 @@ def _resolve_feature(name: str, feature_names: tuple[str, ...]) -> str:
     raise EdgekitError(f"the model has no feature {name!r}", f"use a name ({', '.join(feature_names[:4])}, …) or f0…f{len(feature_names) - 1}")
 
 
-def run_devices(configs: list[Path], *, duration: float | None = None, say: Callable[[str], None] = print) -> int:
-    """Run one ``edge-agent run`` process per config until ``duration`` passes or Ctrl-C; stop them all."""
-    processes = []
-    for config in configs:
-        with open(config.parent / "agent.log", "ab") as log:
-            processes.append(subprocess.Popen([sys.executable, "-m", "device_agent", "run", "--config", str(config)], stdout=log, stderr=log))
-        say(f"started {config.parent.name} (pid {processes[-1].pid}, log {config.parent / 'agent.log'})")
-    stopping = False
+class EmulatedFleet:
+    """One ``edge-agent run`` process per config: start, check, stop (every one, whatever happens)."""
 
-    def stop(*_: object) -> None:
-        nonlocal stopping
-        stopping = True
+    def __init__(self, configs: list[Path], *, say: Callable[[str], None] = print) -> None:
+        self.configs, self.say = configs, say
+        self.processes: list[subprocess.Popen] = []
 
-    previous = signal.signal(signal.SIGINT, stop), signal.signal(signal.SIGTERM, stop)
-    deadline = None if duration is None else time.monotonic() + duration
-    try:
-        while not stopping and (deadline is None or time.monotonic() < deadline):
-            failed = [(c, p) for c, p in zip(configs, processes) if p.poll() is not None]
-            if failed:
-                config, process = failed[0]
+    def start(self) -> "EmulatedFleet":
+        for config in self.configs:
+            with open(config.parent / "agent.log", "ab") as log:
+                self.processes.append(subprocess.Popen([sys.executable, "-m", "device_agent", "run", "--config", str(config)], stdout=log, stderr=log))
+            self.say(f"started {config.parent.name} (pid {self.processes[-1].pid}, log {config.parent / 'agent.log'})")
+        return self
+
+    def check(self) -> None:
+        """Raise if a device process has died (its last log line says why)."""
+        for config, process in zip(self.configs, self.processes):
+            if process.poll() is not None:
                 tail = (config.parent / "agent.log").read_text().strip().splitlines()[-1:] or ["(no output)"]
                 raise EdgekitError(f"emulated device {config.parent.name} exited with code {process.returncode}: {tail[0]}", f"see {config.parent / 'agent.log'}")
-            time.sleep(0.2)
-    finally:
-        signal.signal(signal.SIGINT, previous[0])
-        signal.signal(signal.SIGTERM, previous[1])
-        for process in processes:
+
+    def stop(self) -> None:
+        for process in self.processes:
             if process.poll() is None:
                 process.terminate()
-        for process in processes:
+        for process in self.processes:
             try:
                 process.wait(15)
             except subprocess.TimeoutExpired:
                 process.kill()
-        say(f"stopped {len(processes)} emulated device(s)")
+        if self.processes:
+            self.say(f"stopped {len(self.processes)} emulated device(s)")
+        self.processes = []
+
+
+def run_devices(configs: list[Path], *, duration: float | None = None, say: Callable[[str], None] = print) -> int:
+    """Run the devices until ``duration`` passes or Ctrl-C/SIGTERM; stop them all."""
+    fleet = EmulatedFleet(configs, say=say).start()
+    with interrupted() as stop:
+        try:
+            deadline = None if duration is None else time.monotonic() + duration
+            while not stop.is_set() and (deadline is None or time.monotonic() < deadline):
+                fleet.check()
+                stop.wait(0.2)
+        finally:
+            fleet.stop()
     return 0
+
+
+@contextlib.contextmanager
+def interrupted() -> Iterator[threading.Event]:
+    """An event set by Ctrl-C or SIGTERM while the block runs (the previous handlers come back after)."""
+    stop = threading.Event()
+    previous = signal.signal(signal.SIGINT, lambda *_: stop.set()), signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        yield stop
+    finally:
+        signal.signal(signal.SIGINT, previous[0])
+        signal.signal(signal.SIGTERM, previous[1])

@@ -162,15 +162,13 @@ def test_a_broker_that_speaks_only_mqtt_3_gets_mqtt_3(tmp_path, bundle, keypair,
     import socket
     import subprocess
     import sys
-    from pathlib import Path
-
     import paho.mqtt.client as mqtt
 
     pytest.importorskip("amqtt")
     from tests.agent_helpers import free_port
 
     port = free_port()
-    broker = subprocess.Popen([sys.executable, str(Path(__file__).parent / "amqtt_broker.py"), str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    broker = subprocess.Popen([sys.executable, "-m", "edgekit.embedded_broker", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + 15
         while time.time() < deadline:

@@ -1,6 +1,23 @@
-def test_demo_runs_the_host_loop(cli, tmp_path):
-    result = cli("demo", "--workdir", tmp_path / "demo", "--fixtures", tmp_path / "none")
+import pytest
+
+
+def test_demo_host_pipeline_only(cli, tmp_path):
+    result = cli("demo", "--workdir", tmp_path / "demo", "--fixtures", tmp_path / "none", "--devices", "0")
     assert result.exit_code == 0, result.output
-    assert "[6/6] verified digits-1.edgebundle" in result.stdout
-    assert (tmp_path / "demo" / "digits-1.edgebundle").exists()
-    assert (tmp_path / "demo" / "keys" / "edgekit.pub").exists()
+    assert "[4/7] packaged and signed digits v1" in result.stdout
+    assert (tmp_path / "demo" / "digits-1.edgebundle").exists() and (tmp_path / "demo" / "digits-2.edgebundle").exists()
+
+
+@pytest.mark.network
+@pytest.mark.parametrize("broker", ["auto", "amqtt"])
+def test_demo_runs_the_whole_loop_and_flags_the_drifted_device(cli, digits, tmp_path, broker):
+    result = cli("demo", "--workdir", tmp_path / "demo", "--fixtures", digits.model.parent, "--devices", "2", "--duration", "12", "--broker", broker)
+    assert result.exit_code == 0, result.output
+    out = result.stdout
+    assert "[7/7] final fleet status" in out
+    final = out.split("[7/7] final fleet status:")[1]
+    emu0 = next(line for line in final.splitlines() if line.startswith("emu-00"))
+    emu1 = next(line for line in final.splitlines() if line.startswith("emu-01"))
+    assert "DRIFTED" in emu0 and "pixel_2_4" in emu0 and "DRIFTED" not in emu1
+    assert "drift emu-00 pixel_2_4" in out
+    assert ("amqtt" in out) == (broker == "amqtt")

@@ -132,3 +132,13 @@ def test_fleet_cli_reads_the_store(cli, fleet, tmp_path):
     assert drift.exit_code == 0 and "no device has published this baseline" in drift.stdout
     assert cli("fleet", "drift", "--db", db, "--since", "soon").exit_code == 2
     assert cli("fleet", "alerts", "--db", db, "--json").exit_code == 0
+
+
+def test_an_untested_window_neither_opens_nor_closes_drift(fleet):
+    store, ingestor = fleet
+    engine = AlertEngine(store, AlertRules(drift_windows=2), AlertSinks(log=False))
+    feed(ingestor, summary(BASE, "d1", 1, shift=2.0), summary(BASE, "d1", 2, shift=2.0))
+    engine.evaluate(now=1.7e9)
+    feed(ingestor, summary(BASE, "d1", 3, rows=20))  # the flush of a stopping agent: below min_rows, no verdict
+    engine.evaluate(now=1.7e9)
+    assert ("drift", "f0") in rules_of(store)

@@ -18,16 +18,22 @@ def register(cli: click.Group) -> None:
 @click.command()
 @click.option("--workdir", type=click.Path(file_okay=False), help="Where to write the models, keys and bundle (default: a new temporary directory).")
 @click.option("--fixtures", type=click.Path(file_okay=False), default="fixtures", show_default=True, help="Use the fixtures here when they match this scikit-learn; else train anew.")
-def demo(workdir, fixtures):
-    """Run the loop on one machine: train, convert, quantize, validate, package, verify.
+@click.option("--devices", default=4, show_default=True, type=click.IntRange(0, 50), help="Emulated devices (0: the host pipeline only).")
+@click.option("--duration", default=60.0, show_default=True, type=click.FloatRange(1), help="Seconds the fleet runs.")
+@click.option("--broker", type=click.Choice(["auto", "mosquitto", "amqtt"]), default="auto", show_default=True, help="auto: Mosquitto if installed, else the embedded amqtt.")
+@click.option("--keep-serving", is_flag=True, help="Keep the dashboard up after the run, until Ctrl-C.")
+def demo(workdir, fixtures, devices, duration, broker, keep_serving):
+    """Run the whole loop on one machine: convert, quantize, validate, package, then a fleet of
+    emulated devices reporting drift to a collector with a dashboard.
 
-    Uses only scikit-learn's bundled digits dataset; nothing is downloaded.
+    Uses only scikit-learn's bundled digits dataset and local processes; nothing is downloaded.
 
     \b
     Example:
-      edgekit demo --workdir /tmp/edgekit-demo
+      edgekit demo --devices 4 --duration 60
     """
     workdir = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="edgekit-demo-"))
-    result = run_demo(workdir, fixtures=fixtures if Path(fixtures).is_dir() else None, say=click.echo)
+    result = run_demo(workdir, fixtures=fixtures if Path(fixtures).is_dir() else None, devices=devices, duration=duration, broker=broker,
+                      keep_serving=keep_serving, say=click.echo)
     click.echo(f"done: everything is in {result.workdir}")
     exit_with(0 if result.validation_passed else EXIT_THRESHOLD)

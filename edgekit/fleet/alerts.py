@@ -106,11 +106,14 @@ class AlertEngine:
     def _evaluate_device(self, device: dict[str, Any], now: float) -> list[dict[str, Any]]:
         name = device["device"]
         depth = max(self.rules.drift_windows, self.rules.prediction_windows, 1)
-        recent = self.store.recent_facts(name, depth)
+        recent = self.store.recent_facts(name, depth + 5)
+        # Drift rules look at tested windows only: a window too small for a verdict (an agent's last,
+        # flushed on stop) says nothing either way and must not close an alert.
+        tested = [f for f in recent if f.get("tested", True)][:depth]
         holding: dict[tuple[str, str], tuple[str, dict[str, Any]]] = {}
         if recent:
             latest = recent[0]
-            holding.update(self._drift(recent))
+            holding.update(self._drift(tested))
             holding.update(self._latest_window(latest))
             holding.update(self._accuracy(name, latest))
         offline_for = now - (device["last_seen"] or now)

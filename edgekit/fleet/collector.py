@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlparse
 
+from device_agent import mqtt_fallback
+
 from ..errors import EdgekitError, require
 from .ingest import Ingestor, Message
 from .store import SqliteStore
@@ -28,7 +30,6 @@ log = logging.getLogger("edgekit.fleet")
 BATCH_MAX = 1000
 BATCH_WAIT = 0.05
 GAP_CHECK_SECONDS = 5.0
-UNSUPPORTED_PROTOCOL_VERSION = 132
 
 
 @dataclass(frozen=True)
@@ -109,15 +110,21 @@ class Collector:
             properties.SessionExpiryInterval = 86400
             kwargs = {"clean_start": False, "properties": properties}
         self._client = client
-        client.connect_async(parsed.hostname, parsed.port or (8883 if parsed.scheme == "mqtts" else 1883), keepalive=30, **kwargs)
+        port = parsed.port or (8883 if parsed.scheme == "mqtts" else 1883)
+        client.connect_async(parsed.hostname, port, keepalive=30, **kwargs)
         client.loop_start()
+        if v5:
+            mqtt_fallback.watch(self.connected, parsed.hostname, port, self._fall_back, still_relevant=lambda: self._client is client and self.protocol == "5")
+
+    def _fall_back(self) -> None:
+        log.info("the broker does not speak MQTT 5; using MQTT 3.1.1 (no shared subscription)")
+        self.protocol = "3.1.1"
+        threading.Thread(target=self._reconnect_older, daemon=True).start()
 
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
         if reason_code.is_failure:
-            if reason_code.value == UNSUPPORTED_PROTOCOL_VERSION and self.protocol == "5":
-                log.info("the broker does not speak MQTT 5; using MQTT 3.1.1 (no shared subscription)")
-                self.protocol = "3.1.1"
-                threading.Thread(target=self._reconnect_older, daemon=True).start()
+            if mqtt_fallback.refused_for_version(reason_code) and self.protocol == "5":
+                self._fall_back()
             else:
                 log.warning("the broker refused the collector: %s", reason_code)
             return

@@ -352,6 +352,7 @@ def alert_facts(doc: dict[str, Any]) -> dict[str, Any]:
     drift, accuracy = doc["drift"], doc.get("accuracy") or {}
     return {
         "seq": doc["seq"], "window": doc["window"], "rows": doc["rows"], "model": doc["model"],
+        "tested": drift.get("drifted") is not None,
         "drifted": {name: v.get("psi") for name, v in drift["features"].items() if v.get("drifted")},
         "prediction_drifted": bool((drift.get("prediction") or {}).get("drifted")),
         "predictions": doc.get("predictions"), "null_rate": doc["quality"].get("null_rate") or 0.0,

@@ -1,13 +1,13 @@
-"""Run amqtt (an MQTT 3.1.1-only broker, the demo's embedded fallback) on a port: python amqtt_broker.py PORT."""
+"""``python -m edgekit.embedded_broker PORT``: amqtt on 127.0.0.1:PORT (MQTT 3.1.1), for the demo."""
 
 import asyncio
 import logging
 import sys
 
-from amqtt.broker import Broker
 
+async def _serve(port: int) -> None:
+    from amqtt.broker import Broker
 
-async def main(port: int) -> None:
     config = {"listeners": {"default": {"type": "tcp", "bind": f"127.0.0.1:{port}"}},
               "plugins": {"amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}}}
     broker = Broker(config)
@@ -17,4 +17,4 @@ async def main(port: int) -> None:
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.ERROR)
-    asyncio.run(main(int(sys.argv[1])))
+    asyncio.run(_serve(int(sys.argv[1])))
