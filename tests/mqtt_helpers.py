@@ -26,11 +26,18 @@ class Mosquitto:
     'mosquitto' user, so its directory is handed to that user."""
 
     def __init__(self, directory: Path) -> None:
+        import tempfile
+
         binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
         if not Path(binary).exists():
             raise RuntimeError("mosquitto is not installed: apt-get install mosquitto (scripts/test.sh does it)")
-        self.binary, self.dir, self.port = binary, directory, free_port()
-        self.dir.mkdir(parents=True, exist_ok=True)
+        # Its own directory under /tmp: pytest's are 0700, and Mosquitto reads its files as 'mosquitto'.
+        self.binary, self.port = binary, free_port()
+        self.dir = Path(tempfile.mkdtemp(prefix="edgekit-mosquitto-"))
+        os.chmod(self.dir, 0o755)
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        if not directory.exists():
+            directory.symlink_to(self.dir)
         (self.dir / "mosquitto.conf").write_text(
             f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence false\nlog_dest file {self.dir / 'mosquitto.log'}\n"
             "max_queued_messages 100000\n"
@@ -69,6 +76,16 @@ class Mosquitto:
         if self.process and self.process.poll() is None:
             self.process.terminate()
             self.process.wait(5)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def own(self, path: Path) -> None:
+        """Hand a file to the user Mosquitto runs as."""
+        if os.geteuid() == 0:
+            try:
+                user = pwd.getpwnam("mosquitto")
+                os.chown(path, user.pw_uid, user.pw_gid)
+            except KeyError:
+                pass
 
 
 class Collector:

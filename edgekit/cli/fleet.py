@@ -67,6 +67,26 @@ def collect(broker, db, http, alerts_file, group, client_id, devices_file, durat
 
 
 @fleet.command()
+@click.option("--fleet", "fleet_name", default="default", show_default=True, help="The fleet the devices belong to.")
+@click.option("--devices", required=True, help="Comma-separated device ids.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Directory for passwd, acl, mosquitto.conf and credentials/.")
+@click.option("--rotate", is_flag=True, help="New passwords for every user, not only new devices.")
+def provision(fleet_name, devices, out, rotate):
+    """Per-device MQTT credentials (Mosquitto password file) and an ACL confining each device to its topics.
+
+    \b
+    Example:
+      edgekit fleet provision --fleet default --devices pi-kitchen-01,pi-hall-02 --out broker/
+    """
+    from ..fleet.provision import provision as run
+
+    result = run(out, fleet=fleet_name, devices=[d.strip() for d in devices.split(",") if d.strip()], rotate=rotate)
+    click.echo(f"wrote {result.directory}/passwd, acl and mosquitto.conf for {len(result.devices)} device(s) and the collector; "
+               f"new passwords for: {', '.join(result.created) or 'none'} (in {result.directory}/credentials/, mode 0600)")
+    click.echo(f"add to the broker's config: include_dir or the lines of {result.directory}/mosquitto.conf")
+
+
+@fleet.command()
 @DB_OPTION
 @json_option
 def status(db, as_json):
