@@ -9,6 +9,7 @@ source "$REPO/scripts/setup_env.sh" dev
 missing=""
 { command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ]; } || missing="$missing mosquitto"
 command -v chromium >/dev/null 2>&1 || missing="$missing chromium"
+{ command -v sshd >/dev/null 2>&1 || [ -x /usr/sbin/sshd ]; } || missing="$missing openssh-server"
 if [ -n "$missing" ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
     echo "edgekit: installing$missing (apt-get)" >&2

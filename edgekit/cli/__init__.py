@@ -28,9 +28,9 @@ def _build():
         """
         ctx.obj = {"debug": debug}
 
-    from . import bundle, convert, demo, emulate, fleet, validate
+    from . import bundle, convert, demo, emulate, flash, fleet, validate
 
-    for module in (convert, validate, bundle, emulate, fleet, demo):
+    for module in (convert, validate, bundle, emulate, flash, fleet, demo):
         module.register(cli)
     return cli
 

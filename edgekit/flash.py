@@ -1,0 +1,291 @@
+"""``edgekit flash``: put an agent, its model and its credentials on a device.
+
+Targets:
+
+- ``ssh://user@host[:port]``: through the system ``ssh`` and ``scp`` (the user's keys and config;
+  ``--identity`` and ``--ssh-option`` pass through). Layout under ``/opt/edgekit`` (root) or
+  ``~/edgekit``; a systemd unit ``edgekit-agent.service`` (restart on failure, an unprivileged user)
+  is installed, enabled and started when the target runs systemd, else the agent is started in the
+  background. Then the device's first state message is awaited on the broker.
+- ``dir:/path``: the same layout in a local directory, an emulated device; ``edge-agent run --config
+  /path/etc/agent.toml`` (or ``--start``) runs it.
+
+Layout: ``venv/`` (``edgekit[agent]`` from the index, or offline from ``--wheel-dir``), ``etc/agent.toml``,
+``etc/trusted.pub``, ``etc/mqtt.password`` (0600, from ``fleet provision``), ``state/`` with the bundle
+installed in its active slot. Running flash again upgrades in place. ``--dry-run`` prints each step.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+from urllib.parse import urlparse
+
+from device_agent.bundle import read_bundle
+from device_agent.signing import load_public_key
+
+from .errors import EdgekitError
+
+UNIT = """[Unit]
+Description=edgekit device agent
+After=network-online.target
+Wants=network-online.target
+
+[Service]
+User={user}
+ExecStart={root}/venv/bin/edge-agent run --config {root}/etc/agent.toml
+Restart=on-failure
+RestartSec=5
+NoNewPrivileges=true
+
+[Install]
+WantedBy=multi-user.target
+"""
+
+
+class FlashError(EdgekitError):
+    pass
+
+
+@dataclass(frozen=True)
+class FlashPlan:
+    bundle: Path
+    device_id: str
+    fleet: str
+    broker: str
+    pubkey: Path
+    target: str
+    identity: str | None = None
+    ssh_options: tuple[str, ...] = ()
+    wheel_dir: Path | None = None
+    credentials: Path | None = None
+    listen: str = "127.0.0.1:8470"
+    python: str = "python3"
+    system_site_packages: bool = False
+    window_rows: int = 1000
+    window_seconds: float = 60.0
+    start: bool = False
+
+
+@dataclass
+class Flasher:
+    plan: FlashPlan
+    dry_run: bool = False
+    say: Callable[[str], None] = print
+    steps: list[str] = field(default_factory=list)
+
+    # -- the steps ----------------------------------------------------------------------------------
+    def run(self, *, wait_seconds: float = 60.0) -> dict | None:
+        plan = self.plan
+        opened = read_bundle(plan.bundle, load_public_key(plan.pubkey))  # never ship what the device would refuse
+        ssh = plan.target.startswith("ssh://")
+        if not ssh and not plan.target.startswith("dir:"):
+            raise FlashError(f"target {plan.target!r} is neither ssh://user@host nor dir:/path", "e.g. --target ssh://pi@raspberrypi.local or --target dir:/tmp/dev1")
+        root = self._remote_root() if ssh else str(Path(plan.target[4:]).expanduser().resolve())
+        self.say(f"flashing {opened.name} v{opened.version} onto {plan.target} as {plan.fleet}/{plan.device_id} (root {root})")
+        with tempfile.TemporaryDirectory(prefix="edgekit-flash-") as staging:
+            files = self._stage(Path(staging), root)
+            self._copy(files, root, ssh)
+            self._execute(self._install_script(root, ssh), ssh)
+        if self.dry_run:
+            return None
+        if ssh or plan.start:
+            return self._await_state(wait_seconds)
+        self.say(f"done: run it with {root}/venv/bin/edge-agent run --config {root}/etc/agent.toml")
+        return None
+
+    def _stage(self, staging: Path, root: str) -> dict[str, Path]:
+        plan = self.plan
+        files = {"etc/trusted.pub": plan.pubkey, "bundle.edgebundle": plan.bundle}
+        password = self._password()
+        mqtt = [f'url = "{plan.broker}"']
+        if password is not None:
+            (staging / "mqtt.password").write_text(password + "\n")
+            files["etc/mqtt.password"] = staging / "mqtt.password"
+            mqtt += [f'username = "{plan.device_id}"', f'password_file = "{root}/etc/mqtt.password"']
+        config = "\n".join([f'device_id = "{plan.device_id}"', f'fleet = "{plan.fleet}"', f'state_dir = "{root}/state"', "[trust]",
+                            f'public_key = "{root}/etc/trusted.pub"', "[mqtt]", *mqtt, "[server]", f'listen = "{plan.listen}"', "[monitor]",
+                            f"window_rows = {plan.window_rows}", f"window_seconds = {plan.window_seconds}"]) + "\n"
+        (staging / "agent.toml").write_text(config)
+        files["etc/agent.toml"] = staging / "agent.toml"
+        (staging / "edgekit-agent.service").write_text(UNIT.format(user="edgekit", root=root))
+        files["etc/edgekit-agent.service"] = staging / "edgekit-agent.service"
+        wheels = staging / "wheels"
+        wheels.mkdir()
+        self._build_edgekit_wheel(wheels)
+        if plan.wheel_dir is not None:
+            for wheel in Path(plan.wheel_dir).glob("*.whl"):
+                shutil.copy(wheel, wheels / wheel.name)
+        for wheel in wheels.glob("*.whl"):
+            files[f"wheels/{wheel.name}"] = wheel
+        return files
+
+    def _password(self) -> str | None:
+        if self.plan.credentials is None:
+            return None
+        path = Path(self.plan.credentials) / f"{self.plan.device_id}.password"
+        if not path.exists():
+            raise FlashError(f"no credentials for {self.plan.device_id} in {self.plan.credentials}", f"run 'edgekit fleet provision --devices {self.plan.device_id} --out ...' first")
+        return path.read_text().strip()
+
+    def _build_edgekit_wheel(self, wheels: Path) -> None:
+        """The device gets this very edgekit: a wheel built from the source tree this runs from."""
+        source = Path(__file__).resolve().parent.parent
+        if not (source / "pyproject.toml").exists():
+            return  # installed from a wheel: the device takes edgekit from the index like its dependencies
+        command = [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(wheels), str(source)]
+        if self.dry_run:
+            self._show("build", command)
+            return
+        # Offline first (the setuptools installed here), then an isolated build that fetches its own.
+        done = subprocess.run(command[:4] + ["--no-build-isolation"] + command[4:], capture_output=True, text=True)
+        if done.returncode:
+            done = subprocess.run(command, capture_output=True, text=True)
+        if done.returncode:
+            raise FlashError(f"could not build the edgekit wheel: {' '.join(done.stderr.strip().splitlines()[-2:])}", "check that setuptools and wheel are installed")
+
+    def _install_script(self, root: str, ssh: bool) -> str:
+        plan = self.plan
+        q = shlex.quote
+        venv_flags = "--system-site-packages " if plan.system_site_packages else ""
+        index = "--no-index " if plan.wheel_dir is not None else ""
+        lines = [
+            "set -eu",
+            f"ROOT={q(root)}",
+            'mkdir -p "$ROOT/etc" "$ROOT/state"',
+            f'[ -x "$ROOT/venv/bin/python" ] || {q(plan.python)} -m venv {venv_flags}"$ROOT/venv"',
+            # edgekit itself always into the venv (a system-wide edgekit must not satisfy it), then what it needs
+            f'"$ROOT/venv/bin/python" -m pip install -q --disable-pip-version-check {index}--find-links "$ROOT/wheels" --force-reinstall --no-deps edgekit',
+            f'"$ROOT/venv/bin/python" -m pip install -q --disable-pip-version-check {index}--find-links "$ROOT/wheels" "edgekit[agent]"',
+            'chmod 600 "$ROOT/etc/mqtt.password" 2>/dev/null || true',
+            '"$ROOT/venv/bin/edge-agent" install "$ROOT/bundle.edgebundle" --config "$ROOT/etc/agent.toml" || '
+            '"$ROOT/venv/bin/edge-agent" verify "$ROOT/bundle.edgebundle" --pubkey "$ROOT/etc/trusted.pub"',
+        ]
+        if ssh:
+            lines += [
+                'if [ "$(id -u)" = 0 ]; then id edgekit >/dev/null 2>&1 || useradd --system --home "$ROOT" --shell /usr/sbin/nologin edgekit; '
+                'chown -R edgekit: "$ROOT/state" "$ROOT/etc"; chmod 600 "$ROOT/etc/mqtt.password" 2>/dev/null || true; fi',
+                'if [ "$(id -u)" = 0 ] && [ -d /run/systemd/system ]; then',
+                '  cp "$ROOT/etc/edgekit-agent.service" /etc/systemd/system/edgekit-agent.service',
+                "  systemctl daemon-reload && systemctl enable edgekit-agent && systemctl restart edgekit-agent",
+                "  echo started: systemd edgekit-agent.service",
+                "else",
+                '  [ -f "$ROOT/agent.pid" ] && kill "$(cat "$ROOT/agent.pid")" 2>/dev/null || true',
+                '  nohup "$ROOT/venv/bin/edge-agent" run --config "$ROOT/etc/agent.toml" >> "$ROOT/agent.log" 2>&1 < /dev/null &',
+                '  echo $! > "$ROOT/agent.pid"',
+                "  echo started: background process $(cat \"$ROOT/agent.pid\") without systemd",
+                "fi",
+            ]
+        elif plan.start:
+            lines += ['[ -f "$ROOT/agent.pid" ] && kill "$(cat "$ROOT/agent.pid")" 2>/dev/null || true',
+                      'nohup "$ROOT/venv/bin/edge-agent" run --config "$ROOT/etc/agent.toml" >> "$ROOT/agent.log" 2>&1 < /dev/null &',
+                      'echo $! > "$ROOT/agent.pid"']
+        return "\n".join(lines) + "\n"
+
+    # -- transport ----------------------------------------------------------------------------------
+    def _ssh_base(self) -> tuple[list[str], list[str], str]:
+        parsed = urlparse(self.plan.target)
+        if not parsed.hostname:
+            raise FlashError(f"target {self.plan.target!r} has no host", "write it as ssh://user@host[:port]")
+        options = ["-o", "BatchMode=yes"]
+        for option in self.plan.ssh_options:
+            options += ["-o", option]
+        if self.plan.identity:
+            options += ["-i", self.plan.identity]
+        destination = f"{parsed.username}@{parsed.hostname}" if parsed.username else parsed.hostname
+        port = parsed.port
+        return ["ssh", *options, *(["-p", str(port)] if port else []), destination], ["scp", "-q", *options, *(["-P", str(port)] if port else [])], destination
+
+    def _remote_root(self) -> str:
+        parsed = urlparse(self.plan.target)
+        return "/opt/edgekit" if parsed.username in (None, "root") else f"/home/{parsed.username}/edgekit"
+
+    def _copy(self, files: dict[str, Path], root: str, ssh: bool) -> None:
+        if not ssh:
+            for relative, source in files.items():
+                destination = Path(root) / relative
+                if self.dry_run:
+                    self._show("copy", ["cp", str(source), str(destination)])
+                    continue
+                destination.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy(source, destination)
+            return
+        ssh_command, scp_command, destination = self._ssh_base()
+        directories = sorted({str(Path(root) / Path(relative).parent) for relative in files})
+        self._call(ssh_command + ["mkdir -p " + " ".join(shlex.quote(d) for d in directories)], "prepare directories")
+        for relative, source in files.items():
+            self._call(scp_command + [str(source), f"{destination}:{Path(root) / relative}"], f"copy {relative}")
+
+    def _execute(self, script: str, ssh: bool) -> None:
+        command = (self._ssh_base()[0] + ["bash -s"]) if ssh else ["bash", "-s"]
+        self._call(command, "install the agent", stdin=script)
+
+    def _call(self, command: list[str], what: str, stdin: str | None = None) -> None:
+        if self.dry_run:
+            self._show(what, command)
+            if stdin:
+                self.say("    " + stdin.replace("\n", "\n    ").rstrip())
+            return
+        self.say(f"  {what}")
+        done = subprocess.run(command, input=stdin, capture_output=True, text=True, timeout=900)
+        if done.returncode:
+            detail = (done.stderr or done.stdout).strip().splitlines()[-3:]
+            raise FlashError(f"{what} failed on {self.plan.target} (exit {done.returncode}): {' | '.join(detail)}",
+                             "check the target is reachable (ssh, keys) and has python3 with venv")
+        for line in done.stdout.strip().splitlines():
+            if line.startswith("started:"):
+                self.say(f"  {line}")
+
+    def _show(self, what: str, command: list[str]) -> None:
+        self.steps.append(shlex.join(command))
+        self.say(f"[dry-run] {what}: {shlex.join(command)}")
+
+    # -- the proof ----------------------------------------------------------------------------------
+    def _await_state(self, seconds: float) -> dict:
+        import paho.mqtt.client as mqtt
+
+        parsed = urlparse(self.plan.broker)
+        topic = f"edgekit/v1/{self.plan.fleet}/{self.plan.device_id}/state"
+        seen: dict = {}
+        done = threading.Event()
+
+        def on_message(client, userdata, message):
+            try:
+                doc = json.loads(message.payload)
+            except ValueError:
+                return
+            if doc.get("online"):
+                seen.update(doc)
+                done.set()
+
+        client = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2, client_id=f"edgekit-flash-{self.plan.device_id}")
+        client.on_message = on_message
+        client.on_connect = lambda c, *_: c.subscribe(topic, qos=1)
+        password = self._password()
+        if password is not None:
+            collector_secret = Path(self.plan.credentials) / "edgekit-collector.password"
+            if collector_secret.exists():
+                client.username_pw_set("edgekit-collector", collector_secret.read_text().strip())
+        if parsed.scheme == "mqtts":
+            client.tls_set()
+        client.connect_async(parsed.hostname, parsed.port or 1883)
+        client.loop_start()
+        try:
+            if not done.wait(seconds):
+                raise FlashError(f"no state message from {self.plan.device_id} on {self.plan.broker} within {seconds:.0f} s",
+                                 "check the agent's log on the device (agent.log or journalctl -u edgekit-agent) and that it can reach the broker")
+        finally:
+            client.loop_stop()
+            client.disconnect()
+        model = seen.get("model") or {}
+        self.say(f"online: {self.plan.device_id} runs {model.get('name')} v{model.get('version')} on {seen.get('runtime')} (agent {seen.get('agent_version')})")
+        return seen
