@@ -148,7 +148,7 @@ def _convert_tflite(fp32: Any, source: str, output: str, model: Any, quantize: Q
     outcome, data, extra = choose(fp32, rows=rows, labels=labels, calibration=calibration_rows, limits=Limits(max_drop, quantize.min_agreement),
                                   force=quantize.force, source=source, progress=progress)
     write_bytes_atomic(output, data)
-    notes = [f"speed of each .tflite against float32 onnxruntime on the same rows (b1, b256): " +
+    notes = ["speed of each .tflite against float32 onnxruntime on the same rows (b1, b256): " +
              "; ".join(f"{name}: {v['1']:.2f}x, {v['256']:.2f}x" for name, v in extra["speedup_vs_onnxruntime_fp32"].items())]
     result = ConvertOutcome(source, output, len(data), outcome, notes)
     result.extra = extra

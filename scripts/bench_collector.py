@@ -145,7 +145,6 @@ def run_pipeline(work: Path, docs: list[str], *, total: int, rate: float, publis
     group = [subprocess.Popen([sys.executable, "-m", "edgekit.cli", "fleet", "collect", "--broker", f"mqtt://127.0.0.1:{broker.port}", "--db", str(db),
                                "--http", "", "--client-id", f"bench-{int(rate)}-{i}"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
              for i in range(collectors)]
-    collector = group[0]
     templates_file = work / "templates.json"
     templates_file.write_text(json.dumps(docs))
     script = work / "publisher.py"
