@@ -9,6 +9,9 @@ Targets:
   background. Then the device's first state message is awaited on the broker.
 - ``dir:/path``: the same layout in a local directory, an emulated device; ``edge-agent run --config
   /path/etc/agent.toml`` (or ``--start``) runs it.
+- ``chroot:/rootfs``: a device root file system on this host (e.g. a Debian arm64 root run under
+  qemu-aarch64, see scripts/emulated_pi.sh): the layout goes to ``/opt/edgekit`` inside it, and the
+  install runs through ``chroot`` with a clean environment, then the agent is started there.
 
 Layout: ``venv/`` (``edgekit[agent]`` from the index, or offline from ``--wheel-dir``), ``etc/agent.toml``,
 ``etc/trusted.pub``, ``etc/mqtt.password`` (0600, from ``fleet provision``), ``state/`` with the bundle
@@ -87,9 +90,10 @@ class Flasher:
         plan = self.plan
         opened = read_bundle(plan.bundle, load_public_key(plan.pubkey))  # never ship what the device would refuse
         ssh = plan.target.startswith("ssh://")
-        if not ssh and not plan.target.startswith("dir:"):
-            raise FlashError(f"target {plan.target!r} is neither ssh://user@host nor dir:/path", "e.g. --target ssh://pi@raspberrypi.local or --target dir:/tmp/dev1")
-        root = self._remote_root() if ssh else str(Path(plan.target[4:]).expanduser().resolve())
+        chroot = self._chroot()
+        if not ssh and chroot is None and not plan.target.startswith("dir:"):
+            raise FlashError(f"target {plan.target!r} is not ssh://user@host, dir:/path or chroot:/rootfs", "e.g. --target ssh://pi@raspberrypi.local or --target dir:/tmp/dev1")
+        root = self._remote_root() if ssh else "/opt/edgekit" if chroot else str(Path(plan.target[4:]).expanduser().resolve())
         self.say(f"flashing {opened.name} v{opened.version} onto {plan.target} as {plan.fleet}/{plan.device_id} (root {root})")
         with tempfile.TemporaryDirectory(prefix="edgekit-flash-") as staging:
             files = self._stage(Path(staging), root)
@@ -97,7 +101,7 @@ class Flasher:
             self._execute(self._install_script(root, ssh), ssh)
         if self.dry_run:
             return None
-        if ssh or plan.start:
+        if ssh or chroot or plan.start:
             return self._await_state(wait_seconds)
         self.say(f"done: run it with {root}/venv/bin/edge-agent run --config {root}/etc/agent.toml")
         return None
@@ -184,7 +188,7 @@ class Flasher:
                 "  echo started: background process $(cat \"$ROOT/agent.pid\") without systemd",
                 "fi",
             ]
-        elif plan.start:
+        elif plan.start or self._chroot():
             lines += ['[ -f "$ROOT/agent.pid" ] && kill "$(cat "$ROOT/agent.pid")" 2>/dev/null || true',
                       'nohup "$ROOT/venv/bin/edge-agent" run --config "$ROOT/etc/agent.toml" >> "$ROOT/agent.log" 2>&1 < /dev/null &',
                       'echo $! > "$ROOT/agent.pid"']
@@ -208,10 +212,14 @@ class Flasher:
         parsed = urlparse(self.plan.target)
         return "/opt/edgekit" if parsed.username in (None, "root") else f"/home/{parsed.username}/edgekit"
 
+    def _chroot(self) -> Path | None:
+        return Path(self.plan.target[len("chroot:"):]).resolve() if self.plan.target.startswith("chroot:") else None
+
     def _copy(self, files: dict[str, Path], root: str, ssh: bool) -> None:
         if not ssh:
+            base = self._chroot()
             for relative, source in files.items():
-                destination = Path(root) / relative
+                destination = (base / root.lstrip("/") if base else Path(root)) / relative
                 if self.dry_run:
                     self._show("copy", ["cp", str(source), str(destination)])
                     continue
@@ -225,7 +233,15 @@ class Flasher:
             self._call(scp_command + [str(source), f"{destination}:{Path(root) / relative}"], f"copy {relative}")
 
     def _execute(self, script: str, ssh: bool) -> None:
-        command = (self._ssh_base()[0] + ["bash -s"]) if ssh else ["bash", "-s"]
+        chroot = self._chroot()
+        if ssh:
+            command = self._ssh_base()[0] + ["bash -s"]
+        elif chroot is not None:
+            # A clean environment: the host's PIP_* settings name paths that do not exist in the root.
+            command = ["chroot", str(chroot), "/usr/bin/env", "-i", "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "HOME=/root",
+                       "PIP_CERT=/etc/ssl/certs/ca-certificates.crt", "bash", "-s"]
+        else:
+            command = ["bash", "-s"]
         self._call(command, "install the agent", stdin=script)
 
     def _call(self, command: list[str], what: str, stdin: str | None = None) -> None:

@@ -15,7 +15,7 @@ def register(cli: click.Group) -> None:
 
 @click.command()
 @click.argument("bundle", type=click.Path(dir_okay=False))
-@click.option("--target", required=True, help="ssh://user@host[:port] or dir:/path (an emulated device).")
+@click.option("--target", required=True, help="ssh://user@host[:port], dir:/path (an emulated device) or chroot:/rootfs (an emulated Pi root).")
 @click.option("--device-id", required=True, help="The device's id (an MQTT topic level).")
 @click.option("--fleet", default="default", show_default=True, help="Its fleet.")
 @click.option("--broker", required=True, help="MQTT broker URL as the device reaches it.")
