@@ -87,7 +87,14 @@ class Agent:
         self.spool = Spool(self.state.spool, keep_seconds=self.config.monitor.keep_acked_seconds)
         self.log = PredictionLog(self.config.state_dir / "predictions.db", capacity=self.config.monitor.log_rows)
         self.monitor = Monitor(self.baseline, self.config.monitor.window_rows, self.config.monitor.window_seconds, self._on_window)
-        if mqtt and self.config.mqtt.url:
+        self._thread = threading.Thread(target=self._background, name="edgekit-monitor", daemon=True)
+        self._thread.start()
+        if http and self.config.server.listen:
+            from .server import serve
+
+            self.server = serve(self, self.config.server)
+            write_atomic(self.config.state_dir / "http.json", json.dumps({"host": self.server.server_address[0], "port": self.server.server_address[1]}).encode())
+        if mqtt and self.config.mqtt.url:  # last: its birth message says the agent is serving
             from .reporter import MqttReporter
 
             self.reporter = MqttReporter(
@@ -97,13 +104,6 @@ class Agent:
                 on_input=self._on_stream_input if self.config.mqtt.streaming else None,
             )
             self.reporter.start()
-        self._thread = threading.Thread(target=self._background, name="edgekit-monitor", daemon=True)
-        self._thread.start()
-        if http and self.config.server.listen:
-            from .server import serve
-
-            self.server = serve(self, self.config.server)
-            write_atomic(self.config.state_dir / "http.json", json.dumps({"host": self.server.server_address[0], "port": self.server.server_address[1]}).encode())
         if self.config.emulate is not None:
             from .emulation import Feeder
 

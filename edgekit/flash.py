@@ -95,10 +95,11 @@ class Flasher:
             raise FlashError(f"target {plan.target!r} is not ssh://user@host, dir:/path or chroot:/rootfs", "e.g. --target ssh://pi@raspberrypi.local or --target dir:/tmp/dev1")
         root = self._remote_root() if ssh else "/opt/edgekit" if chroot else str(Path(plan.target[4:]).expanduser().resolve())
         self.say(f"flashing {opened.name} v{opened.version} onto {plan.target} as {plan.fleet}/{plan.device_id} (root {root})")
+        extras = "agent,tflite" if opened.model_format == "tflite" else "agent"  # the runtime the bundle needs
         with tempfile.TemporaryDirectory(prefix="edgekit-flash-") as staging:
             files = self._stage(Path(staging), root)
             self._copy(files, root, ssh)
-            self._execute(self._install_script(root, ssh), ssh)
+            self._execute(self._install_script(root, ssh, extras), ssh)
         if self.dry_run:
             return None
         if ssh or chroot or plan.start:
@@ -156,7 +157,7 @@ class Flasher:
         if done.returncode:
             raise FlashError(f"could not build the edgekit wheel: {' '.join(done.stderr.strip().splitlines()[-2:])}", "check that setuptools and wheel are installed")
 
-    def _install_script(self, root: str, ssh: bool) -> str:
+    def _install_script(self, root: str, ssh: bool, extras: str = "agent") -> str:
         plan = self.plan
         q = shlex.quote
         venv_flags = "--system-site-packages " if plan.system_site_packages else ""
@@ -168,10 +169,10 @@ class Flasher:
             f'[ -x "$ROOT/venv/bin/python" ] || {q(plan.python)} -m venv {venv_flags}"$ROOT/venv"',
             # edgekit itself always into the venv (a system-wide edgekit must not satisfy it), then what it needs
             f'"$ROOT/venv/bin/python" -m pip install -q --disable-pip-version-check {index}--find-links "$ROOT/wheels" --force-reinstall --no-deps edgekit',
-            f'"$ROOT/venv/bin/python" -m pip install -q --disable-pip-version-check {index}--find-links "$ROOT/wheels" "edgekit[agent]"',
+            f'"$ROOT/venv/bin/python" -m pip install -q --disable-pip-version-check {index}--find-links "$ROOT/wheels" "edgekit[{extras}]"',
             'chmod 600 "$ROOT/etc/mqtt.password" 2>/dev/null || true',
-            '"$ROOT/venv/bin/edge-agent" install "$ROOT/bundle.edgebundle" --config "$ROOT/etc/agent.toml" || '
-            '"$ROOT/venv/bin/edge-agent" verify "$ROOT/bundle.edgebundle" --pubkey "$ROOT/etc/trusted.pub"',
+            # flashing is an administrator's direct install: it may replace the active version (OTA may not)
+            '"$ROOT/venv/bin/edge-agent" install "$ROOT/bundle.edgebundle" --config "$ROOT/etc/agent.toml" --allow-downgrade',
         ]
         if ssh:
             lines += [

@@ -27,6 +27,9 @@ fi
 cp /etc/ssl/certs/ca-certificates.crt "$ROOTFS/etc/ssl/certs/ca-certificates.crt"
 cp /etc/resolv.conf "$ROOTFS/etc/resolv.conf" 2>/dev/null || true
 
+for stale in "$ROOTFS/proc/cpuinfo" "$ROOTFS/proc" "$ROOTFS/sys" "$ROOTFS/dev"; do  # left by an interrupted run
+  mountpoint -q "$stale" && umount -l "$stale" || true
+done
 mounted=()
 cleanup() {
   [ -f "$ROOTFS/opt/edgekit/agent.pid" ] && kill "$(cat "$ROOTFS/opt/edgekit/agent.pid")" 2>/dev/null || true
@@ -34,10 +37,18 @@ cleanup() {
   for ((i=${#mounted[@]}-1; i>=0; i--)); do umount -l "${mounted[$i]}" 2>/dev/null || true; done
 }
 trap cleanup EXIT
-for fs in proc sys dev; do
+for fs in proc dev; do
   mountpoint -q "$ROOTFS/$fs" || { mount --bind "/$fs" "$ROOTFS/$fs"; mounted+=("$ROOTFS/$fs"); }
 done
+# The runtimes' CPU detection (the cpuinfo library, in onnxruntime and LiteRT alike) crashes under
+# qemu-user on the host's x86 /proc/cpuinfo and /sys: give the root a Raspberry Pi 4's (Cortex-A72)
+# and leave /sys out.
+CPUINFO="$(mktemp)"
+for cpu in 0 1 2 3; do
+  printf 'processor\t: %s\nBogoMIPS\t: 108.00\nFeatures\t: fp asimd evtstrm crc32 cpuid\nCPU implementer\t: 0x41\nCPU architecture: 8\nCPU variant\t: 0x0\nCPU part\t: 0xd08\nCPU revision\t: 3\n\n' "$cpu"
+done > "$CPUINFO"
+mount --bind "$CPUINFO" "$ROOTFS/proc/cpuinfo"; mounted+=("$ROOTFS/proc/cpuinfo")
 
 echo "[3/5] the root runs aarch64: $(chroot "$ROOTFS" /usr/bin/uname -m), $(chroot "$ROOTFS" /usr/bin/python3 --version)" >&2
 cd "$REPO"
-exec python3 scripts/emulated_pi.py "$ROOTFS"
+python3 scripts/emulated_pi.py "$ROOTFS"   # not exec: the trap must unmount afterwards
