@@ -17,7 +17,8 @@ def test_demo_runs_the_whole_loop_and_flags_the_drifted_device(cli, digits, tmp_
     assert "[7/7] final fleet status" in out
     final = out.split("[7/7] final fleet status:")[1]
     emu0 = next(line for line in final.splitlines() if line.startswith("emu-00"))
-    emu1 = next(line for line in final.splitlines() if line.startswith("emu-01"))
-    assert "DRIFTED" in emu0 and "pixel_2_4" in emu0 and "DRIFTED" not in emu1
-    assert "drift emu-00 pixel_2_4" in out
+    assert any(line.startswith("emu-01") for line in final.splitlines())
+    assert "DRIFTED" in emu0 and "pixel_2_4" in emu0
+    alerts = final.split("open alerts:")[1].splitlines()[0]
+    assert "drift emu-00 pixel_2_4" in alerts and "emu-01" not in alerts  # a single clean window may flag by chance; an alert needs two
     assert ("amqtt" in out) == (broker == "amqtt")
