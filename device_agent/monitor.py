@@ -117,9 +117,6 @@ class Monitor:
                     self._window_start = now
             return closed
 
-    def pending_rows(self) -> int:
-        return sum(len(b.rows) for b in list(self._pending))
-
     def _absorb(self, batch: _Batch) -> int:
         closed, offset, total = 0, 0, len(batch.rows)
         while offset < total:

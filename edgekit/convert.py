@@ -16,7 +16,7 @@ import numpy as np
 from device_agent.outputs import CLASSIFICATION
 
 from .errors import ConversionError, require
-from .models import METADATA_INPUT, METADATA_OUTPUT, METADATA_SOURCE, OnnxModel, SklearnModel, describe_onnx, load_model
+from .models import METADATA_INPUT, METADATA_OUTPUT, METADATA_SOURCE, OnnxModel, SklearnModel, describe_onnx
 from .onnx_target import RuntimeTarget, pin
 
 
@@ -34,10 +34,6 @@ def to_onnx(model: SklearnModel | OnnxModel, *, target: RuntimeTarget = RuntimeT
     stamp(proto, schema.to_dict(), spec.to_dict(), source)
     check(proto, source=model.path)
     return proto
-
-
-def convert_file(path: str, *, target: RuntimeTarget = RuntimeTarget()) -> Any:
-    return to_onnx(load_model(path), target=target)
 
 
 def _from_sklearn(model: SklearnModel, target: RuntimeTarget) -> Any:

@@ -21,7 +21,6 @@ from device_agent.bundle import BASELINE, BUNDLE_SCHEMA, MANIFEST, MODEL_FILES, 
 from device_agent.canonical import canonical_json, sha256_hex
 from device_agent.drift import DEFAULT_DRIFT_THRESHOLDS
 from device_agent.profile import Profile, build_baseline
-from device_agent.signing import key_id
 
 from . import __version__
 from .data import adopt_feature_names, load_dataset
@@ -158,7 +157,3 @@ def _detect_quantization(proto: Any) -> dict[str, Any]:
     if "QuantizeLinear" in ops:
         return {"mode": "static", "format": "QDQ"}
     return {"mode": "none"}
-
-
-def signer_key_id(key_path: str) -> str:
-    return key_id(load_private_key(key_path).public_key())

@@ -192,7 +192,7 @@ class _Context:
     spec: Any
 
     def try_config(self, config: QuantConfig) -> Trial:
-        trial = Trial(_unique_name(config), config)
+        trial = Trial(config.label, config)
         try:
             trial.proto = quantize(self.fp32_proto, config, calibration=self.calibration, target=self.target,
                                    progress=lambda n: self.progress.advance(n), source=self.source)
@@ -229,10 +229,6 @@ class _Context:
             if retried[-1].within:
                 break
         return retried
-
-
-def _unique_name(config: QuantConfig) -> str:
-    return config.label
 
 
 def _runner(trial: Trial, source: str):
