@@ -167,16 +167,24 @@ class Agent:
         self.log.add(self.boot, first, X, prediction.primary)
         return PredictResult(self.boot, first, prediction, self.model_info["version"], self.spec.labels)
 
-    def feedback(self, prediction_id: str, label: Any) -> bool:
-        """A delayed label for an earlier prediction; counted in the window's accuracy. False if unknown."""
+    def feedback(self, prediction_id: str, label: Any) -> str:
+        """A delayed label for an earlier prediction, counted once in the window's accuracy.
+        Returns "accepted", "duplicate" (labelled before) or "unknown" (not from this run, or too old)."""
         boot, _, n = str(prediction_id).rpartition("-")
         if not boot or not n.isdigit():
             raise InputError(f"prediction id {prediction_id!r} is malformed", "use an id returned by :predict")
-        logged = self.log.label(boot, self.boot, int(n), label)
-        if logged is None:
-            return False
-        self.monitor.record_feedback(str(logged) == str(label))
-        return True
+        self._check_label(label)
+        status, logged = self.log.label(boot, self.boot, int(n), label)
+        if status == "accepted":
+            self.monitor.record_feedback(str(logged) == str(label))
+        return status
+
+    def _check_label(self, label: Any) -> None:
+        if self.spec.task == "classification":
+            if str(label) not in {str(c) for c in self.spec.labels}:
+                raise InputError(f"label {label!r} is not one of the model's classes", f"send one of {list(self.spec.labels)[:10]}")
+        elif isinstance(label, bool) or not isinstance(label, (int, float)) or label != label or label in (float("inf"), float("-inf")):
+            raise InputError(f"label {label!r} is not a finite number", "send the observed value")
 
     # -- background ----------------------------------------------------------------------------------
     def _background(self) -> None:

@@ -128,8 +128,10 @@ def parse_config(doc: dict[str, Any], *, base: Path = Path("."), source: str = "
             url=mqtt.get("url"), username=mqtt.get("username"), password=_secret(mqtt, "password", "EDGEKIT_MQTT_PASSWORD", resolve),
             keepalive=int(mqtt.get("keepalive", 30)), streaming=bool(mqtt.get("streaming", False)),
         )
-        if mqtt_config.url and urlparse(mqtt_config.url).scheme not in ("mqtt", "mqtts"):
-            raise ConfigError(source, f"[mqtt] url {mqtt_config.url!r} is not mqtt:// or mqtts://", "write it as mqtt://host:1883")
+        if mqtt_config.url and (urlparse(mqtt_config.url).scheme not in ("mqtt", "mqtts") or not urlparse(mqtt_config.url).hostname):
+            raise ConfigError(source, f"[mqtt] url {mqtt_config.url!r} is not mqtt://host[:port] or mqtts://", "write it as mqtt://host:1883")
+        if mqtt_config.url:
+            mqtt_config.port  # noqa: B018 - a port out of range raises ValueError, reported below
         server_config = ServerConfig(listen=server.get("listen", "127.0.0.1:8470") or None, token=_secret(server, "token", "EDGEKIT_API_TOKEN", resolve))
         if server_config.listen:
             server_config.address  # noqa: B018 - validates the port
@@ -138,7 +140,7 @@ def parse_config(doc: dict[str, Any], *, base: Path = Path("."), source: str = "
             log_rows=int(monitor.get("log_rows", 10000)), keep_acked_seconds=float(monitor.get("keep_acked_seconds", 3600)),
         )
     except (TypeError, ValueError) as exc:
-        raise ConfigError(source, f"a value has the wrong type ({exc})", "check numbers are numbers and listen is host:port") from exc
+        raise ConfigError(source, f"a value is invalid ({exc})", "check numbers are numbers, ports are 1-65535 and listen is host:port") from exc
     if monitor_config.window_rows < 1 or monitor_config.window_seconds <= 0:
         raise ConfigError(source, "[monitor] window_rows and window_seconds must be positive")
     emulate = None

@@ -67,6 +67,8 @@ class Feeder:
         schema = agent.schema
         if names is not None and set(names) == set(schema.feature_names):
             X = X[:, [names.index(n) for n in schema.feature_names]]
+        if X.shape[1] != schema.width:
+            raise ConfigError(config.data, f"has {X.shape[1]} columns, the model takes {schema.width}", "emulate with data for this model's features")
         self.rows = np.ascontiguousarray(X, dtype=np.float32)
         self.drift_column = None
         if config.drift_feature is not None:

@@ -33,3 +33,31 @@ def watch(connected: threading.Event, host: str, port: int, fall_back: Callable[
         fall_back()
 
     threading.Thread(target=run, name="edgekit-mqtt-watchdog", daemon=True).start()
+
+
+SESSION_TAKEN_OVER = 142  # MQTT 5 DISCONNECT reason: another client connected with the same client id
+
+
+class ConnectionNotes:
+    """Log connection trouble without flooding: at most once a minute per kind."""
+
+    def __init__(self, log, broker: str, client_id: str, interval: float = 60.0) -> None:
+        import time
+
+        self.log, self.broker, self.client_id, self.interval, self._time = log, broker, client_id, interval, time.monotonic
+        self._last: dict[str, float] = {}
+
+    def _once(self, kind: str, message: str, *args) -> None:
+        now = self._time()
+        if now - self._last.get(kind, -self.interval) >= self.interval:
+            self._last[kind] = now
+            self.log.warning(message, *args)
+
+    def connect_failed(self, client, userdata) -> None:
+        self._once("unreachable", "cannot reach the MQTT broker at %s; retrying (check the URL, the network and that the broker runs)", self.broker)
+
+    def disconnected(self, reason_code) -> None:
+        if getattr(reason_code, "value", None) == SESSION_TAKEN_OVER:
+            self._once("takeover", "another client connected as %r and took over this session: give every agent and collector its own client id", self.client_id)
+        elif getattr(reason_code, "is_failure", False):
+            self._once("lost", "lost the MQTT connection to %s (%s); reconnecting", self.broker, reason_code)

@@ -30,6 +30,7 @@ class RecentPredictions:
     def __init__(self, capacity: int = 10000) -> None:
         self.capacity = capacity
         self._answers = np.empty(capacity, dtype=object)
+        self._labelled = np.zeros(capacity, dtype=bool)
         self._filled_to = 0  # one past the highest prediction number written
 
     def put(self, numbers: np.ndarray, answers: list[Any]) -> None:
@@ -37,7 +38,15 @@ class RecentPredictions:
         if len(numbers) > self.capacity:
             numbers, answers = numbers[-self.capacity:], answers[-self.capacity:]
         self._answers[numbers % self.capacity] = answers
+        self._labelled[numbers % self.capacity] = False
         self._filled_to = max(self._filled_to, int(numbers.max()) + 1)
+
+    def mark_labelled(self, n: int) -> bool:
+        """True the first time prediction ``n`` gets a label; False for a repeat."""
+        slot = n % self.capacity
+        first = not self._labelled[slot]
+        self._labelled[slot] = True
+        return bool(first)
 
     def get(self, n: int) -> Any:
         if not (self._filled_to - self.capacity <= n < self._filled_to) or n < 0:
@@ -84,16 +93,18 @@ class PredictionLog:
                 self._db.execute("COMMIT")
         return len(records)
 
-    def label(self, boot: str, current_boot: str, n: int, label: Any) -> Any:
-        """Record a delayed label; return the prediction it labels, or None for an unknown or too old id."""
+    def label(self, boot: str, current_boot: str, n: int, label: Any) -> tuple[str, Any]:
+        """Record a delayed label: ("accepted", the prediction it labels), ("duplicate", …) or ("unknown", None)."""
         self.flush()
         answer = self.recent.get(n) if boot == current_boot else None
         if answer is None:
-            return None
+            return "unknown", None
+        if not self.recent.mark_labelled(n):
+            return "duplicate", answer
         with self._lock:
             self._db.execute("INSERT INTO predictions (boot, n, ts, prediction, label) VALUES (?,?,?,?,?) "
                              "ON CONFLICT (boot, n) DO UPDATE SET label=excluded.label", (boot, n, time.time(), json.dumps(answer), json.dumps(label)))
-        return answer
+        return "accepted", answer
 
     def count(self) -> int:
         with self._lock:

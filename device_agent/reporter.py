@@ -58,6 +58,8 @@ class MqttReporter:
         client.max_queued_messages_set(0)
         client.on_connect, client.on_disconnect = self._on_connect, self._on_disconnect
         client.on_publish, client.on_message = self._on_publish, self._on_message
+        self._notes = mqtt_fallback.ConnectionNotes(log, self.config.url, self.client_id)
+        client.on_connect_fail = self._notes.connect_failed
         self._client = client
         client.connect_async(self.config.host, self.config.port, keepalive=self.config.keepalive)
         client.loop_start()
@@ -124,6 +126,7 @@ class MqttReporter:
         self.start()
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
+        self._notes.disconnected(reason_code)
         with self._lock:
             self.connected.clear()
             self._inflight.clear()  # still pending in the spool: drained again on reconnect

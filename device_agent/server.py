@@ -93,8 +93,9 @@ class _Handler(BaseHTTPRequestHandler):
         items = body.get("feedback", [body])
         if not isinstance(items, list) or not all(isinstance(i, dict) and "id" in i and "label" in i for i in items):
             raise InputError("feedback needs 'id' and 'label'", 'send {"id": "<id from :predict>", "label": ...}')
-        known = [self.agent.feedback(item["id"], item["label"]) for item in items]
-        return {"accepted": sum(known), "unknown": [i["id"] for i, ok in zip(items, known) if not ok]}
+        statuses = [self.agent.feedback(item["id"], item["label"]) for item in items]
+        return {"accepted": statuses.count("accepted"), "unknown": [i["id"] for i, s in zip(items, statuses) if s == "unknown"],
+                "duplicate": [i["id"] for i, s in zip(items, statuses) if s == "duplicate"]}
 
     def _authorized(self) -> bool:
         if not self.token:

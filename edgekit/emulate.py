@@ -62,6 +62,12 @@ def _device_set(text: str) -> frozenset[int]:
 def prepare_devices(*, devices: int, bundle: str, pubkey: str, broker: str | None, data: str, fleet: str, window_rows: int,
                     window_seconds: float, rows_per_second: float, drift: DriftSpec | None, state_dir: str, http_port_base: int | None) -> list[Path]:
     """Write each device's directory (agent.toml, trusted key, installed bundle); return the config paths."""
+    if broker:
+        from .fleet.collector import parse_broker_url
+
+        parse_broker_url(broker)
+    if drift and max(drift.devices, default=0) >= devices:
+        raise EdgekitError(f"drift is asked for devices {sorted(drift.devices)} but only {devices} run (0-{devices - 1})", "fix devices= in --drift")
     key = load_public_key(pubkey)
     opened = read_bundle(bundle, key)
     feature = _resolve_feature(drift.feature, opened.input_schema.feature_names) if drift else None

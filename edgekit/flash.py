@@ -88,6 +88,7 @@ class Flasher:
     # -- the steps ----------------------------------------------------------------------------------
     def run(self, *, wait_seconds: float = 60.0) -> dict | None:
         plan = self.plan
+        self._check_arguments()
         opened = read_bundle(plan.bundle, load_public_key(plan.pubkey))  # never ship what the device would refuse
         ssh = plan.target.startswith("ssh://")
         chroot = self._chroot()
@@ -106,6 +107,20 @@ class Flasher:
             return self._await_state(wait_seconds)
         self.say(f"done: run it with {root}/venv/bin/edge-agent run --config {root}/etc/agent.toml")
         return None
+
+    def _check_arguments(self) -> None:
+        """Everything the device would refuse later, refused now, before a venv is built."""
+        from device_agent.config import ID_PATTERN
+
+        from .fleet.collector import parse_broker_url
+
+        for label, value in (("--device-id", self.plan.device_id), ("--fleet", self.plan.fleet)):
+            if not ID_PATTERN.match(value):
+                raise FlashError(f"{label} {value!r} is not allowed", "use letters, digits, '.', '_' or '-' (it becomes an MQTT topic level)")
+        parse_broker_url(self.plan.broker)
+        host, _, port = self.plan.listen.rpartition(":")
+        if not port.isdigit() or not 0 <= int(port) <= 65535:
+            raise FlashError(f"--listen {self.plan.listen!r} is not host:port", "e.g. 127.0.0.1:8470")
 
     def _stage(self, staging: Path, root: str) -> dict[str, Path]:
         plan = self.plan

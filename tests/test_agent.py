@@ -67,7 +67,11 @@ def test_status_health_metrics_and_feedback(device, digits):
         agent.monitor.process()  # window 1 closes; feedback below counts in the window open when it arrives
         feedback = [{"id": i, "label": int(label)} for i, label in zip(answer["ids"], y[:100])]
         status, body = http(agent, "POST", "/v1/models/digits:feedback", {"feedback": feedback + [{"id": "nope-1", "label": 0}]})
-        assert status == 200 and json.loads(body) == {"accepted": 100, "unknown": ["nope-1"]}
+        assert status == 200 and json.loads(body) == {"accepted": 100, "unknown": ["nope-1"], "duplicate": []}
+        again = json.loads(http(agent, "POST", "/v1/models/digits:feedback", {"id": answer["ids"][0], "label": int(y[0])})[1])
+        assert again["accepted"] == 0 and again["duplicate"] == [answer["ids"][0]]  # counted once
+        status, body = http(agent, "POST", "/v1/models/digits:feedback", {"id": answer["ids"][1], "label": "cat"})
+        assert status == 400 and "not one of the model's classes" in json.loads(body)["error"]
         agent.monitor.process()
         time.sleep(0.05)
         http(agent, "POST", "/v1/models/digits:predict", {"instances": X[100:200].tolist()})

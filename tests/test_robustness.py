@@ -104,3 +104,20 @@ def test_semicolon_separated_csv_is_named_as_such(cli, digits, digits_onnx, tmp_
     result = cli("validate", digits_onnx, "--reference", digits.model, "--data", tmp_path / "semi.csv")
     assert result.exit_code == 2 and "looks separated by ';', not commas" in result.stderr
     assert len(result.stderr) < 300
+
+
+def test_emulating_with_data_of_the_wrong_width_fails_fast(cli, bundle, keypair, cancer, tmp_path):
+    result = cli("emulate", "--devices", "1", "--bundle", bundle, "--pubkey", keypair[1], "--data", cancer.test, "--state-dir", tmp_path / "f", "--duration", "5")
+    assert result.exit_code == 2 and "has 30 columns, the model takes 64" in result.stderr
+
+
+def test_flash_and_collect_refuse_bad_arguments_before_any_work(cli, bundle, keypair, tmp_path):
+    base = ["flash", bundle, "--target", f"dir:{tmp_path / 'd'}", "--pubkey", keypair[1]]
+    for extra, message in [(["--device-id", "bad/id", "--broker", "mqtt://127.0.0.1:1883"], "--device-id 'bad/id' is not allowed"),
+                           (["--device-id", "d1", "--broker", "127.0.0.1:1883"], "is not mqtt://host[:port]"),
+                           (["--device-id", "d1", "--broker", "mqtt://127.0.0.1:99999"], "has an invalid port")]:
+        result = cli(*base, *extra)
+        assert result.exit_code == 2 and message in result.stderr, result.output
+    assert not (tmp_path / "d").exists()
+    result = cli("fleet", "collect", "--broker", "mqtt://127.0.0.1:99999", "--db", tmp_path / "f.db", "--http", "", "--duration", "1")
+    assert result.exit_code == 2 and "has an invalid port" in result.stderr

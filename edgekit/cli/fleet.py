@@ -12,7 +12,7 @@ import click
 
 from ..fleet.alerts import AlertEngine, load_alert_config
 from ..fleet.collector import Collector, CollectorConfig
-from ..fleet.merge import merged_drift, since_timestamp
+from ..fleet.merge import MERGED_MIN_PSI, merged_drift, since_timestamp
 from ..fleet.store import SqliteStore
 from .common import emit_json, fmt, json_option, table
 
@@ -61,7 +61,8 @@ def collect(broker, db, http, alerts_file, group, client_id, devices_file, durat
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    click.echo(f"collecting from {broker} into {db}" + (f"; dashboard at http://{http}/" if http else ""))
+    address = collector.server.server_address[:2] if collector.server else None
+    click.echo(f"collecting from {broker} into {db}" + (f"; dashboard at http://{address[0]}:{address[1]}/" if address else ""))
     stop.wait(duration)
     collector.stop()
 
@@ -142,7 +143,8 @@ def drift(db, device, model, version, since, as_json):
             p = report["drift"]["prediction"]
             rows.append(["(prediction)", fmt(p["psi"]), fmt(p["ks"]), fmt(p["js"]), "DRIFTED" if p["drifted"] else "no"])
         click.echo(table(rows, ["feature", "psi", "ks", "js", "verdict"]))
-        click.echo(f"  merged verdict: {'DRIFTED' if report['drift']['drifted'] else 'no drift'} (family-wise alpha {report['drift']['alpha']})\n")
+        click.echo(f"  merged verdict: {'DRIFTED' if report['drift']['drifted'] else 'no drift'} (significant at family-wise alpha "
+                   f"{report['drift']['alpha']} and PSI >= {MERGED_MIN_PSI}: merged windows make every difference significant)\n")
 
 
 @fleet.command()

@@ -45,6 +45,18 @@ class CollectorConfig:
     allowed_devices: frozenset[str] | None = None
 
 
+def parse_broker_url(url: str):
+    """``mqtt://host[:port]`` or ``mqtts://…``, or an ``EdgekitError`` saying how to write it."""
+    parsed = urlparse(url)
+    try:
+        parsed.port  # noqa: B018 - raises on a port out of range
+    except ValueError:
+        raise EdgekitError(f"broker URL {url!r} has an invalid port", "ports are 1-65535, e.g. mqtt://127.0.0.1:1883") from None
+    if parsed.scheme not in ("mqtt", "mqtts") or not parsed.hostname:
+        raise EdgekitError(f"broker URL {url!r} is not mqtt://host[:port] or mqtts://host[:port]", "e.g. mqtt://127.0.0.1:1883")
+    return parsed
+
+
 class Collector:
     def __init__(self, config: CollectorConfig, *, store: SqliteStore | None = None) -> None:
         self.config = config
@@ -92,9 +104,7 @@ class Collector:
         from paho.mqtt.packettypes import PacketTypes
         from paho.mqtt.properties import Properties
 
-        parsed = urlparse(self.config.broker)
-        if parsed.scheme not in ("mqtt", "mqtts") or not parsed.hostname:
-            raise EdgekitError(f"--broker {self.config.broker!r} is not an mqtt:// or mqtts:// URL", "write it as mqtt://host:1883")
+        parsed = parse_broker_url(self.config.broker)
         v5 = self.protocol == "5"
         client = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2, client_id=self.config.client_id,
                              protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311, clean_session=None if v5 else False, manual_ack=True)
@@ -104,13 +114,15 @@ class Collector:
             client.tls_set()
         client.reconnect_delay_set(min_delay=1, max_delay=30)
         client.on_connect, client.on_message, client.on_disconnect = self._on_connect, self._on_message, self._on_disconnect
+        self._notes = mqtt_fallback.ConnectionNotes(log, self.config.broker, self.config.client_id)
+        client.on_connect_fail = self._notes.connect_failed
         kwargs: dict[str, Any] = {}
         if v5:
             properties = Properties(PacketTypes.CONNECT)
             properties.SessionExpiryInterval = 86400
             kwargs = {"clean_start": False, "properties": properties}
         self._client = client
-        port = parsed.port or (8883 if parsed.scheme == "mqtts" else 1883)
+        port = parsed.port or (8883 if parsed.scheme == "mqtts" else 1883)  # checked by parse_broker_url
         client.connect_async(parsed.hostname, port, keepalive=30, **kwargs)
         client.loop_start()
         if v5:
@@ -143,6 +155,7 @@ class Collector:
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
         self.connected.clear()
+        self._notes.disconnected(reason_code)
 
     def _on_message(self, client, userdata, message) -> None:
         self._queue.append((Message(message.topic, message.payload, time.time()), message.mid, message.qos))

@@ -32,6 +32,11 @@ def since_timestamp(text: str | None, now: float | None = None) -> str | None:
     return iso((time.time() if now is None else now) - float(match[1]) * _SECONDS[match[2]])
 
 
+# Merged over many windows, n is so large that every difference is statistically significant; the
+# merged verdict then rests on effect size: PSI >= 0.1 is the usual "moderate shift" band.
+MERGED_MIN_PSI = 0.1
+
+
 def merged_drift(store: SqliteStore, **selection: Any) -> list[dict[str, Any]]:
     """One drift report per baseline among the selected windows (device, model, version, fleet, since)."""
     groups: dict[str, dict[str, Any]] = {}
@@ -63,7 +68,7 @@ def _report(group: dict[str, Any]) -> dict[str, Any]:
         report["drift"] = None
         report["note"] = "no device has published this baseline yet; drift cannot be computed"
     else:
-        report["drift"] = drift_report(group["baseline"], group["merged"])
+        report["drift"] = drift_report(group["baseline"], group["merged"], {"min_psi": MERGED_MIN_PSI})
         report["feature_distributions"] = {
             s.name: {"baseline": b.counts.tolist(), "window": s.counts.tolist()} for s, b in zip(group["merged"].features, group["baseline"].features)
         }

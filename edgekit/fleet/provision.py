@@ -67,10 +67,26 @@ def provision(directory: str | Path, *, fleet: str, devices: list[str], rotate: 
             write_atomic(secret_file, (secrets.token_urlsafe(24) + "\n").encode(), mode=0o600)
             created.append(user)
         lines.append(f"{user}:{mosquitto_hash(secret_file.read_text().strip())}")
-    write_atomic(directory / "passwd", ("\n".join(lines) + "\n").encode(), mode=0o600)
-    write_atomic(directory / "acl", _acl(fleet, users).encode(), mode=0o644)
+    write_atomic(directory / "passwd", ("\n".join(lines) + "\n").encode(), mode=0o640)
+    write_atomic(directory / "acl", _acl(fleet, users).encode(), mode=0o640)
+    _readable_by_broker(directory / "passwd", directory / "acl")
     write_atomic(directory / "mosquitto.conf", (f"allow_anonymous false\npassword_file {directory.resolve() / 'passwd'}\nacl_file {directory.resolve() / 'acl'}\n").encode())
     return Provisioned(directory, tuple(users), tuple(created))
+
+
+def _readable_by_broker(*paths: Path) -> None:
+    """Mosquitto reads these after dropping root for the 'mosquitto' user: give that group read access."""
+    try:
+        import grp
+
+        gid = grp.getgrnam("mosquitto").gr_gid
+    except (ImportError, KeyError):
+        return
+    for path in paths:
+        try:
+            os.chown(path, -1, gid)
+        except PermissionError:
+            pass
 
 
 def _acl(fleet: str, devices: list[str]) -> str:

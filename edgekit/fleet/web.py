@@ -58,6 +58,8 @@ class _Handler(BaseHTTPRequestHandler):
                 return self._send(200, render_fleet(store.status(), _alerts(self.collector)), "text/html; charset=utf-8")
             if url.path.startswith("/devices/"):
                 device = url.path.split("/", 2)[2]
+                if device not in {d["device"] for d in store.status()}:
+                    return self._send(404, json.dumps({"error": f"no device {device!r} is known to this collector"}).encode(), "application/json")
                 return self._send(200, render_device(device, list(store.summaries(device=device))), "text/html; charset=utf-8")
             if url.path == "/drift":
                 version = int(query["version"]) if "version" in query else None
