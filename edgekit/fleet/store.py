@@ -68,64 +68,7 @@ class FleetStore(Protocol):
 
     def record_baseline(self, doc: dict[str, Any], now: float) -> None: ...
 
-    def add_summaries(self, items: list[tuple[dict[str, Any], str]], now: float) -> tuple[int, int]:
-        """Store summaries (parsed doc, raw payload); return (stored, duplicates).
-
-        One INSERT OR IGNORE per summary tells new from redelivered; the per-device bookkeeping
-        (counters, latest verdict, seq gaps) is then done once per device for the whole batch.
-        """
-        stored: dict[str, list[dict[str, Any]]] = {}
-        redelivered: dict[str, int] = {}
-        with self.atomic() as db:
-            for doc, payload in items:
-                accuracy = doc.get("accuracy") or {}
-                cursor = db.execute(
-                    "INSERT OR IGNORE INTO summaries VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                    (doc["device"], doc["seq"], doc["fleet"], doc["model"]["name"], doc["model"]["version"], doc["window"]["start"], doc["window"]["end"],
-                     now, doc["rows"], _flag(doc["drift"].get("drifted")), doc["drift"].get("worst_feature"), doc["profile"]["baseline_id"], payload,
-                     accuracy.get("labelled", 0), json.dumps(alert_facts(doc))),
-                )
-                if cursor.rowcount:
-                    stored.setdefault(doc["device"], []).append(doc)
-                else:
-                    redelivered[doc["device"]] = redelivered.get(doc["device"], 0) + 1
-            for device, count in redelivered.items():
-                db.execute("UPDATE devices SET redeliveries = redeliveries + ? WHERE device = ?", (count, device))
-            for device, docs in stored.items():
-                self._account(db, device, docs, now)
-        total = sum(len(d) for d in stored.values())
-        return total, len(items) - total
-
-    def _account(self, db: sqlite3.Connection, device: str, docs: list[dict[str, Any]], now: float) -> None:
-        row = db.execute("SELECT max_seq FROM devices WHERE device = ?", (device,)).fetchone()
-        max_seq = row["max_seq"] if row else 0
-        first = docs[0]
-        if row is None:
-            db.execute("INSERT INTO devices (device, fleet, model, model_version, last_seen) VALUES (?, ?, ?, ?, ?)",
-                       (device, first["fleet"], first["model"]["name"], first["model"]["version"], now))
-        seqs = sorted(d["seq"] for d in docs)
-        new_max = max(max_seq, seqs[-1])
-        filled = [s for s in seqs if s <= max_seq]
-        if filled:
-            db.executemany("DELETE FROM gaps WHERE device = ? AND seq = ?", [(device, s) for s in filled])
-        if new_max > max_seq and new_max - max_seq <= MAX_GAP:
-            arrived = set(seqs)
-            missing = [(device, s) for s in range(max_seq + 1, new_max) if s not in arrived]
-            if missing:
-                db.executemany("INSERT OR IGNORE INTO gaps (device, seq) VALUES (?, ?)", missing)
-        # The verdict shown is the latest *tested* window's: a small window (say, the flush when an
-        # agent stops) has no verdict and must not hide the last real one.
-        tested = [d for d in docs if d["seq"] > max_seq and d["drift"].get("drifted") is not None]
-        latest = max(tested, key=lambda d: d["seq"]) if tested else None
-        newest = max(docs, key=lambda d: d["seq"])
-        db.execute(
-            """UPDATE devices SET max_seq=?, windows=windows+?, rows=rows+?, last_seen=max(coalesce(last_seen, 0), ?),
-               drifted=CASE WHEN ? THEN ? ELSE drifted END, worst_feature=CASE WHEN ? THEN ? ELSE worst_feature END,
-               model=CASE WHEN ? THEN ? ELSE model END, model_version=CASE WHEN ? THEN ? ELSE model_version END WHERE device=?""",
-            (new_max, len(docs), sum(d["rows"] for d in docs), now,
-             latest is not None, _flag(latest["drift"]["drifted"]) if latest else None, latest is not None, latest["drift"].get("worst_feature") if latest else None,
-             newest["seq"] > max_seq, newest["model"]["name"], newest["seq"] > max_seq, newest["model"]["version"], device),
-        )
+    def add_summaries(self, items: list[tuple[dict[str, Any], str]], now: float) -> tuple[int, int]: ...
 
     def count_reject(self, reason: str, device: str, now: float) -> None: ...
 
@@ -199,8 +142,13 @@ class SqliteStore:
                        (doc["baseline_id"], doc["model"]["name"], doc["model"]["version"], json.dumps(doc["profile"]), now))
 
     def add_summaries(self, items: list[tuple[dict[str, Any], str]], now: float) -> tuple[int, int]:
-        """Store summaries (parsed doc, raw payload); return (stored, duplicates)."""
-        stored = duplicates = 0
+        """Store summaries (parsed doc, raw payload); return (stored, duplicates).
+
+        One INSERT OR IGNORE per summary tells new from redelivered; the per-device bookkeeping
+        (counters, latest verdict, seq gaps) is then done once per device for the whole batch.
+        """
+        stored: dict[str, list[dict[str, Any]]] = {}
+        redelivered: dict[str, int] = {}
         with self.atomic() as db:
             for doc, payload in items:
                 accuracy = doc.get("accuracy") or {}
@@ -210,37 +158,47 @@ class SqliteStore:
                      now, doc["rows"], _flag(doc["drift"].get("drifted")), doc["drift"].get("worst_feature"), doc["profile"]["baseline_id"], payload,
                      accuracy.get("labelled", 0), json.dumps(alert_facts(doc))),
                 )
-                if cursor.rowcount == 0:
-                    duplicates += 1
-                    db.execute("UPDATE devices SET redeliveries = redeliveries + 1 WHERE device = ?", (doc["device"],))
-                    continue
-                stored += 1
-                self._account(db, doc, now)
-        return stored, duplicates
+                if cursor.rowcount:
+                    stored.setdefault(doc["device"], []).append(doc)
+                else:
+                    redelivered[doc["device"]] = redelivered.get(doc["device"], 0) + 1
+            for device, count in redelivered.items():
+                db.execute("UPDATE devices SET redeliveries = redeliveries + ? WHERE device = ?", (count, device))
+            for device, docs in stored.items():
+                self._account(db, device, docs, now)
+        total = sum(len(d) for d in stored.values())
+        return total, len(items) - total
 
-    def _account(self, db: sqlite3.Connection, doc: dict[str, Any], now: float) -> None:
-        device, seq = doc["device"], doc["seq"]
+    def _account(self, db: sqlite3.Connection, device: str, docs: list[dict[str, Any]], now: float) -> None:
         row = db.execute("SELECT max_seq FROM devices WHERE device = ?", (device,)).fetchone()
         max_seq = row["max_seq"] if row else 0
+        first = docs[0]
         if row is None:
             db.execute("INSERT INTO devices (device, fleet, model, model_version, last_seen) VALUES (?, ?, ?, ?, ?)",
-                       (device, doc["fleet"], doc["model"]["name"], doc["model"]["version"], now))
-        if seq > max_seq:
-            if 1 < seq - max_seq <= MAX_GAP:
-                db.executemany("INSERT OR IGNORE INTO gaps (device, seq) VALUES (?, ?)", [(device, s) for s in range(max_seq + 1, seq)])
-            # The verdict shown is the latest *tested* window's: a small window (say, the flush when an
-            # agent stops) has no verdict and must not hide the last real one.
-            tested = doc["drift"].get("drifted") is not None
-            db.execute(
-                """UPDATE devices SET max_seq=?, windows=windows+1, rows=rows+?, last_seen=max(coalesce(last_seen, 0), ?),
-                   drifted=CASE WHEN ? THEN ? ELSE drifted END, worst_feature=CASE WHEN ? THEN ? ELSE worst_feature END,
-                   model=?, model_version=? WHERE device=?""",
-                (seq, doc["rows"], now, tested, _flag(doc["drift"].get("drifted")), tested, doc["drift"].get("worst_feature"),
-                 doc["model"]["name"], doc["model"]["version"], device),
-            )
-        else:
-            db.execute("DELETE FROM gaps WHERE device = ? AND seq = ?", (device, seq))
-            db.execute("UPDATE devices SET windows=windows+1, rows=rows+?, last_seen=max(coalesce(last_seen, 0), ?) WHERE device=?", (doc["rows"], now, device))
+                       (device, first["fleet"], first["model"]["name"], first["model"]["version"], now))
+        seqs = sorted(d["seq"] for d in docs)
+        new_max = max(max_seq, seqs[-1])
+        filled = [s for s in seqs if s <= max_seq]
+        if filled:
+            db.executemany("DELETE FROM gaps WHERE device = ? AND seq = ?", [(device, s) for s in filled])
+        if new_max > max_seq and new_max - max_seq <= MAX_GAP:
+            arrived = set(seqs)
+            missing = [(device, s) for s in range(max_seq + 1, new_max) if s not in arrived]
+            if missing:
+                db.executemany("INSERT OR IGNORE INTO gaps (device, seq) VALUES (?, ?)", missing)
+        # The verdict shown is the latest *tested* window's: a small window (say, the flush when an
+        # agent stops) has no verdict and must not hide the last real one.
+        tested = [d for d in docs if d["seq"] > max_seq and d["drift"].get("drifted") is not None]
+        latest = max(tested, key=lambda d: d["seq"]) if tested else None
+        newest = max(docs, key=lambda d: d["seq"])
+        db.execute(
+            """UPDATE devices SET max_seq=?, windows=windows+?, rows=rows+?, last_seen=max(coalesce(last_seen, 0), ?),
+               drifted=CASE WHEN ? THEN ? ELSE drifted END, worst_feature=CASE WHEN ? THEN ? ELSE worst_feature END,
+               model=CASE WHEN ? THEN ? ELSE model END, model_version=CASE WHEN ? THEN ? ELSE model_version END WHERE device=?""",
+            (new_max, len(docs), sum(d["rows"] for d in docs), now,
+             latest is not None, _flag(latest["drift"]["drifted"]) if latest else None, latest is not None, latest["drift"].get("worst_feature") if latest else None,
+             newest["seq"] > max_seq, newest["model"]["name"], newest["seq"] > max_seq, newest["model"]["version"], device),
+        )
 
     def count_reject(self, reason: str, device: str, now: float) -> None:
         with self.atomic() as db:
