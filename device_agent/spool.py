@@ -2,8 +2,10 @@
 
 ``pending/<seq>.json`` is written (atomically) before a summary is published and moves to
 ``acked/`` on PUBACK; acknowledged summaries are kept for ``keep_seconds`` so the collector can ask
-for a resend. ``seq`` comes from a counter file updated before the summary is written, so numbers
-are never reused after a restart.
+for a resend. ``seq`` numbers never skip and are never reused: the next one is one past both the
+counter file and every summary on disk, and the counter moves only after the summary is written. A
+crash between the two leaves the summary (the next number goes past it); a crash before the write
+leaves nothing published under that number, which the next window then takes.
 """
 
 from __future__ import annotations
@@ -26,17 +28,18 @@ class Spool:
         self._lock = threading.Lock()
 
     def next_seq(self) -> int:
+        """The number the next summary gets (nothing is reserved until ``put``)."""
         with self._lock:
-            counter = self.root / "seq"
             try:
-                last = int(counter.read_text())
+                last = int((self.root / "seq").read_text())
             except (FileNotFoundError, ValueError):
-                last = max(self._all_seqs(), default=0)
-            write_atomic(counter, str(last + 1).encode())
-            return last + 1
+                last = 0
+            return max(last, max(self._all_seqs(), default=0)) + 1
 
     def put(self, seq: int, payload: bytes) -> None:
-        write_atomic(self._pending_dir / _name(seq), payload)
+        with self._lock:
+            write_atomic(self._pending_dir / _name(seq), payload)
+            write_atomic(self.root / "seq", str(seq).encode())
 
     def pending(self) -> list[int]:
         return sorted(_seq(p) for p in self._pending_dir.glob("*.json"))

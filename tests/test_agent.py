@@ -153,3 +153,19 @@ def test_input_error_is_raised_through_the_python_api(device):
     with Agent(config_of(device)).start(http=False) as agent:
         with pytest.raises(InputError):
             agent.predict([[1, 2]])
+
+
+def test_spool_numbers_never_skip_or_repeat_across_crashes(tmp_path):
+    from device_agent.spool import Spool
+
+    spool = Spool(tmp_path / "spool")
+    assert spool.next_seq() == 1
+    spool.put(1, b"{}")
+    assert spool.next_seq() == 2
+    seq = spool.next_seq()  # a crash here, before put: nothing was published as 2
+    assert Spool(tmp_path / "spool").next_seq() == seq == 2
+    (tmp_path / "spool" / "pending" / "000000000002.json").write_bytes(b"{}")  # a crash after the write, before the counter moved
+    assert Spool(tmp_path / "spool").next_seq() == 3
+    spool.ack(1)
+    spool.prune(now=10**12)  # acknowledged ones pruned: the counter still remembers
+    assert Spool(tmp_path / "spool").next_seq() == 3
