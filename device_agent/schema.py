@@ -83,6 +83,10 @@ class InputSchema:
 def _as_numeric_2d(rows: Any, source: str) -> np.ndarray:
     if isinstance(rows, np.ndarray) and rows.dtype.kind in "fiub":
         array = rows
+    elif isinstance(rows, (list, tuple)) and not rows:
+        raise InputError(f"{source} has no rows", "send at least one row")
+    elif _has_booleans(rows):
+        raise InputError(f"{source} holds true/false where numbers belong", "send numbers (1/0 for flags)")
     else:
         try:
             array = np.asarray(rows, dtype=np.float64)
@@ -95,6 +99,13 @@ def _as_numeric_2d(rows: Any, source: str) -> np.ndarray:
     if array.dtype.kind == "b":
         array = array.astype(np.float64)
     return array
+
+
+def _has_booleans(rows: Any) -> bool:
+    if not isinstance(rows, (list, tuple)):
+        return False
+    # the first rows tell: a full scan would tax every large JSON request
+    return any(isinstance(v, bool) for row in rows[:10] for v in (row if isinstance(row, (list, tuple)) else [row]))
 
 
 def _check_finite(array: np.ndarray, schema: InputSchema, source: str) -> None:

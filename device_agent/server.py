@@ -60,6 +60,8 @@ class _Handler(BaseHTTPRequestHandler):
         if self.path == "/metrics":
             return self._send(200, render_metrics(self.agent).encode(), "text/plain; version=0.0.4")
         match = _ROUTE.match(self.path)
+        if match and match["verb"]:
+            return self._json(405, {"error": f"{match['verb']} takes POST", "allow": "POST"})
         if match and not match["verb"]:
             if match["name"] != self.agent.model_info["name"]:
                 return self._json(404, {"error": f"no model named {match['name']!r}; this agent serves {self.agent.model_info['name']!r}"})

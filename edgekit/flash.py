@@ -136,6 +136,8 @@ class Flasher:
                             f"window_rows = {plan.window_rows}", f"window_seconds = {plan.window_seconds}"]) + "\n"
         (staging / "agent.toml").write_text(config)
         files["etc/agent.toml"] = staging / "agent.toml"
+        if self.dry_run:
+            self.say("[dry-run] agent.toml:\n    " + config.strip().replace("\n", "\n    "))
         (staging / "edgekit-agent.service").write_text(UNIT.format(user="edgekit", root=root))
         files["etc/edgekit-agent.service"] = staging / "edgekit-agent.service"
         wheels = staging / "wheels"

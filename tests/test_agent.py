@@ -53,6 +53,7 @@ def test_bad_rows_are_refused_and_counted_while_good_rows_are_served(device, dig
             status, body = http(agent, "POST", "/v1/models/digits:predict", {"instances": X[:2].tolist()})
             assert status == 200 and len(json.loads(body)["predictions"]) == 2
         assert http(agent, "POST", "/v1/models/other:predict", {"instances": [[0] * 64]})[0] == 404
+        assert http(agent, "GET", "/v1/models/digits:predict")[0] == 405
         assert http(agent, "POST", "/v1/models/digits:predict", None)[0] == 400
         agent.monitor.flush()
         assert agent.last_summary["errors"] == {"bad_input": 4}

@@ -20,6 +20,8 @@ def test_accepts_lists_and_arrays_and_casts():
         ([[1, np.nan, 3]], "1 missing value\\(s\\), first at row 0 column 'b', and the model has no imputer"),
         ([[1, np.inf, 3]], "row 0 column 'b' is infinite"),
         (np.zeros((0, 3)), "has no rows"),
+        ([], "has no rows"),
+        ([[True, 2, 3]], "holds true/false where numbers belong"),
         (np.zeros((2, 3, 1)), "has shape \\(2, 3, 1\\)"),
     ],
 )
