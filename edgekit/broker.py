@@ -44,6 +44,33 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def wait_for_port(port: int, *, process: subprocess.Popen | None = None, timeout: float = 15.0) -> bool:
+    """True once 127.0.0.1:``port`` accepts connections; False on timeout or if ``process`` exits first."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return True
+        except OSError:
+            if process is not None and process.poll() is not None:
+                return False
+            time.sleep(0.05)
+    return False
+
+
+def give_to_broker_user(path: str | Path) -> None:
+    """Mosquitto started as root reads its files as the 'mosquitto' user: hand ``path`` to it."""
+    if os.geteuid() != 0:
+        return
+    try:
+        import pwd
+
+        user = pwd.getpwnam("mosquitto")
+    except KeyError:
+        return
+    os.chown(path, user.pw_uid, user.pw_gid)
+
+
 def start_local_broker(directory: str | Path, *, prefer: str = "mosquitto") -> LocalBroker:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -52,14 +79,7 @@ def start_local_broker(directory: str | Path, *, prefer: str = "mosquitto") -> L
     if mosquitto and prefer == "mosquitto":
         config = directory / "mosquitto.conf"
         config.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nlog_dest file {directory / 'mosquitto.log'}\n")
-        if os.geteuid() == 0:
-            try:
-                import pwd
-
-                user = pwd.getpwnam("mosquitto")
-                os.chown(directory, user.pw_uid, user.pw_gid)
-            except KeyError:
-                pass
+        give_to_broker_user(directory)
         command, kind = [mosquitto, "-c", str(config)], "mosquitto"
     else:
         try:
@@ -69,14 +89,7 @@ def start_local_broker(directory: str | Path, *, prefer: str = "mosquitto") -> L
         command, kind = [sys.executable, "-m", "edgekit.embedded_broker", str(port)], "amqtt (embedded)"
     with open(directory / "broker.log", "ab") as log:
         process = subprocess.Popen(command, stdout=log, stderr=log)
-    deadline = time.time() + 15
-    while time.time() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            return LocalBroker(kind, port, process)
-        except OSError:
-            if process.poll() is not None:
-                break
-            time.sleep(0.1)
+    if wait_for_port(port, process=process):
+        return LocalBroker(kind, port, process)
     process.kill()
     raise EdgekitError(f"the {kind} broker did not start", f"see {directory / 'broker.log'}")

@@ -173,8 +173,36 @@ def _sklearn_allows_nan(estimator: Any) -> bool:
         return False
 
 
+class _ConvertedModel:
+    """What ONNX and TFLite models share: bytes in memory, a runtime from ``device_agent``."""
+
+    data: bytes
+
+    @property
+    def size_bytes(self) -> int:
+        return len(self.data)
+
+    @property
+    def sha256(self) -> str:
+        import hashlib
+
+        return hashlib.sha256(self.data).hexdigest()
+
+    def predict(self, X: np.ndarray) -> Prediction:
+        return self.output.interpret(self.raw(X))
+
+
+def _loaded(runtime: Any, data: bytes, path: str) -> Any:
+    """``runtime`` with ``data`` loaded; the device side's error becomes this side's, naming the file."""
+    try:
+        runtime.load(data)
+    except AgentError as exc:
+        raise ModelLoadError(str(exc).split(": ", 1)[-1], path=path) from exc
+    return runtime
+
+
 @dataclass
-class OnnxModel:
+class OnnxModel(_ConvertedModel):
     """An ONNX model run with onnxruntime on the CPU (the same runtime class the agent uses)."""
 
     path: str
@@ -203,32 +231,15 @@ class OnnxModel:
                 f"pin it with 'edgekit convert {path} -o pinned.onnx'",
                 path=path,
             )
-        runtime = OnnxRuntime(threads=threads, source=path)
-        try:
-            runtime.load(data)
-        except AgentError as exc:
-            raise ModelLoadError(str(exc).split(": ", 1)[-1], path=path) from exc
+        runtime = _loaded(OnnxRuntime(threads=threads, source=path), data, path)
         try:
             schema, spec = describe_onnx(proto)
         except ModelLoadError as exc:
             raise ModelLoadError(exc.problem, exc.fix, path=path) from exc
         return cls(path=path, data=data, input=schema, output=spec, runtime=runtime)
 
-    @property
-    def size_bytes(self) -> int:
-        return len(self.data)
-
-    @property
-    def sha256(self) -> str:
-        import hashlib
-
-        return hashlib.sha256(self.data).hexdigest()
-
     def proto(self):
         return require("onnx").load_model_from_string(self.data)
-
-    def predict(self, X: np.ndarray) -> Prediction:
-        return self.output.interpret(self.runtime.predict(np.ascontiguousarray(X, dtype=np.dtype(self.input.dtype))))
 
     def raw(self, X: np.ndarray) -> dict[str, np.ndarray]:
         return self.runtime.predict(np.ascontiguousarray(X, dtype=np.dtype(self.input.dtype)))
@@ -301,7 +312,7 @@ def _last_dim(value_info: Any) -> int | None:
 
 
 @dataclass
-class TfliteModel:
+class TfliteModel(_ConvertedModel):
     """A .tflite model run with LiteRT (the agent's runtime); edgekit's schema and output meaning
     travel in the flatbuffer's metadata."""
 
@@ -319,30 +330,13 @@ class TfliteModel:
         metadata = tflite_metadata(data, path)
         if METADATA_INPUT not in metadata or METADATA_OUTPUT not in metadata:
             raise ModelLoadError("is a .tflite without edgekit metadata (input schema, output meaning)", "convert it with 'edgekit convert --target tflite'", path=path)
-        runtime = LiteRtRuntime(threads=threads, source=path)
-        try:
-            runtime.load(data)
-        except AgentError as exc:
-            raise ModelLoadError(str(exc).split(": ", 1)[-1], path=path) from exc
+        runtime = _loaded(LiteRtRuntime(threads=threads, source=path), data, path)
         return cls(path=path, data=data, input=InputSchema.from_dict(json.loads(metadata[METADATA_INPUT])),
                    output=OutputSpec.from_dict(json.loads(metadata[METADATA_OUTPUT])), runtime=runtime)
 
     @property
-    def size_bytes(self) -> int:
-        return len(self.data)
-
-    @property
-    def sha256(self) -> str:
-        import hashlib
-
-        return hashlib.sha256(self.data).hexdigest()
-
-    @property
     def metadata(self) -> dict[str, str]:
         return tflite_metadata(self.data, self.path)
-
-    def predict(self, X: np.ndarray) -> Prediction:
-        return self.output.interpret(self.raw(X))
 
     def raw(self, X: np.ndarray) -> dict[str, np.ndarray]:
         return self.runtime.predict(np.ascontiguousarray(X, dtype=np.float32))

@@ -3,18 +3,12 @@
 from __future__ import annotations
 
 import json
-import socket
 from pathlib import Path
 
 from device_agent.config import load_config
+from edgekit.broker import free_port  # noqa: F401  (tests import it from here)
 from device_agent.signing import load_public_key
 from device_agent.state import StateDir
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def make_device(root: Path, bundle: Path, public_key: Path, *, device_id: str = "dev1", fleet: str = "test", broker: str | None = None,

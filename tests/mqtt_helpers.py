@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import json
 import os
-import pwd
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -16,7 +14,7 @@ from pathlib import Path
 
 import paho.mqtt.client as mqtt
 
-from tests.agent_helpers import free_port
+from edgekit.broker import free_port, give_to_broker_user, wait_for_port
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -42,12 +40,7 @@ class Mosquitto:
             f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence false\nlog_dest file {self.dir / 'mosquitto.log'}\n"
             "max_queued_messages 100000\n"
         )
-        if os.geteuid() == 0:
-            try:
-                user = pwd.getpwnam("mosquitto")
-                os.chown(self.dir, user.pw_uid, user.pw_gid)
-            except KeyError:
-                pass
+        give_to_broker_user(self.dir)
         self.process: subprocess.Popen | None = None
 
     @property
@@ -57,16 +50,9 @@ class Mosquitto:
     def start(self) -> Mosquitto:
         with open(self.dir / "stderr.log", "ab") as log:
             self.process = subprocess.Popen([self.binary, "-c", str(self.dir / "mosquitto.conf")], stdout=subprocess.DEVNULL, stderr=log)
-        deadline = time.time() + 10
-        while time.time() < deadline:
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
-                    return self
-            except OSError:
-                if self.process.poll() is not None:
-                    raise RuntimeError(f"mosquitto exited: {(self.dir / 'stderr.log').read_text()}") from None
-                time.sleep(0.05)
-        raise RuntimeError("mosquitto did not start listening within 10 s")
+        if not wait_for_port(self.port, process=self.process, timeout=10):
+            raise RuntimeError(f"mosquitto did not start: {(self.dir / 'stderr.log').read_text()}")
+        return self
 
     def kill(self) -> None:
         self.process.send_signal(signal.SIGKILL)
@@ -80,12 +66,7 @@ class Mosquitto:
 
     def own(self, path: Path) -> None:
         """Hand a file to the user Mosquitto runs as."""
-        if os.geteuid() == 0:
-            try:
-                user = pwd.getpwnam("mosquitto")
-                os.chown(path, user.pw_uid, user.pw_gid)
-            except KeyError:
-                pass
+        give_to_broker_user(path)
 
 
 class Collector:

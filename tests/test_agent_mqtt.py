@@ -159,24 +159,17 @@ def test_streaming_rows_over_mqtt_are_scored_and_answered(tmp_path, bundle, keyp
 def test_a_broker_that_speaks_only_mqtt_3_gets_mqtt_3(tmp_path, bundle, keypair, digits, fleet_name):
     """amqtt (the demo's embedded broker) speaks MQTT 3.1.1 only: the agent falls back and still reports."""
     import json
-    import socket
     import subprocess
     import sys
     import paho.mqtt.client as mqtt
 
     pytest.importorskip("amqtt")
-    from tests.agent_helpers import free_port
+    from edgekit.broker import free_port, wait_for_port
 
     port = free_port()
     broker = subprocess.Popen([sys.executable, "-m", "edgekit.embedded_broker", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        deadline = time.time() + 15
-        while time.time() < deadline:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                break
-            except OSError:
-                time.sleep(0.1)
+        assert wait_for_port(port, process=broker)
         summaries = []
         listener = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv311)
         listener.on_message = lambda c, u, m: summaries.append(json.loads(m.payload))

@@ -4,12 +4,11 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from tests.agent_helpers import free_port
+from edgekit.broker import free_port, wait_for_port
 from tests.mqtt_helpers import Collector
 
 pytestmark = pytest.mark.network
@@ -36,15 +35,7 @@ def sshd(tmp_path):
     Path("/run/sshd").mkdir(exist_ok=True)
     with open(directory / "sshd.log", "wb") as log:
         process = subprocess.Popen([binary, "-D", "-e", "-f", str(directory / "sshd_config")], stderr=log)
-    deadline = time.time() + 10
-    while time.time() < deadline:
-        try:
-            import socket
-
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            break
-        except OSError:
-            time.sleep(0.1)
+    assert wait_for_port(port, process=process, timeout=10), (directory / "sshd.log").read_text()
     yield {"port": port, "identity": directory / "client"}
     process.terminate()
     process.wait(10)
