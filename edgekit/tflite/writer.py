@@ -102,15 +102,19 @@ class _Builder:
         return "FullyConnectedOptions", options
 
     def label_output(self, logits: int, labels: tuple[Any, ...] | None) -> int | None:
-        """``label`` = classes[argmax(logits)], from the logits (int8 softmax ties at 1/256 would flip labels)."""
+        """``label`` = classes[argmax(logits)], from the logits (int8 softmax ties at 1/256 would flip labels).
+        Classes 0..n-1 are their own indices, so ARG_MAX alone gives the label: no GATHER, no class table."""
         if not labels or not all(isinstance(c, int) and not isinstance(c, bool) for c in labels):
             return None
         s = self.schema
         axis = self.tensor("label/axis", [1], "int32", np.asarray([1], dtype=np.int32))
-        index = self.tensor("label/index", [1], "int64")
+        identity = tuple(labels) == tuple(range(len(labels)))
+        index = self.tensor("label" if identity else "label/index", [1], "int64")
         options = s.ArgMaxOptionsT()
         options.outputType = s.TensorType.INT64
         self.op("ARG_MAX", [logits, axis], [index], 2, ("ArgMaxOptions", options))
+        if identity:
+            return index
         classes = self.tensor("label/classes", [len(labels)], "int64", np.asarray(labels, dtype=np.int64))
         label = self.tensor("label", [1], "int64")
         gather = s.GatherOptionsT()
