@@ -72,8 +72,6 @@ class _Builder:
         self.operators.append(o)
 
     def finish(self, inputs: list[int], outputs: list[int], description: str) -> bytes:
-        import flatbuffers
-
         s = self.schema
         metadata = []
         for key, value in self.metadata.items():
@@ -91,9 +89,7 @@ class _Builder:
         model.version, model.operatorCodes, model.subgraphs, model.buffers = 3, self.code_list, [graph], self.buffers
         model.description = description.encode()
         model.metadata = metadata
-        builder = flatbuffers.Builder(1024)
-        builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
-        return bytes(builder.Output())
+        return _pack(model)
 
     def fc_options(self, activation: str | None) -> tuple[str, Any]:
         s = self.schema
@@ -246,3 +242,25 @@ def _int8_fc(b: _Builder, step: Step, current: int, in_scale: float, observed: n
     out = b.tensor(f"{step.name}/out", [1, width], "int8", quant=(out_scale, out_zero))
     b.op("FULLY_CONNECTED", [current, w, bias], [out], 4, b.fc_options(step.activation))
     return out, out_scale, width
+
+
+def _pack(model: Any) -> bytes:
+    """The flatbuffer, with each distinct numeric vector written once and shared by every table that
+    needs it: a layer's weights and bias point at one all-zero zero-point vector (LiteRT wants one
+    int64 per channel), tensors of one shape at one shape vector."""
+    import flatbuffers
+
+    class SharingBuilder(flatbuffers.Builder):
+        def __init__(self, size: int) -> None:
+            super().__init__(size)
+            self.written: dict[tuple[str, bytes], int] = {}
+
+        def CreateNumpyVector(self, x: np.ndarray) -> int:
+            key = (x.dtype.str, x.tobytes())
+            if key not in self.written:
+                self.written[key] = super().CreateNumpyVector(x)
+            return self.written[key]
+
+    builder = SharingBuilder(1024)
+    builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
+    return bytes(builder.Output())
