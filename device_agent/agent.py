@@ -21,7 +21,7 @@ import numpy as np
 from . import __version__
 from .bundle import Bundle
 from .config import AgentConfig
-from .errors import AgentError, InputError
+from .errors import AgentError, InputError, ModelError
 from .fsutil import write_atomic
 from .monitor import ClosedWindow, Monitor
 from .outputs import Prediction
@@ -63,6 +63,20 @@ class PredictResult:
         return doc
 
 
+@dataclass
+class Serving:
+    """One loaded model and everything tied to it. The agent swaps the whole object in one
+    assignment, so a request sees either the old model or the new one, never a mix."""
+
+    bundle: Bundle
+    runtime: Runtime
+    monitor: Monitor | None = None
+
+    def __post_init__(self) -> None:
+        self.schema, self.spec, self.baseline = self.bundle.input_schema, self.bundle.output_spec, self.bundle.baseline()
+        self.model_info = {"name": self.bundle.name, "version": self.bundle.version}
+
+
 class Agent:
     def __init__(self, config: AgentConfig) -> None:
         self.config = config
@@ -71,8 +85,10 @@ class Agent:
         self.boot = os.urandom(4).hex()
         self._counter = 0
         self._counter_lock = threading.Lock()
-        self.bundle: Bundle | None = None
-        self.runtime: Runtime | None = None
+        self._serving: Serving | None = None
+        self._retired: list[tuple[float, Serving]] = []  # swapped out; their last window is closed after a grace period
+        self.taps: list[Any] = []  # shadow runs and health watches: ``tap(serving, rows, prediction, latency_ms, error_kind)`` per request
+        self.updater = None
         self.reporter = None
         self.server = None
         self.last_summary: dict[str, Any] | None = None
@@ -82,11 +98,17 @@ class Agent:
 
     # -- lifecycle ---------------------------------------------------------------------------------
     def start(self, *, http: bool = True, mqtt: bool = True) -> Agent:
-        public_key = load_public_key(self.config.public_key)
-        self._load(self.state.active_bundle(public_key))
+        self.public_key = load_public_key(self.config.public_key)
+        recovered = self.state.recover()
+        bundle, note = self.state.load_usable(self.public_key)
+        if note:
+            log.warning("%s", note)
         self.spool = Spool(self.state.spool, keep_seconds=self.config.monitor.keep_acked_seconds)
         self.log = PredictionLog(self.config.state_dir / "predictions.db", capacity=self.config.monitor.log_rows)
-        self.monitor = Monitor(self.baseline, self.config.monitor.window_rows, self.config.monitor.window_seconds, self._on_window)
+        self._serving = self.serving_for(bundle, open_runtime(bundle.model_format, bundle.model_bytes, threads=self.config.threads, source=bundle.path))
+        from .updater import Updater
+
+        self.updater = Updater(self, recovered=recovered)
         self._thread = threading.Thread(target=self._background, name="edgekit-monitor", daemon=True)
         self._thread.start()
         if http and self.config.server.listen:
@@ -100,26 +122,59 @@ class Agent:
             self.reporter = MqttReporter(
                 self.config.mqtt, self.topics, self.spool, client_id=f"edgekit-{self.config.fleet}-{self.config.device_id}",
                 birth=lambda: self._state(True), offline=self._state(False),
-                retained=lambda: [(self.topics.baseline, baseline_payload(device=self.config.device_id, model=self.model_info, baseline=self.baseline))],
-                on_input=self._on_stream_input if self.config.mqtt.streaming else None,
+                retained=self._retained,
+                on_input=self._on_stream_input if self.config.mqtt.streaming else None, on_desired=self.updater.on_desired,
             )
             self.reporter.start()
+        self.updater.start()
         if self.config.emulate is not None:
             from .emulation import Feeder
 
             self.feeder = Feeder(self, self.config.emulate).start()
         return self
 
-    def _load(self, bundle: Bundle) -> None:
-        self.runtime = open_runtime(bundle.model_format, bundle.model_bytes, threads=self.config.threads, source=bundle.path)
-        self.bundle = bundle
-        self.schema, self.spec, self.baseline = bundle.input_schema, bundle.output_spec, bundle.baseline()
-        self.model_info = {"name": bundle.name, "version": bundle.version}
+    def serving_for(self, bundle: Bundle, runtime: Runtime) -> Serving:
+        """A ``Serving`` for a loaded model, with its own monitor (windows are per model version)."""
+        serving = Serving(bundle, runtime)
+        serving.monitor = Monitor(serving.baseline, self.config.monitor.window_rows, self.config.monitor.window_seconds,
+                                  lambda window: self._on_window(window, serving))
+        return serving
+
+    def swap(self, serving: Serving) -> Serving:
+        """Serve ``serving`` from the next request on; return the one it replaced.
+
+        Requests already running finish on the old model. The old monitor's last window is closed
+        by the background thread a moment later, so the rows it scored are summarised against the
+        old model's baseline; the new model's windows start empty. The retained state and baseline
+        are published again so the fleet sees the new version at once."""
+        old, self._serving = self._serving, serving
+        self._retired.append((time.monotonic(), old))
+        if self.reporter is not None:
+            self.reporter.announce()
+        return old
+
+    # The serving model's parts, for callers that predate hot swapping (and for brevity).
+    bundle = property(lambda self: self._serving.bundle if self._serving else None)
+    runtime = property(lambda self: self._serving.runtime if self._serving else None)
+    schema = property(lambda self: self._serving.schema)
+    spec = property(lambda self: self._serving.spec)
+    baseline = property(lambda self: self._serving.baseline)
+    model_info = property(lambda self: self._serving.model_info)
+    monitor = property(lambda self: self._serving.monitor)
+
+    def _retained(self) -> list[tuple[str, dict[str, Any]]]:
+        serving = self._serving
+        messages = [(self.topics.baseline, baseline_payload(device=self.config.device_id, model=serving.model_info, baseline=serving.baseline))]
+        if self.updater is not None and self.updater.last_report is not None:
+            messages.append((self.topics.reported, self.updater.last_report))
+        return messages
 
     def stop(self) -> None:
         """Close the open window (it is spooled), flush the log, say offline, stop serving."""
         if getattr(self, "feeder", None) is not None:
             self.feeder.stop()
+        if self.updater is not None:
+            self.updater.stop()
         if self.server is not None:
             self.server.shutdown()
             self.server.server_close()
@@ -127,8 +182,11 @@ class Agent:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
-        if hasattr(self, "monitor"):
-            self.monitor.flush()
+        if self._serving is not None and hasattr(self, "log"):
+            for _, retired in self._retired:
+                retired.monitor.flush()
+            self._retired = []
+            self._serving.monitor.flush()
             self.log.close()
         if self.reporter is not None:
             deadline = time.time() + 2.0
@@ -146,26 +204,39 @@ class Agent:
 
     # -- the request path --------------------------------------------------------------------------
     def predict(self, rows: Any) -> PredictResult:
-        """Score rows (a list of lists, or an array). Raises ``InputError`` for rows the model cannot take."""
+        """Score rows (a list of lists, or an array). Raises ``InputError`` for rows the model cannot take,
+        ``ModelError`` when the model fails or answers NaN."""
+        serving = self._serving  # one read: a swap mid-request cannot mix two models
         try:
-            X = self.schema.check(rows, source="request")
+            X = serving.schema.check(rows, source="request")
         except InputError:
-            self.monitor.record_error("bad_input")
+            serving.monitor.record_error("bad_input")
             raise
         start = time.perf_counter()
         try:
-            raw = self.runtime.predict(X)
-        except AgentError:
-            self.monitor.record_error("runtime")
+            prediction = serving.spec.interpret(serving.runtime.predict(X))
+        except AgentError as exc:
+            self._failed(serving, X, "runtime", exc)
             raise
+        scores = prediction.scores
+        if scores is not None and scores.dtype.kind == "f" and not np.isfinite(scores).all():
+            exc = ModelError(serving.bundle.path, serving.runtime.name, "answered NaN or infinity", "the model is unfit for these rows; roll it back")
+            self._failed(serving, X, "nan_output", exc)
+            raise exc
         elapsed_ms = (time.perf_counter() - start) * 1e3
-        prediction = self.spec.interpret(raw)
         with self._counter_lock:
             first = self._counter
             self._counter += len(X)
-        self.monitor.record(X, prediction, elapsed_ms / len(X))
+        serving.monitor.record(X, prediction, elapsed_ms / len(X))
         self.log.add(self.boot, first, X, prediction.primary)
-        return PredictResult(self.boot, first, prediction, self.model_info["version"], self.spec.labels)
+        for tap in self.taps:
+            tap(serving, X, prediction, elapsed_ms, None)
+        return PredictResult(self.boot, first, prediction, serving.model_info["version"], serving.spec.labels)
+
+    def _failed(self, serving: Serving, X: np.ndarray, kind: str, exc: AgentError) -> None:
+        serving.monitor.record_error(kind)
+        for tap in self.taps:
+            tap(serving, X, None, 0.0, kind)
 
     def feedback(self, prediction_id: str, label: Any) -> str:
         """A delayed label for an earlier prediction, counted once in the window's accuracy.
@@ -191,7 +262,8 @@ class Agent:
         last_prune = 0.0
         while not self._stop.wait(BACKGROUND_INTERVAL):
             try:
-                self.monitor.process()
+                self._serving.monitor.process()
+                self._close_retired()
                 self.log.flush()
                 if time.time() - last_prune > 60:
                     self.spool.prune()
@@ -199,10 +271,15 @@ class Agent:
             except Exception:  # the monitor must outlive a bad window; the error is logged, serving goes on
                 log.exception("background processing failed")
 
-    def _on_window(self, window: ClosedWindow) -> None:
+    def _close_retired(self, grace: float = 1.0) -> None:
+        while self._retired and time.monotonic() - self._retired[0][0] >= grace:
+            _, retired = self._retired.pop(0)
+            retired.monitor.flush()
+
+    def _on_window(self, window: ClosedWindow, serving: Serving) -> None:
         seq = self.spool.next_seq()
-        summary = build_summary(window, device=self.config.device_id, fleet=self.config.fleet, model=self.model_info, seq=seq,
-                                baseline=self.baseline, thresholds=self.bundle.manifest.get("drift"))
+        summary = build_summary(window, device=self.config.device_id, fleet=self.config.fleet, model=serving.model_info, seq=seq,
+                                baseline=serving.baseline, thresholds=serving.bundle.manifest.get("drift"))
         payload = encode(summary)
         self.spool.put(seq, payload)
         self._account(window)
@@ -238,6 +315,8 @@ class Agent:
         self.reporter.publish_raw(self.topics.output, result)
 
     def status(self) -> dict[str, Any]:
+        update = self.updater.last_report if self.updater is not None else None
         return {"name": self.model_info["name"], "version": self.model_info["version"], "state": "AVAILABLE", "runtime": self.runtime.name,
+                "update": None if update is None else {k: update.get(k) for k in ("rollout", "version", "state", "reason")},
                 "device": self.config.device_id, "fleet": self.config.fleet, "window": self.monitor.current(),
                 "spool_depth": self.spool.depth(), "mqtt_connected": bool(self.reporter and self.reporter.connected.is_set())}

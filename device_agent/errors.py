@@ -14,7 +14,9 @@
     ├── ModelError                  the runtime refused the model, or failed while running it
     ├── ConfigError                 an agent.toml that is missing, malformed or incomplete
     ├── ProtocolError               an MQTT payload that is malformed, oversized or of an unknown schema
-    └── InstallError                a bundle that may not be installed (older version, no model installed)
+    ├── InstallError                a bundle that may not be installed (older version, no model installed)
+    └── UpdateError                 an over-the-air update that failed a step; ``code`` says which
+        └── DownloadError           the bundle could not be fetched (network, HTTP status, size)
 
 Every message names the problem and what to do; the facts it is built from are kept as
 attributes so callers can act on them without parsing text.
@@ -112,3 +114,19 @@ class ProtocolError(AgentError):
     def __init__(self, reason: str, problem: str) -> None:
         self.reason = reason  # a short machine-readable cause: "json", "schema", "size", "field"
         super().__init__(problem)
+
+
+class UpdateError(AgentError):
+    """An OTA update step failed. ``code`` is the short cause the device reports and the controller
+    counts: download, hash, signature, downgrade, name, load, selftest, shadow, health, aborted, restart."""
+
+    def __init__(self, code: str, problem: str) -> None:
+        self.code = code
+        self.problem = problem
+        super().__init__(problem)
+
+
+class DownloadError(UpdateError):
+    def __init__(self, url: str, problem: str) -> None:
+        self.url = url
+        super().__init__("download", f"{url}: {problem}")

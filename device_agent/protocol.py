@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
@@ -33,6 +34,11 @@ SUMMARY_SCHEMA = "edgekit.summary/1"
 STATE_SCHEMA = "edgekit.state/1"
 BASELINE_SCHEMA = "edgekit.baseline/1"
 COMMAND_SCHEMA = "edgekit.cmd/1"
+DESIRED_SCHEMA = "edgekit.desired/1"
+REPORTED_SCHEMA = "edgekit.reported/1"
+ROLLBACK_SCHEMA = "edgekit.rollback/1"
+UPDATE_ACTIONS = ("install", "revert", "rollback")
+TERMINAL_UPDATE_STATES = ("succeeded", "failed", "rolled_back", "aborted")
 MAX_PAYLOAD_BYTES = 256 * 1024
 _LEVEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
@@ -225,3 +231,43 @@ def _require(doc: dict[str, Any], fields: dict[str, type], prefix: str = "") -> 
             raise ProtocolError("field", f"{prefix}{name} must be {kind.__name__}, got {type(value).__name__}")
         if kind is int and not -MAX_INT < value < MAX_INT:
             raise ProtocolError("field", f"{prefix}{name} is out of range")
+
+
+def check_desired(doc: dict[str, Any]) -> dict[str, Any]:
+    """What the fleet wants this device to run (see docs/protocol.md, "Rollouts").
+
+    ``install``: fetch ``url``, check ``size``/``sha256``/signature, go up to ``version``.
+    ``revert``: undo rollout ``rollout`` by going back to the previous slot, if it holds ``from_version``.
+    ``rollback``: go *down* to ``version``; allowed only with an ``instruction`` signed by the fleet key.
+    """
+    _require(doc, {"rollout": str, "action": str, "name": str, "version": int})
+    if doc["action"] not in UPDATE_ACTIONS:
+        raise ProtocolError("field", f"action must be one of {', '.join(UPDATE_ACTIONS)}")
+    if doc["action"] == "revert":
+        _require(doc, {"from_version": int})
+        return doc
+    _require(doc, {"url": str, "sha256": str, "size": int})
+    if not re.fullmatch(r"[0-9a-f]{64}", doc["sha256"]) or doc["size"] <= 0:
+        raise ProtocolError("field", "sha256 must be 64 hex digits and size positive")
+    if not doc["url"].startswith(("http://", "https://")):
+        raise ProtocolError("field", "url must be http:// or https://")
+    _optional(doc, {"shadow": dict, "health": dict, "signature": str})
+    if doc["action"] == "rollback":
+        _require(doc, {"instruction": dict, "instruction_signature": str})
+    return doc
+
+
+def reported_payload(*, device: str, fleet: str, rollout: str, version: int, state: str, reason: str = "", code: str | None = None,
+                     active: dict[str, Any] | None = None, **facts: Any) -> dict[str, Any]:
+    """One step of an update, as the device saw it: ``state`` is a step name or a terminal state
+    (succeeded, failed, rolled_back, aborted); ``code`` is the machine-readable cause of a failure."""
+    return {"schema": REPORTED_SCHEMA, "device": device, "fleet": fleet, "rollout": rollout, "version": version, "state": state,
+            "reason": reason, "code": code, "active": active, "at": iso(time.time()), **facts}
+
+
+def check_reported(doc: dict[str, Any]) -> dict[str, Any]:
+    _require(doc, {"device": str, "fleet": str, "rollout": str, "version": int, "state": str})
+    _optional(doc, {"reason": str, "code": str, "active": dict, "shadow": dict, "download": dict})
+    if len(doc["state"]) > 32:
+        raise ProtocolError("field", "state is too long")
+    return doc

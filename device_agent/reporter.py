@@ -34,10 +34,10 @@ def _paho():
 class MqttReporter:
     def __init__(self, config: MqttConfig, topics: Topics, spool: Spool, *, client_id: str, birth: Callable[[], dict[str, Any]],
                  offline: dict[str, Any], retained: Callable[[], list[tuple[str, dict[str, Any]]]] = lambda: [],
-                 on_input: Callable[[bytes], None] | None = None) -> None:
+                 on_input: Callable[[bytes], None] | None = None, on_desired: Callable[[bytes], None] | None = None) -> None:
         self.config, self.topics, self.spool = config, topics, spool
         self.client_id = client_id
-        self._birth, self._offline, self._retained, self._on_input = birth, offline, retained, on_input
+        self._birth, self._offline, self._retained, self._on_input, self._on_desired = birth, offline, retained, on_input, on_desired
         self._lock = threading.Lock()
         self._inflight: dict[int, int] = {}  # paho mid -> seq
         self.connected = threading.Event()
@@ -82,6 +82,14 @@ class MqttReporter:
         if self._client is not None and self.connected.is_set():
             self._client.publish(topic, encode(payload), qos=qos, retain=retain)
 
+    def announce(self) -> None:
+        """Publish the birth message and the retained messages again (after a model swap)."""
+        client = self._client
+        if client is not None and self.connected.is_set():
+            client.publish(self.topics.state, encode(self._birth()), qos=1, retain=True)
+            for topic, payload in self._retained():
+                client.publish(topic, encode(payload), qos=1, retain=True)
+
     def stop(self, timeout: float = 2.0) -> None:
         client, self._client = self._client, None
         if client is None:
@@ -108,6 +116,8 @@ class MqttReporter:
         for topic, payload in self._retained():
             client.publish(topic, encode(payload), qos=1, retain=True)
         client.subscribe(self.topics.cmd, qos=1)
+        if self._on_desired is not None:
+            client.subscribe(self.topics.desired, qos=1)
         if self._on_input is not None:
             client.subscribe(self.topics.input, qos=1)
         with self._lock:
@@ -140,6 +150,9 @@ class MqttReporter:
     def _on_message(self, client, userdata, message) -> None:
         if message.topic == self.topics.input and self._on_input is not None:
             self._on_input(message.payload)
+            return
+        if message.topic == self.topics.desired and self._on_desired is not None:
+            self._on_desired(message.payload)
             return
         try:
             doc = command(message.payload)

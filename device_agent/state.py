@@ -5,12 +5,16 @@
     <state_dir>/slots/a/bundle.edgebundle   one verified bundle per slot
     <state_dir>/slots/b/bundle.edgebundle
     <state_dir>/active                      "a" or "b", replaced with os.replace (never half-written)
-    <state_dir>/state.json                  active slot, versions, previous slot
+    <state_dir>/slots/*/slot.json           name, version and model sha256 of the slot's bundle
+    <state_dir>/state.json                  active slot, versions, previous slot, pending health watch
+    <state_dir>/updates.json                the OTA ledger: attempts and outcomes per rollout
+    <state_dir>/downloads/                  bundles being fetched (``.part``) and fetched
     <state_dir>/spool/                      summaries not yet acknowledged by the broker
 
 Installing writes the new bundle into the *inactive* slot, then flips the pointer: a crash at any
-moment leaves either the old model or the new one active, never none. The OTA updater (health
-checks, rollback) builds on the same two operations.
+moment leaves either the old model or the new one active, never none. The OTA updater splits the
+two (``stage``, then ``activate`` with a pending health watch, then ``commit``) and ``recover``
+undoes a swap whose health watch was cut short by a crash.
 """
 
 from __future__ import annotations
@@ -22,11 +26,14 @@ from pathlib import Path
 from typing import Any
 
 from .bundle import Bundle, read_bundle
-from .errors import InstallError
+from .canonical import sha256_hex
+from .errors import BundleError, InstallError
 from .fsutil import write_atomic
 
 SLOTS = ("a", "b")
 BUNDLE_FILE = "bundle.edgebundle"
+SLOT_META = "slot.json"
+LEDGER = "updates.json"
 
 
 @dataclass
@@ -65,23 +72,111 @@ class StateDir:
 
     def install(self, bundle_path: str | Path, public_key: Any, *, allow_downgrade: bool = False) -> Bundle:
         """Verify ``bundle_path`` and make it the active model. Refuses versions not above the active one."""
+        slot, bundle = self.stage(bundle_path, public_key, allow_downgrade=allow_downgrade)
+        self.activate(slot)
+        return bundle
+
+    def stage(self, bundle_path: str | Path, public_key: Any, *, allow_downgrade: bool = False) -> tuple[str, Bundle]:
+        """Verify a bundle and write it into the inactive slot; the active model is untouched."""
         bundle = read_bundle(bundle_path, public_key)
-        state = self.state()
-        current = state.get("version")
-        if current is not None and state.get("name") == bundle.name and bundle.version <= current and not allow_downgrade:
-            raise InstallError(
-                f"{bundle_path}: version {bundle.version} of {bundle.name!r} is not newer than the installed version {current}; "
-                "versions only go up (package a higher --version)"
-            )
-        active = self.active_slot()
-        target = "b" if active == "a" else "a"
+        self.check_upgrade(bundle.name, bundle.version, allow_downgrade=allow_downgrade, source=str(bundle_path))
+        target = "b" if self.active_slot() == "a" else "a"
         slot_dir = self.slot(target)
         shutil.rmtree(slot_dir, ignore_errors=True)
         slot_dir.mkdir(parents=True)
-        write_atomic(slot_dir / BUNDLE_FILE, Path(bundle_path).read_bytes())
-        write_atomic(self.root / "active", target.encode())
-        new_state = {"active": target, "name": bundle.name, "version": bundle.version, "previous": active,
-                     "previous_version": current if active else None, "sha256": bundle.manifest["files"][bundle.model_file]["sha256"]}
-        write_atomic(self.root / "state.json", json.dumps(new_state, indent=1).encode())
-        return bundle
+        data = Path(bundle_path).read_bytes()
+        write_atomic(slot_dir / BUNDLE_FILE, data)
+        meta = {"name": bundle.name, "version": bundle.version, "sha256": bundle.manifest["files"][bundle.model_file]["sha256"], "bundle_sha256": sha256_hex(data)}
+        write_atomic(slot_dir / SLOT_META, json.dumps(meta).encode())
+        return target, bundle
 
+    def check_upgrade(self, name: str, version: int, *, allow_downgrade: bool = False, source: str = "bundle") -> None:
+        state = self.state()
+        current = state.get("version")
+        if current is not None and state.get("name") == name and version <= current and not allow_downgrade:
+            raise InstallError(
+                f"{source}: version {version} of {name!r} is not newer than the installed version {current}; "
+                "versions only go up (package a higher --version)"
+            )
+
+    def slot_meta(self, slot: str | None) -> dict[str, Any] | None:
+        if slot is None:
+            return None
+        try:
+            return json.loads((self.slot(slot) / SLOT_META).read_text())
+        except (FileNotFoundError, ValueError):
+            return None
+
+    def activate(self, slot: str, *, pending: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Make ``slot`` the active one. ``pending`` marks it as on probation (an update under health
+        watch): state.json is written first, then the pointer is replaced, so after a crash the
+        pointer is the truth and ``recover`` can tell a finished swap from an unfinished one."""
+        previous = self.active_slot()
+        if previous == slot:
+            previous = self.state().get("previous")
+        meta = self.slot_meta(slot) or {}
+        before = self.slot_meta(previous) or {}
+        new_state = {"active": slot, "name": meta.get("name"), "version": meta.get("version"), "sha256": meta.get("sha256"),
+                     "previous": previous if before else None, "previous_version": before.get("version"), "pending": pending}
+        write_atomic(self.root / "state.json", json.dumps(new_state, indent=1).encode())
+        write_atomic(self.root / "active", slot.encode())
+        return new_state
+
+    def commit(self) -> None:
+        """The slot on probation passed its health watch: it is simply the active slot now."""
+        state = self.state()
+        if state.get("pending") is not None:
+            state["pending"] = None
+            write_atomic(self.root / "state.json", json.dumps(state, indent=1).encode())
+
+    def recover(self) -> dict[str, Any] | None:
+        """Put the state dir right after a crash, before a model is loaded.
+
+        - The pointer names a slot on probation: the agent died during the health watch, so the new
+          model is not trusted: go back to the previous slot. The pending record is returned, with
+          ``reason``, so the updater can report it.
+        - state.json disagrees with the pointer (a crash between the two writes): rebuilt from the pointer.
+        """
+        pointer, state = self.active_slot(), self.state()
+        pending = state.get("pending")
+        if pointer is None:
+            return None
+        if pending and pending.get("slot") == pointer and state.get("previous") and self.slot_meta(state["previous"]):
+            self.activate(state["previous"])
+            return {**pending, "reason": "the agent restarted during the health watch; rolled back to the previous model"}
+        if state.get("active") != pointer or pending:
+            other = "b" if pointer == "a" else "a"
+            meta, before = self.slot_meta(pointer) or {}, self.slot_meta(other) or {}
+            fixed = {"active": pointer, "name": meta.get("name", state.get("name")), "version": meta.get("version", state.get("version")),
+                     "sha256": meta.get("sha256", state.get("sha256")), "previous": other if before else None,
+                     "previous_version": before.get("version"), "pending": None}
+            write_atomic(self.root / "state.json", json.dumps(fixed, indent=1).encode())
+        return None
+
+    def load_usable(self, public_key: Any) -> tuple[Bundle, str | None]:
+        """The active bundle; if it no longer verifies (a rotten SD card, a hand edit), the other slot's,
+        made active, with a note saying why. Raises only when neither slot holds a good bundle."""
+        try:
+            return self.active_bundle(public_key), None
+        except BundleError as exc:
+            other = "b" if self.active_slot() == "a" else "a"
+            try:
+                bundle = read_bundle(self.slot(other) / BUNDLE_FILE, public_key)
+            except BundleError:
+                raise exc from None
+            self.activate(other)
+            return bundle, f"the active slot's bundle failed verification ({exc}); serving slot {other} instead"
+
+    # -- the update ledger: what was tried, so a retained desired state is not retried forever ------
+    def ledger(self) -> dict[str, Any]:
+        try:
+            return json.loads((self.root / LEDGER).read_text())
+        except (FileNotFoundError, ValueError):
+            return {}
+
+    def write_ledger(self, ledger: dict[str, Any]) -> None:
+        write_atomic(self.root / LEDGER, json.dumps(ledger, indent=1).encode())
+
+    @property
+    def downloads(self) -> Path:
+        return self.root / "downloads"

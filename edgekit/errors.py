@@ -11,7 +11,10 @@
     │   └── NotQuantizableError  nothing in the graph can be quantized (tree ensembles, linear ML ops)
     ├── SigningKeyError          a signing key that cannot be read or written
     ├── PackageError             bundle inputs that do not make a valid bundle
-    └── OutputError              an output path that cannot be written
+    ├── OutputError              an output path that cannot be written
+    └── RolloutError             a rollout that cannot start or change (fleet/rollouts.py)
+        ├── RolloutNotFound      no rollout with that id
+        └── RolloutConflict      another rollout is in progress, or the rollout is not in a state that allows it
 
 Errors from the device side's shared formats (``device_agent.errors.AgentError``: bundle, profile,
 schema) pass through unchanged; the CLI reports both trees the same way.
@@ -83,3 +86,15 @@ def require(module: str, extra: str = "host"):
         return importlib.import_module(module)
     except ImportError as exc:
         raise MissingDependencyError(module.split(".")[0], extra) from exc
+
+
+class RolloutError(EdgekitError):
+    http_status = 400
+
+
+class RolloutNotFound(RolloutError):
+    http_status = 404
+
+
+class RolloutConflict(RolloutError):
+    http_status = 409

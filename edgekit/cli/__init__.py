@@ -28,9 +28,9 @@ def _build():
         """
         ctx.obj = {"debug": debug}
 
-    from . import bundle, convert, demo, emulate, flash, fleet, validate
+    from . import bundle, convert, demo, emulate, flash, fleet, rollout, validate
 
-    for module in (convert, validate, bundle, emulate, flash, fleet, demo):
+    for module in (convert, validate, bundle, emulate, flash, fleet, rollout, demo):
         module.register(cli)
     return cli
 

@@ -41,13 +41,16 @@ def fleet():
 @click.option("--group", default="edgekit", show_default=True, help="Shared-subscription group: collectors in one group split the fleet.")
 @click.option("--client-id", default="edgekit-collector", show_default=True, help="MQTT client id; keep it stable so the broker keeps the session.")
 @click.option("--devices-file", type=click.Path(dir_okay=False), help="Known device ids, one per line; others are rejected as unknown-device.")
+@click.option("--trust", type=click.Path(exists=True, dir_okay=False), help="The fleet's public key: rollout bundles must verify against it.")
+@click.option("--bundle-dir", type=click.Path(file_okay=False), help="Where uploaded bundles are kept (default: beside --db).")
+@click.option("--public-url", help="Base URL devices download bundles from (default: the --http address).")
 @click.option("--duration", type=float, help="Stop after this many seconds (default: until Ctrl-C).")
-def collect(broker, db, http, alerts_file, group, client_id, devices_file, duration):
+def collect(broker, db, http, alerts_file, group, client_id, devices_file, trust, bundle_dir, public_url, duration):
     """Run the collector: ingest, store, request missing windows, alert, serve the dashboard.
 
     \b
     Example:
-      edgekit fleet collect --broker mqtt://127.0.0.1:1883 --db fleet.db --http 127.0.0.1:8480 --alerts alerts.toml
+      edgekit fleet collect --broker mqtt://127.0.0.1:1883 --db fleet.db --http 127.0.0.1:8480 --alerts alerts.toml --trust keys/edgekit.pub
     """
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     rules, sinks = load_alert_config(alerts_file)
@@ -55,7 +58,10 @@ def collect(broker, db, http, alerts_file, group, client_id, devices_file, durat
     if devices_file:
         with open(devices_file) as handle:
             allowed = frozenset(line.strip() for line in handle if line.strip() and not line.startswith("#"))
-    collector = Collector(CollectorConfig(broker=broker, db=db, http=http or None, group=group, client_id=client_id, allowed_devices=allowed))
+    import os
+
+    collector = Collector(CollectorConfig(broker=broker, db=db, http=http or None, group=group, client_id=client_id, allowed_devices=allowed,
+                                          trust=trust, bundle_dir=bundle_dir, public_url=public_url, api_token=os.environ.get("EDGEKIT_COLLECTOR_TOKEN")))
     collector.alerts = AlertEngine(collector.store, rules, sinks)
     collector.start()
     stop = threading.Event()

@@ -30,6 +30,7 @@ log = logging.getLogger("edgekit.fleet")
 BATCH_MAX = 1000
 BATCH_WAIT = 0.05
 GAP_CHECK_SECONDS = 5.0
+ROLLOUT_TICK = 0.25
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,10 @@ class CollectorConfig:
     password: str | None = None
     gap_retry_seconds: float = 30.0
     allowed_devices: frozenset[str] | None = None
+    trust: str | None = None  # the fleet's public key: bundles for rollouts must verify against it
+    bundle_dir: str | None = None  # where uploaded bundles are kept (default: next to the database)
+    public_url: str | None = None  # the base URL devices download bundles from (default: the --http address)
+    api_token: str | None = None  # required as a bearer token on the HTTP API's POSTs when set
 
 
 def parse_broker_url(url: str):
@@ -61,7 +66,9 @@ class Collector:
     def __init__(self, config: CollectorConfig, *, store: SqliteStore | None = None) -> None:
         self.config = config
         self.store = store or SqliteStore(config.db)
-        self.ingestor = Ingestor(self.store, allowed_devices=set(config.allowed_devices) if config.allowed_devices else None)
+        self.rollouts = _rollout_controller(self, config)
+        self.ingestor = Ingestor(self.store, allowed_devices=set(config.allowed_devices) if config.allowed_devices else None,
+                                 on_report=self.rollouts.record_report)
         self.protocol = "5"
         self.connected = threading.Event()
         self.received = 0
@@ -76,7 +83,8 @@ class Collector:
     # -- lifecycle -----------------------------------------------------------------------------------
     def start(self) -> "Collector":
         self._connect()
-        for target, name in ((self._writer, "edgekit-collector-writer"), (self._housekeeping, "edgekit-collector-gaps")):
+        for target, name in ((self._writer, "edgekit-collector-writer"), (self._housekeeping, "edgekit-collector-gaps"),
+                             (self._rollout_loop, "edgekit-collector-rollouts")):
             thread = threading.Thread(target=target, name=name, daemon=True)
             thread.start()
             self._threads.append(thread)
@@ -143,7 +151,7 @@ class Collector:
         summary = "edgekit/v1/+/+/summary"
         if self.protocol == "5":
             summary = f"$share/{self.config.group}/{summary}"
-        client.subscribe([("edgekit/v1/+/+/state", 1), ("edgekit/v1/+/+/baseline", 1), (summary, 1)])
+        client.subscribe([("edgekit/v1/+/+/state", 1), ("edgekit/v1/+/+/baseline", 1), ("edgekit/v1/+/+/reported", 1), (summary, 1)])
         self.connected.set()
         log.info("collector connected to %s (MQTT %s)", self.config.broker, self.protocol)
 
@@ -200,6 +208,28 @@ class Collector:
             except Exception:
                 log.exception("housekeeping failed")
 
+    def _rollout_loop(self) -> None:
+        while not self._stop.wait(ROLLOUT_TICK):
+            try:
+                self.rollouts.tick()
+            except Exception:
+                log.exception("rollout controller tick failed")
+
+    def publish(self, topic: str, payload: bytes, retain: bool = False) -> bool:
+        """Publish with QoS 1; False when not connected (the caller tries again later)."""
+        client = self._client
+        if client is None or not self.connected.is_set():
+            return False
+        return client.publish(topic, payload, qos=1, retain=retain).rc == 0
+
+    def http_url(self) -> str:
+        if self.config.public_url:
+            return self.config.public_url
+        if self.server is None:
+            raise EdgekitError("the collector serves no HTTP, so devices cannot download bundles", "run it with --http host:port (and --public-url if devices see another address)")
+        host, port = self.server.server_address[:2]
+        return f"http://{'127.0.0.1' if host in ('0.0.0.0', '') else host}:{port}"
+
     def request_gaps(self) -> int:
         """Ask devices for the windows the store is missing (each seq again after ``gap_retry_seconds``)."""
         client = self._client
@@ -211,3 +241,19 @@ class Collector:
             payload = json.dumps({"schema": "edgekit.cmd/1", "cmd": "resend", "seqs": seqs})
             client.publish(f"edgekit/v1/{fleets.get(device, 'default')}/{device}/cmd", payload, qos=1)
         return sum(len(s) for s in wanted.values())
+
+
+def _rollout_controller(collector: Collector, config: CollectorConfig):
+    from pathlib import Path
+
+    from device_agent.signing import load_public_key
+
+    from .rollouts import RolloutController
+
+    key = load_public_key(config.trust) if config.trust else None
+    bundle_dir = config.bundle_dir or (str(Path(config.db).with_suffix("")) + "-bundles" if config.db != ":memory:" else None)
+    if bundle_dir is None:
+        import tempfile
+
+        bundle_dir = tempfile.mkdtemp(prefix="edgekit-bundles-")
+    return RolloutController(collector.store, collector.publish, Path(bundle_dir), collector.http_url, trusted_key=key)

@@ -18,12 +18,13 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from device_agent.errors import ProtocolError
-from device_agent.protocol import BASELINE_SCHEMA, MAX_PAYLOAD_BYTES, STATE_SCHEMA, SUMMARY_SCHEMA, check_baseline, check_state, check_summary, decode
+from device_agent.protocol import (BASELINE_SCHEMA, MAX_PAYLOAD_BYTES, REPORTED_SCHEMA, STATE_SCHEMA, SUMMARY_SCHEMA, check_baseline, check_reported,
+                                   check_state, check_summary, decode)
 
 from .store import FleetStore
 
 log = logging.getLogger("edgekit.fleet")
-TOPIC = re.compile(r"^edgekit/v1/(?P<fleet>[A-Za-z0-9][A-Za-z0-9._-]{0,63})/(?P<device>[A-Za-z0-9][A-Za-z0-9._-]{0,63})/(?P<leaf>state|summary|baseline)$")
+TOPIC = re.compile(r"^edgekit/v1/(?P<fleet>[A-Za-z0-9][A-Za-z0-9._-]{0,63})/(?P<device>[A-Za-z0-9][A-Za-z0-9._-]{0,63})/(?P<leaf>state|summary|baseline|reported)$")
 LOG_INTERVAL = 60.0
 
 
@@ -35,8 +36,9 @@ class Message:
 
 
 class Ingestor:
-    def __init__(self, store: FleetStore, *, allowed_devices: set[str] | None = None, clock: Callable[[], float] = time.time) -> None:
-        self.store, self.allowed, self.clock = store, allowed_devices, clock
+    def __init__(self, store: FleetStore, *, allowed_devices: set[str] | None = None, clock: Callable[[], float] = time.time,
+                 on_report: Callable[[dict[str, Any], float], None] | None = None) -> None:
+        self.store, self.allowed, self.clock, self.on_report = store, allowed_devices, clock, on_report
         self.counters: Counter = Counter()
         self.touched: set[str] = set()  # devices with news since the alert engine last looked
         self._last_logged: dict[tuple[str, str], float] = {}
@@ -64,6 +66,10 @@ class Ingestor:
             elif kind == "state":
                 self.store.record_state(doc, message.received_at)
                 outcome["states"] += 1
+            elif kind == "reported":
+                if self.on_report is not None:
+                    self.on_report(doc, message.received_at)
+                outcome["reports"] += 1
             else:
                 self.store.record_baseline(doc, message.received_at)
                 outcome["baselines"] += 1
@@ -93,20 +99,15 @@ class Ingestor:
     def _check(self, message: Message) -> tuple[str, dict[str, Any]]:
         match = TOPIC.match(message.topic)
         if match is None:
-            raise ProtocolError("topic", f"topic {message.topic[:100]!r} is not edgekit/v1/<fleet>/<device>/(state|summary|baseline)")
-        if not message.payload and match["leaf"] == "state":
-            raise ProtocolError("json", "empty state payload (a retained message was cleared)")
+            raise ProtocolError("topic", f"topic {message.topic[:100]!r} is not edgekit/v1/<fleet>/<device>/(state|summary|baseline|reported)")
+        if not message.payload and match["leaf"] in ("state", "reported"):
+            raise ProtocolError("json", f"empty {match['leaf']} payload (a retained message was cleared)")
         if len(message.payload) > MAX_PAYLOAD_BYTES:
             raise ProtocolError("size", f"payload of {len(message.payload)} bytes is over the {MAX_PAYLOAD_BYTES}-byte limit")
         leaf = match["leaf"]
-        schema = {"summary": SUMMARY_SCHEMA, "state": STATE_SCHEMA, "baseline": BASELINE_SCHEMA}[leaf]
-        doc = decode(message.payload, schema)
-        if leaf == "summary":
-            check_summary(doc)
-        elif leaf == "state":
-            check_state(doc)
-        else:
-            check_baseline(doc)
+        schema, check = {"summary": (SUMMARY_SCHEMA, check_summary), "state": (STATE_SCHEMA, check_state), "baseline": (BASELINE_SCHEMA, check_baseline),
+                         "reported": (REPORTED_SCHEMA, check_reported)}[leaf]
+        doc = check(decode(message.payload, schema))
         if leaf != "baseline" and (doc["device"] != match["device"] or doc["fleet"] != match["fleet"]):
             raise ProtocolError("mismatch", f"payload says {doc['fleet']}/{doc['device']} but was published on {match['fleet']}/{match['device']}")
         if self.allowed is not None and match["device"] not in self.allowed:

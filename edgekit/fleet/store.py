@@ -54,6 +54,25 @@ MIGRATIONS: list[tuple[str, str]] = [
         ALTER TABLE summaries ADD COLUMN facts TEXT;
         CREATE INDEX summaries_labelled ON summaries (device, model, model_version, seq) WHERE labelled > 0
     """),
+    # OTA rollouts (see rollouts.py): the bundles the collector serves, each rollout, and each device's part in it.
+    ("0003_rollouts", """
+        CREATE TABLE bundles (
+            sha256 TEXT PRIMARY KEY, name TEXT NOT NULL, version INTEGER NOT NULL, size INTEGER NOT NULL, path TEXT NOT NULL,
+            signature TEXT NOT NULL, added_at REAL NOT NULL
+        );
+        CREATE UNIQUE INDEX bundles_by_version ON bundles (name, version);
+        CREATE TABLE rollouts (
+            id TEXT PRIMARY KEY, fleet TEXT NOT NULL, kind TEXT NOT NULL, name TEXT NOT NULL, version INTEGER NOT NULL, sha256 TEXT NOT NULL,
+            state TEXT NOT NULL, spec TEXT NOT NULL, wave INTEGER NOT NULL DEFAULT 0, wave_started_at REAL, wave_done_at REAL,
+            created_at REAL NOT NULL, updated_at REAL NOT NULL, finished_at REAL, reason TEXT NOT NULL DEFAULT ''
+        );
+        CREATE TABLE rollout_devices (
+            rollout TEXT NOT NULL, device TEXT NOT NULL, wave INTEGER NOT NULL, state TEXT NOT NULL, from_version INTEGER,
+            version INTEGER, reason TEXT NOT NULL DEFAULT '', code TEXT, facts TEXT, sent_at REAL, updated_at REAL,
+            PRIMARY KEY (rollout, device)
+        );
+        CREATE INDEX rollout_devices_by_device ON rollout_devices (device)
+    """),
 ]
 
 

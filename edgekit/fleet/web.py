@@ -8,14 +8,23 @@
     GET /api/drift?device=&model=&version=&since=   merged drift (``fleet drift --json``)
     GET /api/alerts            open and recent alerts
     GET /metrics               Prometheus text (prometheus-client)
+    GET /rollouts, /rollouts/<id>   rollouts: waves, devices per state, reasons
+    GET /bundles/<sha256>      bundle bytes for devices, with Range (an interrupted download resumes)
+    GET  /api/bundles          stored bundles;  POST /api/bundles (the bundle's bytes) verifies and stores one
+    GET  /api/rollouts[/<id>]  rollout status;  POST /api/rollouts {sha256, fleet, devices, waves, ...} starts one
+    POST /api/rollouts/<id>/(pause|resume|abort);  POST /api/rollbacks {instruction, signature, devices}
+
+POSTs need ``Authorization: Bearer <token>`` when the collector has an API token.
 
 No front-end build step, no JavaScript: HTML and SVG written here.
 """
 
 from __future__ import annotations
 
+import hmac
 import html
 import json
+import re
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING, Any
@@ -27,6 +36,9 @@ from .merge import merged_drift, since_timestamp
 if TYPE_CHECKING:
     from .collector import Collector
 
+MAX_UPLOAD_BYTES = 1 << 30
+_BUNDLE_ROUTE = re.compile(r"^/bundles/(?P<sha>[0-9a-f]{64})$")
+_ROLLOUT_ROUTE = re.compile(r"^/api/rollouts/(?P<id>[A-Za-z0-9._-]{1,64})(?:/(?P<verb>pause|resume|abort))?$")
 PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf")
 
 
@@ -76,12 +88,104 @@ class _Handler(BaseHTTPRequestHandler):
                 from .metrics import render
 
                 return self._send(200, render(self.collector), "text/plain; version=0.0.4")
+            if _BUNDLE_ROUTE.match(url.path):
+                return self._bundle(_BUNDLE_ROUTE.match(url.path)["sha"])
+            if url.path in ("/api/rollouts", "/api/bundles", "/rollouts") or url.path.startswith(("/api/rollouts/", "/rollouts/")):
+                return self._rollout_get(url.path)
         except (EdgekitError, ValueError) as exc:
             return self._send(400, json.dumps({"error": str(exc)}).encode(), "application/json")
         self._send(404, json.dumps({"error": f"no route {url.path}"}).encode(), "application/json")
 
-    def _json(self, doc: Any) -> None:
-        self._send(200, json.dumps(doc, default=str).encode(), "application/json")
+    def do_POST(self) -> None:  # noqa: N802
+        url = urlparse(self.path)
+        token = self.collector.config.api_token
+        if token and not hmac.compare_digest(self.headers.get("Authorization", ""), f"Bearer {token}"):
+            return self._send(401, json.dumps({"error": "missing or wrong API token; set EDGEKIT_COLLECTOR_TOKEN"}).encode(), "application/json")
+        length = int(self.headers.get("Content-Length") or 0)
+        if length > MAX_UPLOAD_BYTES:
+            self.close_connection = True
+            return self._send(413, json.dumps({"error": f"body of {length} bytes is over the {MAX_UPLOAD_BYTES}-byte limit"}).encode(), "application/json")
+        body = self.rfile.read(length) if length else b""
+        rollouts = self.collector.rollouts
+        try:
+            if url.path == "/api/bundles":
+                return self._json(rollouts.add_bundle(body), 201)
+            doc = json.loads(body or b"{}")
+            if not isinstance(doc, dict):
+                raise ValueError("the body must be a JSON object")
+            if url.path == "/api/rollouts":
+                from .rollouts import start_from_request
+
+                return self._json({"id": start_from_request(rollouts, doc)}, 201)
+            if url.path == "/api/rollbacks":
+                rollout_id = rollouts.rollback(doc.get("instruction") or {}, str(doc.get("signature", "")), str(doc.get("devices") or "*"))
+                return self._json({"id": rollout_id}, 201)
+            match = _ROLLOUT_ROUTE.match(url.path)
+            if match and match["verb"]:
+                return self._json(getattr(rollouts, match["verb"])(match["id"]))
+        except (EdgekitError, ValueError, TypeError, KeyError) as exc:
+            return self._send(getattr(exc, "http_status", 400), json.dumps({"error": str(exc)}).encode(), "application/json")
+        self._send(404, json.dumps({"error": f"no route POST {url.path}"}).encode(), "application/json")
+
+    def _rollout_get(self, path: str) -> None:
+        from .rollout_views import render_rollout, render_rollouts
+
+        rollouts = self.collector.rollouts
+        if path == "/api/bundles":
+            return self._json(rollouts.bundles())
+        if path == "/api/rollouts":
+            return self._json(rollouts.list())
+        if path == "/rollouts":
+            return self._send(200, render_rollouts(rollouts.list()), "text/html; charset=utf-8")
+        rollout_id = path.rsplit("/", 1)[1]
+        try:
+            status = rollouts.status(rollout_id)
+        except EdgekitError as exc:
+            return self._send(404, json.dumps({"error": str(exc)}).encode(), "application/json")
+        if path.startswith("/api/"):
+            return self._json(status)
+        return self._send(200, render_rollout(status), "text/html; charset=utf-8")
+
+    def _bundle(self, sha256: str) -> None:
+        """The bundle's bytes; ``Range: bytes=N-[M]`` gets 206 and the rest, so devices resume."""
+        stored = self.collector.rollouts.bundle(sha256=sha256)
+        if stored is None:
+            return self._send(404, json.dumps({"error": f"no bundle {sha256}"}).encode(), "application/json")
+        with open(stored["path"], "rb") as handle:
+            data = handle.read()
+        size = len(data)
+        first, last, status = 0, size - 1, 200
+        wanted = self.headers.get("Range")
+        if wanted:
+            match = re.fullmatch(r"bytes=(\d*)-(\d*)", wanted.strip())
+            if not match or (not match[1] and not match[2]):
+                return self._range_error(size)
+            if match[1]:
+                first, last = int(match[1]), min(int(match[2]) if match[2] else size - 1, size - 1)
+            else:  # a suffix: the last N bytes
+                first = max(0, size - int(match[2]))
+            if first >= size or first > last:
+                return self._range_error(size)
+            status = 206
+        body = data[first:last + 1]
+        self.send_response(status)
+        self.send_header("Content-Type", "application/octet-stream")
+        self.send_header("Accept-Ranges", "bytes")
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("ETag", f'"{sha256}"')
+        if status == 206:
+            self.send_header("Content-Range", f"bytes {first}-{last}/{size}")
+        self.end_headers()
+        self.wfile.write(body)
+
+    def _range_error(self, size: int) -> None:
+        self.send_response(416)
+        self.send_header("Content-Range", f"bytes */{size}")
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def _json(self, doc: Any, status: int = 200) -> None:
+        self._send(status, json.dumps(doc, default=str).encode(), "application/json")
 
     def _send(self, status: int, body: bytes | str, content_type: str) -> None:
         data = body.encode() if isinstance(body, str) else body
@@ -121,7 +225,7 @@ def render_fleet(status: list[dict[str, Any]], alerts: list[dict[str, Any]]) -> 
         f"<tr><td class='bad'>{html.escape(a['rule'])}</td><td>{html.escape(a['device'])}</td><td>{html.escape(a['subject'])}</td><td>{html.escape(a['message'])}</td></tr>"
         for a in open_alerts
     ) or "<tr><td colspan='4' class='muted'>no open alerts</td></tr>"
-    body = (f"<h1>edgekit fleet</h1><p><a href='/drift'>fleet-wide drift</a></p><p class='muted'>{len(status)} devices, {sum(1 for d in status if d['online'])} online, "
+    body = (f"<h1>edgekit fleet</h1><p><a href='/drift'>fleet-wide drift</a> · <a href='/rollouts'>rollouts</a></p><p class='muted'>{len(status)} devices, {sum(1 for d in status if d['online'])} online, "
             f"{sum(1 for d in status if d['drifted'])} drifted</p><table><tr><th>device</th><th>fleet</th><th>state</th><th>model</th><th>windows</th>"
             f"<th>rows</th><th>drift</th><th>worst feature</th><th>missing</th><th>rejected</th></tr>{rows}</table>"
             f"<h2>Open alerts</h2><table><tr><th>rule</th><th>device</th><th>subject</th><th>message</th></tr>{alert_rows}</table>")

@@ -1,0 +1,160 @@
+"""``edgekit rollout``: start, watch, pause, resume, abort and roll back OTA rollouts (via the collector)."""
+
+from __future__ import annotations
+
+import time
+
+import click
+
+from ..fleet.client import DEFAULT_COLLECTOR, CollectorClient
+from .common import EXIT_THRESHOLD, emit_json, exit_with, json_option, table
+
+COLLECTOR_OPTION = click.option("--collector", default=DEFAULT_COLLECTOR, show_default=True, envvar="EDGEKIT_COLLECTOR",
+                                help="The collector's HTTP address (EDGEKIT_COLLECTOR_TOKEN holds its API token, if any).")
+FINISHED = ("succeeded", "aborted", "failed")
+
+
+def register(cli: click.Group) -> None:
+    cli.add_command(rollout)
+
+
+@click.group()
+def rollout():
+    """Roll a signed bundle out to a fleet in waves, gated on self-test, shadow agreement and health.
+
+    \b
+    Example:
+      edgekit rollout start digits-4.edgebundle --fleet default --waves 10%,50%,100% --shadow-rows 500
+    """
+
+
+@rollout.command()
+@click.argument("bundle", type=click.Path(exists=True, dir_okay=False))
+@click.option("--fleet", default="default", show_default=True, help="The fleet to update.")
+@click.option("--devices", default="*", show_default=True, help="Only devices whose id matches this glob, e.g. 'pi-*'.")
+@click.option("--waves", default="10%,50%,100%", show_default=True, help="Cumulative shares of the devices, one wave each.")
+@click.option("--wave-wait", default="0", show_default=True, help="Soak time after a wave finishes before the next starts (30s, 5m).")
+@click.option("--abort-on", default="failed>20%", show_default=True,
+              help="Abort and revert when any rule trips: failed>20%, agreement<0.98, p99_ms>50, drift>30% ('' for none).")
+@click.option("--shadow-rows", default=0, show_default=True, type=click.IntRange(min=0),
+              help="Live rows each device scores with the candidate beside the serving model before swapping (0: no shadow phase).")
+@click.option("--health-seconds", default="10", show_default=True, help="How long each device watches the new model before committing.")
+@COLLECTOR_OPTION
+@click.option("--wait", "wait_", is_flag=True, help="Follow the rollout until it ends; exit 1 unless it succeeded.")
+@json_option
+def start(bundle, fleet, devices, waves, wave_wait, abort_on, shadow_rows, health_seconds, collector, wait_, as_json):
+    """Upload BUNDLE to the collector (it verifies the signature) and start a rollout.
+
+    \b
+    Example:
+      edgekit rollout start digits-4.edgebundle --fleet default --devices 'pi-*' --waves 10%,50%,100% \\
+          --wave-wait 5m --abort-on 'failed>20%,agreement<0.98,p99_ms>50' --shadow-rows 500
+    """
+    client = CollectorClient(collector)
+    started = client.start(bundle, fleet=fleet, devices=devices, waves=waves, wave_wait=wave_wait, abort_on=abort_on,
+                           shadow_rows=shadow_rows, health_seconds=health_seconds)
+    if not wait_:
+        if as_json:
+            emit_json({"id": started["id"]})
+        else:
+            click.echo(f"rollout {started['id']} started: {started['bundle']['name']} v{started['bundle']['version']} to fleet {fleet} "
+                       f"in waves {waves}; follow it with 'edgekit rollout status {started['id']}'")
+        return
+    _follow(client, started["id"], as_json)
+
+
+@rollout.command()
+@click.argument("rollout_id", required=False)
+@COLLECTOR_OPTION
+@json_option
+def status(rollout_id, collector, as_json):
+    """One rollout in detail (devices, states, reasons), or all of them.
+
+    \b
+    Example:
+      edgekit rollout status r-20261121-101500-3fa2c1 --json
+    """
+    doc = CollectorClient(collector).status(rollout_id)
+    if as_json:
+        emit_json(doc)
+    elif rollout_id:
+        click.echo(_describe(doc))
+    else:
+        click.echo(table([[r["id"], r["kind"], r["fleet"], f"{r['name']} v{r['version']}", r["state"], f"{r['wave']}/{len(r['waves'])}",
+                           ", ".join(f"{v} {k}" for k, v in sorted(r["counts"].items()))] for r in doc],
+                         ["id", "kind", "fleet", "model", "state", "wave", "devices"]) if doc else "no rollouts yet")
+
+
+def _action(verb: str, summary: str):
+    @rollout.command(name=verb, help=f"{summary}\n\n\b\nExample:\n  edgekit rollout {verb} r-20261121-101500-3fa2c1")
+    @click.argument("rollout_id")
+    @COLLECTOR_OPTION
+    @json_option
+    def command(rollout_id, collector, as_json):
+        doc = CollectorClient(collector).act(rollout_id, verb)
+        emit_json(doc) if as_json else click.echo(f"rollout {doc['id']} is {doc['state']}" + (f": {doc['reason']}" if doc["reason"] else ""))
+
+    return command
+
+
+_action("pause", "Stop starting new waves (devices already updating finish).")
+_action("resume", "Continue a paused rollout.")
+_action("abort", "Stop the rollout and send every device that moved back to the version it came from.")
+
+
+@rollout.command()
+@click.option("--fleet", default="default", show_default=True, help="The fleet to roll back.")
+@click.option("--to", "version", required=True, type=click.IntRange(min=1), help="The version to go back to.")
+@click.option("--key", "key_path", required=True, type=click.Path(exists=True, dir_okay=False), help="The fleet's signing key (devices require its signature to go down).")
+@click.option("--name", help="The model name (default: the one the stored bundle of that version has).")
+@click.option("--bundle", "bundle_path", type=click.Path(exists=True, dir_okay=False), help="Upload this bundle first (if the collector does not have that version).")
+@click.option("--devices", default="*", show_default=True, help="Only devices whose id matches this glob.")
+@COLLECTOR_OPTION
+@click.option("--wait", "wait_", is_flag=True, help="Follow the rollback until it ends; exit 1 unless it succeeded.")
+@json_option
+def rollback(fleet, version, key_path, name, bundle_path, devices, collector, wait_, as_json):
+    """Take a fleet back to an earlier version, with an instruction signed by the fleet key.
+
+    \b
+    Example:
+      edgekit rollout rollback --fleet default --to 3 --key keys/edgekit.key
+    """
+    from ..errors import RolloutError
+    from ..fleet.rollouts import sign_rollback
+    from ..keys import load_private_key
+
+    client = CollectorClient(collector)
+    if bundle_path:
+        client.upload_bundle(bundle_path)
+    stored = [b for b in client.bundles() if b["version"] == version and (name is None or b["name"] == name)]
+    if len(stored) != 1:
+        found = "several models have it; pass --name" if stored else "the collector has no bundle of that version; pass --bundle FILE"
+        raise RolloutError(f"cannot pick the v{version} bundle: {found}")
+    target = stored[0]
+    instruction, signature = sign_rollback(fleet=fleet, name=target["name"], version=version, sha256=target["sha256"], key=load_private_key(key_path))
+    started = client.rollback(instruction, signature, devices)
+    if wait_:
+        return _follow(client, started["id"], as_json)
+    emit_json({"id": started["id"]}) if as_json else click.echo(f"rollback {started['id']} started: fleet {fleet} to {target['name']} v{version}")
+
+
+def _follow(client: CollectorClient, rollout_id: str, as_json: bool) -> None:
+    last = None
+    while True:
+        doc = client.status(rollout_id)
+        line = f"{doc['state']}, wave {doc['wave']}/{len(doc['waves'])}: " + ", ".join(f"{v} {k}" for k, v in sorted(doc["counts"].items()))
+        if line != last and not as_json:
+            click.echo(line)
+            last = line
+        if doc["state"] in FINISHED:
+            break
+        time.sleep(1.0)
+    emit_json(doc) if as_json else click.echo(_describe(doc))
+    exit_with(0 if doc["state"] == "succeeded" else EXIT_THRESHOLD)
+
+
+def _describe(doc: dict) -> str:
+    head = f"rollout {doc['id']} ({doc['kind']} {doc['name']} v{doc['version']}, fleet {doc['fleet']}): {doc['state']}" + (f" — {doc['reason']}" if doc["reason"] else "")
+    rows = [[d["device"], d["wave"], d["state"], f"v{d['from_version']} -> v{d['version']}",
+             f"{d['shadow']['agreement']:.4f}" if (d.get("shadow") or {}).get("agreement") is not None else "-", d["reason"]] for d in doc["devices"]]
+    return head + "\n" + table(rows, ["device", "wave", "state", "version", "shadow agreement", "reason"])

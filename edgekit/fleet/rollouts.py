@@ -1,0 +1,493 @@
+"""The rollout controller: a signed bundle reaches a fleet in waves, gated on what devices report.
+
+It lives in the collector, keeps all of its state in the fleet store (so a collector restart picks
+running rollouts up where they were) and speaks to devices only through their retained ``desired``
+topic; devices answer on ``reported`` (see ``device_agent.updater``).
+
+- ``start``: the bundle must verify against the fleet's trusted key before anything is sent; the
+  target devices (a fleet, optionally a glob) are fixed and split into cumulative waves.
+- ``tick`` (every fraction of a second): send the current wave's desired states, check the abort
+  rules, and move to the next wave once every *online* device of the wave has finished and the
+  wave's soak time (``wave_wait``) has passed. A device offline during its wave keeps its retained
+  desired state and updates when it returns; its report still lands.
+- Abort rules: ``failed>20%`` (share of sent devices that failed or rolled back), ``agreement<0.98``
+  (row-weighted mean shadow agreement), ``p99_ms>50`` (median candidate p99 in shadow),
+  ``drift>30%`` (share of moved devices whose latest window on the new version drifted). An abort
+  sends every moved device a ``revert`` to the version it came from.
+- ``rollback``: going *down* needs an instruction signed by the fleet's private key (made by the
+  CLI, never held by the collector); devices check that signature themselves.
+"""
+
+from __future__ import annotations
+
+import base64
+import fnmatch
+import json
+import math
+import os
+import re
+import statistics
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from device_agent.bundle import BUNDLE_SUFFIX, read_bundle
+from device_agent.canonical import canonical_json, sha256_hex
+from device_agent.errors import BundleError
+from device_agent.protocol import DESIRED_SCHEMA, ROLLBACK_SCHEMA, TERMINAL_UPDATE_STATES, encode
+from device_agent.signing import verify_signature
+
+from ..errors import RolloutConflict, RolloutError, RolloutNotFound
+from .store import SqliteStore
+
+ROLLOUT_STATES = ("pending", "running", "paused", "succeeded", "aborted", "failed")
+FAILED_DEVICE_STATES = ("failed", "rolled_back")
+_RULE = re.compile(r"^\s*(failed|agreement|p99_ms|drift)\s*([<>])\s*([0-9.]+)\s*(%?)\s*$")
+
+
+@dataclass(frozen=True)
+class AbortRule:
+    metric: str
+    op: str
+    value: float
+
+    def __str__(self) -> str:
+        shown = f"{self.value:.0%}" if self.metric in ("failed", "drift") else f"{self.value:g}"
+        return f"{self.metric}{self.op}{shown}"
+
+    def tripped(self, observed: float | None) -> bool:
+        return observed is not None and (observed > self.value if self.op == ">" else observed < self.value)
+
+
+def parse_abort_rules(text: str | None) -> tuple[AbortRule, ...]:
+    """``failed>20%,agreement<0.98,p99_ms>50,drift>30%`` -> rules; a clear error for anything else."""
+    rules = []
+    for part in filter(str.strip, (text or "").split(",")):
+        match = _RULE.match(part)
+        if not match:
+            raise RolloutError(f"abort rule {part.strip()!r} is not understood",
+                               "write rules like failed>20%,agreement<0.98,p99_ms>50,drift>30% (metric, < or >, number)")
+        metric, op, number, percent = match.groups()
+        value = float(number) / (100 if percent else 1)
+        expected_op = "<" if metric == "agreement" else ">"
+        if op != expected_op:
+            raise RolloutError(f"abort rule {part.strip()!r} points the wrong way", f"{metric} aborts when it is {'below' if expected_op == '<' else 'above'} a limit: {metric}{expected_op}…")
+        if metric in ("failed", "drift", "agreement") and not 0 <= value <= 1:
+            raise RolloutError(f"abort rule {part.strip()!r} is not a share between 0 and 1", "e.g. failed>20% or agreement<0.98")
+        rules.append(AbortRule(metric, op, value))
+    return tuple(rules)
+
+
+def parse_waves(text: str) -> tuple[float, ...]:
+    """``10%,50%,100%`` -> (0.1, 0.5, 1.0): cumulative shares of the target devices, rising to 100%."""
+    try:
+        waves = tuple(float(p.strip().rstrip("%")) / 100 for p in text.split(",") if p.strip())
+    except ValueError:
+        raise RolloutError(f"waves {text!r} are not percentages", "e.g. --waves 10%,50%,100%") from None
+    if not waves or any(b <= a for a, b in zip(waves, waves[1:])) or waves[0] <= 0 or abs(waves[-1] - 1.0) > 1e-9:
+        raise RolloutError(f"waves {text!r} must rise and end at 100%", "e.g. --waves 10%,50%,100%")
+    return waves
+
+
+def parse_duration(text: str | float | int) -> float:
+    """``90``, ``90s``, ``5m``, ``1h`` -> seconds."""
+    if isinstance(text, (int, float)):
+        return float(text)
+    match = re.fullmatch(r"\s*([0-9.]+)\s*([smh]?)\s*", str(text))
+    if not match:
+        raise RolloutError(f"duration {text!r} is not understood", "e.g. 30s, 5m or 1h")
+    return float(match[1]) * {"": 1, "s": 1, "m": 60, "h": 3600}[match[2]]
+
+
+@dataclass(frozen=True)
+class RolloutSpec:
+    """How a rollout proceeds; serialised into the store as JSON."""
+
+    waves: tuple[float, ...] = (1.0,)
+    wave_wait: float = 0.0
+    abort_on: tuple[AbortRule, ...] = ()
+    shadow_rows: int = 0
+    shadow_timeout: float = 300.0
+    health_seconds: float = 10.0
+    device_timeout: float = 900.0
+    devices: str = "*"
+
+    def to_json(self) -> str:
+        return json.dumps({**asdict(self), "abort_on": [str(r) for r in self.abort_on]})
+
+    @classmethod
+    def from_json(cls, text: str) -> RolloutSpec:
+        doc = json.loads(text)
+        return cls(**{**doc, "waves": tuple(doc["waves"]), "abort_on": parse_abort_rules(",".join(doc["abort_on"]))})
+
+    def rule(self, metric: str) -> AbortRule | None:
+        return next((r for r in self.abort_on if r.metric == metric), None)
+
+
+@dataclass
+class RolloutController:
+    store: SqliteStore
+    publish: Callable[[str, bytes, bool], bool]  # (topic, payload, retain) -> sent
+    bundle_dir: Path
+    public_url: Callable[[], str]
+    trusted_key: Any = None
+    clock: Callable[[], float] = time.time
+    _lock: threading.RLock = field(default_factory=threading.RLock)
+
+    def __post_init__(self) -> None:
+        self.bundle_dir = Path(self.bundle_dir)
+
+    # -- bundles -------------------------------------------------------------------------------------
+    def add_bundle(self, data: bytes) -> dict[str, Any]:
+        """Verify a bundle against the trusted key and keep it for serving; idempotent by sha256."""
+        self._need_key()
+        sha256 = sha256_hex(data)
+        self.bundle_dir.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=self.bundle_dir, suffix=".upload")
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(data)
+            try:
+                bundle = read_bundle(tmp, self.trusted_key)
+            except BundleError as exc:
+                raise RolloutError(f"the bundle was refused: {exc.problem}", exc.fix or "package and sign it with 'edgekit package --key'") from exc
+            path = self.bundle_dir / f"{sha256}{BUNDLE_SUFFIX}"
+            os.replace(tmp, path)
+        finally:
+            Path(tmp).unlink(missing_ok=True)
+        signature = base64.b64encode(_signature_of(path)).decode()
+        with self.store.atomic() as db:
+            row = db.execute("SELECT sha256 FROM bundles WHERE name = ? AND version = ?", (bundle.name, bundle.version)).fetchone()
+            if row is not None and row[0] != sha256:
+                raise RolloutConflict(f"{bundle.name} v{bundle.version} is already known with other content (sha256 {row[0][:12]}…)",
+                                   "versions are immutable: package the change as a new --version")
+            db.execute("INSERT OR IGNORE INTO bundles VALUES (?, ?, ?, ?, ?, ?, ?)",
+                       (sha256, bundle.name, bundle.version, len(data), str(path), signature, self.clock()))
+        return {"sha256": sha256, "name": bundle.name, "version": bundle.version, "size": len(data)}
+
+    def bundle(self, *, sha256: str | None = None, name: str | None = None, version: int | None = None) -> dict[str, Any] | None:
+        with self.store._lock:
+            if sha256 is not None:
+                row = self.store.db.execute("SELECT * FROM bundles WHERE sha256 = ?", (sha256,)).fetchone()
+            else:
+                row = self.store.db.execute("SELECT * FROM bundles WHERE name = ? AND version = ?", (name, version)).fetchone()
+        return None if row is None else dict(row)
+
+    def bundles(self) -> list[dict[str, Any]]:
+        with self.store._lock:
+            return [dict(r) for r in self.store.db.execute("SELECT sha256, name, version, size, added_at FROM bundles ORDER BY name, version")]
+
+    # -- starting --------------------------------------------------------------------------------------
+    def start(self, sha256: str, fleet: str, spec: RolloutSpec) -> str:
+        bundle = self.bundle(sha256=sha256)
+        if bundle is None:
+            raise RolloutError(f"no bundle with sha256 {sha256[:12]}… was uploaded to this collector", "upload it first (rollout start does)")
+        self._need_key()
+        try:
+            read_bundle(bundle["path"], self.trusted_key)  # again: the file on disk is what devices get
+        except BundleError as exc:
+            raise RolloutError(f"the stored bundle no longer verifies: {exc}", "upload it again") from exc
+        targets = self._targets(fleet, spec.devices)
+        newer = [d for d in targets if d["model"] == bundle["name"] and (d["model_version"] or 0) > bundle["version"]]
+        if newer:
+            raise RolloutError(f"{len(newer)} target device(s) run a newer {bundle['name']} (e.g. {newer[0]['device']} on v{newer[0]['model_version']})",
+                               "devices only go up; use 'edgekit rollout rollback --to VERSION' with the signing key to go down")
+        return self._create(fleet, "install", bundle, spec, targets)
+
+    def rollback(self, instruction: dict[str, Any], signature: str, devices: str = "*") -> str:
+        """A signed instruction to go down to an earlier version (made by ``sign_rollback``)."""
+        self._need_key()
+        try:
+            verify_signature("rollback instruction", canonical_json(instruction), base64.b64decode(signature), self.trusted_key)
+        except (BundleError, ValueError) as exc:
+            raise RolloutError(f"the rollback instruction is not signed by the fleet's trusted key ({exc})", "sign it with the key the bundles are signed with") from exc
+        if instruction.get("schema") != ROLLBACK_SCHEMA or not isinstance(instruction.get("issued_at"), (int, float)):
+            raise RolloutError("the rollback instruction is malformed", "make it with 'edgekit rollout rollback'")
+        bundle = self.bundle(sha256=instruction.get("sha256"))
+        if bundle is None or (bundle["name"], bundle["version"]) != (instruction.get("name"), instruction.get("version")):
+            raise RolloutError(f"{instruction.get('name')} v{instruction.get('version')} is not stored on this collector", "pass --bundle to upload it")
+        spec = RolloutSpec(waves=(1.0,), devices=devices)
+        targets = self._targets(instruction["fleet"], devices)
+        return self._create(instruction["fleet"], "rollback", bundle, spec, targets, extra={"instruction": instruction, "instruction_signature": signature})
+
+    def _targets(self, fleet: str, pattern: str) -> list[dict[str, Any]]:
+        devices = [d for d in self.store.status() if d["fleet"] == fleet and fnmatch.fnmatchcase(d["device"], pattern)]
+        if not devices:
+            known = sorted({d["fleet"] for d in self.store.status()})
+            raise RolloutError(f"no known device of fleet {fleet!r} matches {pattern!r}",
+                               f"fleets known to this collector: {', '.join(known) or 'none yet (devices appear once they connect)'}")
+        return devices
+
+    def _create(self, fleet: str, kind: str, bundle: dict[str, Any], spec: RolloutSpec, targets: list[dict[str, Any]],
+                extra: dict[str, Any] | None = None) -> str:
+        now = self.clock()
+        rollout_id = "r-" + time.strftime("%Y%m%d-%H%M%S", time.gmtime(now)) + "-" + uuid.uuid4().hex[:6]
+        waves = _assign_waves(len(targets), spec.waves)
+        with self.store.atomic() as db:
+            busy = db.execute("SELECT id FROM rollouts WHERE fleet = ? AND state IN ('running', 'paused', 'pending')", (fleet,)).fetchone()
+            if busy is not None:
+                raise RolloutConflict(f"rollout {busy[0]} is still in progress on fleet {fleet!r}", f"wait for it, or 'edgekit rollout abort {busy[0]}'")
+            spec_doc = json.loads(spec.to_json())
+            spec_doc.update(extra or {})
+            db.execute("INSERT INTO rollouts (id, fleet, kind, name, version, sha256, state, spec, wave, wave_started_at, created_at, updated_at) "
+                       "VALUES (?, ?, ?, ?, ?, ?, 'running', ?, 0, ?, ?, ?)",
+                       (rollout_id, fleet, kind, bundle["name"], bundle["version"], bundle["sha256"], json.dumps(spec_doc), now, now, now))
+            db.executemany("INSERT INTO rollout_devices (rollout, device, wave, state, from_version, version, updated_at) VALUES (?, ?, ?, 'pending', ?, ?, ?)",
+                           [(rollout_id, d["device"], wave, d["model_version"], d["model_version"], now) for d, wave in zip(sorted(targets, key=lambda d: d["device"]), waves)])
+        self.tick()
+        return rollout_id
+
+    # -- operator actions ------------------------------------------------------------------------------
+    def pause(self, rollout_id: str) -> dict[str, Any]:
+        return self._transition(rollout_id, {"running": "paused"}, "paused by the operator")
+
+    def resume(self, rollout_id: str) -> dict[str, Any]:
+        return self._transition(rollout_id, {"paused": "running"}, "")
+
+    def abort(self, rollout_id: str, reason: str = "aborted by the operator") -> dict[str, Any]:
+        with self._lock:
+            self._transition(rollout_id, {"running": "aborted", "paused": "aborted", "pending": "aborted"}, reason)
+            self._revert_moved(rollout_id)
+        return self.status(rollout_id)
+
+    def _transition(self, rollout_id: str, allowed: dict[str, str], reason: str) -> dict[str, Any]:
+        with self.store.atomic() as db:
+            row = db.execute("SELECT state FROM rollouts WHERE id = ?", (rollout_id,)).fetchone()
+            if row is None:
+                raise RolloutNotFound(f"no rollout {rollout_id!r}", "list them with 'edgekit rollout status'")
+            if row[0] not in allowed:
+                raise RolloutConflict(f"rollout {rollout_id} is {row[0]}", f"only a rollout that is {' or '.join(allowed)} can do that")
+            now = self.clock()
+            finished = now if allowed[row[0]] in ("aborted", "succeeded", "failed") else None
+            db.execute("UPDATE rollouts SET state = ?, reason = ?, updated_at = ?, finished_at = coalesce(?, finished_at) WHERE id = ?",
+                       (allowed[row[0]], reason, now, finished, rollout_id))
+        return self.status(rollout_id)
+
+    # -- reports from devices ------------------------------------------------------------------------
+    def record_report(self, doc: dict[str, Any], now: float) -> None:
+        facts = {k: doc[k] for k in ("shadow", "download", "health", "selftest") if isinstance(doc.get(k), dict)}
+        active = doc.get("active") or {}
+        with self.store.atomic() as db:
+            db.execute("UPDATE rollout_devices SET state = ?, reason = ?, code = ?, version = coalesce(?, version), "
+                       "facts = CASE WHEN ? = '{}' THEN facts ELSE ? END, updated_at = ? WHERE rollout = ? AND device = ?",
+                       (doc["state"], (doc.get("reason") or "")[:500], doc.get("code"), active.get("version"), json.dumps(facts), json.dumps(facts),
+                        now, doc["rollout"], doc["device"]))
+
+    # -- the loop ------------------------------------------------------------------------------------
+    def tick(self) -> None:
+        with self._lock:
+            with self.store._lock:
+                running = [r[0] for r in self.store.db.execute("SELECT id FROM rollouts WHERE state = 'running'")]
+            for rollout_id in running:
+                self._advance(rollout_id)
+
+    def _advance(self, rollout_id: str) -> None:
+        rollout, devices = self._load(rollout_id)
+        spec = RolloutSpec.from_json(_spec_only(rollout["spec"]))
+        now = self.clock()
+        current = [d for d in devices if d["wave"] <= rollout["wave"]]
+        for device in current:
+            if device["state"] == "pending" and self._send(rollout, device):
+                self._set_device(rollout_id, device["device"], "sent", "desired state published", sent_at=now)
+                device["state"] = "sent"
+        for device in current:
+            if device["state"] not in TERMINAL_UPDATE_STATES and device["state"] != "pending" and device["sent_at"] and device["online"] \
+                    and now - device["sent_at"] > spec.device_timeout:
+                self._set_device(rollout_id, device["device"], "failed", f"no result within {spec.device_timeout:.0f} s", code="timeout")
+                device["state"] = "failed"
+        tripped = self._tripped(rollout, spec, devices)
+        if tripped:
+            self.abort(rollout_id, f"abort rule {tripped}")
+            return
+        waiting = [d for d in current if d["state"] not in TERMINAL_UPDATE_STATES and d["online"]]
+        if waiting:
+            return
+        if rollout["wave_done_at"] is None:
+            self._update(rollout_id, wave_done_at=now)
+            rollout["wave_done_at"] = now
+        if now - rollout["wave_done_at"] < spec.wave_wait:
+            return
+        if rollout["wave"] + 1 < len(spec.waves):
+            self._update(rollout_id, wave=rollout["wave"] + 1, wave_started_at=now, wave_done_at=None)
+            self._advance(rollout_id)
+            return
+        self._finish(rollout_id, devices)
+
+    def _finish(self, rollout_id: str, devices: list[dict[str, Any]]) -> None:
+        done = [d for d in devices if d["state"] == "succeeded"]
+        failed = [d for d in devices if d["state"] in FAILED_DEVICE_STATES]
+        offline = [d for d in devices if d["state"] not in TERMINAL_UPDATE_STATES]
+        state = "failed" if failed and not done else "succeeded"
+        parts = [f"{len(done)} of {len(devices)} device(s) updated"]
+        if failed:
+            parts.append(f"{len(failed)} failed")
+        if offline:
+            parts.append(f"{len(offline)} offline, updating when they return")
+        now = self.clock()
+        self._update(rollout_id, state=state, reason="; ".join(parts), finished_at=now)
+
+    def _tripped(self, rollout: dict[str, Any], spec: RolloutSpec, devices: list[dict[str, Any]]) -> str | None:
+        sent = [d for d in devices if d["state"] != "pending"]
+        observed: dict[str, float | None] = {"failed": None, "agreement": None, "p99_ms": None, "drift": None}
+        if sent:
+            observed["failed"] = sum(d["state"] in FAILED_DEVICE_STATES for d in sent) / len(sent)
+        shadows = [d["facts"].get("shadow") for d in devices if d["facts"].get("shadow")]
+        rows = sum(s.get("rows") or 0 for s in shadows if s.get("agreement") is not None)
+        if rows:
+            observed["agreement"] = sum((s.get("rows") or 0) * s["agreement"] for s in shadows if s.get("agreement") is not None) / rows
+        p99s = [s["p99_ms"] for s in shadows if s.get("p99_ms") is not None]
+        if p99s:
+            observed["p99_ms"] = statistics.median(p99s)
+        moved = [d for d in devices if d["state"] == "succeeded"]
+        if moved and spec.rule("drift"):
+            observed["drift"] = sum(bool(d["drifted"]) and d["model_version"] == rollout["version"] for d in moved) / len(moved)
+        for rule in spec.abort_on:
+            if rule.tripped(observed[rule.metric]):
+                shown = f"{observed[rule.metric]:.1%}" if rule.metric in ("failed", "drift") else f"{observed[rule.metric]:.4g}"
+                return f"{rule} tripped ({rule.metric} = {shown})"
+        return None
+
+    def _send(self, rollout: dict[str, Any], device: dict[str, Any]) -> bool:
+        spec = json.loads(rollout["spec"])
+        bundle = self.bundle(sha256=rollout["sha256"])
+        doc: dict[str, Any] = {
+            "schema": DESIRED_SCHEMA, "rollout": rollout["id"], "action": rollout["kind"], "name": rollout["name"], "version": rollout["version"],
+            "url": f"{self.public_url().rstrip('/')}/bundles/{rollout['sha256']}", "sha256": rollout["sha256"], "size": bundle["size"],
+            "signature": bundle["signature"], "health": {"seconds": spec["health_seconds"]},
+        }
+        agreement, p99 = _rule_value(spec, "agreement"), _rule_value(spec, "p99_ms")
+        if spec["shadow_rows"]:
+            doc["shadow"] = {"rows": spec["shadow_rows"], "min_agreement": agreement or 0.0, "timeout_seconds": spec["shadow_timeout"]}
+        if p99:
+            doc["health"]["max_p99_ms"] = p99
+        if rollout["kind"] == "rollback":
+            doc["instruction"], doc["instruction_signature"] = spec["instruction"], spec["instruction_signature"]
+        return self.publish(_desired_topic(rollout["fleet"], device["device"]), encode(doc), True)
+
+    def _revert_moved(self, rollout_id: str) -> None:
+        """Every device that was sent the update is told to undo it (a no-op where it never moved)."""
+        rollout, devices = self._load(rollout_id)
+        for device in devices:
+            if device["state"] == "pending":
+                self._set_device(rollout_id, device["device"], "aborted", "the rollout was aborted before this device's wave")
+                continue
+            doc = {"schema": DESIRED_SCHEMA, "rollout": rollout_id, "action": "revert", "name": rollout["name"], "version": rollout["version"],
+                   "from_version": device["from_version"] or 0}
+            self.publish(_desired_topic(rollout["fleet"], device["device"]), encode(doc), True)
+
+    # -- reads -----------------------------------------------------------------------------------------
+    def _load(self, rollout_id: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        with self.store._lock:
+            row = self.store.db.execute("SELECT * FROM rollouts WHERE id = ?", (rollout_id,)).fetchone()
+            if row is None:
+                raise RolloutNotFound(f"no rollout {rollout_id!r}", "list them with 'edgekit rollout status'")
+            devices = self.store.db.execute(
+                "SELECT r.*, d.online, d.drifted, d.model_version FROM rollout_devices r LEFT JOIN devices d ON d.device = r.device "
+                "WHERE r.rollout = ? ORDER BY r.wave, r.device", (rollout_id,)).fetchall()
+        parsed = []
+        for d in devices:
+            item = dict(d)
+            item["facts"] = json.loads(item["facts"]) if item["facts"] else {}
+            item["online"] = item["online"] is None or bool(item["online"])  # unknown counts as online: wait for it
+            parsed.append(item)
+        return dict(row), parsed
+
+    def status(self, rollout_id: str) -> dict[str, Any]:
+        rollout, devices = self._load(rollout_id)
+        spec = json.loads(rollout["spec"])
+        counts: dict[str, int] = {}
+        for d in devices:
+            counts[d["state"]] = counts.get(d["state"], 0) + 1
+        return {
+            "id": rollout["id"], "state": rollout["state"], "kind": rollout["kind"], "fleet": rollout["fleet"], "name": rollout["name"],
+            "version": rollout["version"], "sha256": rollout["sha256"], "reason": rollout["reason"], "created_at": rollout["created_at"],
+            "updated_at": rollout["updated_at"], "finished_at": rollout["finished_at"],
+            "wave": rollout["wave"] + 1, "waves": [f"{w:.0%}" for w in spec["waves"]], "abort_on": spec["abort_on"], "counts": counts,
+            "devices": [{"device": d["device"], "wave": d["wave"] + 1, "state": d["state"], "version": d["version"], "from_version": d["from_version"],
+                         "reason": d["reason"], "code": d["code"], "online": d["online"], **d["facts"]} for d in devices],
+        }
+
+    def list(self, limit: int = 50) -> list[dict[str, Any]]:
+        with self.store._lock:
+            ids = [r[0] for r in self.store.db.execute("SELECT id FROM rollouts ORDER BY created_at DESC LIMIT ?", (limit,))]
+        return [self.status(i) for i in ids]
+
+    # -- small helpers -------------------------------------------------------------------------------
+    def _set_device(self, rollout_id: str, device: str, state: str, reason: str, *, code: str | None = None, sent_at: float | None = None) -> None:
+        with self.store.atomic() as db:
+            db.execute("UPDATE rollout_devices SET state = ?, reason = ?, code = coalesce(?, code), sent_at = coalesce(?, sent_at), updated_at = ? "
+                       "WHERE rollout = ? AND device = ?", (state, reason, code, sent_at, self.clock(), rollout_id, device))
+
+    def _update(self, rollout_id: str, **columns: Any) -> None:
+        assignments = ", ".join(f"{name} = ?" for name in columns)
+        with self.store.atomic() as db:
+            db.execute(f"UPDATE rollouts SET {assignments}, updated_at = ? WHERE id = ?", (*columns.values(), self.clock(), rollout_id))  # noqa: S608 - fixed names
+
+    def _need_key(self) -> None:
+        if self.trusted_key is None:
+            raise RolloutError("this collector has no trusted key, so it cannot check bundles", "restart it with 'edgekit fleet collect --trust edgekit.pub'")
+
+
+def sign_rollback(*, fleet: str, name: str, version: int, sha256: str, key: Any, issued_at: float | None = None) -> tuple[dict[str, Any], str]:
+    """The signed instruction ``rollout rollback`` sends: (instruction, base64 of the signature file)."""
+    from ..keys import sign
+
+    instruction = {"schema": ROLLBACK_SCHEMA, "fleet": fleet, "name": name, "version": version, "sha256": sha256,
+                   "issued_at": time.time() if issued_at is None else issued_at}
+    return instruction, base64.b64encode(sign(canonical_json(instruction), key)).decode()
+
+
+def _assign_waves(count: int, waves: tuple[float, ...]) -> list[int]:
+    """Wave index per device: wave k ends at ceil(share_k × count), and every wave gets a device while devices remain."""
+    assignment, start = [], 0
+    for index, share in enumerate(waves):
+        end = count if index == len(waves) - 1 else min(count, max(start + 1, math.ceil(share * count)))
+        assignment += [index] * (end - start)
+        start = end
+    return assignment
+
+
+def _rule_value(spec: dict[str, Any], metric: str) -> float | None:
+    rule = next((r for r in parse_abort_rules(",".join(spec["abort_on"])) if r.metric == metric), None)
+    return None if rule is None else rule.value
+
+
+def _spec_only(text: str) -> str:
+    doc = json.loads(text)
+    return json.dumps({k: v for k, v in doc.items() if k not in ("instruction", "instruction_signature")})
+
+
+def _signature_of(path: Path) -> bytes:
+    import zipfile
+
+    with zipfile.ZipFile(path) as archive:
+        return archive.read("signature")
+
+
+def _desired_topic(fleet: str, device: str) -> str:
+    return f"edgekit/v1/{fleet}/{device}/desired"
+
+
+def start_from_request(controller: RolloutController, doc: dict[str, Any]) -> str:
+    """``POST /api/rollouts``: the JSON body the CLI sends, checked field by field."""
+    sha256 = doc.get("sha256")
+    if not isinstance(sha256, str) or not re.fullmatch(r"[0-9a-f]{64}", sha256):
+        raise RolloutError("sha256 must name an uploaded bundle (64 hex digits)", "POST the bundle to /api/bundles first")
+    fleet = doc.get("fleet") or "default"
+    try:
+        spec = RolloutSpec(
+            waves=parse_waves(str(doc.get("waves") or "100%")), wave_wait=parse_duration(doc.get("wave_wait") or 0),
+            abort_on=parse_abort_rules(doc.get("abort_on")), shadow_rows=int(doc.get("shadow_rows") or 0),
+            shadow_timeout=parse_duration(doc.get("shadow_timeout") or 300), health_seconds=parse_duration(doc.get("health_seconds") or 10),
+            device_timeout=parse_duration(doc.get("device_timeout") or 900), devices=str(doc.get("devices") or "*"),
+        )
+    except (TypeError, ValueError) as exc:
+        raise RolloutError(f"the rollout request has a bad value ({exc})", "see 'edgekit rollout start --help'") from exc
+    if spec.shadow_rows < 0:
+        raise RolloutError("shadow_rows must be 0 or more")
+    return controller.start(sha256, str(fleet), spec)
