@@ -106,12 +106,41 @@ def bench_tflite(paths: dict[str, Path], work: Path) -> dict:
     models = {"onnxruntime fp32": load(fp32_onnx), "tflite fp32": load(tfl), "tflite int8": load(tfl8), "chosen": load(chosen)}
     timing = measure({k: m.raw for k, m in models.items()}, batches_from(X), min_repeats=100, budget_seconds=4.0)
     row = {"tflite_chosen": outcome.search.chosen.name, "tflite_fp32_bytes": tfl.stat().st_size, "tflite_int8_bytes": tfl8.stat().st_size,
-           "tflite_int8_size_ratio": tfl8.stat().st_size / tfl.stat().st_size}
+           "tflite_int8_size_ratio": tfl8.stat().st_size / tfl.stat().st_size,
+           "tflite_fp32_size_parts": tflite_size_breakdown(tfl), "tflite_int8_size_parts": tflite_size_breakdown(tfl8)}
     for key in ("tflite fp32", "tflite int8", "chosen"):
         row[f"{key} agreement"] = float(np.mean(models[key].predict(X).labels == reference))
         for batch in (1, 256):
             row[f"{key} b{batch} vs onnxruntime"] = timing["onnxruntime fp32"][batch]["p50_ms"] / timing[key][batch]["p50_ms"]
     return row
+
+
+def tflite_size_breakdown(path: Path) -> dict[str, int]:
+    """Where a .tflite's bytes go: constant payload by type, quantization vectors (each distinct one once, as
+    the writer stores them), edgekit metadata, names, and the rest (flatbuffer tables, vtables, shapes, padding)."""
+    from ai_edge_litert import schema_py_generated as schema
+
+    data = path.read_bytes()
+    model = schema.ModelT.InitFromObj(schema.Model.GetRootAs(data, 0))
+    graph, metadata = model.subgraphs[0], {m.buffer for m in model.metadata}
+    kinds = {schema.TensorType.FLOAT32: "float32 constants", schema.TensorType.INT8: "int8 weights", schema.TensorType.INT32: "int32 biases, ARG_MAX axis",
+             schema.TensorType.INT64: "int64 constants"}
+    parts: dict[str, int] = {}
+    vectors: set[tuple[str, bytes]] = set()
+    for tensor in graph.tensors:
+        buffer = model.buffers[tensor.buffer]
+        if buffer.data is not None:
+            parts[kinds[tensor.type]] = parts.get(kinds[tensor.type], 0) + len(buffer.data)
+        quant = tensor.quantization
+        if quant is not None and quant.scale is not None:
+            for name, values in (("quantization scales", quant.scale), ("quantization zero points", quant.zeroPoint)):
+                if (name, values.tobytes()) not in vectors:
+                    vectors.add((name, values.tobytes()))
+                    parts[name] = parts.get(name, 0) + values.nbytes
+    parts["edgekit metadata"] = sum(len(model.buffers[b].data) for b in metadata)
+    parts["names"] = sum(len(t.name) for t in graph.tensors) + sum(len(m.name) for m in model.metadata) + len(graph.name or b"") + len(model.description or b"")
+    parts["tables, shapes, padding"] = len(data) - sum(parts.values())
+    return parts
 
 
 def time_digits_pipeline(paths: dict[str, Path], work: Path) -> float:
@@ -152,7 +181,7 @@ def checks(rows: list[dict], pipeline_seconds: float | None, tflite: dict | None
     return results
 
 
-def print_table(rows: list[dict], results: list[dict]) -> None:
+def print_table(rows: list[dict], results: list[dict], tflite: dict | None = None) -> None:
     headers = ["fixture", "chosen", "fp32 B", "int8/fp32", "acc drop", "agree", "chosen b1", "chosen b256", "int8 b1", "int8 b256"]
     lines = []
     for r in rows:
@@ -163,6 +192,11 @@ def print_table(rows: list[dict], results: list[dict]) -> None:
     for line in [headers, ["-" * w for w in widths], *lines]:
         print("  ".join(str(c).ljust(w) for c, w in zip(line, widths)))
     print("speed: p50 ratio to float32 onnxruntime, interleaved in one process, 1 thread")
+    if tflite:
+        fp32_parts, int8_parts = tflite["tflite_fp32_size_parts"], tflite["tflite_int8_size_parts"]
+        print(f"\ndigits .tflite bytes   fp32 {tflite['tflite_fp32_bytes']:>6,}   int8 {tflite['tflite_int8_bytes']:>6,}")
+        for part in dict.fromkeys([*fp32_parts, *int8_parts]):
+            print(f"  {part:<26} {fp32_parts.get(part, 0):>6,}        {int8_parts.get(part, 0):>6,}")
     print()
     for result in results:
         print(f"[{'ok' if result['ok'] else 'MISS'}] {result['check']}: {result['value']:.4g}")
@@ -181,7 +215,7 @@ def main() -> int:
         pipeline_seconds = time_digits_pipeline(paths["digits"], work) if "digits" in paths else None
         tflite = bench_tflite(paths["digits"], work) if "digits" in paths else None
     results = checks(rows, pipeline_seconds, tflite)
-    print_table(rows, results)
+    print_table(rows, results, tflite)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     import platform

@@ -40,11 +40,55 @@ def test_int8_tflite_is_full_integer_small_and_close(tflite_models, digits):
     ours = model.predict(X)
     assert np.mean(ours.labels == reference.predict(X).labels) >= 0.99
     assert np.mean(ours.labels == y) >= 0.95
-    assert tflite_models[1].stat().st_size <= 0.6 * tflite_models[0].stat().st_size
+    assert tflite_models[1].stat().st_size <= 0.5 * tflite_models[0].stat().st_size
     details = Interpreter(model_path=str(tflite_models[1])).get_tensor_details()
     fc_weights = [d for d in details if d["name"].endswith("/weights")]
     assert fc_weights and all(d["dtype"] == np.int8 and len(d["quantization_parameters"]["scales"]) > 1 for d in fc_weights)  # per-channel
     assert json.loads(model.metadata["edgekit.quantization"])["format"] == "tflite full integer"
+
+
+def _ops(path):
+    from ai_edge_litert import schema_py_generated as schema
+
+    model = schema.ModelT.InitFromObj(schema.Model.GetRootAs(path.read_bytes(), 0))
+    names = {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
+    return [names[model.operatorCodes[op.opcodeIndex].builtinCode] for op in model.subgraphs[0].operators], model
+
+
+def test_the_scaler_centering_is_folded_and_classes_0_to_9_need_no_gather(tflite_models):
+    ops, _ = _ops(tflite_models[0])
+    assert ops == ["MUL", "FULLY_CONNECTED", "FULLY_CONNECTED", "SOFTMAX", "ARG_MAX"]
+    ops, model = _ops(tflite_models[1])
+    assert ops == ["MUL", "QUANTIZE", "FULLY_CONNECTED", "FULLY_CONNECTED", "SOFTMAX", "DEQUANTIZE", "ARG_MAX"]
+    graph = model.subgraphs[0]
+    for op in (op for op, name in zip(graph.operators, ops) if name == "FULLY_CONNECTED"):
+        source, weights, bias = (graph.tensors[i] for i in op.inputs)
+        np.testing.assert_allclose(bias.quantization.scale, source.quantization.scale[0] * weights.quantization.scale, rtol=1e-6)
+
+
+def test_fold_centering_keeps_the_answers_and_other_classes_keep_their_gather(tmp_path):
+    from ai_edge_litert.interpreter import Interpreter
+
+    from edgekit.tflite.plan import Plan, Step, fold_centering
+    from edgekit.tflite.writer import write_float
+
+    rng = np.random.default_rng(0)
+    weights, bias = rng.normal(size=(3, 4)).astype(np.float32), rng.normal(size=3).astype(np.float32)
+    plan = Plan("X", 4, "probabilities", [Step("sub", constant=np.float32([1, 2, 3, 4])), Step("div", constant=np.float32([2, 4, 8, 16])),
+                                          Step("fc", weights=weights, bias=bias, activation="relu", name="dense"), Step("softmax")])
+    folded = fold_centering(plan)
+    assert [s.kind for s in folded.steps] == ["div", "fc", "softmax"]
+    X = rng.normal(size=(50, 4)).astype(np.float32) * 10
+    np.testing.assert_allclose(folded.run(X), plan.run(X), atol=1e-5)
+    path = tmp_path / "m.tflite"
+    path.write_bytes(write_float(folded, "probabilities", labels=(3, 5, 7)))
+    assert _ops(path)[0][-2:] == ["ARG_MAX", "GATHER"]
+    interpreter = Interpreter(model_path=str(path))
+    interpreter.allocate_tensors()
+    interpreter.set_tensor(interpreter.get_input_details()[0]["index"], X[:1])
+    interpreter.invoke()
+    label = next(o for o in interpreter.get_output_details() if o["name"] == "label")
+    assert interpreter.get_tensor(label["index"])[0] == (3, 5, 7)[int(np.argmax(plan.run(X[:1])))]
 
 
 def test_unsupported_operators_are_named_with_the_alternative(cli, cancer, tmp_path):
