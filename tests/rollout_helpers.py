@@ -18,12 +18,15 @@ from edgekit.fleet.collector import Collector, CollectorConfig
 
 class RolloutFleet:
     def __init__(self, tmp: Path, broker, *, bundle: Path, public_key: Path, data: Path, fleet: str, devices: int = 3,
-                 rows_per_second: float = 100.0) -> None:
+                 rows_per_second: float = 100.0, trust: Path | None = None, proxy: "BundleProxy | None" = None) -> None:
         self.tmp, self.fleet_name = tmp, fleet
         self.collector = Collector(CollectorConfig(broker=broker.url, db=str(tmp / "fleet.db"), http=f"127.0.0.1:{free_port()}",
-                                                   client_id=f"collector-{fleet}", trust=str(public_key)))
+                                                   client_id=f"collector-{fleet}", trust=str(trust or public_key),
+                                                   public_url=proxy.url if proxy else None))
         self.collector.start()
-        self.client = CollectorClient(self.collector.http_url())
+        if proxy is not None:
+            proxy.upstream = f"http://127.0.0.1:{self.collector.server.server_address[1]}"
+        self.client = CollectorClient(f"http://127.0.0.1:{self.collector.server.server_address[1]}")
         self.configs = prepare_devices(devices=devices, bundle=str(bundle), pubkey=str(public_key), broker=broker.url, data=str(data), fleet=fleet,
                                        window_rows=500, window_seconds=5, rows_per_second=rows_per_second, drift=None,
                                        state_dir=str(tmp / "devices"), http_port_base=None)
@@ -86,3 +89,90 @@ def tamper_selftest(source: Path, destination: Path, key_path: Path) -> Path:
         for name, data in members.items():
             archive.writestr(name, data)
     return destination
+
+
+def nan_beyond_range(source: Path, destination: Path, limit: float = 16.5) -> Path:
+    """The digits model, rewired so that any pixel above ``limit`` makes its probabilities NaN.
+
+    Pixels are 0..16, so the self-test and the shadow phase (real rows) pass; rows with a saturated
+    pixel, sent after the swap, make it fail the way a model with an unguarded log or sqrt does."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    model = onnx.load(str(source))
+    graph = model.graph
+    producer = next(n for n in graph.node if "probabilities" in n.output)
+    producer.output[list(producer.output).index("probabilities")] = "probabilities_raw"
+    for node in graph.node:  # the label keeps coming from the healthy scores
+        for index, name in enumerate(node.input):
+            if name == "probabilities":
+                node.input[index] = "probabilities_raw"
+    graph.initializer.extend([helper.make_tensor("nan_limit", TensorProto.FLOAT, [], [limit]), helper.make_tensor("nan_zero", TensorProto.FLOAT, [], [0.0]),
+                              helper.make_tensor("nan_axes", TensorProto.INT64, [1], [1])])
+    graph.node.extend([
+        helper.make_node("Sub", ["nan_limit", graph.input[0].name], ["nan_room"]),
+        helper.make_node("Sqrt", ["nan_room"], ["nan_root"]),
+        helper.make_node("ReduceSum", ["nan_root", "nan_axes"], ["nan_sum"], keepdims=1),
+        helper.make_node("Mul", ["nan_sum", "nan_zero"], ["nan_poison"]),
+        helper.make_node("Add", ["probabilities_raw", "nan_poison"], ["probabilities"]),
+    ])
+    onnx.checker.check_model(model)
+    onnx.save(model, str(destination))
+    return destination
+
+
+class BundleProxy:
+    """An HTTP proxy in front of the collector's /bundles that misbehaves on purpose: ``cut`` sends
+    the first answer's headers and half its body, then drops the connection (a flaky link);
+    ``corrupt`` flips one byte of every answer (a tampering middlebox). ``seen`` logs each request's Range."""
+
+    def __init__(self, mode: str) -> None:
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.mode, self.upstream, self.seen = mode, "", []
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args) -> None:
+                pass
+
+            def do_GET(self) -> None:  # noqa: N802
+                import urllib.error
+                import urllib.request
+
+                wanted = self.headers.get("Range")
+                proxy.seen.append(wanted)
+                request = urllib.request.Request(proxy.upstream + self.path, headers={"Range": wanted} if wanted else {})
+                try:
+                    with urllib.request.urlopen(request) as response:
+                        status, headers, body = response.status, dict(response.headers), response.read()
+                except urllib.error.HTTPError as exc:
+                    status, headers, body = exc.code, dict(exc.headers), exc.read()
+                first = len(proxy.seen) == 1
+                if proxy.mode == "corrupt" and body:
+                    body = body[:100] + bytes([body[100] ^ 0xFF]) + body[101:]
+                self.send_response(status)
+                for name in ("Content-Type", "Content-Range", "Accept-Ranges"):
+                    if name in headers:
+                        self.send_header(name, headers[name])
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                if proxy.mode == "cut" and first:
+                    self.wfile.write(body[: len(body) // 2])
+                    self.wfile.flush()
+                    self.close_connection = True
+                    return
+                self.wfile.write(body)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
+        self.server.daemon_threads = True
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()

@@ -7,6 +7,7 @@ import time
 import click
 
 from ..fleet.client import DEFAULT_COLLECTOR, CollectorClient
+from ..fleet.rollouts import DEFAULT_ABORT_ON
 from .common import EXIT_THRESHOLD, emit_json, exit_with, json_option, table
 
 COLLECTOR_OPTION = click.option("--collector", default=DEFAULT_COLLECTOR, show_default=True, envvar="EDGEKIT_COLLECTOR",
@@ -34,7 +35,7 @@ def rollout():
 @click.option("--devices", default="*", show_default=True, help="Only devices whose id matches this glob, e.g. 'pi-*'.")
 @click.option("--waves", default="10%,50%,100%", show_default=True, help="Cumulative shares of the devices, one wave each.")
 @click.option("--wave-wait", default="0", show_default=True, help="Soak time after a wave finishes before the next starts (30s, 5m).")
-@click.option("--abort-on", default="failed>20%", show_default=True,
+@click.option("--abort-on", default=DEFAULT_ABORT_ON, show_default=True,
               help="Abort and revert when any rule trips: failed>20%, agreement<0.98, p99_ms>50, drift>30% ('' for none).")
 @click.option("--shadow-rows", default=0, show_default=True, type=click.IntRange(min=0),
               help="Live rows each device scores with the candidate beside the serving model before swapping (0: no shadow phase).")

@@ -45,6 +45,7 @@ from device_agent.signing import verify_signature
 from ..errors import RolloutConflict, RolloutError, RolloutNotFound
 from .store import SqliteStore
 
+DEFAULT_ABORT_ON = "failed>20%"
 ROLLOUT_STATES = ("pending", "running", "paused", "succeeded", "aborted", "failed")
 FAILED_DEVICE_STATES = ("failed", "rolled_back")
 _RULE = re.compile(r"^\s*(failed|agreement|p99_ms|drift)\s*([<>])\s*([0-9.]+)\s*(%?)\s*$")
@@ -296,9 +297,10 @@ class RolloutController:
                 self._set_device(rollout_id, device["device"], "sent", "desired state published", sent_at=now)
                 device["state"] = "sent"
         for device in current:
-            if device["state"] not in TERMINAL_UPDATE_STATES and device["state"] != "pending" and device["sent_at"] and device["online"] \
+            if device["state"] not in TERMINAL_UPDATE_STATES and device["state"] != "pending" and device["sent_at"] \
                     and now - device["sent_at"] > spec.device_timeout:
-                self._set_device(rollout_id, device["device"], "failed", f"no result within {spec.device_timeout:.0f} s", code="timeout")
+                why = "offline since" if not device["online"] else "no result within"
+                self._set_device(rollout_id, device["device"], "failed", f"{why} {spec.device_timeout:.0f} s after the update was sent", code="timeout")
                 device["state"] = "failed"
         tripped = self._tripped(rollout, spec, devices)
         if tripped:
@@ -319,17 +321,17 @@ class RolloutController:
         self._finish(rollout_id, devices)
 
     def _finish(self, rollout_id: str, devices: list[dict[str, Any]]) -> None:
+        """After the last wave: done when every device has a result. Devices that are offline keep
+        their retained desired state and the rollout waits for them (``device_timeout`` after it was
+        sent, a device that never answered is marked failed, and still updates if it returns)."""
         done = [d for d in devices if d["state"] == "succeeded"]
         failed = [d for d in devices if d["state"] in FAILED_DEVICE_STATES]
-        offline = [d for d in devices if d["state"] not in TERMINAL_UPDATE_STATES]
-        state = "failed" if failed and not done else "succeeded"
-        parts = [f"{len(done)} of {len(devices)} device(s) updated"]
-        if failed:
-            parts.append(f"{len(failed)} failed")
-        if offline:
-            parts.append(f"{len(offline)} offline, updating when they return")
-        now = self.clock()
-        self._update(rollout_id, state=state, reason="; ".join(parts), finished_at=now)
+        waiting = [d for d in devices if d["state"] not in TERMINAL_UPDATE_STATES]
+        if waiting:
+            self._update(rollout_id, reason=f"waiting for {len(waiting)} offline device(s); they update when they return")
+            return
+        parts = [f"{len(done)} of {len(devices)} device(s) updated"] + ([f"{len(failed)} failed"] if failed else [])
+        self._update(rollout_id, state="failed" if failed and not done else "succeeded", reason="; ".join(parts), finished_at=self.clock())
 
     def _tripped(self, rollout: dict[str, Any], spec: RolloutSpec, devices: list[dict[str, Any]]) -> str | None:
         sent = [d for d in devices if d["state"] != "pending"]
@@ -370,12 +372,14 @@ class RolloutController:
         return self.publish(_desired_topic(rollout["fleet"], device["device"]), encode(doc), True)
 
     def _revert_moved(self, rollout_id: str) -> None:
-        """Every device that was sent the update is told to undo it (a no-op where it never moved)."""
+        """Every device that moved, or may be moving, is told to undo it; devices whose wave never came are marked aborted."""
         rollout, devices = self._load(rollout_id)
         for device in devices:
             if device["state"] == "pending":
                 self._set_device(rollout_id, device["device"], "aborted", "the rollout was aborted before this device's wave")
                 continue
+            if device["state"] in ("failed", "rolled_back", "aborted"):
+                continue  # it never moved, or has moved back already
             doc = {"schema": DESIRED_SCHEMA, "rollout": rollout_id, "action": "revert", "name": rollout["name"], "version": rollout["version"],
                    "from_version": device["from_version"] or 0}
             self.publish(_desired_topic(rollout["fleet"], device["device"]), encode(doc), True)
@@ -482,7 +486,7 @@ def start_from_request(controller: RolloutController, doc: dict[str, Any]) -> st
     try:
         spec = RolloutSpec(
             waves=parse_waves(str(doc.get("waves") or "100%")), wave_wait=parse_duration(doc.get("wave_wait") or 0),
-            abort_on=parse_abort_rules(doc.get("abort_on")), shadow_rows=int(doc.get("shadow_rows") or 0),
+            abort_on=parse_abort_rules(doc.get("abort_on", DEFAULT_ABORT_ON)), shadow_rows=int(doc.get("shadow_rows") or 0),
             shadow_timeout=parse_duration(doc.get("shadow_timeout") or 300), health_seconds=parse_duration(doc.get("health_seconds") or 10),
             device_timeout=parse_duration(doc.get("device_timeout") or 900), devices=str(doc.get("devices") or "*"),
         )
