@@ -72,6 +72,7 @@ def _fetch(url: str, part: Path, have: int, timeout: float, headers: dict[str, s
     try:
         response = urllib.request.urlopen(request, timeout=timeout)  # noqa: S310 - the URL comes from the fleet's desired state
     except urllib.error.HTTPError as exc:
+        exc.close()
         if exc.code == 416:  # we hold at least the whole file: let the size check decide
             return 0
         raise DownloadError(url, f"HTTP {exc.code} {exc.reason}") from exc

@@ -63,6 +63,8 @@ class CollectorClient:
                 message = json.loads(exc.read()).get("error") or exc.reason
             except ValueError:
                 message = exc.reason
+            finally:
+                exc.close()
             raise RolloutError(f"the collector refused: {message}") from exc
         except (urllib.error.URLError, OSError) as exc:
             raise RolloutError(f"cannot reach the collector at {self.url} ({getattr(exc, 'reason', exc)})",

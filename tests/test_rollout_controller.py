@@ -1,0 +1,185 @@
+"""The rollout controller, its HTTP API and the bundle endpoint, on a real store and a real HTTP server.
+Devices are played by the test through the controller's ``record_report`` seam (end to end runs are in
+test_rollout.py and test_rollout_faults.py)."""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+from types import SimpleNamespace
+
+import pytest
+
+from edgekit.broker import free_port
+from edgekit.errors import RolloutConflict, RolloutError
+from edgekit.fleet.rollouts import RolloutController, RolloutSpec, _assign_waves, parse_abort_rules, parse_waves
+from edgekit.fleet.store import SqliteStore
+
+
+def test_rules_and_waves_parse_or_say_how_to_write_them():
+    assert [str(r) for r in parse_abort_rules("failed>20%, agreement<0.98,p99_ms>50,drift>30%")] == ["failed>20%", "agreement<0.98", "p99_ms>50", "drift>30%"]
+    assert parse_waves("10%,50%,100%") == (0.1, 0.5, 1.0)
+    for bad in ("failed<20%", "latency>5", "agreement<2"):
+        with pytest.raises(RolloutError):
+            parse_abort_rules(bad)
+    for bad in ("50%,10%,100%", "10%,50%", "ten"):
+        with pytest.raises(RolloutError, match="waves"):
+            parse_waves(bad)
+    assert _assign_waves(10, (0.1, 0.5, 1.0)) == [0] + [1] * 4 + [2] * 5
+    assert _assign_waves(2, (0.1, 0.5, 1.0)) == [0, 1]  # every wave gets a device while devices remain
+
+
+class Devices:
+    """Publishes go here; the test answers for the devices."""
+
+    def __init__(self) -> None:
+        self.desired: dict[str, dict] = {}
+
+    def __call__(self, topic: str, payload: bytes, retain: bool) -> bool:
+        self.desired[topic.split("/")[3]] = json.loads(payload)
+        return True
+
+
+@pytest.fixture
+def controller(tmp_path, bundle, keypair):
+    from device_agent.signing import load_public_key
+
+    store = SqliteStore(tmp_path / "fleet.db")
+    for index in range(4):
+        store.record_state({"device": f"pi-{index}", "fleet": "f", "online": True, "model": {"name": "digits", "version": 2}}, 1.0)
+    devices = Devices()
+    made = RolloutController(store, devices, tmp_path / "bundles", lambda: "http://collector.test", trusted_key=load_public_key(keypair[1]))
+    made.devices = devices
+    made.stored = made.add_bundle(bundle.read_bytes())
+    yield made
+    store.close()
+
+
+def _report(controller, rollout_id, device, state, **facts):
+    controller.record_report({"rollout": rollout_id, "device": device, "state": state, "reason": "", "active": {"name": "digits", "version": 3}, **facts}, 2.0)
+
+
+def test_waves_advance_only_when_the_wave_is_done_and_survive_a_restart(controller, tmp_path, keypair):
+    from device_agent.signing import load_public_key
+
+    rollout_id = controller.start(controller.stored["sha256"], "f", RolloutSpec(waves=(0.25, 1.0), shadow_rows=50, devices="pi-*"))
+    assert set(controller.devices.desired) == {"pi-0"}
+    desired = controller.devices.desired["pi-0"]
+    assert desired["url"] == f"http://collector.test/bundles/{controller.stored['sha256']}" and desired["version"] == 3 and desired["shadow"]["rows"] == 50
+    _report(controller, rollout_id, "pi-0", "shadow")
+    controller.tick()
+    assert set(controller.devices.desired) == {"pi-0"}
+    _report(controller, rollout_id, "pi-0", "succeeded", shadow={"rows": 50, "agreement": 0.99, "p99_ms": 0.1})
+    # The collector restarts: a new controller on the same database carries on.
+    again = RolloutController(SqliteStore(tmp_path / "fleet.db"), controller.devices, tmp_path / "bundles", lambda: "http://collector.test",
+                              trusted_key=load_public_key(keypair[1]))
+    again.tick()
+    assert set(controller.devices.desired) == {"pi-0", "pi-1", "pi-2", "pi-3"}
+    for device in ("pi-1", "pi-2", "pi-3"):
+        _report(again, rollout_id, device, "succeeded")
+    again.tick()
+    status = again.status(rollout_id)
+    assert status["state"] == "succeeded" and status["reason"] == "4 of 4 device(s) updated"
+
+
+def test_an_abort_rule_reverts_the_devices_that_moved(controller):
+    rollout_id = controller.start(controller.stored["sha256"], "f", RolloutSpec(waves=(0.5, 1.0), abort_on=parse_abort_rules("agreement<0.98")))
+    _report(controller, rollout_id, "pi-0", "succeeded", shadow={"rows": 100, "agreement": 0.99})
+    _report(controller, rollout_id, "pi-1", "succeeded", shadow={"rows": 100, "agreement": 0.90})  # mean 0.945
+    controller.tick()
+    status = controller.status(rollout_id)
+    assert status["state"] == "aborted" and "agreement<0.98 tripped" in status["reason"]
+    assert controller.devices.desired["pi-0"]["action"] == "revert" and controller.devices.desired["pi-0"]["from_version"] == 2
+    assert [d["state"] for d in status["devices"][2:]] == ["aborted", "aborted"]
+    assert "pi-2" not in controller.devices.desired
+
+
+def test_pause_resume_and_one_rollout_per_fleet(controller):
+    rollout_id = controller.start(controller.stored["sha256"], "f", RolloutSpec(waves=(0.25, 1.0)))
+    with pytest.raises(RolloutConflict, match="still in progress"):
+        controller.start(controller.stored["sha256"], "f", RolloutSpec())
+    assert controller.pause(rollout_id)["state"] == "paused"
+    _report(controller, rollout_id, "pi-0", "succeeded")
+    controller.tick()
+    assert set(controller.devices.desired) == {"pi-0"}  # paused: no new wave
+    with pytest.raises(RolloutConflict):
+        controller.pause(rollout_id)
+    assert controller.resume(rollout_id)["state"] == "running"
+    controller.tick()
+    assert len(controller.devices.desired) == 4
+
+
+def test_offline_devices_keep_their_update_and_the_rollout_waits_for_them(controller):
+    controller.store.record_state({"device": "pi-3", "fleet": "f", "online": False, "model": {"name": "digits", "version": 2}}, 1.5)
+    rollout_id = controller.start(controller.stored["sha256"], "f", RolloutSpec(waves=(1.0,)))
+    assert "pi-3" in controller.devices.desired  # retained: it gets it when it connects
+    for device in ("pi-0", "pi-1", "pi-2"):
+        _report(controller, rollout_id, device, "succeeded")
+    controller.tick()
+    status = controller.status(rollout_id)
+    assert status["state"] == "running" and "waiting for 1 offline device" in status["reason"]
+    _report(controller, rollout_id, "pi-3", "succeeded")
+    controller.tick()
+    assert controller.status(rollout_id)["state"] == "succeeded"
+
+
+def test_start_refuses_unknown_fleets_and_unsigned_uploads(controller, tmp_path):
+    with pytest.raises(RolloutError, match="no known device of fleet 'nope'"):
+        controller.start(controller.stored["sha256"], "nope", RolloutSpec())
+    with pytest.raises(RolloutError, match="refused"):
+        controller.add_bundle(b"not a zip")
+    assert not list((tmp_path / "bundles").glob("*.upload"))
+
+
+@pytest.fixture
+def http(controller):
+    from edgekit.fleet.web import serve
+
+    fake = SimpleNamespace(rollouts=controller, store=controller.store, alerts=None, config=SimpleNamespace(api_token="s3cret"))
+    server = serve(fake, f"127.0.0.1:{free_port()}")
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def _get(url, headers=None):
+    with urllib.request.urlopen(urllib.request.Request(url, headers=headers or {}), timeout=10) as response:
+        return response.status, dict(response.headers), response.read()
+
+
+def test_bundles_are_served_with_ranges(http, controller, bundle):
+    data, url = bundle.read_bytes(), f"{http}/bundles/{controller.stored['sha256']}"
+    assert _get(url)[2] == data
+    status, headers, body = _get(url, {"Range": "bytes=100-"})
+    assert status == 206 and body == data[100:] and headers["Content-Range"] == f"bytes 100-{len(data) - 1}/{len(data)}"
+    assert _get(url, {"Range": "bytes=-10"})[2] == data[-10:]
+    with pytest.raises(urllib.error.HTTPError) as caught:
+        _get(url, {"Range": f"bytes={len(data)}-"})
+    assert caught.value.code == 416
+    caught.value.close()
+    with pytest.raises(urllib.error.HTTPError) as caught:
+        _get(f"{http}/bundles/{'0' * 64}")
+    assert caught.value.code == 404
+    caught.value.close()
+
+
+def test_the_api_wants_its_token_and_answers_errors_in_one_line(http, controller, cli, monkeypatch):
+    from edgekit.fleet.client import CollectorClient
+
+    with pytest.raises(RolloutError, match="API token"):
+        CollectorClient(http, token="").act("r-x", "pause")
+    with pytest.raises(RolloutError, match="no rollout 'r-x'"):
+        CollectorClient(http, token="s3cret").act("r-x", "pause")
+    monkeypatch.setenv("EDGEKIT_COLLECTOR_TOKEN", "s3cret")
+    rollout_id = controller.start(controller.stored["sha256"], "f", RolloutSpec(waves=(0.25, 1.0)))
+    result = cli("rollout", "pause", rollout_id, "--collector", http)
+    assert result.exit_code == 0 and "is paused" in result.output
+    result = cli("rollout", "abort", rollout_id, "--collector", http, "--json")
+    assert result.exit_code == 0 and json.loads(result.stdout)["state"] == "aborted"
+    result = cli("rollout", "resume", rollout_id, "--collector", http)
+    assert result.exit_code == 2 and "is aborted" in result.stderr
+    status = cli("rollout", "status", "--collector", http)
+    assert rollout_id in status.output and "aborted" in status.output
+    page = _get(f"{http}/rollouts/{rollout_id}")[2].decode()
+    assert "Waves" in page and "pi-0" in page and "aborted" in page
