@@ -299,7 +299,9 @@ class Agent:
         stats["latency_sum_ms"] += float(window.latencies_ms.sum())
 
     def _state(self, online: bool) -> dict[str, Any]:
-        return state_payload(online=online, device=self.config.device_id, fleet=self.config.fleet, model=self.model_info if self.bundle else None,
+        # The offline message (also the last will, fixed at connect time) names no model: the model
+        # may have been swapped since, and the fleet should keep the last one the device announced.
+        return state_payload(online=online, device=self.config.device_id, fleet=self.config.fleet, model=self.model_info if self.bundle and online else None,
                              runtime=self.runtime.name if self.runtime else None, agent_version=__version__)
 
     def _on_stream_input(self, payload: bytes) -> None:

@@ -3,8 +3,10 @@
 Host: fixtures (or training anew), convert, the int8 search, validation against scikit-learn, a
 signing key, bundles v1 and v2, verified as a device would. Fleet: a local broker (Mosquitto if
 installed, otherwise the embedded amqtt), the collector with its dashboard, and N emulated devices
-(real agent processes) scoring held-out digits, the first with drift injected. The fleet table is
-printed as it updates; at the end the final status, the drift, the alerts and the dashboard URL.
+(real agent processes) scoring held-out digits, the first with drift injected. Part way through, v2
+is rolled out over the air in two waves, each device shadow-testing it on live rows before the
+swap. The fleet table and the rollout are printed as they progress; at the end the final status,
+the drift, the alerts, the rollout and the dashboard URL.
 Every process is stopped on exit or Ctrl-C. Each step is the library call its CLI command makes.
 """
 
@@ -38,35 +40,36 @@ class DemoResult:
     validation_passed: bool
     devices: list[dict]
     alerts: list[dict]
+    rollout: dict | None = None
 
 
 def run_demo(workdir: str | Path, *, fixtures: str | Path | None = None, devices: int = 4, duration: float = 60.0, broker: str = "auto",
              keep_serving: bool = False, say: Say = print) -> DemoResult:
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    bundle, public, test_data, passed = _host_pipeline(workdir, fixtures, say)
+    bundles, public, test_data, passed = _host_pipeline(workdir, fixtures, say)
     if devices <= 0:
-        return DemoResult(workdir, bundle, passed, [], [])
-    status, alerts = _fleet(workdir, bundle, public, test_data, devices=devices, duration=duration, broker=broker, keep_serving=keep_serving, say=say)
-    return DemoResult(workdir, bundle, passed, status, alerts)
+        return DemoResult(workdir, bundles[0], passed, [], [])
+    status, alerts, rollout = _fleet(workdir, bundles, public, test_data, devices=devices, duration=duration, broker=broker, keep_serving=keep_serving, say=say)
+    return DemoResult(workdir, bundles[0], passed, status, alerts, rollout)
 
 
-def _host_pipeline(workdir: Path, fixtures: str | Path | None, say: Say) -> tuple[Path, Path, Path, bool]:
+def _host_pipeline(workdir: Path, fixtures: str | Path | None, say: Say) -> tuple[list[Path], Path, Path, bool]:
     data_dir = Path(fixtures) if fixtures and fixtures_usable(fixtures, ("digits",)) else workdir / "fixtures"
     if data_dir == workdir / "fixtures" and not fixtures_usable(data_dir, ("digits",)):
-        say(f"[1/7] training the digits model (StandardScaler + MLP) from scikit-learn's bundled dataset -> {data_dir}")
+        say(f"[1/8] training the digits model (StandardScaler + MLP) from scikit-learn's bundled dataset -> {data_dir}")
         make_fixtures(data_dir, ("digits",))
     else:
-        say(f"[1/7] using the digits fixtures in {data_dir}")
+        say(f"[1/8] using the digits fixtures in {data_dir}")
     model, train, test = data_dir / "digits.joblib", data_dir / "digits_train.npz", data_dir / "digits_test.npz"
     fp32, int8 = workdir / "digits.onnx", workdir / "digits.int8.onnx"
     convert_model(str(model), str(fp32))
     outcome = convert_model(str(model), str(int8), quantize=QuantizeOptions(max_accuracy_drop=0.01), calibration=str(train), evaluation=str(test))
-    say(f"[2/7] converted {model.name} to ONNX ({fp32.stat().st_size:,} bytes); int8 search: {outcome.search.verdict}")
+    say(f"[2/8] converted {model.name} to ONNX ({fp32.stat().st_size:,} bytes); int8 search: {outcome.search.verdict}")
     report = validate(str(int8), reference_path=str(model), data_path=str(test), thresholds=Thresholds(max_accuracy_drop=0.01, min_agreement=0.99))
     report_path = workdir / "validation.json"
     report_path.write_text(json.dumps(report, indent=1, default=str))
-    say(f"[3/7] validated against scikit-learn on {report['rows']} held-out rows: accuracy {report['reference']['metric']:.4f} -> "
+    say(f"[3/8] validated against scikit-learn on {report['rows']} held-out rows: accuracy {report['reference']['metric']:.4f} -> "
         f"{report['candidate']['metric']:.4f}, agreement {report['agreement']:.4f}, {'PASSED' if report['passed'] else 'FAILED'}")
     private, public, key_id = generate_keypair(workdir / "keys", force=True)
     bundles = []
@@ -76,38 +79,32 @@ def _host_pipeline(workdir: Path, fixtures: str | Path | None, say: Say) -> tupl
                      report_path=str(report_path) if source == int8 else None)
         bundles.append(bundle)
     opened = read_bundle(bundles[0], load_public_key(public))
-    say(f"[4/7] packaged and signed digits v1 ({bundles[0].stat().st_size:,} B) and v2 (key {key_id}); v1 verified as a device would: "
+    say(f"[4/8] packaged and signed digits v1 ({bundles[0].stat().st_size:,} B) and v2 (key {key_id}); v1 verified as a device would: "
         f"{len(opened.members)} members match their sha256")
-    return bundles[0], public, test, bool(report["passed"])
+    return bundles, public, test, bool(report["passed"])
 
 
-def _fleet(workdir: Path, bundle: Path, public: Path, test_data: Path, *, devices: int, duration: float, broker: str, keep_serving: bool,
-           say: Say) -> tuple[list[dict], list[dict]]:
+def _fleet(workdir: Path, bundles: list[Path], public: Path, test_data: Path, *, devices: int, duration: float, broker: str, keep_serving: bool,
+           say: Say) -> tuple[list[dict], list[dict], dict | None]:
     from .fleet.alerts import AlertEngine, AlertRules, AlertSinks
     from .fleet.collector import Collector, CollectorConfig
 
     local = start_local_broker(workdir / "broker", prefer="amqtt" if broker == "amqtt" else "mosquitto")
     collector = fleet = None
     try:
-        say(f"[5/7] broker: {local.kind} at {local.url}")
-        collector = Collector(CollectorConfig(broker=local.url, db=str(workdir / "fleet.db"), http="127.0.0.1:0", client_id=f"edgekit-demo-{local.port}"))
+        say(f"[5/8] broker: {local.kind} at {local.url}")
+        collector = Collector(CollectorConfig(broker=local.url, db=str(workdir / "fleet.db"), http="127.0.0.1:0", client_id=f"edgekit-demo-{local.port}",
+                                              trust=str(public)))
         collector.alerts = AlertEngine(collector.store, AlertRules(drift_windows=2, offline_seconds=3600), AlertSinks(log=False))
         collector.start()
         dashboard = f"http://127.0.0.1:{collector.server.server_address[1]}/"
-        configs = prepare_devices(devices=devices, bundle=str(bundle), pubkey=str(public), broker=local.url, data=str(test_data), fleet="demo",
+        configs = prepare_devices(devices=devices, bundle=str(bundles[0]), pubkey=str(public), broker=local.url, data=str(test_data), fleet="demo",
                                   window_rows=200, window_seconds=10, rows_per_second=200, drift=DRIFT, state_dir=str(workdir / "fleet"), http_port_base=None)
         fleet = EmulatedFleet(configs, say=lambda _: None).start()
-        say(f"[6/7] collector and dashboard at {dashboard}; {devices} emulated devices scoring 200 rows/s each, {DRIFT.feature} shifted by "
+        say(f"[6/8] collector and dashboard at {dashboard}; {devices} emulated devices scoring 200 rows/s each, {DRIFT.feature} shifted by "
             f"{DRIFT.shift:g} on emu-00 after {DRIFT.after} rows; running {duration:.0f} s (Ctrl-C stops early)")
         with interrupted() as stop:
-            deadline = time.monotonic() + duration
-            next_line = time.monotonic() + 5
-            while not stop.is_set() and time.monotonic() < deadline:
-                fleet.check()
-                stop.wait(0.5)
-                if time.monotonic() >= next_line:
-                    next_line += 5
-                    say("      " + "  ".join(f"{d['device']}: {d['windows']} windows{' DRIFTED' if d['drifted'] else ''}" for d in collector.store.status()))
+            rollout = _run_fleet(collector, fleet, bundles[1], devices=devices, duration=duration, stop=stop, say=say)
             fleet.stop()
             fleet = None
             collector.drain()
@@ -115,22 +112,58 @@ def _fleet(workdir: Path, bundle: Path, public: Path, test_data: Path, *, device
             collector.drain()
             collector.alerts.evaluate()
             status, alerts = collector.store.status(), collector.store.alerts(open_only=True)
-            say("[7/7] final fleet status:")
+            say("[8/8] final fleet status:")
             from .cli.common import table
 
             say(table([[d["device"], "online" if d["online"] else "offline", f"{d['model']} v{d['model_version']}", d["windows"], d["rows"],
                         "DRIFTED" if d["drifted"] else "no", d["worst_feature"] or "-", d["missing_seqs"]] for d in status],
                       ["device", "state", "model", "windows", "rows", "drift", "worst feature", "missing"]))
             say("open alerts: " + ("; ".join(f"{a['rule']} {a['device']} {a['subject']}: {a['message']}" for a in alerts) or "none"))
-            say(f"dashboard: {dashboard} (fleet table, per-device drift, fleet-wide drift at {dashboard}drift); "
+            if rollout is not None:
+                say(f"rollout {rollout['id']}: {rollout['state']} ({rollout['reason']}); see {dashboard}rollouts/{rollout['id']}")
+            say(f"dashboard: {dashboard} (fleet table, per-device drift, fleet-wide drift at {dashboard}drift, rollouts at {dashboard}rollouts); "
                 + ("it stays up until Ctrl-C" if keep_serving else "it closes with the demo: pass --keep-serving to browse it afterwards"))
             if keep_serving:
                 say("serving the dashboard until Ctrl-C")
                 stop.wait()
-            return status, alerts
+            return status, alerts, rollout
     finally:
         if fleet is not None:
             fleet.stop()
         if collector is not None:
             collector.stop()
         local.stop()
+
+
+ROLLOUT_SETTINGS = {"waves": "50%,100%", "shadow_rows": 200, "health_seconds": 3, "abort_on": "failed>20%,agreement<0.95"}
+ROLLOUT_GRACE = 90.0  # the demo waits this long past --duration for a rollout under way to finish
+
+
+def _run_fleet(collector, fleet, bundle_v2: Path, *, devices: int, duration: float, stop, say: Say) -> dict | None:
+    """Run the fleet for ``duration``; a third of the way in, roll v2 out (what 'edgekit rollout start' asks the collector to do)."""
+    from .fleet.rollouts import start_from_request
+
+    started = time.monotonic()
+    deadline, next_line, rollout_id, last_line = started + duration, started + 5, None, ""
+    while not stop.is_set():
+        now = time.monotonic()
+        rollout = collector.rollouts.status(rollout_id) if rollout_id else None
+        if now >= deadline and (rollout is None or rollout["state"] not in ("running", "paused") or now >= deadline + ROLLOUT_GRACE):
+            return rollout
+        fleet.check()
+        stop.wait(0.5)
+        if rollout_id is None and now - started >= duration / 3 and all(d["online"] for d in collector.store.status()) and len(collector.store.status()) == devices:
+            uploaded = collector.rollouts.add_bundle(bundle_v2.read_bytes())
+            rollout_id = start_from_request(collector.rollouts, {"sha256": uploaded["sha256"], "fleet": "demo", **ROLLOUT_SETTINGS})
+            say(f"[7/8] rolling out digits v2 ({rollout_id}): waves {ROLLOUT_SETTINGS['waves']}, each device scores {ROLLOUT_SETTINGS['shadow_rows']} "
+                f"live rows with v2 beside v1 before swapping, then watches its health for {ROLLOUT_SETTINGS['health_seconds']} s")
+        if rollout is not None:
+            line = f"      rollout: {rollout['state']}, wave {rollout['wave']}/{len(rollout['waves'])}: " + ", ".join(
+                f"{d['device']} {d['state']}" for d in rollout["devices"])
+            if line != last_line:
+                say(line)
+                last_line = line
+        if time.monotonic() >= next_line:
+            next_line += 5
+            say("      " + "  ".join(f"{d['device']}: v{d['model_version']} {d['windows']} windows{' DRIFTED' if d['drifted'] else ''}" for d in collector.store.status()))
+    return collector.rollouts.status(rollout_id) if rollout_id else None

@@ -137,6 +137,7 @@ class EmulatedFleet:
                 process.wait(15)
             except subprocess.TimeoutExpired:
                 process.kill()
+                process.wait(5)
         if self.processes:
             self.say(f"stopped {len(self.processes)} emulated device(s)")
         self.processes = []

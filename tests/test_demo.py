@@ -4,7 +4,7 @@ import pytest
 def test_demo_host_pipeline_only(cli, tmp_path):
     result = cli("demo", "--workdir", tmp_path / "demo", "--fixtures", tmp_path / "none", "--devices", "0")
     assert result.exit_code == 0, result.output
-    assert "[4/7] packaged and signed digits v1" in result.stdout
+    assert "[4/8] packaged and signed digits v1" in result.stdout
     assert (tmp_path / "demo" / "digits-1.edgebundle").exists() and (tmp_path / "demo" / "digits-2.edgebundle").exists()
 
 
@@ -14,11 +14,14 @@ def test_demo_runs_the_whole_loop_and_flags_the_drifted_device(cli, digits, tmp_
     result = cli("demo", "--workdir", tmp_path / "demo", "--fixtures", digits.model.parent, "--devices", "2", "--duration", "12", "--broker", broker)
     assert result.exit_code == 0, result.output
     out = result.stdout
-    assert "[7/7] final fleet status" in out
-    final = out.split("[7/7] final fleet status:")[1]
+    assert "[8/8] final fleet status" in out
+    final = out.split("[8/8] final fleet status:")[1]
     emu0 = next(line for line in final.splitlines() if line.startswith("emu-00"))
     assert any(line.startswith("emu-01") for line in final.splitlines())
     assert "DRIFTED" in emu0 and "pixel_2_4" in emu0
     alerts = final.split("open alerts:")[1].splitlines()[0]
     assert "drift emu-00 pixel_2_4" in alerts and "emu-01" not in alerts  # a single clean window may flag by chance; an alert needs two
     assert ("amqtt" in out) == (broker == "amqtt")
+    assert "[7/8] rolling out digits v2" in out
+    assert "succeeded (2 of 2 device(s) updated)" in final
+    assert "digits v2" in emu0

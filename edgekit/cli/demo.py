@@ -36,4 +36,5 @@ def demo(workdir, fixtures, devices, duration, broker, keep_serving):
     result = run_demo(workdir, fixtures=fixtures if Path(fixtures).is_dir() else None, devices=devices, duration=duration, broker=broker,
                       keep_serving=keep_serving, say=click.echo)
     click.echo(f"done: everything is in {result.workdir}")
-    exit_with(0 if result.validation_passed else EXIT_THRESHOLD)
+    rollout_ok = result.rollout is None or result.rollout["state"] == "succeeded"
+    exit_with(0 if result.validation_passed and rollout_ok else EXIT_THRESHOLD)
