@@ -61,6 +61,9 @@ class LiteRtRuntime:
         self._outputs = interpreter.get_output_details()
         self.input_names = [self._input["name"]]
         self.output_names = [o["name"] for o in self._outputs]
+        # What predict needs, decided once: np.issubdtype and dict lookups per call cost as much as a tiny model.
+        self._quantize_input = _quantizer(self._input)
+        self._output_plan = [(o["name"], o["index"], *_dequantizer(o)) for o in self._outputs]
 
     def _interpreter_for(self, batch: int | None):
         interpreter = self._by_batch.get(batch)
@@ -83,9 +86,13 @@ class LiteRtRuntime:
             raise ModelError(self.source, self.name, "has no model loaded", "call load() first")
         interpreter = self._interpreter_for(len(rows))
         try:
-            interpreter.set_tensor(self._input["index"], _quantize(rows, self._input))
+            interpreter.set_tensor(self._input["index"], self._quantize_input(rows))
             interpreter.invoke()
-            return {o["name"]: _dequantize(interpreter.get_tensor(o["index"]), o) for o in self._outputs}
+            outputs = {}
+            for name, index, scale, zero in self._output_plan:
+                values = interpreter.get_tensor(index)
+                outputs[name] = values if scale is None else (values.astype(np.float32) - zero) * scale
+            return outputs
         except (ValueError, RuntimeError) as exc:
             raise ModelError(self.source, self.name, f"failed to run: {exc}") from exc
 
@@ -94,17 +101,17 @@ class LiteRtRuntime:
         self._by_batch.clear()
 
 
-def _quantize(rows: np.ndarray, detail: dict) -> np.ndarray:
-    dtype = detail["dtype"]
-    if np.issubdtype(dtype, np.floating):
-        return np.ascontiguousarray(rows, dtype=dtype)
+def _quantizer(detail: dict):
+    """rows -> what the input tensor holds: a cast for float inputs, scale/round/clip for integer ones."""
+    dtype = np.dtype(detail["dtype"])
+    if dtype.kind == "f":
+        return lambda rows: np.ascontiguousarray(rows, dtype=dtype)
     scale, zero = detail["quantization"]
     info = np.iinfo(dtype)
-    return np.clip(np.round(rows / scale + zero), info.min, info.max).astype(dtype)
+    return lambda rows: np.clip(np.round(rows / scale + zero), info.min, info.max).astype(dtype)
 
 
-def _dequantize(values: np.ndarray, detail: dict) -> np.ndarray:
+def _dequantizer(detail: dict) -> tuple[float | None, int]:
+    """(scale, zero point) for an integer output that needs dequantizing, else (None, 0)."""
     scale, zero = detail["quantization"]
-    if np.issubdtype(values.dtype, np.integer) and scale:
-        return (values.astype(np.float32) - zero) * scale
-    return values
+    return (scale, zero) if np.dtype(detail["dtype"]).kind in "iu" and scale else (None, 0)
