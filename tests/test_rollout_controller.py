@@ -183,3 +183,16 @@ def test_the_api_wants_its_token_and_answers_errors_in_one_line(http, controller
     assert rollout_id in status.output and "aborted" in status.output
     page = _get(f"{http}/rollouts/{rollout_id}")[2].decode()
     assert "Waves" in page and "pi-0" in page and "aborted" in page
+
+
+def test_the_drift_rule_counts_moved_devices_whose_latest_window_drifted(controller):
+    rollout_id = controller.start(controller.stored["sha256"], "f", RolloutSpec(waves=(0.5, 1.0), wave_wait=60, abort_on=parse_abort_rules("drift>40%")))
+    for device in ("pi-0", "pi-1"):
+        _report(controller, rollout_id, device, "succeeded")
+        controller.store.db.execute("UPDATE devices SET model_version = 3 WHERE device = ?", (device,))
+    controller.tick()
+    assert controller.status(rollout_id)["state"] == "running"
+    controller.store.db.execute("UPDATE devices SET drifted = 1 WHERE device = 'pi-0'")  # one of two: 50%
+    controller.tick()
+    status = controller.status(rollout_id)
+    assert status["state"] == "aborted" and "drift>40% tripped (drift = 50.0%)" in status["reason"]
