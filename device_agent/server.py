@@ -48,6 +48,9 @@ class _Handler(BaseHTTPRequestHandler):
     token: str | None
     server_version = "edgekit-agent"
     protocol_version = "HTTP/1.1"
+    # Headers and body leave in two writes; with Nagle on, a keep-alive client waits for the delayed
+    # ACK (40 ms) before the body arrives. Measured: 44 ms per request with keep-alive, 0.8 ms without.
+    disable_nagle_algorithm = True
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the stdlib's name
         log.debug("%s " + format, self.address_string(), *args)

@@ -154,10 +154,8 @@ class Updater:
             self._report(doc, "retrying", f"{exc.problem}; trying again (attempt {attempts + 1} of {MAX_ATTEMPTS})", code=exc.code)
             self._retry_at = time.time() + RETRY_SECONDS * attempts
             return
-        if exc.code == "aborted" and self._stop.is_set():
-            return  # the agent is stopping: the retained desired state resumes the update next start
         if exc.code == "aborted":
-            return  # superseded by a newer desired state, which the worker takes up next
+            return  # superseded (the worker takes the newer desired state up next) or stopping (resumed at the next start)
         self._finish(doc, key, state, exc.problem, code=exc.code, **getattr(exc, "facts", {}))
 
     def _finish(self, doc: dict[str, Any], key: str, state: str, reason: str, *, code: str | None = None, **facts: Any) -> None:

@@ -57,6 +57,9 @@ def serve(collector: "Collector", listen: str) -> ThreadingHTTPServer:
 class _Handler(BaseHTTPRequestHandler):
     collector: "Collector"
     protocol_version = "HTTP/1.1"
+    # Headers and body leave in two writes; with Nagle on, a keep-alive client waits for the delayed
+    # ACK (40 ms) before the body arrives. Measured: 44 ms per request with keep-alive, 0.8 ms without.
+    disable_nagle_algorithm = True
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
         pass
