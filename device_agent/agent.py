@@ -153,6 +153,7 @@ class Agent:
             self.reporter.announce()
         return old
 
+    serving = property(lambda self: self._serving, doc="The loaded model requests go to now (None before start).")
     # The serving model's parts, for callers that predate hot swapping (and for brevity).
     bundle = property(lambda self: self._serving.bundle if self._serving else None)
     runtime = property(lambda self: self._serving.runtime if self._serving else None)

@@ -120,9 +120,10 @@ class UpdateError(AgentError):
     """An OTA update step failed. ``code`` is the short cause the device reports and the controller
     counts: download, hash, signature, downgrade, name, load, selftest, shadow, health, aborted, restart."""
 
-    def __init__(self, code: str, problem: str) -> None:
+    def __init__(self, code: str, problem: str, *, facts: dict | None = None) -> None:
         self.code = code
         self.problem = problem
+        self.facts = dict(facts or {})  # what was measured before the step failed (shadow metrics, download), for the report
         super().__init__(problem)
 
 

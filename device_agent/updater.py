@@ -156,7 +156,7 @@ class Updater:
             return
         if exc.code == "aborted":
             return  # superseded (the worker takes the newer desired state up next) or stopping (resumed at the next start)
-        self._finish(doc, key, state, exc.problem, code=exc.code, **getattr(exc, "facts", {}))
+        self._finish(doc, key, state, exc.problem, code=exc.code, **exc.facts)
 
     def _finish(self, doc: dict[str, Any], key: str, state: str, reason: str, *, code: str | None = None, **facts: Any) -> None:
         ledger = self.state.ledger()
@@ -193,10 +193,10 @@ class Updater:
             self._step(doc, "shadow")
             facts["shadow"] = self._shadow(candidate, shadow)
             if facts["shadow"]["agreement"] is None or facts["shadow"]["agreement"] < shadow["min_agreement"]:
-                raise _with_facts(UpdateError("shadow", f"shadow agreement {_fmt(facts['shadow']['agreement'])} with the serving model on "
-                                                        f"{facts['shadow']['rows']} live rows is below {shadow['min_agreement']}"), facts)
+                raise UpdateError("shadow", f"shadow agreement {_fmt(facts['shadow']['agreement'])} with the serving model on "
+                                            f"{facts['shadow']['rows']} live rows is below {shadow['min_agreement']}", facts=facts)
             if facts["shadow"]["errors"]:
-                raise _with_facts(UpdateError("shadow", f"the candidate failed on {facts['shadow']['errors']} shadow requests"), facts)
+                raise UpdateError("shadow", f"the candidate failed on {facts['shadow']['errors']} shadow requests", facts=facts)
         self._step(doc, "swapping")
         previous = self.state.active_slot()
         self.state.activate(slot, pending={"slot": slot, "previous": previous, "rollout": doc["rollout"], "version": doc["version"], "key": _job_key(doc)})
@@ -207,7 +207,7 @@ class Updater:
         if failure is not None:
             self.state.activate(previous)
             self.agent.swap(old)
-            raise _with_facts(UpdateError("aborted" if self._cancel.is_set() else "health", f"{failure}; rolled back to v{old.model_info['version']}"), facts)
+            raise UpdateError("aborted" if self._cancel.is_set() else "health", f"{failure}; rolled back to v{old.model_info['version']}", facts=facts)
         self.state.commit()
         return facts
 
@@ -356,7 +356,7 @@ class Updater:
             raise UpdateError("aborted", "the update was superseded or the agent is stopping")
 
     def _report(self, doc: dict[str, Any], state: str, reason: str = "", *, code: str | None = None, **facts: Any) -> None:
-        serving = self.agent._serving
+        serving = self.agent.serving
         payload = reported_payload(device=self.agent.config.device_id, fleet=self.agent.config.fleet, rollout=doc["rollout"], version=doc["version"],
                                    state=state, reason=reason, code=code, active=serving.model_info if serving else None, **facts)
         self.last_report = payload
@@ -435,11 +435,6 @@ def _pct(values: list[float], q: float) -> float | None:
 
 def _fmt(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.4f}"
-
-
-def _with_facts(exc: UpdateError, facts: dict[str, Any]) -> UpdateError:
-    exc.facts = dict(facts)  # type: ignore[attr-defined]
-    return exc
 
 
 def _job_key(doc: dict[str, Any]) -> str:

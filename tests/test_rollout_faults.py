@@ -4,7 +4,6 @@ Each ends with every device serving a working model."""
 from __future__ import annotations
 
 import json
-import time
 import urllib.request
 
 import numpy as np

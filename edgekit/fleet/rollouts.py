@@ -46,7 +46,6 @@ from ..errors import RolloutConflict, RolloutError, RolloutNotFound
 from .store import SqliteStore
 
 DEFAULT_ABORT_ON = "failed>20%"
-ROLLOUT_STATES = ("pending", "running", "paused", "succeeded", "aborted", "failed")
 FAILED_DEVICE_STATES = ("failed", "rolled_back")
 _RULE = re.compile(r"^\s*(failed|agreement|p99_ms|drift)\s*([<>])\s*([0-9.]+)\s*(%?)\s*$")
 
