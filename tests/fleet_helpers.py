@@ -21,7 +21,8 @@ def baseline(seed: int = 0):
 
 
 def summary(base, device: str, seq: int, *, fleet: str = "f", rows: int = 500, shift: float = 0.0, seed: int | None = None, start: float = 1.7e9,
-            null_rate: float = 0.0, latency_ms: float = 1.0, errors: dict | None = None, labelled: int = 0, correct: int = 0) -> tuple[str, bytes]:
+            null_rate: float = 0.0, latency_ms: float = 1.0, errors: dict | None = None, labelled: int = 0, correct: int = 0,
+            model: dict = MODEL) -> tuple[str, bytes]:
     rng = np.random.default_rng(seq if seed is None else seed)
     X = rng.normal(size=(rows, len(NAMES)))
     X[:, 0] += shift
@@ -32,7 +33,7 @@ def summary(base, device: str, seq: int, *, fleet: str = "f", rows: int = 500, s
     window.update_outputs(labels=rng.integers(0, 2, rows), probabilities=rng.dirichlet([1, 1], rows))
     window.update_latency(np.full(rows, latency_ms))
     closed = ClosedWindow(window, start + seq * 60, start + seq * 60 + 60, np.full(rows, latency_ms), errors or {}, labelled, correct)
-    doc = build_summary(closed, device=device, fleet=fleet, model=MODEL, seq=seq, baseline=base, thresholds=None)
+    doc = build_summary(closed, device=device, fleet=fleet, model=model, seq=seq, baseline=base, thresholds=None)
     return f"edgekit/v1/{fleet}/{device}/summary", encode(doc)
 
 
@@ -40,5 +41,5 @@ def baseline_message(base, device: str, fleet: str = "f") -> tuple[str, bytes]:
     return f"edgekit/v1/{fleet}/{device}/baseline", encode(baseline_payload(device=device, model=MODEL, baseline=base))
 
 
-def state(device: str, online: bool, fleet: str = "f") -> tuple[str, bytes]:
-    return f"edgekit/v1/{fleet}/{device}/state", json.dumps(state_payload(online=online, device=device, fleet=fleet, model=MODEL, runtime="onnxruntime", agent_version="0.1.0")).encode()
+def state(device: str, online: bool, fleet: str = "f", model: dict = MODEL) -> tuple[str, bytes]:
+    return f"edgekit/v1/{fleet}/{device}/state", json.dumps(state_payload(online=online, device=device, fleet=fleet, model=model, runtime="onnxruntime", agent_version="0.1.0")).encode()

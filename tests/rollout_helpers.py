@@ -41,7 +41,16 @@ class RolloutFleet:
             if value:
                 return value
             time.sleep(0.1)
-        raise AssertionError(f"timed out waiting for {what}; collector status: {self.collector.store.status()}")
+        raise AssertionError(f"timed out waiting for {what}; collector status: {self.collector.store.status()}\n{self.agent_logs()}")
+
+    def agent_logs(self, lines: int = 20) -> str:
+        """The last update-related lines of each device's log, so a CI failure says what the devices did."""
+        parts = []
+        for config in self.configs:
+            log = config.parent / "agent.log"
+            text = log.read_text(errors="replace").splitlines() if log.exists() else ["(no log)"]
+            parts.append(f"--- {config.parent.name} ---\n" + "\n".join([t for t in text if "summary" not in t][-lines:]))
+        return "\n".join(parts)
 
     def finished(self, rollout_id: str, timeout: float = 90.0) -> dict:
         return self.wait(lambda: (lambda s: s if s["state"] in ("succeeded", "aborted", "failed") else None)(self.client.status(rollout_id)),

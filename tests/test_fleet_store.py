@@ -163,3 +163,16 @@ def test_a_window_without_a_verdict_does_not_hide_the_last_verdict(store):
     feed(ingestor, summary(BASE, "d1", 1, shift=3.0), summary(BASE, "d1", 2, rows=20))  # 20 rows: below min_rows, no verdict
     device = store.status()[0]
     assert device["drifted"] is True and device["worst_feature"] == "f0" and device["windows"] == 2
+
+
+def test_the_last_window_of_a_swapped_out_model_does_not_undo_the_new_state(store):
+    """After a hot swap the device announces v2 at once; v1's last window is flushed a moment later
+    with a higher seq. The fleet table must keep showing what the device serves now."""
+    from tests.fleet_helpers import MODEL
+
+    ingestor = Ingestor(store)
+    v2 = {**MODEL, "version": MODEL["version"] + 1}
+    feed(ingestor, summary(BASE, "d1", 1))  # no state yet: the summary names the model
+    assert store.status()[0]["model_version"] == MODEL["version"]
+    feed(ingestor, state("d1", True, model=v2), summary(BASE, "d1", 2))
+    assert store.status()[0]["model_version"] == v2["version"]

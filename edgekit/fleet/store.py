@@ -209,11 +209,15 @@ class SqliteStore:
         # agent stops) has no verdict and must not hide the last real one.
         tested = [d for d in docs if d["seq"] > max_seq and d["drift"].get("drifted") is not None]
         latest = max(tested, key=lambda d: d["seq"]) if tested else None
+        # What a device serves comes from its retained state, which it republishes at every model swap.
+        # A summary only fills it in when no state has named a model yet: the last window of the
+        # model a device just swapped away from arrives after the new state and must not undo it.
         newest = max(docs, key=lambda d: d["seq"])
         db.execute(
             """UPDATE devices SET max_seq=?, windows=windows+?, rows=rows+?, last_seen=max(coalesce(last_seen, 0), ?),
                drifted=CASE WHEN ? THEN ? ELSE drifted END, worst_feature=CASE WHEN ? THEN ? ELSE worst_feature END,
-               model=CASE WHEN ? THEN ? ELSE model END, model_version=CASE WHEN ? THEN ? ELSE model_version END WHERE device=?""",
+               model=CASE WHEN ? AND model IS NULL THEN ? ELSE model END, model_version=CASE WHEN ? AND model IS NULL THEN ? ELSE model_version END
+               WHERE device=?""",
             (new_max, len(docs), sum(d["rows"] for d in docs), now,
              latest is not None, _flag(latest["drift"]["drifted"]) if latest else None, latest is not None, latest["drift"].get("worst_feature") if latest else None,
              newest["seq"] > max_seq, newest["model"]["name"], newest["seq"] > max_seq, newest["model"]["version"], device),
