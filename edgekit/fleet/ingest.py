@@ -21,7 +21,7 @@ from device_agent.errors import ProtocolError
 from device_agent.protocol import (BASELINE_SCHEMA, MAX_PAYLOAD_BYTES, REPORTED_SCHEMA, STATE_SCHEMA, SUMMARY_SCHEMA, check_baseline, check_reported,
                                    check_state, check_summary, decode)
 
-from .store import FleetStore
+from .store import FleetStore, SummaryRecord
 
 log = logging.getLogger("edgekit.fleet")
 TOPIC = re.compile(r"^edgekit/v1/(?P<fleet>[A-Za-z0-9][A-Za-z0-9._-]{0,63})/(?P<device>[A-Za-z0-9][A-Za-z0-9._-]{0,63})/(?P<leaf>state|summary|baseline|reported)$")
@@ -46,10 +46,12 @@ class Ingestor:
     def handle(self, messages: list[Message]) -> Counter:
         """Check and store a batch (one transaction for its summaries); return what happened to it."""
         outcome: Counter = Counter()
-        summaries: list[tuple[dict[str, Any], str]] = []
+        summaries: list[SummaryRecord] = []
         for message in messages:
             try:
                 kind, doc = self._check(message)
+                if kind == "summary":  # reduced at once: the parsed document dies young
+                    record = SummaryRecord.of(doc, message.payload.decode())
             except ProtocolError as exc:
                 self._reject(exc.reason, _device_of(message.topic), str(exc), message.received_at)
                 outcome[f"rejected_{exc.reason}"] += 1
@@ -62,7 +64,7 @@ class Ingestor:
             if kind in ("summary", "state"):
                 self.touched.add(doc["device"])
             if kind == "summary":
-                summaries.append((doc, message.payload.decode()))
+                summaries.append(record)
             elif kind == "state":
                 self.store.record_state(doc, message.received_at)
                 outcome["states"] += 1
@@ -78,7 +80,7 @@ class Ingestor:
         self.counters.update(outcome)
         return outcome
 
-    def _store_summaries(self, summaries: list[tuple[dict[str, Any], str]], outcome: Counter) -> None:
+    def _store_summaries(self, summaries: list[SummaryRecord], outcome: Counter) -> None:
         """One transaction for the batch; if it fails, one per summary, so a single bad one cannot
         poison the batch (unacknowledged, it would be redelivered forever)."""
         try:
@@ -89,7 +91,7 @@ class Ingestor:
                 try:
                     s, d = self.store.add_summaries([item], self.clock())
                 except (sqlite3.IntegrityError, sqlite3.InterfaceError, sqlite3.ProgrammingError, OverflowError) as exc:
-                    self._reject("internal", item[0].get("device", ""), repr(exc), self.clock())
+                    self._reject("internal", item.device, repr(exc), self.clock())
                     outcome["rejected_internal"] += 1
                     continue
                 stored, duplicates = stored + s, duplicates + d

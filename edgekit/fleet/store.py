@@ -16,6 +16,7 @@ import json
 import sqlite3
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Protocol
 
@@ -87,7 +88,7 @@ class FleetStore(Protocol):
 
     def record_baseline(self, doc: dict[str, Any], now: float) -> None: ...
 
-    def add_summaries(self, items: list[tuple[dict[str, Any], str]], now: float) -> tuple[int, int]: ...
+    def add_summaries(self, records: list[SummaryRecord], now: float) -> tuple[int, int]: ...
 
     def count_reject(self, reason: str, device: str, now: float) -> None: ...
 
@@ -160,42 +161,40 @@ class SqliteStore:
             db.execute("INSERT OR IGNORE INTO baselines VALUES (?, ?, ?, ?, ?)",
                        (doc["baseline_id"], doc["model"]["name"], doc["model"]["version"], json.dumps(doc["profile"]), now))
 
-    def add_summaries(self, items: list[tuple[dict[str, Any], str]], now: float) -> tuple[int, int]:
-        """Store summaries (parsed doc, raw payload); return (stored, duplicates).
+    def add_summaries(self, records: list[SummaryRecord], now: float) -> tuple[int, int]:
+        """Store summaries; return (stored, duplicates).
 
         One INSERT OR IGNORE per summary tells new from redelivered; the per-device bookkeeping
         (counters, latest verdict, seq gaps) is then done once per device for the whole batch.
         """
-        stored: dict[str, list[dict[str, Any]]] = {}
+        stored: dict[str, list[SummaryRecord]] = {}
         redelivered: dict[str, int] = {}
         with self.atomic() as db:
-            for doc, payload in items:
-                accuracy = doc.get("accuracy") or {}
+            for r in records:
                 cursor = db.execute(
                     "INSERT OR IGNORE INTO summaries VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                    (doc["device"], doc["seq"], doc["fleet"], doc["model"]["name"], doc["model"]["version"], doc["window"]["start"], doc["window"]["end"],
-                     now, doc["rows"], _flag(doc["drift"].get("drifted")), doc["drift"].get("worst_feature"), doc["profile"]["baseline_id"], payload,
-                     accuracy.get("labelled", 0), json.dumps(alert_facts(doc))),
+                    (r.device, r.seq, r.fleet, r.model, r.model_version, r.window_start, r.window_end, now, r.rows, _flag(r.drifted),
+                     r.worst_feature, r.baseline_id, r.payload, r.labelled, r.facts),
                 )
                 if cursor.rowcount:
-                    stored.setdefault(doc["device"], []).append(doc)
+                    stored.setdefault(r.device, []).append(r)
                 else:
-                    redelivered[doc["device"]] = redelivered.get(doc["device"], 0) + 1
+                    redelivered[r.device] = redelivered.get(r.device, 0) + 1
             for device, count in redelivered.items():
                 db.execute("UPDATE devices SET redeliveries = redeliveries + ? WHERE device = ?", (count, device))
-            for device, docs in stored.items():
-                self._account(db, device, docs, now)
-        total = sum(len(d) for d in stored.values())
-        return total, len(items) - total
+            for device, batch in stored.items():
+                self._account(db, device, batch, now)
+        total = sum(len(b) for b in stored.values())
+        return total, len(records) - total
 
-    def _account(self, db: sqlite3.Connection, device: str, docs: list[dict[str, Any]], now: float) -> None:
+    def _account(self, db: sqlite3.Connection, device: str, records: list[SummaryRecord], now: float) -> None:
         row = db.execute("SELECT max_seq FROM devices WHERE device = ?", (device,)).fetchone()
         max_seq = row["max_seq"] if row else 0
-        first = docs[0]
+        first = records[0]
         if row is None:
             db.execute("INSERT INTO devices (device, fleet, model, model_version, last_seen) VALUES (?, ?, ?, ?, ?)",
-                       (device, first["fleet"], first["model"]["name"], first["model"]["version"], now))
-        seqs = sorted(d["seq"] for d in docs)
+                       (device, first.fleet, first.model, first.model_version, now))
+        seqs = sorted(r.seq for r in records)
         new_max = max(max_seq, seqs[-1])
         filled = [s for s in seqs if s <= max_seq]
         if filled:
@@ -207,20 +206,20 @@ class SqliteStore:
                 db.executemany("INSERT OR IGNORE INTO gaps (device, seq) VALUES (?, ?)", missing)
         # The verdict shown is the latest *tested* window's: a small window (say, the flush when an
         # agent stops) has no verdict and must not hide the last real one.
-        tested = [d for d in docs if d["seq"] > max_seq and d["drift"].get("drifted") is not None]
-        latest = max(tested, key=lambda d: d["seq"]) if tested else None
+        tested = [r for r in records if r.seq > max_seq and r.drifted is not None]
+        latest = max(tested, key=lambda r: r.seq) if tested else None
         # What a device serves comes from its retained state, which it republishes at every model swap.
         # A summary only fills it in when no state has named a model yet: the last window of the
         # model a device just swapped away from arrives after the new state and must not undo it.
-        newest = max(docs, key=lambda d: d["seq"])
+        newest = max(records, key=lambda r: r.seq)
         db.execute(
             """UPDATE devices SET max_seq=?, windows=windows+?, rows=rows+?, last_seen=max(coalesce(last_seen, 0), ?),
                drifted=CASE WHEN ? THEN ? ELSE drifted END, worst_feature=CASE WHEN ? THEN ? ELSE worst_feature END,
                model=CASE WHEN ? AND model IS NULL THEN ? ELSE model END, model_version=CASE WHEN ? AND model IS NULL THEN ? ELSE model_version END
                WHERE device=?""",
-            (new_max, len(docs), sum(d["rows"] for d in docs), now,
-             latest is not None, _flag(latest["drift"]["drifted"]) if latest else None, latest is not None, latest["drift"].get("worst_feature") if latest else None,
-             newest["seq"] > max_seq, newest["model"]["name"], newest["seq"] > max_seq, newest["model"]["version"], device),
+            (new_max, len(records), sum(r.rows for r in records), now,
+             latest is not None, _flag(latest.drifted) if latest else None, latest is not None, latest.worst_feature if latest else None,
+             newest.seq > max_seq, newest.model, newest.seq > max_seq, newest.model_version, device),
         )
 
     def count_reject(self, reason: str, device: str, now: float) -> None:
@@ -326,6 +325,38 @@ class SqliteStore:
     def close(self) -> None:
         with self._lock:
             self.db.close()
+
+
+@dataclass(frozen=True, slots=True)
+class SummaryRecord:
+    """What the store keeps of one checked summary: the raw payload and the columns queries use.
+
+    The ingestor turns each parsed summary into one of these at once, so a batch in flight holds a
+    few small objects per summary instead of the thousand-odd dicts and lists of the parsed JSON
+    (keeping those alive made the cyclic garbage collector, not SQLite, the ingest bottleneck)."""
+
+    device: str
+    seq: int
+    fleet: str
+    model: str
+    model_version: int
+    window_start: str
+    window_end: str
+    rows: int
+    drifted: bool | None
+    worst_feature: str | None
+    baseline_id: str
+    labelled: int
+    facts: str  # JSON of alert_facts
+    payload: str
+
+    @classmethod
+    def of(cls, doc: dict[str, Any], payload: str) -> SummaryRecord:
+        """From a summary that passed ``check_summary``."""
+        drift, accuracy = doc["drift"], doc.get("accuracy") or {}
+        return cls(doc["device"], doc["seq"], doc["fleet"], doc["model"]["name"], doc["model"]["version"], doc["window"]["start"], doc["window"]["end"],
+                   doc["rows"], drift.get("drifted"), drift.get("worst_feature"), doc["profile"]["baseline_id"], accuracy.get("labelled", 0),
+                   json.dumps(alert_facts(doc)), payload)
 
 
 def alert_facts(doc: dict[str, Any]) -> dict[str, Any]:
