@@ -30,6 +30,11 @@ log = logging.getLogger("edgekit.fleet")
 BATCH_MAX = 1000
 BATCH_WAIT = 0.05
 GAP_CHECK_SECONDS = 5.0
+# Alert rules run on the devices with news at most this often, not after every batch: under a burst
+# a batch touches most of the fleet, and evaluating each device per batch cost more than storing.
+ALERT_SECONDS = 1.0
+# Every device (for rules that fire on silence, such as offline) is checked this often.
+FULL_ALERT_PASS_SECONDS = 30.0
 ROLLOUT_TICK = 0.25
 
 
@@ -79,6 +84,7 @@ class Collector:
         self._threads: list[threading.Thread] = []
         self.server = None
         self.alerts = None
+        self._alerts_at = 0.0
 
     # -- lifecycle -----------------------------------------------------------------------------------
     def start(self) -> "Collector":
@@ -184,6 +190,7 @@ class Collector:
         while self._queue and len(batch) < BATCH_MAX * 5:
             batch.append(self._queue.popleft())
         if not batch:
+            self._evaluate_alerts()  # devices whose news came in under ALERT_SECONDS ago
             return 0
         try:
             self.ingestor.handle([m for m, _, _ in batch])
@@ -194,16 +201,25 @@ class Collector:
         for _, mid, qos in batch:
             if qos and client is not None:
                 client.ack(mid, qos)
-        if self.alerts is not None and self.ingestor.touched:
-            touched, self.ingestor.touched = self.ingestor.touched, set()
-            self.alerts.evaluate(devices=touched)
+        self._evaluate_alerts()
         return len(batch)
 
+    def _evaluate_alerts(self, force: bool = False) -> None:
+        """Run the alert rules on the devices that sent something since the last run."""
+        now = time.monotonic()
+        if self.alerts is None or not self.ingestor.touched or (not force and now - self._alerts_at < ALERT_SECONDS):
+            return
+        self._alerts_at = now
+        touched, self.ingestor.touched = self.ingestor.touched, set()
+        self.alerts.evaluate(devices=touched)
+
     def _housekeeping(self) -> None:
+        full_pass_at = time.monotonic()
         while not self._stop.wait(GAP_CHECK_SECONDS):
             try:
                 self.request_gaps()
-                if self.alerts is not None:
+                if self.alerts is not None and time.monotonic() - full_pass_at >= FULL_ALERT_PASS_SECONDS:
+                    full_pass_at = time.monotonic()
                     self.alerts.evaluate()
             except Exception:
                 log.exception("housekeeping failed")
