@@ -106,4 +106,6 @@ class Feeder:
                 self.agent.predict(batch)
             except AgentError:
                 log.exception("emulated request failed")
+            except Exception:  # a bug, logged loudly; an emulated device keeps its traffic flowing regardless
+                log.exception("emulated request failed unexpectedly")
             self.sent += due

@@ -4,6 +4,7 @@ Each ends with every device serving a working model."""
 from __future__ import annotations
 
 import json
+import threading
 import urllib.request
 
 import numpy as np
@@ -130,12 +131,15 @@ def test_an_older_version_is_refused_unless_a_signed_rollback_says_so(tmp_path, 
                    "url": f"{fleet.client.url}/bundles/{v3['sha256']}", "sha256": v3["sha256"], "size": v3["size"]}
         reports = []
         client = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+        subscribed = threading.Event()
         client.on_message = lambda c, u, m: reports.append(json.loads(m.payload))
+        client.on_subscribe = lambda *_: subscribed.set()
         client.connect("127.0.0.1", broker.port)
         client.subscribe(f"edgekit/v1/{fleet_name}/emu-00/reported", 1)
         client.loop_start()
+        assert subscribed.wait(10), "the test client could not subscribe"
         client.publish(f"edgekit/v1/{fleet_name}/emu-00/desired", json.dumps(desired), qos=1, retain=True)
-        fleet.wait(lambda: any(r["rollout"] == "r-forged" and r["state"] == "failed" for r in reports), 20, "the device to refuse")
+        fleet.wait(lambda: any(r["rollout"] == "r-forged" and r["state"] == "failed" for r in reports), 60, "the device to refuse")
         refused = next(r for r in reports if r["rollout"] == "r-forged" and r["state"] == "failed")
         assert refused["code"] == "downgrade" and "not newer" in refused["reason"]
         assert fleet.versions() == {"emu-00": 4}
