@@ -59,6 +59,13 @@ def metric_drop(spec: OutputSpec, reference: float | None, candidate: float | No
     return (candidate - reference) / reference if reference > 0 else candidate - reference
 
 
+def describe_drop(drop: float | None) -> str:
+    """``accuracy drop 0.50 points`` or, when the candidate did better, ``accuracy gain 0.17 points``."""
+    if drop is None:
+        return "accuracy change n/a"
+    return f"accuracy {'gain' if drop < 0 else 'drop'} {abs(drop) * 100:.2f} points"
+
+
 def agreement(spec: OutputSpec, reference: Prediction, candidate: Prediction) -> float:
     if spec.task == CLASSIFICATION:
         return float(np.mean(_labels_equal(reference.labels, candidate.labels)))

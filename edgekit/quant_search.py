@@ -171,7 +171,7 @@ class Limits:
     def describe(self) -> str:
         parts = []
         if self.max_drop is not None:
-            parts.append(f"accuracy drop ≤ {_points(self.max_drop)}")
+            parts.append(f"accuracy drop ≤ {self.max_drop * 100:.2f} points")
         if self.min_agreement is not None:
             parts.append(f"agreement ≥ {self.min_agreement:.4f}")
         return " and ".join(parts)
@@ -245,7 +245,7 @@ def _choose(baseline: Trial, trials: list[Trial], *, limits: Limits, force: bool
     if not within:
         best = min(usable, key=lambda t: (t.drop if t.drop is not None else 0.0, -(t.agreement or 0.0)))
         return outcome(best, False, f"no int8 candidate meets {limits.describe()}; kept the most accurate, {best.name} "
-                                    f"(accuracy drop {_points(best.drop)}, agreement {best.agreement:.4f})")
+                                    f"({compare.describe_drop(best.drop)}, agreement {best.agreement:.4f})")
     fastest = max(within, key=lambda t: t.speed_score(baseline))
     faster = [t for t in within if t.not_slower(baseline)]
     if faster:
@@ -263,9 +263,5 @@ def _speed(trial: Trial, baseline: Trial) -> str:
     return ", ".join(f"{trial.speedup(baseline, b):.2f}x float32 speed at batch {b}" for b in sorted(trial.latency))
 
 
-def _points(drop: float | None) -> str:
-    return "n/a" if drop is None else f"{drop * 100:.2f} points"
-
-
 def _drop_text(trial: Trial) -> str:
-    return "" if trial.drop is None else f", accuracy drop {_points(trial.drop)}"
+    return "" if trial.drop is None else f", {compare.describe_drop(trial.drop)}"

@@ -15,7 +15,7 @@ fi
 STAMP="$VENV/.edgekit-installed-$EXTRAS"
 if [ ! -f "$STAMP" ] || [ "$REPO/pyproject.toml" -nt "$STAMP" ]; then
   echo "edgekit: installing edgekit[$EXTRAS] into $VENV" >&2
-  "$VENV/bin/python" -m pip install --quiet --upgrade pip
+  "$VENV/bin/python" -m pip install --quiet --upgrade pip "setuptools>=77" wheel  # flash builds the edgekit wheel offline with these
   "$VENV/bin/python" -m pip install --quiet -e "$REPO[$EXTRAS]"
   touch "$STAMP"
 fi

@@ -1,4 +1,5 @@
 import click
+import pytest
 
 from edgekit.cli import cli_for_tests
 
@@ -38,3 +39,12 @@ def test_version(cli):
 def test_usage_errors_exit_2(cli):
     assert cli("convert").exit_code == 2
     assert cli("nonsense").exit_code == 2
+
+
+@pytest.mark.parametrize("command", ["status", "drift", "alerts"])
+def test_fleet_reads_refuse_a_missing_database_instead_of_making_an_empty_one(cli, tmp_path, command):
+    db = tmp_path / "mistyped.db"
+    result = cli("fleet", command, "--db", db)
+    assert result.exit_code == 2
+    assert "no fleet database here" in result.output and "--db" in result.output
+    assert not db.exists()

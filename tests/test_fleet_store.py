@@ -176,3 +176,14 @@ def test_the_last_window_of_a_swapped_out_model_does_not_undo_the_new_state(stor
     assert store.status()[0]["model_version"] == MODEL["version"]
     feed(ingestor, state("d1", True, model=v2), summary(BASE, "d1", 2))
     assert store.status()[0]["model_version"] == v2["version"]
+
+
+def test_versions_sharing_a_baseline_merge_and_are_all_named(store):
+    """v2 retrained on the same data keeps v1's baseline: one merged report, naming both versions."""
+    from tests.fleet_helpers import MODEL
+
+    ingestor = Ingestor(store)
+    v2 = {**MODEL, "version": MODEL["version"] + 1}
+    feed(ingestor, baseline_message(BASE, "d1"), summary(BASE, "d1", 1), summary(BASE, "d1", 2, model=v2))
+    (report,) = merged_drift(store, device="d1")
+    assert report["model_versions"] == [MODEL["version"], v2["version"]] and report["model_version"] == v2["version"] and report["windows"] == 2

@@ -7,6 +7,7 @@ import click
 from device_agent.bundle import read_bundle
 from device_agent.signing import load_public_key
 
+from .. import compare
 from ..errors import PackageError
 from ..keys import generate_keypair
 from ..package import build_bundle
@@ -113,7 +114,7 @@ def inspect(bundle, pubkey, as_json):
 
 def _runtime_text(runtime) -> str:
     if runtime.get("format") == "onnx":
-        return f"onnx, onnxruntime >= {runtime['min_runtime_version']}, IR {runtime['ir_version']}, opsets {runtime['opsets']}"
+        return f"onnx, onnxruntime >= {runtime['min_runtime_version']}, IR {runtime['ir_version']}, opsets {', '.join(f'{domain} {version}' for domain, version in sorted(runtime['opsets'].items()))}"
     return f"{runtime.get('format')}, {runtime.get('engine')}"
 
 
@@ -131,7 +132,7 @@ def _validation_text(validation) -> str:
     if not validation:
         return "none recorded (package with --report)"
     drop = validation.get("accuracy_drop")
-    return f"{'passed' if validation.get('passed') else 'FAILED'}: agreement {validation.get('agreement'):.4f}" + (f", accuracy drop {drop * 100:.2f} pts" if drop is not None else "") + f", size ratio {validation.get('size_ratio'):.3f}"
+    return f"{'passed' if validation.get('passed') else 'FAILED'}: agreement {validation.get('agreement'):.4f}" + (f", {compare.describe_drop(drop)}" if drop is not None else "") + f", size ratio {validation.get('size_ratio'):.3f}"
 
 
 @click.command()

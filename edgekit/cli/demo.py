@@ -35,6 +35,7 @@ def demo(workdir, fixtures, devices, duration, broker, keep_serving):
     workdir = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="edgekit-demo-"))
     result = run_demo(workdir, fixtures=fixtures if Path(fixtures).is_dir() else None, devices=devices, duration=duration, broker=broker,
                       keep_serving=keep_serving, say=click.echo)
-    click.echo(f"done: everything is in {result.workdir}")
+    click.echo(f"done: everything is in {result.workdir}; look again with 'edgekit fleet status --db {result.workdir / 'fleet.db'}' "
+               f"(or fleet drift, fleet alerts)")
     rollout_ok = result.rollout is None or result.rollout["state"] == "succeeded"
     exit_with(0 if result.validation_passed and rollout_ok else EXIT_THRESHOLD)

@@ -7,13 +7,14 @@ import signal
 import threading
 import time
 from datetime import datetime, timezone
+from pathlib import Path
 
 import click
 
 from ..fleet.alerts import AlertEngine, load_alert_config
 from ..fleet.collector import Collector, CollectorConfig
 from ..fleet.merge import MERGED_MIN_PSI, merged_drift, since_timestamp
-from ..fleet.store import SqliteStore
+from ..fleet.store import SqliteStore, StoreError
 from .common import emit_json, fmt, json_option, table
 
 DB_OPTION = click.option("--db", default="fleet.db", show_default=True, type=click.Path(dir_okay=False), help="The fleet database (SQLite).")
@@ -103,7 +104,7 @@ def status(db, as_json):
     Example:
       edgekit fleet status --db fleet.db --json
     """
-    store = SqliteStore(db)
+    store = _existing_store(db)
     devices = store.status()
     rejects = store.rejects()
     if as_json:
@@ -131,14 +132,15 @@ def drift(db, device, model, version, since, as_json):
     Example:
       edgekit fleet drift --model digits --version 3 --since 1h
     """
-    reports = merged_drift(SqliteStore(db), device=device, model=model, version=version, since=since_timestamp(since))
+    reports = merged_drift(_existing_store(db), device=device, model=model, version=version, since=since_timestamp(since))
     if as_json:
         emit_json([{k: v for k, v in r.items() if k != "feature_distributions"} for r in reports])
         return
     if not reports:
         click.echo("no windows match")
     for report in reports:
-        header = f"{report['model']} v{report['model_version']}: {report['windows']} windows, {report['rows']:,} rows from {len(report['devices'])} device(s), {report['first']} … {report['last']}"
+        versions = ", ".join(f"v{v}" for v in report["model_versions"])
+        header = f"{report['model']} {versions}: {report['windows']} windows, {report['rows']:,} rows from {len(report['devices'])} device(s), {report['first']} … {report['last']}"
         click.echo(header)
         if report["drift"] is None:
             click.echo(f"  {report['note']}")
@@ -164,7 +166,7 @@ def alerts(db, show_all, as_json):
     Example:
       edgekit fleet alerts --db fleet.db --json
     """
-    found = SqliteStore(db).alerts(open_only=not show_all)
+    found = _existing_store(db).alerts(open_only=not show_all)
     if as_json:
         emit_json(found)
         return
@@ -184,3 +186,10 @@ def _ago(timestamp) -> str:
     if seconds < 7200:
         return f"{seconds / 60:.0f}m ago"
     return datetime.fromtimestamp(timestamp, timezone.utc).strftime("%Y-%m-%d %H:%M")
+
+
+def _existing_store(db: str) -> SqliteStore:
+    """The reading commands open a database a collector made; a mistyped path must not look like an empty fleet."""
+    if not Path(db).is_file():
+        raise StoreError("no fleet database here", "pass the --db that 'edgekit fleet collect' writes to", path=db)
+    return SqliteStore(db)

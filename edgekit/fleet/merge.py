@@ -47,12 +47,13 @@ def merged_drift(store: SqliteStore, **selection: Any) -> list[dict[str, Any]]:
             document = store.baseline(baseline_id)
             group = groups[baseline_id] = {
                 "baseline_id": baseline_id, "model": summary["model"]["name"], "model_version": summary["model"]["version"],
-                "devices": set(), "windows": 0, "rows": 0, "first": summary["window"]["start"], "last": summary["window"]["end"],
+                "versions": set(), "devices": set(), "windows": 0, "rows": 0, "first": summary["window"]["start"], "last": summary["window"]["end"],
                 "baseline": Profile.from_dict(document) if document else None, "merged": None,
             }
             if group["baseline"] is not None:
                 group["merged"] = group["baseline"].empty_like()
         group["devices"].add(summary["device"])
+        group["versions"].add(summary["model"]["version"])  # versions trained on the same data share a baseline
         group["windows"] += 1
         group["rows"] += summary["rows"]
         group["last"] = max(group["last"], summary["window"]["end"])
@@ -64,6 +65,8 @@ def merged_drift(store: SqliteStore, **selection: Any) -> list[dict[str, Any]]:
 def _report(group: dict[str, Any]) -> dict[str, Any]:
     report = {k: group[k] for k in ("baseline_id", "model", "model_version", "windows", "rows", "first", "last")}
     report["devices"] = sorted(group["devices"])
+    report["model_versions"] = sorted(group["versions"])
+    report["model_version"] = report["model_versions"][-1]
     if group["merged"] is None:
         report["drift"] = None
         report["note"] = "no device has published this baseline yet; drift cannot be computed"

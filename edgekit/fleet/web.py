@@ -284,7 +284,7 @@ def render_fleet_drift(reports: list[dict[str, Any]], feature: str | None) -> by
     distribution over the whole selection drawn against its baseline."""
     sections = []
     for report in reports:
-        title = f"{html.escape(report['model'])} v{report['model_version']}: {report['windows']} windows, {report['rows']:,} rows, {len(report['devices'])} device(s)"
+        title = f"{html.escape(report['model'])} {', '.join(f'v{v}' for v in report['model_versions'])}: {report['windows']} windows, {report['rows']:,} rows, {len(report['devices'])} device(s)"
         if report["drift"] is None:
             sections.append(f"<h2>{title}</h2><p class='muted'>{html.escape(report['note'])}</p>")
             continue
