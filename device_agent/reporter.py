@@ -9,10 +9,12 @@ caller on the network.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
+from collections import deque
+from collections.abc import Callable, Iterator
 from typing import Any
-from collections.abc import Callable
 
 from . import mqtt_fallback
 from .config import MqttConfig
@@ -38,8 +40,13 @@ class MqttReporter:
         self.config, self.topics, self.spool = config, topics, spool
         self.client_id = client_id
         self._birth, self._offline, self._retained, self._on_input, self._on_desired = birth, offline, retained, on_input, on_desired
+        # ``_lock`` serialises sends and guards ``_inflight``; paho is called while it is held. paho
+        # calls ``on_publish`` while holding its own outgoing-message lock, so that callback must never
+        # wait for ``_lock`` (the two would deadlock, freezing the device's MQTT). It only queues the
+        # PUBACK in ``_acks``; whoever holds or next takes ``_lock`` matches it (see ``_locked``).
         self._lock = threading.Lock()
         self._inflight: dict[int, int] = {}  # paho mid -> seq
+        self._acks: deque = deque()  # (mid, failed) from on_publish, not yet matched
         self.connected = threading.Event()
         self.rejected_commands = 0
         self.protocol = "5"  # falls back to "3.1.1" when the broker does not speak MQTT 5
@@ -74,7 +81,7 @@ class MqttReporter:
 
     def publish(self, seq: int, payload: bytes) -> None:
         """Send a spooled summary now if connected; otherwise it goes out with the next drain."""
-        with self._lock:
+        with self._locked():
             if self.connected.is_set():
                 self._send(seq, payload)
 
@@ -120,7 +127,7 @@ class MqttReporter:
             client.subscribe(self.topics.desired, qos=1)
         if self._on_input is not None:
             client.subscribe(self.topics.input, qos=1)
-        with self._lock:
+        with self._locked():
             self._inflight.clear()
             self.connected.set()
             for seq in self.spool.pending():
@@ -137,15 +144,37 @@ class MqttReporter:
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
         self._notes.disconnected(reason_code)
-        with self._lock:
+        with self._locked():
             self.connected.clear()
             self._inflight.clear()  # still pending in the spool: drained again on reconnect
 
     def _on_publish(self, client, userdata, mid, reason_code, properties) -> None:
+        self._acks.append((mid, reason_code.is_failure))
+        self._match_acks()
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
         with self._lock:
-            seq = self._inflight.pop(mid, None)
-        if seq is not None and not reason_code.is_failure:
-            self.spool.ack(seq)
+            yield
+        self._match_acks()  # PUBACKs queued while the lock was held
+
+    def _match_acks(self) -> None:
+        """Match queued PUBACKs to summaries, never waiting for ``_lock``: if another thread holds it,
+        that thread matches them when it lets go (an ack is queued before the try, so none is missed)."""
+        while self._acks:
+            if not self._lock.acquire(blocking=False):
+                return
+            try:
+                matched = []
+                while self._acks:
+                    mid, failed = self._acks.popleft()
+                    seq = self._inflight.pop(mid, None)  # other publishes (state, reports) have no seq
+                    if seq is not None and not failed:
+                        matched.append(seq)
+            finally:
+                self._lock.release()
+            for seq in matched:
+                self.spool.ack(seq)
 
     def _on_message(self, client, userdata, message) -> None:
         if message.topic == self.topics.input and self._on_input is not None:
@@ -160,7 +189,7 @@ class MqttReporter:
             self.rejected_commands += 1
             log.warning("ignored a command on %s: %s", message.topic, exc)
             return
-        with self._lock:
+        with self._locked():
             for seq in doc["seqs"]:
                 payload = self.spool.get(seq)
                 if payload is not None and self.connected.is_set():

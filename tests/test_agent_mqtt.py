@@ -192,3 +192,51 @@ def test_a_broker_that_speaks_only_mqtt_3_gets_mqtt_3(tmp_path, bundle, keypair,
     finally:
         broker.terminate()
         broker.wait(10)
+
+
+def test_a_puback_arriving_while_a_summary_is_being_sent_does_not_deadlock(tmp_path):
+    """paho calls on_publish holding its outgoing-message lock, and publish() takes that lock. The
+    reporter used to take its own lock in on_publish, around publish() elsewhere: a PUBACK landing
+    while a summary was being sent froze the device's MQTT for good (seen in CI as a device that
+    stopped sending windows and stopped hearing its desired state)."""
+    import threading
+    from types import SimpleNamespace
+
+    from device_agent.config import MqttConfig
+    from device_agent.protocol import Topics
+    from device_agent.reporter import MqttReporter
+    from device_agent.spool import Spool
+
+    class PahoLike:
+        def __init__(self):
+            self.out_mutex, self.mid = threading.Lock(), 0
+
+        def publish(self, topic, payload, qos=0, retain=False):
+            with self.out_mutex:
+                self.mid += 1
+                return SimpleNamespace(mid=self.mid, rc=0)
+
+    spool = Spool(tmp_path / "spool")
+    reporter = MqttReporter(MqttConfig(url="mqtt://127.0.0.1:1"), Topics("f", "d"), spool, client_id="c", birth=dict, offline={})
+    reporter._client = client = PahoLike()
+    reporter.connected.set()
+    for seq in (1, 2):
+        spool.put(seq, b"{}")
+    reporter.publish(1, b"{}")  # mid 1, in flight
+
+    client.out_mutex.acquire()  # the network thread is handling mid 1's PUBACK ...
+    sender = threading.Thread(target=reporter.publish, args=(2, b"{}"), daemon=True)
+    sender.start()  # ... while the monitor sends seq 2: it holds the reporter's lock, waiting for paho's
+    deadline = time.time() + 5
+    while not reporter._lock.locked() and time.time() < deadline:
+        time.sleep(0.01)
+    ack = threading.Thread(target=reporter._on_publish, args=(client, None, 1, SimpleNamespace(is_failure=False), None), daemon=True)
+    ack.start()
+    ack.join(2)
+    assert not ack.is_alive(), "on_publish waited for the reporter's lock: deadlock"
+    client.out_mutex.release()
+    sender.join(2)
+    assert not sender.is_alive()
+    assert spool.pending() == [2]  # seq 1 acknowledged once the sender let go; seq 2 still in flight
+    reporter._on_publish(client, None, 2, SimpleNamespace(is_failure=False), None)
+    assert spool.pending() == []
