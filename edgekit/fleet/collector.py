@@ -204,10 +204,11 @@ class Collector:
         self._evaluate_alerts()
         return len(batch)
 
-    def _evaluate_alerts(self, force: bool = False) -> None:
-        """Run the alert rules on the devices that sent something since the last run."""
+    def _evaluate_alerts(self) -> None:
+        """Run the alert rules on the devices that sent something since the last run (at most every
+        ALERT_SECONDS; after a restart, the housekeeping's full pass covers what was left)."""
         now = time.monotonic()
-        if self.alerts is None or not self.ingestor.touched or (not force and now - self._alerts_at < ALERT_SECONDS):
+        if self.alerts is None or not self.ingestor.touched or now - self._alerts_at < ALERT_SECONDS:
             return
         self._alerts_at = now
         touched, self.ingestor.touched = self.ingestor.touched, set()
