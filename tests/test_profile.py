@@ -92,13 +92,24 @@ def test_compact_form_round_trips_on_the_baseline_bins():
         base.from_compact(broken)
 
 
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
 @pytest.mark.parametrize("dirty", [False, True])
-def test_vectorized_update_equals_the_per_feature_definition(digits, dirty):
-    """The agent's fast block update must count exactly what NumericSketch.update counts."""
+def test_vectorized_update_equals_the_per_feature_definition(digits, dirty, dtype):
+    """The agent's fast block update must count exactly what NumericSketch.update counts, also for
+    float32 rows (compared in float32) sitting on, just below and just above every cut."""
     train = np.load(digits.train)["X"].astype(float)
-    base = build_baseline(train, [f"f{i}" for i in range(64)])
+    base = build_baseline(train + np.random.default_rng(1).normal(0, 0.1, train.shape) / 3, [f"f{i}" for i in range(64)])  # cuts off float32's grid
     local = np.random.default_rng(5)
     data = np.resize(train, (700, 64)) + local.normal(0, 4, (700, 64))
+    if dtype is np.float32:
+        edges = []
+        for column, sketch in enumerate(base.features):
+            for cut in list(sketch.cuts) + [sketch.low, sketch.high]:
+                near = np.float32(cut)
+                edges += [(column, near), (column, np.nextafter(near, np.float32(np.inf))), (column, np.nextafter(near, np.float32(-np.inf)))]
+        for row, (column, value) in enumerate(edges[: len(data) * 64]):
+            data[row % len(data), column] = value
+        data = data.astype(np.float32)
     if dirty:
         data[local.random(data.shape) < 0.02] = np.nan
         data[local.random(data.shape) < 0.01] = np.inf
