@@ -40,6 +40,7 @@ from edgekit.fixtures import fixtures_usable, make_fixtures  # noqa: E402
 from edgekit.keys import generate_keypair  # noqa: E402
 from edgekit.package import build_bundle  # noqa: E402
 from edgekit.pipeline import convert_model  # noqa: E402
+from bench_report import print_checks, write_json  # noqa: E402  (beside this script)
 
 TARGETS = {"b1_ratio_max": 1.15, "b1000_throughput_min": 0.6, "bytes_per_feature_max": 128, "psi_error_max": 0.005,
            "false_alarm_max": 0.01, "detection_min": 0.95, "rss_extra_mb_max": 25, "first_prediction_s_max": 1.5}
@@ -215,27 +216,21 @@ def main() -> int:
         paths = setup(work)
         results = {**per_row_costs(paths, work), **summary_size(paths, work), **psi_accuracy(paths), **drift_rates(), **rss_and_startup(paths, work)}
     checks = [
-        ("agent prediction cost at batch 1 (with sketch and log) / bare session.run", results["b1_ratio"], results["b1_ratio"] <= TARGETS["b1_ratio_max"], f"≤ {TARGETS['b1_ratio_max']}"),
-        ("batch-1000 throughput with sketches / bare", results["b1000_throughput"], results["b1000_throughput"] >= TARGETS["b1000_throughput_min"], f"≥ {TARGETS['b1000_throughput_min']}"),
-        ("summary bytes per feature (64 features)", results["bytes_per_feature"], results["bytes_per_feature"] <= TARGETS["bytes_per_feature_max"], f"≤ {TARGETS['bytes_per_feature_max']}"),
-        ("|PSI from sketch - exact PSI|, worst feature", results["psi_error_max"], results["psi_error_max"] <= TARGETS["psi_error_max"], f"≤ {TARGETS['psi_error_max']}"),
-        ("false alarms, clean 2000-row windows (64 features, family-wise)", results["false_alarm_rate"], results["false_alarm_rate"] <= TARGETS["false_alarm_max"], f"≤ {TARGETS['false_alarm_max']}"),
-        ("false alarms, digits random splits", results["digits_false_alarm_rate"], results["digits_false_alarm_rate"] <= TARGETS["false_alarm_max"], f"≤ {TARGETS['false_alarm_max']}"),
-        ("0.25σ shift of one feature detected, 2000-row windows", results["detection_rate"], results["detection_rate"] >= TARGETS["detection_min"], f"≥ {TARGETS['detection_min']}"),
-        ("agent RSS above bare numpy+onnxruntime+paho process (MB)", results["rss_extra_mb"], results["rss_extra_mb"] <= TARGETS["rss_extra_mb_max"], f"≤ {TARGETS['rss_extra_mb_max']}"),
-        ("process start to first HTTP prediction (s)", results["first_prediction_s"], results["first_prediction_s"] <= TARGETS["first_prediction_s_max"], f"≤ {TARGETS['first_prediction_s_max']}"),
+        ("agent prediction cost at batch 1 (with sketch and log) / bare session.run", results["b1_ratio"], f"≤ {TARGETS['b1_ratio_max']}", results["b1_ratio"] <= TARGETS["b1_ratio_max"]),
+        ("batch-1000 throughput with sketches / bare", results["b1000_throughput"], f"≥ {TARGETS['b1000_throughput_min']}", results["b1000_throughput"] >= TARGETS["b1000_throughput_min"]),
+        ("summary bytes per feature (64 features)", results["bytes_per_feature"], f"≤ {TARGETS['bytes_per_feature_max']}", results["bytes_per_feature"] <= TARGETS["bytes_per_feature_max"]),
+        ("|PSI from sketch - exact PSI|, worst feature", results["psi_error_max"], f"≤ {TARGETS['psi_error_max']}", results["psi_error_max"] <= TARGETS["psi_error_max"]),
+        ("false alarms, clean 2000-row windows (64 features, family-wise)", results["false_alarm_rate"], f"≤ {TARGETS['false_alarm_max']}", results["false_alarm_rate"] <= TARGETS["false_alarm_max"]),
+        ("false alarms, digits random splits", results["digits_false_alarm_rate"], f"≤ {TARGETS['false_alarm_max']}", results["digits_false_alarm_rate"] <= TARGETS["false_alarm_max"]),
+        ("0.25σ shift of one feature detected, 2000-row windows", results["detection_rate"], f"≥ {TARGETS['detection_min']}", results["detection_rate"] >= TARGETS["detection_min"]),
+        ("agent RSS above bare numpy+onnxruntime+paho process (MB)", results["rss_extra_mb"], f"≤ {TARGETS['rss_extra_mb_max']}", results["rss_extra_mb"] <= TARGETS["rss_extra_mb_max"]),
+        ("process start to first HTTP prediction (s)", results["first_prediction_s"], f"≤ {TARGETS['first_prediction_s_max']}", results["first_prediction_s"] <= TARGETS["first_prediction_s_max"]),
     ]
-    width = max(len(c[0]) for c in checks)
-    print(f"{'figure'.ljust(width)}  {'measured':>10}  target")
-    for name, value, ok, target in checks:
-        print(f"{name.ljust(width)}  {value:>10.4g}  {target:<8} {'ok' if ok else 'MISS'}")
+    print_checks(checks)
     print(f"\nbare session.run b1 {results['bare_b1_us']:.1f} µs, agent {results['agent_b1_us']:.1f} µs; b1000 bare {results['bare_b1000_ms']:.3f} ms, "
           f"agent {results['agent_b1000_ms']:.3f} ms; closing one 1000-row window (drift, summary, spool) {results['window_close_ms']:.1f} ms; "
           f"RSS bare {results['bare_rss_mb']:.1f} MB, agent {results['agent_rss_mb']:.1f} MB")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"targets": TARGETS, "results": results, "checks": [{"figure": c[0], "value": c[1], "ok": c[2]} for c in checks]}, indent=1))
-    print(f"wrote {out}")
+    write_json(args.out, checks, targets=TARGETS, results=results)
     return 0
 
 

@@ -35,6 +35,7 @@ from device_agent.profile import build_baseline  # noqa: E402
 from device_agent.protocol import build_summary  # noqa: E402
 from edgekit.fleet.ingest import Ingestor, Message  # noqa: E402
 from edgekit.fleet.store import SqliteStore  # noqa: E402
+from bench_report import print_checks, write_json  # noqa: E402  (beside this script)
 
 DEVICES = 1000
 FEATURES = 64
@@ -215,17 +216,11 @@ def main() -> int:
         (f"sustained {sustained['seconds']:.0f} s at {args.rate:.0f}/s: stored / sent", sustained["stored"] / sustained["sent"], "= 1", sustained["stored"] == sustained["sent"]),
         ("collector RSS growth, first to last quarter (MB)", sustained["rss_growth_mb"], "flat", abs(sustained["rss_growth_mb"]) < 20),
     ]
-    width = max(len(r[0]) for r in rows)
-    print(f"{'figure'.ljust(width)}  {'measured':>10}  target")
-    for name, value, target, ok in rows:
-        print(f"{name.ljust(width)}  {value:>10.4g}  {target:<8} {'ok' if ok else 'MISS'}")
+    print_checks(rows)
     shares = ", ".join(f"{k} {v:.1f} s" for k, v in burst["cpu_seconds"].items())
     print(f"\nCPU used during the {burst['seconds']:.1f} s burst on {os.cpu_count()} cores: {shares}")
     print(f"summary payload {store['payload_bytes']:,} bytes; collector RSS {sustained['rss_first_quarter_mb']:.1f} → {sustained['rss_last_quarter_mb']:.1f} MB")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"targets": TARGETS, "results": results, "checks": [{"figure": r[0], "value": r[1], "ok": r[3]} for r in rows]}, indent=1))
-    print(f"wrote {out}")
+    write_json(args.out, rows, targets=TARGETS, results=results)
     return 0
 
 

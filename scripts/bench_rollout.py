@@ -53,6 +53,7 @@ from edgekit.fleet.collector import Collector, CollectorConfig  # noqa: E402
 from edgekit.keys import generate_keypair  # noqa: E402
 from edgekit.package import build_bundle  # noqa: E402
 from edgekit.pipeline import QuantizeOptions, convert_model  # noqa: E402
+from bench_report import print_checks, write_json  # noqa: E402  (beside this script)
 
 TARGETS = {"rollout_seconds_max": 60.0, "swap_gap_ms_max": 50.0, "bytes_ratio_max": 1.0, "resumed_ratio_max": 1.0}
 FINISHED = ("succeeded", "aborted", "failed")
@@ -362,13 +363,9 @@ def checks(results: dict, args) -> list[tuple[str, float | None, str, bool]]:
 
 def print_table(results: dict, args) -> list:
     rows = checks(results, args)
-    width = max(len(r[0]) for r in rows)
     print(f"\nwaves {args.waves}, shadow rows {args.shadow_rows}, health watch {args.health_seconds:g} s, abort on {args.abort_on}, "
           f"{args.rows_per_second:g} rows/s per device, {args.devices} devices, probe on {'one keep-alive connection' if args.keep_alive else 'a fresh connection per request'}")
-    print(f"{'figure'.ljust(width)}  {'measured':>10}  target")
-    for name, value, target, ok in rows:
-        shown = "n/a" if value is None else f"{value:.4g}"
-        print(f"{name.ljust(width)}  {shown:>10}  {target:<14} {'' if target == 'info' else 'ok' if ok else 'MISS'}")
+    print_checks(rows)
     fleet, gap, resume = results["fleet"], results["gap"], results["resume"]
     waves = ", ".join(f"wave {w} at {s:.1f} s" for w, s in fleet["wave_started_s"].items())
     print(f"\nfleet rollout {fleet['state']} ({fleet['reason']}); {waves}; collector's own clock {fleet['collector_seconds']:.1f} s")
@@ -420,10 +417,7 @@ def main() -> int:
                 results[phase] = bench(stack, work, paths, args)
     rows = print_table(results, args)
     settings = {k: getattr(args, k) for k in ("devices", "waves", "shadow_rows", "health_seconds", "abort_on", "rows_per_second", "gap_devices", "keep_alive", "quick")}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"targets": TARGETS, "settings": settings, "results": results,
-                               "checks": [{"figure": r[0].strip(), "value": r[1], "target": r[2], "ok": r[3]} for r in rows]}, indent=1, default=str))
-    print(f"wrote {out}")
+    write_json(out, rows, targets=TARGETS, settings=settings, results=results)
     return 0 if all(r[3] for r in rows) else 1
 
 

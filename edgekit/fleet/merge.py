@@ -46,8 +46,7 @@ def merged_drift(store: SqliteStore, **selection: Any) -> list[dict[str, Any]]:
         if group is None:
             document = store.baseline(baseline_id)
             group = groups[baseline_id] = {
-                "baseline_id": baseline_id, "model": summary["model"]["name"], "model_version": summary["model"]["version"],
-                "versions": set(), "devices": set(), "windows": 0, "rows": 0, "first": summary["window"]["start"], "last": summary["window"]["end"],
+                "baseline_id": baseline_id, "model": summary["model"]["name"], "versions": set(), "devices": set(), "windows": 0, "rows": 0, "first": summary["window"]["start"], "last": summary["window"]["end"],
                 "baseline": Profile.from_dict(document) if document else None, "merged": None,
             }
             if group["baseline"] is not None:
@@ -63,10 +62,10 @@ def merged_drift(store: SqliteStore, **selection: Any) -> list[dict[str, Any]]:
 
 
 def _report(group: dict[str, Any]) -> dict[str, Any]:
-    report = {k: group[k] for k in ("baseline_id", "model", "model_version", "windows", "rows", "first", "last")}
+    report = {k: group[k] for k in ("baseline_id", "model", "windows", "rows", "first", "last")}
     report["devices"] = sorted(group["devices"])
     report["model_versions"] = sorted(group["versions"])
-    report["model_version"] = report["model_versions"][-1]
+    report["model_version"] = report["model_versions"][-1]  # the newest of them
     if group["merged"] is None:
         report["drift"] = None
         report["note"] = "no device has published this baseline yet; drift cannot be computed"
