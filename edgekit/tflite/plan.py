@@ -164,3 +164,39 @@ def _append(plan: Plan, node: Any, attrs: dict[str, Any], constants: dict[str, n
 def _to_rows(node: Any, constants: dict[str, np.ndarray]) -> bool:
     shape = constants.get(node.input[1]) if len(node.input) > 1 else None
     return shape is not None and shape.size == 2 and shape[0] in (-1, 0)
+
+
+def equalize_first_layer(plan: Plan, rows: np.ndarray) -> Plan | None:
+    """Cross-layer equalization (Nagel et al., 2019) between the float preprocessing and the first dense layer.
+
+    int8 quantizes the first layer's input with one range for all features, so a rare feature with
+    a wide standardized range (a digits pixel that is almost always 0) is either clipped or spends
+    the range of all the others. Feature j is divided by ``s_j = sqrt(r_j / c_j)`` in float (folded
+    into the trailing MUL/DIV of the preprocessing, or one MUL of its own) and weight column j is
+    multiplied by it, so the input range ``r_j`` and the column's weight range ``c_j`` both become
+    ``sqrt(r_j c_j)``: the float function is unchanged, the int8 error is balanced between the two.
+    ``None`` when no feature would change."""
+    first_fc = next(i for i, s in enumerate(plan.steps) if s.kind == "fc")
+    record: list[np.ndarray] = []
+    plan.run(rows, record=record)
+    inputs = record[first_fc - 1] if first_fc else np.asarray(rows, dtype=np.float32)
+    fc = plan.steps[first_fc]
+    input_range = np.abs(inputs).max(axis=0).astype(np.float64)
+    column_range = np.abs(fc.weights).max(axis=0).astype(np.float64)
+    usable = (input_range > 0) & (column_range > 0) & np.isfinite(input_range)
+    factors = np.ones(plan.width)
+    factors[usable] = np.sqrt(input_range[usable] / column_range[usable])
+    if np.allclose(factors, 1.0):
+        return None
+    steps = list(plan.steps)
+    before = steps[first_fc - 1] if first_fc else None
+    constant = None if before is None else np.broadcast_to(before.constant, (plan.width,)).astype(np.float64)
+    if before is not None and before.kind == "mul":
+        steps[first_fc - 1] = Step("mul", constant=(constant / factors).astype(np.float32), name=before.name)
+    elif before is not None and before.kind == "div":
+        steps[first_fc - 1] = Step("div", constant=(constant * factors).astype(np.float32), name=before.name)
+    else:
+        steps.insert(first_fc, Step("mul", constant=(1 / factors).astype(np.float32), name="edgekit_equalize"))
+        first_fc += 1
+    steps[first_fc] = Step("fc", weights=(fc.weights * factors[None, :]).astype(np.float32), bias=fc.bias, activation=fc.activation, name=fc.name)
+    return Plan(plan.input_name, plan.width, plan.output_name, steps)
