@@ -187,3 +187,16 @@ def test_versions_sharing_a_baseline_merge_and_are_all_named(store):
     feed(ingestor, baseline_message(BASE, "d1"), summary(BASE, "d1", 1), summary(BASE, "d1", 2, model=v2))
     (report,) = merged_drift(store, device="d1")
     assert report["model_versions"] == [MODEL["version"], v2["version"]] and report["model_version"] == v2["version"] and report["windows"] == 2
+
+
+def test_the_summary_watermark_names_devices_stored_by_another_process(store, tmp_path):
+    """The main collector learns what its ingest workers stored (to run their alerts) from the watermark."""
+    mark = store.summary_watermark()
+    assert store.devices_with_summaries_after(mark) == (set(), mark)
+    other = SqliteStore(tmp_path / "fleet.db")  # a worker: its own connection to the same database
+    feed(Ingestor(other), summary(BASE, "d1", 1), summary(BASE, "d2", 1))
+    devices, mark = store.devices_with_summaries_after(mark)
+    assert devices == {"d1", "d2"} and mark == store.summary_watermark()
+    feed(Ingestor(other), summary(BASE, "d1", 1), summary(BASE, "d3", 1))  # a redelivery is not news
+    assert store.devices_with_summaries_after(mark)[0] == {"d3"}
+    other.close()

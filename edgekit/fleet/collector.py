@@ -53,6 +53,8 @@ class CollectorConfig:
     bundle_dir: str | None = None  # where uploaded bundles are kept (default: next to the database)
     public_url: str | None = None  # the base URL devices download bundles from (default: the --http address)
     api_token: str | None = None  # required as a bearer token on the HTTP API's POSTs when set
+    workers: int = 1  # ingest processes in all (this one included); see workers.py
+    role: str = "all"  # "all": ingest, alerts, gaps, rollouts, HTTP; "ingest": summaries only (a worker)
 
 
 def parse_broker_url(url: str):
@@ -71,9 +73,10 @@ class Collector:
     def __init__(self, config: CollectorConfig, *, store: SqliteStore | None = None) -> None:
         self.config = config
         self.store = store or SqliteStore(config.db)
-        self.rollouts = _rollout_controller(self, config)
+        self.ingest_only = config.role == "ingest"
+        self.rollouts = None if self.ingest_only else _rollout_controller(self, config)
         self.ingestor = Ingestor(self.store, allowed_devices=set(config.allowed_devices) if config.allowed_devices else None,
-                                 on_report=self.rollouts.record_report)
+                                 on_report=None if self.rollouts is None else self.rollouts.record_report)
         self.protocol = "5"
         self.connected = threading.Event()
         self.received = 0
@@ -85,22 +88,33 @@ class Collector:
         self.server = None
         self.alerts = None
         self._alerts_at = 0.0
+        self.workers = None
+        self.unusable = threading.Event()  # an ingest worker on a broker without shared subscriptions has nothing to do
+        self._summary_watermark = self.store.summary_watermark() if config.workers > 1 else 0
 
     # -- lifecycle -----------------------------------------------------------------------------------
     def start(self) -> "Collector":
         self._connect()
-        for target, name in ((self._writer, "edgekit-collector-writer"), (self._housekeeping, "edgekit-collector-gaps"),
-                             (self._rollout_loop, "edgekit-collector-rollouts")):
+        roles = [(self._writer, "edgekit-collector-writer")]
+        if not self.ingest_only:
+            roles += [(self._housekeeping, "edgekit-collector-gaps"), (self._rollout_loop, "edgekit-collector-rollouts")]
+        for target, name in roles:
             thread = threading.Thread(target=target, name=name, daemon=True)
             thread.start()
             self._threads.append(thread)
-        if self.config.http:
+        if self.config.workers > 1 and not self.ingest_only:
+            from .workers import IngestWorkers
+
+            self.workers = IngestWorkers(self.config).start()
+        if self.config.http and not self.ingest_only:
             from .web import serve
 
             self.server = serve(self, self.config.http)
         return self
 
     def stop(self) -> None:
+        if self.workers is not None:
+            self.workers.stop()
         self._stop.set()
         self._wake.set()
         for thread in self._threads:
@@ -157,7 +171,14 @@ class Collector:
         summary = "edgekit/v1/+/+/summary"
         if self.protocol == "5":
             summary = f"$share/{self.config.group}/{summary}"
-        client.subscribe([("edgekit/v1/+/+/state", 1), ("edgekit/v1/+/+/baseline", 1), ("edgekit/v1/+/+/reported", 1), (summary, 1)])
+        if self.ingest_only:
+            if self.protocol != "5":  # a plain subscription would make this worker store every summary a second time
+                log.error("ingest worker %s: the broker has no MQTT 5 shared subscriptions, so workers cannot split the summaries; run one process", self.config.client_id)
+                self.unusable.set()
+                return
+            client.subscribe([(summary, 1)])  # state, baselines and reports are the main process's
+        else:
+            client.subscribe([("edgekit/v1/+/+/state", 1), ("edgekit/v1/+/+/baseline", 1), ("edgekit/v1/+/+/reported", 1), (summary, 1)])
         self.connected.set()
         log.info("collector connected to %s (MQTT %s)", self.config.broker, self.protocol)
 
@@ -208,7 +229,12 @@ class Collector:
         """Run the alert rules on the devices that sent something since the last run (at most every
         ALERT_SECONDS; after a restart, the housekeeping's full pass covers what was left)."""
         now = time.monotonic()
-        if self.alerts is None or not self.ingestor.touched or now - self._alerts_at < ALERT_SECONDS:
+        if self.alerts is None or now - self._alerts_at < ALERT_SECONDS:
+            return
+        if self.workers is not None:  # what the ingest workers stored: devices with summaries past the watermark
+            devices, self._summary_watermark = self.store.devices_with_summaries_after(self._summary_watermark)
+            self.ingestor.touched |= devices
+        if not self.ingestor.touched:
             return
         self._alerts_at = now
         touched, self.ingestor.touched = self.ingestor.touched, set()

@@ -90,6 +90,10 @@ class FleetStore(Protocol):
 
     def add_summaries(self, records: list[SummaryRecord], now: float) -> tuple[int, int]: ...
 
+    def summary_watermark(self) -> int: ...
+
+    def devices_with_summaries_after(self, rowid: int) -> tuple[set[str], int]: ...
+
     def count_reject(self, reason: str, device: str, now: float) -> None: ...
 
     def status(self) -> list[dict[str, Any]]: ...
@@ -221,6 +225,18 @@ class SqliteStore:
              latest is not None, _flag(latest.drifted) if latest else None, latest is not None, latest.worst_feature if latest else None,
              newest.seq > max_seq, newest.model, newest.seq > max_seq, newest.model_version, device),
         )
+
+    def summary_watermark(self) -> int:
+        """An increasing mark of the summaries stored so far (SQLite: the largest rowid; inserts only ever raise it)."""
+        with self._lock:
+            return self.db.execute("SELECT coalesce(max(rowid), 0) FROM summaries").fetchone()[0]
+
+    def devices_with_summaries_after(self, rowid: int) -> tuple[set[str], int]:
+        """Devices with summaries stored after the watermark ``rowid`` (by any process on this store), and the new watermark.
+        Writers are serialized, so a row committed later never has a smaller rowid than one already seen."""
+        with self._lock:
+            rows = self.db.execute("SELECT rowid, device FROM summaries WHERE rowid > ?", (rowid,)).fetchall()
+        return {r[1] for r in rows}, max((r[0] for r in rows), default=rowid)
 
     def count_reject(self, reason: str, device: str, now: float) -> None:
         with self.atomic() as db:
