@@ -22,6 +22,7 @@ from typing import Any, Iterator, Protocol
 
 from ..errors import EdgekitError
 
+GAP_GRACE_SECONDS = 10.0  # a seq still in another collector process's batch is not missing
 MAX_GAP = 1000  # a jump larger than this is a reset or garbage, not a gap worth resending
 
 MIGRATIONS: list[tuple[str, str]] = [
@@ -73,6 +74,11 @@ MIGRATIONS: list[tuple[str, str]] = [
             PRIMARY KEY (rollout, device)
         );
         CREATE INDEX rollout_devices_by_device ON rollout_devices (device)
+    """),
+    # When a gap was found: summaries of one device reach several collector processes, which commit out
+    # of order, so a gap is asked for only once it has outlived GAP_GRACE_SECONDS.
+    ("0004_gap_found_at", """
+        ALTER TABLE gaps ADD COLUMN found_at REAL
     """),
 ]
 
@@ -207,7 +213,7 @@ class SqliteStore:
             arrived = set(seqs)
             missing = [(device, s) for s in range(max_seq + 1, new_max) if s not in arrived]
             if missing:
-                db.executemany("INSERT OR IGNORE INTO gaps (device, seq) VALUES (?, ?)", missing)
+                db.executemany("INSERT OR IGNORE INTO gaps (device, seq, found_at) VALUES (?, ?, ?)", [(*m, now) for m in missing])
         # The verdict shown is the latest *tested* window's: a small window (say, the flush when an
         # agent stops) has no verdict and must not hide the last real one.
         tested = [r for r in records if r.seq > max_seq and r.drifted is not None]
@@ -244,11 +250,11 @@ class SqliteStore:
                        (reason, device or "", now))
 
     # -- gaps ------------------------------------------------------------------------------------------
-    def gaps_to_request(self, now: float, *, retry_after: float = 30.0, limit: int = 500) -> dict[str, list[int]]:
-        """Missing seqs not requested in the last ``retry_after`` seconds, marked as requested now."""
+    def gaps_to_request(self, now: float, *, retry_after: float = 30.0, grace: float = GAP_GRACE_SECONDS, limit: int = 500) -> dict[str, list[int]]:
+        """Missing seqs found over ``grace`` seconds ago and not requested in the last ``retry_after``, marked as requested now."""
         with self.atomic() as db:
-            rows = db.execute("SELECT device, seq FROM gaps WHERE requested_at IS NULL OR requested_at < ? ORDER BY device, seq LIMIT ?",
-                              (now - retry_after, limit)).fetchall()
+            rows = db.execute("SELECT device, seq FROM gaps WHERE (requested_at IS NULL AND coalesce(found_at, 0) <= ?) OR requested_at < ? "
+                              "ORDER BY device, seq LIMIT ?", (now - grace, now - retry_after, limit)).fetchall()
             db.executemany("UPDATE gaps SET requested_at = ?, requests = requests + 1 WHERE device = ? AND seq = ?", [(now, r["device"], r["seq"]) for r in rows])
         wanted: dict[str, list[int]] = {}
         for row in rows:
