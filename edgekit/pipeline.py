@@ -13,14 +13,12 @@ from typing import Any
 
 import numpy as np
 
-import json
-
 from . import compare
-from .convert import sample_rows, serialize, stamp_metadata, to_onnx
+from .convert import sample_rows, serialize, to_onnx
 from .data import Dataset, adopt_feature_names, load_dataset
 from .errors import DataError
 from .fsutil import write_bytes_atomic
-from .models import METADATA_QUANTIZATION, load_model
+from .models import load_model
 from .onnx_target import RuntimeTarget
 from .progress import NoProgress, Progress
 from .quant_search import SearchOutcome, candidate_configs, search
@@ -119,8 +117,7 @@ def convert_model(
     outcome = search(fp32, configs, rows=rows, labels=labels, calibration=calibration_rows, max_drop=max_drop, min_agreement=quantize.min_agreement, force=quantize.force,
                      target=target, progress=progress, source=source)
     chosen = outcome.chosen
-    stamp_metadata(chosen.proto, METADATA_QUANTIZATION, json.dumps(chosen.config.to_dict() if chosen.config else {"mode": "none"}))
-    data = serialize(chosen.proto)
+    data = serialize(chosen.proto)  # stamped with its quantization by the search
     write_bytes_atomic(output, data)
     return ConvertOutcome(source, output, len(data), outcome, notes)
 

@@ -10,6 +10,7 @@ float and the best static configuration is tried again.
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,11 +18,11 @@ from typing import Any
 import numpy as np
 
 from . import compare
-from .convert import serialize
+from .convert import serialize, stamp_metadata
 from .errors import NotQuantizableError, QuantizationError
 from .latency import batches_from, measure
 from .layer_error import layer_errors, worst_nodes
-from .models import OnnxModel
+from .models import METADATA_QUANTIZATION, OnnxModel
 from .onnx_target import RuntimeTarget
 from .progress import NoProgress, Progress
 from .quantize import QuantConfig, calibration_steps, quantize
@@ -133,6 +134,7 @@ def search(
     reference = OnnxModel.from_bytes(serialize(fp32_proto), path=source)
     spec = reference.output
     reference_prediction = reference.predict(rows)
+    stamp_quantization(fp32_proto, None)
     baseline = Trial(FLOAT32, None, fp32_proto, len(serialize(fp32_proto)), compare.task_metric(spec, reference_prediction, labels), 0.0, 1.0, within=True)
     steps_per_static = calibration_steps(len(calibration)) if calibration is not None else 0
     progress.start(sum(1 + (steps_per_static if c.mode == "static" else 0) for c in configs) + 1, "quantizing")
@@ -196,6 +198,7 @@ class _Context:
         try:
             trial.proto = quantize(self.fp32_proto, config, calibration=self.calibration, target=self.target,
                                    progress=lambda n: self.progress.advance(n), source=self.source)
+            stamp_quantization(trial.proto, config)  # before measuring: the size in the table is the size written
         except NotQuantizableError:
             raise
         except QuantizationError as exc:
@@ -265,3 +268,8 @@ def _speed(trial: Trial, baseline: Trial) -> str:
 
 def _drop_text(trial: Trial) -> str:
     return "" if trial.drop is None else f", {compare.describe_drop(trial.drop)}"
+
+
+def stamp_quantization(proto: Any, config: QuantConfig | None) -> None:
+    """Record in the model how it was quantized (``{"mode": "none"}`` for float32)."""
+    stamp_metadata(proto, METADATA_QUANTIZATION, json.dumps(config.to_dict() if config else {"mode": "none"}))

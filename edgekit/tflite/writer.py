@@ -210,7 +210,7 @@ def write_int8(plan: Plan, output_name: str, calibration: np.ndarray, labels: tu
             current, in_scale, width = _int8_fc(b, step, current, in_scale, observed)
         elif step.kind in INT8_FIXED_OUTPUT:
             out_scale, out_zero = INT8_FIXED_OUTPUT[step.kind]
-            out = b.tensor(f"{step.name or step.kind}{index}/out", [1, width], "int8", quant=(out_scale, out_zero))
+            out = b.tensor(f"{step.kind}{index}/out", [1, width], "int8", quant=(out_scale, out_zero))  # not the ONNX node's name: skl2onnx calls its Softmax "Relu1"
             b.op(FLOAT_OPS[step.kind], [current], [out], 2, b.softmax_options() if step.kind == "softmax" else None)
             current, in_scale = out, out_scale
         elif step.kind == "relu":
