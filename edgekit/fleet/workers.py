@@ -25,6 +25,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from typing import Any
 
 from .collector import Collector, CollectorConfig
@@ -32,6 +33,7 @@ from .collector import Collector, CollectorConfig
 log = logging.getLogger("edgekit.fleet")
 NOT_APPLICABLE = 3  # the broker has no shared subscriptions: the worker would store every summary twice
 RESTART_DELAY_MAX = 30.0
+STABLE_SECONDS = 60.0  # a worker that ran this long before exiting is restarted after the shortest delay
 
 
 def worker_config(config: CollectorConfig, index: int) -> CollectorConfig:
@@ -44,6 +46,7 @@ class IngestWorkers:
     def __init__(self, config: CollectorConfig) -> None:
         self.configs = [worker_config(config, i) for i in range(1, config.workers)]
         self.processes: dict[int, subprocess.Popen] = {}
+        self.started_at: dict[int, float] = {}
         self.restarts = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._supervise, name="edgekit-collector-workers", daemon=True)
@@ -57,9 +60,13 @@ class IngestWorkers:
     def _spawn(self, index: int) -> None:
         document = {k: sorted(v) if isinstance(v, frozenset) else v for k, v in dataclasses.asdict(self.configs[index]).items()}
         process = subprocess.Popen([sys.executable, "-m", "edgekit.fleet.workers", str(os.getpid())], stdin=subprocess.PIPE)
-        process.stdin.write(json.dumps(document).encode())  # on stdin, not argv: the config may hold the broker password
-        process.stdin.close()
+        try:
+            process.stdin.write(json.dumps(document).encode())  # on stdin, not argv: the config may hold the broker password
+            process.stdin.close()
+        except BrokenPipeError:  # it died at once; the supervisor sees the exit and tries again
+            pass
         self.processes[index] = process
+        self.started_at[index] = time.monotonic()
 
     def _supervise(self) -> None:
         delays = {index: 1.0 for index in range(len(self.configs))}
@@ -72,12 +79,17 @@ class IngestWorkers:
                     log.warning("ingest worker %s stopped: the broker cannot split summaries between processes", self.configs[index].client_id)
                     del self.processes[index]
                     continue
+                if time.monotonic() - self.started_at[index] > STABLE_SECONDS:
+                    delays[index] = 1.0  # it had been running fine: this is a new failure, not a crash loop
                 log.warning("ingest worker %s exited with %s; restarting it in %.0f s", self.configs[index].client_id, code, delays[index])
                 if self._stop.wait(delays[index]):
                     return
                 delays[index] = min(delays[index] * 2, RESTART_DELAY_MAX)
                 self.restarts += 1
-                self._spawn(index)
+                try:
+                    self._spawn(index)
+                except OSError as exc:
+                    log.error("could not start ingest worker %s: %s", self.configs[index].client_id, exc)
 
     def pids(self) -> list[int]:
         return [p.pid for p in self.processes.values() if p.poll() is None]
