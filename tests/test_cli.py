@@ -48,3 +48,10 @@ def test_fleet_reads_refuse_a_missing_database_instead_of_making_an_empty_one(cl
     assert result.exit_code == 2
     assert "no fleet database here" in result.output and "--db" in result.output
     assert not db.exists()
+
+
+@pytest.mark.parametrize("target, name", [("tflite", "model.onnx"), ("onnx", "model.tflite")])
+def test_convert_refuses_an_output_name_of_the_other_format(cli, digits, tmp_path, target, name):
+    result = cli("convert", digits.model, "--target", target, "-o", tmp_path / name)
+    assert result.exit_code == 2 and f"--target is {target}" in result.output and f"end it in .{target}" in result.output
+    assert not (tmp_path / name).exists()

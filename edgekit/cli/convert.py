@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
 
 from ..onnx_target import DEFAULT_MIN_RUNTIME, DEFAULT_OPSET, RuntimeTarget
@@ -15,8 +17,8 @@ def register(cli: click.Group) -> None:
 
 @click.command()
 @click.argument("model", type=click.Path(dir_okay=False))
-@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Where to write the ONNX model.")
-@click.option("--quantize", type=click.Choice(["int8"]), help="Quantize float32 to int8 with onnxruntime.quantization.")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Where to write the model (.onnx, or .tflite with --target tflite).")
+@click.option("--quantize", type=click.Choice(["int8"]), help="Quantize float32 to int8 (onnxruntime.quantization; full-integer int8 for --target tflite).")
 @click.option("--calibration", type=click.Path(dir_okay=False), help="Representative rows (.npz/.csv) for static quantization.")
 @click.option("--eval", "evaluation", type=click.Path(dir_okay=False), help="Labelled rows: try every configuration, keep the fastest within --max-accuracy-drop.")
 @click.option("--label", help="Label column of CSV data (default: a column named label, target or y).")
@@ -35,7 +37,7 @@ def register(cli: click.Group) -> None:
 @json_option
 def convert(model, output, quantize, calibration, evaluation, label, max_accuracy_drop, min_agreement, mode, per_channel, activation_type, weight_type,
             calibrate_method, force, target_format, min_runtime, opset, as_json):
-    """Convert a scikit-learn model or ONNX file to ONNX, optionally int8.
+    """Convert a scikit-learn model or ONNX file to ONNX or TFLite, optionally int8.
 
     A scikit-learn estimator or Pipeline (joblib or pickle: loading one runs its code, so load only
     files you trust) is converted whole with skl2onnx. With --quantize int8 the int8 model is kept
@@ -51,6 +53,9 @@ def convert(model, output, quantize, calibration, evaluation, label, max_accurac
           --eval test.csv --max-accuracy-drop 0.01 -o model.int8.onnx
       edgekit convert model.joblib --target tflite --quantize int8 --calibration train.npz -o model.tflite
     """
+    suffix = Path(output).suffix.lower()
+    if suffix in (".onnx", ".tflite") and suffix != f".{target_format}":
+        raise CommandError(f"-o {output} ends in {suffix} but --target is {target_format}; end it in .{target_format}, or pass --target {suffix[1:]}")
     options = None
     needs_quantize = [flag for flag, value in (("--max-accuracy-drop", max_accuracy_drop), ("--min-agreement", min_agreement), ("--mode", mode),
                                                ("--force", force), ("--per-channel/--per-tensor", per_channel)) if value not in (None, False)]

@@ -35,7 +35,19 @@ def demo(workdir, fixtures, devices, duration, broker, keep_serving):
     workdir = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="edgekit-demo-"))
     result = run_demo(workdir, fixtures=fixtures if Path(fixtures).is_dir() else None, devices=devices, duration=duration, broker=broker,
                       keep_serving=keep_serving, say=click.echo)
-    click.echo(f"done: everything is in {result.workdir}; look again with 'edgekit fleet status --db {result.workdir / 'fleet.db'}' "
-               f"(or fleet drift, fleet alerts)")
+    database = result.workdir / "fleet.db"
+    again = f"; look again with '{_edgekit_command()} fleet status --db {database}' (or fleet drift, fleet alerts)" if database.exists() else ""
+    click.echo(f"done: everything is in {result.workdir}{again}")
     rollout_ok = result.rollout is None or result.rollout["state"] == "succeeded"
     exit_with(0 if result.validation_passed and rollout_ok else EXIT_THRESHOLD)
+
+
+def _edgekit_command() -> str:
+    """``edgekit`` as this shell can run it: the full path when it lives in a virtualenv not on PATH (scripts/demo.sh's .venv)."""
+    import shutil
+    import sys
+
+    beside = Path(sys.executable).parent / "edgekit"
+    if beside.exists() and shutil.which("edgekit") != str(beside):
+        return str(beside)
+    return "edgekit"

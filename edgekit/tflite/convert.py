@@ -27,6 +27,20 @@ FLOAT = "tflite float32"
 INT8 = "tflite int8 (full integer, per-channel weights)"
 
 
+class TfliteFullInteger(QuantConfig):
+    """How the int8 .tflite is quantized, in the search's terms (its table and --json), not ONNX's QDQ."""
+
+    @property
+    def label(self) -> str:
+        return INT8
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"mode": "static", "format": "tflite full integer", "per_channel": True, "activation_type": "int8", "weight_type": "int8", "label": INT8}
+
+
+INT8_CONFIG = TfliteFullInteger("static", per_channel=True, activation_type="int8")
+
+
 def tflite_output(spec: Any) -> str:
     return spec.probabilities_output if spec.task == "classification" else spec.value_output
 
@@ -62,8 +76,7 @@ def _best_int8(plan: Plan, output: str, calibration: np.ndarray, labels: tuple[A
         candidate = equalize_first_layer(plan, calibration) if equalized else plan
         if candidate is None:
             continue
-        quant = {"mode": "static", "format": "tflite full integer", "per_channel": True, "activation_type": "int8", "weight_type": "int8",
-                 "input_equalization": equalized, "label": INT8}
+        quant = {**INT8_CONFIG.to_dict(), "input_equalization": equalized}
         data = write_int8(candidate, output, calibration, labels, {**metadata, METADATA_QUANTIZATION: json.dumps(quant)})
         scores = TfliteModel.from_bytes(data, path=source).predict(calibration).scores
         error = float(np.mean(np.abs(scores.reshape(expected.shape) - expected)))
@@ -83,7 +96,7 @@ def choose(fp32_proto: Any, *, rows: np.ndarray, labels: np.ndarray | None, cali
     trials = {}
     for name, model in models.items():
         prediction = model.predict(rows)
-        config = None if name == FLOAT else QuantConfig("static", per_channel=True, activation_type="int8")
+        config = None if name == FLOAT else INT8_CONFIG
         trial = Trial(name, config, built[name], model.size_bytes)
         trial.metric = compare.task_metric(model.output, prediction, labels)
         trial.agreement = compare.agreement(model.output, reference, prediction)
