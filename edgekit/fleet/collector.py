@@ -232,6 +232,7 @@ class Collector:
         if self.alerts is None or now - self._alerts_at < ALERT_SECONDS:
             return
         if self.workers is not None:  # what the ingest workers stored: devices with summaries past the watermark
+            self._alerts_at = now  # this query, too, at most every ALERT_SECONDS
             devices, self._summary_watermark = self.store.devices_with_summaries_after(self._summary_watermark)
             self.ingestor.touched |= devices
         if not self.ingestor.touched:
