@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import EdgekitError
+from .processes import stop_processes
 
 
 @dataclass
@@ -30,12 +31,7 @@ class LocalBroker:
         return f"mqtt://127.0.0.1:{self.port}"
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
+        stop_processes([self.process])
 
 
 def free_port() -> int:

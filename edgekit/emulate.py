@@ -24,6 +24,7 @@ from device_agent.signing import load_public_key
 from device_agent.state import StateDir
 
 from .errors import EdgekitError
+from .processes import stop_processes
 
 
 @dataclass(frozen=True)
@@ -129,15 +130,7 @@ class EmulatedFleet:
                 raise EdgekitError(f"emulated device {config.parent.name} exited with code {process.returncode}: {tail[0]}", f"see {config.parent / 'agent.log'}")
 
     def stop(self) -> None:
-        for process in self.processes:
-            if process.poll() is None:
-                process.terminate()
-        for process in self.processes:
-            try:
-                process.wait(15)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(5)
+        stop_processes(self.processes, timeout=15)
         if self.processes:
             self.say(f"stopped {len(self.processes)} emulated device(s)")
         self.processes = []

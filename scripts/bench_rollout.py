@@ -53,6 +53,7 @@ from edgekit.fleet.collector import Collector, CollectorConfig  # noqa: E402
 from edgekit.keys import generate_keypair  # noqa: E402
 from edgekit.package import build_bundle  # noqa: E402
 from edgekit.pipeline import QuantizeOptions, convert_model  # noqa: E402
+from edgekit.processes import stop_processes  # noqa: E402
 from bench_report import print_checks, write_json  # noqa: E402  (beside this script)
 
 TARGETS = {"rollout_seconds_max": 60.0, "swap_gap_ms_max": 50.0, "bytes_ratio_max": 1.0, "resumed_ratio_max": 1.0}
@@ -188,13 +189,7 @@ class Prober:
         return self
 
     def stop(self) -> None:
-        if self._process.poll() is None:
-            self._process.terminate()
-            try:
-                self._process.wait(30)
-            except subprocess.TimeoutExpired:
-                self._process.kill()
-                self._process.wait(5)
+        stop_processes([self._process], timeout=30)
         if self._out.exists() and not self.answers:
             lines = json.loads(self._out.read_text())
             self.answers = [(t, v) for t, v, *_ in lines if v is not None]

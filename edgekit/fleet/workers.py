@@ -28,6 +28,7 @@ import threading
 import time
 from typing import Any
 
+from ..processes import stop_processes
 from .collector import Collector, CollectorConfig
 
 log = logging.getLogger("edgekit.fleet")
@@ -96,15 +97,7 @@ class IngestWorkers:
 
     def stop(self) -> None:
         self._stop.set()
-        for process in self.processes.values():
-            if process.poll() is None:
-                process.terminate()
-        for process in self.processes.values():
-            try:
-                process.wait(10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(5)
+        stop_processes(self.processes.values())
         self._thread.join(timeout=5)
 
 
