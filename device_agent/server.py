@@ -6,6 +6,7 @@
     GET  /healthz                    200 while a model is loaded
     GET  /metrics                    Prometheus text
 
+Bodies come with Content-Length or Transfer-Encoding: chunked (neither: 411; over MAX_BODY_BYTES: 413).
 Bad requests get 400 with ``{"error": "..."}`` and the server keeps serving. With a token set,
 every route but /healthz needs ``Authorization: Bearer <token>``.
 """
@@ -22,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from .config import ServerConfig
 from .errors import AgentError, ConfigError, InputError
+from .httpbody import BodyError, read_body
 from .metrics import render_metrics
 
 if TYPE_CHECKING:
@@ -113,14 +115,13 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _body(self) -> dict[str, Any] | None:
         try:
-            length = int(self.headers.get("Content-Length", "0"))
-        except ValueError:
-            length = -1
-        if length < 0 or length > MAX_BODY_BYTES:
-            self._json(413 if length > 0 else 400, {"error": f"body must have a Content-Length of at most {MAX_BODY_BYTES} bytes"})
+            data = read_body(self.headers, self.rfile, MAX_BODY_BYTES)
+        except BodyError as exc:
+            self.close_connection = True  # the rest of the body is unread
+            self._json(exc.status, {"error": str(exc)})
             return None
         try:
-            body = json.loads(self.rfile.read(length) or b"null")
+            body = json.loads(data or b"null")
         except (ValueError, UnicodeDecodeError) as exc:
             self._json(400, {"error": f"the body is not JSON ({exc})"})
             return None
@@ -136,5 +137,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_response(status)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(data)))
+        if self.close_connection:  # a refused body is left unread: say so before hanging up
+            self.send_header("Connection", "close")
         self.end_headers()
         self.wfile.write(data)

@@ -30,6 +30,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, urlparse
 
+from device_agent.httpbody import BodyError, read_body
+
 from ..errors import EdgekitError
 from .merge import merged_drift, since_timestamp
 
@@ -104,11 +106,11 @@ class _Handler(BaseHTTPRequestHandler):
         token = self.collector.config.api_token
         if token and not hmac.compare_digest(self.headers.get("Authorization", ""), f"Bearer {token}"):
             return self._send(401, json.dumps({"error": "missing or wrong API token; set EDGEKIT_COLLECTOR_TOKEN"}).encode(), "application/json")
-        length = int(self.headers.get("Content-Length") or 0)
-        if length > MAX_UPLOAD_BYTES:
-            self.close_connection = True
-            return self._send(413, json.dumps({"error": f"body of {length} bytes is over the {MAX_UPLOAD_BYTES}-byte limit"}).encode(), "application/json")
-        body = self.rfile.read(length) if length else b""
+        try:
+            body = read_body(self.headers, self.rfile, MAX_UPLOAD_BYTES)
+        except BodyError as exc:
+            self.close_connection = True  # the rest of the body is unread
+            return self._send(exc.status, json.dumps({"error": str(exc)}).encode(), "application/json")
         rollouts = self.collector.rollouts
         try:
             if url.path == "/api/bundles":
@@ -195,6 +197,8 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_response(status)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(data)))
+        if self.close_connection:  # a refused body is left unread: say so before hanging up
+            self.send_header("Connection", "close")
         self.end_headers()
         self.wfile.write(data)
 
