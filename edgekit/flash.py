@@ -2,9 +2,9 @@
 
 Targets:
 
-- ``ssh://user@host[:port]``: through the system ``ssh`` and ``scp`` (the user's keys and config;
-  ``--identity`` and ``--ssh-option`` pass through). Layout under ``/opt/edgekit`` (root) or
-  ``~/edgekit``; a systemd unit ``edgekit-agent.service`` (restart on failure, an unprivileged user)
+- ``ssh://user@host[:port][/install/root]``: through the system ``ssh`` and ``scp`` (the user's keys and config;
+  ``--identity`` and ``--ssh-option`` pass through). Layout under the URL's path when it has one, else
+  ``/opt/edgekit`` (root) or ``~/edgekit``; a systemd unit ``edgekit-agent.service`` (restart on failure, an unprivileged user)
   is installed, enabled and started when the target runs systemd, else the agent is started in the
   background. Then the device's first state message is awaited on the broker.
 - ``dir:/path``: the same layout in a local directory, an emulated device; ``edge-agent run --config
@@ -184,6 +184,7 @@ class Flasher:
             f"ROOT={q(root)}",
             'mkdir -p "$ROOT/etc" "$ROOT/state"',
             f'[ -x "$ROOT/venv/bin/python" ] || {q(plan.python)} -m venv {venv_flags}"$ROOT/venv"',
+            *(self._inherit_site_packages() if plan.system_site_packages else []),
             # edgekit itself always into the venv (a system-wide edgekit must not satisfy it), then what it needs
             f'"$ROOT/venv/bin/python" -m pip install -q --disable-pip-version-check {index}--find-links "$ROOT/wheels" --force-reinstall --no-deps edgekit',
             f'"$ROOT/venv/bin/python" -m pip install -q --disable-pip-version-check {index}--find-links "$ROOT/wheels" "edgekit[{extras}]"',
@@ -212,6 +213,19 @@ class Flasher:
                       'echo $! > "$ROOT/agent.pid"']
         return "\n".join(lines) + "\n"
 
+    def _inherit_site_packages(self) -> list[str]:
+        """Shell lines that let the new venv see the packages of the interpreter ``--python`` names.
+
+        ``venv --system-site-packages`` only reaches the *base* interpreter's site-packages: when
+        ``--python`` is itself a virtualenv's python, the packages the user meant (that venv's) stay
+        invisible, and an offline install then fails on whatever the base Python happens to lack. A
+        ``.pth`` file listing that interpreter's own site directories makes them visible, whatever it is.
+        """
+        q = shlex.quote
+        listing = "import site; print(chr(10).join(site.getsitepackages()))"
+        purelib = "import sysconfig; print(sysconfig.get_paths()['purelib'])"
+        return [f'{q(self.plan.python)} -c {q(listing)} > "$("$ROOT/venv/bin/python" -c {q(purelib)})/edgekit-python-site.pth"']
+
     # -- transport ----------------------------------------------------------------------------------
     def _ssh_base(self) -> tuple[list[str], list[str], str]:
         parsed = urlparse(self.plan.target)
@@ -227,7 +241,12 @@ class Flasher:
         return ["ssh", *options, *(["-p", str(port)] if port else []), destination], ["scp", "-q", *options, *(["-P", str(port)] if port else [])], destination
 
     def _remote_root(self) -> str:
+        """The install root: the URL's path when it has one (ssh://pi@host/srv/edgekit), else a default per user."""
         parsed = urlparse(self.plan.target)
+        if parsed.path.rstrip("/"):
+            if ".." in parsed.path.split("/"):
+                raise FlashError(f"target path {parsed.path!r} climbs with '..'", "give the install root as an absolute path, e.g. ssh://pi@host/opt/edgekit")
+            return parsed.path.rstrip("/")
         return "/opt/edgekit" if parsed.username in (None, "root") else f"/home/{parsed.username}/edgekit"
 
     def _chroot(self) -> Path | None:

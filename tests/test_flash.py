@@ -54,6 +54,33 @@ def test_dry_run_prints_every_step_and_changes_nothing(cli, bundle, keypair, tmp
     assert not target.exists()
 
 
+def test_an_ssh_target_path_is_the_install_root(cli, bundle, keypair):
+    result = cli("flash", bundle, "--target", "ssh://pi@192.0.2.1:2222/srv/edge kit", "--device-id", "d1", "--broker", "mqtt://127.0.0.1:1883",
+                 "--pubkey", keypair[1], "--dry-run")
+    assert result.exit_code == 0, result.output
+    assert "(root /srv/edge kit)" in result.stdout and "ROOT='/srv/edge kit'" in result.stdout and "/home/pi/edgekit" not in result.stdout
+    climbing = cli("flash", bundle, "--target", "ssh://pi@192.0.2.1/srv/../etc", "--device-id", "d1", "--broker", "mqtt://127.0.0.1:1883",
+                   "--pubkey", keypair[1], "--dry-run")
+    assert climbing.exit_code == 2 and "'..'" in climbing.output
+
+
+def test_system_site_packages_reaches_a_virtualenv_interpreters_packages(tmp_path):
+    """--python may be a venv's python: the device venv must see that venv's packages, not only its base's."""
+    parent = tmp_path / "parent"
+    subprocess.run([sys.executable, "-m", "venv", str(parent)], check=True)
+    site = Path(subprocess.check_output([str(parent / "bin" / "python"), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], text=True).strip())
+    (site / "only_in_parent_venv.py").write_text("VALUE = 42\n")
+    from edgekit.flash import Flasher, FlashPlan
+
+    plan = FlashPlan(bundle=Path("b"), device_id="d", fleet="f", broker="mqtt://127.0.0.1:1", pubkey=Path("k"), target="dir:/x",
+                     python=str(parent / "bin" / "python"), system_site_packages=True)
+    script = Flasher(plan)._install_script(str(tmp_path / "device"), ssh=False)
+    setup = "\n".join(line for line in script.splitlines() if "pip install" not in line and "edge-agent" not in line)
+    subprocess.run(["bash", "-c", setup], check=True)
+    value = subprocess.check_output([str(tmp_path / "device" / "venv" / "bin" / "python"), "-c", "import only_in_parent_venv as m; print(m.VALUE)"], text=True)
+    assert value.strip() == "42"
+
+
 def test_flash_an_emulated_device_and_see_it_come_online(cli, bundle, keypair, broker, fleet_name, tmp_path):
     wheels = tmp_path / "wheels"
     wheels.mkdir()

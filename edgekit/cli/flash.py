@@ -15,7 +15,7 @@ def register(cli: click.Group) -> None:
 
 @click.command()
 @click.argument("bundle", type=click.Path(dir_okay=False))
-@click.option("--target", required=True, help="ssh://user@host[:port], dir:/path (an emulated device) or chroot:/rootfs (an emulated Pi root).")
+@click.option("--target", required=True, help="ssh://user@host[:port][/install/root] (default root /opt/edgekit, ~/edgekit for a non-root user), dir:/path (an emulated device) or chroot:/rootfs (an emulated Pi root).")
 @click.option("--device-id", required=True, help="The device's id (an MQTT topic level).")
 @click.option("--fleet", default="default", show_default=True, help="Its fleet.")
 @click.option("--broker", required=True, help="MQTT broker URL as the device reaches it.")
@@ -26,7 +26,7 @@ def register(cli: click.Group) -> None:
 @click.option("--credentials", type=click.Path(file_okay=False), help="The credentials/ directory of 'edgekit fleet provision'.")
 @click.option("--listen", default="127.0.0.1:8470", show_default=True, help="The agent's HTTP address on the device.")
 @click.option("--python", "python_", default="python3", show_default=True, help="The device's Python for the venv.")
-@click.option("--system-site-packages", is_flag=True, help="Let the venv use the device's packages (e.g. Debian's numpy).")
+@click.option("--system-site-packages", is_flag=True, help="Let the venv use the packages of --python (a virtualenv's own too; e.g. Debian's numpy).")
 @click.option("--start", is_flag=True, help="dir: targets: start the agent in the background too.")
 @click.option("--wait", default=60.0, show_default=True, help="Seconds to wait for the device's first state message.")
 @click.option("--dry-run", is_flag=True, help="Print every step instead of running it.")
