@@ -1,39 +1,84 @@
-"""Prometheus text exposition for the agent, written by hand (a device need not carry a client library)."""
+"""Prometheus text exposition for the agent, written by hand (a device need not carry a client library).
+
+Format: https://prometheus.io/docs/instrumenting/exposition_formats/ (text format 0.0.4). Every label
+value goes through ``escape_label_value`` (a feature may be called ``size "cm"``), and names follow
+the naming conventions ``promtool check metrics`` enforces: base units (seconds), counters ``_total``.
+"""
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from .agent import Agent
 
 
+def escape_label_value(value: object) -> str:
+    """A label value as the text format wants it between its double quotes: ``\\``, ``"`` and newline escaped."""
+    return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def escape_help(text: str) -> str:
+    """HELP text: backslash and newline escaped (double quotes are left alone there)."""
+    return text.replace("\\", "\\\\").replace("\n", "\\n")
+
+
+def format_labels(labels: dict[str, object]) -> str:
+    """``{a="x",b="y"}`` with every value escaped, or an empty string for no labels."""
+    if not labels:
+        return ""
+    return "{" + ",".join(f'{name}="{escape_label_value(value)}"' for name, value in labels.items()) + "}"
+
+
+def format_value(value: float) -> str:
+    """A sample value or ``le`` bound: Go-style ``+Inf``/``-Inf``/``NaN``, integers without a trailing ``.0``."""
+    value = float(value)
+    if math.isnan(value):
+        return "NaN"
+    if math.isinf(value):
+        return "+Inf" if value > 0 else "-Inf"
+    if value.is_integer() and abs(value) < 1e15:
+        return str(int(value))
+    return repr(value)
+
+
+def _family(lines: list[str], name: str, kind: str, help_text: str) -> None:
+    lines += [f"# HELP {name} {escape_help(help_text)}", f"# TYPE {name} {kind}"]
+
+
+def _sample(lines: list[str], name: str, labels: dict[str, object], value: float) -> None:
+    lines.append(f"{name}{format_labels(labels)} {format_value(value)}")
+
+
 def render_metrics(agent: Agent) -> str:
     from .agent import LATENCY_BUCKETS_MS
 
-    labels = f'model="{agent.model_info["name"]}",version="{agent.model_info["version"]}"'
+    model = {"model": agent.model_info["name"], "version": agent.model_info["version"]}
     stats = agent.stats
-    lines = [
-        "# HELP edgekit_predictions_total Rows scored.",
-        "# TYPE edgekit_predictions_total counter",
-        f"edgekit_predictions_total{{{labels}}} {agent._counter}",
-        "# HELP edgekit_prediction_errors_total Requests refused or failed, by kind.",
-        "# TYPE edgekit_prediction_errors_total counter",
-    ]
-    lines += [f'edgekit_prediction_errors_total{{{labels},kind="{kind}"}} {count}' for kind, count in sorted(stats["errors"].items())]
-    lines += ["# HELP edgekit_latency_ms Per-row inference latency over closed windows.", "# TYPE edgekit_latency_ms histogram"]
+    lines: list[str] = []
+    _family(lines, "edgekit_predictions_total", "counter", "Rows scored.")
+    _sample(lines, "edgekit_predictions_total", model, agent._counter)
+    _family(lines, "edgekit_prediction_errors_total", "counter", "Requests refused or failed, by kind.")
+    for kind, count in sorted(stats["errors"].items()):
+        _sample(lines, "edgekit_prediction_errors_total", {**model, "kind": kind}, count)
+    _family(lines, "edgekit_latency_seconds", "histogram", "Per-row inference latency over closed windows, in seconds.")
     cumulative = 0
-    for bound, count in zip([*LATENCY_BUCKETS_MS, "+Inf"], stats["latency_buckets"]):
+    for bound_ms, count in zip([*LATENCY_BUCKETS_MS, math.inf], stats["latency_buckets"]):
         cumulative += count
-        lines.append(f'edgekit_latency_ms_bucket{{{labels},le="{bound}"}} {cumulative}')
-    lines += [f"edgekit_latency_ms_sum{{{labels}}} {stats['latency_sum_ms']:.6f}", f"edgekit_latency_ms_count{{{labels}}} {cumulative}"]
-    lines += ["# HELP edgekit_windows_total Windows closed and spooled.", "# TYPE edgekit_windows_total counter", f"edgekit_windows_total{{{labels}}} {stats['windows']}"]
-    lines += ["# HELP edgekit_spool_depth Summaries waiting for the broker's acknowledgement.", "# TYPE edgekit_spool_depth gauge", f"edgekit_spool_depth {agent.spool.depth()}"]
+        _sample(lines, "edgekit_latency_seconds_bucket", {**model, "le": format_value(bound_ms / 1000)}, cumulative)
+    _sample(lines, "edgekit_latency_seconds_sum", model, round(stats["latency_sum_ms"] / 1000, 9))
+    _sample(lines, "edgekit_latency_seconds_count", model, cumulative)
+    _family(lines, "edgekit_windows_total", "counter", "Windows closed and spooled.")
+    _sample(lines, "edgekit_windows_total", model, stats["windows"])
+    _family(lines, "edgekit_spool_depth", "gauge", "Summaries waiting for the broker's acknowledgement.")
+    _sample(lines, "edgekit_spool_depth", {}, agent.spool.depth())
     summary = agent.last_summary
     if summary is not None:
         drift = summary["drift"]
-        lines += ["# HELP edgekit_drift_psi PSI of each feature in the last closed window.", "# TYPE edgekit_drift_psi gauge"]
-        lines += [f'edgekit_drift_psi{{{labels},feature="{name}"}} {values["psi"]}' for name, values in drift["features"].items()]
-        lines += ["# HELP edgekit_drifted Whether the last closed window was judged drifted.", "# TYPE edgekit_drifted gauge",
-                  f"edgekit_drifted{{{labels}}} {1 if drift['drifted'] else 0}"]
+        _family(lines, "edgekit_drift_psi", "gauge", "PSI of each feature in the last closed window.")
+        for name, values in drift["features"].items():
+            _sample(lines, "edgekit_drift_psi", {**model, "feature": name}, values["psi"])
+        _family(lines, "edgekit_drifted", "gauge", "Whether the last closed window was judged drifted.")
+        _sample(lines, "edgekit_drifted", model, 1 if drift["drifted"] else 0)
     return "\n".join(lines) + "\n"

@@ -10,6 +10,7 @@ missing=""
 { command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ]; } || missing="$missing mosquitto"
 command -v chromium >/dev/null 2>&1 || missing="$missing chromium"
 { command -v sshd >/dev/null 2>&1 || [ -x /usr/sbin/sshd ]; } || missing="$missing openssh-server"
+command -v promtool >/dev/null 2>&1 || missing="$missing prometheus"  # promtool checks both /metrics pages
 if [ -n "$missing" ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
     echo "edgekit: installing$missing (apt-get)" >&2

@@ -84,7 +84,7 @@ def test_status_health_metrics_and_feedback(device, digits):
         assert model["version"] == 3 and model["state"] == "AVAILABLE"
         metrics = http(agent, "GET", "/metrics")[1].decode()
         assert 'edgekit_predictions_total{model="digits",version="3"} 200' in metrics
-        assert "edgekit_latency_ms_bucket" in metrics and "edgekit_drift_psi" in metrics and "edgekit_spool_depth" in metrics
+        assert "edgekit_latency_seconds_bucket" in metrics and "edgekit_drift_psi" in metrics and "edgekit_spool_depth" in metrics
 
 
 def test_bearer_token(tmp_path, bundle, keypair):
