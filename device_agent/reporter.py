@@ -29,7 +29,7 @@ def _paho():
     try:
         import paho.mqtt.client as mqtt
     except ImportError as exc:
-        raise RuntimeUnavailableError("paho-mqtt is not installed; pip install 'paho-mqtt>=2' (or 'edgekit[agent]')") from exc
+        raise RuntimeUnavailableError("paho-mqtt is not installed; pip install 'paho-mqtt>=2' (or 'edgekit-ml[agent]')") from exc
     return mqtt
 
 

@@ -41,7 +41,7 @@ class MissingDependencyError(EdgekitError):
     def __init__(self, module: str, extra: str) -> None:
         self.module = module
         self.extra = extra
-        super().__init__(f"{module} is not installed", f"pip install 'edgekit[{extra}]'")
+        super().__init__(f"{module} is not installed", f"pip install 'edgekit-ml[{extra}]'")
 
 
 class DataError(EdgekitError):

@@ -13,7 +13,7 @@ Targets:
   qemu-aarch64, see scripts/emulated_pi.sh): the layout goes to ``/opt/edgekit`` inside it, and the
   install runs through ``chroot`` with a clean environment, then the agent is started there.
 
-Layout: ``venv/`` (``edgekit[agent]`` from the index, or offline from ``--wheel-dir``), ``etc/agent.toml``,
+Layout: ``venv/`` (``edgekit-ml[agent]`` from the index, or offline from ``--wheel-dir``), ``etc/agent.toml``,
 ``etc/trusted.pub``, ``etc/mqtt.password`` (0600, from ``fleet provision``), ``state/`` with the bundle
 installed in its active slot. Running flash again upgrades in place. ``--dry-run`` prints each step.
 """
@@ -186,8 +186,8 @@ class Flasher:
             f'[ -x "$ROOT/venv/bin/python" ] || {q(plan.python)} -m venv {venv_flags}"$ROOT/venv"',
             *(self._inherit_site_packages() if plan.system_site_packages else []),
             # edgekit itself always into the venv (a system-wide edgekit must not satisfy it), then what it needs
-            f'"$ROOT/venv/bin/python" -m pip install -q --disable-pip-version-check {index}--find-links "$ROOT/wheels" --force-reinstall --no-deps edgekit',
-            f'"$ROOT/venv/bin/python" -m pip install -q --disable-pip-version-check {index}--find-links "$ROOT/wheels" "edgekit[{extras}]"',
+            f'"$ROOT/venv/bin/python" -m pip install -q --disable-pip-version-check {index}--find-links "$ROOT/wheels" --force-reinstall --no-deps edgekit-ml',
+            f'"$ROOT/venv/bin/python" -m pip install -q --disable-pip-version-check {index}--find-links "$ROOT/wheels" "edgekit-ml[{extras}]"',
             'chmod 600 "$ROOT/etc/mqtt.password" 2>/dev/null || true',
             # flashing is an administrator's direct install: it may replace the active version (OTA may not)
             '"$ROOT/venv/bin/edge-agent" install "$ROOT/bundle.edgebundle" --config "$ROOT/etc/agent.toml" --allow-downgrade',

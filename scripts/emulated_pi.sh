@@ -50,5 +50,8 @@ done > "$CPUINFO"
 mount --bind "$CPUINFO" "$ROOTFS/proc/cpuinfo"; mounted+=("$ROOTFS/proc/cpuinfo")
 
 echo "[3/5] the root runs aarch64: $(chroot "$ROOTFS" /usr/bin/uname -m), $(chroot "$ROOTFS" /usr/bin/python3 --version)" >&2
+# The host side (edgekit, paho for the broker check) runs from the repository's .venv, as demo.sh's does:
+# the system python3 has none of it.
+source "$REPO/scripts/setup_env.sh" host
 cd "$REPO"
-python3 scripts/emulated_pi.py "$ROOTFS"   # not exec: the trap must unmount afterwards
+python scripts/emulated_pi.py "$ROOTFS"   # not exec: the trap must unmount afterwards

@@ -14,8 +14,10 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 STAMP="$VENV/.edgekit-installed-$EXTRAS"
 if [ ! -f "$STAMP" ] || [ "$REPO/pyproject.toml" -nt "$STAMP" ]; then
-  echo "edgekit: installing edgekit[$EXTRAS] into $VENV" >&2
+  echo "edgekit: installing edgekit-ml[$EXTRAS] into $VENV" >&2
   "$VENV/bin/python" -m pip install --quiet --upgrade pip "setuptools>=77" wheel  # flash builds the edgekit wheel offline with these
+  # The distribution was called "edgekit" before it became edgekit-ml (that name is someone else's on the index).
+  "$VENV/bin/python" -m pip uninstall --quiet --yes edgekit >/dev/null 2>&1 || true
   "$VENV/bin/python" -m pip install --quiet -e "$REPO[$EXTRAS]"
   touch "$STAMP"
 fi

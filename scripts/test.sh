@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One command from a fresh clone to the test results: sets up .venv with edgekit[dev], then runs pytest
+# One command from a fresh clone to the test results: sets up .venv with edgekit-ml[dev], then runs pytest
 # on both cores. Extra arguments go to pytest (e.g. -k bundle, or -m "not slow").
 set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"

@@ -25,3 +25,20 @@ def test_demo_runs_the_whole_loop_and_flags_the_drifted_device(cli, digits, tmp_
     assert "[7/8] rolling out digits v2" in out
     assert "succeeded (2 of 2 device(s) updated)" in final
     assert "digits v2" in emu0
+
+
+def test_the_look_again_hint_runs_from_a_fresh_shell(monkeypatch, tmp_path):
+    """scripts/demo.sh puts .venv/bin on its own PATH only: the hint must not rely on that PATH."""
+    import sys
+    from pathlib import Path
+
+    from edgekit.cli.demo import _edgekit_command
+
+    if sys.prefix == sys.base_prefix:
+        pytest.fail("the tests run from scripts/test.sh's .venv")
+    beside = str(Path(sys.executable).parent / "edgekit")
+    monkeypatch.setenv("PATH", str(Path(sys.executable).parent) + ":/usr/bin:/bin")  # as demo.sh runs it
+    monkeypatch.delenv("VIRTUAL_ENV", raising=False)
+    assert _edgekit_command() == beside
+    monkeypatch.setenv("VIRTUAL_ENV", sys.prefix)  # an activated venv: its shells have edgekit on PATH
+    assert _edgekit_command() == "edgekit"

@@ -12,7 +12,7 @@ import numpy as np
 
 from ..errors import ModelError, RuntimeUnavailableError
 
-INSTALL_HINT = "pip install ai-edge-litert (or 'edgekit[tflite]')"
+INSTALL_HINT = "pip install ai-edge-litert (or 'edgekit-ml[tflite]')"
 MAX_INTERPRETERS = 4
 
 

@@ -6,7 +6,7 @@ import numpy as np
 
 from ..errors import ModelError, RuntimeUnavailableError
 
-INSTALL_HINT = "pip install onnxruntime (or 'edgekit[agent]')"
+INSTALL_HINT = "pip install onnxruntime (or 'edgekit-ml[agent]')"
 
 
 def _import_onnxruntime():

@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         import click  # noqa: F401
     except ImportError:
-        print("edgekit: the CLI needs click; pip install 'edgekit[host]'", file=sys.stderr)
+        print("edgekit: the CLI needs click; pip install 'edgekit-ml[host]'", file=sys.stderr)
         return 2
     return _build().main(args=argv, prog_name="edgekit", standalone_mode=True)
 

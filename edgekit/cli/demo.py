@@ -43,11 +43,17 @@ def demo(workdir, fixtures, devices, duration, broker, keep_serving):
 
 
 def _edgekit_command() -> str:
-    """``edgekit`` as this shell can run it: the full path when it lives in a virtualenv not on PATH (scripts/demo.sh's .venv)."""
-    import shutil
+    """``edgekit`` as a fresh shell can run it: the full path when it lives in a virtualenv that is not activated.
+
+    scripts/demo.sh puts .venv/bin on its own PATH only, so "on this PATH" says nothing about the
+    user's shell; an activated virtualenv (``VIRTUAL_ENV``) is what a fresh shell of theirs has.
+    """
+    import os
     import sys
 
     beside = Path(sys.executable).parent / "edgekit"
-    if beside.exists() and shutil.which("edgekit") != str(beside):
+    in_venv = sys.prefix != sys.base_prefix
+    activated = os.environ.get("VIRTUAL_ENV") and Path(os.environ["VIRTUAL_ENV"]).resolve() == Path(sys.prefix).resolve()
+    if beside.exists() and in_venv and not activated:
         return str(beside)
     return "edgekit"
