@@ -85,7 +85,7 @@ def _predict(args: argparse.Namespace) -> int:
     from .runtimes import open_runtime
     from .signing import load_public_key
     from .state import StateDir
-    from .tabular import TableError, read_table
+    from .tabular import TableError, column_order, read_table
 
     config = load_config(args.config)
     bundle = StateDir(config.state_dir).active_bundle(load_public_key(config.public_key))
@@ -94,8 +94,12 @@ def _predict(args: argparse.Namespace) -> int:
     except (TableError, OSError) as exc:
         raise InputError(f"{args.data}: {exc}") from exc
     schema = bundle.input_schema
-    if names is not None and set(names) == set(schema.feature_names):
-        X = X[:, [names.index(n) for n in schema.feature_names]]
+    try:
+        order = column_order(schema.feature_names, names)
+    except TableError as exc:
+        raise InputError(f"{args.data}: {exc}") from exc
+    if order is not None:
+        X = X[:, order]
     rows = schema.check(X, source=args.data)
     runtime = open_runtime(bundle.model_format, bundle.model_bytes, threads=config.threads, source=bundle.path)
     prediction = bundle.output_spec.interpret(runtime.predict(rows))

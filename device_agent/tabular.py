@@ -132,6 +132,43 @@ def normalise_labels(y: np.ndarray | None) -> np.ndarray | None:
     return normalise_labels(numbers)
 
 
+def placeholder_names(width: int) -> tuple[str, ...]:
+    """``f0, f1, …``: what a model records when nothing told it what its columns are."""
+    return tuple(f"f{i}" for i in range(width))
+
+
+def column_order(model_names: Sequence[str], data_names: Sequence[str] | None) -> list[int] | None:
+    """Indices that put the data's columns in the model's order (``None``: already in order or unnamed).
+
+    The host (validate, baselines) and the device (``edge-agent predict``) both match by name, never
+    silently by position: a model that knows its columns only as placeholders cannot check the order of
+    named data, so that is refused too, with the way to record the names.
+    """
+    model_names, width = tuple(model_names), len(model_names)
+    if data_names is None or tuple(data_names) == model_names:
+        return None
+    data_names = tuple(data_names)
+    if len(data_names) != width:
+        return None  # the caller's width check says it more plainly
+    if model_names == placeholder_names(width):
+        raise TableError(
+            f"names its columns ({preview_names(data_names, 4)}) but the model knows them only by position ({preview_names(model_names, 4)}), "
+            "so their order cannot be checked",
+            "re-convert the model with these names recorded (edgekit convert MODEL --names-from THIS_FILE, its header in training order), "
+            "or give the rows without a header (.npz without feature_names) in training order",
+        )
+    missing = [n for n in model_names if n not in data_names]
+    extra = [n for n in data_names if n not in model_names]
+    if missing:
+        raise TableError(
+            f"lacks the model's columns {preview_names(missing)}" + (f" and has columns the model does not know: {preview_names(extra)}" if extra else ""),
+            "give data with the columns the model was trained on",
+        )
+    if extra:
+        raise TableError(f"has columns the model does not know: {preview_names(extra)}", "drop them, or name the label column with --label")
+    return [data_names.index(n) for n in model_names]
+
+
 def preview_names(names: Sequence[str], limit: int = 6) -> str:
     shown = ", ".join(repr(n) for n in list(names)[:limit])
     return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")

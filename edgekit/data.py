@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from device_agent.tabular import TableError, preview_names, read_table
+from device_agent.tabular import TableError, column_order, placeholder_names, read_table
 
 from .errors import DataError
 
@@ -48,19 +48,13 @@ class Dataset:
 
     def aligned_to(self, feature_names: Sequence[str] | None, width: int | None = None) -> Dataset:
         """This data with columns in the model's order, or a ``DataError`` naming what does not match."""
-        if feature_names is not None and self.feature_names is not None and not _is_default(feature_names):
-            missing = [n for n in feature_names if n not in self.feature_names]
-            extra = [n for n in self.feature_names if n not in feature_names]
-            if missing:
-                raise DataError(
-                    f"lacks the model's columns {preview_names(missing)}" + (f" and has columns the model does not know: {preview_names(extra)}" if extra else ""),
-                    "give data with the columns the model was trained on",
-                    path=self.source,
-                )
-            if extra:
-                raise DataError(f"has columns the model does not know: {preview_names(extra)}", "drop them, or name the label column with --label", path=self.source)
-            order = [self.feature_names.index(n) for n in feature_names]
-            return Dataset(self.X[:, order], self.y, tuple(feature_names), self.source, self.sha256)
+        if feature_names is not None:
+            try:
+                order = column_order(feature_names, self.feature_names)
+            except TableError as exc:
+                raise DataError(exc.problem, exc.fix, path=self.source) from exc
+            if order is not None:
+                return Dataset(self.X[:, order], self.y, tuple(feature_names), self.source, self.sha256)
         expected = len(feature_names) if feature_names is not None else width
         if expected is not None and self.width != expected:
             raise DataError(f"has {self.width} feature columns, the model takes {expected}", "give data with the model's features (and name the label column with --label)", path=self.source)
@@ -73,8 +67,7 @@ class Dataset:
         return Dataset(self.X[index], None if self.y is None else self.y[index], self.feature_names, self.source, self.sha256)
 
 
-def default_feature_names(width: int) -> tuple[str, ...]:
-    return tuple(f"f{i}" for i in range(width))
+default_feature_names = placeholder_names
 
 
 def _is_default(names: Sequence[str]) -> bool:

@@ -71,6 +71,7 @@ def convert_model(
     target: RuntimeTarget = RuntimeTarget(),
     progress: Progress = NoProgress(),
     target_format: str = "onnx",
+    names_from: str | None = None,
 ) -> ConvertOutcome:
     if target_format not in ("onnx", "tflite"):
         raise DataError(f"unknown --target {target_format!r}", "use onnx or tflite")
@@ -79,8 +80,11 @@ def convert_model(
         raise DataError("--calibration and --eval are used only with --quantize int8", "add --quantize int8, or drop them")
     calibration_set = load_dataset(calibration, label=label) if calibration else None
     eval_set = load_dataset(evaluation, label=label) if evaluation else None
-    for dataset in (calibration_set, eval_set):
+    names_set = load_dataset(names_from, label=label) if names_from else None
+    for dataset in (names_set, calibration_set, eval_set):
         model.input = adopt_feature_names(model.input, dataset)
+    if names_set is not None:
+        names_set.aligned_to(model.input.feature_names)  # a model that knows other names refuses them here
     fp32 = to_onnx(model, target=target)
     if target_format == "tflite":
         return _convert_tflite(fp32, source, output, model, quantize, calibration_set, eval_set, progress)

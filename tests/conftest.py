@@ -67,7 +67,7 @@ def digits_onnx(digits, tmp_path_factory) -> Path:
     from edgekit.pipeline import convert_model
 
     path = tmp_path_factory.mktemp("digits_onnx") / "digits.onnx"
-    convert_model(str(digits.model), str(path))
+    convert_model(str(digits.model), str(path), names_from=str(digits.train))  # the pickle was fitted on a bare array
     return path
 
 

@@ -21,6 +21,8 @@ def register(cli: click.Group) -> None:
 @click.option("--quantize", type=click.Choice(["int8"]), help="Quantize float32 to int8 (onnxruntime.quantization; full-integer int8 for --target tflite).")
 @click.option("--calibration", type=click.Path(dir_okay=False), help="Representative rows (.npz/.csv) for static quantization.")
 @click.option("--eval", "evaluation", type=click.Path(dir_okay=False), help="Labelled rows: try every configuration, keep the fastest within --max-accuracy-drop.")
+@click.option("--names-from", type=click.Path(dir_okay=False),
+              help="A data file whose header (or .npz feature_names) names the model's columns in training order, for a model that knows none.")
 @click.option("--label", help="Label column of CSV data (default: a column named label, target or y).")
 @click.option("--max-accuracy-drop", type=click.FloatRange(0, 1), help="Largest accuracy loss accepted, as a fraction (0.01 = one point). Default with --eval: 0.01.")
 @click.option("--min-agreement", type=click.FloatRange(0, 1), help="Smallest share of rows on which int8 must answer like float32 (no labels needed).")
@@ -35,7 +37,7 @@ def register(cli: click.Group) -> None:
 @click.option("--min-runtime", default=DEFAULT_MIN_RUNTIME, show_default=True, help="Oldest onnxruntime the model must load on (pins IR version and opsets).")
 @click.option("--opset", type=int, default=DEFAULT_OPSET, show_default=True, help="ai.onnx opset for scikit-learn conversion.")
 @json_option
-def convert(model, output, quantize, calibration, evaluation, label, max_accuracy_drop, min_agreement, mode, per_channel, activation_type, weight_type,
+def convert(model, output, quantize, calibration, evaluation, names_from, label, max_accuracy_drop, min_agreement, mode, per_channel, activation_type, weight_type,
             calibrate_method, force, target_format, min_runtime, opset, as_json):
     """Convert a scikit-learn model or ONNX file to ONNX or TFLite, optionally int8.
 
@@ -68,7 +70,8 @@ def convert(model, output, quantize, calibration, evaluation, label, max_accurac
     progress = BarProgress(enabled=not as_json)
     try:
         outcome = convert_model(model, output, quantize=options, calibration=calibration, evaluation=evaluation, label=label,
-                                target=RuntimeTarget(min_runtime=min_runtime, opset=opset), progress=progress, target_format=target_format)
+                                target=RuntimeTarget(min_runtime=min_runtime, opset=opset), progress=progress, target_format=target_format,
+                                names_from=names_from)
     finally:
         progress.finish()
     if as_json:
