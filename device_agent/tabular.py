@@ -148,9 +148,9 @@ def column_order(model_names: Sequence[str], data_names: Sequence[str] | None) -
     if data_names is None or tuple(data_names) == model_names:
         return None
     data_names = tuple(data_names)
-    if len(data_names) != width:
-        return None  # the caller's width check says it more plainly
     if model_names == placeholder_names(width):
+        if len(data_names) != width:
+            return None  # the caller's width check says it more plainly than names it cannot compare
         raise TableError(
             f"names its columns ({preview_names(data_names, 4)}) but the model knows them only by position ({preview_names(model_names, 4)}), "
             "so their order cannot be checked",

@@ -63,7 +63,7 @@ def _host_pipeline(workdir: Path, fixtures: str | Path | None, say: Say) -> tupl
         say(f"[1/8] using the digits fixtures in {data_dir}")
     model, train, test = data_dir / "digits.joblib", data_dir / "digits_train.npz", data_dir / "digits_test.npz"
     fp32, int8 = workdir / "digits.onnx", workdir / "digits.int8.onnx"
-    convert_model(str(model), str(fp32))
+    convert_model(str(model), str(fp32), names_from=str(train))
     outcome = convert_model(str(model), str(int8), quantize=QuantizeOptions(max_accuracy_drop=0.01), calibration=str(train), evaluation=str(test))
     say(f"[2/8] converted {model.name} to ONNX ({fp32.stat().st_size:,} bytes); int8 search: {outcome.search.verdict}")
     report = validate(str(int8), reference_path=str(model), data_path=str(test), thresholds=Thresholds(max_accuracy_drop=0.01, min_agreement=0.99))
@@ -79,7 +79,7 @@ def _host_pipeline(workdir: Path, fixtures: str | Path | None, say: Say) -> tupl
                      report_path=str(report_path) if source == int8 else None)
         bundles.append(bundle)
     opened = read_bundle(bundles[0], load_public_key(public))
-    say(f"[4/8] packaged and signed digits v1 ({bundles[0].stat().st_size:,} B) and v2 (key {key_id}); v1 verified as a device would: "
+    say(f"[4/8] packaged and signed digits v1 ({bundles[0].stat().st_size:,} B) and v2 ({bundles[1].stat().st_size:,} B) with key {key_id}; v1 verified as a device would: "
         f"{len(opened.members)} members match their sha256")
     return bundles, public, test, bool(report["passed"])
 

@@ -51,7 +51,7 @@ def setup(work: Path) -> dict:
     if fixtures != ROOT / "fixtures":
         make_fixtures(fixtures, ("digits",))
     model = work / "digits.onnx"
-    convert_model(str(fixtures / "digits.joblib"), str(model))
+    convert_model(str(fixtures / "digits.joblib"), str(model), names_from=str(fixtures / "digits_train.npz"))
     private, public, _ = generate_keypair(work / "keys")
     bundle = work / "digits-1.edgebundle"
     build_bundle(str(model), name="digits", version=1, baseline_path=str(fixtures / "digits_train.npz"), key_path=str(private), output=str(bundle))

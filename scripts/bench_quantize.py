@@ -60,7 +60,7 @@ def fixture_paths(names: tuple[str, ...], work: Path) -> dict[str, dict[str, Pat
 
 def bench_fixture(name: str, paths: dict[str, Path], work: Path) -> dict:
     fp32, chosen, int8 = work / f"{name}.onnx", work / f"{name}.chosen.onnx", work / f"{name}.int8.onnx"
-    convert_model(str(paths["model"]), str(fp32))
+    convert_model(str(paths["model"]), str(fp32), names_from=str(paths["train"]))
     row: dict = {"fixture": name, "fp32_bytes": fp32.stat().st_size}
     try:
         outcome = convert_model(str(paths["model"]), str(chosen), calibration=str(paths["train"]), evaluation=str(paths["test"]),
@@ -96,8 +96,8 @@ def bench_tflite(paths: dict[str, Path], work: Path) -> dict:
     from edgekit.models import load_model as load
 
     fp32_onnx, tfl, tfl8, chosen = work / "t.onnx", work / "t.tflite", work / "t.int8.tflite", work / "t.chosen.tflite"
-    convert_model(str(paths["model"]), str(fp32_onnx))
-    convert_model(str(paths["model"]), str(tfl), target_format="tflite")
+    convert_model(str(paths["model"]), str(fp32_onnx), names_from=str(paths["train"]))
+    convert_model(str(paths["model"]), str(tfl), target_format="tflite", names_from=str(paths["train"]))
     convert_model(str(paths["model"]), str(tfl8), target_format="tflite", quantize=QuantizeOptions(force=True), calibration=str(paths["train"]))
     outcome = convert_model(str(paths["model"]), str(chosen), target_format="tflite", quantize=QuantizeOptions(), calibration=str(paths["train"]),
                             evaluation=str(paths["test"]))

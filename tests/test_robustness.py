@@ -64,7 +64,8 @@ def test_outputs_follow_the_umask_not_0600(cli, digits, tmp_path):
 
 def test_labels_the_model_does_not_know_are_refused(cli, digits, digits_onnx, tmp_path):
     X = np.load(digits.test)["X"]
-    lines = [",".join([f"f{i}" for i in range(64)] + ["label"])] + [",".join([*map(str, row), "cat"]) for row in X[:20]]
+    names = [str(n) for n in np.load(digits.train)["feature_names"]]  # digits_onnx records them
+    lines = [",".join(names + ["label"])] + [",".join([*map(str, row), "cat"]) for row in X[:20]]
     (tmp_path / "cats.csv").write_text("\n".join(lines) + "\n")
     result = cli("validate", digits_onnx, "--reference", digits.model, "--data", tmp_path / "cats.csv")
     assert result.exit_code == 2 and "has labels the model does not know: 'cat'" in result.stderr

@@ -46,7 +46,7 @@ def test_bad_inputs_exit_2(cli, digits, digits_onnx, tmp_path):
         (["--data", tmp_path / "unlabelled.npz", "--max-accuracy-drop", "0.01"], "has no labels, which --max-accuracy-drop needs"),
         (["--data", tmp_path / "narrow.npz"], "has 10 feature columns, the model takes 64"),
         (["--data", tmp_path / "nan.npz"], "missing value(s), first at row 0 column 'pixel_0_0'"),
-        (["--data", tmp_path / "cols.csv"], "has 2 feature columns, the model takes 64"),
+        (["--data", tmp_path / "cols.csv"], "lacks the model's columns 'pixel_0_0'"),  # the model knows its names: matched by name
         (["--data", tmp_path / "missing.npz"], "no such file"),
     ]
     for args, message in cases:

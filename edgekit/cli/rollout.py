@@ -39,7 +39,7 @@ def rollout():
               help="Abort and revert when any rule trips: failed>20%, agreement<0.98, p99_ms>50, drift>30% ('' for none).")
 @click.option("--shadow-rows", default=0, show_default=True, type=click.IntRange(min=0),
               help="Live rows each device scores with the candidate beside the serving model before swapping (0: no shadow phase).")
-@click.option("--health-seconds", default="10", show_default=True, help="How long each device watches the new model before committing.")
+@click.option("--health-seconds", default="10", show_default=True, metavar="SECONDS", help="How long each device watches the new model before committing.")
 @COLLECTOR_OPTION
 @click.option("--wait", "wait_", is_flag=True, help="Follow the rollout until it ends; exit 1 unless it succeeded.")
 @json_option
