@@ -34,6 +34,8 @@ from .state import StateDir
 
 log = logging.getLogger("device_agent")
 BACKGROUND_INTERVAL = 0.1
+BACKGROUND_CHUNK_ROWS = 10_000  # rows sketched between prediction-log flushes and stop checks
+STOP_JOIN_SECONDS = 10.0
 LATENCY_BUCKETS_MS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 50, 100, 250, 500, 1000)
 
 
@@ -92,7 +94,8 @@ class Agent:
         self.reporter = None
         self.server = None
         self.last_summary: dict[str, Any] | None = None
-        self.stats = {"predictions": 0, "windows": 0, "errors": {}, "latency_buckets": [0] * (len(LATENCY_BUCKETS_MS) + 1), "latency_sum_ms": 0.0}
+        self.stats = {"predictions": 0, "windows": 0, "errors": {}, "latency_buckets": [0] * (len(LATENCY_BUCKETS_MS) + 1), "latency_sum_ms": 0.0,
+                      "unmonitored_rows": 0}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -137,7 +140,7 @@ class Agent:
         """A ``Serving`` for a loaded model, with its own monitor (windows are per model version)."""
         serving = Serving(bundle, runtime)
         serving.monitor = Monitor(serving.baseline, self.config.monitor.window_rows, self.config.monitor.window_seconds,
-                                  lambda window: self._on_window(window, serving))
+                                  lambda window: self._on_window(window, serving), backlog_rows=self.config.monitor.backlog_rows)
         return serving
 
     def swap(self, serving: Serving) -> Serving:
@@ -171,7 +174,11 @@ class Agent:
         return messages
 
     def stop(self) -> None:
-        """Close the open window (it is spooled), flush the log, say offline, stop serving."""
+        """Close the open window (it is spooled), flush the log, say offline, stop serving.
+
+        The background thread is told to stop and joined before anything it uses is closed. Rows
+        still waiting to be sketched are not sketched (that could take minutes): the closing window
+        counts them in ``unmonitored_rows``."""
         if getattr(self, "feeder", None) is not None:
             self.feeder.stop()
         if self.updater is not None:
@@ -181,8 +188,15 @@ class Agent:
             self.server.server_close()
             self.server = None
         self._stop.set()
+        monitors = [retired.monitor for _, retired in list(self._retired)] + ([self._serving.monitor] if self._serving is not None else [])
+        for monitor in monitors:
+            monitor.stop()
         if self._thread is not None:
-            self._thread.join(timeout=5)
+            self._thread.join(timeout=STOP_JOIN_SECONDS)
+            if self._thread.is_alive():  # not expected: it stops at the next window boundary
+                log.warning("the background thread did not stop within %.0f s; the prediction log is left open", STOP_JOIN_SECONDS)
+                return
+            self._thread = None
         if self._serving is not None and hasattr(self, "log"):
             for _, retired in self._retired:
                 retired.monitor.flush()
@@ -263,7 +277,13 @@ class Agent:
         last_prune = 0.0
         while not self._stop.wait(BACKGROUND_INTERVAL):
             try:
-                self._serving.monitor.process()
+                monitor = self._serving.monitor
+                monitor.process(max_rows=BACKGROUND_CHUNK_ROWS)
+                while monitor.backlog and not self._stop.is_set():  # a large backlog in chunks: stop is checked between them
+                    self.log.flush()
+                    monitor.process(max_rows=BACKGROUND_CHUNK_ROWS)
+                if self._stop.is_set():
+                    break
                 self._close_retired()
                 self.log.flush()
                 if time.time() - last_prune > 60:
@@ -281,6 +301,7 @@ class Agent:
         seq = self.spool.next_seq()
         summary = build_summary(window, device=self.config.device_id, fleet=self.config.fleet, model=serving.model_info, seq=seq,
                                 baseline=serving.baseline, thresholds=serving.bundle.manifest.get("drift"))
+        summary["unmonitored_rows"] = window.unmonitored
         payload = encode(summary)
         self.spool.put(seq, payload)
         self._account(window)
@@ -292,6 +313,7 @@ class Agent:
         stats = self.stats
         stats["windows"] += 1
         stats["predictions"] += window.rows
+        stats["unmonitored_rows"] += window.unmonitored
         for kind, count in window.errors.items():
             stats["errors"][kind] = stats["errors"].get(kind, 0) + count
         buckets = np.searchsorted(np.asarray(LATENCY_BUCKETS_MS), window.latencies_ms, side="left")
@@ -322,4 +344,5 @@ class Agent:
         return {"name": self.model_info["name"], "version": self.model_info["version"], "state": "AVAILABLE", "runtime": self.runtime.name,
                 "update": None if update is None else {k: update.get(k) for k in ("rollout", "version", "state", "reason")},
                 "device": self.config.device_id, "fleet": self.config.fleet, "window": self.monitor.current(),
-                "spool_depth": self.spool.depth(), "mqtt_connected": bool(self.reporter and self.reporter.connected.is_set())}
+                "spool_depth": self.spool.depth(),
+                "unmonitored_rows": self.stats["unmonitored_rows"] + self.monitor.current()["unmonitored_rows"], "mqtt_connected": bool(self.reporter and self.reporter.connected.is_set())}

@@ -12,6 +12,7 @@
     [monitor]
     window_rows = 1000
     window_seconds = 60
+    backlog_rows = 100000              # rows waiting to be sketched at most; the excess is served, counted as unmonitored
     [trust]
     public_key = "/etc/edgekit/edgekit.pub"
 
@@ -78,6 +79,7 @@ class MonitorConfig:
     window_seconds: float = 60.0
     log_rows: int = 10000  # prediction log ring size
     keep_acked_seconds: float = 3600.0  # acknowledged summaries kept for resend requests
+    backlog_rows: int = 100_000  # rows queued for sketching at most (memory stays bounded); the excess is counted as unmonitored
 
 
 @dataclass(frozen=True)
@@ -138,11 +140,14 @@ def parse_config(doc: dict[str, Any], *, base: Path = Path("."), source: str = "
         monitor_config = MonitorConfig(
             window_rows=int(monitor.get("window_rows", 1000)), window_seconds=float(monitor.get("window_seconds", 60)),
             log_rows=int(monitor.get("log_rows", 10000)), keep_acked_seconds=float(monitor.get("keep_acked_seconds", 3600)),
+            backlog_rows=int(monitor.get("backlog_rows", 100_000)),
         )
     except (TypeError, ValueError) as exc:
         raise ConfigError(source, f"a value is invalid ({exc})", "check numbers are numbers, ports are 1-65535 and listen is host:port") from exc
     if monitor_config.window_rows < 1 or monitor_config.window_seconds <= 0:
         raise ConfigError(source, "[monitor] window_rows and window_seconds must be positive")
+    if monitor_config.backlog_rows < 1:
+        raise ConfigError(source, "[monitor] backlog_rows must be positive", "the default is 100000")
     emulate = None
     if "emulate" in doc:
         from .emulation import EmulationConfig

@@ -5,6 +5,10 @@ The request path only appends references to its arrays (``record``); a backgroun
 vectorized batches: one ``searchsorted`` per feature per batch instead of per row, which is what
 keeps monitoring cheap next to a microsecond-scale model. A window closes after ``window_rows`` rows
 (split exactly at the boundary) or ``window_seconds`` seconds, and is handed to ``on_window``.
+
+The backlog is bounded: at most ``backlog_rows`` rows wait to be sketched. Rows beyond it (and rows
+still waiting when ``stop`` is called) are served but not sketched; they are counted, never dropped
+silently: ``unmonitored_rows`` (this monitor's total) and each window's ``unmonitored``.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ class ClosedWindow:
     errors: dict[str, int]
     labelled: int = 0
     correct: int = 0
+    unmonitored: int = 0  # rows predicted in this window's time but not sketched (backlog full, or the agent stopping)
 
     @property
     def rows(self) -> int:
@@ -42,6 +47,16 @@ class _Batch:
     rows: np.ndarray
     prediction: Prediction
     latency_ms: Any  # per row: a float for one request, an array once requests are concatenated
+
+
+def _take(batch: _Batch, n: int) -> _Batch:
+    """The first ``n`` rows of a request, copied so the rest of a large request can be freed."""
+    p = batch.prediction
+
+    def head(a: np.ndarray | None) -> np.ndarray | None:
+        return None if a is None else a[:n].copy()
+
+    return _Batch(batch.rows[:n].copy(), Prediction(labels=head(p.labels), probabilities=head(p.probabilities), values=head(p.values)), batch.latency_ms)
 
 
 def _concatenate(batches: list[_Batch]) -> _Batch:
@@ -66,11 +81,16 @@ class Monitor:
     window_seconds: float
     on_window: Callable[[ClosedWindow], None]
     clock: Callable[[], float] = time.time
+    backlog_rows: int = 100_000  # most rows waiting to be sketched; the excess is counted in ``unmonitored_rows``
     _pending: deque = field(default_factory=deque)  # deque.append/popleft are atomic: no lock on the request path
     _errors: Counter = field(default_factory=Counter)
     _feedback: list[bool] = field(default_factory=list)
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _process_lock: threading.Lock = field(default_factory=threading.Lock)
+    _pending_rows: int = 0  # rows in ``_pending``; changed under ``_lock``
+    _unmonitored: int = 0  # not yet attributed to a window; under ``_lock``
+    unmonitored_rows: int = 0  # all rows this monitor was given but did not sketch
+    stopping: bool = False
 
     def __post_init__(self) -> None:
         self._start_window(self.clock())
@@ -81,10 +101,38 @@ class Monitor:
         self._latencies: list[np.ndarray] = []
         self._window_errors: Counter = Counter()
         self._labelled = self._correct = 0
+        self._window_unmonitored = 0
 
-    # -- the request path: O(1), no numpy work ---------------------------------------------------
+    # -- the request path: O(1), no numpy work (unless the backlog is full) --------------------
     def record(self, rows: np.ndarray, prediction: Prediction, latency_ms: float) -> None:
-        self._pending.append(_Batch(rows, prediction, latency_ms))
+        n = len(rows)
+        with self._lock:
+            room = 0 if self.stopping else max(0, self.backlog_rows - self._pending_rows)
+            take = min(n, room)
+            self._pending_rows += take
+            if take < n:
+                self._unmonitored += n - take
+                self.unmonitored_rows += n - take
+        if take == n:
+            self._pending.append(_Batch(rows, prediction, latency_ms))
+        elif take:
+            self._pending.append(_take(_Batch(rows, prediction, latency_ms), take))
+
+    @property
+    def backlog(self) -> int:
+        """Rows waiting to be sketched."""
+        return self._pending_rows
+
+    def stop(self) -> None:
+        """Sketch no more: a running ``process`` returns at the next window boundary, and rows still
+        waiting (or recorded from now on) are counted as unmonitored. ``flush`` still closes the window."""
+        self.stopping = True
+
+    def _unmonitor(self, n: int) -> None:
+        if n:
+            with self._lock:
+                self._unmonitored += n
+                self.unmonitored_rows += n
 
     def record_error(self, kind: str) -> None:
         with self._lock:
@@ -95,31 +143,50 @@ class Monitor:
             self._feedback.append(correct)
 
     # -- the background path ---------------------------------------------------------------------
-    def process(self, now: float | None = None) -> int:
-        """Fold pending batches into windows; close windows that are full or old. Returns windows closed."""
+    def process(self, now: float | None = None, *, max_rows: int | None = None) -> int:
+        """Fold pending batches (about ``max_rows`` rows of them, or all) into windows; close windows
+        that are full or old. Returns windows closed. Once stopping, pending rows are counted as
+        unmonitored instead of sketched."""
         with self._process_lock:
-            pending = []
-            while self._pending:
-                pending.append(self._pending.popleft())
-            with self._lock:
-                errors, self._errors = self._errors, Counter()
-                feedback, self._feedback = self._feedback, []
-            self._window_errors.update(errors)
-            self._labelled += len(feedback)
-            self._correct += sum(feedback)
+            pending, taken = [], 0
+            while self._pending and (max_rows is None or not pending or taken + len(self._pending[0].rows) <= max_rows):
+                batch = self._pending.popleft()
+                pending.append(batch)
+                taken += len(batch.rows)
+            if taken:
+                with self._lock:
+                    self._pending_rows -= taken
+            if self.stopping:
+                self._unmonitor(taken)
+                pending = []
+            self._collect()
             closed = self._absorb(_concatenate(pending)) if pending else 0
             now = self.clock() if now is None else now
             if now - self._window_start >= self.window_seconds:
-                if self._window.rows:
+                if self._window.rows or self._window_unmonitored:
                     self._close(now)
                     closed += 1
                 else:
                     self._window_start = now
             return closed
 
+    def _collect(self) -> None:
+        with self._lock:
+            errors, self._errors = self._errors, Counter()
+            feedback, self._feedback = self._feedback, []
+            unmonitored, self._unmonitored = self._unmonitored, 0
+        self._window_errors.update(errors)
+        self._labelled += len(feedback)
+        self._correct += sum(feedback)
+        self._window_unmonitored += unmonitored
+
     def _absorb(self, batch: _Batch) -> int:
         closed, offset, total = 0, 0, len(batch.rows)
         while offset < total:
+            if self.stopping:  # between windows: the rest of the batch is counted, not sketched
+                self._unmonitor(total - offset)
+                self._collect()
+                break
             room = self.window_rows - self._window.rows
             take = min(room, total - offset)
             part = slice(offset, offset + take)
@@ -141,7 +208,8 @@ class Monitor:
 
     def _close(self, now: float) -> None:
         latencies = np.concatenate(self._latencies) if self._latencies else np.empty(0)
-        window = ClosedWindow(self._window, self._window_start, now, latencies, dict(self._window_errors), self._labelled, self._correct)
+        window = ClosedWindow(self._window, self._window_start, now, latencies, dict(self._window_errors), self._labelled, self._correct,
+                              self._window_unmonitored)
         self._start_window(now)
         self.on_window(window)
 
@@ -149,7 +217,8 @@ class Monitor:
         """Process everything and close the current window if it has rows (used on shutdown)."""
         self.process(now)
         with self._process_lock:
-            if self._window.rows:
+            self._collect()
+            if self._window.rows or self._window_unmonitored:
                 captured: list[ClosedWindow] = []
                 original, self.on_window = self.on_window, captured.append
                 try:
@@ -161,4 +230,5 @@ class Monitor:
         return None
 
     def current(self) -> dict[str, Any]:
-        return {"rows": self._window.rows, "started": self._window_start}
+        return {"rows": self._window.rows, "started": self._window_start, "backlog_rows": self._pending_rows,
+                "unmonitored_rows": self._window_unmonitored + self._unmonitored}
