@@ -279,7 +279,9 @@ class Agent:
             try:
                 monitor = self._serving.monitor
                 monitor.process(max_rows=BACKGROUND_CHUNK_ROWS)
-                while monitor.backlog and not self._stop.is_set():  # a large backlog in chunks: stop is checked between them
+                for _ in range(100):  # a large backlog in chunks: stop is checked between them; retired monitors and pruning still get a turn
+                    if not monitor.backlog or self._stop.is_set():
+                        break
                     self.log.flush()
                     monitor.process(max_rows=BACKGROUND_CHUNK_ROWS)
                 if self._stop.is_set():
