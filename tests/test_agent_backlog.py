@@ -69,6 +69,10 @@ def test_backlog_is_bounded_by_rows_and_the_excess_is_counted(tmp_path, bundle, 
             assert monitor.backlog <= 1000
         assert monitor.unmonitored_rows >= predicted - 1000 - agent.stats["predictions"] - 50
         assert agent.status()["unmonitored_rows"] == agent.stats["unmonitored_rows"] + monitor.current()["unmonitored_rows"]
+        from device_agent.metrics import render_metrics
+
+        exposed = next(line for line in render_metrics(agent).splitlines() if line.startswith("edgekit_unmonitored_rows_total{"))
+        assert float(exposed.rsplit(" ", 1)[1]) == agent.status()["unmonitored_rows"] > 0  # /metrics says it too
     finally:
         agent.stop()
     _accounted(agent, predicted)

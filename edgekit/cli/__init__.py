@@ -15,9 +15,12 @@ from .common import EdgekitGroup
 def _build():
     import click
 
+    from .. import __version__
+
     @click.group(cls=EdgekitGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
     @click.option("--debug", is_flag=True, help="Show the full traceback on errors.")
-    @click.version_option(package_name="edgekit", prog_name="edgekit")
+    # The version is the package's own: no lookup of the distribution (edgekit-ml) in installed metadata.
+    @click.version_option(version=__version__, prog_name="edgekit")
     @click.pass_context
     def cli(ctx: click.Context, debug: bool) -> None:
         """Convert, quantize, validate and package ML models for small devices.
