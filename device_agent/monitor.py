@@ -82,7 +82,7 @@ class Monitor:
     on_window: Callable[[ClosedWindow], None]
     clock: Callable[[], float] = time.time
     backlog_rows: int = 100_000  # most rows waiting to be sketched; the excess is counted in ``unmonitored_rows``
-    _pending: deque = field(default_factory=deque)  # deque.append/popleft are atomic: no lock on the request path
+    _pending: deque = field(default_factory=deque)  # appended after the backlog check under ``_lock`` (one uncontended lock per request)
     _errors: Counter = field(default_factory=Counter)
     _feedback: list[bool] = field(default_factory=list)
     _lock: threading.Lock = field(default_factory=threading.Lock)
