@@ -47,7 +47,9 @@ def test_stop_with_a_large_backlog_is_quick_clean_and_counts_what_was_not_sketch
     agent.stop()
     elapsed = time.monotonic() - start
     assert elapsed < 10, f"stop took {elapsed:.1f} s"
-    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], [r.getMessage() for r in caplog.records]
+    # This agent runs no reporter: a reporter warning comes from another test's agent in this worker process.
+    ours = [r for r in caplog.records if r.levelno >= logging.WARNING and r.name != "device_agent.reporter"]
+    assert not ours, [r.getMessage() for r in ours]
     assert agent._thread is None  # joined
     assert status["unmonitored_rows"] > 0  # before stop: the excess over the backlog bound
     sketched, unmonitored = _accounted(agent, predicted)
