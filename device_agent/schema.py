@@ -6,6 +6,7 @@ agent), so a file the host accepts is a request the device accepts.
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -66,7 +67,12 @@ class InputSchema:
         if (isinstance(rows, np.ndarray) and rows.ndim == 2 and rows.dtype == self._np_dtype and rows.shape[1] == self.width
                 and rows.shape[0] and math.isfinite(rows.sum())):
             return rows  # the fast path an embedding app hits on every call: one sum tells "all finite"
-        array = _as_numeric_2d(rows, source)
+        if isinstance(rows, dict):
+            example = f"[{{{_preview_keys(self.feature_names)}}}] or [[{self.width} numbers in that order]]"
+            raise InputError(f"{source} is one object, not a list of rows", f"send a list of rows: {example}")
+        if isinstance(rows, (list, tuple)) and rows and isinstance(rows[0], dict):
+            rows = self._rows_from_objects(rows, source)
+        array = _as_numeric_2d(rows, source, self)
         if array.shape[1] != self.width:
             raise InputError(
                 f"{source} has {array.shape[1]} columns, the model takes {self.width}",
@@ -79,19 +85,45 @@ class InputSchema:
             _check_finite(array, self, source)
         return array
 
+    def _rows_from_objects(self, rows: Sequence[Any], source: str) -> list[list[Any]]:
+        """Rows sent as objects keyed by feature name, as lists in the schema's order.
 
-def _as_numeric_2d(rows: Any, source: str) -> np.ndarray:
+        Accepted because a name cannot be sent in the wrong position: a client that builds rows from
+        named fields cannot swap two columns. Missing and unknown keys are refused (null is how a
+        missing value is sent), as a CSV's missing or unknown columns are."""
+        names, ordered = self.feature_names, []
+        for r, row in enumerate(rows):
+            if not isinstance(row, dict):
+                problem = f"{source} row {r} is {_json_kind(row)} but row 0 is an object"
+                raise InputError(problem, "send every row the same way (objects keyed by feature name)", row=r)
+            if len(row) != len(names) or not all(n in row for n in names):
+                raise _keys_error(row, names, source, r)
+            ordered.append([row[n] for n in names])
+        return ordered
+
+
+def _keys_error(row: dict[str, Any], names: Sequence[str], source: str, r: int) -> InputError:
+    missing = [n for n in names if n not in row]
+    extra = [str(k) for k in row if k not in names]
+    parts = [f"lacks {_preview_quoted(missing)}"] if missing else []
+    if extra:
+        parts.append(f"has keys the model does not know: {_preview_quoted(extra)}")
+    fix = f"send the keys {_preview_quoted(names)} (null for a missing value)"
+    return InputError(f"{source} row {r} " + " and ".join(parts), fix, row=r, column=(missing or extra)[0])
+
+
+def _as_numeric_2d(rows: Any, source: str, schema: InputSchema) -> np.ndarray:
     if isinstance(rows, np.ndarray) and rows.dtype.kind in "fiub":
         array = rows
     elif isinstance(rows, (list, tuple)) and not rows:
         raise InputError(f"{source} has no rows", "send at least one row")
     elif _has_booleans(rows):
         raise InputError(f"{source} holds true/false where numbers belong", "send numbers (1/0 for flags)")
+    elif not isinstance(rows, (list, tuple, np.ndarray)):
+        raise InputError(f"{source} is not numeric: it is {_json_kind(rows)}",
+                         f"send a list of rows, each {schema.width} numbers in the order {_preview(schema.feature_names)}")
     else:
-        try:
-            array = np.asarray(rows, dtype=np.float64)
-        except (ValueError, TypeError) as exc:
-            raise InputError(f"{source} is not numeric ({_first_bad_value(rows)})", "send numbers only; encode categories as numbers") from exc
+        array = _from_lists(rows, source, schema)
     if array.ndim == 1:
         array = array.reshape(1, -1)
     if array.ndim != 2:
@@ -129,17 +161,84 @@ def _check_finite(array: np.ndarray, schema: InputSchema, source: str) -> None:
         )
 
 
-def _first_bad_value(rows: Any) -> str:
+def _from_lists(rows: Any, source: str, schema: InputSchema) -> np.ndarray:
+    """Nested lists of JSON numbers (null: missing) as an array.
+
+    Strings are refused, even "3.5": the API promises numbers, and a string that happens to parse is
+    more often a category or a locale's number sent by mistake than a number meant as one. numpy
+    would convert it silently, so the dtype it infers without being told is checked first."""
     try:
-        for r, row in enumerate(rows):
-            for value in row if isinstance(row, (list, tuple)) else [row]:
-                try:
-                    float(value)
-                except (TypeError, ValueError):
-                    return f"row {r} holds {value!r}"
-    except TypeError:
-        return f"got {type(rows).__name__}"
-    return "ragged rows"
+        array = np.asarray(rows)
+    except ValueError:  # numpy refuses ragged nesting
+        raise _ragged(rows, source, schema) from None
+    if array.dtype.kind in "fiub":
+        return array
+    bad = _first_non_number(rows)
+    if bad is not None:
+        raise _not_a_number(*bad, source, schema)
+    return array.astype(np.float64)  # an object array of numbers and None (JSON null): None becomes NaN
+
+
+_NUMBERS = (int, float, np.number)
+
+
+def _first_non_number(rows: Any) -> tuple[int, int, Any] | None:
+    """(row, column, value) of the first value that is neither a number nor null; the error path only."""
+    sequences = (list, tuple, np.ndarray)
+    if not any(isinstance(row, sequences) for row in rows):
+        rows = [rows]  # one flat row: its positions are columns
+    for r, row in enumerate(rows):
+        for c, value in enumerate(row if isinstance(row, sequences) else [row]):
+            if value is not None and (isinstance(value, (str, bytes, bool)) or not isinstance(value, _NUMBERS)):
+                return r, c, value
+    return None
+
+
+def _not_a_number(r: int, c: int, value: Any, source: str, schema: InputSchema) -> InputError:
+    column = schema.feature_names[c] if c < schema.width else f"#{c}"
+    where = f"{source} row {r} column {column!r}"
+    if isinstance(value, str):
+        fix = 'send JSON numbers, not strings (3.5, not "3.5"); encode categories as numbers'
+        return InputError(f"{where} holds the string {value!r}, which is not numeric", fix, row=r, column=column)
+    fix = "send numbers only (null for a missing value); encode categories as numbers"
+    return InputError(f"{where} holds {_json_kind(value)}, which is not numeric", fix, row=r, column=column)
+
+
+def _ragged(rows: Any, source: str, schema: InputSchema) -> InputError:
+    """Which row breaks the table: the first that is not a list, or not of the model's width."""
+    fix = f"send every row as a list of {schema.width} numbers in the order {_preview(schema.feature_names)}"
+    for r, row in enumerate(rows):
+        if not isinstance(row, (list, tuple)):
+            return InputError(f"{source} row {r} is {_json_kind(row)}, not a list of values", fix, row=r)
+        if len(row) != schema.width:
+            return InputError(f"{source} row {r} has {len(row)} values, the model takes {schema.width}", fix, row=r)
+    bad = _first_non_number(rows)
+    return _not_a_number(*bad, source, schema) if bad else InputError(f"{source} rows are nested unevenly", fix)
+
+
+def _json_kind(value: Any) -> str:
+    """A value as a client would recognise it in its JSON, shortened."""
+    kinds = {dict: "an object", list: "a list", tuple: "a list", str: "the string", bool: "the boolean"}
+    kind = kinds.get(type(value), "the value")
+    shown = repr(value) if not isinstance(value, (dict, list, tuple)) else _json_preview(value)
+    return f"{kind} {shown}"
+
+
+def _json_preview(value: Any, limit: int = 60) -> str:
+    try:
+        text = json.dumps(value, default=str)
+    except ValueError:
+        text = repr(value)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _preview_quoted(names: Sequence[str], limit: int = 4) -> str:
+    shown = ", ".join(repr(n) for n in list(names)[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def _preview_keys(names: Sequence[str], limit: int = 2) -> str:
+    return ", ".join(f'"{n}": ...' for n in names[:limit]) + (", ..." if len(names) > limit else "")
 
 
 def _preview(names: Sequence[str], limit: int = 4) -> str:
