@@ -62,6 +62,9 @@ class PredictionLog:
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(SCHEMA)
         self._lock = threading.Lock()
+        # One flush at a time: a feedback's flush must wait for a batch the background thread has taken
+        # off the queue but not yet put in ``recent``, or a just-answered id would be "unknown".
+        self._flush_lock = threading.Lock()
         self._queue: deque = deque()  # appended on the request path without a lock
         self.recent = RecentPredictions(capacity)
 
@@ -70,6 +73,10 @@ class PredictionLog:
         self._queue.append((boot, first, time.time(), rows, answers))
 
     def flush(self) -> int:
+        with self._flush_lock:
+            return self._flush()
+
+    def _flush(self) -> int:
         queue = []
         while self._queue:
             queue.append(self._queue.popleft())
@@ -94,13 +101,17 @@ class PredictionLog:
         return len(records)
 
     def label(self, boot: str, current_boot: str, n: int, label: Any) -> tuple[str, Any]:
-        """Record a delayed label: ("accepted", the prediction it labels), ("duplicate", …) or ("unknown", None)."""
-        self.flush()
-        answer = self.recent.get(n) if boot == current_boot else None
-        if answer is None:
-            return "unknown", None
-        if not self.recent.mark_labelled(n):
-            return "duplicate", answer
+        """Record a delayed label: ("accepted", the prediction it labels), ("duplicate", …) or ("unknown", None).
+
+        Every one of the last ``capacity`` predictions of this run is found (the ring holds them all,
+        not just the sampled rows); "unknown" means an id of another run (the agent restarted) or older."""
+        with self._flush_lock:  # also makes look-up and marking one step: two labels for one id count once
+            self._flush()
+            answer = self.recent.get(n) if boot == current_boot else None
+            if answer is None:
+                return "unknown", None
+            if not self.recent.mark_labelled(n):
+                return "duplicate", answer
         with self._lock:
             self._db.execute("INSERT INTO predictions (boot, n, ts, prediction, label) VALUES (?,?,?,?,?) "
                              "ON CONFLICT (boot, n) DO UPDATE SET label=excluded.label", (boot, n, time.time(), json.dumps(answer), json.dumps(label)))
