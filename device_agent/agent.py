@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import threading
 import time
@@ -21,6 +22,7 @@ import numpy as np
 from . import __version__
 from .bundle import Bundle
 from .config import AgentConfig
+from .drift import DEFAULT_DRIFT_THRESHOLDS
 from .errors import AgentError, InputError, ModelError
 from .fsutil import write_atomic
 from .monitor import ClosedWindow, Monitor
@@ -139,9 +141,20 @@ class Agent:
     def serving_for(self, bundle: Bundle, runtime: Runtime) -> Serving:
         """A ``Serving`` for a loaded model, with its own monitor (windows are per model version)."""
         serving = Serving(bundle, runtime)
+        self._warn_untested_windows(bundle)
         serving.monitor = Monitor(serving.baseline, self.config.monitor.window_rows, self.config.monitor.window_seconds,
                                   lambda window: self._on_window(window, serving), backlog_rows=self.config.monitor.backlog_rows)
         return serving
+
+    def _warn_untested_windows(self, bundle: Bundle) -> None:
+        """Say it once when no window can ever get a drift verdict: each would report "tested": false
+        with large PSIs and nothing else would tell why."""
+        min_rows = {**DEFAULT_DRIFT_THRESHOLDS, **(bundle.manifest.get("drift") or {})}["min_rows"]
+        window_rows = self.config.monitor.window_rows
+        if window_rows < min_rows:
+            log.warning("%s: [monitor] window_rows = %d is below the drift test's min_rows = %g of %s v%s, so no window will be tested "
+                        "for drift; set window_rows = %d or more (or package the model with --drift min_rows=%d)",
+                        self.config.source, window_rows, min_rows, bundle.name, bundle.version, math.ceil(min_rows), window_rows)
 
     def swap(self, serving: Serving) -> Serving:
         """Serve ``serving`` from the next request on; return the one it replaced.

@@ -1,6 +1,7 @@
 """The device agent without a broker: Python API, HTTP API, install, batch scoring, windows."""
 
 import json
+import logging
 import time
 import urllib.error
 import urllib.request
@@ -170,3 +171,14 @@ def test_spool_numbers_never_skip_or_repeat_across_crashes(tmp_path):
     spool.ack(1)
     spool.prune(now=10**12)  # acknowledged ones pruned: the counter still remembers
     assert Spool(tmp_path / "spool").next_seq() == 3
+
+
+def test_windows_too_small_for_a_drift_verdict_are_named_at_start(tmp_path, bundle, keypair, caplog):
+    caplog.set_level(logging.WARNING, logger="device_agent")
+    Agent(config_of(make_device(tmp_path / "small", bundle, keypair[1], window_rows=50, http=False))).start(http=False).stop()
+    warnings = [r.getMessage() for r in caplog.records if r.name == "device_agent" and "min_rows" in r.getMessage()]
+    assert len(warnings) == 1, warnings
+    assert "window_rows = 50 is below the drift test's min_rows = 100" in warnings[0] and "set window_rows = 100 or more" in warnings[0]
+    caplog.clear()
+    Agent(config_of(make_device(tmp_path / "enough", bundle, keypair[1], window_rows=100, http=False))).start(http=False).stop()
+    assert not [r for r in caplog.records if "min_rows" in r.getMessage()]
