@@ -62,7 +62,8 @@ class PredictResult:
     def to_json(self) -> dict[str, Any]:
         doc: dict[str, Any] = {"predictions": self.answers(), "ids": self.ids, "model_version": self.model_version}
         if self.prediction.probabilities is not None:
-            doc["probabilities"] = np.round(self.prediction.probabilities, 6).tolist()
+            # widened first: a float32 rounded to 6 decimals still reaches JSON as 0.12345699965953827
+            doc["probabilities"] = np.round(self.prediction.probabilities.astype(np.float64), 6).tolist()
             doc["labels"] = list(self.labels)
         return doc
 

@@ -5,7 +5,8 @@
     edge-agent predict --config agent.toml rows.csv > preds.csv    # batch scoring with the active model
     edge-agent verify digits-3.edgebundle --pubkey edgekit.pub     # check signature and hashes only
 
-Exit codes: 0 success, 2 an error (one line on stderr saying what is wrong and what to do).
+Exit codes: 0 success, 2 an error (one line on stderr saying what is wrong and what to do), 141 when the
+reader of stdout went away (`| head`): quietly, as any Unix tool stopped by SIGPIPE.
 """
 
 from __future__ import annotations
@@ -14,33 +15,61 @@ import argparse
 import csv
 import json
 import logging
+import os
 import signal
 import sys
 import threading
+from pathlib import Path
 
 import numpy as np
 
+from . import __version__
 from .errors import AgentError, InputError
+
+CONFIG_HELP = "the agent's agent.toml (its format is in 'edge-agent --help')"
+EXIT_ERROR = 2
+# What a shell reports for a program killed by SIGPIPE: `edge-agent predict … | head` under `set -o pipefail`
+# behaves as it would with any Unix tool. Python ignores SIGPIPE, so the write raises instead.
+EXIT_BROKEN_PIPE = 128 + 13
+LABEL_LIKE = ("label", "target", "y", "class", "classes", "species", "outcome", "truth", "ground_truth", "answer", "category")
+
+
+def _epilog() -> str:
+    """The examples and the agent.toml format, the latter from config.py's docstring so it stays true."""
+    from . import config
+
+    _, examples, exit_codes = __doc__.split("\n\n", 2)
+    toml = config.__doc__.split("::", 1)[1].split("\n\n")[1]
+    return f"{examples}\n\nagent.toml (TOML; relative paths are relative to the file):\n\n{toml}\n\n{exit_codes.strip()}"
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="edge-agent", description="edgekit device agent", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n")[1])
+    parser = argparse.ArgumentParser(prog="edge-agent", description="edgekit device agent: install, serve, monitor and report a model bundle",
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_epilog())
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
-    commands = parser.add_subparsers(dest="command", required=True)
-    install = commands.add_parser("install", help="verify a bundle and make it the active model", description="example: edge-agent install digits-3.edgebundle --config agent.toml")
-    install.add_argument("bundle")
-    install.add_argument("--config", required=True)
+    parser.add_argument("--version", action="version", version=f"edge-agent {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    install = _command(commands, "install", "verify a bundle and make it the active model", "edge-agent install digits-3.edgebundle --config agent.toml")
+    install.add_argument("bundle", help="the .edgebundle to install (from 'edgekit package')")
+    install.add_argument("--config", required=True, help=CONFIG_HELP)
     install.add_argument("--allow-downgrade", action="store_true", help="install even if the version is not newer")
-    run = commands.add_parser("run", help="serve the active model, monitor it and report over MQTT", description="example: edge-agent run --config agent.toml")
-    run.add_argument("--config", required=True)
-    predict = commands.add_parser("predict", help="score a CSV or NPZ file with the active model", description="example: edge-agent predict --config agent.toml rows.csv > preds.csv")
-    predict.add_argument("--config", required=True)
-    predict.add_argument("data")
-    predict.add_argument("--label", help="label column of the CSV, left out of the features")
-    verify = commands.add_parser("verify", help="check a bundle's signature and hashes", description="example: edge-agent verify digits-3.edgebundle --pubkey edgekit.pub")
-    verify.add_argument("bundle")
-    verify.add_argument("--pubkey", required=True)
+    install.add_argument("--json", action="store_true", help="print machine-readable JSON instead of a sentence")
+    run = _command(commands, "run", "serve the active model, monitor it and report over MQTT", "edge-agent run --config agent.toml")
+    run.add_argument("--config", required=True, help=CONFIG_HELP)
+    predict = _command(commands, "predict", "score a CSV or NPZ file with the active model (CSV on stdout)",
+                       "edge-agent predict --config agent.toml rows.csv > preds.csv")
+    predict.add_argument("--config", required=True, help=CONFIG_HELP)
+    predict.add_argument("data", help="a .csv with a header row, or an .npz with X")
+    predict.add_argument("--label", metavar="COLUMN", help="label column of the CSV, left out of the features (label, target or y are found alone)")
+    verify = _command(commands, "verify", "check a bundle's signature and hashes", "edge-agent verify digits-3.edgebundle --pubkey edgekit.pub")
+    verify.add_argument("bundle", help="the .edgebundle to check")
+    verify.add_argument("--pubkey", required=True, help="the trusted public key (the .pub from 'edgekit keygen')")
+    verify.add_argument("--json", action="store_true", help="print machine-readable JSON instead of a sentence")
     return parser
+
+
+def _command(commands, name: str, summary: str, example: str) -> argparse.ArgumentParser:
+    return commands.add_parser(name, help=summary, description=f"{summary}.\n\nexample:\n  {example}", formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -52,7 +81,22 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             raise
         print(f"edge-agent: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_ERROR
+    except BrokenPipeError:
+        return _reader_went_away()
+
+
+def _reader_went_away() -> int:
+    """The reader of stdout closed it (``| head``): stop quietly. stdout is pointed at /dev/null so the
+    interpreter's flush at exit does not raise again (the recipe in Python's ``signal`` documentation)."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return EXIT_BROKEN_PIPE
+
+
+def _emit(args: argparse.Namespace, document: dict, sentence: str) -> None:
+    print(json.dumps(document, indent=2) if getattr(args, "json", False) else sentence)
 
 
 def _install(args: argparse.Namespace) -> int:
@@ -62,7 +106,8 @@ def _install(args: argparse.Namespace) -> int:
 
     config = load_config(args.config)
     bundle = StateDir(config.state_dir).install(args.bundle, load_public_key(config.public_key), allow_downgrade=args.allow_downgrade)
-    print(json.dumps({"installed": bundle.name, "version": bundle.version, "state_dir": str(config.state_dir)}))
+    _emit(args, {"installed": bundle.name, "version": bundle.version, "state_dir": str(config.state_dir)},
+          f"installed {bundle.name} v{bundle.version} in {config.state_dir}; a running agent serves it after a restart")
     return 0
 
 
@@ -85,34 +130,70 @@ def _predict(args: argparse.Namespace) -> int:
     from .runtimes import open_runtime
     from .signing import load_public_key
     from .state import StateDir
-    from .tabular import TableError, column_order, read_table
 
     config = load_config(args.config)
     bundle = StateDir(config.state_dir).active_bundle(load_public_key(config.public_key))
+    rows = _read_rows(args, bundle.input_schema)
+    runtime = open_runtime(bundle.model_format, bundle.model_bytes, threads=config.threads, source=bundle.path)
+    _write_predictions(bundle.output_spec.interpret(runtime.predict(rows)), bundle.output_spec.labels)
+    return 0
+
+
+def _read_rows(args: argparse.Namespace, schema) -> np.ndarray:
+    """The data file's rows in the model's column order, checked; errors name the file and, when a
+    column the model does not take looks like the label, the ``--label`` that would fix it."""
+    from .tabular import TableError, column_order, read_table
+
+    if not Path(args.data).is_file():
+        raise InputError(f"no such file: {args.data}", "give the path of a .csv with a header row or an .npz with X")
     try:
         X, _, names = read_table(args.data, args.label)
     except (TableError, OSError) as exc:
         raise InputError(f"{args.data}: {exc}") from exc
-    schema = bundle.input_schema
     try:
         order = column_order(schema.feature_names, names)
     except TableError as exc:
-        raise InputError(f"{args.data}: {exc}") from exc
-    if order is not None:
-        X = X[:, order]
-    rows = schema.check(X, source=args.data)
-    runtime = open_runtime(bundle.model_format, bundle.model_bytes, threads=config.threads, source=bundle.path)
-    prediction = bundle.output_spec.interpret(runtime.predict(rows))
+        raise _with_label_hint(exc, args, names, schema.feature_names, f"{args.data}: ") from exc
+    try:
+        return schema.check(X if order is None else X[:, order], source=args.data)
+    except InputError as exc:
+        raise _with_label_hint(exc, args, names, schema.feature_names) from exc
+
+
+def _with_label_hint(exc: InputError, args: argparse.Namespace, names, model_names, prefix: str = "") -> InputError:
+    guess = None if args.label else _label_guess(names, model_names)
+    if guess is None:
+        return InputError(prefix + exc.problem, exc.fix)
+    return InputError(prefix + exc.problem, f"if {guess!r} is the label, rerun with --label {guess}; otherwise {exc.fix or 'drop that column'}")
+
+
+def _label_guess(data_names, model_names) -> str | None:
+    """A column the model does not take that is probably the label: named like one, or the only stranger."""
+    if data_names is None:
+        return None
+    strangers = [n for n in data_names if n not in model_names]
+    named = [n for n in strangers if n.strip().lower() in LABEL_LIKE]
+    if named:
+        return named[0]
+    return strangers[0] if len(strangers) == 1 and len(data_names) == len(model_names) + 1 else None
+
+
+def _write_predictions(prediction, labels) -> None:
+    """CSV on stdout: the label and one probability per class (6 decimals), or the values.
+
+    float32 outputs are widened before rounding: a float32 rounded to 6 decimals is still printed with
+    its binary noise (0.12345699965953827)."""
     writer = csv.writer(sys.stdout, lineterminator="\n")
     if prediction.labels is not None:
-        probability_columns = [f"p_{label}" for label in bundle.output_spec.labels] if prediction.probabilities is not None else []
-        writer.writerow(["prediction", *probability_columns])
+        probabilities = None if prediction.probabilities is None else np.round(prediction.probabilities.astype(np.float64), 6)
+        writer.writerow(["prediction", *([f"p_{label}" for label in labels] if probabilities is not None else [])])
         for i, label in enumerate(prediction.labels.tolist()):
-            writer.writerow([label, *(np.round(prediction.probabilities[i], 6).tolist() if probability_columns else [])])
-    else:
-        writer.writerow([f"prediction_{j}" for j in range(prediction.values.shape[1])] if prediction.values.shape[1] > 1 else ["prediction"])
-        writer.writerows(prediction.values.tolist())
-    return 0
+            writer.writerow([label, *(probabilities[i].tolist() if probabilities is not None else [])])
+        return
+    width = prediction.values.shape[1]
+    writer.writerow([f"prediction_{j}" for j in range(width)] if width > 1 else ["prediction"])
+    for row in prediction.values:
+        writer.writerow([str(v) for v in row])  # numpy's shortest repr that reads back as the same float32
 
 
 def _verify(args: argparse.Namespace) -> int:
@@ -120,7 +201,8 @@ def _verify(args: argparse.Namespace) -> int:
     from .signing import load_public_key
 
     bundle = read_bundle(args.bundle, load_public_key(args.pubkey))
-    print(json.dumps({"name": bundle.name, "version": bundle.version, "signed_by": bundle.signed_by, "verified": True}))
+    _emit(args, {"path": args.bundle, "name": bundle.name, "version": bundle.version, "signed_by": bundle.signed_by, "verified": True},
+          f"OK: {args.bundle} is {bundle.name} v{bundle.version}, signed by key {bundle.signed_by}; {len(bundle.members)} members match their sha256")
     return 0
 
 

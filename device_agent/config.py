@@ -6,12 +6,13 @@
     fleet = "default"
     state_dir = "/var/lib/edgekit"
     [mqtt]
-    url = "mqtt://127.0.0.1:1883"     # mqtts:// for TLS; username, password or password_file
+    url = "mqtt://127.0.0.1:1883"      # mqtts:// for TLS; username, password or password_file; "" turns MQTT off
     [server]
-    listen = "127.0.0.1:8470"          # token_file = "/etc/edgekit/token" for a bearer token
+    listen = "127.0.0.1:8470"          # token_file = "/etc/edgekit/token" for a bearer token; "" turns HTTP off
     [monitor]
-    window_rows = 1000
+    window_rows = 1000                 # at least the bundle's drift min_rows (default 100), or no window is tested
     window_seconds = 60
+    log_rows = 10000                   # :feedback finds any of the last log_rows predictions of this run
     backlog_rows = 100000              # rows waiting to be sketched at most; the excess is served, counted as unmonitored
     [trust]
     public_key = "/etc/edgekit/edgekit.pub"

@@ -178,7 +178,7 @@ def test_package_needs_a_converted_model_and_matching_baseline(cli, digits, canc
 
 
 def test_device_side_verifier(bundle, keypair, capsys, tmp_path):
-    assert agent_main(["verify", str(bundle), "--pubkey", str(keypair[1])]) == 0
+    assert agent_main(["verify", str(bundle), "--pubkey", str(keypair[1]), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["version"] == 3
     target = tmp_path / "x.edgebundle"
     target.write_text("nope")
