@@ -17,6 +17,20 @@ from device_agent.outputs import CLASSIFICATION, OutputSpec, Prediction
 
 REGRESSION_AGREEMENT_TOLERANCE = 0.01
 
+# What the limits mean, in words shared by the flags' help, the reports and the README.
+DROP_MEANING = {
+    "accuracy": "accuracy points lost, as a fraction (0.01 = one point)",
+    "rmse": "relative RMSE increase (0.01 = RMSE up 1 %)",
+}
+AGREEMENT_MEANING = {
+    "classification": "share of rows given the same label",
+    "regression": (f"share of rows whose outputs are within {REGRESSION_AGREEMENT_TOLERANCE:.0%} "
+                   "of the reference outputs' standard deviation"),
+}
+DROP_HELP = "accuracy points as a fraction (0.01 = one point); for regressors, the relative RMSE increase (0.01 = 1 %)"
+AGREEMENT_HELP = (f"same label for classifiers; for regressors, outputs within {REGRESSION_AGREEMENT_TOLERANCE:.0%} "
+                  "of the standard deviation of the reference's outputs")
+
 
 def check_labels(spec: OutputSpec, y: np.ndarray | None, *, source: str) -> None:
     """Refuse labels that are not among the classifier's classes: they would silently score as wrong."""
@@ -59,11 +73,23 @@ def metric_drop(spec: OutputSpec, reference: float | None, candidate: float | No
     return (candidate - reference) / reference if reference > 0 else candidate - reference
 
 
-def describe_drop(drop: float | None) -> str:
-    """``accuracy drop 0.50 points`` or, when the candidate did better, ``accuracy gain 0.17 points``."""
+def describe_drop(drop: float | None, metric: str = "accuracy") -> str:
+    """``accuracy drop 0.50 points`` (``accuracy gain …`` when the candidate did better) or, for a
+    regressor, ``RMSE increase 1.20 %``: a regressor has no accuracy, and its drop is relative."""
+    if metric != "accuracy":
+        if drop is None:
+            return "RMSE change n/a"
+        return f"RMSE {'decrease' if drop < 0 else 'increase'} {abs(drop) * 100:.2f} %"
     if drop is None:
         return "accuracy change n/a"
     return f"accuracy {'gain' if drop < 0 else 'drop'} {abs(drop) * 100:.2f} points"
+
+
+def describe_drop_limit(limit: float, metric: str = "accuracy") -> str:
+    """``accuracy drop ≤ 1.00 points`` or ``RMSE increase ≤ 1.00 %``."""
+    if metric == "accuracy":
+        return f"accuracy drop ≤ {limit * 100:.2f} points"
+    return f"RMSE increase ≤ {limit * 100:.2f} %"
 
 
 def agreement(spec: OutputSpec, reference: Prediction, candidate: Prediction) -> float:

@@ -21,7 +21,7 @@ from .fsutil import write_bytes_atomic
 from .models import load_model
 from .onnx_target import RuntimeTarget
 from .progress import NoProgress, Progress
-from .quant_search import SearchOutcome, candidate_configs, search
+from .quant_search import PREFER, SearchOutcome, candidate_configs, search
 from .quantize import ensure_quantizable
 
 DEFAULT_MAX_DROP = 0.01
@@ -37,6 +37,7 @@ class QuantizeOptions:
     max_accuracy_drop: float | None = None
     min_agreement: float | None = None
     force: bool = False
+    prefer: str = "size"  # "speed" lets a faster int8 model win even when it is larger than float32
 
 
 @dataclass
@@ -75,6 +76,8 @@ def convert_model(
 ) -> ConvertOutcome:
     if target_format not in ("onnx", "tflite"):
         raise DataError(f"unknown --target {target_format!r}", "use onnx or tflite")
+    if quantize is not None and quantize.prefer not in PREFER:
+        raise DataError(f"unknown --prefer {quantize.prefer!r}", "use size or speed")
     model = load_model(source, pin_to=target)
     if quantize is None and (calibration or evaluation):
         raise DataError("--calibration and --eval are used only with --quantize int8", "add --quantize int8, or drop them")
@@ -119,7 +122,7 @@ def convert_model(
     if not configs:
         raise DataError("the options leave no quantization configuration to try", "static quantization needs --calibration; relax --mode/--per-channel")
     outcome = search(fp32, configs, rows=rows, labels=labels, calibration=calibration_rows, max_drop=max_drop, min_agreement=quantize.min_agreement, force=quantize.force,
-                     target=target, progress=progress, source=source)
+                     prefer=quantize.prefer, target=target, progress=progress, source=source)
     chosen = outcome.chosen
     data = serialize(chosen.proto)  # stamped with its quantization by the search
     write_bytes_atomic(output, data)
@@ -147,7 +150,7 @@ def _convert_tflite(fp32: Any, source: str, output: str, model: Any, quantize: Q
         rows = model.input.check(eval_set.X, source=eval_set.source)
     max_drop = quantize.max_accuracy_drop if quantize.max_accuracy_drop is not None else (DEFAULT_MAX_DROP if labels is not None else None)
     outcome, data, extra = choose(fp32, rows=rows, labels=labels, calibration=calibration_rows, limits=Limits(max_drop, quantize.min_agreement),
-                                  force=quantize.force, source=source, progress=progress)
+                                  force=quantize.force, prefer=quantize.prefer, source=source, progress=progress)
     write_bytes_atomic(output, data)
     notes = ["speed of each .tflite against float32 onnxruntime on the same rows (b1, b256): " +
              "; ".join(f"{name}: {v['1']:.2f}x, {v['256']:.2f}x" for name, v in extra["speedup_vs_onnxruntime_fp32"].items())]

@@ -4,6 +4,8 @@ Each candidate configuration is quantized, scored on labelled evaluation rows, a
 float32 interleaved in one process (batch 1 and 256, one thread). The fastest candidate within the
 accuracy limit wins, but only if it is not slower than float32 at either batch size: int8 is not
 always faster (Q/DQ overhead dominates small layers), and then float32 is kept unless forced.
+Nor, by default, may it be larger than float32: on a device bytes cost flash, download and RAM, and
+Q/DQ nodes make a small model grow; ``prefer="speed"`` lets a faster but larger candidate win.
 When no candidate is within the limit, the nodes with the worst quantization error are kept in
 float and the best static configuration is tried again.
 """
@@ -29,6 +31,7 @@ from .quantize import QuantConfig, calibration_steps, quantize
 
 FLOAT32 = "float32"
 FLOAT_NODE_ROUNDS = (1, 2, 4)
+PREFER = ("size", "speed")
 
 
 @dataclass
@@ -43,6 +46,13 @@ class Trial:
     latency: dict[int, dict[str, float]] = field(default_factory=dict)
     error: str | None = None
     within: bool | None = None
+    note: str | None = None  # why the choice passed this trial over, when it was not for its limits
+
+    def size_ratio(self, baseline: Trial) -> float | None:
+        return self.size_bytes / baseline.size_bytes if self.size_bytes and baseline.size_bytes else None
+
+    def larger_than(self, baseline: Trial) -> bool:
+        return self.size_bytes > baseline.size_bytes
 
     def speedup(self, baseline: Trial, batch: int) -> float | None:
         mine, theirs = self.latency.get(batch), baseline.latency.get(batch)
@@ -63,6 +73,7 @@ class Trial:
             "name": self.name,
             "config": self.config.to_dict() if self.config else None,
             "size_bytes": self.size_bytes,
+            "size_ratio": self.size_ratio(baseline),
             "metric": self.metric,
             "accuracy_drop": self.drop,
             "agreement": self.agreement,
@@ -70,6 +81,7 @@ class Trial:
             "latency": {str(b): v for b, v in self.latency.items()},
             "speedup": {str(b): self.speedup(baseline, b) for b in self.latency},
             "error": self.error,
+            "note": self.note,
         }
 
 
@@ -82,6 +94,7 @@ class SearchOutcome:
     verdict: str
     metric_name: str
     limits: Limits
+    prefer: str = "size"
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -91,7 +104,11 @@ class SearchOutcome:
             "verdict": self.verdict,
             "metric": self.metric_name,
             "max_accuracy_drop": self.limits.max_drop,
+            "accuracy_drop_meaning": compare.DROP_MEANING[self.metric_name],
+            "agreement_meaning": compare.AGREEMENT_MEANING["classification" if self.metric_name == "accuracy" else "regression"],
             "min_agreement": self.limits.min_agreement,
+            "prefer": self.prefer,
+            "size_ratio_of": FLOAT32,
             "latency_method": "interleaved in one process, 1 intra-op thread, p50 of repeated calls",
             "trials": [t.to_dict(self.baseline) for t in [self.baseline, *self.trials]],
         }
@@ -126,6 +143,7 @@ def search(
     max_drop: float | None,
     min_agreement: float | None = None,
     force: bool = False,
+    prefer: str = "size",
     target: RuntimeTarget = RuntimeTarget(),
     progress: Progress = NoProgress(),
     source: str = "model",
@@ -149,7 +167,7 @@ def search(
         trial.latency = latencies[trial.name]
     progress.advance()
     progress.finish()
-    return _choose(baseline, trials, limits=limits, force=force, metric_name=compare.metric_name(spec))
+    return _choose(baseline, trials, limits=limits, force=force, metric_name=compare.metric_name(spec), prefer=prefer)
 
 
 @dataclass(frozen=True)
@@ -170,10 +188,10 @@ class Limits:
         agreement_ok = self.min_agreement is None or (trial.agreement is not None and trial.agreement >= self.min_agreement)
         return drop_ok and agreement_ok
 
-    def describe(self) -> str:
+    def describe(self, metric_name: str = "accuracy") -> str:
         parts = []
         if self.max_drop is not None:
-            parts.append(f"accuracy drop ≤ {self.max_drop * 100:.2f} points")
+            parts.append(compare.describe_drop_limit(self.max_drop, metric_name))
         if self.min_agreement is not None:
             parts.append(f"agreement ≥ {self.min_agreement:.4f}")
         return " and ".join(parts)
@@ -239,35 +257,74 @@ def _runner(trial: Trial, source: str):
     return model.raw
 
 
-def _choose(baseline: Trial, trials: list[Trial], *, limits: Limits, force: bool, metric_name: str) -> SearchOutcome:
+def _choose(baseline: Trial, trials: list[Trial], *, limits: Limits, force: bool, metric_name: str,
+            prefer: str = "size") -> SearchOutcome:
+    """The fastest candidate within the limits that is neither slower than float32 nor (unless
+    ``prefer="speed"``) larger; float32 when there is none, int8 anyway with ``force``."""
     usable = [t for t in trials if t.error is None]
-    outcome = lambda chosen, passed, verdict: SearchOutcome(chosen, baseline, trials, passed, verdict, metric_name, limits)  # noqa: E731
+    outcome = lambda chosen, passed, verdict: SearchOutcome(chosen, baseline, trials, passed, verdict, metric_name, limits, prefer)  # noqa: E731
     if not usable:
         return outcome(baseline, False, "every int8 configuration failed to quantize; kept float32")
     within = [t for t in usable if t.within is not False]
     if not within:
         best = min(usable, key=lambda t: (t.drop if t.drop is not None else 0.0, -(t.agreement or 0.0)))
-        return outcome(best, False, f"no int8 candidate meets {limits.describe()}; kept the most accurate, {best.name} "
-                                    f"({compare.describe_drop(best.drop)}, agreement {best.agreement:.4f})")
-    fastest = max(within, key=lambda t: t.speed_score(baseline))
-    faster = [t for t in within if t.not_slower(baseline)]
+        return outcome(best, False, f"no int8 candidate meets {limits.describe(metric_name)}; kept the most accurate, {best.name} "
+                                    f"({compare.describe_drop(best.drop, metric_name)}, agreement {best.agreement:.4f})")
+    eligible = _small_enough(within, baseline, prefer)
+    faster = [t for t in eligible if t.not_slower(baseline)]
     if faster:
         chosen = max(faster, key=lambda t: t.speed_score(baseline))
-        return outcome(chosen, True, f"chose {chosen.name}: {_speed(chosen, baseline)}, {chosen.size_bytes / baseline.size_bytes:.2f}x the size{_drop_text(chosen)}")
+        verdict = f"chose {chosen.name}: {_speed(chosen, baseline)}, {_size(chosen, baseline)}{_drop_text(chosen, metric_name)}"
+        return outcome(chosen, True, verdict)
     if force:
-        return outcome(fastest, True, f"kept {fastest.name} because of --force, though it is slower than float32 on this host ({_speed(fastest, baseline)})")
-    return outcome(
-        baseline, True,
-        f"kept float32: int8 is slower than float32 on this host (best int8, {fastest.name}: {_speed(fastest, baseline)}); pass --force to keep int8 anyway",
-    )
+        chosen = max(eligible or within, key=lambda t: t.speed_score(baseline))
+        chosen.note = None
+        return outcome(chosen, True, f"kept {chosen.name} because of --force, though it is {_shortfall(chosen, baseline)}")
+    return outcome(baseline, True, _kept_float_verdict(within, baseline))
+
+
+def _small_enough(within: list[Trial], baseline: Trial, prefer: str) -> list[Trial]:
+    """The candidates whose size is allowed; the others get a note that says why they were passed over."""
+    if prefer == "speed":
+        return within
+    for trial in within:
+        if trial.larger_than(baseline):
+            allows = "; --prefer speed allows it" if trial.not_slower(baseline) else ""
+            trial.note = f"larger than float32 ({trial.size_ratio(baseline):.2f}x){allows}"
+    return [t for t in within if not t.larger_than(baseline)]
+
+
+def _kept_float_verdict(within: list[Trial], baseline: Trial) -> str:
+    """Why float32 was kept: no faster int8 candidate, or only larger ones (say which, and the option)."""
+    larger_faster = [t for t in within if t.note and t.not_slower(baseline)]
+    if larger_faster:
+        best = max(larger_faster, key=lambda t: t.speed_score(baseline))
+        return (f"kept float32: the int8 candidates that are faster are larger than float32 "
+                f"(best, {best.name}: {_speed(best, baseline)}, {_size(best, baseline)}); pass --prefer speed to keep it")
+    fastest = max(within, key=lambda t: t.speed_score(baseline))
+    return (f"kept float32: int8 is slower than float32 on this host (best int8, {fastest.name}: {_speed(fastest, baseline)}); "
+            "pass --force to keep int8 anyway")
+
+
+def _shortfall(trial: Trial, baseline: Trial) -> str:
+    reasons = []
+    if not trial.not_slower(baseline):
+        reasons.append(f"slower than float32 on this host ({_speed(trial, baseline)})")
+    if trial.larger_than(baseline):
+        reasons.append(f"larger than float32 ({_size(trial, baseline)})")
+    return " and ".join(reasons) or "no better than float32"
 
 
 def _speed(trial: Trial, baseline: Trial) -> str:
     return ", ".join(f"{trial.speedup(baseline, b):.2f}x float32 speed at batch {b}" for b in sorted(trial.latency))
 
 
-def _drop_text(trial: Trial) -> str:
-    return "" if trial.drop is None else f", {compare.describe_drop(trial.drop)}"
+def _size(trial: Trial, baseline: Trial) -> str:
+    return f"{trial.size_ratio(baseline):.2f}x the size of float32 ({trial.size_bytes:,} B vs {baseline.size_bytes:,} B)"
+
+
+def _drop_text(trial: Trial, metric_name: str) -> str:
+    return "" if trial.drop is None else f", {compare.describe_drop(trial.drop, metric_name)}"
 
 
 def stamp_quantization(proto: Any, config: QuantConfig | None) -> None:

@@ -144,3 +144,55 @@ def test_agreement_limit_keeps_worst_layers_in_float(cli, wide, tmp_path):
     assert retried, doc["trials"]
     assert all(t["config"]["mode"] == "static" for t in retried)
     assert result.exit_code == (0 if doc["passed"] else 1)
+
+
+def _faster_but_larger():
+    trial = _trial("static QDQ per-channel", 0.0, 1.11, 1.05)
+    trial.size_bytes = 80  # float32 is 40: Q/DQ nodes doubled a small model
+    return trial
+
+
+def test_choice_never_keeps_an_int8_model_larger_than_float32_by_default():
+    outcome = _choose(_baseline(), [_faster_but_larger()], limits=Limits(0.01), force=False, metric_name="accuracy")
+    assert outcome.chosen.name == "float32" and outcome.passed
+    assert "larger than float32" in outcome.verdict and "--prefer speed" in outcome.verdict
+    row = outcome.to_dict()["trials"][1]
+    assert row["note"] == "larger than float32 (2.00x); --prefer speed allows it" and row["size_ratio"] == 2.0
+    assert outcome.to_dict()["prefer"] == "size" and outcome.to_dict()["size_ratio_of"] == "float32"
+
+
+def test_choice_keeps_the_smaller_int8_model_over_a_faster_larger_one():
+    smaller = _trial("dynamic", 0.0, 1.02, 1.01)
+    outcome = _choose(_baseline(), [_faster_but_larger(), smaller], limits=Limits(0.01), force=False, metric_name="accuracy")
+    assert outcome.chosen.name == "dynamic" and "0.25x the size of float32" in outcome.verdict
+
+
+def test_prefer_speed_keeps_a_faster_larger_int8_model():
+    outcome = _choose(_baseline(), [_faster_but_larger()], limits=Limits(0.01), force=False, metric_name="accuracy", prefer="speed")
+    assert outcome.chosen.name == "static QDQ per-channel" and "2.00x the size of float32 (80 B vs 40 B)" in outcome.verdict
+    assert outcome.to_dict()["trials"][1]["note"] is None
+
+
+def test_prefer_parses_and_reaches_the_library(cli, digits, tmp_path, monkeypatch):
+    import edgekit.cli.convert as convert_cli
+
+    seen = {}
+
+    def fake_convert(source, output, *, quantize, **kwargs):
+        seen["options"] = quantize
+        raise SystemExit(0)
+
+    monkeypatch.setattr(convert_cli, "convert_model", fake_convert)
+    cli("convert", digits.model, "--quantize", "int8", "--prefer", "speed", "-o", tmp_path / "d.onnx")
+    assert seen["options"].prefer == "speed"
+    cli("convert", digits.model, "--quantize", "int8", "-o", tmp_path / "d.onnx")
+    assert seen["options"].prefer == "size"
+    refused = cli("convert", digits.model, "--prefer", "speed", "-o", tmp_path / "d.onnx")
+    assert refused.exit_code == 2 and "--prefer only apply with --quantize int8" in refused.stderr
+    assert cli("convert", digits.model, "--quantize", "int8", "--prefer", "small", "-o", tmp_path / "d.onnx").exit_code == 2
+
+
+def test_a_regressors_search_speaks_of_rmse_not_accuracy():
+    outcome = _choose(_baseline(), [_trial("a", 0.03, 2, 2), _trial("b", 0.02, 1, 1)], limits=Limits(0.01), force=False, metric_name="rmse")
+    assert "no int8 candidate meets RMSE increase ≤ 1.00 %; kept the most accurate, b (RMSE increase 2.00 %" in outcome.verdict
+    assert "RMSE" in outcome.to_dict()["accuracy_drop_meaning"] and "standard deviation" in outcome.to_dict()["agreement_meaning"]

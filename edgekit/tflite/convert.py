@@ -86,7 +86,7 @@ def _best_int8(plan: Plan, output: str, calibration: np.ndarray, labels: tuple[A
 
 
 def choose(fp32_proto: Any, *, rows: np.ndarray, labels: np.ndarray | None, calibration: np.ndarray | None, limits: Limits, force: bool,
-           source: str, progress: Progress = NoProgress()) -> tuple[SearchOutcome, bytes, dict[str, Any]]:
+           source: str, progress: Progress = NoProgress(), prefer: str = "size") -> tuple[SearchOutcome, bytes, dict[str, Any]]:
     progress.start(3, "building .tflite")
     built = build(fp32_proto, calibration=calibration, source=source)
     progress.advance()
@@ -111,6 +111,7 @@ def choose(fp32_proto: Any, *, rows: np.ndarray, labels: np.ndarray | None, cali
         trial.latency = timing[name]
         trial.drop = compare.metric_drop(onnx_fp32.output, onnx_metric, trial.metric)
         trial.within = limits.holds(trial) if trial is not base else True
-    outcome = _choose(base, [t for n, t in trials.items() if n != FLOAT], limits=limits, force=force, metric_name=compare.metric_name(onnx_fp32.output))
+    outcome = _choose(base, [t for n, t in trials.items() if n != FLOAT], limits=limits, force=force,
+                      metric_name=compare.metric_name(onnx_fp32.output), prefer=prefer)
     versus_onnx = {name: {str(b): timing["onnxruntime float32"][b]["p50_ms"] / timing[name][b]["p50_ms"] for b in timing[name]} for name in trials}
     return outcome, outcome.chosen.proto, {"speedup_vs_onnxruntime_fp32": versus_onnx, "onnxruntime_fp32_latency": {str(b): v for b, v in timing["onnxruntime float32"].items()}}
