@@ -110,8 +110,12 @@ def _read_report(path: str | None, model: OnnxModel) -> dict[str, Any] | None:
     if reported != model.sha256:
         raise PackageError(f"is a validation report of another model (candidate sha256 {str(reported)[:12]}…, this model {model.sha256[:12]}…)",
                            f"validate this model: 'edgekit validate {model.path} --reference ... --data ... --json > report.json'", path=path)
-    keep = ("passed", "failures", "task", "metric", "rows", "size_ratio", "accuracy_drop", "agreement", "max_abs_diff", "mean_abs_diff", "speedup", "thresholds")
+    keep = ("passed", "failures", "task", "metric", "rows", "size_ratio", "accuracy_drop", "agreement", "max_abs_diff", "mean_abs_diff", "speedup", "thresholds",
+            "accuracy_drop_meaning", "agreement_meaning")
     summary = {k: report.get(k) for k in keep}
+    # What size_ratio is relative to: the validation's reference file (a report from before the field has its path).
+    reference_path = (report.get("reference") or {}).get("path")
+    summary["size_ratio_of"] = report.get("size_ratio_of") or (Path(reference_path).name if reference_path else None)
     summary["reference_metric"] = (report.get("reference") or {}).get("metric")
     summary["candidate_metric"] = (report.get("candidate") or {}).get("metric")
     return summary

@@ -9,6 +9,7 @@ is a QDQ model, the per-layer error shows where int8 hurt.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -61,8 +62,11 @@ def validate(
         "reference": _side(reference, ref_metric, ref_pred, y),
         "candidate": _side(candidate, cand_metric, cand_pred, y),
         "size_ratio": candidate.size_bytes / reference.size_bytes,
+        "size_ratio_of": Path(reference.path).name,  # candidate bytes / the reference's: often a pickle, not float32 ONNX
         "accuracy_drop": compare.metric_drop(spec, ref_metric, cand_metric),
+        "accuracy_drop_meaning": compare.DROP_MEANING[compare.metric_name(spec)],
         "agreement": compare.agreement(spec, ref_pred, cand_pred),
+        "agreement_meaning": compare.AGREEMENT_MEANING[spec.task],
         **compare.output_diff(ref_pred, cand_pred),
         "thresholds": asdict(thresholds),
     }
@@ -99,15 +103,22 @@ def _side(model: Any, metric: float | None, prediction: Any, y: np.ndarray | Non
 
 
 def _failures(report: dict[str, Any], thresholds: Thresholds) -> list[dict[str, Any]]:
+    """Each threshold that does not hold, with a message in the task's own terms (a regressor has no accuracy)."""
+    metric = report["metric"]
     checks = [
-        ("accuracy_drop", report["accuracy_drop"], thresholds.max_accuracy_drop, lambda v, limit: v <= limit, "≤"),
-        ("agreement", report["agreement"], thresholds.min_agreement, lambda v, limit: v >= limit, "≥"),
-        ("size_ratio", report["size_ratio"], thresholds.max_size_ratio, lambda v, limit: v <= limit, "≤"),
+        ("accuracy_drop", thresholds.max_accuracy_drop, lambda v, limit: v <= limit,
+         lambda v, limit: f"{compare.describe_drop(v, metric)} is over --max-accuracy-drop {limit} "
+                          f"({compare.describe_drop_limit(limit, metric)})"),
+        ("agreement", thresholds.min_agreement, lambda v, limit: v >= limit,
+         lambda v, limit: f"agreement {v:.4f} is under --min-agreement {limit} ({report['agreement_meaning']})"),
+        ("size_ratio", thresholds.max_size_ratio, lambda v, limit: v <= limit,
+         lambda v, limit: f"size {v:.3f}x of {report['size_ratio_of']} is over --max-size-ratio {limit}"),
     ]
     failures = []
-    for name, value, limit, holds, sign in checks:
+    for name, limit, holds, message in checks:
+        value = report[name]
         if limit is not None and value is not None and not holds(value, limit):
-            failures.append({"check": name, "value": value, "limit": limit, "message": f"{name} {value:.4f} is not {sign} {limit}"})
+            failures.append({"check": name, "value": value, "limit": limit, "message": message(value, limit)})
     return failures
 
 

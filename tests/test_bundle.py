@@ -60,6 +60,7 @@ def test_package_inspect_verify(cli, digits, digits_int8, keypair, tmp_path):
     assert len(manifest["lineage"]["baseline_sha256"]) == 64
     human = cli("inspect", out)
     assert "not checked (give --pubkey)" in human.stdout and "digits v3" in human.stdout
+    assert manifest["validation"]["size_ratio_of"] == "digits.joblib" and "x of digits.joblib" in human.stdout  # not float32 ONNX
 
 
 def test_bundle_contents_are_what_the_device_needs(bundle, keypair, digits):

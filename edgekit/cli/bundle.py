@@ -129,10 +129,18 @@ def _quantization_text(quantization) -> str:
 
 
 def _validation_text(validation) -> str:
+    """The recorded verdict, each number with its meaning: a regressor's drop is RMSE, and the size ratio
+    is against the validation's reference file (often a pickle), not float32 ONNX."""
     if not validation:
         return "none recorded (package with --report)"
-    drop = validation.get("accuracy_drop")
-    return f"{'passed' if validation.get('passed') else 'FAILED'}: agreement {validation.get('agreement'):.4f}" + (f", {compare.describe_drop(drop)}" if drop is not None else "") + f", size ratio {validation.get('size_ratio'):.3f}"
+    drop, metric = validation.get("accuracy_drop"), validation.get("metric") or "accuracy"
+    parts = [f"{'passed' if validation.get('passed') else 'FAILED'}: agreement {validation.get('agreement'):.4f}"]
+    if metric != "accuracy":
+        parts[0] += f" ({compare.AGREEMENT_MEANING['regression']})"
+    if drop is not None:
+        parts.append(compare.describe_drop(drop, metric))
+    parts.append(f"size {validation.get('size_ratio'):.3f}x of {validation.get('size_ratio_of') or 'the validation reference'}")
+    return ", ".join(parts)
 
 
 @click.command()
