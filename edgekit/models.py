@@ -330,7 +330,10 @@ class TfliteModel(_ConvertedModel):
         metadata = tflite_metadata(data, path)
         if METADATA_INPUT not in metadata or METADATA_OUTPUT not in metadata:
             raise ModelLoadError("is a .tflite without edgekit metadata (input schema, output meaning)", "convert it with 'edgekit convert --target tflite'", path=path)
-        runtime = _loaded(LiteRtRuntime(threads=threads, source=path), data, path)
+        from .tflite.quiet import without_banner
+
+        with without_banner():  # the first interpreter of a process logs an INFO line to stderr
+            runtime = _loaded(LiteRtRuntime(threads=threads, source=path), data, path)
         return cls(path=path, data=data, input=InputSchema.from_dict(json.loads(metadata[METADATA_INPUT])),
                    output=OutputSpec.from_dict(json.loads(metadata[METADATA_OUTPUT])), runtime=runtime)
 

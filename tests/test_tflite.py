@@ -145,3 +145,24 @@ def test_a_tflite_bundle_is_served_by_the_agent_with_litert(cli, tflite_models, 
         assert np.mean(np.asarray(result.answers()) == y[:200]) > 0.93
         agent.monitor.process()
         assert agent.last_summary["rows"] == 100
+
+
+def test_litert_banner_stays_off_the_cli_stderr(tflite_models, digits):
+    """LiteRT's C++ logger prints its XNNPACK INFO line to fd 2 once per process: run the CLI as its own process."""
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "edgekit", "validate", tflite_models[1], "--reference", tflite_models[0], "--data", digits.test],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "XNNPACK" not in result.stderr and "PASSED" in result.stdout
+
+
+def test_only_the_banner_is_kept_off_stderr(capfd):
+    import os
+
+    from edgekit.tflite.quiet import without_banner
+
+    with without_banner():
+        os.write(2, b"INFO: Created TensorFlow Lite XNNPACK delegate for CPU.\nERROR: something LiteRT says that matters\n")
+    assert capfd.readouterr().err == "ERROR: something LiteRT says that matters\n"
