@@ -182,3 +182,19 @@ def test_windows_too_small_for_a_drift_verdict_are_named_at_start(tmp_path, bund
     caplog.clear()
     Agent(config_of(make_device(tmp_path / "enough", bundle, keypair[1], window_rows=100, http=False))).start(http=False).stop()
     assert not [r for r in caplog.records if "min_rows" in r.getMessage()]
+
+
+def test_http_rows_as_objects_by_name_and_wording_of_bad_rows(device, digits):
+    data = np.load(digits.test)
+    X = data["X"][:2]
+    with Agent(config_of(device)).start() as agent:
+        names = agent.schema.feature_names
+        objects = [dict(reversed(list(zip(names, row.tolist())))) for row in X]  # keys in reverse order: put in schema order
+        status, body = http(agent, "POST", "/v1/models/digits:predict", {"instances": objects})
+        expected = json.loads(http(agent, "POST", "/v1/models/digits:predict", {"instances": X.tolist()})[1])
+        assert status == 200 and json.loads(body)["predictions"] == expected["predictions"]
+        for bad, message in [([X[0].tolist(), X[1].tolist()[:63]], "request row 1 has 63 values, the model takes 64; send every row as a list of 64 numbers"),
+                             ([["3.5", *X[0].tolist()[1:]]], "request row 0 column 'pixel_0_0' holds the string '3.5', which is not numeric"),
+                             ([{**objects[0], "label": 3}], "request row 0 has keys the model does not know: 'label'")]:
+            status, body = http(agent, "POST", "/v1/models/digits:predict", {"instances": bad})
+            assert status == 400 and message in json.loads(body)["error"], body
