@@ -9,6 +9,12 @@
     url = "mqtt://127.0.0.1:1883"      # mqtts:// for TLS; username, password or password_file; "" turns MQTT off
     [server]
     listen = "127.0.0.1:8470"          # token_file = "/etc/edgekit/token" for a bearer token; "" turns HTTP off
+    # tls_cert = "cert.pem"            # with tls_key = "key.pem": HTTPS
+    # header_timeout = 10              # seconds for a request's head; body_timeout = 60 for its body
+    # idle_timeout = 30                # a keep-alive connection between requests
+    # max_connections = 100            # past it the longest-idle connection is closed
+    # max_body_bytes = 16777216        # 413 past it; max_header_bytes = 65536 (431); max_rows = 100000 a request (413)
+    # threads = 4                      # requests served at once
     [monitor]
     window_rows = 1000                 # at least the bundle's drift min_rows (default 100), or no window is tested
     window_seconds = 60
@@ -64,9 +70,34 @@ class MqttConfig:
 
 
 @dataclass(frozen=True)
+class HttpLimits:
+    """What one HTTP server allows its clients: the agent's API and the collector's dashboard alike.
+
+    The defaults suit a Raspberry Pi on a LAN: a slow or hostile client costs a socket for at most
+    ``header_timeout`` seconds, never a thread, and no request can take more than ``max_body_bytes``."""
+
+    header_timeout: float = 10.0  # seconds from a request's first byte (a new connection's accept) to the end of its head
+    body_timeout: float = 60.0  # seconds from the end of the head to the end of the body
+    idle_timeout: float = 30.0  # a keep-alive connection between requests is closed after this
+    max_connections: int = 100  # beyond it, the connection idle for longest is closed (503 if all are busy)
+    max_body_bytes: int = 16 << 20  # 413 past it, while the body is still arriving
+    max_header_bytes: int = 64 << 10  # request line and headers; 431 past it
+    threads: int = 4  # requests run at once; one more thread does all the socket I/O
+
+    def __post_init__(self) -> None:
+        for name in ("header_timeout", "body_timeout", "idle_timeout", "max_connections", "max_body_bytes", "max_header_bytes", "threads"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be positive, not {getattr(self, name)!r}")
+
+
+@dataclass(frozen=True)
 class ServerConfig:
     listen: str | None = "127.0.0.1:8470"
     token: str | None = field(default=None, repr=False)
+    tls_cert: Path | None = None  # with tls_key: serve HTTPS
+    tls_key: Path | None = None
+    max_rows: int = 100_000  # rows in one predict request; 413 past it
+    limits: HttpLimits = HttpLimits()
 
     @property
     def address(self) -> tuple[str, int]:
@@ -135,9 +166,7 @@ def parse_config(doc: dict[str, Any], *, base: Path = Path("."), source: str = "
             raise ConfigError(source, f"[mqtt] url {mqtt_config.url!r} is not mqtt://host[:port] or mqtts://", "write it as mqtt://host:1883")
         if mqtt_config.url:
             mqtt_config.port  # noqa: B018 - a port out of range raises ValueError, reported below
-        server_config = ServerConfig(listen=server.get("listen", "127.0.0.1:8470") or None, token=_secret(server, "token", "EDGEKIT_API_TOKEN", resolve))
-        if server_config.listen:
-            server_config.address  # noqa: B018 - validates the port
+        server_config = _server_config(server, source, resolve)
         monitor_config = MonitorConfig(
             window_rows=int(monitor.get("window_rows", 1000)), window_seconds=float(monitor.get("window_seconds", 60)),
             log_rows=int(monitor.get("log_rows", 10000)), keep_acked_seconds=float(monitor.get("keep_acked_seconds", 3600)),
@@ -159,6 +188,26 @@ def parse_config(doc: dict[str, Any], *, base: Path = Path("."), source: str = "
         device_id=device_id, fleet=fleet, state_dir=resolve(str(need(doc, "state_dir", ""))), public_key=resolve(str(need(trust, "public_key", "[trust] "))),
         threads=int(doc.get("threads", 1)), mqtt=mqtt_config, server=server_config, monitor=monitor_config, source=source,
     )
+
+
+_LIMIT_KEYS = {"header_timeout": float, "body_timeout": float, "idle_timeout": float, "max_connections": int,
+               "max_body_bytes": int, "max_header_bytes": int, "threads": int}
+
+
+def _server_config(server: dict[str, Any], source: str, resolve) -> ServerConfig:
+    """The [server] table; raises ValueError or TypeError on a bad value (reported by the caller)."""
+    limits = HttpLimits(**{key: kind(server[key]) for key, kind in _LIMIT_KEYS.items() if key in server})
+    cert, key = server.get("tls_cert"), server.get("tls_key")
+    if bool(cert) != bool(key):
+        raise ConfigError(source, "[server] has tls_cert or tls_key but not both", "give both PEM files to serve HTTPS, or neither for HTTP")
+    config = ServerConfig(listen=server.get("listen", "127.0.0.1:8470") or None, token=_secret(server, "token", "EDGEKIT_API_TOKEN", resolve),
+                          tls_cert=resolve(cert) if cert else None, tls_key=resolve(key) if key else None,
+                          max_rows=int(server.get("max_rows", ServerConfig.max_rows)), limits=limits)
+    if config.max_rows < 1:
+        raise ValueError(f"max_rows must be positive, not {config.max_rows}")
+    if config.listen:
+        config.address  # noqa: B018 - validates the port
+    return config
 
 
 def _secret(table: dict[str, Any], key: str, env: str, resolve) -> str | None:

@@ -13,6 +13,7 @@
     ├── RuntimeUnavailableError     the runtime a model needs is not installed
     ├── ModelError                  the runtime refused the model, or failed while running it
     ├── ConfigError                 an agent.toml that is missing, malformed or incomplete
+    ├── ServeError                  the HTTP server cannot start (port taken, certificate unreadable, waitress missing)
     ├── ProtocolError               an MQTT payload that is malformed, oversized or of an unknown schema
     ├── InstallError                a bundle that may not be installed (older version, no model installed)
     └── UpdateError                 an over-the-air update that failed a step; ``code`` says which
@@ -104,6 +105,12 @@ class ConfigError(AgentError):
     def __init__(self, path: object, problem: str, fix: str = "") -> None:
         self.path = str(path)
         super().__init__(f"{self.path}: {problem}" + (f"; {fix}" if fix else ""))
+
+
+class ServeError(AgentError):
+    def __init__(self, problem: str, fix: str = "") -> None:
+        self.problem, self.fix = problem, fix
+        super().__init__(f"{problem}; {fix}" if fix else problem)
 
 
 class InstallError(AgentError):

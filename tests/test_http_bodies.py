@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 
 from device_agent import Agent
-from device_agent import server as agent_server
 from tests.agent_helpers import config_of, free_port, make_device
 
 
@@ -73,6 +72,15 @@ def raw_agent(agent):
     conn.close()
 
 
+@pytest.fixture
+def small_agent(tmp_path, bundle, keypair):
+    """An agent whose [server] max_body_bytes is 64."""
+    with Agent(config_of(make_device(tmp_path / "dev", bundle, keypair[1], server={"max_body_bytes": 64}))).start() as running:
+        conn = Raw(running.server.server_address[1])
+        yield conn
+        conn.close()
+
+
 PREDICT = "/v1/models/digits:predict"
 
 
@@ -94,8 +102,8 @@ def test_chunked_predict_is_answered_like_content_length_and_the_connection_stay
     assert status == 200 and json.loads(health)["status"] == "ok"
 
 
-def test_chunked_body_over_the_limit_is_413_before_the_rest_is_read(raw_agent, monkeypatch):
-    monkeypatch.setattr(agent_server, "MAX_BODY_BYTES", 64)
+def test_chunked_body_over_the_limit_is_413_before_the_rest_is_read(small_agent):
+    raw_agent = small_agent
     # 40 + 40 passes 64 at the second chunk; the third chunk and the terminator are never sent
     start = b"28\r\n" + b"[" * 40 + b"\r\n" + b"28\r\n"
     status, headers, body = raw_agent.request(post_head(PREDICT, "Transfer-Encoding: chunked"), start)
@@ -103,8 +111,8 @@ def test_chunked_body_over_the_limit_is_413_before_the_rest_is_read(raw_agent, m
     assert headers.get("connection", "").lower() == "close" and raw_agent.closed_by_server()
 
 
-def test_a_content_length_over_the_limit_is_413(raw_agent, monkeypatch):
-    monkeypatch.setattr(agent_server, "MAX_BODY_BYTES", 64)
+def test_a_content_length_over_the_limit_is_413(small_agent):
+    raw_agent = small_agent
     status, _, body = raw_agent.request(post_head(PREDICT, "Content-Length: 65"))
     assert status == 413 and "65 bytes" in json.loads(body)["error"]
 
