@@ -32,7 +32,7 @@ from __future__ import annotations
 import os
 import re
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -85,9 +85,20 @@ class HttpLimits:
     threads: int = 4  # requests run at once; one more thread does all the socket I/O
 
     def __post_init__(self) -> None:
-        for name in ("header_timeout", "body_timeout", "idle_timeout", "max_connections", "max_body_bytes", "max_header_bytes", "threads"):
+        for name in _LIMIT_KINDS:
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be positive, not {getattr(self, name)!r}")
+
+    def with_values(self, values: dict[str, Any]) -> HttpLimits:
+        """These limits with some replaced (numbers or their text); ValueError names an unknown one."""
+        unknown = sorted(set(values) - set(_LIMIT_KINDS))
+        if unknown:
+            raise ValueError(f"unknown HTTP limit {unknown[0]!r}; the limits are {', '.join(_LIMIT_KINDS)}")
+        return replace(self, **{name: _LIMIT_KINDS[name](value) for name, value in values.items()})
+
+
+_LIMIT_KINDS = {"header_timeout": float, "body_timeout": float, "idle_timeout": float, "max_connections": int,
+                "max_body_bytes": int, "max_header_bytes": int, "threads": int}
 
 
 @dataclass(frozen=True)
@@ -190,13 +201,9 @@ def parse_config(doc: dict[str, Any], *, base: Path = Path("."), source: str = "
     )
 
 
-_LIMIT_KEYS = {"header_timeout": float, "body_timeout": float, "idle_timeout": float, "max_connections": int,
-               "max_body_bytes": int, "max_header_bytes": int, "threads": int}
-
-
 def _server_config(server: dict[str, Any], source: str, resolve) -> ServerConfig:
     """The [server] table; raises ValueError or TypeError on a bad value (reported by the caller)."""
-    limits = HttpLimits(**{key: kind(server[key]) for key, kind in _LIMIT_KEYS.items() if key in server})
+    limits = HttpLimits().with_values({key: server[key] for key in _LIMIT_KINDS if key in server})
     cert, key = server.get("tls_cert"), server.get("tls_key")
     if bool(cert) != bool(key):
         raise ConfigError(source, "[server] has tls_cert or tls_key but not both", "give both PEM files to serve HTTPS, or neither for HTTP")

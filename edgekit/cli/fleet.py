@@ -47,14 +47,21 @@ def fleet():
 @click.option("--public-url", help="Base URL devices download bundles from (default: the --http address).")
 @click.option("--workers", type=click.IntRange(1, 64), default=1, show_default=True,
               help="Processes storing summaries (MQTT 5 brokers): one takes about 3,500 a second; 3 took 6,000+ on 2 cores.")
+@click.option("--tls-cert", type=click.Path(exists=True, dir_okay=False), help="PEM certificate: serve the dashboard and API over HTTPS (with --tls-key).")
+@click.option("--tls-key", type=click.Path(exists=True, dir_okay=False), help="The certificate's unencrypted PEM key.")
+@click.option("--http-limit", "http_limits", multiple=True, metavar="NAME=VALUE",
+              help="An HTTP limit, as in agent.toml's [server]: header_timeout (10 s), body_timeout (600 s), idle_timeout (30 s), "
+                   "max_connections (100), max_body_bytes (1 GiB), max_header_bytes (64 KiB), threads (4). Repeatable.")
 @click.option("--duration", type=float, help="Stop after this many seconds (default: until Ctrl-C).")
-def collect(broker, db, http, alerts_file, group, client_id, devices_file, trust, bundle_dir, public_url, workers, duration):
+def collect(broker, db, http, alerts_file, group, client_id, devices_file, trust, bundle_dir, public_url, workers, tls_cert, tls_key, http_limits, duration):
     """Run the collector: ingest, store, request missing windows, alert, serve the dashboard.
 
     \b
     Example:
       edgekit fleet collect --broker mqtt://127.0.0.1:1883 --db fleet.db --http 127.0.0.1:8480 --alerts alerts.toml --trust keys/edgekit.pub
     """
+    if bool(tls_cert) != bool(tls_key):
+        raise click.UsageError("--tls-cert and --tls-key go together: give both PEM files to serve HTTPS, or neither")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     rules, sinks = load_alert_config(alerts_file)
     allowed = None
@@ -65,7 +72,7 @@ def collect(broker, db, http, alerts_file, group, client_id, devices_file, trust
 
     collector = Collector(CollectorConfig(broker=broker, db=db, http=http or None, group=group, client_id=client_id, allowed_devices=allowed,
                                           trust=trust, bundle_dir=bundle_dir, public_url=public_url, api_token=os.environ.get("EDGEKIT_COLLECTOR_TOKEN"),
-                                          workers=workers))
+                                          workers=workers, http_limits=_http_limits(http_limits), tls_cert=tls_cert, tls_key=tls_key))
     collector.alerts = AlertEngine(collector.store, rules, sinks)
     collector.start()
     stop = threading.Event()
@@ -73,7 +80,7 @@ def collect(broker, db, http, alerts_file, group, client_id, devices_file, trust
         signal.signal(sig, lambda *_: stop.set())
     address = collector.server.server_address[:2] if collector.server else None
     click.echo(f"collecting from {broker} into {db}" + (f" with {workers} processes" if workers > 1 else "")
-               + (f"; dashboard at http://{address[0]}:{address[1]}/" if address else ""))
+               + (f"; dashboard at {collector.server.scheme}://{address[0]}:{address[1]}/" if address else ""))
     stop.wait(duration)
     collector.stop()
 
@@ -197,3 +204,20 @@ def _existing_store(db: str) -> SqliteStore:
     if not Path(db).is_file():
         raise StoreError("no fleet database here", "pass the --db that 'edgekit fleet collect' writes to", path=db)
     return SqliteStore(db)
+
+
+def _http_limits(pairs: tuple[str, ...]) -> dict[str, float]:
+    """``--http-limit NAME=VALUE`` options, checked against the limits there are."""
+    from device_agent.config import HttpLimits
+
+    values = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep:
+            raise click.BadParameter(f"{pair!r} is not NAME=VALUE, e.g. header_timeout=5", param_hint="--http-limit")
+        values[name.strip()] = value.strip()
+    try:
+        HttpLimits().with_values(values)
+    except (ValueError, TypeError) as exc:
+        raise click.BadParameter(str(exc), param_hint="--http-limit") from None
+    return {name: float(value) for name, value in values.items()}

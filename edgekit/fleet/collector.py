@@ -16,7 +16,7 @@ import logging
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlparse
 
@@ -53,6 +53,9 @@ class CollectorConfig:
     bundle_dir: str | None = None  # where uploaded bundles are kept (default: next to the database)
     public_url: str | None = None  # the base URL devices download bundles from (default: the --http address)
     api_token: str | None = None  # required as a bearer token on the HTTP API's POSTs when set
+    http_limits: dict[str, float] = field(default_factory=dict)  # overrides of web.COLLECTOR_LIMITS by name (HttpLimits)
+    tls_cert: str | None = None  # with tls_key: the dashboard and API over HTTPS
+    tls_key: str | None = None
     workers: int = 1  # ingest processes in all (this one included); see workers.py
     role: str = "all"  # "all": ingest, alerts, gaps, rollouts, HTTP; "ingest": summaries only (a worker)
 
@@ -109,7 +112,10 @@ class Collector:
         if self.config.http and not self.ingest_only:
             from .web import serve
 
-            self.server = serve(self, self.config.http)
+            from .web import COLLECTOR_LIMITS
+
+            self.server = serve(self, self.config.http, limits=COLLECTOR_LIMITS.with_values(self.config.http_limits),
+                                tls_cert=self.config.tls_cert, tls_key=self.config.tls_key)
         return self
 
     def stop(self) -> None:
@@ -272,7 +278,7 @@ class Collector:
         if self.server is None:
             raise EdgekitError("the collector serves no HTTP, so devices cannot download bundles", "run it with --http host:port (and --public-url if devices see another address)")
         host, port = self.server.server_address[:2]
-        return f"http://{'127.0.0.1' if host in ('0.0.0.0', '') else host}:{port}"
+        return f"{self.server.scheme}://{'127.0.0.1' if host in ('0.0.0.0', '') else host}:{port}"
 
     def request_gaps(self) -> int:
         """Ask devices for the windows the store is missing (each seq again after ``gap_retry_seconds``)."""

@@ -14,7 +14,9 @@
     GET  /api/rollouts[/<id>]  rollout status;  POST /api/rollouts {sha256, fleet, devices, waves, ...} starts one
     POST /api/rollouts/<id>/(pause|resume|abort);  POST /api/rollbacks {instruction, signature, devices}
 
-POSTs need ``Authorization: Bearer <token>`` when the collector has an API token.
+POSTs need ``Authorization: Bearer <token>`` when the collector has an API token. The routes are
+plain ``Request -> Response`` functions served by the same waitress server as the agent's API
+(:mod:`device_agent.httpserver`: timeouts, connection limit, body limit, TLS).
 
 No front-end build step, no JavaScript: HTML and SVG written here.
 """
@@ -25,182 +27,163 @@ import hmac
 import html
 import json
 import re
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING, Any
-from urllib.parse import parse_qs, urlparse
 
-from device_agent.httpbody import BodyError, read_body
+from device_agent.config import HttpLimits
+from device_agent.errors import ServeError
+from device_agent.wsgi import HttpError, Request, Response, error_response, json_response, wsgi_app
 
 from ..errors import EdgekitError
 from .merge import merged_drift, since_timestamp
 
 if TYPE_CHECKING:
+    from device_agent.httpserver import HttpServer
+
     from .collector import Collector
 
-MAX_UPLOAD_BYTES = 1 << 30
+# Bundles are uploaded whole: a body limit of 1 GiB, and the time a Pi-sized link needs to send it.
+COLLECTOR_LIMITS = HttpLimits(max_body_bytes=1 << 30, body_timeout=600.0)
 _BUNDLE_ROUTE = re.compile(r"^/bundles/(?P<sha>[0-9a-f]{64})$")
 _ROLLOUT_ROUTE = re.compile(r"^/api/rollouts/(?P<id>[A-Za-z0-9._-]{1,64})(?:/(?P<verb>pause|resume|abort))?$")
 PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf")
+HTML = "text/html; charset=utf-8"
 
 
-def serve(collector: "Collector", listen: str) -> ThreadingHTTPServer:
+def serve(collector: "Collector", listen: str, *, limits: HttpLimits = COLLECTOR_LIMITS, tls_cert: str | None = None,
+          tls_key: str | None = None) -> "HttpServer":
+    """Serve the dashboard and APIs on ``listen`` (host:port) in background threads."""
+    from device_agent.httpserver import serve_wsgi, tls_context
+
     host, _, port = listen.rpartition(":")
-    handler = type("Handler", (_Handler,), {"collector": collector})
     try:
-        server = ThreadingHTTPServer((host or "127.0.0.1", int(port)), handler)
-    except (OSError, ValueError) as exc:
-        raise EdgekitError(f"cannot serve HTTP on {listen} ({exc})", "free the port or pass another --http host:port") from exc
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, name="edgekit-collector-http", daemon=True).start()
-    return server
+        tls = tls_context(tls_cert, tls_key) if tls_cert else None
+        return serve_wsgi(wsgi_app(lambda request: route(collector, request)), (host or "127.0.0.1", int(port)), limits=limits, tls=tls,
+                          name="edgekit-collector-http", ident="edgekit-collector", limit_names=_limit_names())
+    except ValueError as exc:
+        raise EdgekitError(f"cannot serve HTTP on {listen} ({exc})", "pass --http host:port") from exc
+    except ServeError as exc:
+        raise EdgekitError(exc.problem, exc.fix or "free the port or pass another --http host:port") from exc
 
 
-class _Handler(BaseHTTPRequestHandler):
-    collector: "Collector"
-    protocol_version = "HTTP/1.1"
-    # Headers and body leave in two writes; with Nagle on, a keep-alive client waits for the delayed
-    # ACK (40 ms) before the body arrives. Measured: 44 ms per request with keep-alive, 0.8 ms without.
-    disable_nagle_algorithm = True
+def _limit_names():
+    from device_agent.httpserver import LimitNames
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
-        pass
+    return LimitNames(**{name: f"--http-limit {name}=..." for name in ("max_body_bytes", "max_header_bytes", "header_timeout", "body_timeout")})
 
-    def do_GET(self) -> None:  # noqa: N802
-        url = urlparse(self.path)
-        query = {k: v[-1] for k, v in parse_qs(url.query).items()}
-        store = self.collector.store
-        try:
-            if url.path == "/":
-                return self._send(200, render_fleet(store.status(), _alerts(self.collector)), "text/html; charset=utf-8")
-            if url.path.startswith("/devices/"):
-                device = url.path.split("/", 2)[2]
-                if device not in {d["device"] for d in store.status()}:
-                    return self._send(404, json.dumps({"error": f"no device {device!r} is known to this collector"}).encode(), "application/json")
-                return self._send(200, render_device(device, list(store.summaries(device=device))), "text/html; charset=utf-8")
-            if url.path == "/drift":
-                version = int(query["version"]) if "version" in query else None
-                reports = merged_drift(store, model=query.get("model"), version=version, fleet=query.get("fleet"), since=since_timestamp(query.get("since")))
-                return self._send(200, render_fleet_drift(reports, query.get("feature")), "text/html; charset=utf-8")
-            if url.path == "/api/status":
-                return self._json(store.status())
-            if url.path == "/api/drift":
-                version = int(query["version"]) if "version" in query else None
-                return self._json(merged_drift(store, device=query.get("device"), model=query.get("model"), version=version, since=since_timestamp(query.get("since"))))
-            if url.path == "/api/alerts":
-                return self._json(_alerts(self.collector))
-            if url.path == "/metrics":
-                from .metrics import render
 
-                return self._send(200, render(self.collector), "text/plain; version=0.0.4")
-            if _BUNDLE_ROUTE.match(url.path):
-                return self._bundle(_BUNDLE_ROUTE.match(url.path)["sha"])
-            if url.path in ("/api/rollouts", "/api/bundles", "/rollouts") or url.path.startswith(("/api/rollouts/", "/rollouts/")):
-                return self._rollout_get(url.path)
-        except (EdgekitError, ValueError) as exc:
-            return self._send(400, json.dumps({"error": str(exc)}).encode(), "application/json")
-        self._send(404, json.dumps({"error": f"no route {url.path}"}).encode(), "application/json")
+def route(collector: "Collector", request: Request) -> Response:
+    """The answer to one request (the HTTP server, TLS and limits are the caller's business)."""
+    if request.method == "POST":
+        return _post(collector, request)
+    if request.method != "GET":
+        raise HttpError(405, f"{request.method} is not served; the collector takes GET and POST", [("Allow", "GET, HEAD, POST")])
+    try:
+        return _get(collector, request)
+    except (EdgekitError, ValueError) as exc:
+        return error_response(400, str(exc))
 
-    def do_POST(self) -> None:  # noqa: N802
-        url = urlparse(self.path)
-        token = self.collector.config.api_token
-        if token and not hmac.compare_digest(self.headers.get("Authorization", ""), f"Bearer {token}"):
-            return self._send(401, json.dumps({"error": "missing or wrong API token; set EDGEKIT_COLLECTOR_TOKEN"}).encode(), "application/json")
-        try:
-            body = read_body(self.headers, self.rfile, MAX_UPLOAD_BYTES)
-        except BodyError as exc:
-            self.close_connection = True  # the rest of the body is unread
-            return self._send(exc.status, json.dumps({"error": str(exc)}).encode(), "application/json")
-        rollouts = self.collector.rollouts
-        try:
-            if url.path == "/api/bundles":
-                return self._json(rollouts.add_bundle(body), 201)
-            doc = json.loads(body or b"{}")
-            if not isinstance(doc, dict):
-                raise ValueError("the body must be a JSON object")
-            if url.path == "/api/rollouts":
-                from .rollouts import start_from_request
 
-                return self._json({"id": start_from_request(rollouts, doc)}, 201)
-            if url.path == "/api/rollbacks":
-                rollout_id = rollouts.rollback(doc.get("instruction") or {}, str(doc.get("signature", "")), str(doc.get("devices") or "*"))
-                return self._json({"id": rollout_id}, 201)
-            match = _ROLLOUT_ROUTE.match(url.path)
-            if match and match["verb"]:
-                return self._json(getattr(rollouts, match["verb"])(match["id"]))
-        except (EdgekitError, ValueError, TypeError, KeyError) as exc:
-            return self._send(getattr(exc, "http_status", 400), json.dumps({"error": str(exc)}).encode(), "application/json")
-        self._send(404, json.dumps({"error": f"no route POST {url.path}"}).encode(), "application/json")
+def _get(collector: "Collector", request: Request) -> Response:
+    path, query, store = request.path, request.query, collector.store
+    if path == "/":
+        return Response(200, render_fleet(store.status(), _alerts(collector)), HTML)
+    if path.startswith("/devices/"):
+        device = path.split("/", 2)[2]
+        if device not in {d["device"] for d in store.status()}:
+            return error_response(404, f"no device {device!r} is known to this collector")
+        return Response(200, render_device(device, list(store.summaries(device=device))), HTML)
+    if path == "/drift":
+        version = int(query["version"]) if "version" in query else None
+        reports = merged_drift(store, model=query.get("model"), version=version, fleet=query.get("fleet"), since=since_timestamp(query.get("since")))
+        return Response(200, render_fleet_drift(reports, query.get("feature")), HTML)
+    if path == "/api/status":
+        return json_response(store.status())
+    if path == "/api/drift":
+        version = int(query["version"]) if "version" in query else None
+        return json_response(merged_drift(store, device=query.get("device"), model=query.get("model"), version=version, since=since_timestamp(query.get("since"))))
+    if path == "/api/alerts":
+        return json_response(_alerts(collector))
+    if path == "/metrics":
+        from .metrics import render
 
-    def _rollout_get(self, path: str) -> None:
-        from .rollout_views import render_rollout, render_rollouts
+        return Response(200, render(collector).encode(), "text/plain; version=0.0.4")
+    if _BUNDLE_ROUTE.match(path):
+        return _bundle(collector, _BUNDLE_ROUTE.match(path)["sha"], request.header("range"))
+    if path in ("/api/rollouts", "/api/bundles", "/rollouts") or path.startswith(("/api/rollouts/", "/rollouts/")):
+        return _rollout_get(collector, path)
+    return error_response(404, f"no route {path}")
 
-        rollouts = self.collector.rollouts
+
+def _post(collector: "Collector", request: Request) -> Response:
+    token = collector.config.api_token
+    if token and not hmac.compare_digest(request.header("authorization"), f"Bearer {token}"):
+        return error_response(401, "missing or wrong API token; set EDGEKIT_COLLECTOR_TOKEN")
+    rollouts, path = collector.rollouts, request.path
+    try:
         if path == "/api/bundles":
-            return self._json(rollouts.bundles())
+            return json_response(rollouts.add_bundle(request.body), 201)
+        doc = request.json_object() if request.body else {}
         if path == "/api/rollouts":
-            return self._json(rollouts.list())
-        if path == "/rollouts":
-            return self._send(200, render_rollouts(rollouts.list()), "text/html; charset=utf-8")
-        rollout_id = path.rsplit("/", 1)[1]
-        try:
-            status = rollouts.status(rollout_id)
-        except EdgekitError as exc:
-            return self._send(404, json.dumps({"error": str(exc)}).encode(), "application/json")
-        if path.startswith("/api/"):
-            return self._json(status)
-        return self._send(200, render_rollout(status), "text/html; charset=utf-8")
+            from .rollouts import start_from_request
 
-    def _bundle(self, sha256: str) -> None:
-        """The bundle's bytes; ``Range: bytes=N-[M]`` gets 206 and the rest, so devices resume."""
-        stored = self.collector.rollouts.bundle(sha256=sha256)
-        if stored is None:
-            return self._send(404, json.dumps({"error": f"no bundle {sha256}"}).encode(), "application/json")
-        with open(stored["path"], "rb") as handle:
-            data = handle.read()
-        size = len(data)
-        first, last, status = 0, size - 1, 200
-        wanted = self.headers.get("Range")
-        if wanted:
-            match = re.fullmatch(r"bytes=(\d*)-(\d*)", wanted.strip())
-            if not match or (not match[1] and not match[2]):
-                return self._range_error(size)
-            if match[1]:
-                first, last = int(match[1]), min(int(match[2]) if match[2] else size - 1, size - 1)
-            else:  # a suffix: the last N bytes
-                first = max(0, size - int(match[2]))
-            if first >= size or first > last:
-                return self._range_error(size)
-            status = 206
-        body = data[first:last + 1]
-        self.send_response(status)
-        self.send_header("Content-Type", "application/octet-stream")
-        self.send_header("Accept-Ranges", "bytes")
-        self.send_header("Content-Length", str(len(body)))
-        self.send_header("ETag", f'"{sha256}"')
-        if status == 206:
-            self.send_header("Content-Range", f"bytes {first}-{last}/{size}")
-        self.end_headers()
-        self.wfile.write(body)
+            return json_response({"id": start_from_request(rollouts, doc)}, 201)
+        if path == "/api/rollbacks":
+            rollout_id = rollouts.rollback(doc.get("instruction") or {}, str(doc.get("signature", "")), str(doc.get("devices") or "*"))
+            return json_response({"id": rollout_id}, 201)
+        match = _ROLLOUT_ROUTE.match(path)
+        if match and match["verb"]:
+            return json_response(getattr(rollouts, match["verb"])(match["id"]))
+    except (EdgekitError, ValueError, TypeError, KeyError) as exc:
+        return error_response(getattr(exc, "http_status", 400), str(exc))
+    return error_response(404, f"no route POST {path}")
 
-    def _range_error(self, size: int) -> None:
-        self.send_response(416)
-        self.send_header("Content-Range", f"bytes */{size}")
-        self.send_header("Content-Length", "0")
-        self.end_headers()
 
-    def _json(self, doc: Any, status: int = 200) -> None:
-        self._send(status, json.dumps(doc, default=str).encode(), "application/json")
+def _rollout_get(collector: "Collector", path: str) -> Response:
+    from .rollout_views import render_rollout, render_rollouts
 
-    def _send(self, status: int, body: bytes | str, content_type: str) -> None:
-        data = body.encode() if isinstance(body, str) else body
-        self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(data)))
-        if self.close_connection:  # a refused body is left unread: say so before hanging up
-            self.send_header("Connection", "close")
-        self.end_headers()
-        self.wfile.write(data)
+    rollouts = collector.rollouts
+    if path == "/api/bundles":
+        return json_response(rollouts.bundles())
+    if path == "/api/rollouts":
+        return json_response(rollouts.list())
+    if path == "/rollouts":
+        return Response(200, render_rollouts(rollouts.list()), HTML)
+    rollout_id = path.rsplit("/", 1)[1]
+    try:
+        status = rollouts.status(rollout_id)
+    except EdgekitError as exc:
+        return error_response(404, str(exc))
+    if path.startswith("/api/"):
+        return json_response(status)
+    return Response(200, render_rollout(status), HTML)
+
+
+def _bundle(collector: "Collector", sha256: str, wanted: str) -> Response:
+    """The bundle's bytes; ``Range: bytes=N-[M]`` gets 206 and the rest, so devices resume."""
+    stored = collector.rollouts.bundle(sha256=sha256)
+    if stored is None:
+        return error_response(404, f"no bundle {sha256}")
+    with open(stored["path"], "rb") as handle:
+        data = handle.read()
+    size = len(data)
+    first, last, status = 0, size - 1, 200
+    if wanted:
+        match = re.fullmatch(r"bytes=(\d*)-(\d*)", wanted.strip())
+        if not match or (not match[1] and not match[2]):
+            return _range_error(size)
+        if match[1]:
+            first, last = int(match[1]), min(int(match[2]) if match[2] else size - 1, size - 1)
+        else:  # a suffix: the last N bytes
+            first = max(0, size - int(match[2]))
+        if first >= size or first > last:
+            return _range_error(size)
+        status = 206
+    headers = [("Accept-Ranges", "bytes"), ("ETag", f'"{sha256}"')] + ([("Content-Range", f"bytes {first}-{last}/{size}")] if status == 206 else [])
+    return Response(status, data[first:last + 1], "application/octet-stream", headers)
+
+
+def _range_error(size: int) -> Response:
+    return Response(416, b"", "application/octet-stream", [("Content-Range", f"bytes */{size}")])
 
 
 def _alerts(collector: "Collector") -> list[dict[str, Any]]:
