@@ -199,6 +199,7 @@ class _Channel(HTTPChannel):
         self._since = time.monotonic()  # when this connection last started to wait for a client's bytes
         self._deadline: float | None = self._since + self.limits.header_timeout
         self._in_body = False
+        self._tls_up = False  # the handshake is done once the first application bytes arrive
         self._make_room()
 
     # -- the connection limit ------------------------------------------------------------------------
@@ -245,6 +246,10 @@ class _Channel(HTTPChannel):
             self._deadline = time.monotonic() + LOOP_SECONDS
             return
         self._deadline = None
+        if self.tls is not None and not self._tls_up:  # no TLS session to answer in: hang up
+            log.debug("closing %s: no TLS handshake within %g s", self.addr, self.limits.header_timeout)
+            self.will_close = True
+            return
         if self._in_body:
             message = f"the body did not arrive within {self.limits.body_timeout:g} s ({self.names.body_timeout})"
         else:
@@ -278,6 +283,7 @@ class _Channel(HTTPChannel):
         if not data:
             self.handle_close()
             return
+        self._tls_up = True
         self.last_activity = time.time()
         self.received(data)
 
