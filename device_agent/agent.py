@@ -226,7 +226,8 @@ class Agent:
             self.runtime.close()
 
     def __enter__(self) -> Agent:
-        return self.start()
+        # ``with Agent(config).start() as agent`` is common: starting twice would run two background threads.
+        return self if self._thread is not None else self.start()
 
     def __exit__(self, *exc: object) -> None:
         self.stop()

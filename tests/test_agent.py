@@ -198,3 +198,11 @@ def test_http_rows_as_objects_by_name_and_wording_of_bad_rows(device, digits):
                              ([{**objects[0], "label": 3}], "request row 0 has keys the model does not know: 'label'")]:
             status, body = http(agent, "POST", "/v1/models/digits:predict", {"instances": bad})
             assert status == 400 and message in json.loads(body)["error"], body
+
+
+def test_with_an_agent_already_started_does_not_start_it_again(tmp_path, bundle, keypair):
+    agent = Agent(config_of(make_device(tmp_path / "dev", bundle, keypair[1], http=False))).start(mqtt=False)
+    first = agent._thread
+    with agent as entered:
+        assert entered._thread is first  # not a second background thread
+    assert not first.is_alive()
