@@ -242,10 +242,11 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=str(ROOT / "bench-results" / "bench_http.json"))
     parser.add_argument("--quick", action="store_true", help="fewer requests and a shorter attack (a smoke run)")
+    parser.add_argument("--with-cheroot", choices=("auto", "no"), default="auto", help="compare cheroot too when it is installed (default)")
     args = parser.parse_args()
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 8192), hard))
-    kinds = ["stdlib", "waitress"] + (["cheroot"] if library_facts("cheroot", ())["installed"] else [])
+    kinds = ["stdlib", "waitress"] + (["cheroot"] if args.with_cheroot == "auto" and library_facts("cheroot", ())["installed"] else [])
     requests, rounds, seconds, hold = (300, 2, 2.0, 3.0) if args.quick else (1500, 4, 5.0, 8.0)
     results: dict = {"kinds": kinds}
     with tempfile.TemporaryDirectory(prefix="edgekit-bench-http-") as tmp:
