@@ -14,6 +14,7 @@ Figures, as ratios against the baseline measured in the same run (rounds interle
 - 1,000 half-open connections (a request line, then nothing): the server's threads and RSS during
   the attack and 10 s after it ends, and /healthz latency on a fresh connection during it
 - the server's idle RSS, and the install size and wheel tags of each library
+- the cost of one hand-off between two threads on this machine (waitress makes two a request)
 
     python scripts/bench_http.py [--quick] [--out bench-results/bench_http.json]
 """
@@ -211,6 +212,24 @@ def half_open(server: ServerProcess, connections: int, hold: float) -> dict:
             "healthz_max_ms": max(health), "healthz_median_ms": statistics.median(health)}
 
 
+def thread_handoff_us(n: int = 20000) -> float:
+    """One wake-up of another thread and back, halved: what each hand-off between waitress's I/O
+    thread and a worker costs on this machine (the standard library's server makes none)."""
+    ping, pong = threading.Semaphore(0), threading.Semaphore(0)
+
+    def other() -> None:
+        for _ in range(n):
+            ping.acquire()
+            pong.release()
+
+    threading.Thread(target=other, daemon=True).start()
+    start = time.perf_counter()
+    for _ in range(n):
+        ping.release()
+        pong.acquire()
+    return (time.perf_counter() - start) / n / 2 * 1e6
+
+
 def library_facts(name: str, deps: tuple[str, ...]) -> dict:
     size, tags = 0, []
     for dist_name in (name, *deps):
@@ -248,7 +267,7 @@ def main() -> int:
     resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 8192), hard))
     kinds = ["stdlib", "waitress"] + (["cheroot"] if args.with_cheroot == "auto" and library_facts("cheroot", ())["installed"] else [])
     requests, rounds, seconds, hold = (300, 2, 2.0, 3.0) if args.quick else (1500, 4, 5.0, 8.0)
-    results: dict = {"kinds": kinds}
+    results: dict = {"kinds": kinds, "thread_handoff_us": thread_handoff_us()}
     with tempfile.TemporaryDirectory(prefix="edgekit-bench-http-") as tmp:
         work = Path(tmp)
         config, body = setup(work)
@@ -301,6 +320,9 @@ def report(results: dict, out: str) -> int:
         print(f"{kind:10}" + "".join(f"{r[c]:>17.1f}" for c in columns)
               + f"{h['threads_before']:>8}/{h['threads_peak']}/{h['threads_after_10s']:<8}".rjust(22)
               + f"{h['rss_before_mb']:.0f}/{h['rss_peak_mb']:.0f}/{h['rss_after_10s_mb']:.0f}".rjust(22) + f"{h['healthz_max_ms']:>16.0f}")
+    extra = new["latency_p50_us"] - base["latency_p50_us"]
+    print(f"waitress adds {extra:.0f} µs at p50; one hand-off between two threads costs {results['thread_handoff_us']:.0f} µs here, "
+          "and waitress makes two a request (I/O thread to worker, worker back to the I/O thread)")
     for name, facts in results["libraries"].items():
         if facts["installed"]:
             print(f"{name} {facts['version']}: {facts['install_kb']:.0f} KB installed (with dependencies), wheels {', '.join(facts['wheel_tags'])}")
