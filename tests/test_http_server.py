@@ -398,3 +398,35 @@ def test_a_route_that_raises_is_a_json_500_and_the_server_goes_on(caplog):
     finally:
         server.shutdown()
     assert any("a bug" in (r.exc_text or "") or r.exc_info for r in caplog.records)
+
+
+def test_the_collector_serves_https_with_its_own_limits(tmp_path):
+    from types import SimpleNamespace
+
+    from edgekit.fleet.web import COLLECTOR_LIMITS, serve
+
+    cert, key = self_signed(tmp_path)
+    server = serve(SimpleNamespace(alerts=None, store=None, rollouts=None, config=SimpleNamespace(api_token=None)), "127.0.0.1:0",
+                   limits=COLLECTOR_LIMITS.with_values({"max_header_bytes": 4096}), tls_cert=str(cert), tls_key=str(key))
+    try:
+        assert server.scheme == "https"
+        conn = http.client.HTTPSConnection(*server.server_address, context=ssl.create_default_context(cafile=str(cert)), timeout=10)
+        conn.request("GET", "/api/alerts")
+        response = conn.getresponse()
+        assert response.status == 200 and json.loads(response.read()) == []
+        conn.request("GET", "/api/alerts", headers={"X-Big": "a" * 5000})
+        response = conn.getresponse()
+        assert response.status == 431 and "--http-limit max_header_bytes" in json.loads(response.read())["error"]
+        conn.close()
+    finally:
+        server.shutdown()
+
+
+def test_fleet_collect_checks_its_http_options(cli, tmp_path):
+    result = cli("fleet", "collect", "--http-limit", "max_conections=3", "--duration", "0")
+    assert result.exit_code == 2 and "unknown HTTP limit 'max_conections'" in result.output
+    result = cli("fleet", "collect", "--http-limit", "header_timeout", "--duration", "0")
+    assert result.exit_code == 2 and "NAME=VALUE" in result.output
+    cert, _ = self_signed(tmp_path)
+    result = cli("fleet", "collect", "--tls-cert", str(cert), "--duration", "0")
+    assert result.exit_code == 2 and "--tls-cert and --tls-key go together" in result.output
