@@ -106,7 +106,7 @@ def _get(collector: "Collector", request: Request) -> Response:
     if path == "/metrics":
         from .metrics import render
 
-        return Response(200, render(collector).encode(), "text/plain; version=0.0.4")
+        return Response(200, render(collector), "text/plain; version=0.0.4")
     if _BUNDLE_ROUTE.match(path):
         return _bundle(collector, _BUNDLE_ROUTE.match(path)["sha"], request.header("range"))
     if path in ("/api/rollouts", "/api/bundles", "/rollouts") or path.startswith(("/api/rollouts/", "/rollouts/")):
