@@ -16,7 +16,7 @@ from collections.abc import Iterator
 
 from device_agent.fsutil import default_mode, is_special, write_atomic
 
-from .errors import OutputError
+from edgekit.errors import OutputError
 
 
 @contextlib.contextmanager

@@ -36,10 +36,10 @@ from device_agent.drift import drift_report, exact_psi  # noqa: E402
 from device_agent.profile import build_baseline  # noqa: E402
 from device_agent.signing import load_public_key  # noqa: E402
 from device_agent.state import StateDir  # noqa: E402
-from edgekit.fixtures import fixtures_usable, make_fixtures  # noqa: E402
-from edgekit.keys import generate_keypair  # noqa: E402
-from edgekit.package import build_bundle  # noqa: E402
-from edgekit.pipeline import convert_model  # noqa: E402
+from edgekit.local.fixtures import fixtures_usable, make_fixtures  # noqa: E402
+from edgekit.bundle.keys import generate_keypair  # noqa: E402
+from edgekit.bundle.package import build_bundle  # noqa: E402
+from edgekit.build.convert import convert_model  # noqa: E402
 from bench_report import print_checks, write_json  # noqa: E402  (beside this script)
 
 TARGETS = {"b1_ratio_max": 1.15, "b1000_throughput_min": 0.6, "bytes_per_feature_max": 128, "psi_error_max": 0.005,

@@ -26,11 +26,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from edgekit.errors import NotQuantizableError  # noqa: E402
-from edgekit.fixtures import FIXTURES, fixtures_usable, make_fixtures  # noqa: E402
-from edgekit.latency import batches_from, measure  # noqa: E402
-from edgekit.models import load_model  # noqa: E402
-from edgekit.pipeline import QuantizeOptions, convert_model  # noqa: E402
-from edgekit.validate import validate  # noqa: E402
+from edgekit.local.fixtures import FIXTURES, fixtures_usable, make_fixtures  # noqa: E402
+from edgekit.models.latency import batches_from, measure  # noqa: E402
+from edgekit.models.loading import load_model  # noqa: E402
+from edgekit.build.convert import QuantizeOptions, convert_model  # noqa: E402
+from edgekit.build.validate import validate  # noqa: E402
 
 import numpy as np  # noqa: E402
 
@@ -93,7 +93,7 @@ def bench_fixture(name: str, paths: dict[str, Path], work: Path) -> dict:
 
 def bench_tflite(paths: dict[str, Path], work: Path) -> dict:
     """The digits pipeline as .tflite: float32 and int8 against scikit-learn, and the chosen one against onnxruntime."""
-    from edgekit.models import load_model as load
+    from edgekit.models.loading import load_model as load
 
     fp32_onnx, tfl, tfl8, chosen = work / "t.onnx", work / "t.tflite", work / "t.int8.tflite", work / "t.chosen.tflite"
     convert_model(str(paths["model"]), str(fp32_onnx), names_from=str(paths["train"]))

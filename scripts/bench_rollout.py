@@ -45,14 +45,14 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from edgekit.broker import free_port, start_local_broker  # noqa: E402
-from edgekit.emulate import EmulatedFleet, prepare_devices  # noqa: E402
-from edgekit.fixtures import fixtures_usable, make_fixtures  # noqa: E402
+from edgekit.local.broker import free_port, start_local_broker  # noqa: E402
+from edgekit.local.emulate import EmulatedFleet, prepare_devices  # noqa: E402
+from edgekit.local.fixtures import fixtures_usable, make_fixtures  # noqa: E402
 from edgekit.fleet.client import CollectorClient  # noqa: E402
 from edgekit.fleet.collector import Collector, CollectorConfig  # noqa: E402
-from edgekit.keys import generate_keypair  # noqa: E402
-from edgekit.package import build_bundle  # noqa: E402
-from edgekit.pipeline import QuantizeOptions, convert_model  # noqa: E402
+from edgekit.bundle.keys import generate_keypair  # noqa: E402
+from edgekit.bundle.package import build_bundle  # noqa: E402
+from edgekit.build.convert import QuantizeOptions, convert_model  # noqa: E402
 from edgekit.processes import stop_processes  # noqa: E402
 from bench_report import print_checks, write_json  # noqa: E402  (beside this script)
 

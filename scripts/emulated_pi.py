@@ -17,12 +17,12 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 import paho.mqtt.client as mqtt  # noqa: E402
 
-from edgekit.broker import start_local_broker  # noqa: E402
-from edgekit.fixtures import fixtures_usable, make_fixtures  # noqa: E402
-from edgekit.flash import Flasher, FlashPlan  # noqa: E402
-from edgekit.keys import generate_keypair  # noqa: E402
-from edgekit.package import build_bundle  # noqa: E402
-from edgekit.pipeline import QuantizeOptions, convert_model  # noqa: E402
+from edgekit.local.broker import start_local_broker  # noqa: E402
+from edgekit.local.fixtures import fixtures_usable, make_fixtures  # noqa: E402
+from edgekit.local.flash import Flasher, FlashPlan  # noqa: E402
+from edgekit.bundle.keys import generate_keypair  # noqa: E402
+from edgekit.bundle.package import build_bundle  # noqa: E402
+from edgekit.build.convert import QuantizeOptions, convert_model  # noqa: E402
 
 
 def main(rootfs: str) -> int:

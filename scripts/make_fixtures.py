@@ -13,7 +13,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from edgekit.fixtures import FIXTURES, make_fixtures  # noqa: E402
+from edgekit.local.fixtures import FIXTURES, make_fixtures  # noqa: E402
 
 
 def main() -> int:

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from device_agent.config import load_config
-from edgekit.broker import free_port  # noqa: F401  (tests import it from here)
+from edgekit.local.broker import free_port  # noqa: F401  (tests import it from here)
 from device_agent.signing import load_public_key
 from device_agent.state import StateDir
 

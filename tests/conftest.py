@@ -15,7 +15,7 @@ import pytest
 from click.testing import CliRunner
 
 from edgekit.cli import cli_for_tests
-from edgekit.fixtures import fixtures_usable, make_fixtures
+from edgekit.local.fixtures import fixtures_usable, make_fixtures
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -64,7 +64,7 @@ def wide(tmp_path_factory) -> Fixture:
 
 @pytest.fixture(scope="session")
 def digits_onnx(digits, tmp_path_factory) -> Path:
-    from edgekit.pipeline import convert_model
+    from edgekit.build.convert import convert_model
 
     path = tmp_path_factory.mktemp("digits_onnx") / "digits.onnx"
     convert_model(str(digits.model), str(path), names_from=str(digits.train))  # the pickle was fitted on a bare array
@@ -74,7 +74,7 @@ def digits_onnx(digits, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def digits_int8(digits, tmp_path_factory) -> Path:
     """A static QDQ int8 digits model, forced so it exists whatever the speed here."""
-    from edgekit.pipeline import QuantizeOptions, convert_model
+    from edgekit.build.convert import QuantizeOptions, convert_model
 
     path = tmp_path_factory.mktemp("digits_int8") / "digits.int8.onnx"
     convert_model(str(digits.model), str(path), quantize=QuantizeOptions(mode="static", per_channel=False, force=True), calibration=str(digits.train))
@@ -83,7 +83,7 @@ def digits_int8(digits, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def keypair(tmp_path_factory) -> tuple[Path, Path]:
-    from edgekit.keys import generate_keypair
+    from edgekit.bundle.keys import generate_keypair
 
     private, public, _ = generate_keypair(tmp_path_factory.mktemp("keys"))
     return private, public
@@ -91,7 +91,7 @@ def keypair(tmp_path_factory) -> tuple[Path, Path]:
 
 @pytest.fixture(scope="session")
 def bundle(digits, digits_int8, keypair, tmp_path_factory) -> Path:
-    from edgekit.package import build_bundle
+    from edgekit.bundle.package import build_bundle
 
     path = tmp_path_factory.mktemp("bundle") / "digits-3.edgebundle"
     build_bundle(str(digits_int8), name="digits", version=3, baseline_path=str(digits.train), key_path=str(keypair[0]), output=str(path))

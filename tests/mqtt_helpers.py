@@ -14,7 +14,7 @@ from pathlib import Path
 
 import paho.mqtt.client as mqtt
 
-from edgekit.broker import free_port, give_to_broker_user, wait_for_port
+from edgekit.local.broker import free_port, give_to_broker_user, wait_for_port
 
 ROOT = Path(__file__).resolve().parent.parent
 

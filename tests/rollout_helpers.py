@@ -10,8 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
-from edgekit.broker import free_port
-from edgekit.emulate import EmulatedFleet, prepare_devices
+from edgekit.local.broker import free_port
+from edgekit.local.emulate import EmulatedFleet, prepare_devices
 from edgekit.fleet.client import CollectorClient
 from edgekit.fleet.collector import Collector, CollectorConfig
 
@@ -78,7 +78,7 @@ def tamper_selftest(source: Path, destination: Path, key_path: Path) -> Path:
     import json
 
     from device_agent.canonical import canonical_json, sha256_hex
-    from edgekit.keys import load_private_key, sign
+    from edgekit.bundle.keys import load_private_key, sign
 
     with zipfile.ZipFile(source) as archive:
         members = {name: archive.read(name) for name in archive.namelist()}

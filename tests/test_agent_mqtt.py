@@ -164,10 +164,10 @@ def test_a_broker_that_speaks_only_mqtt_3_gets_mqtt_3(tmp_path, bundle, keypair,
     import paho.mqtt.client as mqtt
 
     pytest.importorskip("amqtt")
-    from edgekit.broker import free_port, wait_for_port
+    from edgekit.local.broker import free_port, wait_for_port
 
     port = free_port()
-    broker = subprocess.Popen([sys.executable, "-m", "edgekit.embedded_broker", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    broker = subprocess.Popen([sys.executable, "-m", "edgekit.local.embedded_broker", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         assert wait_for_port(port, process=broker)
         summaries = []

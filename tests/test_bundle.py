@@ -10,7 +10,7 @@ from device_agent.bundle import read_bundle
 from device_agent.cli import main as agent_main
 from device_agent.errors import BundleFormatError, BundleIntegrityError, SignatureError
 from device_agent.signing import load_public_key
-from edgekit.keys import generate_keypair
+from edgekit.bundle.keys import generate_keypair
 
 
 def rewrite(source, destination, change):

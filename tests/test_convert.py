@@ -5,8 +5,8 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from edgekit.models import load_model
-from edgekit.onnx_target import RuntimeTarget, support_for, installed_onnxruntime
+from edgekit.models.loading import load_model
+from edgekit.models.targets import RuntimeTarget, support_for, installed_onnxruntime
 
 
 def test_pipeline_converts_whole_and_answers_like_scikit_learn(cli, digits, tmp_path):

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from edgekit.data import adopt_feature_names, load_dataset
+from edgekit.models.data import adopt_feature_names, load_dataset
 from edgekit.errors import DataError
 from device_agent.schema import InputSchema
 

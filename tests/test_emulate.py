@@ -1,6 +1,6 @@
 import pytest
 
-from edgekit.emulate import DriftSpec
+from edgekit.local.emulate import DriftSpec
 from edgekit.errors import EdgekitError
 from tests.mqtt_helpers import Collector
 

@@ -7,8 +7,8 @@ scripts/bench_quantize.py, never asserted here: timings on a shared machine flak
 
 import pytest
 
-from edgekit.pipeline import QuantizeOptions, convert_model
-from edgekit.validate import validate
+from edgekit.build.convert import QuantizeOptions, convert_model
+from edgekit.build.validate import validate
 
 pytestmark = pytest.mark.slow
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from edgekit.broker import free_port, wait_for_port
+from edgekit.local.broker import free_port, wait_for_port
 from tests.mqtt_helpers import Collector
 
 pytestmark = pytest.mark.network
@@ -70,7 +70,7 @@ def test_system_site_packages_reaches_a_virtualenv_interpreters_packages(tmp_pat
     subprocess.run([sys.executable, "-m", "venv", str(parent)], check=True)
     site = Path(subprocess.check_output([str(parent / "bin" / "python"), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], text=True).strip())
     (site / "only_in_parent_venv.py").write_text("VALUE = 42\n")
-    from edgekit.flash import Flasher, FlashPlan
+    from edgekit.local.flash import Flasher, FlashPlan
 
     plan = FlashPlan(bundle=Path("b"), device_id="d", fleet="f", broker="mqtt://127.0.0.1:1", pubkey=Path("k"), target="dir:/x",
                      python=str(parent / "bin" / "python"), system_site_packages=True)

@@ -115,10 +115,10 @@ def _children(pid: int) -> list[int]:
 def test_workers_stand_down_on_a_broker_without_shared_subscriptions(tmp_path, fleet_name):
     """amqtt speaks MQTT 3.1.1: a worker there would store every summary a second time, so it exits and is not restarted."""
     pytest.importorskip("amqtt")
-    from edgekit.broker import free_port, wait_for_port
+    from edgekit.local.broker import free_port, wait_for_port
 
     port = free_port()
-    amqtt = subprocess.Popen([sys.executable, "-m", "edgekit.embedded_broker", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    amqtt = subprocess.Popen([sys.executable, "-m", "edgekit.local.embedded_broker", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     collector = None
     try:
         assert wait_for_port(port, process=amqtt)

@@ -50,8 +50,8 @@ def hostile_bundle(tmp_path_factory, keypair):
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    from edgekit.package import build_bundle
-    from edgekit.pipeline import convert_model
+    from edgekit.bundle.package import build_bundle
+    from edgekit.build.convert import convert_model
 
     directory = tmp_path_factory.mktemp("hostile")
     rng = np.random.default_rng(0)

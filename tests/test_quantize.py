@@ -3,10 +3,10 @@ import json
 import numpy as np
 import onnx
 
-from edgekit.layer_error import layer_errors
-from edgekit.models import load_model
-from edgekit.quant_search import Limits, Trial, _choose
-from edgekit.quantize import QuantConfig
+from edgekit.build.layer_error import layer_errors
+from edgekit.models.loading import load_model
+from edgekit.build.quant_search import Limits, Trial, _choose
+from edgekit.build.quantize import QuantConfig
 
 
 def ops(path):

@@ -12,7 +12,7 @@ pytestmark = pytest.mark.network
 @pytest.fixture(scope="module")
 def v4(digits, digits_onnx, keypair, tmp_path_factory):
     """A good next version: the float32 model, agreeing with the int8 v3 on almost every row."""
-    from edgekit.package import build_bundle
+    from edgekit.bundle.package import build_bundle
 
     path = tmp_path_factory.mktemp("v4") / "digits-4.edgebundle"
     build_bundle(str(digits_onnx), name="digits", version=4, baseline_path=str(digits.train), key_path=str(keypair[0]), output=str(path))

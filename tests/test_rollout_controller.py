@@ -11,7 +11,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from edgekit.broker import free_port
+from edgekit.local.broker import free_port
 from edgekit.errors import RolloutConflict, RolloutError
 from edgekit.fleet.rollouts import RolloutController, RolloutSpec, _assign_waves, parse_abort_rules, parse_waves
 from edgekit.fleet.store import SqliteStore

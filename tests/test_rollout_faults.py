@@ -21,9 +21,9 @@ def candidates(digits, digits_onnx, keypair, tmp_path_factory):
     from sklearn.tree import DecisionTreeClassifier
 
     import joblib
-    from edgekit.keys import generate_keypair
-    from edgekit.package import build_bundle
-    from edgekit.pipeline import convert_model
+    from edgekit.bundle.keys import generate_keypair
+    from edgekit.bundle.package import build_bundle
+    from edgekit.build.convert import convert_model
 
     root = tmp_path_factory.mktemp("candidates")
 

@@ -8,13 +8,13 @@ import pytest
 pytest.importorskip("ai_edge_litert")
 
 from device_agent import Agent  # noqa: E402
-from edgekit.models import TfliteModel, load_model  # noqa: E402
+from edgekit.models.loading import TfliteModel, load_model  # noqa: E402
 from tests.agent_helpers import config_of, make_device  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def tflite_models(tmp_path_factory, digits):
-    from edgekit.pipeline import QuantizeOptions, convert_model
+    from edgekit.build.convert import QuantizeOptions, convert_model
 
     directory = tmp_path_factory.mktemp("tflite")
     float_path, int8_path = directory / "digits.tflite", directory / "digits.int8.tflite"
@@ -70,8 +70,8 @@ def test_the_scaler_centering_is_folded_and_classes_0_to_9_need_no_gather(tflite
 def test_fold_centering_keeps_the_answers_and_other_classes_keep_their_gather(tmp_path):
     from ai_edge_litert.interpreter import Interpreter
 
-    from edgekit.tflite.plan import Plan, Step, fold_centering
-    from edgekit.tflite.writer import write_float
+    from edgekit.build.tflite.plan import Plan, Step, fold_centering
+    from edgekit.build.tflite.writer import write_float
 
     rng = np.random.default_rng(0)
     weights, bias = rng.normal(size=(3, 4)).astype(np.float32), rng.normal(size=3).astype(np.float32)
@@ -94,7 +94,7 @@ def test_fold_centering_keeps_the_answers_and_other_classes_keep_their_gather(tm
 
 @pytest.mark.parametrize("preprocessing", ["mul", "div", "sub", "none"])
 def test_input_equalization_keeps_the_function_and_balances_input_and_weight_ranges(preprocessing):
-    from edgekit.tflite.plan import Plan, Step, equalize_first_layer
+    from edgekit.build.tflite.plan import Plan, Step, equalize_first_layer
 
     rng = np.random.default_rng(1)
     spread = np.float32([0.1, 1, 10, 100, 1])
@@ -161,7 +161,7 @@ def test_litert_banner_stays_off_the_cli_stderr(tflite_models, digits):
 def test_only_the_banner_is_kept_off_stderr(capfd):
     import os
 
-    from edgekit.tflite.quiet import without_banner
+    from edgekit.build.tflite.quiet import without_banner
 
     with without_banner():
         os.write(2, b"INFO: Created TensorFlow Lite XNNPACK delegate for CPU.\nERROR: something LiteRT says that matters\n")

@@ -11,7 +11,7 @@ import pytest
 
 from device_agent.errors import DownloadError, UpdateError
 from device_agent.state import StateDir
-from edgekit.broker import free_port
+from edgekit.local.broker import free_port
 from tests.agent_helpers import config_of, make_device
 
 
@@ -100,7 +100,7 @@ def test_a_rotten_active_slot_falls_back_to_the_other(tmp_path, bundle, v4_bundl
 
 @pytest.fixture(scope="module")
 def v4_bundle(digits, digits_onnx, keypair, tmp_path_factory):
-    from edgekit.package import build_bundle
+    from edgekit.bundle.package import build_bundle
 
     path = tmp_path_factory.mktemp("v4u") / "digits-4.edgebundle"
     build_bundle(str(digits_onnx), name="digits", version=4, baseline_path=str(digits.train), key_path=str(keypair[0]), output=str(path))
@@ -121,7 +121,7 @@ def test_the_updater_goes_up_refuses_replays_and_takes_a_signed_rollback(tmp_pat
     from device_agent.agent import Agent
     from device_agent.protocol import DESIRED_SCHEMA
     from edgekit.fleet.rollouts import sign_rollback
-    from edgekit.keys import load_private_key
+    from edgekit.bundle.keys import load_private_key
 
     v3, v4 = served.add(bundle), served.add(v4_bundle)
     agent = Agent(config_of(make_device(tmp_path / "dev", bundle, keypair[1], http=False))).start(http=False, mqtt=False)

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import sys
 
-from .common import EdgekitGroup
+from edgekit.cli.common import EdgekitGroup
 
 
 def _build():
     import click
 
-    from .. import __version__
+    from edgekit import __version__
 
     @click.group(cls=EdgekitGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
     @click.option("--debug", is_flag=True, help="Show the full traceback on errors.")
@@ -31,7 +31,7 @@ def _build():
         """
         ctx.obj = {"debug": debug}
 
-    from . import bundle, convert, demo, emulate, flash, fleet, rollout, validate
+    from edgekit.cli import bundle, convert, demo, emulate, flash, fleet, rollout, validate
 
     for module in (convert, validate, bundle, emulate, flash, fleet, rollout, demo):
         module.register(cli)

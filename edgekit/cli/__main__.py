@@ -1,3 +1,3 @@
-from . import main
+from edgekit.cli import main
 
 raise SystemExit(main())

@@ -7,11 +7,11 @@ import click
 from device_agent.bundle import read_bundle
 from device_agent.signing import load_public_key
 
-from .. import compare
-from ..errors import PackageError
-from ..keys import generate_keypair
-from ..package import build_bundle
-from .common import emit_json, json_option
+from edgekit.models import compare
+from edgekit.errors import PackageError
+from edgekit.bundle.keys import generate_keypair
+from edgekit.bundle.package import build_bundle
+from edgekit.cli.common import emit_json, json_option
 
 
 def register(cli: click.Group) -> None:

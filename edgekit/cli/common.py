@@ -10,7 +10,7 @@ import click
 
 from device_agent.errors import AgentError
 
-from ..errors import EdgekitError
+from edgekit.errors import EdgekitError
 
 EXIT_THRESHOLD = 1
 EXIT_ERROR = 2

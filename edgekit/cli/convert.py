@@ -6,11 +6,11 @@ from pathlib import Path
 
 import click
 
-from ..onnx_target import DEFAULT_MIN_RUNTIME, DEFAULT_OPSET, RuntimeTarget
-from ..compare import AGREEMENT_HELP, DROP_HELP
-from ..pipeline import QuantizeOptions, convert_model
-from ..quant_search import PREFER
-from .common import EXIT_THRESHOLD, BarProgress, CommandError, emit_json, exit_with, fmt, json_option, table
+from edgekit.models.targets import DEFAULT_MIN_RUNTIME, DEFAULT_OPSET, RuntimeTarget
+from edgekit.models.compare import AGREEMENT_HELP, DROP_HELP
+from edgekit.build.convert import QuantizeOptions, convert_model
+from edgekit.build.quant_search import PREFER
+from edgekit.cli.common import EXIT_THRESHOLD, BarProgress, CommandError, emit_json, exit_with, fmt, json_option, table
 
 
 def register(cli: click.Group) -> None:

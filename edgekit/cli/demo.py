@@ -7,8 +7,8 @@ from pathlib import Path
 
 import click
 
-from ..demo import run_demo
-from .common import EXIT_THRESHOLD, exit_with
+from edgekit.local.demo import run_demo
+from edgekit.cli.common import EXIT_THRESHOLD, exit_with
 
 
 def register(cli: click.Group) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from ..emulate import DriftSpec, prepare_devices, run_devices
+from edgekit.local.emulate import DriftSpec, prepare_devices, run_devices
 
 
 def register(cli: click.Group) -> None:

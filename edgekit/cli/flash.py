@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from ..flash import Flasher, FlashPlan
+from edgekit.local.flash import Flasher, FlashPlan
 
 
 def register(cli: click.Group) -> None:

@@ -11,11 +11,11 @@ from pathlib import Path
 
 import click
 
-from ..fleet.alerts import AlertEngine, load_alert_config
-from ..fleet.collector import Collector, CollectorConfig
-from ..fleet.merge import MERGED_MIN_PSI, merged_drift, since_timestamp
-from ..fleet.store import SqliteStore, StoreError
-from .common import emit_json, fmt, json_option, table
+from edgekit.fleet.alerts import AlertEngine, load_alert_config
+from edgekit.fleet.collector import Collector, CollectorConfig
+from edgekit.fleet.merge import MERGED_MIN_PSI, merged_drift, since_timestamp
+from edgekit.fleet.store import SqliteStore, StoreError
+from edgekit.cli.common import emit_json, fmt, json_option, table
 
 DB_OPTION = click.option("--db", default="fleet.db", show_default=True, type=click.Path(dir_okay=False), help="The fleet database (SQLite).")
 
@@ -97,7 +97,7 @@ def provision(fleet_name, devices, out, rotate):
     Example:
       edgekit fleet provision --fleet default --devices pi-kitchen-01,pi-hall-02 --out broker/
     """
-    from ..fleet.provision import provision as run
+    from edgekit.fleet.provision import provision as run
 
     result = run(out, fleet=fleet_name, devices=[d.strip() for d in devices.split(",") if d.strip()], rotate=rotate)
     click.echo(f"wrote {result.directory}/passwd, acl and mosquitto.conf for {len(result.devices)} device(s) and the collector; "

@@ -6,9 +6,9 @@ import time
 
 import click
 
-from ..fleet.client import DEFAULT_COLLECTOR, CollectorClient
-from ..fleet.rollouts import DEFAULT_ABORT_ON
-from .common import EXIT_THRESHOLD, emit_json, exit_with, json_option, table
+from edgekit.fleet.client import DEFAULT_COLLECTOR, CollectorClient
+from edgekit.fleet.rollouts import DEFAULT_ABORT_ON
+from edgekit.cli.common import EXIT_THRESHOLD, emit_json, exit_with, json_option, table
 
 COLLECTOR_OPTION = click.option("--collector", default=DEFAULT_COLLECTOR, show_default=True, envvar="EDGEKIT_COLLECTOR",
                                 help="The collector's HTTP address (EDGEKIT_COLLECTOR_TOKEN holds its API token, if any).")
@@ -120,9 +120,9 @@ def rollback(fleet, version, key_path, name, bundle_path, devices, collector, wa
     Example:
       edgekit rollout rollback --fleet default --to 3 --key keys/edgekit.key
     """
-    from ..errors import RolloutError
-    from ..fleet.rollouts import sign_rollback
-    from ..keys import load_private_key
+    from edgekit.errors import RolloutError
+    from edgekit.fleet.rollouts import sign_rollback
+    from edgekit.bundle.keys import load_private_key
 
     client = CollectorClient(collector)
     if bundle_path:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import click
 
-from ..compare import AGREEMENT_HELP, DROP_HELP
-from ..validate import Thresholds, validate
-from .common import EXIT_THRESHOLD, emit_json, exit_with, fmt, json_option, table
+from edgekit.models.compare import AGREEMENT_HELP, DROP_HELP
+from edgekit.build.validate import Thresholds, validate
+from edgekit.cli.common import EXIT_THRESHOLD, emit_json, exit_with, fmt, json_option, table
 
 
 def register(cli: click.Group) -> None:

@@ -34,8 +34,8 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Callable
 
-from ..errors import EdgekitError
-from .store import SqliteStore
+from edgekit.errors import EdgekitError
+from edgekit.fleet.store import SqliteStore
 
 if sys.version_info >= (3, 11):
     import tomllib

@@ -13,7 +13,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from ..errors import RolloutError
+from edgekit.errors import RolloutError
 
 DEFAULT_COLLECTOR = "http://127.0.0.1:8480"
 TOKEN_ENV = "EDGEKIT_COLLECTOR_TOKEN"

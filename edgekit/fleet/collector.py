@@ -22,9 +22,9 @@ from urllib.parse import urlparse
 
 from device_agent import mqtt_fallback
 
-from ..errors import EdgekitError, require
-from .ingest import Ingestor, Message
-from .store import SqliteStore
+from edgekit.errors import EdgekitError, require
+from edgekit.fleet.ingest import Ingestor, Message
+from edgekit.fleet.store import SqliteStore
 
 log = logging.getLogger("edgekit.fleet")
 BATCH_MAX = 1000
@@ -106,13 +106,13 @@ class Collector:
             thread.start()
             self._threads.append(thread)
         if self.config.workers > 1 and not self.ingest_only:
-            from .workers import IngestWorkers
+            from edgekit.fleet.workers import IngestWorkers
 
             self.workers = IngestWorkers(self.config).start()
         if self.config.http and not self.ingest_only:
-            from .web import serve
+            from edgekit.fleet.web import serve
 
-            from .web import COLLECTOR_LIMITS
+            from edgekit.fleet.web import COLLECTOR_LIMITS
 
             self.server = serve(self, self.config.http, limits=COLLECTOR_LIMITS.with_values(self.config.http_limits),
                                 tls_cert=self.config.tls_cert, tls_key=self.config.tls_key)
@@ -298,7 +298,7 @@ def _rollout_controller(collector: Collector, config: CollectorConfig):
 
     from device_agent.signing import load_public_key
 
-    from .rollouts import RolloutController
+    from edgekit.fleet.rollouts import RolloutController
 
     key = load_public_key(config.trust) if config.trust else None
     bundle_dir = config.bundle_dir or (str(Path(config.db).with_suffix("")) + "-bundles" if config.db != ":memory:" else None)

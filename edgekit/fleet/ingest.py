@@ -21,7 +21,7 @@ from device_agent.errors import ProtocolError
 from device_agent.protocol import (BASELINE_SCHEMA, MAX_PAYLOAD_BYTES, REPORTED_SCHEMA, STATE_SCHEMA, SUMMARY_SCHEMA, check_baseline, check_reported,
                                    check_state, check_summary, decode)
 
-from .store import FleetStore, SummaryRecord
+from edgekit.fleet.store import FleetStore, SummaryRecord
 
 log = logging.getLogger("edgekit.fleet")
 TOPIC = re.compile(r"^edgekit/v1/(?P<fleet>[A-Za-z0-9][A-Za-z0-9._-]{0,63})/(?P<device>[A-Za-z0-9][A-Za-z0-9._-]{0,63})/(?P<leaf>state|summary|baseline|reported)$")

@@ -15,8 +15,8 @@ from device_agent.drift import drift_report
 from device_agent.profile import Profile
 from device_agent.protocol import iso
 
-from ..errors import EdgekitError
-from .store import SqliteStore
+from edgekit.errors import EdgekitError
+from edgekit.fleet.store import SqliteStore
 
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhd])$")
 _SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from .collector import Collector
+    from edgekit.fleet.collector import Collector
 
 
 def render(collector: "Collector") -> bytes:

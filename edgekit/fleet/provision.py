@@ -26,7 +26,7 @@ from pathlib import Path
 
 from device_agent.fsutil import write_atomic
 
-from ..errors import EdgekitError
+from edgekit.errors import EdgekitError
 
 COLLECTOR_USER = "edgekit-collector"
 ITERATIONS = 10_000

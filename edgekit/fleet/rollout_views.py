@@ -6,7 +6,7 @@ import html
 from datetime import datetime, timezone
 from typing import Any
 
-from .web import _page
+from edgekit.fleet.web import _page
 
 STATE_CLASS = {"succeeded": "ok", "failed": "bad", "rolled_back": "bad", "aborted": "bad", "running": "", "paused": "muted"}
 DEVICE_STATES = ("pending", "sent", "downloading", "verifying", "selftest", "shadow", "swapping", "watching", "retrying",

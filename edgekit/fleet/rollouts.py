@@ -42,8 +42,8 @@ from device_agent.errors import BundleError
 from device_agent.protocol import DESIRED_SCHEMA, ROLLBACK_SCHEMA, TERMINAL_UPDATE_STATES, encode
 from device_agent.signing import verify_signature
 
-from ..errors import RolloutConflict, RolloutError, RolloutNotFound
-from .store import SqliteStore
+from edgekit.errors import RolloutConflict, RolloutError, RolloutNotFound
+from edgekit.fleet.store import SqliteStore
 
 DEFAULT_ABORT_ON = "failed>20%"
 FAILED_DEVICE_STATES = ("failed", "rolled_back")
@@ -438,7 +438,7 @@ class RolloutController:
 
 def sign_rollback(*, fleet: str, name: str, version: int, sha256: str, key: Any, issued_at: float | None = None) -> tuple[dict[str, Any], str]:
     """The signed instruction ``rollout rollback`` sends: (instruction, base64 of the signature file)."""
-    from ..keys import sign
+    from edgekit.bundle.keys import sign
 
     instruction = {"schema": ROLLBACK_SCHEMA, "fleet": fleet, "name": name, "version": version, "sha256": sha256,
                    "issued_at": time.time() if issued_at is None else issued_at}

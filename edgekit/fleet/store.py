@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Protocol
 
-from ..errors import EdgekitError
+from edgekit.errors import EdgekitError
 
 GAP_GRACE_SECONDS = 10.0  # a seq still in another collector process's batch is not missing
 MAX_GAP = 1000  # a jump larger than this is a reset or garbage, not a gap worth resending

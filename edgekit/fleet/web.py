@@ -33,13 +33,13 @@ from device_agent.config import HttpLimits
 from device_agent.errors import ServeError
 from device_agent.wsgi import HttpError, Request, Response, error_response, json_response, wsgi_app
 
-from ..errors import EdgekitError
-from .merge import merged_drift, since_timestamp
+from edgekit.errors import EdgekitError
+from edgekit.fleet.merge import merged_drift, since_timestamp
 
 if TYPE_CHECKING:
     from device_agent.httpserver import HttpServer
 
-    from .collector import Collector
+    from edgekit.fleet.collector import Collector
 
 # Bundles are uploaded whole: a body limit of 1 GiB, and the time a Pi-sized link needs to send it.
 COLLECTOR_LIMITS = HttpLimits(max_body_bytes=1 << 30, body_timeout=600.0)
@@ -104,7 +104,7 @@ def _get(collector: "Collector", request: Request) -> Response:
     if path == "/api/alerts":
         return json_response(_alerts(collector))
     if path == "/metrics":
-        from .metrics import render
+        from edgekit.fleet.metrics import render
 
         return Response(200, render(collector), "text/plain; version=0.0.4")
     if _BUNDLE_ROUTE.match(path):
@@ -124,7 +124,7 @@ def _post(collector: "Collector", request: Request) -> Response:
             return json_response(rollouts.add_bundle(request.body), 201)
         doc = request.json_object() if request.body else {}
         if path == "/api/rollouts":
-            from .rollouts import start_from_request
+            from edgekit.fleet.rollouts import start_from_request
 
             return json_response({"id": start_from_request(rollouts, doc)}, 201)
         if path == "/api/rollbacks":
@@ -139,7 +139,7 @@ def _post(collector: "Collector", request: Request) -> Response:
 
 
 def _rollout_get(collector: "Collector", path: str) -> Response:
-    from .rollout_views import render_rollout, render_rollouts
+    from edgekit.fleet.rollout_views import render_rollout, render_rollouts
 
     rollouts = collector.rollouts
     if path == "/api/bundles":

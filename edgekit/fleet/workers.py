@@ -28,8 +28,8 @@ import threading
 import time
 from typing import Any
 
-from ..processes import stop_processes
-from .collector import Collector, CollectorConfig
+from edgekit.processes import stop_processes
+from edgekit.fleet.collector import Collector, CollectorConfig
 
 log = logging.getLogger("edgekit.fleet")
 NOT_APPLICABLE = 3  # the broker has no shared subscriptions: the worker would store every summary twice

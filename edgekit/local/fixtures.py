@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import require
+from edgekit.errors import require
 
 SEED = 0
 FIXTURES = ("digits", "cancer", "wide")

@@ -16,8 +16,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from device_agent.signing import encode_signature, key_id
 
-from .errors import SigningKeyError
-from .fsutil import write_bytes_atomic
+from edgekit.errors import SigningKeyError
+from edgekit.fsutil import write_bytes_atomic
 
 PASSPHRASE_ENV = "EDGEKIT_KEY_PASSPHRASE"
 

@@ -35,7 +35,7 @@ from urllib.parse import urlparse
 from device_agent.bundle import read_bundle
 from device_agent.signing import load_public_key
 
-from .errors import EdgekitError
+from edgekit.errors import EdgekitError
 
 UNIT = """[Unit]
 Description=edgekit device agent
@@ -112,7 +112,7 @@ class Flasher:
         """Everything the device would refuse later, refused now, before a venv is built."""
         from device_agent.config import ID_PATTERN
 
-        from .fleet.collector import parse_broker_url
+        from edgekit.fleet.collector import parse_broker_url
 
         for label, value in (("--device-id", self.plan.device_id), ("--fleet", self.plan.fleet)):
             if not ID_PATTERN.match(value):
@@ -160,7 +160,9 @@ class Flasher:
 
     def _build_edgekit_wheel(self, wheels: Path) -> None:
         """The device gets this very edgekit: a wheel built from the source tree this runs from."""
-        source = Path(__file__).resolve().parent.parent
+        import edgekit
+
+        source = Path(edgekit.__file__).resolve().parent.parent  # the checkout that holds pyproject.toml
         if not (source / "pyproject.toml").exists():
             return  # installed from a wheel: the device takes edgekit from the index like its dependencies
         command = [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(wheels), str(source)]

@@ -16,8 +16,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import EdgekitError
-from .processes import stop_processes
+from edgekit.errors import EdgekitError
+from edgekit.processes import stop_processes
 
 
 @dataclass
@@ -82,7 +82,7 @@ def start_local_broker(directory: str | Path, *, prefer: str = "mosquitto") -> L
             import amqtt  # noqa: F401
         except ImportError:
             raise EdgekitError("no MQTT broker: mosquitto is not installed and neither is amqtt", "apt-get install mosquitto, or pip install amqtt") from None
-        command, kind = [sys.executable, "-m", "edgekit.embedded_broker", str(port)], "amqtt (embedded)"
+        command, kind = [sys.executable, "-m", "edgekit.local.embedded_broker", str(port)], "amqtt (embedded)"
     with open(directory / "broker.log", "ab") as log:
         process = subprocess.Popen(command, stdout=log, stderr=log)
     if wait_for_port(port, process=process):

@@ -17,7 +17,7 @@ import numpy as np
 
 from device_agent.tabular import TableError, column_order, placeholder_names, read_table
 
-from .errors import DataError
+from edgekit.errors import DataError
 
 if TYPE_CHECKING:
     from device_agent.schema import InputSchema

@@ -13,16 +13,16 @@ from typing import Any
 
 import numpy as np
 
-from . import compare
-from .convert import sample_rows, serialize, to_onnx
-from .data import Dataset, adopt_feature_names, load_dataset
-from .errors import DataError
-from .fsutil import write_bytes_atomic
-from .models import load_model
-from .onnx_target import RuntimeTarget
-from .progress import NoProgress, Progress
-from .quant_search import PREFER, SearchOutcome, candidate_configs, search
-from .quantize import ensure_quantizable
+from edgekit.models import compare
+from edgekit.build.onnx_export import sample_rows, serialize, to_onnx
+from edgekit.models.data import Dataset, adopt_feature_names, load_dataset
+from edgekit.errors import DataError
+from edgekit.fsutil import write_bytes_atomic
+from edgekit.models.loading import load_model
+from edgekit.models.targets import RuntimeTarget
+from edgekit.progress import NoProgress, Progress
+from edgekit.build.quant_search import PREFER, SearchOutcome, candidate_configs, search
+from edgekit.build.quantize import ensure_quantizable
 
 DEFAULT_MAX_DROP = 0.01
 
@@ -131,8 +131,8 @@ def convert_model(
 
 def _convert_tflite(fp32: Any, source: str, output: str, model: Any, quantize: QuantizeOptions | None, calibration_set: Dataset | None,
                     eval_set: Dataset | None, progress: Progress) -> ConvertOutcome:
-    from .quant_search import Limits
-    from .tflite.convert import FLOAT, build, choose
+    from edgekit.build.quant_search import Limits
+    from edgekit.build.tflite.export import FLOAT, build, choose
 
     if quantize is None:
         data = build(fp32, calibration=None, source=source)[FLOAT]

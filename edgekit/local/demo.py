@@ -21,13 +21,13 @@ from typing import Callable
 from device_agent.bundle import read_bundle
 from device_agent.signing import load_public_key
 
-from .broker import start_local_broker
-from .emulate import DriftSpec, EmulatedFleet, interrupted, prepare_devices
-from .fixtures import fixtures_usable, make_fixtures
-from .keys import generate_keypair
-from .package import build_bundle
-from .pipeline import QuantizeOptions, convert_model
-from .validate import Thresholds, validate
+from edgekit.local.broker import start_local_broker
+from edgekit.local.emulate import DriftSpec, EmulatedFleet, interrupted, prepare_devices
+from edgekit.local.fixtures import fixtures_usable, make_fixtures
+from edgekit.bundle.keys import generate_keypair
+from edgekit.bundle.package import build_bundle
+from edgekit.build.convert import QuantizeOptions, convert_model
+from edgekit.build.validate import Thresholds, validate
 
 Say = Callable[[str], None]
 DRIFT = DriftSpec(feature="pixel_2_4", shift=8.0, after=600, devices=frozenset({0}))
@@ -86,8 +86,8 @@ def _host_pipeline(workdir: Path, fixtures: str | Path | None, say: Say) -> tupl
 
 def _fleet(workdir: Path, bundles: list[Path], public: Path, test_data: Path, *, devices: int, duration: float, broker: str, keep_serving: bool,
            say: Say) -> tuple[list[dict], list[dict], dict | None]:
-    from .fleet.alerts import AlertEngine, AlertRules, AlertSinks
-    from .fleet.collector import Collector, CollectorConfig
+    from edgekit.fleet.alerts import AlertEngine, AlertRules, AlertSinks
+    from edgekit.fleet.collector import Collector, CollectorConfig
 
     local = start_local_broker(workdir / "broker", prefer="amqtt" if broker == "amqtt" else "mosquitto")
     collector = fleet = None
@@ -113,7 +113,7 @@ def _fleet(workdir: Path, bundles: list[Path], public: Path, test_data: Path, *,
             collector.alerts.evaluate()
             status, alerts = collector.store.status(), collector.store.alerts(open_only=True)
             say("[8/8] final fleet status: (the emulated devices were stopped first, so their last windows are in)")
-            from .cli.common import table
+            from edgekit.cli.common import table
 
             say(table([[d["device"], "online" if d["online"] else "stopped", f"{d['model']} v{d['model_version']}", d["windows"], d["rows"],
                         "DRIFTED" if d["drifted"] else "no", d["worst_feature"] or "-", d["missing_seqs"]] for d in status],
@@ -141,7 +141,7 @@ ROLLOUT_GRACE = 90.0  # the demo waits this long past --duration for a rollout u
 
 def _run_fleet(collector, fleet, bundle_v2: Path, *, devices: int, duration: float, stop, say: Say) -> dict | None:
     """Run the fleet for ``duration``; a third of the way in, roll v2 out (what 'edgekit rollout start' asks the collector to do)."""
-    from .fleet.rollouts import start_from_request
+    from edgekit.fleet.rollouts import start_from_request
 
     started = time.monotonic()
     deadline, next_line, rollout_id, last_line = started + duration, started + 5, None, ""

@@ -14,8 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import ConversionError, require
-from .plan import Plan, Step
+from edgekit.errors import ConversionError, require
+from edgekit.build.tflite.plan import Plan, Step
 
 FLOAT_OPS = {"sub": "SUB", "mul": "MUL", "add": "ADD", "div": "DIV", "relu": "RELU", "tanh": "TANH", "logistic": "LOGISTIC", "softmax": "SOFTMAX"}
 INT8_FIXED_OUTPUT = {"softmax": (1 / 256, -128), "logistic": (1 / 256, -128), "tanh": (1 / 128, 0)}

@@ -34,7 +34,7 @@ AGREEMENT_HELP = (f"same label for classifiers; for regressors, outputs within {
 
 def check_labels(spec: OutputSpec, y: np.ndarray | None, *, source: str) -> None:
     """Refuse labels that are not among the classifier's classes: they would silently score as wrong."""
-    from .errors import DataError
+    from edgekit.errors import DataError
 
     if y is None or spec.task != CLASSIFICATION or not spec.labels:
         return

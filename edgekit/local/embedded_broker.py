@@ -1,4 +1,4 @@
-"""``python -m edgekit.embedded_broker PORT``: amqtt on 127.0.0.1:PORT (MQTT 3.1.1), for the demo."""
+"""``python -m edgekit.local.embedded_broker PORT``: amqtt on 127.0.0.1:PORT (MQTT 3.1.1), for the demo."""
 
 import asyncio
 import logging

@@ -23,8 +23,8 @@ from device_agent.errors import InstallError
 from device_agent.signing import load_public_key
 from device_agent.state import StateDir
 
-from .errors import EdgekitError
-from .processes import stop_processes
+from edgekit.errors import EdgekitError
+from edgekit.processes import stop_processes
 
 
 @dataclass(frozen=True)
@@ -64,7 +64,7 @@ def prepare_devices(*, devices: int, bundle: str, pubkey: str, broker: str | Non
                     window_seconds: float, rows_per_second: float, drift: DriftSpec | None, state_dir: str, http_port_base: int | None) -> list[Path]:
     """Write each device's directory (agent.toml, trusted key, installed bundle); return the config paths."""
     if broker:
-        from .fleet.collector import parse_broker_url
+        from edgekit.fleet.collector import parse_broker_url
 
         parse_broker_url(broker)
     if drift and max(drift.devices, default=0) >= devices:

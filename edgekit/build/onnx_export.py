@@ -15,9 +15,9 @@ import numpy as np
 
 from device_agent.outputs import CLASSIFICATION
 
-from .errors import ConversionError, require
-from .models import METADATA_INPUT, METADATA_OUTPUT, METADATA_SOURCE, OnnxModel, SklearnModel, describe_onnx
-from .onnx_target import RuntimeTarget, pin
+from edgekit.errors import ConversionError, require
+from edgekit.models.loading import METADATA_INPUT, METADATA_OUTPUT, METADATA_SOURCE, OnnxModel, SklearnModel, describe_onnx
+from edgekit.models.targets import RuntimeTarget, pin
 
 
 def to_onnx(model: SklearnModel | OnnxModel, *, target: RuntimeTarget = RuntimeTarget()) -> Any:

@@ -19,10 +19,10 @@ from collections.abc import Callable, Iterator
 
 import numpy as np
 
-from .convert import copy_metadata
-from .errors import NotQuantizableError, QuantizationError, require
-from .graph_passes import lower_for_quantization, preprocessing_nodes
-from .onnx_target import RuntimeTarget, pin
+from edgekit.build.onnx_export import copy_metadata
+from edgekit.errors import NotQuantizableError, QuantizationError, require
+from edgekit.build.graph_passes import lower_for_quantization, preprocessing_nodes
+from edgekit.models.targets import RuntimeTarget, pin
 
 Progress = Callable[[int], None]  # called with the number of steps just finished
 

@@ -13,9 +13,9 @@ from typing import Any
 
 import numpy as np
 
-from .errors import require
-from .graph_passes import lower_for_quantization
-from .quantize import _quiet_quantizer
+from edgekit.errors import require
+from edgekit.build.graph_passes import lower_for_quantization
+from edgekit.build.quantize import _quiet_quantizer
 
 MAX_ROWS = 256
 
@@ -59,7 +59,7 @@ def _quantized_source(node: Any, producers: dict[str, Any], hops: int = 4) -> An
     QDQ fuses Gemm + Relu, so a Gemm's error is observed at the Relu after it; keeping the Relu in
     float would change nothing, keeping the Gemm does.
     """
-    from .quantize import QUANTIZABLE_OPS
+    from edgekit.build.quantize import QUANTIZABLE_OPS
 
     for _ in range(hops):
         if node.op_type in QUANTIZABLE_OPS:

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import ConversionError
+from edgekit.errors import ConversionError
 
 # onnxruntime release -> (max IR version, max ai.onnx opset, max ai.onnx.ml opset).
 # From onnxruntime's published compatibility table.

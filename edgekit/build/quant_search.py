@@ -19,15 +19,15 @@ from typing import Any
 
 import numpy as np
 
-from . import compare
-from .convert import serialize, stamp_metadata
-from .errors import NotQuantizableError, QuantizationError
-from .latency import batches_from, measure
-from .layer_error import layer_errors, worst_nodes
-from .models import METADATA_QUANTIZATION, OnnxModel
-from .onnx_target import RuntimeTarget
-from .progress import NoProgress, Progress
-from .quantize import QuantConfig, calibration_steps, quantize
+from edgekit.models import compare
+from edgekit.build.onnx_export import serialize, stamp_metadata
+from edgekit.errors import NotQuantizableError, QuantizationError
+from edgekit.models.latency import batches_from, measure
+from edgekit.build.layer_error import layer_errors, worst_nodes
+from edgekit.models.loading import METADATA_QUANTIZATION, OnnxModel
+from edgekit.models.targets import RuntimeTarget
+from edgekit.progress import NoProgress, Progress
+from edgekit.build.quantize import QuantConfig, calibration_steps, quantize
 
 FLOAT32 = "float32"
 FLOAT_NODE_ROUNDS = (1, 2, 4)

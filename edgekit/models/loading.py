@@ -23,8 +23,8 @@ from device_agent.outputs import CLASSIFICATION, REGRESSION, OutputSpec, Predict
 from device_agent.runtimes.onnx import OnnxRuntime
 from device_agent.schema import InputSchema
 
-from .data import default_feature_names
-from .errors import ModelLoadError, require
+from edgekit.models.data import default_feature_names
+from edgekit.errors import ModelLoadError, require
 
 SKLEARN_SUFFIXES = (".joblib", ".pkl", ".pickle", ".sav")
 ONNX_SUFFIXES = (".onnx",)
@@ -214,7 +214,7 @@ class OnnxModel(_ConvertedModel):
 
     @classmethod
     def from_bytes(cls, data: bytes, *, path: str = "<model>", threads: int = 1, pin_to: Any = None) -> OnnxModel:
-        from .onnx_target import RuntimeTarget, pin
+        from edgekit.models.targets import RuntimeTarget, pin
 
         onnx = require("onnx")
         try:
@@ -330,7 +330,7 @@ class TfliteModel(_ConvertedModel):
         metadata = tflite_metadata(data, path)
         if METADATA_INPUT not in metadata or METADATA_OUTPUT not in metadata:
             raise ModelLoadError("is a .tflite without edgekit metadata (input schema, output meaning)", "convert it with 'edgekit convert --target tflite'", path=path)
-        from .tflite.quiet import without_banner
+        from edgekit.build.tflite.quiet import without_banner
 
         with without_banner():  # the first interpreter of a process logs an INFO line to stderr
             runtime = _loaded(LiteRtRuntime(threads=threads, source=path), data, path)

@@ -22,14 +22,14 @@ from device_agent.canonical import canonical_json, sha256_hex
 from device_agent.drift import DEFAULT_DRIFT_THRESHOLDS
 from device_agent.profile import Profile, build_baseline
 
-from . import __version__
-from .data import adopt_feature_names, load_dataset
-from .errors import PackageError
-from .fsutil import atomic_path
-from .keys import load_private_key, sign
-from .lineage import git_state
-from .models import METADATA_QUANTIZATION, METADATA_SOURCE, OnnxModel, TfliteModel, load_model
-from .onnx_target import RuntimeTarget
+from edgekit import __version__
+from edgekit.models.data import adopt_feature_names, load_dataset
+from edgekit.errors import PackageError
+from edgekit.fsutil import atomic_path
+from edgekit.bundle.keys import load_private_key, sign
+from edgekit.bundle.lineage import git_state
+from edgekit.models.loading import METADATA_QUANTIZATION, METADATA_SOURCE, OnnxModel, TfliteModel, load_model
+from edgekit.models.targets import RuntimeTarget
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 SELFTEST_ROWS = 16

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import ConversionError
+from edgekit.errors import ConversionError
 
 ELEMENTWISE = {"Sub": "sub", "Mul": "mul", "Add": "add", "Div": "div"}
 ACTIVATIONS = {"Relu": "relu", "Tanh": "tanh", "Sigmoid": "logistic"}
@@ -67,7 +67,7 @@ class Plan:
 def plan_from_onnx(proto: Any, output_name: str, *, source: str = "model") -> Plan:
     from onnx import helper, numpy_helper
 
-    from ..graph_passes import lower_for_quantization
+    from edgekit.build.graph_passes import lower_for_quantization
 
     graph = lower_for_quantization(proto).graph
     constants = {i.name: numpy_helper.to_array(i) for i in graph.initializer}

@@ -14,13 +14,13 @@ from typing import Any
 
 import numpy as np
 
-from . import compare
-from .convert import to_onnx
-from .data import default_feature_names, load_dataset
-from .errors import DataError, EdgekitError
-from .latency import batches_from, measure
-from .layer_error import is_qdq, layer_errors
-from .models import OnnxModel, load_model
+from edgekit.models import compare
+from edgekit.build.onnx_export import to_onnx
+from edgekit.models.data import default_feature_names, load_dataset
+from edgekit.errors import DataError, EdgekitError
+from edgekit.models.latency import batches_from, measure
+from edgekit.build.layer_error import is_qdq, layer_errors
+from edgekit.models.loading import OnnxModel, load_model
 
 LATENCY_METHOD = "interleaved in one process, 1 intra-op thread (numpy/BLAS limited to 1 thread too)"
 

@@ -13,15 +13,15 @@ from typing import Any
 
 import numpy as np
 
-from .. import compare
-from ..convert import serialize
-from ..latency import batches_from, measure
-from ..models import METADATA_INPUT, METADATA_OUTPUT, METADATA_QUANTIZATION, METADATA_SOURCE, OnnxModel, TfliteModel
-from ..progress import NoProgress, Progress
-from ..quant_search import Limits, SearchOutcome, Trial, _choose
-from ..quantize import QuantConfig
-from .plan import Plan, equalize_first_layer, plan_from_onnx
-from .writer import write_float, write_int8
+from edgekit.models import compare
+from edgekit.build.onnx_export import serialize
+from edgekit.models.latency import batches_from, measure
+from edgekit.models.loading import METADATA_INPUT, METADATA_OUTPUT, METADATA_QUANTIZATION, METADATA_SOURCE, OnnxModel, TfliteModel
+from edgekit.progress import NoProgress, Progress
+from edgekit.build.quant_search import Limits, SearchOutcome, Trial, _choose
+from edgekit.build.quantize import QuantConfig
+from edgekit.build.tflite.plan import Plan, equalize_first_layer, plan_from_onnx
+from edgekit.build.tflite.writer import write_float, write_int8
 
 FLOAT = "tflite float32"
 INT8 = "tflite int8 (full integer, per-channel weights)"
@@ -50,7 +50,7 @@ def build(fp32_proto: Any, *, calibration: np.ndarray | None, source: str) -> di
     reference = OnnxModel.from_bytes(serialize(fp32_proto), path=source)
     schema, spec = reference.input, reference.output
     if spec.task == "classification" and spec.probabilities_output is None:
-        from ..errors import ConversionError
+        from edgekit.errors import ConversionError
 
         raise ConversionError("the classifier has no probability output to convert", "use --target onnx", path=source)
     plan = plan_from_onnx(fp32_proto, tflite_output(spec), source=source)
