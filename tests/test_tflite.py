@@ -161,7 +161,7 @@ def test_litert_banner_stays_off_the_cli_stderr(tflite_models, digits):
 def test_only_the_banner_is_kept_off_stderr(capfd):
     import os
 
-    from edgekit.build.tflite.quiet import without_banner
+    from edgekit.models.litert_banner import without_banner
 
     with without_banner():
         os.write(2, b"INFO: Created TensorFlow Lite XNNPACK delegate for CPU.\nERROR: something LiteRT says that matters\n")

@@ -76,11 +76,5 @@ class BarProgress:
             self._bar = None
 
 
-def table(rows: list[list[str]], headers: list[str]) -> str:
-    widths = [max(len(str(c)) for c in column) for column in zip(headers, *rows)]
-    line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
-    return "\n".join([line(headers), line(["-" * w for w in widths]), *(line(r) for r in rows)])
-
-
 def fmt(value: Any, spec: str = ".4f", none: str = "-") -> str:
     return none if value is None else format(value, spec)

@@ -10,7 +10,8 @@ from edgekit.models.targets import DEFAULT_MIN_RUNTIME, DEFAULT_OPSET, RuntimeTa
 from edgekit.models.compare import AGREEMENT_HELP, DROP_HELP
 from edgekit.build.convert import QuantizeOptions, convert_model
 from edgekit.build.quant_search import PREFER
-from edgekit.cli.common import EXIT_THRESHOLD, BarProgress, CommandError, emit_json, exit_with, fmt, json_option, table
+from edgekit.cli.common import EXIT_THRESHOLD, BarProgress, CommandError, emit_json, exit_with, fmt, json_option
+from edgekit.text import table
 
 
 def register(cli: click.Group) -> None:

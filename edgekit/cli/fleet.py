@@ -15,7 +15,8 @@ from edgekit.fleet.alerts import AlertEngine, load_alert_config
 from edgekit.fleet.collector import Collector, CollectorConfig
 from edgekit.fleet.merge import MERGED_MIN_PSI, merged_drift, since_timestamp
 from edgekit.fleet.store import SqliteStore, StoreError
-from edgekit.cli.common import emit_json, fmt, json_option, table
+from edgekit.cli.common import emit_json, fmt, json_option
+from edgekit.text import table
 
 DB_OPTION = click.option("--db", default="fleet.db", show_default=True, type=click.Path(dir_okay=False), help="The fleet database (SQLite).")
 

@@ -8,7 +8,8 @@ import click
 
 from edgekit.fleet.client import DEFAULT_COLLECTOR, CollectorClient
 from edgekit.fleet.rollouts import DEFAULT_ABORT_ON
-from edgekit.cli.common import EXIT_THRESHOLD, emit_json, exit_with, json_option, table
+from edgekit.cli.common import EXIT_THRESHOLD, emit_json, exit_with, json_option
+from edgekit.text import table
 
 COLLECTOR_OPTION = click.option("--collector", default=DEFAULT_COLLECTOR, show_default=True, envvar="EDGEKIT_COLLECTOR",
                                 help="The collector's HTTP address (EDGEKIT_COLLECTOR_TOKEN holds its API token, if any).")

@@ -6,7 +6,8 @@ import click
 
 from edgekit.models.compare import AGREEMENT_HELP, DROP_HELP
 from edgekit.build.validate import Thresholds, validate
-from edgekit.cli.common import EXIT_THRESHOLD, emit_json, exit_with, fmt, json_option, table
+from edgekit.cli.common import EXIT_THRESHOLD, emit_json, exit_with, fmt, json_option
+from edgekit.text import table
 
 
 def register(cli: click.Group) -> None:

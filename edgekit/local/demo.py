@@ -113,7 +113,7 @@ def _fleet(workdir: Path, bundles: list[Path], public: Path, test_data: Path, *,
             collector.alerts.evaluate()
             status, alerts = collector.store.status(), collector.store.alerts(open_only=True)
             say("[8/8] final fleet status: (the emulated devices were stopped first, so their last windows are in)")
-            from edgekit.cli.common import table
+            from edgekit.text import table
 
             say(table([[d["device"], "online" if d["online"] else "stopped", f"{d['model']} v{d['model_version']}", d["windows"], d["rows"],
                         "DRIFTED" if d["drifted"] else "no", d["worst_feature"] or "-", d["missing_seqs"]] for d in status],

@@ -330,7 +330,7 @@ class TfliteModel(_ConvertedModel):
         metadata = tflite_metadata(data, path)
         if METADATA_INPUT not in metadata or METADATA_OUTPUT not in metadata:
             raise ModelLoadError("is a .tflite without edgekit metadata (input schema, output meaning)", "convert it with 'edgekit convert --target tflite'", path=path)
-        from edgekit.build.tflite.quiet import without_banner
+        from edgekit.models.litert_banner import without_banner
 
         with without_banner():  # the first interpreter of a process logs an INFO line to stderr
             runtime = _loaded(LiteRtRuntime(threads=threads, source=path), data, path)
