@@ -78,7 +78,11 @@ class Serving:
     monitor: Monitor | None = None
 
     def __post_init__(self) -> None:
-        self.schema, self.spec, self.baseline = self.bundle.input_schema, self.bundle.output_spec, self.bundle.baseline()
+        self.schema, self.spec, self.baseline = (
+            self.bundle.input_schema,
+            self.bundle.output_spec,
+            self.bundle.baseline(),
+        )
         self.model_info = {"name": self.bundle.name, "version": self.bundle.version}
 
 
@@ -92,13 +96,21 @@ class Agent:
         self._counter_lock = threading.Lock()
         self._serving: Serving | None = None
         self._retired: list[tuple[float, Serving]] = []  # swapped out; their last window is closed after a grace period
-        self.taps: list[Any] = []  # shadow runs and health watches: ``tap(serving, rows, prediction, latency_ms, error_kind)`` per request
+        self.taps: list[
+            Any
+        ] = []  # shadow runs and health watches: ``tap(serving, rows, prediction, latency_ms, error_kind)`` per request
         self.updater = None
         self.reporter = None
         self.server = None
         self.last_summary: dict[str, Any] | None = None
-        self.stats = {"predictions": 0, "windows": 0, "errors": {}, "latency_buckets": [0] * (len(LATENCY_BUCKETS_MS) + 1), "latency_sum_ms": 0.0,
-                      "unmonitored_rows": 0}
+        self.stats = {
+            "predictions": 0,
+            "windows": 0,
+            "errors": {},
+            "latency_buckets": [0] * (len(LATENCY_BUCKETS_MS) + 1),
+            "latency_sum_ms": 0.0,
+            "unmonitored_rows": 0,
+        }
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -111,7 +123,10 @@ class Agent:
             log.warning("%s", note)
         self.spool = Spool(self.state.spool, keep_seconds=self.config.monitor.keep_acked_seconds)
         self.log = PredictionLog(self.config.state_dir / "predictions.db", capacity=self.config.monitor.log_rows)
-        self._serving = self.serving_for(bundle, open_runtime(bundle.model_format, bundle.model_bytes, threads=self.config.threads, source=bundle.path))
+        self._serving = self.serving_for(
+            bundle,
+            open_runtime(bundle.model_format, bundle.model_bytes, threads=self.config.threads, source=bundle.path),
+        )
         from .updater import Updater
 
         self.updater = Updater(self, recovered=recovered)
@@ -121,15 +136,23 @@ class Agent:
             from .server import serve
 
             self.server = serve(self, self.config.server)
-            write_atomic(self.config.state_dir / "http.json", json.dumps({"host": self.server.server_address[0], "port": self.server.server_address[1]}).encode())
+            write_atomic(
+                self.config.state_dir / "http.json",
+                json.dumps({"host": self.server.server_address[0], "port": self.server.server_address[1]}).encode(),
+            )
         if mqtt and self.config.mqtt.url:  # last: its birth message says the agent is serving
             from .reporter import MqttReporter
 
             self.reporter = MqttReporter(
-                self.config.mqtt, self.topics, self.spool, client_id=f"edgekit-{self.config.fleet}-{self.config.device_id}",
-                birth=lambda: self._state(True), offline=self._state(False),
+                self.config.mqtt,
+                self.topics,
+                self.spool,
+                client_id=f"edgekit-{self.config.fleet}-{self.config.device_id}",
+                birth=lambda: self._state(True),
+                offline=self._state(False),
                 retained=self._retained,
-                on_input=self._on_stream_input if self.config.mqtt.streaming else None, on_desired=self.updater.on_desired,
+                on_input=self._on_stream_input if self.config.mqtt.streaming else None,
+                on_desired=self.updater.on_desired,
             )
             self.reporter.start()
         self.updater.start()
@@ -143,8 +166,13 @@ class Agent:
         """A ``Serving`` for a loaded model, with its own monitor (windows are per model version)."""
         serving = Serving(bundle, runtime)
         self._warn_untested_windows(bundle)
-        serving.monitor = Monitor(serving.baseline, self.config.monitor.window_rows, self.config.monitor.window_seconds,
-                                  lambda window: self._on_window(window, serving), backlog_rows=self.config.monitor.backlog_rows)
+        serving.monitor = Monitor(
+            serving.baseline,
+            self.config.monitor.window_rows,
+            self.config.monitor.window_seconds,
+            lambda window: self._on_window(window, serving),
+            backlog_rows=self.config.monitor.backlog_rows,
+        )
         return serving
 
     def _warn_untested_windows(self, bundle: Bundle) -> None:
@@ -153,9 +181,17 @@ class Agent:
         min_rows = {**DEFAULT_DRIFT_THRESHOLDS, **(bundle.manifest.get("drift") or {})}["min_rows"]
         window_rows = self.config.monitor.window_rows
         if window_rows < min_rows:
-            log.warning("%s: [monitor] window_rows = %d is below the drift test's min_rows = %g of %s v%s, so no window will be tested "
-                        "for drift; set window_rows = %d or more (or package the model with --drift min_rows=%d)",
-                        self.config.source, window_rows, min_rows, bundle.name, bundle.version, math.ceil(min_rows), window_rows)
+            log.warning(
+                "%s: [monitor] window_rows = %d is below the drift test's min_rows = %g of %s v%s, so no window will be tested "
+                "for drift; set window_rows = %d or more (or package the model with --drift min_rows=%d)",
+                self.config.source,
+                window_rows,
+                min_rows,
+                bundle.name,
+                bundle.version,
+                math.ceil(min_rows),
+                window_rows,
+            )
 
     def swap(self, serving: Serving) -> Serving:
         """Serve ``serving`` from the next request on; return the one it replaced.
@@ -182,7 +218,12 @@ class Agent:
 
     def _retained(self) -> list[tuple[str, dict[str, Any]]]:
         serving = self._serving
-        messages = [(self.topics.baseline, baseline_payload(device=self.config.device_id, model=serving.model_info, baseline=serving.baseline))]
+        messages = [
+            (
+                self.topics.baseline,
+                baseline_payload(device=self.config.device_id, model=serving.model_info, baseline=serving.baseline),
+            )
+        ]
         if self.updater is not None and self.updater.last_report is not None:
             messages.append((self.topics.reported, self.updater.last_report))
         return messages
@@ -202,13 +243,18 @@ class Agent:
             self.server.server_close()
             self.server = None
         self._stop.set()
-        monitors = [retired.monitor for _, retired in list(self._retired)] + ([self._serving.monitor] if self._serving is not None else [])
+        monitors = [retired.monitor for _, retired in list(self._retired)] + (
+            [self._serving.monitor] if self._serving is not None else []
+        )
         for monitor in monitors:
             monitor.stop()
         if self._thread is not None:
             self._thread.join(timeout=STOP_JOIN_SECONDS)
             if self._thread.is_alive():  # not expected: it stops at the next window boundary
-                log.warning("the background thread did not stop within %.0f s; the prediction log is left open", STOP_JOIN_SECONDS)
+                log.warning(
+                    "the background thread did not stop within %.0f s; the prediction log is left open",
+                    STOP_JOIN_SECONDS,
+                )
                 return
             self._thread = None
         if self._serving is not None and hasattr(self, "log"):
@@ -250,7 +296,12 @@ class Agent:
             raise
         scores = prediction.scores
         if scores is not None and scores.dtype.kind == "f" and not np.isfinite(scores).all():
-            exc = ModelError(serving.bundle.path, serving.runtime.name, "answered NaN or infinity", "the model is unfit for these rows; roll it back")
+            exc = ModelError(
+                serving.bundle.path,
+                serving.runtime.name,
+                "answered NaN or infinity",
+                "the model is unfit for these rows; roll it back",
+            )
             self._failed(serving, X, "nan_output", exc)
             raise exc
         elapsed_ms = (time.perf_counter() - start) * 1e3
@@ -283,8 +334,15 @@ class Agent:
     def _check_label(self, label: Any) -> None:
         if self.spec.task == "classification":
             if str(label) not in {str(c) for c in self.spec.labels}:
-                raise InputError(f"label {label!r} is not one of the model's classes", f"send one of {list(self.spec.labels)[:10]}")
-        elif isinstance(label, bool) or not isinstance(label, (int, float)) or label != label or label in (float("inf"), float("-inf")):
+                raise InputError(
+                    f"label {label!r} is not one of the model's classes", f"send one of {list(self.spec.labels)[:10]}"
+                )
+        elif (
+            isinstance(label, bool)
+            or not isinstance(label, (int, float))
+            or label != label
+            or label in (float("inf"), float("-inf"))
+        ):
             raise InputError(f"label {label!r} is not a finite number", "send the observed value")
 
     # -- background ----------------------------------------------------------------------------------
@@ -294,7 +352,9 @@ class Agent:
             try:
                 monitor = self._serving.monitor
                 monitor.process(max_rows=BACKGROUND_CHUNK_ROWS)
-                for _ in range(100):  # a large backlog in chunks: stop is checked between them; retired monitors and pruning still get a turn
+                for _ in range(
+                    100
+                ):  # a large backlog in chunks: stop is checked between them; retired monitors and pruning still get a turn
                     if not monitor.backlog or self._stop.is_set():
                         break
                     self.log.flush()
@@ -316,8 +376,15 @@ class Agent:
 
     def _on_window(self, window: ClosedWindow, serving: Serving) -> None:
         seq = self.spool.next_seq()
-        summary = build_summary(window, device=self.config.device_id, fleet=self.config.fleet, model=serving.model_info, seq=seq,
-                                baseline=serving.baseline, thresholds=serving.bundle.manifest.get("drift"))
+        summary = build_summary(
+            window,
+            device=self.config.device_id,
+            fleet=self.config.fleet,
+            model=serving.model_info,
+            seq=seq,
+            baseline=serving.baseline,
+            thresholds=serving.bundle.manifest.get("drift"),
+        )
         summary["unmonitored_rows"] = window.unmonitored
         payload = encode(summary)
         self.spool.put(seq, payload)
@@ -341,8 +408,14 @@ class Agent:
     def _state(self, online: bool) -> dict[str, Any]:
         # The offline message (also the last will, fixed at connect time) names no model: the model
         # may have been swapped since, and the fleet should keep the last one the device announced.
-        return state_payload(online=online, device=self.config.device_id, fleet=self.config.fleet, model=self.model_info if self.bundle and online else None,
-                             runtime=self.runtime.name if self.runtime else None, agent_version=__version__)
+        return state_payload(
+            online=online,
+            device=self.config.device_id,
+            fleet=self.config.fleet,
+            model=self.model_info if self.bundle and online else None,
+            runtime=self.runtime.name if self.runtime else None,
+            agent_version=__version__,
+        )
 
     def _on_stream_input(self, payload: bytes) -> None:
         import json
@@ -358,8 +431,16 @@ class Agent:
 
     def status(self) -> dict[str, Any]:
         update = self.updater.last_report if self.updater is not None else None
-        return {"name": self.model_info["name"], "version": self.model_info["version"], "state": "AVAILABLE", "runtime": self.runtime.name,
-                "update": None if update is None else {k: update.get(k) for k in ("rollout", "version", "state", "reason")},
-                "device": self.config.device_id, "fleet": self.config.fleet, "window": self.monitor.current(),
-                "spool_depth": self.spool.depth(),
-                "unmonitored_rows": self.stats["unmonitored_rows"] + self.monitor.current()["unmonitored_rows"], "mqtt_connected": bool(self.reporter and self.reporter.connected.is_set())}
+        return {
+            "name": self.model_info["name"],
+            "version": self.model_info["version"],
+            "state": "AVAILABLE",
+            "runtime": self.runtime.name,
+            "update": None if update is None else {k: update.get(k) for k in ("rollout", "version", "state", "reason")},
+            "device": self.config.device_id,
+            "fleet": self.config.fleet,
+            "window": self.monitor.current(),
+            "spool_depth": self.spool.depth(),
+            "unmonitored_rows": self.stats["unmonitored_rows"] + self.monitor.current()["unmonitored_rows"],
+            "mqtt_connected": bool(self.reporter and self.reporter.connected.is_set()),
+        }

@@ -108,7 +108,11 @@ def read_bundle(path: str | Path, public_key: Any = None) -> Bundle:
     except FileNotFoundError as exc:
         raise BundleFormatError(source, "no such file", "check the path") from exc
     except (zipfile.BadZipFile, OSError, ValueError, NotImplementedError, RuntimeError) as exc:
-        raise BundleFormatError(source, "is not an edgekit bundle (not a ZIP archive, or truncated)", "rebuild it with 'edgekit package' or download it again") from exc
+        raise BundleFormatError(
+            source,
+            "is not an edgekit bundle (not a ZIP archive, or truncated)",
+            "rebuild it with 'edgekit package' or download it again",
+        ) from exc
     with archive:
         infos = _checked_members(source, archive)
         manifest_bytes = _read_member(source, archive, infos[MANIFEST], MAX_MANIFEST_BYTES)
@@ -116,7 +120,9 @@ def read_bundle(path: str | Path, public_key: Any = None) -> Bundle:
         if public_key is not None:
             if SIGNATURE not in infos:
                 raise SignatureError(source, "the bundle is not signed", "sign it with 'edgekit package --key'")
-            signed_by = verify_signature(source, manifest_bytes, _read_member(source, archive, infos[SIGNATURE], 4096), public_key)
+            signed_by = verify_signature(
+                source, manifest_bytes, _read_member(source, archive, infos[SIGNATURE], 4096), public_key
+            )
         manifest = _parse_manifest(source, manifest_bytes)
         members = _read_listed_members(source, archive, infos, manifest)
     return Bundle(path=source, manifest=manifest, members=members, signed_by=signed_by)
@@ -126,10 +132,24 @@ def _checked_members(source: str, archive: zipfile.ZipFile) -> dict[str, zipfile
     infos: dict[str, zipfile.ZipInfo] = {}
     for info in archive.infolist():
         name = info.filename
-        if not name or "/" in name or "\\" in name or name in (".", "..") or name.startswith(("~", ".")) or ":" in name or os.path.isabs(name):
-            raise BundleFormatError(source, f"member {name!r} has a path that could escape the bundle", "refusing to read it; rebuild the bundle with 'edgekit package'")
+        if (
+            not name
+            or "/" in name
+            or "\\" in name
+            or name in (".", "..")
+            or name.startswith(("~", "."))
+            or ":" in name
+            or os.path.isabs(name)
+        ):
+            raise BundleFormatError(
+                source,
+                f"member {name!r} has a path that could escape the bundle",
+                "refusing to read it; rebuild the bundle with 'edgekit package'",
+            )
         if name in infos:
-            raise BundleFormatError(source, f"member {name!r} appears twice", "rebuild the bundle with 'edgekit package'")
+            raise BundleFormatError(
+                source, f"member {name!r} appears twice", "rebuild the bundle with 'edgekit package'"
+            )
         infos[name] = info
     if MANIFEST not in infos:
         raise BundleFormatError(source, "has no manifest.json", "rebuild it with 'edgekit package'")
@@ -138,36 +158,54 @@ def _checked_members(source: str, archive: zipfile.ZipFile) -> dict[str, zipfile
 
 def _read_member(source: str, archive: zipfile.ZipFile, info: zipfile.ZipInfo, limit: int) -> bytes:
     if info.file_size > limit:
-        raise BundleFormatError(source, f"member {info.filename!r} is {info.file_size} bytes, over the {limit}-byte limit")
+        raise BundleFormatError(
+            source, f"member {info.filename!r} is {info.file_size} bytes, over the {limit}-byte limit"
+        )
     try:
         return archive.read(info)
     except (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError, NotImplementedError, RuntimeError) as exc:
         # zipfile checks each member's CRC; a flipped byte or a cut-off file lands here.
-        raise BundleFormatError(source, f"member {info.filename!r} is corrupted or truncated ({exc})", "download or rebuild the bundle") from exc
+        raise BundleFormatError(
+            source, f"member {info.filename!r} is corrupted or truncated ({exc})", "download or rebuild the bundle"
+        ) from exc
 
 
 def _parse_manifest(source: str, manifest_bytes: bytes) -> dict[str, Any]:
     try:
         manifest = json.loads(manifest_bytes)
     except ValueError as exc:
-        raise BundleFormatError(source, "manifest.json is not valid JSON", "rebuild the bundle with 'edgekit package'") from exc
+        raise BundleFormatError(
+            source, "manifest.json is not valid JSON", "rebuild the bundle with 'edgekit package'"
+        ) from exc
     if not isinstance(manifest, dict) or manifest.get("schema") != BUNDLE_SCHEMA:
         found = manifest.get("schema") if isinstance(manifest, dict) else None
-        raise BundleFormatError(source, f"manifest schema is {found!r}, this reader understands {BUNDLE_SCHEMA!r}", "upgrade edgekit on this side, or repackage")
+        raise BundleFormatError(
+            source,
+            f"manifest schema is {found!r}, this reader understands {BUNDLE_SCHEMA!r}",
+            "upgrade edgekit on this side, or repackage",
+        )
     for key in ("name", "version", "runtime", "input", "output", "files"):
         if key not in manifest:
             raise BundleFormatError(source, f"manifest has no {key!r}", "rebuild the bundle with 'edgekit package'")
     if manifest["runtime"].get("format") not in MODEL_FILES:
-        raise BundleFormatError(source, f"unknown model format {manifest['runtime'].get('format')!r}", "this agent runs onnx and tflite models")
+        raise BundleFormatError(
+            source,
+            f"unknown model format {manifest['runtime'].get('format')!r}",
+            "this agent runs onnx and tflite models",
+        )
     return manifest
 
 
-def _read_listed_members(source: str, archive: zipfile.ZipFile, infos: dict[str, zipfile.ZipInfo], manifest: dict[str, Any]) -> dict[str, bytes]:
+def _read_listed_members(
+    source: str, archive: zipfile.ZipFile, infos: dict[str, zipfile.ZipInfo], manifest: dict[str, Any]
+) -> dict[str, bytes]:
     listed = manifest["files"]
     present = set(infos) - {MANIFEST, SIGNATURE}
     if set(listed) != present:
         missing, unexpected = sorted(set(listed) - present), sorted(present - set(listed))
-        problem = "; ".join(filter(None, [missing and f"missing members {missing}", unexpected and f"unlisted members {unexpected}"]))
+        problem = "; ".join(
+            filter(None, [missing and f"missing members {missing}", unexpected and f"unlisted members {unexpected}"])
+        )
         raise BundleFormatError(source, problem, "rebuild the bundle with 'edgekit package'")
     model_file = MODEL_FILES[manifest["runtime"]["format"]]
     for required in (model_file, BASELINE):
@@ -177,12 +215,14 @@ def _read_listed_members(source: str, archive: zipfile.ZipFile, infos: dict[str,
     for name, entry in listed.items():
         info = infos[name]
         if info.file_size != entry.get("size"):
-            raise BundleFormatError(source, f"member {name!r} is {info.file_size} bytes, the manifest says {entry.get('size')} (tampered or corrupted)",
-                                    "rebuild the bundle with 'edgekit package' or download it again")
+            raise BundleFormatError(
+                source,
+                f"member {name!r} is {info.file_size} bytes, the manifest says {entry.get('size')} (tampered or corrupted)",
+                "rebuild the bundle with 'edgekit package' or download it again",
+            )
         data = _read_member(source, archive, info, MAX_MEMBER_BYTES)
         digest = sha256_hex(data)
         if digest != entry.get("sha256"):
             raise BundleIntegrityError(source, name, entry.get("sha256", "?"), digest)
         members[name] = data
     return members
-

@@ -31,7 +31,19 @@ EXIT_ERROR = 2
 # What a shell reports for a program killed by SIGPIPE: `edge-agent predict … | head` under `set -o pipefail`
 # behaves as it would with any Unix tool. Python ignores SIGPIPE, so the write raises instead.
 EXIT_BROKEN_PIPE = 128 + 13
-LABEL_LIKE = ("label", "target", "y", "class", "classes", "species", "outcome", "truth", "ground_truth", "answer", "category")
+LABEL_LIKE = (
+    "label",
+    "target",
+    "y",
+    "class",
+    "classes",
+    "species",
+    "outcome",
+    "truth",
+    "ground_truth",
+    "answer",
+    "category",
+)
 
 
 def _epilog() -> str:
@@ -40,28 +52,54 @@ def _epilog() -> str:
 
     _, examples, exit_codes = __doc__.split("\n\n", 2)
     toml = config.__doc__.split("::", 1)[1].split("\n\n")[1]
-    return f"{examples}\n\nagent.toml (TOML; relative paths are relative to the file):\n\n{toml}\n\n{exit_codes.strip()}"
+    return (
+        f"{examples}\n\nagent.toml (TOML; relative paths are relative to the file):\n\n{toml}\n\n{exit_codes.strip()}"
+    )
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="edge-agent", description="edgekit device agent: install, serve, monitor and report a model bundle",
-                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_epilog())
+    parser = argparse.ArgumentParser(
+        prog="edge-agent",
+        description="edgekit device agent: install, serve, monitor and report a model bundle",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=_epilog(),
+    )
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
     parser.add_argument("--version", action="version", version=f"edge-agent {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    install = _command(commands, "install", "verify a bundle and make it the active model", "edge-agent install digits-3.edgebundle --config agent.toml")
+    install = _command(
+        commands,
+        "install",
+        "verify a bundle and make it the active model",
+        "edge-agent install digits-3.edgebundle --config agent.toml",
+    )
     install.add_argument("bundle", help="the .edgebundle to install (from 'edgekit package')")
     install.add_argument("--config", required=True, help=CONFIG_HELP)
     install.add_argument("--allow-downgrade", action="store_true", help="install even if the version is not newer")
     install.add_argument("--json", action="store_true", help="print machine-readable JSON instead of a sentence")
-    run = _command(commands, "run", "serve the active model, monitor it and report over MQTT", "edge-agent run --config agent.toml")
+    run = _command(
+        commands, "run", "serve the active model, monitor it and report over MQTT", "edge-agent run --config agent.toml"
+    )
     run.add_argument("--config", required=True, help=CONFIG_HELP)
-    predict = _command(commands, "predict", "score a CSV or NPZ file with the active model (CSV on stdout)",
-                       "edge-agent predict --config agent.toml rows.csv > preds.csv")
+    predict = _command(
+        commands,
+        "predict",
+        "score a CSV or NPZ file with the active model (CSV on stdout)",
+        "edge-agent predict --config agent.toml rows.csv > preds.csv",
+    )
     predict.add_argument("--config", required=True, help=CONFIG_HELP)
     predict.add_argument("data", help="a .csv with a header row, or an .npz with X")
-    predict.add_argument("--label", metavar="COLUMN", help="label column of the CSV, left out of the features (label, target or y are found alone)")
-    verify = _command(commands, "verify", "check a bundle's signature and hashes", "edge-agent verify digits-3.edgebundle --pubkey edgekit.pub")
+    predict.add_argument(
+        "--label",
+        metavar="COLUMN",
+        help="label column of the CSV, left out of the features (label, target or y are found alone)",
+    )
+    verify = _command(
+        commands,
+        "verify",
+        "check a bundle's signature and hashes",
+        "edge-agent verify digits-3.edgebundle --pubkey edgekit.pub",
+    )
     verify.add_argument("bundle", help="the .edgebundle to check")
     verify.add_argument("--pubkey", required=True, help="the trusted public key (the .pub from 'edgekit keygen')")
     verify.add_argument("--json", action="store_true", help="print machine-readable JSON instead of a sentence")
@@ -69,12 +107,21 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _command(commands, name: str, summary: str, example: str) -> argparse.ArgumentParser:
-    return commands.add_parser(name, help=summary, description=f"{summary}.\n\nexample:\n  {example}", formatter_class=argparse.RawDescriptionHelpFormatter)
+    return commands.add_parser(
+        name,
+        help=summary,
+        description=f"{summary}.\n\nexample:\n  {example}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
+    logging.basicConfig(
+        level=logging.DEBUG if args.debug else logging.INFO,
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+        stream=sys.stderr,
+    )
     try:
         return {"install": _install, "run": _run, "predict": _predict, "verify": _verify}[args.command](args)
     except AgentError as exc:
@@ -105,9 +152,14 @@ def _install(args: argparse.Namespace) -> int:
     from .state import StateDir
 
     config = load_config(args.config)
-    bundle = StateDir(config.state_dir).install(args.bundle, load_public_key(config.public_key), allow_downgrade=args.allow_downgrade)
-    _emit(args, {"installed": bundle.name, "version": bundle.version, "state_dir": str(config.state_dir)},
-          f"installed {bundle.name} v{bundle.version} in {config.state_dir}; a running agent serves it after a restart")
+    bundle = StateDir(config.state_dir).install(
+        args.bundle, load_public_key(config.public_key), allow_downgrade=args.allow_downgrade
+    )
+    _emit(
+        args,
+        {"installed": bundle.name, "version": bundle.version, "state_dir": str(config.state_dir)},
+        f"installed {bundle.name} v{bundle.version} in {config.state_dir}; a running agent serves it after a restart",
+    )
     return 0
 
 
@@ -119,7 +171,13 @@ def _run(args: argparse.Namespace) -> int:
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    logging.getLogger("device_agent").info("serving %s v%s as %s/%s", agent.model_info["name"], agent.model_info["version"], agent.config.fleet, agent.config.device_id)
+    logging.getLogger("device_agent").info(
+        "serving %s v%s as %s/%s",
+        agent.model_info["name"],
+        agent.model_info["version"],
+        agent.config.fleet,
+        agent.config.device_id,
+    )
     stop.wait()
     agent.stop()
     return 0
@@ -164,7 +222,10 @@ def _with_label_hint(exc: InputError, args: argparse.Namespace, names, model_nam
     guess = None if args.label else _label_guess(names, model_names)
     if guess is None:
         return InputError(prefix + exc.problem, exc.fix)
-    return InputError(prefix + exc.problem, f"if {guess!r} is the label, rerun with --label {guess}; otherwise {exc.fix or 'drop that column'}")
+    return InputError(
+        prefix + exc.problem,
+        f"if {guess!r} is the label, rerun with --label {guess}; otherwise {exc.fix or 'drop that column'}",
+    )
 
 
 def _label_guess(data_names, model_names) -> str | None:
@@ -185,7 +246,9 @@ def _write_predictions(prediction, labels) -> None:
     its binary noise (0.12345699965953827)."""
     writer = csv.writer(sys.stdout, lineterminator="\n")
     if prediction.labels is not None:
-        probabilities = None if prediction.probabilities is None else np.round(prediction.probabilities.astype(np.float64), 6)
+        probabilities = (
+            None if prediction.probabilities is None else np.round(prediction.probabilities.astype(np.float64), 6)
+        )
         writer.writerow(["prediction", *([f"p_{label}" for label in labels] if probabilities is not None else [])])
         for i, label in enumerate(prediction.labels.tolist()):
             writer.writerow([label, *(probabilities[i].tolist() if probabilities is not None else [])])
@@ -201,8 +264,17 @@ def _verify(args: argparse.Namespace) -> int:
     from .signing import load_public_key
 
     bundle = read_bundle(args.bundle, load_public_key(args.pubkey))
-    _emit(args, {"path": args.bundle, "name": bundle.name, "version": bundle.version, "signed_by": bundle.signed_by, "verified": True},
-          f"OK: {args.bundle} is {bundle.name} v{bundle.version}, signed by key {bundle.signed_by}; {len(bundle.members)} members match their sha256")
+    _emit(
+        args,
+        {
+            "path": args.bundle,
+            "name": bundle.name,
+            "version": bundle.version,
+            "signed_by": bundle.signed_by,
+            "verified": True,
+        },
+        f"OK: {args.bundle} is {bundle.name} v{bundle.version}, signed by key {bundle.signed_by}; {len(bundle.members)} members match their sha256",
+    )
     return 0
 
 

@@ -76,7 +76,9 @@ class HttpLimits:
     The defaults suit a Raspberry Pi on a LAN: a slow or hostile client costs a socket for at most
     ``header_timeout`` seconds, never a thread, and no request can take more than ``max_body_bytes``."""
 
-    header_timeout: float = 10.0  # seconds from a request's first byte (a new connection's accept) to the end of its head
+    header_timeout: float = (
+        10.0  # seconds from a request's first byte (a new connection's accept) to the end of its head
+    )
     body_timeout: float = 60.0  # seconds from the end of the head to the end of the body
     idle_timeout: float = 30.0  # a keep-alive connection between requests is closed after this
     max_connections: int = 100  # beyond it, the connection idle for longest is closed (503 if all are busy)
@@ -97,8 +99,15 @@ class HttpLimits:
         return replace(self, **{name: _LIMIT_KINDS[name](value) for name, value in values.items()})
 
 
-_LIMIT_KINDS = {"header_timeout": float, "body_timeout": float, "idle_timeout": float, "max_connections": int,
-                "max_body_bytes": int, "max_header_bytes": int, "threads": int}
+_LIMIT_KINDS = {
+    "header_timeout": float,
+    "body_timeout": float,
+    "idle_timeout": float,
+    "max_connections": int,
+    "max_body_bytes": int,
+    "max_header_bytes": int,
+    "threads": int,
+}
 
 
 @dataclass(frozen=True)
@@ -122,7 +131,9 @@ class MonitorConfig:
     window_seconds: float = 60.0
     log_rows: int = 10000  # prediction log ring size
     keep_acked_seconds: float = 3600.0  # acknowledged summaries kept for resend requests
-    backlog_rows: int = 100_000  # rows queued for sketching at most (memory stays bounded); the excess is counted as unmonitored
+    backlog_rows: int = (
+        100_000  # rows queued for sketching at most (memory stays bounded); the excess is counted as unmonitored
+    )
 
 
 @dataclass(frozen=True)
@@ -144,7 +155,9 @@ def load_config(path: str | Path) -> AgentConfig:
     try:
         doc = tomllib.loads(path.read_text())
     except FileNotFoundError:
-        raise ConfigError(path, "no such file", "write an agent.toml (see 'edge-agent --help') or pass --config") from None
+        raise ConfigError(
+            path, "no such file", "write an agent.toml (see 'edge-agent --help') or pass --config"
+        ) from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(path, f"cannot be read ({exc})") from exc
     except tomllib.TOMLDecodeError as exc:
@@ -166,25 +179,44 @@ def parse_config(doc: dict[str, Any], *, base: Path = Path("."), source: str = "
     fleet = str(doc.get("fleet", "default"))
     for label, value in (("device_id", device_id), ("fleet", fleet)):
         if not ID_PATTERN.match(value):
-            raise ConfigError(source, f"{label} {value!r} is not allowed", "use letters, digits, '.', '_' or '-' (it becomes an MQTT topic level)")
+            raise ConfigError(
+                source,
+                f"{label} {value!r} is not allowed",
+                "use letters, digits, '.', '_' or '-' (it becomes an MQTT topic level)",
+            )
     trust, mqtt, server, monitor = (doc.get(k, {}) for k in ("trust", "mqtt", "server", "monitor"))
     try:
         mqtt_config = MqttConfig(
-            url=mqtt.get("url"), username=mqtt.get("username"), password=_secret(mqtt, "password", "EDGEKIT_MQTT_PASSWORD", resolve),
-            keepalive=int(mqtt.get("keepalive", 30)), streaming=bool(mqtt.get("streaming", False)),
+            url=mqtt.get("url"),
+            username=mqtt.get("username"),
+            password=_secret(mqtt, "password", "EDGEKIT_MQTT_PASSWORD", resolve),
+            keepalive=int(mqtt.get("keepalive", 30)),
+            streaming=bool(mqtt.get("streaming", False)),
         )
-        if mqtt_config.url and (urlparse(mqtt_config.url).scheme not in ("mqtt", "mqtts") or not urlparse(mqtt_config.url).hostname):
-            raise ConfigError(source, f"[mqtt] url {mqtt_config.url!r} is not mqtt://host[:port] or mqtts://", "write it as mqtt://host:1883")
+        if mqtt_config.url and (
+            urlparse(mqtt_config.url).scheme not in ("mqtt", "mqtts") or not urlparse(mqtt_config.url).hostname
+        ):
+            raise ConfigError(
+                source,
+                f"[mqtt] url {mqtt_config.url!r} is not mqtt://host[:port] or mqtts://",
+                "write it as mqtt://host:1883",
+            )
         if mqtt_config.url:
             mqtt_config.port  # noqa: B018 - a port out of range raises ValueError, reported below
         server_config = _server_config(server, source, resolve)
         monitor_config = MonitorConfig(
-            window_rows=int(monitor.get("window_rows", 1000)), window_seconds=float(monitor.get("window_seconds", 60)),
-            log_rows=int(monitor.get("log_rows", 10000)), keep_acked_seconds=float(monitor.get("keep_acked_seconds", 3600)),
+            window_rows=int(monitor.get("window_rows", 1000)),
+            window_seconds=float(monitor.get("window_seconds", 60)),
+            log_rows=int(monitor.get("log_rows", 10000)),
+            keep_acked_seconds=float(monitor.get("keep_acked_seconds", 3600)),
             backlog_rows=int(monitor.get("backlog_rows", 100_000)),
         )
     except (TypeError, ValueError) as exc:
-        raise ConfigError(source, f"a value is invalid ({exc})", "check numbers are numbers, ports are 1-65535 and listen is host:port") from exc
+        raise ConfigError(
+            source,
+            f"a value is invalid ({exc})",
+            "check numbers are numbers, ports are 1-65535 and listen is host:port",
+        ) from exc
     if monitor_config.window_rows < 1 or monitor_config.window_seconds <= 0:
         raise ConfigError(source, "[monitor] window_rows and window_seconds must be positive")
     if monitor_config.backlog_rows < 1:
@@ -196,8 +228,15 @@ def parse_config(doc: dict[str, Any], *, base: Path = Path("."), source: str = "
         emulate = EmulationConfig.from_table(doc["emulate"], base=base, source=source)
     return AgentConfig(
         emulate=emulate,
-        device_id=device_id, fleet=fleet, state_dir=resolve(str(need(doc, "state_dir", ""))), public_key=resolve(str(need(trust, "public_key", "[trust] "))),
-        threads=int(doc.get("threads", 1)), mqtt=mqtt_config, server=server_config, monitor=monitor_config, source=source,
+        device_id=device_id,
+        fleet=fleet,
+        state_dir=resolve(str(need(doc, "state_dir", ""))),
+        public_key=resolve(str(need(trust, "public_key", "[trust] "))),
+        threads=int(doc.get("threads", 1)),
+        mqtt=mqtt_config,
+        server=server_config,
+        monitor=monitor_config,
+        source=source,
     )
 
 
@@ -206,10 +245,19 @@ def _server_config(server: dict[str, Any], source: str, resolve) -> ServerConfig
     limits = HttpLimits().with_values({key: server[key] for key in _LIMIT_KINDS if key in server})
     cert, key = server.get("tls_cert"), server.get("tls_key")
     if bool(cert) != bool(key):
-        raise ConfigError(source, "[server] has tls_cert or tls_key but not both", "give both PEM files to serve HTTPS, or neither for HTTP")
-    config = ServerConfig(listen=server.get("listen", "127.0.0.1:8470") or None, token=_secret(server, "token", "EDGEKIT_API_TOKEN", resolve),
-                          tls_cert=resolve(cert) if cert else None, tls_key=resolve(key) if key else None,
-                          max_rows=int(server.get("max_rows", ServerConfig.max_rows)), limits=limits)
+        raise ConfigError(
+            source,
+            "[server] has tls_cert or tls_key but not both",
+            "give both PEM files to serve HTTPS, or neither for HTTP",
+        )
+    config = ServerConfig(
+        listen=server.get("listen", "127.0.0.1:8470") or None,
+        token=_secret(server, "token", "EDGEKIT_API_TOKEN", resolve),
+        tls_cert=resolve(cert) if cert else None,
+        tls_key=resolve(key) if key else None,
+        max_rows=int(server.get("max_rows", ServerConfig.max_rows)),
+        limits=limits,
+    )
     if config.max_rows < 1:
         raise ValueError(f"max_rows must be positive, not {config.max_rows}")
     if config.listen:

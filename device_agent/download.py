@@ -31,8 +31,18 @@ class Downloaded:
     resumed_from: int  # bytes already on disk when the first attempt started
 
 
-def download(url: str, destination: Path, *, sha256: str, size: int, attempts: int = 5, timeout: float = 30.0,
-             headers: dict[str, str] | None = None, cancelled: Callable[[], bool] = lambda: False, backoff: float = 0.5) -> Downloaded:
+def download(
+    url: str,
+    destination: Path,
+    *,
+    sha256: str,
+    size: int,
+    attempts: int = 5,
+    timeout: float = 30.0,
+    headers: dict[str, str] | None = None,
+    cancelled: Callable[[], bool] = lambda: False,
+    backoff: float = 0.5,
+) -> Downloaded:
     """Fetch ``url`` into ``destination`` and check it; raise ``DownloadError`` or ``UpdateError("hash")``."""
     destination = Path(destination)
     if destination.exists() and destination.stat().st_size == size and _sha256_of(destination) == sha256:
@@ -61,13 +71,18 @@ def download(url: str, destination: Path, *, sha256: str, size: int, attempts: i
         digest = _sha256_of(part)
         if digest != sha256:
             part.unlink()
-            raise UpdateError("hash", f"{url}: the download has sha256 {digest[:12]}…, the rollout says {sha256[:12]}… (corrupted or tampered)")
+            raise UpdateError(
+                "hash",
+                f"{url}: the download has sha256 {digest[:12]}…, the rollout says {sha256[:12]}… (corrupted or tampered)",
+            )
         os.replace(part, destination)
         return Downloaded(destination, fetched, resumed_from)
     raise DownloadError(url, f"failed after {attempts} attempts: {last_error}")
 
 
-def _fetch(url: str, part: Path, have: int, timeout: float, headers: dict[str, str], cancelled: Callable[[], bool]) -> int:
+def _fetch(
+    url: str, part: Path, have: int, timeout: float, headers: dict[str, str], cancelled: Callable[[], bool]
+) -> int:
     request = urllib.request.Request(url, headers={**headers, **({"Range": f"bytes={have}-"} if have else {})})
     try:
         response = urllib.request.urlopen(request, timeout=timeout)  # noqa: S310 - the URL comes from the fleet's desired state

@@ -51,12 +51,21 @@ def proportions(counts: np.ndarray) -> np.ndarray:
 
 
 def psi(expected: np.ndarray, actual: np.ndarray) -> float:
-    p, q = np.maximum(proportions(np.asarray(expected, float)), PSI_EPSILON), np.maximum(proportions(np.asarray(actual, float)), PSI_EPSILON)
+    p, q = (
+        np.maximum(proportions(np.asarray(expected, float)), PSI_EPSILON),
+        np.maximum(proportions(np.asarray(actual, float)), PSI_EPSILON),
+    )
     return float(np.sum((q - p) * np.log(q / p)))
 
 
 def ks_distance(expected: np.ndarray, actual: np.ndarray) -> float:
-    return float(np.max(np.abs(np.cumsum(proportions(np.asarray(expected, float))) - np.cumsum(proportions(np.asarray(actual, float))))))
+    return float(
+        np.max(
+            np.abs(
+                np.cumsum(proportions(np.asarray(expected, float))) - np.cumsum(proportions(np.asarray(actual, float)))
+            )
+        )
+    )
 
 
 def js_divergence(expected: np.ndarray, actual: np.ndarray) -> float:
@@ -108,7 +117,9 @@ def _merge_small_bins(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndar
 
 def compare(expected: np.ndarray, actual: np.ndarray) -> Comparison:
     statistic, dof, p_value = chi2_homogeneity(expected, actual)
-    return Comparison(psi(expected, actual), ks_distance(expected, actual), js_divergence(expected, actual), statistic, dof, p_value)
+    return Comparison(
+        psi(expected, actual), ks_distance(expected, actual), js_divergence(expected, actual), statistic, dof, p_value
+    )
 
 
 def drift_report(baseline: Profile, window: Profile, thresholds: dict[str, float] | None = None) -> dict[str, Any]:
@@ -120,7 +131,9 @@ def drift_report(baseline: Profile, window: Profile, thresholds: dict[str, float
     comparisons = {name: compare(b.counts, w.counts) for name, b, w in sketches}
     tested = window.rows >= limits["min_rows"]
     per_test_alpha = limits["alpha"] / max(1, len(comparisons))
-    verdicts = {name: tested and c.p_value < per_test_alpha and c.psi >= limits["min_psi"] for name, c in comparisons.items()}
+    verdicts = {
+        name: tested and c.p_value < per_test_alpha and c.psi >= limits["min_psi"] for name, c in comparisons.items()
+    }
     features = {name: comparisons[name].to_dict(verdicts[name]) for name, _, _ in sketches if name != "prediction"}
     worst = max(features, key=lambda n: comparisons[n].psi) if features else None
     report: dict[str, Any] = {
@@ -135,8 +148,11 @@ def drift_report(baseline: Profile, window: Profile, thresholds: dict[str, float
     return report
 
 
-def exact_psi(baseline_values: np.ndarray, window_values: np.ndarray, cuts: np.ndarray, low: float, high: float) -> float:
+def exact_psi(
+    baseline_values: np.ndarray, window_values: np.ndarray, cuts: np.ndarray, low: float, high: float
+) -> float:
     """PSI computed from raw values on the given bins: the reference the sketch's PSI is checked against."""
+
     def counts(values: np.ndarray) -> np.ndarray:
         values = values[np.isfinite(values)]
         index = np.searchsorted(cuts, values, side="right") + 1
@@ -145,5 +161,3 @@ def exact_psi(baseline_values: np.ndarray, window_values: np.ndarray, cuts: np.n
         return np.bincount(index, minlength=len(cuts) + 3).astype(float)
 
     return psi(counts(baseline_values), counts(window_values))
-
-

@@ -47,9 +47,14 @@ class EmulationConfig:
             raise ConfigError(source, "[emulate] needs data", 'add data = "test.npz"')
         data = Path(table["data"]).expanduser()
         try:
-            config = cls(data=data if data.is_absolute() else base / data, rows_per_second=float(table.get("rows_per_second", 100)),
-                         drift_feature=table.get("drift_feature"), drift_shift=float(table.get("drift_shift", 0.0)),
-                         drift_after=int(table.get("drift_after", 0)), seed=int(table.get("seed", 0)))
+            config = cls(
+                data=data if data.is_absolute() else base / data,
+                rows_per_second=float(table.get("rows_per_second", 100)),
+                drift_feature=table.get("drift_feature"),
+                drift_shift=float(table.get("drift_shift", 0.0)),
+                drift_after=int(table.get("drift_after", 0)),
+                seed=int(table.get("seed", 0)),
+            )
         except (TypeError, ValueError) as exc:
             raise ConfigError(source, f"[emulate] has a value of the wrong type ({exc})") from exc
         if config.rows_per_second <= 0:
@@ -68,12 +73,20 @@ class Feeder:
         if names is not None and set(names) == set(schema.feature_names):
             X = X[:, [names.index(n) for n in schema.feature_names]]
         if X.shape[1] != schema.width:
-            raise ConfigError(config.data, f"has {X.shape[1]} columns, the model takes {schema.width}", "emulate with data for this model's features")
+            raise ConfigError(
+                config.data,
+                f"has {X.shape[1]} columns, the model takes {schema.width}",
+                "emulate with data for this model's features",
+            )
         self.rows = np.ascontiguousarray(X, dtype=np.float32)
         self.drift_column = None
         if config.drift_feature is not None:
             if config.drift_feature not in schema.feature_names:
-                raise ConfigError(config.data, f"drift feature {config.drift_feature!r} is not one of the model's features", f"use one of {', '.join(schema.feature_names[:5])}, …")
+                raise ConfigError(
+                    config.data,
+                    f"drift feature {config.drift_feature!r} is not one of the model's features",
+                    f"use one of {', '.join(schema.feature_names[:5])}, …",
+                )
             self.drift_column = schema.feature_names.index(config.drift_feature)
         self.sent = 0
         self._stop = threading.Event()

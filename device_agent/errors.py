@@ -130,7 +130,9 @@ class UpdateError(AgentError):
     def __init__(self, code: str, problem: str, *, facts: dict | None = None) -> None:
         self.code = code
         self.problem = problem
-        self.facts = dict(facts or {})  # what was measured before the step failed (shadow metrics, download), for the report
+        self.facts = dict(
+            facts or {}
+        )  # what was measured before the step failed (shadow metrics, download), for the report
         super().__init__(problem)
 
 

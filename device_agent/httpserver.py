@@ -35,23 +35,26 @@ import logging
 import ssl
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from .config import HttpLimits
 from .errors import ServeError
 
 try:
     from waitress import wasyncore
+    from waitress.adjustments import Adjustments
     from waitress.channel import HTTPChannel
     from waitress.parser import HTTPRequestParser, ParsingError
-    from waitress.adjustments import Adjustments
     from waitress.server import TcpWSGIServer
     from waitress.task import ErrorTask, WSGITask
     from waitress.utilities import BadRequest, RequestEntityTooLarge, RequestHeaderFieldsTooLarge, ServerNotImplemented
 except ImportError as exc:  # the agent's and the host's extras bring it
-    raise ServeError("the HTTP server needs waitress, which is not installed", "pip install 'edgekit-ml[agent]'") from exc
+    raise ServeError(
+        "the HTTP server needs waitress, which is not installed", "pip install 'edgekit-ml[agent]'"
+    ) from exc
 
 log = logging.getLogger("device_agent.http")
 LOOP_SECONDS = 0.5  # the I/O loop wakes at least this often to check deadlines and to stop
@@ -75,8 +78,10 @@ def tls_context(cert: str | Path, key: str | Path) -> ssl.SSLContext:
     try:
         context.load_cert_chain(str(cert), str(key))
     except (OSError, ssl.SSLError) as exc:
-        raise ServeError(f"cannot load the TLS certificate {cert} with key {key} ({exc})",
-                         "give a PEM certificate and its unencrypted PEM key (openssl req -x509 -newkey ... makes a self-signed pair)") from exc
+        raise ServeError(
+            f"cannot load the TLS certificate {cert} with key {key} ({exc})",
+            "give a PEM certificate and its unencrypted PEM key (openssl req -x509 -newkey ... makes a self-signed pair)",
+        ) from exc
     return context
 
 
@@ -111,21 +116,43 @@ class HttpServer:
     server_close = shutdown  # the standard library's servers are stopped in two calls; one does here
 
 
-def serve_wsgi(app: Callable, address: tuple[str, int], *, limits: HttpLimits = HttpLimits(), tls: ssl.SSLContext | None = None,
-               name: str = "edgekit-http", ident: str = "edgekit", limit_names: LimitNames = LimitNames()) -> HttpServer:
+def serve_wsgi(
+    app: Callable,
+    address: tuple[str, int],
+    *,
+    limits: HttpLimits = HttpLimits(),
+    tls: ssl.SSLContext | None = None,
+    name: str = "edgekit-http",
+    ident: str = "edgekit",
+    limit_names: LimitNames = LimitNames(),
+) -> HttpServer:
     """Serve ``app`` on ``address`` (port 0: any free port) in background threads until ``shutdown()``."""
     socket_map: dict = {}
     host, port = address
     try:
-        server = _Server(app, socket_map, adj=Adjustments(
-            host=host, port=port, ident=ident, url_scheme="https" if tls else "http",
-            threads=limits.threads, connection_limit=2 * limits.max_connections + 16, channel_timeout=limits.idle_timeout,
-            cleanup_interval=1, asyncore_use_poll=True,  # poll: no 1,024-descriptor ceiling of select
-            max_request_body_size=limits.max_body_bytes + 1,  # waitress refuses a body of exactly its limit
-            max_request_header_size=limits.max_header_bytes, expose_tracebacks=False,
-        ))
+        server = _Server(
+            app,
+            socket_map,
+            adj=Adjustments(
+                host=host,
+                port=port,
+                ident=ident,
+                url_scheme="https" if tls else "http",
+                threads=limits.threads,
+                connection_limit=2 * limits.max_connections + 16,
+                channel_timeout=limits.idle_timeout,
+                cleanup_interval=1,
+                asyncore_use_poll=True,  # poll: no 1,024-descriptor ceiling of select
+                max_request_body_size=limits.max_body_bytes + 1,  # waitress refuses a body of exactly its limit
+                max_request_header_size=limits.max_header_bytes,
+                expose_tracebacks=False,
+            ),
+        )
     except (OSError, ValueError) as exc:
-        raise ServeError(f"cannot listen on {host}:{port} ({getattr(exc, 'strerror', None) or exc})", "free the port or choose another address") from exc
+        raise ServeError(
+            f"cannot listen on {host}:{port} ({getattr(exc, 'strerror', None) or exc})",
+            "free the port or choose another address",
+        ) from exc
     server.channel_class = type("Channel", (_Channel,), {"limits": limits, "tls": tls, "names": limit_names})
     return HttpServer(server, socket_map, server.task_dispatcher, "https" if tls else "http", name)
 
@@ -194,9 +221,15 @@ def _describe(request: Any, limits: HttpLimits, names: LimitNames) -> tuple[int,
             return 413, f"the chunked body is over the {limit}"
         return 413, f"the body of {request.content_length} bytes is over the {limit}"
     if isinstance(error, RequestHeaderFieldsTooLarge):
-        return 431, f"the request line and headers are over the {limits.max_header_bytes}-byte limit ({names.max_header_bytes})"
+        return (
+            431,
+            f"the request line and headers are over the {limits.max_header_bytes}-byte limit ({names.max_header_bytes})",
+        )
     if isinstance(error, ServerNotImplemented):
-        return 501, "this Transfer-Encoding is not supported; send the body with Transfer-Encoding: chunked or a Content-Length"
+        return (
+            501,
+            "this Transfer-Encoding is not supported; send the body with Transfer-Encoding: chunked or a Content-Length",
+        )
     text = str(error.body)
     if "chunk" in text.lower() or "trailer" in text:
         return 400, f"malformed chunked body ({text})"
@@ -208,7 +241,13 @@ class _Task(WSGITask):
     a second syscall, and a second wake-up of a keep-alive client waiting for the body)."""
 
     def write(self, data: bytes) -> None:
-        if not self.wrote_header and data and self.has_body and not self.chunked_response and self.content_length == len(data):
+        if (
+            not self.wrote_header
+            and data
+            and self.has_body
+            and not self.chunked_response
+            and self.content_length == len(data)
+        ):
             head = self.build_response_header()
             self.wrote_header, self.content_bytes_written = True, len(data)
             self.channel.write_soon(head + data)
@@ -245,14 +284,24 @@ class _Channel(HTTPChannel):
         waiting = [c for c in channels.values() if c is not self and c._waiting_for_client()]
         if waiting:
             victim = min(waiting, key=lambda c: c._since)
-            log.debug("%d connections: closing %s, waiting for its client since %.1f s", len(channels), victim.addr, time.monotonic() - victim._since)
+            log.debug(
+                "%d connections: closing %s, waiting for its client since %.1f s",
+                len(channels),
+                victim.addr,
+                time.monotonic() - victim._since,
+            )
             victim.handle_close()
         else:
-            self._answer_and_close("503 Service Unavailable", f"all {self.limits.max_connections} connections have requests in flight (max_connections); retry shortly")
+            self._answer_and_close(
+                "503 Service Unavailable",
+                f"all {self.limits.max_connections} connections have requests in flight (max_connections); retry shortly",
+            )
 
     def _waiting_for_client(self) -> bool:
         """Idle between requests or still receiving one: closing it loses no work of the server's."""
-        return not (self.requests or self.total_outbufs_len or self.will_close or self.close_when_flushed or self._in_body)
+        return not (
+            self.requests or self.total_outbufs_len or self.will_close or self.close_when_flushed or self._in_body
+        )
 
     # -- deadlines ---------------------------------------------------------------------------------
     def received(self, data: bytes) -> bool:
@@ -295,7 +344,10 @@ class _Channel(HTTPChannel):
     def _answer_and_close(self, status: str, message: str) -> None:
         """Answer from the I/O thread, outside any request (there is none, or it is incomplete), and hang up."""
         body = json.dumps({"error": message}).encode()
-        data = f"HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode() + body
+        data = (
+            f"HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
+            + body
+        )
         with self.outbuf_lock:
             self.outbufs[-1].append(data)
             self.total_outbufs_len += len(data)

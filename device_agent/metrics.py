@@ -69,7 +69,12 @@ def render_metrics(agent: Agent) -> str:
         _sample(lines, "edgekit_latency_seconds_bucket", {**model, "le": format_value(bound_ms / 1000)}, cumulative)
     _sample(lines, "edgekit_latency_seconds_sum", model, round(stats["latency_sum_ms"] / 1000, 9))
     _sample(lines, "edgekit_latency_seconds_count", model, cumulative)
-    _family(lines, "edgekit_unmonitored_rows_total", "counter", "Rows served but not sketched (monitoring backlog full, or left at a stop).")
+    _family(
+        lines,
+        "edgekit_unmonitored_rows_total",
+        "counter",
+        "Rows served but not sketched (monitoring backlog full, or left at a stop).",
+    )
     _sample(lines, "edgekit_unmonitored_rows_total", model, agent.status()["unmonitored_rows"])
     _family(lines, "edgekit_windows_total", "counter", "Windows closed and spooled.")
     _sample(lines, "edgekit_windows_total", model, stats["windows"])

@@ -16,9 +16,9 @@ from __future__ import annotations
 import threading
 import time
 from collections import Counter, deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
-from collections.abc import Callable
 
 import numpy as np
 
@@ -56,7 +56,11 @@ def _take(batch: _Batch, n: int) -> _Batch:
     def head(a: np.ndarray | None) -> np.ndarray | None:
         return None if a is None else a[:n].copy()
 
-    return _Batch(batch.rows[:n].copy(), Prediction(labels=head(p.labels), probabilities=head(p.probabilities), values=head(p.values)), batch.latency_ms)
+    return _Batch(
+        batch.rows[:n].copy(),
+        Prediction(labels=head(p.labels), probabilities=head(p.probabilities), values=head(p.values)),
+        batch.latency_ms,
+    )
 
 
 def _concatenate(batches: list[_Batch]) -> _Batch:
@@ -82,7 +86,9 @@ class Monitor:
     on_window: Callable[[ClosedWindow], None]
     clock: Callable[[], float] = time.time
     backlog_rows: int = 100_000  # most rows waiting to be sketched; the excess is counted in ``unmonitored_rows``
-    _pending: deque = field(default_factory=deque)  # appended after the backlog check under ``_lock`` (one uncontended lock per request)
+    _pending: deque = field(
+        default_factory=deque
+    )  # appended after the backlog check under ``_lock`` (one uncontended lock per request)
     _errors: Counter = field(default_factory=Counter)
     _feedback: list[bool] = field(default_factory=list)
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -208,8 +214,16 @@ class Monitor:
 
     def _close(self, now: float) -> None:
         latencies = np.concatenate(self._latencies) if self._latencies else np.empty(0)
-        window = ClosedWindow(self._window, self._window_start, now, latencies, dict(self._window_errors), self._labelled, self._correct,
-                              self._window_unmonitored)
+        window = ClosedWindow(
+            self._window,
+            self._window_start,
+            now,
+            latencies,
+            dict(self._window_errors),
+            self._labelled,
+            self._correct,
+            self._window_unmonitored,
+        )
         self._start_window(now)
         self.on_window(window)
 
@@ -230,5 +244,9 @@ class Monitor:
         return None
 
     def current(self) -> dict[str, Any]:
-        return {"rows": self._window.rows, "started": self._window_start, "backlog_rows": self._pending_rows,
-                "unmonitored_rows": self._window_unmonitored + self._unmonitored}
+        return {
+            "rows": self._window.rows,
+            "started": self._window_start,
+            "backlog_rows": self._pending_rows,
+            "unmonitored_rows": self._window_unmonitored + self._unmonitored,
+        }

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import socket
 import threading
-from typing import Callable
+from collections.abc import Callable
 
 UNSUPPORTED_PROTOCOL_VERSION = 132  # MQTT 5 CONNACK reason; paho maps MQTT 3's return code 1 to it too
 FALLBACK_AFTER_SECONDS = 3.0
@@ -20,7 +20,14 @@ def refused_for_version(reason_code) -> bool:
     return reason_code.is_failure and reason_code.value == UNSUPPORTED_PROTOCOL_VERSION
 
 
-def watch(connected: threading.Event, host: str, port: int, fall_back: Callable[[], None], *, still_relevant: Callable[[], bool]) -> None:
+def watch(
+    connected: threading.Event,
+    host: str,
+    port: int,
+    fall_back: Callable[[], None],
+    *,
+    still_relevant: Callable[[], bool],
+) -> None:
     """Call ``fall_back`` if ``connected`` is not set in time while the broker's port answers."""
 
     def run() -> None:
@@ -44,7 +51,13 @@ class ConnectionNotes:
     def __init__(self, log, broker: str, client_id: str, interval: float = 60.0) -> None:
         import time
 
-        self.log, self.broker, self.client_id, self.interval, self._time = log, broker, client_id, interval, time.monotonic
+        self.log, self.broker, self.client_id, self.interval, self._time = (
+            log,
+            broker,
+            client_id,
+            interval,
+            time.monotonic,
+        )
         self._last: dict[str, float] = {}
 
     def _once(self, kind: str, message: str, *args) -> None:
@@ -54,10 +67,18 @@ class ConnectionNotes:
             self.log.warning(message, *args)
 
     def connect_failed(self, client, userdata) -> None:
-        self._once("unreachable", "cannot reach the MQTT broker at %s; retrying (check the URL, the network and that the broker runs)", self.broker)
+        self._once(
+            "unreachable",
+            "cannot reach the MQTT broker at %s; retrying (check the URL, the network and that the broker runs)",
+            self.broker,
+        )
 
     def disconnected(self, reason_code) -> None:
         if getattr(reason_code, "value", None) == SESSION_TAKEN_OVER:
-            self._once("takeover", "another client connected as %r and took over this session: give every agent and collector its own client id", self.client_id)
+            self._once(
+                "takeover",
+                "another client connected as %r and took over this session: give every agent and collector its own client id",
+                self.client_id,
+            )
         elif getattr(reason_code, "is_failure", False):
             self._once("lost", "lost the MQTT connection to %s (%s); reconnecting", self.broker, reason_code)

@@ -48,7 +48,9 @@ class OutputSpec:
     def to_dict(self) -> dict[str, Any]:
         doc: dict[str, Any] = {"task": self.task}
         if self.task == CLASSIFICATION:
-            doc.update(labels=list(self.labels), label_output=self.label_output, probabilities_output=self.probabilities_output)
+            doc.update(
+                labels=list(self.labels), label_output=self.label_output, probabilities_output=self.probabilities_output
+            )
         else:
             doc.update(value_output=self.value_output)
         return doc
@@ -76,7 +78,11 @@ class OutputSpec:
             labels = raw[self.label_output].ravel()
         else:
             # A bare scores tensor: the label is the class with the highest score.
-            labels = np.asarray(self.labels, dtype=object)[np.argmax(probabilities, axis=1)] if self.labels else np.argmax(probabilities, axis=1)
+            labels = (
+                np.asarray(self.labels, dtype=object)[np.argmax(probabilities, axis=1)]
+                if self.labels
+                else np.argmax(probabilities, axis=1)
+            )
             if self.labels and all(isinstance(c, int) for c in self.labels):
                 labels = labels.astype(np.int64)
         return Prediction(labels=labels, probabilities=probabilities)

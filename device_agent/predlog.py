@@ -36,7 +36,7 @@ class RecentPredictions:
     def put(self, numbers: np.ndarray, answers: list[Any]) -> None:
         """Store ``answers[i]`` as prediction number ``numbers[i]`` (older ones fall out of the ring)."""
         if len(numbers) > self.capacity:
-            numbers, answers = numbers[-self.capacity:], answers[-self.capacity:]
+            numbers, answers = numbers[-self.capacity :], answers[-self.capacity :]
         self._answers[numbers % self.capacity] = answers
         self._labelled[numbers % self.capacity] = False
         self._filled_to = max(self._filled_to, int(numbers.max()) + 1)
@@ -95,8 +95,12 @@ class PredictionLog:
         if records:
             with self._lock:
                 self._db.execute("BEGIN")
-                self._db.executemany("INSERT OR REPLACE INTO predictions (boot, n, ts, input, prediction) VALUES (?,?,?,?,?)", records)
-                self._db.execute("DELETE FROM predictions WHERE rowid <= (SELECT max(rowid) FROM predictions) - ?", (self.capacity,))
+                self._db.executemany(
+                    "INSERT OR REPLACE INTO predictions (boot, n, ts, input, prediction) VALUES (?,?,?,?,?)", records
+                )
+                self._db.execute(
+                    "DELETE FROM predictions WHERE rowid <= (SELECT max(rowid) FROM predictions) - ?", (self.capacity,)
+                )
                 self._db.execute("COMMIT")
         return len(records)
 
@@ -113,8 +117,11 @@ class PredictionLog:
             if not self.recent.mark_labelled(n):
                 return "duplicate", answer
         with self._lock:
-            self._db.execute("INSERT INTO predictions (boot, n, ts, prediction, label) VALUES (?,?,?,?,?) "
-                             "ON CONFLICT (boot, n) DO UPDATE SET label=excluded.label", (boot, n, time.time(), json.dumps(answer), json.dumps(label)))
+            self._db.execute(
+                "INSERT INTO predictions (boot, n, ts, prediction, label) VALUES (?,?,?,?,?) "
+                "ON CONFLICT (boot, n) DO UPDATE SET label=excluded.label",
+                (boot, n, time.time(), json.dumps(answer), json.dumps(label)),
+            )
         return "accepted", answer
 
     def count(self) -> int:

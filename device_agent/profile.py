@@ -17,9 +17,9 @@ categories plus one "other".
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
-from collections.abc import Iterable, Sequence
 
 import numpy as np
 
@@ -57,7 +57,9 @@ class NumericSketch:
             self.counts = np.zeros(len(self.cuts) + 3, dtype=np.int64)
         self.counts = np.asarray(self.counts, dtype=np.int64)
         if self.counts.shape != (len(self.cuts) + 3,):
-            raise ProfileError(f"feature {self.name!r}: {len(self.counts)} counts for {len(self.cuts)} cuts (expected cuts + 3)")
+            raise ProfileError(
+                f"feature {self.name!r}: {len(self.counts)} counts for {len(self.cuts)} cuts (expected cuts + 3)"
+            )
 
     @classmethod
     def from_values(cls, name: str, values: np.ndarray, bins: int = DEFAULT_BINS) -> NumericSketch:
@@ -188,15 +190,21 @@ class CategoricalSketch:
             self.counts = np.zeros(len(self.categories) + 1, dtype=np.int64)
         self.counts = np.asarray(self.counts, dtype=np.int64)
         if self.counts.shape != (len(self.categories) + 1,):
-            raise ProfileError(f"feature {self.name!r}: {len(self.counts)} counts for {len(self.categories)} categories (expected + 1)")
+            raise ProfileError(
+                f"feature {self.name!r}: {len(self.counts)} counts for {len(self.categories)} categories (expected + 1)"
+            )
         self._index = {_category_key(c): i for i, c in enumerate(self.categories)}
 
     @classmethod
-    def from_values(cls, name: str, values: Sequence[Any], top: int = 20, categories: Sequence[Any] | None = None) -> CategoricalSketch:
+    def from_values(
+        cls, name: str, values: Sequence[Any], top: int = 20, categories: Sequence[Any] | None = None
+    ) -> CategoricalSketch:
         """A baseline sketch over the ``top`` most frequent values (or the given ``categories``)."""
         if categories is None:
             present = [v for v in np.asarray(values, dtype=object).ravel().tolist() if not _is_missing(v)]
-            unique, freq = np.unique(np.asarray([_category_key(v) for v in present], dtype=object).astype(str), return_counts=True)
+            unique, freq = np.unique(
+                np.asarray([_category_key(v) for v in present], dtype=object).astype(str), return_counts=True
+            )
             order = np.argsort(-freq, kind="stable")[:top]
             by_key = {str(_category_key(v)): _json_scalar(v) for v in present}
             categories = [by_key[unique[i]] for i in order]
@@ -248,7 +256,12 @@ class CategoricalSketch:
 
     @classmethod
     def from_dict(cls, doc: dict[str, Any]) -> CategoricalSketch:
-        return cls(name=doc["name"], categories=doc["categories"], counts=np.asarray(doc["counts"], dtype=np.int64), nulls=int(doc.get("nulls", 0)))
+        return cls(
+            name=doc["name"],
+            categories=doc["categories"],
+            counts=np.asarray(doc["counts"], dtype=np.int64),
+            nulls=int(doc.get("nulls", 0)),
+        )
 
 
 Sketch = NumericSketch | CategoricalSketch
@@ -297,7 +310,9 @@ class Profile:
         if rows.ndim != 2 or rows.shape[1] != len(self.features):
             raise ProfileError(f"rows of shape {rows.shape} do not fit a profile of {len(self.features)} features")
         if self._numeric_block is None:
-            self._numeric_block = _NumericBlock([(i, s) for i, s in enumerate(self.features) if isinstance(s, NumericSketch)])
+            self._numeric_block = _NumericBlock(
+                [(i, s) for i, s in enumerate(self.features) if isinstance(s, NumericSketch)]
+            )
         self._numeric_block.update(rows)
         for column, sketch in enumerate(self.features):
             if not isinstance(sketch, NumericSketch):
@@ -317,7 +332,9 @@ class Profile:
 
     def merge(self, other: Profile) -> Profile:
         if other.baseline_id != self.baseline_id:
-            raise ProfileError(f"cannot merge a profile of baseline {other.baseline_id} into one of baseline {self.baseline_id}")
+            raise ProfileError(
+                f"cannot merge a profile of baseline {other.baseline_id} into one of baseline {self.baseline_id}"
+            )
         for mine, theirs in zip(self.features, other.features):
             mine.merge(theirs)
         for key, sketch in self.outputs.items():
@@ -352,7 +369,9 @@ class Profile:
     def from_compact(self, doc: dict[str, Any]) -> Profile:
         """A window profile rebuilt from ``to_compact`` output, on this (baseline) profile's bins."""
         if doc.get("baseline_id") != self.baseline_id:
-            raise ProfileError(f"window of baseline {doc.get('baseline_id')!r} does not match baseline {self.baseline_id}")
+            raise ProfileError(
+                f"window of baseline {doc.get('baseline_id')!r} does not match baseline {self.baseline_id}"
+            )
         window = self.empty_like()
         try:
             if len(doc["features"]) != len(window.features) or set(doc["outputs"]) != set(window.outputs):
@@ -370,7 +389,9 @@ class Profile:
     @classmethod
     def from_dict(cls, doc: dict[str, Any]) -> Profile:
         if not isinstance(doc, dict) or doc.get("schema") != PROFILE_SCHEMA:
-            raise ProfileError(f"not an {PROFILE_SCHEMA} document (schema={doc.get('schema') if isinstance(doc, dict) else None!r})")
+            raise ProfileError(
+                f"not an {PROFILE_SCHEMA} document (schema={doc.get('schema') if isinstance(doc, dict) else None!r})"
+            )
         try:
             profile = cls(
                 features=[_sketch_from_dict(d) for d in doc["features"]],
@@ -418,7 +439,9 @@ class _NumericBlock:
         values = rows if self.all_columns and rows.dtype in (np.float32, np.float64) else rows[:, self.columns]
         if values.dtype != np.float32:
             values = values.astype(np.float64, copy=False)
-        cuts, low, high = (self.cuts32, self.low32, self.high32) if values.dtype == np.float32 else (self.cuts, self.low, self.high)
+        cuts, low, high = (
+            (self.cuts32, self.low32, self.high32) if values.dtype == np.float32 else (self.cuts, self.low, self.high)
+        )
         finite = np.isfinite(values)
         if finite.all():  # the usual batch: no masks, no copies
             clean, nulls, infs, finite_count = values, 0, 0, np.full(values.shape[1], len(values))
@@ -483,13 +506,21 @@ def build_baseline(
     features: list[Sketch] = [NumericSketch.from_values(name, rows[:, i], bins) for i, name in enumerate(feature_names)]
     outputs: dict[str, Sketch] = {}
     if labels is not None:
-        outputs["prediction"] = CategoricalSketch.from_values("prediction", predicted_labels if predicted_labels is not None else [], categories=labels)
+        outputs["prediction"] = CategoricalSketch.from_values(
+            "prediction", predicted_labels if predicted_labels is not None else [], categories=labels
+        )
         outputs["confidence"] = NumericSketch("confidence", np.asarray(CONFIDENCE_CUTS), 0.0, 1.0)
         if probabilities is not None:
             outputs["confidence"].update(np.max(np.asarray(probabilities), axis=1))
     elif predicted_values is not None:
-        outputs["prediction"] = NumericSketch.from_values("prediction", np.asarray(predicted_values, dtype=np.float64).ravel(), bins)
-    profile = Profile(features=features, outputs=outputs, latency_ms=NumericSketch("latency_ms", np.asarray(LATENCY_CUTS_MS), 0.0, None))
+        outputs["prediction"] = NumericSketch.from_values(
+            "prediction", np.asarray(predicted_values, dtype=np.float64).ravel(), bins
+        )
+    profile = Profile(
+        features=features,
+        outputs=outputs,
+        latency_ms=NumericSketch("latency_ms", np.asarray(LATENCY_CUTS_MS), 0.0, None),
+    )
     profile.rows = rows.shape[0]
     return profile
 
@@ -512,7 +543,9 @@ def _compact(sketch: Sketch) -> list[Any]:
 def _fill(sketch: Sketch, values: list[Any]) -> None:
     counts = np.asarray(values[0], dtype=np.int64)
     if counts.shape != sketch.counts.shape or (counts < 0).any():
-        raise ProfileError(f"feature {sketch.name!r}: {len(counts)} counts where the baseline has {len(sketch.counts)} bins")
+        raise ProfileError(
+            f"feature {sketch.name!r}: {len(counts)} counts where the baseline has {len(sketch.counts)} bins"
+        )
     sketch.counts = counts
     if isinstance(sketch, CategoricalSketch):
         sketch.nulls = int(values[1])

@@ -95,16 +95,40 @@ def iso(timestamp: float) -> str:
     return datetime.fromtimestamp(timestamp, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")[:-4] + "Z"
 
 
-def state_payload(*, online: bool, device: str, fleet: str, model: dict[str, Any] | None, runtime: str | None, agent_version: str) -> dict[str, Any]:
-    return {"schema": STATE_SCHEMA, "device": device, "fleet": fleet, "online": online, "model": model, "runtime": runtime, "agent_version": agent_version}
+def state_payload(
+    *, online: bool, device: str, fleet: str, model: dict[str, Any] | None, runtime: str | None, agent_version: str
+) -> dict[str, Any]:
+    return {
+        "schema": STATE_SCHEMA,
+        "device": device,
+        "fleet": fleet,
+        "online": online,
+        "model": model,
+        "runtime": runtime,
+        "agent_version": agent_version,
+    }
 
 
 def baseline_payload(*, device: str, model: dict[str, Any], baseline: Profile) -> dict[str, Any]:
-    return {"schema": BASELINE_SCHEMA, "device": device, "model": model, "baseline_id": baseline.baseline_id, "profile": baseline.to_dict()}
+    return {
+        "schema": BASELINE_SCHEMA,
+        "device": device,
+        "model": model,
+        "baseline_id": baseline.baseline_id,
+        "profile": baseline.to_dict(),
+    }
 
 
-def build_summary(window: ClosedWindow, *, device: str, fleet: str, model: dict[str, Any], seq: int, baseline: Profile,
-                  thresholds: dict[str, float] | None) -> dict[str, Any]:
+def build_summary(
+    window: ClosedWindow,
+    *,
+    device: str,
+    fleet: str,
+    model: dict[str, Any],
+    seq: int,
+    baseline: Profile,
+    thresholds: dict[str, float] | None,
+) -> dict[str, Any]:
     profile = window.profile
     drift = drift_report(baseline, profile, thresholds)
     return {
@@ -120,7 +144,13 @@ def build_summary(window: ClosedWindow, *, device: str, fleet: str, model: dict[
         "quality": _quality(profile),
         "latency": _latency(window.latencies_ms),
         "errors": window.errors,
-        "accuracy": {"labelled": window.labelled, "correct": window.correct, "accuracy": window.correct / window.labelled} if window.labelled else None,
+        "accuracy": {
+            "labelled": window.labelled,
+            "correct": window.correct,
+            "accuracy": window.correct / window.labelled,
+        }
+        if window.labelled
+        else None,
         "profile": profile.to_compact(),
     }
 
@@ -134,7 +164,12 @@ def _predictions(profile: Profile) -> dict[str, Any]:
         if sketch.counts[-1]:
             classes["other"] = int(sketch.counts[-1])
         return {"classes": classes}
-    return {"mean": sketch.mean, "std": sketch.std, "min": sketch.minimum if sketch.count else None, "max": sketch.maximum if sketch.count else None}
+    return {
+        "mean": sketch.mean,
+        "std": sketch.std,
+        "min": sketch.minimum if sketch.count else None,
+        "max": sketch.maximum if sketch.count else None,
+    }
 
 
 def _quality(profile: Profile) -> dict[str, Any]:
@@ -172,13 +207,31 @@ def command(data: bytes) -> dict[str, Any]:
 
 def check_summary(doc: dict[str, Any]) -> dict[str, Any]:
     """The fields a collector relies on, with their types; ``ProtocolError("field", ...)`` otherwise."""
-    _require(doc, {"device": str, "fleet": str, "model": dict, "seq": int, "rows": int, "window": dict, "drift": dict, "profile": dict,
-                   "quality": dict, "latency": dict, "errors": dict})
+    _require(
+        doc,
+        {
+            "device": str,
+            "fleet": str,
+            "model": dict,
+            "seq": int,
+            "rows": int,
+            "window": dict,
+            "drift": dict,
+            "profile": dict,
+            "quality": dict,
+            "latency": dict,
+            "errors": dict,
+        },
+    )
     if not _LEVEL.match(doc["device"]) or not _LEVEL.match(doc["fleet"]):
         raise ProtocolError("field", "device and fleet must be valid topic levels")
     _require(doc["model"], {"name": str, "version": int}, "model.")
     _require(doc["window"], {"start": str, "end": str}, "window.")
-    _require(doc["profile"], {"baseline_id": str, "rows": int, "features": list, "outputs": dict, "latency_ms": list}, "profile.")
+    _require(
+        doc["profile"],
+        {"baseline_id": str, "rows": int, "features": list, "outputs": dict, "latency_ms": list},
+        "profile.",
+    )
     if doc["seq"] < 1 or doc["rows"] < 0:
         raise ProtocolError("field", "seq must be ≥ 1 and rows ≥ 0")
     features = doc["drift"].get("features")
@@ -257,12 +310,33 @@ def check_desired(doc: dict[str, Any]) -> dict[str, Any]:
     return doc
 
 
-def reported_payload(*, device: str, fleet: str, rollout: str, version: int, state: str, reason: str = "", code: str | None = None,
-                     active: dict[str, Any] | None = None, **facts: Any) -> dict[str, Any]:
+def reported_payload(
+    *,
+    device: str,
+    fleet: str,
+    rollout: str,
+    version: int,
+    state: str,
+    reason: str = "",
+    code: str | None = None,
+    active: dict[str, Any] | None = None,
+    **facts: Any,
+) -> dict[str, Any]:
     """One step of an update, as the device saw it: ``state`` is a step name or a terminal state
     (succeeded, failed, rolled_back, aborted); ``code`` is the machine-readable cause of a failure."""
-    return {"schema": REPORTED_SCHEMA, "device": device, "fleet": fleet, "rollout": rollout, "version": version, "state": state,
-            "reason": reason, "code": code, "active": active, "at": iso(time.time()), **facts}
+    return {
+        "schema": REPORTED_SCHEMA,
+        "device": device,
+        "fleet": fleet,
+        "rollout": rollout,
+        "version": version,
+        "state": state,
+        "reason": reason,
+        "code": code,
+        "active": active,
+        "at": iso(time.time()),
+        **facts,
+    }
 
 
 def check_reported(doc: dict[str, Any]) -> dict[str, Any]:

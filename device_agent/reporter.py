@@ -29,17 +29,35 @@ def _paho():
     try:
         import paho.mqtt.client as mqtt
     except ImportError as exc:
-        raise RuntimeUnavailableError("paho-mqtt is not installed; pip install 'paho-mqtt>=2' (or 'edgekit-ml[agent]')") from exc
+        raise RuntimeUnavailableError(
+            "paho-mqtt is not installed; pip install 'paho-mqtt>=2' (or 'edgekit-ml[agent]')"
+        ) from exc
     return mqtt
 
 
 class MqttReporter:
-    def __init__(self, config: MqttConfig, topics: Topics, spool: Spool, *, client_id: str, birth: Callable[[], dict[str, Any]],
-                 offline: dict[str, Any], retained: Callable[[], list[tuple[str, dict[str, Any]]]] = lambda: [],
-                 on_input: Callable[[bytes], None] | None = None, on_desired: Callable[[bytes], None] | None = None) -> None:
+    def __init__(
+        self,
+        config: MqttConfig,
+        topics: Topics,
+        spool: Spool,
+        *,
+        client_id: str,
+        birth: Callable[[], dict[str, Any]],
+        offline: dict[str, Any],
+        retained: Callable[[], list[tuple[str, dict[str, Any]]]] = lambda: [],
+        on_input: Callable[[bytes], None] | None = None,
+        on_desired: Callable[[bytes], None] | None = None,
+    ) -> None:
         self.config, self.topics, self.spool = config, topics, spool
         self.client_id = client_id
-        self._birth, self._offline, self._retained, self._on_input, self._on_desired = birth, offline, retained, on_input, on_desired
+        self._birth, self._offline, self._retained, self._on_input, self._on_desired = (
+            birth,
+            offline,
+            retained,
+            on_input,
+            on_desired,
+        )
         # ``_lock`` serialises sends and guards ``_inflight``; paho is called while it is held. paho
         # calls ``on_publish`` while holding its own outgoing-message lock, so that callback must never
         # wait for ``_lock`` (the two would deadlock, freezing the device's MQTT). It only queues the
@@ -55,7 +73,9 @@ class MqttReporter:
     def start(self) -> None:
         mqtt = _paho()
         protocol = mqtt.MQTTv5 if self.protocol == "5" else mqtt.MQTTv311
-        client = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2, client_id=self.client_id, protocol=protocol)
+        client = mqtt.Client(
+            callback_api_version=mqtt.CallbackAPIVersion.VERSION2, client_id=self.client_id, protocol=protocol
+        )
         client.will_set(self.topics.state, encode(self._offline), qos=1, retain=True)
         if self.config.username:
             client.username_pw_set(self.config.username, self.config.password)
@@ -71,8 +91,13 @@ class MqttReporter:
         client.connect_async(self.config.host, self.config.port, keepalive=self.config.keepalive)
         client.loop_start()
         if self.protocol == "5":
-            mqtt_fallback.watch(self.connected, self.config.host, self.config.port, lambda: self._fall_back("the broker did not answer an MQTT 5 connect"),
-                                still_relevant=lambda: self._client is client and self.protocol == "5")
+            mqtt_fallback.watch(
+                self.connected,
+                self.config.host,
+                self.config.port,
+                lambda: self._fall_back("the broker did not answer an MQTT 5 connect"),
+                still_relevant=lambda: self._client is client and self.protocol == "5",
+            )
 
     def _fall_back(self, why: str) -> None:
         log.info("%s; reconnecting with MQTT 3.1.1", why)

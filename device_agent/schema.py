@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
-from collections.abc import Sequence
 
 import numpy as np
 
@@ -64,8 +64,14 @@ class InputSchema:
 
     def check(self, rows: Any, *, source: str = "input") -> np.ndarray:
         """Return ``rows`` as a 2-D array of the schema's dtype, or raise ``InputError`` naming the first problem."""
-        if (isinstance(rows, np.ndarray) and rows.ndim == 2 and rows.dtype == self._np_dtype and rows.shape[1] == self.width
-                and rows.shape[0] and math.isfinite(rows.sum())):
+        if (
+            isinstance(rows, np.ndarray)
+            and rows.ndim == 2
+            and rows.dtype == self._np_dtype
+            and rows.shape[1] == self.width
+            and rows.shape[0]
+            and math.isfinite(rows.sum())
+        ):
             return rows  # the fast path an embedding app hits on every call: one sum tells "all finite"
         if isinstance(rows, dict):
             example = f"[{{{_preview_keys(self.feature_names)}}}] or [[{self.width} numbers in that order]]"
@@ -120,8 +126,10 @@ def _as_numeric_2d(rows: Any, source: str, schema: InputSchema) -> np.ndarray:
     elif _has_booleans(rows):
         raise InputError(f"{source} holds true/false where numbers belong", "send numbers (1/0 for flags)")
     elif not isinstance(rows, (list, tuple, np.ndarray)):
-        raise InputError(f"{source} is not numeric: it is {_json_kind(rows)}",
-                         f"send a list of rows, each {schema.width} numbers in the order {_preview(schema.feature_names)}")
+        raise InputError(
+            f"{source} is not numeric: it is {_json_kind(rows)}",
+            f"send a list of rows, each {schema.width} numbers in the order {_preview(schema.feature_names)}",
+        )
     else:
         array = _from_lists(rows, source, schema)
     if array.ndim == 1:
@@ -145,7 +153,10 @@ def _check_finite(array: np.ndarray, schema: InputSchema, source: str) -> None:
     if inf.any():
         row, col = map(int, np.argwhere(inf)[0])
         raise InputError(
-            f"{source} row {row} column {schema.feature_names[col]!r} is infinite", "replace it with a finite value", row=row, column=schema.feature_names[col]
+            f"{source} row {row} column {schema.feature_names[col]!r} is infinite",
+            "replace it with a finite value",
+            row=row,
+            column=schema.feature_names[col],
         )
     if schema.allow_nan:
         return

@@ -39,10 +39,18 @@ def serve(agent: Agent, config: ServerConfig) -> HttpServer:
         from .httpserver import serve_wsgi, tls_context
 
         tls = tls_context(config.tls_cert, config.tls_key) if config.tls_cert else None
-        return serve_wsgi(wsgi_app(lambda request: route(agent, config, request)), config.address, limits=config.limits, tls=tls,
-                          name="edgekit-http", ident="edgekit-agent")
+        return serve_wsgi(
+            wsgi_app(lambda request: route(agent, config, request)),
+            config.address,
+            limits=config.limits,
+            tls=tls,
+            name="edgekit-http",
+            ident="edgekit-agent",
+        )
     except ServeError as exc:
-        raise ConfigError(agent.config.source, exc.problem, exc.fix or "free the port or change [server] listen") from exc
+        raise ConfigError(
+            agent.config.source, exc.problem, exc.fix or "free the port or change [server] listen"
+        ) from exc
 
 
 def route(agent: Agent, config: ServerConfig, request: Request) -> Response:
@@ -58,7 +66,11 @@ def route(agent: Agent, config: ServerConfig, request: Request) -> Response:
     if not match:
         if request.path == "/healthz":
             _allow(request, "GET")
-        return error_response(404, f"no route {request.method} {request.path}" + ("; use /v1/models/<name>:predict" if request.method == "POST" else ""))
+        return error_response(
+            404,
+            f"no route {request.method} {request.path}"
+            + ("; use /v1/models/<name>:predict" if request.method == "POST" else ""),
+        )
     if match["name"] != agent.model_info["name"]:
         return error_response(404, f"no model named {match['name']!r}; this agent serves {agent.model_info['name']!r}")
     if not match["verb"]:
@@ -82,7 +94,10 @@ def _predict(agent: Agent, config: ServerConfig, body: dict[str, Any]) -> dict[s
     if instances is None:
         raise InputError("the body has no 'instances'", 'send {"instances": [[...], ...]}')
     if isinstance(instances, list) and len(instances) > config.max_rows:
-        raise HttpError(413, f"the request has {len(instances)} rows, over the limit of {config.max_rows} ([server] max_rows); send smaller batches")
+        raise HttpError(
+            413,
+            f"the request has {len(instances)} rows, over the limit of {config.max_rows} ([server] max_rows); send smaller batches",
+        )
     return agent.predict(instances).to_json()
 
 
@@ -91,8 +106,11 @@ def _feedback(agent: Agent, body: dict[str, Any]) -> dict[str, Any]:
     if not isinstance(items, list) or not all(isinstance(i, dict) and "id" in i and "label" in i for i in items):
         raise InputError("feedback needs 'id' and 'label'", 'send {"id": "<id from :predict>", "label": ...}')
     statuses = [agent.feedback(item["id"], item["label"]) for item in items]
-    return {"accepted": statuses.count("accepted"), "unknown": [i["id"] for i, s in zip(items, statuses) if s == "unknown"],
-            "duplicate": [i["id"] for i, s in zip(items, statuses) if s == "duplicate"]}
+    return {
+        "accepted": statuses.count("accepted"),
+        "unknown": [i["id"] for i, s in zip(items, statuses) if s == "unknown"],
+        "duplicate": [i["id"] for i, s in zip(items, statuses) if s == "duplicate"],
+    }
 
 
 def _authorized(request: Request, token: str) -> bool:

@@ -31,18 +31,26 @@ def load_public_key(path: str | Path) -> Ed25519PublicKey:
     try:
         data = path.read_bytes()
     except OSError as exc:
-        raise KeyFileError(path, f"cannot read public key ({exc.strerror})", "give the .pub file written by 'edgekit keygen'") from exc
+        raise KeyFileError(
+            path, f"cannot read public key ({exc.strerror})", "give the .pub file written by 'edgekit keygen'"
+        ) from exc
     try:
         key = serialization.load_pem_public_key(data)
     except ValueError as exc:
-        raise KeyFileError(path, "not a PEM public key", "give the .pub file written by 'edgekit keygen', not the .key") from exc
+        raise KeyFileError(
+            path, "not a PEM public key", "give the .pub file written by 'edgekit keygen', not the .key"
+        ) from exc
     if not isinstance(key, Ed25519PublicKey):
         raise KeyFileError(path, f"is a {type(key).__name__}, not an Ed25519 key", "make one with 'edgekit keygen'")
     return key
 
 
 def encode_signature(signature: bytes, public_key: Ed25519PublicKey) -> bytes:
-    doc = {"algorithm": SIGNATURE_ALGORITHM, "key_id": key_id(public_key), "signature": base64.b64encode(signature).decode()}
+    doc = {
+        "algorithm": SIGNATURE_ALGORITHM,
+        "key_id": key_id(public_key),
+        "signature": base64.b64encode(signature).decode(),
+    }
     return json.dumps(doc, indent=1).encode() + b"\n"
 
 
@@ -50,9 +58,15 @@ def verify_signature(source: str, manifest_bytes: bytes, signature_file: bytes, 
     """Check ``signature_file`` over ``manifest_bytes``; return the signer's key id."""
     try:
         doc = json.loads(signature_file)
-        algorithm, signer, signature = doc["algorithm"], doc["key_id"], base64.b64decode(doc["signature"], validate=True)
+        algorithm, signer, signature = (
+            doc["algorithm"],
+            doc["key_id"],
+            base64.b64decode(doc["signature"], validate=True),
+        )
     except (ValueError, KeyError, TypeError) as exc:
-        raise SignatureError(source, "the signature member is malformed", "rebuild the bundle with 'edgekit package'") from exc
+        raise SignatureError(
+            source, "the signature member is malformed", "rebuild the bundle with 'edgekit package'"
+        ) from exc
     if algorithm != SIGNATURE_ALGORITHM:
         raise SignatureError(source, f"signature algorithm {algorithm!r} is not supported (only ed25519)")
     trusted = key_id(public_key)
@@ -65,5 +79,7 @@ def verify_signature(source: str, manifest_bytes: bytes, signature_file: bytes, 
     try:
         public_key.verify(signature, manifest_bytes)
     except InvalidSignature as exc:
-        raise SignatureError(source, "the manifest signature does not verify (tampered manifest)", "rebuild or download the bundle again") from exc
+        raise SignatureError(
+            source, "the manifest signature does not verify (tampered manifest)", "rebuild or download the bundle again"
+        ) from exc
     return signer

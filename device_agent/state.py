@@ -67,7 +67,9 @@ class StateDir:
         """The active slot's bundle, verified again (a slot on an SD card can rot)."""
         slot = self.active_slot()
         if slot is None:
-            raise InstallError(f"{self.root}: no model is installed; install one with 'edge-agent install BUNDLE --config agent.toml'")
+            raise InstallError(
+                f"{self.root}: no model is installed; install one with 'edge-agent install BUNDLE --config agent.toml'"
+            )
         return read_bundle(self.slot(slot) / BUNDLE_FILE, public_key)
 
     def install(self, bundle_path: str | Path, public_key: Any, *, allow_downgrade: bool = False) -> Bundle:
@@ -86,7 +88,12 @@ class StateDir:
         slot_dir.mkdir(parents=True)
         data = Path(bundle_path).read_bytes()
         write_atomic(slot_dir / BUNDLE_FILE, data)
-        meta = {"name": bundle.name, "version": bundle.version, "sha256": bundle.manifest["files"][bundle.model_file]["sha256"], "bundle_sha256": sha256_hex(data)}
+        meta = {
+            "name": bundle.name,
+            "version": bundle.version,
+            "sha256": bundle.manifest["files"][bundle.model_file]["sha256"],
+            "bundle_sha256": sha256_hex(data),
+        }
         write_atomic(slot_dir / SLOT_META, json.dumps(meta).encode())
         return target, bundle
 
@@ -116,8 +123,15 @@ class StateDir:
             previous = self.state().get("previous")
         meta = self.slot_meta(slot) or {}
         before = self.slot_meta(previous) or {}
-        new_state = {"active": slot, "name": meta.get("name"), "version": meta.get("version"), "sha256": meta.get("sha256"),
-                     "previous": previous if before else None, "previous_version": before.get("version"), "pending": pending}
+        new_state = {
+            "active": slot,
+            "name": meta.get("name"),
+            "version": meta.get("version"),
+            "sha256": meta.get("sha256"),
+            "previous": previous if before else None,
+            "previous_version": before.get("version"),
+            "pending": pending,
+        }
         write_atomic(self.root / "state.json", json.dumps(new_state, indent=1).encode())
         write_atomic(self.root / "active", slot.encode())
         return new_state
@@ -143,13 +157,22 @@ class StateDir:
             return None
         if pending and pending.get("slot") == pointer and state.get("previous") and self.slot_meta(state["previous"]):
             self.activate(state["previous"])
-            return {**pending, "reason": "the agent restarted during the health watch; rolled back to the previous model"}
+            return {
+                **pending,
+                "reason": "the agent restarted during the health watch; rolled back to the previous model",
+            }
         if state.get("active") != pointer or pending:
             other = "b" if pointer == "a" else "a"
             meta, before = self.slot_meta(pointer) or {}, self.slot_meta(other) or {}
-            fixed = {"active": pointer, "name": meta.get("name", state.get("name")), "version": meta.get("version", state.get("version")),
-                     "sha256": meta.get("sha256", state.get("sha256")), "previous": other if before else None,
-                     "previous_version": before.get("version"), "pending": None}
+            fixed = {
+                "active": pointer,
+                "name": meta.get("name", state.get("name")),
+                "version": meta.get("version", state.get("version")),
+                "sha256": meta.get("sha256", state.get("sha256")),
+                "previous": other if before else None,
+                "previous_version": before.get("version"),
+                "pending": None,
+            }
             write_atomic(self.root / "state.json", json.dumps(fixed, indent=1).encode())
         return None
 

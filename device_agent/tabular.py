@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import csv
 import math
-from pathlib import Path
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 
@@ -23,7 +23,9 @@ class TableError(InputError):
     """A file that cannot be read as a table; the caller adds the path."""
 
 
-def read_table(path: str | Path, label: str | None = None, raw: bytes | None = None) -> tuple[np.ndarray, np.ndarray | None, tuple[str, ...] | None]:
+def read_table(
+    path: str | Path, label: str | None = None, raw: bytes | None = None
+) -> tuple[np.ndarray, np.ndarray | None, tuple[str, ...] | None]:
     """``(X, y, feature_names)`` from an .npz or .csv file; ``TableError`` says what is wrong."""
     path = Path(path)
     suffix = path.suffix.lower()
@@ -31,7 +33,9 @@ def read_table(path: str | Path, label: str | None = None, raw: bytes | None = N
         return _read_npz(path, label)
     if suffix in (".csv", ".txt"):
         return _read_csv(path, path.read_bytes() if raw is None else raw, label)
-    raise TableError(f"unknown data file type {suffix or '(none)'!r}", "give a .npz with X (and y) or a .csv with a header row")
+    raise TableError(
+        f"unknown data file type {suffix or '(none)'!r}", "give a .npz with X (and y) or a .csv with a header row"
+    )
 
 
 def _read_npz(path: Path, label: str | None) -> tuple[np.ndarray, np.ndarray | None, tuple[str, ...] | None]:
@@ -67,7 +71,10 @@ def _read_csv(path: Path, raw: bytes, label: str | None) -> tuple[np.ndarray, np
     header = [h.strip() for h in header]
     if len(header) == 1 and (";" in header[0] or "\t" in header[0]):
         separator = "';'" if ";" in header[0] else "tabs"
-        raise TableError(f"has one column named {header[0][:40]!r}…: it looks separated by {separator}, not commas", "save it as comma-separated CSV")
+        raise TableError(
+            f"has one column named {header[0][:40]!r}…: it looks separated by {separator}, not commas",
+            "save it as comma-separated CSV",
+        )
     if len(set(header)) != len(header):
         duplicated = sorted({h for h in header if header.count(h) > 1})
         raise TableError(f"has duplicated column names {duplicated}", "give each column a unique name")
@@ -77,7 +84,10 @@ def _read_csv(path: Path, raw: bytes, label: str | None) -> tuple[np.ndarray, np
         if not row or all(not cell.strip() for cell in row):
             continue
         if len(row) != len(header):
-            raise TableError(f"line {line_number} has {len(row)} fields, the header has {len(header)}", "fix that row (a missing or extra comma?)")
+            raise TableError(
+                f"line {line_number} has {len(row)} fields, the header has {len(header)}",
+                "fix that row (a missing or extra comma?)",
+            )
         rows.append(row)
     if not rows:
         raise TableError("has a header but no rows", "add data rows")
@@ -95,7 +105,9 @@ def _read_csv(path: Path, raw: bytes, label: str | None) -> tuple[np.ndarray, np
 def _label_index(path: Path, header: list[str], label: str | None) -> int | None:
     if label is not None:
         if label not in header:
-            raise TableError(f"has no column {label!r} (columns: {preview_names(header)})", "name the label column with --label")
+            raise TableError(
+                f"has no column {label!r} (columns: {preview_names(header)})", "name the label column with --label"
+            )
         return header.index(label)
     for guess in LABEL_COLUMN_GUESSES:
         if guess in header:
@@ -113,7 +125,9 @@ def _parse_number(path: Path, cell: str, line: int, column: str) -> float:
     try:
         return float(cell)
     except ValueError:
-        raise TableError(f"line {line} column {column!r} holds {cell!r}, not a number", "encode categories as numbers before scoring") from None
+        raise TableError(
+            f"line {line} column {column!r} holds {cell!r}, not a number", "encode categories as numbers before scoring"
+        ) from None
 
 
 def normalise_labels(y: np.ndarray | None) -> np.ndarray | None:
@@ -161,16 +175,18 @@ def column_order(model_names: Sequence[str], data_names: Sequence[str] | None) -
     extra = [n for n in data_names if n not in model_names]
     if missing:
         raise TableError(
-            f"lacks the model's columns {preview_names(missing)}" + (f" and has columns the model does not know: {preview_names(extra)}" if extra else ""),
+            f"lacks the model's columns {preview_names(missing)}"
+            + (f" and has columns the model does not know: {preview_names(extra)}" if extra else ""),
             "give data with the columns the model was trained on",
         )
     if extra:
-        raise TableError(f"has columns the model does not know: {preview_names(extra)}", "drop them, or name the label column with --label")
+        raise TableError(
+            f"has columns the model does not know: {preview_names(extra)}",
+            "drop them, or name the label column with --label",
+        )
     return [data_names.index(n) for n in model_names]
 
 
 def preview_names(names: Sequence[str], limit: int = 6) -> str:
     shown = ", ".join(repr(n) for n in list(names)[:limit])
     return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
-
-

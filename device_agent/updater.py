@@ -136,7 +136,13 @@ class Updater:
             return self._finish(doc, key, "succeeded", f"already running {doc['name']} v{doc['version']}")
         attempts = entry.get("attempts", 0) + 1
         if attempts > MAX_ATTEMPTS:
-            return self._finish(doc, key, "failed", f"gave up after {MAX_ATTEMPTS} attempts: {entry.get('reason', '')}", code=entry.get("code"))
+            return self._finish(
+                doc,
+                key,
+                "failed",
+                f"gave up after {MAX_ATTEMPTS} attempts: {entry.get('reason', '')}",
+                code=entry.get("code"),
+            )
         ledger[key] = {**entry, "attempts": attempts, "state": "running"}
         self.state.write_ledger(ledger)
         try:
@@ -151,16 +157,30 @@ class Updater:
         if exc.code in RETRYABLE and attempts < MAX_ATTEMPTS:
             entry = {**self.state.ledger().get(key, {}), "reason": exc.problem, "code": exc.code}
             self.state.write_ledger({**self.state.ledger(), key: entry})
-            self._report(doc, "retrying", f"{exc.problem}; trying again (attempt {attempts + 1} of {MAX_ATTEMPTS})", code=exc.code)
+            self._report(
+                doc,
+                "retrying",
+                f"{exc.problem}; trying again (attempt {attempts + 1} of {MAX_ATTEMPTS})",
+                code=exc.code,
+            )
             self._retry_at = time.time() + RETRY_SECONDS * attempts
             return
         if exc.code == "aborted":
             return  # superseded (the worker takes the newer desired state up next) or stopping (resumed at the next start)
         self._finish(doc, key, state, exc.problem, code=exc.code, **exc.facts)
 
-    def _finish(self, doc: dict[str, Any], key: str, state: str, reason: str, *, code: str | None = None, **facts: Any) -> None:
+    def _finish(
+        self, doc: dict[str, Any], key: str, state: str, reason: str, *, code: str | None = None, **facts: Any
+    ) -> None:
         ledger = self.state.ledger()
-        ledger[key] = {**ledger.get(key, {}), "final": True, "state": state, "reason": reason, "code": code, "at": time.time()}
+        ledger[key] = {
+            **ledger.get(key, {}),
+            "final": True,
+            "state": state,
+            "reason": reason,
+            "code": code,
+            "at": time.time(),
+        }
         if doc["action"] == "rollback" and state == "succeeded":
             ledger["last_rollback_issued"] = doc["instruction"]["issued_at"]
         self.state.write_ledger(ledger)
@@ -193,13 +213,28 @@ class Updater:
             self._step(doc, "shadow")
             facts["shadow"] = self._shadow(candidate, shadow)
             if facts["shadow"]["agreement"] is None or facts["shadow"]["agreement"] < shadow["min_agreement"]:
-                raise UpdateError("shadow", f"shadow agreement {_fmt(facts['shadow']['agreement'])} with the serving model on "
-                                            f"{facts['shadow']['rows']} live rows is below {shadow['min_agreement']}", facts=facts)
+                raise UpdateError(
+                    "shadow",
+                    f"shadow agreement {_fmt(facts['shadow']['agreement'])} with the serving model on "
+                    f"{facts['shadow']['rows']} live rows is below {shadow['min_agreement']}",
+                    facts=facts,
+                )
             if facts["shadow"]["errors"]:
-                raise UpdateError("shadow", f"the candidate failed on {facts['shadow']['errors']} shadow requests", facts=facts)
+                raise UpdateError(
+                    "shadow", f"the candidate failed on {facts['shadow']['errors']} shadow requests", facts=facts
+                )
         self._step(doc, "swapping")
         previous = self.state.active_slot()
-        self.state.activate(slot, pending={"slot": slot, "previous": previous, "rollout": doc["rollout"], "version": doc["version"], "key": _job_key(doc)})
+        self.state.activate(
+            slot,
+            pending={
+                "slot": slot,
+                "previous": previous,
+                "rollout": doc["rollout"],
+                "version": doc["version"],
+                "key": _job_key(doc),
+            },
+        )
         old = self.agent.swap(candidate)
         self._report(doc, "watching", **facts)
         health = {**DEFAULT_HEALTH, **(doc.get("health") or {})}
@@ -207,7 +242,11 @@ class Updater:
         if failure is not None:
             self.state.activate(previous)
             self.agent.swap(old)
-            raise UpdateError("aborted" if self._cancel.is_set() else "health", f"{failure}; rolled back to v{old.model_info['version']}", facts=facts)
+            raise UpdateError(
+                "aborted" if self._cancel.is_set() else "health",
+                f"{failure}; rolled back to v{old.model_info['version']}",
+                facts=facts,
+            )
         self.state.commit()
         return facts
 
@@ -221,11 +260,21 @@ class Updater:
         """A rollback goes down, so it needs the fleet key's own word, fresh, for exactly this bundle."""
         instruction = doc["instruction"]
         try:
-            verify_signature(f"rollout {doc['rollout']}", canonical_json(instruction), base64.b64decode(doc["instruction_signature"]), self.agent.public_key)
+            verify_signature(
+                f"rollout {doc['rollout']}",
+                canonical_json(instruction),
+                base64.b64decode(doc["instruction_signature"]),
+                self.agent.public_key,
+            )
         except (SignatureError, ValueError) as exc:
-            raise UpdateError("signature", f"the rollback instruction is not signed by the trusted key ({exc})") from exc
+            raise UpdateError(
+                "signature", f"the rollback instruction is not signed by the trusted key ({exc})"
+            ) from exc
         expected = {"schema": ROLLBACK_SCHEMA, "name": doc["name"], "version": doc["version"], "sha256": doc["sha256"]}
-        if any(instruction.get(k) != v for k, v in expected.items()) or instruction.get("fleet") != self.agent.config.fleet:
+        if (
+            any(instruction.get(k) != v for k, v in expected.items())
+            or instruction.get("fleet") != self.agent.config.fleet
+        ):
             raise UpdateError("signature", "the signed rollback instruction is for another bundle or fleet")
         issued = instruction.get("issued_at")
         if not isinstance(issued, (int, float)) or issued <= self.state.ledger().get("last_rollback_issued", 0):
@@ -241,7 +290,10 @@ class Updater:
             path.unlink(missing_ok=True)
             raise UpdateError("hash", str(exc)) from exc
         if (bundle.name, bundle.version) != (doc["name"], doc["version"]):
-            raise UpdateError("name", f"the bundle is {bundle.name} v{bundle.version}, the rollout says {doc['name']} v{doc['version']}")
+            raise UpdateError(
+                "name",
+                f"the bundle is {bundle.name} v{bundle.version}, the rollout says {doc['name']} v{doc['version']}",
+            )
         return bundle
 
     def _stage(self, path: Path, downgrade: bool) -> str:
@@ -253,7 +305,9 @@ class Updater:
 
     def _load(self, bundle: Bundle) -> Serving:
         try:
-            runtime = open_runtime(bundle.model_format, bundle.model_bytes, threads=self.agent.config.threads, source=bundle.path)
+            runtime = open_runtime(
+                bundle.model_format, bundle.model_bytes, threads=self.agent.config.threads, source=bundle.path
+            )
         except AgentError as exc:
             raise UpdateError("load", f"the candidate does not load: {exc}") from exc
         return self.agent.serving_for(bundle, runtime)
@@ -297,8 +351,14 @@ class Updater:
         finally:
             self.agent.taps.remove(tap)
         scored = rows - error_rows
-        return {"rows": rows, "agreement": agree / scored if scored else None, "errors": errors,
-                "p50_ms": _pct(candidate_ms, 50), "p99_ms": _pct(candidate_ms, 99), "serving_p99_ms": _pct(active_ms, 99)}
+        return {
+            "rows": rows,
+            "agreement": agree / scored if scored else None,
+            "errors": errors,
+            "p50_ms": _pct(candidate_ms, 50),
+            "p99_ms": _pct(candidate_ms, 99),
+            "serving_p99_ms": _pct(active_ms, 99),
+        }
 
     def _watch(self, candidate: Serving, health: dict[str, Any]) -> tuple[str | None, dict[str, Any]]:
         """Watch the new model for ``seconds``: NaN answers, error rate and p99 latency."""
@@ -336,7 +396,12 @@ class Updater:
         before = self.state.slot_meta(previous) or {}
         moved = state.get("name") == doc["name"] and state.get("version") == doc["version"]
         if not moved or before.get("version") != doc["from_version"]:
-            return self._finish(doc, key, "aborted", f"rollout {doc['rollout']} was aborted; this device stays on v{state.get('version')}")
+            return self._finish(
+                doc,
+                key,
+                "aborted",
+                f"rollout {doc['rollout']} was aborted; this device stays on v{state.get('version')}",
+            )
         try:
             bundle = read_bundle(self.state.slot(previous) / BUNDLE_FILE, self.agent.public_key)
             serving = self._load(bundle)
@@ -344,7 +409,9 @@ class Updater:
             return self._finish(doc, key, "failed", f"cannot go back to v{doc['from_version']}: {exc}", code="load")
         self.state.activate(previous)
         self.agent.swap(serving)
-        self._finish(doc, key, "rolled_back", f"rollout {doc['rollout']} was aborted; back on v{bundle.version}", code="aborted")
+        self._finish(
+            doc, key, "rolled_back", f"rollout {doc['rollout']} was aborted; back on v{bundle.version}", code="aborted"
+        )
 
     # -- reporting -------------------------------------------------------------------------------------
     def _step(self, doc: dict[str, Any], state: str) -> None:
@@ -355,13 +422,25 @@ class Updater:
         if self._cancel.is_set():
             raise UpdateError("aborted", "the update was superseded or the agent is stopping")
 
-    def _report(self, doc: dict[str, Any], state: str, reason: str = "", *, code: str | None = None, **facts: Any) -> None:
+    def _report(
+        self, doc: dict[str, Any], state: str, reason: str = "", *, code: str | None = None, **facts: Any
+    ) -> None:
         serving = self.agent.serving
-        payload = reported_payload(device=self.agent.config.device_id, fleet=self.agent.config.fleet, rollout=doc["rollout"], version=doc["version"],
-                                   state=state, reason=reason, code=code, active=serving.model_info if serving else None, **facts)
+        payload = reported_payload(
+            device=self.agent.config.device_id,
+            fleet=self.agent.config.fleet,
+            rollout=doc["rollout"],
+            version=doc["version"],
+            state=state,
+            reason=reason,
+            code=code,
+            active=serving.model_info if serving else None,
+            **facts,
+        )
         self.last_report = payload
-        (log.warning if state in ("failed", "rolled_back") else log.info)("update %s to v%s: %s%s", doc["rollout"], doc["version"], state,
-                                                                           f" ({reason})" if reason else "")
+        (log.warning if state in ("failed", "rolled_back") else log.info)(
+            "update %s to v%s: %s%s", doc["rollout"], doc["version"], state, f" ({reason})" if reason else ""
+        )
         reporter = self.agent.reporter
         if reporter is not None:
             reporter.publish_raw(self.agent.topics.reported, payload, retain=True)
@@ -375,8 +454,15 @@ class Updater:
             entry.update(final=True, state="rolled_back")
         self.state.write_ledger({**ledger, key: entry})
         doc = {"rollout": recovered["rollout"], "version": recovered["version"]}
-        self.last_report = reported_payload(device=self.agent.config.device_id, fleet=self.agent.config.fleet, rollout=doc["rollout"], version=doc["version"],
-                                            state="rolled_back" if entry.get("final") else "retrying", reason=recovered["reason"], code="restart")
+        self.last_report = reported_payload(
+            device=self.agent.config.device_id,
+            fleet=self.agent.config.fleet,
+            rollout=doc["rollout"],
+            version=doc["version"],
+            state="rolled_back" if entry.get("final") else "retrying",
+            reason=recovered["reason"],
+            code="restart",
+        )
 
 
 def run_selftest(bundle: Bundle, runtime: Any) -> dict[str, Any]:
@@ -396,24 +482,39 @@ def run_selftest(bundle: Bundle, runtime: Any) -> dict[str, Any]:
         name = key.split(":", 1)[1]
         got = raw.get(name)
         if got is None or np.shape(got) != np.shape(expected):
-            raise UpdateError("selftest", f"output {name!r} is missing or has shape {np.shape(got)}, the test vectors have {np.shape(expected)}")
+            raise UpdateError(
+                "selftest",
+                f"output {name!r} is missing or has shape {np.shape(got)}, the test vectors have {np.shape(expected)}",
+            )
         if expected.dtype.kind in "fc":
             if not np.isfinite(got).all():
                 raise UpdateError("selftest", f"output {name!r} has NaN or infinity on the test vectors")
             worst = max(worst, float(np.max(np.abs(got.astype(np.float64) - expected))) if expected.size else 0.0)
             if worst > SELFTEST_SCORE_TOLERANCE:
-                raise UpdateError("selftest", f"output {name!r} differs from the test vectors by up to {worst:.4g} (tolerance {SELFTEST_SCORE_TOLERANCE})")
+                raise UpdateError(
+                    "selftest",
+                    f"output {name!r} differs from the test vectors by up to {worst:.4g} (tolerance {SELFTEST_SCORE_TOLERANCE})",
+                )
         else:
-            agreement = float(np.mean(np.asarray(got).astype(str) == np.asarray(expected).astype(str))) if expected.size else 1.0
+            agreement = (
+                float(np.mean(np.asarray(got).astype(str) == np.asarray(expected).astype(str)))
+                if expected.size
+                else 1.0
+            )
             if agreement < SELFTEST_MIN_LABEL_AGREEMENT:
-                raise UpdateError("selftest", f"output {name!r} matches the test vectors on only {agreement:.1%} of rows")
+                raise UpdateError(
+                    "selftest", f"output {name!r} matches the test vectors on only {agreement:.1%} of rows"
+                )
     return {"rows": int(len(inputs)), "max_abs_diff": worst}
 
 
 def _health_failure(seen: dict[str, int], latencies: list[float], health: dict[str, Any]) -> str | None:
     if seen["nan"]:
         return f"the new model answered NaN on {seen['nan']} of {seen['requests']} requests"
-    if seen["requests"] >= health["min_requests"] and (seen["errors"] + seen["nan"]) / seen["requests"] > health["max_error_rate"]:
+    if (
+        seen["requests"] >= health["min_requests"]
+        and (seen["errors"] + seen["nan"]) / seen["requests"] > health["max_error_rate"]
+    ):
         return f"{seen['errors']} of {seen['requests']} requests failed on the new model (limit {health['max_error_rate']:.0%})"
     if health.get("max_p99_ms") and len(latencies) >= health["min_requests"]:
         p99 = _pct(latencies, 99)
@@ -425,7 +526,10 @@ def _health_failure(seen: dict[str, int], latencies: list[float], health: dict[s
 def _agreeing(task: str, answered: np.ndarray, candidate: np.ndarray) -> int:
     if task == "classification":
         return int(np.sum(np.asarray(answered).astype(str) == np.asarray(candidate).astype(str)))
-    a, b = np.asarray(answered, dtype=np.float64).reshape(len(answered), -1), np.asarray(candidate, dtype=np.float64).reshape(len(candidate), -1)
+    a, b = (
+        np.asarray(answered, dtype=np.float64).reshape(len(answered), -1),
+        np.asarray(candidate, dtype=np.float64).reshape(len(candidate), -1),
+    )
     return int(np.sum(np.all(np.isclose(a, b, rtol=0.01, atol=1e-3), axis=1)))
 
 

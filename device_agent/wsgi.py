@@ -11,16 +11,30 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any
 from urllib.parse import parse_qs
 
 log = logging.getLogger("device_agent.http")
 # What a JSON route takes: JSON itself, and what curl -d sends when no type is given (the README's examples).
 JSON_TYPES = frozenset({"", "application/json", "application/x-www-form-urlencoded", "text/plain"})
-_REASONS = {200: "OK", 201: "Created", 206: "Partial Content", 400: "Bad Request", 401: "Unauthorized", 404: "Not Found",
-            405: "Method Not Allowed", 409: "Conflict", 411: "Length Required", 413: "Content Too Large",
-            415: "Unsupported Media Type", 416: "Range Not Satisfiable", 500: "Internal Server Error", 503: "Service Unavailable"}
+_REASONS = {
+    200: "OK",
+    201: "Created",
+    206: "Partial Content",
+    400: "Bad Request",
+    401: "Unauthorized",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    409: "Conflict",
+    411: "Length Required",
+    413: "Content Too Large",
+    415: "Unsupported Media Type",
+    416: "Range Not Satisfiable",
+    500: "Internal Server Error",
+    503: "Service Unavailable",
+}
 
 
 @dataclass
@@ -81,7 +95,11 @@ def wsgi_app(route: Callable[[Request], Response]) -> Callable:
     def application(environ: dict[str, Any], start_response: Callable) -> list[bytes]:
         method = environ["REQUEST_METHOD"].upper()
         response = _respond(route, environ, method)
-        headers = [("Content-Type", response.content_type), ("Content-Length", str(len(response.body))), *response.headers]
+        headers = [
+            ("Content-Type", response.content_type),
+            ("Content-Length", str(len(response.body))),
+            *response.headers,
+        ]
         start_response(f"{response.status} {_REASONS.get(response.status, 'Unknown')}", headers)
         return [b""] if method == "HEAD" else [response.body]
 
@@ -90,7 +108,9 @@ def wsgi_app(route: Callable[[Request], Response]) -> Callable:
 
 def _respond(route: Callable[[Request], Response], environ: dict[str, Any], method: str) -> Response:
     if method in ("POST", "PUT", "PATCH") and "CONTENT_LENGTH" not in environ:
-        return error_response(411, "the request has no Content-Length; send a Content-Length header or Transfer-Encoding: chunked")
+        return error_response(
+            411, "the request has no Content-Length; send a Content-Length header or Transfer-Encoding: chunked"
+        )
     try:
         return route(_request(environ, "GET" if method == "HEAD" else method))
     except HttpError as exc:
@@ -107,5 +127,7 @@ def _request(environ: dict[str, Any], method: str) -> Request:
             headers[key.replace("_", "-").lower()] = environ[key]
     length = int(environ.get("CONTENT_LENGTH") or 0)  # waitress read the whole body (de-chunked) before the route runs
     query = {k: v[-1] for k, v in parse_qs(environ.get("QUERY_STRING", "")).items()}
-    path = environ.get("PATH_INFO", "/").encode("latin-1").decode("utf-8", "replace")  # PEP 3333 hands the path as latin-1
+    path = (
+        environ.get("PATH_INFO", "/").encode("latin-1").decode("utf-8", "replace")
+    )  # PEP 3333 hands the path as latin-1
     return Request(method, path, query, headers, environ["wsgi.input"].read(length) if length else b"")

@@ -11,11 +11,10 @@ import contextlib
 import os
 import shutil
 import tempfile
-from pathlib import Path
 from collections.abc import Iterator
+from pathlib import Path
 
 from device_agent.fsutil import default_mode, is_special, write_atomic
-
 from edgekit.errors import OutputError
 
 
@@ -26,9 +25,13 @@ def atomic_path(path: str | Path, mode: int | None = None) -> Iterator[Path]:
     try:
         if not is_special(path):
             path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=tempfile.gettempdir() if is_special(path) else path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        fd, tmp = tempfile.mkstemp(
+            dir=tempfile.gettempdir() if is_special(path) else path.parent, prefix=f".{path.name}.", suffix=".tmp"
+        )
     except OSError as exc:
-        raise OutputError(f"cannot write here ({exc.strerror})", "choose a path in a directory you can write to", path=path) from exc
+        raise OutputError(
+            f"cannot write here ({exc.strerror})", "choose a path in a directory you can write to", path=path
+        ) from exc
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -47,4 +50,6 @@ def write_bytes_atomic(path: str | Path, data: bytes, mode: int | None = None) -
     try:
         write_atomic(path, data, mode)
     except OSError as exc:
-        raise OutputError(f"cannot write here ({exc.strerror})", "choose a path in a directory you can write to", path=path) from exc
+        raise OutputError(
+            f"cannot write here ({exc.strerror})", "choose a path in a directory you can write to", path=path
+        ) from exc

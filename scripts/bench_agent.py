@@ -30,20 +30,29 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench_report import print_checks, write_json  # noqa: E402  (beside this script)
+
 from device_agent import Agent  # noqa: E402
 from device_agent.config import parse_config  # noqa: E402
 from device_agent.drift import drift_report, exact_psi  # noqa: E402
 from device_agent.profile import build_baseline  # noqa: E402
 from device_agent.signing import load_public_key  # noqa: E402
 from device_agent.state import StateDir  # noqa: E402
-from edgekit.local.fixtures import fixtures_usable, make_fixtures  # noqa: E402
+from edgekit.build.convert import convert_model  # noqa: E402
 from edgekit.bundle.keys import generate_keypair  # noqa: E402
 from edgekit.bundle.package import build_bundle  # noqa: E402
-from edgekit.build.convert import convert_model  # noqa: E402
-from bench_report import print_checks, write_json  # noqa: E402  (beside this script)
+from edgekit.local.fixtures import fixtures_usable, make_fixtures  # noqa: E402
 
-TARGETS = {"b1_ratio_max": 1.15, "b1000_throughput_min": 0.6, "bytes_per_feature_max": 128, "psi_error_max": 0.005,
-           "false_alarm_max": 0.01, "detection_min": 0.95, "rss_extra_mb_max": 25, "first_prediction_s_max": 1.5}
+TARGETS = {
+    "b1_ratio_max": 1.15,
+    "b1000_throughput_min": 0.6,
+    "bytes_per_feature_max": 128,
+    "psi_error_max": 0.005,
+    "false_alarm_max": 0.01,
+    "detection_min": 0.95,
+    "rss_extra_mb_max": 25,
+    "first_prediction_s_max": 1.5,
+}
 
 
 def setup(work: Path) -> dict:
@@ -54,8 +63,21 @@ def setup(work: Path) -> dict:
     convert_model(str(fixtures / "digits.joblib"), str(model), names_from=str(fixtures / "digits_train.npz"))
     private, public, _ = generate_keypair(work / "keys")
     bundle = work / "digits-1.edgebundle"
-    build_bundle(str(model), name="digits", version=1, baseline_path=str(fixtures / "digits_train.npz"), key_path=str(private), output=str(bundle))
-    return {"model": model, "bundle": bundle, "public": public, "train": fixtures / "digits_train.npz", "test": fixtures / "digits_test.npz"}
+    build_bundle(
+        str(model),
+        name="digits",
+        version=1,
+        baseline_path=str(fixtures / "digits_train.npz"),
+        key_path=str(private),
+        output=str(bundle),
+    )
+    return {
+        "model": model,
+        "bundle": bundle,
+        "public": public,
+        "train": fixtures / "digits_train.npz",
+        "test": fixtures / "digits_test.npz",
+    }
 
 
 def device_config(work: Path, paths: dict, *, window_rows: int, listen: str = "") -> Path:
@@ -63,8 +85,10 @@ def device_config(work: Path, paths: dict, *, window_rows: int, listen: str = ""
     directory.mkdir()
     StateDir(directory / "state").install(paths["bundle"], load_public_key(paths["public"]))
     config = directory / "agent.toml"
-    config.write_text(f'device_id = "bench"\nstate_dir = "state"\n[trust]\npublic_key = "{paths["public"]}"\n[monitor]\nwindow_rows = {window_rows}\n'
-                      f'window_seconds = 100000\n[server]\nlisten = "{listen}"\n')
+    config.write_text(
+        f'device_id = "bench"\nstate_dir = "state"\n[trust]\npublic_key = "{paths["public"]}"\n[monitor]\nwindow_rows = {window_rows}\n'
+        f'window_seconds = 100000\n[server]\nlisten = "{listen}"\n'
+    )
     return config
 
 
@@ -80,7 +104,9 @@ def per_row_costs(paths: dict, work: Path) -> dict:
     import tomllib
 
     config_path = device_config(work, paths, window_rows=10**9)
-    agent = Agent(parse_config(tomllib.loads(config_path.read_text()), base=config_path.parent)).start(http=False, mqtt=False)
+    agent = Agent(parse_config(tomllib.loads(config_path.read_text()), base=config_path.parent)).start(
+        http=False, mqtt=False
+    )
     agent._stop.set()
     agent._thread.join()  # the background work is timed here, explicitly
     session = bare_session(paths["model"])
@@ -115,16 +141,24 @@ def per_row_costs(paths: dict, work: Path) -> dict:
     close_ms = (time.perf_counter() - start) * 1e3
     agent.stop()
     med = lambda values: float(np.median(values))  # noqa: E731
-    return {"bare_b1_us": med(bare1) * 1e6, "agent_b1_us": med(agent1) * 1e6, "b1_ratio": med(agent1) / med(bare1),
-            "bare_b1000_ms": med(bare1000) * 1e3, "agent_b1000_ms": med(agent1000) * 1e3, "b1000_throughput": med(bare1000) / med(agent1000),
-            "window_close_ms": close_ms}
+    return {
+        "bare_b1_us": med(bare1) * 1e6,
+        "agent_b1_us": med(agent1) * 1e6,
+        "b1_ratio": med(agent1) / med(bare1),
+        "bare_b1000_ms": med(bare1000) * 1e3,
+        "agent_b1000_ms": med(agent1000) * 1e3,
+        "b1000_throughput": med(bare1000) / med(agent1000),
+        "window_close_ms": close_ms,
+    }
 
 
 def summary_size(paths: dict, work: Path) -> dict:
     import tomllib
 
     config_path = device_config(work, paths, window_rows=1000)
-    agent = Agent(parse_config(tomllib.loads(config_path.read_text()), base=config_path.parent)).start(http=False, mqtt=False)
+    agent = Agent(parse_config(tomllib.loads(config_path.read_text()), base=config_path.parent)).start(
+        http=False, mqtt=False
+    )
     X = np.load(paths["test"])["X"]
     agent.predict(np.resize(X, (1000, X.shape[1])).astype(np.float32))
     agent.monitor.process()
@@ -141,7 +175,10 @@ def psi_accuracy(paths: dict) -> dict:
     shifted[:, 20] += 3
     window.update_inputs(shifted)
     report = drift_report(base, window)
-    errors = [abs(report["features"][f"f{i}"]["psi"] - exact_psi(train[:, i], shifted[:, i], s.cuts, s.low, s.high)) for i, s in enumerate(base.features)]
+    errors = [
+        abs(report["features"][f"f{i}"]["psi"] - exact_psi(train[:, i], shifted[:, i], s.cuts, s.low, s.high))
+        for i, s in enumerate(base.features)
+    ]
     return {"psi_error_max": float(max(errors))}
 
 
@@ -171,21 +208,42 @@ def drift_rates() -> dict:
         window = digit_base.empty_like()
         window.update_inputs(X[order[1200:]])
         digit_alarms += bool(drift_report(digit_base, window)["drifted"])
-    return {"false_alarm_rate": alarms / windows, "detection_rate": detected / windows, "digits_false_alarm_rate": digit_alarms / splits,
-            "windows": windows, "window_rows": 2000, "digits_splits": splits}
+    return {
+        "false_alarm_rate": alarms / windows,
+        "detection_rate": detected / windows,
+        "digits_false_alarm_rate": digit_alarms / splits,
+        "windows": windows,
+        "window_rows": 2000,
+        "digits_splits": splits,
+    }
 
 
 def rss_and_startup(paths: dict, work: Path) -> dict:
-    bare = subprocess.run([sys.executable, "-c", (
-        "import numpy, onnxruntime as ort, paho.mqtt.client, sys\n"
-        "o = ort.SessionOptions(); o.intra_op_num_threads = 1\n"
-        f"s = ort.InferenceSession(open({str(paths['model'])!r}, 'rb').read(), o, providers=['CPUExecutionProvider'])\n"
-        "s.run(None, {'X': numpy.zeros((1, 64), numpy.float32)})\n"
-        "print([l for l in open('/proc/self/status') if l.startswith('VmRSS')][0].split()[1])")], capture_output=True, text=True, check=True)
+    bare = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            (
+                "import numpy, onnxruntime as ort, paho.mqtt.client, sys\n"
+                "o = ort.SessionOptions(); o.intra_op_num_threads = 1\n"
+                f"s = ort.InferenceSession(open({str(paths['model'])!r}, 'rb').read(), o, providers=['CPUExecutionProvider'])\n"
+                "s.run(None, {'X': numpy.zeros((1, 64), numpy.float32)})\n"
+                "print([l for l in open('/proc/self/status') if l.startswith('VmRSS')][0].split()[1])"
+            ),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     bare_kb = int(bare.stdout.strip())
     config = device_config(work, paths, window_rows=1000, listen="127.0.0.1:0")
     started = time.perf_counter()
-    process = subprocess.Popen([sys.executable, "-m", "device_agent", "run", "--config", str(config)], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "device_agent", "run", "--config", str(config)],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     http_file = config.parent / "state" / "http.json"
     try:
         while not http_file.exists():
@@ -194,17 +252,26 @@ def rss_and_startup(paths: dict, work: Path) -> dict:
             time.sleep(0.01)
         port = json.loads(http_file.read_text())["port"]
         body = json.dumps({"instances": np.load(paths["test"])["X"][:1].tolist()}).encode()
-        with urllib.request.urlopen(urllib.request.Request(f"http://127.0.0.1:{port}/v1/models/digits:predict", data=body), timeout=10) as response:
+        with urllib.request.urlopen(
+            urllib.request.Request(f"http://127.0.0.1:{port}/v1/models/digits:predict", data=body), timeout=10
+        ) as response:
             response.read()
         first_prediction = time.perf_counter() - started
         for _ in range(200):  # let it serve a little before reading its memory
-            with urllib.request.urlopen(urllib.request.Request(f"http://127.0.0.1:{port}/v1/models/digits:predict", data=body), timeout=10) as response:
+            with urllib.request.urlopen(
+                urllib.request.Request(f"http://127.0.0.1:{port}/v1/models/digits:predict", data=body), timeout=10
+            ) as response:
                 response.read()
         agent_kb = int(next(l for l in open(f"/proc/{process.pid}/status") if l.startswith("VmRSS")).split()[1])
     finally:
         process.terminate()
         process.wait(15)
-    return {"bare_rss_mb": bare_kb / 1024, "agent_rss_mb": agent_kb / 1024, "rss_extra_mb": (agent_kb - bare_kb) / 1024, "first_prediction_s": first_prediction}
+    return {
+        "bare_rss_mb": bare_kb / 1024,
+        "agent_rss_mb": agent_kb / 1024,
+        "rss_extra_mb": (agent_kb - bare_kb) / 1024,
+        "first_prediction_s": first_prediction,
+    }
 
 
 def main() -> int:
@@ -214,22 +281,75 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="edgekit-bench-agent-") as tmp:
         work = Path(tmp)
         paths = setup(work)
-        results = {**per_row_costs(paths, work), **summary_size(paths, work), **psi_accuracy(paths), **drift_rates(), **rss_and_startup(paths, work)}
+        results = {
+            **per_row_costs(paths, work),
+            **summary_size(paths, work),
+            **psi_accuracy(paths),
+            **drift_rates(),
+            **rss_and_startup(paths, work),
+        }
     checks = [
-        ("agent prediction cost at batch 1 (with sketch and log) / bare session.run", results["b1_ratio"], f"≤ {TARGETS['b1_ratio_max']}", results["b1_ratio"] <= TARGETS["b1_ratio_max"]),
-        ("batch-1000 throughput with sketches / bare", results["b1000_throughput"], f"≥ {TARGETS['b1000_throughput_min']}", results["b1000_throughput"] >= TARGETS["b1000_throughput_min"]),
-        ("summary bytes per feature (64 features)", results["bytes_per_feature"], f"≤ {TARGETS['bytes_per_feature_max']}", results["bytes_per_feature"] <= TARGETS["bytes_per_feature_max"]),
-        ("|PSI from sketch - exact PSI|, worst feature", results["psi_error_max"], f"≤ {TARGETS['psi_error_max']}", results["psi_error_max"] <= TARGETS["psi_error_max"]),
-        ("false alarms, clean 2000-row windows (64 features, family-wise)", results["false_alarm_rate"], f"≤ {TARGETS['false_alarm_max']}", results["false_alarm_rate"] <= TARGETS["false_alarm_max"]),
-        ("false alarms, digits random splits", results["digits_false_alarm_rate"], f"≤ {TARGETS['false_alarm_max']}", results["digits_false_alarm_rate"] <= TARGETS["false_alarm_max"]),
-        ("0.25σ shift of one feature detected, 2000-row windows", results["detection_rate"], f"≥ {TARGETS['detection_min']}", results["detection_rate"] >= TARGETS["detection_min"]),
-        ("agent RSS above bare numpy+onnxruntime+paho process (MB)", results["rss_extra_mb"], f"≤ {TARGETS['rss_extra_mb_max']}", results["rss_extra_mb"] <= TARGETS["rss_extra_mb_max"]),
-        ("process start to first HTTP prediction (s)", results["first_prediction_s"], f"≤ {TARGETS['first_prediction_s_max']}", results["first_prediction_s"] <= TARGETS["first_prediction_s_max"]),
+        (
+            "agent prediction cost at batch 1 (with sketch and log) / bare session.run",
+            results["b1_ratio"],
+            f"≤ {TARGETS['b1_ratio_max']}",
+            results["b1_ratio"] <= TARGETS["b1_ratio_max"],
+        ),
+        (
+            "batch-1000 throughput with sketches / bare",
+            results["b1000_throughput"],
+            f"≥ {TARGETS['b1000_throughput_min']}",
+            results["b1000_throughput"] >= TARGETS["b1000_throughput_min"],
+        ),
+        (
+            "summary bytes per feature (64 features)",
+            results["bytes_per_feature"],
+            f"≤ {TARGETS['bytes_per_feature_max']}",
+            results["bytes_per_feature"] <= TARGETS["bytes_per_feature_max"],
+        ),
+        (
+            "|PSI from sketch - exact PSI|, worst feature",
+            results["psi_error_max"],
+            f"≤ {TARGETS['psi_error_max']}",
+            results["psi_error_max"] <= TARGETS["psi_error_max"],
+        ),
+        (
+            "false alarms, clean 2000-row windows (64 features, family-wise)",
+            results["false_alarm_rate"],
+            f"≤ {TARGETS['false_alarm_max']}",
+            results["false_alarm_rate"] <= TARGETS["false_alarm_max"],
+        ),
+        (
+            "false alarms, digits random splits",
+            results["digits_false_alarm_rate"],
+            f"≤ {TARGETS['false_alarm_max']}",
+            results["digits_false_alarm_rate"] <= TARGETS["false_alarm_max"],
+        ),
+        (
+            "0.25σ shift of one feature detected, 2000-row windows",
+            results["detection_rate"],
+            f"≥ {TARGETS['detection_min']}",
+            results["detection_rate"] >= TARGETS["detection_min"],
+        ),
+        (
+            "agent RSS above bare numpy+onnxruntime+paho process (MB)",
+            results["rss_extra_mb"],
+            f"≤ {TARGETS['rss_extra_mb_max']}",
+            results["rss_extra_mb"] <= TARGETS["rss_extra_mb_max"],
+        ),
+        (
+            "process start to first HTTP prediction (s)",
+            results["first_prediction_s"],
+            f"≤ {TARGETS['first_prediction_s_max']}",
+            results["first_prediction_s"] <= TARGETS["first_prediction_s_max"],
+        ),
     ]
     print_checks(checks)
-    print(f"\nbare session.run b1 {results['bare_b1_us']:.1f} µs, agent {results['agent_b1_us']:.1f} µs; b1000 bare {results['bare_b1000_ms']:.3f} ms, "
-          f"agent {results['agent_b1000_ms']:.3f} ms; closing one 1000-row window (drift, summary, spool) {results['window_close_ms']:.1f} ms; "
-          f"RSS bare {results['bare_rss_mb']:.1f} MB, agent {results['agent_rss_mb']:.1f} MB")
+    print(
+        f"\nbare session.run b1 {results['bare_b1_us']:.1f} µs, agent {results['agent_b1_us']:.1f} µs; b1000 bare {results['bare_b1000_ms']:.3f} ms, "
+        f"agent {results['agent_b1000_ms']:.3f} ms; closing one 1000-row window (drift, summary, spool) {results['window_close_ms']:.1f} ms; "
+        f"RSS bare {results['bare_rss_mb']:.1f} MB, agent {results['agent_rss_mb']:.1f} MB"
+    )
     write_json(args.out, checks, targets=TARGETS, results=results)
     return 0
 

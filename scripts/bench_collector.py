@@ -33,32 +33,45 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench_report import print_checks, write_json  # noqa: E402  (beside this script)
+
 from device_agent.monitor import ClosedWindow  # noqa: E402
 from device_agent.profile import build_baseline  # noqa: E402
 from device_agent.protocol import build_summary  # noqa: E402
 from edgekit.fleet.ingest import Ingestor, Message  # noqa: E402
 from edgekit.fleet.store import SqliteStore  # noqa: E402
-from bench_report import print_checks, write_json  # noqa: E402  (beside this script)
 
 DEVICES = 1000
 FEATURES = 64
 TARGETS = {"ingest_per_second_min": 5000}
 
 
-
 def templates(count: int = 20) -> list[str]:
     """Summary payloads with placeholder device and seq, from real windows on a 64-feature baseline."""
     rng = np.random.default_rng(0)
     names = [f"feature_{i:02d}" for i in range(FEATURES)]
-    base = build_baseline(rng.normal(size=(20000, FEATURES)), names, labels=list(range(10)), predicted_labels=rng.integers(0, 10, 20000),
-                          probabilities=rng.dirichlet(np.ones(10), 20000))
+    base = build_baseline(
+        rng.normal(size=(20000, FEATURES)),
+        names,
+        labels=list(range(10)),
+        predicted_labels=rng.integers(0, 10, 20000),
+        probabilities=rng.dirichlet(np.ones(10), 20000),
+    )
     out = []
     for i in range(count):
         window = base.empty_like()
         window.update_inputs(rng.normal(loc=0.05 * (i % 3), size=(1000, FEATURES)))
         window.update_outputs(labels=rng.integers(0, 10, 1000), probabilities=rng.dirichlet(np.ones(10), 1000))
         closed = ClosedWindow(window, 1.7e9 + i, 1.7e9 + i + 60, np.full(1000, 0.02), {})
-        doc = build_summary(closed, device="D", fleet="bench", model={"name": "bench", "version": 1}, seq=0, baseline=base, thresholds=None)
+        doc = build_summary(
+            closed,
+            device="D",
+            fleet="bench",
+            model={"name": "bench", "version": 1},
+            seq=0,
+            baseline=base,
+            thresholds=None,
+        )
         out.append(json.dumps(doc, separators=(",", ":")))
     return out
 
@@ -78,7 +91,12 @@ def bench_store(work: Path, docs: list[str], count: int = 20000) -> dict:
         ingestor.handle(messages[i : i + 1000])
     elapsed = time.perf_counter() - start
     stored = store.db.execute("SELECT count(*) FROM summaries").fetchone()[0]
-    return {"store_summaries": stored, "store_seconds": elapsed, "store_per_second": stored / elapsed, "payload_bytes": len(messages[0].payload)}
+    return {
+        "store_summaries": stored,
+        "store_seconds": elapsed,
+        "store_per_second": stored / elapsed,
+        "payload_bytes": len(messages[0].payload),
+    }
 
 
 class Broker:
@@ -90,13 +108,19 @@ class Broker:
             self.port = sock.getsockname()[1]
         directory = work / f"broker-{self.port}"
         directory.mkdir()
-        (directory / "m.conf").write_text(f"listener {self.port} 127.0.0.1\nallow_anonymous true\nmax_queued_messages 1000000\nmax_inflight_messages 1000\n")
+        (directory / "m.conf").write_text(
+            f"listener {self.port} 127.0.0.1\nallow_anonymous true\nmax_queued_messages 1000000\nmax_inflight_messages 1000\n"
+        )
         if os.geteuid() == 0:
             import pwd
 
             user = pwd.getpwnam("mosquitto")
             os.chown(directory, user.pw_uid, user.pw_gid)
-        self.process = subprocess.Popen([shutil.which("mosquitto") or "/usr/sbin/mosquitto", "-c", str(directory / "m.conf")], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.process = subprocess.Popen(
+            [shutil.which("mosquitto") or "/usr/sbin/mosquitto", "-c", str(directory / "m.conf")],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         time.sleep(0.5)
 
     def stop(self) -> None:
@@ -142,15 +166,47 @@ def stored(db: Path) -> int:
         return 0
 
 
-def run_pipeline(work: Path, docs: list[str], *, total: int, rate: float, publishers: int = 2, collectors: int = 1, workers: int = 1,
-                 sample_every: float = 2.0, timeout: float = 900) -> dict:
+def run_pipeline(
+    work: Path,
+    docs: list[str],
+    *,
+    total: int,
+    rate: float,
+    publishers: int = 2,
+    collectors: int = 1,
+    workers: int = 1,
+    sample_every: float = 2.0,
+    timeout: float = 900,
+) -> dict:
     """Collectors (each with ``workers`` processes) in one shared-subscription group, writing one database, fed by publisher processes."""
     broker = Broker(work)
     db = work / f"fleet-{total}-{int(rate)}-{collectors}-{workers}.db"
     SqliteStore(db).close()  # create and migrate once, before collectors race to
-    group = [subprocess.Popen([sys.executable, "-m", "edgekit.cli", "fleet", "collect", "--broker", f"mqtt://127.0.0.1:{broker.port}", "--db", str(db),
-                               "--http", "", "--client-id", f"bench-{int(rate)}-{i}", "--workers", str(workers)], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-             for i in range(collectors)]
+    group = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "edgekit.cli",
+                "fleet",
+                "collect",
+                "--broker",
+                f"mqtt://127.0.0.1:{broker.port}",
+                "--db",
+                str(db),
+                "--http",
+                "",
+                "--client-id",
+                f"bench-{int(rate)}-{i}",
+                "--workers",
+                str(workers),
+            ],
+            cwd=ROOT,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        for i in range(collectors)
+    ]
     templates_file = work / "templates.json"
     templates_file.write_text(json.dumps(docs))
     script = Path(__file__).with_name("bench_publisher.py")
@@ -161,8 +217,20 @@ def run_pipeline(work: Path, docs: list[str], *, total: int, rate: float, publis
         share = total // publishers
         cpu_before = {"collector": sum(cpu_seconds(c.pid) for c in group), "broker": cpu_seconds(broker.process.pid)}
         start = time.perf_counter()
-        workers = [subprocess.Popen([sys.executable, str(script), str(broker.port), str(i * share), str(share), str(rate / publishers), str(templates_file)])
-                   for i in range(publishers)]
+        workers = [
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    str(script),
+                    str(broker.port),
+                    str(i * share),
+                    str(share),
+                    str(rate / publishers),
+                    str(templates_file),
+                ]
+            )
+            for i in range(publishers)
+        ]
         samples, publisher_cpu, running = [], 0.0, {w.pid: w for w in workers}
         last_sample = 0.0
         while stored(db) < share * publishers and time.perf_counter() - start < timeout:
@@ -179,8 +247,11 @@ def run_pipeline(work: Path, docs: list[str], *, total: int, rate: float, publis
                 samples.append((now, stored(db), sum(rss_mb(c.pid) for c in group) / len(group)))
                 last_sample = now
         elapsed = time.perf_counter() - start
-        cpu = {"collector": sum(cpu_seconds(c.pid) for c in group) - cpu_before["collector"],
-               "broker": cpu_seconds(broker.process.pid) - cpu_before["broker"], "publishers": publisher_cpu}
+        cpu = {
+            "collector": sum(cpu_seconds(c.pid) for c in group) - cpu_before["collector"],
+            "broker": cpu_seconds(broker.process.pid) - cpu_before["broker"],
+            "publishers": publisher_cpu,
+        }
         for pid, worker in running.items():
             _, status, usage = os.wait4(pid, 0)
             worker.returncode = os.waitstatus_to_exitcode(status)
@@ -194,14 +265,25 @@ def run_pipeline(work: Path, docs: list[str], *, total: int, rate: float, publis
         broker.stop()
     quarter = max(1, len(samples) // 4)
     first, last = np.mean([s[2] for s in samples[:quarter]]), np.mean([s[2] for s in samples[-quarter:]])
-    return {"sent": share * publishers, "stored": count, "seconds": elapsed, "per_second": count / elapsed, "cpu_seconds": cpu,
-            "per_collector_cpu_second": count / max(cpu["collector"], 1e-9), "rss_first_quarter_mb": float(first),
-            "rss_last_quarter_mb": float(last), "rss_growth_mb": float(last - first), "samples": samples}
+    return {
+        "sent": share * publishers,
+        "stored": count,
+        "seconds": elapsed,
+        "per_second": count / elapsed,
+        "cpu_seconds": cpu,
+        "per_collector_cpu_second": count / max(cpu["collector"], 1e-9),
+        "rss_first_quarter_mb": float(first),
+        "rss_last_quarter_mb": float(last),
+        "rss_growth_mb": float(last - first),
+        "samples": samples,
+    }
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--duration", type=float, default=60.0, help="seconds of the sustained run (600 for the 10-minute check)")
+    parser.add_argument(
+        "--duration", type=float, default=60.0, help="seconds of the sustained run (600 for the 10-minute check)"
+    )
     parser.add_argument("--rate", type=float, default=1000.0, help="summaries per second during the sustained run")
     parser.add_argument("--out", default=str(ROOT / "bench-results" / "bench_collector.json"))
     args = parser.parse_args()
@@ -213,14 +295,35 @@ def main() -> int:
         results["burst_three_workers"] = run_pipeline(work, docs, total=30000, rate=0, workers=3)
         results["burst_two_workers"] = run_pipeline(work, docs, total=30000, rate=0, workers=2)
         results["burst_two_collectors"] = run_pipeline(work, docs, total=30000, rate=0, collectors=2)
-        results["sustained"] = run_pipeline(work, docs, total=int(args.duration * args.rate), rate=args.rate, sample_every=5.0)
-    store, burst, sustained, pair = results["store"], results["burst"], results["sustained"], results["burst_two_collectors"]
+        results["sustained"] = run_pipeline(
+            work, docs, total=int(args.duration * args.rate), rate=args.rate, sample_every=5.0
+        )
+    store, burst, sustained, pair = (
+        results["store"],
+        results["burst"],
+        results["sustained"],
+        results["burst_two_collectors"],
+    )
     workers, two = results["burst_three_workers"], results["burst_two_workers"]
     rows = [
-        ("store ingest, summaries/s (64 features, 1,000 devices)", store["store_per_second"], f"≥ {TARGETS['ingest_per_second_min']}", store["store_per_second"] >= TARGETS["ingest_per_second_min"]),
-        ("end to end via Mosquitto QoS 1, `fleet collect --workers 3`, summaries/s", workers["per_second"], f"≥ {TARGETS['ingest_per_second_min']}",
-         workers["per_second"] >= TARGETS["ingest_per_second_min"]),
-        ("--workers 3: stored / sent", workers["stored"] / workers["sent"], "= 1", workers["stored"] == workers["sent"]),
+        (
+            "store ingest, summaries/s (64 features, 1,000 devices)",
+            store["store_per_second"],
+            f"≥ {TARGETS['ingest_per_second_min']}",
+            store["store_per_second"] >= TARGETS["ingest_per_second_min"],
+        ),
+        (
+            "end to end via Mosquitto QoS 1, `fleet collect --workers 3`, summaries/s",
+            workers["per_second"],
+            f"≥ {TARGETS['ingest_per_second_min']}",
+            workers["per_second"] >= TARGETS["ingest_per_second_min"],
+        ),
+        (
+            "--workers 3: stored / sent",
+            workers["stored"] / workers["sent"],
+            "= 1",
+            workers["stored"] == workers["sent"],
+        ),
         ("end to end, --workers 2, summaries/s", two["per_second"], "–", True),
         ("--workers 2: stored / sent", two["stored"] / two["sent"], "= 1", two["stored"] == two["sent"]),
         ("end to end, one process (--workers 1), summaries/s", burst["per_second"], "–", True),
@@ -228,15 +331,29 @@ def main() -> int:
         ("one process: summaries per CPU-second of the collector", burst["per_collector_cpu_second"], "–", True),
         ("end to end, two collector commands sharing the subscription, summaries/s", pair["per_second"], "–", True),
         ("two collectors: stored / sent", pair["stored"] / pair["sent"], "= 1", pair["stored"] == pair["sent"]),
-        (f"sustained {sustained['seconds']:.0f} s at {args.rate:.0f}/s: stored / sent", sustained["stored"] / sustained["sent"], "= 1", sustained["stored"] == sustained["sent"]),
-        ("collector RSS growth, first to last quarter (MB)", sustained["rss_growth_mb"], "flat", abs(sustained["rss_growth_mb"]) < 20),
+        (
+            f"sustained {sustained['seconds']:.0f} s at {args.rate:.0f}/s: stored / sent",
+            sustained["stored"] / sustained["sent"],
+            "= 1",
+            sustained["stored"] == sustained["sent"],
+        ),
+        (
+            "collector RSS growth, first to last quarter (MB)",
+            sustained["rss_growth_mb"],
+            "flat",
+            abs(sustained["rss_growth_mb"]) < 20,
+        ),
     ]
     print_checks(rows)
     for label, run in (("one process", burst), ("--workers 2", two), ("--workers 3", workers)):
         shares = ", ".join(f"{k} {v:.1f} s" for k, v in run["cpu_seconds"].items())
-        print(f"\nCPU used during the {run['seconds']:.1f} s burst ({label}) on {os.cpu_count()} cores: {shares}", end="")
+        print(
+            f"\nCPU used during the {run['seconds']:.1f} s burst ({label}) on {os.cpu_count()} cores: {shares}", end=""
+        )
     print()
-    print(f"summary payload {store['payload_bytes']:,} bytes; collector RSS {sustained['rss_first_quarter_mb']:.1f} → {sustained['rss_last_quarter_mb']:.1f} MB")
+    print(
+        f"summary payload {store['payload_bytes']:,} bytes; collector RSS {sustained['rss_first_quarter_mb']:.1f} → {sustained['rss_last_quarter_mb']:.1f} MB"
+    )
     write_json(args.out, rows, targets=TARGETS, results=results)
     return 0
 

@@ -43,7 +43,12 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
 PREDICT = "/v1/models/digits:predict"
-TARGETS = {"latency_ratio_max": 1.0, "threads_over_limit_max": 8, "rss_extra_mb_max": 10.0, "healthz_under_attack_ms_max": 100.0}
+TARGETS = {
+    "latency_ratio_max": 1.0,
+    "threads_over_limit_max": 8,
+    "rss_extra_mb_max": 10.0,
+    "healthz_under_attack_ms_max": 100.0,
+}
 LIMIT = 100  # the agent's default max_connections
 
 
@@ -90,10 +95,14 @@ def _stdlib_server(app):
 
         def handle_one(self):
             length = self.headers.get("Content-Length")
-            environ = {"REQUEST_METHOD": self.command, "PATH_INFO": self.path.split("?")[0], "QUERY_STRING": "",
-                       "wsgi.input": io.BytesIO(self.rfile.read(int(length)) if length else b""),
-                       **({"CONTENT_LENGTH": length} if length else {}),
-                       **{"HTTP_" + k.upper().replace("-", "_"): v for k, v in self.headers.items()}}
+            environ = {
+                "REQUEST_METHOD": self.command,
+                "PATH_INFO": self.path.split("?")[0],
+                "QUERY_STRING": "",
+                "wsgi.input": io.BytesIO(self.rfile.read(int(length)) if length else b""),
+                **({"CONTENT_LENGTH": length} if length else {}),
+                **{"HTTP_" + k.upper().replace("-", "_"): v for k, v in self.headers.items()},
+            }
             if "Content-Type" in self.headers:
                 environ["CONTENT_TYPE"] = self.headers["Content-Type"]
             captured = {}
@@ -116,7 +125,9 @@ class ServerProcess:
         port_file = work / f"{kind}.port"
         port_file.unlink(missing_ok=True)
         self.kind = kind
-        self.process = subprocess.Popen([sys.executable, __file__, "--serve", kind, str(config), str(port_file)], stderr=subprocess.DEVNULL)
+        self.process = subprocess.Popen(
+            [sys.executable, __file__, "--serve", kind, str(config), str(port_file)], stderr=subprocess.DEVNULL
+        )
         deadline = time.monotonic() + 60
         while not port_file.exists() or not port_file.read_text():
             if self.process.poll() is not None or time.monotonic() > deadline:
@@ -162,15 +173,17 @@ def latency_us(port: int, body: bytes, n: int) -> list[float]:
 
 def throughput(port: int, body: bytes, clients: int, seconds: float) -> float:
     """Requests a second from ``clients`` keep-alive connections, driven by a separate process."""
-    code = (f"import http.client, threading, time\nbody = {body!r}\ncount = [0]\nend = time.monotonic() + {seconds}\n"
-            "def run():\n"
-            f"    c = http.client.HTTPConnection('127.0.0.1', {port}, timeout=30)\n"
-            "    n = 0\n"
-            "    while time.monotonic() < end:\n"
-            f"        c.request('POST', {PREDICT!r}, body, {{'Content-Type': 'application/json'}}); c.getresponse().read(); n += 1\n"
-            "    count[0] += n\n"
-            f"threads = [threading.Thread(target=run) for _ in range({clients})]\n"
-            "[t.start() for t in threads]; [t.join() for t in threads]\nprint(count[0])\n")
+    code = (
+        f"import http.client, threading, time\nbody = {body!r}\ncount = [0]\nend = time.monotonic() + {seconds}\n"
+        "def run():\n"
+        f"    c = http.client.HTTPConnection('127.0.0.1', {port}, timeout=30)\n"
+        "    n = 0\n"
+        "    while time.monotonic() < end:\n"
+        f"        c.request('POST', {PREDICT!r}, body, {{'Content-Type': 'application/json'}}); c.getresponse().read(); n += 1\n"
+        "    count[0] += n\n"
+        f"threads = [threading.Thread(target=run) for _ in range({clients})]\n"
+        "[t.start() for t in threads]; [t.join() for t in threads]\nprint(count[0])\n"
+    )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return int(done.stdout) / seconds
 
@@ -207,9 +220,17 @@ def half_open(server: ServerProcess, connections: int, hold: float) -> dict:
     for sock in socks:
         sock.close()
     time.sleep(10)
-    return {"connections": len(socks), "threads_before": threads_before, "threads_peak": peak_threads, "threads_after_10s": server.threads(),
-            "rss_before_mb": rss_before, "rss_peak_mb": peak_rss, "rss_after_10s_mb": server.rss_mb(),
-            "healthz_max_ms": max(health), "healthz_median_ms": statistics.median(health)}
+    return {
+        "connections": len(socks),
+        "threads_before": threads_before,
+        "threads_peak": peak_threads,
+        "threads_after_10s": server.threads(),
+        "rss_before_mb": rss_before,
+        "rss_peak_mb": peak_rss,
+        "rss_after_10s_mb": server.rss_mb(),
+        "healthz_max_ms": max(health),
+        "healthz_median_ms": statistics.median(health),
+    }
 
 
 def thread_handoff_us(n: int = 20000) -> float:
@@ -238,8 +259,17 @@ def library_facts(name: str, deps: tuple[str, ...]) -> dict:
         except importlib.metadata.PackageNotFoundError:
             return {"installed": False}
         size += sum(f.size or 0 for f in dist.files or ())
-        tags += [line.split(":", 1)[1].strip() for line in (dist.read_text("WHEEL") or "").splitlines() if line.startswith("Tag:")]
-    return {"installed": True, "install_kb": size / 1024, "wheel_tags": sorted(set(tags)), "version": importlib.metadata.version(name)}
+        tags += [
+            line.split(":", 1)[1].strip()
+            for line in (dist.read_text("WHEEL") or "").splitlines()
+            if line.startswith("Tag:")
+        ]
+    return {
+        "installed": True,
+        "install_kb": size / 1024,
+        "wheel_tags": sorted(set(tags)),
+        "version": importlib.metadata.version(name),
+    }
 
 
 def setup(work: Path) -> tuple[Path, bytes]:
@@ -251,8 +281,10 @@ def setup(work: Path) -> tuple[Path, bytes]:
 
     StateDir(work / "state").install(paths["bundle"], load_public_key(paths["public"]))
     config = work / "agent.toml"
-    config.write_text(f'device_id = "bench"\nstate_dir = "{work / "state"}"\n[trust]\npublic_key = "{paths["public"]}"\n'
-                      '[server]\nlisten = "127.0.0.1:0"\n[monitor]\nwindow_rows = 1000\n')
+    config.write_text(
+        f'device_id = "bench"\nstate_dir = "{work / "state"}"\n[trust]\npublic_key = "{paths["public"]}"\n'
+        '[server]\nlisten = "127.0.0.1:0"\n[monitor]\nwindow_rows = 1000\n'
+    )
     body = json.dumps({"instances": np.load(paths["test"])["X"][:1].tolist()}).encode()
     return config, body
 
@@ -261,11 +293,18 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=str(ROOT / "bench-results" / "bench_http.json"))
     parser.add_argument("--quick", action="store_true", help="fewer requests and a shorter attack (a smoke run)")
-    parser.add_argument("--with-cheroot", choices=("auto", "no"), default="auto", help="compare cheroot too when it is installed (default)")
+    parser.add_argument(
+        "--with-cheroot",
+        choices=("auto", "no"),
+        default="auto",
+        help="compare cheroot too when it is installed (default)",
+    )
     args = parser.parse_args()
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 8192), hard))
-    kinds = ["stdlib", "waitress"] + (["cheroot"] if args.with_cheroot == "auto" and library_facts("cheroot", ())["installed"] else [])
+    kinds = ["stdlib", "waitress"] + (
+        ["cheroot"] if args.with_cheroot == "auto" and library_facts("cheroot", ())["installed"] else []
+    )
     requests, rounds, seconds, hold = (300, 2, 2.0, 3.0) if args.quick else (1500, 4, 5.0, 8.0)
     results: dict = {"kinds": kinds, "thread_handoff_us": thread_handoff_us()}
     with tempfile.TemporaryDirectory(prefix="edgekit-bench-http-") as tmp:
@@ -280,15 +319,21 @@ def main() -> int:
                 for kind, server in servers.items():
                     samples[kind] += latency_us(server.port, body, requests)
             for kind, server in servers.items():
-                results[kind] = {"latency_mean_us": statistics.fmean(samples[kind]), "latency_p50_us": statistics.median(samples[kind]),
-                                 "rps_16_clients": throughput(server.port, body, 16, seconds), "idle_rss_mb": server.rss_mb()}
+                results[kind] = {
+                    "latency_mean_us": statistics.fmean(samples[kind]),
+                    "latency_p50_us": statistics.median(samples[kind]),
+                    "rps_16_clients": throughput(server.port, body, 16, seconds),
+                    "idle_rss_mb": server.rss_mb(),
+                }
             for kind, server in servers.items():
                 results[kind]["half_open"] = half_open(server, 1000, hold)
         finally:
             for server in servers.values():
                 server.stop()
-    results["libraries"] = {"waitress": library_facts("waitress", ()),
-                            "cheroot": library_facts("cheroot", ("jaraco.functools", "more-itertools"))}
+    results["libraries"] = {
+        "waitress": library_facts("waitress", ()),
+        "cheroot": library_facts("cheroot", ("jaraco.functools", "more-itertools")),
+    }
     return report(results, args.out)
 
 
@@ -298,34 +343,76 @@ def report(results: dict, out: str) -> int:
     base, new = results["stdlib"], results["waitress"]
     attack = new["half_open"]
     checks = [
-        ("one-row predict, keep-alive: waitress / stdlib mean latency", new["latency_mean_us"] / base["latency_mean_us"], f"≤ {TARGETS['latency_ratio_max']}",
-         new["latency_mean_us"] / base["latency_mean_us"] <= TARGETS["latency_ratio_max"]),
-        ("one-row predict, keep-alive: waitress / stdlib p50 latency", new["latency_p50_us"] / base["latency_p50_us"], "info", True),
-        ("16 keep-alive clients: waitress / stdlib requests per second", new["rps_16_clients"] / base["rps_16_clients"], "info", True),
-        ("1,000 half-open: agent threads during, over the connection limit", attack["threads_peak"] - LIMIT, f"≤ {TARGETS['threads_over_limit_max']}",
-         attack["threads_peak"] - LIMIT <= TARGETS["threads_over_limit_max"]),
-        ("1,000 half-open: agent RSS during, above before (MB)", attack["rss_peak_mb"] - attack["rss_before_mb"], f"≤ {TARGETS['rss_extra_mb_max']}",
-         attack["rss_peak_mb"] - attack["rss_before_mb"] <= TARGETS["rss_extra_mb_max"]),
-        ("1,000 half-open: agent RSS 10 s after, above before (MB)", attack["rss_after_10s_mb"] - attack["rss_before_mb"], f"≤ {TARGETS['rss_extra_mb_max']}",
-         attack["rss_after_10s_mb"] - attack["rss_before_mb"] <= TARGETS["rss_extra_mb_max"]),
-        ("1,000 half-open: /healthz worst latency during (ms)", attack["healthz_max_ms"], f"≤ {TARGETS['healthz_under_attack_ms_max']:g}",
-         attack["healthz_max_ms"] <= TARGETS["healthz_under_attack_ms_max"]),
+        (
+            "one-row predict, keep-alive: waitress / stdlib mean latency",
+            new["latency_mean_us"] / base["latency_mean_us"],
+            f"≤ {TARGETS['latency_ratio_max']}",
+            new["latency_mean_us"] / base["latency_mean_us"] <= TARGETS["latency_ratio_max"],
+        ),
+        (
+            "one-row predict, keep-alive: waitress / stdlib p50 latency",
+            new["latency_p50_us"] / base["latency_p50_us"],
+            "info",
+            True,
+        ),
+        (
+            "16 keep-alive clients: waitress / stdlib requests per second",
+            new["rps_16_clients"] / base["rps_16_clients"],
+            "info",
+            True,
+        ),
+        (
+            "1,000 half-open: agent threads during, over the connection limit",
+            attack["threads_peak"] - LIMIT,
+            f"≤ {TARGETS['threads_over_limit_max']}",
+            attack["threads_peak"] - LIMIT <= TARGETS["threads_over_limit_max"],
+        ),
+        (
+            "1,000 half-open: agent RSS during, above before (MB)",
+            attack["rss_peak_mb"] - attack["rss_before_mb"],
+            f"≤ {TARGETS['rss_extra_mb_max']}",
+            attack["rss_peak_mb"] - attack["rss_before_mb"] <= TARGETS["rss_extra_mb_max"],
+        ),
+        (
+            "1,000 half-open: agent RSS 10 s after, above before (MB)",
+            attack["rss_after_10s_mb"] - attack["rss_before_mb"],
+            f"≤ {TARGETS['rss_extra_mb_max']}",
+            attack["rss_after_10s_mb"] - attack["rss_before_mb"] <= TARGETS["rss_extra_mb_max"],
+        ),
+        (
+            "1,000 half-open: /healthz worst latency during (ms)",
+            attack["healthz_max_ms"],
+            f"≤ {TARGETS['healthz_under_attack_ms_max']:g}",
+            attack["healthz_max_ms"] <= TARGETS["healthz_under_attack_ms_max"],
+        ),
     ]
     print_checks(checks)
     print()
     columns = ("latency_mean_us", "latency_p50_us", "rps_16_clients", "idle_rss_mb")
-    print(f"{'server':10}" + "".join(f"{c:>17}" for c in columns) + f"{'threads b/peak/after':>22}{'RSS b/peak/after MB':>22}{'healthz max ms':>16}")
+    print(
+        f"{'server':10}"
+        + "".join(f"{c:>17}" for c in columns)
+        + f"{'threads b/peak/after':>22}{'RSS b/peak/after MB':>22}{'healthz max ms':>16}"
+    )
     for kind in results["kinds"]:
         r, h = results[kind], results[kind]["half_open"]
-        print(f"{kind:10}" + "".join(f"{r[c]:>17.1f}" for c in columns)
-              + f"{h['threads_before']:>8}/{h['threads_peak']}/{h['threads_after_10s']:<8}".rjust(22)
-              + f"{h['rss_before_mb']:.0f}/{h['rss_peak_mb']:.0f}/{h['rss_after_10s_mb']:.0f}".rjust(22) + f"{h['healthz_max_ms']:>16.0f}")
+        print(
+            f"{kind:10}"
+            + "".join(f"{r[c]:>17.1f}" for c in columns)
+            + f"{h['threads_before']:>8}/{h['threads_peak']}/{h['threads_after_10s']:<8}".rjust(22)
+            + f"{h['rss_before_mb']:.0f}/{h['rss_peak_mb']:.0f}/{h['rss_after_10s_mb']:.0f}".rjust(22)
+            + f"{h['healthz_max_ms']:>16.0f}"
+        )
     extra = new["latency_p50_us"] - base["latency_p50_us"]
-    print(f"waitress adds {extra:.0f} µs at p50; one hand-off between two threads costs {results['thread_handoff_us']:.0f} µs here, "
-          "and waitress makes two a request (I/O thread to worker, worker back to the I/O thread)")
+    print(
+        f"waitress adds {extra:.0f} µs at p50; one hand-off between two threads costs {results['thread_handoff_us']:.0f} µs here, "
+        "and waitress makes two a request (I/O thread to worker, worker back to the I/O thread)"
+    )
     for name, facts in results["libraries"].items():
         if facts["installed"]:
-            print(f"{name} {facts['version']}: {facts['install_kb']:.0f} KB installed (with dependencies), wheels {', '.join(facts['wheel_tags'])}")
+            print(
+                f"{name} {facts['version']}: {facts['install_kb']:.0f} KB installed (with dependencies), wheels {', '.join(facts['wheel_tags'])}"
+            )
     write_json(out, checks, targets=TARGETS, results=results)
     return 0
 

@@ -40,7 +40,9 @@ def _string(text: bytes) -> bytes:
 
 
 def connect_packet(client_id: str) -> bytes:
-    body = _string(b"MQTT") + bytes([4, 0x02]) + struct.pack("!H", 60) + _string(client_id.encode())  # 3.1.1, clean session
+    body = (
+        _string(b"MQTT") + bytes([4, 0x02]) + struct.pack("!H", 60) + _string(client_id.encode())
+    )  # 3.1.1, clean session
     return b"\x10" + _remaining_length(len(body)) + body
 
 
@@ -90,7 +92,11 @@ class Publisher:
         start, sent, batch = time.time(), 0, []
         for i in range(first, first + count):
             device, seq = i % 1000, i // 1000 + 1
-            text = templates[i % len(templates)].replace('"device":"D"', f'"device":"dev{device:04d}"').replace('"seq":0', f'"seq":{seq}')
+            text = (
+                templates[i % len(templates)]
+                .replace('"device":"D"', f'"device":"dev{device:04d}"')
+                .replace('"seq":0', f'"seq":{seq}')
+            )
             batch.append(publish_packet(f"edgekit/v1/bench/dev{device:04d}/summary", text.encode(), sent % 65535 + 1))
             sent += 1
             if len(batch) == BATCH or sent == count:

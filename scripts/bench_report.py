@@ -27,7 +27,10 @@ def print_checks(checks: list[Check]) -> None:
 def write_json(out: str | Path, checks: list[Check], **sections: Any) -> Path:
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    document = {**sections, "checks": [{"figure": c[0].strip(), "value": c[1], "target": c[2], "ok": c[3]} for c in checks]}
+    document = {
+        **sections,
+        "checks": [{"figure": c[0].strip(), "value": c[1], "target": c[2], "ok": c[3]} for c in checks],
+    }
     out.write_text(json.dumps(document, indent=1, default=str))
     print(f"wrote {out}")
     return out

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Regenerate fixtures/ from datasets scikit-learn ships (nothing is downloaded).
 
-    python scripts/make_fixtures.py [--out fixtures] [--only digits,cancer,wide]
+python scripts/make_fixtures.py [--out fixtures] [--only digits,cancer,wide]
 """
 
 from __future__ import annotations

@@ -29,7 +29,12 @@ class Fixture:
 
 
 def _fixture(directory: Path, name: str) -> Fixture:
-    return Fixture(directory / f"{name}.joblib", directory / f"{name}_train.npz", directory / f"{name}_test.npz", directory / f"{name}_test.csv")
+    return Fixture(
+        directory / f"{name}.joblib",
+        directory / f"{name}_train.npz",
+        directory / f"{name}_test.npz",
+        directory / f"{name}_test.csv",
+    )
 
 
 @pytest.fixture(scope="session")
@@ -77,7 +82,12 @@ def digits_int8(digits, tmp_path_factory) -> Path:
     from edgekit.build.convert import QuantizeOptions, convert_model
 
     path = tmp_path_factory.mktemp("digits_int8") / "digits.int8.onnx"
-    convert_model(str(digits.model), str(path), quantize=QuantizeOptions(mode="static", per_channel=False, force=True), calibration=str(digits.train))
+    convert_model(
+        str(digits.model),
+        str(path),
+        quantize=QuantizeOptions(mode="static", per_channel=False, force=True),
+        calibration=str(digits.train),
+    )
     return path
 
 
@@ -94,7 +104,14 @@ def bundle(digits, digits_int8, keypair, tmp_path_factory) -> Path:
     from edgekit.bundle.package import build_bundle
 
     path = tmp_path_factory.mktemp("bundle") / "digits-3.edgebundle"
-    build_bundle(str(digits_int8), name="digits", version=3, baseline_path=str(digits.train), key_path=str(keypair[0]), output=str(path))
+    build_bundle(
+        str(digits_int8),
+        name="digits",
+        version=3,
+        baseline_path=str(digits.train),
+        key_path=str(keypair[0]),
+        output=str(path),
+    )
     return path
 
 

@@ -49,7 +49,9 @@ class Mosquitto:
 
     def start(self) -> Mosquitto:
         with open(self.dir / "stderr.log", "ab") as log:
-            self.process = subprocess.Popen([self.binary, "-c", str(self.dir / "mosquitto.conf")], stdout=subprocess.DEVNULL, stderr=log)
+            self.process = subprocess.Popen(
+                [self.binary, "-c", str(self.dir / "mosquitto.conf")], stdout=subprocess.DEVNULL, stderr=log
+            )
         if not wait_for_port(self.port, process=self.process, timeout=10):
             raise RuntimeError(f"mosquitto did not start: {(self.dir / 'stderr.log').read_text()}")
         return self
@@ -80,8 +82,14 @@ class Collector:
         self.states: dict[str, dict] = {}
         self.baselines: dict[str, dict] = {}
         self._lock = threading.Lock()
-        self.client = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2, client_id=f"test-collector-{fleet}", protocol=mqtt.MQTTv5)
-        self.client.on_connect = lambda c, *_: c.subscribe([(f"edgekit/v1/{fleet}/+/{leaf}", 1) for leaf in ("state", "baseline", "summary")])
+        self.client = mqtt.Client(
+            callback_api_version=mqtt.CallbackAPIVersion.VERSION2,
+            client_id=f"test-collector-{fleet}",
+            protocol=mqtt.MQTTv5,
+        )
+        self.client.on_connect = lambda c, *_: c.subscribe(
+            [(f"edgekit/v1/{fleet}/+/{leaf}", 1) for leaf in ("state", "baseline", "summary")]
+        )
         self.client.on_message = self._on_message
         self.client.reconnect_delay_set(0.2, 1)
         parsed = urlparse(url)
@@ -132,7 +140,12 @@ class AgentProcess:
 
     def start(self) -> AgentProcess:
         with open(self.config.parent / "agent.log", "ab") as log:
-            self.process = subprocess.Popen([sys.executable, "-m", "device_agent", "run", "--config", str(self.config)], cwd=ROOT, stdout=log, stderr=log)
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "device_agent", "run", "--config", str(self.config)],
+                cwd=ROOT,
+                stdout=log,
+                stderr=log,
+            )
         return self
 
     def kill(self) -> None:

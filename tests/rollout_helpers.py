@@ -10,28 +10,60 @@ from pathlib import Path
 
 import numpy as np
 
-from edgekit.local.broker import free_port
-from edgekit.local.emulate import EmulatedFleet, prepare_devices
 from edgekit.fleet.client import CollectorClient
 from edgekit.fleet.collector import Collector, CollectorConfig
+from edgekit.local.broker import free_port
+from edgekit.local.emulate import EmulatedFleet, prepare_devices
 
 
 class RolloutFleet:
-    def __init__(self, tmp: Path, broker, *, bundle: Path, public_key: Path, data: Path, fleet: str, devices: int = 3,
-                 rows_per_second: float = 100.0, trust: Path | None = None, proxy: "BundleProxy | None" = None) -> None:
+    def __init__(
+        self,
+        tmp: Path,
+        broker,
+        *,
+        bundle: Path,
+        public_key: Path,
+        data: Path,
+        fleet: str,
+        devices: int = 3,
+        rows_per_second: float = 100.0,
+        trust: Path | None = None,
+        proxy: BundleProxy | None = None,
+    ) -> None:
         self.tmp, self.fleet_name = tmp, fleet
-        self.collector = Collector(CollectorConfig(broker=broker.url, db=str(tmp / "fleet.db"), http=f"127.0.0.1:{free_port()}",
-                                                   client_id=f"collector-{fleet}", trust=str(trust or public_key),
-                                                   public_url=proxy.url if proxy else None))
+        self.collector = Collector(
+            CollectorConfig(
+                broker=broker.url,
+                db=str(tmp / "fleet.db"),
+                http=f"127.0.0.1:{free_port()}",
+                client_id=f"collector-{fleet}",
+                trust=str(trust or public_key),
+                public_url=proxy.url if proxy else None,
+            )
+        )
         self.collector.start()
         if proxy is not None:
             proxy.upstream = f"http://127.0.0.1:{self.collector.server.server_address[1]}"
         self.client = CollectorClient(f"http://127.0.0.1:{self.collector.server.server_address[1]}")
-        self.configs = prepare_devices(devices=devices, bundle=str(bundle), pubkey=str(public_key), broker=broker.url, data=str(data), fleet=fleet,
-                                       window_rows=500, window_seconds=5, rows_per_second=rows_per_second, drift=None,
-                                       state_dir=str(tmp / "devices"), http_port_base=None)
+        self.configs = prepare_devices(
+            devices=devices,
+            bundle=str(bundle),
+            pubkey=str(public_key),
+            broker=broker.url,
+            data=str(data),
+            fleet=fleet,
+            window_rows=500,
+            window_seconds=5,
+            rows_per_second=rows_per_second,
+            drift=None,
+            state_dir=str(tmp / "devices"),
+            http_port_base=None,
+        )
         self.devices = EmulatedFleet(self.configs, say=lambda _: None).start()
-        self.wait(lambda: len([d for d in self.collector.store.status() if d["online"]]) == devices, 60, "every device online")
+        self.wait(
+            lambda: len([d for d in self.collector.store.status() if d["online"]]) == devices, 60, "every device online"
+        )
 
     def wait(self, predicate, timeout: float = 60.0, what: str = "condition"):
         deadline = time.time() + timeout
@@ -41,7 +73,9 @@ class RolloutFleet:
             if value:
                 return value
             time.sleep(0.1)
-        raise AssertionError(f"timed out waiting for {what}; collector status: {self.collector.store.status()}\n{self.agent_logs()}")
+        raise AssertionError(
+            f"timed out waiting for {what}; collector status: {self.collector.store.status()}\n{self.agent_logs()}"
+        )
 
     def agent_logs(self, lines: int = 20) -> str:
         """The last update-related lines of each device's log, so a CI failure says what the devices did."""
@@ -49,12 +83,19 @@ class RolloutFleet:
         for config in self.configs:
             log = config.parent / "agent.log"
             text = log.read_text(errors="replace").splitlines() if log.exists() else ["(no log)"]
-            parts.append(f"--- {config.parent.name} ---\n" + "\n".join([t for t in text if "summary" not in t][-lines:]))
+            parts.append(
+                f"--- {config.parent.name} ---\n" + "\n".join([t for t in text if "summary" not in t][-lines:])
+            )
         return "\n".join(parts)
 
     def finished(self, rollout_id: str, timeout: float = 90.0) -> dict:
-        return self.wait(lambda: (lambda s: s if s["state"] in ("succeeded", "aborted", "failed") else None)(self.client.status(rollout_id)),
-                         timeout, f"rollout {rollout_id} to finish")
+        return self.wait(
+            lambda: (lambda s: s if s["state"] in ("succeeded", "aborted", "failed") else None)(
+                self.client.status(rollout_id)
+            ),
+            timeout,
+            f"rollout {rollout_id} to finish",
+        )
 
     def versions(self) -> dict[str, int]:
         """What each device is serving now, asked of the device itself over HTTP."""
@@ -91,7 +132,10 @@ def tamper_selftest(source: Path, destination: Path, key_path: Path) -> Path:
     np.savez(buffer, **vectors)
     members["selftest.npz"] = buffer.getvalue()
     manifest = json.loads(members["manifest.json"])
-    manifest["files"]["selftest.npz"] = {"sha256": sha256_hex(members["selftest.npz"]), "size": len(members["selftest.npz"])}
+    manifest["files"]["selftest.npz"] = {
+        "sha256": sha256_hex(members["selftest.npz"]),
+        "size": len(members["selftest.npz"]),
+    }
     members["manifest.json"] = canonical_json(manifest)
     members["signature"] = sign(members["manifest.json"], load_private_key(key_path))
     with zipfile.ZipFile(destination, "w") as archive:
@@ -116,15 +160,22 @@ def nan_beyond_range(source: Path, destination: Path, limit: float = 16.5) -> Pa
         for index, name in enumerate(node.input):
             if name == "probabilities":
                 node.input[index] = "probabilities_raw"
-    graph.initializer.extend([helper.make_tensor("nan_limit", TensorProto.FLOAT, [], [limit]), helper.make_tensor("nan_zero", TensorProto.FLOAT, [], [0.0]),
-                              helper.make_tensor("nan_axes", TensorProto.INT64, [1], [1])])
-    graph.node.extend([
-        helper.make_node("Sub", ["nan_limit", graph.input[0].name], ["nan_room"]),
-        helper.make_node("Sqrt", ["nan_room"], ["nan_root"]),
-        helper.make_node("ReduceSum", ["nan_root", "nan_axes"], ["nan_sum"], keepdims=1),
-        helper.make_node("Mul", ["nan_sum", "nan_zero"], ["nan_poison"]),
-        helper.make_node("Add", ["probabilities_raw", "nan_poison"], ["probabilities"]),
-    ])
+    graph.initializer.extend(
+        [
+            helper.make_tensor("nan_limit", TensorProto.FLOAT, [], [limit]),
+            helper.make_tensor("nan_zero", TensorProto.FLOAT, [], [0.0]),
+            helper.make_tensor("nan_axes", TensorProto.INT64, [1], [1]),
+        ]
+    )
+    graph.node.extend(
+        [
+            helper.make_node("Sub", ["nan_limit", graph.input[0].name], ["nan_room"]),
+            helper.make_node("Sqrt", ["nan_room"], ["nan_root"]),
+            helper.make_node("ReduceSum", ["nan_root", "nan_axes"], ["nan_sum"], keepdims=1),
+            helper.make_node("Mul", ["nan_sum", "nan_zero"], ["nan_poison"]),
+            helper.make_node("Add", ["probabilities_raw", "nan_poison"], ["probabilities"]),
+        ]
+    )
     onnx.checker.check_model(model)
     onnx.save(model, str(destination))
     return destination
@@ -152,7 +203,9 @@ class BundleProxy:
 
                 wanted = self.headers.get("Range")
                 proxy.seen.append(wanted)
-                request = urllib.request.Request(proxy.upstream + self.path, headers={"Range": wanted} if wanted else {})
+                request = urllib.request.Request(
+                    proxy.upstream + self.path, headers={"Range": wanted} if wanted else {}
+                )
                 try:
                     with urllib.request.urlopen(request) as response:
                         status, headers, body = response.status, dict(response.headers), response.read()

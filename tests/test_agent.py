@@ -23,8 +23,12 @@ def device(tmp_path, bundle, keypair):
 
 def http(agent, method, path, body=None, token=None):
     host, port = agent.server.server_address[:2]
-    request = urllib.request.Request(f"http://{host}:{port}{path}", method=method, data=None if body is None else json.dumps(body).encode(),
-                                     headers={"Authorization": f"Bearer {token}"} if token else {})
+    request = urllib.request.Request(
+        f"http://{host}:{port}{path}",
+        method=method,
+        data=None if body is None else json.dumps(body).encode(),
+        headers={"Authorization": f"Bearer {token}"} if token else {},
+    )
     try:
         with urllib.request.urlopen(request, timeout=5) as response:
             return response.status, response.read()
@@ -47,8 +51,12 @@ def test_python_api_predicts_and_closes_windows_of_exact_size(device, digits):
 def test_bad_rows_are_refused_and_counted_while_good_rows_are_served(device, digits):
     X = np.load(digits.test)["X"]
     with Agent(config_of(device)).start() as agent:
-        for bad, message in [([[1, 2, 3]], "has 3 columns, the model takes 64"), ([["x"] * 64], "is not numeric"),
-                             ([[float("nan")] * 64], "missing value"), ("oops", "not numeric")]:
+        for bad, message in [
+            ([[1, 2, 3]], "has 3 columns, the model takes 64"),
+            ([["x"] * 64], "is not numeric"),
+            ([[float("nan")] * 64], "missing value"),
+            ("oops", "not numeric"),
+        ]:
             status, body = http(agent, "POST", "/v1/models/digits:predict", {"instances": bad})
             assert status == 400 and message in json.loads(body)["error"], body
             status, body = http(agent, "POST", "/v1/models/digits:predict", {"instances": X[:2].tolist()})
@@ -68,9 +76,13 @@ def test_status_health_metrics_and_feedback(device, digits):
         answer = json.loads(body)
         agent.monitor.process()  # window 1 closes; feedback below counts in the window open when it arrives
         feedback = [{"id": i, "label": int(label)} for i, label in zip(answer["ids"], y[:100])]
-        status, body = http(agent, "POST", "/v1/models/digits:feedback", {"feedback": feedback + [{"id": "nope-1", "label": 0}]})
+        status, body = http(
+            agent, "POST", "/v1/models/digits:feedback", {"feedback": feedback + [{"id": "nope-1", "label": 0}]}
+        )
         assert status == 200 and json.loads(body) == {"accepted": 100, "unknown": ["nope-1"], "duplicate": []}
-        again = json.loads(http(agent, "POST", "/v1/models/digits:feedback", {"id": answer["ids"][0], "label": int(y[0])})[1])
+        again = json.loads(
+            http(agent, "POST", "/v1/models/digits:feedback", {"id": answer["ids"][0], "label": int(y[0])})[1]
+        )
         assert again["accepted"] == 0 and again["duplicate"] == [answer["ids"][0]]  # counted once
         status, body = http(agent, "POST", "/v1/models/digits:feedback", {"id": answer["ids"][1], "label": "cat"})
         assert status == 400 and "not one of the model's classes" in json.loads(body)["error"]
@@ -85,7 +97,11 @@ def test_status_health_metrics_and_feedback(device, digits):
         assert model["version"] == 3 and model["state"] == "AVAILABLE"
         metrics = http(agent, "GET", "/metrics")[1].decode()
         assert 'edgekit_predictions_total{model="digits",version="3"} 200' in metrics
-        assert "edgekit_latency_seconds_bucket" in metrics and "edgekit_drift_psi" in metrics and "edgekit_spool_depth" in metrics
+        assert (
+            "edgekit_latency_seconds_bucket" in metrics
+            and "edgekit_drift_psi" in metrics
+            and "edgekit_spool_depth" in metrics
+        )
 
 
 def test_bearer_token(tmp_path, bundle, keypair):
@@ -110,14 +126,43 @@ def test_install_refuses_downgrades_and_unsigned_changes(tmp_path, bundle, keypa
     config = make_device(tmp_path / "dev", bundle, keypair[1])
     assert agent_main(["install", str(bundle), "--config", str(config)]) == 2  # same version again
     older = tmp_path / "digits-2.edgebundle"
-    assert cli("package", digits_int8, "--name", "digits", "--version", "2", "--baseline", digits.train, "--key", keypair[0], "-o", older).exit_code == 0
+    assert (
+        cli(
+            "package",
+            digits_int8,
+            "--name",
+            "digits",
+            "--version",
+            "2",
+            "--baseline",
+            digits.train,
+            "--key",
+            keypair[0],
+            "-o",
+            older,
+        ).exit_code
+        == 0
+    )
     with pytest.raises(InstallError, match="version 2 of 'digits' is not newer than the installed version 3"):
         from device_agent.signing import load_public_key
         from device_agent.state import StateDir
 
         StateDir(tmp_path / "dev" / "state").install(older, load_public_key(keypair[1]))
     newer = tmp_path / "digits-4.edgebundle"
-    cli("package", digits_int8, "--name", "digits", "--version", "4", "--baseline", digits.train, "--key", keypair[0], "-o", newer)
+    cli(
+        "package",
+        digits_int8,
+        "--name",
+        "digits",
+        "--version",
+        "4",
+        "--baseline",
+        digits.train,
+        "--key",
+        keypair[0],
+        "-o",
+        newer,
+    )
     assert agent_main(["install", str(newer), "--config", str(config)]) == 0
     state = json.loads((tmp_path / "dev" / "state" / "state.json").read_text())
     assert state["version"] == 4 and state["previous_version"] == 3 and state["active"] == "b"
@@ -166,7 +211,9 @@ def test_spool_numbers_never_skip_or_repeat_across_crashes(tmp_path):
     assert spool.next_seq() == 2
     seq = spool.next_seq()  # a crash here, before put: nothing was published as 2
     assert Spool(tmp_path / "spool").next_seq() == seq == 2
-    (tmp_path / "spool" / "pending" / "000000000002.json").write_bytes(b"{}")  # a crash after the write, before the counter moved
+    (tmp_path / "spool" / "pending" / "000000000002.json").write_bytes(
+        b"{}"
+    )  # a crash after the write, before the counter moved
     assert Spool(tmp_path / "spool").next_seq() == 3
     spool.ack(1)
     spool.prune(now=10**12)  # acknowledged ones pruned: the counter still remembers
@@ -175,12 +222,19 @@ def test_spool_numbers_never_skip_or_repeat_across_crashes(tmp_path):
 
 def test_windows_too_small_for_a_drift_verdict_are_named_at_start(tmp_path, bundle, keypair, caplog):
     caplog.set_level(logging.WARNING, logger="device_agent")
-    Agent(config_of(make_device(tmp_path / "small", bundle, keypair[1], window_rows=50, http=False))).start(http=False).stop()
+    Agent(config_of(make_device(tmp_path / "small", bundle, keypair[1], window_rows=50, http=False))).start(
+        http=False
+    ).stop()
     warnings = [r.getMessage() for r in caplog.records if r.name == "device_agent" and "min_rows" in r.getMessage()]
     assert len(warnings) == 1, warnings
-    assert "window_rows = 50 is below the drift test's min_rows = 100" in warnings[0] and "set window_rows = 100 or more" in warnings[0]
+    assert (
+        "window_rows = 50 is below the drift test's min_rows = 100" in warnings[0]
+        and "set window_rows = 100 or more" in warnings[0]
+    )
     caplog.clear()
-    Agent(config_of(make_device(tmp_path / "enough", bundle, keypair[1], window_rows=100, http=False))).start(http=False).stop()
+    Agent(config_of(make_device(tmp_path / "enough", bundle, keypair[1], window_rows=100, http=False))).start(
+        http=False
+    ).stop()
     assert not [r for r in caplog.records if "min_rows" in r.getMessage()]
 
 
@@ -189,13 +243,23 @@ def test_http_rows_as_objects_by_name_and_wording_of_bad_rows(device, digits):
     X = data["X"][:2]
     with Agent(config_of(device)).start() as agent:
         names = agent.schema.feature_names
-        objects = [dict(reversed(list(zip(names, row.tolist())))) for row in X]  # keys in reverse order: put in schema order
+        objects = [
+            dict(reversed(list(zip(names, row.tolist())))) for row in X
+        ]  # keys in reverse order: put in schema order
         status, body = http(agent, "POST", "/v1/models/digits:predict", {"instances": objects})
         expected = json.loads(http(agent, "POST", "/v1/models/digits:predict", {"instances": X.tolist()})[1])
         assert status == 200 and json.loads(body)["predictions"] == expected["predictions"]
-        for bad, message in [([X[0].tolist(), X[1].tolist()[:63]], "request row 1 has 63 values, the model takes 64; send every row as a list of 64 numbers"),
-                             ([["3.5", *X[0].tolist()[1:]]], "request row 0 column 'pixel_0_0' holds the string '3.5', which is not numeric"),
-                             ([{**objects[0], "label": 3}], "request row 0 has keys the model does not know: 'label'")]:
+        for bad, message in [
+            (
+                [X[0].tolist(), X[1].tolist()[:63]],
+                "request row 1 has 63 values, the model takes 64; send every row as a list of 64 numbers",
+            ),
+            (
+                [["3.5", *X[0].tolist()[1:]]],
+                "request row 0 column 'pixel_0_0' holds the string '3.5', which is not numeric",
+            ),
+            ([{**objects[0], "label": 3}], "request row 0 has keys the model does not know: 'label'"),
+        ]:
             status, body = http(agent, "POST", "/v1/models/digits:predict", {"instances": bad})
             assert status == 400 and message in json.loads(body)["error"], body
 

@@ -34,7 +34,9 @@ def _accounted(agent, predicted):
     return sketched, unmonitored
 
 
-def test_stop_with_a_large_backlog_is_quick_clean_and_counts_what_was_not_sketched(tmp_path, bundle, keypair, digits, caplog):
+def test_stop_with_a_large_backlog_is_quick_clean_and_counts_what_was_not_sketched(
+    tmp_path, bundle, keypair, digits, caplog
+):
     caplog.set_level(logging.WARNING)
     agent = _agent(tmp_path, bundle, keypair, window_rows=50)
     caplog.clear()  # the start's warning that 50-row windows are below min_rows is expected; stopping must add none
@@ -71,10 +73,15 @@ def test_backlog_is_bounded_by_rows_and_the_excess_is_counted(tmp_path, bundle, 
             predicted += n
             assert monitor.backlog <= 1000
         assert monitor.unmonitored_rows >= predicted - 1000 - agent.stats["predictions"] - 50
-        assert agent.status()["unmonitored_rows"] == agent.stats["unmonitored_rows"] + monitor.current()["unmonitored_rows"]
+        assert (
+            agent.status()["unmonitored_rows"]
+            == agent.stats["unmonitored_rows"] + monitor.current()["unmonitored_rows"]
+        )
         from device_agent.metrics import render_metrics
 
-        exposed = next(line for line in render_metrics(agent).splitlines() if line.startswith("edgekit_unmonitored_rows_total{"))
+        exposed = next(
+            line for line in render_metrics(agent).splitlines() if line.startswith("edgekit_unmonitored_rows_total{")
+        )
         assert float(exposed.rsplit(" ", 1)[1]) == agent.status()["unmonitored_rows"] > 0  # /metrics says it too
     finally:
         agent.stop()
@@ -114,4 +121,6 @@ def _head(prediction, n):
     def cut(a):
         return None if a is None else a[:n]
 
-    return Prediction(labels=cut(prediction.labels), probabilities=cut(prediction.probabilities), values=cut(prediction.values))
+    return Prediction(
+        labels=cut(prediction.labels), probabilities=cut(prediction.probabilities), values=cut(prediction.values)
+    )

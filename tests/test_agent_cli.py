@@ -35,15 +35,52 @@ def run(capsys, *args):
 def test_install_and_verify_print_a_sentence_or_json(tmp_path, bundle, keypair, digits, digits_int8, cli, capsys):
     config = make_device(tmp_path / "dev", bundle, keypair[1], http=False)
     newer = tmp_path / "digits-4.edgebundle"
-    assert cli("package", digits_int8, "--name", "digits", "--version", "4", "--baseline", digits.train, "--key", keypair[0], "-o", newer).exit_code == 0
+    assert (
+        cli(
+            "package",
+            digits_int8,
+            "--name",
+            "digits",
+            "--version",
+            "4",
+            "--baseline",
+            digits.train,
+            "--key",
+            keypair[0],
+            "-o",
+            newer,
+        ).exit_code
+        == 0
+    )
     code, out, _ = run(capsys, "install", newer, "--config", config)
     assert code == 0 and out.startswith("installed digits v4 in ") and "{" not in out
     newest = tmp_path / "digits-5.edgebundle"
-    cli("package", digits_int8, "--name", "digits", "--version", "5", "--baseline", digits.train, "--key", keypair[0], "-o", newest)
+    cli(
+        "package",
+        digits_int8,
+        "--name",
+        "digits",
+        "--version",
+        "5",
+        "--baseline",
+        digits.train,
+        "--key",
+        keypair[0],
+        "-o",
+        newest,
+    )
     code, out, _ = run(capsys, "install", newest, "--config", config, "--json")
-    assert code == 0 and json.loads(out) == {"installed": "digits", "version": 5, "state_dir": str(tmp_path / "dev" / "state")}
+    assert code == 0 and json.loads(out) == {
+        "installed": "digits",
+        "version": 5,
+        "state_dir": str(tmp_path / "dev" / "state"),
+    }
     code, out, _ = run(capsys, "verify", bundle, "--pubkey", keypair[1])
-    assert code == 0 and out.startswith(f"OK: {bundle} is digits v3, signed by key ") and "members match their sha256" in out
+    assert (
+        code == 0
+        and out.startswith(f"OK: {bundle} is digits v3, signed by key ")
+        and "members match their sha256" in out
+    )
     code, out, _ = run(capsys, "verify", bundle, "--pubkey", keypair[1], "--json")
     assert code == 0 and json.loads(out)["verified"] is True and json.loads(out)["version"] == 3
 
@@ -63,17 +100,25 @@ def test_help_documents_every_option_and_the_agent_toml_format(capsys, tmp_path)
     text = capsys.readouterr().out
     toml = text.split("agent.toml (TOML; relative paths are relative to the file):")[1].split("Exit codes")[0]
     config = parse_config(tomllib.loads(toml), base=tmp_path)  # the format shown is one the agent loads
-    assert config.device_id == "pi-kitchen-01" and config.monitor.window_rows == 1000 and config.monitor.log_rows == 10000
+    assert (
+        config.device_id == "pi-kitchen-01" and config.monitor.window_rows == 1000 and config.monitor.log_rows == 10000
+    )
     assert "[mqtt]" in toml and "[server]" in toml and "[monitor]" in toml and "[trust]" in toml
 
 
 def test_missing_files_are_one_line_with_the_fix(device, bundle, keypair, tmp_path, capsys):
     code, out, err = run(capsys, "predict", "--config", device, tmp_path / "rows.csv")
     assert code == 2 and out == ""
-    assert err == f"edge-agent: no such file: {tmp_path / 'rows.csv'}; give the path of a .csv with a header row or an .npz with X\n"
+    assert (
+        err
+        == f"edge-agent: no such file: {tmp_path / 'rows.csv'}; give the path of a .csv with a header row or an .npz with X\n"
+    )
     assert "Errno" not in err
-    for args in (("install", tmp_path / "x.edgebundle", "--config", device), ("verify", bundle, "--pubkey", tmp_path / "nope.pub"),
-                 ("run", "--config", tmp_path / "agent.toml")):
+    for args in (
+        ("install", tmp_path / "x.edgebundle", "--config", device),
+        ("verify", bundle, "--pubkey", tmp_path / "nope.pub"),
+        ("run", "--config", tmp_path / "agent.toml"),
+    ):
         code, _, err = run(capsys, *args)
         assert code == 2 and err.startswith("edge-agent: ") and err.count("\n") == 1 and "Traceback" not in err, err
 
@@ -88,7 +133,9 @@ def test_probabilities_are_rounded_to_6_decimals(device, digits, capsys):
 
 def test_a_column_that_looks_like_the_label_is_named_with_the_flag(device, digits, tmp_path, capsys):
     data = np.load(digits.test)
-    header = list(data["feature_names"]) if "feature_names" in data.files else [f"pixel_{i // 8}_{i % 8}" for i in range(64)]
+    header = (
+        list(data["feature_names"]) if "feature_names" in data.files else [f"pixel_{i // 8}_{i % 8}" for i in range(64)]
+    )
     path = tmp_path / "rows.csv"
     with open(path, "w", newline="") as handle:
         writer = csv.writer(handle)
@@ -106,8 +153,12 @@ def test_predict_into_a_pipe_closed_early_ends_quietly(device, digits):
     big = Path(device).parent / "big.csv"
     lines = Path(digits.test_csv).read_text().splitlines()
     big.write_text("\n".join([lines[0], *(lines[1:] * 40)]) + "\n")  # enough rows to outlast the pipe's buffer
-    agent = subprocess.Popen([sys.executable, "-m", "device_agent", "predict", "--config", str(device), str(big)],
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
+    agent = subprocess.Popen(
+        [sys.executable, "-m", "device_agent", "predict", "--config", str(device), str(big)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd=ROOT,
+    )
     first = agent.stdout.readline()
     agent.stdout.close()  # what head does after its line
     _, err = agent.communicate(timeout=60)
@@ -141,9 +192,23 @@ def positional_device(tmp_path_factory, keypair):
         writer.writerow([IRIS_NAMES[i] for i in (3, 2, 1, 0)] + ["target"])
         writer.writerows([[*row[[3, 2, 1, 0]].tolist(), label] for row, label in zip(X, y)])
     runner, cli = CliRunner(), cli_for_tests()
-    for args in (["convert", directory / "iris.joblib", "-o", directory / "iris.onnx"],
-                 ["package", directory / "iris.onnx", "--name", "iris", "--version", "1", "--baseline", directory / "train.npz",
-                  "--key", keypair[0], "-o", directory / "iris-1.edgebundle"]):
+    for args in (
+        ["convert", directory / "iris.joblib", "-o", directory / "iris.onnx"],
+        [
+            "package",
+            directory / "iris.onnx",
+            "--name",
+            "iris",
+            "--version",
+            "1",
+            "--baseline",
+            directory / "train.npz",
+            "--key",
+            keypair[0],
+            "-o",
+            directory / "iris-1.edgebundle",
+        ],
+    ):
         result = runner.invoke(cli, [str(a) for a in args], catch_exceptions=False)
         assert result.exit_code == 0, result.output
     config = make_device(directory / "dev", directory / "iris-1.edgebundle", keypair[1], http=False)
@@ -159,7 +224,9 @@ def test_predict_refuses_named_columns_a_positional_model_cannot_check(positiona
     assert code == 2 and out == "" and err.count("\n") == 1
     assert err.startswith(f"edge-agent: {directory / 'shuffled.csv'}: names its columns ('petal_width', 'petal_length'")
     assert "only by position" in err and "--names-from" in err
-    code, out, _ = run(capsys, "predict", "--config", config, directory / "rows.npz")  # unnamed rows, in training order: scored
+    code, out, _ = run(
+        capsys, "predict", "--config", config, directory / "rows.npz"
+    )  # unnamed rows, in training order: scored
     assert code == 0 and len(out.splitlines()) == 6
 
 

@@ -12,8 +12,19 @@ from tests.mqtt_helpers import AgentProcess, Collector
 pytestmark = pytest.mark.network
 
 
-def emulated_device(tmp_path, bundle, keypair, digits, broker, fleet, *, rate=2000, window_rows=100, drift=None, device_id="dev1"):
-    config = make_device(tmp_path / device_id, bundle, keypair[1], device_id=device_id, fleet=fleet, broker=broker.url, window_rows=window_rows, http=False)
+def emulated_device(
+    tmp_path, bundle, keypair, digits, broker, fleet, *, rate=2000, window_rows=100, drift=None, device_id="dev1"
+):
+    config = make_device(
+        tmp_path / device_id,
+        bundle,
+        keypair[1],
+        device_id=device_id,
+        fleet=fleet,
+        broker=broker.url,
+        window_rows=window_rows,
+        http=False,
+    )
     lines = ["[emulate]", f'data = "{digits.test}"', f"rows_per_second = {rate}"]
     if drift:
         lines += [f'drift_feature = "{drift[0]}"', f"drift_shift = {drift[1]}", "drift_after = 0"]
@@ -34,16 +45,22 @@ def fill_gaps(collector, device, upto):
     collector.wait(lambda: no_gaps(collector, device, upto), what=f"seqs 1..{upto} (missing {missing[:10]})")
 
 
-def test_summaries_arrive_with_the_right_row_counts_and_state_is_retained(tmp_path, bundle, keypair, digits, broker, fleet_name):
+def test_summaries_arrive_with_the_right_row_counts_and_state_is_retained(
+    tmp_path, bundle, keypair, digits, broker, fleet_name
+):
     collector = Collector(broker.url, fleet_name)
-    config = make_device(tmp_path / "dev", bundle, keypair[1], fleet=fleet_name, broker=broker.url, window_rows=100, http=False)
+    config = make_device(
+        tmp_path / "dev", bundle, keypair[1], fleet=fleet_name, broker=broker.url, window_rows=100, http=False
+    )
     X = np.load(digits.test)["X"]
     with Agent(config_of(config)).start() as agent:
         collector.wait(lambda: collector.states.get("dev1", {}).get("online") is True, what="birth message")
         agent.predict(X[:250])
         agent.predict(X[250:500])
         collector.wait(lambda: len(collector.of("dev1")) == 5, what="5 summaries")
-        assert agent.spool.depth() == 0 or collector.wait(lambda: agent.spool.depth() == 0, what="spool drained") is None
+        assert (
+            agent.spool.depth() == 0 or collector.wait(lambda: agent.spool.depth() == 0, what="spool drained") is None
+        )
     summaries = sorted(collector.of("dev1"), key=lambda s: s["seq"])
     assert [s["seq"] for s in summaries] == [1, 2, 3, 4, 5] and all(s["rows"] == 100 for s in summaries)
     assert summaries[0]["model"] == {"name": "digits", "version": 3} and summaries[0]["fleet"] == fleet_name
@@ -55,7 +72,11 @@ def test_summaries_arrive_with_the_right_row_counts_and_state_is_retained(tmp_pa
 
 def test_a_shifted_feature_is_flagged_and_the_others_are_not(tmp_path, bundle, keypair, digits, broker, fleet_name):
     collector = Collector(broker.url, fleet_name)
-    agent = AgentProcess(emulated_device(tmp_path, bundle, keypair, digits, broker, fleet_name, rate=3000, window_rows=500, drift=("pixel_2_4", 8.0))).start()
+    agent = AgentProcess(
+        emulated_device(
+            tmp_path, bundle, keypair, digits, broker, fleet_name, rate=3000, window_rows=500, drift=("pixel_2_4", 8.0)
+        )
+    ).start()
     try:
         collector.wait(lambda: len(collector.of("dev1")) >= 4, timeout=30, what="4 summaries")
     finally:
@@ -63,14 +84,18 @@ def test_a_shifted_feature_is_flagged_and_the_others_are_not(tmp_path, bundle, k
     summaries = collector.of("dev1")[:4]
     assert all(s["drift"]["features"]["pixel_2_4"]["drifted"] for s in summaries)
     assert all(s["drift"]["worst_feature"] == "pixel_2_4" for s in summaries)
-    false_flags = sum(v["drifted"] for s in summaries for name, v in s["drift"]["features"].items() if name != "pixel_2_4")
+    false_flags = sum(
+        v["drifted"] for s in summaries for name, v in s["drift"]["features"].items() if name != "pixel_2_4"
+    )
     assert false_flags <= 1
     collector.close()
 
 
 def test_broker_killed_and_restarted_mid_stream_loses_no_window(tmp_path, bundle, keypair, digits, broker, fleet_name):
     collector = Collector(broker.url, fleet_name)
-    agent = AgentProcess(emulated_device(tmp_path, bundle, keypair, digits, broker, fleet_name, rate=2000, window_rows=100)).start()
+    agent = AgentProcess(
+        emulated_device(tmp_path, bundle, keypair, digits, broker, fleet_name, rate=2000, window_rows=100)
+    ).start()
     try:
         collector.wait(lambda: len(collector.of("dev1")) >= 10, timeout=30, what="10 summaries before the outage")
         broker.kill()
@@ -101,7 +126,9 @@ def test_agent_killed_and_restarted_loses_no_closed_window(tmp_path, bundle, key
     closed_before = max([*collector.seqs("dev1"), *spooled])
     agent = AgentProcess(config).start()
     try:
-        collector.wait(lambda: max(collector.seqs("dev1")) >= closed_before + 5, timeout=30, what="summaries after the restart")
+        collector.wait(
+            lambda: max(collector.seqs("dev1")) >= closed_before + 5, timeout=30, what="summaries after the restart"
+        )
         fill_gaps(collector, "dev1", max(collector.seqs("dev1")))
     finally:
         agent.stop()
@@ -111,13 +138,23 @@ def test_agent_killed_and_restarted_loses_no_closed_window(tmp_path, bundle, key
     collector.close()
 
 
-def test_malformed_commands_are_ignored_and_the_agent_keeps_reporting(tmp_path, bundle, keypair, digits, broker, fleet_name):
+def test_malformed_commands_are_ignored_and_the_agent_keeps_reporting(
+    tmp_path, bundle, keypair, digits, broker, fleet_name
+):
     collector = Collector(broker.url, fleet_name)
-    config = make_device(tmp_path / "dev", bundle, keypair[1], fleet=fleet_name, broker=broker.url, window_rows=50, http=False)
+    config = make_device(
+        tmp_path / "dev", bundle, keypair[1], fleet=fleet_name, broker=broker.url, window_rows=50, http=False
+    )
     X = np.load(digits.test)["X"]
     with Agent(config_of(config)).start() as agent:
         collector.wait(lambda: agent.reporter.connected.is_set(), what="connection")
-        for payload in (b"\xff\xfe", b"[]", b'{"schema": "edgekit.cmd/1", "cmd": "rm -rf"}', b'{"schema": "edgekit.cmd/1", "cmd": "resend", "seqs": "all"}', b"{" * 10000):
+        for payload in (
+            b"\xff\xfe",
+            b"[]",
+            b'{"schema": "edgekit.cmd/1", "cmd": "rm -rf"}',
+            b'{"schema": "edgekit.cmd/1", "cmd": "resend", "seqs": "all"}',
+            b"{" * 10000,
+        ):
             collector.client.publish(f"edgekit/v1/{fleet_name}/dev1/cmd", payload, qos=1)
         collector.wait(lambda: agent.reporter.rejected_commands == 5, what="5 rejected commands")
         agent.predict(X[:100])
@@ -131,7 +168,9 @@ def test_streaming_rows_over_mqtt_are_scored_and_answered(tmp_path, bundle, keyp
 
     import paho.mqtt.client as mqtt
 
-    config = make_device(tmp_path / "dev", bundle, keypair[1], fleet=fleet_name, broker=broker.url, window_rows=100, http=False)
+    config = make_device(
+        tmp_path / "dev", bundle, keypair[1], fleet=fleet_name, broker=broker.url, window_rows=100, http=False
+    )
     with open(config, "a") as handle:
         handle.write("streaming = true\n")  # appended to the [mqtt] table, the last in the file
     answers, got = [], threading.Event()
@@ -144,7 +183,9 @@ def test_streaming_rows_over_mqtt_are_scored_and_answered(tmp_path, bundle, keyp
     with Agent(config_of(config)).start() as agent:
         Collector(broker.url, fleet_name).wait(lambda: agent.reporter.connected.is_set(), what="connection")
         time.sleep(0.2)
-        client.publish(f"edgekit/v1/{fleet_name}/dev1/input", json.dumps({"request_id": "r1", "instances": X[:3].tolist()}), qos=1)
+        client.publish(
+            f"edgekit/v1/{fleet_name}/dev1/input", json.dumps({"request_id": "r1", "instances": X[:3].tolist()}), qos=1
+        )
         assert got.wait(10)
         client.publish(f"edgekit/v1/{fleet_name}/dev1/input", b"not json", qos=1)
         deadline = time.time() + 10
@@ -152,7 +193,11 @@ def test_streaming_rows_over_mqtt_are_scored_and_answered(tmp_path, bundle, keyp
             time.sleep(0.05)
     client.loop_stop()
     client.disconnect()
-    assert answers[0]["request_id"] == "r1" and len(answers[0]["predictions"]) == 3 and answers[0]["schema"] == "edgekit.output/1"
+    assert (
+        answers[0]["request_id"] == "r1"
+        and len(answers[0]["predictions"]) == 3
+        and answers[0]["schema"] == "edgekit.output/1"
+    )
     assert "error" in answers[1]
 
 
@@ -161,13 +206,18 @@ def test_a_broker_that_speaks_only_mqtt_3_gets_mqtt_3(tmp_path, bundle, keypair,
     import json
     import subprocess
     import sys
+
     import paho.mqtt.client as mqtt
 
     pytest.importorskip("amqtt")
     from edgekit.local.broker import free_port, wait_for_port
 
     port = free_port()
-    broker = subprocess.Popen([sys.executable, "-m", "edgekit.local.embedded_broker", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    broker = subprocess.Popen(
+        [sys.executable, "-m", "edgekit.local.embedded_broker", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         assert wait_for_port(port, process=broker)
         summaries = []
@@ -176,7 +226,15 @@ def test_a_broker_that_speaks_only_mqtt_3_gets_mqtt_3(tmp_path, bundle, keypair,
         listener.connect("127.0.0.1", port)
         listener.subscribe(f"edgekit/v1/{fleet_name}/+/summary", qos=1)
         listener.loop_start()
-        config = make_device(tmp_path / "dev", bundle, keypair[1], fleet=fleet_name, broker=f"mqtt://127.0.0.1:{port}", window_rows=100, http=False)
+        config = make_device(
+            tmp_path / "dev",
+            bundle,
+            keypair[1],
+            fleet=fleet_name,
+            broker=f"mqtt://127.0.0.1:{port}",
+            window_rows=100,
+            http=False,
+        )
         with Agent(config_of(config)).start() as agent:
             deadline = time.time() + 15
             while not agent.reporter.connected.is_set() and time.time() < deadline:
@@ -217,7 +275,9 @@ def test_a_puback_arriving_while_a_summary_is_being_sent_does_not_deadlock(tmp_p
                 return SimpleNamespace(mid=self.mid, rc=0)
 
     spool = Spool(tmp_path / "spool")
-    reporter = MqttReporter(MqttConfig(url="mqtt://127.0.0.1:1"), Topics("f", "d"), spool, client_id="c", birth=dict, offline={})
+    reporter = MqttReporter(
+        MqttConfig(url="mqtt://127.0.0.1:1"), Topics("f", "d"), spool, client_id="c", birth=dict, offline={}
+    )
     reporter._client = client = PahoLike()
     reporter.connected.set()
     for seq in (1, 2):
@@ -230,7 +290,9 @@ def test_a_puback_arriving_while_a_summary_is_being_sent_does_not_deadlock(tmp_p
     deadline = time.time() + 5
     while not reporter._lock.locked() and time.time() < deadline:
         time.sleep(0.01)
-    ack = threading.Thread(target=reporter._on_publish, args=(client, None, 1, SimpleNamespace(is_failure=False), None), daemon=True)
+    ack = threading.Thread(
+        target=reporter._on_publish, args=(client, None, 1, SimpleNamespace(is_failure=False), None), daemon=True
+    )
     ack.start()
     ack.join(2)
     assert not ack.is_alive(), "on_publish waited for the reporter's lock: deadlock"

@@ -34,7 +34,20 @@ def test_keygen_writes_a_private_key_only_its_owner_reads(cli, tmp_path):
 def test_passphrase_protected_key(cli, digits_int8, digits, tmp_path):
     env = {"EDGEKIT_KEY_PASSPHRASE": "correct horse"}
     assert cli("keygen", "-o", tmp_path, env=env).exit_code == 0
-    args = ["package", digits_int8, "--name", "d", "--version", "1", "--baseline", digits.train, "--key", tmp_path / "edgekit.key", "-o", tmp_path / "b.edgebundle"]
+    args = [
+        "package",
+        digits_int8,
+        "--name",
+        "d",
+        "--version",
+        "1",
+        "--baseline",
+        digits.train,
+        "--key",
+        tmp_path / "edgekit.key",
+        "-o",
+        tmp_path / "b.edgebundle",
+    ]
     refused = cli(*args)
     assert refused.exit_code == 2 and "set EDGEKIT_KEY_PASSPHRASE" in refused.stderr
     assert cli(*args, env=env).exit_code == 0
@@ -44,8 +57,24 @@ def test_package_inspect_verify(cli, digits, digits_int8, keypair, tmp_path):
     out = tmp_path / "digits-3.edgebundle"
     report = tmp_path / "report.json"
     report.write_text(cli("validate", digits_int8, "--reference", digits.model, "--data", digits.test, "--json").stdout)
-    result = cli("package", digits_int8, "--name", "digits", "--version", "3", "--baseline", digits.train, "--key", keypair[0],
-                 "--report", report, "--drift", "alpha=0.05", "-o", out)
+    result = cli(
+        "package",
+        digits_int8,
+        "--name",
+        "digits",
+        "--version",
+        "3",
+        "--baseline",
+        digits.train,
+        "--key",
+        keypair[0],
+        "--report",
+        report,
+        "--drift",
+        "alpha=0.05",
+        "-o",
+        out,
+    )
     assert result.exit_code == 0, result.stderr
     verified = cli("verify", out, "--pubkey", keypair[1])
     assert verified.exit_code == 0 and "digits v3" in verified.stdout
@@ -60,7 +89,9 @@ def test_package_inspect_verify(cli, digits, digits_int8, keypair, tmp_path):
     assert len(manifest["lineage"]["baseline_sha256"]) == 64
     human = cli("inspect", out)
     assert "not checked (give --pubkey)" in human.stdout and "digits v3" in human.stdout
-    assert manifest["validation"]["size_ratio_of"] == "digits.joblib" and "x of digits.joblib" in human.stdout  # not float32 ONNX
+    assert (
+        manifest["validation"]["size_ratio_of"] == "digits.joblib" and "x of digits.joblib" in human.stdout
+    )  # not float32 ONNX
 
 
 def test_bundle_contents_are_what_the_device_needs(bundle, keypair, digits):
@@ -171,9 +202,35 @@ def test_package_refuses_bad_identity(cli, digits, digits_int8, keypair, tmp_pat
 
 def test_package_needs_a_converted_model_and_matching_baseline(cli, digits, cancer, digits_int8, keypair, tmp_path):
     out = tmp_path / "b.edgebundle"
-    result = cli("package", digits.model, "--name", "d", "--version", "1", "--baseline", digits.train, "--key", keypair[0], "-o", out)
+    result = cli(
+        "package",
+        digits.model,
+        "--name",
+        "d",
+        "--version",
+        "1",
+        "--baseline",
+        digits.train,
+        "--key",
+        keypair[0],
+        "-o",
+        out,
+    )
     assert result.exit_code == 2 and "run 'edgekit convert" in result.stderr
-    result = cli("package", digits_int8, "--name", "d", "--version", "1", "--baseline", cancer.train, "--key", keypair[0], "-o", out)
+    result = cli(
+        "package",
+        digits_int8,
+        "--name",
+        "d",
+        "--version",
+        "1",
+        "--baseline",
+        cancer.train,
+        "--key",
+        keypair[0],
+        "-o",
+        out,
+    )
     assert result.exit_code == 2 and "lacks the model's columns 'pixel_0_0'" in result.stderr
     assert not out.exists() and not list(tmp_path.glob(".b.edgebundle*"))
 

@@ -26,13 +26,17 @@ pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="needs t
 def doc_recipes() -> list[list[str]]:
     """The ```sh blocks of the doc's openssl section, as lists of command lines (comments dropped)."""
     text = DOC.read_text()
-    section = text[text.index("### Verifying a signature outside Python"):text.index("## Profile:")]
+    section = text[text.index("### Verifying a signature outside Python") : text.index("## Profile:")]
     blocks = re.findall(r"```sh\n(.*?)```", section, re.S)
-    return [[line for line in block.splitlines() if line.strip() and not line.lstrip().startswith("#")] for block in blocks]
+    return [
+        [line for line in block.splitlines() if line.strip() and not line.lstrip().startswith("#")] for block in blocks
+    ]
 
 
 def sh(command: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run(["bash", "-o", "pipefail", "-c", command], cwd=cwd, capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        ["bash", "-o", "pipefail", "-c", command], cwd=cwd, capture_output=True, text=True, timeout=60
+    )
 
 
 @pytest.fixture

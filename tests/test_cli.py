@@ -16,7 +16,18 @@ def all_commands():
 
 def test_every_command_has_help_ending_with_an_example(cli):
     group, commands = all_commands()
-    assert {"convert", "validate", "keygen", "package", "inspect", "verify", "demo", "emulate", "fleet collect", "fleet status"} <= set(commands)
+    assert {
+        "convert",
+        "validate",
+        "keygen",
+        "package",
+        "inspect",
+        "verify",
+        "demo",
+        "emulate",
+        "fleet collect",
+        "fleet status",
+    } <= set(commands)
     for name, command in commands.items():
         result = cli(*name.split(), "--help")
         assert result.exit_code == 0, name
@@ -53,5 +64,7 @@ def test_fleet_reads_refuse_a_missing_database_instead_of_making_an_empty_one(cl
 @pytest.mark.parametrize("target, name", [("tflite", "model.onnx"), ("onnx", "model.tflite")])
 def test_convert_refuses_an_output_name_of_the_other_format(cli, digits, tmp_path, target, name):
     result = cli("convert", digits.model, "--target", target, "-o", tmp_path / name)
-    assert result.exit_code == 2 and f"--target is {target}" in result.output and f"end it in .{target}" in result.output
+    assert (
+        result.exit_code == 2 and f"--target is {target}" in result.output and f"end it in .{target}" in result.output
+    )
     assert not (tmp_path / name).exists()

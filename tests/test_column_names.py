@@ -39,16 +39,26 @@ def test_named_data_for_a_model_that_knows_only_positions_is_refused_with_the_fi
 
 def test_names_recorded_at_convert_time_reorder_named_data(cli, iris_files, tmp_path):
     model = tmp_path / "iris.onnx"
-    assert cli("convert", iris_files / "iris.joblib", "--names-from", iris_files / "ordered.csv", "-o", model).exit_code == 0
-    result = cli("validate", model, "--reference", iris_files / "iris.joblib", "--data", iris_files / "shuffled.csv", "--json")
+    assert (
+        cli("convert", iris_files / "iris.joblib", "--names-from", iris_files / "ordered.csv", "-o", model).exit_code
+        == 0
+    )
+    result = cli(
+        "validate", model, "--reference", iris_files / "iris.joblib", "--data", iris_files / "shuffled.csv", "--json"
+    )
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
-    assert report["agreement"] == 1.0 and report["candidate"]["metric"] > 0.9  # scored on the right columns (0.33 by position)
+    assert (
+        report["agreement"] == 1.0 and report["candidate"]["metric"] > 0.9
+    )  # scored on the right columns (0.33 by position)
 
 
 def test_names_from_a_file_that_disagrees_with_the_models_own_names_are_refused(cli, iris_files, tmp_path):
     model = tmp_path / "iris.onnx"
-    assert cli("convert", iris_files / "iris.joblib", "--names-from", iris_files / "ordered.csv", "-o", model).exit_code == 0
+    assert (
+        cli("convert", iris_files / "iris.joblib", "--names-from", iris_files / "ordered.csv", "-o", model).exit_code
+        == 0
+    )
     other = tmp_path / "other.csv"
     other.write_text("a,b,c,d,target\n1,2,3,4,0\n")
     result = cli("convert", model, "--names-from", other, "-o", tmp_path / "again.onnx")

@@ -6,7 +6,7 @@ import pytest
 from onnx import TensorProto, helper
 
 from edgekit.models.loading import load_model
-from edgekit.models.targets import RuntimeTarget, support_for, installed_onnxruntime
+from edgekit.models.targets import RuntimeTarget, installed_onnxruntime, support_for
 
 
 def test_pipeline_converts_whole_and_answers_like_scikit_learn(cli, digits, tmp_path):
@@ -36,9 +36,13 @@ def test_ir_and_opsets_are_pinned_to_the_declared_device_runtime(cli, digits, tm
 
 def _tiny_onnx(path, ir_version=None, opset=17):
     weight = helper.make_tensor("W", TensorProto.FLOAT, [3, 2], np.ones(6, dtype=np.float32))
-    graph = helper.make_graph([helper.make_node("MatMul", ["x", "W"], ["y"])], "g",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 3])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 2])], [weight])
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "W"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 2])],
+        [weight],
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
     if ir_version:
         model.ir_version = ir_version
@@ -113,7 +117,9 @@ def test_regressor_pipeline(cli, tmp_path):
     joblib.dump(make_pipeline(StandardScaler(), Ridge()).fit(X, y), tmp_path / "r.joblib")
     np.savez(tmp_path / "r.npz", X=X, y=y)
     assert cli("convert", tmp_path / "r.joblib", "-o", tmp_path / "r.onnx").exit_code == 0
-    result = cli("validate", tmp_path / "r.onnx", "--reference", tmp_path / "r.joblib", "--data", tmp_path / "r.npz", "--json")
+    result = cli(
+        "validate", tmp_path / "r.onnx", "--reference", tmp_path / "r.joblib", "--data", tmp_path / "r.npz", "--json"
+    )
     report = json.loads(result.stdout)
     assert result.exit_code == 0 and report["task"] == "regression" and report["metric"] == "rmse"
     assert report["agreement"] > 0.99 and report["max_abs_diff"] < 1e-2

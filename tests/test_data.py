@@ -1,9 +1,9 @@
 import numpy as np
 import pytest
 
-from edgekit.models.data import adopt_feature_names, load_dataset
-from edgekit.errors import DataError
 from device_agent.schema import InputSchema
+from edgekit.errors import DataError
+from edgekit.models.data import adopt_feature_names, load_dataset
 
 
 def write(tmp_path, name, text):

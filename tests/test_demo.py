@@ -11,7 +11,19 @@ def test_demo_host_pipeline_only(cli, tmp_path):
 @pytest.mark.network
 @pytest.mark.parametrize("broker", ["auto", "amqtt"])
 def test_demo_runs_the_whole_loop_and_flags_the_drifted_device(cli, digits, tmp_path, broker):
-    result = cli("demo", "--workdir", tmp_path / "demo", "--fixtures", digits.model.parent, "--devices", "2", "--duration", "12", "--broker", broker)
+    result = cli(
+        "demo",
+        "--workdir",
+        tmp_path / "demo",
+        "--fixtures",
+        digits.model.parent,
+        "--devices",
+        "2",
+        "--duration",
+        "12",
+        "--broker",
+        broker,
+    )
     assert result.exit_code == 0, result.output
     out = result.stdout
     assert "[8/8] final fleet status" in out
@@ -20,7 +32,9 @@ def test_demo_runs_the_whole_loop_and_flags_the_drifted_device(cli, digits, tmp_
     assert any(line.startswith("emu-01") for line in final.splitlines())
     assert "DRIFTED" in emu0 and "pixel_2_4" in emu0
     alerts = final.split("open alerts:")[1].splitlines()[0]
-    assert "drift emu-00 pixel_2_4" in alerts and "emu-01" not in alerts  # a single clean window may flag by chance; an alert needs two
+    assert (
+        "drift emu-00 pixel_2_4" in alerts and "emu-01" not in alerts
+    )  # a single clean window may flag by chance; an alert needs two
     assert ("amqtt" in out) == (broker == "amqtt")
     assert "[7/8] rolling out digits v2" in out
     assert "succeeded (2 of 2 device(s) updated)" in final

@@ -10,7 +10,9 @@ from device_agent.stats import chi2_sf
 NAMES = [f"f{i}" for i in range(64)]
 
 
-@pytest.mark.parametrize("x, df, expected", [(3.841, 1, 0.05), (16.919, 9, 0.05), (30, 9, 4.387e-4), (0.5, 3, 0.91889), (100, 50, 3.455e-5)])
+@pytest.mark.parametrize(
+    "x, df, expected", [(3.841, 1, 0.05), (16.919, 9, 0.05), (30, 9, 4.387e-4), (0.5, 3, 0.91889), (100, 50, 3.455e-5)]
+)
 def test_chi2_survival_function_matches_reference_values(x, df, expected):
     assert chi2_sf(x, df) == pytest.approx(expected, rel=2e-3)
 
@@ -81,7 +83,13 @@ def test_discrete_features_of_a_real_dataset(digits):
 
 def test_small_windows_get_no_verdict_and_predictions_are_tested():
     rng = np.random.default_rng(4)
-    base = build_baseline(rng.normal(size=(1000, 2)), ["a", "b"], labels=[0, 1], predicted_labels=rng.integers(0, 2, 1000), probabilities=np.full((1000, 2), 0.5))
+    base = build_baseline(
+        rng.normal(size=(1000, 2)),
+        ["a", "b"],
+        labels=[0, 1],
+        predicted_labels=rng.integers(0, 2, 1000),
+        probabilities=np.full((1000, 2), 0.5),
+    )
     window = base.empty_like()
     window.update_inputs(rng.normal(size=(50, 2)) + 3)
     report = drift_report(base, window)

@@ -1,7 +1,7 @@
 import pytest
 
-from edgekit.local.emulate import DriftSpec
 from edgekit.errors import EdgekitError
+from edgekit.local.emulate import DriftSpec
 from tests.mqtt_helpers import Collector
 
 
@@ -13,14 +13,41 @@ def test_drift_spec_parsing():
 
 
 @pytest.mark.network
-def test_emulated_fleet_reports_and_only_drifted_devices_are_flagged(cli, bundle, keypair, digits, broker, fleet_name, tmp_path):
+def test_emulated_fleet_reports_and_only_drifted_devices_are_flagged(
+    cli, bundle, keypair, digits, broker, fleet_name, tmp_path
+):
     collector = Collector(broker.url, fleet_name)
-    result = cli("emulate", "--devices", "2", "--bundle", bundle, "--pubkey", keypair[1], "--broker", broker.url, "--data", digits.test,
-                 "--fleet", fleet_name, "--window-rows", "300", "--rows-per-second", "1500", "--drift", "feature=f20,shift=8,after=0,devices=0",
-                 "--state-dir", tmp_path / "fleet", "--duration", "4")
+    result = cli(
+        "emulate",
+        "--devices",
+        "2",
+        "--bundle",
+        bundle,
+        "--pubkey",
+        keypair[1],
+        "--broker",
+        broker.url,
+        "--data",
+        digits.test,
+        "--fleet",
+        fleet_name,
+        "--window-rows",
+        "300",
+        "--rows-per-second",
+        "1500",
+        "--drift",
+        "feature=f20,shift=8,after=0,devices=0",
+        "--state-dir",
+        tmp_path / "fleet",
+        "--duration",
+        "4",
+    )
     assert result.exit_code == 0, result.output
     assert "stopped 2 emulated device(s)" in result.stdout
-    collector.wait(lambda: len(collector.of("emu-00")) >= 3 and len(collector.of("emu-01")) >= 3, what="summaries from both devices")
+    collector.wait(
+        lambda: len(collector.of("emu-00")) >= 3 and len(collector.of("emu-01")) >= 3,
+        what="summaries from both devices",
+    )
     drifted = collector.of("emu-00")
     clean = collector.of("emu-01")
     assert all(s["drift"]["features"]["pixel_2_4"]["drifted"] for s in drifted if s["rows"] >= 300)
@@ -30,6 +57,21 @@ def test_emulated_fleet_reports_and_only_drifted_devices_are_flagged(cli, bundle
 
 
 def test_unknown_drift_feature_is_one_line(cli, bundle, keypair, digits, tmp_path):
-    result = cli("emulate", "--devices", "1", "--bundle", bundle, "--pubkey", keypair[1], "--data", digits.test, "--drift", "feature=nope,shift=1",
-                 "--state-dir", tmp_path / "fleet", "--duration", "1")
+    result = cli(
+        "emulate",
+        "--devices",
+        "1",
+        "--bundle",
+        bundle,
+        "--pubkey",
+        keypair[1],
+        "--data",
+        digits.test,
+        "--drift",
+        "feature=nope,shift=1",
+        "--state-dir",
+        tmp_path / "fleet",
+        "--duration",
+        "1",
+    )
     assert result.exit_code == 2 and "the model has no feature 'nope'" in result.stderr

@@ -4,7 +4,6 @@ Speed figures (int8 throughput, "never slower than float32") are measured by
 scripts/bench_quantize.py, never asserted here: timings on a shared machine flake.
 """
 
-
 import pytest
 
 from edgekit.build.convert import QuantizeOptions, convert_model
@@ -15,8 +14,12 @@ pytestmark = pytest.mark.slow
 
 def quantize_and_validate(fixture, tmp_path, **options):
     out = tmp_path / "m.int8.onnx"
-    outcome = convert_model(str(fixture.model), str(out), quantize=QuantizeOptions(force=True, **options), calibration=str(fixture.train))
-    return outcome, validate(str(out), reference_path=str(fixture.model), data_path=str(fixture.test), latency_budget=0.2)
+    outcome = convert_model(
+        str(fixture.model), str(out), quantize=QuantizeOptions(force=True, **options), calibration=str(fixture.train)
+    )
+    return outcome, validate(
+        str(out), reference_path=str(fixture.model), data_path=str(fixture.test), latency_budget=0.2
+    )
 
 
 def test_weight_heavy_mlp_shrinks_to_a_quarter(wide, tmp_path):
@@ -27,8 +30,13 @@ def test_weight_heavy_mlp_shrinks_to_a_quarter(wide, tmp_path):
 
 def test_weight_heavy_mlp_keeps_accuracy_and_agreement_on_held_out_rows(wide, tmp_path):
     out = tmp_path / "w.int8.onnx"
-    outcome = convert_model(str(wide.model), str(out), quantize=QuantizeOptions(max_accuracy_drop=0.005, min_agreement=0.995, force=True),
-                            calibration=str(wide.train), evaluation=str(wide.test))
+    outcome = convert_model(
+        str(wide.model),
+        str(out),
+        quantize=QuantizeOptions(max_accuracy_drop=0.005, min_agreement=0.995, force=True),
+        calibration=str(wide.train),
+        evaluation=str(wide.test),
+    )
     report = validate(str(out), reference_path=str(wide.model), data_path=str(wide.test), latency_budget=0.2)
     assert outcome.search.chosen.config is not None and outcome.passed
     assert report["accuracy_drop"] <= 0.005
@@ -44,6 +52,12 @@ def test_digits_int8_keeps_accuracy_and_agreement(digits, tmp_path):
 def test_convert_validate_of_digits_is_quick(digits, tmp_path):
     """Not a timing assertion: the search must stay small (a handful of trials), which keeps it fast."""
     out = tmp_path / "d.onnx"
-    outcome = convert_model(str(digits.model), str(out), quantize=QuantizeOptions(), calibration=str(digits.train), evaluation=str(digits.test))
+    outcome = convert_model(
+        str(digits.model),
+        str(out),
+        quantize=QuantizeOptions(),
+        calibration=str(digits.train),
+        evaluation=str(digits.test),
+    )
     assert len(outcome.search.trials) <= 8
     assert outcome.passed

@@ -42,25 +42,82 @@ def sshd(tmp_path):
 
 
 def flash_args(bundle, keypair, broker, fleet, device, target, wheels):
-    return ["flash", bundle, "--target", target, "--device-id", device, "--fleet", fleet, "--broker", broker.url, "--pubkey", keypair[1],
-            "--python", sys.executable, "--system-site-packages", "--wheel-dir", wheels, "--wait", "60"]
+    return [
+        "flash",
+        bundle,
+        "--target",
+        target,
+        "--device-id",
+        device,
+        "--fleet",
+        fleet,
+        "--broker",
+        broker.url,
+        "--pubkey",
+        keypair[1],
+        "--python",
+        sys.executable,
+        "--system-site-packages",
+        "--wheel-dir",
+        wheels,
+        "--wait",
+        "60",
+    ]
 
 
 def test_dry_run_prints_every_step_and_changes_nothing(cli, bundle, keypair, tmp_path):
     target = tmp_path / "dev"
-    result = cli("flash", bundle, "--target", f"dir:{target}", "--device-id", "d1", "--broker", "mqtt://127.0.0.1:1883", "--pubkey", keypair[1], "--dry-run")
+    result = cli(
+        "flash",
+        bundle,
+        "--target",
+        f"dir:{target}",
+        "--device-id",
+        "d1",
+        "--broker",
+        "mqtt://127.0.0.1:1883",
+        "--pubkey",
+        keypair[1],
+        "--dry-run",
+    )
     assert result.exit_code == 0, result.output
-    assert "[dry-run] copy" in result.stdout and "edge-agent\" install" in result.stdout and "-m venv" in result.stdout
+    assert "[dry-run] copy" in result.stdout and 'edge-agent" install' in result.stdout and "-m venv" in result.stdout
     assert not target.exists()
 
 
 def test_an_ssh_target_path_is_the_install_root(cli, bundle, keypair):
-    result = cli("flash", bundle, "--target", "ssh://pi@192.0.2.1:2222/srv/edge kit", "--device-id", "d1", "--broker", "mqtt://127.0.0.1:1883",
-                 "--pubkey", keypair[1], "--dry-run")
+    result = cli(
+        "flash",
+        bundle,
+        "--target",
+        "ssh://pi@192.0.2.1:2222/srv/edge kit",
+        "--device-id",
+        "d1",
+        "--broker",
+        "mqtt://127.0.0.1:1883",
+        "--pubkey",
+        keypair[1],
+        "--dry-run",
+    )
     assert result.exit_code == 0, result.output
-    assert "(root /srv/edge kit)" in result.stdout and "ROOT='/srv/edge kit'" in result.stdout and "/home/pi/edgekit" not in result.stdout
-    climbing = cli("flash", bundle, "--target", "ssh://pi@192.0.2.1/srv/../etc", "--device-id", "d1", "--broker", "mqtt://127.0.0.1:1883",
-                   "--pubkey", keypair[1], "--dry-run")
+    assert (
+        "(root /srv/edge kit)" in result.stdout
+        and "ROOT='/srv/edge kit'" in result.stdout
+        and "/home/pi/edgekit" not in result.stdout
+    )
+    climbing = cli(
+        "flash",
+        bundle,
+        "--target",
+        "ssh://pi@192.0.2.1/srv/../etc",
+        "--device-id",
+        "d1",
+        "--broker",
+        "mqtt://127.0.0.1:1883",
+        "--pubkey",
+        keypair[1],
+        "--dry-run",
+    )
     assert climbing.exit_code == 2 and "'..'" in climbing.output
 
 
@@ -68,16 +125,32 @@ def test_system_site_packages_reaches_a_virtualenv_interpreters_packages(tmp_pat
     """--python may be a venv's python: the device venv must see that venv's packages, not only its base's."""
     parent = tmp_path / "parent"
     subprocess.run([sys.executable, "-m", "venv", str(parent)], check=True)
-    site = Path(subprocess.check_output([str(parent / "bin" / "python"), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], text=True).strip())
+    site = Path(
+        subprocess.check_output(
+            [str(parent / "bin" / "python"), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+            text=True,
+        ).strip()
+    )
     (site / "only_in_parent_venv.py").write_text("VALUE = 42\n")
     from edgekit.local.flash import Flasher, FlashPlan
 
-    plan = FlashPlan(bundle=Path("b"), device_id="d", fleet="f", broker="mqtt://127.0.0.1:1", pubkey=Path("k"), target="dir:/x",
-                     python=str(parent / "bin" / "python"), system_site_packages=True)
+    plan = FlashPlan(
+        bundle=Path("b"),
+        device_id="d",
+        fleet="f",
+        broker="mqtt://127.0.0.1:1",
+        pubkey=Path("k"),
+        target="dir:/x",
+        python=str(parent / "bin" / "python"),
+        system_site_packages=True,
+    )
     script = Flasher(plan)._install_script(str(tmp_path / "device"), ssh=False)
     setup = "\n".join(line for line in script.splitlines() if "pip install" not in line and "edge-agent" not in line)
     subprocess.run(["bash", "-c", setup], check=True)
-    value = subprocess.check_output([str(tmp_path / "device" / "venv" / "bin" / "python"), "-c", "import only_in_parent_venv as m; print(m.VALUE)"], text=True)
+    value = subprocess.check_output(
+        [str(tmp_path / "device" / "venv" / "bin" / "python"), "-c", "import only_in_parent_venv as m; print(m.VALUE)"],
+        text=True,
+    )
     assert value.strip() == "42"
 
 
@@ -86,13 +159,23 @@ def test_flash_an_emulated_device_and_see_it_come_online(cli, bundle, keypair, b
     wheels.mkdir()
     collector = Collector(broker.url, fleet_name)
     target = tmp_path / "dev1"
-    result = cli(*flash_args(bundle, keypair, broker, fleet_name, "dev1", f"dir:{target}", wheels), "--start", "--listen", "127.0.0.1:0")
+    result = cli(
+        *flash_args(bundle, keypair, broker, fleet_name, "dev1", f"dir:{target}", wheels),
+        "--start",
+        "--listen",
+        "127.0.0.1:0",
+    )
     try:
         assert result.exit_code == 0, result.output
         assert "online: dev1 runs digits v3" in result.stdout
         assert (target / "etc" / "agent.toml").exists() and (target / "venv" / "bin" / "edge-agent").exists()
         assert (target / "state" / "slots").is_dir()
-        again = cli(*flash_args(bundle, keypair, broker, fleet_name, "dev1", f"dir:{target}", wheels), "--start", "--listen", "127.0.0.1:0")
+        again = cli(
+            *flash_args(bundle, keypair, broker, fleet_name, "dev1", f"dir:{target}", wheels),
+            "--start",
+            "--listen",
+            "127.0.0.1:0",
+        )
         assert again.exit_code == 0, again.output  # upgrade in place: same version is verified, not refused
     finally:
         pid = (target / "agent.pid").read_text().strip() if (target / "agent.pid").exists() else None
@@ -108,8 +191,17 @@ def test_flash_over_ssh_runs_the_agent_and_it_reports(cli, bundle, keypair, brok
     if root.exists():
         shutil.rmtree(root)
     target = f"ssh://root@127.0.0.1:{sshd['port']}"
-    result = cli(*flash_args(bundle, keypair, broker, fleet_name, "pi-test", target, wheels), "--identity", sshd["identity"],
-                 "--ssh-option", "StrictHostKeyChecking=no", "--ssh-option", "UserKnownHostsFile=/dev/null", "--listen", "127.0.0.1:0")
+    result = cli(
+        *flash_args(bundle, keypair, broker, fleet_name, "pi-test", target, wheels),
+        "--identity",
+        sshd["identity"],
+        "--ssh-option",
+        "StrictHostKeyChecking=no",
+        "--ssh-option",
+        "UserKnownHostsFile=/dev/null",
+        "--listen",
+        "127.0.0.1:0",
+    )
     try:
         assert result.exit_code == 0, result.output
         assert "online: pi-test runs digits v3" in result.stdout and "started:" in result.stdout

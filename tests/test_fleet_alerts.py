@@ -97,7 +97,13 @@ def test_sinks_get_the_evidence_by_webhook_and_on_a_command_stdin(fleet, tmp_pat
     out = tmp_path / "retrain.json"
     script = tmp_path / "retrain.py"
     script.write_text(f"import sys, pathlib; pathlib.Path({str(out)!r}).write_bytes(sys.stdin.buffer.read())\n")
-    engine = AlertEngine(store, AlertRules(), AlertSinks(log=False, webhook=f"http://127.0.0.1:{server.server_port}/hook", command=(sys.executable, str(script))))
+    engine = AlertEngine(
+        store,
+        AlertRules(),
+        AlertSinks(
+            log=False, webhook=f"http://127.0.0.1:{server.server_port}/hook", command=(sys.executable, str(script))
+        ),
+    )
     feed(ingestor, summary(BASE, "d1", 1, latency_ms=900.0))
     engine.evaluate(now=1.7e9)
     deadline = time.time() + 10
@@ -111,9 +117,16 @@ def test_sinks_get_the_evidence_by_webhook_and_on_a_command_stdin(fleet, tmp_pat
 
 def test_alerts_toml(tmp_path):
     path = tmp_path / "alerts.toml"
-    path.write_text('[rules]\ndrift_windows = 5\np99_ms_max = 50\n[sinks]\nlog = false\ncommand = "python retrain.py --fast"\n')
+    path.write_text(
+        '[rules]\ndrift_windows = 5\np99_ms_max = 50\n[sinks]\nlog = false\ncommand = "python retrain.py --fast"\n'
+    )
     rules, sinks = load_alert_config(path)
-    assert rules.drift_windows == 5 and rules.p99_ms_max == 50.0 and sinks.command == ("python", "retrain.py", "--fast") and sinks.log is False
+    assert (
+        rules.drift_windows == 5
+        and rules.p99_ms_max == 50.0
+        and sinks.command == ("python", "retrain.py", "--fast")
+        and sinks.log is False
+    )
     path.write_text("[rules]\nnope = 1\n")
     with pytest.raises(EdgekitError, match="unknown alert rules"):
         load_alert_config(path)

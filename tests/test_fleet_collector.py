@@ -37,20 +37,59 @@ def screenshot(url, path):
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     if chromium is None:
         pytest.skip("chromium is not installed (apt-get install chromium)")
-    subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-                    "--disable-component-update", "--disable-sync", f"--user-data-dir={path.parent / 'chromium-profile'}", "--window-size=1100,900",
-                    f"--screenshot={path}", url], check=True, capture_output=True, timeout=60)
+    subprocess.run(
+        [
+            chromium,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            f"--user-data-dir={path.parent / 'chromium-profile'}",
+            "--window-size=1100,900",
+            f"--screenshot={path}",
+            url,
+        ],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
     return path
 
 
 def test_collector_ingests_a_fleet_shows_it_and_alerts(tmp_path, bundle, keypair, digits, broker, fleet_name):
-    collector = Collector(CollectorConfig(broker=broker.url, db=str(tmp_path / "fleet.db"), http="127.0.0.1:0", client_id=f"c-{fleet_name}"))
+    collector = Collector(
+        CollectorConfig(
+            broker=broker.url, db=str(tmp_path / "fleet.db"), http="127.0.0.1:0", client_id=f"c-{fleet_name}"
+        )
+    )
     collector.alerts = AlertEngine(collector.store, AlertRules(drift_windows=2), AlertSinks(log=False))
     collector.start()
-    agents = [AgentProcess(emulated_device(tmp_path, bundle, keypair, digits, broker, fleet_name, rate=2000, window_rows=300,
-                                          drift=("pixel_2_4", 8.0) if i == 0 else None, device_id=f"dev{i}")).start() for i in range(2)]
+    agents = [
+        AgentProcess(
+            emulated_device(
+                tmp_path,
+                bundle,
+                keypair,
+                digits,
+                broker,
+                fleet_name,
+                rate=2000,
+                window_rows=300,
+                drift=("pixel_2_4", 8.0) if i == 0 else None,
+                device_id=f"dev{i}",
+            )
+        ).start()
+        for i in range(2)
+    ]
     try:
-        wait(lambda: all(d["windows"] >= 4 for d in collector.store.status()) and len(collector.store.status()) == 2, what="4 windows from each device")
+        wait(
+            lambda: all(d["windows"] >= 4 for d in collector.store.status()) and len(collector.store.status()) == 2,
+            what="4 windows from each device",
+        )
     finally:
         for agent in agents:
             agent.stop()
@@ -58,11 +97,17 @@ def test_collector_ingests_a_fleet_shows_it_and_alerts(tmp_path, bundle, keypair
     port = collector.server.server_address[1]
     status = {d["device"]: d for d in json.loads(get(port, "/api/status")[1])}
     assert status["dev0"]["drifted"] is True and status["dev0"]["worst_feature"] == "pixel_2_4"
-    assert status["dev1"]["missing_seqs"] == 0 and status["dev0"]["model"] == "digits" and status["dev0"]["model_version"] == 3
+    assert (
+        status["dev1"]["missing_seqs"] == 0
+        and status["dev0"]["model"] == "digits"
+        and status["dev0"]["model_version"] == 3
+    )
     drift = {tuple(r["devices"]): r for r in json.loads(get(port, "/api/drift?device=dev0")[1])}
     assert drift[("dev0",)]["drift"]["features"]["pixel_2_4"]["drifted"] is True
     collector.alerts.evaluate()
-    assert ("drift", "dev0", "pixel_2_4") in {(a["rule"], a["device"], a["subject"]) for a in collector.store.alerts(open_only=True)}
+    assert ("drift", "dev0", "pixel_2_4") in {
+        (a["rule"], a["device"], a["subject"]) for a in collector.store.alerts(open_only=True)
+    }
     metrics = get(port, "/metrics")[1].decode()
     assert 'edgekit_device_drifted{device="dev0"' in metrics and "edgekit_collector_messages_total" in metrics
     html_page = get(port, "/devices/dev0")[1].decode()
@@ -77,16 +122,38 @@ def test_collector_ingests_a_fleet_shows_it_and_alerts(tmp_path, bundle, keypair
     collector.stop()
 
 
-def test_collector_killed_and_restarted_mid_stream_loses_no_summary(tmp_path, bundle, keypair, digits, broker, fleet_name):
+def test_collector_killed_and_restarted_mid_stream_loses_no_summary(
+    tmp_path, bundle, keypair, digits, broker, fleet_name
+):
     db = tmp_path / "fleet.db"
 
     def start_collector():
         with open(tmp_path / "collector.log", "ab") as log:
-            return subprocess.Popen([sys.executable, "-m", "edgekit.cli", "fleet", "collect", "--broker", broker.url, "--db", str(db), "--http", "",
-                                     "--client-id", f"c-{fleet_name}"], cwd=ROOT, stdout=log, stderr=log)
+            return subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "edgekit.cli",
+                    "fleet",
+                    "collect",
+                    "--broker",
+                    broker.url,
+                    "--db",
+                    str(db),
+                    "--http",
+                    "",
+                    "--client-id",
+                    f"c-{fleet_name}",
+                ],
+                cwd=ROOT,
+                stdout=log,
+                stderr=log,
+            )
 
     collector = start_collector()
-    agent = AgentProcess(emulated_device(tmp_path, bundle, keypair, digits, broker, fleet_name, rate=2000, window_rows=50)).start()
+    agent = AgentProcess(
+        emulated_device(tmp_path, bundle, keypair, digits, broker, fleet_name, rate=2000, window_rows=50)
+    ).start()
     store = SqliteStore(db)
     try:
         wait(lambda: any(d["windows"] >= 20 for d in store.status()), what="20 windows stored")

@@ -58,9 +58,24 @@ def test_status_combines_state_and_summaries(store):
     ingestor = Ingestor(store)
     feed(ingestor, state("d1", True), summary(BASE, "d1", 1, shift=3.0), state("d2", False))
     by_device = {d["device"]: d for d in store.status()}
-    assert by_device["d1"]["online"] is True and by_device["d1"]["drifted"] is True and by_device["d1"]["worst_feature"] == "f0"
+    assert (
+        by_device["d1"]["online"] is True
+        and by_device["d1"]["drifted"] is True
+        and by_device["d1"]["worst_feature"] == "f0"
+    )
     assert by_device["d2"]["online"] is False and by_device["d2"]["windows"] == 0
-    assert set(by_device["d1"]) >= {"device", "fleet", "online", "model", "model_version", "last_seen", "windows", "rows", "drifted", "worst_feature"}
+    assert set(by_device["d1"]) >= {
+        "device",
+        "fleet",
+        "online",
+        "model",
+        "model_version",
+        "last_seen",
+        "windows",
+        "rows",
+        "drifted",
+        "worst_feature",
+    }
 
 
 @pytest.mark.parametrize(
@@ -140,9 +155,18 @@ def test_ten_thousand_fuzzed_payloads_never_crash_the_ingestor(store):
 def test_drift_merges_windows_across_devices_and_time(store):
     ingestor = Ingestor(store)
     feed(ingestor, baseline_message(BASE, "d1"))
-    feed(ingestor, *[summary(BASE, "d1", s, rows=300) for s in range(1, 4)], *[summary(BASE, "d2", s, rows=300, shift=1.0, seed=100 + s) for s in range(1, 4)])
+    feed(
+        ingestor,
+        *[summary(BASE, "d1", s, rows=300) for s in range(1, 4)],
+        *[summary(BASE, "d2", s, rows=300, shift=1.0, seed=100 + s) for s in range(1, 4)],
+    )
     fleet = merged_drift(store)
-    assert len(fleet) == 1 and fleet[0]["devices"] == ["d1", "d2"] and fleet[0]["rows"] == 1800 and fleet[0]["windows"] == 6
+    assert (
+        len(fleet) == 1
+        and fleet[0]["devices"] == ["d1", "d2"]
+        and fleet[0]["rows"] == 1800
+        and fleet[0]["windows"] == 6
+    )
     assert fleet[0]["drift"]["features"]["f0"]["drifted"] is True
     clean = merged_drift(store, device="d1")[0]
     assert clean["drift"]["drifted"] is False and clean["rows"] == 900
@@ -163,7 +187,9 @@ def test_since_durations():
 
 def test_a_window_without_a_verdict_does_not_hide_the_last_verdict(store):
     ingestor = Ingestor(store)
-    feed(ingestor, summary(BASE, "d1", 1, shift=3.0), summary(BASE, "d1", 2, rows=20))  # 20 rows: below min_rows, no verdict
+    feed(
+        ingestor, summary(BASE, "d1", 1, shift=3.0), summary(BASE, "d1", 2, rows=20)
+    )  # 20 rows: below min_rows, no verdict
     device = store.status()[0]
     assert device["drifted"] is True and device["worst_feature"] == "f0" and device["windows"] == 2
 
@@ -189,7 +215,11 @@ def test_versions_sharing_a_baseline_merge_and_are_all_named(store):
     v2 = {**MODEL, "version": MODEL["version"] + 1}
     feed(ingestor, baseline_message(BASE, "d1"), summary(BASE, "d1", 1), summary(BASE, "d1", 2, model=v2))
     (report,) = merged_drift(store, device="d1")
-    assert report["model_versions"] == [MODEL["version"], v2["version"]] and report["model_version"] == v2["version"] and report["windows"] == 2
+    assert (
+        report["model_versions"] == [MODEL["version"], v2["version"]]
+        and report["model_version"] == v2["version"]
+        and report["windows"] == 2
+    )
 
 
 def test_the_summary_watermark_names_devices_stored_by_another_process(store, tmp_path):

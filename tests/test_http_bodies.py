@@ -52,8 +52,14 @@ def chunked(data: bytes, sizes=(7, 1, 30), *, extensions: bool = True, trailer: 
     out, i, n = b"", 0, 0
     while i < len(data):
         size = sizes[n % len(sizes)]
-        piece, i, n = data[i:i + size], i + size, n + 1
-        out += f"{len(piece):x}".encode() + (b";name=value;flag" if extensions and n == 1 else b"") + b"\r\n" + piece + b"\r\n"
+        piece, i, n = data[i : i + size], i + size, n + 1
+        out += (
+            f"{len(piece):x}".encode()
+            + (b";name=value;flag" if extensions and n == 1 else b"")
+            + b"\r\n"
+            + piece
+            + b"\r\n"
+        )
     return out + b"0\r\n" + (b"X-Checksum: abc\r\nX-Other: 1\r\n" if trailer else b"") + b"\r\n"
 
 
@@ -77,7 +83,9 @@ def raw_agent(agent):
 @pytest.fixture
 def small_agent(tmp_path, bundle, keypair):
     """An agent whose [server] max_body_bytes is 64."""
-    with Agent(config_of(make_device(tmp_path / "dev", bundle, keypair[1], server={"max_body_bytes": 64}))).start() as running:
+    with Agent(
+        config_of(make_device(tmp_path / "dev", bundle, keypair[1], server={"max_body_bytes": 64}))
+    ).start() as running:
         conn = Raw(running.server.server_address[1])
         yield conn
         conn.close()
@@ -98,7 +106,10 @@ def test_chunked_predict_is_answered_like_content_length_and_the_connection_stay
     assert status == 200 and headers.get("connection", "").lower() != "close"
     assert json.loads(answer)["predictions"] == json.loads(plain)["predictions"]
     # two more requests on the same connection after the chunked one: the trailer was read to its end
-    status, _, again = raw_agent.request(post_head(PREDICT, "Transfer-Encoding: chunked"), chunked(body, sizes=(len(body),), extensions=False, trailer=False))
+    status, _, again = raw_agent.request(
+        post_head(PREDICT, "Transfer-Encoding: chunked"),
+        chunked(body, sizes=(len(body),), extensions=False, trailer=False),
+    )
     assert status == 200 and json.loads(again)["predictions"] == json.loads(plain)["predictions"]
     status, _, health = raw_agent.request("GET /healthz HTTP/1.1\nHost: 127.0.0.1\n")
     assert status == 200 and json.loads(health)["status"] == "ok"
@@ -126,11 +137,16 @@ def test_a_post_without_length_or_chunked_is_411_naming_the_fix(raw_agent):
     assert headers["content-type"] == "application/json"
 
 
-@pytest.mark.parametrize("bad", [b"zz\r\n{}\r\n0\r\n\r\n",            # not hex
-                                 b"2\r\n{}XX0\r\n\r\n",                # no CRLF after the data
-                                 b"\r\n{}\r\n0\r\n\r\n",               # empty size
-                                 b"2\r\n{}\r\n0\r\nno-colon\r\n\r\n",  # malformed trailer
-                                 b"-2\r\n{}\r\n0\r\n\r\n"])            # negative
+@pytest.mark.parametrize(
+    "bad",
+    [
+        b"zz\r\n{}\r\n0\r\n\r\n",  # not hex
+        b"2\r\n{}XX0\r\n\r\n",  # no CRLF after the data
+        b"\r\n{}\r\n0\r\n\r\n",  # empty size
+        b"2\r\n{}\r\n0\r\nno-colon\r\n\r\n",  # malformed trailer
+        b"-2\r\n{}\r\n0\r\n\r\n",
+    ],
+)  # negative
 def test_a_malformed_chunk_is_400(raw_agent, bad):
     status, _, body = raw_agent.request(post_head(PREDICT, "Transfer-Encoding: chunked"), bad)
     error = json.loads(body)["error"]
@@ -142,7 +158,9 @@ def test_unsupported_codings_and_both_framings_are_refused(raw_agent, agent):
     assert status == 501
     other = Raw(agent.server.server_address[1])
     try:
-        status, _, _ = other.request(post_head(PREDICT, "Content-Length: 6", "Transfer-Encoding: chunked"), b"0\r\n\r\n")
+        status, _, _ = other.request(
+            post_head(PREDICT, "Content-Length: 6", "Transfer-Encoding: chunked"), b"0\r\n\r\n"
+        )
         assert status == 400
     finally:
         other.close()
@@ -168,8 +186,11 @@ def running_collector(**limits):
     from edgekit.fleet.web import COLLECTOR_LIMITS, serve
 
     rollouts = FakeRollouts()
-    server = serve(SimpleNamespace(rollouts=rollouts, store=None, alerts=None, config=SimpleNamespace(api_token=None)), f"127.0.0.1:{free_port()}",
-                   limits=replace(COLLECTOR_LIMITS, **limits) if limits else COLLECTOR_LIMITS)
+    server = serve(
+        SimpleNamespace(rollouts=rollouts, store=None, alerts=None, config=SimpleNamespace(api_token=None)),
+        f"127.0.0.1:{free_port()}",
+        limits=replace(COLLECTOR_LIMITS, **limits) if limits else COLLECTOR_LIMITS,
+    )
     conn = Raw(server.server_address[1])
     try:
         yield SimpleNamespace(conn=conn, rollouts=rollouts, port=server.server_address[1])
@@ -186,18 +207,24 @@ def collector():
 
 def test_collector_takes_a_chunked_upload_and_keeps_the_connection(collector):
     data = bytes(range(256)) * 40
-    status, _, body = collector.conn.request(post_head("/api/bundles", "Transfer-Encoding: chunked"), chunked(data, sizes=(1000, 3, 4096)))
+    status, _, body = collector.conn.request(
+        post_head("/api/bundles", "Transfer-Encoding: chunked"), chunked(data, sizes=(1000, 3, 4096))
+    )
     assert status == 201 and json.loads(body) == {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
     assert collector.rollouts.uploads == [data]
     status, _, body = collector.conn.request(post_head("/api/rollouts/r-1/pause", "Content-Length: 0"))
     assert status == 200 and json.loads(body)["state"] == "paused"
-    status, _, body = collector.conn.request(post_head("/api/rollouts/r-2/pause", "Transfer-Encoding: chunked"), b"0\r\n\r\n")
+    status, _, body = collector.conn.request(
+        post_head("/api/rollouts/r-2/pause", "Transfer-Encoding: chunked"), b"0\r\n\r\n"
+    )
     assert status == 200 and json.loads(body)["id"] == "r-2"
 
 
 def test_collector_chunked_upload_over_the_limit_is_413():
     with running_collector(max_body_bytes=100) as collector:
-        status, _, body = collector.conn.request(post_head("/api/bundles", "Transfer-Encoding: chunked"), b"50\r\n" + b"x" * 80 + b"\r\n50\r\n")
+        status, _, body = collector.conn.request(
+            post_head("/api/bundles", "Transfer-Encoding: chunked"), b"50\r\n" + b"x" * 80 + b"\r\n50\r\n"
+        )
         assert status == 413 and "100-byte limit" in json.loads(body)["error"]
         assert collector.conn.closed_by_server() and collector.rollouts.uploads == []
 
@@ -207,14 +234,18 @@ def test_collector_post_without_length_is_411_and_malformed_chunk_is_400(collect
     assert status == 411 and "Transfer-Encoding: chunked" in json.loads(body)["error"]
     conn = Raw(collector.port)
     try:  # the client gives up mid-chunk: the incomplete request is dropped and the connection closed
-        conn.sock.sendall(post_head("/api/bundles", "Transfer-Encoding: chunked").replace("\n", "\r\n").encode() + b"\r\n5\r\nab")
+        conn.sock.sendall(
+            post_head("/api/bundles", "Transfer-Encoding: chunked").replace("\n", "\r\n").encode() + b"\r\n5\r\nab"
+        )
         conn.sock.shutdown(socket.SHUT_WR)
         assert conn.closed_by_server()
     finally:
         conn.close()
     conn = Raw(collector.port)
     try:
-        status, _, body = conn.request(post_head("/api/bundles", "Transfer-Encoding: chunked"), b"g\r\nabc\r\n0\r\n\r\n")
+        status, _, body = conn.request(
+            post_head("/api/bundles", "Transfer-Encoding: chunked"), b"g\r\nabc\r\n0\r\n\r\n"
+        )
         assert status == 400 and "chunk size" in json.loads(body)["error"].lower()
     finally:
         conn.close()

@@ -10,7 +10,6 @@ from __future__ import annotations
 import datetime
 import http.client
 import json
-import os
 import socket
 import ssl
 import subprocess
@@ -40,8 +39,11 @@ class AgentProcess:
 
     def __init__(self, config: Path) -> None:
         self.state = config.parent / "state"
-        self.process = subprocess.Popen([sys.executable, "-m", "device_agent", "run", "--config", str(config)],
-                                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "device_agent", "run", "--config", str(config)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
         deadline = time.monotonic() + 60
         while not (self.state / "http.json").exists():
             if self.process.poll() is not None or time.monotonic() > deadline:
@@ -89,8 +91,11 @@ def agent_process(tmp_path, bundle, keypair):
 def healthz_seconds(port: int, *, context: ssl.SSLContext | None = None) -> float:
     """One GET /healthz on a new connection: the seconds to a 200."""
     start = time.monotonic()
-    conn = (http.client.HTTPSConnection("127.0.0.1", port, context=context, timeout=10) if context
-            else http.client.HTTPConnection("127.0.0.1", port, timeout=10))
+    conn = (
+        http.client.HTTPSConnection("127.0.0.1", port, context=context, timeout=10)
+        if context
+        else http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    )
     try:
         conn.request("GET", "/healthz")
         response = conn.getresponse()
@@ -148,22 +153,32 @@ def closed(sock: socket.socket, timeout: float = 15) -> bool:
 
 def self_signed(directory: Path) -> tuple[Path, Path]:
     """A certificate for 127.0.0.1 and its key, made here (no network, no openssl binary)."""
+    import ipaddress
+
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.x509.oid import NameOID
-    import ipaddress
 
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "edgekit test")])
     now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
-            .sign(key, hashes.SHA256()))
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+        .sign(key, hashes.SHA256())
+    )
     cert_path, key_path = directory / "cert.pem", directory / "key.pem"
     cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    key_path.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
     return cert_path, key_path
 
 
@@ -226,13 +241,17 @@ def test_a_head_that_never_ends_gets_408_after_header_timeout(agent_process):
 def test_a_lying_content_length_gets_408_after_body_timeout_and_an_overlong_one_no_more_than_the_limit(agent_process):
     agent = agent_process(body_timeout=1.5, max_body_bytes=4096)
     sock = socket.create_connection(("127.0.0.1", agent.port))
-    sock.sendall(b"POST /v1/models/digits:predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n{\"inst")
+    sock.sendall(
+        b'POST /v1/models/digits:predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n{"inst'
+    )
     status, _, body = read_response(sock)
     assert status == 408 and "body_timeout" in json.loads(body)["error"]
     # Content-Length under the limit, then megabytes more: the rest is parsed as the next request's head and refused
     rss_before = agent.rss_mb()
     sock = socket.create_connection(("127.0.0.1", agent.port))
-    sock.sendall(b"POST /v1/models/digits:predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}")
+    sock.sendall(
+        b"POST /v1/models/digits:predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}"
+    )
     status, _, _ = read_response(sock)
     assert status == 400  # {} has no instances
     try:
@@ -246,10 +265,19 @@ def test_a_lying_content_length_gets_408_after_body_timeout_and_an_overlong_one_
 def test_a_chunked_body_past_the_limit_is_413_at_the_chunk_that_passes_it(agent_process):
     agent = agent_process(max_body_bytes=4096)
     sock = socket.create_connection(("127.0.0.1", agent.port))
-    sock.sendall(b"POST /v1/models/digits:predict HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
-                 + b"800\r\n" + b"[" * 2048 + b"\r\n" + b"100000\r\n")  # 2 KiB, then a chunk that says 1 MiB
+    sock.sendall(
+        b"POST /v1/models/digits:predict HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+        + b"800\r\n"
+        + b"[" * 2048
+        + b"\r\n"
+        + b"100000\r\n"
+    )  # 2 KiB, then a chunk that says 1 MiB
     status, headers, body = read_response(sock)
-    assert status == 413 and "4096-byte limit" in json.loads(body)["error"] and "max_body_bytes" in json.loads(body)["error"]
+    assert (
+        status == 413
+        and "4096-byte limit" in json.loads(body)["error"]
+        and "max_body_bytes" in json.loads(body)["error"]
+    )
     assert headers["connection"] == "close" and closed(sock)
 
 
@@ -303,7 +331,9 @@ def test_expect_100_continue_head_and_the_4xx_answers(agent, digits):
     port = agent.server.server_address[1]
     body = json.dumps({"instances": np.load(digits.test)["X"][:2].tolist()}).encode()
     sock = socket.create_connection(("127.0.0.1", port))
-    sock.sendall(f"POST {PREDICT} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\nExpect: 100-continue\r\n\r\n".encode())
+    sock.sendall(
+        f"POST {PREDICT} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\nExpect: 100-continue\r\n\r\n".encode()
+    )
     sock.settimeout(10)
     assert sock.recv(25).startswith(b"HTTP/1.1 100 Continue")
     sock.sendall(body)
@@ -326,13 +356,20 @@ def test_expect_100_continue_head_and_the_4xx_answers(agent, digits):
     assert status == 405 and headers["Allow"] == "GET"
     status, _, data = ask("POST", PREDICT, "a,b\n1,2\n", {"Content-Type": "text/csv"})
     assert status == 415 and "application/json" in json.loads(data)["error"]
-    status, _, data = ask("POST", PREDICT, json.dumps({"instances": np.load(digits.test)["X"][:6].tolist()}), {"Content-Type": "application/json"})
+    status, _, data = ask(
+        "POST",
+        PREDICT,
+        json.dumps({"instances": np.load(digits.test)["X"][:6].tolist()}),
+        {"Content-Type": "application/json"},
+    )
     assert status == 413 and "max_rows" in json.loads(data)["error"]
     status, _, data = ask("POST", PREDICT, "{", {"Content-Type": "application/json"})
     assert status == 400 and "not JSON" in json.loads(data)["error"]
     conn.close()
     sock = socket.create_connection(("127.0.0.1", port))
-    sock.sendall(b"POST " + PREDICT.encode() + b" HTTP/1.1\r\nHost: x\r\n" + b"X-Big: " + b"a" * (70 << 10) + b"\r\n\r\n")
+    sock.sendall(
+        b"POST " + PREDICT.encode() + b" HTTP/1.1\r\nHost: x\r\n" + b"X-Big: " + b"a" * (70 << 10) + b"\r\n\r\n"
+    )
     status, _, data = read_response(sock)
     assert status == 431 and "max_header_bytes" in json.loads(data)["error"]
 
@@ -365,7 +402,14 @@ def test_tls_config_needs_both_files_and_readable_ones(tmp_path, bundle, keypair
     with pytest.raises(ConfigError, match="tls_cert or tls_key but not both"):
         config_of(make_device(tmp_path / "a", bundle, keypair[1], server={"tls_cert": "cert.pem"}))
     (tmp_path / "bad.pem").write_text("not a certificate")
-    config = config_of(make_device(tmp_path / "b", bundle, keypair[1], server={"tls_cert": str(tmp_path / "bad.pem"), "tls_key": str(tmp_path / "bad.pem")}))
+    config = config_of(
+        make_device(
+            tmp_path / "b",
+            bundle,
+            keypair[1],
+            server={"tls_cert": str(tmp_path / "bad.pem"), "tls_key": str(tmp_path / "bad.pem")},
+        )
+    )
     with pytest.raises(ConfigError, match="cannot load the TLS certificate"):
         Agent(config).start(mqtt=False)
 
@@ -375,7 +419,9 @@ def test_limits_are_checked_when_the_config_is_read(tmp_path, bundle, keypair):
 
     with pytest.raises(ConfigError, match="header_timeout must be positive"):
         config_of(make_device(tmp_path / "a", bundle, keypair[1], server={"header_timeout": 0}))
-    limits = config_of(make_device(tmp_path / "b", bundle, keypair[1], server={"max_connections": 7, "idle_timeout": 2.5})).server.limits
+    limits = config_of(
+        make_device(tmp_path / "b", bundle, keypair[1], server={"max_connections": 7, "idle_timeout": 2.5})
+    ).server.limits
     assert (limits.max_connections, limits.idle_timeout, limits.header_timeout) == (7, 2.5, 10.0)
     with pytest.raises(ValueError, match="unknown HTTP limit 'max_conections'"):
         HttpLimits().with_values({"max_conections": 3})
@@ -406,11 +452,18 @@ def test_the_collector_serves_https_with_its_own_limits(tmp_path):
     from edgekit.fleet.web import COLLECTOR_LIMITS, serve
 
     cert, key = self_signed(tmp_path)
-    server = serve(SimpleNamespace(alerts=None, store=None, rollouts=None, config=SimpleNamespace(api_token=None)), "127.0.0.1:0",
-                   limits=COLLECTOR_LIMITS.with_values({"max_header_bytes": 4096}), tls_cert=str(cert), tls_key=str(key))
+    server = serve(
+        SimpleNamespace(alerts=None, store=None, rollouts=None, config=SimpleNamespace(api_token=None)),
+        "127.0.0.1:0",
+        limits=COLLECTOR_LIMITS.with_values({"max_header_bytes": 4096}),
+        tls_cert=str(cert),
+        tls_key=str(key),
+    )
     try:
         assert server.scheme == "https"
-        conn = http.client.HTTPSConnection(*server.server_address, context=ssl.create_default_context(cafile=str(cert)), timeout=10)
+        conn = http.client.HTTPSConnection(
+            *server.server_address, context=ssl.create_default_context(cafile=str(cert)), timeout=10
+        )
         conn.request("GET", "/api/alerts")
         response = conn.getresponse()
         assert response.status == 200 and json.loads(response.read()) == []

@@ -24,7 +24,10 @@ HOSTILE = ('size "cm"', "back\\slash", "new\nline", "température ✓", 'all \\"
 def promtool_check(text: str) -> None:
     promtool = shutil.which("promtool")
     if promtool is None:
-        pytest.fail("promtool is not installed: apt-get install prometheus (scripts/test.sh does it when run as root)", pytrace=False)
+        pytest.fail(
+            "promtool is not installed: apt-get install prometheus (scripts/test.sh does it when run as root)",
+            pytrace=False,
+        )
     result = subprocess.run([promtool, "check", "metrics"], input=text.encode(), capture_output=True, timeout=30)
     problems = (result.stdout + result.stderr).decode().strip()
     assert result.returncode == 0 and not problems, f"promtool check metrics: {problems}\n--- exposition ---\n{text}"
@@ -39,7 +42,13 @@ def test_label_values_are_escaped_per_the_text_format():
     assert escape_label_value(3) == "3"
     assert format_labels({}) == ""
     assert format_labels({"model": "m", "feature": 'x"\n'}) == '{model="m",feature="x\\"\\n"}'
-    assert [format_value(v) for v in (1, 2.5, 5e-05, float("inf"), float("nan"))] == ["1", "2.5", "5e-05", "+Inf", "NaN"]
+    assert [format_value(v) for v in (1, 2.5, 5e-05, float("inf"), float("nan"))] == [
+        "1",
+        "2.5",
+        "5e-05",
+        "+Inf",
+        "NaN",
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -50,8 +59,8 @@ def hostile_bundle(tmp_path_factory, keypair):
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    from edgekit.bundle.package import build_bundle
     from edgekit.build.convert import convert_model
+    from edgekit.bundle.package import build_bundle
 
     directory = tmp_path_factory.mktemp("hostile")
     rng = np.random.default_rng(0)
@@ -61,7 +70,14 @@ def hostile_bundle(tmp_path_factory, keypair):
     np.savez(directory / "baseline.npz", X=X, y=y, feature_names=np.array(HOSTILE))
     convert_model(str(directory / "m.joblib"), str(directory / "m.onnx"))
     path = directory / "hostile-1.edgebundle"
-    build_bundle(str(directory / "m.onnx"), name="hostile", version=1, baseline_path=str(directory / "baseline.npz"), key_path=str(keypair[0]), output=str(path))
+    build_bundle(
+        str(directory / "m.onnx"),
+        name="hostile",
+        version=1,
+        baseline_path=str(directory / "baseline.npz"),
+        key_path=str(keypair[0]),
+        output=str(path),
+    )
     return path, X
 
 
@@ -87,11 +103,21 @@ def test_collector_metrics_pass_promtool(tmp_path):
     try:
         collector.alerts = AlertEngine(collector.store, AlertRules(), AlertSinks(log=False))
         base = baseline()
-        collector.ingestor.handle([Message(*state("d1", True), 1.7e9), Message(*summary(base, "d1", 1, shift=3.0), 1.7e9),
-                                   Message(*summary(base, "d2", 1, null_rate=0.3), 1.7e9), Message("edgekit/v1/f/d3/summary", b"not json", 1.7e9)])
+        collector.ingestor.handle(
+            [
+                Message(*state("d1", True), 1.7e9),
+                Message(*summary(base, "d1", 1, shift=3.0), 1.7e9),
+                Message(*summary(base, "d2", 1, null_rate=0.3), 1.7e9),
+                Message("edgekit/v1/f/d3/summary", b"not json", 1.7e9),
+            ]
+        )
         collector.alerts.evaluate(now=1.7e9)
         text = render(collector).decode()
     finally:
         collector.store.close()
     promtool_check(text)
-    assert 'edgekit_device_drifted{device="d1"' in text and "edgekit_collector_messages_total" in text and "edgekit_alerts_open" in text
+    assert (
+        'edgekit_device_drifted{device="d1"' in text
+        and "edgekit_collector_messages_total" in text
+        and "edgekit_alerts_open" in text
+    )

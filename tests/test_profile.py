@@ -11,7 +11,13 @@ rng = np.random.default_rng(0)
 
 def baseline(rows=2000):
     X = rng.normal(size=(rows, 3))
-    return build_baseline(X, ["a", "b", "c"], labels=[0, 1, 2], predicted_labels=rng.integers(0, 3, rows), probabilities=rng.dirichlet([1, 1, 1], rows))
+    return build_baseline(
+        X,
+        ["a", "b", "c"],
+        labels=[0, 1, 2],
+        predicted_labels=rng.integers(0, 3, rows),
+        probabilities=rng.dirichlet([1, 1, 1], rows),
+    )
 
 
 def test_quantile_bins_hold_equal_shares_of_the_baseline():
@@ -98,7 +104,9 @@ def test_vectorized_update_equals_the_per_feature_definition(digits, dirty, dtyp
     """The agent's fast block update must count exactly what NumericSketch.update counts, also for
     float32 rows (compared in float32) sitting on, just below and just above every cut."""
     train = np.load(digits.train)["X"].astype(float)
-    base = build_baseline(train + np.random.default_rng(1).normal(0, 0.1, train.shape) / 3, [f"f{i}" for i in range(64)])  # cuts off float32's grid
+    base = build_baseline(
+        train + np.random.default_rng(1).normal(0, 0.1, train.shape) / 3, [f"f{i}" for i in range(64)]
+    )  # cuts off float32's grid
     local = np.random.default_rng(5)
     data = np.resize(train, (700, 64)) + local.normal(0, 4, (700, 64))
     if dtype is np.float32:
@@ -106,7 +114,11 @@ def test_vectorized_update_equals_the_per_feature_definition(digits, dirty, dtyp
         for column, sketch in enumerate(base.features):
             for cut in list(sketch.cuts) + [sketch.low, sketch.high]:
                 near = np.float32(cut)
-                edges += [(column, near), (column, np.nextafter(near, np.float32(np.inf))), (column, np.nextafter(near, np.float32(-np.inf)))]
+                edges += [
+                    (column, near),
+                    (column, np.nextafter(near, np.float32(np.inf))),
+                    (column, np.nextafter(near, np.float32(-np.inf))),
+                ]
         for row, (column, value) in enumerate(edges[: len(data) * 64]):
             data[row % len(data), column] = value
         data = data.astype(np.float32)
@@ -120,4 +132,8 @@ def test_vectorized_update_equals_the_per_feature_definition(digits, dirty, dtyp
         sketch.update(data[:, column])
     for a, b in zip(block.features, reference.features):
         assert a.counts.tolist() == b.counts.tolist() and (a.count, a.nulls, a.infs) == (b.count, b.nulls, b.infs)
-        assert (a.minimum, a.maximum) == (b.minimum, b.maximum) and a.total == pytest.approx(b.total) and a.total_sq == pytest.approx(b.total_sq)
+        assert (
+            (a.minimum, a.maximum) == (b.minimum, b.maximum)
+            and a.total == pytest.approx(b.total)
+            and a.total_sq == pytest.approx(b.total_sq)
+        )

@@ -37,7 +37,11 @@ def test_provision_files_and_idempotence(cli, tmp_path):
 class Client:
     def __init__(self, port, user, password):
         self.messages, self.connected, self.refused = [], threading.Event(), None
-        self.client = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2, client_id=f"t-{user}-{time.time()}", protocol=mqtt.MQTTv5)
+        self.client = mqtt.Client(
+            callback_api_version=mqtt.CallbackAPIVersion.VERSION2,
+            client_id=f"t-{user}-{time.time()}",
+            protocol=mqtt.MQTTv5,
+        )
         self.client.username_pw_set(user, password)
         self.client.on_connect = self._on_connect
         self.client.on_message = lambda c, u, m: self.messages.append((m.topic, m.payload))
@@ -64,11 +68,18 @@ def test_a_device_cannot_publish_as_another_nor_read_its_commands(cli, tmp_path)
         shutil.copy(out / name, broker.dir / name)
         broker.own(broker.dir / name)
     config = broker.dir / "mosquitto.conf"
-    config.write_text(config.read_text().replace("allow_anonymous true\n", "") + (out / "mosquitto.conf").read_text().replace(str(out.resolve()), str(broker.dir)))
+    config.write_text(
+        config.read_text().replace("allow_anonymous true\n", "")
+        + (out / "mosquitto.conf").read_text().replace(str(out.resolve()), str(broker.dir))
+    )
     broker.start()
     secret = lambda user: (out / "credentials" / f"{user}.password").read_text().strip()  # noqa: E731
     try:
-        collector, d1, d2 = Client(broker.port, COLLECTOR_USER, secret(COLLECTOR_USER)), Client(broker.port, "d1", secret("d1")), Client(broker.port, "d2", secret("d2"))
+        collector, d1, d2 = (
+            Client(broker.port, COLLECTOR_USER, secret(COLLECTOR_USER)),
+            Client(broker.port, "d1", secret("d1")),
+            Client(broker.port, "d2", secret("d2")),
+        )
         for c in (collector, d1, d2):
             assert c.connected.wait(5)
         intruder = Client(broker.port, "d1", "wrong password")

@@ -4,9 +4,9 @@ import numpy as np
 import onnx
 
 from edgekit.build.layer_error import layer_errors
-from edgekit.models.loading import load_model
 from edgekit.build.quant_search import Limits, Trial, _choose
 from edgekit.build.quantize import QuantConfig
+from edgekit.models.loading import load_model
 
 
 def ops(path):
@@ -25,7 +25,19 @@ def test_dynamic_int8_without_calibration(cli, digits, tmp_path):
 
 def test_static_qdq_with_calibration_keeps_preprocessing_in_float(cli, digits, tmp_path):
     out = tmp_path / "d.int8.onnx"
-    result = cli("convert", digits.model, "--quantize", "int8", "--calibration", digits.train, "--per-channel", "--force", "-o", out, "--json")
+    result = cli(
+        "convert",
+        digits.model,
+        "--quantize",
+        "int8",
+        "--calibration",
+        digits.train,
+        "--per-channel",
+        "--force",
+        "-o",
+        out,
+        "--json",
+    )
     assert result.exit_code == 0, result.stderr
     assert json.loads(result.stdout)["quantization"]["chosen"] == "static QDQ per-channel U8/S8 minmax"
     graph = onnx.load(out).graph
@@ -38,17 +50,47 @@ def test_static_qdq_with_calibration_keeps_preprocessing_in_float(cli, digits, t
 
 def test_search_tries_every_configuration_and_prints_the_table(cli, digits, tmp_path):
     out = tmp_path / "d.int8.onnx"
-    result = cli("convert", digits.model, "--quantize", "int8", "--calibration", digits.train, "--eval", digits.test_csv,
-                 "--max-accuracy-drop", "0.01", "-o", out)
+    result = cli(
+        "convert",
+        digits.model,
+        "--quantize",
+        "int8",
+        "--calibration",
+        digits.train,
+        "--eval",
+        digits.test_csv,
+        "--max-accuracy-drop",
+        "0.01",
+        "-o",
+        out,
+    )
     assert result.exit_code == 0, result.stderr
-    for name in ("float32", "dynamic per-tensor", "static QDQ per-tensor U8/S8", "static QDQ per-channel U8/S8", "static QDQ per-tensor S8/S8", "static QDQ per-channel S8/S8"):
+    for name in (
+        "float32",
+        "dynamic per-tensor",
+        "static QDQ per-tensor U8/S8",
+        "static QDQ per-channel U8/S8",
+        "static QDQ per-tensor S8/S8",
+        "static QDQ per-channel S8/S8",
+    ):
         assert name in result.stdout
     assert "wrote" in result.stdout and out.exists()
 
 
 def test_search_json_records_each_trial(cli, digits, tmp_path):
-    result = cli("convert", digits.model, "--quantize", "int8", "--calibration", digits.train, "--eval", digits.test,
-                 "-o", tmp_path / "o.onnx", "--json")
+    result = cli(
+        "convert",
+        digits.model,
+        "--quantize",
+        "int8",
+        "--calibration",
+        digits.train,
+        "--eval",
+        digits.test,
+        "-o",
+        tmp_path / "o.onnx",
+        "--json",
+    )
     doc = json.loads(result.stdout)["quantization"]
     assert len(doc["trials"]) == 6 and doc["max_accuracy_drop"] == 0.01 and doc["min_agreement"] is None
     chosen = next(t for t in doc["trials"] if t["name"] == doc["chosen"])
@@ -77,7 +119,9 @@ def test_tree_ensembles_are_reported_not_quantizable(cli, tmp_path):
 
 
 def test_options_that_need_each_other(cli, digits, tmp_path):
-    result = cli("convert", digits.model, "--quantize", "int8", "--max-accuracy-drop", "0.01", "-o", tmp_path / "o.onnx")
+    result = cli(
+        "convert", digits.model, "--quantize", "int8", "--max-accuracy-drop", "0.01", "-o", tmp_path / "o.onnx"
+    )
     assert result.exit_code == 2 and "--max-accuracy-drop needs labelled --eval data" in result.stderr
     result = cli("convert", digits.model, "--calibration", digits.train, "-o", tmp_path / "o.onnx")
     assert result.exit_code == 2 and "only with --quantize int8" in result.stderr
@@ -91,7 +135,9 @@ def test_nan_in_calibration_data_is_refused(cli, digits, tmp_path):
     X = np.load(digits.train)["X"].copy()
     X[3, 5] = np.nan
     np.savez(tmp_path / "nan.npz", X=X)
-    result = cli("convert", digits.model, "--quantize", "int8", "--calibration", tmp_path / "nan.npz", "-o", tmp_path / "o.onnx")
+    result = cli(
+        "convert", digits.model, "--quantize", "int8", "--calibration", tmp_path / "nan.npz", "-o", tmp_path / "o.onnx"
+    )
     assert result.exit_code == 2
     assert "missing value(s), first at row 3 column 'f5', and the model has no imputer" in result.stderr
 
@@ -116,7 +162,13 @@ def _baseline():
 
 
 def test_choice_keeps_the_fastest_within_the_limit():
-    outcome = _choose(_baseline(), [_trial("a", 0.001, 1.5, 2.0), _trial("b", 0.002, 2.0, 3.0), _trial("c", 0.05, 5.0, 5.0)], limits=Limits(0.01), force=False, metric_name="accuracy")
+    outcome = _choose(
+        _baseline(),
+        [_trial("a", 0.001, 1.5, 2.0), _trial("b", 0.002, 2.0, 3.0), _trial("c", 0.05, 5.0, 5.0)],
+        limits=Limits(0.01),
+        force=False,
+        metric_name="accuracy",
+    )
     assert outcome.chosen.name == "b" and outcome.passed
 
 
@@ -129,15 +181,44 @@ def test_choice_keeps_float32_when_int8_is_slower_unless_forced():
 
 
 def test_choice_fails_when_nothing_is_within_the_limit():
-    outcome = _choose(_baseline(), [_trial("a", 0.03, 2, 2), _trial("b", 0.02, 1, 1)], limits=Limits(0.01), force=False, metric_name="accuracy")
-    assert not outcome.passed and outcome.chosen.name == "b" and "no int8 candidate meets accuracy drop ≤ 1.00 points" in outcome.verdict
+    outcome = _choose(
+        _baseline(),
+        [_trial("a", 0.03, 2, 2), _trial("b", 0.02, 1, 1)],
+        limits=Limits(0.01),
+        force=False,
+        metric_name="accuracy",
+    )
+    assert (
+        not outcome.passed
+        and outcome.chosen.name == "b"
+        and "no int8 candidate meets accuracy drop ≤ 1.00 points" in outcome.verdict
+    )
 
 
 def test_agreement_limit_keeps_worst_layers_in_float(cli, wide, tmp_path):
     """Static int8 flips a few held-out boundary rows of the wide MLP; demanding full agreement makes the
     search keep the layers of worst error in float and try again, and report each attempt."""
-    result = cli("convert", wide.model, "--quantize", "int8", "--calibration", wide.train, "--eval", wide.test, "--mode", "static",
-                 "--per-tensor", "--activation-type", "uint8", "--min-agreement", "1.0", "--force", "-o", tmp_path / "w.onnx", "--json")
+    result = cli(
+        "convert",
+        wide.model,
+        "--quantize",
+        "int8",
+        "--calibration",
+        wide.train,
+        "--eval",
+        wide.test,
+        "--mode",
+        "static",
+        "--per-tensor",
+        "--activation-type",
+        "uint8",
+        "--min-agreement",
+        "1.0",
+        "--force",
+        "-o",
+        tmp_path / "w.onnx",
+        "--json",
+    )
     doc = json.loads(result.stdout)["quantization"]
     assert doc["min_agreement"] == 1.0
     retried = [t for t in doc["trials"] if t["config"] and t["config"].get("float_nodes")]
@@ -163,13 +244,20 @@ def test_choice_never_keeps_an_int8_model_larger_than_float32_by_default():
 
 def test_choice_keeps_the_smaller_int8_model_over_a_faster_larger_one():
     smaller = _trial("dynamic", 0.0, 1.02, 1.01)
-    outcome = _choose(_baseline(), [_faster_but_larger(), smaller], limits=Limits(0.01), force=False, metric_name="accuracy")
+    outcome = _choose(
+        _baseline(), [_faster_but_larger(), smaller], limits=Limits(0.01), force=False, metric_name="accuracy"
+    )
     assert outcome.chosen.name == "dynamic" and "0.25x the size of float32" in outcome.verdict
 
 
 def test_prefer_speed_keeps_a_faster_larger_int8_model():
-    outcome = _choose(_baseline(), [_faster_but_larger()], limits=Limits(0.01), force=False, metric_name="accuracy", prefer="speed")
-    assert outcome.chosen.name == "static QDQ per-channel" and "2.00x the size of float32 (80 B vs 40 B)" in outcome.verdict
+    outcome = _choose(
+        _baseline(), [_faster_but_larger()], limits=Limits(0.01), force=False, metric_name="accuracy", prefer="speed"
+    )
+    assert (
+        outcome.chosen.name == "static QDQ per-channel"
+        and "2.00x the size of float32 (80 B vs 40 B)" in outcome.verdict
+    )
     assert outcome.to_dict()["trials"][1]["note"] is None
 
 
@@ -189,10 +277,25 @@ def test_prefer_parses_and_reaches_the_library(cli, digits, tmp_path, monkeypatc
     assert seen["options"].prefer == "size"
     refused = cli("convert", digits.model, "--prefer", "speed", "-o", tmp_path / "d.onnx")
     assert refused.exit_code == 2 and "--prefer only apply with --quantize int8" in refused.stderr
-    assert cli("convert", digits.model, "--quantize", "int8", "--prefer", "small", "-o", tmp_path / "d.onnx").exit_code == 2
+    assert (
+        cli("convert", digits.model, "--quantize", "int8", "--prefer", "small", "-o", tmp_path / "d.onnx").exit_code
+        == 2
+    )
 
 
 def test_a_regressors_search_speaks_of_rmse_not_accuracy():
-    outcome = _choose(_baseline(), [_trial("a", 0.03, 2, 2), _trial("b", 0.02, 1, 1)], limits=Limits(0.01), force=False, metric_name="rmse")
-    assert "no int8 candidate meets RMSE increase ≤ 1.00 %; kept the most accurate, b (RMSE increase 2.00 %" in outcome.verdict
-    assert "RMSE" in outcome.to_dict()["accuracy_drop_meaning"] and "standard deviation" in outcome.to_dict()["agreement_meaning"]
+    outcome = _choose(
+        _baseline(),
+        [_trial("a", 0.03, 2, 2), _trial("b", 0.02, 1, 1)],
+        limits=Limits(0.01),
+        force=False,
+        metric_name="rmse",
+    )
+    assert (
+        "no int8 candidate meets RMSE increase ≤ 1.00 %; kept the most accurate, b (RMSE increase 2.00 %"
+        in outcome.verdict
+    )
+    assert (
+        "RMSE" in outcome.to_dict()["accuracy_drop_meaning"]
+        and "standard deviation" in outcome.to_dict()["agreement_meaning"]
+    )

@@ -74,7 +74,22 @@ def test_labels_the_model_does_not_know_are_refused(cli, digits, digits_onnx, tm
 def test_a_report_of_another_model_is_refused(cli, digits, digits_onnx, digits_int8, keypair, tmp_path):
     report = tmp_path / "r.json"
     report.write_text(cli("validate", digits_onnx, "--reference", digits.model, "--data", digits.test, "--json").stdout)
-    result = cli("package", digits_int8, "--name", "d", "--version", "1", "--baseline", digits.train, "--key", keypair[0], "--report", report, "-o", tmp_path / "b.edgebundle")
+    result = cli(
+        "package",
+        digits_int8,
+        "--name",
+        "d",
+        "--version",
+        "1",
+        "--baseline",
+        digits.train,
+        "--key",
+        keypair[0],
+        "--report",
+        report,
+        "-o",
+        tmp_path / "b.edgebundle",
+    )
     assert result.exit_code == 2 and "is a validation report of another model" in result.stderr
 
 
@@ -108,17 +123,44 @@ def test_semicolon_separated_csv_is_named_as_such(cli, digits, digits_onnx, tmp_
 
 
 def test_emulating_with_data_of_the_wrong_width_fails_fast(cli, bundle, keypair, cancer, tmp_path):
-    result = cli("emulate", "--devices", "1", "--bundle", bundle, "--pubkey", keypair[1], "--data", cancer.test, "--state-dir", tmp_path / "f", "--duration", "5")
+    result = cli(
+        "emulate",
+        "--devices",
+        "1",
+        "--bundle",
+        bundle,
+        "--pubkey",
+        keypair[1],
+        "--data",
+        cancer.test,
+        "--state-dir",
+        tmp_path / "f",
+        "--duration",
+        "5",
+    )
     assert result.exit_code == 2 and "has 30 columns, the model takes 64" in result.stderr
 
 
 def test_flash_and_collect_refuse_bad_arguments_before_any_work(cli, bundle, keypair, tmp_path):
     base = ["flash", bundle, "--target", f"dir:{tmp_path / 'd'}", "--pubkey", keypair[1]]
-    for extra, message in [(["--device-id", "bad/id", "--broker", "mqtt://127.0.0.1:1883"], "--device-id 'bad/id' is not allowed"),
-                           (["--device-id", "d1", "--broker", "127.0.0.1:1883"], "is not mqtt://host[:port]"),
-                           (["--device-id", "d1", "--broker", "mqtt://127.0.0.1:99999"], "has an invalid port")]:
+    for extra, message in [
+        (["--device-id", "bad/id", "--broker", "mqtt://127.0.0.1:1883"], "--device-id 'bad/id' is not allowed"),
+        (["--device-id", "d1", "--broker", "127.0.0.1:1883"], "is not mqtt://host[:port]"),
+        (["--device-id", "d1", "--broker", "mqtt://127.0.0.1:99999"], "has an invalid port"),
+    ]:
         result = cli(*base, *extra)
         assert result.exit_code == 2 and message in result.stderr, result.output
     assert not (tmp_path / "d").exists()
-    result = cli("fleet", "collect", "--broker", "mqtt://127.0.0.1:99999", "--db", tmp_path / "f.db", "--http", "", "--duration", "1")
+    result = cli(
+        "fleet",
+        "collect",
+        "--broker",
+        "mqtt://127.0.0.1:99999",
+        "--db",
+        tmp_path / "f.db",
+        "--http",
+        "",
+        "--duration",
+        "1",
+    )
     assert result.exit_code == 2 and "has an invalid port" in result.stderr

@@ -11,14 +11,19 @@ from types import SimpleNamespace
 
 import pytest
 
-from edgekit.local.broker import free_port
 from edgekit.errors import RolloutConflict, RolloutError
 from edgekit.fleet.rollouts import RolloutController, RolloutSpec, _assign_waves, parse_abort_rules, parse_waves
 from edgekit.fleet.store import SqliteStore
+from edgekit.local.broker import free_port
 
 
 def test_rules_and_waves_parse_or_say_how_to_write_them():
-    assert [str(r) for r in parse_abort_rules("failed>20%, agreement<0.98,p99_ms>50,drift>30%")] == ["failed>20%", "agreement<0.98", "p99_ms>50", "drift>30%"]
+    assert [str(r) for r in parse_abort_rules("failed>20%, agreement<0.98,p99_ms>50,drift>30%")] == [
+        "failed>20%",
+        "agreement<0.98",
+        "p99_ms>50",
+        "drift>30%",
+    ]
     assert parse_waves("10%,50%,100%") == (0.1, 0.5, 1.0)
     for bad in ("failed<20%", "latency>5", "agreement<2"):
         with pytest.raises(RolloutError):
@@ -47,9 +52,13 @@ def controller(tmp_path, bundle, keypair):
 
     store = SqliteStore(tmp_path / "fleet.db")
     for index in range(4):
-        store.record_state({"device": f"pi-{index}", "fleet": "f", "online": True, "model": {"name": "digits", "version": 2}}, 1.0)
+        store.record_state(
+            {"device": f"pi-{index}", "fleet": "f", "online": True, "model": {"name": "digits", "version": 2}}, 1.0
+        )
     devices = Devices()
-    made = RolloutController(store, devices, tmp_path / "bundles", lambda: "http://collector.test", trusted_key=load_public_key(keypair[1]))
+    made = RolloutController(
+        store, devices, tmp_path / "bundles", lambda: "http://collector.test", trusted_key=load_public_key(keypair[1])
+    )
     made.devices = devices
     made.stored = made.add_bundle(bundle.read_bytes())
     yield made
@@ -57,23 +66,44 @@ def controller(tmp_path, bundle, keypair):
 
 
 def _report(controller, rollout_id, device, state, **facts):
-    controller.record_report({"rollout": rollout_id, "device": device, "state": state, "reason": "", "active": {"name": "digits", "version": 3}, **facts}, 2.0)
+    controller.record_report(
+        {
+            "rollout": rollout_id,
+            "device": device,
+            "state": state,
+            "reason": "",
+            "active": {"name": "digits", "version": 3},
+            **facts,
+        },
+        2.0,
+    )
 
 
 def test_waves_advance_only_when_the_wave_is_done_and_survive_a_restart(controller, tmp_path, keypair):
     from device_agent.signing import load_public_key
 
-    rollout_id = controller.start(controller.stored["sha256"], "f", RolloutSpec(waves=(0.25, 1.0), shadow_rows=50, devices="pi-*"))
+    rollout_id = controller.start(
+        controller.stored["sha256"], "f", RolloutSpec(waves=(0.25, 1.0), shadow_rows=50, devices="pi-*")
+    )
     assert set(controller.devices.desired) == {"pi-0"}
     desired = controller.devices.desired["pi-0"]
-    assert desired["url"] == f"http://collector.test/bundles/{controller.stored['sha256']}" and desired["version"] == 3 and desired["shadow"]["rows"] == 50
+    assert (
+        desired["url"] == f"http://collector.test/bundles/{controller.stored['sha256']}"
+        and desired["version"] == 3
+        and desired["shadow"]["rows"] == 50
+    )
     _report(controller, rollout_id, "pi-0", "shadow")
     controller.tick()
     assert set(controller.devices.desired) == {"pi-0"}
     _report(controller, rollout_id, "pi-0", "succeeded", shadow={"rows": 50, "agreement": 0.99, "p99_ms": 0.1})
     # The collector restarts: a new controller on the same database carries on.
-    again = RolloutController(SqliteStore(tmp_path / "fleet.db"), controller.devices, tmp_path / "bundles", lambda: "http://collector.test",
-                              trusted_key=load_public_key(keypair[1]))
+    again = RolloutController(
+        SqliteStore(tmp_path / "fleet.db"),
+        controller.devices,
+        tmp_path / "bundles",
+        lambda: "http://collector.test",
+        trusted_key=load_public_key(keypair[1]),
+    )
     again.tick()
     assert set(controller.devices.desired) == {"pi-0", "pi-1", "pi-2", "pi-3"}
     for device in ("pi-1", "pi-2", "pi-3"):
@@ -84,13 +114,18 @@ def test_waves_advance_only_when_the_wave_is_done_and_survive_a_restart(controll
 
 
 def test_an_abort_rule_reverts_the_devices_that_moved(controller):
-    rollout_id = controller.start(controller.stored["sha256"], "f", RolloutSpec(waves=(0.5, 1.0), abort_on=parse_abort_rules("agreement<0.98")))
+    rollout_id = controller.start(
+        controller.stored["sha256"], "f", RolloutSpec(waves=(0.5, 1.0), abort_on=parse_abort_rules("agreement<0.98"))
+    )
     _report(controller, rollout_id, "pi-0", "succeeded", shadow={"rows": 100, "agreement": 0.99})
     _report(controller, rollout_id, "pi-1", "succeeded", shadow={"rows": 100, "agreement": 0.90})  # mean 0.945
     controller.tick()
     status = controller.status(rollout_id)
     assert status["state"] == "aborted" and "agreement<0.98 tripped" in status["reason"]
-    assert controller.devices.desired["pi-0"]["action"] == "revert" and controller.devices.desired["pi-0"]["from_version"] == 2
+    assert (
+        controller.devices.desired["pi-0"]["action"] == "revert"
+        and controller.devices.desired["pi-0"]["from_version"] == 2
+    )
     assert [d["state"] for d in status["devices"][2:]] == ["aborted", "aborted"]
     assert "pi-2" not in controller.devices.desired
 
@@ -111,7 +146,9 @@ def test_pause_resume_and_one_rollout_per_fleet(controller):
 
 
 def test_offline_devices_keep_their_update_and_the_rollout_waits_for_them(controller):
-    controller.store.record_state({"device": "pi-3", "fleet": "f", "online": False, "model": {"name": "digits", "version": 2}}, 1.5)
+    controller.store.record_state(
+        {"device": "pi-3", "fleet": "f", "online": False, "model": {"name": "digits", "version": 2}}, 1.5
+    )
     rollout_id = controller.start(controller.stored["sha256"], "f", RolloutSpec(waves=(1.0,)))
     assert "pi-3" in controller.devices.desired  # retained: it gets it when it connects
     for device in ("pi-0", "pi-1", "pi-2"):
@@ -136,7 +173,9 @@ def test_start_refuses_unknown_fleets_and_unsigned_uploads(controller, tmp_path)
 def http(controller):
     from edgekit.fleet.web import serve
 
-    fake = SimpleNamespace(rollouts=controller, store=controller.store, alerts=None, config=SimpleNamespace(api_token="s3cret"))
+    fake = SimpleNamespace(
+        rollouts=controller, store=controller.store, alerts=None, config=SimpleNamespace(api_token="s3cret")
+    )
     server = serve(fake, f"127.0.0.1:{free_port()}")
     yield f"http://127.0.0.1:{server.server_address[1]}"
     server.shutdown()
@@ -186,7 +225,11 @@ def test_the_api_wants_its_token_and_answers_errors_in_one_line(http, controller
 
 
 def test_the_drift_rule_counts_moved_devices_whose_latest_window_drifted(controller):
-    rollout_id = controller.start(controller.stored["sha256"], "f", RolloutSpec(waves=(0.5, 1.0), wave_wait=60, abort_on=parse_abort_rules("drift>40%")))
+    rollout_id = controller.start(
+        controller.stored["sha256"],
+        "f",
+        RolloutSpec(waves=(0.5, 1.0), wave_wait=60, abort_on=parse_abort_rules("drift>40%")),
+    )
     for device in ("pi-0", "pi-1"):
         _report(controller, rollout_id, device, "succeeded")
         controller.store.db.execute("UPDATE devices SET model_version = 3 WHERE device = ?", (device,))

@@ -11,7 +11,9 @@ def test_onnx_runtime_through_the_seam(digits_onnx, digits):
     X = np.load(digits.test)["X"][:5]
     raw = runtime.predict(X)
     assert set(raw) == {"label", "probabilities"}
-    prediction = OutputSpec("classification", labels=tuple(range(10)), label_output="label", probabilities_output="probabilities").interpret(raw)
+    prediction = OutputSpec(
+        "classification", labels=tuple(range(10)), label_output="label", probabilities_output="probabilities"
+    ).interpret(raw)
     assert prediction.labels.shape == (5,) and np.allclose(prediction.probabilities.sum(axis=1), 1.0, atol=1e-5)
     runtime.close()
     with pytest.raises(ModelError, match="has no model loaded"):
@@ -60,5 +62,8 @@ def test_tflite_runtime_says_exactly_why_tflite_runtime_cannot_run_under_numpy_2
     monkeypatch.setitem(sys.modules, "tflite_runtime.interpreter", fake)
     monkeypatch.setattr(builtins, "__import__", fake_import)
     monkeypatch.setattr(litert.np, "__version__", "2.1.0")
-    with pytest.raises(RuntimeUnavailableError, match="tflite-runtime is the only TFLite runtime here and it cannot create an Interpreter under NumPy 2.1.0"):
+    with pytest.raises(
+        RuntimeUnavailableError,
+        match="tflite-runtime is the only TFLite runtime here and it cannot create an Interpreter under NumPy 2.1.0",
+    ):
         litert._interpreter_class()

@@ -17,9 +17,15 @@ def test_accepts_lists_and_arrays_and_casts():
     [
         ([[1, 2]], "has 2 columns, the model takes 3; send rows of 3 values in the order a, b, c"),
         ([[1, "x", 3]], "row 0 column 'b' holds the string 'x', which is not numeric"),
-        ([[1, 2, 3], [1, "3.5", 3]], "row 1 column 'b' holds the string '3.5', which is not numeric; send JSON numbers, not strings"),
+        (
+            [[1, 2, 3], [1, "3.5", 3]],
+            "row 1 column 'b' holds the string '3.5', which is not numeric; send JSON numbers, not strings",
+        ),
         (["1", 2, 3], "row 0 column 'a' holds the string '1'"),
-        ([[1, 2, 3], [1, 2]], "row 1 has 2 values, the model takes 3; send every row as a list of 3 numbers in the order a, b, c"),
+        (
+            [[1, 2, 3], [1, 2]],
+            "row 1 has 2 values, the model takes 3; send every row as a list of 3 numbers in the order a, b, c",
+        ),
         ([[1, 2, 3], 5], "row 1 is the value 5, not a list of values"),
         ([[1, {"z": 1}, 3]], "row 0 column 'b' holds an object {\"z\": 1}, which is not numeric"),
         ({"a": 1, "b": 2, "c": 3}, "is one object, not a list of rows; send a list of rows"),

@@ -19,7 +19,13 @@ def tflite_models(tmp_path_factory, digits):
     directory = tmp_path_factory.mktemp("tflite")
     float_path, int8_path = directory / "digits.tflite", directory / "digits.int8.tflite"
     convert_model(str(digits.model), str(float_path), target_format="tflite")
-    convert_model(str(digits.model), str(int8_path), target_format="tflite", quantize=QuantizeOptions(force=True), calibration=str(digits.train))
+    convert_model(
+        str(digits.model),
+        str(int8_path),
+        target_format="tflite",
+        quantize=QuantizeOptions(force=True),
+        calibration=str(digits.train),
+    )
     return float_path, int8_path
 
 
@@ -38,12 +44,16 @@ def test_int8_tflite_is_full_integer_small_and_close(tflite_models, digits):
     model, reference = load_model(tflite_models[1]), load_model(digits.model)
     X, y = np.load(digits.test)["X"], np.load(digits.test)["y"]
     ours = model.predict(X)
-    assert np.mean(ours.labels == reference.predict(X).labels) >= 0.995  # the figure; 0.9949 before input equalization
+    assert (
+        np.mean(ours.labels == reference.predict(X).labels) >= 0.995
+    )  # the figure; 0.9949 before input equalization
     assert np.mean(ours.labels == y) >= 0.95
     assert tflite_models[1].stat().st_size <= 0.5 * tflite_models[0].stat().st_size
     details = Interpreter(model_path=str(tflite_models[1])).get_tensor_details()
     fc_weights = [d for d in details if d["name"].endswith("/weights")]
-    assert fc_weights and all(d["dtype"] == np.int8 and len(d["quantization_parameters"]["scales"]) > 1 for d in fc_weights)  # per-channel
+    assert fc_weights and all(
+        d["dtype"] == np.int8 and len(d["quantization_parameters"]["scales"]) > 1 for d in fc_weights
+    )  # per-channel
     quantization = json.loads(model.metadata["edgekit.quantization"])
     assert quantization["format"] == "tflite full integer" and quantization["input_equalization"] is True
 
@@ -64,7 +74,9 @@ def test_the_scaler_centering_is_folded_and_classes_0_to_9_need_no_gather(tflite
     graph = model.subgraphs[0]
     for op in (op for op, name in zip(graph.operators, ops) if name == "FULLY_CONNECTED"):
         source, weights, bias = (graph.tensors[i] for i in op.inputs)
-        np.testing.assert_allclose(bias.quantization.scale, source.quantization.scale[0] * weights.quantization.scale, rtol=1e-6)
+        np.testing.assert_allclose(
+            bias.quantization.scale, source.quantization.scale[0] * weights.quantization.scale, rtol=1e-6
+        )
 
 
 def test_fold_centering_keeps_the_answers_and_other_classes_keep_their_gather(tmp_path):
@@ -75,8 +87,17 @@ def test_fold_centering_keeps_the_answers_and_other_classes_keep_their_gather(tm
 
     rng = np.random.default_rng(0)
     weights, bias = rng.normal(size=(3, 4)).astype(np.float32), rng.normal(size=3).astype(np.float32)
-    plan = Plan("X", 4, "probabilities", [Step("sub", constant=np.float32([1, 2, 3, 4])), Step("div", constant=np.float32([2, 4, 8, 16])),
-                                          Step("fc", weights=weights, bias=bias, activation="relu", name="dense"), Step("softmax")])
+    plan = Plan(
+        "X",
+        4,
+        "probabilities",
+        [
+            Step("sub", constant=np.float32([1, 2, 3, 4])),
+            Step("div", constant=np.float32([2, 4, 8, 16])),
+            Step("fc", weights=weights, bias=bias, activation="relu", name="dense"),
+            Step("softmax"),
+        ],
+    )
     folded = fold_centering(plan)
     assert [s.kind for s in folded.steps] == ["div", "fc", "softmax"]
     X = rng.normal(size=(50, 4)).astype(np.float32) * 10
@@ -98,18 +119,39 @@ def test_input_equalization_keeps_the_function_and_balances_input_and_weight_ran
 
     rng = np.random.default_rng(1)
     spread = np.float32([0.1, 1, 10, 100, 1])
-    steps = {"mul": [Step("mul", constant=spread)], "div": [Step("div", constant=1 / spread)], "sub": [Step("sub", constant=spread)], "none": []}[preprocessing]
-    weights = rng.normal(size=(4, 5)).astype(np.float32) * np.float32([1, 3, 0.2, 1, 0])  # an all-zero column is left alone
-    plan = Plan("X", 5, "probabilities", [*steps, Step("fc", weights=weights, bias=rng.normal(size=4).astype(np.float32), activation="relu"), Step("softmax")])
+    steps = {
+        "mul": [Step("mul", constant=spread)],
+        "div": [Step("div", constant=1 / spread)],
+        "sub": [Step("sub", constant=spread)],
+        "none": [],
+    }[preprocessing]
+    weights = rng.normal(size=(4, 5)).astype(np.float32) * np.float32(
+        [1, 3, 0.2, 1, 0]
+    )  # an all-zero column is left alone
+    plan = Plan(
+        "X",
+        5,
+        "probabilities",
+        [
+            *steps,
+            Step("fc", weights=weights, bias=rng.normal(size=4).astype(np.float32), activation="relu"),
+            Step("softmax"),
+        ],
+    )
     X = rng.normal(size=(200, 5)).astype(np.float32) * spread
     equalized = equalize_first_layer(plan, X)
     np.testing.assert_allclose(equalized.run(X), plan.run(X), rtol=1e-4, atol=1e-6)
     kinds = [s.kind for s in equalized.steps]
-    assert kinds == ([s.kind for s in steps] if preprocessing in ("mul", "div") else [s.kind for s in steps] + ["mul"]) + ["fc", "softmax"]
+    assert kinds == (
+        [s.kind for s in steps] if preprocessing in ("mul", "div") else [s.kind for s in steps] + ["mul"]
+    ) + ["fc", "softmax"]
     first_fc = kinds.index("fc")
     record = []
     equalized.run(X, record=record)
-    input_range, column_range = np.abs(record[first_fc - 1]).max(axis=0), np.abs(equalized.steps[first_fc].weights).max(axis=0)
+    input_range, column_range = (
+        np.abs(record[first_fc - 1]).max(axis=0),
+        np.abs(equalized.steps[first_fc].weights).max(axis=0),
+    )
     np.testing.assert_allclose(input_range[:4], column_range[:4], rtol=1e-4)
     assert column_range[4] == 0 and equalize_first_layer(equalized, X) is None  # balanced already: nothing left to do
 
@@ -128,15 +170,36 @@ def test_int8_tflite_needs_calibration(cli, digits, tmp_path):
 def test_validate_takes_tflite_as_candidate_and_reference(cli, tflite_models, digits, digits_onnx):
     result = cli("validate", tflite_models[1], "--reference", tflite_models[0], "--data", digits.test, "--json")
     assert result.exit_code == 0 and json.loads(result.stdout)["candidate"]["kind"] == "tflite"
-    result = cli("validate", tflite_models[0], "--reference", digits_onnx, "--data", digits.test, "--min-agreement", "0.995")
+    result = cli(
+        "validate", tflite_models[0], "--reference", digits_onnx, "--data", digits.test, "--min-agreement", "0.995"
+    )
     assert result.exit_code == 0
 
 
 def test_a_tflite_bundle_is_served_by_the_agent_with_litert(cli, tflite_models, digits, keypair, tmp_path):
     bundle = tmp_path / "digits-9.edgebundle"
-    assert cli("package", tflite_models[1], "--name", "digits", "--version", "9", "--baseline", digits.train, "--key", keypair[0], "-o", bundle).exit_code == 0
+    assert (
+        cli(
+            "package",
+            tflite_models[1],
+            "--name",
+            "digits",
+            "--version",
+            "9",
+            "--baseline",
+            digits.train,
+            "--key",
+            keypair[0],
+            "-o",
+            bundle,
+        ).exit_code
+        == 0
+    )
     inspected = json.loads(cli("inspect", bundle, "--json").stdout)["manifest"]
-    assert inspected["runtime"] == {"format": "tflite", "engine": "litert", "min_runtime_version": None} and "model.tflite" in inspected["files"]
+    assert (
+        inspected["runtime"] == {"format": "tflite", "engine": "litert", "min_runtime_version": None}
+        and "model.tflite" in inspected["files"]
+    )
     config = make_device(tmp_path / "dev", bundle, keypair[1], window_rows=100, http=False)
     X, y = np.load(digits.test)["X"], np.load(digits.test)["y"]
     with Agent(config_of(config)).start(http=False) as agent:
@@ -152,8 +215,22 @@ def test_litert_banner_stays_off_the_cli_stderr(tflite_models, digits):
     import subprocess
     import sys
 
-    result = subprocess.run([sys.executable, "-m", "edgekit", "validate", tflite_models[1], "--reference", tflite_models[0], "--data", digits.test],
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "edgekit",
+            "validate",
+            tflite_models[1],
+            "--reference",
+            tflite_models[0],
+            "--data",
+            digits.test,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr
     assert "XNNPACK" not in result.stderr and "PASSED" in result.stdout
 
@@ -164,5 +241,7 @@ def test_only_the_banner_is_kept_off_stderr(capfd):
     from edgekit.models.litert_banner import without_banner
 
     with without_banner():
-        os.write(2, b"INFO: Created TensorFlow Lite XNNPACK delegate for CPU.\nERROR: something LiteRT says that matters\n")
+        os.write(
+            2, b"INFO: Created TensorFlow Lite XNNPACK delegate for CPU.\nERROR: something LiteRT says that matters\n"
+        )
     assert capfd.readouterr().err == "ERROR: something LiteRT says that matters\n"

@@ -24,10 +24,19 @@ def served(tmp_path, bundle, keypair):
     from edgekit.fleet.web import serve
 
     store = SqliteStore(":memory:")
-    controller = RolloutController(store, lambda *a: True, tmp_path / "bundles", lambda: "", trusted_key=load_public_key(keypair[1]))
-    server = serve(SimpleNamespace(rollouts=controller, store=store, alerts=None, config=SimpleNamespace(api_token=None)), f"127.0.0.1:{free_port()}")
+    controller = RolloutController(
+        store, lambda *a: True, tmp_path / "bundles", lambda: "", trusted_key=load_public_key(keypair[1])
+    )
+    server = serve(
+        SimpleNamespace(rollouts=controller, store=store, alerts=None, config=SimpleNamespace(api_token=None)),
+        f"127.0.0.1:{free_port()}",
+    )
     base = f"http://127.0.0.1:{server.server_address[1]}"
-    yield SimpleNamespace(base=base, controller=controller, add=lambda path: {**controller.add_bundle(path.read_bytes()), "url": f"{base}/bundles/{{}}"})
+    yield SimpleNamespace(
+        base=base,
+        controller=controller,
+        add=lambda path: {**controller.add_bundle(path.read_bytes()), "url": f"{base}/bundles/{{}}"},
+    )
     server.shutdown()
     server.server_close()
 
@@ -43,7 +52,9 @@ def test_a_download_cut_short_resumes_from_the_part_file(served, bundle, tmp_pat
     got = download(f"{served.base}/bundles/{stored['sha256']}", target, sha256=stored["sha256"], size=stored["size"])
     assert got.resumed_from == 1000 and got.fetched == len(data) - 1000 and target.read_bytes() == data
     assert not (target.parent / "x.edgebundle.part").exists()
-    assert download("http://unused.invalid/", target, sha256=stored["sha256"], size=stored["size"]).fetched == 0  # already there
+    assert (
+        download("http://unused.invalid/", target, sha256=stored["sha256"], size=stored["size"]).fetched == 0
+    )  # already there
 
 
 def test_a_download_that_cannot_finish_or_does_not_match_says_why(served, bundle, tmp_path):
@@ -51,12 +62,16 @@ def test_a_download_that_cannot_finish_or_does_not_match_says_why(served, bundle
 
     stored = served.add(bundle)
     with pytest.raises(DownloadError, match="HTTP 404"):
-        download(f"{served.base}/bundles/{'0' * 64}", tmp_path / "a", sha256="0" * 64, size=10, attempts=2, backoff=0.01)
+        download(
+            f"{served.base}/bundles/{'0' * 64}", tmp_path / "a", sha256="0" * 64, size=10, attempts=2, backoff=0.01
+        )
     with pytest.raises(UpdateError, match="sha256") as caught:
         download(f"{served.base}/bundles/{stored['sha256']}", tmp_path / "b", sha256="1" * 64, size=stored["size"])
     assert caught.value.code == "hash" and not (tmp_path / "b.part").exists()
     with pytest.raises(DownloadError, match="cannot connect"):
-        download(f"http://127.0.0.1:{free_port()}/x", tmp_path / "c", sha256="0" * 64, size=10, attempts=2, backoff=0.01)
+        download(
+            f"http://127.0.0.1:{free_port()}/x", tmp_path / "c", sha256="0" * 64, size=10, attempts=2, backoff=0.01
+        )
 
 
 def _two_slots(tmp_path, bundle, v4, keypair):
@@ -72,7 +87,9 @@ def _two_slots(tmp_path, bundle, v4, keypair):
 def test_recover_undoes_a_swap_whose_health_watch_was_cut_short(tmp_path, bundle, v4_bundle, keypair):
     state, key, slot = _two_slots(tmp_path, bundle, v4_bundle, keypair)
     previous = state.active_slot()
-    state.activate(slot, pending={"slot": slot, "previous": previous, "rollout": "r-1", "version": 4, "key": "r-1:install"})
+    state.activate(
+        slot, pending={"slot": slot, "previous": previous, "rollout": "r-1", "version": 4, "key": "r-1:install"}
+    )
     assert state.state()["version"] == 4
     recovered = state.recover()  # as at the next start
     assert recovered["rollout"] == "r-1" and "restarted during the health watch" in recovered["reason"]
@@ -103,7 +120,14 @@ def v4_bundle(digits, digits_onnx, keypair, tmp_path_factory):
     from edgekit.bundle.package import build_bundle
 
     path = tmp_path_factory.mktemp("v4u") / "digits-4.edgebundle"
-    build_bundle(str(digits_onnx), name="digits", version=4, baseline_path=str(digits.train), key_path=str(keypair[0]), output=str(path))
+    build_bundle(
+        str(digits_onnx),
+        name="digits",
+        version=4,
+        baseline_path=str(digits.train),
+        key_path=str(keypair[0]),
+        output=str(path),
+    )
     return path
 
 
@@ -120,28 +144,49 @@ def _wait_report(agent, rollout, states=("succeeded", "failed", "rolled_back", "
 def test_the_updater_goes_up_refuses_replays_and_takes_a_signed_rollback(tmp_path, bundle, v4_bundle, keypair, served):
     from device_agent.agent import Agent
     from device_agent.protocol import DESIRED_SCHEMA
-    from edgekit.fleet.rollouts import sign_rollback
     from edgekit.bundle.keys import load_private_key
+    from edgekit.fleet.rollouts import sign_rollback
 
     v3, v4 = served.add(bundle), served.add(v4_bundle)
-    agent = Agent(config_of(make_device(tmp_path / "dev", bundle, keypair[1], http=False))).start(http=False, mqtt=False)
+    agent = Agent(config_of(make_device(tmp_path / "dev", bundle, keypair[1], http=False))).start(
+        http=False, mqtt=False
+    )
     try:
+
         def desire(rollout, stored, action="install", **extra):
-            doc = {"schema": DESIRED_SCHEMA, "rollout": rollout, "action": action, "name": "digits", "version": stored["version"],
-                   "url": f"{served.base}/bundles/{stored['sha256']}", "sha256": stored["sha256"], "size": stored["size"], "health": {"seconds": 0.3}, **extra}
+            doc = {
+                "schema": DESIRED_SCHEMA,
+                "rollout": rollout,
+                "action": action,
+                "name": "digits",
+                "version": stored["version"],
+                "url": f"{served.base}/bundles/{stored['sha256']}",
+                "sha256": stored["sha256"],
+                "size": stored["size"],
+                "health": {"seconds": 0.3},
+                **extra,
+            }
             agent.updater.on_desired(json.dumps(doc).encode())
             return _wait_report(agent, rollout)
 
         assert desire("r-up", v4)["state"] == "succeeded" and agent.model_info["version"] == 4
         refused = desire("r-down", v3)
         assert refused["state"] == "failed" and refused["code"] == "downgrade" and agent.model_info["version"] == 4
-        instruction, signature = sign_rollback(fleet="test", name="digits", version=3, sha256=v3["sha256"], key=load_private_key(keypair[0]))
+        instruction, signature = sign_rollback(
+            fleet="test", name="digits", version=3, sha256=v3["sha256"], key=load_private_key(keypair[0])
+        )
         back = desire("r-back", v3, action="rollback", instruction=instruction, instruction_signature=signature)
         assert back["state"] == "succeeded" and agent.model_info["version"] == 3
         assert desire("r-up2", v4)["state"] == "succeeded"
         replay = desire("r-replay", v3, action="rollback", instruction=instruction, instruction_signature=signature)
         assert replay["state"] == "failed" and "replay" in replay["reason"] and agent.model_info["version"] == 4
-        forged = desire("r-forged", v3, action="rollback", instruction={**instruction, "issued_at": time.time() + 10}, instruction_signature=signature)
+        forged = desire(
+            "r-forged",
+            v3,
+            action="rollback",
+            instruction={**instruction, "issued_at": time.time() + 10},
+            instruction_signature=signature,
+        )
         assert forged["code"] == "signature" and agent.model_info["version"] == 4
         assert agent.predict([[0.0] * 64]).model_version == 4  # serving all along
         agent.updater.on_desired(b"{not json")

@@ -4,7 +4,19 @@ import numpy as np
 
 
 def test_int8_against_scikit_learn_passes_with_the_full_report(cli, digits, digits_int8):
-    result = cli("validate", digits_int8, "--reference", digits.model, "--data", digits.test, "--max-accuracy-drop", "0.02", "--min-agreement", "0.97", "--json")
+    result = cli(
+        "validate",
+        digits_int8,
+        "--reference",
+        digits.model,
+        "--data",
+        digits.test,
+        "--max-accuracy-drop",
+        "0.02",
+        "--min-agreement",
+        "0.97",
+        "--json",
+    )
     assert result.exit_code == 0, result.stderr
     report = json.loads(result.stdout)
     assert report["passed"] is True and report["failures"] == []
@@ -25,13 +37,29 @@ def test_human_table_by_default(cli, digits, digits_onnx):
 
 
 def test_failing_threshold_exits_1_names_it_and_shows_layer_errors(cli, digits_onnx, digits_int8, digits):
-    result = cli("validate", digits_int8, "--reference", digits_onnx, "--data", digits.test, "--min-agreement", "1.0", "--max-size-ratio", "0.01", "--json")
+    result = cli(
+        "validate",
+        digits_int8,
+        "--reference",
+        digits_onnx,
+        "--data",
+        digits.test,
+        "--min-agreement",
+        "1.0",
+        "--max-size-ratio",
+        "0.01",
+        "--json",
+    )
     assert result.exit_code == 1
     report = json.loads(result.stdout)
     assert {f["check"] for f in report["failures"]} >= {"size_ratio"}
     assert report["layer_errors"] and "sqnr_db" in report["layer_errors"][0]
     text = cli("validate", digits_int8, "--reference", digits_onnx, "--data", digits.test, "--max-size-ratio", "0.01")
-    assert text.exit_code == 1 and "FAILED: size " in text.stdout and "of digits.onnx is over --max-size-ratio 0.01" in text.stdout
+    assert (
+        text.exit_code == 1
+        and "FAILED: size " in text.stdout
+        and "of digits.onnx is over --max-size-ratio 0.01" in text.stdout
+    )
     assert "per-layer error" in text.stdout
 
 
@@ -44,10 +72,16 @@ def test_bad_inputs_exit_2(cli, digits, digits_onnx, tmp_path):
     np.savez(tmp_path / "nan.npz", X=nan)
     (tmp_path / "cols.csv").write_text("a,b,label\n1,2,0\n")
     cases = [
-        (["--data", tmp_path / "unlabelled.npz", "--max-accuracy-drop", "0.01"], "has no labels, which --max-accuracy-drop needs"),
+        (
+            ["--data", tmp_path / "unlabelled.npz", "--max-accuracy-drop", "0.01"],
+            "has no labels, which --max-accuracy-drop needs",
+        ),
         (["--data", tmp_path / "narrow.npz"], "has 10 feature columns, the model takes 64"),
         (["--data", tmp_path / "nan.npz"], "missing value(s), first at row 0 column 'pixel_0_0'"),
-        (["--data", tmp_path / "cols.csv"], "lacks the model's columns 'pixel_0_0'"),  # the model knows its names: matched by name
+        (
+            ["--data", tmp_path / "cols.csv"],
+            "lacks the model's columns 'pixel_0_0'",
+        ),  # the model knows its names: matched by name
         (["--data", tmp_path / "missing.npz"], "no such file"),
     ]
     for args, message in cases:
@@ -63,8 +97,13 @@ def test_models_of_different_shapes_are_not_compared(cli, digits, cancer, tmp_pa
 
 def test_size_ratio_says_what_it_is_relative_to(cli, digits, digits_onnx):
     """The ratio is against the --reference file (here the pickle), so the table and the JSON name it."""
-    report = json.loads(cli("validate", digits_onnx, "--reference", digits.model, "--data", digits.test, "--json").stdout)
-    assert report["size_ratio_of"] == "digits.joblib" and report["size_ratio"] == report["candidate"]["size_bytes"] / report["reference"]["size_bytes"]
+    report = json.loads(
+        cli("validate", digits_onnx, "--reference", digits.model, "--data", digits.test, "--json").stdout
+    )
+    assert (
+        report["size_ratio_of"] == "digits.joblib"
+        and report["size_ratio"] == report["candidate"]["size_bytes"] / report["reference"]["size_bytes"]
+    )
     text = cli("validate", digits_onnx, "--reference", digits.model, "--data", digits.test).stdout
     header = text.splitlines()[0]
     assert "candidate vs reference" in header and f"{report['size_ratio']:.3f}x the size" in text
@@ -89,21 +128,67 @@ def test_regressor_reports_name_rmse_and_the_agreement_tolerance(cli, keypair, t
     _ridge(tmp_path / "r.joblib", X, y, 1.0)
     _ridge(tmp_path / "stiff.joblib", X, y, 100.0)  # more shrinkage: a higher RMSE on the data it was fitted on
     assert cli("convert", tmp_path / "stiff.joblib", "-o", tmp_path / "stiff.onnx").exit_code == 0
-    args = ("validate", tmp_path / "stiff.onnx", "--reference", tmp_path / "r.joblib", "--data", tmp_path / "r.npz", "--max-accuracy-drop", "0.01",
-            "--min-agreement", "0.99")
+    args = (
+        "validate",
+        tmp_path / "stiff.onnx",
+        "--reference",
+        tmp_path / "r.joblib",
+        "--data",
+        tmp_path / "r.npz",
+        "--max-accuracy-drop",
+        "0.01",
+        "--min-agreement",
+        "0.99",
+    )
     report = json.loads(cli(*args, "--json").stdout)
-    assert report["metric"] == "rmse" and "RMSE" in report["accuracy_drop_meaning"] and "standard deviation" in report["agreement_meaning"]
+    assert (
+        report["metric"] == "rmse"
+        and "RMSE" in report["accuracy_drop_meaning"]
+        and "standard deviation" in report["agreement_meaning"]
+    )
     messages = {f["check"]: f["message"] for f in report["failures"]}
-    assert messages["accuracy_drop"].startswith("RMSE increase ") and "(RMSE increase ≤ 1.00 %)" in messages["accuracy_drop"]
+    assert (
+        messages["accuracy_drop"].startswith("RMSE increase ")
+        and "(RMSE increase ≤ 1.00 %)" in messages["accuracy_drop"]
+    )
     assert "within 1% of the reference outputs' standard deviation" in messages["agreement"]
     text = cli(*args).stdout
     assert "RMSE change +" in text and "mae" in text and "accuracy" not in text.replace("--max-accuracy-drop", "")
-    (tmp_path / "report.json").write_text(cli("validate", tmp_path / "stiff.onnx", "--reference", tmp_path / "r.joblib", "--data", tmp_path / "r.npz", "--json").stdout)
+    (tmp_path / "report.json").write_text(
+        cli(
+            "validate",
+            tmp_path / "stiff.onnx",
+            "--reference",
+            tmp_path / "r.joblib",
+            "--data",
+            tmp_path / "r.npz",
+            "--json",
+        ).stdout
+    )
     bundle = tmp_path / "r.edgebundle"
-    assert cli("package", tmp_path / "stiff.onnx", "--name", "r", "--version", "1", "--baseline", tmp_path / "r.npz", "--key", keypair[0],
-               "--report", tmp_path / "report.json", "-o", bundle).exit_code == 0
+    assert (
+        cli(
+            "package",
+            tmp_path / "stiff.onnx",
+            "--name",
+            "r",
+            "--version",
+            "1",
+            "--baseline",
+            tmp_path / "r.npz",
+            "--key",
+            keypair[0],
+            "--report",
+            tmp_path / "report.json",
+            "-o",
+            bundle,
+        ).exit_code
+        == 0
+    )
     line = next(x for x in cli("inspect", bundle).stdout.splitlines() if x.startswith("validation"))
-    assert "RMSE increase" in line and "accuracy" not in line and "standard deviation" in line and "x of r.joblib" in line
+    assert (
+        "RMSE increase" in line and "accuracy" not in line and "standard deviation" in line and "x of r.joblib" in line
+    )
 
 
 def test_the_limits_help_says_what_they_mean_for_regressors(cli):

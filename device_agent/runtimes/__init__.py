@@ -35,6 +35,8 @@ def open_runtime(model_format: str, model: bytes, *, threads: int = 1, source: s
     else:
         from ..errors import RuntimeUnavailableError
 
-        raise RuntimeUnavailableError(f"{source}: no runtime for model format {model_format!r} in this version of the agent")
+        raise RuntimeUnavailableError(
+            f"{source}: no runtime for model format {model_format!r} in this version of the agent"
+        )
     runtime.load(model)
     return runtime

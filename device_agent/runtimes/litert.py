@@ -27,7 +27,9 @@ def _interpreter_class():
         from tflite_runtime.interpreter import Interpreter
     except ImportError as exc:
         raise RuntimeUnavailableError(f"no TFLite runtime is installed; {INSTALL_HINT}") from exc
-    except Exception as exc:  # tflite-runtime built for NumPy 1 fails with AttributeError/ImportError variants under NumPy 2
+    except (
+        Exception
+    ) as exc:  # tflite-runtime built for NumPy 1 fails with AttributeError/ImportError variants under NumPy 2
         if int(np.__version__.split(".")[0]) >= 2:
             raise RuntimeUnavailableError(
                 f"tflite-runtime is the only TFLite runtime here and it cannot run under NumPy {np.__version__} "
@@ -75,7 +77,9 @@ class LiteRtRuntime:
                 interpreter.resize_tensor_input(self._input["index"], [batch, *self._input["shape"][1:]])
             interpreter.allocate_tensors()
         except (ValueError, RuntimeError) as exc:
-            raise ModelError(self.source, self.name, f"cannot load the model: {exc}", "check it is a valid .tflite file") from exc
+            raise ModelError(
+                self.source, self.name, f"cannot load the model: {exc}", "check it is a valid .tflite file"
+            ) from exc
         if len(self._by_batch) >= MAX_INTERPRETERS:
             self._by_batch.pop(next(iter(self._by_batch)))
         self._by_batch[batch] = interpreter

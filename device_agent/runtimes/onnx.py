@@ -38,7 +38,12 @@ class OnnxRuntime:
         try:
             self._session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
         except Exception as exc:  # onnxruntime raises its own pybind classes with no common base
-            raise ModelError(self.source, "onnxruntime", f"cannot load the model: {_first_line(exc)}", "check it is a valid ONNX file for this onnxruntime version") from exc
+            raise ModelError(
+                self.source,
+                "onnxruntime",
+                f"cannot load the model: {_first_line(exc)}",
+                "check it is a valid ONNX file for this onnxruntime version",
+            ) from exc
         self.input_names = [i.name for i in self._session.get_inputs()]
         self.output_names = [o.name for o in self._session.get_outputs()]
 

@@ -21,13 +21,12 @@ from device_agent.bundle import BASELINE, BUNDLE_SCHEMA, MANIFEST, MODEL_FILES, 
 from device_agent.canonical import canonical_json, sha256_hex
 from device_agent.drift import DEFAULT_DRIFT_THRESHOLDS
 from device_agent.profile import Profile, build_baseline
-
 from edgekit import __version__
-from edgekit.models.data import adopt_feature_names, load_dataset
-from edgekit.errors import PackageError
-from edgekit.fsutil import atomic_path
 from edgekit.bundle.keys import load_private_key, sign
 from edgekit.bundle.lineage import git_state
+from edgekit.errors import PackageError
+from edgekit.fsutil import atomic_path
+from edgekit.models.data import adopt_feature_names, load_dataset
 from edgekit.models.loading import METADATA_QUANTIZATION, METADATA_SOURCE, OnnxModel, TfliteModel, load_model
 from edgekit.models.targets import RuntimeTarget
 
@@ -54,35 +53,63 @@ def build_bundle(
     key = load_private_key(key_path)
     model = load_model(model_path)
     if not isinstance(model, (OnnxModel, TfliteModel)):
-        raise PackageError(f"is a {model.kind} model; bundles carry converted models", f"run 'edgekit convert {model_path} -o model.onnx' first", path=model_path)
+        raise PackageError(
+            f"is a {model.kind} model; bundles carry converted models",
+            f"run 'edgekit convert {model_path} -o model.onnx' first",
+            path=model_path,
+        )
     baseline_data = load_dataset(baseline_path, label=label)
     model.input = adopt_feature_names(model.input, baseline_data)
     baseline_data = baseline_data.aligned_to(model.input.feature_names)
     rows = model.input.check(baseline_data.X, source=baseline_path)
     prediction = model.predict(rows)
     spec = model.output
-    profile = build_baseline(rows, model.input.feature_names, labels=list(spec.labels) if spec.task == "classification" else None,
-                             predicted_labels=prediction.labels, probabilities=prediction.probabilities, predicted_values=prediction.values)
+    profile = build_baseline(
+        rows,
+        model.input.feature_names,
+        labels=list(spec.labels) if spec.task == "classification" else None,
+        predicted_labels=prediction.labels,
+        probabilities=prediction.probabilities,
+        predicted_values=prediction.values,
+    )
     members = {
         MODEL_FILES[model.kind]: model.data,
         BASELINE: canonical_json(profile.to_dict()),
         SELFTEST: _selftest(model, rows),
     }
-    manifest = _manifest(model, name=name, version=version, members=members, profile=profile, baseline_sha256=baseline_data.sha256,
-                         report=_read_report(report_path, model), drift={**DEFAULT_DRIFT_THRESHOLDS, **(drift or {})}, target=target)
+    manifest = _manifest(
+        model,
+        name=name,
+        version=version,
+        members=members,
+        profile=profile,
+        baseline_sha256=baseline_data.sha256,
+        report=_read_report(report_path, model),
+        drift={**DEFAULT_DRIFT_THRESHOLDS, **(drift or {})},
+        target=target,
+    )
     manifest_bytes = canonical_json(manifest)
     with atomic_path(output) as tmp:
         with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as archive:
-            for member, data in [(MANIFEST, manifest_bytes), (SIGNATURE, sign(manifest_bytes, key)), *sorted(members.items())]:
+            for member, data in [
+                (MANIFEST, manifest_bytes),
+                (SIGNATURE, sign(manifest_bytes, key)),
+                *sorted(members.items()),
+            ]:
                 archive.writestr(zipfile.ZipInfo(member, _ZIP_TIME), data, compress_type=zipfile.ZIP_DEFLATED)
     return manifest
 
 
 def _check_identity(name: str, version: int) -> None:
     if not NAME_PATTERN.match(name):
-        raise PackageError(f"bundle name {name!r} is not allowed", "use 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit")
+        raise PackageError(
+            f"bundle name {name!r} is not allowed",
+            "use 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit",
+        )
     if isinstance(version, bool) or not isinstance(version, int) or version < 1:
-        raise PackageError(f"version {version!r} is not a positive integer", "versions are integers that only go up: 1, 2, 3, …")
+        raise PackageError(
+            f"version {version!r} is not a positive integer", "versions are integers that only go up: 1, 2, 3, …"
+        )
 
 
 def _selftest(model: OnnxModel | TfliteModel, rows: np.ndarray) -> bytes:
@@ -101,17 +128,44 @@ def _read_report(path: str | None, model: OnnxModel) -> dict[str, Any] | None:
     try:
         report = json.loads(Path(path).read_text())
     except OSError as exc:
-        raise PackageError(f"cannot read the validation report ({exc.strerror})", "write it with 'edgekit validate ... --json > report.json'", path=path) from exc
+        raise PackageError(
+            f"cannot read the validation report ({exc.strerror})",
+            "write it with 'edgekit validate ... --json > report.json'",
+            path=path,
+        ) from exc
     except ValueError as exc:
-        raise PackageError("is not JSON", "write it with 'edgekit validate ... --json > report.json'", path=path) from exc
+        raise PackageError(
+            "is not JSON", "write it with 'edgekit validate ... --json > report.json'", path=path
+        ) from exc
     if not isinstance(report, dict) or "passed" not in report:
-        raise PackageError("is not an edgekit validation report", "write it with 'edgekit validate ... --json > report.json'", path=path)
+        raise PackageError(
+            "is not an edgekit validation report",
+            "write it with 'edgekit validate ... --json > report.json'",
+            path=path,
+        )
     reported = (report.get("candidate") or {}).get("sha256")
     if reported != model.sha256:
-        raise PackageError(f"is a validation report of another model (candidate sha256 {str(reported)[:12]}…, this model {model.sha256[:12]}…)",
-                           f"validate this model: 'edgekit validate {model.path} --reference ... --data ... --json > report.json'", path=path)
-    keep = ("passed", "failures", "task", "metric", "rows", "size_ratio", "accuracy_drop", "agreement", "max_abs_diff", "mean_abs_diff", "speedup", "thresholds",
-            "accuracy_drop_meaning", "agreement_meaning")
+        raise PackageError(
+            f"is a validation report of another model (candidate sha256 {str(reported)[:12]}…, this model {model.sha256[:12]}…)",
+            f"validate this model: 'edgekit validate {model.path} --reference ... --data ... --json > report.json'",
+            path=path,
+        )
+    keep = (
+        "passed",
+        "failures",
+        "task",
+        "metric",
+        "rows",
+        "size_ratio",
+        "accuracy_drop",
+        "agreement",
+        "max_abs_diff",
+        "mean_abs_diff",
+        "speedup",
+        "thresholds",
+        "accuracy_drop_meaning",
+        "agreement_meaning",
+    )
     summary = {k: report.get(k) for k in keep}
     # What size_ratio is relative to: the validation's reference file (a report from before the field has its path).
     reference_path = (report.get("reference") or {}).get("path")
@@ -121,8 +175,18 @@ def _read_report(path: str | None, model: OnnxModel) -> dict[str, Any] | None:
     return summary
 
 
-def _manifest(model: OnnxModel | TfliteModel, *, name: str, version: int, members: dict[str, bytes], profile: Profile, baseline_sha256: str,
-              report: dict[str, Any] | None, drift: dict[str, float], target: RuntimeTarget) -> dict[str, Any]:
+def _manifest(
+    model: OnnxModel | TfliteModel,
+    *,
+    name: str,
+    version: int,
+    members: dict[str, bytes],
+    profile: Profile,
+    baseline_sha256: str,
+    report: dict[str, Any] | None,
+    drift: dict[str, float],
+    target: RuntimeTarget,
+) -> dict[str, Any]:
     if isinstance(model, TfliteModel):
         meta = model.metadata
         runtime = {"format": "tflite", "engine": "litert", "min_runtime_version": None}

@@ -6,12 +6,11 @@ import click
 
 from device_agent.bundle import read_bundle
 from device_agent.signing import load_public_key
-
-from edgekit.models import compare
-from edgekit.errors import PackageError
 from edgekit.bundle.keys import generate_keypair
 from edgekit.bundle.package import build_bundle
 from edgekit.cli.common import emit_json, json_option
+from edgekit.errors import PackageError
+from edgekit.models import compare
 
 
 def register(cli: click.Group) -> None:
@@ -20,7 +19,14 @@ def register(cli: click.Group) -> None:
 
 
 @click.command()
-@click.option("-o", "--output", "directory", required=True, type=click.Path(file_okay=False), help="Directory for <name>.key and <name>.pub.")
+@click.option(
+    "-o",
+    "--output",
+    "directory",
+    required=True,
+    type=click.Path(file_okay=False),
+    help="Directory for <name>.key and <name>.pub.",
+)
 @click.option("--name", default="edgekit", show_default=True, help="File name stem of the key pair.")
 @click.option("--force", is_flag=True, help="Replace an existing key pair.")
 def keygen(directory, name, force):
@@ -40,12 +46,24 @@ def keygen(directory, name, force):
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.option("--name", required=True, help="Model name (letters, digits, '.', '_', '-').")
 @click.option("--version", "version", required=True, type=int, help="Integer version; devices refuse to go down.")
-@click.option("--baseline", required=True, type=click.Path(dir_okay=False), help="Training rows (.npz/.csv): the drift baseline.")
-@click.option("--key", "key_path", required=True, type=click.Path(dir_okay=False), help="Private key from 'edgekit keygen'.")
-@click.option("-o", "--output", type=click.Path(dir_okay=False), help="Bundle path (default: <name>-<version>.edgebundle).")
+@click.option(
+    "--baseline", required=True, type=click.Path(dir_okay=False), help="Training rows (.npz/.csv): the drift baseline."
+)
+@click.option(
+    "--key", "key_path", required=True, type=click.Path(dir_okay=False), help="Private key from 'edgekit keygen'."
+)
+@click.option(
+    "-o", "--output", type=click.Path(dir_okay=False), help="Bundle path (default: <name>-<version>.edgebundle)."
+)
 @click.option("--label", help="Label column of CSV baseline data, left out of the features.")
 @click.option("--report", type=click.Path(dir_okay=False), help="A 'validate --json' report to record in the manifest.")
-@click.option("--drift", "drift", multiple=True, metavar="NAME=VALUE", help="Override a drift threshold (alpha, min_psi, min_rows, consecutive_windows).")
+@click.option(
+    "--drift",
+    "drift",
+    multiple=True,
+    metavar="NAME=VALUE",
+    help="Override a drift threshold (alpha, min_psi, min_rows, consecutive_windows).",
+)
 @json_option
 def package(model, name, version, baseline, key_path, output, label, report, drift, as_json):
     """Package a converted model as a signed, versioned .edgebundle with its baseline profile.
@@ -55,8 +73,17 @@ def package(model, name, version, baseline, key_path, output, label, report, dri
       edgekit package model.int8.onnx --name digits --version 3 --baseline train.npz --key keys/edgekit.key -o digits-3.edgebundle
     """
     output = output or f"{name}-{version}.edgebundle"
-    manifest = build_bundle(model, name=name, version=version, baseline_path=baseline, key_path=key_path, output=output, label=label,
-                            report_path=report, drift=_parse_drift(drift))
+    manifest = build_bundle(
+        model,
+        name=name,
+        version=version,
+        baseline_path=baseline,
+        key_path=key_path,
+        output=output,
+        label=label,
+        report_path=report,
+        drift=_parse_drift(drift),
+    )
     if as_json:
         emit_json({"output": output, "manifest": manifest})
     else:
@@ -75,7 +102,9 @@ def _parse_drift(pairs: tuple[str, ...]) -> dict[str, float]:
         try:
             parsed[key] = float(value)
         except ValueError:
-            raise PackageError(f"drift threshold {pair!r} has no number", "write it as NAME=VALUE, e.g. psi=0.25") from None
+            raise PackageError(
+                f"drift threshold {pair!r} has no number", "write it as NAME=VALUE, e.g. psi=0.25"
+            ) from None
     return parsed
 
 
@@ -102,7 +131,12 @@ def inspect(bundle, pubkey, as_json):
         f"created    {m['created']}",
         f"signature  {_signature_state(opened)}",
         f"input      {schema['input_name']}: {schema['dtype']} [{len(schema['feature_names'])} features: {', '.join(schema['feature_names'][:6])}{', …' if len(schema['feature_names']) > 6 else ''}]  NaN {'allowed' if schema['allow_nan'] else 'refused'}",
-        f"output     {output['task']}" + (f", labels {output['labels'][:10]}{' …' if len(output['labels']) > 10 else ''}" if output["task"] == "classification" else ""),
+        f"output     {output['task']}"
+        + (
+            f", labels {output['labels'][:10]}{' …' if len(output['labels']) > 10 else ''}"
+            if output["task"] == "classification"
+            else ""
+        ),
         f"quantized  {_quantization_text(m.get('quantization'))}",
         f"validation {_validation_text(m.get('validation'))}",
         "drift      " + ", ".join(f"{k}={v}" for k, v in m["drift"].items()),
@@ -139,13 +173,20 @@ def _validation_text(validation) -> str:
         parts[0] += f" ({compare.AGREEMENT_MEANING['regression']})"
     if drop is not None:
         parts.append(compare.describe_drop(drop, metric))
-    parts.append(f"size {validation.get('size_ratio'):.3f}x of {validation.get('size_ratio_of') or 'the validation reference'}")
+    parts.append(
+        f"size {validation.get('size_ratio'):.3f}x of {validation.get('size_ratio_of') or 'the validation reference'}"
+    )
     return ", ".join(parts)
 
 
 @click.command()
 @click.argument("bundle", type=click.Path(dir_okay=False))
-@click.option("--pubkey", required=True, type=click.Path(dir_okay=False), help="The trusted public key (.pub from 'edgekit keygen').")
+@click.option(
+    "--pubkey",
+    required=True,
+    type=click.Path(dir_okay=False),
+    help="The trusted public key (.pub from 'edgekit keygen').",
+)
 @json_option
 def verify(bundle, pubkey, as_json):
     """Check a bundle's signature and every member's hash, as a device would before installing it.
@@ -157,6 +198,17 @@ def verify(bundle, pubkey, as_json):
     opened = read_bundle(bundle, load_public_key(pubkey))
     opened.baseline()  # a baseline that does not parse would fail on the device; say so here
     if as_json:
-        emit_json({"path": bundle, "verified": True, "signed_by": opened.signed_by, "name": opened.name, "version": opened.version, "members": sorted(opened.members)})
+        emit_json(
+            {
+                "path": bundle,
+                "verified": True,
+                "signed_by": opened.signed_by,
+                "name": opened.name,
+                "version": opened.version,
+                "members": sorted(opened.members),
+            }
+        )
     else:
-        click.echo(f"OK: {bundle} is {opened.name} v{opened.version}, signed by key {opened.signed_by}; {len(opened.members)} members match their sha256")
+        click.echo(
+            f"OK: {bundle} is {opened.name} v{opened.version}, signed by key {opened.signed_by}; {len(opened.members)} members match their sha256"
+        )

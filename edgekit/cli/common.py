@@ -9,7 +9,6 @@ from typing import Any
 import click
 
 from device_agent.errors import AgentError
-
 from edgekit.errors import EdgekitError
 
 EXIT_THRESHOLD = 1
@@ -33,7 +32,9 @@ class EdgekitGroup(click.Group):
 
 
 def json_option(function):
-    return click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON instead of a table.")(function)
+    return click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON instead of a table.")(
+        function
+    )
 
 
 def emit_json(document: Any) -> None:

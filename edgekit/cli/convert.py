@@ -6,11 +6,11 @@ from pathlib import Path
 
 import click
 
-from edgekit.models.targets import DEFAULT_MIN_RUNTIME, DEFAULT_OPSET, RuntimeTarget
-from edgekit.models.compare import AGREEMENT_HELP, DROP_HELP
 from edgekit.build.convert import QuantizeOptions, convert_model
 from edgekit.build.quant_search import PREFER
 from edgekit.cli.common import EXIT_THRESHOLD, BarProgress, CommandError, emit_json, exit_with, fmt, json_option
+from edgekit.models.compare import AGREEMENT_HELP, DROP_HELP
+from edgekit.models.targets import DEFAULT_MIN_RUNTIME, DEFAULT_OPSET, RuntimeTarget
 from edgekit.text import table
 
 
@@ -20,32 +20,114 @@ def register(cli: click.Group) -> None:
 
 @click.command()
 @click.argument("model", type=click.Path(dir_okay=False))
-@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Where to write the model (.onnx, or .tflite with --target tflite).")
-@click.option("--quantize", type=click.Choice(["int8"]), help="Quantize float32 to int8 (onnxruntime.quantization; full-integer int8 for --target tflite).")
-@click.option("--calibration", type=click.Path(dir_okay=False), help="Representative rows (.npz/.csv) for static quantization.")
-@click.option("--eval", "evaluation", type=click.Path(dir_okay=False), help="Labelled rows: try every configuration, keep the fastest within --max-accuracy-drop.")
-@click.option("--names-from", type=click.Path(dir_okay=False),
-              help="A data file whose header (or .npz feature_names) names the model's columns in training order, for a model that knows none.")
+@click.option(
+    "-o",
+    "--output",
+    required=True,
+    type=click.Path(dir_okay=False),
+    help="Where to write the model (.onnx, or .tflite with --target tflite).",
+)
+@click.option(
+    "--quantize",
+    type=click.Choice(["int8"]),
+    help="Quantize float32 to int8 (onnxruntime.quantization; full-integer int8 for --target tflite).",
+)
+@click.option(
+    "--calibration", type=click.Path(dir_okay=False), help="Representative rows (.npz/.csv) for static quantization."
+)
+@click.option(
+    "--eval",
+    "evaluation",
+    type=click.Path(dir_okay=False),
+    help="Labelled rows: try every configuration, keep the fastest within --max-accuracy-drop.",
+)
+@click.option(
+    "--names-from",
+    type=click.Path(dir_okay=False),
+    help="A data file whose header (or .npz feature_names) names the model's columns in training order, for a model that knows none.",
+)
 @click.option("--label", help="Label column of CSV data (default: a column named label, target or y).")
-@click.option("--max-accuracy-drop", type=click.FloatRange(0, 1), help=f"Largest loss accepted: {DROP_HELP}. Default with --eval: 0.01.")
-@click.option("--min-agreement", type=click.FloatRange(0, 1),
-              help=f"Smallest share of rows on which int8 must answer like float32 (no labels needed): {AGREEMENT_HELP}.")
-@click.option("--mode", type=click.Choice(["dynamic", "static"]), help="Only this quantization mode (default: static with --calibration, else dynamic).")
-@click.option("--per-channel/--per-tensor", default=None, help="Per-channel or per-tensor weight scales (default: per-tensor, or both with --eval).")
-@click.option("--activation-type", type=click.Choice(["uint8", "int8"]), help="Activation type for static quantization.")
+@click.option(
+    "--max-accuracy-drop",
+    type=click.FloatRange(0, 1),
+    help=f"Largest loss accepted: {DROP_HELP}. Default with --eval: 0.01.",
+)
+@click.option(
+    "--min-agreement",
+    type=click.FloatRange(0, 1),
+    help=f"Smallest share of rows on which int8 must answer like float32 (no labels needed): {AGREEMENT_HELP}.",
+)
+@click.option(
+    "--mode",
+    type=click.Choice(["dynamic", "static"]),
+    help="Only this quantization mode (default: static with --calibration, else dynamic).",
+)
+@click.option(
+    "--per-channel/--per-tensor",
+    default=None,
+    help="Per-channel or per-tensor weight scales (default: per-tensor, or both with --eval).",
+)
+@click.option(
+    "--activation-type", type=click.Choice(["uint8", "int8"]), help="Activation type for static quantization."
+)
 @click.option("--weight-type", type=click.Choice(["int8", "uint8"]), help="Weight type.")
-@click.option("--calibrate-method", type=click.Choice(["minmax", "entropy", "percentile"]), default="minmax", show_default=True, help="How static quantization sets activation ranges.")
-@click.option("--force", is_flag=True, help="Keep int8 even when it measures slower (or is larger) than float32 on this host.")
-@click.option("--prefer", type=click.Choice(PREFER), default=None,
-              help="size (default): never keep an int8 model larger than float32 (Q/DQ nodes can double a small model); "
-                   "speed: keep a faster one even when it is larger.")
-@click.option("--target", "target_format", type=click.Choice(["onnx", "tflite"]), default="onnx", show_default=True,
-              help="Output format: ONNX, or TFLite (LiteRT) written without TensorFlow (dense networks).")
-@click.option("--min-runtime", default=DEFAULT_MIN_RUNTIME, show_default=True, help="Oldest onnxruntime the model must load on (pins IR version and opsets).")
-@click.option("--opset", type=int, default=DEFAULT_OPSET, show_default=True, help="ai.onnx opset for scikit-learn conversion.")
+@click.option(
+    "--calibrate-method",
+    type=click.Choice(["minmax", "entropy", "percentile"]),
+    default="minmax",
+    show_default=True,
+    help="How static quantization sets activation ranges.",
+)
+@click.option(
+    "--force", is_flag=True, help="Keep int8 even when it measures slower (or is larger) than float32 on this host."
+)
+@click.option(
+    "--prefer",
+    type=click.Choice(PREFER),
+    default=None,
+    help="size (default): never keep an int8 model larger than float32 (Q/DQ nodes can double a small model); "
+    "speed: keep a faster one even when it is larger.",
+)
+@click.option(
+    "--target",
+    "target_format",
+    type=click.Choice(["onnx", "tflite"]),
+    default="onnx",
+    show_default=True,
+    help="Output format: ONNX, or TFLite (LiteRT) written without TensorFlow (dense networks).",
+)
+@click.option(
+    "--min-runtime",
+    default=DEFAULT_MIN_RUNTIME,
+    show_default=True,
+    help="Oldest onnxruntime the model must load on (pins IR version and opsets).",
+)
+@click.option(
+    "--opset", type=int, default=DEFAULT_OPSET, show_default=True, help="ai.onnx opset for scikit-learn conversion."
+)
 @json_option
-def convert(model, output, quantize, calibration, evaluation, names_from, label, max_accuracy_drop, min_agreement, mode, per_channel, activation_type, weight_type,
-            calibrate_method, force, prefer, target_format, min_runtime, opset, as_json):
+def convert(
+    model,
+    output,
+    quantize,
+    calibration,
+    evaluation,
+    names_from,
+    label,
+    max_accuracy_drop,
+    min_agreement,
+    mode,
+    per_channel,
+    activation_type,
+    weight_type,
+    calibrate_method,
+    force,
+    prefer,
+    target_format,
+    min_runtime,
+    opset,
+    as_json,
+):
     """Convert a scikit-learn model or ONNX file to ONNX or TFLite, optionally int8.
 
     A scikit-learn estimator or Pipeline (joblib or pickle: loading one runs its code, so load only
@@ -65,22 +147,50 @@ def convert(model, output, quantize, calibration, evaluation, names_from, label,
     """
     suffix = Path(output).suffix.lower()
     if suffix in (".onnx", ".tflite") and suffix != f".{target_format}":
-        raise CommandError(f"-o {output} ends in {suffix} but --target is {target_format}; end it in .{target_format}, or pass --target {suffix[1:]}")
+        raise CommandError(
+            f"-o {output} ends in {suffix} but --target is {target_format}; end it in .{target_format}, or pass --target {suffix[1:]}"
+        )
     options = None
-    needs_quantize = [flag for flag, value in (("--max-accuracy-drop", max_accuracy_drop), ("--min-agreement", min_agreement), ("--mode", mode),
-                                               ("--force", force), ("--per-channel/--per-tensor", per_channel), ("--prefer", prefer))
-                    if value not in (None, False)]
+    needs_quantize = [
+        flag
+        for flag, value in (
+            ("--max-accuracy-drop", max_accuracy_drop),
+            ("--min-agreement", min_agreement),
+            ("--mode", mode),
+            ("--force", force),
+            ("--per-channel/--per-tensor", per_channel),
+            ("--prefer", prefer),
+        )
+        if value not in (None, False)
+    ]
     if needs_quantize and not quantize:
         raise CommandError(f"{', '.join(needs_quantize)} only apply with --quantize int8; add it, or drop them")
     if quantize:
-        options = QuantizeOptions(mode=mode, per_channel=per_channel, activation_type=activation_type, weight_type=weight_type,
-                                  calibration_method=calibrate_method, max_accuracy_drop=max_accuracy_drop,
-                                  min_agreement=min_agreement, force=force, prefer=prefer or "size")
+        options = QuantizeOptions(
+            mode=mode,
+            per_channel=per_channel,
+            activation_type=activation_type,
+            weight_type=weight_type,
+            calibration_method=calibrate_method,
+            max_accuracy_drop=max_accuracy_drop,
+            min_agreement=min_agreement,
+            force=force,
+            prefer=prefer or "size",
+        )
     progress = BarProgress(enabled=not as_json)
     try:
-        outcome = convert_model(model, output, quantize=options, calibration=calibration, evaluation=evaluation, label=label,
-                                target=RuntimeTarget(min_runtime=min_runtime, opset=opset), progress=progress, target_format=target_format,
-                                names_from=names_from)
+        outcome = convert_model(
+            model,
+            output,
+            quantize=options,
+            calibration=calibration,
+            evaluation=evaluation,
+            label=label,
+            target=RuntimeTarget(min_runtime=min_runtime, opset=opset),
+            progress=progress,
+            target_format=target_format,
+            names_from=names_from,
+        )
     finally:
         progress.finish()
     if as_json:
@@ -92,12 +202,24 @@ def convert(model, output, quantize, calibration, evaluation, names_from, label,
 
 def _render(outcome) -> None:
     if outcome.search is None:
-        click.echo(f"wrote {outcome.output} ({outcome.size_bytes:,} bytes{', ' + outcome.notes[0] if outcome.notes else ''})")
+        click.echo(
+            f"wrote {outcome.output} ({outcome.size_bytes:,} bytes{', ' + outcome.notes[0] if outcome.notes else ''})"
+        )
         return
     search = outcome.search
     rows = [_row(trial, search) for trial in [search.baseline, *search.trials]]
     drop = "drop(pts)" if search.metric_name == "accuracy" else "rmse(+%)"
-    headers = ["configuration", "bytes", "size/float32", search.metric_name, drop, "agreement", "speed b1", "speed b256", "note"]
+    headers = [
+        "configuration",
+        "bytes",
+        "size/float32",
+        search.metric_name,
+        drop,
+        "agreement",
+        "speed b1",
+        "speed b256",
+        "note",
+    ]
     click.echo(table(rows, headers))
     click.echo(f"latency: {search.to_dict()['latency_method']}; sizes and speeds are relative to float32")
     for note in outcome.notes:

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import click
 
-from edgekit.local.demo import run_demo
 from edgekit.cli.common import EXIT_THRESHOLD, exit_with
+from edgekit.local.demo import run_demo
 
 
 def register(cli: click.Group) -> None:
@@ -16,11 +16,33 @@ def register(cli: click.Group) -> None:
 
 
 @click.command()
-@click.option("--workdir", type=click.Path(file_okay=False), help="Where to write the models, keys and bundle (default: a new temporary directory).")
-@click.option("--fixtures", type=click.Path(file_okay=False), default="fixtures", show_default=True, help="Use the fixtures here when they match this scikit-learn; else train anew.")
-@click.option("--devices", default=4, show_default=True, type=click.IntRange(0, 50), help="Emulated devices (0: the host pipeline only).")
+@click.option(
+    "--workdir",
+    type=click.Path(file_okay=False),
+    help="Where to write the models, keys and bundle (default: a new temporary directory).",
+)
+@click.option(
+    "--fixtures",
+    type=click.Path(file_okay=False),
+    default="fixtures",
+    show_default=True,
+    help="Use the fixtures here when they match this scikit-learn; else train anew.",
+)
+@click.option(
+    "--devices",
+    default=4,
+    show_default=True,
+    type=click.IntRange(0, 50),
+    help="Emulated devices (0: the host pipeline only).",
+)
 @click.option("--duration", default=60.0, show_default=True, type=click.FloatRange(1), help="Seconds the fleet runs.")
-@click.option("--broker", type=click.Choice(["auto", "mosquitto", "amqtt"]), default="auto", show_default=True, help="auto: Mosquitto if installed, else the embedded amqtt.")
+@click.option(
+    "--broker",
+    type=click.Choice(["auto", "mosquitto", "amqtt"]),
+    default="auto",
+    show_default=True,
+    help="auto: Mosquitto if installed, else the embedded amqtt.",
+)
 @click.option("--keep-serving", is_flag=True, help="Keep the dashboard up after the run, until Ctrl-C.")
 def demo(workdir, fixtures, devices, duration, broker, keep_serving):
     """Run the whole loop on one machine: convert, quantize, validate, package, then a fleet of
@@ -33,10 +55,21 @@ def demo(workdir, fixtures, devices, duration, broker, keep_serving):
       edgekit demo --devices 4 --duration 60
     """
     workdir = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="edgekit-demo-"))
-    result = run_demo(workdir, fixtures=fixtures if Path(fixtures).is_dir() else None, devices=devices, duration=duration, broker=broker,
-                      keep_serving=keep_serving, say=click.echo)
+    result = run_demo(
+        workdir,
+        fixtures=fixtures if Path(fixtures).is_dir() else None,
+        devices=devices,
+        duration=duration,
+        broker=broker,
+        keep_serving=keep_serving,
+        say=click.echo,
+    )
     database = result.workdir / "fleet.db"
-    again = f"; look again with '{_edgekit_command()} fleet status --db {database}' (or fleet drift, fleet alerts)" if database.exists() else ""
+    again = (
+        f"; look again with '{_edgekit_command()} fleet status --db {database}' (or fleet drift, fleet alerts)"
+        if database.exists()
+        else ""
+    )
     click.echo(f"done: everything is in {result.workdir}{again}")
     rollout_ok = result.rollout is None or result.rollout["state"] == "succeeded"
     exit_with(0 if result.validation_passed and rollout_ok else EXIT_THRESHOLD)
@@ -53,7 +86,9 @@ def _edgekit_command() -> str:
 
     beside = Path(sys.executable).parent / "edgekit"
     in_venv = sys.prefix != sys.base_prefix
-    activated = os.environ.get("VIRTUAL_ENV") and Path(os.environ["VIRTUAL_ENV"]).resolve() == Path(sys.prefix).resolve()
+    activated = (
+        os.environ.get("VIRTUAL_ENV") and Path(os.environ["VIRTUAL_ENV"]).resolve() == Path(sys.prefix).resolve()
+    )
     if beside.exists() and in_venv and not activated:
         return str(beside)
     return "edgekit"

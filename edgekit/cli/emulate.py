@@ -12,20 +12,65 @@ def register(cli: click.Group) -> None:
 
 
 @click.command()
-@click.option("--devices", default=3, show_default=True, type=click.IntRange(1, 500), help="How many emulated devices to run.")
+@click.option(
+    "--devices", default=3, show_default=True, type=click.IntRange(1, 500), help="How many emulated devices to run."
+)
 @click.option("--bundle", required=True, type=click.Path(dir_okay=False), help="The bundle every device runs.")
 @click.option("--pubkey", required=True, type=click.Path(dir_okay=False), help="The trusted public key.")
 @click.option("--broker", help="MQTT broker URL, e.g. mqtt://127.0.0.1:1883 (none: devices only serve and spool).")
-@click.option("--data", required=True, type=click.Path(dir_okay=False), help="Rows (.npz/.csv) each device is fed, shuffled per device.")
+@click.option(
+    "--data",
+    required=True,
+    type=click.Path(dir_okay=False),
+    help="Rows (.npz/.csv) each device is fed, shuffled per device.",
+)
 @click.option("--fleet", default="default", show_default=True, help="Fleet name (an MQTT topic level).")
-@click.option("--window-rows", default=1000, show_default=True, type=click.IntRange(1), help="Rows per monitoring window.")
-@click.option("--window-seconds", default=60.0, show_default=True, type=click.FloatRange(0, min_open=True), help="Longest window, in seconds.")
-@click.option("--rows-per-second", default=100.0, show_default=True, type=click.FloatRange(0, min_open=True), help="Rows each device scores per second.")
+@click.option(
+    "--window-rows", default=1000, show_default=True, type=click.IntRange(1), help="Rows per monitoring window."
+)
+@click.option(
+    "--window-seconds",
+    default=60.0,
+    show_default=True,
+    type=click.FloatRange(0, min_open=True),
+    help="Longest window, in seconds.",
+)
+@click.option(
+    "--rows-per-second",
+    default=100.0,
+    show_default=True,
+    type=click.FloatRange(0, min_open=True),
+    help="Rows each device scores per second.",
+)
 @click.option("--drift", help="Inject drift: feature=NAME|fN,shift=NUMBER[,after=ROWS][,devices=0-1].")
-@click.option("--state-dir", required=True, type=click.Path(file_okay=False), help="Where each device's directory is made.")
-@click.option("--http-port-base", type=int, help="Device i listens on this port + i (default: any free port; see <dir>/state/http.json).")
-@click.option("--duration", type=click.FloatRange(0, min_open=True), help="Stop after this many seconds (default: run until Ctrl-C).")
-def emulate(devices, bundle, pubkey, broker, data, fleet, window_rows, window_seconds, rows_per_second, drift, state_dir, http_port_base, duration):
+@click.option(
+    "--state-dir", required=True, type=click.Path(file_okay=False), help="Where each device's directory is made."
+)
+@click.option(
+    "--http-port-base",
+    type=int,
+    help="Device i listens on this port + i (default: any free port; see <dir>/state/http.json).",
+)
+@click.option(
+    "--duration",
+    type=click.FloatRange(0, min_open=True),
+    help="Stop after this many seconds (default: run until Ctrl-C).",
+)
+def emulate(
+    devices,
+    bundle,
+    pubkey,
+    broker,
+    data,
+    fleet,
+    window_rows,
+    window_seconds,
+    rows_per_second,
+    drift,
+    state_dir,
+    http_port_base,
+    duration,
+):
     """Run a fleet of emulated devices: real agent processes fed from a data file.
 
     \b
@@ -34,7 +79,18 @@ def emulate(devices, bundle, pubkey, broker, data, fleet, window_rows, window_se
           --data test.npz --fleet lab --window-rows 200 --rows-per-second 100 \\
           --drift "feature=f20,shift=8,after=500,devices=0-1" --state-dir /tmp/fleet
     """
-    configs = prepare_devices(devices=devices, bundle=bundle, pubkey=pubkey, broker=broker, data=data, fleet=fleet, window_rows=window_rows,
-                              window_seconds=window_seconds, rows_per_second=rows_per_second, drift=DriftSpec.parse(drift) if drift else None,
-                              state_dir=state_dir, http_port_base=http_port_base)
+    configs = prepare_devices(
+        devices=devices,
+        bundle=bundle,
+        pubkey=pubkey,
+        broker=broker,
+        data=data,
+        fleet=fleet,
+        window_rows=window_rows,
+        window_seconds=window_seconds,
+        rows_per_second=rows_per_second,
+        drift=DriftSpec.parse(drift) if drift else None,
+        state_dir=state_dir,
+        http_port_base=http_port_base,
+    )
     run_devices(configs, duration=duration, say=click.echo)

@@ -11,14 +11,16 @@ from pathlib import Path
 
 import click
 
+from edgekit.cli.common import emit_json, fmt, json_option
 from edgekit.fleet.alerts import AlertEngine, load_alert_config
 from edgekit.fleet.collector import Collector, CollectorConfig
 from edgekit.fleet.merge import MERGED_MIN_PSI, merged_drift, since_timestamp
 from edgekit.fleet.store import SqliteStore, StoreError
-from edgekit.cli.common import emit_json, fmt, json_option
 from edgekit.text import table
 
-DB_OPTION = click.option("--db", default="fleet.db", show_default=True, type=click.Path(dir_okay=False), help="The fleet database (SQLite).")
+DB_OPTION = click.option(
+    "--db", default="fleet.db", show_default=True, type=click.Path(dir_okay=False), help="The fleet database (SQLite)."
+)
 
 
 def register(cli: click.Group) -> None:
@@ -36,25 +38,87 @@ def fleet():
 
 
 @fleet.command()
-@click.option("--broker", default="mqtt://127.0.0.1:1883", show_default=True, help="MQTT broker URL (mqtt:// or mqtts://).")
+@click.option(
+    "--broker", default="mqtt://127.0.0.1:1883", show_default=True, help="MQTT broker URL (mqtt:// or mqtts://)."
+)
 @DB_OPTION
-@click.option("--http", default="127.0.0.1:8480", show_default=True, help="Dashboard, JSON API and /metrics address ('' to disable).")
-@click.option("--alerts", "alerts_file", type=click.Path(dir_okay=False), help="alerts.toml: rule thresholds and sinks (webhook, command).")
-@click.option("--group", default="edgekit", show_default=True, help="Shared-subscription group: collectors in one group split the fleet.")
-@click.option("--client-id", default="edgekit-collector", show_default=True, help="MQTT client id; keep it stable so the broker keeps the session.")
-@click.option("--devices-file", type=click.Path(dir_okay=False), help="Known device ids, one per line; others are rejected as unknown-device.")
-@click.option("--trust", type=click.Path(exists=True, dir_okay=False), help="The fleet's public key: rollout bundles must verify against it.")
-@click.option("--bundle-dir", type=click.Path(file_okay=False), help="Where uploaded bundles are kept (default: beside --db).")
+@click.option(
+    "--http",
+    default="127.0.0.1:8480",
+    show_default=True,
+    help="Dashboard, JSON API and /metrics address ('' to disable).",
+)
+@click.option(
+    "--alerts",
+    "alerts_file",
+    type=click.Path(dir_okay=False),
+    help="alerts.toml: rule thresholds and sinks (webhook, command).",
+)
+@click.option(
+    "--group",
+    default="edgekit",
+    show_default=True,
+    help="Shared-subscription group: collectors in one group split the fleet.",
+)
+@click.option(
+    "--client-id",
+    default="edgekit-collector",
+    show_default=True,
+    help="MQTT client id; keep it stable so the broker keeps the session.",
+)
+@click.option(
+    "--devices-file",
+    type=click.Path(dir_okay=False),
+    help="Known device ids, one per line; others are rejected as unknown-device.",
+)
+@click.option(
+    "--trust",
+    type=click.Path(exists=True, dir_okay=False),
+    help="The fleet's public key: rollout bundles must verify against it.",
+)
+@click.option(
+    "--bundle-dir", type=click.Path(file_okay=False), help="Where uploaded bundles are kept (default: beside --db)."
+)
 @click.option("--public-url", help="Base URL devices download bundles from (default: the --http address).")
-@click.option("--workers", type=click.IntRange(1, 64), default=1, show_default=True,
-              help="Processes storing summaries (MQTT 5 brokers): one takes about 3,500 a second; 3 took 6,000+ on 2 cores.")
-@click.option("--tls-cert", type=click.Path(exists=True, dir_okay=False), help="PEM certificate: serve the dashboard and API over HTTPS (with --tls-key).")
+@click.option(
+    "--workers",
+    type=click.IntRange(1, 64),
+    default=1,
+    show_default=True,
+    help="Processes storing summaries (MQTT 5 brokers): one takes about 3,500 a second; 3 took 6,000+ on 2 cores.",
+)
+@click.option(
+    "--tls-cert",
+    type=click.Path(exists=True, dir_okay=False),
+    help="PEM certificate: serve the dashboard and API over HTTPS (with --tls-key).",
+)
 @click.option("--tls-key", type=click.Path(exists=True, dir_okay=False), help="The certificate's unencrypted PEM key.")
-@click.option("--http-limit", "http_limits", multiple=True, metavar="NAME=VALUE",
-              help="An HTTP limit, as in agent.toml's [server]: header_timeout (10 s), body_timeout (600 s), idle_timeout (30 s), "
-                   "max_connections (100), max_body_bytes (1 GiB), max_header_bytes (64 KiB), threads (4). Repeatable.")
+@click.option(
+    "--http-limit",
+    "http_limits",
+    multiple=True,
+    metavar="NAME=VALUE",
+    help="An HTTP limit, as in agent.toml's [server]: header_timeout (10 s), body_timeout (600 s), idle_timeout (30 s), "
+    "max_connections (100), max_body_bytes (1 GiB), max_header_bytes (64 KiB), threads (4). Repeatable.",
+)
 @click.option("--duration", type=float, help="Stop after this many seconds (default: until Ctrl-C).")
-def collect(broker, db, http, alerts_file, group, client_id, devices_file, trust, bundle_dir, public_url, workers, tls_cert, tls_key, http_limits, duration):
+def collect(
+    broker,
+    db,
+    http,
+    alerts_file,
+    group,
+    client_id,
+    devices_file,
+    trust,
+    bundle_dir,
+    public_url,
+    workers,
+    tls_cert,
+    tls_key,
+    http_limits,
+    duration,
+):
     """Run the collector: ingest, store, request missing windows, alert, serve the dashboard.
 
     \b
@@ -71,17 +135,35 @@ def collect(broker, db, http, alerts_file, group, client_id, devices_file, trust
             allowed = frozenset(line.strip() for line in handle if line.strip() and not line.startswith("#"))
     import os
 
-    collector = Collector(CollectorConfig(broker=broker, db=db, http=http or None, group=group, client_id=client_id, allowed_devices=allowed,
-                                          trust=trust, bundle_dir=bundle_dir, public_url=public_url, api_token=os.environ.get("EDGEKIT_COLLECTOR_TOKEN"),
-                                          workers=workers, http_limits=_http_limits(http_limits), tls_cert=tls_cert, tls_key=tls_key))
+    collector = Collector(
+        CollectorConfig(
+            broker=broker,
+            db=db,
+            http=http or None,
+            group=group,
+            client_id=client_id,
+            allowed_devices=allowed,
+            trust=trust,
+            bundle_dir=bundle_dir,
+            public_url=public_url,
+            api_token=os.environ.get("EDGEKIT_COLLECTOR_TOKEN"),
+            workers=workers,
+            http_limits=_http_limits(http_limits),
+            tls_cert=tls_cert,
+            tls_key=tls_key,
+        )
+    )
     collector.alerts = AlertEngine(collector.store, rules, sinks)
     collector.start()
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     address = collector.server.server_address[:2] if collector.server else None
-    click.echo(f"collecting from {broker} into {db}" + (f" with {workers} processes" if workers > 1 else "")
-               + (f"; dashboard at {collector.server.scheme}://{address[0]}:{address[1]}/" if address else ""))
+    click.echo(
+        f"collecting from {broker} into {db}"
+        + (f" with {workers} processes" if workers > 1 else "")
+        + (f"; dashboard at {collector.server.scheme}://{address[0]}:{address[1]}/" if address else "")
+    )
     stop.wait(duration)
     collector.stop()
 
@@ -89,7 +171,12 @@ def collect(broker, db, http, alerts_file, group, client_id, devices_file, trust
 @fleet.command()
 @click.option("--fleet", "fleet_name", default="default", show_default=True, help="The fleet the devices belong to.")
 @click.option("--devices", required=True, help="Comma-separated device ids.")
-@click.option("--out", required=True, type=click.Path(file_okay=False), help="Directory for passwd, acl, mosquitto.conf and credentials/.")
+@click.option(
+    "--out",
+    required=True,
+    type=click.Path(file_okay=False),
+    help="Directory for passwd, acl, mosquitto.conf and credentials/.",
+)
 @click.option("--rotate", is_flag=True, help="New passwords for every user, not only new devices.")
 def provision(fleet_name, devices, out, rotate):
     """Per-device MQTT credentials (Mosquitto password file) and an ACL confining each device to its topics.
@@ -101,8 +188,10 @@ def provision(fleet_name, devices, out, rotate):
     from edgekit.fleet.provision import provision as run
 
     result = run(out, fleet=fleet_name, devices=[d.strip() for d in devices.split(",") if d.strip()], rotate=rotate)
-    click.echo(f"wrote {result.directory}/passwd, acl and mosquitto.conf for {len(result.devices)} device(s) and the collector; "
-               f"new passwords for: {', '.join(result.created) or 'none'} (in {result.directory}/credentials/, mode 0600)")
+    click.echo(
+        f"wrote {result.directory}/passwd, acl and mosquitto.conf for {len(result.devices)} device(s) and the collector; "
+        f"new passwords for: {', '.join(result.created) or 'none'} (in {result.directory}/credentials/, mode 0600)"
+    )
     click.echo(f"add to the broker's config: include_dir or the lines of {result.directory}/mosquitto.conf")
 
 
@@ -122,10 +211,40 @@ def status(db, as_json):
     if as_json:
         emit_json(devices)
         return
-    rows = [[d["device"], d["fleet"], "online" if d["online"] else "offline" if d["online"] is False else "?", f"{d['model']} v{d['model_version']}",
-             _ago(d["last_seen"]), d["windows"], d["rows"], "DRIFTED" if d["drifted"] else "no" if d["drifted"] is False else "-", d["worst_feature"] or "-",
-             d["missing_seqs"], d["rejected"]] for d in devices]
-    click.echo(table(rows, ["device", "fleet", "state", "model", "last seen", "windows", "rows", "drift", "worst feature", "missing", "rejected"]))
+    rows = [
+        [
+            d["device"],
+            d["fleet"],
+            "online" if d["online"] else "offline" if d["online"] is False else "?",
+            f"{d['model']} v{d['model_version']}",
+            _ago(d["last_seen"]),
+            d["windows"],
+            d["rows"],
+            "DRIFTED" if d["drifted"] else "no" if d["drifted"] is False else "-",
+            d["worst_feature"] or "-",
+            d["missing_seqs"],
+            d["rejected"],
+        ]
+        for d in devices
+    ]
+    click.echo(
+        table(
+            rows,
+            [
+                "device",
+                "fleet",
+                "state",
+                "model",
+                "last seen",
+                "windows",
+                "rows",
+                "drift",
+                "worst feature",
+                "missing",
+                "rejected",
+            ],
+        )
+    )
     if rejects:
         click.echo("rejected payloads: " + ", ".join(f"{reason} {count}" for reason, count in sorted(rejects.items())))
 
@@ -144,7 +263,9 @@ def drift(db, device, model, version, since, as_json):
     Example:
       edgekit fleet drift --model digits --version 3 --since 1h
     """
-    reports = merged_drift(_existing_store(db), device=device, model=model, version=version, since=since_timestamp(since))
+    reports = merged_drift(
+        _existing_store(db), device=device, model=model, version=version, since=since_timestamp(since)
+    )
     if as_json:
         emit_json([{k: v for k, v in r.items() if k != "feature_distributions"} for r in reports])
         return
@@ -158,13 +279,20 @@ def drift(db, device, model, version, since, as_json):
             click.echo(f"  {report['note']}")
             continue
         features = sorted(report["drift"]["features"].items(), key=lambda kv: -kv[1]["psi"])[:10]
-        rows = [[name, fmt(v["psi"]), fmt(v["ks"]), fmt(v["js"]), "DRIFTED" if v["drifted"] else "no"] for name, v in features]
+        rows = [
+            [name, fmt(v["psi"]), fmt(v["ks"]), fmt(v["js"]), "DRIFTED" if v["drifted"] else "no"]
+            for name, v in features
+        ]
         if report["drift"].get("prediction"):
             p = report["drift"]["prediction"]
-            rows.append(["(prediction)", fmt(p["psi"]), fmt(p["ks"]), fmt(p["js"]), "DRIFTED" if p["drifted"] else "no"])
+            rows.append(
+                ["(prediction)", fmt(p["psi"]), fmt(p["ks"]), fmt(p["js"]), "DRIFTED" if p["drifted"] else "no"]
+            )
         click.echo(table(rows, ["feature", "psi", "ks", "js", "verdict"]))
-        click.echo(f"  merged verdict: {'DRIFTED' if report['drift']['drifted'] else 'no drift'} (significant at family-wise alpha "
-                   f"{report['drift']['alpha']} and PSI >= {MERGED_MIN_PSI}: merged windows make every difference significant)\n")
+        click.echo(
+            f"  merged verdict: {'DRIFTED' if report['drift']['drifted'] else 'no drift'} (significant at family-wise alpha "
+            f"{report['drift']['alpha']} and PSI >= {MERGED_MIN_PSI}: merged windows make every difference significant)\n"
+        )
 
 
 @fleet.command()
@@ -185,8 +313,12 @@ def alerts(db, show_all, as_json):
     if not found:
         click.echo("no open alerts" if not show_all else "no alerts")
         return
-    click.echo(table([[a["state"], a["rule"], a["device"], a["subject"], _ago(a["opened_at"]), a["message"]] for a in found],
-                     ["state", "rule", "device", "subject", "opened", "message"]))
+    click.echo(
+        table(
+            [[a["state"], a["rule"], a["device"], a["subject"], _ago(a["opened_at"]), a["message"]] for a in found],
+            ["state", "rule", "device", "subject", "opened", "message"],
+        )
+    )
 
 
 def _ago(timestamp) -> str:

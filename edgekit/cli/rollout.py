@@ -6,13 +6,18 @@ import time
 
 import click
 
+from edgekit.cli.common import EXIT_THRESHOLD, emit_json, exit_with, json_option
 from edgekit.fleet.client import DEFAULT_COLLECTOR, CollectorClient
 from edgekit.fleet.rollouts import DEFAULT_ABORT_ON
-from edgekit.cli.common import EXIT_THRESHOLD, emit_json, exit_with, json_option
 from edgekit.text import table
 
-COLLECTOR_OPTION = click.option("--collector", default=DEFAULT_COLLECTOR, show_default=True, envvar="EDGEKIT_COLLECTOR",
-                                help="The collector's HTTP address (EDGEKIT_COLLECTOR_TOKEN holds its API token, if any).")
+COLLECTOR_OPTION = click.option(
+    "--collector",
+    default=DEFAULT_COLLECTOR,
+    show_default=True,
+    envvar="EDGEKIT_COLLECTOR",
+    help="The collector's HTTP address (EDGEKIT_COLLECTOR_TOKEN holds its API token, if any).",
+)
 FINISHED = ("succeeded", "aborted", "failed")
 
 
@@ -34,13 +39,35 @@ def rollout():
 @click.argument("bundle", type=click.Path(exists=True, dir_okay=False))
 @click.option("--fleet", default="default", show_default=True, help="The fleet to update.")
 @click.option("--devices", default="*", show_default=True, help="Only devices whose id matches this glob, e.g. 'pi-*'.")
-@click.option("--waves", default="10%,50%,100%", show_default=True, help="Cumulative shares of the devices, one wave each.")
-@click.option("--wave-wait", default="0", show_default=True, help="Soak time after a wave finishes before the next starts (30s, 5m).")
-@click.option("--abort-on", default=DEFAULT_ABORT_ON, show_default=True,
-              help="Abort and revert when any rule trips: failed>20%, agreement<0.98, p99_ms>50, drift>30% ('' for none).")
-@click.option("--shadow-rows", default=0, show_default=True, type=click.IntRange(min=0),
-              help="Live rows each device scores with the candidate beside the serving model before swapping (0: no shadow phase).")
-@click.option("--health-seconds", default="10", show_default=True, metavar="SECONDS", help="How long each device watches the new model before committing.")
+@click.option(
+    "--waves", default="10%,50%,100%", show_default=True, help="Cumulative shares of the devices, one wave each."
+)
+@click.option(
+    "--wave-wait",
+    default="0",
+    show_default=True,
+    help="Soak time after a wave finishes before the next starts (30s, 5m).",
+)
+@click.option(
+    "--abort-on",
+    default=DEFAULT_ABORT_ON,
+    show_default=True,
+    help="Abort and revert when any rule trips: failed>20%, agreement<0.98, p99_ms>50, drift>30% ('' for none).",
+)
+@click.option(
+    "--shadow-rows",
+    default=0,
+    show_default=True,
+    type=click.IntRange(min=0),
+    help="Live rows each device scores with the candidate beside the serving model before swapping (0: no shadow phase).",
+)
+@click.option(
+    "--health-seconds",
+    default="10",
+    show_default=True,
+    metavar="SECONDS",
+    help="How long each device watches the new model before committing.",
+)
 @COLLECTOR_OPTION
 @click.option("--wait", "wait_", is_flag=True, help="Follow the rollout until it ends; exit 1 unless it succeeded.")
 @json_option
@@ -53,14 +80,24 @@ def start(bundle, fleet, devices, waves, wave_wait, abort_on, shadow_rows, healt
           --wave-wait 5m --abort-on 'failed>20%,agreement<0.98,p99_ms>50' --shadow-rows 500
     """
     client = CollectorClient(collector)
-    started = client.start(bundle, fleet=fleet, devices=devices, waves=waves, wave_wait=wave_wait, abort_on=abort_on,
-                           shadow_rows=shadow_rows, health_seconds=health_seconds)
+    started = client.start(
+        bundle,
+        fleet=fleet,
+        devices=devices,
+        waves=waves,
+        wave_wait=wave_wait,
+        abort_on=abort_on,
+        shadow_rows=shadow_rows,
+        health_seconds=health_seconds,
+    )
     if not wait_:
         if as_json:
             emit_json({"id": started["id"]})
         else:
-            click.echo(f"rollout {started['id']} started: {started['bundle']['name']} v{started['bundle']['version']} to fleet {fleet} "
-                       f"in waves {waves}; follow it with 'edgekit rollout status {started['id']}'")
+            click.echo(
+                f"rollout {started['id']} started: {started['bundle']['name']} v{started['bundle']['version']} to fleet {fleet} "
+                f"in waves {waves}; follow it with 'edgekit rollout status {started['id']}'"
+            )
         return
     _follow(client, started["id"], as_json)
 
@@ -82,9 +119,25 @@ def status(rollout_id, collector, as_json):
     elif rollout_id:
         click.echo(_describe(doc))
     else:
-        click.echo(table([[r["id"], r["kind"], r["fleet"], f"{r['name']} v{r['version']}", r["state"], f"{r['wave']}/{len(r['waves'])}",
-                           ", ".join(f"{v} {k}" for k, v in sorted(r["counts"].items()))] for r in doc],
-                         ["id", "kind", "fleet", "model", "state", "wave", "devices"]) if doc else "no rollouts yet")
+        click.echo(
+            table(
+                [
+                    [
+                        r["id"],
+                        r["kind"],
+                        r["fleet"],
+                        f"{r['name']} v{r['version']}",
+                        r["state"],
+                        f"{r['wave']}/{len(r['waves'])}",
+                        ", ".join(f"{v} {k}" for k, v in sorted(r["counts"].items())),
+                    ]
+                    for r in doc
+                ],
+                ["id", "kind", "fleet", "model", "state", "wave", "devices"],
+            )
+            if doc
+            else "no rollouts yet"
+        )
 
 
 def _action(verb: str, summary: str):
@@ -94,7 +147,9 @@ def _action(verb: str, summary: str):
     @json_option
     def command(rollout_id, collector, as_json):
         doc = CollectorClient(collector).act(rollout_id, verb)
-        emit_json(doc) if as_json else click.echo(f"rollout {doc['id']} is {doc['state']}" + (f": {doc['reason']}" if doc["reason"] else ""))
+        emit_json(doc) if as_json else click.echo(
+            f"rollout {doc['id']} is {doc['state']}" + (f": {doc['reason']}" if doc["reason"] else "")
+        )
 
     return command
 
@@ -107,9 +162,20 @@ _action("abort", "Stop the rollout and send every device that moved back to the 
 @rollout.command()
 @click.option("--fleet", default="default", show_default=True, help="The fleet to roll back.")
 @click.option("--to", "version", required=True, type=click.IntRange(min=1), help="The version to go back to.")
-@click.option("--key", "key_path", required=True, type=click.Path(exists=True, dir_okay=False), help="The fleet's signing key (devices require its signature to go down).")
+@click.option(
+    "--key",
+    "key_path",
+    required=True,
+    type=click.Path(exists=True, dir_okay=False),
+    help="The fleet's signing key (devices require its signature to go down).",
+)
 @click.option("--name", help="The model name (default: the one the stored bundle of that version has).")
-@click.option("--bundle", "bundle_path", type=click.Path(exists=True, dir_okay=False), help="Upload this bundle first (if the collector does not have that version).")
+@click.option(
+    "--bundle",
+    "bundle_path",
+    type=click.Path(exists=True, dir_okay=False),
+    help="Upload this bundle first (if the collector does not have that version).",
+)
 @click.option("--devices", default="*", show_default=True, help="Only devices whose id matches this glob.")
 @COLLECTOR_OPTION
 @click.option("--wait", "wait_", is_flag=True, help="Follow the rollback until it ends; exit 1 unless it succeeded.")
@@ -121,30 +187,40 @@ def rollback(fleet, version, key_path, name, bundle_path, devices, collector, wa
     Example:
       edgekit rollout rollback --fleet default --to 3 --key keys/edgekit.key
     """
+    from edgekit.bundle.keys import load_private_key
     from edgekit.errors import RolloutError
     from edgekit.fleet.rollouts import sign_rollback
-    from edgekit.bundle.keys import load_private_key
 
     client = CollectorClient(collector)
     if bundle_path:
         client.upload_bundle(bundle_path)
     stored = [b for b in client.bundles() if b["version"] == version and (name is None or b["name"] == name)]
     if len(stored) != 1:
-        found = "several models have it; pass --name" if stored else "the collector has no bundle of that version; pass --bundle FILE"
+        found = (
+            "several models have it; pass --name"
+            if stored
+            else "the collector has no bundle of that version; pass --bundle FILE"
+        )
         raise RolloutError(f"cannot pick the v{version} bundle: {found}")
     target = stored[0]
-    instruction, signature = sign_rollback(fleet=fleet, name=target["name"], version=version, sha256=target["sha256"], key=load_private_key(key_path))
+    instruction, signature = sign_rollback(
+        fleet=fleet, name=target["name"], version=version, sha256=target["sha256"], key=load_private_key(key_path)
+    )
     started = client.rollback(instruction, signature, devices)
     if wait_:
         return _follow(client, started["id"], as_json)
-    emit_json({"id": started["id"]}) if as_json else click.echo(f"rollback {started['id']} started: fleet {fleet} to {target['name']} v{version}")
+    emit_json({"id": started["id"]}) if as_json else click.echo(
+        f"rollback {started['id']} started: fleet {fleet} to {target['name']} v{version}"
+    )
 
 
 def _follow(client: CollectorClient, rollout_id: str, as_json: bool) -> None:
     last = None
     while True:
         doc = client.status(rollout_id)
-        line = f"{doc['state']}, wave {doc['wave']}/{len(doc['waves'])}: " + ", ".join(f"{v} {k}" for k, v in sorted(doc["counts"].items()))
+        line = f"{doc['state']}, wave {doc['wave']}/{len(doc['waves'])}: " + ", ".join(
+            f"{v} {k}" for k, v in sorted(doc["counts"].items())
+        )
         if line != last and not as_json:
             click.echo(line)
             last = line
@@ -156,7 +232,19 @@ def _follow(client: CollectorClient, rollout_id: str, as_json: bool) -> None:
 
 
 def _describe(doc: dict) -> str:
-    head = f"rollout {doc['id']} ({doc['kind']} {doc['name']} v{doc['version']}, fleet {doc['fleet']}): {doc['state']}" + (f" — {doc['reason']}" if doc["reason"] else "")
-    rows = [[d["device"], d["wave"], d["state"], f"v{d['from_version']} -> v{d['version']}",
-             f"{d['shadow']['agreement']:.4f}" if (d.get("shadow") or {}).get("agreement") is not None else "-", d["reason"]] for d in doc["devices"]]
+    head = (
+        f"rollout {doc['id']} ({doc['kind']} {doc['name']} v{doc['version']}, fleet {doc['fleet']}): {doc['state']}"
+        + (f" — {doc['reason']}" if doc["reason"] else "")
+    )
+    rows = [
+        [
+            d["device"],
+            d["wave"],
+            d["state"],
+            f"v{d['from_version']} -> v{d['version']}",
+            f"{d['shadow']['agreement']:.4f}" if (d.get("shadow") or {}).get("agreement") is not None else "-",
+            d["reason"],
+        ]
+        for d in doc["devices"]
+    ]
     return head + "\n" + table(rows, ["device", "wave", "state", "version", "shadow agreement", "reason"])

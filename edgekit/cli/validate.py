@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import click
 
-from edgekit.models.compare import AGREEMENT_HELP, DROP_HELP
 from edgekit.build.validate import Thresholds, validate
 from edgekit.cli.common import EXIT_THRESHOLD, emit_json, exit_with, fmt, json_option
+from edgekit.models.compare import AGREEMENT_HELP, DROP_HELP
 from edgekit.text import table
 
 
@@ -16,14 +16,34 @@ def register(cli: click.Group) -> None:
 
 @click.command("validate")
 @click.argument("candidate", type=click.Path(dir_okay=False))
-@click.option("--reference", required=True, type=click.Path(dir_okay=False), help="The model to compare against: scikit-learn (.joblib/.pkl) or ONNX.")
-@click.option("--data", required=True, type=click.Path(dir_okay=False), help="Rows both models answer (.npz or .csv; labels give the task metric).")
+@click.option(
+    "--reference",
+    required=True,
+    type=click.Path(dir_okay=False),
+    help="The model to compare against: scikit-learn (.joblib/.pkl) or ONNX.",
+)
+@click.option(
+    "--data",
+    required=True,
+    type=click.Path(dir_okay=False),
+    help="Rows both models answer (.npz or .csv; labels give the task metric).",
+)
 @click.option("--label", help="Label column of CSV data (default: label, target or y).")
-@click.option("--max-accuracy-drop", type=click.FloatRange(0, 1), help=f"Fail when the candidate loses more than this: {DROP_HELP}.")
-@click.option("--min-agreement", type=click.FloatRange(0, 1),
-              help=f"Fail when fewer rows than this share get the same answer: {AGREEMENT_HELP}.")
-@click.option("--max-size-ratio", type=click.FloatRange(0),
-              help="Fail when candidate bytes / reference bytes is above this (the --reference file: a pickle is no float32 ONNX).")
+@click.option(
+    "--max-accuracy-drop",
+    type=click.FloatRange(0, 1),
+    help=f"Fail when the candidate loses more than this: {DROP_HELP}.",
+)
+@click.option(
+    "--min-agreement",
+    type=click.FloatRange(0, 1),
+    help=f"Fail when fewer rows than this share get the same answer: {AGREEMENT_HELP}.",
+)
+@click.option(
+    "--max-size-ratio",
+    type=click.FloatRange(0),
+    help="Fail when candidate bytes / reference bytes is above this (the --reference file: a pickle is no float32 ONNX).",
+)
 @json_option
 def validate_command(candidate, reference, data, label, max_accuracy_drop, min_agreement, max_size_ratio, as_json):
     """Compare a converted or quantized model with its reference on the same data.
@@ -38,8 +58,15 @@ def validate_command(candidate, reference, data, label, max_accuracy_drop, min_a
     Example:
       edgekit validate model.int8.onnx --reference model.joblib --data test.npz --max-accuracy-drop 0.01 --min-agreement 0.99
     """
-    report = validate(candidate, reference_path=reference, data_path=data, label=label,
-                      thresholds=Thresholds(max_accuracy_drop=max_accuracy_drop, min_agreement=min_agreement, max_size_ratio=max_size_ratio))
+    report = validate(
+        candidate,
+        reference_path=reference,
+        data_path=data,
+        label=label,
+        thresholds=Thresholds(
+            max_accuracy_drop=max_accuracy_drop, min_agreement=min_agreement, max_size_ratio=max_size_ratio
+        ),
+    )
     if as_json:
         emit_json(report)
     else:
@@ -58,11 +85,19 @@ def _render(report) -> None:
     if "mae" in ref:
         rows.append(["mae", fmt(ref["mae"]), fmt(cand["mae"]), ""])
     for batch in ("1", "256"):
-        rows.append([f"latency b{batch} p50/p99 ms", f"{latency['reference'][batch]['p50_ms']:.3f} / {latency['reference'][batch]['p99_ms']:.3f}",
-                     f"{latency['candidate'][batch]['p50_ms']:.3f} / {latency['candidate'][batch]['p99_ms']:.3f}", f"{report['speedup'][batch]:.2f}x the speed"])
+        rows.append(
+            [
+                f"latency b{batch} p50/p99 ms",
+                f"{latency['reference'][batch]['p50_ms']:.3f} / {latency['reference'][batch]['p99_ms']:.3f}",
+                f"{latency['candidate'][batch]['p50_ms']:.3f} / {latency['candidate'][batch]['p99_ms']:.3f}",
+                f"{report['speedup'][batch]:.2f}x the speed",
+            ]
+        )
     click.echo(table(rows, ["", "reference", "candidate", "candidate vs reference"]))
-    click.echo(f"rows {report['rows']}, agreement {report['agreement']:.4f} ({report['agreement_meaning']}),"
-               f" max |Δ| {fmt(report['max_abs_diff'])}, mean |Δ| {fmt(report['mean_abs_diff'], '.5f')}")
+    click.echo(
+        f"rows {report['rows']}, agreement {report['agreement']:.4f} ({report['agreement_meaning']}),"
+        f" max |Δ| {fmt(report['max_abs_diff'])}, mean |Δ| {fmt(report['mean_abs_diff'], '.5f')}"
+    )
     click.echo(f"latency: {latency['method']}")
     for failure in report["failures"]:
         click.echo(f"FAILED: {failure['message']}")

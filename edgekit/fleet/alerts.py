@@ -30,9 +30,10 @@ import threading
 import time
 import urllib.request
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from edgekit.errors import EdgekitError
 from edgekit.fleet.store import SqliteStore
@@ -83,13 +84,23 @@ def load_alert_config(path: str | Path | None) -> tuple[AlertRules, AlertSinks]:
     except (TypeError, ValueError) as exc:
         raise EdgekitError(f"a rule has a value of the wrong type ({exc})", path=path) from exc
     command = sinks_doc.get("command")
-    sinks = AlertSinks(log=bool(sinks_doc.get("log", True)), webhook=sinks_doc.get("webhook"),
-                       command=tuple(shlex.split(command) if isinstance(command, str) else command) if command else None)
+    sinks = AlertSinks(
+        log=bool(sinks_doc.get("log", True)),
+        webhook=sinks_doc.get("webhook"),
+        command=tuple(shlex.split(command) if isinstance(command, str) else command) if command else None,
+    )
     return rules, sinks
 
 
 class AlertEngine:
-    def __init__(self, store: SqliteStore, rules: AlertRules = AlertRules(), sinks: AlertSinks = AlertSinks(), *, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        store: SqliteStore,
+        rules: AlertRules = AlertRules(),
+        sinks: AlertSinks = AlertSinks(),
+        *,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self.store, self.rules, self.sinks, self.clock = store, rules, sinks, clock
         self._lock = threading.Lock()
 
@@ -119,15 +130,26 @@ class AlertEngine:
         offline_for = now - (device["last_seen"] or now)
         # Offline is what the device's last will says; silence alone is not (no traffic, no windows).
         if device["online"] is False and offline_for > self.rules.offline_seconds:
-            holding[("offline", "device")] = (f"{name} has been offline for {offline_for:.0f} s", {"last_seen": device["last_seen"], "online": False})
+            holding[("offline", "device")] = (
+                f"{name} has been offline for {offline_for:.0f} s",
+                {"last_seen": device["last_seen"], "online": False},
+            )
         changes = []
         for (rule, subject), (message, evidence) in holding.items():
-            evidence = {"device": name, "fleet": device["fleet"], "model": device["model"], "model_version": device["model_version"], **evidence}
+            evidence = {
+                "device": name,
+                "fleet": device["fleet"],
+                "model": device["model"],
+                "model_version": device["model_version"],
+                **evidence,
+            }
             if self.store.open_alert(rule, name, subject, message, evidence, now):
                 changes.append(self._notify("open", rule, name, subject, message, evidence, now))
         for rule, subject in self.store.open_alerts_of(name) - set(holding):
             if self.store.close_alert(rule, name, subject, now):
-                changes.append(self._notify("closed", rule, name, subject, f"{rule} on {subject} cleared", {"device": name}, now))
+                changes.append(
+                    self._notify("closed", rule, name, subject, f"{rule} on {subject} cleared", {"device": name}, now)
+                )
         return changes
 
     def _drift(self, recent: list[dict[str, Any]]) -> dict[tuple[str, str], tuple[str, dict[str, Any]]]:
@@ -137,12 +159,16 @@ class AlertEngine:
             for feature in windows[0]["drifted"]:
                 if all(feature in w["drifted"] for w in windows):
                     psi = [w["drifted"][feature] for w in windows]
-                    found[("drift", feature)] = (f"{feature} drifted in {len(windows)} consecutive windows (PSI {psi[0]:.3f})",
-                                                 {"feature": feature, "psi": psi, "seqs": [w["seq"] for w in windows]})
+                    found[("drift", feature)] = (
+                        f"{feature} drifted in {len(windows)} consecutive windows (PSI {psi[0]:.3f})",
+                        {"feature": feature, "psi": psi, "seqs": [w["seq"] for w in windows]},
+                    )
         windows = recent[: self.rules.prediction_windows]
         if len(windows) == self.rules.prediction_windows and all(w["prediction_drifted"] for w in windows):
-            found[("prediction_shift", "prediction")] = (f"the prediction distribution shifted in {len(windows)} consecutive windows",
-                                                         {"prediction": [w["predictions"] for w in windows], "seqs": [w["seq"] for w in windows]})
+            found[("prediction_shift", "prediction")] = (
+                f"the prediction distribution shifted in {len(windows)} consecutive windows",
+                {"prediction": [w["predictions"] for w in windows], "seqs": [w["seq"] for w in windows]},
+            )
         return found
 
     def _latest_window(self, latest: dict[str, Any]) -> dict[tuple[str, str], tuple[str, dict[str, Any]]]:
@@ -150,31 +176,60 @@ class AlertEngine:
         evidence = {"seq": latest["seq"], "window": latest["window"]}
         null_rate = latest["null_rate"]
         if null_rate > self.rules.null_rate_max:
-            found[("null_rate", "inputs")] = (f"{null_rate:.1%} of input values are missing (limit {self.rules.null_rate_max:.1%})", {**evidence, "null_rate": null_rate})
+            found[("null_rate", "inputs")] = (
+                f"{null_rate:.1%} of input values are missing (limit {self.rules.null_rate_max:.1%})",
+                {**evidence, "null_rate": null_rate},
+            )
         p99 = latest["p99_ms"]
         if p99 is not None and p99 > self.rules.p99_ms_max:
-            found[("latency_p99", "latency")] = (f"p99 latency {p99:.1f} ms is over {self.rules.p99_ms_max:.0f} ms", {**evidence, "p99_ms": p99})
+            found[("latency_p99", "latency")] = (
+                f"p99 latency {p99:.1f} ms is over {self.rules.p99_ms_max:.0f} ms",
+                {**evidence, "p99_ms": p99},
+            )
         errors = sum(latest["errors"].values())
         requests = latest["rows"] + errors
         if requests and errors / requests > self.rules.error_rate_max:
-            found[("error_rate", "requests")] = (f"{errors / requests:.1%} of requests failed or were refused", {**evidence, "errors": latest["errors"], "rows": latest["rows"]})
+            found[("error_rate", "requests")] = (
+                f"{errors / requests:.1%} of requests failed or were refused",
+                {**evidence, "errors": latest["errors"], "rows": latest["rows"]},
+            )
         return found
 
     def _accuracy(self, device: str, latest: dict[str, Any]) -> dict[tuple[str, str], tuple[str, dict[str, Any]]]:
-        history = [h for h in self.store.labelled_accuracy(device, latest["model"]["name"], latest["model"]["version"]) if h[2] >= self.rules.accuracy_min_labels]
+        history = [
+            h
+            for h in self.store.labelled_accuracy(device, latest["model"]["name"], latest["model"]["version"])
+            if h[2] >= self.rules.accuracy_min_labels
+        ]
         if len(history) < 2:
             return {}
         *earlier, (seq, accuracy, labelled) = history
         reference = sum(a * n for _, a, n in earlier) / sum(n for *_, n in earlier)
         if reference - accuracy > self.rules.accuracy_drop_max:
-            return {("accuracy", "labels"): (f"accuracy on delayed labels fell to {accuracy:.3f} from {reference:.3f}",
-                                             {"seq": seq, "accuracy": accuracy, "reference": reference, "labelled": labelled})}
+            return {
+                ("accuracy", "labels"): (
+                    f"accuracy on delayed labels fell to {accuracy:.3f} from {reference:.3f}",
+                    {"seq": seq, "accuracy": accuracy, "reference": reference, "labelled": labelled},
+                )
+            }
         return {}
 
-    def _notify(self, state: str, rule: str, device: str, subject: str, message: str, evidence: dict[str, Any], now: float) -> dict[str, Any]:
-        alert = {"state": state, "rule": rule, "device": device, "subject": subject, "message": message, "evidence": evidence, "at": now}
+    def _notify(
+        self, state: str, rule: str, device: str, subject: str, message: str, evidence: dict[str, Any], now: float
+    ) -> dict[str, Any]:
+        alert = {
+            "state": state,
+            "rule": rule,
+            "device": device,
+            "subject": subject,
+            "message": message,
+            "evidence": evidence,
+            "at": now,
+        }
         if self.sinks.log:
-            (log.warning if state == "open" else log.info)("alert %s: %s %s/%s: %s", state, rule, device, subject, message)
+            (log.warning if state == "open" else log.info)(
+                "alert %s: %s %s/%s: %s", state, rule, device, subject, message
+            )
         if self.sinks.webhook or self.sinks.command:
             threading.Thread(target=self._deliver, args=(alert,), name="edgekit-alert-sink", daemon=True).start()
         return alert
@@ -183,7 +238,9 @@ class AlertEngine:
         body = json.dumps(alert, default=str).encode()
         if self.sinks.webhook:
             try:
-                request = urllib.request.Request(self.sinks.webhook, data=body, headers={"Content-Type": "application/json"}, method="POST")
+                request = urllib.request.Request(
+                    self.sinks.webhook, data=body, headers={"Content-Type": "application/json"}, method="POST"
+                )
                 urllib.request.urlopen(request, timeout=10).close()
             except OSError as exc:
                 log.warning("alert webhook %s failed: %s", self.sinks.webhook, exc)
@@ -191,7 +248,12 @@ class AlertEngine:
             try:
                 done = subprocess.run(list(self.sinks.command), input=body, capture_output=True, timeout=300)
                 if done.returncode:
-                    log.warning("alert command %s exited %d: %s", self.sinks.command[0], done.returncode, done.stderr[-300:].decode(errors="replace"))
+                    log.warning(
+                        "alert command %s exited %d: %s",
+                        self.sinks.command[0],
+                        done.returncode,
+                        done.stderr[-300:].decode(errors="replace"),
+                    )
             except (OSError, subprocess.TimeoutExpired) as exc:
                 log.warning("alert command %s failed: %s", self.sinks.command[0], exc)
 

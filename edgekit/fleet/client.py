@@ -67,7 +67,12 @@ class CollectorClient:
                 exc.close()
             raise RolloutError(f"the collector refused: {message}") from exc
         except (urllib.error.URLError, OSError) as exc:
-            raise RolloutError(f"cannot reach the collector at {self.url} ({getattr(exc, 'reason', exc)})",
-                               "start it with 'edgekit fleet collect --trust KEY.pub' or pass --collector URL") from exc
+            raise RolloutError(
+                f"cannot reach the collector at {self.url} ({getattr(exc, 'reason', exc)})",
+                "start it with 'edgekit fleet collect --trust KEY.pub' or pass --collector URL",
+            ) from exc
         except ValueError as exc:
-            raise RolloutError(f"the collector at {self.url} answered something that is not JSON", "check --collector points at 'edgekit fleet collect'") from exc
+            raise RolloutError(
+                f"the collector at {self.url} answered something that is not JSON",
+                "check --collector points at 'edgekit fleet collect'",
+            ) from exc

@@ -21,7 +21,6 @@ from typing import Any
 from urllib.parse import urlparse
 
 from device_agent import mqtt_fallback
-
 from edgekit.errors import EdgekitError, require
 from edgekit.fleet.ingest import Ingestor, Message
 from edgekit.fleet.store import SqliteStore
@@ -53,7 +52,9 @@ class CollectorConfig:
     bundle_dir: str | None = None  # where uploaded bundles are kept (default: next to the database)
     public_url: str | None = None  # the base URL devices download bundles from (default: the --http address)
     api_token: str | None = None  # required as a bearer token on the HTTP API's POSTs when set
-    http_limits: dict[str, float] = field(default_factory=dict)  # overrides of web.COLLECTOR_LIMITS by name (HttpLimits)
+    http_limits: dict[str, float] = field(
+        default_factory=dict
+    )  # overrides of web.COLLECTOR_LIMITS by name (HttpLimits)
     tls_cert: str | None = None  # with tls_key: the dashboard and API over HTTPS
     tls_key: str | None = None
     workers: int = 1  # ingest processes in all (this one included); see workers.py
@@ -66,9 +67,13 @@ def parse_broker_url(url: str):
     try:
         parsed.port  # noqa: B018 - raises on a port out of range
     except ValueError:
-        raise EdgekitError(f"broker URL {url!r} has an invalid port", "ports are 1-65535, e.g. mqtt://127.0.0.1:1883") from None
+        raise EdgekitError(
+            f"broker URL {url!r} has an invalid port", "ports are 1-65535, e.g. mqtt://127.0.0.1:1883"
+        ) from None
     if parsed.scheme not in ("mqtt", "mqtts") or not parsed.hostname:
-        raise EdgekitError(f"broker URL {url!r} is not mqtt://host[:port] or mqtts://host[:port]", "e.g. mqtt://127.0.0.1:1883")
+        raise EdgekitError(
+            f"broker URL {url!r} is not mqtt://host[:port] or mqtts://host[:port]", "e.g. mqtt://127.0.0.1:1883"
+        )
     return parsed
 
 
@@ -78,8 +83,11 @@ class Collector:
         self.store = store or SqliteStore(config.db)
         self.ingest_only = config.role == "ingest"
         self.rollouts = None if self.ingest_only else _rollout_controller(self, config)
-        self.ingestor = Ingestor(self.store, allowed_devices=set(config.allowed_devices) if config.allowed_devices else None,
-                                 on_report=None if self.rollouts is None else self.rollouts.record_report)
+        self.ingestor = Ingestor(
+            self.store,
+            allowed_devices=set(config.allowed_devices) if config.allowed_devices else None,
+            on_report=None if self.rollouts is None else self.rollouts.record_report,
+        )
         self.protocol = "5"
         self.connected = threading.Event()
         self.received = 0
@@ -96,11 +104,14 @@ class Collector:
         self._summary_watermark = self.store.summary_watermark() if config.workers > 1 else 0
 
     # -- lifecycle -----------------------------------------------------------------------------------
-    def start(self) -> "Collector":
+    def start(self) -> Collector:
         self._connect()
         roles = [(self._writer, "edgekit-collector-writer")]
         if not self.ingest_only:
-            roles += [(self._housekeeping, "edgekit-collector-gaps"), (self._rollout_loop, "edgekit-collector-rollouts")]
+            roles += [
+                (self._housekeeping, "edgekit-collector-gaps"),
+                (self._rollout_loop, "edgekit-collector-rollouts"),
+            ]
         for target, name in roles:
             thread = threading.Thread(target=target, name=name, daemon=True)
             thread.start()
@@ -110,12 +121,15 @@ class Collector:
 
             self.workers = IngestWorkers(self.config).start()
         if self.config.http and not self.ingest_only:
-            from edgekit.fleet.web import serve
+            from edgekit.fleet.web import COLLECTOR_LIMITS, serve
 
-            from edgekit.fleet.web import COLLECTOR_LIMITS
-
-            self.server = serve(self, self.config.http, limits=COLLECTOR_LIMITS.with_values(self.config.http_limits),
-                                tls_cert=self.config.tls_cert, tls_key=self.config.tls_key)
+            self.server = serve(
+                self,
+                self.config.http,
+                limits=COLLECTOR_LIMITS.with_values(self.config.http_limits),
+                tls_cert=self.config.tls_cert,
+                tls_key=self.config.tls_key,
+            )
         return self
 
     def stop(self) -> None:
@@ -140,14 +154,23 @@ class Collector:
 
         parsed = parse_broker_url(self.config.broker)
         v5 = self.protocol == "5"
-        client = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2, client_id=self.config.client_id,
-                             protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311, clean_session=None if v5 else False, manual_ack=True)
+        client = mqtt.Client(
+            callback_api_version=mqtt.CallbackAPIVersion.VERSION2,
+            client_id=self.config.client_id,
+            protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311,
+            clean_session=None if v5 else False,
+            manual_ack=True,
+        )
         if self.config.username:
             client.username_pw_set(self.config.username, self.config.password)
         if parsed.scheme == "mqtts":
             client.tls_set()
         client.reconnect_delay_set(min_delay=1, max_delay=30)
-        client.on_connect, client.on_message, client.on_disconnect = self._on_connect, self._on_message, self._on_disconnect
+        client.on_connect, client.on_message, client.on_disconnect = (
+            self._on_connect,
+            self._on_message,
+            self._on_disconnect,
+        )
         self._notes = mqtt_fallback.ConnectionNotes(log, self.config.broker, self.config.client_id)
         client.on_connect_fail = self._notes.connect_failed
         kwargs: dict[str, Any] = {}
@@ -160,7 +183,13 @@ class Collector:
         client.connect_async(parsed.hostname, port, keepalive=30, **kwargs)
         client.loop_start()
         if v5:
-            mqtt_fallback.watch(self.connected, parsed.hostname, port, self._fall_back, still_relevant=lambda: self._client is client and self.protocol == "5")
+            mqtt_fallback.watch(
+                self.connected,
+                parsed.hostname,
+                port,
+                self._fall_back,
+                still_relevant=lambda: self._client is client and self.protocol == "5",
+            )
 
     def _fall_back(self) -> None:
         log.info("the broker does not speak MQTT 5; using MQTT 3.1.1 (no shared subscription)")
@@ -179,12 +208,22 @@ class Collector:
             summary = f"$share/{self.config.group}/{summary}"
         if self.ingest_only:
             if self.protocol != "5":  # a plain subscription would make this worker store every summary a second time
-                log.error("ingest worker %s: the broker has no MQTT 5 shared subscriptions, so workers cannot split the summaries; run one process", self.config.client_id)
+                log.error(
+                    "ingest worker %s: the broker has no MQTT 5 shared subscriptions, so workers cannot split the summaries; run one process",
+                    self.config.client_id,
+                )
                 self.unusable.set()
                 return
             client.subscribe([(summary, 1)])  # state, baselines and reports are the main process's
         else:
-            client.subscribe([("edgekit/v1/+/+/state", 1), ("edgekit/v1/+/+/baseline", 1), ("edgekit/v1/+/+/reported", 1), (summary, 1)])
+            client.subscribe(
+                [
+                    ("edgekit/v1/+/+/state", 1),
+                    ("edgekit/v1/+/+/baseline", 1),
+                    ("edgekit/v1/+/+/reported", 1),
+                    (summary, 1),
+                ]
+            )
         self.connected.set()
         log.info("collector connected to %s (MQTT %s)", self.config.broker, self.protocol)
 
@@ -276,7 +315,10 @@ class Collector:
         if self.config.public_url:
             return self.config.public_url
         if self.server is None:
-            raise EdgekitError("the collector serves no HTTP, so devices cannot download bundles", "run it with --http host:port (and --public-url if devices see another address)")
+            raise EdgekitError(
+                "the collector serves no HTTP, so devices cannot download bundles",
+                "run it with --http host:port (and --public-url if devices see another address)",
+            )
         host, port = self.server.server_address[:2]
         return f"{self.server.scheme}://{'127.0.0.1' if host in ('0.0.0.0', '') else host}:{port}"
 
@@ -297,11 +339,12 @@ def _rollout_controller(collector: Collector, config: CollectorConfig):
     from pathlib import Path
 
     from device_agent.signing import load_public_key
-
     from edgekit.fleet.rollouts import RolloutController
 
     key = load_public_key(config.trust) if config.trust else None
-    bundle_dir = config.bundle_dir or (str(Path(config.db).with_suffix("")) + "-bundles" if config.db != ":memory:" else None)
+    bundle_dir = config.bundle_dir or (
+        str(Path(config.db).with_suffix("")) + "-bundles" if config.db != ":memory:" else None
+    )
     if bundle_dir is None:
         import tempfile
 

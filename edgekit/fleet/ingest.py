@@ -14,17 +14,29 @@ import re
 import sqlite3
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from device_agent.errors import ProtocolError
-from device_agent.protocol import (BASELINE_SCHEMA, MAX_PAYLOAD_BYTES, REPORTED_SCHEMA, STATE_SCHEMA, SUMMARY_SCHEMA, check_baseline, check_reported,
-                                   check_state, check_summary, decode)
-
+from device_agent.protocol import (
+    BASELINE_SCHEMA,
+    MAX_PAYLOAD_BYTES,
+    REPORTED_SCHEMA,
+    STATE_SCHEMA,
+    SUMMARY_SCHEMA,
+    check_baseline,
+    check_reported,
+    check_state,
+    check_summary,
+    decode,
+)
 from edgekit.fleet.store import FleetStore, SummaryRecord
 
 log = logging.getLogger("edgekit.fleet")
-TOPIC = re.compile(r"^edgekit/v1/(?P<fleet>[A-Za-z0-9][A-Za-z0-9._-]{0,63})/(?P<device>[A-Za-z0-9][A-Za-z0-9._-]{0,63})/(?P<leaf>state|summary|baseline|reported)$")
+TOPIC = re.compile(
+    r"^edgekit/v1/(?P<fleet>[A-Za-z0-9][A-Za-z0-9._-]{0,63})/(?P<device>[A-Za-z0-9][A-Za-z0-9._-]{0,63})/(?P<leaf>state|summary|baseline|reported)$"
+)
 LOG_INTERVAL = 60.0
 
 
@@ -36,8 +48,14 @@ class Message:
 
 
 class Ingestor:
-    def __init__(self, store: FleetStore, *, allowed_devices: set[str] | None = None, clock: Callable[[], float] = time.time,
-                 on_report: Callable[[dict[str, Any], float], None] | None = None) -> None:
+    def __init__(
+        self,
+        store: FleetStore,
+        *,
+        allowed_devices: set[str] | None = None,
+        clock: Callable[[], float] = time.time,
+        on_report: Callable[[dict[str, Any], float], None] | None = None,
+    ) -> None:
         self.store, self.allowed, self.clock, self.on_report = store, allowed_devices, clock, on_report
         self.counters: Counter = Counter()
         self.touched: set[str] = set()  # devices with news since the alert engine last looked
@@ -101,17 +119,29 @@ class Ingestor:
     def _check(self, message: Message) -> tuple[str, dict[str, Any]]:
         match = TOPIC.match(message.topic)
         if match is None:
-            raise ProtocolError("topic", f"topic {message.topic[:100]!r} is not edgekit/v1/<fleet>/<device>/(state|summary|baseline|reported)")
+            raise ProtocolError(
+                "topic",
+                f"topic {message.topic[:100]!r} is not edgekit/v1/<fleet>/<device>/(state|summary|baseline|reported)",
+            )
         if not message.payload and match["leaf"] in ("state", "reported"):
             raise ProtocolError("json", f"empty {match['leaf']} payload (a retained message was cleared)")
         if len(message.payload) > MAX_PAYLOAD_BYTES:
-            raise ProtocolError("size", f"payload of {len(message.payload)} bytes is over the {MAX_PAYLOAD_BYTES}-byte limit")
+            raise ProtocolError(
+                "size", f"payload of {len(message.payload)} bytes is over the {MAX_PAYLOAD_BYTES}-byte limit"
+            )
         leaf = match["leaf"]
-        schema, check = {"summary": (SUMMARY_SCHEMA, check_summary), "state": (STATE_SCHEMA, check_state), "baseline": (BASELINE_SCHEMA, check_baseline),
-                         "reported": (REPORTED_SCHEMA, check_reported)}[leaf]
+        schema, check = {
+            "summary": (SUMMARY_SCHEMA, check_summary),
+            "state": (STATE_SCHEMA, check_state),
+            "baseline": (BASELINE_SCHEMA, check_baseline),
+            "reported": (REPORTED_SCHEMA, check_reported),
+        }[leaf]
         doc = check(decode(message.payload, schema))
         if leaf != "baseline" and (doc["device"] != match["device"] or doc["fleet"] != match["fleet"]):
-            raise ProtocolError("mismatch", f"payload says {doc['fleet']}/{doc['device']} but was published on {match['fleet']}/{match['device']}")
+            raise ProtocolError(
+                "mismatch",
+                f"payload says {doc['fleet']}/{doc['device']} but was published on {match['fleet']}/{match['device']}",
+            )
         if self.allowed is not None and match["device"] not in self.allowed:
             raise ProtocolError("unknown-device", f"device {match['device']!r} is not in the fleet's device list")
         return leaf, doc

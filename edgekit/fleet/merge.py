@@ -14,7 +14,6 @@ from typing import Any
 from device_agent.drift import drift_report
 from device_agent.profile import Profile
 from device_agent.protocol import iso
-
 from edgekit.errors import EdgekitError
 from edgekit.fleet.store import SqliteStore
 
@@ -46,8 +45,16 @@ def merged_drift(store: SqliteStore, **selection: Any) -> list[dict[str, Any]]:
         if group is None:
             document = store.baseline(baseline_id)
             group = groups[baseline_id] = {
-                "baseline_id": baseline_id, "model": summary["model"]["name"], "versions": set(), "devices": set(), "windows": 0, "rows": 0, "first": summary["window"]["start"], "last": summary["window"]["end"],
-                "baseline": Profile.from_dict(document) if document else None, "merged": None,
+                "baseline_id": baseline_id,
+                "model": summary["model"]["name"],
+                "versions": set(),
+                "devices": set(),
+                "windows": 0,
+                "rows": 0,
+                "first": summary["window"]["start"],
+                "last": summary["window"]["end"],
+                "baseline": Profile.from_dict(document) if document else None,
+                "merged": None,
             }
             if group["baseline"] is not None:
                 group["merged"] = group["baseline"].empty_like()
@@ -72,6 +79,7 @@ def _report(group: dict[str, Any]) -> dict[str, Any]:
     else:
         report["drift"] = drift_report(group["baseline"], group["merged"], {"min_psi": MERGED_MIN_PSI})
         report["feature_distributions"] = {
-            s.name: {"baseline": b.counts.tolist(), "window": s.counts.tolist()} for s, b in zip(group["merged"].features, group["baseline"].features)
+            s.name: {"baseline": b.counts.tolist(), "window": s.counts.tolist()}
+            for s, b in zip(group["merged"].features, group["baseline"].features)
         }
     return report

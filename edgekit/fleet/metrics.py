@@ -8,20 +8,28 @@ if TYPE_CHECKING:
     from edgekit.fleet.collector import Collector
 
 
-def render(collector: "Collector") -> bytes:
+def render(collector: Collector) -> bytes:
     from prometheus_client import CollectorRegistry, generate_latest
     from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
     class _Fleet:
         def collect(self):
             status = collector.store.status()
-            devices = GaugeMetricFamily("edgekit_fleet_devices", "Devices known to the collector, by state.", labels=["state"])
+            devices = GaugeMetricFamily(
+                "edgekit_fleet_devices", "Devices known to the collector, by state.", labels=["state"]
+            )
             devices.add_metric(["online"], sum(1 for d in status if d["online"]))
             devices.add_metric(["offline"], sum(1 for d in status if not d["online"]))
             yield devices
-            drifted = GaugeMetricFamily("edgekit_device_drifted", "Latest window's drift verdict per device.", labels=["device", "fleet", "model"])
+            drifted = GaugeMetricFamily(
+                "edgekit_device_drifted",
+                "Latest window's drift verdict per device.",
+                labels=["device", "fleet", "model"],
+            )
             rows = CounterMetricFamily("edgekit_device_rows", "Rows summarised per device.", labels=["device", "fleet"])
-            missing = GaugeMetricFamily("edgekit_device_missing_windows", "Seq gaps still unfilled per device.", labels=["device"])
+            missing = GaugeMetricFamily(
+                "edgekit_device_missing_windows", "Seq gaps still unfilled per device.", labels=["device"]
+            )
             for d in status:
                 drifted.add_metric([d["device"], d["fleet"], str(d["model"])], 1.0 if d["drifted"] else 0.0)
                 rows.add_metric([d["device"], d["fleet"]], d["rows"])
@@ -29,11 +37,17 @@ def render(collector: "Collector") -> bytes:
             yield drifted
             yield rows
             yield missing
-            ingest = CounterMetricFamily("edgekit_collector_messages", "Messages handled by outcome.", labels=["outcome"])
+            ingest = CounterMetricFamily(
+                "edgekit_collector_messages", "Messages handled by outcome.", labels=["outcome"]
+            )
             for outcome, count in sorted(collector.ingestor.counters.items()):
                 ingest.add_metric([outcome], count)
             yield ingest
-            rejected = CounterMetricFamily("edgekit_collector_rejected", "Payloads rejected, by reason (all collectors on this store).", labels=["reason"])
+            rejected = CounterMetricFamily(
+                "edgekit_collector_rejected",
+                "Payloads rejected, by reason (all collectors on this store).",
+                labels=["reason"],
+            )
             for reason, count in sorted(collector.store.rejects().items()):
                 rejected.add_metric([reason], count)
             yield rejected

@@ -25,7 +25,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from device_agent.fsutil import write_atomic
-
 from edgekit.errors import EdgekitError
 
 COLLECTOR_USER = "edgekit-collector"
@@ -51,7 +50,10 @@ def mosquitto_hash(password: str, *, salt: bytes | None = None, iterations: int 
 def provision(directory: str | Path, *, fleet: str, devices: list[str], rotate: bool = False) -> Provisioned:
     for name in [fleet, *devices]:
         if not _ID.match(name):
-            raise EdgekitError(f"{name!r} cannot be a fleet or device id", "use letters, digits, '.', '_' or '-' (it is an MQTT topic level and a user name)")
+            raise EdgekitError(
+                f"{name!r} cannot be a fleet or device id",
+                "use letters, digits, '.', '_' or '-' (it is an MQTT topic level and a user name)",
+            )
     if COLLECTOR_USER in devices:
         raise EdgekitError(f"{COLLECTOR_USER!r} is reserved for the collector", "choose another device id")
     directory = Path(directory)
@@ -70,7 +72,12 @@ def provision(directory: str | Path, *, fleet: str, devices: list[str], rotate: 
     write_atomic(directory / "passwd", ("\n".join(lines) + "\n").encode(), mode=0o640)
     write_atomic(directory / "acl", _acl(fleet, users).encode(), mode=0o640)
     _readable_by_broker(directory / "passwd", directory / "acl")
-    write_atomic(directory / "mosquitto.conf", (f"allow_anonymous false\npassword_file {directory.resolve() / 'passwd'}\nacl_file {directory.resolve() / 'acl'}\n").encode())
+    write_atomic(
+        directory / "mosquitto.conf",
+        (
+            f"allow_anonymous false\npassword_file {directory.resolve() / 'passwd'}\nacl_file {directory.resolve() / 'acl'}\n"
+        ).encode(),
+    )
     return Provisioned(directory, tuple(users), tuple(created))
 
 
@@ -90,8 +97,14 @@ def _readable_by_broker(*paths: Path) -> None:
 
 
 def _acl(fleet: str, devices: list[str]) -> str:
-    blocks = [f"# edgekit fleet {fleet!r}: written by 'edgekit fleet provision'",
-              f"user {COLLECTOR_USER}", "topic read edgekit/v1/#", "topic write edgekit/v1/+/+/cmd", "topic write edgekit/v1/+/+/desired", ""]
+    blocks = [
+        f"# edgekit fleet {fleet!r}: written by 'edgekit fleet provision'",
+        f"user {COLLECTOR_USER}",
+        "topic read edgekit/v1/#",
+        "topic write edgekit/v1/+/+/cmd",
+        "topic write edgekit/v1/+/+/desired",
+        "",
+    ]
     for device in devices:
         prefix = f"edgekit/v1/{fleet}/{device}"
         blocks.append(f"user {device}")

@@ -41,7 +41,6 @@ from device_agent.canonical import canonical_json, sha256_hex
 from device_agent.errors import BundleError
 from device_agent.protocol import DESIRED_SCHEMA, ROLLBACK_SCHEMA, TERMINAL_UPDATE_STATES, encode
 from device_agent.signing import verify_signature
-
 from edgekit.errors import RolloutConflict, RolloutError, RolloutNotFound
 from edgekit.fleet.store import SqliteStore
 
@@ -70,15 +69,22 @@ def parse_abort_rules(text: str | None) -> tuple[AbortRule, ...]:
     for part in filter(str.strip, (text or "").split(",")):
         match = _RULE.match(part)
         if not match:
-            raise RolloutError(f"abort rule {part.strip()!r} is not understood",
-                               "write rules like failed>20%,agreement<0.98,p99_ms>50,drift>30% (metric, < or >, number)")
+            raise RolloutError(
+                f"abort rule {part.strip()!r} is not understood",
+                "write rules like failed>20%,agreement<0.98,p99_ms>50,drift>30% (metric, < or >, number)",
+            )
         metric, op, number, percent = match.groups()
         value = float(number) / (100 if percent else 1)
         expected_op = "<" if metric == "agreement" else ">"
         if op != expected_op:
-            raise RolloutError(f"abort rule {part.strip()!r} points the wrong way", f"{metric} aborts when it is {'below' if expected_op == '<' else 'above'} a limit: {metric}{expected_op}…")
+            raise RolloutError(
+                f"abort rule {part.strip()!r} points the wrong way",
+                f"{metric} aborts when it is {'below' if expected_op == '<' else 'above'} a limit: {metric}{expected_op}…",
+            )
         if metric in ("failed", "drift", "agreement") and not 0 <= value <= 1:
-            raise RolloutError(f"abort rule {part.strip()!r} is not a share between 0 and 1", "e.g. failed>20% or agreement<0.98")
+            raise RolloutError(
+                f"abort rule {part.strip()!r} is not a share between 0 and 1", "e.g. failed>20% or agreement<0.98"
+            )
         rules.append(AbortRule(metric, op, value))
     return tuple(rules)
 
@@ -155,38 +161,59 @@ class RolloutController:
             try:
                 bundle = read_bundle(tmp, self.trusted_key)
             except BundleError as exc:
-                raise RolloutError(f"the bundle was refused: {exc.problem}", exc.fix or "package and sign it with 'edgekit package --key'") from exc
+                raise RolloutError(
+                    f"the bundle was refused: {exc.problem}",
+                    exc.fix or "package and sign it with 'edgekit package --key'",
+                ) from exc
             path = self.bundle_dir / f"{sha256}{BUNDLE_SUFFIX}"
             os.replace(tmp, path)
         finally:
             Path(tmp).unlink(missing_ok=True)
         signature = base64.b64encode(_signature_of(path)).decode()
         with self.store.atomic() as db:
-            row = db.execute("SELECT sha256 FROM bundles WHERE name = ? AND version = ?", (bundle.name, bundle.version)).fetchone()
+            row = db.execute(
+                "SELECT sha256 FROM bundles WHERE name = ? AND version = ?", (bundle.name, bundle.version)
+            ).fetchone()
             if row is not None and row[0] != sha256:
-                raise RolloutConflict(f"{bundle.name} v{bundle.version} is already known with other content (sha256 {row[0][:12]}…)",
-                                   "versions are immutable: package the change as a new --version")
-            db.execute("INSERT OR IGNORE INTO bundles VALUES (?, ?, ?, ?, ?, ?, ?)",
-                       (sha256, bundle.name, bundle.version, len(data), str(path), signature, self.clock()))
+                raise RolloutConflict(
+                    f"{bundle.name} v{bundle.version} is already known with other content (sha256 {row[0][:12]}…)",
+                    "versions are immutable: package the change as a new --version",
+                )
+            db.execute(
+                "INSERT OR IGNORE INTO bundles VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (sha256, bundle.name, bundle.version, len(data), str(path), signature, self.clock()),
+            )
         return {"sha256": sha256, "name": bundle.name, "version": bundle.version, "size": len(data)}
 
-    def bundle(self, *, sha256: str | None = None, name: str | None = None, version: int | None = None) -> dict[str, Any] | None:
+    def bundle(
+        self, *, sha256: str | None = None, name: str | None = None, version: int | None = None
+    ) -> dict[str, Any] | None:
         with self.store._lock:
             if sha256 is not None:
                 row = self.store.db.execute("SELECT * FROM bundles WHERE sha256 = ?", (sha256,)).fetchone()
             else:
-                row = self.store.db.execute("SELECT * FROM bundles WHERE name = ? AND version = ?", (name, version)).fetchone()
+                row = self.store.db.execute(
+                    "SELECT * FROM bundles WHERE name = ? AND version = ?", (name, version)
+                ).fetchone()
         return None if row is None else dict(row)
 
     def bundles(self) -> list[dict[str, Any]]:
         with self.store._lock:
-            return [dict(r) for r in self.store.db.execute("SELECT sha256, name, version, size, added_at FROM bundles ORDER BY name, version")]
+            return [
+                dict(r)
+                for r in self.store.db.execute(
+                    "SELECT sha256, name, version, size, added_at FROM bundles ORDER BY name, version"
+                )
+            ]
 
     # -- starting --------------------------------------------------------------------------------------
     def start(self, sha256: str, fleet: str, spec: RolloutSpec) -> str:
         bundle = self.bundle(sha256=sha256)
         if bundle is None:
-            raise RolloutError(f"no bundle with sha256 {sha256[:12]}… was uploaded to this collector", "upload it first (rollout start does)")
+            raise RolloutError(
+                f"no bundle with sha256 {sha256[:12]}… was uploaded to this collector",
+                "upload it first (rollout start does)",
+            )
         self._need_key()
         try:
             read_bundle(bundle["path"], self.trusted_key)  # again: the file on disk is what devices get
@@ -195,50 +222,102 @@ class RolloutController:
         targets = self._targets(fleet, spec.devices)
         newer = [d for d in targets if d["model"] == bundle["name"] and (d["model_version"] or 0) > bundle["version"]]
         if newer:
-            raise RolloutError(f"{len(newer)} target device(s) run a newer {bundle['name']} (e.g. {newer[0]['device']} on v{newer[0]['model_version']})",
-                               "devices only go up; use 'edgekit rollout rollback --to VERSION' with the signing key to go down")
+            raise RolloutError(
+                f"{len(newer)} target device(s) run a newer {bundle['name']} (e.g. {newer[0]['device']} on v{newer[0]['model_version']})",
+                "devices only go up; use 'edgekit rollout rollback --to VERSION' with the signing key to go down",
+            )
         return self._create(fleet, "install", bundle, spec, targets)
 
     def rollback(self, instruction: dict[str, Any], signature: str, devices: str = "*") -> str:
         """A signed instruction to go down to an earlier version (made by ``sign_rollback``)."""
         self._need_key()
         try:
-            verify_signature("rollback instruction", canonical_json(instruction), base64.b64decode(signature), self.trusted_key)
+            verify_signature(
+                "rollback instruction", canonical_json(instruction), base64.b64decode(signature), self.trusted_key
+            )
         except (BundleError, ValueError) as exc:
-            raise RolloutError(f"the rollback instruction is not signed by the fleet's trusted key ({exc})", "sign it with the key the bundles are signed with") from exc
+            raise RolloutError(
+                f"the rollback instruction is not signed by the fleet's trusted key ({exc})",
+                "sign it with the key the bundles are signed with",
+            ) from exc
         if instruction.get("schema") != ROLLBACK_SCHEMA or not isinstance(instruction.get("issued_at"), (int, float)):
             raise RolloutError("the rollback instruction is malformed", "make it with 'edgekit rollout rollback'")
         bundle = self.bundle(sha256=instruction.get("sha256"))
-        if bundle is None or (bundle["name"], bundle["version"]) != (instruction.get("name"), instruction.get("version")):
-            raise RolloutError(f"{instruction.get('name')} v{instruction.get('version')} is not stored on this collector", "pass --bundle to upload it")
+        if bundle is None or (bundle["name"], bundle["version"]) != (
+            instruction.get("name"),
+            instruction.get("version"),
+        ):
+            raise RolloutError(
+                f"{instruction.get('name')} v{instruction.get('version')} is not stored on this collector",
+                "pass --bundle to upload it",
+            )
         spec = RolloutSpec(waves=(1.0,), devices=devices)
         targets = self._targets(instruction["fleet"], devices)
-        return self._create(instruction["fleet"], "rollback", bundle, spec, targets, extra={"instruction": instruction, "instruction_signature": signature})
+        return self._create(
+            instruction["fleet"],
+            "rollback",
+            bundle,
+            spec,
+            targets,
+            extra={"instruction": instruction, "instruction_signature": signature},
+        )
 
     def _targets(self, fleet: str, pattern: str) -> list[dict[str, Any]]:
         devices = [d for d in self.store.status() if d["fleet"] == fleet and fnmatch.fnmatchcase(d["device"], pattern)]
         if not devices:
             known = sorted({d["fleet"] for d in self.store.status()})
-            raise RolloutError(f"no known device of fleet {fleet!r} matches {pattern!r}",
-                               f"fleets known to this collector: {', '.join(known) or 'none yet (devices appear once they connect)'}")
+            raise RolloutError(
+                f"no known device of fleet {fleet!r} matches {pattern!r}",
+                f"fleets known to this collector: {', '.join(known) or 'none yet (devices appear once they connect)'}",
+            )
         return devices
 
-    def _create(self, fleet: str, kind: str, bundle: dict[str, Any], spec: RolloutSpec, targets: list[dict[str, Any]],
-                extra: dict[str, Any] | None = None) -> str:
+    def _create(
+        self,
+        fleet: str,
+        kind: str,
+        bundle: dict[str, Any],
+        spec: RolloutSpec,
+        targets: list[dict[str, Any]],
+        extra: dict[str, Any] | None = None,
+    ) -> str:
         now = self.clock()
         rollout_id = "r-" + time.strftime("%Y%m%d-%H%M%S", time.gmtime(now)) + "-" + uuid.uuid4().hex[:6]
         waves = _assign_waves(len(targets), spec.waves)
         with self.store.atomic() as db:
-            busy = db.execute("SELECT id FROM rollouts WHERE fleet = ? AND state IN ('running', 'paused', 'pending')", (fleet,)).fetchone()
+            busy = db.execute(
+                "SELECT id FROM rollouts WHERE fleet = ? AND state IN ('running', 'paused', 'pending')", (fleet,)
+            ).fetchone()
             if busy is not None:
-                raise RolloutConflict(f"rollout {busy[0]} is still in progress on fleet {fleet!r}", f"wait for it, or 'edgekit rollout abort {busy[0]}'")
+                raise RolloutConflict(
+                    f"rollout {busy[0]} is still in progress on fleet {fleet!r}",
+                    f"wait for it, or 'edgekit rollout abort {busy[0]}'",
+                )
             spec_doc = json.loads(spec.to_json())
             spec_doc.update(extra or {})
-            db.execute("INSERT INTO rollouts (id, fleet, kind, name, version, sha256, state, spec, wave, wave_started_at, created_at, updated_at) "
-                       "VALUES (?, ?, ?, ?, ?, ?, 'running', ?, 0, ?, ?, ?)",
-                       (rollout_id, fleet, kind, bundle["name"], bundle["version"], bundle["sha256"], json.dumps(spec_doc), now, now, now))
-            db.executemany("INSERT INTO rollout_devices (rollout, device, wave, state, from_version, version, updated_at) VALUES (?, ?, ?, 'pending', ?, ?, ?)",
-                           [(rollout_id, d["device"], wave, d["model_version"], d["model_version"], now) for d, wave in zip(sorted(targets, key=lambda d: d["device"]), waves)])
+            db.execute(
+                "INSERT INTO rollouts (id, fleet, kind, name, version, sha256, state, spec, wave, wave_started_at, created_at, updated_at) "
+                "VALUES (?, ?, ?, ?, ?, ?, 'running', ?, 0, ?, ?, ?)",
+                (
+                    rollout_id,
+                    fleet,
+                    kind,
+                    bundle["name"],
+                    bundle["version"],
+                    bundle["sha256"],
+                    json.dumps(spec_doc),
+                    now,
+                    now,
+                    now,
+                ),
+            )
+            db.executemany(
+                "INSERT INTO rollout_devices (rollout, device, wave, state, from_version, version, updated_at) VALUES (?, ?, ?, 'pending', ?, ?, ?)",
+                [
+                    (rollout_id, d["device"], wave, d["model_version"], d["model_version"], now)
+                    for d, wave in zip(sorted(targets, key=lambda d: d["device"]), waves)
+                ],
+            )
         self.tick()
         return rollout_id
 
@@ -261,11 +340,15 @@ class RolloutController:
             if row is None:
                 raise RolloutNotFound(f"no rollout {rollout_id!r}", "list them with 'edgekit rollout status'")
             if row[0] not in allowed:
-                raise RolloutConflict(f"rollout {rollout_id} is {row[0]}", f"only a rollout that is {' or '.join(allowed)} can do that")
+                raise RolloutConflict(
+                    f"rollout {rollout_id} is {row[0]}", f"only a rollout that is {' or '.join(allowed)} can do that"
+                )
             now = self.clock()
             finished = now if allowed[row[0]] in ("aborted", "succeeded", "failed") else None
-            db.execute("UPDATE rollouts SET state = ?, reason = ?, updated_at = ?, finished_at = coalesce(?, finished_at) WHERE id = ?",
-                       (allowed[row[0]], reason, now, finished, rollout_id))
+            db.execute(
+                "UPDATE rollouts SET state = ?, reason = ?, updated_at = ?, finished_at = coalesce(?, finished_at) WHERE id = ?",
+                (allowed[row[0]], reason, now, finished, rollout_id),
+            )
         return self.status(rollout_id)
 
     # -- reports from devices ------------------------------------------------------------------------
@@ -273,10 +356,21 @@ class RolloutController:
         facts = {k: doc[k] for k in ("shadow", "download", "health", "selftest") if isinstance(doc.get(k), dict)}
         active = doc.get("active") or {}
         with self.store.atomic() as db:
-            db.execute("UPDATE rollout_devices SET state = ?, reason = ?, code = ?, version = coalesce(?, version), "
-                       "facts = CASE WHEN ? = '{}' THEN facts ELSE ? END, updated_at = ? WHERE rollout = ? AND device = ?",
-                       (doc["state"], (doc.get("reason") or "")[:500], doc.get("code"), active.get("version"), json.dumps(facts), json.dumps(facts),
-                        now, doc["rollout"], doc["device"]))
+            db.execute(
+                "UPDATE rollout_devices SET state = ?, reason = ?, code = ?, version = coalesce(?, version), "
+                "facts = CASE WHEN ? = '{}' THEN facts ELSE ? END, updated_at = ? WHERE rollout = ? AND device = ?",
+                (
+                    doc["state"],
+                    (doc.get("reason") or "")[:500],
+                    doc.get("code"),
+                    active.get("version"),
+                    json.dumps(facts),
+                    json.dumps(facts),
+                    now,
+                    doc["rollout"],
+                    doc["device"],
+                ),
+            )
 
     # -- the loop ------------------------------------------------------------------------------------
     def tick(self) -> None:
@@ -296,10 +390,20 @@ class RolloutController:
                 self._set_device(rollout_id, device["device"], "sent", "desired state published", sent_at=now)
                 device["state"] = "sent"
         for device in current:
-            if device["state"] not in TERMINAL_UPDATE_STATES and device["state"] != "pending" and device["sent_at"] \
-                    and now - device["sent_at"] > spec.device_timeout:
+            if (
+                device["state"] not in TERMINAL_UPDATE_STATES
+                and device["state"] != "pending"
+                and device["sent_at"]
+                and now - device["sent_at"] > spec.device_timeout
+            ):
                 why = "offline since" if not device["online"] else "no result within"
-                self._set_device(rollout_id, device["device"], "failed", f"{why} {spec.device_timeout:.0f} s after the update was sent", code="timeout")
+                self._set_device(
+                    rollout_id,
+                    device["device"],
+                    "failed",
+                    f"{why} {spec.device_timeout:.0f} s after the update was sent",
+                    code="timeout",
+                )
                 device["state"] = "failed"
         tripped = self._tripped(rollout, spec, devices)
         if tripped:
@@ -327,10 +431,17 @@ class RolloutController:
         failed = [d for d in devices if d["state"] in FAILED_DEVICE_STATES]
         waiting = [d for d in devices if d["state"] not in TERMINAL_UPDATE_STATES]
         if waiting:
-            self._update(rollout_id, reason=f"waiting for {len(waiting)} offline device(s); they update when they return")
+            self._update(
+                rollout_id, reason=f"waiting for {len(waiting)} offline device(s); they update when they return"
+            )
             return
         parts = [f"{len(done)} of {len(devices)} device(s) updated"] + ([f"{len(failed)} failed"] if failed else [])
-        self._update(rollout_id, state="failed" if failed and not done else "succeeded", reason="; ".join(parts), finished_at=self.clock())
+        self._update(
+            rollout_id,
+            state="failed" if failed and not done else "succeeded",
+            reason="; ".join(parts),
+            finished_at=self.clock(),
+        )
 
     def _tripped(self, rollout: dict[str, Any], spec: RolloutSpec, devices: list[dict[str, Any]]) -> str | None:
         sent = [d for d in devices if d["state"] != "pending"]
@@ -340,16 +451,24 @@ class RolloutController:
         shadows = [d["facts"].get("shadow") for d in devices if d["facts"].get("shadow")]
         rows = sum(s.get("rows") or 0 for s in shadows if s.get("agreement") is not None)
         if rows:
-            observed["agreement"] = sum((s.get("rows") or 0) * s["agreement"] for s in shadows if s.get("agreement") is not None) / rows
+            observed["agreement"] = (
+                sum((s.get("rows") or 0) * s["agreement"] for s in shadows if s.get("agreement") is not None) / rows
+            )
         p99s = [s["p99_ms"] for s in shadows if s.get("p99_ms") is not None]
         if p99s:
             observed["p99_ms"] = statistics.median(p99s)
         moved = [d for d in devices if d["state"] == "succeeded"]
         if moved and spec.rule("drift"):
-            observed["drift"] = sum(bool(d["drifted"]) and d["model_version"] == rollout["version"] for d in moved) / len(moved)
+            observed["drift"] = sum(
+                bool(d["drifted"]) and d["model_version"] == rollout["version"] for d in moved
+            ) / len(moved)
         for rule in spec.abort_on:
             if rule.tripped(observed[rule.metric]):
-                shown = f"{observed[rule.metric]:.1%}" if rule.metric in ("failed", "drift") else f"{observed[rule.metric]:.4g}"
+                shown = (
+                    f"{observed[rule.metric]:.1%}"
+                    if rule.metric in ("failed", "drift")
+                    else f"{observed[rule.metric]:.4g}"
+                )
                 return f"{rule} tripped ({rule.metric} = {shown})"
         return None
 
@@ -357,13 +476,24 @@ class RolloutController:
         spec = json.loads(rollout["spec"])
         bundle = self.bundle(sha256=rollout["sha256"])
         doc: dict[str, Any] = {
-            "schema": DESIRED_SCHEMA, "rollout": rollout["id"], "action": rollout["kind"], "name": rollout["name"], "version": rollout["version"],
-            "url": f"{self.public_url().rstrip('/')}/bundles/{rollout['sha256']}", "sha256": rollout["sha256"], "size": bundle["size"],
-            "signature": bundle["signature"], "health": {"seconds": spec["health_seconds"]},
+            "schema": DESIRED_SCHEMA,
+            "rollout": rollout["id"],
+            "action": rollout["kind"],
+            "name": rollout["name"],
+            "version": rollout["version"],
+            "url": f"{self.public_url().rstrip('/')}/bundles/{rollout['sha256']}",
+            "sha256": rollout["sha256"],
+            "size": bundle["size"],
+            "signature": bundle["signature"],
+            "health": {"seconds": spec["health_seconds"]},
         }
         agreement, p99 = _rule_value(spec, "agreement"), _rule_value(spec, "p99_ms")
         if spec["shadow_rows"]:
-            doc["shadow"] = {"rows": spec["shadow_rows"], "min_agreement": agreement or 0.0, "timeout_seconds": spec["shadow_timeout"]}
+            doc["shadow"] = {
+                "rows": spec["shadow_rows"],
+                "min_agreement": agreement or 0.0,
+                "timeout_seconds": spec["shadow_timeout"],
+            }
         if p99:
             doc["health"]["max_p99_ms"] = p99
         if rollout["kind"] == "rollback":
@@ -375,12 +505,20 @@ class RolloutController:
         rollout, devices = self._load(rollout_id)
         for device in devices:
             if device["state"] == "pending":
-                self._set_device(rollout_id, device["device"], "aborted", "the rollout was aborted before this device's wave")
+                self._set_device(
+                    rollout_id, device["device"], "aborted", "the rollout was aborted before this device's wave"
+                )
                 continue
             if device["state"] in ("failed", "rolled_back", "aborted"):
                 continue  # it never moved, or has moved back already
-            doc = {"schema": DESIRED_SCHEMA, "rollout": rollout_id, "action": "revert", "name": rollout["name"], "version": rollout["version"],
-                   "from_version": device["from_version"] or 0}
+            doc = {
+                "schema": DESIRED_SCHEMA,
+                "rollout": rollout_id,
+                "action": "revert",
+                "name": rollout["name"],
+                "version": rollout["version"],
+                "from_version": device["from_version"] or 0,
+            }
             self.publish(_desired_topic(rollout["fleet"], device["device"]), encode(doc), True)
 
     # -- reads -----------------------------------------------------------------------------------------
@@ -391,7 +529,9 @@ class RolloutController:
                 raise RolloutNotFound(f"no rollout {rollout_id!r}", "list them with 'edgekit rollout status'")
             devices = self.store.db.execute(
                 "SELECT r.*, d.online, d.drifted, d.model_version FROM rollout_devices r LEFT JOIN devices d ON d.device = r.device "
-                "WHERE r.rollout = ? ORDER BY r.wave, r.device", (rollout_id,)).fetchall()
+                "WHERE r.rollout = ? ORDER BY r.wave, r.device",
+                (rollout_id,),
+            ).fetchall()
         parsed = []
         for d in devices:
             item = dict(d)
@@ -407,41 +547,93 @@ class RolloutController:
         for d in devices:
             counts[d["state"]] = counts.get(d["state"], 0) + 1
         return {
-            "id": rollout["id"], "state": rollout["state"], "kind": rollout["kind"], "fleet": rollout["fleet"], "name": rollout["name"],
-            "version": rollout["version"], "sha256": rollout["sha256"], "reason": rollout["reason"], "created_at": rollout["created_at"],
-            "updated_at": rollout["updated_at"], "finished_at": rollout["finished_at"],
-            "wave": rollout["wave"] + 1, "waves": [f"{w:.0%}" for w in spec["waves"]], "abort_on": spec["abort_on"], "counts": counts,
-            "devices": [{"device": d["device"], "wave": d["wave"] + 1, "state": d["state"], "version": d["version"], "from_version": d["from_version"],
-                         "reason": d["reason"], "code": d["code"], "online": d["online"], **d["facts"]} for d in devices],
+            "id": rollout["id"],
+            "state": rollout["state"],
+            "kind": rollout["kind"],
+            "fleet": rollout["fleet"],
+            "name": rollout["name"],
+            "version": rollout["version"],
+            "sha256": rollout["sha256"],
+            "reason": rollout["reason"],
+            "created_at": rollout["created_at"],
+            "updated_at": rollout["updated_at"],
+            "finished_at": rollout["finished_at"],
+            "wave": rollout["wave"] + 1,
+            "waves": [f"{w:.0%}" for w in spec["waves"]],
+            "abort_on": spec["abort_on"],
+            "counts": counts,
+            "devices": [
+                {
+                    "device": d["device"],
+                    "wave": d["wave"] + 1,
+                    "state": d["state"],
+                    "version": d["version"],
+                    "from_version": d["from_version"],
+                    "reason": d["reason"],
+                    "code": d["code"],
+                    "online": d["online"],
+                    **d["facts"],
+                }
+                for d in devices
+            ],
         }
 
     def list(self, limit: int = 50) -> list[dict[str, Any]]:
         with self.store._lock:
-            ids = [r[0] for r in self.store.db.execute("SELECT id FROM rollouts ORDER BY created_at DESC LIMIT ?", (limit,))]
+            ids = [
+                r[0]
+                for r in self.store.db.execute("SELECT id FROM rollouts ORDER BY created_at DESC LIMIT ?", (limit,))
+            ]
         return [self.status(i) for i in ids]
 
     # -- small helpers -------------------------------------------------------------------------------
-    def _set_device(self, rollout_id: str, device: str, state: str, reason: str, *, code: str | None = None, sent_at: float | None = None) -> None:
+    def _set_device(
+        self,
+        rollout_id: str,
+        device: str,
+        state: str,
+        reason: str,
+        *,
+        code: str | None = None,
+        sent_at: float | None = None,
+    ) -> None:
         with self.store.atomic() as db:
-            db.execute("UPDATE rollout_devices SET state = ?, reason = ?, code = coalesce(?, code), sent_at = coalesce(?, sent_at), updated_at = ? "
-                       "WHERE rollout = ? AND device = ?", (state, reason, code, sent_at, self.clock(), rollout_id, device))
+            db.execute(
+                "UPDATE rollout_devices SET state = ?, reason = ?, code = coalesce(?, code), sent_at = coalesce(?, sent_at), updated_at = ? "
+                "WHERE rollout = ? AND device = ?",
+                (state, reason, code, sent_at, self.clock(), rollout_id, device),
+            )
 
     def _update(self, rollout_id: str, **columns: Any) -> None:
         assignments = ", ".join(f"{name} = ?" for name in columns)
         with self.store.atomic() as db:
-            db.execute(f"UPDATE rollouts SET {assignments}, updated_at = ? WHERE id = ?", (*columns.values(), self.clock(), rollout_id))  # noqa: S608 - fixed names
+            db.execute(
+                f"UPDATE rollouts SET {assignments}, updated_at = ? WHERE id = ?",
+                (*columns.values(), self.clock(), rollout_id),
+            )  # noqa: S608 - fixed names
 
     def _need_key(self) -> None:
         if self.trusted_key is None:
-            raise RolloutError("this collector has no trusted key, so it cannot check bundles", "restart it with 'edgekit fleet collect --trust edgekit.pub'")
+            raise RolloutError(
+                "this collector has no trusted key, so it cannot check bundles",
+                "restart it with 'edgekit fleet collect --trust edgekit.pub'",
+            )
 
 
-def sign_rollback(*, fleet: str, name: str, version: int, sha256: str, key: Any, issued_at: float | None = None) -> tuple[dict[str, Any], str]:
+def sign_rollback(
+    *, fleet: str, name: str, version: int, sha256: str, key: Any, issued_at: float | None = None
+) -> tuple[dict[str, Any], str]:
     """The signed instruction ``rollout rollback`` sends: (instruction, base64 of the signature file)."""
     from edgekit.bundle.keys import sign
 
-    instruction = {"schema": ROLLBACK_SCHEMA, "fleet": fleet, "name": name, "version": version, "sha256": sha256,
-                   "issued_at": time.time() if issued_at is None else issued_at}
+    instruction = {
+        "schema": ROLLBACK_SCHEMA,
+        "fleet": fleet,
+        "name": name,
+        "version": version,
+        "sha256": sha256,
+        "issued_at": time.time() if issued_at is None else issued_at,
+    }
     return instruction, base64.b64encode(sign(canonical_json(instruction), key)).decode()
 
 
@@ -480,17 +672,25 @@ def start_from_request(controller: RolloutController, doc: dict[str, Any]) -> st
     """``POST /api/rollouts``: the JSON body the CLI sends, checked field by field."""
     sha256 = doc.get("sha256")
     if not isinstance(sha256, str) or not re.fullmatch(r"[0-9a-f]{64}", sha256):
-        raise RolloutError("sha256 must name an uploaded bundle (64 hex digits)", "POST the bundle to /api/bundles first")
+        raise RolloutError(
+            "sha256 must name an uploaded bundle (64 hex digits)", "POST the bundle to /api/bundles first"
+        )
     fleet = doc.get("fleet") or "default"
     try:
         spec = RolloutSpec(
-            waves=parse_waves(str(doc.get("waves") or "100%")), wave_wait=parse_duration(doc.get("wave_wait") or 0),
-            abort_on=parse_abort_rules(doc.get("abort_on", DEFAULT_ABORT_ON)), shadow_rows=int(doc.get("shadow_rows") or 0),
-            shadow_timeout=parse_duration(doc.get("shadow_timeout") or 300), health_seconds=parse_duration(doc.get("health_seconds") or 10),
-            device_timeout=parse_duration(doc.get("device_timeout") or 900), devices=str(doc.get("devices") or "*"),
+            waves=parse_waves(str(doc.get("waves") or "100%")),
+            wave_wait=parse_duration(doc.get("wave_wait") or 0),
+            abort_on=parse_abort_rules(doc.get("abort_on", DEFAULT_ABORT_ON)),
+            shadow_rows=int(doc.get("shadow_rows") or 0),
+            shadow_timeout=parse_duration(doc.get("shadow_timeout") or 300),
+            health_seconds=parse_duration(doc.get("health_seconds") or 10),
+            device_timeout=parse_duration(doc.get("device_timeout") or 900),
+            devices=str(doc.get("devices") or "*"),
         )
     except (TypeError, ValueError) as exc:
-        raise RolloutError(f"the rollout request has a bad value ({exc})", "see 'edgekit rollout start --help'") from exc
+        raise RolloutError(
+            f"the rollout request has a bad value ({exc})", "see 'edgekit rollout start --help'"
+        ) from exc
     if spec.shadow_rows < 0:
         raise RolloutError("shadow_rows must be 0 or more")
     return controller.start(sha256, str(fleet), spec)

@@ -16,9 +16,10 @@ import json
 import sqlite3
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Protocol
+from typing import Any, Protocol
 
 from edgekit.errors import EdgekitError
 
@@ -26,7 +27,9 @@ GAP_GRACE_SECONDS = 10.0  # a seq still in another collector process's batch is 
 MAX_GAP = 1000  # a jump larger than this is a reset or garbage, not a gap worth resending
 
 MIGRATIONS: list[tuple[str, str]] = [
-    ("0001_initial", """
+    (
+        "0001_initial",
+        """
         CREATE TABLE devices (
             device TEXT PRIMARY KEY, fleet TEXT NOT NULL, online INTEGER, model TEXT, model_version INTEGER,
             runtime TEXT, agent_version TEXT, state_at REAL, last_seen REAL, max_seq INTEGER NOT NULL DEFAULT 0,
@@ -49,15 +52,21 @@ MIGRATIONS: list[tuple[str, str]] = [
             opened_at REAL NOT NULL, updated_at REAL NOT NULL, closed_at REAL, message TEXT NOT NULL, evidence TEXT NOT NULL
         );
         CREATE UNIQUE INDEX alerts_one_open ON alerts (rule, device, subject) WHERE state = 'open';
-    """),
+    """,
+    ),
     # What alert rules read, extracted once at insert: evaluating a device must not re-parse its payloads.
-    ("0002_alert_facts", """
+    (
+        "0002_alert_facts",
+        """
         ALTER TABLE summaries ADD COLUMN labelled INTEGER NOT NULL DEFAULT 0;
         ALTER TABLE summaries ADD COLUMN facts TEXT;
         CREATE INDEX summaries_labelled ON summaries (device, model, model_version, seq) WHERE labelled > 0
-    """),
+    """,
+    ),
     # OTA rollouts (see rollouts.py): the bundles the collector serves, each rollout, and each device's part in it.
-    ("0003_rollouts", """
+    (
+        "0003_rollouts",
+        """
         CREATE TABLE bundles (
             sha256 TEXT PRIMARY KEY, name TEXT NOT NULL, version INTEGER NOT NULL, size INTEGER NOT NULL, path TEXT NOT NULL,
             signature TEXT NOT NULL, added_at REAL NOT NULL
@@ -74,12 +83,16 @@ MIGRATIONS: list[tuple[str, str]] = [
             PRIMARY KEY (rollout, device)
         );
         CREATE INDEX rollout_devices_by_device ON rollout_devices (device)
-    """),
+    """,
+    ),
     # When a gap was found: summaries of one device reach several collector processes, which commit out
     # of order, so a gap is asked for only once it has outlived GAP_GRACE_SECONDS.
-    ("0004_gap_found_at", """
+    (
+        "0004_gap_found_at",
+        """
         ALTER TABLE gaps ADD COLUMN found_at REAL
-    """),
+    """,
+    ),
 ]
 
 
@@ -115,7 +128,9 @@ class SqliteStore:
             try:
                 self.db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None, timeout=30)
             except sqlite3.Error as exc:
-                raise StoreError(f"cannot open the fleet database ({exc})", "check the --db path and its directory", path=path) from exc
+                raise StoreError(
+                    f"cannot open the fleet database ({exc})", "check the --db path and its directory", path=path
+                ) from exc
         self._lock = threading.RLock()
         self.db.row_factory = sqlite3.Row
         self.db.execute("PRAGMA journal_mode=WAL")
@@ -162,14 +177,24 @@ class SqliteStore:
                    ON CONFLICT (device) DO UPDATE SET fleet=excluded.fleet, online=excluded.online, model=coalesce(excluded.model, model),
                    model_version=coalesce(excluded.model_version, model_version), runtime=coalesce(excluded.runtime, runtime),
                    agent_version=excluded.agent_version, state_at=excluded.state_at, last_seen=max(coalesce(last_seen, 0), excluded.last_seen)""",
-                {"device": doc["device"], "fleet": doc["fleet"], "online": int(doc["online"]), "model": model.get("name"), "version": model.get("version"),
-                 "runtime": doc.get("runtime"), "agent": doc.get("agent_version"), "now": now},
+                {
+                    "device": doc["device"],
+                    "fleet": doc["fleet"],
+                    "online": int(doc["online"]),
+                    "model": model.get("name"),
+                    "version": model.get("version"),
+                    "runtime": doc.get("runtime"),
+                    "agent": doc.get("agent_version"),
+                    "now": now,
+                },
             )
 
     def record_baseline(self, doc: dict[str, Any], now: float) -> None:
         with self.atomic() as db:
-            db.execute("INSERT OR IGNORE INTO baselines VALUES (?, ?, ?, ?, ?)",
-                       (doc["baseline_id"], doc["model"]["name"], doc["model"]["version"], json.dumps(doc["profile"]), now))
+            db.execute(
+                "INSERT OR IGNORE INTO baselines VALUES (?, ?, ?, ?, ?)",
+                (doc["baseline_id"], doc["model"]["name"], doc["model"]["version"], json.dumps(doc["profile"]), now),
+            )
 
     def add_summaries(self, records: list[SummaryRecord], now: float) -> tuple[int, int]:
         """Store summaries; return (stored, duplicates).
@@ -183,8 +208,23 @@ class SqliteStore:
             for r in records:
                 cursor = db.execute(
                     "INSERT OR IGNORE INTO summaries VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                    (r.device, r.seq, r.fleet, r.model, r.model_version, r.window_start, r.window_end, now, r.rows, _flag(r.drifted),
-                     r.worst_feature, r.baseline_id, r.payload, r.labelled, r.facts),
+                    (
+                        r.device,
+                        r.seq,
+                        r.fleet,
+                        r.model,
+                        r.model_version,
+                        r.window_start,
+                        r.window_end,
+                        now,
+                        r.rows,
+                        _flag(r.drifted),
+                        r.worst_feature,
+                        r.baseline_id,
+                        r.payload,
+                        r.labelled,
+                        r.facts,
+                    ),
                 )
                 if cursor.rowcount:
                     stored.setdefault(r.device, []).append(r)
@@ -202,8 +242,10 @@ class SqliteStore:
         max_seq = row["max_seq"] if row else 0
         first = records[0]
         if row is None:
-            db.execute("INSERT INTO devices (device, fleet, model, model_version, last_seen) VALUES (?, ?, ?, ?, ?)",
-                       (device, first.fleet, first.model, first.model_version, now))
+            db.execute(
+                "INSERT INTO devices (device, fleet, model, model_version, last_seen) VALUES (?, ?, ?, ?, ?)",
+                (device, first.fleet, first.model, first.model_version, now),
+            )
         seqs = sorted(r.seq for r in records)
         new_max = max(max_seq, seqs[-1])
         filled = [s for s in seqs if s <= max_seq]
@@ -213,7 +255,9 @@ class SqliteStore:
             arrived = set(seqs)
             missing = [(device, s) for s in range(max_seq + 1, new_max) if s not in arrived]
             if missing:
-                db.executemany("INSERT OR IGNORE INTO gaps (device, seq, found_at) VALUES (?, ?, ?)", [(*m, now) for m in missing])
+                db.executemany(
+                    "INSERT OR IGNORE INTO gaps (device, seq, found_at) VALUES (?, ?, ?)", [(*m, now) for m in missing]
+                )
         # The verdict shown is the latest *tested* window's: a small window (say, the flush when an
         # agent stops) has no verdict and must not hide the last real one.
         tested = [r for r in records if r.seq > max_seq and r.drifted is not None]
@@ -227,9 +271,21 @@ class SqliteStore:
                drifted=CASE WHEN ? THEN ? ELSE drifted END, worst_feature=CASE WHEN ? THEN ? ELSE worst_feature END,
                model=CASE WHEN ? AND model IS NULL THEN ? ELSE model END, model_version=CASE WHEN ? AND model IS NULL THEN ? ELSE model_version END
                WHERE device=?""",
-            (new_max, len(records), sum(r.rows for r in records), now,
-             latest is not None, _flag(latest.drifted) if latest else None, latest is not None, latest.worst_feature if latest else None,
-             newest.seq > max_seq, newest.model, newest.seq > max_seq, newest.model_version, device),
+            (
+                new_max,
+                len(records),
+                sum(r.rows for r in records),
+                now,
+                latest is not None,
+                _flag(latest.drifted) if latest else None,
+                latest is not None,
+                latest.worst_feature if latest else None,
+                newest.seq > max_seq,
+                newest.model,
+                newest.seq > max_seq,
+                newest.model_version,
+                device,
+            ),
         )
 
     def summary_watermark(self) -> int:
@@ -246,16 +302,26 @@ class SqliteStore:
 
     def count_reject(self, reason: str, device: str, now: float) -> None:
         with self.atomic() as db:
-            db.execute("INSERT INTO rejects VALUES (?, ?, 1, ?) ON CONFLICT (reason, device) DO UPDATE SET count = count + 1, last_at = excluded.last_at",
-                       (reason, device or "", now))
+            db.execute(
+                "INSERT INTO rejects VALUES (?, ?, 1, ?) ON CONFLICT (reason, device) DO UPDATE SET count = count + 1, last_at = excluded.last_at",
+                (reason, device or "", now),
+            )
 
     # -- gaps ------------------------------------------------------------------------------------------
-    def gaps_to_request(self, now: float, *, retry_after: float = 30.0, grace: float = GAP_GRACE_SECONDS, limit: int = 500) -> dict[str, list[int]]:
+    def gaps_to_request(
+        self, now: float, *, retry_after: float = 30.0, grace: float = GAP_GRACE_SECONDS, limit: int = 500
+    ) -> dict[str, list[int]]:
         """Missing seqs found over ``grace`` seconds ago and not requested in the last ``retry_after``, marked as requested now."""
         with self.atomic() as db:
-            rows = db.execute("SELECT device, seq FROM gaps WHERE (requested_at IS NULL AND coalesce(found_at, 0) <= ?) OR requested_at < ? "
-                              "ORDER BY device, seq LIMIT ?", (now - grace, now - retry_after, limit)).fetchall()
-            db.executemany("UPDATE gaps SET requested_at = ?, requests = requests + 1 WHERE device = ? AND seq = ?", [(now, r["device"], r["seq"]) for r in rows])
+            rows = db.execute(
+                "SELECT device, seq FROM gaps WHERE (requested_at IS NULL AND coalesce(found_at, 0) <= ?) OR requested_at < ? "
+                "ORDER BY device, seq LIMIT ?",
+                (now - grace, now - retry_after, limit),
+            ).fetchall()
+            db.executemany(
+                "UPDATE gaps SET requested_at = ?, requests = requests + 1 WHERE device = ? AND seq = ?",
+                [(now, r["device"], r["seq"]) for r in rows],
+            )
         wanted: dict[str, list[int]] = {}
         for row in rows:
             wanted.setdefault(row["device"], []).append(row["seq"])
@@ -270,10 +336,23 @@ class SqliteStore:
             for row in self.db.execute("SELECT device, sum(count) FROM rejects GROUP BY device"):
                 rejects[row[0]] = row[1]
         return [
-            {"device": r["device"], "fleet": r["fleet"], "online": None if r["online"] is None else bool(r["online"]), "model": r["model"],
-             "model_version": r["model_version"], "last_seen": r["last_seen"], "windows": r["windows"], "rows": r["rows"],
-             "drifted": None if r["drifted"] is None else bool(r["drifted"]), "worst_feature": r["worst_feature"], "missing_seqs": gaps.get(r["device"], 0),
-             "redeliveries": r["redeliveries"], "rejected": rejects.get(r["device"], 0), "runtime": r["runtime"], "agent_version": r["agent_version"]}
+            {
+                "device": r["device"],
+                "fleet": r["fleet"],
+                "online": None if r["online"] is None else bool(r["online"]),
+                "model": r["model"],
+                "model_version": r["model_version"],
+                "last_seen": r["last_seen"],
+                "windows": r["windows"],
+                "rows": r["rows"],
+                "drifted": None if r["drifted"] is None else bool(r["drifted"]),
+                "worst_feature": r["worst_feature"],
+                "missing_seqs": gaps.get(r["device"], 0),
+                "redeliveries": r["redeliveries"],
+                "rejected": rejects.get(r["device"], 0),
+                "runtime": r["runtime"],
+                "agent_version": r["agent_version"],
+            }
             for r in rows
         ]
 
@@ -281,8 +360,15 @@ class SqliteStore:
         with self._lock:
             return {row[0]: row[1] for row in self.db.execute("SELECT reason, sum(count) FROM rejects GROUP BY reason")}
 
-    def summaries(self, *, device: str | None = None, model: str | None = None, version: int | None = None, fleet: str | None = None,
-                  since: str | None = None) -> Iterator[dict[str, Any]]:
+    def summaries(
+        self,
+        *,
+        device: str | None = None,
+        model: str | None = None,
+        version: int | None = None,
+        fleet: str | None = None,
+        since: str | None = None,
+    ) -> Iterator[dict[str, Any]]:
         clauses, params = [], []
         for column, value in (("device", device), ("model", model), ("model_version", version), ("fleet", fleet)):
             if value is not None:
@@ -291,7 +377,11 @@ class SqliteStore:
         if since is not None:
             clauses.append("window_end >= ?")
             params.append(since)
-        query = "SELECT payload FROM summaries" + (" WHERE " + " AND ".join(clauses) if clauses else "") + " ORDER BY window_end, device, seq"
+        query = (
+            "SELECT payload FROM summaries"
+            + (" WHERE " + " AND ".join(clauses) if clauses else "")
+            + " ORDER BY window_end, device, seq"
+        )
         with self._lock:
             rows = self.db.execute(query, params).fetchall()
         for row in rows:
@@ -305,41 +395,64 @@ class SqliteStore:
     def recent_facts(self, device: str, count: int) -> list[dict[str, Any]]:
         """The alert facts of the device's last ``count`` windows, newest first."""
         with self._lock:
-            rows = self.db.execute("SELECT facts FROM summaries WHERE device = ? ORDER BY seq DESC LIMIT ?", (device, count)).fetchall()
+            rows = self.db.execute(
+                "SELECT facts FROM summaries WHERE device = ? ORDER BY seq DESC LIMIT ?", (device, count)
+            ).fetchall()
         return [json.loads(r[0]) for r in rows]
 
-    def labelled_accuracy(self, device: str, model: str, version: int, *, limit: int = 50) -> list[tuple[int, float, int]]:
+    def labelled_accuracy(
+        self, device: str, model: str, version: int, *, limit: int = 50
+    ) -> list[tuple[int, float, int]]:
         """(seq, accuracy, labelled) of the device's last ``limit`` windows that received delayed labels, oldest first."""
         with self._lock:
-            rows = self.db.execute("SELECT seq, json_extract(facts, '$.accuracy'), labelled FROM summaries "
-                                   "WHERE device = ? AND model = ? AND model_version = ? AND labelled > 0 ORDER BY seq DESC LIMIT ?",
-                                   (device, model, version, limit)).fetchall()
+            rows = self.db.execute(
+                "SELECT seq, json_extract(facts, '$.accuracy'), labelled FROM summaries "
+                "WHERE device = ? AND model = ? AND model_version = ? AND labelled > 0 ORDER BY seq DESC LIMIT ?",
+                (device, model, version, limit),
+            ).fetchall()
         return [(r[0], r[1], r[2]) for r in reversed(rows)]
 
     # -- alerts ----------------------------------------------------------------------------------------
-    def open_alert(self, rule: str, device: str, subject: str, message: str, evidence: dict[str, Any], now: float) -> bool:
+    def open_alert(
+        self, rule: str, device: str, subject: str, message: str, evidence: dict[str, Any], now: float
+    ) -> bool:
         """Open an alert, or refresh the open one; True when it is new."""
         with self.atomic() as db:
-            cursor = db.execute("UPDATE alerts SET updated_at = ?, message = ?, evidence = ? WHERE rule = ? AND device = ? AND subject = ? AND state = 'open'",
-                                (now, message, json.dumps(evidence), rule, device, subject))
+            cursor = db.execute(
+                "UPDATE alerts SET updated_at = ?, message = ?, evidence = ? WHERE rule = ? AND device = ? AND subject = ? AND state = 'open'",
+                (now, message, json.dumps(evidence), rule, device, subject),
+            )
             if cursor.rowcount:
                 return False
-            db.execute("INSERT INTO alerts (rule, device, subject, state, opened_at, updated_at, message, evidence) VALUES (?, ?, ?, 'open', ?, ?, ?, ?)",
-                       (rule, device, subject, now, now, message, json.dumps(evidence)))
+            db.execute(
+                "INSERT INTO alerts (rule, device, subject, state, opened_at, updated_at, message, evidence) VALUES (?, ?, ?, 'open', ?, ?, ?, ?)",
+                (rule, device, subject, now, now, message, json.dumps(evidence)),
+            )
             return True
 
     def close_alert(self, rule: str, device: str, subject: str, now: float) -> bool:
         with self.atomic() as db:
-            cursor = db.execute("UPDATE alerts SET state = 'closed', closed_at = ?, updated_at = ? WHERE rule = ? AND device = ? AND subject = ? AND state = 'open'",
-                                (now, now, rule, device, subject))
+            cursor = db.execute(
+                "UPDATE alerts SET state = 'closed', closed_at = ?, updated_at = ? WHERE rule = ? AND device = ? AND subject = ? AND state = 'open'",
+                (now, now, rule, device, subject),
+            )
             return cursor.rowcount > 0
 
     def open_alerts_of(self, device: str) -> set[tuple[str, str]]:
         with self._lock:
-            return {(r[0], r[1]) for r in self.db.execute("SELECT rule, subject FROM alerts WHERE device = ? AND state = 'open'", (device,))}
+            return {
+                (r[0], r[1])
+                for r in self.db.execute(
+                    "SELECT rule, subject FROM alerts WHERE device = ? AND state = 'open'", (device,)
+                )
+            }
 
     def alerts(self, *, open_only: bool = False, limit: int = 200) -> list[dict[str, Any]]:
-        query = "SELECT * FROM alerts" + (" WHERE state = 'open'" if open_only else "") + " ORDER BY state DESC, updated_at DESC LIMIT ?"
+        query = (
+            "SELECT * FROM alerts"
+            + (" WHERE state = 'open'" if open_only else "")
+            + " ORDER BY state DESC, updated_at DESC LIMIT ?"
+        )
         with self._lock:
             rows = self.db.execute(query, (limit,)).fetchall()
         return [{**dict(r), "evidence": json.loads(r["evidence"])} for r in rows]
@@ -376,21 +489,40 @@ class SummaryRecord:
     def of(cls, doc: dict[str, Any], payload: str) -> SummaryRecord:
         """From a summary that passed ``check_summary``."""
         drift, accuracy = doc["drift"], doc.get("accuracy") or {}
-        return cls(doc["device"], doc["seq"], doc["fleet"], doc["model"]["name"], doc["model"]["version"], doc["window"]["start"], doc["window"]["end"],
-                   doc["rows"], drift.get("drifted"), drift.get("worst_feature"), doc["profile"]["baseline_id"], accuracy.get("labelled", 0),
-                   json.dumps(alert_facts(doc)), payload)
+        return cls(
+            doc["device"],
+            doc["seq"],
+            doc["fleet"],
+            doc["model"]["name"],
+            doc["model"]["version"],
+            doc["window"]["start"],
+            doc["window"]["end"],
+            doc["rows"],
+            drift.get("drifted"),
+            drift.get("worst_feature"),
+            doc["profile"]["baseline_id"],
+            accuracy.get("labelled", 0),
+            json.dumps(alert_facts(doc)),
+            payload,
+        )
 
 
 def alert_facts(doc: dict[str, Any]) -> dict[str, Any]:
     """The few fields of a summary that alert rules read, small enough to load by the thousand."""
     drift, accuracy = doc["drift"], doc.get("accuracy") or {}
     return {
-        "seq": doc["seq"], "window": doc["window"], "rows": doc["rows"], "model": doc["model"],
+        "seq": doc["seq"],
+        "window": doc["window"],
+        "rows": doc["rows"],
+        "model": doc["model"],
         "tested": drift.get("drifted") is not None,
         "drifted": {name: v.get("psi") for name, v in drift["features"].items() if v.get("drifted")},
         "prediction_drifted": bool((drift.get("prediction") or {}).get("drifted")),
-        "predictions": doc.get("predictions"), "null_rate": doc["quality"].get("null_rate") or 0.0,
-        "p99_ms": doc["latency"].get("p99_ms"), "errors": doc["errors"], "accuracy": accuracy.get("accuracy"),
+        "predictions": doc.get("predictions"),
+        "null_rate": doc["quality"].get("null_rate") or 0.0,
+        "p99_ms": doc["latency"].get("p99_ms"),
+        "errors": doc["errors"],
+        "accuracy": accuracy.get("accuracy"),
     }
 
 

@@ -25,20 +25,17 @@ from __future__ import annotations
 
 import hmac
 import html
-import json
 import re
 from typing import TYPE_CHECKING, Any
 
 from device_agent.config import HttpLimits
 from device_agent.errors import ServeError
 from device_agent.wsgi import HttpError, Request, Response, error_response, json_response, wsgi_app
-
 from edgekit.errors import EdgekitError
 from edgekit.fleet.merge import merged_drift, since_timestamp
 
 if TYPE_CHECKING:
     from device_agent.httpserver import HttpServer
-
     from edgekit.fleet.collector import Collector
 
 # Bundles are uploaded whole: a body limit of 1 GiB, and the time a Pi-sized link needs to send it.
@@ -49,16 +46,29 @@ PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e
 HTML = "text/html; charset=utf-8"
 
 
-def serve(collector: "Collector", listen: str, *, limits: HttpLimits = COLLECTOR_LIMITS, tls_cert: str | None = None,
-          tls_key: str | None = None) -> "HttpServer":
+def serve(
+    collector: Collector,
+    listen: str,
+    *,
+    limits: HttpLimits = COLLECTOR_LIMITS,
+    tls_cert: str | None = None,
+    tls_key: str | None = None,
+) -> HttpServer:
     """Serve the dashboard and APIs on ``listen`` (host:port) in background threads."""
     from device_agent.httpserver import serve_wsgi, tls_context
 
     host, _, port = listen.rpartition(":")
     try:
         tls = tls_context(tls_cert, tls_key) if tls_cert else None
-        return serve_wsgi(wsgi_app(lambda request: route(collector, request)), (host or "127.0.0.1", int(port)), limits=limits, tls=tls,
-                          name="edgekit-collector-http", ident="edgekit-collector", limit_names=_limit_names())
+        return serve_wsgi(
+            wsgi_app(lambda request: route(collector, request)),
+            (host or "127.0.0.1", int(port)),
+            limits=limits,
+            tls=tls,
+            name="edgekit-collector-http",
+            ident="edgekit-collector",
+            limit_names=_limit_names(),
+        )
     except ValueError as exc:
         raise EdgekitError(f"cannot serve HTTP on {listen} ({exc})", "pass --http host:port") from exc
     except ServeError as exc:
@@ -68,22 +78,29 @@ def serve(collector: "Collector", listen: str, *, limits: HttpLimits = COLLECTOR
 def _limit_names():
     from device_agent.httpserver import LimitNames
 
-    return LimitNames(**{name: f"--http-limit {name}=..." for name in ("max_body_bytes", "max_header_bytes", "header_timeout", "body_timeout")})
+    return LimitNames(
+        **{
+            name: f"--http-limit {name}=..."
+            for name in ("max_body_bytes", "max_header_bytes", "header_timeout", "body_timeout")
+        }
+    )
 
 
-def route(collector: "Collector", request: Request) -> Response:
+def route(collector: Collector, request: Request) -> Response:
     """The answer to one request (the HTTP server, TLS and limits are the caller's business)."""
     if request.method == "POST":
         return _post(collector, request)
     if request.method != "GET":
-        raise HttpError(405, f"{request.method} is not served; the collector takes GET and POST", [("Allow", "GET, HEAD, POST")])
+        raise HttpError(
+            405, f"{request.method} is not served; the collector takes GET and POST", [("Allow", "GET, HEAD, POST")]
+        )
     try:
         return _get(collector, request)
     except (EdgekitError, ValueError) as exc:
         return error_response(400, str(exc))
 
 
-def _get(collector: "Collector", request: Request) -> Response:
+def _get(collector: Collector, request: Request) -> Response:
     path, query, store = request.path, request.query, collector.store
     if path == "/":
         return Response(200, render_fleet(store.status(), _alerts(collector)), HTML)
@@ -94,13 +111,27 @@ def _get(collector: "Collector", request: Request) -> Response:
         return Response(200, render_device(device, list(store.summaries(device=device))), HTML)
     if path == "/drift":
         version = int(query["version"]) if "version" in query else None
-        reports = merged_drift(store, model=query.get("model"), version=version, fleet=query.get("fleet"), since=since_timestamp(query.get("since")))
+        reports = merged_drift(
+            store,
+            model=query.get("model"),
+            version=version,
+            fleet=query.get("fleet"),
+            since=since_timestamp(query.get("since")),
+        )
         return Response(200, render_fleet_drift(reports, query.get("feature")), HTML)
     if path == "/api/status":
         return json_response(store.status())
     if path == "/api/drift":
         version = int(query["version"]) if "version" in query else None
-        return json_response(merged_drift(store, device=query.get("device"), model=query.get("model"), version=version, since=since_timestamp(query.get("since"))))
+        return json_response(
+            merged_drift(
+                store,
+                device=query.get("device"),
+                model=query.get("model"),
+                version=version,
+                since=since_timestamp(query.get("since")),
+            )
+        )
     if path == "/api/alerts":
         return json_response(_alerts(collector))
     if path == "/metrics":
@@ -114,7 +145,7 @@ def _get(collector: "Collector", request: Request) -> Response:
     return error_response(404, f"no route {path}")
 
 
-def _post(collector: "Collector", request: Request) -> Response:
+def _post(collector: Collector, request: Request) -> Response:
     token = collector.config.api_token
     if token and not hmac.compare_digest(request.header("authorization"), f"Bearer {token}"):
         return error_response(401, "missing or wrong API token; set EDGEKIT_COLLECTOR_TOKEN")
@@ -128,7 +159,9 @@ def _post(collector: "Collector", request: Request) -> Response:
 
             return json_response({"id": start_from_request(rollouts, doc)}, 201)
         if path == "/api/rollbacks":
-            rollout_id = rollouts.rollback(doc.get("instruction") or {}, str(doc.get("signature", "")), str(doc.get("devices") or "*"))
+            rollout_id = rollouts.rollback(
+                doc.get("instruction") or {}, str(doc.get("signature", "")), str(doc.get("devices") or "*")
+            )
             return json_response({"id": rollout_id}, 201)
         match = _ROLLOUT_ROUTE.match(path)
         if match and match["verb"]:
@@ -138,7 +171,7 @@ def _post(collector: "Collector", request: Request) -> Response:
     return error_response(404, f"no route POST {path}")
 
 
-def _rollout_get(collector: "Collector", path: str) -> Response:
+def _rollout_get(collector: Collector, path: str) -> Response:
     from edgekit.fleet.rollout_views import render_rollout, render_rollouts
 
     rollouts = collector.rollouts
@@ -158,7 +191,7 @@ def _rollout_get(collector: "Collector", path: str) -> Response:
     return Response(200, render_rollout(status), HTML)
 
 
-def _bundle(collector: "Collector", sha256: str, wanted: str) -> Response:
+def _bundle(collector: Collector, sha256: str, wanted: str) -> Response:
     """The bundle's bytes; ``Range: bytes=N-[M]`` gets 206 and the rest, so devices resume."""
     stored = collector.rollouts.bundle(sha256=sha256)
     if stored is None:
@@ -178,15 +211,17 @@ def _bundle(collector: "Collector", sha256: str, wanted: str) -> Response:
         if first >= size or first > last:
             return _range_error(size)
         status = 206
-    headers = [("Accept-Ranges", "bytes"), ("ETag", f'"{sha256}"')] + ([("Content-Range", f"bytes {first}-{last}/{size}")] if status == 206 else [])
-    return Response(status, data[first:last + 1], "application/octet-stream", headers)
+    headers = [("Accept-Ranges", "bytes"), ("ETag", f'"{sha256}"')] + (
+        [("Content-Range", f"bytes {first}-{last}/{size}")] if status == 206 else []
+    )
+    return Response(status, data[first : last + 1], "application/octet-stream", headers)
 
 
 def _range_error(size: int) -> Response:
     return Response(416, b"", "application/octet-stream", [("Content-Range", f"bytes */{size}")])
 
 
-def _alerts(collector: "Collector") -> list[dict[str, Any]]:
+def _alerts(collector: Collector) -> list[dict[str, Any]]:
     return collector.alerts.list(open_only=False, limit=50) if collector.alerts is not None else []
 
 
@@ -211,20 +246,28 @@ def render_fleet(status: list[dict[str, Any]], alerts: list[dict[str, Any]]) -> 
         for d in status
     )
     open_alerts = [a for a in alerts if a["state"] == "open"]
-    alert_rows = "".join(
-        f"<tr><td class='bad'>{html.escape(a['rule'])}</td><td>{html.escape(a['device'])}</td><td>{html.escape(a['subject'])}</td><td>{html.escape(a['message'])}</td></tr>"
-        for a in open_alerts
-    ) or "<tr><td colspan='4' class='muted'>no open alerts</td></tr>"
-    body = (f"<h1>edgekit fleet</h1><p><a href='/drift'>fleet-wide drift</a> · <a href='/rollouts'>rollouts</a></p><p class='muted'>{len(status)} devices, {sum(1 for d in status if d['online'])} online, "
-            f"{sum(1 for d in status if d['drifted'])} drifted</p><table><tr><th>device</th><th>fleet</th><th>state</th><th>model</th><th>windows</th>"
-            f"<th>rows</th><th>drift</th><th>worst feature</th><th>missing</th><th>rejected</th></tr>{rows}</table>"
-            f"<h2>Open alerts</h2><table><tr><th>rule</th><th>device</th><th>subject</th><th>message</th></tr>{alert_rows}</table>")
+    alert_rows = (
+        "".join(
+            f"<tr><td class='bad'>{html.escape(a['rule'])}</td><td>{html.escape(a['device'])}</td><td>{html.escape(a['subject'])}</td><td>{html.escape(a['message'])}</td></tr>"
+            for a in open_alerts
+        )
+        or "<tr><td colspan='4' class='muted'>no open alerts</td></tr>"
+    )
+    body = (
+        f"<h1>edgekit fleet</h1><p><a href='/drift'>fleet-wide drift</a> · <a href='/rollouts'>rollouts</a></p><p class='muted'>{len(status)} devices, {sum(1 for d in status if d['online'])} online, "
+        f"{sum(1 for d in status if d['drifted'])} drifted</p><table><tr><th>device</th><th>fleet</th><th>state</th><th>model</th><th>windows</th>"
+        f"<th>rows</th><th>drift</th><th>worst feature</th><th>missing</th><th>rejected</th></tr>{rows}</table>"
+        f"<h2>Open alerts</h2><table><tr><th>rule</th><th>device</th><th>subject</th><th>message</th></tr>{alert_rows}</table>"
+    )
     return _page("edgekit fleet", body)
 
 
 def render_device(device: str, summaries: list[dict[str, Any]]) -> bytes:
     if not summaries:
-        return _page(device, f"<h1>{html.escape(device)}</h1><p class='muted'>no windows stored yet</p><p><a href='/'>fleet</a></p>")
+        return _page(
+            device,
+            f"<h1>{html.escape(device)}</h1><p class='muted'>no windows stored yet</p><p><a href='/'>fleet</a></p>",
+        )
     summaries.sort(key=lambda s: s["seq"])
     features = list(summaries[-1]["drift"]["features"])
     # the features that ever moved the most, so the plot shows what matters
@@ -236,9 +279,11 @@ def render_device(device: str, summaries: list[dict[str, Any]]) -> bytes:
         f"<tr><td>{html.escape(f)}</td><td>{v['psi']:.4f}</td><td>{v['ks']:.4f}</td><td>{v['js']:.4f}</td><td class='{'bad' if v['drifted'] else 'ok'}'>{'yes' if v['drifted'] else 'no'}</td></tr>"
         for f, v in sorted(latest["drift"]["features"].items(), key=lambda kv: -kv[1]["psi"])[:15]
     )
-    body = (f"<p><a href='/'>fleet</a></p><h1>{html.escape(device)}</h1><p class='muted'>{len(summaries)} windows, model {html.escape(latest['model']['name'])} "
-            f"v{latest['model']['version']}, last window {html.escape(latest['window']['end'])}</p><h2>Drift per feature (PSI) over windows</h2>{chart}"
-            f"<h2>Latest window</h2><table><tr><th>feature</th><th>PSI</th><th>KS</th><th>JS</th><th>drifted</th></tr>{rows}</table>")
+    body = (
+        f"<p><a href='/'>fleet</a></p><h1>{html.escape(device)}</h1><p class='muted'>{len(summaries)} windows, model {html.escape(latest['model']['name'])} "
+        f"v{latest['model']['version']}, last window {html.escape(latest['window']['end'])}</p><h2>Drift per feature (PSI) over windows</h2>{chart}"
+        f"<h2>Latest window</h2><table><tr><th>feature</th><th>PSI</th><th>KS</th><th>JS</th><th>drifted</th></tr>{rows}</table>"
+    )
     return _page(device, body)
 
 
@@ -250,18 +295,25 @@ def drift_chart(summaries: list[dict[str, Any]], features: list[str], width: int
     count = max(1, len(summaries) - 1)
     x = lambda i: pad + plot_w * i / count  # noqa: E731
     y = lambda v: pad + plot_h * (1 - v / top)  # noqa: E731
-    parts = [f"<svg xmlns='http://www.w3.org/2000/svg' width='{width}' height='{height}' role='img' aria-label='drift per feature'>",
-             f"<line x1='{pad}' y1='{pad + plot_h}' x2='{pad + plot_w}' y2='{pad + plot_h}' stroke='#999'/>",
-             f"<line x1='{pad}' y1='{pad}' x2='{pad}' y2='{pad + plot_h}' stroke='#999'/>",
-             f"<text x='{pad - 4}' y='{pad + 4}' font-size='10' text-anchor='end'>{top:.2f}</text>",
-             f"<text x='{pad - 4}' y='{pad + plot_h}' font-size='10' text-anchor='end'>0</text>",
-             f"<text x='{pad + plot_w / 2}' y='{height - 8}' font-size='11' text-anchor='middle'>window (seq {summaries[0]['seq']}…{summaries[-1]['seq']})</text>"]
+    parts = [
+        f"<svg xmlns='http://www.w3.org/2000/svg' width='{width}' height='{height}' role='img' aria-label='drift per feature'>",
+        f"<line x1='{pad}' y1='{pad + plot_h}' x2='{pad + plot_w}' y2='{pad + plot_h}' stroke='#999'/>",
+        f"<line x1='{pad}' y1='{pad}' x2='{pad}' y2='{pad + plot_h}' stroke='#999'/>",
+        f"<text x='{pad - 4}' y='{pad + 4}' font-size='10' text-anchor='end'>{top:.2f}</text>",
+        f"<text x='{pad - 4}' y='{pad + plot_h}' font-size='10' text-anchor='end'>0</text>",
+        f"<text x='{pad + plot_w / 2}' y='{height - 8}' font-size='11' text-anchor='middle'>window (seq {summaries[0]['seq']}…{summaries[-1]['seq']})</text>",
+    ]
     for index, feature in enumerate(features):
         color = PALETTE[index % len(PALETTE)]
-        points = " ".join(f"{x(i):.1f},{y(s['drift']['features'].get(feature, {}).get('psi', 0.0)):.1f}" for i, s in enumerate(summaries))
+        points = " ".join(
+            f"{x(i):.1f},{y(s['drift']['features'].get(feature, {}).get('psi', 0.0)):.1f}"
+            for i, s in enumerate(summaries)
+        )
         parts.append(f"<polyline fill='none' stroke='{color}' stroke-width='2' points='{points}'/>")
         parts.append(f"<rect x='{width - legend + 10}' y='{pad + 16 * index}' width='10' height='10' fill='{color}'/>")
-        parts.append(f"<text x='{width - legend + 26}' y='{pad + 9 + 16 * index}' font-size='11'>{html.escape(feature)}</text>")
+        parts.append(
+            f"<text x='{width - legend + 26}' y='{pad + 9 + 16 * index}' font-size='11'>{html.escape(feature)}</text>"
+        )
     parts.append("</svg>")
     return "".join(parts)
 
@@ -283,10 +335,14 @@ def render_fleet_drift(reports: list[dict[str, Any]], feature: str | None) -> by
             for name, v in sorted(features.items(), key=lambda kv: -kv[1]["psi"])[:12]
         )
         chart = distribution_chart(chosen, report["feature_distributions"][chosen]) if chosen else ""
-        sections.append(f"<h2>{title}</h2><p>merged verdict: <b class='{'bad' if report['drift']['drifted'] else 'ok'}'>"
-                        f"{'drifted' if report['drift']['drifted'] else 'no drift'}</b></p>{chart}"
-                        f"<table><tr><th>feature</th><th>PSI</th><th>KS</th><th>JS</th><th>drifted</th></tr>{rows}</table>")
-    body = "<p><a href='/'>fleet</a></p><h1>Fleet-wide drift</h1>" + ("".join(sections) or "<p class='muted'>no windows stored yet</p>")
+        sections.append(
+            f"<h2>{title}</h2><p>merged verdict: <b class='{'bad' if report['drift']['drifted'] else 'ok'}'>"
+            f"{'drifted' if report['drift']['drifted'] else 'no drift'}</b></p>{chart}"
+            f"<table><tr><th>feature</th><th>PSI</th><th>KS</th><th>JS</th><th>drifted</th></tr>{rows}</table>"
+        )
+    body = "<p><a href='/'>fleet</a></p><h1>Fleet-wide drift</h1>" + (
+        "".join(sections) or "<p class='muted'>no windows stored yet</p>"
+    )
     return _page("fleet drift", body)
 
 
@@ -297,14 +353,20 @@ def distribution_chart(feature: str, counts: dict[str, list[int]], width: int = 
     top = max(max(s) for s in shares) or 1.0
     pad, bins = 36, len(baseline)
     slot = (width - 2 * pad) / bins
-    parts = [f"<svg xmlns='http://www.w3.org/2000/svg' width='{width}' height='{height}' role='img' aria-label='distribution of {html.escape(feature)}'>",
-             f"<text x='{pad}' y='16' font-size='12'>{html.escape(feature)}: share of rows per bin (grey: baseline, blue: fleet)</text>",
-             f"<line x1='{pad}' y1='{height - pad}' x2='{width - pad}' y2='{height - pad}' stroke='#999'/>"]
+    parts = [
+        f"<svg xmlns='http://www.w3.org/2000/svg' width='{width}' height='{height}' role='img' aria-label='distribution of {html.escape(feature)}'>",
+        f"<text x='{pad}' y='16' font-size='12'>{html.escape(feature)}: share of rows per bin (grey: baseline, blue: fleet)</text>",
+        f"<line x1='{pad}' y1='{height - pad}' x2='{width - pad}' y2='{height - pad}' stroke='#999'/>",
+    ]
     for index in range(bins):
         for series, (color, offset) in enumerate((("#bbbbbb", 0.1), ("#1f77b4", 0.5))):
             value = shares[series][index]
             bar = (height - 2 * pad - 10) * value / top
-            parts.append(f"<rect x='{pad + slot * (index + offset):.1f}' y='{height - pad - bar:.1f}' width='{slot * 0.38:.1f}' height='{bar:.1f}' fill='{color}'/>")
+            parts.append(
+                f"<rect x='{pad + slot * (index + offset):.1f}' y='{height - pad - bar:.1f}' width='{slot * 0.38:.1f}' height='{bar:.1f}' fill='{color}'/>"
+            )
     parts.append(f"<text x='{pad}' y='{height - 12}' font-size='10'>below baseline min</text>")
-    parts.append(f"<text x='{width - pad}' y='{height - 12}' font-size='10' text-anchor='end'>above baseline max</text></svg>")
+    parts.append(
+        f"<text x='{width - pad}' y='{height - 12}' font-size='10' text-anchor='end'>above baseline max</text></svg>"
+    )
     return "".join(parts)

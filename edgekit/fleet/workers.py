@@ -28,8 +28,8 @@ import threading
 import time
 from typing import Any
 
-from edgekit.processes import stop_processes
 from edgekit.fleet.collector import Collector, CollectorConfig
+from edgekit.processes import stop_processes
 
 log = logging.getLogger("edgekit.fleet")
 NOT_APPLICABLE = 3  # the broker has no shared subscriptions: the worker would store every summary twice
@@ -52,17 +52,23 @@ class IngestWorkers:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._supervise, name="edgekit-collector-workers", daemon=True)
 
-    def start(self) -> "IngestWorkers":
+    def start(self) -> IngestWorkers:
         for index in range(len(self.configs)):
             self._spawn(index)
         self._thread.start()
         return self
 
     def _spawn(self, index: int) -> None:
-        document = {k: sorted(v) if isinstance(v, frozenset) else v for k, v in dataclasses.asdict(self.configs[index]).items()}
-        process = subprocess.Popen([sys.executable, "-m", "edgekit.fleet.workers", str(os.getpid())], stdin=subprocess.PIPE)
+        document = {
+            k: sorted(v) if isinstance(v, frozenset) else v for k, v in dataclasses.asdict(self.configs[index]).items()
+        }
+        process = subprocess.Popen(
+            [sys.executable, "-m", "edgekit.fleet.workers", str(os.getpid())], stdin=subprocess.PIPE
+        )
         try:
-            process.stdin.write(json.dumps(document).encode())  # on stdin, not argv: the config may hold the broker password
+            process.stdin.write(
+                json.dumps(document).encode()
+            )  # on stdin, not argv: the config may hold the broker password
             process.stdin.close()
         except BrokenPipeError:  # it died at once; the supervisor sees the exit and tries again
             pass
@@ -77,12 +83,20 @@ class IngestWorkers:
                 if code is None or self._stop.is_set():
                     continue
                 if code == NOT_APPLICABLE:
-                    log.warning("ingest worker %s stopped: the broker cannot split summaries between processes", self.configs[index].client_id)
+                    log.warning(
+                        "ingest worker %s stopped: the broker cannot split summaries between processes",
+                        self.configs[index].client_id,
+                    )
                     del self.processes[index]
                     continue
                 if time.monotonic() - self.started_at[index] > STABLE_SECONDS:
                     delays[index] = 1.0  # it had been running fine: this is a new failure, not a crash loop
-                log.warning("ingest worker %s exited with %s; restarting it in %.0f s", self.configs[index].client_id, code, delays[index])
+                log.warning(
+                    "ingest worker %s exited with %s; restarting it in %.0f s",
+                    self.configs[index].client_id,
+                    code,
+                    delays[index],
+                )
                 if self._stop.wait(delays[index]):
                     return
                 delays[index] = min(delays[index] * 2, RESTART_DELAY_MAX)
@@ -107,7 +121,9 @@ def main(argv: list[str]) -> int:
     if document.get("allowed_devices") is not None:
         document["allowed_devices"] = frozenset(document["allowed_devices"])
     config = CollectorConfig(**document)
-    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s %(name)s[{config.client_id}] %(levelname)s %(message)s")
+    logging.basicConfig(
+        level=logging.INFO, format=f"%(asctime)s %(name)s[{config.client_id}] %(levelname)s %(message)s"
+    )
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())

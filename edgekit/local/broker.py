@@ -74,14 +74,19 @@ def start_local_broker(directory: str | Path, *, prefer: str = "mosquitto") -> L
     mosquitto = shutil.which("mosquitto") or ("/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None)
     if mosquitto and prefer == "mosquitto":
         config = directory / "mosquitto.conf"
-        config.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nlog_dest file {directory / 'mosquitto.log'}\n")
+        config.write_text(
+            f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nlog_dest file {directory / 'mosquitto.log'}\n"
+        )
         give_to_broker_user(directory)
         command, kind = [mosquitto, "-c", str(config)], "mosquitto"
     else:
         try:
             import amqtt  # noqa: F401
         except ImportError:
-            raise EdgekitError("no MQTT broker: mosquitto is not installed and neither is amqtt", "apt-get install mosquitto, or pip install amqtt") from None
+            raise EdgekitError(
+                "no MQTT broker: mosquitto is not installed and neither is amqtt",
+                "apt-get install mosquitto, or pip install amqtt",
+            ) from None
         command, kind = [sys.executable, "-m", "edgekit.local.embedded_broker", str(port)], "amqtt (embedded)"
     with open(directory / "broker.log", "ab") as log:
         process = subprocess.Popen(command, stdout=log, stderr=log)

@@ -14,20 +14,19 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from device_agent.bundle import read_bundle
 from device_agent.signing import load_public_key
-
+from edgekit.build.convert import QuantizeOptions, convert_model
+from edgekit.build.validate import Thresholds, validate
+from edgekit.bundle.keys import generate_keypair
+from edgekit.bundle.package import build_bundle
 from edgekit.local.broker import start_local_broker
 from edgekit.local.emulate import DriftSpec, EmulatedFleet, interrupted, prepare_devices
 from edgekit.local.fixtures import fixtures_usable, make_fixtures
-from edgekit.bundle.keys import generate_keypair
-from edgekit.bundle.package import build_bundle
-from edgekit.build.convert import QuantizeOptions, convert_model
-from edgekit.build.validate import Thresholds, validate
 
 Say = Callable[[str], None]
 DRIFT = DriftSpec(feature="pixel_2_4", shift=8.0, after=600, devices=frozenset({0}))
@@ -43,14 +42,32 @@ class DemoResult:
     rollout: dict | None = None
 
 
-def run_demo(workdir: str | Path, *, fixtures: str | Path | None = None, devices: int = 4, duration: float = 60.0, broker: str = "auto",
-             keep_serving: bool = False, say: Say = print) -> DemoResult:
+def run_demo(
+    workdir: str | Path,
+    *,
+    fixtures: str | Path | None = None,
+    devices: int = 4,
+    duration: float = 60.0,
+    broker: str = "auto",
+    keep_serving: bool = False,
+    say: Say = print,
+) -> DemoResult:
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     bundles, public, test_data, passed = _host_pipeline(workdir, fixtures, say)
     if devices <= 0:
         return DemoResult(workdir, bundles[0], passed, [], [])
-    status, alerts, rollout = _fleet(workdir, bundles, public, test_data, devices=devices, duration=duration, broker=broker, keep_serving=keep_serving, say=say)
+    status, alerts, rollout = _fleet(
+        workdir,
+        bundles,
+        public,
+        test_data,
+        devices=devices,
+        duration=duration,
+        broker=broker,
+        keep_serving=keep_serving,
+        say=say,
+    )
     return DemoResult(workdir, bundles[0], passed, status, alerts, rollout)
 
 
@@ -64,28 +81,60 @@ def _host_pipeline(workdir: Path, fixtures: str | Path | None, say: Say) -> tupl
     model, train, test = data_dir / "digits.joblib", data_dir / "digits_train.npz", data_dir / "digits_test.npz"
     fp32, int8 = workdir / "digits.onnx", workdir / "digits.int8.onnx"
     convert_model(str(model), str(fp32), names_from=str(train))
-    outcome = convert_model(str(model), str(int8), quantize=QuantizeOptions(max_accuracy_drop=0.01), calibration=str(train), evaluation=str(test))
+    outcome = convert_model(
+        str(model),
+        str(int8),
+        quantize=QuantizeOptions(max_accuracy_drop=0.01),
+        calibration=str(train),
+        evaluation=str(test),
+    )
     say(f"[2/8] converted {model.name} to ONNX ({fp32.stat().st_size:,} bytes); int8 search: {outcome.search.verdict}")
-    report = validate(str(int8), reference_path=str(model), data_path=str(test), thresholds=Thresholds(max_accuracy_drop=0.01, min_agreement=0.99))
+    report = validate(
+        str(int8),
+        reference_path=str(model),
+        data_path=str(test),
+        thresholds=Thresholds(max_accuracy_drop=0.01, min_agreement=0.99),
+    )
     report_path = workdir / "validation.json"
     report_path.write_text(json.dumps(report, indent=1, default=str))
-    say(f"[3/8] validated against scikit-learn on {report['rows']} held-out rows: accuracy {report['reference']['metric']:.4f} -> "
-        f"{report['candidate']['metric']:.4f}, agreement {report['agreement']:.4f}, {'PASSED' if report['passed'] else 'FAILED'}")
+    say(
+        f"[3/8] validated against scikit-learn on {report['rows']} held-out rows: accuracy {report['reference']['metric']:.4f} -> "
+        f"{report['candidate']['metric']:.4f}, agreement {report['agreement']:.4f}, {'PASSED' if report['passed'] else 'FAILED'}"
+    )
     private, public, key_id = generate_keypair(workdir / "keys", force=True)
     bundles = []
     for version, source in ((1, int8), (2, fp32)):
         bundle = workdir / f"digits-{version}.edgebundle"
-        build_bundle(str(source), name="digits", version=version, baseline_path=str(train), key_path=str(private), output=str(bundle),
-                     report_path=str(report_path) if source == int8 else None)
+        build_bundle(
+            str(source),
+            name="digits",
+            version=version,
+            baseline_path=str(train),
+            key_path=str(private),
+            output=str(bundle),
+            report_path=str(report_path) if source == int8 else None,
+        )
         bundles.append(bundle)
     opened = read_bundle(bundles[0], load_public_key(public))
-    say(f"[4/8] packaged and signed digits v1 ({bundles[0].stat().st_size:,} B) and v2 ({bundles[1].stat().st_size:,} B) with key {key_id}; v1 verified as a device would: "
-        f"{len(opened.members)} members match their sha256")
+    say(
+        f"[4/8] packaged and signed digits v1 ({bundles[0].stat().st_size:,} B) and v2 ({bundles[1].stat().st_size:,} B) with key {key_id}; v1 verified as a device would: "
+        f"{len(opened.members)} members match their sha256"
+    )
     return bundles, public, test, bool(report["passed"])
 
 
-def _fleet(workdir: Path, bundles: list[Path], public: Path, test_data: Path, *, devices: int, duration: float, broker: str, keep_serving: bool,
-           say: Say) -> tuple[list[dict], list[dict], dict | None]:
+def _fleet(
+    workdir: Path,
+    bundles: list[Path],
+    public: Path,
+    test_data: Path,
+    *,
+    devices: int,
+    duration: float,
+    broker: str,
+    keep_serving: bool,
+    say: Say,
+) -> tuple[list[dict], list[dict], dict | None]:
     from edgekit.fleet.alerts import AlertEngine, AlertRules, AlertSinks
     from edgekit.fleet.collector import Collector, CollectorConfig
 
@@ -93,16 +142,39 @@ def _fleet(workdir: Path, bundles: list[Path], public: Path, test_data: Path, *,
     collector = fleet = None
     try:
         say(f"[5/8] broker: {local.kind} at {local.url}")
-        collector = Collector(CollectorConfig(broker=local.url, db=str(workdir / "fleet.db"), http="127.0.0.1:0", client_id=f"edgekit-demo-{local.port}",
-                                              trust=str(public)))
-        collector.alerts = AlertEngine(collector.store, AlertRules(drift_windows=2, offline_seconds=3600), AlertSinks(log=False))
+        collector = Collector(
+            CollectorConfig(
+                broker=local.url,
+                db=str(workdir / "fleet.db"),
+                http="127.0.0.1:0",
+                client_id=f"edgekit-demo-{local.port}",
+                trust=str(public),
+            )
+        )
+        collector.alerts = AlertEngine(
+            collector.store, AlertRules(drift_windows=2, offline_seconds=3600), AlertSinks(log=False)
+        )
         collector.start()
         dashboard = f"http://127.0.0.1:{collector.server.server_address[1]}/"
-        configs = prepare_devices(devices=devices, bundle=str(bundles[0]), pubkey=str(public), broker=local.url, data=str(test_data), fleet="demo",
-                                  window_rows=200, window_seconds=10, rows_per_second=200, drift=DRIFT, state_dir=str(workdir / "fleet"), http_port_base=None)
+        configs = prepare_devices(
+            devices=devices,
+            bundle=str(bundles[0]),
+            pubkey=str(public),
+            broker=local.url,
+            data=str(test_data),
+            fleet="demo",
+            window_rows=200,
+            window_seconds=10,
+            rows_per_second=200,
+            drift=DRIFT,
+            state_dir=str(workdir / "fleet"),
+            http_port_base=None,
+        )
         fleet = EmulatedFleet(configs, say=lambda _: None).start()
-        say(f"[6/8] collector and dashboard at {dashboard}; {devices} emulated devices scoring 200 rows/s each, {DRIFT.feature} shifted by "
-            f"{DRIFT.shift:g} on emu-00 after {DRIFT.after} rows; running {duration:.0f} s (Ctrl-C stops early)")
+        say(
+            f"[6/8] collector and dashboard at {dashboard}; {devices} emulated devices scoring 200 rows/s each, {DRIFT.feature} shifted by "
+            f"{DRIFT.shift:g} on emu-00 after {DRIFT.after} rows; running {duration:.0f} s (Ctrl-C stops early)"
+        )
         with interrupted() as stop:
             rollout = _run_fleet(collector, fleet, bundles[1], devices=devices, duration=duration, stop=stop, say=say)
             fleet.stop()
@@ -115,14 +187,40 @@ def _fleet(workdir: Path, bundles: list[Path], public: Path, test_data: Path, *,
             say("[8/8] final fleet status: (the emulated devices were stopped first, so their last windows are in)")
             from edgekit.text import table
 
-            say(table([[d["device"], "online" if d["online"] else "stopped", f"{d['model']} v{d['model_version']}", d["windows"], d["rows"],
-                        "DRIFTED" if d["drifted"] else "no", d["worst_feature"] or "-", d["missing_seqs"]] for d in status],
-                      ["device", "state", "model", "windows", "rows", "drift", "worst feature", "missing"]))
-            say("open alerts: " + ("; ".join(f"{a['rule']} {a['device']} {a['subject']}: {a['message']}" for a in alerts) or "none"))
+            say(
+                table(
+                    [
+                        [
+                            d["device"],
+                            "online" if d["online"] else "stopped",
+                            f"{d['model']} v{d['model_version']}",
+                            d["windows"],
+                            d["rows"],
+                            "DRIFTED" if d["drifted"] else "no",
+                            d["worst_feature"] or "-",
+                            d["missing_seqs"],
+                        ]
+                        for d in status
+                    ],
+                    ["device", "state", "model", "windows", "rows", "drift", "worst feature", "missing"],
+                )
+            )
+            say(
+                "open alerts: "
+                + ("; ".join(f"{a['rule']} {a['device']} {a['subject']}: {a['message']}" for a in alerts) or "none")
+            )
             if rollout is not None:
-                say(f"rollout {rollout['id']}: {rollout['state']} ({rollout['reason']}); see {dashboard}rollouts/{rollout['id']}")
-            say(f"dashboard: {dashboard} (fleet table, per-device drift, fleet-wide drift at {dashboard}drift, rollouts at {dashboard}rollouts); "
-                + ("it stays up until Ctrl-C" if keep_serving else "it closes with the demo: pass --keep-serving to browse it afterwards"))
+                say(
+                    f"rollout {rollout['id']}: {rollout['state']} ({rollout['reason']}); see {dashboard}rollouts/{rollout['id']}"
+                )
+            say(
+                f"dashboard: {dashboard} (fleet table, per-device drift, fleet-wide drift at {dashboard}drift, rollouts at {dashboard}rollouts); "
+                + (
+                    "it stays up until Ctrl-C"
+                    if keep_serving
+                    else "it closes with the demo: pass --keep-serving to browse it afterwards"
+                )
+            )
             if keep_serving:
                 say("serving the dashboard until Ctrl-C")
                 stop.wait()
@@ -135,7 +233,12 @@ def _fleet(workdir: Path, bundles: list[Path], public: Path, test_data: Path, *,
         local.stop()
 
 
-ROLLOUT_SETTINGS = {"waves": "50%,100%", "shadow_rows": 200, "health_seconds": 3, "abort_on": "failed>20%,agreement<0.95"}
+ROLLOUT_SETTINGS = {
+    "waves": "50%,100%",
+    "shadow_rows": 200,
+    "health_seconds": 3,
+    "abort_on": "failed>20%,agreement<0.95",
+}
 ROLLOUT_GRACE = 90.0  # the demo waits this long past --duration for a rollout under way to finish
 
 
@@ -148,22 +251,40 @@ def _run_fleet(collector, fleet, bundle_v2: Path, *, devices: int, duration: flo
     while not stop.is_set():
         now = time.monotonic()
         rollout = collector.rollouts.status(rollout_id) if rollout_id else None
-        if now >= deadline and (rollout is None or rollout["state"] not in ("running", "paused") or now >= deadline + ROLLOUT_GRACE):
+        if now >= deadline and (
+            rollout is None or rollout["state"] not in ("running", "paused") or now >= deadline + ROLLOUT_GRACE
+        ):
             return rollout
         fleet.check()
         stop.wait(0.5)
-        if rollout_id is None and now - started >= duration / 3 and all(d["online"] for d in collector.store.status()) and len(collector.store.status()) == devices:
+        if (
+            rollout_id is None
+            and now - started >= duration / 3
+            and all(d["online"] for d in collector.store.status())
+            and len(collector.store.status()) == devices
+        ):
             uploaded = collector.rollouts.add_bundle(bundle_v2.read_bytes())
-            rollout_id = start_from_request(collector.rollouts, {"sha256": uploaded["sha256"], "fleet": "demo", **ROLLOUT_SETTINGS})
-            say(f"[7/8] rolling out digits v2 ({rollout_id}): waves {ROLLOUT_SETTINGS['waves']}, each device scores {ROLLOUT_SETTINGS['shadow_rows']} "
-                f"live rows with v2 beside v1 before swapping, then watches its health for {ROLLOUT_SETTINGS['health_seconds']} s")
+            rollout_id = start_from_request(
+                collector.rollouts, {"sha256": uploaded["sha256"], "fleet": "demo", **ROLLOUT_SETTINGS}
+            )
+            say(
+                f"[7/8] rolling out digits v2 ({rollout_id}): waves {ROLLOUT_SETTINGS['waves']}, each device scores {ROLLOUT_SETTINGS['shadow_rows']} "
+                f"live rows with v2 beside v1 before swapping, then watches its health for {ROLLOUT_SETTINGS['health_seconds']} s"
+            )
         if rollout is not None:
             line = f"      rollout: {rollout['state']}, wave {rollout['wave']}/{len(rollout['waves'])}: " + ", ".join(
-                f"{d['device']} {d['state']}" for d in rollout["devices"])
+                f"{d['device']} {d['state']}" for d in rollout["devices"]
+            )
             if line != last_line:
                 say(line)
                 last_line = line
         if time.monotonic() >= next_line:
             next_line += 5
-            say("      " + "  ".join(f"{d['device']}: v{d['model_version']} {d['windows']} windows{' DRIFTED' if d['drifted'] else ''}" for d in collector.store.status()))
+            say(
+                "      "
+                + "  ".join(
+                    f"{d['device']}: v{d['model_version']} {d['windows']} windows{' DRIFTED' if d['drifted'] else ''}"
+                    for d in collector.store.status()
+                )
+            )
     return collector.rollouts.status(rollout_id) if rollout_id else None

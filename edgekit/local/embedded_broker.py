@@ -8,8 +8,10 @@ import sys
 async def _serve(port: int) -> None:
     from amqtt.broker import Broker
 
-    config = {"listeners": {"default": {"type": "tcp", "bind": f"127.0.0.1:{port}"}},
-              "plugins": {"amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}}}
+    config = {
+        "listeners": {"default": {"type": "tcp", "bind": f"127.0.0.1:{port}"}},
+        "plugins": {"amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}},
+    }
     broker = Broker(config)
     await broker.start()
     await asyncio.Event().wait()

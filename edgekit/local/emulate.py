@@ -22,7 +22,6 @@ from device_agent.bundle import read_bundle
 from device_agent.errors import InstallError
 from device_agent.signing import load_public_key
 from device_agent.state import StateDir
-
 from edgekit.errors import EdgekitError
 from edgekit.processes import stop_processes
 
@@ -41,11 +40,22 @@ class DriftSpec:
         fields = dict(part.split("=", 1) for part in text.split(",") if "=" in part)
         unknown = set(fields) - {"feature", "shift", "after", "devices"}
         if "feature" not in fields or "shift" not in fields or unknown:
-            raise EdgekitError(f"drift spec {text!r} is not understood", "write it as feature=NAME,shift=NUMBER[,after=ROWS][,devices=0-1]")
+            raise EdgekitError(
+                f"drift spec {text!r} is not understood",
+                "write it as feature=NAME,shift=NUMBER[,after=ROWS][,devices=0-1]",
+            )
         try:
-            return cls(fields["feature"], float(fields["shift"]), int(fields.get("after", 0)), _device_set(fields.get("devices", "0")))
+            return cls(
+                fields["feature"],
+                float(fields["shift"]),
+                int(fields.get("after", 0)),
+                _device_set(fields.get("devices", "0")),
+            )
         except ValueError:
-            raise EdgekitError(f"drift spec {text!r} has a value that is not a number", "e.g. feature=f20,shift=8,after=500,devices=0-1") from None
+            raise EdgekitError(
+                f"drift spec {text!r} has a value that is not a number",
+                "e.g. feature=f20,shift=8,after=500,devices=0-1",
+            ) from None
 
 
 def _device_set(text: str) -> frozenset[int]:
@@ -60,15 +70,31 @@ def _device_set(text: str) -> frozenset[int]:
     return frozenset(indices)
 
 
-def prepare_devices(*, devices: int, bundle: str, pubkey: str, broker: str | None, data: str, fleet: str, window_rows: int,
-                    window_seconds: float, rows_per_second: float, drift: DriftSpec | None, state_dir: str, http_port_base: int | None) -> list[Path]:
+def prepare_devices(
+    *,
+    devices: int,
+    bundle: str,
+    pubkey: str,
+    broker: str | None,
+    data: str,
+    fleet: str,
+    window_rows: int,
+    window_seconds: float,
+    rows_per_second: float,
+    drift: DriftSpec | None,
+    state_dir: str,
+    http_port_base: int | None,
+) -> list[Path]:
     """Write each device's directory (agent.toml, trusted key, installed bundle); return the config paths."""
     if broker:
         from edgekit.fleet.collector import parse_broker_url
 
         parse_broker_url(broker)
     if drift and max(drift.devices, default=0) >= devices:
-        raise EdgekitError(f"drift is asked for devices {sorted(drift.devices)} but only {devices} run (0-{devices - 1})", "fix devices= in --drift")
+        raise EdgekitError(
+            f"drift is asked for devices {sorted(drift.devices)} but only {devices} run (0-{devices - 1})",
+            "fix devices= in --drift",
+        )
     key = load_public_key(pubkey)
     opened = read_bundle(bundle, key)
     feature = _resolve_feature(drift.feature, opened.input_schema.feature_names) if drift else None
@@ -85,12 +111,26 @@ def prepare_devices(*, devices: int, bundle: str, pubkey: str, broker: str | Non
         except InstallError:
             if state.state().get("version") != opened.version:
                 raise  # a newer model is installed there: do not silently run something else
-        lines = [f'device_id = "{device_id}"', f'fleet = "{fleet}"', 'state_dir = "state"', "[trust]", 'public_key = "trusted.pub"',
-                 "[monitor]", f"window_rows = {window_rows}", f"window_seconds = {window_seconds}", "[server]",
-                 f'listen = "127.0.0.1:{http_port_base + index}"' if http_port_base else 'listen = "127.0.0.1:0"']
+        lines = [
+            f'device_id = "{device_id}"',
+            f'fleet = "{fleet}"',
+            'state_dir = "state"',
+            "[trust]",
+            'public_key = "trusted.pub"',
+            "[monitor]",
+            f"window_rows = {window_rows}",
+            f"window_seconds = {window_seconds}",
+            "[server]",
+            f'listen = "127.0.0.1:{http_port_base + index}"' if http_port_base else 'listen = "127.0.0.1:0"',
+        ]
         if broker:
             lines += ["[mqtt]", f'url = "{broker}"']
-        lines += ["[emulate]", f'data = "{Path(data).resolve()}"', f"rows_per_second = {rows_per_second}", f"seed = {index}"]
+        lines += [
+            "[emulate]",
+            f'data = "{Path(data).resolve()}"',
+            f"rows_per_second = {rows_per_second}",
+            f"seed = {index}",
+        ]
         if drift and index in drift.devices:
             lines += [f'drift_feature = "{feature}"', f"drift_shift = {drift.shift}", f"drift_after = {drift.after}"]
         config = directory / "agent.toml"
@@ -105,7 +145,10 @@ def _resolve_feature(name: str, feature_names: tuple[str, ...]) -> str:
         return name
     if name.startswith("f") and name[1:].isdigit() and int(name[1:]) < len(feature_names):
         return feature_names[int(name[1:])]
-    raise EdgekitError(f"the model has no feature {name!r}", f"use a name ({', '.join(feature_names[:4])}, …) or f0…f{len(feature_names) - 1}")
+    raise EdgekitError(
+        f"the model has no feature {name!r}",
+        f"use a name ({', '.join(feature_names[:4])}, …) or f0…f{len(feature_names) - 1}",
+    )
 
 
 class EmulatedFleet:
@@ -115,10 +158,14 @@ class EmulatedFleet:
         self.configs, self.say = configs, say
         self.processes: list[subprocess.Popen] = []
 
-    def start(self) -> "EmulatedFleet":
+    def start(self) -> EmulatedFleet:
         for config in self.configs:
             with open(config.parent / "agent.log", "ab") as log:
-                self.processes.append(subprocess.Popen([sys.executable, "-m", "device_agent", "run", "--config", str(config)], stdout=log, stderr=log))
+                self.processes.append(
+                    subprocess.Popen(
+                        [sys.executable, "-m", "device_agent", "run", "--config", str(config)], stdout=log, stderr=log
+                    )
+                )
             self.say(f"started {config.parent.name} (pid {self.processes[-1].pid}, log {config.parent / 'agent.log'})")
         return self
 
@@ -127,7 +174,10 @@ class EmulatedFleet:
         for config, process in zip(self.configs, self.processes):
             if process.poll() is not None:
                 tail = (config.parent / "agent.log").read_text().strip().splitlines()[-1:] or ["(no output)"]
-                raise EdgekitError(f"emulated device {config.parent.name} exited with code {process.returncode}: {tail[0]}", f"see {config.parent / 'agent.log'}")
+                raise EdgekitError(
+                    f"emulated device {config.parent.name} exited with code {process.returncode}: {tail[0]}",
+                    f"see {config.parent / 'agent.log'}",
+                )
 
     def stop(self) -> None:
         stop_processes(self.processes, timeout=15)

@@ -28,7 +28,10 @@ def _datasets() -> dict[str, Any]:
     from sklearn.datasets import load_breast_cancer, load_digits
 
     digits, cancer = load_digits(), load_breast_cancer()
-    return {"digits": (digits.data, digits.target, list(digits.feature_names)), "cancer": (cancer.data, cancer.target, [n.replace(" ", "_") for n in cancer.feature_names])}
+    return {
+        "digits": (digits.data, digits.target, list(digits.feature_names)),
+        "cancer": (cancer.data, cancer.target, [n.replace(" ", "_") for n in cancer.feature_names]),
+    }
 
 
 def _estimator(name: str):
@@ -41,7 +44,10 @@ def _estimator(name: str):
         return make_pipeline(StandardScaler(), MLPClassifier(hidden_layer_sizes=(64,), max_iter=400, random_state=SEED))
     if name == "cancer":
         return make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000))
-    return make_pipeline(StandardScaler(), MLPClassifier(hidden_layer_sizes=(1024, 1024, 512), max_iter=60, alpha=1e-3, random_state=SEED))
+    return make_pipeline(
+        StandardScaler(),
+        MLPClassifier(hidden_layer_sizes=(1024, 1024, 512), max_iter=60, alpha=1e-3, random_state=SEED),
+    )
 
 
 def make_fixtures(directory: str | Path, names: tuple[str, ...] = FIXTURES) -> dict[str, dict[str, str]]:
@@ -58,8 +64,13 @@ def make_fixtures(directory: str | Path, names: tuple[str, ...] = FIXTURES) -> d
     written: dict[str, dict[str, str]] = {}
     for name in names:
         X, y, feature_names = datasets["cancer" if name == "cancer" else "digits"]
-        X_train, X_test, y_train, y_test = train_test_split(X.astype(np.float32), y, test_size=0.33, random_state=SEED, stratify=y)
-        with warnings.catch_warnings(), threadpool_limits(limits=1):  # one BLAS thread: same weights on every machine we can control
+        X_train, X_test, y_train, y_test = train_test_split(
+            X.astype(np.float32), y, test_size=0.33, random_state=SEED, stratify=y
+        )
+        with (
+            warnings.catch_warnings(),
+            threadpool_limits(limits=1),
+        ):  # one BLAS thread: same weights on every machine we can control
             warnings.simplefilter("ignore", ConvergenceWarning)
             model = _estimator(name).fit(X_train, y_train)
         paths = {
@@ -88,7 +99,9 @@ def _write_manifest(directory: Path, written: dict[str, dict[str, str]]) -> None
 
     path = directory / "fixtures.json"
     existing = json.loads(path.read_text()) if path.exists() else {}
-    existing.setdefault("fixtures", {}).update({name: sorted(Path(p).name for p in paths.values()) for name, paths in written.items()})
+    existing.setdefault("fixtures", {}).update(
+        {name: sorted(Path(p).name for p in paths.values()) for name, paths in written.items()}
+    )
     existing["scikit_learn"] = sklearn.__version__
     path.write_text(json.dumps(existing, indent=1, sort_keys=True) + "\n")
 
@@ -101,6 +114,8 @@ def fixtures_usable(directory: str | Path, names: tuple[str, ...] = FIXTURES) ->
     if not path.exists():
         return False
     manifest = json.loads(path.read_text())
-    return manifest.get("scikit_learn") == sklearn.__version__ and all(n in manifest.get("fixtures", {}) for n in names) and all(
-        (Path(directory) / f).exists() for n in names for f in manifest["fixtures"][n]
+    return (
+        manifest.get("scikit_learn") == sklearn.__version__
+        and all(n in manifest.get("fixtures", {}) for n in names)
+        and all((Path(directory) / f).exists() for n in names for f in manifest["fixtures"][n])
     )

@@ -27,14 +27,13 @@ import subprocess
 import sys
 import tempfile
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 from urllib.parse import urlparse
 
 from device_agent.bundle import read_bundle
 from device_agent.signing import load_public_key
-
 from edgekit.errors import EdgekitError
 
 UNIT = """[Unit]
@@ -93,9 +92,20 @@ class Flasher:
         ssh = plan.target.startswith("ssh://")
         chroot = self._chroot()
         if not ssh and chroot is None and not plan.target.startswith("dir:"):
-            raise FlashError(f"target {plan.target!r} is not ssh://user@host, dir:/path or chroot:/rootfs", "e.g. --target ssh://pi@raspberrypi.local or --target dir:/tmp/dev1")
-        root = self._remote_root() if ssh else "/opt/edgekit" if chroot else str(Path(plan.target[4:]).expanduser().resolve())
-        self.say(f"flashing {opened.name} v{opened.version} onto {plan.target} as {plan.fleet}/{plan.device_id} (root {root})")
+            raise FlashError(
+                f"target {plan.target!r} is not ssh://user@host, dir:/path or chroot:/rootfs",
+                "e.g. --target ssh://pi@raspberrypi.local or --target dir:/tmp/dev1",
+            )
+        root = (
+            self._remote_root()
+            if ssh
+            else "/opt/edgekit"
+            if chroot
+            else str(Path(plan.target[4:]).expanduser().resolve())
+        )
+        self.say(
+            f"flashing {opened.name} v{opened.version} onto {plan.target} as {plan.fleet}/{plan.device_id} (root {root})"
+        )
         extras = "agent,tflite" if opened.model_format == "tflite" else "agent"  # the runtime the bundle needs
         with tempfile.TemporaryDirectory(prefix="edgekit-flash-") as staging:
             files = self._stage(Path(staging), root)
@@ -111,12 +121,14 @@ class Flasher:
     def _check_arguments(self) -> None:
         """Everything the device would refuse later, refused now, before a venv is built."""
         from device_agent.config import ID_PATTERN
-
         from edgekit.fleet.collector import parse_broker_url
 
         for label, value in (("--device-id", self.plan.device_id), ("--fleet", self.plan.fleet)):
             if not ID_PATTERN.match(value):
-                raise FlashError(f"{label} {value!r} is not allowed", "use letters, digits, '.', '_' or '-' (it becomes an MQTT topic level)")
+                raise FlashError(
+                    f"{label} {value!r} is not allowed",
+                    "use letters, digits, '.', '_' or '-' (it becomes an MQTT topic level)",
+                )
         parse_broker_url(self.plan.broker)
         host, _, port = self.plan.listen.rpartition(":")
         if not port.isdigit() or not 0 <= int(port) <= 65535:
@@ -131,9 +143,25 @@ class Flasher:
             (staging / "mqtt.password").write_text(password + "\n")
             files["etc/mqtt.password"] = staging / "mqtt.password"
             mqtt += [f'username = "{plan.device_id}"', f'password_file = "{root}/etc/mqtt.password"']
-        config = "\n".join([f'device_id = "{plan.device_id}"', f'fleet = "{plan.fleet}"', f'state_dir = "{root}/state"', "[trust]",
-                            f'public_key = "{root}/etc/trusted.pub"', "[mqtt]", *mqtt, "[server]", f'listen = "{plan.listen}"', "[monitor]",
-                            f"window_rows = {plan.window_rows}", f"window_seconds = {plan.window_seconds}"]) + "\n"
+        config = (
+            "\n".join(
+                [
+                    f'device_id = "{plan.device_id}"',
+                    f'fleet = "{plan.fleet}"',
+                    f'state_dir = "{root}/state"',
+                    "[trust]",
+                    f'public_key = "{root}/etc/trusted.pub"',
+                    "[mqtt]",
+                    *mqtt,
+                    "[server]",
+                    f'listen = "{plan.listen}"',
+                    "[monitor]",
+                    f"window_rows = {plan.window_rows}",
+                    f"window_seconds = {plan.window_seconds}",
+                ]
+            )
+            + "\n"
+        )
         (staging / "agent.toml").write_text(config)
         files["etc/agent.toml"] = staging / "agent.toml"
         if self.dry_run:
@@ -155,7 +183,10 @@ class Flasher:
             return None
         path = Path(self.plan.credentials) / f"{self.plan.device_id}.password"
         if not path.exists():
-            raise FlashError(f"no credentials for {self.plan.device_id} in {self.plan.credentials}", f"run 'edgekit fleet provision --devices {self.plan.device_id} --out ...' first")
+            raise FlashError(
+                f"no credentials for {self.plan.device_id} in {self.plan.credentials}",
+                f"run 'edgekit fleet provision --devices {self.plan.device_id} --out ...' first",
+            )
         return path.read_text().strip()
 
     def _build_edgekit_wheel(self, wheels: Path) -> None:
@@ -174,7 +205,10 @@ class Flasher:
         if done.returncode:
             done = subprocess.run(command, capture_output=True, text=True)
         if done.returncode:
-            raise FlashError(f"could not build the edgekit wheel: {' '.join(done.stderr.strip().splitlines()[-2:])}", "check that setuptools and wheel are installed")
+            raise FlashError(
+                f"could not build the edgekit wheel: {' '.join(done.stderr.strip().splitlines()[-2:])}",
+                "check that setuptools and wheel are installed",
+            )
 
     def _install_script(self, root: str, ssh: bool, extras: str = "agent") -> str:
         plan = self.plan
@@ -206,13 +240,15 @@ class Flasher:
                 '  [ -f "$ROOT/agent.pid" ] && kill "$(cat "$ROOT/agent.pid")" 2>/dev/null || true',
                 '  nohup "$ROOT/venv/bin/edge-agent" run --config "$ROOT/etc/agent.toml" >> "$ROOT/agent.log" 2>&1 < /dev/null &',
                 '  echo $! > "$ROOT/agent.pid"',
-                "  echo started: background process $(cat \"$ROOT/agent.pid\") without systemd",
+                '  echo started: background process $(cat "$ROOT/agent.pid") without systemd',
                 "fi",
             ]
         elif plan.start or self._chroot():
-            lines += ['[ -f "$ROOT/agent.pid" ] && kill "$(cat "$ROOT/agent.pid")" 2>/dev/null || true',
-                      'nohup "$ROOT/venv/bin/edge-agent" run --config "$ROOT/etc/agent.toml" >> "$ROOT/agent.log" 2>&1 < /dev/null &',
-                      'echo $! > "$ROOT/agent.pid"']
+            lines += [
+                '[ -f "$ROOT/agent.pid" ] && kill "$(cat "$ROOT/agent.pid")" 2>/dev/null || true',
+                'nohup "$ROOT/venv/bin/edge-agent" run --config "$ROOT/etc/agent.toml" >> "$ROOT/agent.log" 2>&1 < /dev/null &',
+                'echo $! > "$ROOT/agent.pid"',
+            ]
         return "\n".join(lines) + "\n"
 
     def _inherit_site_packages(self) -> list[str]:
@@ -226,7 +262,9 @@ class Flasher:
         q = shlex.quote
         listing = "import site; print(chr(10).join(site.getsitepackages()))"
         purelib = "import sysconfig; print(sysconfig.get_paths()['purelib'])"
-        return [f'{q(self.plan.python)} -c {q(listing)} > "$("$ROOT/venv/bin/python" -c {q(purelib)})/edgekit-python-site.pth"']
+        return [
+            f'{q(self.plan.python)} -c {q(listing)} > "$("$ROOT/venv/bin/python" -c {q(purelib)})/edgekit-python-site.pth"'
+        ]
 
     # -- transport ----------------------------------------------------------------------------------
     def _ssh_base(self) -> tuple[list[str], list[str], str]:
@@ -240,19 +278,26 @@ class Flasher:
             options += ["-i", self.plan.identity]
         destination = f"{parsed.username}@{parsed.hostname}" if parsed.username else parsed.hostname
         port = parsed.port
-        return ["ssh", *options, *(["-p", str(port)] if port else []), destination], ["scp", "-q", *options, *(["-P", str(port)] if port else [])], destination
+        return (
+            ["ssh", *options, *(["-p", str(port)] if port else []), destination],
+            ["scp", "-q", *options, *(["-P", str(port)] if port else [])],
+            destination,
+        )
 
     def _remote_root(self) -> str:
         """The install root: the URL's path when it has one (ssh://pi@host/srv/edgekit), else a default per user."""
         parsed = urlparse(self.plan.target)
         if parsed.path.rstrip("/"):
             if ".." in parsed.path.split("/"):
-                raise FlashError(f"target path {parsed.path!r} climbs with '..'", "give the install root as an absolute path, e.g. ssh://pi@host/opt/edgekit")
+                raise FlashError(
+                    f"target path {parsed.path!r} climbs with '..'",
+                    "give the install root as an absolute path, e.g. ssh://pi@host/opt/edgekit",
+                )
             return parsed.path.rstrip("/")
         return "/opt/edgekit" if parsed.username in (None, "root") else f"/home/{parsed.username}/edgekit"
 
     def _chroot(self) -> Path | None:
-        return Path(self.plan.target[len("chroot:"):]).resolve() if self.plan.target.startswith("chroot:") else None
+        return Path(self.plan.target[len("chroot:") :]).resolve() if self.plan.target.startswith("chroot:") else None
 
     def _copy(self, files: dict[str, Path], root: str, ssh: bool) -> None:
         if not ssh:
@@ -277,8 +322,17 @@ class Flasher:
             command = self._ssh_base()[0] + ["bash -s"]
         elif chroot is not None:
             # A clean environment: the host's PIP_* settings name paths that do not exist in the root.
-            command = ["chroot", str(chroot), "/usr/bin/env", "-i", "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "HOME=/root",
-                       "PIP_CERT=/etc/ssl/certs/ca-certificates.crt", "bash", "-s"]
+            command = [
+                "chroot",
+                str(chroot),
+                "/usr/bin/env",
+                "-i",
+                "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+                "HOME=/root",
+                "PIP_CERT=/etc/ssl/certs/ca-certificates.crt",
+                "bash",
+                "-s",
+            ]
         else:
             command = ["bash", "-s"]
         self._call(command, "install the agent", stdin=script)
@@ -293,8 +347,10 @@ class Flasher:
         done = subprocess.run(command, input=stdin, capture_output=True, text=True, timeout=900)
         if done.returncode:
             detail = (done.stderr or done.stdout).strip().splitlines()[-3:]
-            raise FlashError(f"{what} failed on {self.plan.target} (exit {done.returncode}): {' | '.join(detail)}",
-                             "check the target is reachable (ssh, keys) and has python3 with venv")
+            raise FlashError(
+                f"{what} failed on {self.plan.target} (exit {done.returncode}): {' | '.join(detail)}",
+                "check the target is reachable (ssh, keys) and has python3 with venv",
+            )
         for line in done.stdout.strip().splitlines():
             if line.startswith("started:"):
                 self.say(f"  {line}")
@@ -321,7 +377,9 @@ class Flasher:
                 seen.update(doc)
                 done.set()
 
-        client = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2, client_id=f"edgekit-flash-{self.plan.device_id}")
+        client = mqtt.Client(
+            callback_api_version=mqtt.CallbackAPIVersion.VERSION2, client_id=f"edgekit-flash-{self.plan.device_id}"
+        )
         client.on_message = on_message
         client.on_connect = lambda c, *_: c.subscribe(topic, qos=1)
         password = self._password()
@@ -335,11 +393,15 @@ class Flasher:
         client.loop_start()
         try:
             if not done.wait(seconds):
-                raise FlashError(f"no state message from {self.plan.device_id} on {self.plan.broker} within {seconds:.0f} s",
-                                 "check the agent's log on the device (agent.log or journalctl -u edgekit-agent) and that it can reach the broker")
+                raise FlashError(
+                    f"no state message from {self.plan.device_id} on {self.plan.broker} within {seconds:.0f} s",
+                    "check the agent's log on the device (agent.log or journalctl -u edgekit-agent) and that it can reach the broker",
+                )
         finally:
             client.loop_stop()
             client.disconnect()
         model = seen.get("model") or {}
-        self.say(f"online: {self.plan.device_id} runs {model.get('name')} v{model.get('version')} on {seen.get('runtime')} (agent {seen.get('agent_version')})")
+        self.say(
+            f"online: {self.plan.device_id} runs {model.get('name')} v{model.get('version')} on {seen.get('runtime')} (agent {seen.get('agent_version')})"
+        )
         return seen

@@ -24,12 +24,16 @@ DROP_MEANING = {
 }
 AGREEMENT_MEANING = {
     "classification": "share of rows given the same label",
-    "regression": (f"share of rows whose outputs are within {REGRESSION_AGREEMENT_TOLERANCE:.0%} "
-                   "of the reference outputs' standard deviation"),
+    "regression": (
+        f"share of rows whose outputs are within {REGRESSION_AGREEMENT_TOLERANCE:.0%} "
+        "of the reference outputs' standard deviation"
+    ),
 }
 DROP_HELP = "accuracy points as a fraction (0.01 = one point); for regressors, the relative RMSE increase (0.01 = 1 %)"
-AGREEMENT_HELP = (f"same label for classifiers; for regressors, outputs within {REGRESSION_AGREEMENT_TOLERANCE:.0%} "
-                  "of the standard deviation of the reference's outputs")
+AGREEMENT_HELP = (
+    f"same label for classifiers; for regressors, outputs within {REGRESSION_AGREEMENT_TOLERANCE:.0%} "
+    "of the standard deviation of the reference's outputs"
+)
 
 
 def check_labels(spec: OutputSpec, y: np.ndarray | None, *, source: str) -> None:
@@ -42,8 +46,11 @@ def check_labels(spec: OutputSpec, y: np.ndarray | None, *, source: str) -> None
     unknown = sorted({str(v) for v in np.asarray(y).ravel().tolist()} - known)
     if unknown:
         shown = ", ".join(repr(u) for u in unknown[:5]) + (" …" if len(unknown) > 5 else "")
-        raise DataError(f"has labels the model does not know: {shown} (its classes are {list(spec.labels)[:10]})",
-                        "check the label column (--label) and that the data belongs to this model", path=source)
+        raise DataError(
+            f"has labels the model does not know: {shown} (its classes are {list(spec.labels)[:10]})",
+            "check the label column (--label) and that the data belongs to this model",
+            path=source,
+        )
 
 
 def metric_name(spec: OutputSpec) -> str:

@@ -8,19 +8,19 @@ so a CSV with its columns in another order is reordered and one with missing col
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
-from collections.abc import Sequence
 
 import numpy as np
 
 from device_agent.tabular import TableError, column_order, placeholder_names, read_table
-
 from edgekit.errors import DataError
 
 if TYPE_CHECKING:
     from device_agent.schema import InputSchema
+
 
 @dataclass(frozen=True)
 class Dataset:
@@ -43,7 +43,11 @@ class Dataset:
 
     def require_labels(self, why: str) -> np.ndarray:
         if self.y is None:
-            raise DataError(f"has no labels, which {why} needs", "give an .npz with 'y' or a CSV with a label column (--label NAME)", path=self.source)
+            raise DataError(
+                f"has no labels, which {why} needs",
+                "give an .npz with 'y' or a CSV with a label column (--label NAME)",
+                path=self.source,
+            )
         return self.y
 
     def aligned_to(self, feature_names: Sequence[str] | None, width: int | None = None) -> Dataset:
@@ -57,14 +61,20 @@ class Dataset:
                 return Dataset(self.X[:, order], self.y, tuple(feature_names), self.source, self.sha256)
         expected = len(feature_names) if feature_names is not None else width
         if expected is not None and self.width != expected:
-            raise DataError(f"has {self.width} feature columns, the model takes {expected}", "give data with the model's features (and name the label column with --label)", path=self.source)
+            raise DataError(
+                f"has {self.width} feature columns, the model takes {expected}",
+                "give data with the model's features (and name the label column with --label)",
+                path=self.source,
+            )
         return self
 
     def sample(self, rows: int, seed: int = 0) -> Dataset:
         if self.rows <= rows:
             return self
         index = np.sort(np.random.default_rng(seed).choice(self.rows, rows, replace=False))
-        return Dataset(self.X[index], None if self.y is None else self.y[index], self.feature_names, self.source, self.sha256)
+        return Dataset(
+            self.X[index], None if self.y is None else self.y[index], self.feature_names, self.source, self.sha256
+        )
 
 
 default_feature_names = placeholder_names
@@ -84,7 +94,11 @@ def load_dataset(path: str | Path, *, label: str | None = None) -> Dataset:
     except TableError as exc:
         raise DataError(exc.problem, exc.fix, path=path) from exc
     if X.ndim != 2 or X.shape[0] == 0 or X.shape[1] == 0:
-        raise DataError(f"X has shape {X.shape}; expected rows × features with at least one of each", "save a 2-D array as X", path=path)
+        raise DataError(
+            f"X has shape {X.shape}; expected rows × features with at least one of each",
+            "save a 2-D array as X",
+            path=path,
+        )
     if y is not None and len(y) != len(X):
         raise DataError(f"has {len(X)} rows but {len(y)} labels", "give one label per row", path=path)
     return Dataset(X, y, names, str(path), hashlib.sha256(raw).hexdigest())
@@ -99,6 +113,11 @@ def adopt_feature_names(schema: InputSchema, dataset: Dataset | None) -> InputSc
     """
     from dataclasses import replace
 
-    if dataset is None or dataset.feature_names is None or not _is_default(schema.feature_names) or dataset.width != schema.width:
+    if (
+        dataset is None
+        or dataset.feature_names is None
+        or not _is_default(schema.feature_names)
+        or dataset.width != schema.width
+    ):
         return schema
     return replace(schema, feature_names=dataset.feature_names)

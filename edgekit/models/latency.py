@@ -8,8 +8,8 @@ report and decide on. Thread count is the caller's: the runtimes are built with 
 from __future__ import annotations
 
 import time
-from typing import Any
 from collections.abc import Callable, Mapping
+from typing import Any
 
 import numpy as np
 

@@ -22,9 +22,8 @@ from device_agent.errors import AgentError
 from device_agent.outputs import CLASSIFICATION, REGRESSION, OutputSpec, Prediction
 from device_agent.runtimes.onnx import OnnxRuntime
 from device_agent.schema import InputSchema
-
-from edgekit.models.data import default_feature_names
 from edgekit.errors import ModelLoadError, require
+from edgekit.models.data import default_feature_names
 
 SKLEARN_SUFFIXES = (".joblib", ".pkl", ".pickle", ".sav")
 ONNX_SUFFIXES = (".onnx",)
@@ -103,21 +102,39 @@ class SklearnModel:
         try:
             estimator = joblib.load(path)
         except (pickle.UnpicklingError, EOFError, ValueError, KeyError, IndexError) as exc:
-            raise ModelLoadError(f"is not a readable joblib/pickle file ({type(exc).__name__}: {exc})", "save the model with joblib.dump(model, path)", path=path) from exc
+            raise ModelLoadError(
+                f"is not a readable joblib/pickle file ({type(exc).__name__}: {exc})",
+                "save the model with joblib.dump(model, path)",
+                path=path,
+            ) from exc
         except (ModuleNotFoundError, AttributeError) as exc:
-            raise ModelLoadError(f"needs code this environment lacks to unpickle ({exc})", "install the package the model was trained with", path=path) from exc
+            raise ModelLoadError(
+                f"needs code this environment lacks to unpickle ({exc})",
+                "install the package the model was trained with",
+                path=path,
+            ) from exc
         return cls.from_estimator(estimator, path=str(path))
 
     @classmethod
     def from_estimator(cls, estimator: Any, *, path: str = "<estimator>") -> SklearnModel:
         if not hasattr(estimator, "predict"):
-            raise ModelLoadError(f"holds a {type(estimator).__name__}, not a fitted scikit-learn model", "save a fitted estimator or Pipeline", path=path)
+            raise ModelLoadError(
+                f"holds a {type(estimator).__name__}, not a fitted scikit-learn model",
+                "save a fitted estimator or Pipeline",
+                path=path,
+            )
         width = getattr(estimator, "n_features_in_", None)
         if width is None:
-            raise ModelLoadError(f"holds a {type(estimator).__name__} that is not fitted (no n_features_in_)", "fit the model before saving it", path=path)
+            raise ModelLoadError(
+                f"holds a {type(estimator).__name__} that is not fitted (no n_features_in_)",
+                "fit the model before saving it",
+                path=path,
+            )
         names = getattr(estimator, "feature_names_in_", None)
         names = tuple(str(n) for n in names) if names is not None else default_feature_names(int(width))
-        schema = InputSchema(input_name="X", feature_names=names, dtype="float32", allow_nan=_sklearn_allows_nan(estimator))
+        schema = InputSchema(
+            input_name="X", feature_names=names, dtype="float32", allow_nan=_sklearn_allows_nan(estimator)
+        )
         return cls(path=path, estimator=estimator, input=schema, output=_sklearn_output_spec(estimator))
 
     @property
@@ -160,7 +177,12 @@ def _sklearn_output_spec(estimator: Any) -> OutputSpec:
 
     if is_classifier(estimator):
         labels = tuple(c.item() if isinstance(c, np.generic) else c for c in estimator.classes_)
-        return OutputSpec(CLASSIFICATION, labels=labels, label_output="label", probabilities_output="probabilities" if hasattr(estimator, "predict_proba") else None)
+        return OutputSpec(
+            CLASSIFICATION,
+            labels=labels,
+            label_output="label",
+            probabilities_output="probabilities" if hasattr(estimator, "predict_proba") else None,
+        )
     return OutputSpec(REGRESSION, value_output="variable")
 
 
@@ -220,7 +242,11 @@ class OnnxModel(_ConvertedModel):
         try:
             proto = onnx.load_model_from_string(data)
         except Exception as exc:  # protobuf's DecodeError and friends share no useful base
-            raise ModelLoadError("is not a valid ONNX file (it does not parse)", "re-export the model, or check the file is complete", path=path) from exc
+            raise ModelLoadError(
+                "is not a valid ONNX file (it does not parse)",
+                "re-export the model, or check the file is complete",
+                path=path,
+            ) from exc
         if not proto.graph.node:
             raise ModelLoadError("is not a valid ONNX model (its graph is empty)", "re-export the model", path=path)
         if pin_to is not None:
@@ -251,7 +277,9 @@ def describe_onnx(proto: Any) -> tuple[InputSchema, OutputSpec]:
     """The input schema and output meaning of an ONNX model: from edgekit's metadata, else inferred."""
     meta = {p.key: p.value for p in proto.metadata_props}
     if METADATA_INPUT in meta and METADATA_OUTPUT in meta:
-        return InputSchema.from_dict(json.loads(meta[METADATA_INPUT])), OutputSpec.from_dict(json.loads(meta[METADATA_OUTPUT]))
+        return InputSchema.from_dict(json.loads(meta[METADATA_INPUT])), OutputSpec.from_dict(
+            json.loads(meta[METADATA_OUTPUT])
+        )
     return _infer_input(proto), _infer_output(proto)
 
 
@@ -266,16 +294,27 @@ def _graph_inputs(proto: Any) -> list[Any]:
 def _infer_input(proto: Any) -> InputSchema:
     inputs = _graph_inputs(proto)
     if len(inputs) != 1:
-        raise ModelLoadError(f"has {len(inputs)} inputs; edgekit serves models with one tabular input", "export the model with a single [batch, features] input")
+        raise ModelLoadError(
+            f"has {len(inputs)} inputs; edgekit serves models with one tabular input",
+            "export the model with a single [batch, features] input",
+        )
     tensor = inputs[0].type.tensor_type
     dims = [d.dim_value if d.HasField("dim_value") else None for d in tensor.shape.dim]
     if len(dims) != 2 or dims[1] is None:
-        raise ModelLoadError(f"input {inputs[0].name!r} has shape {dims}; edgekit serves [batch, features] inputs", "export the model with a 2-D input and a fixed feature count")
+        raise ModelLoadError(
+            f"input {inputs[0].name!r} has shape {dims}; edgekit serves [batch, features] inputs",
+            "export the model with a 2-D input and a fixed feature count",
+        )
     dtype = _ONNX_DTYPES.get(tensor.elem_type)
     if dtype is None:
-        raise ModelLoadError(f"input {inputs[0].name!r} has ONNX element type {tensor.elem_type}, not a number type edgekit feeds", "export the model with a float input")
+        raise ModelLoadError(
+            f"input {inputs[0].name!r} has ONNX element type {tensor.elem_type}, not a number type edgekit feeds",
+            "export the model with a float input",
+        )
     allow_nan = any(n.op_type == "Imputer" for n in proto.graph.node)
-    return InputSchema(input_name=inputs[0].name, feature_names=default_feature_names(dims[1]), dtype=dtype, allow_nan=allow_nan)
+    return InputSchema(
+        input_name=inputs[0].name, feature_names=default_feature_names(dims[1]), dtype=dtype, allow_nan=allow_nan
+    )
 
 
 def _infer_output(proto: Any) -> OutputSpec:
@@ -285,7 +324,12 @@ def _infer_output(proto: Any) -> OutputSpec:
     classes = _classes_initializer(proto)
     if integer_like:
         probabilities = floats[0].name if floats else None
-        return OutputSpec(CLASSIFICATION, labels=tuple(classes or ()), label_output=integer_like[0].name, probabilities_output=probabilities)
+        return OutputSpec(
+            CLASSIFICATION,
+            labels=tuple(classes or ()),
+            label_output=integer_like[0].name,
+            probabilities_output=probabilities,
+        )
     if len(floats) == 1:
         last = [n for n in proto.graph.node if floats[0].name in n.output]
         if last and last[0].op_type in ("Softmax", "LogSoftmax") or classes:
@@ -293,7 +337,10 @@ def _infer_output(proto: Any) -> OutputSpec:
             labels = tuple(classes) if classes else tuple(range(width or 0))
             return OutputSpec(CLASSIFICATION, labels=labels, probabilities_output=floats[0].name)
         return OutputSpec(REGRESSION, value_output=floats[0].name)
-    raise ModelLoadError(f"has outputs {[o.name for o in outputs]} whose meaning edgekit cannot tell", "export a label and a probability output, or a single value output")
+    raise ModelLoadError(
+        f"has outputs {[o.name for o in outputs]} whose meaning edgekit cannot tell",
+        "export a label and a probability output, or a single value output",
+    )
 
 
 def _classes_initializer(proto: Any) -> list[Any] | None:
@@ -324,18 +371,27 @@ class TfliteModel(_ConvertedModel):
     kind: str = "tflite"
 
     @classmethod
-    def from_bytes(cls, data: bytes, *, path: str = "<model>", threads: int = 1) -> "TfliteModel":
+    def from_bytes(cls, data: bytes, *, path: str = "<model>", threads: int = 1) -> TfliteModel:
         from device_agent.runtimes.litert import LiteRtRuntime
 
         metadata = tflite_metadata(data, path)
         if METADATA_INPUT not in metadata or METADATA_OUTPUT not in metadata:
-            raise ModelLoadError("is a .tflite without edgekit metadata (input schema, output meaning)", "convert it with 'edgekit convert --target tflite'", path=path)
+            raise ModelLoadError(
+                "is a .tflite without edgekit metadata (input schema, output meaning)",
+                "convert it with 'edgekit convert --target tflite'",
+                path=path,
+            )
         from edgekit.models.litert_banner import without_banner
 
         with without_banner():  # the first interpreter of a process logs an INFO line to stderr
             runtime = _loaded(LiteRtRuntime(threads=threads, source=path), data, path)
-        return cls(path=path, data=data, input=InputSchema.from_dict(json.loads(metadata[METADATA_INPUT])),
-                   output=OutputSpec.from_dict(json.loads(metadata[METADATA_OUTPUT])), runtime=runtime)
+        return cls(
+            path=path,
+            data=data,
+            input=InputSchema.from_dict(json.loads(metadata[METADATA_INPUT])),
+            output=OutputSpec.from_dict(json.loads(metadata[METADATA_OUTPUT])),
+            runtime=runtime,
+        )
 
     @property
     def metadata(self) -> dict[str, str]:
@@ -360,4 +416,6 @@ def tflite_metadata(data: bytes, path: str = "<model>") -> dict[str, str]:
                 entries[name] = model.Buffers(entry.Buffer()).DataAsNumpy().tobytes().decode()
         return entries
     except Exception as exc:  # flatbuffers raises struct.error, IndexError, ... on a damaged file
-        raise ModelLoadError("is not a readable .tflite flatbuffer", "re-convert it with 'edgekit convert --target tflite'", path=path) from exc
+        raise ModelLoadError(
+            "is not a readable .tflite flatbuffer", "re-convert it with 'edgekit convert --target tflite'", path=path
+        ) from exc

@@ -50,7 +50,10 @@ class RuntimeTarget:
 
     def check(self) -> None:
         if self.opset > self.limits()[1]:
-            raise ConversionError(f"opset {self.opset} is newer than onnxruntime {self.min_runtime} loads (at most {self.limits()[1]})", "pass a lower --opset or a newer --min-runtime")
+            raise ConversionError(
+                f"opset {self.opset} is newer than onnxruntime {self.min_runtime} loads (at most {self.limits()[1]})",
+                "pass a lower --opset or a newer --min-runtime",
+            )
 
     def to_dict(self, proto: Any) -> dict[str, Any]:
         return {
@@ -67,14 +70,19 @@ def _version_key(version: str) -> tuple[int, int]:
         major, minor = version.split(".")[:2]
         return int(major), int(minor)
     except ValueError:
-        raise ConversionError(f"{version!r} is not an onnxruntime version", "give it as MAJOR.MINOR, e.g. 1.16") from None
+        raise ConversionError(
+            f"{version!r} is not an onnxruntime version", "give it as MAJOR.MINOR, e.g. 1.16"
+        ) from None
 
 
 def support_for(version: str) -> tuple[int, int, int]:
     key = _version_key(version)
     known = sorted(ORT_SUPPORT)
     if key < known[0]:
-        raise ConversionError(f"onnxruntime {version} is older than edgekit supports", f"target onnxruntime {known[0][0]}.{known[0][1]} or newer")
+        raise ConversionError(
+            f"onnxruntime {version} is older than edgekit supports",
+            f"target onnxruntime {known[0][0]}.{known[0][1]} or newer",
+        )
     # Releases newer than the table load at least what the newest listed release loads.
     return ORT_SUPPORT[max(k for k in known if k <= key)]
 
@@ -107,6 +115,9 @@ def pin(proto: Any, target: RuntimeTarget, *, source: str = "model") -> Any:
             )
     needed = required_ir(proto)
     if needed > max_ir:
-        raise ConversionError(f"{source} needs IR version {needed}, newer than onnxruntime {target.min_runtime} loads", "re-export with a lower opset")
+        raise ConversionError(
+            f"{source} needs IR version {needed}, newer than onnxruntime {target.min_runtime} loads",
+            "re-export with a lower opset",
+        )
     proto.ir_version = max(needed, min(int(proto.ir_version), max_ir))
     return proto
