@@ -6,7 +6,7 @@ import html
 from datetime import datetime, timezone
 from typing import Any
 
-from edgekit.fleet.web import _page
+from edgekit.fleet.pages import page
 
 STATE_CLASS = {
     "succeeded": "ok",
@@ -48,7 +48,7 @@ def render_rollouts(rollouts: list[dict[str, Any]]) -> bytes:
         "<p><a href='/'>fleet</a></p><h1>Rollouts</h1><table><tr><th>id</th><th>kind</th><th>fleet</th><th>model</th><th>state</th>"
         f"<th>wave</th><th>devices</th><th>reason</th><th>started</th></tr>{rows}</table>"
     )
-    return _page("rollouts", body)
+    return page("rollouts", body)
 
 
 def render_rollout(status: dict[str, Any]) -> bytes:
@@ -78,7 +78,7 @@ def render_rollout(status: dict[str, Any]) -> bytes:
         f"<h2>Waves</h2><table><tr><th>wave</th><th>up to</th><th>devices</th><th>states</th><th></th></tr>{''.join(waves)}</table>"
         f"<h2>Devices</h2><table><tr><th>device</th><th>wave</th><th>state</th><th>version</th><th>shadow</th><th></th><th>reason</th></tr>{devices}</table>"
     )
-    return _page(f"rollout {status['id']}", body)
+    return page(f"rollout {status['id']}", body)
 
 
 def _counts(counts: dict[str, int]) -> str:

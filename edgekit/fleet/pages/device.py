@@ -1,0 +1,64 @@
+"""``/devices/<device>``: one device's drift per feature over time, and its windows."""
+
+from __future__ import annotations
+
+import html
+from typing import Any
+
+from edgekit.fleet.pages import PALETTE, page
+
+
+def render_device(device: str, summaries: list[dict[str, Any]]) -> bytes:
+    if not summaries:
+        return page(
+            device,
+            f"<h1>{html.escape(device)}</h1><p class='muted'>no windows stored yet</p><p><a href='/'>fleet</a></p>",
+        )
+    summaries.sort(key=lambda s: s["seq"])
+    features = list(summaries[-1]["drift"]["features"])
+    # the features that ever moved the most, so the plot shows what matters
+    peak = {f: max(s["drift"]["features"].get(f, {}).get("psi", 0.0) for s in summaries) for f in features}
+    shown = sorted(features, key=lambda f: -peak[f])[:6]
+    chart = drift_chart(summaries, shown)
+    latest = summaries[-1]
+    rows = "".join(
+        f"<tr><td>{html.escape(f)}</td><td>{v['psi']:.4f}</td><td>{v['ks']:.4f}</td><td>{v['js']:.4f}</td><td class='{'bad' if v['drifted'] else 'ok'}'>{'yes' if v['drifted'] else 'no'}</td></tr>"
+        for f, v in sorted(latest["drift"]["features"].items(), key=lambda kv: -kv[1]["psi"])[:15]
+    )
+    body = (
+        f"<p><a href='/'>fleet</a></p><h1>{html.escape(device)}</h1><p class='muted'>{len(summaries)} windows, model {html.escape(latest['model']['name'])} "
+        f"v{latest['model']['version']}, last window {html.escape(latest['window']['end'])}</p><h2>Drift per feature (PSI) over windows</h2>{chart}"
+        f"<h2>Latest window</h2><table><tr><th>feature</th><th>PSI</th><th>KS</th><th>JS</th><th>drifted</th></tr>{rows}</table>"
+    )
+    return page(device, body)
+
+
+def drift_chart(summaries: list[dict[str, Any]], features: list[str], width: int = 720, height: int = 260) -> str:
+    """An inline SVG line chart of PSI per feature across windows, with a legend."""
+    pad, legend = 40, 150
+    plot_w, plot_h = width - pad - legend, height - 2 * pad
+    top = max([0.05] + [s["drift"]["features"].get(f, {}).get("psi", 0.0) for s in summaries for f in features])
+    count = max(1, len(summaries) - 1)
+    x = lambda i: pad + plot_w * i / count  # noqa: E731
+    y = lambda v: pad + plot_h * (1 - v / top)  # noqa: E731
+    parts = [
+        f"<svg xmlns='http://www.w3.org/2000/svg' width='{width}' height='{height}' role='img' aria-label='drift per feature'>",
+        f"<line x1='{pad}' y1='{pad + plot_h}' x2='{pad + plot_w}' y2='{pad + plot_h}' stroke='#999'/>",
+        f"<line x1='{pad}' y1='{pad}' x2='{pad}' y2='{pad + plot_h}' stroke='#999'/>",
+        f"<text x='{pad - 4}' y='{pad + 4}' font-size='10' text-anchor='end'>{top:.2f}</text>",
+        f"<text x='{pad - 4}' y='{pad + plot_h}' font-size='10' text-anchor='end'>0</text>",
+        f"<text x='{pad + plot_w / 2}' y='{height - 8}' font-size='11' text-anchor='middle'>window (seq {summaries[0]['seq']}…{summaries[-1]['seq']})</text>",
+    ]
+    for index, feature in enumerate(features):
+        color = PALETTE[index % len(PALETTE)]
+        points = " ".join(
+            f"{x(i):.1f},{y(s['drift']['features'].get(feature, {}).get('psi', 0.0)):.1f}"
+            for i, s in enumerate(summaries)
+        )
+        parts.append(f"<polyline fill='none' stroke='{color}' stroke-width='2' points='{points}'/>")
+        parts.append(f"<rect x='{width - legend + 10}' y='{pad + 16 * index}' width='10' height='10' fill='{color}'/>")
+        parts.append(
+            f"<text x='{width - legend + 26}' y='{pad + 9 + 16 * index}' font-size='11'>{html.escape(feature)}</text>"
+        )
+    parts.append("</svg>")
+    return "".join(parts)

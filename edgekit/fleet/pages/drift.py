@@ -1,0 +1,62 @@
+"""``/drift``: fleet-wide merged drift, and one feature's distribution over the fleet against its baseline."""
+
+from __future__ import annotations
+
+import html
+from typing import Any
+
+from edgekit.fleet.pages import page
+
+
+def render_fleet_drift(reports: list[dict[str, Any]], feature: str | None) -> bytes:
+    """Per model version: merged drift of every feature, and the chosen (or worst) feature's
+    distribution over the whole selection drawn against its baseline."""
+    sections = []
+    for report in reports:
+        title = f"{html.escape(report['model'])} {', '.join(f'v{v}' for v in report['model_versions'])}: {report['windows']} windows, {report['rows']:,} rows, {len(report['devices'])} device(s)"
+        if report["drift"] is None:
+            sections.append(f"<h2>{title}</h2><p class='muted'>{html.escape(report['note'])}</p>")
+            continue
+        features = report["drift"]["features"]
+        chosen = feature if feature in features else report["drift"]["worst_feature"]
+        rows = "".join(
+            f"<tr><td><a href='?model={html.escape(report['model'])}&version={report['model_version']}&feature={html.escape(name)}'>{html.escape(name)}</a></td>"
+            f"<td>{v['psi']:.4f}</td><td>{v['ks']:.4f}</td><td>{v['js']:.4f}</td><td class='{'bad' if v['drifted'] else 'ok'}'>{'yes' if v['drifted'] else 'no'}</td></tr>"
+            for name, v in sorted(features.items(), key=lambda kv: -kv[1]["psi"])[:12]
+        )
+        chart = distribution_chart(chosen, report["feature_distributions"][chosen]) if chosen else ""
+        sections.append(
+            f"<h2>{title}</h2><p>merged verdict: <b class='{'bad' if report['drift']['drifted'] else 'ok'}'>"
+            f"{'drifted' if report['drift']['drifted'] else 'no drift'}</b></p>{chart}"
+            f"<table><tr><th>feature</th><th>PSI</th><th>KS</th><th>JS</th><th>drifted</th></tr>{rows}</table>"
+        )
+    body = "<p><a href='/'>fleet</a></p><h1>Fleet-wide drift</h1>" + (
+        "".join(sections) or "<p class='muted'>no windows stored yet</p>"
+    )
+    return page("fleet drift", body)
+
+
+def distribution_chart(feature: str, counts: dict[str, list[int]], width: int = 720, height: int = 240) -> str:
+    """Bars of the baseline's and the fleet's share per bin (underflow first, overflow last), side by side."""
+    baseline, window = counts["baseline"], counts["window"]
+    shares = [[c / max(1, sum(series)) for c in series] for series in (baseline, window)]
+    top = max(max(s) for s in shares) or 1.0
+    pad, bins = 36, len(baseline)
+    slot = (width - 2 * pad) / bins
+    parts = [
+        f"<svg xmlns='http://www.w3.org/2000/svg' width='{width}' height='{height}' role='img' aria-label='distribution of {html.escape(feature)}'>",
+        f"<text x='{pad}' y='16' font-size='12'>{html.escape(feature)}: share of rows per bin (grey: baseline, blue: fleet)</text>",
+        f"<line x1='{pad}' y1='{height - pad}' x2='{width - pad}' y2='{height - pad}' stroke='#999'/>",
+    ]
+    for index in range(bins):
+        for series, (color, offset) in enumerate((("#bbbbbb", 0.1), ("#1f77b4", 0.5))):
+            value = shares[series][index]
+            bar = (height - 2 * pad - 10) * value / top
+            parts.append(
+                f"<rect x='{pad + slot * (index + offset):.1f}' y='{height - pad - bar:.1f}' width='{slot * 0.38:.1f}' height='{bar:.1f}' fill='{color}'/>"
+            )
+    parts.append(f"<text x='{pad}' y='{height - 12}' font-size='10'>below baseline min</text>")
+    parts.append(
+        f"<text x='{width - pad}' y='{height - 12}' font-size='10' text-anchor='end'>above baseline max</text></svg>"
+    )
+    return "".join(parts)
