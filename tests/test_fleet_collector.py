@@ -162,10 +162,13 @@ def test_collector_killed_and_restarted_mid_stream_loses_no_summary(
         time.sleep(2.0)  # summaries keep coming; the broker keeps them for the collector's session
         collector = start_collector()
         wait(lambda: store.status()[0]["windows"] >= 100, timeout=40, what="windows after the restart")
+        # Windows published before the first collector subscribed are asked for again (after 10 s):
+        # the device must still be running to resend them.
+        wait(lambda: store.status()[0]["missing_seqs"] == 0, timeout=40, what="gaps filled")
     finally:
         agent.stop()
-    wait(lambda: store.status()[0]["missing_seqs"] == 0, timeout=40, what="gaps filled")
-    collector.terminate()
-    collector.wait(10)
+        collector.terminate()
+        collector.wait(10)
+    wait(lambda: store.status()[0]["missing_seqs"] == 0, timeout=20, what="gaps filled after the device stopped")
     seqs = [row[0] for row in store.db.execute("SELECT seq FROM summaries ORDER BY seq")]
     assert seqs == list(range(1, len(seqs) + 1)) and len(seqs) >= 100
