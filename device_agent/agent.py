@@ -182,8 +182,9 @@ class Agent:
         window_rows = self.config.monitor.window_rows
         if window_rows < min_rows:
             log.warning(
-                "%s: [monitor] window_rows = %d is below the drift test's min_rows = %g of %s v%s, so no window will be tested "
-                "for drift; set window_rows = %d or more (or package the model with --drift min_rows=%d)",
+                "%s: [monitor] window_rows = %d is below the drift test's min_rows = %g of %s v%s, "
+                "so no window will be tested for drift; set window_rows = %d or more "
+                "(or package the model with --drift min_rows=%d)",
                 self.config.source,
                 window_rows,
                 min_rows,
@@ -352,9 +353,9 @@ class Agent:
             try:
                 monitor = self._serving.monitor
                 monitor.process(max_rows=BACKGROUND_CHUNK_ROWS)
-                for _ in range(
-                    100
-                ):  # a large backlog in chunks: stop is checked between them; retired monitors and pruning still get a turn
+                # a large backlog in chunks: stop is checked between them;
+                # retired monitors and pruning still get a turn
+                for _ in range(100):
                     if not monitor.backlog or self._stop.is_set():
                         break
                     self.log.flush()
@@ -401,7 +402,7 @@ class Agent:
         for kind, count in window.errors.items():
             stats["errors"][kind] = stats["errors"].get(kind, 0) + count
         buckets = np.searchsorted(np.asarray(LATENCY_BUCKETS_MS), window.latencies_ms, side="left")
-        for index, count in zip(*np.unique(buckets, return_counts=True)):
+        for index, count in zip(*np.unique(buckets, return_counts=True), strict=True):
             stats["latency_buckets"][int(index)] += int(count)
         stats["latency_sum_ms"] += float(window.latencies_ms.sum())
 

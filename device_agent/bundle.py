@@ -217,7 +217,8 @@ def _read_listed_members(
         if info.file_size != entry.get("size"):
             raise BundleFormatError(
                 source,
-                f"member {name!r} is {info.file_size} bytes, the manifest says {entry.get('size')} (tampered or corrupted)",
+                f"member {name!r} is {info.file_size} bytes, "
+                f"the manifest says {entry.get('size')} (tampered or corrupted)",
                 "rebuild the bundle with 'edgekit package' or download it again",
             )
         data = _read_member(source, archive, info, MAX_MEMBER_BYTES)

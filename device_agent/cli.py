@@ -273,7 +273,8 @@ def _verify(args: argparse.Namespace) -> int:
             "signed_by": bundle.signed_by,
             "verified": True,
         },
-        f"OK: {args.bundle} is {bundle.name} v{bundle.version}, signed by key {bundle.signed_by}; {len(bundle.members)} members match their sha256",
+        f"OK: {args.bundle} is {bundle.name} v{bundle.version}, signed by key {bundle.signed_by}; "
+        f"{len(bundle.members)} members match their sha256",
     )
     return 0
 

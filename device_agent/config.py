@@ -19,7 +19,8 @@
     window_rows = 1000                 # at least the bundle's drift min_rows (default 100), or no window is tested
     window_seconds = 60
     log_rows = 10000                   # :feedback finds any of the last log_rows predictions of this run
-    backlog_rows = 100000              # rows waiting to be sketched at most; the excess is served, counted as unmonitored
+    backlog_rows = 100000              # rows waiting to be sketched at most; the excess is served,
+                                       # counted as unmonitored
     [trust]
     public_key = "/etc/edgekit/edgekit.pub"
 

@@ -73,7 +73,8 @@ def download(
             part.unlink()
             raise UpdateError(
                 "hash",
-                f"{url}: the download has sha256 {digest[:12]}…, the rollout says {sha256[:12]}… (corrupted or tampered)",
+                f"{url}: the download has sha256 {digest[:12]}…, "
+                f"the rollout says {sha256[:12]}… (corrupted or tampered)",
             )
         os.replace(part, destination)
         return Downloaded(destination, fetched, resumed_from)

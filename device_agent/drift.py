@@ -99,7 +99,7 @@ def _merge_small_bins(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndar
     smaller = min(n_a, n_b) / (n_a + n_b)
     merged_a, merged_b = [], []
     acc_a = acc_b = 0.0
-    for x, y in zip(a, b):
+    for x, y in zip(a, b, strict=True):
         acc_a, acc_b = acc_a + x, acc_b + y
         if (acc_a + acc_b) * smaller >= MIN_EXPECTED:
             merged_a.append(acc_a)
@@ -125,7 +125,7 @@ def compare(expected: np.ndarray, actual: np.ndarray) -> Comparison:
 def drift_report(baseline: Profile, window: Profile, thresholds: dict[str, float] | None = None) -> dict[str, Any]:
     """Per-feature and prediction drift of ``window`` against ``baseline``, and the window's verdict."""
     limits = {**DEFAULT_DRIFT_THRESHOLDS, **(thresholds or {})}
-    sketches = [(s.name, s, w) for s, w in zip(baseline.features, window.features)]
+    sketches = [(s.name, s, w) for s, w in zip(baseline.features, window.features, strict=True)]
     if "prediction" in baseline.outputs:
         sketches.append(("prediction", baseline.outputs["prediction"], window.outputs["prediction"]))
     comparisons = {name: compare(b.counts, w.counts) for name, b, w in sketches}

@@ -1,4 +1,5 @@
-"""Serving a WSGI app on waitress with the limits a device on a LAN needs: the agent's API and the collector's dashboard.
+"""Serving a WSGI app on waitress with the limits a device on a LAN needs: the agent's API and the collector's
+dashboard.
 
 Why waitress (measured in ``scripts/bench_http.py`` against cheroot and the standard library's server):
 one I/O thread reads every request to its end and hands only complete requests to a fixed pool of
@@ -80,7 +81,8 @@ def tls_context(cert: str | Path, key: str | Path) -> ssl.SSLContext:
     except (OSError, ssl.SSLError) as exc:
         raise ServeError(
             f"cannot load the TLS certificate {cert} with key {key} ({exc})",
-            "give a PEM certificate and its unencrypted PEM key (openssl req -x509 -newkey ... makes a self-signed pair)",
+            "give a PEM certificate and its unencrypted PEM key "
+            "(openssl req -x509 -newkey ... makes a self-signed pair)",
         ) from exc
     return context
 
@@ -223,12 +225,14 @@ def _describe(request: Any, limits: HttpLimits, names: LimitNames) -> tuple[int,
     if isinstance(error, RequestHeaderFieldsTooLarge):
         return (
             431,
-            f"the request line and headers are over the {limits.max_header_bytes}-byte limit ({names.max_header_bytes})",
+            f"the request line and headers are over the {limits.max_header_bytes}-byte limit "
+            f"({names.max_header_bytes})",
         )
     if isinstance(error, ServerNotImplemented):
         return (
             501,
-            "this Transfer-Encoding is not supported; send the body with Transfer-Encoding: chunked or a Content-Length",
+            "this Transfer-Encoding is not supported; "
+            "send the body with Transfer-Encoding: chunked or a Content-Length",
         )
     text = str(error.body)
     if "chunk" in text.lower() or "trailer" in text:
@@ -294,7 +298,8 @@ class _Channel(HTTPChannel):
         else:
             self._answer_and_close(
                 "503 Service Unavailable",
-                f"all {self.limits.max_connections} connections have requests in flight (max_connections); retry shortly",
+                f"all {self.limits.max_connections} connections have requests in flight (max_connections); "
+                "retry shortly",
             )
 
     def _waiting_for_client(self) -> bool:
@@ -337,7 +342,10 @@ class _Channel(HTTPChannel):
         if self._in_body:
             message = f"the body did not arrive within {self.limits.body_timeout:g} s ({self.names.body_timeout})"
         else:
-            message = f"the request line and headers did not arrive within {self.limits.header_timeout:g} s ({self.names.header_timeout})"
+            message = (
+                f"the request line and headers did not arrive within {self.limits.header_timeout:g} s "
+                f"({self.names.header_timeout})"
+            )
         log.debug("closing %s: %s", self.addr, message)
         self._answer_and_close("408 Request Timeout", message)
 
@@ -345,9 +353,9 @@ class _Channel(HTTPChannel):
         """Answer from the I/O thread, outside any request (there is none, or it is incomplete), and hang up."""
         body = json.dumps({"error": message}).encode()
         data = (
-            f"HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
-            + body
-        )
+            f"HTTP/1.1 {status}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+        ).encode() + body
         with self.outbuf_lock:
             self.outbufs[-1].append(data)
             self.total_outbufs_len += len(data)

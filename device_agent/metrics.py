@@ -64,7 +64,7 @@ def render_metrics(agent: Agent) -> str:
         _sample(lines, "edgekit_prediction_errors_total", {**model, "kind": kind}, count)
     _family(lines, "edgekit_latency_seconds", "histogram", "Per-row inference latency over closed windows, in seconds.")
     cumulative = 0
-    for bound_ms, count in zip([*LATENCY_BUCKETS_MS, math.inf], stats["latency_buckets"]):
+    for bound_ms, count in zip([*LATENCY_BUCKETS_MS, math.inf], stats["latency_buckets"], strict=True):
         cumulative += count
         _sample(lines, "edgekit_latency_seconds_bucket", {**model, "le": format_value(bound_ms / 1000)}, cumulative)
     _sample(lines, "edgekit_latency_seconds_sum", model, round(stats["latency_sum_ms"] / 1000, 9))

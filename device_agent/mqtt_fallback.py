@@ -77,7 +77,8 @@ class ConnectionNotes:
         if getattr(reason_code, "value", None) == SESSION_TAKEN_OVER:
             self._once(
                 "takeover",
-                "another client connected as %r and took over this session: give every agent and collector its own client id",
+                "another client connected as %r and took over this session: "
+                "give every agent and collector its own client id",
                 self.client_id,
             )
         elif getattr(reason_code, "is_failure", False):

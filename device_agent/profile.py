@@ -335,7 +335,7 @@ class Profile:
             raise ProfileError(
                 f"cannot merge a profile of baseline {other.baseline_id} into one of baseline {self.baseline_id}"
             )
-        for mine, theirs in zip(self.features, other.features):
+        for mine, theirs in zip(self.features, other.features, strict=True):
             mine.merge(theirs)
         for key, sketch in self.outputs.items():
             sketch.merge(other.outputs[key])
@@ -376,7 +376,7 @@ class Profile:
         try:
             if len(doc["features"]) != len(window.features) or set(doc["outputs"]) != set(window.outputs):
                 raise ProfileError("window profile does not have the baseline's features and outputs")
-            for sketch, values in zip(window.features, doc["features"]):
+            for sketch, values in zip(window.features, doc["features"], strict=True):
                 _fill(sketch, values)
             for key, sketch in window.outputs.items():
                 _fill(sketch, doc["outputs"][key])

@@ -160,7 +160,7 @@ def _predictions(profile: Profile) -> dict[str, Any]:
     if sketch is None:
         return {}
     if sketch.kind == "categorical":
-        classes = {str(c): int(n) for c, n in zip(sketch.categories, sketch.counts[:-1]) if n}
+        classes = {str(c): int(n) for c, n in zip(sketch.categories, sketch.counts[:-1], strict=True) if n}
         if sketch.counts[-1]:
             classes["other"] = int(sketch.counts[-1])
         return {"classes": classes}

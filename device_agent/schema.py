@@ -165,7 +165,8 @@ def _check_finite(array: np.ndarray, schema: InputSchema, source: str) -> None:
         row, col = map(int, np.argwhere(nan)[0])
         count = int(nan.sum())
         raise InputError(
-            f"{source} has {count} missing value(s), first at row {row} column {schema.feature_names[col]!r}, and the model has no imputer",
+            f"{source} has {count} missing value(s), first at row {row} column {schema.feature_names[col]!r}, "
+            "and the model has no imputer",
             "fill or drop those rows, or retrain with an imputer in the pipeline",
             row=row,
             column=schema.feature_names[col],

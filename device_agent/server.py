@@ -1,6 +1,7 @@
 """The agent's HTTP API, in the KServe / TF-Serving v1 style: routes as plain functions, served by waitress.
 
-    POST /v1/models/<name>:predict   {"instances": [[...], ...]} -> {"predictions", "ids", "model_version", "probabilities"}
+    POST /v1/models/<name>:predict   {"instances": [[...], ...]}
+                                     -> {"predictions", "ids", "model_version", "probabilities"}
     POST /v1/models/<name>:feedback  {"id": ..., "label": ...}  (or {"feedback": [{"id", "label"}, ...]})
     GET  /v1/models/<name>           status and version
     GET  /healthz                    200 while a model is loaded
@@ -96,7 +97,8 @@ def _predict(agent: Agent, config: ServerConfig, body: dict[str, Any]) -> dict[s
     if isinstance(instances, list) and len(instances) > config.max_rows:
         raise HttpError(
             413,
-            f"the request has {len(instances)} rows, over the limit of {config.max_rows} ([server] max_rows); send smaller batches",
+            f"the request has {len(instances)} rows, over the limit of {config.max_rows} ([server] max_rows); "
+            "send smaller batches",
         )
     return agent.predict(instances).to_json()
 
@@ -108,8 +110,8 @@ def _feedback(agent: Agent, body: dict[str, Any]) -> dict[str, Any]:
     statuses = [agent.feedback(item["id"], item["label"]) for item in items]
     return {
         "accepted": statuses.count("accepted"),
-        "unknown": [i["id"] for i, s in zip(items, statuses) if s == "unknown"],
-        "duplicate": [i["id"] for i, s in zip(items, statuses) if s == "duplicate"],
+        "unknown": [i["id"] for i, s in zip(items, statuses, strict=True) if s == "unknown"],
+        "duplicate": [i["id"] for i, s in zip(items, statuses, strict=True) if s == "duplicate"],
     }
 
 

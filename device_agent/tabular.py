@@ -166,9 +166,11 @@ def column_order(model_names: Sequence[str], data_names: Sequence[str] | None) -
         if len(data_names) != width:
             return None  # the caller's width check says it more plainly than names it cannot compare
         raise TableError(
-            f"names its columns ({preview_names(data_names, 4)}) but the model knows them only by position ({preview_names(model_names, 4)}), "
+            f"names its columns ({preview_names(data_names, 4)}) "
+            f"but the model knows them only by position ({preview_names(model_names, 4)}), "
             "so their order cannot be checked",
-            "re-convert the model with these names recorded (edgekit convert MODEL --names-from THIS_FILE, its header in training order), "
+            "re-convert the model with these names recorded "
+            "(edgekit convert MODEL --names-from THIS_FILE, its header in training order), "
             "or give the rows without a header (.npz without feature_names) in training order",
         )
     missing = [n for n in model_names if n not in data_names]

@@ -166,7 +166,8 @@ class Updater:
             self._retry_at = time.time() + RETRY_SECONDS * attempts
             return
         if exc.code == "aborted":
-            return  # superseded (the worker takes the newer desired state up next) or stopping (resumed at the next start)
+            # superseded (the worker takes the newer desired state up next) or stopping (resumed at the next start)
+            return
         self._finish(doc, key, state, exc.problem, code=exc.code, **exc.facts)
 
     def _finish(
@@ -493,7 +494,8 @@ def run_selftest(bundle: Bundle, runtime: Any) -> dict[str, Any]:
             if worst > SELFTEST_SCORE_TOLERANCE:
                 raise UpdateError(
                     "selftest",
-                    f"output {name!r} differs from the test vectors by up to {worst:.4g} (tolerance {SELFTEST_SCORE_TOLERANCE})",
+                    f"output {name!r} differs from the test vectors by up to {worst:.4g} "
+                    f"(tolerance {SELFTEST_SCORE_TOLERANCE})",
                 )
         else:
             agreement = (
@@ -515,7 +517,10 @@ def _health_failure(seen: dict[str, int], latencies: list[float], health: dict[s
         seen["requests"] >= health["min_requests"]
         and (seen["errors"] + seen["nan"]) / seen["requests"] > health["max_error_rate"]
     ):
-        return f"{seen['errors']} of {seen['requests']} requests failed on the new model (limit {health['max_error_rate']:.0%})"
+        return (
+            f"{seen['errors']} of {seen['requests']} requests failed on the new model "
+            f"(limit {health['max_error_rate']:.0%})"
+        )
     if health.get("max_p99_ms") and len(latencies) >= health["min_requests"]:
         p99 = _pct(latencies, 99)
         if p99 is not None and p99 > health["max_p99_ms"]:

@@ -38,7 +38,8 @@ def _interpreter_class():
         raise RuntimeUnavailableError(f"tflite-runtime failed to import ({exc}); {INSTALL_HINT}") from exc
     if int(np.__version__.split(".")[0]) >= 2:
         raise RuntimeUnavailableError(
-            f"tflite-runtime is the only TFLite runtime here and it cannot create an Interpreter under NumPy {np.__version__} "
+            "tflite-runtime is the only TFLite runtime here and it cannot create an Interpreter "
+            f"under NumPy {np.__version__} "
             f"(its last release, 2.14, was built for NumPy 1); {INSTALL_HINT}, or pip install 'numpy<2'"
         )
     return Interpreter, "tflite-runtime"

@@ -54,7 +54,7 @@ class OnnxRuntime:
             values = self._session.run(None, {self.input_names[0]: rows})
         except Exception as exc:
             raise ModelError(self.source, "onnxruntime", f"failed to run: {_first_line(exc)}") from exc
-        return dict(zip(self.output_names, values))
+        return dict(zip(self.output_names, values, strict=True))
 
     def close(self) -> None:
         self._session = None
