@@ -34,7 +34,8 @@ def generate_keypair(directory: str | Path, *, name: str = "edgekit", force: boo
     if existing and not force:
         raise SigningKeyError(
             f"{', '.join(existing)} already exist",
-            "choose another --name or directory, or pass --force to replace them (bundles signed with the old key will stop verifying)",
+            "choose another --name or directory, or pass --force to replace them "
+            "(bundles signed with the old key will stop verifying)",
         )
     key = Ed25519PrivateKey.generate()
     passphrase = os.environ.get(PASSPHRASE_ENV)

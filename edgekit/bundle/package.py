@@ -146,7 +146,8 @@ def _read_report(path: str | None, model: OnnxModel) -> dict[str, Any] | None:
     reported = (report.get("candidate") or {}).get("sha256")
     if reported != model.sha256:
         raise PackageError(
-            f"is a validation report of another model (candidate sha256 {str(reported)[:12]}…, this model {model.sha256[:12]}…)",
+            f"is a validation report of another model "
+            f"(candidate sha256 {str(reported)[:12]}…, this model {model.sha256[:12]}…)",
             f"validate this model: 'edgekit validate {model.path} --reference ... --data ... --json > report.json'",
             path=path,
         )

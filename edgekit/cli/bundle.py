@@ -70,7 +70,8 @@ def package(model, name, version, baseline, key_path, output, label, report, dri
 
     \b
     Example:
-      edgekit package model.int8.onnx --name digits --version 3 --baseline train.npz --key keys/edgekit.key -o digits-3.edgebundle
+      edgekit package model.int8.onnx --name digits --version 3 --baseline train.npz \\
+          --key keys/edgekit.key -o digits-3.edgebundle
     """
     output = output or f"{name}-{version}.edgebundle"
     manifest = build_bundle(
@@ -130,7 +131,9 @@ def inspect(bundle, pubkey, as_json):
         f"model      {m['name']} v{m['version']}  ({_runtime_text(m['runtime'])})",
         f"created    {m['created']}",
         f"signature  {_signature_state(opened)}",
-        f"input      {schema['input_name']}: {schema['dtype']} [{len(schema['feature_names'])} features: {', '.join(schema['feature_names'][:6])}{', …' if len(schema['feature_names']) > 6 else ''}]  NaN {'allowed' if schema['allow_nan'] else 'refused'}",
+        f"input      {schema['input_name']}: {schema['dtype']} [{len(schema['feature_names'])} features: "
+        f"{', '.join(schema['feature_names'][:6])}{', …' if len(schema['feature_names']) > 6 else ''}]  "
+        f"NaN {'allowed' if schema['allow_nan'] else 'refused'}",
         f"output     {output['task']}"
         + (
             f", labels {output['labels'][:10]}{' …' if len(output['labels']) > 10 else ''}"
@@ -140,7 +143,9 @@ def inspect(bundle, pubkey, as_json):
         f"quantized  {_quantization_text(m.get('quantization'))}",
         f"validation {_validation_text(m.get('validation'))}",
         "drift      " + ", ".join(f"{k}={v}" for k, v in m["drift"].items()),
-        f"lineage    commit {(m['lineage'].get('git_commit') or 'none')[:12]}{' (dirty)' if m['lineage'].get('git_dirty') else ''}, baseline sha256 {m['lineage']['baseline_sha256'][:12]}…, from {m['lineage'].get('model_source')}",
+        f"lineage    commit {(m['lineage'].get('git_commit') or 'none')[:12]}"
+        f"{' (dirty)' if m['lineage'].get('git_dirty') else ''}, "
+        f"baseline sha256 {m['lineage']['baseline_sha256'][:12]}…, from {m['lineage'].get('model_source')}",
         "files      " + ", ".join(f"{k} {v['size']:,} B sha256 {v['sha256'][:12]}…" for k, v in m["files"].items()),
     ]
     click.echo("\n".join(lines))
@@ -148,7 +153,10 @@ def inspect(bundle, pubkey, as_json):
 
 def _runtime_text(runtime) -> str:
     if runtime.get("format") == "onnx":
-        return f"onnx, onnxruntime >= {runtime['min_runtime_version']}, IR {runtime['ir_version']}, opsets {', '.join(f'{domain} {version}' for domain, version in sorted(runtime['opsets'].items()))}"
+        return (
+            f"onnx, onnxruntime >= {runtime['min_runtime_version']}, IR {runtime['ir_version']}, opsets "
+            f"{', '.join(f'{domain} {version}' for domain, version in sorted(runtime['opsets'].items()))}"
+        )
     return f"{runtime.get('format')}, {runtime.get('engine')}"
 
 
@@ -210,5 +218,6 @@ def verify(bundle, pubkey, as_json):
         )
     else:
         click.echo(
-            f"OK: {bundle} is {opened.name} v{opened.version}, signed by key {opened.signed_by}; {len(opened.members)} members match their sha256"
+            f"OK: {bundle} is {opened.name} v{opened.version}, signed by key {opened.signed_by}; "
+            f"{len(opened.members)} members match their sha256"
         )

@@ -44,7 +44,8 @@ def register(cli: click.Group) -> None:
 @click.option(
     "--names-from",
     type=click.Path(dir_okay=False),
-    help="A data file whose header (or .npz feature_names) names the model's columns in training order, for a model that knows none.",
+    help="A data file whose header (or .npz feature_names) names the model's columns in training order, "
+    "for a model that knows none.",
 )
 @click.option("--label", help="Label column of CSV data (default: a column named label, target or y).")
 @click.option(
@@ -148,7 +149,8 @@ def convert(
     suffix = Path(output).suffix.lower()
     if suffix in (".onnx", ".tflite") and suffix != f".{target_format}":
         raise CommandError(
-            f"-o {output} ends in {suffix} but --target is {target_format}; end it in .{target_format}, or pass --target {suffix[1:]}"
+            f"-o {output} ends in {suffix} but --target is {target_format}; "
+            f"end it in .{target_format}, or pass --target {suffix[1:]}"
         )
     options = None
     needs_quantize = [

@@ -75,8 +75,8 @@ def emulate(
 
     \b
     Example:
-      edgekit emulate --devices 5 --bundle digits-3.edgebundle --pubkey keys/edgekit.pub --broker mqtt://127.0.0.1:1883 \\
-          --data test.npz --fleet lab --window-rows 200 --rows-per-second 100 \\
+      edgekit emulate --devices 5 --bundle digits-3.edgebundle --pubkey keys/edgekit.pub \\
+          --broker mqtt://127.0.0.1:1883 --data test.npz --fleet lab --window-rows 200 --rows-per-second 100 \\
           --drift "feature=f20,shift=8,after=500,devices=0-1" --state-dir /tmp/fleet
     """
     configs = prepare_devices(

@@ -18,7 +18,8 @@ def register(cli: click.Group) -> None:
 @click.option(
     "--target",
     required=True,
-    help="ssh://user@host[:port][/install/root] (default root /opt/edgekit, ~/edgekit for a non-root user), dir:/path (an emulated device) or chroot:/rootfs (an emulated Pi root).",
+    help="ssh://user@host[:port][/install/root] (default root /opt/edgekit, ~/edgekit for a non-root user), "
+    "dir:/path (an emulated device) or chroot:/rootfs (an emulated Pi root).",
 )
 @click.option("--device-id", required=True, help="The device's id (an MQTT topic level).")
 @click.option("--fleet", default="default", show_default=True, help="Its fleet.")

@@ -98,8 +98,9 @@ def fleet():
     "http_limits",
     multiple=True,
     metavar="NAME=VALUE",
-    help="An HTTP limit, as in agent.toml's [server]: header_timeout (10 s), body_timeout (600 s), idle_timeout (30 s), "
-    "max_connections (100), max_body_bytes (1 GiB), max_header_bytes (64 KiB), threads (4). Repeatable.",
+    help="An HTTP limit, as in agent.toml's [server]: header_timeout (10 s), body_timeout (600 s), "
+    "idle_timeout (30 s), max_connections (100), max_body_bytes (1 GiB), max_header_bytes (64 KiB), threads (4). "
+    "Repeatable.",
 )
 @click.option("--duration", type=float, help="Stop after this many seconds (default: until Ctrl-C).")
 def collect(
@@ -123,7 +124,8 @@ def collect(
 
     \b
     Example:
-      edgekit fleet collect --broker mqtt://127.0.0.1:1883 --db fleet.db --http 127.0.0.1:8480 --alerts alerts.toml --trust keys/edgekit.pub
+      edgekit fleet collect --broker mqtt://127.0.0.1:1883 --db fleet.db --http 127.0.0.1:8480 \\
+          --alerts alerts.toml --trust keys/edgekit.pub
     """
     if bool(tls_cert) != bool(tls_key):
         raise click.UsageError("--tls-cert and --tls-key go together: give both PEM files to serve HTTPS, or neither")
@@ -189,8 +191,9 @@ def provision(fleet_name, devices, out, rotate):
 
     result = run(out, fleet=fleet_name, devices=[d.strip() for d in devices.split(",") if d.strip()], rotate=rotate)
     click.echo(
-        f"wrote {result.directory}/passwd, acl and mosquitto.conf for {len(result.devices)} device(s) and the collector; "
-        f"new passwords for: {', '.join(result.created) or 'none'} (in {result.directory}/credentials/, mode 0600)"
+        f"wrote {result.directory}/passwd, acl and mosquitto.conf for {len(result.devices)} device(s) "
+        f"and the collector; new passwords for: {', '.join(result.created) or 'none'} "
+        f"(in {result.directory}/credentials/, mode 0600)"
     )
     click.echo(f"add to the broker's config: include_dir or the lines of {result.directory}/mosquitto.conf")
 
@@ -273,7 +276,10 @@ def drift(db, device, model, version, since, as_json):
         click.echo("no windows match")
     for report in reports:
         versions = ", ".join(f"v{v}" for v in report["model_versions"])
-        header = f"{report['model']} {versions}: {report['windows']} windows, {report['rows']:,} rows from {len(report['devices'])} device(s), {report['first']} … {report['last']}"
+        header = (
+            f"{report['model']} {versions}: {report['windows']} windows, {report['rows']:,} rows "
+            f"from {len(report['devices'])} device(s), {report['first']} … {report['last']}"
+        )
         click.echo(header)
         if report["drift"] is None:
             click.echo(f"  {report['note']}")
@@ -290,8 +296,9 @@ def drift(db, device, model, version, since, as_json):
             )
         click.echo(table(rows, ["feature", "psi", "ks", "js", "verdict"]))
         click.echo(
-            f"  merged verdict: {'DRIFTED' if report['drift']['drifted'] else 'no drift'} (significant at family-wise alpha "
-            f"{report['drift']['alpha']} and PSI >= {MERGED_MIN_PSI}: merged windows make every difference significant)\n"
+            f"  merged verdict: {'DRIFTED' if report['drift']['drifted'] else 'no drift'} "
+            f"(significant at family-wise alpha {report['drift']['alpha']} and PSI >= {MERGED_MIN_PSI}: "
+            "merged windows make every difference significant)\n"
         )
 
 

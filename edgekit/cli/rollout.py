@@ -59,7 +59,8 @@ def rollout():
     default=0,
     show_default=True,
     type=click.IntRange(min=0),
-    help="Live rows each device scores with the candidate beside the serving model before swapping (0: no shadow phase).",
+    help="Live rows each device scores with the candidate beside the serving model before swapping "
+    "(0: no shadow phase).",
 )
 @click.option(
     "--health-seconds",
@@ -95,8 +96,8 @@ def start(bundle, fleet, devices, waves, wave_wait, abort_on, shadow_rows, healt
             emit_json({"id": started["id"]})
         else:
             click.echo(
-                f"rollout {started['id']} started: {started['bundle']['name']} v{started['bundle']['version']} to fleet {fleet} "
-                f"in waves {waves}; follow it with 'edgekit rollout status {started['id']}'"
+                f"rollout {started['id']} started: {started['bundle']['name']} v{started['bundle']['version']} "
+                f"to fleet {fleet} in waves {waves}; follow it with 'edgekit rollout status {started['id']}'"
             )
         return
     _follow(client, started["id"], as_json)

@@ -42,7 +42,8 @@ def register(cli: click.Group) -> None:
 @click.option(
     "--max-size-ratio",
     type=click.FloatRange(0),
-    help="Fail when candidate bytes / reference bytes is above this (the --reference file: a pickle is no float32 ONNX).",
+    help="Fail when candidate bytes / reference bytes is above this "
+    "(the --reference file: a pickle is no float32 ONNX).",
 )
 @json_option
 def validate_command(candidate, reference, data, label, max_accuracy_drop, min_agreement, max_size_ratio, as_json):
@@ -56,7 +57,8 @@ def validate_command(candidate, reference, data, label, max_accuracy_drop, min_a
 
     \b
     Example:
-      edgekit validate model.int8.onnx --reference model.joblib --data test.npz --max-accuracy-drop 0.01 --min-agreement 0.99
+      edgekit validate model.int8.onnx --reference model.joblib --data test.npz \\
+          --max-accuracy-drop 0.01 --min-agreement 0.99
     """
     report = validate(
         candidate,

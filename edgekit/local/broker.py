@@ -75,7 +75,8 @@ def start_local_broker(directory: str | Path, *, prefer: str = "mosquitto") -> L
     if mosquitto and prefer == "mosquitto":
         config = directory / "mosquitto.conf"
         config.write_text(
-            f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nlog_dest file {directory / 'mosquitto.log'}\n"
+            f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
+            f"log_dest file {directory / 'mosquitto.log'}\n"
         )
         give_to_broker_user(directory)
         command, kind = [mosquitto, "-c", str(config)], "mosquitto"

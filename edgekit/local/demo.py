@@ -98,8 +98,9 @@ def _host_pipeline(workdir: Path, fixtures: str | Path | None, say: Say) -> tupl
     report_path = workdir / "validation.json"
     report_path.write_text(json.dumps(report, indent=1, default=str))
     say(
-        f"[3/8] validated against scikit-learn on {report['rows']} held-out rows: accuracy {report['reference']['metric']:.4f} -> "
-        f"{report['candidate']['metric']:.4f}, agreement {report['agreement']:.4f}, {'PASSED' if report['passed'] else 'FAILED'}"
+        f"[3/8] validated against scikit-learn on {report['rows']} held-out rows: "
+        f"accuracy {report['reference']['metric']:.4f} -> {report['candidate']['metric']:.4f}, "
+        f"agreement {report['agreement']:.4f}, {'PASSED' if report['passed'] else 'FAILED'}"
     )
     private, public, key_id = generate_keypair(workdir / "keys", force=True)
     bundles = []
@@ -117,8 +118,9 @@ def _host_pipeline(workdir: Path, fixtures: str | Path | None, say: Say) -> tupl
         bundles.append(bundle)
     opened = read_bundle(bundles[0], load_public_key(public))
     say(
-        f"[4/8] packaged and signed digits v1 ({bundles[0].stat().st_size:,} B) and v2 ({bundles[1].stat().st_size:,} B) with key {key_id}; v1 verified as a device would: "
-        f"{len(opened.members)} members match their sha256"
+        f"[4/8] packaged and signed digits v1 ({bundles[0].stat().st_size:,} B) "
+        f"and v2 ({bundles[1].stat().st_size:,} B) with key {key_id}; "
+        f"v1 verified as a device would: {len(opened.members)} members match their sha256"
     )
     return bundles, public, test, bool(report["passed"])
 
@@ -172,8 +174,9 @@ def _fleet(
         )
         fleet = EmulatedFleet(configs, say=lambda _: None).start()
         say(
-            f"[6/8] collector and dashboard at {dashboard}; {devices} emulated devices scoring 200 rows/s each, {DRIFT.feature} shifted by "
-            f"{DRIFT.shift:g} on emu-00 after {DRIFT.after} rows; running {duration:.0f} s (Ctrl-C stops early)"
+            f"[6/8] collector and dashboard at {dashboard}; {devices} emulated devices scoring 200 rows/s each, "
+            f"{DRIFT.feature} shifted by {DRIFT.shift:g} on emu-00 after {DRIFT.after} rows; "
+            f"running {duration:.0f} s (Ctrl-C stops early)"
         )
         with interrupted() as stop:
             rollout = _run_fleet(collector, fleet, bundles[1], devices=devices, duration=duration, stop=stop, say=say)
@@ -211,10 +214,12 @@ def _fleet(
             )
             if rollout is not None:
                 say(
-                    f"rollout {rollout['id']}: {rollout['state']} ({rollout['reason']}); see {dashboard}rollouts/{rollout['id']}"
+                    f"rollout {rollout['id']}: {rollout['state']} ({rollout['reason']}); "
+                    f"see {dashboard}rollouts/{rollout['id']}"
                 )
             say(
-                f"dashboard: {dashboard} (fleet table, per-device drift, fleet-wide drift at {dashboard}drift, rollouts at {dashboard}rollouts); "
+                f"dashboard: {dashboard} (fleet table, per-device drift, fleet-wide drift at {dashboard}drift, "
+                f"rollouts at {dashboard}rollouts); "
                 + (
                     "it stays up until Ctrl-C"
                     if keep_serving
@@ -243,7 +248,8 @@ ROLLOUT_GRACE = 90.0  # the demo waits this long past --duration for a rollout u
 
 
 def _run_fleet(collector, fleet, bundle_v2: Path, *, devices: int, duration: float, stop, say: Say) -> dict | None:
-    """Run the fleet for ``duration``; a third of the way in, roll v2 out (what 'edgekit rollout start' asks the collector to do)."""
+    """Run the fleet for ``duration``; a third of the way in, roll v2 out (what 'edgekit rollout start' asks
+    the collector to do)."""
     from edgekit.fleet.rollouts import start_from_request
 
     started = time.monotonic()
@@ -268,8 +274,9 @@ def _run_fleet(collector, fleet, bundle_v2: Path, *, devices: int, duration: flo
                 collector.rollouts, {"sha256": uploaded["sha256"], "fleet": "demo", **ROLLOUT_SETTINGS}
             )
             say(
-                f"[7/8] rolling out digits v2 ({rollout_id}): waves {ROLLOUT_SETTINGS['waves']}, each device scores {ROLLOUT_SETTINGS['shadow_rows']} "
-                f"live rows with v2 beside v1 before swapping, then watches its health for {ROLLOUT_SETTINGS['health_seconds']} s"
+                f"[7/8] rolling out digits v2 ({rollout_id}): waves {ROLLOUT_SETTINGS['waves']}, "
+                f"each device scores {ROLLOUT_SETTINGS['shadow_rows']} live rows with v2 beside v1 before swapping, "
+                f"then watches its health for {ROLLOUT_SETTINGS['health_seconds']} s"
             )
         if rollout is not None:
             line = f"      rollout: {rollout['state']}, wave {rollout['wave']}/{len(rollout['waves'])}: " + ", ".join(

@@ -171,7 +171,7 @@ class EmulatedFleet:
 
     def check(self) -> None:
         """Raise if a device process has died (its last log line says why)."""
-        for config, process in zip(self.configs, self.processes):
+        for config, process in zip(self.configs, self.processes, strict=False):
             if process.poll() is not None:
                 tail = (config.parent / "agent.log").read_text().strip().splitlines()[-1:] or ["(no output)"]
                 raise EdgekitError(

@@ -90,7 +90,7 @@ def make_fixtures(directory: str | Path, names: tuple[str, ...] = FIXTURES) -> d
 
 def _write_csv(path: Path, X: np.ndarray, y: np.ndarray, names: list[str]) -> None:
     lines = [",".join([*names, "label"])]
-    lines += [",".join([*(f"{v:g}" for v in row), str(int(label))]) for row, label in zip(X, y)]
+    lines += [",".join([*(f"{v:g}" for v in row), str(int(label))]) for row, label in zip(X, y, strict=True)]
     path.write_text("\n".join(lines) + "\n")
 
 

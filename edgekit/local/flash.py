@@ -4,9 +4,9 @@ Targets:
 
 - ``ssh://user@host[:port][/install/root]``: through the system ``ssh`` and ``scp`` (the user's keys and config;
   ``--identity`` and ``--ssh-option`` pass through). Layout under the URL's path when it has one, else
-  ``/opt/edgekit`` (root) or ``~/edgekit``; a systemd unit ``edgekit-agent.service`` (restart on failure, an unprivileged user)
-  is installed, enabled and started when the target runs systemd, else the agent is started in the
-  background. Then the device's first state message is awaited on the broker.
+  ``/opt/edgekit`` (root) or ``~/edgekit``; a systemd unit ``edgekit-agent.service`` (restart on failure,
+  an unprivileged user) is installed, enabled and started when the target runs systemd, else the agent is
+  started in the background. Then the device's first state message is awaited on the broker.
 - ``dir:/path``: the same layout in a local directory, an emulated device; ``edge-agent run --config
   /path/etc/agent.toml`` (or ``--start``) runs it.
 - ``chroot:/rootfs``: a device root file system on this host (e.g. a Debian arm64 root run under
@@ -104,7 +104,8 @@ class Flasher:
             else str(Path(plan.target[4:]).expanduser().resolve())
         )
         self.say(
-            f"flashing {opened.name} v{opened.version} onto {plan.target} as {plan.fleet}/{plan.device_id} (root {root})"
+            f"flashing {opened.name} v{opened.version} onto {plan.target} as {plan.fleet}/{plan.device_id} "
+            f"(root {root})"
         )
         extras = "agent,tflite" if opened.model_format == "tflite" else "agent"  # the runtime the bundle needs
         with tempfile.TemporaryDirectory(prefix="edgekit-flash-") as staging:
@@ -222,23 +223,29 @@ class Flasher:
             f'[ -x "$ROOT/venv/bin/python" ] || {q(plan.python)} -m venv {venv_flags}"$ROOT/venv"',
             *(self._inherit_site_packages() if plan.system_site_packages else []),
             # edgekit itself always into the venv (a system-wide edgekit must not satisfy it), then what it needs
-            f'"$ROOT/venv/bin/python" -m pip install -q --disable-pip-version-check {index}--find-links "$ROOT/wheels" --force-reinstall --no-deps edgekit-ml',
-            f'"$ROOT/venv/bin/python" -m pip install -q --disable-pip-version-check {index}--find-links "$ROOT/wheels" "edgekit-ml[{extras}]"',
+            f'"$ROOT/venv/bin/python" -m pip install -q --disable-pip-version-check {index}--find-links "$ROOT/wheels" '
+            "--force-reinstall --no-deps edgekit-ml",
+            f'"$ROOT/venv/bin/python" -m pip install -q --disable-pip-version-check {index}--find-links "$ROOT/wheels" '
+            f'"edgekit-ml[{extras}]"',
             'chmod 600 "$ROOT/etc/mqtt.password" 2>/dev/null || true',
             # flashing is an administrator's direct install: it may replace the active version (OTA may not)
-            '"$ROOT/venv/bin/edge-agent" install "$ROOT/bundle.edgebundle" --config "$ROOT/etc/agent.toml" --allow-downgrade',
+            '"$ROOT/venv/bin/edge-agent" install "$ROOT/bundle.edgebundle" --config "$ROOT/etc/agent.toml" '
+            "--allow-downgrade",
         ]
         if ssh:
             lines += [
-                'if [ "$(id -u)" = 0 ]; then id edgekit >/dev/null 2>&1 || useradd --system --home "$ROOT" --shell /usr/sbin/nologin edgekit; '
-                'chown -R edgekit: "$ROOT/state" "$ROOT/etc"; chmod 600 "$ROOT/etc/mqtt.password" 2>/dev/null || true; fi',
+                'if [ "$(id -u)" = 0 ]; then id edgekit >/dev/null 2>&1 || '
+                'useradd --system --home "$ROOT" --shell /usr/sbin/nologin edgekit; '
+                'chown -R edgekit: "$ROOT/state" "$ROOT/etc"; '
+                'chmod 600 "$ROOT/etc/mqtt.password" 2>/dev/null || true; fi',
                 'if [ "$(id -u)" = 0 ] && [ -d /run/systemd/system ]; then',
                 '  cp "$ROOT/etc/edgekit-agent.service" /etc/systemd/system/edgekit-agent.service',
                 "  systemctl daemon-reload && systemctl enable edgekit-agent && systemctl restart edgekit-agent",
                 "  echo started: systemd edgekit-agent.service",
                 "else",
                 '  [ -f "$ROOT/agent.pid" ] && kill "$(cat "$ROOT/agent.pid")" 2>/dev/null || true',
-                '  nohup "$ROOT/venv/bin/edge-agent" run --config "$ROOT/etc/agent.toml" >> "$ROOT/agent.log" 2>&1 < /dev/null &',
+                '  nohup "$ROOT/venv/bin/edge-agent" run --config "$ROOT/etc/agent.toml" '
+                '>> "$ROOT/agent.log" 2>&1 < /dev/null &',
                 '  echo $! > "$ROOT/agent.pid"',
                 '  echo started: background process $(cat "$ROOT/agent.pid") without systemd',
                 "fi",
@@ -246,7 +253,8 @@ class Flasher:
         elif plan.start or self._chroot():
             lines += [
                 '[ -f "$ROOT/agent.pid" ] && kill "$(cat "$ROOT/agent.pid")" 2>/dev/null || true',
-                'nohup "$ROOT/venv/bin/edge-agent" run --config "$ROOT/etc/agent.toml" >> "$ROOT/agent.log" 2>&1 < /dev/null &',
+                'nohup "$ROOT/venv/bin/edge-agent" run --config "$ROOT/etc/agent.toml" '
+                '>> "$ROOT/agent.log" 2>&1 < /dev/null &',
                 'echo $! > "$ROOT/agent.pid"',
             ]
         return "\n".join(lines) + "\n"
@@ -263,7 +271,8 @@ class Flasher:
         listing = "import site; print(chr(10).join(site.getsitepackages()))"
         purelib = "import sysconfig; print(sysconfig.get_paths()['purelib'])"
         return [
-            f'{q(self.plan.python)} -c {q(listing)} > "$("$ROOT/venv/bin/python" -c {q(purelib)})/edgekit-python-site.pth"'
+            f"{q(self.plan.python)} -c {q(listing)} > "
+            f'"$("$ROOT/venv/bin/python" -c {q(purelib)})/edgekit-python-site.pth"'
         ]
 
     # -- transport ----------------------------------------------------------------------------------
@@ -395,13 +404,15 @@ class Flasher:
             if not done.wait(seconds):
                 raise FlashError(
                     f"no state message from {self.plan.device_id} on {self.plan.broker} within {seconds:.0f} s",
-                    "check the agent's log on the device (agent.log or journalctl -u edgekit-agent) and that it can reach the broker",
+                    "check the agent's log on the device (agent.log or journalctl -u edgekit-agent) "
+                    "and that it can reach the broker",
                 )
         finally:
             client.loop_stop()
             client.disconnect()
         model = seen.get("model") or {}
         self.say(
-            f"online: {self.plan.device_id} runs {model.get('name')} v{model.get('version')} on {seen.get('runtime')} (agent {seen.get('agent_version')})"
+            f"online: {self.plan.device_id} runs {model.get('name')} v{model.get('version')} on {seen.get('runtime')} "
+            f"(agent {seen.get('agent_version')})"
         )
         return seen

@@ -110,7 +110,8 @@ def pin(proto: Any, target: RuntimeTarget, *, source: str = "model") -> Any:
         limit = max_opset if entry.domain in ("", "ai.onnx") else max_ml if entry.domain == "ai.onnx.ml" else None
         if limit is not None and entry.version > limit:
             raise ConversionError(
-                f"{source} uses {entry.domain or 'ai.onnx'} opset {entry.version}, newer than onnxruntime {target.min_runtime} loads (at most {limit})",
+                f"{source} uses {entry.domain or 'ai.onnx'} opset {entry.version}, "
+                f"newer than onnxruntime {target.min_runtime} loads (at most {limit})",
                 "re-export the model with a lower opset, or pass a newer --min-runtime",
             )
     needed = required_ir(proto)
