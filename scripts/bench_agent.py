@@ -86,7 +86,8 @@ def device_config(work: Path, paths: dict, *, window_rows: int, listen: str = ""
     StateDir(directory / "state").install(paths["bundle"], load_public_key(paths["public"]))
     config = directory / "agent.toml"
     config.write_text(
-        f'device_id = "bench"\nstate_dir = "state"\n[trust]\npublic_key = "{paths["public"]}"\n[monitor]\nwindow_rows = {window_rows}\n'
+        f'device_id = "bench"\nstate_dir = "state"\n[trust]\npublic_key = "{paths["public"]}"\n'
+        f"[monitor]\nwindow_rows = {window_rows}\n"
         f'window_seconds = 100000\n[server]\nlisten = "{listen}"\n'
     )
     return config
@@ -226,7 +227,8 @@ def rss_and_startup(paths: dict, work: Path) -> dict:
             (
                 "import numpy, onnxruntime as ort, paho.mqtt.client, sys\n"
                 "o = ort.SessionOptions(); o.intra_op_num_threads = 1\n"
-                f"s = ort.InferenceSession(open({str(paths['model'])!r}, 'rb').read(), o, providers=['CPUExecutionProvider'])\n"
+                f"s = ort.InferenceSession(open({str(paths['model'])!r}, 'rb').read(), o, "
+                "providers=['CPUExecutionProvider'])\n"
                 "s.run(None, {'X': numpy.zeros((1, 64), numpy.float32)})\n"
                 "print([l for l in open('/proc/self/status') if l.startswith('VmRSS')][0].split()[1])"
             ),
@@ -262,7 +264,9 @@ def rss_and_startup(paths: dict, work: Path) -> dict:
                 urllib.request.Request(f"http://127.0.0.1:{port}/v1/models/digits:predict", data=body), timeout=10
             ) as response:
                 response.read()
-        agent_kb = int(next(l for l in open(f"/proc/{process.pid}/status") if l.startswith("VmRSS")).split()[1])
+        agent_kb = int(
+            next(line for line in open(f"/proc/{process.pid}/status") if line.startswith("VmRSS")).split()[1]
+        )
     finally:
         process.terminate()
         process.wait(15)
@@ -346,8 +350,9 @@ def main() -> int:
     ]
     print_checks(checks)
     print(
-        f"\nbare session.run b1 {results['bare_b1_us']:.1f} µs, agent {results['agent_b1_us']:.1f} µs; b1000 bare {results['bare_b1000_ms']:.3f} ms, "
-        f"agent {results['agent_b1000_ms']:.3f} ms; closing one 1000-row window (drift, summary, spool) {results['window_close_ms']:.1f} ms; "
+        f"\nbare session.run b1 {results['bare_b1_us']:.1f} µs, agent {results['agent_b1_us']:.1f} µs; "
+        f"b1000 bare {results['bare_b1000_ms']:.3f} ms, agent {results['agent_b1000_ms']:.3f} ms; "
+        f"closing one 1000-row window (drift, summary, spool) {results['window_close_ms']:.1f} ms; "
         f"RSS bare {results['bare_rss_mb']:.1f} MB, agent {results['agent_rss_mb']:.1f} MB"
     )
     write_json(args.out, checks, targets=TARGETS, results=results)

@@ -109,7 +109,8 @@ class Broker:
         directory = work / f"broker-{self.port}"
         directory.mkdir()
         (directory / "m.conf").write_text(
-            f"listener {self.port} 127.0.0.1\nallow_anonymous true\nmax_queued_messages 1000000\nmax_inflight_messages 1000\n"
+            f"listener {self.port} 127.0.0.1\nallow_anonymous true\n"
+            "max_queued_messages 1000000\nmax_inflight_messages 1000\n"
         )
         if os.geteuid() == 0:
             import pwd
@@ -178,7 +179,8 @@ def run_pipeline(
     sample_every: float = 2.0,
     timeout: float = 900,
 ) -> dict:
-    """Collectors (each with ``workers`` processes) in one shared-subscription group, writing one database, fed by publisher processes."""
+    """Collectors (each with ``workers`` processes) in one shared-subscription group, writing one database,
+    fed by publisher processes."""
     broker = Broker(work)
     db = work / f"fleet-{total}-{int(rate)}-{collectors}-{workers}.db"
     SqliteStore(db).close()  # create and migrate once, before collectors race to
@@ -352,7 +354,8 @@ def main() -> int:
         )
     print()
     print(
-        f"summary payload {store['payload_bytes']:,} bytes; collector RSS {sustained['rss_first_quarter_mb']:.1f} → {sustained['rss_last_quarter_mb']:.1f} MB"
+        f"summary payload {store['payload_bytes']:,} bytes; "
+        f"collector RSS {sustained['rss_first_quarter_mb']:.1f} → {sustained['rss_last_quarter_mb']:.1f} MB"
     )
     write_json(args.out, rows, targets=TARGETS, results=results)
     return 0

@@ -179,7 +179,8 @@ def throughput(port: int, body: bytes, clients: int, seconds: float) -> float:
         f"    c = http.client.HTTPConnection('127.0.0.1', {port}, timeout=30)\n"
         "    n = 0\n"
         "    while time.monotonic() < end:\n"
-        f"        c.request('POST', {PREDICT!r}, body, {{'Content-Type': 'application/json'}}); c.getresponse().read(); n += 1\n"
+        f"        c.request('POST', {PREDICT!r}, body, {{'Content-Type': 'application/json'}}); "
+        "c.getresponse().read(); n += 1\n"
         "    count[0] += n\n"
         f"threads = [threading.Thread(target=run) for _ in range({clients})]\n"
         "[t.start() for t in threads]; [t.join() for t in threads]\nprint(count[0])\n"
@@ -405,13 +406,15 @@ def report(results: dict, out: str) -> int:
         )
     extra = new["latency_p50_us"] - base["latency_p50_us"]
     print(
-        f"waitress adds {extra:.0f} µs at p50; one hand-off between two threads costs {results['thread_handoff_us']:.0f} µs here, "
+        f"waitress adds {extra:.0f} µs at p50; "
+        f"one hand-off between two threads costs {results['thread_handoff_us']:.0f} µs here, "
         "and waitress makes two a request (I/O thread to worker, worker back to the I/O thread)"
     )
     for name, facts in results["libraries"].items():
         if facts["installed"]:
             print(
-                f"{name} {facts['version']}: {facts['install_kb']:.0f} KB installed (with dependencies), wheels {', '.join(facts['wheel_tags'])}"
+                f"{name} {facts['version']}: {facts['install_kb']:.0f} KB installed (with dependencies), "
+                f"wheels {', '.join(facts['wheel_tags'])}"
             )
     write_json(out, checks, targets=TARGETS, results=results)
     return 0

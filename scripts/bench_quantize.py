@@ -263,7 +263,8 @@ def checks(rows: list[dict], pipeline_seconds: float | None, tflite: dict | None
         )
         results.append(
             {
-                "check": f"digits chosen .tflite ({tflite['tflite_chosen']}) batch-1 speed ≥ {TARGETS['tflite_b1_speedup_min']}x onnxruntime fp32",
+                "check": f"digits chosen .tflite ({tflite['tflite_chosen']}) "
+                f"batch-1 speed ≥ {TARGETS['tflite_b1_speedup_min']}x onnxruntime fp32",
                 "value": tflite["chosen b1 vs onnxruntime"],
                 "ok": tflite["chosen b1 vs onnxruntime"] >= TARGETS["tflite_b1_speedup_min"],
             }
@@ -346,9 +347,9 @@ def print_table(rows: list[dict], results: list[dict], tflite: dict | None = Non
                 "-" if r.get("int8_b256_speedup") is None else f"{r['int8_b256_speedup']:.2f}x",
             ]
         )
-    widths = [max(len(str(x)) for x in col) for col in zip(headers, *lines)]
+    widths = [max(len(str(x)) for x in col) for col in zip(headers, *lines, strict=True)]
     for line in [headers, ["-" * w for w in widths], *lines]:
-        print("  ".join(str(c).ljust(w) for c, w in zip(line, widths)))
+        print("  ".join(str(c).ljust(w) for c, w in zip(line, widths, strict=True)))
     print("speed: p50 ratio to float32 onnxruntime, interleaved in one process, 1 thread")
     if tflite:
         fp32_parts, int8_parts = tflite["tflite_fp32_size_parts"], tflite["tflite_int8_size_parts"]

@@ -118,7 +118,8 @@ class Fleet:
 def start_fleet(
     stack: contextlib.ExitStack, work: Path, paths: dict, name: str, devices: int, rows_per_second: float, proxy=None
 ) -> Fleet:
-    """A broker of its own (so fleets of earlier phases are never heard), a collector, and ``devices`` agents, all online."""
+    """A broker of its own (so fleets of earlier phases are never heard), a collector, and ``devices`` agents,
+    all online."""
     root = work / name
     broker = start_local_broker(root / "broker")
     stack.callback(broker.stop)
@@ -203,7 +204,10 @@ while not stop:
         if not keep_alive:
             connection.close()
             connection = None
-        lines.append([now, json.loads(data)["model_version"]] if response.status == 200 else [now, None, f"HTTP {response.status}: {data[:200]!r}"])
+        if response.status == 200:
+            lines.append([now, json.loads(data)["model_version"]])
+        else:
+            lines.append([now, None, f"HTTP {response.status}: {data[:200]!r}"])
     except (OSError, http.client.HTTPException) as exc:
         lines.append([time.monotonic(), None, repr(exc)])
         connection = None
@@ -253,7 +257,8 @@ class Prober:
         return (float(gaps.max() * 1e3) if gaps.size else None), int(ends.sum())
 
     def largest(self, start: float, end: float, origin: float, count: int = 5) -> list[dict]:
-        """The ``count`` largest intervals ending in [start, end]: where each ended (s from ``origin``) and how long it was."""
+        """The ``count`` largest intervals ending in [start, end]: where each ended (s from ``origin``) and how long
+        it was."""
         times = np.array([t for t, _ in self.answers])
         gaps = [(float(b - a), float(b)) for a, b in itertools.pairwise(times) if start <= b <= end]
         return [
@@ -499,27 +504,31 @@ def checks(results: dict, args) -> list[tuple[str, float | None, str, bool]]:
 def print_table(results: dict, args) -> list:
     rows = checks(results, args)
     print(
-        f"\nwaves {args.waves}, shadow rows {args.shadow_rows}, health watch {args.health_seconds:g} s, abort on {args.abort_on}, "
-        f"{args.rows_per_second:g} rows/s per device, {args.devices} devices, probe on {'one keep-alive connection' if args.keep_alive else 'a fresh connection per request'}"
+        f"\nwaves {args.waves}, shadow rows {args.shadow_rows}, health watch {args.health_seconds:g} s, "
+        f"abort on {args.abort_on}, {args.rows_per_second:g} rows/s per device, {args.devices} devices, "
+        f"probe on {'one keep-alive connection' if args.keep_alive else 'a fresh connection per request'}"
     )
     print_checks(rows)
     fleet, gap, resume = results["fleet"], results["gap"], results["resume"]
     waves = ", ".join(f"wave {w} at {s:.1f} s" for w, s in fleet["wave_started_s"].items())
     print(
-        f"\nfleet rollout {fleet['state']} ({fleet['reason']}); {waves}; collector's own clock {fleet['collector_seconds']:.1f} s"
+        f"\nfleet rollout {fleet['state']} ({fleet['reason']}); {waves}; "
+        f"collector's own clock {fleet['collector_seconds']:.1f} s"
     )
     if fleet.get("device_states"):
         print(f"devices not succeeded: {fleet['device_states']}")
     for label, probe in (("gap fleet", gap), (f"probe in fleet ({fleet['probe']['device']})", fleet["probe"])):
         if probe.get("swap_seen"):
             print(
-                f"{label}: {probe['answers']:,} answers, {probe['answers_per_second']:.0f}/s around the swap, last v1 -> first v2 answer "
-                f"{probe['last_v1_to_first_v2_ms']:.2f} ms, {probe['failures']} failed requests ({probe['swap_failures']} around the swap), "
+                f"{label}: {probe['answers']:,} answers, {probe['answers_per_second']:.0f}/s around the swap, "
+                f"last v1 -> first v2 answer {probe['last_v1_to_first_v2_ms']:.2f} ms, "
+                f"{probe['failures']} failed requests ({probe['swap_failures']} around the swap), "
                 f"swap {probe['swap_after_start_s']:.1f} s after rollout start"
             )
         else:
             print(
-                f"{label}: no answer from v2 seen ({probe['answers']} answers, {probe['failures']} failures {probe['failure_examples']})"
+                f"{label}: no answer from v2 seen "
+                f"({probe['answers']} answers, {probe['failures']} failures {probe['failure_examples']})"
             )
     print(
         f"resumed download: requests carried Range {resume['ranges']} (expected second: {resume['expected_range']}); "

@@ -37,7 +37,8 @@ class Mosquitto:
         if not directory.exists():
             directory.symlink_to(self.dir)
         (self.dir / "mosquitto.conf").write_text(
-            f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence false\nlog_dest file {self.dir / 'mosquitto.log'}\n"
+            f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
+            f"log_dest file {self.dir / 'mosquitto.log'}\n"
             "max_queued_messages 100000\n"
         )
         give_to_broker_user(self.dir)

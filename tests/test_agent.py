@@ -75,7 +75,7 @@ def test_status_health_metrics_and_feedback(device, digits):
         status, body = http(agent, "POST", "/v1/models/digits:predict", {"instances": X[:100].tolist()})
         answer = json.loads(body)
         agent.monitor.process()  # window 1 closes; feedback below counts in the window open when it arrives
-        feedback = [{"id": i, "label": int(label)} for i, label in zip(answer["ids"], y[:100])]
+        feedback = [{"id": i, "label": int(label)} for i, label in zip(answer["ids"], y[:100], strict=True)]
         status, body = http(
             agent, "POST", "/v1/models/digits:feedback", {"feedback": feedback + [{"id": "nope-1", "label": 0}]}
         )
@@ -244,7 +244,7 @@ def test_http_rows_as_objects_by_name_and_wording_of_bad_rows(device, digits):
     with Agent(config_of(device)).start() as agent:
         names = agent.schema.feature_names
         objects = [
-            dict(reversed(list(zip(names, row.tolist())))) for row in X
+            dict(reversed(list(zip(names, row.tolist(), strict=True)))) for row in X
         ]  # keys in reverse order: put in schema order
         status, body = http(agent, "POST", "/v1/models/digits:predict", {"instances": objects})
         expected = json.loads(http(agent, "POST", "/v1/models/digits:predict", {"instances": X.tolist()})[1])

@@ -110,8 +110,8 @@ def test_missing_files_are_one_line_with_the_fix(device, bundle, keypair, tmp_pa
     code, out, err = run(capsys, "predict", "--config", device, tmp_path / "rows.csv")
     assert code == 2 and out == ""
     assert (
-        err
-        == f"edge-agent: no such file: {tmp_path / 'rows.csv'}; give the path of a .csv with a header row or an .npz with X\n"
+        err == f"edge-agent: no such file: {tmp_path / 'rows.csv'}; "
+        "give the path of a .csv with a header row or an .npz with X\n"
     )
     assert "Errno" not in err
     for args in (
@@ -140,7 +140,7 @@ def test_a_column_that_looks_like_the_label_is_named_with_the_flag(device, digit
     with open(path, "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow([*header, "digit"])
-        writer.writerows([[*row.tolist(), label] for row, label in zip(data["X"][:5], data["y"][:5])])
+        writer.writerows([[*row.tolist(), label] for row, label in zip(data["X"][:5], data["y"][:5], strict=True)])
     code, out, err = run(capsys, "predict", "--config", device, path)
     assert code == 2 and out == "" and err.count("\n") == 1
     assert "has columns the model does not know: 'digit'" in err and "rerun with --label digit" in err
@@ -190,7 +190,7 @@ def positional_device(tmp_path_factory, keypair):
     with open(directory / "shuffled.csv", "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow([IRIS_NAMES[i] for i in (3, 2, 1, 0)] + ["target"])
-        writer.writerows([[*row[[3, 2, 1, 0]].tolist(), label] for row, label in zip(X, y)])
+        writer.writerows([[*row[[3, 2, 1, 0]].tolist(), label] for row, label in zip(X, y, strict=True)])
     runner, cli = CliRunner(), cli_for_tests()
     for args in (
         ["convert", directory / "iris.joblib", "-o", directory / "iris.onnx"],

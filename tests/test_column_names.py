@@ -25,7 +25,7 @@ def iris_files(tmp_path_factory):
         with open(directory / name, "w", newline="") as handle:
             writer = csv.writer(handle)
             writer.writerow([NAMES[i] for i in order] + ["target"])
-            writer.writerows([[*row[order].tolist(), label] for row, label in zip(X, y)])
+            writer.writerows([[*row[order].tolist(), label] for row, label in zip(X, y, strict=True)])
     return directory
 
 

@@ -26,7 +26,8 @@ def test_no_module_of_device_agent_imports_host_only_packages():
 
 def test_importing_the_shared_formats_loads_no_runtime_or_host_package():
     code = (
-        "import sys, device_agent.bundle, device_agent.profile, device_agent.schema, device_agent.signing, device_agent.cli, device_agent.runtimes;"
+        "import sys, device_agent.bundle, device_agent.profile, device_agent.schema, device_agent.signing, "
+        "device_agent.cli, device_agent.runtimes;"
         f"print(sorted(m for m in sys.modules if m.split('.')[0] in {FORBIDDEN + ('onnxruntime', 'ai_edge_litert')!r}))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT).stdout

@@ -28,8 +28,10 @@ def sshd(tmp_path):
     os.chmod(directory / "authorized_keys", 0o600)
     port = free_port()
     (directory / "sshd_config").write_text(
-        f"Port {port}\nListenAddress 127.0.0.1\nHostKey {directory / 'host'}\nAuthorizedKeysFile {directory / 'authorized_keys'}\n"
-        f"PidFile {directory / 'sshd.pid'}\nPermitRootLogin prohibit-password\nPasswordAuthentication no\nUsePAM no\nStrictModes no\n"
+        f"Port {port}\nListenAddress 127.0.0.1\nHostKey {directory / 'host'}\n"
+        f"AuthorizedKeysFile {directory / 'authorized_keys'}\n"
+        f"PidFile {directory / 'sshd.pid'}\nPermitRootLogin prohibit-password\n"
+        "PasswordAuthentication no\nUsePAM no\nStrictModes no\n"
         "PrintMotd no\nSubsystem sftp internal-sftp\n"
     )
     Path("/run/sshd").mkdir(exist_ok=True)

@@ -165,7 +165,8 @@ def _children(pid: int) -> list[int]:
 
 
 def test_workers_stand_down_on_a_broker_without_shared_subscriptions(tmp_path, fleet_name):
-    """amqtt speaks MQTT 3.1.1: a worker there would store every summary a second time, so it exits and is not restarted."""
+    """amqtt speaks MQTT 3.1.1: a worker there would store every summary a second time, so it exits and is not
+    restarted."""
     pytest.importorskip("amqtt")
     from edgekit.local.broker import free_port, wait_for_port
 

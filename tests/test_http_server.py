@@ -242,7 +242,8 @@ def test_a_lying_content_length_gets_408_after_body_timeout_and_an_overlong_one_
     agent = agent_process(body_timeout=1.5, max_body_bytes=4096)
     sock = socket.create_connection(("127.0.0.1", agent.port))
     sock.sendall(
-        b'POST /v1/models/digits:predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n{"inst'
+        b"POST /v1/models/digits:predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b'Content-Length: 1000\r\n\r\n{"inst'
     )
     status, _, body = read_response(sock)
     assert status == 408 and "body_timeout" in json.loads(body)["error"]
@@ -250,7 +251,8 @@ def test_a_lying_content_length_gets_408_after_body_timeout_and_an_overlong_one_
     rss_before = agent.rss_mb()
     sock = socket.create_connection(("127.0.0.1", agent.port))
     sock.sendall(
-        b"POST /v1/models/digits:predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}"
+        b"POST /v1/models/digits:predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Content-Length: 2\r\n\r\n{}"
     )
     status, _, _ = read_response(sock)
     assert status == 400  # {} has no instances
@@ -332,7 +334,10 @@ def test_expect_100_continue_head_and_the_4xx_answers(agent, digits):
     body = json.dumps({"instances": np.load(digits.test)["X"][:2].tolist()}).encode()
     sock = socket.create_connection(("127.0.0.1", port))
     sock.sendall(
-        f"POST {PREDICT} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\nExpect: 100-continue\r\n\r\n".encode()
+        (
+            f"POST {PREDICT} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\nExpect: 100-continue\r\n\r\n"
+        ).encode()
     )
     sock.settimeout(10)
     assert sock.recv(25).startswith(b"HTTP/1.1 100 Continue")

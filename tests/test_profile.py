@@ -35,7 +35,7 @@ def test_window_profiles_merge_exactly_into_the_whole():
     first.update_inputs(X[:400])
     second.update_inputs(X[400:])
     merged = first.merge(second).to_dict()
-    for m, w in zip(merged["features"], whole.to_dict()["features"]):
+    for m, w in zip(merged["features"], whole.to_dict()["features"], strict=True):
         assert m["counts"] == w["counts"] and m["count"] == w["count"] and (m["min"], m["max"]) == (w["min"], w["max"])
         assert m["sum"] == pytest.approx(w["sum"]) and m["sum_sq"] == pytest.approx(w["sum_sq"])
     assert merged["rows"] == 1000
@@ -87,7 +87,7 @@ def test_compact_form_round_trips_on_the_baseline_bins():
     window.update_inputs(rng.normal(size=(300, 3)))
     window.update_outputs(labels=rng.integers(0, 3, 300), probabilities=rng.dirichlet([1, 1, 1], 300))
     rebuilt = base.from_compact(json.loads(json.dumps(window.to_compact())))
-    for a, b in zip(rebuilt.to_dict()["features"], window.to_dict()["features"]):
+    for a, b in zip(rebuilt.to_dict()["features"], window.to_dict()["features"], strict=True):
         assert a["counts"] == b["counts"] and a["count"] == b["count"] and a["sum"] == pytest.approx(b["sum"], rel=1e-5)
     assert rebuilt.outputs["prediction"].counts.tolist() == window.outputs["prediction"].counts.tolist()
     with pytest.raises(ProfileError, match="does not match baseline"):
@@ -130,7 +130,7 @@ def test_vectorized_update_equals_the_per_feature_definition(digits, dirty, dtyp
     block.update_inputs(data)
     for column, sketch in enumerate(reference.features):
         sketch.update(data[:, column])
-    for a, b in zip(block.features, reference.features):
+    for a, b in zip(block.features, reference.features, strict=True):
         assert a.counts.tolist() == b.counts.tolist() and (a.count, a.nulls, a.infs) == (b.count, b.nulls, b.infs)
         assert (
             (a.minimum, a.maximum) == (b.minimum, b.maximum)

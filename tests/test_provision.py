@@ -17,7 +17,10 @@ def test_hash_is_what_mosquitto_passwd_writes():
     import base64
 
     salt = base64.b64decode("t91/dFtPp5Ldl5qS")
-    expected = "$7$101$t91/dFtPp5Ldl5qS$+6gtyWWugGxMuG3uipVSpxLf4FT/UWifE+StqRa5T4f7nMR9nKk+hXnmVth47eXcDcKapxBsDU1nyYTsY9XzGw=="
+    expected = (
+        "$7$101$t91/dFtPp5Ldl5qS$"
+        "+6gtyWWugGxMuG3uipVSpxLf4FT/UWifE+StqRa5T4f7nMR9nKk+hXnmVth47eXcDcKapxBsDU1nyYTsY9XzGw=="
+    )
     assert mosquitto_hash("s3cret", salt=salt, iterations=101) == expected
 
 

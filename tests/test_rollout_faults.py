@@ -17,7 +17,8 @@ pytestmark = pytest.mark.network
 
 @pytest.fixture(scope="module")
 def candidates(digits, digits_onnx, keypair, tmp_path_factory):
-    """Signed v4 bundles: good, failing its self-test, disagreeing, NaN on saturated pixels; and one signed by a stranger."""
+    """Signed v4 bundles: good, failing its self-test, disagreeing, NaN on saturated pixels; and one signed by a
+    stranger."""
     import joblib
     from sklearn.tree import DecisionTreeClassifier
 

@@ -72,7 +72,7 @@ def test_the_scaler_centering_is_folded_and_classes_0_to_9_need_no_gather(tflite
     ops, model = _ops(tflite_models[1])
     assert ops == ["MUL", "QUANTIZE", "FULLY_CONNECTED", "FULLY_CONNECTED", "SOFTMAX", "DEQUANTIZE", "ARG_MAX"]
     graph = model.subgraphs[0]
-    for op in (op for op, name in zip(graph.operators, ops) if name == "FULLY_CONNECTED"):
+    for op in (op for op, name in zip(graph.operators, ops, strict=True) if name == "FULLY_CONNECTED"):
         source, weights, bias = (graph.tensors[i] for i in op.inputs)
         np.testing.assert_allclose(
             bias.quantization.scale, source.quantization.scale[0] * weights.quantization.scale, rtol=1e-6
