@@ -209,7 +209,8 @@ class Collector:
         if self.ingest_only:
             if self.protocol != "5":  # a plain subscription would make this worker store every summary a second time
                 log.error(
-                    "ingest worker %s: the broker has no MQTT 5 shared subscriptions, so workers cannot split the summaries; run one process",
+                    "ingest worker %s: the broker has no MQTT 5 shared subscriptions, "
+                    "so workers cannot split the summaries; run one process",
                     self.config.client_id,
                 )
                 self.unusable.set()

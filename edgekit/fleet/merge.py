@@ -80,6 +80,6 @@ def _report(group: dict[str, Any]) -> dict[str, Any]:
         report["drift"] = drift_report(group["baseline"], group["merged"], {"min_psi": MERGED_MIN_PSI})
         report["feature_distributions"] = {
             s.name: {"baseline": b.counts.tolist(), "window": s.counts.tolist()}
-            for s, b in zip(group["merged"].features, group["baseline"].features)
+            for s, b in zip(group["merged"].features, group["baseline"].features, strict=True)
         }
     return report

@@ -75,7 +75,9 @@ def provision(directory: str | Path, *, fleet: str, devices: list[str], rotate: 
     write_atomic(
         directory / "mosquitto.conf",
         (
-            f"allow_anonymous false\npassword_file {directory.resolve() / 'passwd'}\nacl_file {directory.resolve() / 'acl'}\n"
+            "allow_anonymous false\n"
+            f"password_file {directory.resolve() / 'passwd'}\n"
+            f"acl_file {directory.resolve() / 'acl'}\n"
         ).encode(),
     )
     return Provisioned(directory, tuple(users), tuple(created))

@@ -79,7 +79,8 @@ def parse_abort_rules(text: str | None) -> tuple[AbortRule, ...]:
         if op != expected_op:
             raise RolloutError(
                 f"abort rule {part.strip()!r} points the wrong way",
-                f"{metric} aborts when it is {'below' if expected_op == '<' else 'above'} a limit: {metric}{expected_op}…",
+                f"{metric} aborts when it is {'below' if expected_op == '<' else 'above'} a limit: "
+                f"{metric}{expected_op}…",
             )
         if metric in ("failed", "drift", "agreement") and not 0 <= value <= 1:
             raise RolloutError(
@@ -95,7 +96,12 @@ def parse_waves(text: str) -> tuple[float, ...]:
         waves = tuple(float(p.strip().rstrip("%")) / 100 for p in text.split(",") if p.strip())
     except ValueError:
         raise RolloutError(f"waves {text!r} are not percentages", "e.g. --waves 10%,50%,100%") from None
-    if not waves or any(b <= a for a, b in zip(waves, waves[1:])) or waves[0] <= 0 or abs(waves[-1] - 1.0) > 1e-9:
+    if (
+        not waves
+        or any(b <= a for a, b in zip(waves, waves[1:], strict=False))
+        or waves[0] <= 0
+        or abs(waves[-1] - 1.0) > 1e-9
+    ):
         raise RolloutError(f"waves {text!r} must rise and end at 100%", "e.g. --waves 10%,50%,100%")
     return waves
 
@@ -223,7 +229,8 @@ class RolloutController:
         newer = [d for d in targets if d["model"] == bundle["name"] and (d["model_version"] or 0) > bundle["version"]]
         if newer:
             raise RolloutError(
-                f"{len(newer)} target device(s) run a newer {bundle['name']} (e.g. {newer[0]['device']} on v{newer[0]['model_version']})",
+                f"{len(newer)} target device(s) run a newer {bundle['name']} "
+                f"(e.g. {newer[0]['device']} on v{newer[0]['model_version']})",
                 "devices only go up; use 'edgekit rollout rollback --to VERSION' with the signing key to go down",
             )
         return self._create(fleet, "install", bundle, spec, targets)
@@ -296,8 +303,8 @@ class RolloutController:
             spec_doc = json.loads(spec.to_json())
             spec_doc.update(extra or {})
             db.execute(
-                "INSERT INTO rollouts (id, fleet, kind, name, version, sha256, state, spec, wave, wave_started_at, created_at, updated_at) "
-                "VALUES (?, ?, ?, ?, ?, ?, 'running', ?, 0, ?, ?, ?)",
+                "INSERT INTO rollouts (id, fleet, kind, name, version, sha256, state, spec, wave, wave_started_at, "
+                "created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, 'running', ?, 0, ?, ?, ?)",
                 (
                     rollout_id,
                     fleet,
@@ -312,10 +319,11 @@ class RolloutController:
                 ),
             )
             db.executemany(
-                "INSERT INTO rollout_devices (rollout, device, wave, state, from_version, version, updated_at) VALUES (?, ?, ?, 'pending', ?, ?, ?)",
+                "INSERT INTO rollout_devices (rollout, device, wave, state, from_version, version, updated_at) "
+                "VALUES (?, ?, ?, 'pending', ?, ?, ?)",
                 [
                     (rollout_id, d["device"], wave, d["model_version"], d["model_version"], now)
-                    for d, wave in zip(sorted(targets, key=lambda d: d["device"]), waves)
+                    for d, wave in zip(sorted(targets, key=lambda d: d["device"]), waves, strict=True)
                 ],
             )
         self.tick()
@@ -346,7 +354,8 @@ class RolloutController:
             now = self.clock()
             finished = now if allowed[row[0]] in ("aborted", "succeeded", "failed") else None
             db.execute(
-                "UPDATE rollouts SET state = ?, reason = ?, updated_at = ?, finished_at = coalesce(?, finished_at) WHERE id = ?",
+                "UPDATE rollouts SET state = ?, reason = ?, updated_at = ?, finished_at = coalesce(?, finished_at) "
+                "WHERE id = ?",
                 (allowed[row[0]], reason, now, finished, rollout_id),
             )
         return self.status(rollout_id)
@@ -501,7 +510,8 @@ class RolloutController:
         return self.publish(_desired_topic(rollout["fleet"], device["device"]), encode(doc), True)
 
     def _revert_moved(self, rollout_id: str) -> None:
-        """Every device that moved, or may be moving, is told to undo it; devices whose wave never came are marked aborted."""
+        """Every device that moved, or may be moving, is told to undo it; devices whose wave never came are
+        marked aborted."""
         rollout, devices = self._load(rollout_id)
         for device in devices:
             if device["state"] == "pending":
@@ -528,8 +538,8 @@ class RolloutController:
             if row is None:
                 raise RolloutNotFound(f"no rollout {rollout_id!r}", "list them with 'edgekit rollout status'")
             devices = self.store.db.execute(
-                "SELECT r.*, d.online, d.drifted, d.model_version FROM rollout_devices r LEFT JOIN devices d ON d.device = r.device "
-                "WHERE r.rollout = ? ORDER BY r.wave, r.device",
+                "SELECT r.*, d.online, d.drifted, d.model_version FROM rollout_devices r "
+                "LEFT JOIN devices d ON d.device = r.device WHERE r.rollout = ? ORDER BY r.wave, r.device",
                 (rollout_id,),
             ).fetchall()
         parsed = []
@@ -599,8 +609,8 @@ class RolloutController:
     ) -> None:
         with self.store.atomic() as db:
             db.execute(
-                "UPDATE rollout_devices SET state = ?, reason = ?, code = coalesce(?, code), sent_at = coalesce(?, sent_at), updated_at = ? "
-                "WHERE rollout = ? AND device = ?",
+                "UPDATE rollout_devices SET state = ?, reason = ?, code = coalesce(?, code), "
+                "sent_at = coalesce(?, sent_at), updated_at = ? WHERE rollout = ? AND device = ?",
                 (state, reason, code, sent_at, self.clock(), rollout_id, device),
             )
 
@@ -638,7 +648,8 @@ def sign_rollback(
 
 
 def _assign_waves(count: int, waves: tuple[float, ...]) -> list[int]:
-    """Wave index per device: wave k ends at ceil(share_k × count), and every wave gets a device while devices remain."""
+    """Wave index per device: wave k ends at ceil(share_k × count), and every wave gets a device while
+    devices remain."""
     assignment, start = [], 0
     for index, share in enumerate(waves):
         end = count if index == len(waves) - 1 else min(count, max(start + 1, math.ceil(share * count)))

@@ -37,24 +37,35 @@ MIGRATIONS: list[tuple[str, str]] = [
             redeliveries INTEGER NOT NULL DEFAULT 0
         );
         CREATE TABLE summaries (
-            device TEXT NOT NULL, seq INTEGER NOT NULL, fleet TEXT NOT NULL, model TEXT NOT NULL, model_version INTEGER NOT NULL,
+            device TEXT NOT NULL, seq INTEGER NOT NULL, fleet TEXT NOT NULL, model TEXT NOT NULL,
+            model_version INTEGER NOT NULL,
             window_start TEXT NOT NULL, window_end TEXT NOT NULL, received_at REAL NOT NULL, rows INTEGER NOT NULL,
             drifted INTEGER, worst_feature TEXT, baseline_id TEXT NOT NULL, payload TEXT NOT NULL,
             PRIMARY KEY (device, seq)
         );
         CREATE INDEX summaries_by_model ON summaries (model, model_version, window_end);
         CREATE INDEX summaries_by_fleet ON summaries (fleet, window_end);
-        CREATE TABLE baselines (baseline_id TEXT PRIMARY KEY, model TEXT, model_version INTEGER, profile TEXT NOT NULL, received_at REAL);
-        CREATE TABLE rejects (reason TEXT NOT NULL, device TEXT NOT NULL, count INTEGER NOT NULL, last_at REAL, PRIMARY KEY (reason, device));
-        CREATE TABLE gaps (device TEXT NOT NULL, seq INTEGER NOT NULL, requested_at REAL, requests INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (device, seq));
+        CREATE TABLE baselines (
+            baseline_id TEXT PRIMARY KEY, model TEXT, model_version INTEGER, profile TEXT NOT NULL, received_at REAL
+        );
+        CREATE TABLE rejects (
+            reason TEXT NOT NULL, device TEXT NOT NULL, count INTEGER NOT NULL, last_at REAL,
+            PRIMARY KEY (reason, device)
+        );
+        CREATE TABLE gaps (
+            device TEXT NOT NULL, seq INTEGER NOT NULL, requested_at REAL, requests INTEGER NOT NULL DEFAULT 0,
+            PRIMARY KEY (device, seq)
+        );
         CREATE TABLE alerts (
-            id INTEGER PRIMARY KEY, rule TEXT NOT NULL, device TEXT NOT NULL, subject TEXT NOT NULL, state TEXT NOT NULL,
-            opened_at REAL NOT NULL, updated_at REAL NOT NULL, closed_at REAL, message TEXT NOT NULL, evidence TEXT NOT NULL
+            id INTEGER PRIMARY KEY, rule TEXT NOT NULL, device TEXT NOT NULL, subject TEXT NOT NULL,
+            state TEXT NOT NULL, opened_at REAL NOT NULL, updated_at REAL NOT NULL, closed_at REAL,
+            message TEXT NOT NULL, evidence TEXT NOT NULL
         );
         CREATE UNIQUE INDEX alerts_one_open ON alerts (rule, device, subject) WHERE state = 'open';
     """,
     ),
-    # What alert rules read, extracted once at insert: evaluating a device must not re-parse its payloads.
+    # What alert rules read, extracted once at insert: evaluating a device must not re-parse its
+    # payloads.
     (
         "0002_alert_facts",
         """
@@ -63,24 +74,26 @@ MIGRATIONS: list[tuple[str, str]] = [
         CREATE INDEX summaries_labelled ON summaries (device, model, model_version, seq) WHERE labelled > 0
     """,
     ),
-    # OTA rollouts (see rollouts.py): the bundles the collector serves, each rollout, and each device's part in it.
+    # OTA rollouts (see rollouts.py): the bundles the collector serves, each rollout, and each device's
+    # part in it.
     (
         "0003_rollouts",
         """
         CREATE TABLE bundles (
-            sha256 TEXT PRIMARY KEY, name TEXT NOT NULL, version INTEGER NOT NULL, size INTEGER NOT NULL, path TEXT NOT NULL,
-            signature TEXT NOT NULL, added_at REAL NOT NULL
+            sha256 TEXT PRIMARY KEY, name TEXT NOT NULL, version INTEGER NOT NULL, size INTEGER NOT NULL,
+            path TEXT NOT NULL, signature TEXT NOT NULL, added_at REAL NOT NULL
         );
         CREATE UNIQUE INDEX bundles_by_version ON bundles (name, version);
         CREATE TABLE rollouts (
-            id TEXT PRIMARY KEY, fleet TEXT NOT NULL, kind TEXT NOT NULL, name TEXT NOT NULL, version INTEGER NOT NULL, sha256 TEXT NOT NULL,
-            state TEXT NOT NULL, spec TEXT NOT NULL, wave INTEGER NOT NULL DEFAULT 0, wave_started_at REAL, wave_done_at REAL,
-            created_at REAL NOT NULL, updated_at REAL NOT NULL, finished_at REAL, reason TEXT NOT NULL DEFAULT ''
+            id TEXT PRIMARY KEY, fleet TEXT NOT NULL, kind TEXT NOT NULL, name TEXT NOT NULL, version INTEGER NOT NULL,
+            sha256 TEXT NOT NULL, state TEXT NOT NULL, spec TEXT NOT NULL, wave INTEGER NOT NULL DEFAULT 0,
+            wave_started_at REAL, wave_done_at REAL, created_at REAL NOT NULL, updated_at REAL NOT NULL,
+            finished_at REAL, reason TEXT NOT NULL DEFAULT ''
         );
         CREATE TABLE rollout_devices (
-            rollout TEXT NOT NULL, device TEXT NOT NULL, wave INTEGER NOT NULL, state TEXT NOT NULL, from_version INTEGER,
-            version INTEGER, reason TEXT NOT NULL DEFAULT '', code TEXT, facts TEXT, sent_at REAL, updated_at REAL,
-            PRIMARY KEY (rollout, device)
+            rollout TEXT NOT NULL, device TEXT NOT NULL, wave INTEGER NOT NULL, state TEXT NOT NULL,
+            from_version INTEGER, version INTEGER, reason TEXT NOT NULL DEFAULT '', code TEXT, facts TEXT,
+            sent_at REAL, updated_at REAL, PRIMARY KEY (rollout, device)
         );
         CREATE INDEX rollout_devices_by_device ON rollout_devices (device)
     """,
@@ -172,11 +185,13 @@ class SqliteStore:
         model = doc.get("model") or {}
         with self.atomic() as db:
             db.execute(
-                """INSERT INTO devices (device, fleet, online, model, model_version, runtime, agent_version, state_at, last_seen)
+                """INSERT INTO devices (device, fleet, online, model, model_version, runtime, agent_version, state_at,
+                   last_seen)
                    VALUES (:device, :fleet, :online, :model, :version, :runtime, :agent, :now, :now)
-                   ON CONFLICT (device) DO UPDATE SET fleet=excluded.fleet, online=excluded.online, model=coalesce(excluded.model, model),
-                   model_version=coalesce(excluded.model_version, model_version), runtime=coalesce(excluded.runtime, runtime),
-                   agent_version=excluded.agent_version, state_at=excluded.state_at, last_seen=max(coalesce(last_seen, 0), excluded.last_seen)""",
+                   ON CONFLICT (device) DO UPDATE SET fleet=excluded.fleet, online=excluded.online,
+                   model=coalesce(excluded.model, model), model_version=coalesce(excluded.model_version, model_version),
+                   runtime=coalesce(excluded.runtime, runtime), agent_version=excluded.agent_version,
+                   state_at=excluded.state_at, last_seen=max(coalesce(last_seen, 0), excluded.last_seen)""",
                 {
                     "device": doc["device"],
                     "fleet": doc["fleet"],
@@ -269,7 +284,8 @@ class SqliteStore:
         db.execute(
             """UPDATE devices SET max_seq=?, windows=windows+?, rows=rows+?, last_seen=max(coalesce(last_seen, 0), ?),
                drifted=CASE WHEN ? THEN ? ELSE drifted END, worst_feature=CASE WHEN ? THEN ? ELSE worst_feature END,
-               model=CASE WHEN ? AND model IS NULL THEN ? ELSE model END, model_version=CASE WHEN ? AND model IS NULL THEN ? ELSE model_version END
+               model=CASE WHEN ? AND model IS NULL THEN ? ELSE model END,
+               model_version=CASE WHEN ? AND model IS NULL THEN ? ELSE model_version END
                WHERE device=?""",
             (
                 new_max,
@@ -294,8 +310,9 @@ class SqliteStore:
             return self.db.execute("SELECT coalesce(max(rowid), 0) FROM summaries").fetchone()[0]
 
     def devices_with_summaries_after(self, rowid: int) -> tuple[set[str], int]:
-        """Devices with summaries stored after the watermark ``rowid`` (by any process on this store), and the new watermark.
-        Writers are serialized, so a row committed later never has a smaller rowid than one already seen."""
+        """Devices with summaries stored after the watermark ``rowid`` (by any process on this store), and the
+        new watermark. Writers are serialized, so a row committed later never has a smaller rowid than one
+        already seen."""
         with self._lock:
             rows = self.db.execute("SELECT rowid, device FROM summaries WHERE rowid > ?", (rowid,)).fetchall()
         return {r[1] for r in rows}, max((r[0] for r in rows), default=rowid)
@@ -303,7 +320,8 @@ class SqliteStore:
     def count_reject(self, reason: str, device: str, now: float) -> None:
         with self.atomic() as db:
             db.execute(
-                "INSERT INTO rejects VALUES (?, ?, 1, ?) ON CONFLICT (reason, device) DO UPDATE SET count = count + 1, last_at = excluded.last_at",
+                "INSERT INTO rejects VALUES (?, ?, 1, ?) ON CONFLICT (reason, device) "
+                "DO UPDATE SET count = count + 1, last_at = excluded.last_at",
                 (reason, device or "", now),
             )
 
@@ -311,10 +329,12 @@ class SqliteStore:
     def gaps_to_request(
         self, now: float, *, retry_after: float = 30.0, grace: float = GAP_GRACE_SECONDS, limit: int = 500
     ) -> dict[str, list[int]]:
-        """Missing seqs found over ``grace`` seconds ago and not requested in the last ``retry_after``, marked as requested now."""
+        """Missing seqs found over ``grace`` seconds ago and not requested in the last ``retry_after``, marked
+        as requested now."""
         with self.atomic() as db:
             rows = db.execute(
-                "SELECT device, seq FROM gaps WHERE (requested_at IS NULL AND coalesce(found_at, 0) <= ?) OR requested_at < ? "
+                "SELECT device, seq FROM gaps "
+                "WHERE (requested_at IS NULL AND coalesce(found_at, 0) <= ?) OR requested_at < ? "
                 "ORDER BY device, seq LIMIT ?",
                 (now - grace, now - retry_after, limit),
             ).fetchall()
@@ -403,7 +423,8 @@ class SqliteStore:
     def labelled_accuracy(
         self, device: str, model: str, version: int, *, limit: int = 50
     ) -> list[tuple[int, float, int]]:
-        """(seq, accuracy, labelled) of the device's last ``limit`` windows that received delayed labels, oldest first."""
+        """(seq, accuracy, labelled) of the device's last ``limit`` windows that received delayed labels,
+        oldest first."""
         with self._lock:
             rows = self.db.execute(
                 "SELECT seq, json_extract(facts, '$.accuracy'), labelled FROM summaries "
@@ -419,13 +440,15 @@ class SqliteStore:
         """Open an alert, or refresh the open one; True when it is new."""
         with self.atomic() as db:
             cursor = db.execute(
-                "UPDATE alerts SET updated_at = ?, message = ?, evidence = ? WHERE rule = ? AND device = ? AND subject = ? AND state = 'open'",
+                "UPDATE alerts SET updated_at = ?, message = ?, evidence = ? "
+                "WHERE rule = ? AND device = ? AND subject = ? AND state = 'open'",
                 (now, message, json.dumps(evidence), rule, device, subject),
             )
             if cursor.rowcount:
                 return False
             db.execute(
-                "INSERT INTO alerts (rule, device, subject, state, opened_at, updated_at, message, evidence) VALUES (?, ?, ?, 'open', ?, ?, ?, ?)",
+                "INSERT INTO alerts (rule, device, subject, state, opened_at, updated_at, message, evidence) "
+                "VALUES (?, ?, ?, 'open', ?, ?, ?, ?)",
                 (rule, device, subject, now, now, message, json.dumps(evidence)),
             )
             return True
@@ -433,7 +456,8 @@ class SqliteStore:
     def close_alert(self, rule: str, device: str, subject: str, now: float) -> bool:
         with self.atomic() as db:
             cursor = db.execute(
-                "UPDATE alerts SET state = 'closed', closed_at = ?, updated_at = ? WHERE rule = ? AND device = ? AND subject = ? AND state = 'open'",
+                "UPDATE alerts SET state = 'closed', closed_at = ?, updated_at = ? "
+                "WHERE rule = ? AND device = ? AND subject = ? AND state = 'open'",
                 (now, now, rule, device, subject),
             )
             return cursor.rowcount > 0

@@ -22,13 +22,17 @@ def render_device(device: str, summaries: list[dict[str, Any]]) -> bytes:
     chart = drift_chart(summaries, shown)
     latest = summaries[-1]
     rows = "".join(
-        f"<tr><td>{html.escape(f)}</td><td>{v['psi']:.4f}</td><td>{v['ks']:.4f}</td><td>{v['js']:.4f}</td><td class='{'bad' if v['drifted'] else 'ok'}'>{'yes' if v['drifted'] else 'no'}</td></tr>"
+        f"<tr><td>{html.escape(f)}</td><td>{v['psi']:.4f}</td><td>{v['ks']:.4f}</td><td>{v['js']:.4f}</td>"
+        f"<td class='{'bad' if v['drifted'] else 'ok'}'>{'yes' if v['drifted'] else 'no'}</td></tr>"
         for f, v in sorted(latest["drift"]["features"].items(), key=lambda kv: -kv[1]["psi"])[:15]
     )
+    model = f"model {html.escape(latest['model']['name'])} v{latest['model']['version']}"
+    header = "<tr><th>feature</th><th>PSI</th><th>KS</th><th>JS</th><th>drifted</th></tr>"
     body = (
-        f"<p><a href='/'>fleet</a></p><h1>{html.escape(device)}</h1><p class='muted'>{len(summaries)} windows, model {html.escape(latest['model']['name'])} "
-        f"v{latest['model']['version']}, last window {html.escape(latest['window']['end'])}</p><h2>Drift per feature (PSI) over windows</h2>{chart}"
-        f"<h2>Latest window</h2><table><tr><th>feature</th><th>PSI</th><th>KS</th><th>JS</th><th>drifted</th></tr>{rows}</table>"
+        f"<p><a href='/'>fleet</a></p><h1>{html.escape(device)}</h1>"
+        f"<p class='muted'>{len(summaries)} windows, {model}, last window {html.escape(latest['window']['end'])}</p>"
+        f"<h2>Drift per feature (PSI) over windows</h2>{chart}"
+        f"<h2>Latest window</h2><table>{header}{rows}</table>"
     )
     return page(device, body)
 
@@ -42,12 +46,14 @@ def drift_chart(summaries: list[dict[str, Any]], features: list[str], width: int
     x = lambda i: pad + plot_w * i / count  # noqa: E731
     y = lambda v: pad + plot_h * (1 - v / top)  # noqa: E731
     parts = [
-        f"<svg xmlns='http://www.w3.org/2000/svg' width='{width}' height='{height}' role='img' aria-label='drift per feature'>",
+        f"<svg xmlns='http://www.w3.org/2000/svg' width='{width}' height='{height}' role='img' "
+        "aria-label='drift per feature'>",
         f"<line x1='{pad}' y1='{pad + plot_h}' x2='{pad + plot_w}' y2='{pad + plot_h}' stroke='#999'/>",
         f"<line x1='{pad}' y1='{pad}' x2='{pad}' y2='{pad + plot_h}' stroke='#999'/>",
         f"<text x='{pad - 4}' y='{pad + 4}' font-size='10' text-anchor='end'>{top:.2f}</text>",
         f"<text x='{pad - 4}' y='{pad + plot_h}' font-size='10' text-anchor='end'>0</text>",
-        f"<text x='{pad + plot_w / 2}' y='{height - 8}' font-size='11' text-anchor='middle'>window (seq {summaries[0]['seq']}…{summaries[-1]['seq']})</text>",
+        f"<text x='{pad + plot_w / 2}' y='{height - 8}' font-size='11' text-anchor='middle'>"
+        f"window (seq {summaries[0]['seq']}…{summaries[-1]['seq']})</text>",
     ]
     for index, feature in enumerate(features):
         color = PALETTE[index % len(PALETTE)]

@@ -13,15 +13,19 @@ def render_fleet_drift(reports: list[dict[str, Any]], feature: str | None) -> by
     distribution over the whole selection drawn against its baseline."""
     sections = []
     for report in reports:
-        title = f"{html.escape(report['model'])} {', '.join(f'v{v}' for v in report['model_versions'])}: {report['windows']} windows, {report['rows']:,} rows, {len(report['devices'])} device(s)"
+        versions = ", ".join(f"v{v}" for v in report["model_versions"])
+        counts = f"{report['windows']} windows, {report['rows']:,} rows, {len(report['devices'])} device(s)"
+        title = f"{html.escape(report['model'])} {versions}: {counts}"
         if report["drift"] is None:
             sections.append(f"<h2>{title}</h2><p class='muted'>{html.escape(report['note'])}</p>")
             continue
         features = report["drift"]["features"]
         chosen = feature if feature in features else report["drift"]["worst_feature"]
         rows = "".join(
-            f"<tr><td><a href='?model={html.escape(report['model'])}&version={report['model_version']}&feature={html.escape(name)}'>{html.escape(name)}</a></td>"
-            f"<td>{v['psi']:.4f}</td><td>{v['ks']:.4f}</td><td>{v['js']:.4f}</td><td class='{'bad' if v['drifted'] else 'ok'}'>{'yes' if v['drifted'] else 'no'}</td></tr>"
+            f"<tr><td><a href='?model={html.escape(report['model'])}&version={report['model_version']}"
+            f"&feature={html.escape(name)}'>{html.escape(name)}</a></td>"
+            f"<td>{v['psi']:.4f}</td><td>{v['ks']:.4f}</td><td>{v['js']:.4f}</td>"
+            f"<td class='{'bad' if v['drifted'] else 'ok'}'>{'yes' if v['drifted'] else 'no'}</td></tr>"
             for name, v in sorted(features.items(), key=lambda kv: -kv[1]["psi"])[:12]
         )
         chart = distribution_chart(chosen, report["feature_distributions"][chosen]) if chosen else ""
@@ -44,17 +48,18 @@ def distribution_chart(feature: str, counts: dict[str, list[int]], width: int = 
     pad, bins = 36, len(baseline)
     slot = (width - 2 * pad) / bins
     parts = [
-        f"<svg xmlns='http://www.w3.org/2000/svg' width='{width}' height='{height}' role='img' aria-label='distribution of {html.escape(feature)}'>",
-        f"<text x='{pad}' y='16' font-size='12'>{html.escape(feature)}: share of rows per bin (grey: baseline, blue: fleet)</text>",
+        f"<svg xmlns='http://www.w3.org/2000/svg' width='{width}' height='{height}' role='img' "
+        f"aria-label='distribution of {html.escape(feature)}'>",
+        f"<text x='{pad}' y='16' font-size='12'>"
+        f"{html.escape(feature)}: share of rows per bin (grey: baseline, blue: fleet)</text>",
         f"<line x1='{pad}' y1='{height - pad}' x2='{width - pad}' y2='{height - pad}' stroke='#999'/>",
     ]
     for index in range(bins):
         for series, (color, offset) in enumerate((("#bbbbbb", 0.1), ("#1f77b4", 0.5))):
             value = shares[series][index]
             bar = (height - 2 * pad - 10) * value / top
-            parts.append(
-                f"<rect x='{pad + slot * (index + offset):.1f}' y='{height - pad - bar:.1f}' width='{slot * 0.38:.1f}' height='{bar:.1f}' fill='{color}'/>"
-            )
+            x, y = pad + slot * (index + offset), height - pad - bar
+            parts.append(f"<rect x='{x:.1f}' y='{y:.1f}' width='{slot * 0.38:.1f}' height='{bar:.1f}' fill='{color}'/>")
     parts.append(f"<text x='{pad}' y='{height - 12}' font-size='10'>below baseline min</text>")
     parts.append(
         f"<text x='{width - pad}' y='{height - 12}' font-size='10' text-anchor='end'>above baseline max</text></svg>"

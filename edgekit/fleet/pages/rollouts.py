@@ -36,18 +36,23 @@ DEVICE_STATES = (
 def render_rollouts(rollouts: list[dict[str, Any]]) -> bytes:
     rows = (
         "".join(
-            f"<tr><td><a href='/rollouts/{html.escape(r['id'])}'>{html.escape(r['id'])}</a></td><td>{html.escape(r['kind'])}</td>"
+            f"<tr><td><a href='/rollouts/{html.escape(r['id'])}'>{html.escape(r['id'])}</a></td>"
+            f"<td>{html.escape(r['kind'])}</td>"
             f"<td>{html.escape(r['fleet'])}</td><td>{html.escape(r['name'])} v{r['version']}</td>"
-            f"<td class='{STATE_CLASS.get(r['state'], '')}'>{html.escape(r['state'])}</td><td>{r['wave']} of {len(r['waves'])}</td>"
-            f"<td>{_counts(r['counts'])}</td><td>{html.escape(r['reason'] or '')}</td><td>{_when(r['created_at'])}</td></tr>"
+            f"<td class='{STATE_CLASS.get(r['state'], '')}'>{html.escape(r['state'])}</td>"
+            f"<td>{r['wave']} of {len(r['waves'])}</td>"
+            f"<td>{_counts(r['counts'])}</td><td>{html.escape(r['reason'] or '')}</td>"
+            f"<td>{_when(r['created_at'])}</td></tr>"
             for r in rollouts
         )
-        or "<tr><td colspan='9' class='muted'>no rollouts yet: start one with 'edgekit rollout start BUNDLE --fleet NAME'</td></tr>"
+        or "<tr><td colspan='9' class='muted'>"
+        "no rollouts yet: start one with 'edgekit rollout start BUNDLE --fleet NAME'</td></tr>"
     )
-    body = (
-        "<p><a href='/'>fleet</a></p><h1>Rollouts</h1><table><tr><th>id</th><th>kind</th><th>fleet</th><th>model</th><th>state</th>"
-        f"<th>wave</th><th>devices</th><th>reason</th><th>started</th></tr>{rows}</table>"
+    header = (
+        "<tr><th>id</th><th>kind</th><th>fleet</th><th>model</th><th>state</th>"
+        "<th>wave</th><th>devices</th><th>reason</th><th>started</th></tr>"
     )
+    body = f"<p><a href='/'>fleet</a></p><h1>Rollouts</h1><table>{header}{rows}</table>"
     return page("rollouts", body)
 
 
@@ -60,23 +65,31 @@ def render_rollout(status: dict[str, Any]) -> bytes:
             counts[d["state"]] = counts.get(d["state"], 0) + 1
         marker = " (current)" if index == status["wave"] and status["state"] in ("running", "paused") else ""
         waves.append(
-            f"<tr><td>{index}{marker}</td><td>{html.escape(share)}</td><td>{len(members)}</td><td>{_counts(counts)}</td>"
+            f"<tr><td>{index}{marker}</td><td>{html.escape(share)}</td><td>{len(members)}</td>"
+            f"<td>{_counts(counts)}</td>"
             f"<td>{_bar(counts, len(members))}</td></tr>"
         )
     devices = "".join(
-        f"<tr><td>{html.escape(d['device'])}</td><td>{d['wave']}</td><td class='{STATE_CLASS.get(d['state'], '')}'>{html.escape(d['state'])}</td>"
+        f"<tr><td>{html.escape(d['device'])}</td><td>{d['wave']}</td>"
+        f"<td class='{STATE_CLASS.get(d['state'], '')}'>{html.escape(d['state'])}</td>"
         f"<td>{_version(d['from_version'])} → {_version(d['version'])}</td><td>{_shadow(d.get('shadow'))}</td>"
-        f"<td>{'' if d['online'] else '<span class=muted>offline</span>'}</td><td>{html.escape(d['reason'] or '')}</td></tr>"
+        f"<td>{'' if d['online'] else '<span class=muted>offline</span>'}</td>"
+        f"<td>{html.escape(d['reason'] or '')}</td></tr>"
         for d in status["devices"]
+    )
+    what = f"{html.escape(status['kind'])} of {html.escape(status['name'])} v{status['version']}"
+    wave_header = "<tr><th>wave</th><th>up to</th><th>devices</th><th>states</th><th></th></tr>"
+    device_header = (
+        "<tr><th>device</th><th>wave</th><th>state</th><th>version</th><th>shadow</th><th></th><th>reason</th></tr>"
     )
     body = (
         f"<p><a href='/'>fleet</a> · <a href='/rollouts'>rollouts</a></p><h1>Rollout {html.escape(status['id'])}</h1>"
-        f"<p>{html.escape(status['kind'])} of {html.escape(status['name'])} v{status['version']} to fleet {html.escape(status['fleet'])}: "
+        f"<p>{what} to fleet {html.escape(status['fleet'])}: "
         f"<b class='{STATE_CLASS.get(status['state'], '')}'>{html.escape(status['state'])}</b>"
         f"{' — ' + html.escape(status['reason']) if status['reason'] else ''}</p>"
         f"<p class='muted'>abort on: {html.escape(', '.join(status['abort_on']) or 'nothing')}</p>"
-        f"<h2>Waves</h2><table><tr><th>wave</th><th>up to</th><th>devices</th><th>states</th><th></th></tr>{''.join(waves)}</table>"
-        f"<h2>Devices</h2><table><tr><th>device</th><th>wave</th><th>state</th><th>version</th><th>shadow</th><th></th><th>reason</th></tr>{devices}</table>"
+        f"<h2>Waves</h2><table>{wave_header}{''.join(waves)}</table>"
+        f"<h2>Devices</h2><table>{device_header}{devices}</table>"
     )
     return page(f"rollout {status['id']}", body)
 
