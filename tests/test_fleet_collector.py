@@ -172,3 +172,25 @@ def test_collector_killed_and_restarted_mid_stream_loses_no_summary(
     wait(lambda: store.status()[0]["missing_seqs"] == 0, timeout=20, what="gaps filled after the device stopped")
     seqs = [row[0] for row in store.db.execute("SELECT seq FROM summaries ORDER BY seq")]
     assert seqs == list(range(1, len(seqs) + 1)) and len(seqs) >= 100
+
+
+def test_the_device_page_shows_drifted_features_before_high_psi_ones():
+    from edgekit.fleet.pages.device import render_device
+
+    def window(seq, noisy_psi, drifted_psi):
+        features = {
+            "noisy": {"psi": noisy_psi, "ks": 0.1, "js": 0.1, "drifted": False},
+            "moved": {"psi": drifted_psi, "ks": 0.3, "js": 0.2, "drifted": True},
+        }
+        features.update({f"f{i}": {"psi": 0.5 + i, "ks": 0.1, "js": 0.1, "drifted": False} for i in range(20)})
+        return {
+            "seq": seq,
+            "drift": {"features": features},
+            "model": {"name": "m", "version": 1},
+            "window": {"end": "now"},
+        }
+
+    page = render_device("dev0", [window(1, 9.2, 0.4), window(2, 8.0, 0.6)]).decode()
+    table = page.split("<h2>Latest window</h2>")[1]
+    assert table.index("moved") < table.index("noisy")  # the drifted feature heads the table
+    assert "moved" in page.split("</svg>")[0]  # and is in the chart, though 20 features have a higher PSI

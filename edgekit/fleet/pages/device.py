@@ -17,14 +17,19 @@ def render_device(device: str, summaries: list[dict[str, Any]]) -> bytes:
     summaries.sort(key=lambda s: s["seq"])
     features = list(summaries[-1]["drift"]["features"])
     # the features that ever moved the most, so the plot shows what matters
+    # The features that drifted in most windows, then the highest PSI, so the plot shows what matters:
+    # raw PSI alone puts near-constant pixels first (high PSI on few rows, which the verdict discounts).
+    drifted = {f: sum(bool(s["drift"]["features"].get(f, {}).get("drifted")) for s in summaries) for f in features}
     peak = {f: max(s["drift"]["features"].get(f, {}).get("psi", 0.0) for s in summaries) for f in features}
-    shown = sorted(features, key=lambda f: -peak[f])[:6]
+    shown = sorted(features, key=lambda f: (-drifted[f], -peak[f]))[:6]
     chart = drift_chart(summaries, shown)
     latest = summaries[-1]
     rows = "".join(
         f"<tr><td>{html.escape(f)}</td><td>{v['psi']:.4f}</td><td>{v['ks']:.4f}</td><td>{v['js']:.4f}</td>"
         f"<td class='{'bad' if v['drifted'] else 'ok'}'>{'yes' if v['drifted'] else 'no'}</td></tr>"
-        for f, v in sorted(latest["drift"]["features"].items(), key=lambda kv: -kv[1]["psi"])[:15]
+        for f, v in sorted(latest["drift"]["features"].items(), key=lambda kv: (not kv[1]["drifted"], -kv[1]["psi"]))[
+            :15
+        ]
     )
     model = f"model {html.escape(latest['model']['name'])} v{latest['model']['version']}"
     header = "<tr><th>feature</th><th>PSI</th><th>KS</th><th>JS</th><th>drifted</th></tr>"
