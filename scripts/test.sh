@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One command from a fresh clone to the test results: sets up .venv with edgekit-ml[dev], then runs pytest
+# One command from a fresh clone to the test results: sets up .venv with edgekit-ml[dev], then runs ruff and pytest
 # on both cores. Extra arguments go to pytest (e.g. -k bundle, or -m "not slow").
 set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -21,4 +21,7 @@ if [ -n "$missing" ]; then
   fi
 fi
 cd "$REPO"
+# Lint and format first (ruff's settings are in pyproject.toml): a finding fails the run before the tests.
+ruff check edgekit device_agent tests scripts
+ruff format --check --quiet edgekit device_agent tests scripts || { echo "edgekit: run 'ruff format edgekit device_agent tests scripts'" >&2; exit 1; }
 exec python -m pytest -n 2 --dist loadfile "$@"
