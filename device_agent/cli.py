@@ -171,12 +171,14 @@ def _run(args: argparse.Namespace) -> int:
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
+    server = agent.server
     logging.getLogger("device_agent").info(
-        "serving %s v%s as %s/%s",
+        "serving %s v%s as %s/%s%s",
         agent.model_info["name"],
         agent.model_info["version"],
         agent.config.fleet,
         agent.config.device_id,
+        f" on {server.scheme}://{server.server_address[0]}:{server.server_address[1]}/" if server else " (no HTTP)",
     )
     stop.wait()
     agent.stop()

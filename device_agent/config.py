@@ -30,6 +30,7 @@ Relative paths are relative to the file. Secrets come from files or the environm
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import sys
@@ -88,16 +89,29 @@ class HttpLimits:
     threads: int = 4  # requests run at once; one more thread does all the socket I/O
 
     def __post_init__(self) -> None:
-        for name in _LIMIT_KINDS:
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be positive, not {getattr(self, name)!r}")
+        for name, kind in _LIMIT_KINDS.items():
+            _limit_value(name, getattr(self, name), kind)
 
     def with_values(self, values: dict[str, Any]) -> HttpLimits:
-        """These limits with some replaced (numbers or their text); ValueError names an unknown one."""
+        """These limits with some replaced (numbers or their text); ValueError names the limit and what it takes."""
         unknown = sorted(set(values) - set(_LIMIT_KINDS))
         if unknown:
             raise ValueError(f"unknown HTTP limit {unknown[0]!r}; the limits are {', '.join(_LIMIT_KINDS)}")
-        return replace(self, **{name: _LIMIT_KINDS[name](value) for name, value in values.items()})
+        return replace(self, **{name: _limit_value(name, value, _LIMIT_KINDS[name]) for name, value in values.items()})
+
+
+def _limit_value(name: str, value: Any, kind: type) -> float | int:
+    """``value`` as a positive finite ``kind``; booleans, fractions of a count and ``inf`` are refused."""
+    what = "a positive number of seconds" if kind is float else "a positive whole number"
+    try:
+        if isinstance(value, bool):
+            raise ValueError
+        number = float(value)
+        if not math.isfinite(number) or number <= 0 or (kind is int and not number.is_integer()):
+            raise ValueError
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be {what}, not {value!r}") from None
+    return kind(number)
 
 
 _LIMIT_KINDS = {
@@ -241,9 +255,21 @@ def parse_config(doc: dict[str, Any], *, base: Path = Path("."), source: str = "
     )
 
 
+_SERVER_KEYS = ("listen", "token", "token_file", "tls_cert", "tls_key", "max_rows", *_LIMIT_KINDS)
+
+
 def _server_config(server: dict[str, Any], source: str, resolve) -> ServerConfig:
     """The [server] table; raises ValueError or TypeError on a bad value (reported by the caller)."""
-    limits = HttpLimits().with_values({key: server[key] for key in _LIMIT_KINDS if key in server})
+    unknown = sorted(set(server) - set(_SERVER_KEYS))
+    if unknown:  # a typo would otherwise leave a limit at its default without a word
+        raise ConfigError(
+            source, f"[server] has no setting {unknown[0]!r}", f"the settings are {', '.join(_SERVER_KEYS)}"
+        )
+    try:
+        limits = HttpLimits().with_values({key: server[key] for key in _LIMIT_KINDS if key in server})
+        max_rows = _limit_value("max_rows", server.get("max_rows", ServerConfig.max_rows), int)
+    except ValueError as exc:
+        raise ConfigError(source, f"[server] {exc}", "e.g. header_timeout = 10, max_connections = 100") from None
     cert, key = server.get("tls_cert"), server.get("tls_key")
     if bool(cert) != bool(key):
         raise ConfigError(
@@ -256,11 +282,9 @@ def _server_config(server: dict[str, Any], source: str, resolve) -> ServerConfig
         token=_secret(server, "token", "EDGEKIT_API_TOKEN", resolve),
         tls_cert=resolve(cert) if cert else None,
         tls_key=resolve(key) if key else None,
-        max_rows=int(server.get("max_rows", ServerConfig.max_rows)),
+        max_rows=max_rows,
         limits=limits,
     )
-    if config.max_rows < 1:
-        raise ValueError(f"max_rows must be positive, not {config.max_rows}")
     if config.listen:
         config.address  # noqa: B018 - validates the port
     return config

@@ -422,14 +422,22 @@ def test_tls_config_needs_both_files_and_readable_ones(tmp_path, bundle, keypair
 def test_limits_are_checked_when_the_config_is_read(tmp_path, bundle, keypair):
     from device_agent.errors import ConfigError
 
-    with pytest.raises(ConfigError, match="header_timeout must be positive"):
-        config_of(make_device(tmp_path / "a", bundle, keypair[1], server={"header_timeout": 0}))
+    for index, value in enumerate((0, True, "inf", "soon")):
+        with pytest.raises(ConfigError, match=r"\[server\] header_timeout must be a positive number of seconds"):
+            config_of(make_device(tmp_path / f"a{index}", bundle, keypair[1], server={"header_timeout": value}))
+    with pytest.raises(ConfigError, match="max_connections must be a positive whole number, not 1.5"):
+        config_of(make_device(tmp_path / "c", bundle, keypair[1], server={"max_connections": 1.5}))
+    with pytest.raises(ConfigError, match="has no setting 'header_timot'.*header_timeout"):
+        config_of(make_device(tmp_path / "d", bundle, keypair[1], server={"header_timot": 5}))
     limits = config_of(
         make_device(tmp_path / "b", bundle, keypair[1], server={"max_connections": 7, "idle_timeout": 2.5})
     ).server.limits
     assert (limits.max_connections, limits.idle_timeout, limits.header_timeout) == (7, 2.5, 10.0)
     with pytest.raises(ValueError, match="unknown HTTP limit 'max_conections'"):
         HttpLimits().with_values({"max_conections": 3})
+    assert HttpLimits().with_values({"threads": "8", "max_body_bytes": "1e6"}).max_body_bytes == 1_000_000
+    with pytest.raises(ValueError, match="threads must be a positive whole number, not 'abc'"):
+        HttpLimits().with_values({"threads": "abc"})
 
 
 def test_a_route_that_raises_is_a_json_500_and_the_server_goes_on(caplog):
