@@ -27,18 +27,20 @@ from __future__ import annotations
 
 
 class AgentError(Exception):
-    """Root of every error the device side raises on purpose."""
+    """Root of every error the device side raises on purpose.
+
+    A subclass that knows what is wrong, what to do and where calls ``_say``: the one place the
+    message "<where>: <problem>; <fix>" is built."""
+
+    def _say(self, problem: str, fix: str = "", where: object = None) -> None:
+        self.problem, self.fix = problem, fix
+        Exception.__init__(self, (f"{where}: " if where is not None else "") + problem + (f"; {fix}" if fix else ""))
 
 
 class BundleError(AgentError):
     def __init__(self, path: object, problem: str, fix: str = "") -> None:
         self.path = str(path)
-        self.problem = problem
-        self.fix = fix
-        message = f"{self.path}: {problem}"
-        if fix:
-            message += f"; {fix}"
-        super().__init__(message)
+        self._say(problem, fix, self.path)
 
 
 class BundleFormatError(BundleError):
@@ -64,10 +66,7 @@ class SignatureError(BundleError):
 class KeyFileError(AgentError):
     def __init__(self, path: object, problem: str, fix: str = "") -> None:
         self.path = str(path)
-        message = f"{self.path}: {problem}"
-        if fix:
-            message += f"; {fix}"
-        super().__init__(message)
+        self._say(problem, fix, self.path)
 
 
 class ProfileError(AgentError):
@@ -78,11 +77,9 @@ class InputError(AgentError):
     """Rows that do not fit the model. ``row`` and ``column`` locate the first offender when known."""
 
     def __init__(self, problem: str, fix: str = "", *, row: int | None = None, column: str | None = None) -> None:
-        self.problem = problem
-        self.fix = fix
         self.row = row
         self.column = column
-        super().__init__(f"{problem}; {fix}" if fix else problem)
+        self._say(problem, fix)
 
 
 class RuntimeUnavailableError(AgentError):
@@ -95,22 +92,18 @@ class ModelError(AgentError):
     def __init__(self, source: object, runtime: str, problem: str, fix: str = "") -> None:
         self.source = str(source)
         self.runtime = runtime
-        message = f"{self.source}: {runtime} {problem}"
-        if fix:
-            message += f"; {fix}"
-        super().__init__(message)
+        self._say(f"{runtime} {problem}", fix, self.source)
 
 
 class ConfigError(AgentError):
     def __init__(self, path: object, problem: str, fix: str = "") -> None:
         self.path = str(path)
-        super().__init__(f"{self.path}: {problem}" + (f"; {fix}" if fix else ""))
+        self._say(problem, fix, self.path)
 
 
 class ServeError(AgentError):
     def __init__(self, problem: str, fix: str = "") -> None:
-        self.problem, self.fix = problem, fix
-        super().__init__(f"{problem}; {fix}" if fix else problem)
+        self._say(problem, fix)
 
 
 class InstallError(AgentError):

@@ -12,6 +12,8 @@
     ├── SigningKeyError          a signing key that cannot be read or written
     ├── PackageError             bundle inputs that do not make a valid bundle
     ├── OutputError              an output path that cannot be written
+    ├── FlashError               a device that cannot be flashed (local/flash.py: unreachable, a step failed)
+    ├── StoreError               a fleet database that cannot be opened or migrated (fleet/store.py)
     └── RolloutError             a rollout that cannot start or change (fleet/rollouts.py)
         ├── RolloutNotFound      no rollout with that id
         └── RolloutConflict      another rollout is in progress, or the rollout is not in a state that allows it
@@ -98,3 +100,11 @@ class RolloutNotFound(RolloutError):
 
 class RolloutConflict(RolloutError):
     http_status = 409
+
+
+class FlashError(EdgekitError):
+    pass
+
+
+class StoreError(EdgekitError):
+    pass

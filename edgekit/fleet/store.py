@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from edgekit.errors import EdgekitError
+from edgekit.errors import StoreError
 
 GAP_GRACE_SECONDS = 10.0  # a seq still in another collector process's batch is not missing
 MAX_GAP = 1000  # a jump larger than this is a reset or garbage, not a gap worth resending
@@ -107,10 +107,6 @@ MIGRATIONS: list[tuple[str, str]] = [
     """,
     ),
 ]
-
-
-class StoreError(EdgekitError):
-    pass
 
 
 class FleetStore(Protocol):

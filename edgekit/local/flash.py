@@ -34,7 +34,7 @@ from urllib.parse import urlparse
 
 from device_agent.bundle import read_bundle
 from device_agent.signing import load_public_key
-from edgekit.errors import EdgekitError
+from edgekit.errors import FlashError
 
 UNIT = """[Unit]
 Description=edgekit device agent
@@ -51,10 +51,6 @@ NoNewPrivileges=true
 [Install]
 WantedBy=multi-user.target
 """
-
-
-class FlashError(EdgekitError):
-    pass
 
 
 @dataclass(frozen=True)
