@@ -148,6 +148,15 @@ def test_malformed_commands_are_ignored_and_the_agent_keeps_reporting(
     X = np.load(digits.test)["X"]
     with Agent(config_of(config)).start() as agent:
         collector.wait(lambda: agent.reporter.connected.is_set(), what="connection")
+        topic = f"edgekit/v1/{fleet_name}/dev1/cmd"
+        # Connected is not yet subscribed: a probe is sent until one is rejected, then the junk follows.
+        deadline = time.time() + 20
+        while agent.reporter.rejected_commands == 0:
+            assert time.time() < deadline, "the agent never subscribed to its command topic"
+            collector.client.publish(topic, b"[]", qos=1)
+            time.sleep(0.5)
+        time.sleep(0.5)  # a probe still in flight arrives before the junk (one publisher, one topic: in order)
+        probes = agent.reporter.rejected_commands
         for payload in (
             b"\xff\xfe",
             b"[]",
@@ -155,8 +164,8 @@ def test_malformed_commands_are_ignored_and_the_agent_keeps_reporting(
             b'{"schema": "edgekit.cmd/1", "cmd": "resend", "seqs": "all"}',
             b"{" * 10000,
         ):
-            collector.client.publish(f"edgekit/v1/{fleet_name}/dev1/cmd", payload, qos=1)
-        collector.wait(lambda: agent.reporter.rejected_commands == 5, what="5 rejected commands")
+            collector.client.publish(topic, payload, qos=1)
+        collector.wait(lambda: agent.reporter.rejected_commands >= probes + 5, what="5 rejected commands")
         agent.predict(X[:100])
         collector.wait(lambda: len(collector.of("dev1")) == 2, what="summaries after the junk")
     collector.close()
