@@ -44,6 +44,7 @@ from device_agent.signing import verify_signature
 from edgekit.errors import RolloutConflict, RolloutError, RolloutNotFound
 from edgekit.fleet.store import SqliteStore
 
+TERMINAL = ("aborted", "succeeded", "failed")  # a rollout in one of these is finished
 DEFAULT_ABORT_ON = "failed>20%"
 FAILED_DEVICE_STATES = ("failed", "rolled_back")
 _RULE = re.compile(r"^\s*(failed|agreement|p99_ms|drift)\s*([<>])\s*([0-9.]+)\s*(%?)\s*$")
@@ -176,41 +177,30 @@ class RolloutController:
         finally:
             Path(tmp).unlink(missing_ok=True)
         signature = base64.b64encode(_signature_of(path)).decode()
-        with self.store.atomic() as db:
-            row = db.execute(
-                "SELECT sha256 FROM bundles WHERE name = ? AND version = ?", (bundle.name, bundle.version)
-            ).fetchone()
-            if row is not None and row[0] != sha256:
-                raise RolloutConflict(
-                    f"{bundle.name} v{bundle.version} is already known with other content (sha256 {row[0][:12]}…)",
-                    "versions are immutable: package the change as a new --version",
-                )
-            db.execute(
-                "INSERT OR IGNORE INTO bundles VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (sha256, bundle.name, bundle.version, len(data), str(path), signature, self.clock()),
+        record = {
+            "sha256": sha256,
+            "name": bundle.name,
+            "version": bundle.version,
+            "size": len(data),
+            "path": str(path),
+            "signature": signature,
+            "added_at": self.clock(),
+        }
+        other = self.store.add_bundle(record)
+        if other is not None:
+            raise RolloutConflict(
+                f"{bundle.name} v{bundle.version} is already known with other content (sha256 {other[:12]}…)",
+                "versions are immutable: package the change as a new --version",
             )
         return {"sha256": sha256, "name": bundle.name, "version": bundle.version, "size": len(data)}
 
     def bundle(
         self, *, sha256: str | None = None, name: str | None = None, version: int | None = None
     ) -> dict[str, Any] | None:
-        with self.store._lock:
-            if sha256 is not None:
-                row = self.store.db.execute("SELECT * FROM bundles WHERE sha256 = ?", (sha256,)).fetchone()
-            else:
-                row = self.store.db.execute(
-                    "SELECT * FROM bundles WHERE name = ? AND version = ?", (name, version)
-                ).fetchone()
-        return None if row is None else dict(row)
+        return self.store.bundle(sha256=sha256, name=name, version=version)
 
     def bundles(self) -> list[dict[str, Any]]:
-        with self.store._lock:
-            return [
-                dict(r)
-                for r in self.store.db.execute(
-                    "SELECT sha256, name, version, size, added_at FROM bundles ORDER BY name, version"
-                )
-            ]
+        return self.store.bundles()
 
     # -- starting --------------------------------------------------------------------------------------
     def start(self, sha256: str, fleet: str, spec: RolloutSpec) -> str:
@@ -291,40 +281,26 @@ class RolloutController:
         now = self.clock()
         rollout_id = "r-" + time.strftime("%Y%m%d-%H%M%S", time.gmtime(now)) + "-" + uuid.uuid4().hex[:6]
         waves = _assign_waves(len(targets), spec.waves)
-        with self.store.atomic() as db:
-            busy = db.execute(
-                "SELECT id FROM rollouts WHERE fleet = ? AND state IN ('running', 'paused', 'pending')", (fleet,)
-            ).fetchone()
-            if busy is not None:
-                raise RolloutConflict(
-                    f"rollout {busy[0]} is still in progress on fleet {fleet!r}",
-                    f"wait for it, or 'edgekit rollout abort {busy[0]}'",
-                )
-            spec_doc = json.loads(spec.to_json())
-            spec_doc.update(extra or {})
-            db.execute(
-                "INSERT INTO rollouts (id, fleet, kind, name, version, sha256, state, spec, wave, wave_started_at, "
-                "created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, 'running', ?, 0, ?, ?, ?)",
-                (
-                    rollout_id,
-                    fleet,
-                    kind,
-                    bundle["name"],
-                    bundle["version"],
-                    bundle["sha256"],
-                    json.dumps(spec_doc),
-                    now,
-                    now,
-                    now,
-                ),
-            )
-            db.executemany(
-                "INSERT INTO rollout_devices (rollout, device, wave, state, from_version, version, updated_at) "
-                "VALUES (?, ?, ?, 'pending', ?, ?, ?)",
-                [
-                    (rollout_id, d["device"], wave, d["model_version"], d["model_version"], now)
-                    for d, wave in zip(sorted(targets, key=lambda d: d["device"]), waves, strict=True)
-                ],
+        spec_doc = json.loads(spec.to_json())
+        spec_doc.update(extra or {})
+        rollout = {
+            "id": rollout_id,
+            "fleet": fleet,
+            "kind": kind,
+            "name": bundle["name"],
+            "version": bundle["version"],
+            "sha256": bundle["sha256"],
+            "spec": json.dumps(spec_doc),
+            "wave_started_at": now,
+            "created_at": now,
+        }
+        ordered = sorted(targets, key=lambda d: d["device"])
+        rows = [(d["device"], wave, d["model_version"]) for d, wave in zip(ordered, waves, strict=True)]
+        busy = self.store.create_rollout(rollout, rows)
+        if busy is not None:
+            raise RolloutConflict(
+                f"rollout {busy} is still in progress on fleet {fleet!r}",
+                f"wait for it, or 'edgekit rollout abort {busy}'",
             )
         self.tick()
         return rollout_id
@@ -343,50 +319,24 @@ class RolloutController:
         return self.status(rollout_id)
 
     def _transition(self, rollout_id: str, allowed: dict[str, str], reason: str) -> dict[str, Any]:
-        with self.store.atomic() as db:
-            row = db.execute("SELECT state FROM rollouts WHERE id = ?", (rollout_id,)).fetchone()
-            if row is None:
-                raise RolloutNotFound(f"no rollout {rollout_id!r}", "list them with 'edgekit rollout status'")
-            if row[0] not in allowed:
-                raise RolloutConflict(
-                    f"rollout {rollout_id} is {row[0]}", f"only a rollout that is {' or '.join(allowed)} can do that"
-                )
-            now = self.clock()
-            finished = now if allowed[row[0]] in ("aborted", "succeeded", "failed") else None
-            db.execute(
-                "UPDATE rollouts SET state = ?, reason = ?, updated_at = ?, finished_at = coalesce(?, finished_at) "
-                "WHERE id = ?",
-                (allowed[row[0]], reason, now, finished, rollout_id),
+        was = self.store.transition_rollout(rollout_id, allowed, reason, self.clock(), terminal=TERMINAL)
+        if was is None:
+            raise RolloutNotFound(f"no rollout {rollout_id!r}", "list them with 'edgekit rollout status'")
+        if was not in allowed:
+            raise RolloutConflict(
+                f"rollout {rollout_id} is {was}", f"only a rollout that is {' or '.join(allowed)} can do that"
             )
         return self.status(rollout_id)
 
     # -- reports from devices ------------------------------------------------------------------------
     def record_report(self, doc: dict[str, Any], now: float) -> None:
         facts = {k: doc[k] for k in ("shadow", "download", "health", "selftest") if isinstance(doc.get(k), dict)}
-        active = doc.get("active") or {}
-        with self.store.atomic() as db:
-            db.execute(
-                "UPDATE rollout_devices SET state = ?, reason = ?, code = ?, version = coalesce(?, version), "
-                "facts = CASE WHEN ? = '{}' THEN facts ELSE ? END, updated_at = ? WHERE rollout = ? AND device = ?",
-                (
-                    doc["state"],
-                    (doc.get("reason") or "")[:500],
-                    doc.get("code"),
-                    active.get("version"),
-                    json.dumps(facts),
-                    json.dumps(facts),
-                    now,
-                    doc["rollout"],
-                    doc["device"],
-                ),
-            )
+        self.store.record_rollout_report(doc, facts, now)
 
     # -- the loop ------------------------------------------------------------------------------------
     def tick(self) -> None:
         with self._lock:
-            with self.store._lock:
-                running = [r[0] for r in self.store.db.execute("SELECT id FROM rollouts WHERE state = 'running'")]
-            for rollout_id in running:
+            for rollout_id in self.store.running_rollouts():
                 self._advance(rollout_id)
 
     def _advance(self, rollout_id: str) -> None:
@@ -533,18 +483,13 @@ class RolloutController:
 
     # -- reads -----------------------------------------------------------------------------------------
     def _load(self, rollout_id: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-        with self.store._lock:
-            row = self.store.db.execute("SELECT * FROM rollouts WHERE id = ?", (rollout_id,)).fetchone()
-            if row is None:
-                raise RolloutNotFound(f"no rollout {rollout_id!r}", "list them with 'edgekit rollout status'")
-            devices = self.store.db.execute(
-                "SELECT r.*, d.online, d.drifted, d.model_version FROM rollout_devices r "
-                "LEFT JOIN devices d ON d.device = r.device WHERE r.rollout = ? ORDER BY r.wave, r.device",
-                (rollout_id,),
-            ).fetchall()
+        found = self.store.rollout(rollout_id)
+        if found is None:
+            raise RolloutNotFound(f"no rollout {rollout_id!r}", "list them with 'edgekit rollout status'")
+        row, devices = found
         parsed = []
         for d in devices:
-            item = dict(d)
+            item = d
             item["facts"] = json.loads(item["facts"]) if item["facts"] else {}
             item["online"] = item["online"] is None or bool(item["online"])  # unknown counts as online: wait for it
             parsed.append(item)
@@ -589,12 +534,7 @@ class RolloutController:
         }
 
     def list(self, limit: int = 50) -> list[dict[str, Any]]:
-        with self.store._lock:
-            ids = [
-                r[0]
-                for r in self.store.db.execute("SELECT id FROM rollouts ORDER BY created_at DESC LIMIT ?", (limit,))
-            ]
-        return [self.status(i) for i in ids]
+        return [self.status(i) for i in self.store.rollout_ids(limit)]
 
     # -- small helpers -------------------------------------------------------------------------------
     def _set_device(
@@ -607,20 +547,10 @@ class RolloutController:
         code: str | None = None,
         sent_at: float | None = None,
     ) -> None:
-        with self.store.atomic() as db:
-            db.execute(
-                "UPDATE rollout_devices SET state = ?, reason = ?, code = coalesce(?, code), "
-                "sent_at = coalesce(?, sent_at), updated_at = ? WHERE rollout = ? AND device = ?",
-                (state, reason, code, sent_at, self.clock(), rollout_id, device),
-            )
+        self.store.set_rollout_device(rollout_id, device, state, reason, self.clock(), code=code, sent_at=sent_at)
 
     def _update(self, rollout_id: str, **columns: Any) -> None:
-        assignments = ", ".join(f"{name} = ?" for name in columns)
-        with self.store.atomic() as db:
-            db.execute(
-                f"UPDATE rollouts SET {assignments}, updated_at = ? WHERE id = ?",
-                (*columns.values(), self.clock(), rollout_id),
-            )  # noqa: S608 - fixed names
+        self.store.update_rollout(rollout_id, self.clock(), **columns)
 
     def _need_key(self) -> None:
         if self.trusted_key is None:

@@ -19,117 +19,16 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from edgekit.errors import StoreError
+from edgekit.fleet.store.rollout_records import RolloutRecords
+from edgekit.fleet.store.schema import GAP_GRACE_SECONDS, MIGRATIONS
 
-GAP_GRACE_SECONDS = 10.0  # a seq still in another collector process's batch is not missing
 MAX_GAP = 1000  # a jump larger than this is a reset or garbage, not a gap worth resending
 
-MIGRATIONS: list[tuple[str, str]] = [
-    (
-        "0001_initial",
-        """
-        CREATE TABLE devices (
-            device TEXT PRIMARY KEY, fleet TEXT NOT NULL, online INTEGER, model TEXT, model_version INTEGER,
-            runtime TEXT, agent_version TEXT, state_at REAL, last_seen REAL, max_seq INTEGER NOT NULL DEFAULT 0,
-            windows INTEGER NOT NULL DEFAULT 0, rows INTEGER NOT NULL DEFAULT 0, drifted INTEGER, worst_feature TEXT,
-            redeliveries INTEGER NOT NULL DEFAULT 0
-        );
-        CREATE TABLE summaries (
-            device TEXT NOT NULL, seq INTEGER NOT NULL, fleet TEXT NOT NULL, model TEXT NOT NULL,
-            model_version INTEGER NOT NULL,
-            window_start TEXT NOT NULL, window_end TEXT NOT NULL, received_at REAL NOT NULL, rows INTEGER NOT NULL,
-            drifted INTEGER, worst_feature TEXT, baseline_id TEXT NOT NULL, payload TEXT NOT NULL,
-            PRIMARY KEY (device, seq)
-        );
-        CREATE INDEX summaries_by_model ON summaries (model, model_version, window_end);
-        CREATE INDEX summaries_by_fleet ON summaries (fleet, window_end);
-        CREATE TABLE baselines (
-            baseline_id TEXT PRIMARY KEY, model TEXT, model_version INTEGER, profile TEXT NOT NULL, received_at REAL
-        );
-        CREATE TABLE rejects (
-            reason TEXT NOT NULL, device TEXT NOT NULL, count INTEGER NOT NULL, last_at REAL,
-            PRIMARY KEY (reason, device)
-        );
-        CREATE TABLE gaps (
-            device TEXT NOT NULL, seq INTEGER NOT NULL, requested_at REAL, requests INTEGER NOT NULL DEFAULT 0,
-            PRIMARY KEY (device, seq)
-        );
-        CREATE TABLE alerts (
-            id INTEGER PRIMARY KEY, rule TEXT NOT NULL, device TEXT NOT NULL, subject TEXT NOT NULL,
-            state TEXT NOT NULL, opened_at REAL NOT NULL, updated_at REAL NOT NULL, closed_at REAL,
-            message TEXT NOT NULL, evidence TEXT NOT NULL
-        );
-        CREATE UNIQUE INDEX alerts_one_open ON alerts (rule, device, subject) WHERE state = 'open';
-    """,
-    ),
-    # What alert rules read, extracted once at insert: evaluating a device must not re-parse its
-    # payloads.
-    (
-        "0002_alert_facts",
-        """
-        ALTER TABLE summaries ADD COLUMN labelled INTEGER NOT NULL DEFAULT 0;
-        ALTER TABLE summaries ADD COLUMN facts TEXT;
-        CREATE INDEX summaries_labelled ON summaries (device, model, model_version, seq) WHERE labelled > 0
-    """,
-    ),
-    # OTA rollouts (see rollouts.py): the bundles the collector serves, each rollout, and each device's
-    # part in it.
-    (
-        "0003_rollouts",
-        """
-        CREATE TABLE bundles (
-            sha256 TEXT PRIMARY KEY, name TEXT NOT NULL, version INTEGER NOT NULL, size INTEGER NOT NULL,
-            path TEXT NOT NULL, signature TEXT NOT NULL, added_at REAL NOT NULL
-        );
-        CREATE UNIQUE INDEX bundles_by_version ON bundles (name, version);
-        CREATE TABLE rollouts (
-            id TEXT PRIMARY KEY, fleet TEXT NOT NULL, kind TEXT NOT NULL, name TEXT NOT NULL, version INTEGER NOT NULL,
-            sha256 TEXT NOT NULL, state TEXT NOT NULL, spec TEXT NOT NULL, wave INTEGER NOT NULL DEFAULT 0,
-            wave_started_at REAL, wave_done_at REAL, created_at REAL NOT NULL, updated_at REAL NOT NULL,
-            finished_at REAL, reason TEXT NOT NULL DEFAULT ''
-        );
-        CREATE TABLE rollout_devices (
-            rollout TEXT NOT NULL, device TEXT NOT NULL, wave INTEGER NOT NULL, state TEXT NOT NULL,
-            from_version INTEGER, version INTEGER, reason TEXT NOT NULL DEFAULT '', code TEXT, facts TEXT,
-            sent_at REAL, updated_at REAL, PRIMARY KEY (rollout, device)
-        );
-        CREATE INDEX rollout_devices_by_device ON rollout_devices (device)
-    """,
-    ),
-    # When a gap was found: summaries of one device reach several collector processes, which commit out
-    # of order, so a gap is asked for only once it has outlived GAP_GRACE_SECONDS.
-    (
-        "0004_gap_found_at",
-        """
-        ALTER TABLE gaps ADD COLUMN found_at REAL
-    """,
-    ),
-]
 
-
-class FleetStore(Protocol):
-    """What the collector, the CLI and the dashboard need from a store."""
-
-    def record_state(self, doc: dict[str, Any], now: float) -> None: ...
-
-    def record_baseline(self, doc: dict[str, Any], now: float) -> None: ...
-
-    def add_summaries(self, records: list[SummaryRecord], now: float) -> tuple[int, int]: ...
-
-    def summary_watermark(self) -> int: ...
-
-    def devices_with_summaries_after(self, rowid: int) -> tuple[set[str], int]: ...
-
-    def count_reject(self, reason: str, device: str, now: float) -> None: ...
-
-    def status(self) -> list[dict[str, Any]]: ...
-
-    def summaries(self, **selection: Any) -> Iterator[dict[str, Any]]: ...
-
-
-class SqliteStore:
+class SqliteStore(RolloutRecords):
     def __init__(self, path: str | Path | sqlite3.Connection = ":memory:") -> None:
         if isinstance(path, sqlite3.Connection):
             self.db = path
@@ -160,6 +59,12 @@ class SqliteStore:
                 self.db.execute("ROLLBACK")
                 raise
             self.db.execute("COMMIT")
+
+    @contextlib.contextmanager
+    def reading(self) -> Iterator[sqlite3.Connection]:
+        """The connection, for reads that must not interleave with another thread's statements."""
+        with self._lock:
+            yield self.db
 
     def migrate(self) -> list[str]:
         with self._lock:

@@ -1,0 +1,91 @@
+"""The fleet database's schema: named migrations, applied in order and recorded in the ``migrations`` table.
+
+A migration is never edited once released: a change is a new migration. Any store implementation
+(SQLite today) applies these, or their dialect's equivalent, under the same names.
+"""
+
+from __future__ import annotations
+
+GAP_GRACE_SECONDS = 10.0  # a seq still in another collector process's batch is not missing
+
+MIGRATIONS: list[tuple[str, str]] = [
+    (
+        "0001_initial",
+        """
+        CREATE TABLE devices (
+            device TEXT PRIMARY KEY, fleet TEXT NOT NULL, online INTEGER, model TEXT, model_version INTEGER,
+            runtime TEXT, agent_version TEXT, state_at REAL, last_seen REAL, max_seq INTEGER NOT NULL DEFAULT 0,
+            windows INTEGER NOT NULL DEFAULT 0, rows INTEGER NOT NULL DEFAULT 0, drifted INTEGER, worst_feature TEXT,
+            redeliveries INTEGER NOT NULL DEFAULT 0
+        );
+        CREATE TABLE summaries (
+            device TEXT NOT NULL, seq INTEGER NOT NULL, fleet TEXT NOT NULL, model TEXT NOT NULL,
+            model_version INTEGER NOT NULL,
+            window_start TEXT NOT NULL, window_end TEXT NOT NULL, received_at REAL NOT NULL, rows INTEGER NOT NULL,
+            drifted INTEGER, worst_feature TEXT, baseline_id TEXT NOT NULL, payload TEXT NOT NULL,
+            PRIMARY KEY (device, seq)
+        );
+        CREATE INDEX summaries_by_model ON summaries (model, model_version, window_end);
+        CREATE INDEX summaries_by_fleet ON summaries (fleet, window_end);
+        CREATE TABLE baselines (
+            baseline_id TEXT PRIMARY KEY, model TEXT, model_version INTEGER, profile TEXT NOT NULL, received_at REAL
+        );
+        CREATE TABLE rejects (
+            reason TEXT NOT NULL, device TEXT NOT NULL, count INTEGER NOT NULL, last_at REAL,
+            PRIMARY KEY (reason, device)
+        );
+        CREATE TABLE gaps (
+            device TEXT NOT NULL, seq INTEGER NOT NULL, requested_at REAL, requests INTEGER NOT NULL DEFAULT 0,
+            PRIMARY KEY (device, seq)
+        );
+        CREATE TABLE alerts (
+            id INTEGER PRIMARY KEY, rule TEXT NOT NULL, device TEXT NOT NULL, subject TEXT NOT NULL,
+            state TEXT NOT NULL, opened_at REAL NOT NULL, updated_at REAL NOT NULL, closed_at REAL,
+            message TEXT NOT NULL, evidence TEXT NOT NULL
+        );
+        CREATE UNIQUE INDEX alerts_one_open ON alerts (rule, device, subject) WHERE state = 'open';
+    """,
+    ),
+    # What alert rules read, extracted once at insert: evaluating a device must not re-parse its
+    # payloads.
+    (
+        "0002_alert_facts",
+        """
+        ALTER TABLE summaries ADD COLUMN labelled INTEGER NOT NULL DEFAULT 0;
+        ALTER TABLE summaries ADD COLUMN facts TEXT;
+        CREATE INDEX summaries_labelled ON summaries (device, model, model_version, seq) WHERE labelled > 0
+    """,
+    ),
+    # OTA rollouts (see rollouts.py): the bundles the collector serves, each rollout, and each device's
+    # part in it.
+    (
+        "0003_rollouts",
+        """
+        CREATE TABLE bundles (
+            sha256 TEXT PRIMARY KEY, name TEXT NOT NULL, version INTEGER NOT NULL, size INTEGER NOT NULL,
+            path TEXT NOT NULL, signature TEXT NOT NULL, added_at REAL NOT NULL
+        );
+        CREATE UNIQUE INDEX bundles_by_version ON bundles (name, version);
+        CREATE TABLE rollouts (
+            id TEXT PRIMARY KEY, fleet TEXT NOT NULL, kind TEXT NOT NULL, name TEXT NOT NULL, version INTEGER NOT NULL,
+            sha256 TEXT NOT NULL, state TEXT NOT NULL, spec TEXT NOT NULL, wave INTEGER NOT NULL DEFAULT 0,
+            wave_started_at REAL, wave_done_at REAL, created_at REAL NOT NULL, updated_at REAL NOT NULL,
+            finished_at REAL, reason TEXT NOT NULL DEFAULT ''
+        );
+        CREATE TABLE rollout_devices (
+            rollout TEXT NOT NULL, device TEXT NOT NULL, wave INTEGER NOT NULL, state TEXT NOT NULL,
+            from_version INTEGER, version INTEGER, reason TEXT NOT NULL DEFAULT '', code TEXT, facts TEXT,
+            sent_at REAL, updated_at REAL, PRIMARY KEY (rollout, device)
+        );
+        CREATE INDEX rollout_devices_by_device ON rollout_devices (device)
+    """,
+    ),
+    # When a gap was found: summaries of one device reach several collector processes, which commit out
+    # of order, so a gap is asked for only once it has outlived GAP_GRACE_SECONDS.
+    (
+        "0004_gap_found_at",
+        """
+        ALTER TABLE gaps ADD COLUMN found_at REAL
+    """,
+    ),
+]
