@@ -40,7 +40,25 @@ ROLLBACK_SCHEMA = "edgekit.rollback/1"
 UPDATE_ACTIONS = ("install", "revert", "rollback")
 TERMINAL_UPDATE_STATES = ("succeeded", "failed", "rolled_back", "aborted")
 MAX_PAYLOAD_BYTES = 256 * 1024
-_LEVEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_LEVEL_TEXT = r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}"  # a fleet or device id: one MQTT topic level
+_LEVEL = re.compile(rf"^{_LEVEL_TEXT}$")
+UPLINK = ("state", "summary", "baseline", "reported")  # what devices publish and the collector reads
+# A device topic the collector takes in, parsed: fleet, device and leaf (one compiled pattern: ingest's hot path).
+UPLINK_TOPIC = re.compile(
+    rf"^{TOPIC_ROOT}/(?P<fleet>{_LEVEL_TEXT})/(?P<device>{_LEVEL_TEXT})/(?P<leaf>{'|'.join(UPLINK)})$"
+)
+
+
+def fleet_filter(leaf: str, *, share_group: str | None = None) -> str:
+    """The subscription filter for ``leaf`` from every device of every fleet; with ``share_group``, an
+    MQTT 5 shared subscription that splits the messages among the group's members."""
+    topic = f"{TOPIC_ROOT}/+/+/{leaf}"
+    return f"$share/{share_group}/{topic}" if share_group else topic
+
+
+def command_payload(cmd: str, **fields: Any) -> dict[str, Any]:
+    """A command to a device (``cmd`` topic), e.g. ``command_payload("resend", seqs=[4, 5])``."""
+    return {"schema": COMMAND_SCHEMA, "cmd": cmd, **fields}
 
 
 @dataclass(frozen=True)

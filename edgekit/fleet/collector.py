@@ -11,7 +11,6 @@ Brokers without MQTT 5 get MQTT 3.1.1 with a persistent session and no shared su
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
@@ -21,6 +20,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from device_agent import mqtt_fallback
+from device_agent.protocol import Topics, command_payload, encode, fleet_filter
 from edgekit.errors import EdgekitError, require
 from edgekit.fleet.ingest import Ingestor, Message
 from edgekit.fleet.store import SqliteStore
@@ -203,9 +203,7 @@ class Collector:
             else:
                 log.warning("the broker refused the collector: %s", reason_code)
             return
-        summary = "edgekit/v1/+/+/summary"
-        if self.protocol == "5":
-            summary = f"$share/{self.config.group}/{summary}"
+        summary = fleet_filter("summary", share_group=self.config.group if self.protocol == "5" else None)
         if self.ingest_only:
             if self.protocol != "5":  # a plain subscription would make this worker store every summary a second time
                 log.error(
@@ -219,9 +217,9 @@ class Collector:
         else:
             client.subscribe(
                 [
-                    ("edgekit/v1/+/+/state", 1),
-                    ("edgekit/v1/+/+/baseline", 1),
-                    ("edgekit/v1/+/+/reported", 1),
+                    (fleet_filter("state"), 1),
+                    (fleet_filter("baseline"), 1),
+                    (fleet_filter("reported"), 1),
                     (summary, 1),
                 ]
             )
@@ -331,8 +329,8 @@ class Collector:
         fleets = {d["device"]: d["fleet"] for d in self.store.status()}
         wanted = self.store.gaps_to_request(time.time(), retry_after=self.config.gap_retry_seconds)
         for device, seqs in wanted.items():
-            payload = json.dumps({"schema": "edgekit.cmd/1", "cmd": "resend", "seqs": seqs})
-            client.publish(f"edgekit/v1/{fleets.get(device, 'default')}/{device}/cmd", payload, qos=1)
+            topic = Topics(fleets.get(device, "default"), device).cmd
+            client.publish(topic, encode(command_payload("resend", seqs=seqs)), qos=1)
         return sum(len(s) for s in wanted.values())
 
 

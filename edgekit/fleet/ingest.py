@@ -10,7 +10,6 @@ raise out of ``handle``.
 from __future__ import annotations
 
 import logging
-import re
 import sqlite3
 import time
 from collections import Counter
@@ -25,6 +24,7 @@ from device_agent.protocol import (
     REPORTED_SCHEMA,
     STATE_SCHEMA,
     SUMMARY_SCHEMA,
+    UPLINK_TOPIC,
     check_baseline,
     check_reported,
     check_state,
@@ -34,9 +34,6 @@ from device_agent.protocol import (
 from edgekit.fleet.store import FleetStore, SummaryRecord
 
 log = logging.getLogger("edgekit.fleet")
-TOPIC = re.compile(
-    r"^edgekit/v1/(?P<fleet>[A-Za-z0-9][A-Za-z0-9._-]{0,63})/(?P<device>[A-Za-z0-9][A-Za-z0-9._-]{0,63})/(?P<leaf>state|summary|baseline|reported)$"
-)
 LOG_INTERVAL = 60.0
 
 
@@ -117,7 +114,7 @@ class Ingestor:
         outcome["duplicates"] += duplicates
 
     def _check(self, message: Message) -> tuple[str, dict[str, Any]]:
-        match = TOPIC.match(message.topic)
+        match = UPLINK_TOPIC.match(message.topic)
         if match is None:
             raise ProtocolError(
                 "topic",

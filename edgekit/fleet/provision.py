@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from device_agent.fsutil import write_atomic
+from device_agent.protocol import TOPIC_ROOT, fleet_filter
 from edgekit.errors import EdgekitError
 
 COLLECTOR_USER = "edgekit-collector"
@@ -102,13 +103,13 @@ def _acl(fleet: str, devices: list[str]) -> str:
     blocks = [
         f"# edgekit fleet {fleet!r}: written by 'edgekit fleet provision'",
         f"user {COLLECTOR_USER}",
-        "topic read edgekit/v1/#",
-        "topic write edgekit/v1/+/+/cmd",
-        "topic write edgekit/v1/+/+/desired",
+        f"topic read {TOPIC_ROOT}/#",
+        f"topic write {fleet_filter('cmd')}",
+        f"topic write {fleet_filter('desired')}",
         "",
     ]
     for device in devices:
-        prefix = f"edgekit/v1/{fleet}/{device}"
+        prefix = f"{TOPIC_ROOT}/{fleet}/{device}"
         blocks.append(f"user {device}")
         blocks += [f"topic write {prefix}/{leaf}" for leaf in DEVICE_WRITES]
         blocks += [f"topic read {prefix}/{leaf}" for leaf in DEVICE_READS]

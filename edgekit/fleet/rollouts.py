@@ -39,7 +39,7 @@ from typing import Any
 from device_agent.bundle import BUNDLE_SUFFIX, read_bundle
 from device_agent.canonical import canonical_json, sha256_hex
 from device_agent.errors import BundleError
-from device_agent.protocol import DESIRED_SCHEMA, ROLLBACK_SCHEMA, TERMINAL_UPDATE_STATES, encode
+from device_agent.protocol import DESIRED_SCHEMA, ROLLBACK_SCHEMA, TERMINAL_UPDATE_STATES, Topics, encode
 from device_agent.signing import verify_signature
 from edgekit.errors import RolloutConflict, RolloutError, RolloutNotFound
 from edgekit.fleet.store import SqliteStore
@@ -606,7 +606,7 @@ def _signature_of(path: Path) -> bytes:
 
 
 def _desired_topic(fleet: str, device: str) -> str:
-    return f"edgekit/v1/{fleet}/{device}/desired"
+    return Topics(fleet, device).desired
 
 
 def start_from_request(controller: RolloutController, doc: dict[str, Any]) -> str:

@@ -33,6 +33,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from device_agent.bundle import read_bundle
+from device_agent.protocol import Topics
 from device_agent.signing import load_public_key
 from edgekit.errors import FlashError
 
@@ -369,7 +370,7 @@ class Flasher:
         import paho.mqtt.client as mqtt
 
         parsed = urlparse(self.plan.broker)
-        topic = f"edgekit/v1/{self.plan.fleet}/{self.plan.device_id}/state"
+        topic = Topics(self.plan.fleet, self.plan.device_id).state
         seen: dict = {}
         done = threading.Event()
 
