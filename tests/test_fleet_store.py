@@ -18,9 +18,25 @@ def feed(ingestor, *messages, now=1.7e9):
     return ingestor.handle([Message(topic, payload, now) for topic, payload in messages])
 
 
+STORES = {  # every store implementation runs this file's contract tests (a PostgreSQL store joins here)
+    "sqlite-file": lambda tmp_path: SqliteStore(tmp_path / "fleet.db"),
+    "sqlite-memory": lambda tmp_path: SqliteStore(":memory:"),
+}
+
+
+@pytest.fixture(params=sorted(STORES))
+def store(request, tmp_path):
+    opened = STORES[request.param](tmp_path)
+    yield opened
+    opened.close()
+
+
 @pytest.fixture
-def store(tmp_path):
-    return SqliteStore(tmp_path / "fleet.db")
+def file_store(tmp_path):
+    """A store that a second connection (another collector process) can open too."""
+    opened = SqliteStore(tmp_path / "fleet.db")
+    yield opened
+    opened.close()
 
 
 def test_migrations_are_recorded_and_applied_once(tmp_path):
@@ -222,8 +238,9 @@ def test_versions_sharing_a_baseline_merge_and_are_all_named(store):
     )
 
 
-def test_the_summary_watermark_names_devices_stored_by_another_process(store, tmp_path):
+def test_the_summary_watermark_names_devices_stored_by_another_process(file_store, tmp_path):
     """The main collector learns what its ingest workers stored (to run their alerts) from the watermark."""
+    store = file_store
     mark = store.summary_watermark()
     assert store.devices_with_summaries_after(mark) == (set(), mark)
     other = SqliteStore(tmp_path / "fleet.db")  # a worker: its own connection to the same database
