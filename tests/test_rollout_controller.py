@@ -12,7 +12,8 @@ from types import SimpleNamespace
 import pytest
 
 from edgekit.errors import RolloutConflict, RolloutError
-from edgekit.fleet.rollouts import RolloutController, RolloutSpec, _assign_waves, parse_abort_rules, parse_waves
+from edgekit.fleet.rollout_spec import RolloutSpec, _assign_waves, parse_abort_rules, parse_waves
+from edgekit.fleet.rollouts import RolloutController
 from edgekit.fleet.store import SqliteStore
 from edgekit.local.broker import free_port
 

@@ -8,7 +8,7 @@ import click
 
 from edgekit.cli.common import EXIT_THRESHOLD, emit_json, exit_with, json_option
 from edgekit.fleet.client import DEFAULT_COLLECTOR, CollectorClient
-from edgekit.fleet.rollouts import DEFAULT_ABORT_ON
+from edgekit.fleet.rollout_spec import DEFAULT_ABORT_ON
 from edgekit.text import table
 
 COLLECTOR_OPTION = click.option(

@@ -23,7 +23,6 @@ from __future__ import annotations
 import base64
 import fnmatch
 import json
-import math
 import os
 import re
 import statistics
@@ -32,7 +31,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -42,104 +41,18 @@ from device_agent.errors import BundleError
 from device_agent.protocol import DESIRED_SCHEMA, ROLLBACK_SCHEMA, TERMINAL_UPDATE_STATES, Topics, encode
 from device_agent.signing import verify_signature
 from edgekit.errors import RolloutConflict, RolloutError, RolloutNotFound
+from edgekit.fleet.rollout_spec import (
+    DEFAULT_ABORT_ON,
+    RolloutSpec,
+    _assign_waves,
+    parse_abort_rules,
+    parse_duration,
+    parse_waves,
+)
 from edgekit.fleet.store import SqliteStore
 
 TERMINAL = ("aborted", "succeeded", "failed")  # a rollout in one of these is finished
-DEFAULT_ABORT_ON = "failed>20%"
 FAILED_DEVICE_STATES = ("failed", "rolled_back")
-_RULE = re.compile(r"^\s*(failed|agreement|p99_ms|drift)\s*([<>])\s*([0-9.]+)\s*(%?)\s*$")
-
-
-@dataclass(frozen=True)
-class AbortRule:
-    metric: str
-    op: str
-    value: float
-
-    def __str__(self) -> str:
-        shown = f"{self.value:.0%}" if self.metric in ("failed", "drift") else f"{self.value:g}"
-        return f"{self.metric}{self.op}{shown}"
-
-    def tripped(self, observed: float | None) -> bool:
-        return observed is not None and (observed > self.value if self.op == ">" else observed < self.value)
-
-
-def parse_abort_rules(text: str | None) -> tuple[AbortRule, ...]:
-    """``failed>20%,agreement<0.98,p99_ms>50,drift>30%`` -> rules; a clear error for anything else."""
-    rules = []
-    for part in filter(str.strip, (text or "").split(",")):
-        match = _RULE.match(part)
-        if not match:
-            raise RolloutError(
-                f"abort rule {part.strip()!r} is not understood",
-                "write rules like failed>20%,agreement<0.98,p99_ms>50,drift>30% (metric, < or >, number)",
-            )
-        metric, op, number, percent = match.groups()
-        value = float(number) / (100 if percent else 1)
-        expected_op = "<" if metric == "agreement" else ">"
-        if op != expected_op:
-            raise RolloutError(
-                f"abort rule {part.strip()!r} points the wrong way",
-                f"{metric} aborts when it is {'below' if expected_op == '<' else 'above'} a limit: "
-                f"{metric}{expected_op}…",
-            )
-        if metric in ("failed", "drift", "agreement") and not 0 <= value <= 1:
-            raise RolloutError(
-                f"abort rule {part.strip()!r} is not a share between 0 and 1", "e.g. failed>20% or agreement<0.98"
-            )
-        rules.append(AbortRule(metric, op, value))
-    return tuple(rules)
-
-
-def parse_waves(text: str) -> tuple[float, ...]:
-    """``10%,50%,100%`` -> (0.1, 0.5, 1.0): cumulative shares of the target devices, rising to 100%."""
-    try:
-        waves = tuple(float(p.strip().rstrip("%")) / 100 for p in text.split(",") if p.strip())
-    except ValueError:
-        raise RolloutError(f"waves {text!r} are not percentages", "e.g. --waves 10%,50%,100%") from None
-    if (
-        not waves
-        or any(b <= a for a, b in zip(waves, waves[1:], strict=False))
-        or waves[0] <= 0
-        or abs(waves[-1] - 1.0) > 1e-9
-    ):
-        raise RolloutError(f"waves {text!r} must rise and end at 100%", "e.g. --waves 10%,50%,100%")
-    return waves
-
-
-def parse_duration(text: str | float | int) -> float:
-    """``90``, ``90s``, ``5m``, ``1h`` -> seconds."""
-    if isinstance(text, (int, float)):
-        return float(text)
-    match = re.fullmatch(r"\s*([0-9.]+)\s*([smh]?)\s*", str(text))
-    if not match:
-        raise RolloutError(f"duration {text!r} is not understood", "e.g. 30s, 5m or 1h")
-    return float(match[1]) * {"": 1, "s": 1, "m": 60, "h": 3600}[match[2]]
-
-
-@dataclass(frozen=True)
-class RolloutSpec:
-    """How a rollout proceeds; serialised into the store as JSON."""
-
-    waves: tuple[float, ...] = (1.0,)
-    wave_wait: float = 0.0
-    abort_on: tuple[AbortRule, ...] = ()
-    shadow_rows: int = 0
-    shadow_timeout: float = 300.0
-    health_seconds: float = 10.0
-    device_timeout: float = 900.0
-    devices: str = "*"
-
-    def to_json(self) -> str:
-        return json.dumps({**asdict(self), "abort_on": [str(r) for r in self.abort_on]})
-
-    @classmethod
-    def from_json(cls, text: str) -> RolloutSpec:
-        doc = json.loads(text)
-        return cls(**{**doc, "waves": tuple(doc["waves"]), "abort_on": parse_abort_rules(",".join(doc["abort_on"]))})
-
-    def rule(self, metric: str) -> AbortRule | None:
-        return next((r for r in self.abort_on if r.metric == metric), None)
 
 
 @dataclass
@@ -575,17 +488,6 @@ def sign_rollback(
         "issued_at": time.time() if issued_at is None else issued_at,
     }
     return instruction, base64.b64encode(sign(canonical_json(instruction), key)).decode()
-
-
-def _assign_waves(count: int, waves: tuple[float, ...]) -> list[int]:
-    """Wave index per device: wave k ends at ceil(share_k × count), and every wave gets a device while
-    devices remain."""
-    assignment, start = [], 0
-    for index, share in enumerate(waves):
-        end = count if index == len(waves) - 1 else min(count, max(start + 1, math.ceil(share * count)))
-        assignment += [index] * (end - start)
-        start = end
-    return assignment
 
 
 def _rule_value(spec: dict[str, Any], metric: str) -> float | None:
