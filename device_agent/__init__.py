@@ -4,7 +4,7 @@ Importing this package does no work and pulls in nothing heavier than numpy; the
 (onnxruntime, LiteRT) are imported only when a model is loaded.
 """
 
-__version__ = "0.1.0"
+from .version import __version__
 
 __all__ = ["Agent", "__version__"]
 

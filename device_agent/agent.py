@@ -14,76 +14,29 @@ import math
 import os
 import threading
 import time
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from . import __version__
 from .bundle import Bundle
 from .config import AgentConfig
 from .drift import DEFAULT_DRIFT_THRESHOLDS
 from .errors import AgentError, InputError, ModelError
 from .fsutil import write_atomic
 from .monitor import ClosedWindow, Monitor
-from .outputs import Prediction
 from .predlog import PredictionLog
 from .protocol import Topics, baseline_payload, build_summary, encode, state_payload
 from .runtimes import Runtime, open_runtime
+from .serving import LATENCY_BUCKETS_MS, PredictResult, Serving
 from .signing import load_public_key
 from .spool import Spool
 from .state import StateDir
+from .version import __version__
 
 log = logging.getLogger("device_agent")
 BACKGROUND_INTERVAL = 0.1
 BACKGROUND_CHUNK_ROWS = 10_000  # rows sketched between prediction-log flushes and stop checks
 STOP_JOIN_SECONDS = 10.0
-LATENCY_BUCKETS_MS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 50, 100, 250, 500, 1000)
-
-
-@dataclass
-class PredictResult:
-    boot: str
-    first: int
-    prediction: Prediction
-    model_version: int
-    labels: tuple[Any, ...]
-
-    @property
-    def ids(self) -> list[str]:
-        return [f"{self.boot}-{self.first + i}" for i in range(len(self.prediction.primary))]
-
-    def answers(self) -> list[Any]:
-        p = self.prediction
-        if p.labels is not None:
-            return p.labels.tolist()
-        return [v[0] if len(v) == 1 else v for v in p.values.tolist()]
-
-    def to_json(self) -> dict[str, Any]:
-        doc: dict[str, Any] = {"predictions": self.answers(), "ids": self.ids, "model_version": self.model_version}
-        if self.prediction.probabilities is not None:
-            # widened first: a float32 rounded to 6 decimals still reaches JSON as 0.12345699965953827
-            doc["probabilities"] = np.round(self.prediction.probabilities.astype(np.float64), 6).tolist()
-            doc["labels"] = list(self.labels)
-        return doc
-
-
-@dataclass
-class Serving:
-    """One loaded model and everything tied to it. The agent swaps the whole object in one
-    assignment, so a request sees either the old model or the new one, never a mix."""
-
-    bundle: Bundle
-    runtime: Runtime
-    monitor: Monitor | None = None
-
-    def __post_init__(self) -> None:
-        self.schema, self.spec, self.baseline = (
-            self.bundle.input_schema,
-            self.bundle.output_spec,
-            self.bundle.baseline(),
-        )
-        self.model_info = {"name": self.bundle.name, "version": self.bundle.version}
 
 
 class Agent:
@@ -208,6 +161,7 @@ class Agent:
         return old
 
     serving = property(lambda self: self._serving, doc="The loaded model requests go to now (None before start).")
+    rows_served = property(lambda self: self._counter, doc="Rows answered since start (ids are numbered by it).")
     # The serving model's parts, for callers that predate hot swapping (and for brevity).
     bundle = property(lambda self: self._serving.bundle if self._serving else None)
     runtime = property(lambda self: self._serving.runtime if self._serving else None)

@@ -8,10 +8,23 @@ the naming conventions ``promtool check metrics`` enforces: base units (seconds)
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
-if TYPE_CHECKING:
-    from .agent import Agent
+from .serving import LATENCY_BUCKETS_MS
+
+
+class Observed(Protocol):
+    """What the exposition reads of an agent: its counters and state, never its internals."""
+
+    model_info: dict[str, Any]
+    stats: dict[str, Any]
+    last_summary: dict[str, Any] | None
+    spool: Any
+
+    @property
+    def rows_served(self) -> int: ...
+
+    def status(self) -> dict[str, Any]: ...
 
 
 def escape_label_value(value: object) -> str:
@@ -51,14 +64,12 @@ def _sample(lines: list[str], name: str, labels: dict[str, object], value: float
     lines.append(f"{name}{format_labels(labels)} {format_value(value)}")
 
 
-def render_metrics(agent: Agent) -> str:
-    from .agent import LATENCY_BUCKETS_MS
-
+def render_metrics(agent: Observed) -> str:
     model = {"model": agent.model_info["name"], "version": agent.model_info["version"]}
     stats = agent.stats
     lines: list[str] = []
     _family(lines, "edgekit_predictions_total", "counter", "Rows scored.")
-    _sample(lines, "edgekit_predictions_total", model, agent._counter)
+    _sample(lines, "edgekit_predictions_total", model, agent.rows_served)
     _family(lines, "edgekit_prediction_errors_total", "counter", "Requests refused or failed, by kind.")
     for kind, count in sorted(stats["errors"].items()):
         _sample(lines, "edgekit_prediction_errors_total", {**model, "kind": kind}, count)

@@ -19,22 +19,33 @@ from __future__ import annotations
 import hmac
 import logging
 import re
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
-from .config import ServerConfig
+from .config import AgentConfig, ServerConfig
 from .errors import AgentError, ConfigError, InputError, ServeError
-from .metrics import render_metrics
+from .metrics import Observed, render_metrics
+from .serving import PredictResult
 from .wsgi import HttpError, Request, Response, error_response, json_response, wsgi_app
 
 if TYPE_CHECKING:
-    from .agent import Agent
     from .httpserver import HttpServer
+
+
+class Served(Observed, Protocol):
+    """What the routes need of an agent: the metrics' view, predictions and feedback."""
+
+    config: AgentConfig
+
+    def predict(self, rows: Any) -> PredictResult: ...
+
+    def feedback(self, prediction_id: str, label: Any) -> str: ...
+
 
 _ROUTE = re.compile(r"^/v1/models/(?P<name>[^/:]+)(?::(?P<verb>predict|feedback))?$")
 log = logging.getLogger("device_agent.server")
 
 
-def serve(agent: Agent, config: ServerConfig) -> HttpServer:
+def serve(agent: Served, config: ServerConfig) -> HttpServer:
     """Start serving ``agent``'s API in background threads; a ``ConfigError`` if it cannot start."""
     try:
         from .httpserver import serve_wsgi, tls_context
@@ -54,7 +65,7 @@ def serve(agent: Agent, config: ServerConfig) -> HttpServer:
         ) from exc
 
 
-def route(agent: Agent, config: ServerConfig, request: Request) -> Response:
+def route(agent: Served, config: ServerConfig, request: Request) -> Response:
     """The answer to one request (the HTTP server, TLS and limits are the caller's business)."""
     if request.path == "/healthz" and request.method == "GET":
         return json_response({"status": "ok", "model": agent.model_info})
@@ -90,7 +101,7 @@ def route(agent: Agent, config: ServerConfig, request: Request) -> Response:
         return error_response(500, str(exc))
 
 
-def _predict(agent: Agent, config: ServerConfig, body: dict[str, Any]) -> dict[str, Any]:
+def _predict(agent: Served, config: ServerConfig, body: dict[str, Any]) -> dict[str, Any]:
     instances = body.get("instances", body.get("inputs"))
     if instances is None:
         raise InputError("the body has no 'instances'", 'send {"instances": [[...], ...]}')
@@ -103,7 +114,7 @@ def _predict(agent: Agent, config: ServerConfig, body: dict[str, Any]) -> dict[s
     return agent.predict(instances).to_json()
 
 
-def _feedback(agent: Agent, body: dict[str, Any]) -> dict[str, Any]:
+def _feedback(agent: Served, body: dict[str, Any]) -> dict[str, Any]:
     items = body.get("feedback", [body])
     if not isinstance(items, list) or not all(isinstance(i, dict) and "id" in i and "label" in i for i in items):
         raise InputError("feedback needs 'id' and 'label'", 'send {"id": "<id from :predict>", "label": ...}')

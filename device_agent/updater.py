@@ -31,7 +31,7 @@ import threading
 import time
 from collections import deque
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
@@ -41,11 +41,33 @@ from .download import download
 from .errors import AgentError, BundleError, InstallError, ModelError, ProtocolError, SignatureError, UpdateError
 from .protocol import DESIRED_SCHEMA, ROLLBACK_SCHEMA, check_desired, decode, reported_payload
 from .runtimes import open_runtime
+from .serving import Serving
 from .signing import verify_signature
 from .state import BUNDLE_FILE
 
 if TYPE_CHECKING:
-    from .agent import Agent, Serving
+    from .config import AgentConfig
+    from .protocol import Topics
+    from .runtimes import Runtime
+
+
+class UpdaterHost(Protocol):
+    """What the updater needs of the agent it updates: its settings and key, the model it serves
+    and how to swap it, the request taps (shadow, health watch), and the reporter and topics."""
+
+    config: AgentConfig
+    public_key: Any
+    reporter: Any
+    topics: Topics
+    taps: list[Any]
+
+    @property
+    def serving(self) -> Serving | None: ...
+
+    def serving_for(self, bundle: Bundle, runtime: Runtime) -> Serving: ...
+
+    def swap(self, serving: Serving) -> Serving: ...
+
 
 log = logging.getLogger("device_agent.updater")
 MAX_ATTEMPTS = 3
@@ -57,7 +79,7 @@ SELFTEST_MIN_LABEL_AGREEMENT = 0.95
 
 
 class Updater:
-    def __init__(self, agent: Agent, *, recovered: dict[str, Any] | None = None) -> None:
+    def __init__(self, agent: UpdaterHost, *, recovered: dict[str, Any] | None = None) -> None:
         self.agent, self.state = agent, agent.state
         self.last_report: dict[str, Any] | None = None
         self.rejected = 0

@@ -1,0 +1,64 @@
+"""What one loaded model is while it serves, and what a prediction answers.
+
+Apart from the agent so that the HTTP routes, the metrics and the updater can name these types
+without importing the agent (which imports them back).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .bundle import Bundle
+from .monitor import Monitor
+from .outputs import Prediction
+from .runtimes import Runtime
+
+LATENCY_BUCKETS_MS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 50, 100, 250, 500, 1000)
+
+
+@dataclass
+class PredictResult:
+    boot: str
+    first: int
+    prediction: Prediction
+    model_version: int
+    labels: tuple[Any, ...]
+
+    @property
+    def ids(self) -> list[str]:
+        return [f"{self.boot}-{self.first + i}" for i in range(len(self.prediction.primary))]
+
+    def answers(self) -> list[Any]:
+        p = self.prediction
+        if p.labels is not None:
+            return p.labels.tolist()
+        return [v[0] if len(v) == 1 else v for v in p.values.tolist()]
+
+    def to_json(self) -> dict[str, Any]:
+        doc: dict[str, Any] = {"predictions": self.answers(), "ids": self.ids, "model_version": self.model_version}
+        if self.prediction.probabilities is not None:
+            # widened first: a float32 rounded to 6 decimals still reaches JSON as 0.12345699965953827
+            doc["probabilities"] = np.round(self.prediction.probabilities.astype(np.float64), 6).tolist()
+            doc["labels"] = list(self.labels)
+        return doc
+
+
+@dataclass
+class Serving:
+    """One loaded model and everything tied to it. The agent swaps the whole object in one
+    assignment, so a request sees either the old model or the new one, never a mix."""
+
+    bundle: Bundle
+    runtime: Runtime
+    monitor: Monitor | None = None
+
+    def __post_init__(self) -> None:
+        self.schema, self.spec, self.baseline = (
+            self.bundle.input_schema,
+            self.bundle.output_spec,
+            self.bundle.baseline(),
+        )
+        self.model_info = {"name": self.bundle.name, "version": self.bundle.version}
