@@ -15,13 +15,12 @@ import logging
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import urlparse
 
 from device_agent import mqtt_fallback
 from device_agent.protocol import Topics, command_payload, encode, fleet_filter
 from edgekit.errors import EdgekitError, require
+from edgekit.fleet.config import CollectorConfig, parse_broker_url
 from edgekit.fleet.ingest import Ingestor, Message
 from edgekit.fleet.store import SqliteStore
 
@@ -35,46 +34,6 @@ ALERT_SECONDS = 1.0
 # Every device (for rules that fire on silence, such as offline) is checked this often.
 FULL_ALERT_PASS_SECONDS = 30.0
 ROLLOUT_TICK = 0.25
-
-
-@dataclass(frozen=True)
-class CollectorConfig:
-    broker: str = "mqtt://127.0.0.1:1883"
-    db: str = "fleet.db"
-    http: str | None = "127.0.0.1:8480"
-    group: str = "edgekit"
-    client_id: str = "edgekit-collector"
-    username: str | None = None
-    password: str | None = None
-    gap_retry_seconds: float = 30.0
-    allowed_devices: frozenset[str] | None = None
-    trust: str | None = None  # the fleet's public key: bundles for rollouts must verify against it
-    bundle_dir: str | None = None  # where uploaded bundles are kept (default: next to the database)
-    public_url: str | None = None  # the base URL devices download bundles from (default: the --http address)
-    api_token: str | None = None  # required as a bearer token on the HTTP API's POSTs when set
-    http_limits: dict[str, float] = field(
-        default_factory=dict
-    )  # overrides of web.COLLECTOR_LIMITS by name (HttpLimits)
-    tls_cert: str | None = None  # with tls_key: the dashboard and API over HTTPS
-    tls_key: str | None = None
-    workers: int = 1  # ingest processes in all (this one included); see workers.py
-    role: str = "all"  # "all": ingest, alerts, gaps, rollouts, HTTP; "ingest": summaries only (a worker)
-
-
-def parse_broker_url(url: str):
-    """``mqtt://host[:port]`` or ``mqtts://…``, or an ``EdgekitError`` saying how to write it."""
-    parsed = urlparse(url)
-    try:
-        parsed.port  # noqa: B018 - raises on a port out of range
-    except ValueError:
-        raise EdgekitError(
-            f"broker URL {url!r} has an invalid port", "ports are 1-65535, e.g. mqtt://127.0.0.1:1883"
-        ) from None
-    if parsed.scheme not in ("mqtt", "mqtts") or not parsed.hostname:
-        raise EdgekitError(
-            f"broker URL {url!r} is not mqtt://host[:port] or mqtts://host[:port]", "e.g. mqtt://127.0.0.1:1883"
-        )
-    return parsed
 
 
 class Collector:

@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
-if TYPE_CHECKING:
-    from edgekit.fleet.collector import Collector
+from edgekit.fleet.store import SqliteStore
 
 
-def render(collector: Collector) -> bytes:
+class Observed(Protocol):
+    """What /metrics reads: the store, the ingest counters, the alert engine (or None)."""
+
+    store: SqliteStore
+    ingestor: Any
+    alerts: Any
+
+
+def render(collector: Observed) -> bytes:
     from prometheus_client import CollectorRegistry, generate_latest
     from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import hmac
 import re
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from device_agent.config import HttpLimits
 from device_agent.errors import ServeError
@@ -38,7 +38,20 @@ from edgekit.fleet.pages.fleet import render_fleet
 
 if TYPE_CHECKING:
     from device_agent.httpserver import HttpServer
-    from edgekit.fleet.collector import Collector
+    from edgekit.fleet.config import CollectorConfig
+    from edgekit.fleet.rollouts import RolloutController
+    from edgekit.fleet.store import SqliteStore
+
+
+class Fleet(Protocol):
+    """What the routes use of a running collector: its store, alerts, rollouts and API token."""
+
+    store: SqliteStore
+    alerts: Any
+    rollouts: RolloutController | None
+    config: CollectorConfig
+    ingestor: Any
+
 
 # Bundles are uploaded whole: a body limit of 1 GiB, and the time a Pi-sized link needs to send it.
 COLLECTOR_LIMITS = HttpLimits(max_body_bytes=1 << 30, body_timeout=600.0)
@@ -48,7 +61,7 @@ HTML = "text/html; charset=utf-8"
 
 
 def serve(
-    collector: Collector,
+    collector: Fleet,
     listen: str,
     *,
     limits: HttpLimits = COLLECTOR_LIMITS,
@@ -87,7 +100,7 @@ def _limit_names():
     )
 
 
-def route(collector: Collector, request: Request) -> Response:
+def route(collector: Fleet, request: Request) -> Response:
     """The answer to one request (the HTTP server, TLS and limits are the caller's business)."""
     if request.method == "POST":
         return _post(collector, request)
@@ -101,7 +114,7 @@ def route(collector: Collector, request: Request) -> Response:
         return error_response(400, str(exc))
 
 
-def _get(collector: Collector, request: Request) -> Response:
+def _get(collector: Fleet, request: Request) -> Response:
     path, query, store = request.path, request.query, collector.store
     if path == "/":
         return Response(200, render_fleet(store.status(), _alerts(collector)), HTML)
@@ -146,7 +159,7 @@ def _get(collector: Collector, request: Request) -> Response:
     return error_response(404, f"no route {path}")
 
 
-def _post(collector: Collector, request: Request) -> Response:
+def _post(collector: Fleet, request: Request) -> Response:
     token = collector.config.api_token
     if token and not hmac.compare_digest(request.header("authorization"), f"Bearer {token}"):
         return error_response(401, "missing or wrong API token; set EDGEKIT_COLLECTOR_TOKEN")
@@ -172,7 +185,7 @@ def _post(collector: Collector, request: Request) -> Response:
     return error_response(404, f"no route POST {path}")
 
 
-def _rollout_get(collector: Collector, path: str) -> Response:
+def _rollout_get(collector: Fleet, path: str) -> Response:
     from edgekit.fleet.pages.rollouts import render_rollout, render_rollouts
 
     rollouts = collector.rollouts
@@ -192,7 +205,7 @@ def _rollout_get(collector: Collector, path: str) -> Response:
     return Response(200, render_rollout(status), HTML)
 
 
-def _bundle(collector: Collector, sha256: str, wanted: str) -> Response:
+def _bundle(collector: Fleet, sha256: str, wanted: str) -> Response:
     """The bundle's bytes; ``Range: bytes=N-[M]`` gets 206 and the rest, so devices resume."""
     stored = collector.rollouts.bundle(sha256=sha256)
     if stored is None:
@@ -222,5 +235,5 @@ def _range_error(size: int) -> Response:
     return Response(416, b"", "application/octet-stream", [("Content-Range", f"bytes */{size}")])
 
 
-def _alerts(collector: Collector) -> list[dict[str, Any]]:
+def _alerts(collector: Fleet) -> list[dict[str, Any]]:
     return collector.alerts.list(open_only=False, limit=50) if collector.alerts is not None else []

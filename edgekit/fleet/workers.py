@@ -12,7 +12,7 @@ A worker keeps the client id ``<client-id>-w<i>`` across restarts, so the broker
 session holds what arrives while it is down, and acknowledges only after its commit, so a killed
 worker loses nothing. It exits when the main process goes away.
 
-Run by the main process as ``python -m edgekit.fleet.workers`` with its config as JSON on stdin.
+Each worker is ``python -m edgekit.fleet.worker_process`` with its config as JSON on stdin.
 """
 
 from __future__ import annotations
@@ -21,14 +21,12 @@ import dataclasses
 import json
 import logging
 import os
-import signal
 import subprocess
 import sys
 import threading
 import time
-from typing import Any
 
-from edgekit.fleet.collector import Collector, CollectorConfig
+from edgekit.fleet.config import CollectorConfig
 from edgekit.processes import stop_processes
 
 log = logging.getLogger("edgekit.fleet")
@@ -63,7 +61,7 @@ class IngestWorkers:
             k: sorted(v) if isinstance(v, frozenset) else v for k, v in dataclasses.asdict(self.configs[index]).items()
         }
         process = subprocess.Popen(
-            [sys.executable, "-m", "edgekit.fleet.workers", str(os.getpid())], stdin=subprocess.PIPE
+            [sys.executable, "-m", "edgekit.fleet.worker_process", str(os.getpid())], stdin=subprocess.PIPE
         )
         try:
             process.stdin.write(
@@ -113,32 +111,3 @@ class IngestWorkers:
         self._stop.set()
         stop_processes(self.processes.values())
         self._thread.join(timeout=5)
-
-
-def main(argv: list[str]) -> int:
-    parent = int(argv[0])
-    document: dict[str, Any] = json.loads(sys.stdin.read())
-    if document.get("allowed_devices") is not None:
-        document["allowed_devices"] = frozenset(document["allowed_devices"])
-    config = CollectorConfig(**document)
-    logging.basicConfig(
-        level=logging.INFO, format=f"%(asctime)s %(name)s[{config.client_id}] %(levelname)s %(message)s"
-    )
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
-    collector = Collector(config).start()
-    try:
-        while not stop.wait(1.0):
-            if collector.unusable.is_set():
-                return NOT_APPLICABLE
-            if os.getppid() != parent:  # the main process died (even by SIGKILL): do not linger as an orphan
-                log.warning("the main collector process is gone; stopping")
-                break
-    finally:
-        collector.stop()
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main(sys.argv[1:]))

@@ -87,7 +87,7 @@ def prepare_devices(
 ) -> list[Path]:
     """Write each device's directory (agent.toml, trusted key, installed bundle); return the config paths."""
     if broker:
-        from edgekit.fleet.collector import parse_broker_url
+        from edgekit.fleet.config import parse_broker_url
 
         parse_broker_url(broker)
     if drift and max(drift.devices, default=0) >= devices:

@@ -119,7 +119,7 @@ class Flasher:
     def _check_arguments(self) -> None:
         """Everything the device would refuse later, refused now, before a venv is built."""
         from device_agent.config import ID_PATTERN
-        from edgekit.fleet.collector import parse_broker_url
+        from edgekit.fleet.config import parse_broker_url
 
         for label, value in (("--device-id", self.plan.device_id), ("--fleet", self.plan.fleet)):
             if not ID_PATTERN.match(value):
