@@ -1,0 +1,54 @@
+"""What version 1 of each contract wrote, read by today's code (the files in fixtures/formats/ were
+written once, by the first release's code, and are never regenerated).
+
+A change to the bundle, summary or baseline format bumps its schema version and must keep these
+tests passing: devices in the field hold old bundles, and a collector receives old agents' summaries.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from device_agent.bundle import read_bundle
+from device_agent.profile import Profile
+from device_agent.protocol import BASELINE_SCHEMA, SUMMARY_SCHEMA, check_summary, decode
+from device_agent.runtimes import open_runtime
+from device_agent.signing import load_public_key
+from edgekit.fleet.ingest import Ingestor, Message
+from edgekit.fleet.merge import merged_drift
+from edgekit.fleet.store import SqliteStore
+
+FORMATS = Path(__file__).resolve().parent.parent / "fixtures" / "formats"
+
+
+def test_a_version_1_bundle_verifies_loads_and_predicts(digits):
+    bundle = read_bundle(FORMATS / "digits-1.edgebundle", load_public_key(FORMATS / "edgekit.pub"))
+    assert bundle.manifest["schema"] == "edgekit.bundle/1" and (bundle.name, bundle.version) == ("digits", 1)
+    assert isinstance(bundle.baseline(), Profile) and bundle.input_schema.feature_names[0] == "pixel_0_0"
+    data = np.load(digits.test)
+    runtime = open_runtime(bundle.model_format, bundle.model_bytes, source=str(bundle.path))
+    try:
+        labels = bundle.output_spec.interpret(runtime.predict(data["X"].astype(np.float32))).labels
+    finally:
+        runtime.close()
+    assert float(np.mean(labels == data["y"])) > 0.9
+
+
+def test_version_1_baseline_and_summary_messages_are_checked_stored_and_merged():
+    summary = decode((FORMATS / "summary-message.json").read_bytes(), SUMMARY_SCHEMA)
+    assert check_summary(summary)["seq"] == 1
+    assert decode((FORMATS / "baseline-message.json").read_bytes(), BASELINE_SCHEMA)["device"] == "dev1"
+    store = SqliteStore(":memory:")
+    outcome = Ingestor(store).handle(
+        [
+            Message("edgekit/v1/f/dev1/baseline", (FORMATS / "baseline-message.json").read_bytes(), 1.7e9),
+            Message("edgekit/v1/f/dev1/summary", (FORMATS / "summary-message.json").read_bytes(), 1.7e9),
+        ]
+    )
+    assert outcome["stored"] == 1, outcome
+    (report,) = merged_drift(store, device="dev1")
+    assert report["windows"] == 1 and "f0" in report["drift"]["features"]
+    assert json.loads((FORMATS / "summary-message.json").read_text())["schema"] == SUMMARY_SCHEMA
