@@ -81,12 +81,17 @@ class StateDir:
     def stage(self, bundle_path: str | Path, public_key: Any, *, allow_downgrade: bool = False) -> tuple[str, Bundle]:
         """Verify a bundle and write it into the inactive slot; the active model is untouched."""
         bundle = read_bundle(bundle_path, public_key)
-        self.check_upgrade(bundle.name, bundle.version, allow_downgrade=allow_downgrade, source=str(bundle_path))
+        return self.stage_verified(bundle, allow_downgrade=allow_downgrade), bundle
+
+    def stage_verified(self, bundle: Bundle, *, allow_downgrade: bool = False) -> str:
+        """Write a bundle ``read_bundle`` has verified into the inactive slot (it is not read again);
+        the slot's name. Refuses a version not above the active one unless ``allow_downgrade``."""
+        self.check_upgrade(bundle.name, bundle.version, allow_downgrade=allow_downgrade, source=str(bundle.path))
         target = "b" if self.active_slot() == "a" else "a"
         slot_dir = self.slot(target)
         shutil.rmtree(slot_dir, ignore_errors=True)
         slot_dir.mkdir(parents=True)
-        data = Path(bundle_path).read_bytes()
+        data = Path(bundle.path).read_bytes()
         write_atomic(slot_dir / BUNDLE_FILE, data)
         meta = {
             "name": bundle.name,
@@ -95,7 +100,7 @@ class StateDir:
             "bundle_sha256": sha256_hex(data),
         }
         write_atomic(slot_dir / SLOT_META, json.dumps(meta).encode())
-        return target, bundle
+        return target
 
     def check_upgrade(self, name: str, version: int, *, allow_downgrade: bool = False, source: str = "bundle") -> None:
         state = self.state()

@@ -227,7 +227,7 @@ class Updater:
         facts["download"] = {"bytes": fetched.fetched, "resumed_from": fetched.resumed_from, "size": doc["size"]}
         self._report(doc, "verifying", download=facts["download"])
         bundle = self._verify(doc, target)
-        slot = self._stage(target, downgrade)
+        slot = self._stage(bundle, downgrade)
         self._step(doc, "selftest")
         candidate = self._load(bundle)
         facts["selftest"] = run_selftest(bundle, candidate.runtime)
@@ -319,12 +319,11 @@ class Updater:
             )
         return bundle
 
-    def _stage(self, path: Path, downgrade: bool) -> str:
+    def _stage(self, bundle: Bundle, downgrade: bool) -> str:
         try:
-            slot, _ = self.state.stage(path, self.agent.public_key, allow_downgrade=downgrade)
+            return self.state.stage_verified(bundle, allow_downgrade=downgrade)  # verified once, by _verify
         except InstallError as exc:
             raise UpdateError("downgrade", str(exc)) from exc
-        return slot
 
     def _load(self, bundle: Bundle) -> Serving:
         try:

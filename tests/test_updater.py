@@ -141,7 +141,9 @@ def _wait_report(agent, rollout, states=("succeeded", "failed", "rolled_back", "
     raise AssertionError(f"no final report for {rollout}: {agent.updater.last_report}")
 
 
-def test_the_updater_goes_up_refuses_replays_and_takes_a_signed_rollback(tmp_path, bundle, v4_bundle, keypair, served):
+def test_the_updater_goes_up_refuses_replays_and_takes_a_signed_rollback(
+    tmp_path, bundle, v4_bundle, keypair, served, monkeypatch
+):
     from device_agent.agent import Agent
     from device_agent.protocol import DESIRED_SCHEMA
     from edgekit.bundle.keys import load_private_key
@@ -169,7 +171,17 @@ def test_the_updater_goes_up_refuses_replays_and_takes_a_signed_rollback(tmp_pat
             agent.updater.on_desired(json.dumps(doc).encode())
             return _wait_report(agent, rollout)
 
+        import device_agent.state as state_module
+        import device_agent.updater as updater_module
+
+        reads = []
+        for module in (updater_module, state_module):  # count every verification of the downloaded file
+            real = module.read_bundle
+            monkeypatch.setattr(
+                module, "read_bundle", lambda path, key, real=real: reads.append(str(path)) or real(path, key)
+            )
         assert desire("r-up", v4)["state"] == "succeeded" and agent.model_info["version"] == 4
+        assert len([r for r in reads if "downloads" in r]) == 1, reads  # verified once per update
         refused = desire("r-down", v3)
         assert refused["state"] == "failed" and refused["code"] == "downgrade" and agent.model_info["version"] == 4
         instruction, signature = sign_rollback(
