@@ -10,6 +10,7 @@
     ├── KeyFileError                a public or private key file that cannot be read
     ├── ProfileError                a profile that is malformed or merged with one of another baseline
     ├── InputError                  rows that do not fit the model's input schema (wrong width, NaN, strings)
+    ├── SchemaError                 an input schema or output spec that cannot be served (dtype, names, task)
     ├── RuntimeUnavailableError     the runtime a model needs is not installed
     ├── ModelError                  the runtime refused the model, or failed while running it
     ├── ConfigError                 an agent.toml that is missing, malformed or incomplete
@@ -79,6 +80,11 @@ class InputError(AgentError):
     def __init__(self, problem: str, fix: str = "", *, row: int | None = None, column: str | None = None) -> None:
         self.row = row
         self.column = column
+        self._say(problem, fix)
+
+
+class SchemaError(AgentError):
+    def __init__(self, problem: str, fix: str = "") -> None:
         self._say(problem, fix)
 
 

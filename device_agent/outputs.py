@@ -11,6 +11,8 @@ from typing import Any
 
 import numpy as np
 
+from .errors import SchemaError
+
 CLASSIFICATION = "classification"
 REGRESSION = "regression"
 
@@ -43,7 +45,7 @@ class OutputSpec:
 
     def __post_init__(self) -> None:
         if self.task not in (CLASSIFICATION, REGRESSION):
-            raise ValueError(f"unknown task {self.task!r}")
+            raise SchemaError(f"unknown task {self.task!r}", f"the task is {CLASSIFICATION!r} or {REGRESSION!r}")
 
     def to_dict(self) -> dict[str, Any]:
         doc: dict[str, Any] = {"task": self.task}

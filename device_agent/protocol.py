@@ -69,7 +69,9 @@ class Topics:
     def __post_init__(self) -> None:
         for label, value in (("fleet", self.fleet), ("device", self.device)):
             if not _LEVEL.match(value):
-                raise ValueError(f"{label} {value!r} cannot be an MQTT topic level")
+                raise ProtocolError(
+                    "topic", f"{label} {value!r} cannot be an MQTT topic level (letters, digits, '.', '_', '-')"
+                )
 
     def __getattr__(self, leaf: str) -> str:
         if leaf in ("state", "baseline", "summary", "cmd", "desired", "reported", "input", "output"):

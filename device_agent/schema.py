@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import InputError
+from .errors import InputError, SchemaError
 
 SUPPORTED_DTYPES = ("float32", "float64", "int64", "int32")
 
@@ -36,9 +36,15 @@ class InputSchema:
     def __post_init__(self) -> None:
         object.__setattr__(self, "_np_dtype", np.dtype(self.dtype))
         if self.dtype not in SUPPORTED_DTYPES:
-            raise ValueError(f"unsupported input dtype {self.dtype!r}")
+            raise SchemaError(
+                f"input dtype {self.dtype!r} is not supported",
+                f"export the model with one of {', '.join(SUPPORTED_DTYPES)}",
+            )
         if len(set(self.feature_names)) != len(self.feature_names):
-            raise ValueError("feature names must be unique")
+            repeated = sorted({n for n in self.feature_names if self.feature_names.count(n) > 1})
+            raise SchemaError(
+                f"feature names repeat ({', '.join(map(repr, repeated[:5]))})", "give every column its own name"
+            )
 
     @property
     def width(self) -> int:

@@ -75,3 +75,18 @@ def test_json_null_is_a_missing_value():
     with pytest.raises(InputError, match="1 missing value"):
         SCHEMA.check([[1, None, 3]])
     assert np.isnan(InputSchema("X", ("a", "b"), allow_nan=True).check([{"a": None, "b": 1}])[0, 0])
+
+
+def test_a_schema_or_spec_that_cannot_be_served_is_a_schema_error_naming_the_fix():
+    from device_agent.errors import ProtocolError, SchemaError
+    from device_agent.outputs import OutputSpec
+    from device_agent.protocol import Topics
+
+    with pytest.raises(SchemaError, match="feature names repeat \\('a'\\); give every column its own name"):
+        InputSchema("X", ("a", "b", "a"))
+    with pytest.raises(SchemaError, match="input dtype 'float16' is not supported; export the model with one of"):
+        InputSchema("X", ("a",), dtype="float16")
+    with pytest.raises(SchemaError, match="unknown task 'ranking'"):
+        OutputSpec("ranking")
+    with pytest.raises(ProtocolError, match="cannot be an MQTT topic level"):
+        Topics("fleet/a", "dev")
