@@ -125,6 +125,7 @@ class Agent:
             self.config.monitor.window_seconds,
             lambda window: self._on_window(window, serving),
             backlog_rows=self.config.monitor.backlog_rows,
+            drift_thresholds=bundle.manifest.get("drift"),
         )
         return serving
 
@@ -337,8 +338,6 @@ class Agent:
             fleet=self.config.fleet,
             model=serving.model_info,
             seq=seq,
-            baseline=serving.baseline,
-            thresholds=serving.bundle.manifest.get("drift"),
         )
         summary["unmonitored_rows"] = window.unmonitored
         payload = encode(summary)

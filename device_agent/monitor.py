@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from .drift import drift_report
 from .outputs import Prediction
 from .profile import Profile
 
@@ -36,6 +37,7 @@ class ClosedWindow:
     labelled: int = 0
     correct: int = 0
     unmonitored: int = 0  # rows predicted in this window's time but not sketched (backlog full, or the agent stopping)
+    drift: dict[str, Any] = field(default_factory=dict)  # the window against the baseline (drift.drift_report)
 
     @property
     def rows(self) -> int:
@@ -86,6 +88,7 @@ class Monitor:
     on_window: Callable[[ClosedWindow], None]
     clock: Callable[[], float] = time.time
     backlog_rows: int = 100_000  # most rows waiting to be sketched; the excess is counted in ``unmonitored_rows``
+    drift_thresholds: dict[str, float] | None = None  # the bundle's, for each closed window's drift report
     _pending: deque = field(
         default_factory=deque
     )  # appended after the backlog check under ``_lock`` (one uncontended lock per request)
@@ -223,6 +226,7 @@ class Monitor:
             self._labelled,
             self._correct,
             self._window_unmonitored,
+            drift_report(self.baseline, self._window, self.drift_thresholds),
         )
         self._start_window(now)
         self.on_window(window)

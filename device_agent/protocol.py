@@ -24,7 +24,6 @@ from typing import Any
 
 import numpy as np
 
-from .drift import drift_report
 from .errors import ProtocolError
 from .monitor import ClosedWindow
 from .profile import Profile
@@ -146,11 +145,9 @@ def build_summary(
     fleet: str,
     model: dict[str, Any],
     seq: int,
-    baseline: Profile,
-    thresholds: dict[str, float] | None,
 ) -> dict[str, Any]:
+    """A closed window as the summary message: the monitor has already measured its drift."""
     profile = window.profile
-    drift = drift_report(baseline, profile, thresholds)
     return {
         "schema": SUMMARY_SCHEMA,
         "device": device,
@@ -159,7 +156,7 @@ def build_summary(
         "seq": seq,
         "rows": profile.rows,
         "window": {"start": iso(window.start), "end": iso(window.end)},
-        "drift": drift,
+        "drift": window.drift,
         "predictions": _predictions(profile),
         "quality": _quality(profile),
         "latency": _latency(window.latencies_ms),

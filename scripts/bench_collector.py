@@ -35,6 +35,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench_report import print_checks, write_json  # noqa: E402  (beside this script)
 
+from device_agent.drift import drift_report  # noqa: E402
 from device_agent.monitor import ClosedWindow  # noqa: E402
 from device_agent.profile import build_baseline  # noqa: E402
 from device_agent.protocol import build_summary  # noqa: E402
@@ -62,15 +63,15 @@ def templates(count: int = 20) -> list[str]:
         window = base.empty_like()
         window.update_inputs(rng.normal(loc=0.05 * (i % 3), size=(1000, FEATURES)))
         window.update_outputs(labels=rng.integers(0, 10, 1000), probabilities=rng.dirichlet(np.ones(10), 1000))
-        closed = ClosedWindow(window, 1.7e9 + i, 1.7e9 + i + 60, np.full(1000, 0.02), {})
+        closed = ClosedWindow(
+            window, 1.7e9 + i, 1.7e9 + i + 60, np.full(1000, 0.02), {}, drift=drift_report(base, window)
+        )
         doc = build_summary(
             closed,
             device="D",
             fleet="bench",
             model={"name": "bench", "version": 1},
             seq=0,
-            baseline=base,
-            thresholds=None,
         )
         out.append(json.dumps(doc, separators=(",", ":")))
     return out

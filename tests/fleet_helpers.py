@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 
+from device_agent.drift import drift_report
 from device_agent.monitor import ClosedWindow
 from device_agent.profile import build_baseline
 from device_agent.protocol import baseline_payload, build_summary, encode, state_payload
@@ -52,9 +53,16 @@ def summary(
     window.update_outputs(labels=rng.integers(0, 2, rows), probabilities=rng.dirichlet([1, 1], rows))
     window.update_latency(np.full(rows, latency_ms))
     closed = ClosedWindow(
-        window, start + seq * 60, start + seq * 60 + 60, np.full(rows, latency_ms), errors or {}, labelled, correct
+        window,
+        start + seq * 60,
+        start + seq * 60 + 60,
+        np.full(rows, latency_ms),
+        errors or {},
+        labelled,
+        correct,
+        drift=drift_report(base, window, None),
     )
-    doc = build_summary(closed, device=device, fleet=fleet, model=model, seq=seq, baseline=base, thresholds=None)
+    doc = build_summary(closed, device=device, fleet=fleet, model=model, seq=seq)
     return f"edgekit/v1/{fleet}/{device}/summary", encode(doc)
 
 
