@@ -208,16 +208,8 @@ def parse_config(doc: dict[str, Any], *, base: Path = Path("."), source: str = "
             keepalive=int(mqtt.get("keepalive", 30)),
             streaming=bool(mqtt.get("streaming", False)),
         )
-        if mqtt_config.url and (
-            urlparse(mqtt_config.url).scheme not in ("mqtt", "mqtts") or not urlparse(mqtt_config.url).hostname
-        ):
-            raise ConfigError(
-                source,
-                f"[mqtt] url {mqtt_config.url!r} is not mqtt://host[:port] or mqtts://",
-                "write it as mqtt://host:1883",
-            )
         if mqtt_config.url:
-            mqtt_config.port  # noqa: B018 - a port out of range raises ValueError, reported below
+            _check_broker_url(mqtt_config.url, source)
         server_config = _server_config(server, source, resolve)
         monitor_config = MonitorConfig(
             window_rows=int(monitor.get("window_rows", 1000)),
@@ -299,3 +291,14 @@ def _secret(table: dict[str, Any], key: str, env: str, resolve) -> str | None:
         except OSError as exc:
             raise ConfigError(table[f"{key}_file"], f"cannot read the {key} file ({exc.strerror})") from exc
     return table.get(key)
+
+
+def _check_broker_url(url: str, source: str) -> None:
+    from .errors import ProtocolError
+    from .protocol import parse_broker_url
+
+    try:
+        parse_broker_url(url)
+    except ProtocolError as exc:
+        problem, _, fix = str(exc).partition("; ")
+        raise ConfigError(source, f"[mqtt] url: {problem}", fix) from None

@@ -21,6 +21,7 @@ import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
+from urllib.parse import ParseResult, urlparse
 
 import numpy as np
 
@@ -46,6 +47,23 @@ UPLINK = ("state", "summary", "baseline", "reported")  # what devices publish an
 UPLINK_TOPIC = re.compile(
     rf"^{TOPIC_ROOT}/(?P<fleet>{_LEVEL_TEXT})/(?P<device>{_LEVEL_TEXT})/(?P<leaf>{'|'.join(UPLINK)})$"
 )
+
+
+def parse_broker_url(url: str) -> ParseResult:
+    """``mqtt://host[:port]`` or ``mqtts://host[:port]`` (devices and collectors alike), or
+    ``ProtocolError("url", ...)`` saying what is wrong and how to write it."""
+    parsed = urlparse(url)
+    try:
+        parsed.port  # noqa: B018 - raises on a port out of range
+    except ValueError:
+        raise ProtocolError(
+            "url", f"broker URL {url!r} has an invalid port; ports are 1-65535, e.g. mqtt://127.0.0.1:1883"
+        ) from None
+    if parsed.scheme not in ("mqtt", "mqtts") or not parsed.hostname:
+        raise ProtocolError(
+            "url", f"broker URL {url!r} is not mqtt://host[:port] or mqtts://host[:port]; e.g. mqtt://127.0.0.1:1883"
+        )
+    return parsed
 
 
 def fleet_filter(leaf: str, *, share_group: str | None = None) -> str:

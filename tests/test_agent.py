@@ -270,3 +270,9 @@ def test_with_an_agent_already_started_does_not_start_it_again(tmp_path, bundle,
     with agent as entered:
         assert entered._thread is first  # not a second background thread
     assert not first.is_alive()
+
+
+def test_a_bad_broker_url_in_agent_toml_names_the_rule_both_sides_share(tmp_path, bundle, keypair):
+    config = make_device(tmp_path / "dev", bundle, keypair[1], broker="tcp://broker:1883", http=False)
+    with pytest.raises(ConfigError, match=r"\[mqtt\] url: broker URL 'tcp://broker:1883' is not mqtt://host\[:port\]"):
+        config_of(config)

@@ -4,8 +4,10 @@ the web routes and flashing can name them without importing the collector."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from urllib.parse import urlparse
+from urllib.parse import ParseResult
 
+from device_agent import protocol
+from device_agent.errors import ProtocolError
 from edgekit.errors import EdgekitError
 
 
@@ -33,17 +35,10 @@ class CollectorConfig:
     role: str = "all"  # "all": ingest, alerts, gaps, rollouts, HTTP; "ingest": summaries only (a worker)
 
 
-def parse_broker_url(url: str):
-    """``mqtt://host[:port]`` or ``mqtts://…``, or an ``EdgekitError`` saying how to write it."""
-    parsed = urlparse(url)
+def parse_broker_url(url: str) -> ParseResult:
+    """The wire contract's rule (``device_agent.protocol.parse_broker_url``), as an ``EdgekitError``."""
     try:
-        parsed.port  # noqa: B018 - raises on a port out of range
-    except ValueError:
-        raise EdgekitError(
-            f"broker URL {url!r} has an invalid port", "ports are 1-65535, e.g. mqtt://127.0.0.1:1883"
-        ) from None
-    if parsed.scheme not in ("mqtt", "mqtts") or not parsed.hostname:
-        raise EdgekitError(
-            f"broker URL {url!r} is not mqtt://host[:port] or mqtts://host[:port]", "e.g. mqtt://127.0.0.1:1883"
-        )
-    return parsed
+        return protocol.parse_broker_url(url)
+    except ProtocolError as exc:
+        problem, _, fix = str(exc).partition("; ")
+        raise EdgekitError(problem, fix) from None
