@@ -201,33 +201,15 @@ def parse_config(doc: dict[str, Any], *, base: Path = Path("."), source: str = "
             )
     trust, mqtt, server, monitor = (doc.get(k, {}) for k in ("trust", "mqtt", "server", "monitor"))
     try:
-        mqtt_config = MqttConfig(
-            url=mqtt.get("url"),
-            username=mqtt.get("username"),
-            password=_secret(mqtt, "password", "EDGEKIT_MQTT_PASSWORD", resolve),
-            keepalive=int(mqtt.get("keepalive", 30)),
-            streaming=bool(mqtt.get("streaming", False)),
-        )
-        if mqtt_config.url:
-            _check_broker_url(mqtt_config.url, source)
+        mqtt_config = _mqtt_config(mqtt, source, resolve)
         server_config = _server_config(server, source, resolve)
-        monitor_config = MonitorConfig(
-            window_rows=int(monitor.get("window_rows", 1000)),
-            window_seconds=float(monitor.get("window_seconds", 60)),
-            log_rows=int(monitor.get("log_rows", 10000)),
-            keep_acked_seconds=float(monitor.get("keep_acked_seconds", 3600)),
-            backlog_rows=int(monitor.get("backlog_rows", 100_000)),
-        )
+        monitor_config = _monitor_config(monitor, source)
     except (TypeError, ValueError) as exc:
         raise ConfigError(
             source,
             f"a value is invalid ({exc})",
             "check numbers are numbers, ports are 1-65535 and listen is host:port",
         ) from exc
-    if monitor_config.window_rows < 1 or monitor_config.window_seconds <= 0:
-        raise ConfigError(source, "[monitor] window_rows and window_seconds must be positive")
-    if monitor_config.backlog_rows < 1:
-        raise ConfigError(source, "[monitor] backlog_rows must be positive", "the default is 100000")
     emulate = None
     if "emulate" in doc:
         from .emulation import EmulationConfig
@@ -245,6 +227,36 @@ def parse_config(doc: dict[str, Any], *, base: Path = Path("."), source: str = "
         monitor=monitor_config,
         source=source,
     )
+
+
+def _mqtt_config(mqtt: dict[str, Any], source: str, resolve) -> MqttConfig:
+    """The [mqtt] table; raises ValueError or TypeError on a bad value (reported by the caller)."""
+    config = MqttConfig(
+        url=mqtt.get("url"),
+        username=mqtt.get("username"),
+        password=_secret(mqtt, "password", "EDGEKIT_MQTT_PASSWORD", resolve),
+        keepalive=int(mqtt.get("keepalive", 30)),
+        streaming=bool(mqtt.get("streaming", False)),
+    )
+    if config.url:
+        _check_broker_url(config.url, source)
+    return config
+
+
+def _monitor_config(monitor: dict[str, Any], source: str) -> MonitorConfig:
+    """The [monitor] table; raises ValueError or TypeError on a bad value (reported by the caller)."""
+    config = MonitorConfig(
+        window_rows=int(monitor.get("window_rows", 1000)),
+        window_seconds=float(monitor.get("window_seconds", 60)),
+        log_rows=int(monitor.get("log_rows", 10000)),
+        keep_acked_seconds=float(monitor.get("keep_acked_seconds", 3600)),
+        backlog_rows=int(monitor.get("backlog_rows", 100_000)),
+    )
+    if config.window_rows < 1 or config.window_seconds <= 0:
+        raise ConfigError(source, "[monitor] window_rows and window_seconds must be positive")
+    if config.backlog_rows < 1:
+        raise ConfigError(source, "[monitor] backlog_rows must be positive", "the default is 100000")
+    return config
 
 
 _SERVER_KEYS = ("listen", "token", "token_file", "tls_cert", "tls_key", "max_rows", *_LIMIT_KINDS)
