@@ -13,16 +13,16 @@ from typing import Any
 
 import numpy as np
 
-from edgekit.models import compare
 from edgekit.build.onnx_export import sample_rows, serialize, to_onnx
-from edgekit.models.data import Dataset, adopt_feature_names, load_dataset
+from edgekit.build.quant_search import PREFER, SearchOutcome, candidate_configs, search
+from edgekit.build.quantize import ensure_quantizable
 from edgekit.errors import DataError
 from edgekit.fsutil import write_bytes_atomic
+from edgekit.models import compare
+from edgekit.models.data import Dataset, adopt_feature_names, load_dataset
 from edgekit.models.loading import load_model
 from edgekit.models.targets import RuntimeTarget
 from edgekit.progress import NoProgress, Progress
-from edgekit.build.quant_search import PREFER, SearchOutcome, candidate_configs, search
-from edgekit.build.quantize import ensure_quantizable
 
 DEFAULT_MAX_DROP = 0.01
 
@@ -54,7 +54,13 @@ class ConvertOutcome:
         return self.search is None or self.search.passed
 
     def to_dict(self) -> dict[str, Any]:
-        doc: dict[str, Any] = {"source": self.source, "output": self.output, "size_bytes": self.size_bytes, "passed": self.passed, "notes": self.notes}
+        doc: dict[str, Any] = {
+            "source": self.source,
+            "output": self.output,
+            "size_bytes": self.size_bytes,
+            "passed": self.passed,
+            "notes": self.notes,
+        }
         if self.search is not None:
             doc["quantization"] = self.search.to_dict()
         doc.update(self.extra)
@@ -80,7 +86,9 @@ def convert_model(
         raise DataError(f"unknown --prefer {quantize.prefer!r}", "use size or speed")
     model = load_model(source, pin_to=target)
     if quantize is None and (calibration or evaluation):
-        raise DataError("--calibration and --eval are used only with --quantize int8", "add --quantize int8, or drop them")
+        raise DataError(
+            "--calibration and --eval are used only with --quantize int8", "add --quantize int8, or drop them"
+        )
     calibration_set = load_dataset(calibration, label=label) if calibration else None
     eval_set = load_dataset(evaluation, label=label) if evaluation else None
     names_set = load_dataset(names_from, label=label) if names_from else None
@@ -105,32 +113,74 @@ def convert_model(
         compare.check_labels(model.output, labels, source=evaluation)
         rows = model.input.check(eval_set.X, source=evaluation)
         max_drop = quantize.max_accuracy_drop if quantize.max_accuracy_drop is not None else DEFAULT_MAX_DROP
-        configs = candidate_configs(calibrated=calibration_rows is not None, calibration=quantize.calibration_method, mode=quantize.mode,
-                                    per_channel=quantize.per_channel, activation_type=quantize.activation_type, weight_type=quantize.weight_type)
+        configs = candidate_configs(
+            calibrated=calibration_rows is not None,
+            calibration=quantize.calibration_method,
+            mode=quantize.mode,
+            per_channel=quantize.per_channel,
+            activation_type=quantize.activation_type,
+            weight_type=quantize.weight_type,
+        )
         if calibration_rows is None:
-            notes.append("no --calibration data: only dynamic quantization was tried (static needs representative rows)")
+            notes.append(
+                "no --calibration data: only dynamic quantization was tried (static needs representative rows)"
+            )
     else:
         if quantize.max_accuracy_drop is not None:
-            raise DataError("--max-accuracy-drop needs labelled --eval data to measure accuracy on", "add --eval test.csv (or .npz with y)")
+            raise DataError(
+                "--max-accuracy-drop needs labelled --eval data to measure accuracy on",
+                "add --eval test.csv (or .npz with y)",
+            )
         labels, max_drop = None, None
         rows = calibration_rows if calibration_rows is not None else sample_rows(model)
         mode = quantize.mode or ("static" if calibration_rows is not None else "dynamic")
-        configs = candidate_configs(calibrated=calibration_rows is not None, calibration=quantize.calibration_method, mode=mode,
-                                    per_channel=bool(quantize.per_channel), activation_type=quantize.activation_type or "uint8",
-                                    weight_type=quantize.weight_type or "int8")[:1]
-        notes.append("no --eval data: accuracy was not checked; agreement is measured against float32 on " + ("the calibration rows" if calibration_rows is not None else "synthetic rows"))
+        configs = candidate_configs(
+            calibrated=calibration_rows is not None,
+            calibration=quantize.calibration_method,
+            mode=mode,
+            per_channel=bool(quantize.per_channel),
+            activation_type=quantize.activation_type or "uint8",
+            weight_type=quantize.weight_type or "int8",
+        )[:1]
+        notes.append(
+            "no --eval data: accuracy was not checked; agreement is measured against float32 on "
+            + ("the calibration rows" if calibration_rows is not None else "synthetic rows")
+        )
     if not configs:
-        raise DataError("the options leave no quantization configuration to try", "static quantization needs --calibration; relax --mode/--per-channel")
-    outcome = search(fp32, configs, rows=rows, labels=labels, calibration=calibration_rows, max_drop=max_drop, min_agreement=quantize.min_agreement, force=quantize.force,
-                     prefer=quantize.prefer, target=target, progress=progress, source=source)
+        raise DataError(
+            "the options leave no quantization configuration to try",
+            "static quantization needs --calibration; relax --mode/--per-channel",
+        )
+    outcome = search(
+        fp32,
+        configs,
+        rows=rows,
+        labels=labels,
+        calibration=calibration_rows,
+        max_drop=max_drop,
+        min_agreement=quantize.min_agreement,
+        force=quantize.force,
+        prefer=quantize.prefer,
+        target=target,
+        progress=progress,
+        source=source,
+    )
     chosen = outcome.chosen
     data = serialize(chosen.proto)  # stamped with its quantization by the search
     write_bytes_atomic(output, data)
     return ConvertOutcome(source, output, len(data), outcome, notes)
 
 
-def _convert_tflite(fp32: Any, source: str, output: str, model: Any, quantize: QuantizeOptions | None, calibration_set: Dataset | None,
-                    eval_set: Dataset | None, progress: Progress) -> ConvertOutcome:
+def _convert_tflite(
+    fp32: Any,
+    source: str,
+    output: str,
+    model: Any,
+    quantize: QuantizeOptions | None,
+    calibration_set: Dataset | None,
+    eval_set: Dataset | None,
+    progress: Progress,
+) -> ConvertOutcome:
     from edgekit.build.quant_search import Limits
     from edgekit.build.tflite.export import FLOAT, build, choose
 
@@ -139,7 +189,10 @@ def _convert_tflite(fp32: Any, source: str, output: str, model: Any, quantize: Q
         write_bytes_atomic(output, data)
         return ConvertOutcome(source, output, len(data), notes=["float32 .tflite"])
     if calibration_set is None:
-        raise DataError("--target tflite --quantize int8 makes a full-integer model and needs --calibration rows", "add --calibration train.npz")
+        raise DataError(
+            "--target tflite --quantize int8 makes a full-integer model and needs --calibration rows",
+            "add --calibration train.npz",
+        )
     calibration_rows = _rows(calibration_set, model)
     labels = None
     rows = calibration_rows
@@ -148,12 +201,29 @@ def _convert_tflite(fp32: Any, source: str, output: str, model: Any, quantize: Q
         labels = eval_set.require_labels("--eval")
         compare.check_labels(model.output, labels, source=eval_set.source)
         rows = model.input.check(eval_set.X, source=eval_set.source)
-    max_drop = quantize.max_accuracy_drop if quantize.max_accuracy_drop is not None else (DEFAULT_MAX_DROP if labels is not None else None)
-    outcome, data, extra = choose(fp32, rows=rows, labels=labels, calibration=calibration_rows, limits=Limits(max_drop, quantize.min_agreement),
-                                  force=quantize.force, prefer=quantize.prefer, source=source, progress=progress)
+    max_drop = (
+        quantize.max_accuracy_drop
+        if quantize.max_accuracy_drop is not None
+        else (DEFAULT_MAX_DROP if labels is not None else None)
+    )
+    outcome, data, extra = choose(
+        fp32,
+        rows=rows,
+        labels=labels,
+        calibration=calibration_rows,
+        limits=Limits(max_drop, quantize.min_agreement),
+        force=quantize.force,
+        prefer=quantize.prefer,
+        source=source,
+        progress=progress,
+    )
     write_bytes_atomic(output, data)
-    notes = ["speed of each .tflite against float32 onnxruntime on the same rows (b1, b256): " +
-             "; ".join(f"{name}: {v['1']:.2f}x, {v['256']:.2f}x" for name, v in extra["speedup_vs_onnxruntime_fp32"].items())]
+    notes = [
+        "speed of each .tflite against float32 onnxruntime on the same rows (b1, b256): "
+        + "; ".join(
+            f"{name}: {v['1']:.2f}x, {v['256']:.2f}x" for name, v in extra["speedup_vs_onnxruntime_fp32"].items()
+        )
+    ]
     result = ConvertOutcome(source, output, len(data), outcome, notes)
     result.extra = extra
     return result

@@ -110,7 +110,12 @@ def _as_gemm(node, initializers, consumers, graph_outputs, ranks, numpy_helper, 
     if bias.size != weight.shape[1] or (bias.ndim == 2 and bias.shape[0] != 1) or bias.ndim > 2:
         return None
     bias_tensor = numpy_helper.from_array(bias.reshape(-1).astype(np.float32), f"{other}/bias_1d")
-    gemm = helper.make_node("Gemm", [node.input[0], node.input[1], bias_tensor.name], [add.output[0]], name=(node.name or node.output[0]) + "/gemm")
+    gemm = helper.make_node(
+        "Gemm",
+        [node.input[0], node.input[1], bias_tensor.name],
+        [add.output[0]],
+        name=(node.name or node.output[0]) + "/gemm",
+    )
     return gemm, add, bias_tensor
 
 

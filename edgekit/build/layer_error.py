@@ -13,9 +13,9 @@ from typing import Any
 
 import numpy as np
 
-from edgekit.errors import require
 from edgekit.build.graph_passes import lower_for_quantization
 from edgekit.build.quantize import _quiet_quantizer
+from edgekit.errors import require
 
 MAX_ROWS = 256
 
@@ -48,8 +48,15 @@ def layer_errors(float_proto: Any, qdq_proto: Any, rows: np.ndarray) -> list[dic
             continue
         node = producers[tensor]
         source = _quantized_source(node, producers)
-        report.append({"tensor": tensor, "node": node.name, "op": node.op_type, "sqnr_db": _finite(error["xmodel_err"]),
-                       "source_node": source.name if source is not None else None})
+        report.append(
+            {
+                "tensor": tensor,
+                "node": node.name,
+                "op": node.op_type,
+                "sqnr_db": _finite(error["xmodel_err"]),
+                "source_node": source.name if source is not None else None,
+            }
+        )
     return sorted(report, key=lambda r: r["sqnr_db"])
 
 

@@ -14,9 +14,15 @@ from typing import Any
 import numpy as np
 
 from device_agent.outputs import CLASSIFICATION
-
 from edgekit.errors import ConversionError, require
-from edgekit.models.loading import METADATA_INPUT, METADATA_OUTPUT, METADATA_SOURCE, OnnxModel, SklearnModel, describe_onnx
+from edgekit.models.loading import (
+    METADATA_INPUT,
+    METADATA_OUTPUT,
+    METADATA_SOURCE,
+    OnnxModel,
+    SklearnModel,
+    describe_onnx,
+)
 from edgekit.models.targets import RuntimeTarget, pin
 
 
@@ -74,13 +80,25 @@ def _rename_outputs(proto: Any, model: SklearnModel) -> None:
     if model.output.task == CLASSIFICATION:
         expected = [n for n in (model.output.label_output, model.output.probabilities_output) if n]
         if names[: len(expected)] != expected:
-            raise ConversionError(f"skl2onnx produced outputs {names}, expected {expected}", "report this with the model type", path=model.path)
+            raise ConversionError(
+                f"skl2onnx produced outputs {names}, expected {expected}",
+                "report this with the model type",
+                path=model.path,
+            )
     elif names[0] != model.output.value_output:
-        raise ConversionError(f"skl2onnx produced outputs {names}, expected {model.output.value_output!r}", "report this with the model type", path=model.path)
+        raise ConversionError(
+            f"skl2onnx produced outputs {names}, expected {model.output.value_output!r}",
+            "report this with the model type",
+            path=model.path,
+        )
 
 
 def stamp(proto: Any, schema: dict[str, Any], spec: dict[str, Any], source: str) -> None:
-    for key, value in {METADATA_INPUT: json.dumps(schema), METADATA_OUTPUT: json.dumps(spec), METADATA_SOURCE: source}.items():
+    for key, value in {
+        METADATA_INPUT: json.dumps(schema),
+        METADATA_OUTPUT: json.dumps(spec),
+        METADATA_SOURCE: source,
+    }.items():
         stamp_metadata(proto, key, value)
 
 
@@ -104,7 +122,9 @@ def check(proto: Any, *, source: str = "model") -> None:
     try:
         onnx.checker.check_model(proto)
     except onnx.checker.ValidationError as exc:
-        raise ConversionError(f"the ONNX model does not pass onnx.checker: {_first_line(exc)}", "re-export the model", path=source) from exc
+        raise ConversionError(
+            f"the ONNX model does not pass onnx.checker: {_first_line(exc)}", "re-export the model", path=source
+        ) from exc
 
 
 def serialize(proto: Any) -> bytes:

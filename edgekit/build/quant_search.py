@@ -19,15 +19,15 @@ from typing import Any
 
 import numpy as np
 
-from edgekit.models import compare
-from edgekit.build.onnx_export import serialize, stamp_metadata
-from edgekit.errors import NotQuantizableError, QuantizationError
-from edgekit.models.latency import batches_from, measure
 from edgekit.build.layer_error import layer_errors, worst_nodes
+from edgekit.build.onnx_export import serialize, stamp_metadata
+from edgekit.build.quantize import QuantConfig, calibration_steps, quantize
+from edgekit.errors import NotQuantizableError, QuantizationError
+from edgekit.models import compare
+from edgekit.models.latency import batches_from, measure
 from edgekit.models.loading import METADATA_QUANTIZATION, OnnxModel
 from edgekit.models.targets import RuntimeTarget
 from edgekit.progress import NoProgress, Progress
-from edgekit.build.quantize import QuantConfig, calibration_steps, quantize
 
 FLOAT32 = "float32"
 FLOAT_NODE_ROUNDS = (1, 2, 4)
@@ -105,7 +105,9 @@ class SearchOutcome:
             "metric": self.metric_name,
             "max_accuracy_drop": self.limits.max_drop,
             "accuracy_drop_meaning": compare.DROP_MEANING[self.metric_name],
-            "agreement_meaning": compare.AGREEMENT_MEANING["classification" if self.metric_name == "accuracy" else "regression"],
+            "agreement_meaning": compare.AGREEMENT_MEANING[
+                "classification" if self.metric_name == "accuracy" else "regression"
+            ],
             "min_agreement": self.limits.min_agreement,
             "prefer": self.prefer,
             "size_ratio_of": FLOAT32,
@@ -114,8 +116,15 @@ class SearchOutcome:
         }
 
 
-def candidate_configs(*, calibrated: bool, calibration: str = "minmax", mode: str | None = None, per_channel: bool | None = None,
-                      activation_type: str | None = None, weight_type: str | None = None) -> list[QuantConfig]:
+def candidate_configs(
+    *,
+    calibrated: bool,
+    calibration: str = "minmax",
+    mode: str | None = None,
+    per_channel: bool | None = None,
+    activation_type: str | None = None,
+    weight_type: str | None = None,
+) -> list[QuantConfig]:
     """The configurations worth trying, narrowed by any choice the user made explicitly."""
     configs = [QuantConfig("dynamic")]
     if calibrated:
@@ -125,7 +134,8 @@ def candidate_configs(*, calibrated: bool, calibration: str = "minmax", mode: st
             for pc in (False, True)
         ]
     return [
-        c for c in configs
+        c
+        for c in configs
         if (mode is None or c.mode == mode)
         and (per_channel is None or c.per_channel == per_channel)
         and (activation_type is None or c.mode == "dynamic" or c.activation_type == activation_type)
@@ -153,16 +163,29 @@ def search(
     spec = reference.output
     reference_prediction = reference.predict(rows)
     stamp_quantization(fp32_proto, None)
-    baseline = Trial(FLOAT32, None, fp32_proto, len(serialize(fp32_proto)), compare.task_metric(spec, reference_prediction, labels), 0.0, 1.0, within=True)
+    baseline = Trial(
+        FLOAT32,
+        None,
+        fp32_proto,
+        len(serialize(fp32_proto)),
+        compare.task_metric(spec, reference_prediction, labels),
+        0.0,
+        1.0,
+        within=True,
+    )
     steps_per_static = calibration_steps(len(calibration)) if calibration is not None else 0
     progress.start(sum(1 + (steps_per_static if c.mode == "static" else 0) for c in configs) + 1, "quantizing")
     limits = Limits(max_drop if labels is not None else None, min_agreement)
-    context = _Context(fp32_proto, rows, labels, calibration, limits, target, progress, source, reference_prediction, baseline, spec)
+    context = _Context(
+        fp32_proto, rows, labels, calibration, limits, target, progress, source, reference_prediction, baseline, spec
+    )
     trials = [context.try_config(config) for config in configs]
     if limits.any and not any(t.within for t in trials):
         trials += context.keep_worst_in_float(trials)
     timed = [t for t in trials if t.error is None]
-    latencies = measure({t.name: _runner(t, source) for t in [baseline, *timed]}, batches_from(rows), budget_seconds=latency_budget)
+    latencies = measure(
+        {t.name: _runner(t, source) for t in [baseline, *timed]}, batches_from(rows), budget_seconds=latency_budget
+    )
     for trial in [baseline, *timed]:
         trial.latency = latencies[trial.name]
     progress.advance()
@@ -185,7 +208,9 @@ class Limits:
         if not self.any:
             return None
         drop_ok = self.max_drop is None or (trial.drop is not None and trial.drop <= self.max_drop)
-        agreement_ok = self.min_agreement is None or (trial.agreement is not None and trial.agreement >= self.min_agreement)
+        agreement_ok = self.min_agreement is None or (
+            trial.agreement is not None and trial.agreement >= self.min_agreement
+        )
         return drop_ok and agreement_ok
 
     def describe(self, metric_name: str = "accuracy") -> str:
@@ -214,8 +239,14 @@ class _Context:
     def try_config(self, config: QuantConfig) -> Trial:
         trial = Trial(config.label, config)
         try:
-            trial.proto = quantize(self.fp32_proto, config, calibration=self.calibration, target=self.target,
-                                   progress=lambda n: self.progress.advance(n), source=self.source)
+            trial.proto = quantize(
+                self.fp32_proto,
+                config,
+                calibration=self.calibration,
+                target=self.target,
+                progress=lambda n: self.progress.advance(n),
+                source=self.source,
+            )
             stamp_quantization(trial.proto, config)  # before measuring: the size in the table is the size written
         except NotQuantizableError:
             raise
@@ -257,29 +288,42 @@ def _runner(trial: Trial, source: str):
     return model.raw
 
 
-def _choose(baseline: Trial, trials: list[Trial], *, limits: Limits, force: bool, metric_name: str,
-            prefer: str = "size") -> SearchOutcome:
+def _choose(
+    baseline: Trial, trials: list[Trial], *, limits: Limits, force: bool, metric_name: str, prefer: str = "size"
+) -> SearchOutcome:
     """The fastest candidate within the limits that is neither slower than float32 nor (unless
     ``prefer="speed"``) larger; float32 when there is none, int8 anyway with ``force``."""
     usable = [t for t in trials if t.error is None]
-    outcome = lambda chosen, passed, verdict: SearchOutcome(chosen, baseline, trials, passed, verdict, metric_name, limits, prefer)  # noqa: E731
+
+    def outcome(chosen: Trial, passed: bool, verdict: str) -> SearchOutcome:
+        return SearchOutcome(chosen, baseline, trials, passed, verdict, metric_name, limits, prefer)
+
     if not usable:
         return outcome(baseline, False, "every int8 configuration failed to quantize; kept float32")
     within = [t for t in usable if t.within is not False]
     if not within:
         best = min(usable, key=lambda t: (t.drop if t.drop is not None else 0.0, -(t.agreement or 0.0)))
-        return outcome(best, False, f"no int8 candidate meets {limits.describe(metric_name)}; kept the most accurate, {best.name} "
-                                    f"({compare.describe_drop(best.drop, metric_name)}, agreement {best.agreement:.4f})")
+        return outcome(
+            best,
+            False,
+            f"no int8 candidate meets {limits.describe(metric_name)}; kept the most accurate, {best.name} "
+            f"({compare.describe_drop(best.drop, metric_name)}, agreement {best.agreement:.4f})",
+        )
     eligible = _small_enough(within, baseline, prefer)
     faster = [t for t in eligible if t.not_slower(baseline)]
     if faster:
         chosen = max(faster, key=lambda t: t.speed_score(baseline))
-        verdict = f"chose {chosen.name}: {_speed(chosen, baseline)}, {_size(chosen, baseline)}{_drop_text(chosen, metric_name)}"
+        verdict = (
+            f"chose {chosen.name}: {_speed(chosen, baseline)}, {_size(chosen, baseline)}"
+            f"{_drop_text(chosen, metric_name)}"
+        )
         return outcome(chosen, True, verdict)
     if force:
         chosen = max(eligible or within, key=lambda t: t.speed_score(baseline))
         chosen.note = None
-        return outcome(chosen, True, f"kept {chosen.name} because of --force, though it is {_shortfall(chosen, baseline)}")
+        return outcome(
+            chosen, True, f"kept {chosen.name} because of --force, though it is {_shortfall(chosen, baseline)}"
+        )
     return outcome(baseline, True, _kept_float_verdict(within, baseline))
 
 
@@ -299,11 +343,16 @@ def _kept_float_verdict(within: list[Trial], baseline: Trial) -> str:
     larger_faster = [t for t in within if t.note and t.not_slower(baseline)]
     if larger_faster:
         best = max(larger_faster, key=lambda t: t.speed_score(baseline))
-        return (f"kept float32: the int8 candidates that are faster are larger than float32 "
-                f"(best, {best.name}: {_speed(best, baseline)}, {_size(best, baseline)}); pass --prefer speed to keep it")
+        return (
+            f"kept float32: the int8 candidates that are faster are larger than float32 "
+            f"(best, {best.name}: {_speed(best, baseline)}, {_size(best, baseline)}); pass --prefer speed to keep it"
+        )
     fastest = max(within, key=lambda t: t.speed_score(baseline))
-    return (f"kept float32: int8 is slower than float32 on this host (best int8, {fastest.name}: {_speed(fastest, baseline)}); "
-            "pass --force to keep int8 anyway")
+    return (
+        "kept float32: int8 is slower than float32 on this host "
+        f"(best int8, {fastest.name}: {_speed(fastest, baseline)}); "
+        "pass --force to keep int8 anyway"
+    )
 
 
 def _shortfall(trial: Trial, baseline: Trial) -> str:
@@ -320,7 +369,9 @@ def _speed(trial: Trial, baseline: Trial) -> str:
 
 
 def _size(trial: Trial, baseline: Trial) -> str:
-    return f"{trial.size_ratio(baseline):.2f}x the size of float32 ({trial.size_bytes:,} B vs {baseline.size_bytes:,} B)"
+    return (
+        f"{trial.size_ratio(baseline):.2f}x the size of float32 ({trial.size_bytes:,} B vs {baseline.size_bytes:,} B)"
+    )
 
 
 def _drop_text(trial: Trial, metric_name: str) -> str:

@@ -12,23 +12,43 @@ import contextlib
 import io
 import logging
 import tempfile
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
-from collections.abc import Callable, Iterator
 
 import numpy as np
 
+from edgekit.build.graph_passes import lower_for_quantization, preprocessing_nodes
 from edgekit.build.onnx_export import copy_metadata
 from edgekit.errors import NotQuantizableError, QuantizationError, require
-from edgekit.build.graph_passes import lower_for_quantization, preprocessing_nodes
 from edgekit.models.targets import RuntimeTarget, pin
 
 Progress = Callable[[int], None]  # called with the number of steps just finished
 
 # Operators whose weights or arithmetic int8 changes; a graph without any has nothing to gain.
-QUANTIZABLE_OPS = {"MatMul", "Gemm", "Conv", "ConvTranspose", "Attention", "LSTM", "GRU", "EmbedLayerNormalization", "Gather"}
-QUANTIZED_OPS = {"QuantizeLinear", "DynamicQuantizeLinear", "MatMulInteger", "ConvInteger", "QLinearMatMul", "QLinearConv", "QGemm", "MatMulIntegerToFloat", "DynamicQuantizeMatMul"}
+QUANTIZABLE_OPS = {
+    "MatMul",
+    "Gemm",
+    "Conv",
+    "ConvTranspose",
+    "Attention",
+    "LSTM",
+    "GRU",
+    "EmbedLayerNormalization",
+    "Gather",
+}
+QUANTIZED_OPS = {
+    "QuantizeLinear",
+    "DynamicQuantizeLinear",
+    "MatMulInteger",
+    "ConvInteger",
+    "QLinearMatMul",
+    "QLinearConv",
+    "QGemm",
+    "MatMulIntegerToFloat",
+    "DynamicQuantizeMatMul",
+}
 TYPES = {"int8": "QInt8", "uint8": "QUInt8"}
 CALIBRATION_METHODS = {"minmax": "MinMax", "entropy": "Entropy", "percentile": "Percentile"}
 CALIBRATION_BATCH = 64
@@ -52,12 +72,17 @@ class QuantConfig:
         if self.activation_type not in TYPES or self.weight_type not in TYPES:
             raise QuantizationError("activation and weight types must be int8 or uint8")
         if self.calibration not in CALIBRATION_METHODS:
-            raise QuantizationError(f"unknown calibration method {self.calibration!r}", f"use one of {', '.join(CALIBRATION_METHODS)}")
+            raise QuantizationError(
+                f"unknown calibration method {self.calibration!r}", f"use one of {', '.join(CALIBRATION_METHODS)}"
+            )
 
     @property
     def label(self) -> str:
         types = f"{'U' if self.activation_type == 'uint8' else 'S'}8/{'U' if self.weight_type == 'uint8' else 'S'}8"
-        parts = ["dynamic" if self.mode == "dynamic" else "static QDQ", "per-channel" if self.per_channel else "per-tensor"]
+        parts = [
+            "dynamic" if self.mode == "dynamic" else "static QDQ",
+            "per-channel" if self.per_channel else "per-tensor",
+        ]
         if self.mode == "static":
             parts += [types, self.calibration]
         else:
@@ -86,13 +111,19 @@ def ensure_quantizable(proto: Any, *, source: str = "model") -> None:
     """Raise ``NotQuantizableError`` when the lowered graph has no operator int8 would change."""
     already = sorted({n.op_type for n in proto.graph.node} & QUANTIZED_OPS)
     if already:
-        raise NotQuantizableError(f"is already quantized (it has {', '.join(already)})", "quantize the float32 model instead", path=source, operators=tuple(already))
+        raise NotQuantizableError(
+            f"is already quantized (it has {', '.join(already)})",
+            "quantize the float32 model instead",
+            path=source,
+            operators=tuple(already),
+        )
     lowered = lower_for_quantization(proto)
     if quantizable_ops(lowered):
         return
     ml_ops = sorted({n.op_type for n in lowered.graph.node if n.domain == "ai.onnx.ml"})
     reason = (
-        f"its work is done by {', '.join(ml_ops)} (ai.onnx.ml operators), which onnxruntime.quantization does not quantize"
+        f"its work is done by {', '.join(ml_ops)} (ai.onnx.ml operators), "
+        "which onnxruntime.quantization does not quantize"
         if ml_ops
         else f"it has no operator onnxruntime.quantization quantizes ({', '.join(sorted(QUANTIZABLE_OPS)[:4])}, …)"
     )
@@ -116,7 +147,10 @@ def quantize(
     """The int8 version of ``proto`` under ``config``; static mode needs ``calibration`` rows."""
     ensure_quantizable(proto, source=source)
     if config.mode == "static" and calibration is None:
-        raise QuantizationError("static quantization needs calibration data", "pass --calibration with representative rows, or use dynamic quantization")
+        raise QuantizationError(
+            "static quantization needs calibration data",
+            "pass --calibration with representative rows, or use dynamic quantization",
+        )
     quantization = require("onnxruntime.quantization")
     onnx = require("onnx")
     lowered = lower_for_quantization(proto)
@@ -128,23 +162,40 @@ def quantize(
         try:
             if config.mode == "dynamic":
                 quantization.quantize_dynamic(
-                    source_path, output_path, per_channel=config.per_channel, weight_type=getattr(quantization.QuantType, TYPES[config.weight_type]),
-                    nodes_to_exclude=exclude, extra_options=extra,
+                    source_path,
+                    output_path,
+                    per_channel=config.per_channel,
+                    weight_type=getattr(quantization.QuantType, TYPES[config.weight_type]),
+                    nodes_to_exclude=exclude,
+                    extra_options=extra,
                 )
             else:
                 reader = _CalibrationReader(lowered.graph.input[0].name, calibration, progress)
                 quantization.quantize_static(
-                    source_path, output_path, reader, quant_format=quantization.QuantFormat.QDQ, per_channel=config.per_channel,
+                    source_path,
+                    output_path,
+                    reader,
+                    quant_format=quantization.QuantFormat.QDQ,
+                    per_channel=config.per_channel,
                     activation_type=getattr(quantization.QuantType, TYPES[config.activation_type]),
                     weight_type=getattr(quantization.QuantType, TYPES[config.weight_type]),
                     calibrate_method=getattr(quantization.CalibrationMethod, CALIBRATION_METHODS[config.calibration]),
-                    nodes_to_exclude=exclude, extra_options=extra,
+                    nodes_to_exclude=exclude,
+                    extra_options=extra,
                 )
         except Exception as exc:  # the quantizer raises bare RuntimeError/AssertionError/ValueError
-            raise QuantizationError(f"onnxruntime.quantization failed ({config.label}): {_first_line(exc)}", "try another configuration (--mode dynamic, --per-channel)", path=source) from exc
+            raise QuantizationError(
+                f"onnxruntime.quantization failed ({config.label}): {_first_line(exc)}",
+                "try another configuration (--mode dynamic, --per-channel)",
+                path=source,
+            ) from exc
         result = onnx.load(output_path)
     if not any(n.op_type in QUANTIZED_OPS for n in result.graph.node):
-        raise NotQuantizableError(f"onnxruntime.quantization left no operator quantized ({config.label})", "keep the model float32", path=source)
+        raise NotQuantizableError(
+            f"onnxruntime.quantization left no operator quantized ({config.label})",
+            "keep the model float32",
+            path=source,
+        )
     pin(result, target, source=source)
     copy_metadata(proto, result)
     return result
@@ -159,7 +210,9 @@ class _CalibrationReader:
         # and fail on a shorter last batch, so the remainder is dropped.
         if len(rows) > CALIBRATION_BATCH:
             rows = rows[: len(rows) // CALIBRATION_BATCH * CALIBRATION_BATCH]
-        self._batches: Iterator[dict[str, np.ndarray]] = iter({input_name: rows[i : i + CALIBRATION_BATCH]} for i in range(0, len(rows), CALIBRATION_BATCH))
+        self._batches: Iterator[dict[str, np.ndarray]] = iter(
+            {input_name: rows[i : i + CALIBRATION_BATCH]} for i in range(0, len(rows), CALIBRATION_BATCH)
+        )
         self._progress = progress
 
     def get_next(self) -> dict[str, np.ndarray] | None:

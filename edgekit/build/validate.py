@@ -14,12 +14,12 @@ from typing import Any
 
 import numpy as np
 
-from edgekit.models import compare
-from edgekit.build.onnx_export import to_onnx
-from edgekit.models.data import default_feature_names, load_dataset
-from edgekit.errors import DataError, EdgekitError
-from edgekit.models.latency import batches_from, measure
 from edgekit.build.layer_error import is_qdq, layer_errors
+from edgekit.build.onnx_export import to_onnx
+from edgekit.errors import DataError, EdgekitError
+from edgekit.models import compare
+from edgekit.models.data import default_feature_names, load_dataset
+from edgekit.models.latency import batches_from, measure
 from edgekit.models.loading import OnnxModel, load_model
 
 LATENCY_METHOD = "interleaved in one process, 1 intra-op thread (numpy/BLAS limited to 1 thread too)"
@@ -62,7 +62,9 @@ def validate(
         "reference": _side(reference, ref_metric, ref_pred, y),
         "candidate": _side(candidate, cand_metric, cand_pred, y),
         "size_ratio": candidate.size_bytes / reference.size_bytes,
-        "size_ratio_of": Path(reference.path).name,  # candidate bytes / the reference's: often a pickle, not float32 ONNX
+        "size_ratio_of": Path(
+            reference.path
+        ).name,  # candidate bytes / the reference's: often a pickle, not float32 ONNX
         "accuracy_drop": compare.metric_drop(spec, ref_metric, cand_metric),
         "accuracy_drop_meaning": compare.DROP_MEANING[compare.metric_name(spec)],
         "agreement": compare.agreement(spec, ref_pred, cand_pred),
@@ -70,10 +72,16 @@ def validate(
         **compare.output_diff(ref_pred, cand_pred),
         "thresholds": asdict(thresholds),
     }
-    timings = measure({"reference": reference.timed_call, "candidate": candidate.timed_call}, batches_from(X), budget_seconds=latency_budget)
+    timings = measure(
+        {"reference": reference.timed_call, "candidate": candidate.timed_call},
+        batches_from(X),
+        budget_seconds=latency_budget,
+    )
     report["latency"] = {side: {str(b): v for b, v in per.items()} for side, per in timings.items()}
     report["latency"]["method"] = LATENCY_METHOD
-    report["speedup"] = {str(b): timings["reference"][b]["p50_ms"] / timings["candidate"][b]["p50_ms"] for b in timings["candidate"]}
+    report["speedup"] = {
+        str(b): timings["reference"][b]["p50_ms"] / timings["candidate"][b]["p50_ms"] for b in timings["candidate"]
+    }
     report["failures"] = _failures(report, thresholds)
     report["passed"] = not report["failures"]
     report["layer_errors"] = _layer_errors(reference, candidate, X) if report["failures"] else None
@@ -82,9 +90,15 @@ def validate(
 
 def _check_compatible(reference: Any, candidate: Any) -> None:
     if reference.input.width != candidate.input.width:
-        raise DataError(f"the reference takes {reference.input.width} features and the candidate {candidate.input.width}", "compare a model with its own conversion")
+        raise DataError(
+            f"the reference takes {reference.input.width} features and the candidate {candidate.input.width}",
+            "compare a model with its own conversion",
+        )
     if reference.output.task != candidate.output.task:
-        raise DataError(f"the reference is a {reference.output.task} model and the candidate a {candidate.output.task} model", "compare a model with its own conversion")
+        raise DataError(
+            f"the reference is a {reference.output.task} model and the candidate a {candidate.output.task} model",
+            "compare a model with its own conversion",
+        )
 
 
 def _known_names(*models: Any) -> tuple[str, ...]:
@@ -96,7 +110,13 @@ def _known_names(*models: Any) -> tuple[str, ...]:
 
 
 def _side(model: Any, metric: float | None, prediction: Any, y: np.ndarray | None) -> dict[str, Any]:
-    side = {"path": model.path, "kind": model.kind, "size_bytes": model.size_bytes, "sha256": model.sha256, "metric": metric}
+    side = {
+        "path": model.path,
+        "kind": model.kind,
+        "size_bytes": model.size_bytes,
+        "sha256": model.sha256,
+        "metric": metric,
+    }
     if model.output.task == "regression" and y is not None:
         side["mae"] = compare.mae(prediction, y)
     return side
@@ -106,13 +126,27 @@ def _failures(report: dict[str, Any], thresholds: Thresholds) -> list[dict[str, 
     """Each threshold that does not hold, with a message in the task's own terms (a regressor has no accuracy)."""
     metric = report["metric"]
     checks = [
-        ("accuracy_drop", thresholds.max_accuracy_drop, lambda v, limit: v <= limit,
-         lambda v, limit: f"{compare.describe_drop(v, metric)} is over --max-accuracy-drop {limit} "
-                          f"({compare.describe_drop_limit(limit, metric)})"),
-        ("agreement", thresholds.min_agreement, lambda v, limit: v >= limit,
-         lambda v, limit: f"agreement {v:.4f} is under --min-agreement {limit} ({report['agreement_meaning']})"),
-        ("size_ratio", thresholds.max_size_ratio, lambda v, limit: v <= limit,
-         lambda v, limit: f"size {v:.3f}x of {report['size_ratio_of']} is over --max-size-ratio {limit}"),
+        (
+            "accuracy_drop",
+            thresholds.max_accuracy_drop,
+            lambda v, limit: v <= limit,
+            lambda v, limit: (
+                f"{compare.describe_drop(v, metric)} is over --max-accuracy-drop {limit} "
+                f"({compare.describe_drop_limit(limit, metric)})"
+            ),
+        ),
+        (
+            "agreement",
+            thresholds.min_agreement,
+            lambda v, limit: v >= limit,
+            lambda v, limit: f"agreement {v:.4f} is under --min-agreement {limit} ({report['agreement_meaning']})",
+        ),
+        (
+            "size_ratio",
+            thresholds.max_size_ratio,
+            lambda v, limit: v <= limit,
+            lambda v, limit: f"size {v:.3f}x of {report['size_ratio_of']} is over --max-size-ratio {limit}",
+        ),
     ]
     failures = []
     for name, limit, holds, message in checks:

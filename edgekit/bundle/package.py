@@ -62,16 +62,7 @@ def build_bundle(
     model.input = adopt_feature_names(model.input, baseline_data)
     baseline_data = baseline_data.aligned_to(model.input.feature_names)
     rows = model.input.check(baseline_data.X, source=baseline_path)
-    prediction = model.predict(rows)
-    spec = model.output
-    profile = build_baseline(
-        rows,
-        model.input.feature_names,
-        labels=list(spec.labels) if spec.task == "classification" else None,
-        predicted_labels=prediction.labels,
-        probabilities=prediction.probabilities,
-        predicted_values=prediction.values,
-    )
+    profile = _baseline_profile(model, rows)
     members = {
         MODEL_FILES[model.kind]: model.data,
         BASELINE: canonical_json(profile.to_dict()),
@@ -88,6 +79,26 @@ def build_bundle(
         drift={**DEFAULT_DRIFT_THRESHOLDS, **(drift or {})},
         target=target,
     )
+    _write_signed(output, manifest, members, key)
+    return manifest
+
+
+def _baseline_profile(model: Any, rows: Any) -> Any:
+    """What the model saw and said on the baseline rows: the profile device windows are compared with."""
+    prediction = model.predict(rows)
+    spec = model.output
+    return build_baseline(
+        rows,
+        model.input.feature_names,
+        labels=list(spec.labels) if spec.task == "classification" else None,
+        predicted_labels=prediction.labels,
+        probabilities=prediction.probabilities,
+        predicted_values=prediction.values,
+    )
+
+
+def _write_signed(output: str, manifest: dict[str, Any], members: dict[str, bytes], key: Any) -> None:
+    """The zip, atomically: the canonical manifest, its signature, the members (fixed times: reproducible)."""
     manifest_bytes = canonical_json(manifest)
     with atomic_path(output) as tmp:
         with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as archive:
@@ -97,7 +108,6 @@ def build_bundle(
                 *sorted(members.items()),
             ]:
                 archive.writestr(zipfile.ZipInfo(member, _ZIP_TIME), data, compress_type=zipfile.ZIP_DEFLATED)
-    return manifest
 
 
 def _check_identity(name: str, version: int) -> None:

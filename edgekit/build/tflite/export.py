@@ -13,15 +13,22 @@ from typing import Any
 
 import numpy as np
 
-from edgekit.models import compare
 from edgekit.build.onnx_export import serialize
-from edgekit.models.latency import batches_from, measure
-from edgekit.models.loading import METADATA_INPUT, METADATA_OUTPUT, METADATA_QUANTIZATION, METADATA_SOURCE, OnnxModel, TfliteModel
-from edgekit.progress import NoProgress, Progress
 from edgekit.build.quant_search import Limits, SearchOutcome, Trial, _choose
 from edgekit.build.quantize import QuantConfig
 from edgekit.build.tflite.plan import Plan, equalize_first_layer, plan_from_onnx
 from edgekit.build.tflite.writer import write_float, write_int8
+from edgekit.models import compare
+from edgekit.models.latency import batches_from, measure
+from edgekit.models.loading import (
+    METADATA_INPUT,
+    METADATA_OUTPUT,
+    METADATA_QUANTIZATION,
+    METADATA_SOURCE,
+    OnnxModel,
+    TfliteModel,
+)
+from edgekit.progress import NoProgress, Progress
 
 FLOAT = "tflite float32"
 INT8 = "tflite int8 (full integer, per-channel weights)"
@@ -35,7 +42,14 @@ class TfliteFullInteger(QuantConfig):
         return INT8
 
     def to_dict(self) -> dict[str, Any]:
-        return {"mode": "static", "format": "tflite full integer", "per_channel": True, "activation_type": "int8", "weight_type": "int8", "label": INT8}
+        return {
+            "mode": "static",
+            "format": "tflite full integer",
+            "per_channel": True,
+            "activation_type": "int8",
+            "weight_type": "int8",
+            "label": INT8,
+        }
 
 
 INT8_CONFIG = TfliteFullInteger("static", per_channel=True, activation_type="int8")
@@ -59,15 +73,30 @@ def build(fp32_proto: Any, *, calibration: np.ndarray | None, source: str) -> di
         int_labels = all(isinstance(c, int) and not isinstance(c, bool) for c in spec.labels)
         tflite_spec.update(label_output="label" if int_labels else None, probabilities_output=tflite_output(spec))
     meta = {p.key: p.value for p in fp32_proto.metadata_props}
-    metadata = {METADATA_INPUT: json.dumps(schema.to_dict()), METADATA_OUTPUT: json.dumps(tflite_spec), METADATA_SOURCE: meta.get(METADATA_SOURCE, "onnx")}
+    metadata = {
+        METADATA_INPUT: json.dumps(schema.to_dict()),
+        METADATA_OUTPUT: json.dumps(tflite_spec),
+        METADATA_SOURCE: meta.get(METADATA_SOURCE, "onnx"),
+    }
     labels = tuple(spec.labels) if spec.task == "classification" else None
-    built = {FLOAT: write_float(plan, tflite_output(spec), labels, {**metadata, METADATA_QUANTIZATION: json.dumps({"mode": "none"})})}
+    built = {
+        FLOAT: write_float(
+            plan, tflite_output(spec), labels, {**metadata, METADATA_QUANTIZATION: json.dumps({"mode": "none"})}
+        )
+    }
     if calibration is not None:
         built[INT8] = _best_int8(plan, tflite_output(spec), calibration, labels, metadata, source)
     return built
 
 
-def _best_int8(plan: Plan, output: str, calibration: np.ndarray, labels: tuple[Any, ...] | None, metadata: dict[str, str], source: str) -> bytes:
+def _best_int8(
+    plan: Plan,
+    output: str,
+    calibration: np.ndarray,
+    labels: tuple[Any, ...] | None,
+    metadata: dict[str, str],
+    source: str,
+) -> bytes:
     """The int8 .tflite with and without input equalization; the one whose outputs stay closest to the float
     plan on the calibration rows (mean absolute error) is kept. The held-out rows play no part in this."""
     expected = plan.run(calibration)
@@ -77,7 +106,9 @@ def _best_int8(plan: Plan, output: str, calibration: np.ndarray, labels: tuple[A
         if candidate is None:
             continue
         quant = {**INT8_CONFIG.to_dict(), "input_equalization": equalized}
-        data = write_int8(candidate, output, calibration, labels, {**metadata, METADATA_QUANTIZATION: json.dumps(quant)})
+        data = write_int8(
+            candidate, output, calibration, labels, {**metadata, METADATA_QUANTIZATION: json.dumps(quant)}
+        )
         scores = TfliteModel.from_bytes(data, path=source).predict(calibration).scores
         error = float(np.mean(np.abs(scores.reshape(expected.shape) - expected)))
         if error < best_error:
@@ -85,8 +116,18 @@ def _best_int8(plan: Plan, output: str, calibration: np.ndarray, labels: tuple[A
     return best
 
 
-def choose(fp32_proto: Any, *, rows: np.ndarray, labels: np.ndarray | None, calibration: np.ndarray | None, limits: Limits, force: bool,
-           source: str, progress: Progress = NoProgress(), prefer: str = "size") -> tuple[SearchOutcome, bytes, dict[str, Any]]:
+def choose(
+    fp32_proto: Any,
+    *,
+    rows: np.ndarray,
+    labels: np.ndarray | None,
+    calibration: np.ndarray | None,
+    limits: Limits,
+    force: bool,
+    source: str,
+    progress: Progress = NoProgress(),
+    prefer: str = "size",
+) -> tuple[SearchOutcome, bytes, dict[str, Any]]:
     progress.start(3, "building .tflite")
     built = build(fp32_proto, calibration=calibration, source=source)
     progress.advance()
@@ -102,7 +143,11 @@ def choose(fp32_proto: Any, *, rows: np.ndarray, labels: np.ndarray | None, cali
         trial.agreement = compare.agreement(model.output, reference, prediction)
         trials[name] = trial
     progress.advance()
-    timing = measure({"onnxruntime float32": onnx_fp32.raw, **{name: m.raw for name, m in models.items()}}, batches_from(rows), budget_seconds=3.0)
+    timing = measure(
+        {"onnxruntime float32": onnx_fp32.raw, **{name: m.raw for name, m in models.items()}},
+        batches_from(rows),
+        budget_seconds=3.0,
+    )
     progress.advance()
     progress.finish()
     base = trials[FLOAT]
@@ -111,7 +156,23 @@ def choose(fp32_proto: Any, *, rows: np.ndarray, labels: np.ndarray | None, cali
         trial.latency = timing[name]
         trial.drop = compare.metric_drop(onnx_fp32.output, onnx_metric, trial.metric)
         trial.within = limits.holds(trial) if trial is not base else True
-    outcome = _choose(base, [t for n, t in trials.items() if n != FLOAT], limits=limits, force=force,
-                      metric_name=compare.metric_name(onnx_fp32.output), prefer=prefer)
-    versus_onnx = {name: {str(b): timing["onnxruntime float32"][b]["p50_ms"] / timing[name][b]["p50_ms"] for b in timing[name]} for name in trials}
-    return outcome, outcome.chosen.proto, {"speedup_vs_onnxruntime_fp32": versus_onnx, "onnxruntime_fp32_latency": {str(b): v for b, v in timing["onnxruntime float32"].items()}}
+    outcome = _choose(
+        base,
+        [t for n, t in trials.items() if n != FLOAT],
+        limits=limits,
+        force=force,
+        metric_name=compare.metric_name(onnx_fp32.output),
+        prefer=prefer,
+    )
+    versus_onnx = {
+        name: {str(b): timing["onnxruntime float32"][b]["p50_ms"] / timing[name][b]["p50_ms"] for b in timing[name]}
+        for name in trials
+    }
+    return (
+        outcome,
+        outcome.chosen.proto,
+        {
+            "speedup_vs_onnxruntime_fp32": versus_onnx,
+            "onnxruntime_fp32_latency": {str(b): v for b, v in timing["onnxruntime float32"].items()},
+        },
+    )

@@ -42,7 +42,9 @@ class Plan:
         x = np.asarray(X, dtype=np.float32)
         for step in self.steps:
             if step.kind in ("sub", "mul", "add", "div"):
-                x = {"sub": np.subtract, "mul": np.multiply, "add": np.add, "div": np.divide}[step.kind](x, step.constant).astype(np.float32)
+                x = {"sub": np.subtract, "mul": np.multiply, "add": np.add, "div": np.divide}[step.kind](
+                    x, step.constant
+                ).astype(np.float32)
             elif step.kind == "fc":
                 x = x @ step.weights.T + step.bias
                 if step.activation == "relu":
@@ -81,12 +83,20 @@ def plan_from_onnx(proto: Any, output_name: str, *, source: str = "model") -> Pl
     while tensor != input_name:
         node = producers.get(tensor)
         if node is None:
-            raise ConversionError(f"cannot trace {output_name!r} back to the input {input_name!r}", "the TFLite target converts sequential dense networks; use --target onnx", path=source)
+            raise ConversionError(
+                f"cannot trace {output_name!r} back to the input {input_name!r}",
+                "the TFLite target converts sequential dense networks; use --target onnx",
+                path=source,
+            )
         chain.append(node)
         dynamic = [i for i in node.input if i and i not in constants]
         if len(dynamic) != 1:
-            raise ConversionError(f"{node.op_type} node {node.name!r} has {len(dynamic)} non-constant inputs; the TFLite target converts sequential graphs",
-                                  "use --target onnx", path=source)
+            raise ConversionError(
+                f"{node.op_type} node {node.name!r} has {len(dynamic)} non-constant inputs; "
+                "the TFLite target converts sequential graphs",
+                "use --target onnx",
+                path=source,
+            )
         tensor = dynamic[0]
     plan = Plan(input_name, width, output_name)
     for node in reversed(chain):
@@ -110,7 +120,9 @@ def fold_centering(plan: Plan) -> Plan:
     if start == 0 or plan.steps[start - 1].kind not in ("sub", "add"):
         return plan
     offset_step, fc = plan.steps[start - 1], plan.steps[first_fc]
-    offset = np.broadcast_to(offset_step.constant if offset_step.kind == "sub" else -offset_step.constant, (plan.width,)).astype(np.float64)
+    offset = np.broadcast_to(
+        offset_step.constant if offset_step.kind == "sub" else -offset_step.constant, (plan.width,)
+    ).astype(np.float64)
     for step in plan.steps[start:first_fc]:
         offset = offset * step.constant if step.kind == "mul" else offset / step.constant
     bias = (fc.bias.astype(np.float64) - fc.weights.astype(np.float64) @ offset).astype(np.float32)
@@ -122,27 +134,52 @@ def fold_centering(plan: Plan) -> Plan:
 def _append(plan: Plan, node: Any, attrs: dict[str, Any], constants: dict[str, np.ndarray], source: str) -> None:
     op = node.op_type
     if node.domain not in ("", "ai.onnx"):
-        raise ConversionError(f"operator {node.domain}.{op} has no TFLite equivalent here (tree ensembles and linear ML ops are not converted)",
-                              "use --target onnx", path=source)
-    if op in ("Identity", "Flatten") or (op == "Cast" and attrs.get("to") == 1) or (op == "Reshape" and _to_rows(node, constants)):
+        raise ConversionError(
+            f"operator {node.domain}.{op} has no TFLite equivalent here "
+            "(tree ensembles and linear ML ops are not converted)",
+            "use --target onnx",
+            path=source,
+        )
+    if (
+        op in ("Identity", "Flatten")
+        or (op == "Cast" and attrs.get("to") == 1)
+        or (op == "Reshape" and _to_rows(node, constants))
+    ):
         return
     if op in ELEMENTWISE:
         constant = next(constants[i] for i in node.input if i in constants).astype(np.float32)
         if node.input[0] in constants and op in ("Sub", "Div"):
             raise ConversionError(f"{op} with the constant first is not supported", "use --target onnx", path=source)
-        plan.steps.append(Step(ELEMENTWISE[op], constant=constant.reshape(-1) if constant.ndim > 1 else constant, name=node.name))
+        plan.steps.append(
+            Step(ELEMENTWISE[op], constant=constant.reshape(-1) if constant.ndim > 1 else constant, name=node.name)
+        )
         return
     if op == "Gemm":
         weights = constants[node.input[1]].astype(np.float32) * float(attrs.get("alpha", 1.0))
         weights = weights if attrs.get("transB", 0) else weights.T
         if attrs.get("transA", 0):
             raise ConversionError("Gemm with transA is not supported", "use --target onnx", path=source)
-        bias = constants[node.input[2]].astype(np.float32).reshape(-1) * float(attrs.get("beta", 1.0)) if len(node.input) > 2 and node.input[2] else np.zeros(weights.shape[0], np.float32)
-        plan.steps.append(Step("fc", weights=np.ascontiguousarray(weights), bias=np.broadcast_to(bias, (weights.shape[0],)).copy(), name=node.name))
+        bias = (
+            constants[node.input[2]].astype(np.float32).reshape(-1) * float(attrs.get("beta", 1.0))
+            if len(node.input) > 2 and node.input[2]
+            else np.zeros(weights.shape[0], np.float32)
+        )
+        plan.steps.append(
+            Step(
+                "fc",
+                weights=np.ascontiguousarray(weights),
+                bias=np.broadcast_to(bias, (weights.shape[0],)).copy(),
+                name=node.name,
+            )
+        )
         return
     if op == "MatMul":
         weights = constants[node.input[1]].astype(np.float32).T
-        plan.steps.append(Step("fc", weights=np.ascontiguousarray(weights), bias=np.zeros(weights.shape[0], np.float32), name=node.name))
+        plan.steps.append(
+            Step(
+                "fc", weights=np.ascontiguousarray(weights), bias=np.zeros(weights.shape[0], np.float32), name=node.name
+            )
+        )
         return
     if op in ACTIVATIONS:
         kind = ACTIVATIONS[op]
@@ -154,11 +191,17 @@ def _append(plan: Plan, node: Any, attrs: dict[str, Any], constants: dict[str, n
         return
     if op == "Softmax":
         if attrs.get("axis", -1) not in (-1, 1):
-            raise ConversionError("Softmax over an axis other than the last is not supported", "use --target onnx", path=source)
+            raise ConversionError(
+                "Softmax over an axis other than the last is not supported", "use --target onnx", path=source
+            )
         plan.steps.append(Step("softmax", name=node.name))
         return
-    raise ConversionError(f"operator {op} is not supported by the TFLite target (dense networks: Gemm/MatMul, Relu/Tanh/Sigmoid, Softmax, scalers)",
-                          "use --target onnx", path=source)
+    raise ConversionError(
+        f"operator {op} is not supported by the TFLite target "
+        "(dense networks: Gemm/MatMul, Relu/Tanh/Sigmoid, Softmax, scalers)",
+        "use --target onnx",
+        path=source,
+    )
 
 
 def _to_rows(node: Any, constants: dict[str, np.ndarray]) -> bool:
@@ -198,5 +241,11 @@ def equalize_first_layer(plan: Plan, rows: np.ndarray) -> Plan | None:
     else:
         steps.insert(first_fc, Step("mul", constant=(1 / factors).astype(np.float32), name="edgekit_equalize"))
         first_fc += 1
-    steps[first_fc] = Step("fc", weights=(fc.weights * factors[None, :]).astype(np.float32), bias=fc.bias, activation=fc.activation, name=fc.name)
+    steps[first_fc] = Step(
+        "fc",
+        weights=(fc.weights * factors[None, :]).astype(np.float32),
+        bias=fc.bias,
+        activation=fc.activation,
+        name=fc.name,
+    )
     return Plan(plan.input_name, plan.width, plan.output_name, steps)

@@ -14,10 +14,19 @@ from typing import Any
 
 import numpy as np
 
-from edgekit.errors import ConversionError, require
 from edgekit.build.tflite.plan import Plan, Step
+from edgekit.errors import ConversionError, require
 
-FLOAT_OPS = {"sub": "SUB", "mul": "MUL", "add": "ADD", "div": "DIV", "relu": "RELU", "tanh": "TANH", "logistic": "LOGISTIC", "softmax": "SOFTMAX"}
+FLOAT_OPS = {
+    "sub": "SUB",
+    "mul": "MUL",
+    "add": "ADD",
+    "div": "DIV",
+    "relu": "RELU",
+    "tanh": "TANH",
+    "logistic": "LOGISTIC",
+    "softmax": "SOFTMAX",
+}
 INT8_FIXED_OUTPUT = {"softmax": (1 / 256, -128), "logistic": (1 / 256, -128), "tanh": (1 / 128, 0)}
 
 
@@ -32,14 +41,27 @@ class _Builder:
         self.code_list: list[Any] = []
         self.metadata: dict[str, str] = {}
 
-    def tensor(self, name: str, shape: list[int], dtype: str, data: np.ndarray | None = None, quant: tuple | None = None, per_channel: bool = False) -> int:
+    def tensor(
+        self,
+        name: str,
+        shape: list[int],
+        dtype: str,
+        data: np.ndarray | None = None,
+        quant: tuple | None = None,
+        per_channel: bool = False,
+    ) -> int:
         s = self.schema
         t = s.TensorT()
         t.name = name.encode()
         t.shape = np.asarray(shape, dtype=np.int32)
         if shape and shape[0] == 1 and data is None:
             t.shapeSignature = np.asarray([-1, *shape[1:]], dtype=np.int32)
-        t.type = {"float32": s.TensorType.FLOAT32, "int8": s.TensorType.INT8, "int32": s.TensorType.INT32, "int64": s.TensorType.INT64}[dtype]
+        t.type = {
+            "float32": s.TensorType.FLOAT32,
+            "int8": s.TensorType.INT8,
+            "int32": s.TensorType.INT32,
+            "int64": s.TensorType.INT64,
+        }[dtype]
         t.buffer = 0
         if data is not None:
             buffer = s.BufferT()
@@ -50,13 +72,17 @@ class _Builder:
             q = s.QuantizationParametersT()
             scales, zeros = quant
             q.scale = np.asarray(np.atleast_1d(scales), dtype=np.float32)
-            q.zeroPoint = np.asarray(np.atleast_1d(zeros), dtype=np.int64)  # LiteRT wants one per scale, even when all are 0
+            q.zeroPoint = np.asarray(
+                np.atleast_1d(zeros), dtype=np.int64
+            )  # LiteRT wants one per scale, even when all are 0
             q.quantizedDimension = 0
             t.quantization = q
         self.tensors.append(t)
         return len(self.tensors) - 1
 
-    def op(self, name: str, inputs: list[int], outputs: list[int], version: int = 1, options: tuple[str, Any] | None = None) -> None:
+    def op(
+        self, name: str, inputs: list[int], outputs: list[int], version: int = 1, options: tuple[str, Any] | None = None
+    ) -> None:
         s = self.schema
         code = getattr(s.BuiltinOperator, name)
         key = (code, version)
@@ -66,7 +92,11 @@ class _Builder:
             self.code_list.append(oc)
             self.codes[key] = len(self.code_list) - 1
         o = s.OperatorT()
-        o.opcodeIndex, o.inputs, o.outputs = self.codes[key], np.asarray(inputs, dtype=np.int32), np.asarray(outputs, dtype=np.int32)
+        o.opcodeIndex, o.inputs, o.outputs = (
+            self.codes[key],
+            np.asarray(inputs, dtype=np.int32),
+            np.asarray(outputs, dtype=np.int32),
+        )
         if options is not None:
             o.builtinOptionsType, o.builtinOptions = getattr(s.BuiltinOptions, options[0]), options[1]
         self.operators.append(o)
@@ -94,7 +124,11 @@ class _Builder:
     def fc_options(self, activation: str | None) -> tuple[str, Any]:
         s = self.schema
         options = s.FullyConnectedOptionsT()
-        options.fusedActivationFunction = {None: s.ActivationFunctionType.NONE, "relu": s.ActivationFunctionType.RELU, "tanh": s.ActivationFunctionType.TANH}[activation]
+        options.fusedActivationFunction = {
+            None: s.ActivationFunctionType.NONE,
+            "relu": s.ActivationFunctionType.RELU,
+            "tanh": s.ActivationFunctionType.TANH,
+        }[activation]
         return "FullyConnectedOptions", options
 
     def label_output(self, logits: int, labels: tuple[Any, ...] | None) -> int | None:
@@ -124,7 +158,9 @@ class _Builder:
         return "SoftmaxOptions", options
 
 
-def write_float(plan: Plan, output_name: str, labels: tuple[Any, ...] | None = None, metadata: dict[str, str] | None = None) -> bytes:
+def write_float(
+    plan: Plan, output_name: str, labels: tuple[Any, ...] | None = None, metadata: dict[str, str] | None = None
+) -> bytes:
     b = _Builder()
     b.metadata = dict(metadata or {})
     logits = None
@@ -134,7 +170,9 @@ def write_float(plan: Plan, output_name: str, labels: tuple[Any, ...] | None = N
     for index, step in enumerate(plan.steps):
         last = index == len(plan.steps) - 1
         if step.kind == "fc":
-            weights = b.tensor(f"{step.name}/weights", list(step.weights.shape), "float32", step.weights.astype(np.float32))
+            weights = b.tensor(
+                f"{step.name}/weights", list(step.weights.shape), "float32", step.weights.astype(np.float32)
+            )
             bias = b.tensor(f"{step.name}/bias", [len(step.bias)], "float32", step.bias.astype(np.float32))
             width = step.weights.shape[0]
             out = b.tensor(output_name if last else f"{step.name}/out", [1, width], "float32")
@@ -145,7 +183,14 @@ def write_float(plan: Plan, output_name: str, labels: tuple[Any, ...] | None = N
                 logits = current
             inputs = [current]
             if step.constant is not None:
-                inputs.append(b.tensor(f"{step.name or step.kind}{index}/constant", list(step.constant.shape), "float32", step.constant.astype(np.float32)))
+                inputs.append(
+                    b.tensor(
+                        f"{step.name or step.kind}{index}/constant",
+                        list(step.constant.shape),
+                        "float32",
+                        step.constant.astype(np.float32),
+                    )
+                )
             b.op(FLOAT_OPS[step.kind], inputs, [out], 1, b.softmax_options() if step.kind == "softmax" else None)
         current = out
     label = b.label_output(logits, labels) if logits is not None else None
@@ -179,20 +224,34 @@ def _asymmetric(low: float, high: float) -> tuple[float, int]:
     return float(scale), zero
 
 
-def write_int8(plan: Plan, output_name: str, calibration: np.ndarray, labels: tuple[Any, ...] | None = None, metadata: dict[str, str] | None = None) -> bytes:
+def write_int8(
+    plan: Plan,
+    output_name: str,
+    calibration: np.ndarray,
+    labels: tuple[Any, ...] | None = None,
+    metadata: dict[str, str] | None = None,
+) -> bytes:
     """Full-integer int8; activation ranges from the float plan run on ``calibration`` rows."""
     record: list[np.ndarray] = []
     plan.run(calibration, record=record)
     first_fc = next(i for i, s in enumerate(plan.steps) if s.kind == "fc")
     if any(s.kind in ("sub", "mul", "add", "div") for s in plan.steps[first_fc:]):
-        raise ConversionError("elementwise arithmetic after the first dense layer cannot be quantized to full int8 here", "use --target tflite without --quantize, or --target onnx")
+        raise ConversionError(
+            "elementwise arithmetic after the first dense layer cannot be quantized to full int8 here",
+            "use --target tflite without --quantize, or --target onnx",
+        )
     b = _Builder()
     b.metadata = dict(metadata or {})
     current = b.tensor(plan.input_name, [1, plan.width], "float32")
     first, width = current, plan.width
     for index, step in enumerate(plan.steps[:first_fc]):  # preprocessing stays float
         out = b.tensor(f"{step.name or step.kind}{index}/out", [1, width], "float32")
-        constant = b.tensor(f"{step.name or step.kind}{index}/constant", list(step.constant.shape), "float32", step.constant.astype(np.float32))
+        constant = b.tensor(
+            f"{step.name or step.kind}{index}/constant",
+            list(step.constant.shape),
+            "float32",
+            step.constant.astype(np.float32),
+        )
         b.op(FLOAT_OPS[step.kind], [current, constant], [out])
         current = out
     source = record[first_fc - 1] if first_fc else np.asarray(calibration, dtype=np.float32)
@@ -210,7 +269,9 @@ def write_int8(plan: Plan, output_name: str, calibration: np.ndarray, labels: tu
             current, in_scale, width = _int8_fc(b, step, current, in_scale, observed)
         elif step.kind in INT8_FIXED_OUTPUT:
             out_scale, out_zero = INT8_FIXED_OUTPUT[step.kind]
-            out = b.tensor(f"{step.kind}{index}/out", [1, width], "int8", quant=(out_scale, out_zero))  # not the ONNX node's name: skl2onnx calls its Softmax "Relu1"
+            out = b.tensor(
+                f"{step.kind}{index}/out", [1, width], "int8", quant=(out_scale, out_zero)
+            )  # not the ONNX node's name: skl2onnx calls its Softmax "Relu1"
             b.op(FLOAT_OPS[step.kind], [current], [out], 2, b.softmax_options() if step.kind == "softmax" else None)
             current, in_scale = out, out_scale
         elif step.kind == "relu":
@@ -219,7 +280,9 @@ def write_int8(plan: Plan, output_name: str, calibration: np.ndarray, labels: tu
             b.op("RELU", [current], [out], 2)
             current, in_scale = out, out_scale
         else:
-            raise ConversionError(f"step {step.kind} cannot be quantized to int8 here", "use --target tflite without --quantize")
+            raise ConversionError(
+                f"step {step.kind} cannot be quantized to int8 here", "use --target tflite without --quantize"
+            )
     output = b.tensor(output_name, [1, width], "float32")
     b.op("DEQUANTIZE", [current], [output], 2)
     label = b.label_output(logits, labels) if logits is not None else None
@@ -234,9 +297,25 @@ def _int8_fc(b: _Builder, step: Step, current: int, in_scale: float, observed: n
     bias_scales = in_scale * weight_scales
     q_bias = np.round(step.bias / bias_scales).astype(np.int64)
     if np.abs(q_bias).max(initial=0) >= 2**31:
-        raise ConversionError(f"the bias of {step.name} does not fit int32 at this input scale", "use --target tflite without --quantize")
-    w = b.tensor(f"{step.name}/weights", list(q_weights.shape), "int8", q_weights, quant=(weight_scales, np.zeros(len(weight_scales), np.int64)), per_channel=True)
-    bias = b.tensor(f"{step.name}/bias", [len(q_bias)], "int32", q_bias.astype(np.int32), quant=(bias_scales, np.zeros(len(bias_scales), np.int64)), per_channel=True)
+        raise ConversionError(
+            f"the bias of {step.name} does not fit int32 at this input scale", "use --target tflite without --quantize"
+        )
+    w = b.tensor(
+        f"{step.name}/weights",
+        list(q_weights.shape),
+        "int8",
+        q_weights,
+        quant=(weight_scales, np.zeros(len(weight_scales), np.int64)),
+        per_channel=True,
+    )
+    bias = b.tensor(
+        f"{step.name}/bias",
+        [len(q_bias)],
+        "int32",
+        q_bias.astype(np.int32),
+        quant=(bias_scales, np.zeros(len(bias_scales), np.int64)),
+        per_channel=True,
+    )
     out_scale, out_zero = _calibrated_range(observed, floor_zero=step.activation == "relu")
     width = q_weights.shape[0]
     out = b.tensor(f"{step.name}/out", [1, width], "int8", quant=(out_scale, out_zero))
