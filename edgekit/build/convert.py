@@ -106,6 +106,41 @@ def convert_model(
         write_bytes_atomic(output, data)
         return ConvertOutcome(source, output, len(data))
     calibration_rows = _rows(calibration_set, model) if calibration_set else None
+    plan = _search_plan(model, quantize, calibration_rows, eval_set, evaluation)
+    outcome = search(
+        fp32,
+        plan.configs,
+        rows=plan.rows,
+        labels=plan.labels,
+        calibration=calibration_rows,
+        max_drop=plan.max_drop,
+        min_agreement=quantize.min_agreement,
+        force=quantize.force,
+        prefer=quantize.prefer,
+        target=target,
+        progress=progress,
+        source=source,
+    )
+    chosen = outcome.chosen
+    data = serialize(chosen.proto)  # stamped with its quantization by the search
+    write_bytes_atomic(output, data)
+    return ConvertOutcome(source, output, len(data), outcome, plan.notes)
+
+
+@dataclass
+class _SearchPlan:
+    rows: Any  # what candidates are scored on: labelled --eval rows, else calibration or synthetic rows
+    labels: Any
+    max_drop: float | None
+    configs: list[Any]
+    notes: list[str]
+
+
+def _search_plan(
+    model: Any, quantize: QuantizeOptions, calibration_rows: Any, eval_set: Dataset | None, evaluation: str | None
+) -> _SearchPlan:
+    """What the int8 search tries and scores on: every sensible configuration with labelled --eval data,
+    else only the one the options describe (agreement with float32 is measured, accuracy cannot be)."""
     eval_set = eval_set.aligned_to(model.input.feature_names) if eval_set else None
     notes = []
     if eval_set is not None:
@@ -151,24 +186,7 @@ def convert_model(
             "the options leave no quantization configuration to try",
             "static quantization needs --calibration; relax --mode/--per-channel",
         )
-    outcome = search(
-        fp32,
-        configs,
-        rows=rows,
-        labels=labels,
-        calibration=calibration_rows,
-        max_drop=max_drop,
-        min_agreement=quantize.min_agreement,
-        force=quantize.force,
-        prefer=quantize.prefer,
-        target=target,
-        progress=progress,
-        source=source,
-    )
-    chosen = outcome.chosen
-    data = serialize(chosen.proto)  # stamped with its quantization by the search
-    write_bytes_atomic(output, data)
-    return ConvertOutcome(source, output, len(data), outcome, notes)
+    return _SearchPlan(rows, labels, max_drop, configs, notes)
 
 
 def _convert_tflite(
