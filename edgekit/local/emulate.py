@@ -111,32 +111,64 @@ def prepare_devices(
         except InstallError:
             if state.state().get("version") != opened.version:
                 raise  # a newer model is installed there: do not silently run something else
-        lines = [
-            f'device_id = "{device_id}"',
-            f'fleet = "{fleet}"',
-            'state_dir = "state"',
-            "[trust]",
-            'public_key = "trusted.pub"',
-            "[monitor]",
-            f"window_rows = {window_rows}",
-            f"window_seconds = {window_seconds}",
-            "[server]",
-            f'listen = "127.0.0.1:{http_port_base + index}"' if http_port_base else 'listen = "127.0.0.1:0"',
-        ]
-        if broker:
-            lines += ["[mqtt]", f'url = "{broker}"']
-        lines += [
-            "[emulate]",
-            f'data = "{Path(data).resolve()}"',
-            f"rows_per_second = {rows_per_second}",
-            f"seed = {index}",
-        ]
-        if drift and index in drift.devices:
-            lines += [f'drift_feature = "{feature}"', f"drift_shift = {drift.shift}", f"drift_after = {drift.after}"]
+        drifting = drift if drift and index in drift.devices else None
+        lines = _agent_toml(
+            device_id,
+            index,
+            fleet=fleet,
+            window_rows=window_rows,
+            window_seconds=window_seconds,
+            broker=broker,
+            http_port_base=http_port_base,
+            data=data,
+            rows_per_second=rows_per_second,
+            drift=drifting,
+            feature=feature,
+        )
         config = directory / "agent.toml"
         config.write_text("\n".join(lines) + "\n")
         configs.append(config)
     return configs
+
+
+def _agent_toml(
+    device_id: str,
+    index: int,
+    *,
+    fleet: str,
+    window_rows: int,
+    window_seconds: float,
+    broker: str | None,
+    http_port_base: int | None,
+    data: str,
+    rows_per_second: float,
+    drift: DriftSpec | None,
+    feature: str | None,
+) -> list[str]:
+    """The lines of one emulated device's agent.toml (relative paths: the file sits in the device's directory)."""
+    lines = [
+        f'device_id = "{device_id}"',
+        f'fleet = "{fleet}"',
+        'state_dir = "state"',
+        "[trust]",
+        'public_key = "trusted.pub"',
+        "[monitor]",
+        f"window_rows = {window_rows}",
+        f"window_seconds = {window_seconds}",
+        "[server]",
+        f'listen = "127.0.0.1:{http_port_base + index}"' if http_port_base else 'listen = "127.0.0.1:0"',
+    ]
+    if broker:
+        lines += ["[mqtt]", f'url = "{broker}"']
+    lines += [
+        "[emulate]",
+        f'data = "{Path(data).resolve()}"',
+        f"rows_per_second = {rows_per_second}",
+        f"seed = {index}",
+    ]
+    if drift:
+        lines += [f'drift_feature = "{feature}"', f"drift_shift = {drift.shift}", f"drift_after = {drift.after}"]
+    return lines
 
 
 def _resolve_feature(name: str, feature_names: tuple[str, ...]) -> str:
