@@ -51,7 +51,8 @@ from edgekit.build.convert import QuantizeOptions, convert_model  # noqa: E402
 from edgekit.bundle.keys import generate_keypair  # noqa: E402
 from edgekit.bundle.package import build_bundle  # noqa: E402
 from edgekit.fleet.client import CollectorClient  # noqa: E402
-from edgekit.fleet.collector import Collector, CollectorConfig  # noqa: E402
+from edgekit.fleet.config import CollectorConfig  # noqa: E402
+from edgekit.fleet.service import FleetService  # noqa: E402
 from edgekit.local.broker import free_port, start_local_broker  # noqa: E402
 from edgekit.local.emulate import EmulatedFleet, prepare_devices  # noqa: E402
 from edgekit.local.fixtures import fixtures_usable, make_fixtures  # noqa: E402
@@ -95,7 +96,7 @@ def setup(work: Path) -> dict:
 @dataclass
 class Fleet:
     name: str
-    collector: Collector
+    collector: FleetService
     client: CollectorClient
     configs: list[Path]
     agents: EmulatedFleet
@@ -123,7 +124,7 @@ def start_fleet(
     root = work / name
     broker = start_local_broker(root / "broker")
     stack.callback(broker.stop)
-    collector = Collector(
+    collector = FleetService(
         CollectorConfig(
             broker=broker.url,
             db=str(root / "fleet.db"),

@@ -11,7 +11,8 @@ from pathlib import Path
 import numpy as np
 
 from edgekit.fleet.client import CollectorClient
-from edgekit.fleet.collector import Collector, CollectorConfig
+from edgekit.fleet.config import CollectorConfig
+from edgekit.fleet.service import FleetService
 from edgekit.local.broker import free_port
 from edgekit.local.emulate import EmulatedFleet, prepare_devices
 
@@ -32,7 +33,7 @@ class RolloutFleet:
         proxy: BundleProxy | None = None,
     ) -> None:
         self.tmp, self.fleet_name = tmp, fleet
-        self.collector = Collector(
+        self.collector = FleetService(
             CollectorConfig(
                 broker=broker.url,
                 db=str(tmp / "fleet.db"),

@@ -10,8 +10,9 @@ import urllib.request
 
 import pytest
 
-from edgekit.fleet.alerts import AlertEngine, AlertRules, AlertSinks
-from edgekit.fleet.collector import Collector, CollectorConfig
+from edgekit.fleet.alerts import AlertRules, AlertSinks
+from edgekit.fleet.config import CollectorConfig
+from edgekit.fleet.service import FleetService
 from edgekit.fleet.store import SqliteStore
 from tests.mqtt_helpers import ROOT, AgentProcess
 from tests.test_agent_mqtt import emulated_device
@@ -61,12 +62,13 @@ def screenshot(url, path):
 
 
 def test_collector_ingests_a_fleet_shows_it_and_alerts(tmp_path, bundle, keypair, digits, broker, fleet_name):
-    collector = Collector(
+    collector = FleetService(
         CollectorConfig(
             broker=broker.url, db=str(tmp_path / "fleet.db"), http="127.0.0.1:0", client_id=f"c-{fleet_name}"
-        )
+        ),
+        alert_rules=AlertRules(drift_windows=2),
+        alert_sinks=AlertSinks(log=False),
     )
-    collector.alerts = AlertEngine(collector.store, AlertRules(drift_windows=2), AlertSinks(log=False))
     collector.start()
     agents = [
         AgentProcess(

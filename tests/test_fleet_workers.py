@@ -10,8 +10,9 @@ from pathlib import Path
 import paho.mqtt.client as mqtt
 import pytest
 
-from edgekit.fleet.alerts import AlertEngine, AlertRules, AlertSinks
-from edgekit.fleet.collector import Collector, CollectorConfig
+from edgekit.fleet.alerts import AlertRules, AlertSinks
+from edgekit.fleet.config import CollectorConfig
+from edgekit.fleet.service import FleetService
 from edgekit.fleet.store import SqliteStore
 from edgekit.fleet.workers import worker_config
 from tests import fleet_helpers as fh
@@ -61,18 +62,19 @@ def test_workers_split_the_summaries_alert_on_what_they_stored_and_a_killed_one_
     tmp_path, broker, fleet_name
 ):
     base = fh.baseline()
-    collector = Collector(
+    collector = FleetService(
         CollectorConfig(
             broker=broker.url, db=str(tmp_path / "fleet.db"), http=None, client_id=f"c-{fleet_name}", workers=2
-        )
+        ),
+        alert_rules=AlertRules(drift_windows=2),
+        alert_sinks=AlertSinks(log=False),
     )
-    collector.alerts = AlertEngine(collector.store, AlertRules(drift_windows=2), AlertSinks(log=False))
     collector.start()
     store = SqliteStore(tmp_path / "fleet.db")
     client = publisher(broker.url)
     try:
         wait(
-            lambda: collector.connected.is_set() and len(collector.workers.pids()) == 1,
+            lambda: collector.collector.connected.is_set() and len(collector.workers.pids()) == 1,
             what="the collector and its worker",
         )
         time.sleep(1.0)  # the worker's shared subscription is in place
@@ -179,7 +181,7 @@ def test_workers_stand_down_on_a_broker_without_shared_subscriptions(tmp_path, f
     collector = None
     try:
         assert wait_for_port(port, process=amqtt)
-        collector = Collector(
+        collector = FleetService(
             CollectorConfig(
                 broker=f"mqtt://127.0.0.1:{port}",
                 db=str(tmp_path / "fleet.db"),
@@ -189,11 +191,11 @@ def test_workers_stand_down_on_a_broker_without_shared_subscriptions(tmp_path, f
             )
         ).start()
         wait(
-            lambda: collector.connected.is_set() and not collector.workers.processes,
+            lambda: collector.collector.connected.is_set() and not collector.workers.processes,
             timeout=30,
             what="the worker to stand down",
         )
-        assert collector.protocol == "3.1.1" and collector.workers.restarts == 0
+        assert collector.collector.protocol == "3.1.1" and collector.workers.restarts == 0
         client = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv311)
         client.connect("127.0.0.1", port)
         client.loop_start()

@@ -11,10 +11,11 @@ import pytest
 from device_agent import Agent
 from device_agent.errors import InputError
 from device_agent.metrics import escape_label_value, format_labels, format_value, render_metrics
-from edgekit.fleet.alerts import AlertEngine, AlertRules, AlertSinks
-from edgekit.fleet.collector import Collector, CollectorConfig
+from edgekit.fleet.alerts import AlertRules, AlertSinks
+from edgekit.fleet.config import CollectorConfig
 from edgekit.fleet.ingest import Message
 from edgekit.fleet.metrics import render
+from edgekit.fleet.service import FleetService
 from tests.agent_helpers import config_of, make_device
 from tests.fleet_helpers import baseline, state, summary
 
@@ -99,9 +100,12 @@ def test_agent_metrics_pass_promtool_with_hostile_feature_names(tmp_path, hostil
 
 
 def test_collector_metrics_pass_promtool(tmp_path):
-    collector = Collector(CollectorConfig(db=str(tmp_path / "fleet.db"), http=None))
+    collector = FleetService(
+        CollectorConfig(db=str(tmp_path / "fleet.db"), http=None),
+        alert_rules=AlertRules(),
+        alert_sinks=AlertSinks(log=False),
+    )
     try:
-        collector.alerts = AlertEngine(collector.store, AlertRules(), AlertSinks(log=False))
         base = baseline()
         collector.ingestor.handle(
             [

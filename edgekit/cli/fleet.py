@@ -12,9 +12,10 @@ from pathlib import Path
 import click
 
 from edgekit.cli.common import emit_json, fmt, json_option
-from edgekit.fleet.alerts import AlertEngine, load_alert_config
-from edgekit.fleet.collector import Collector, CollectorConfig
+from edgekit.fleet.alerts import load_alert_config
+from edgekit.fleet.config import CollectorConfig
 from edgekit.fleet.merge import MERGED_MIN_PSI, merged_drift, since_timestamp
+from edgekit.fleet.service import FleetService
 from edgekit.fleet.store import SqliteStore, StoreError
 from edgekit.text import table
 
@@ -137,7 +138,7 @@ def collect(
             allowed = frozenset(line.strip() for line in handle if line.strip() and not line.startswith("#"))
     import os
 
-    collector = Collector(
+    collector = FleetService(
         CollectorConfig(
             broker=broker,
             db=db,
@@ -153,9 +154,10 @@ def collect(
             http_limits=_http_limits(http_limits),
             tls_cert=tls_cert,
             tls_key=tls_key,
-        )
+        ),
+        alert_rules=rules,
+        alert_sinks=sinks,
     )
-    collector.alerts = AlertEngine(collector.store, rules, sinks)
     collector.start()
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -19,7 +19,7 @@ from typing import Any
 
 from device_agent import mqtt_fallback
 from device_agent.protocol import Topics, command_payload, encode, fleet_filter
-from edgekit.errors import EdgekitError, require
+from edgekit.errors import require
 from edgekit.fleet.config import CollectorConfig, parse_broker_url
 from edgekit.fleet.ingest import Ingestor, Message
 from edgekit.fleet.store import SqliteStore
@@ -37,11 +37,24 @@ ROLLOUT_TICK = 0.25
 
 
 class Collector:
-    def __init__(self, config: CollectorConfig, *, store: SqliteStore | None = None) -> None:
+    """MQTT in, the store out: ingest, gap requests, and the alert and rollout ticks it drives.
+
+    What it works with (the store, the alert engine, the rollout controller) is handed to it; the
+    fleet service (``service.py``) composes them with the ingest workers and the web server."""
+
+    def __init__(
+        self,
+        config: CollectorConfig,
+        *,
+        store: SqliteStore | None = None,
+        alerts: Any = None,
+        rollouts: Any = None,
+    ) -> None:
         self.config = config
         self.store = store or SqliteStore(config.db)
         self.ingest_only = config.role == "ingest"
-        self.rollouts = None if self.ingest_only else _rollout_controller(self, config)
+        self.rollouts = rollouts
+        self.alerts = alerts
         self.ingestor = Ingestor(
             self.store,
             allowed_devices=set(config.allowed_devices) if config.allowed_devices else None,
@@ -55,10 +68,7 @@ class Collector:
         self._wake = threading.Event()
         self._client = None
         self._threads: list[threading.Thread] = []
-        self.server = None
-        self.alerts = None
         self._alerts_at = 0.0
-        self.workers = None
         self.unusable = threading.Event()  # an ingest worker on a broker without shared subscriptions has nothing to do
         self._summary_watermark = self.store.summary_watermark() if config.workers > 1 else 0
 
@@ -67,40 +77,20 @@ class Collector:
         self._connect()
         roles = [(self._writer, "edgekit-collector-writer")]
         if not self.ingest_only:
-            roles += [
-                (self._housekeeping, "edgekit-collector-gaps"),
-                (self._rollout_loop, "edgekit-collector-rollouts"),
-            ]
+            roles.append((self._housekeeping, "edgekit-collector-gaps"))
+        if self.rollouts is not None:
+            roles.append((self._rollout_loop, "edgekit-collector-rollouts"))
         for target, name in roles:
             thread = threading.Thread(target=target, name=name, daemon=True)
             thread.start()
             self._threads.append(thread)
-        if self.config.workers > 1 and not self.ingest_only:
-            from edgekit.fleet.workers import IngestWorkers
-
-            self.workers = IngestWorkers(self.config).start()
-        if self.config.http and not self.ingest_only:
-            from edgekit.fleet.web import COLLECTOR_LIMITS, serve
-
-            self.server = serve(
-                self,
-                self.config.http,
-                limits=COLLECTOR_LIMITS.with_values(self.config.http_limits),
-                tls_cert=self.config.tls_cert,
-                tls_key=self.config.tls_key,
-            )
         return self
 
     def stop(self) -> None:
-        if self.workers is not None:
-            self.workers.stop()
         self._stop.set()
         self._wake.set()
         for thread in self._threads:
             thread.join(timeout=5)
-        if self.server is not None:
-            self.server.shutdown()
-            self.server.server_close()
         if self._client is not None:
             self._client.disconnect()
             self._client.loop_stop()
@@ -234,7 +224,7 @@ class Collector:
         now = time.monotonic()
         if self.alerts is None or now - self._alerts_at < ALERT_SECONDS:
             return
-        if self.workers is not None:  # what the ingest workers stored: devices with summaries past the watermark
+        if self.config.workers > 1:  # what the ingest workers stored: devices with summaries past the watermark
             self._alerts_at = now  # this query, too, at most every ALERT_SECONDS
             devices, self._summary_watermark = self.store.devices_with_summaries_after(self._summary_watermark)
             self.ingestor.touched |= devices
@@ -269,17 +259,6 @@ class Collector:
             return False
         return client.publish(topic, payload, qos=1, retain=retain).rc == 0
 
-    def http_url(self) -> str:
-        if self.config.public_url:
-            return self.config.public_url
-        if self.server is None:
-            raise EdgekitError(
-                "the collector serves no HTTP, so devices cannot download bundles",
-                "run it with --http host:port (and --public-url if devices see another address)",
-            )
-        host, port = self.server.server_address[:2]
-        return f"{self.server.scheme}://{'127.0.0.1' if host in ('0.0.0.0', '') else host}:{port}"
-
     def request_gaps(self) -> int:
         """Ask devices for the windows the store is missing (each seq again after ``gap_retry_seconds``)."""
         client = self._client
@@ -291,20 +270,3 @@ class Collector:
             topic = Topics(fleets.get(device, "default"), device).cmd
             client.publish(topic, encode(command_payload("resend", seqs=seqs)), qos=1)
         return sum(len(s) for s in wanted.values())
-
-
-def _rollout_controller(collector: Collector, config: CollectorConfig):
-    from pathlib import Path
-
-    from device_agent.signing import load_public_key
-    from edgekit.fleet.rollouts import RolloutController
-
-    key = load_public_key(config.trust) if config.trust else None
-    bundle_dir = config.bundle_dir or (
-        str(Path(config.db).with_suffix("")) + "-bundles" if config.db != ":memory:" else None
-    )
-    if bundle_dir is None:
-        import tempfile
-
-        bundle_dir = tempfile.mkdtemp(prefix="edgekit-bundles-")
-    return RolloutController(collector.store, collector.publish, Path(bundle_dir), collector.http_url, trusted_key=key)

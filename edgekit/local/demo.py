@@ -137,24 +137,24 @@ def _fleet(
     keep_serving: bool,
     say: Say,
 ) -> tuple[list[dict], list[dict], dict | None]:
-    from edgekit.fleet.alerts import AlertEngine, AlertRules, AlertSinks
-    from edgekit.fleet.collector import Collector, CollectorConfig
+    from edgekit.fleet.alerts import AlertRules, AlertSinks
+    from edgekit.fleet.config import CollectorConfig
+    from edgekit.fleet.service import FleetService
 
     local = start_local_broker(workdir / "broker", prefer="amqtt" if broker == "amqtt" else "mosquitto")
     collector = fleet = None
     try:
         say(f"[5/8] broker: {local.kind} at {local.url}")
-        collector = Collector(
+        collector = FleetService(
             CollectorConfig(
                 broker=local.url,
                 db=str(workdir / "fleet.db"),
                 http="127.0.0.1:0",
                 client_id=f"edgekit-demo-{local.port}",
                 trust=str(public),
-            )
-        )
-        collector.alerts = AlertEngine(
-            collector.store, AlertRules(drift_windows=2, offline_seconds=3600), AlertSinks(log=False)
+            ),
+            alert_rules=AlertRules(drift_windows=2, offline_seconds=3600),
+            alert_sinks=AlertSinks(log=False),
         )
         collector.start()
         dashboard = f"http://127.0.0.1:{collector.server.server_address[1]}/"

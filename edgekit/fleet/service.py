@@ -1,0 +1,101 @@
+"""``edgekit fleet collect`` composed in one place: the fleet service.
+
+It builds the store, the alert engine, the rollout controller and the MQTT collector that feeds
+them, then starts the ingest worker processes and the web server, and stops them in reverse. No
+part starts another: the collector only ingests and drives the alert and rollout ticks; the web
+routes and /metrics read this object through small Protocols (``web.Fleet``, ``metrics.Observed``).
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from device_agent.signing import load_public_key
+from edgekit.errors import EdgekitError
+from edgekit.fleet.alerts import AlertEngine, AlertRules, AlertSinks
+from edgekit.fleet.collector import Collector
+from edgekit.fleet.config import CollectorConfig
+from edgekit.fleet.rollouts import RolloutController
+from edgekit.fleet.store import SqliteStore
+
+
+class FleetService:
+    def __init__(
+        self,
+        config: CollectorConfig,
+        *,
+        alert_rules: AlertRules | None = None,
+        alert_sinks: AlertSinks | None = None,
+        store: SqliteStore | None = None,
+    ) -> None:
+        """Alerts run when ``alert_rules`` are given (``load_alert_config`` reads them from alerts.toml)."""
+        self.config = config
+        self.store = store or SqliteStore(config.db)
+        self.alerts = AlertEngine(self.store, alert_rules, alert_sinks or AlertSinks()) if alert_rules else None
+        self.rollouts = RolloutController(
+            self.store,
+            self._publish,
+            _bundle_dir(config),
+            self.http_url,
+            trusted_key=load_public_key(config.trust) if config.trust else None,
+        )
+        self.collector = Collector(config, store=self.store, alerts=self.alerts, rollouts=self.rollouts)
+        self.workers: Any = None
+        self.server: Any = None
+
+    ingestor = property(lambda self: self.collector.ingestor, doc="The collector's ingest counters (for /metrics).")
+
+    def start(self) -> FleetService:
+        self.collector.start()
+        if self.config.workers > 1:
+            from edgekit.fleet.workers import IngestWorkers
+
+            self.workers = IngestWorkers(self.config).start()
+        if self.config.http:
+            from edgekit.fleet.web import COLLECTOR_LIMITS, serve
+
+            self.server = serve(
+                self,
+                self.config.http,
+                limits=COLLECTOR_LIMITS.with_values(self.config.http_limits),
+                tls_cert=self.config.tls_cert,
+                tls_key=self.config.tls_key,
+            )
+        return self
+
+    def stop(self) -> None:
+        if self.workers is not None:
+            self.workers.stop()
+        if self.server is not None:
+            self.server.shutdown()
+        self.collector.stop()  # last: it closes the store
+
+    def drain(self) -> int:
+        """Store what the collector has received so far (the demo and tests read the store next)."""
+        return self.collector.drain()
+
+    def _publish(self, topic: str, payload: bytes, retain: bool = False) -> bool:
+        return self.collector.publish(topic, payload, retain)
+
+    def http_url(self) -> str:
+        """The base URL devices download bundles from: ``public_url``, else the web server's address."""
+        if self.config.public_url:
+            return self.config.public_url
+        if self.server is None:
+            raise EdgekitError(
+                "the collector serves no HTTP, so devices cannot download bundles",
+                "run it with --http host:port (and --public-url if devices see another address)",
+            )
+        host, port = self.server.server_address[:2]
+        return f"{self.server.scheme}://{'127.0.0.1' if host in ('0.0.0.0', '') else host}:{port}"
+
+
+def _bundle_dir(config: CollectorConfig) -> Path:
+    """Where uploaded bundles are kept: ``bundle_dir``, else beside the database, else a temporary directory."""
+    if config.bundle_dir:
+        return Path(config.bundle_dir)
+    if config.db != ":memory:":
+        return Path(str(Path(config.db).with_suffix("")) + "-bundles")
+    return Path(tempfile.mkdtemp(prefix="edgekit-bundles-"))
