@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 import time
@@ -132,41 +133,31 @@ def collect(
         raise click.UsageError("--tls-cert and --tls-key go together: give both PEM files to serve HTTPS, or neither")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     rules, sinks = load_alert_config(alerts_file)
-    allowed = None
-    if devices_file:
-        with open(devices_file) as handle:
-            allowed = frozenset(line.strip() for line in handle if line.strip() and not line.startswith("#"))
-    import os
-
-    collector = FleetService(
-        CollectorConfig(
-            broker=broker,
-            db=db,
-            http=http or None,
-            group=group,
-            client_id=client_id,
-            allowed_devices=allowed,
-            trust=trust,
-            bundle_dir=bundle_dir,
-            public_url=public_url,
-            api_token=os.environ.get("EDGEKIT_COLLECTOR_TOKEN"),
-            workers=workers,
-            http_limits=_http_limits(http_limits),
-            tls_cert=tls_cert,
-            tls_key=tls_key,
-        ),
-        alert_rules=rules,
-        alert_sinks=sinks,
+    config = CollectorConfig(
+        broker=broker,
+        db=db,
+        http=http or None,
+        group=group,
+        client_id=client_id,
+        allowed_devices=_known_devices(devices_file),
+        trust=trust,
+        bundle_dir=bundle_dir,
+        public_url=public_url,
+        api_token=os.environ.get("EDGEKIT_COLLECTOR_TOKEN"),
+        workers=workers,
+        http_limits=_http_limits(http_limits),
+        tls_cert=tls_cert,
+        tls_key=tls_key,
     )
-    collector.start()
+    collector = FleetService(config, alert_rules=rules, alert_sinks=sinks).start()
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    address = collector.server.server_address[:2] if collector.server else None
+    server = collector.server
     click.echo(
         f"collecting from {broker} into {db}"
         + (f" with {workers} processes" if workers > 1 else "")
-        + (f"; dashboard at {collector.server.scheme}://{address[0]}:{address[1]}/" if address else "")
+        + (f"; dashboard at {server.scheme}://{server.server_address[0]}:{server.server_address[1]}/" if server else "")
     )
     stop.wait(duration)
     collector.stop()
@@ -363,3 +354,11 @@ def _http_limits(pairs: tuple[str, ...]) -> dict[str, float]:
     except (ValueError, TypeError) as exc:
         raise click.BadParameter(str(exc), param_hint="--http-limit") from None
     return {name: float(value) for name, value in values.items()}
+
+
+def _known_devices(path: str | None) -> frozenset[str] | None:
+    """``--devices-file``: one device id a line, ``#`` comments; None without the option (any device)."""
+    if not path:
+        return None
+    with open(path) as handle:
+        return frozenset(line.strip() for line in handle if line.strip() and not line.startswith("#"))
