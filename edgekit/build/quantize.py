@@ -160,29 +160,9 @@ def quantize(
         source_path, output_path = Path(tmp, "float.onnx"), Path(tmp, "int8.onnx")
         onnx.save(lowered, source_path)
         try:
-            if config.mode == "dynamic":
-                quantization.quantize_dynamic(
-                    source_path,
-                    output_path,
-                    per_channel=config.per_channel,
-                    weight_type=getattr(quantization.QuantType, TYPES[config.weight_type]),
-                    nodes_to_exclude=exclude,
-                    extra_options=extra,
-                )
-            else:
-                reader = _CalibrationReader(lowered.graph.input[0].name, calibration, progress)
-                quantization.quantize_static(
-                    source_path,
-                    output_path,
-                    reader,
-                    quant_format=quantization.QuantFormat.QDQ,
-                    per_channel=config.per_channel,
-                    activation_type=getattr(quantization.QuantType, TYPES[config.activation_type]),
-                    weight_type=getattr(quantization.QuantType, TYPES[config.weight_type]),
-                    calibrate_method=getattr(quantization.CalibrationMethod, CALIBRATION_METHODS[config.calibration]),
-                    nodes_to_exclude=exclude,
-                    extra_options=extra,
-                )
+            _run_quantizer(
+                quantization, config, lowered, source_path, output_path, exclude, extra, calibration, progress
+            )
         except Exception as exc:  # the quantizer raises bare RuntimeError/AssertionError/ValueError
             raise QuantizationError(
                 f"onnxruntime.quantization failed ({config.label}): {_first_line(exc)}",
@@ -199,6 +179,43 @@ def quantize(
     pin(result, target, source=source)
     copy_metadata(proto, result)
     return result
+
+
+def _run_quantizer(
+    quantization: Any,
+    config: QuantConfig,
+    lowered: Any,
+    source_path: Path,
+    output_path: Path,
+    exclude: list[str],
+    extra: dict[str, Any],
+    calibration: np.ndarray | None,
+    progress: Progress | None,
+) -> None:
+    """One call of onnxruntime.quantization for ``config``: dynamic, or static QDQ on the calibration rows."""
+    if config.mode == "dynamic":
+        quantization.quantize_dynamic(
+            source_path,
+            output_path,
+            per_channel=config.per_channel,
+            weight_type=getattr(quantization.QuantType, TYPES[config.weight_type]),
+            nodes_to_exclude=exclude,
+            extra_options=extra,
+        )
+        return
+    reader = _CalibrationReader(lowered.graph.input[0].name, calibration, progress)
+    quantization.quantize_static(
+        source_path,
+        output_path,
+        reader,
+        quant_format=quantization.QuantFormat.QDQ,
+        per_channel=config.per_channel,
+        activation_type=getattr(quantization.QuantType, TYPES[config.activation_type]),
+        weight_type=getattr(quantization.QuantType, TYPES[config.weight_type]),
+        calibrate_method=getattr(quantization.CalibrationMethod, CALIBRATION_METHODS[config.calibration]),
+        nodes_to_exclude=exclude,
+        extra_options=extra,
+    )
 
 
 class _CalibrationReader:

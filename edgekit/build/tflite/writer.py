@@ -242,18 +242,8 @@ def write_int8(
         )
     b = _Builder()
     b.metadata = dict(metadata or {})
-    current = b.tensor(plan.input_name, [1, plan.width], "float32")
-    first, width = current, plan.width
-    for index, step in enumerate(plan.steps[:first_fc]):  # preprocessing stays float
-        out = b.tensor(f"{step.name or step.kind}{index}/out", [1, width], "float32")
-        constant = b.tensor(
-            f"{step.name or step.kind}{index}/constant",
-            list(step.constant.shape),
-            "float32",
-            step.constant.astype(np.float32),
-        )
-        b.op(FLOAT_OPS[step.kind], [current, constant], [out])
-        current = out
+    first, width = b.tensor(plan.input_name, [1, plan.width], "float32"), plan.width
+    current = _float_preprocessing(b, plan.steps[:first_fc], first, width)
     source = record[first_fc - 1] if first_fc else np.asarray(calibration, dtype=np.float32)
     scale, zero = _calibrated_range(source)
     quantized = b.tensor("quantized_input", [1, width], "int8", quant=(scale, zero))
@@ -287,6 +277,21 @@ def write_int8(
     b.op("DEQUANTIZE", [current], [output], 2)
     label = b.label_output(logits, labels) if logits is not None else None
     return b.finish([first], [output] + ([label] if label is not None else []), "edgekit int8")
+
+
+def _float_preprocessing(b: _Builder, steps: list[Step], current: int, width: int) -> int:
+    """The elementwise scaling before the first dense layer, kept in float32; the tensor it ends in."""
+    for index, step in enumerate(steps):
+        out = b.tensor(f"{step.name or step.kind}{index}/out", [1, width], "float32")
+        constant = b.tensor(
+            f"{step.name or step.kind}{index}/constant",
+            list(step.constant.shape),
+            "float32",
+            step.constant.astype(np.float32),
+        )
+        b.op(FLOAT_OPS[step.kind], [current, constant], [out])
+        current = out
+    return current
 
 
 def _int8_fc(b: _Builder, step: Step, current: int, in_scale: float, observed: np.ndarray) -> tuple[int, float, int]:
