@@ -154,32 +154,8 @@ def _append(plan: Plan, node: Any, attrs: dict[str, Any], constants: dict[str, n
             Step(ELEMENTWISE[op], constant=constant.reshape(-1) if constant.ndim > 1 else constant, name=node.name)
         )
         return
-    if op == "Gemm":
-        weights = constants[node.input[1]].astype(np.float32) * float(attrs.get("alpha", 1.0))
-        weights = weights if attrs.get("transB", 0) else weights.T
-        if attrs.get("transA", 0):
-            raise ConversionError("Gemm with transA is not supported", "use --target onnx", path=source)
-        bias = (
-            constants[node.input[2]].astype(np.float32).reshape(-1) * float(attrs.get("beta", 1.0))
-            if len(node.input) > 2 and node.input[2]
-            else np.zeros(weights.shape[0], np.float32)
-        )
-        plan.steps.append(
-            Step(
-                "fc",
-                weights=np.ascontiguousarray(weights),
-                bias=np.broadcast_to(bias, (weights.shape[0],)).copy(),
-                name=node.name,
-            )
-        )
-        return
-    if op == "MatMul":
-        weights = constants[node.input[1]].astype(np.float32).T
-        plan.steps.append(
-            Step(
-                "fc", weights=np.ascontiguousarray(weights), bias=np.zeros(weights.shape[0], np.float32), name=node.name
-            )
-        )
+    if op in ("Gemm", "MatMul"):
+        plan.steps.append(_dense_step(node, attrs, constants, source))
         return
     if op in ACTIVATIONS:
         kind = ACTIVATIONS[op]
@@ -202,6 +178,26 @@ def _append(plan: Plan, node: Any, attrs: dict[str, Any], constants: dict[str, n
         "use --target onnx",
         path=source,
     )
+
+
+def _dense_step(node: Any, attrs: dict[str, Any], constants: dict[str, np.ndarray], source: str) -> Step:
+    """Gemm or MatMul with constant weights as one fully connected step (weights as output x input)."""
+    if node.op_type == "MatMul":
+        weights = constants[node.input[1]].astype(np.float32).T
+        return Step(
+            "fc", weights=np.ascontiguousarray(weights), bias=np.zeros(weights.shape[0], np.float32), name=node.name
+        )
+    weights = constants[node.input[1]].astype(np.float32) * float(attrs.get("alpha", 1.0))
+    weights = weights if attrs.get("transB", 0) else weights.T
+    if attrs.get("transA", 0):
+        raise ConversionError("Gemm with transA is not supported", "use --target onnx", path=source)
+    bias = (
+        constants[node.input[2]].astype(np.float32).reshape(-1) * float(attrs.get("beta", 1.0))
+        if len(node.input) > 2 and node.input[2]
+        else np.zeros(weights.shape[0], np.float32)
+    )
+    bias = np.broadcast_to(bias, (weights.shape[0],)).copy()
+    return Step("fc", weights=np.ascontiguousarray(weights), bias=bias, name=node.name)
 
 
 def _to_rows(node: Any, constants: dict[str, np.ndarray]) -> bool:
