@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -107,28 +108,7 @@ def register(cli: click.Group) -> None:
     "--opset", type=int, default=DEFAULT_OPSET, show_default=True, help="ai.onnx opset for scikit-learn conversion."
 )
 @json_option
-def convert(
-    model,
-    output,
-    quantize,
-    calibration,
-    evaluation,
-    names_from,
-    label,
-    max_accuracy_drop,
-    min_agreement,
-    mode,
-    per_channel,
-    activation_type,
-    weight_type,
-    calibrate_method,
-    force,
-    prefer,
-    target_format,
-    min_runtime,
-    opset,
-    as_json,
-):
+def convert(model, output, quantize, target_format, as_json, **flags):
     """Convert a scikit-learn model or ONNX file to ONNX or TFLite, optionally int8.
 
     A scikit-learn estimator or Pipeline (joblib or pickle: loading one runs its code, so load only
@@ -146,52 +126,21 @@ def convert(
           --eval test.csv --max-accuracy-drop 0.01 -o model.int8.onnx
       edgekit convert model.joblib --target tflite --quantize int8 --calibration train.npz -o model.tflite
     """
-    suffix = Path(output).suffix.lower()
-    if suffix in (".onnx", ".tflite") and suffix != f".{target_format}":
-        raise CommandError(
-            f"-o {output} ends in {suffix} but --target is {target_format}; "
-            f"end it in .{target_format}, or pass --target {suffix[1:]}"
-        )
-    options = None
-    needs_quantize = [
-        flag
-        for flag, value in (
-            ("--max-accuracy-drop", max_accuracy_drop),
-            ("--min-agreement", min_agreement),
-            ("--mode", mode),
-            ("--force", force),
-            ("--per-channel/--per-tensor", per_channel),
-            ("--prefer", prefer),
-        )
-        if value not in (None, False)
-    ]
-    if needs_quantize and not quantize:
-        raise CommandError(f"{', '.join(needs_quantize)} only apply with --quantize int8; add it, or drop them")
-    if quantize:
-        options = QuantizeOptions(
-            mode=mode,
-            per_channel=per_channel,
-            activation_type=activation_type,
-            weight_type=weight_type,
-            calibration_method=calibrate_method,
-            max_accuracy_drop=max_accuracy_drop,
-            min_agreement=min_agreement,
-            force=force,
-            prefer=prefer or "size",
-        )
+    _check_extension(output, target_format)
+    options = _quantize_options(quantize, **{key: flags[key] for key in QUANTIZE_FIELDS})
     progress = BarProgress(enabled=not as_json)
     try:
         outcome = convert_model(
             model,
             output,
             quantize=options,
-            calibration=calibration,
-            evaluation=evaluation,
-            label=label,
-            target=RuntimeTarget(min_runtime=min_runtime, opset=opset),
+            calibration=flags["calibration"],
+            evaluation=flags["evaluation"],
+            label=flags["label"],
+            target=RuntimeTarget(min_runtime=flags["min_runtime"], opset=flags["opset"]),
             progress=progress,
             target_format=target_format,
-            names_from=names_from,
+            names_from=flags["names_from"],
         )
     finally:
         progress.finish()
@@ -200,6 +149,49 @@ def convert(
     else:
         _render(outcome)
     exit_with(0 if outcome.passed else EXIT_THRESHOLD)
+
+
+def _check_extension(output: str, target_format: str) -> None:
+    suffix = Path(output).suffix.lower()
+    if suffix in (".onnx", ".tflite") and suffix != f".{target_format}":
+        raise CommandError(
+            f"-o {output} ends in {suffix} but --target is {target_format}; "
+            f"end it in .{target_format}, or pass --target {suffix[1:]}"
+        )
+
+
+def _quantize_options(quantize: str | None, **flags: Any) -> QuantizeOptions | None:
+    """The search's options from the flags; a flag that only means something with --quantize is refused without it."""
+    needs_quantize = [flag for key, flag in _ONLY_WITH_QUANTIZE.items() if flags[key] not in (None, False)]
+    if needs_quantize and not quantize:
+        raise CommandError(f"{', '.join(needs_quantize)} only apply with --quantize int8; add it, or drop them")
+    if not quantize:
+        return None
+    fields = {QUANTIZE_FIELDS[key]: value for key, value in flags.items()}
+    return QuantizeOptions(**{**fields, "prefer": flags["prefer"] or "size"})
+
+
+# The click parameters of the int8 search, and the QuantizeOptions field each one sets.
+QUANTIZE_FIELDS = {
+    "mode": "mode",
+    "per_channel": "per_channel",
+    "activation_type": "activation_type",
+    "weight_type": "weight_type",
+    "calibrate_method": "calibration_method",
+    "max_accuracy_drop": "max_accuracy_drop",
+    "min_agreement": "min_agreement",
+    "force": "force",
+    "prefer": "prefer",
+}
+# Those that mean something only with --quantize, as the user types them (in this order in the message).
+_ONLY_WITH_QUANTIZE = {
+    "max_accuracy_drop": "--max-accuracy-drop",
+    "min_agreement": "--min-agreement",
+    "mode": "--mode",
+    "force": "--force",
+    "per_channel": "--per-channel/--per-tensor",
+    "prefer": "--prefer",
+}
 
 
 def _render(outcome) -> None:
