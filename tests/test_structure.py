@@ -100,3 +100,26 @@ def test_no_upward_arrow(lower, upper):
 def test_no_module_is_a_monolith():
     long = {name: n for name, path in MODULES.items() if (n := len(path.read_text().splitlines())) > MAX_MODULE_LINES}
     assert not long, long
+
+
+MAX_FUNCTION_LINES = 60
+
+
+def test_no_function_is_a_monolith():
+    long = [
+        f"{name}.{node.name} ({node.end_lineno - node.lineno + 1} lines)"
+        for name, path in MODULES.items()
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+        and node.end_lineno - node.lineno + 1 > MAX_FUNCTION_LINES
+    ]
+    assert not long, long
+
+
+def test_the_sqlite_store_provides_what_each_consumer_names():
+    from edgekit.fleet.store import CollectorStore, FleetStore, RolloutStore, SqliteStore
+
+    for protocol in (FleetStore, CollectorStore, RolloutStore):
+        wanted = {n for base in protocol.__mro__ if base.__module__ == protocol.__module__ for n in vars(base)}
+        missing = sorted(n for n in wanted if not n.startswith("_") and not hasattr(SqliteStore, n))
+        assert not missing, (protocol.__name__, missing)

@@ -22,7 +22,7 @@ from device_agent.protocol import Topics, command_payload, encode, fleet_filter
 from edgekit.errors import require
 from edgekit.fleet.config import CollectorConfig, parse_broker_url
 from edgekit.fleet.ingest import Ingestor, Message
-from edgekit.fleet.store import SqliteStore
+from edgekit.fleet.store import CollectorStore, SqliteStore
 
 log = logging.getLogger("edgekit.fleet")
 BATCH_MAX = 1000
@@ -46,7 +46,7 @@ class Collector:
         self,
         config: CollectorConfig,
         *,
-        store: SqliteStore | None = None,
+        store: CollectorStore | None = None,
         alerts: Any = None,
         rollouts: Any = None,
     ) -> None:

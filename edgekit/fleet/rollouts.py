@@ -49,7 +49,7 @@ from edgekit.fleet.rollout_spec import (
     parse_duration,
     parse_waves,
 )
-from edgekit.fleet.store import SqliteStore
+from edgekit.fleet.store import RolloutStore
 
 TERMINAL = ("aborted", "succeeded", "failed")  # a rollout in one of these is finished
 FAILED_DEVICE_STATES = ("failed", "rolled_back")
@@ -57,7 +57,7 @@ FAILED_DEVICE_STATES = ("failed", "rolled_back")
 
 @dataclass
 class RolloutController:
-    store: SqliteStore
+    store: RolloutStore
     publish: Callable[[str, bytes, bool], bool]  # (topic, payload, retain) -> sent
     bundle_dir: Path
     public_url: Callable[[], str]

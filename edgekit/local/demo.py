@@ -137,26 +137,11 @@ def _fleet(
     keep_serving: bool,
     say: Say,
 ) -> tuple[list[dict], list[dict], dict | None]:
-    from edgekit.fleet.alerts import AlertRules, AlertSinks
-    from edgekit.fleet.config import CollectorConfig
-    from edgekit.fleet.service import FleetService
-
     local = start_local_broker(workdir / "broker", prefer="amqtt" if broker == "amqtt" else "mosquitto")
     collector = fleet = None
     try:
         say(f"[5/8] broker: {local.kind} at {local.url}")
-        collector = FleetService(
-            CollectorConfig(
-                broker=local.url,
-                db=str(workdir / "fleet.db"),
-                http="127.0.0.1:0",
-                client_id=f"edgekit-demo-{local.port}",
-                trust=str(public),
-            ),
-            alert_rules=AlertRules(drift_windows=2, offline_seconds=3600),
-            alert_sinks=AlertSinks(log=False),
-        )
-        collector.start()
+        collector = _fleet_service(workdir, public, local.url, local.port).start()
         dashboard = f"http://127.0.0.1:{collector.server.server_address[1]}/"
         configs = prepare_devices(
             devices=devices,
@@ -187,45 +172,7 @@ def _fleet(
             collector.drain()
             collector.alerts.evaluate()
             status, alerts = collector.store.status(), collector.store.alerts(open_only=True)
-            say("[8/8] final fleet status: (the emulated devices were stopped first, so their last windows are in)")
-            from edgekit.text import table
-
-            say(
-                table(
-                    [
-                        [
-                            d["device"],
-                            "online" if d["online"] else "stopped",
-                            f"{d['model']} v{d['model_version']}",
-                            d["windows"],
-                            d["rows"],
-                            "DRIFTED" if d["drifted"] else "no",
-                            d["worst_feature"] or "-",
-                            d["missing_seqs"],
-                        ]
-                        for d in status
-                    ],
-                    ["device", "state", "model", "windows", "rows", "drift", "worst feature", "missing"],
-                )
-            )
-            say(
-                "open alerts: "
-                + ("; ".join(f"{a['rule']} {a['device']} {a['subject']}: {a['message']}" for a in alerts) or "none")
-            )
-            if rollout is not None:
-                say(
-                    f"rollout {rollout['id']}: {rollout['state']} ({rollout['reason']}); "
-                    f"see {dashboard}rollouts/{rollout['id']}"
-                )
-            say(
-                f"dashboard: {dashboard} (fleet table, per-device drift, fleet-wide drift at {dashboard}drift, "
-                f"rollouts at {dashboard}rollouts); "
-                + (
-                    "it stays up until Ctrl-C"
-                    if keep_serving
-                    else "it closes with the demo: pass --keep-serving to browse it afterwards"
-                )
-            )
+            _final_report(status, alerts, rollout, dashboard, keep_serving, say)
             if keep_serving:
                 say("serving the dashboard until Ctrl-C")
                 stop.wait()
@@ -236,6 +183,68 @@ def _fleet(
         if collector is not None:
             collector.stop()
         local.stop()
+
+
+def _fleet_service(workdir: Path, public: Path, broker_url: str, broker_port: int):
+    """The demo's collector: its dashboard on a free port, alerts after 2 drifted windows, the demo key trusted."""
+    from edgekit.fleet.alerts import AlertRules, AlertSinks
+    from edgekit.fleet.config import CollectorConfig
+    from edgekit.fleet.service import FleetService
+
+    config = CollectorConfig(
+        broker=broker_url,
+        db=str(workdir / "fleet.db"),
+        http="127.0.0.1:0",
+        client_id=f"edgekit-demo-{broker_port}",
+        trust=str(public),
+    )
+    return FleetService(
+        config, alert_rules=AlertRules(drift_windows=2, offline_seconds=3600), alert_sinks=AlertSinks(log=False)
+    )
+
+
+def _final_report(
+    status: list[dict], alerts: list[dict], rollout: dict | None, dashboard: str, keep_serving: bool, say: Say
+) -> None:
+    from edgekit.text import table
+
+    say("[8/8] final fleet status: (the emulated devices were stopped first, so their last windows are in)")
+    say(
+        table(
+            [
+                [
+                    d["device"],
+                    "online" if d["online"] else "stopped",
+                    f"{d['model']} v{d['model_version']}",
+                    d["windows"],
+                    d["rows"],
+                    "DRIFTED" if d["drifted"] else "no",
+                    d["worst_feature"] or "-",
+                    d["missing_seqs"],
+                ]
+                for d in status
+            ],
+            ["device", "state", "model", "windows", "rows", "drift", "worst feature", "missing"],
+        )
+    )
+    say(
+        "open alerts: "
+        + ("; ".join(f"{a['rule']} {a['device']} {a['subject']}: {a['message']}" for a in alerts) or "none")
+    )
+    if rollout is not None:
+        say(
+            f"rollout {rollout['id']}: {rollout['state']} ({rollout['reason']}); "
+            f"see {dashboard}rollouts/{rollout['id']}"
+        )
+    say(
+        f"dashboard: {dashboard} (fleet table, per-device drift, fleet-wide drift at {dashboard}drift, "
+        f"rollouts at {dashboard}rollouts); "
+        + (
+            "it stays up until Ctrl-C"
+            if keep_serving
+            else "it closes with the demo: pass --keep-serving to browse it afterwards"
+        )
+    )
 
 
 ROLLOUT_SETTINGS = {

@@ -15,7 +15,17 @@ from edgekit.errors import StoreError
 from edgekit.fleet.store.schema import GAP_GRACE_SECONDS, MIGRATIONS
 from edgekit.fleet.store.sqlite import SqliteStore, SummaryRecord, alert_facts
 
-__all__ = ["FleetStore", "SqliteStore", "StoreError", "SummaryRecord", "alert_facts", "GAP_GRACE_SECONDS", "MIGRATIONS"]
+__all__ = [
+    "CollectorStore",
+    "FleetStore",
+    "RolloutStore",
+    "SqliteStore",
+    "StoreError",
+    "SummaryRecord",
+    "alert_facts",
+    "GAP_GRACE_SECONDS",
+    "MIGRATIONS",
+]
 
 
 class FleetStore(Protocol):
@@ -36,3 +46,53 @@ class FleetStore(Protocol):
     def status(self) -> list[dict[str, Any]]: ...
 
     def summaries(self, **selection: Any) -> Iterator[dict[str, Any]]: ...
+
+
+class CollectorStore(FleetStore, Protocol):
+    """What the collector needs past ingest: gap requests, the workers' watermark, closing."""
+
+    def gaps_to_request(self, now: float, *, retry_after: float = ..., limit: int = ...) -> dict[str, list[int]]: ...
+
+    def close(self) -> None: ...
+
+
+class RolloutStore(Protocol):
+    """What the rollout controller needs: the fleet table and its own records (``rollout_records.py``)."""
+
+    def status(self) -> list[dict[str, Any]]: ...
+
+    def add_bundle(self, record: dict[str, Any]) -> str | None: ...
+
+    def bundle(
+        self, *, sha256: str | None = None, name: str | None = None, version: int | None = None
+    ) -> dict[str, Any] | None: ...
+
+    def bundles(self) -> list[dict[str, Any]]: ...
+
+    def create_rollout(self, rollout: dict[str, Any], devices: list[tuple[str, int, int | None]]) -> str | None: ...
+
+    def transition_rollout(
+        self, rollout_id: str, allowed: dict[str, str], reason: str, now: float, *, terminal: Any
+    ) -> str | None: ...
+
+    def update_rollout(self, rollout_id: str, now: float, **columns: Any) -> None: ...
+
+    def running_rollouts(self) -> list[str]: ...
+
+    def rollout_ids(self, limit: int) -> list[str]: ...
+
+    def rollout(self, rollout_id: str) -> tuple[dict[str, Any], list[dict[str, Any]]] | None: ...
+
+    def set_rollout_device(
+        self,
+        rollout_id: str,
+        device: str,
+        state: str,
+        reason: str,
+        now: float,
+        *,
+        code: Any = None,
+        sent_at: Any = None,
+    ) -> None: ...
+
+    def record_rollout_report(self, report: dict[str, Any], facts: dict[str, Any], now: float) -> None: ...
