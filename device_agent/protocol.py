@@ -321,6 +321,25 @@ def _require(doc: dict[str, Any], fields: dict[str, type], prefix: str = "") -> 
             raise ProtocolError("field", f"{prefix}{name} is out of range")
 
 
+def desired_payload(*, rollout: str, action: str, name: str, version: int, **fields: Any) -> dict[str, Any]:
+    """What the fleet wants a device to run (``desired``, retained); ``check_desired`` says what each action needs:
+    ``url``, ``sha256``, ``size`` (and ``signature``, ``health``, ``shadow``) to install, ``from_version`` to revert,
+    ``instruction`` and ``instruction_signature`` to roll back."""
+    return {"schema": DESIRED_SCHEMA, "rollout": rollout, "action": action, "name": name, "version": version, **fields}
+
+
+def rollback_instruction(*, fleet: str, name: str, version: int, sha256: str, issued_at: float) -> dict[str, Any]:
+    """What the fleet's private key signs to let devices go *down* to ``version`` (devices check it themselves)."""
+    return {
+        "schema": ROLLBACK_SCHEMA,
+        "fleet": fleet,
+        "name": name,
+        "version": version,
+        "sha256": sha256,
+        "issued_at": issued_at,
+    }
+
+
 def check_desired(doc: dict[str, Any]) -> dict[str, Any]:
     """What the fleet wants this device to run (see docs/protocol.md, "Rollouts").
 

@@ -38,7 +38,14 @@ from typing import Any
 from device_agent.bundle import BUNDLE_SUFFIX, read_bundle
 from device_agent.canonical import canonical_json, sha256_hex
 from device_agent.errors import BundleError
-from device_agent.protocol import DESIRED_SCHEMA, ROLLBACK_SCHEMA, TERMINAL_UPDATE_STATES, Topics, encode
+from device_agent.protocol import (
+    ROLLBACK_SCHEMA,
+    TERMINAL_UPDATE_STATES,
+    Topics,
+    desired_payload,
+    encode,
+    rollback_instruction,
+)
 from device_agent.signing import verify_signature
 from edgekit.errors import RolloutConflict, RolloutError, RolloutNotFound
 from edgekit.fleet.rollout_spec import (
@@ -347,18 +354,17 @@ class RolloutController:
     def _send(self, rollout: dict[str, Any], device: dict[str, Any]) -> bool:
         spec = json.loads(rollout["spec"])
         bundle = self.bundle(sha256=rollout["sha256"])
-        doc: dict[str, Any] = {
-            "schema": DESIRED_SCHEMA,
-            "rollout": rollout["id"],
-            "action": rollout["kind"],
-            "name": rollout["name"],
-            "version": rollout["version"],
-            "url": f"{self.public_url().rstrip('/')}/bundles/{rollout['sha256']}",
-            "sha256": rollout["sha256"],
-            "size": bundle["size"],
-            "signature": bundle["signature"],
-            "health": {"seconds": spec["health_seconds"]},
-        }
+        doc = desired_payload(
+            rollout=rollout["id"],
+            action=rollout["kind"],
+            name=rollout["name"],
+            version=rollout["version"],
+            url=f"{self.public_url().rstrip('/')}/bundles/{rollout['sha256']}",
+            sha256=rollout["sha256"],
+            size=bundle["size"],
+            signature=bundle["signature"],
+            health={"seconds": spec["health_seconds"]},
+        )
         agreement, p99 = _rule_value(spec, "agreement"), _rule_value(spec, "p99_ms")
         if spec["shadow_rows"]:
             doc["shadow"] = {
@@ -384,14 +390,13 @@ class RolloutController:
                 continue
             if device["state"] in ("failed", "rolled_back", "aborted"):
                 continue  # it never moved, or has moved back already
-            doc = {
-                "schema": DESIRED_SCHEMA,
-                "rollout": rollout_id,
-                "action": "revert",
-                "name": rollout["name"],
-                "version": rollout["version"],
-                "from_version": device["from_version"] or 0,
-            }
+            doc = desired_payload(
+                rollout=rollout_id,
+                action="revert",
+                name=rollout["name"],
+                version=rollout["version"],
+                from_version=device["from_version"] or 0,
+            )
             self.publish(_desired_topic(rollout["fleet"], device["device"]), encode(doc), True)
 
     # -- reads -----------------------------------------------------------------------------------------
@@ -479,14 +484,13 @@ def sign_rollback(
     """The signed instruction ``rollout rollback`` sends: (instruction, base64 of the signature file)."""
     from edgekit.bundle.keys import sign
 
-    instruction = {
-        "schema": ROLLBACK_SCHEMA,
-        "fleet": fleet,
-        "name": name,
-        "version": version,
-        "sha256": sha256,
-        "issued_at": time.time() if issued_at is None else issued_at,
-    }
+    instruction = rollback_instruction(
+        fleet=fleet,
+        name=name,
+        version=version,
+        sha256=sha256,
+        issued_at=time.time() if issued_at is None else issued_at,
+    )
     return instruction, base64.b64encode(sign(canonical_json(instruction), key)).decode()
 
 
