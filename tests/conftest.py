@@ -125,6 +125,23 @@ class Cli:
         return self.runner.invoke(cli_for_tests(), [str(a) for a in args], env=env, catch_exceptions=False)
 
 
+@pytest.fixture(scope="session")
+def v4_bundle(digits, digits_onnx, keypair, tmp_path_factory):
+    """digits v4, signed by the test key: a newer bundle than ``bundle`` (v3)."""
+    from edgekit.bundle.package import build_bundle
+
+    path = tmp_path_factory.mktemp("v4u") / "digits-4.edgebundle"
+    build_bundle(
+        str(digits_onnx),
+        name="digits",
+        version=4,
+        baseline_path=str(digits.train),
+        key_path=str(keypair[0]),
+        output=str(path),
+    )
+    return path
+
+
 @pytest.fixture
 def cli() -> Cli:
     return Cli()

@@ -32,27 +32,11 @@ def run(capsys, *args):
     return code, out, err
 
 
-def test_install_and_verify_print_a_sentence_or_json(tmp_path, bundle, keypair, digits, digits_int8, cli, capsys):
+def test_install_and_verify_print_a_sentence_or_json(
+    tmp_path, bundle, v4_bundle, keypair, digits, digits_int8, cli, capsys
+):
     config = make_device(tmp_path / "dev", bundle, keypair[1], http=False)
-    newer = tmp_path / "digits-4.edgebundle"
-    assert (
-        cli(
-            "package",
-            digits_int8,
-            "--name",
-            "digits",
-            "--version",
-            "4",
-            "--baseline",
-            digits.train,
-            "--key",
-            keypair[0],
-            "-o",
-            newer,
-        ).exit_code
-        == 0
-    )
-    code, out, _ = run(capsys, "install", newer, "--config", config)
+    code, out, _ = run(capsys, "install", v4_bundle, "--config", config)
     assert code == 0 and out.startswith("installed digits v4 in ") and "{" not in out
     newest = tmp_path / "digits-5.edgebundle"
     cli(

@@ -115,22 +115,6 @@ def test_a_rotten_active_slot_falls_back_to_the_other(tmp_path, bundle, v4_bundl
     assert loaded.version == 4 and state.active_slot() == slot and "failed verification" in note
 
 
-@pytest.fixture(scope="module")
-def v4_bundle(digits, digits_onnx, keypair, tmp_path_factory):
-    from edgekit.bundle.package import build_bundle
-
-    path = tmp_path_factory.mktemp("v4u") / "digits-4.edgebundle"
-    build_bundle(
-        str(digits_onnx),
-        name="digits",
-        version=4,
-        baseline_path=str(digits.train),
-        key_path=str(keypair[0]),
-        output=str(path),
-    )
-    return path
-
-
 def _wait_report(agent, rollout, states=("succeeded", "failed", "rolled_back", "aborted"), timeout=30):
     deadline = time.time() + timeout
     while time.time() < deadline:
