@@ -27,6 +27,7 @@ from .monitor import ClosedWindow, Monitor
 from .predlog import PredictionLog
 from .protocol import Topics, baseline_payload, build_summary, encode, state_payload
 from .runtimes import Runtime, open_runtime
+from .schema import request_rows
 from .serving import LATENCY_BUCKETS_MS, PredictResult, Serving
 from .signing import load_public_key
 from .spool import Spool
@@ -246,7 +247,7 @@ class Agent:
             raise
         start = time.perf_counter()
         try:
-            prediction = serving.spec.interpret(serving.runtime.predict(X))
+            prediction = serving.spec.interpret(serving.runtime.predict(serving.schema.feed(X)))
         except AgentError as exc:
             self._failed(serving, X, "runtime", exc)
             raise
@@ -376,7 +377,7 @@ class Agent:
 
         try:
             doc = json.loads(payload)
-            result = self.predict(doc["instances"]).to_json()
+            result = self.predict(request_rows(doc)).to_json()
             result["request_id"] = doc.get("request_id")
         except (ValueError, KeyError, TypeError, AgentError) as exc:
             result = {"error": str(exc)}

@@ -34,7 +34,10 @@ from .profile import Profile
 from .schema import InputSchema
 from .signing import verify_signature
 
-BUNDLE_SCHEMA = "edgekit.bundle/1"
+# 2: the input schema may be typed columns, selftest.npz may hold one "input:<column>" array per
+# column, and the baseline is an edgekit.profile/2. Version-1 bundles (one numeric matrix) still load.
+BUNDLE_SCHEMA = "edgekit.bundle/2"
+READABLE_BUNDLE_SCHEMAS = ("edgekit.bundle/1", BUNDLE_SCHEMA)
 BUNDLE_SUFFIX = ".edgebundle"
 MANIFEST = "manifest.json"
 SIGNATURE = "signature"
@@ -177,11 +180,11 @@ def _parse_manifest(source: str, manifest_bytes: bytes) -> dict[str, Any]:
         raise BundleFormatError(
             source, "manifest.json is not valid JSON", "rebuild the bundle with 'edgekit package'"
         ) from exc
-    if not isinstance(manifest, dict) or manifest.get("schema") != BUNDLE_SCHEMA:
+    if not isinstance(manifest, dict) or manifest.get("schema") not in READABLE_BUNDLE_SCHEMAS:
         found = manifest.get("schema") if isinstance(manifest, dict) else None
         raise BundleFormatError(
             source,
-            f"manifest schema is {found!r}, this reader understands {BUNDLE_SCHEMA!r}",
+            f"manifest schema is {found!r}, this reader understands {' and '.join(map(repr, READABLE_BUNDLE_SCHEMAS))}",
             "upgrade edgekit on this side, or repackage",
         )
     for key in ("name", "version", "runtime", "input", "output", "files"):

@@ -195,7 +195,9 @@ def _predict(args: argparse.Namespace) -> int:
     bundle = StateDir(config.state_dir).active_bundle(load_public_key(config.public_key))
     rows = _read_rows(args, bundle.input_schema)
     runtime = open_runtime(bundle.model_format, bundle.model_bytes, threads=config.threads, source=bundle.path)
-    _write_predictions(bundle.output_spec.interpret(runtime.predict(rows)), bundle.output_spec.labels)
+    _write_predictions(
+        bundle.output_spec.interpret(runtime.predict(bundle.input_schema.feed(rows))), bundle.output_spec.labels
+    )
     return 0
 
 
@@ -207,7 +209,7 @@ def _read_rows(args: argparse.Namespace, schema) -> np.ndarray:
     if not Path(args.data).is_file():
         raise InputError(f"no such file: {args.data}", "give the path of a .csv with a header row or an .npz with X")
     try:
-        X, _, names = read_table(args.data, args.label)
+        X, _, names = read_table(args.data, args.label, columns=schema.columns)
     except (TableError, OSError) as exc:
         raise InputError(f"{args.data}: {exc}") from exc
     try:

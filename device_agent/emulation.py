@@ -65,11 +65,11 @@ class EmulationConfig:
 class Feeder:
     def __init__(self, agent: Any, config: EmulationConfig) -> None:
         self.agent, self.config = agent, config
+        schema = agent.schema
         try:
-            X, _, names = read_table(config.data)
+            X, _, names = read_table(config.data, columns=schema.columns)
         except (TableError, OSError) as exc:
             raise ConfigError(config.data, f"cannot be read as emulation data ({exc})") from exc
-        schema = agent.schema
         if names is not None and set(names) == set(schema.feature_names):
             X = X[:, [names.index(n) for n in schema.feature_names]]
         if X.shape[1] != schema.width:
@@ -78,7 +78,8 @@ class Feeder:
                 f"has {X.shape[1]} columns, the model takes {schema.width}",
                 "emulate with data for this model's features",
             )
-        self.rows = np.ascontiguousarray(X, dtype=np.float32)
+        self.rows = X if schema.columns is not None else np.ascontiguousarray(X, dtype=np.float32)
+        self.kinds = schema.kinds
         self.drift_column = None
         if config.drift_feature is not None:
             if config.drift_feature not in schema.feature_names:
@@ -91,6 +92,17 @@ class Feeder:
         self.sent = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="edgekit-feeder", daemon=True)
+
+    def _drift(self, batch: np.ndarray, shifted: np.ndarray, rng: np.random.Generator) -> None:
+        """Shift a numeric column by ``drift_shift``; in a categorical column, give that share of the
+        rows (``drift_shift`` between 0 and 1) a category the model never saw, "unseen"."""
+        column, shift = self.drift_column, self.config.drift_shift
+        if self.kinds[column] == "categorical":
+            batch[shifted & (rng.random(len(batch)) < shift), column] = "unseen"
+        elif batch.dtype == object:
+            batch[shifted, column] = batch[shifted, column].astype(np.float64) + shift
+        else:
+            batch[shifted, column] += shift
 
     def start(self) -> Feeder:
         self._thread.start()
@@ -113,8 +125,7 @@ class Feeder:
             position = (position + due) % len(order)
             batch = self.rows[index].copy()
             if self.drift_column is not None:
-                shifted = self.sent + np.arange(due) >= self.config.drift_after
-                batch[shifted, self.drift_column] += self.config.drift_shift
+                self._drift(batch, self.sent + np.arange(due) >= self.config.drift_after, rng)
             try:
                 self.agent.predict(batch)
             except Exception:  # refused rows, a failing model or a bug: logged, and the traffic keeps flowing

@@ -78,6 +78,8 @@ class OutputSpec:
                 probabilities = probabilities.reshape(len(probabilities), -1)
         if self.label_output is not None:
             labels = raw[self.label_output].ravel()
+            if probabilities is not None and len(self.labels) == probabilities.shape[1] > 1:
+                labels = _ties_to_the_first_class(labels, probabilities, self.labels)
         else:
             # A bare scores tensor: the label is the class with the highest score.
             labels = (
@@ -88,3 +90,22 @@ class OutputSpec:
             if self.labels and all(isinstance(c, int) for c in self.labels):
                 labels = labels.astype(np.int64)
         return Prediction(labels=labels, probabilities=probabilities)
+
+
+TIE = 1e-6  # classes whose probabilities differ by less are tied (float32 sums of votes differ by ~1e-7)
+
+
+def _ties_to_the_first_class(labels: np.ndarray, probabilities: np.ndarray, classes: tuple[Any, ...]) -> np.ndarray:
+    """Labels with ties given to the first of the tied classes, as scikit-learn's ``argmax`` does.
+
+    A forest's probability is a share of votes, so two classes often tie exactly (15 of 30 trees);
+    onnxruntime sums the votes in float32 and can give the tie to either class. Only tied rows change."""
+    near = probabilities >= probabilities.max(axis=1, keepdims=True) - TIE
+    tied = near.sum(axis=1) > 1
+    if not tied.any():
+        return labels
+    labels = labels.copy()
+    labels[tied] = np.asarray(classes, dtype=labels.dtype if labels.dtype != object else object)[
+        near[tied].argmax(axis=1)
+    ]
+    return labels

@@ -30,7 +30,10 @@ from .monitor import ClosedWindow
 from .profile import Profile
 
 TOPIC_ROOT = "edgekit/v1"
-SUMMARY_SCHEMA = "edgekit.summary/1"
+# 2: quality gains unseen_rate; a categorical column's compact sketch is [counts, nulls, unseen]
+# (per-column shares: column_quality). Collectors read version 1 too.
+SUMMARY_SCHEMA = "edgekit.summary/2"
+READABLE_SUMMARY_SCHEMAS = ("edgekit.summary/1", SUMMARY_SCHEMA)
 STATE_SCHEMA = "edgekit.state/1"
 BASELINE_SCHEMA = "edgekit.baseline/1"
 COMMAND_SCHEMA = "edgekit.cmd/1"
@@ -113,8 +116,9 @@ except ImportError:  # the device and a plain install use the standard library
     _JSON_ERRORS = (ValueError, UnicodeDecodeError)
 
 
-def decode(data: bytes, schema: str) -> dict[str, Any]:
-    """Parse a payload and check its schema field; raise ``ProtocolError`` with a reason otherwise."""
+def decode(data: bytes, schema: str | tuple[str, ...]) -> dict[str, Any]:
+    """Parse a payload and check its schema field (one, or any of several readable versions);
+    raise ``ProtocolError`` with a reason otherwise."""
     if len(data) > MAX_PAYLOAD_BYTES:
         raise ProtocolError("size", f"payload of {len(data)} bytes is over the {MAX_PAYLOAD_BYTES}-byte limit")
     try:
@@ -123,7 +127,7 @@ def decode(data: bytes, schema: str) -> dict[str, Any]:
         raise ProtocolError("json", f"payload is not JSON ({exc})") from exc
     if not isinstance(doc, dict):
         raise ProtocolError("json", "payload is not a JSON object")
-    if doc.get("schema") != schema:
+    if doc.get("schema") not in ((schema,) if isinstance(schema, str) else schema):
         raise ProtocolError("schema", f"payload schema is {doc.get('schema')!r}, expected {schema!r}")
     return doc
 
@@ -208,7 +212,12 @@ def _predictions(profile: Profile) -> dict[str, Any]:
 
 
 def _quality(profile: Profile) -> dict[str, Any]:
+    """Data quality of the window, in totals. ``unseen_rate`` is the highest share of rows, in any
+    categorical column, holding a value the baseline never saw (an alert rule watches it). Per-column
+    shares are not repeated here: ``column_quality`` derives them from the compact profile, which
+    carries every column's missing, unseen and out-of-range counts already."""
     numeric = [s for s in profile.features if s.kind == "numeric"]
+    categorical = [s for s in profile.features if s.kind == "categorical"]
     nulls = sum(s.nulls for s in profile.features)
     cells = profile.rows * max(1, len(profile.features))
     return {
@@ -216,7 +225,27 @@ def _quality(profile: Profile) -> dict[str, Any]:
         "infs": int(sum(s.infs for s in numeric)),
         "out_of_range": int(sum(s.counts[0] + s.counts[-1] for s in numeric)),
         "null_rate": nulls / cells if cells else 0.0,
+        "unseen_rate": _short(max((s.unseen / profile.rows for s in categorical if profile.rows), default=0.0)),
     }
+
+
+def column_quality(compact: dict[str, Any], names: list[str]) -> dict[str, dict[str, float]]:
+    """Per column, the shares of a window's rows that are missing, unseen (categorical columns) or
+    out of the baseline's range (numeric columns), from a summary's compact ``profile`` and the
+    baseline's column names; columns with nothing to report are left out."""
+    rows = max(1, int(compact.get("rows") or 0))
+    found: dict[str, dict[str, float]] = {}
+    for name, values in zip(names, compact.get("features", []), strict=False):
+        counts, nulls = values[0], values[1]
+        shares = {"null_rate": nulls / rows}
+        if len(values) == 3:  # categorical: [counts, nulls, unseen]
+            shares["unseen_rate"] = values[2] / rows
+        elif len(values) == 7 and counts:  # numeric: the first and last bins are outside the baseline's range
+            shares["out_of_range_rate"] = (counts[0] + counts[-1]) / rows
+        shown = {k: round(v, 4) for k, v in shares.items() if v}
+        if shown:
+            found[name] = shown
+    return found
 
 
 def _latency(latencies: np.ndarray) -> dict[str, Any]:
@@ -275,7 +304,7 @@ def check_summary(doc: dict[str, Any]) -> dict[str, Any]:
     if doc["drift"].get("drifted") not in (True, False, None):
         raise ProtocolError("field", "drift.drifted must be true, false or null")
     _optional(doc["drift"], {"worst_feature": str, "prediction": dict}, "drift.")
-    _optional(doc["quality"], {"null_rate": (int, float)}, "quality.")
+    _optional(doc["quality"], {"null_rate": (int, float), "unseen_rate": (int, float)}, "quality.")
     _optional(doc["latency"], {"p99_ms": (int, float)}, "latency.")
     if not all(isinstance(v, int) and not isinstance(v, bool) for v in doc["errors"].values()):
         raise ProtocolError("field", "errors must map kinds to counts")

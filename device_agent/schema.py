@@ -14,15 +14,20 @@ from typing import Any
 
 import numpy as np
 
+from .columns import Column, ColumnChecker, rows_from_columnar
 from .errors import InputError, SchemaError
 
 SUPPORTED_DTYPES = ("float32", "float64", "int64", "int32")
+MATRIX, COLUMNS = "matrix", "columns"
 
 
 @dataclass(frozen=True)
 class InputSchema:
-    """Name, dtype and width of the model's single tabular input.
+    """What the model takes: one numeric matrix, or typed columns.
 
+    The *matrix* layout (``columns`` is None) is one ``[rows, features]`` input of one ``dtype``: the
+    fast path of an all-numeric model. The *columns* layout is one input per named, typed column
+    (``device_agent.columns``): a DataFrame pipeline with string, integer and float columns.
     ``allow_nan`` is true only when the model itself handles missing values (an imputer in the
     graph); otherwise a NaN would silently become a confident wrong answer.
     """
@@ -32,9 +37,35 @@ class InputSchema:
     dtype: str = "float32"
     allow_nan: bool = False
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
+    columns: tuple[Column, ...] | None = None
+
+    @classmethod
+    def of_columns(cls, columns: Sequence[Column]) -> InputSchema:
+        columns = tuple(columns)
+        return cls(
+            input_name="",
+            feature_names=tuple(c.name for c in columns),
+            dtype="float64",
+            allow_nan=any(c.nullable for c in columns),
+            columns=columns,
+        )
+
+    @property
+    def layout(self) -> str:
+        return MATRIX if self.columns is None else COLUMNS
+
+    @property
+    def kinds(self) -> tuple[str, ...]:
+        """Each column's kind (numeric or categorical); a matrix is numeric throughout."""
+        return tuple(c.kind for c in self.columns) if self.columns else ("numeric",) * self.width
+
+    def feed(self, rows: np.ndarray) -> np.ndarray | dict[str, np.ndarray]:
+        """Checked rows as the runtime takes them: the matrix itself, or one array per column."""
+        return rows if self.columns is None else self._checker.feed(rows)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "_np_dtype", np.dtype(self.dtype))
+        object.__setattr__(self, "_checker", ColumnChecker(self.columns) if self.columns else None)
         if self.dtype not in SUPPORTED_DTYPES:
             raise SchemaError(
                 f"input dtype {self.dtype!r} is not supported",
@@ -51,16 +82,24 @@ class InputSchema:
         return len(self.feature_names)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        doc = {
             "input_name": self.input_name,
             "feature_names": list(self.feature_names),
             "dtype": self.dtype,
             "shape": [None, self.width],
             "allow_nan": self.allow_nan,
         }
+        if self.columns is not None:  # written only for typed columns: a matrix schema reads as it always did
+            doc.update(layout=COLUMNS, columns=[c.to_dict() for c in self.columns])
+        return doc
 
     @classmethod
     def from_dict(cls, doc: dict[str, Any]) -> InputSchema:
+        layout = doc.get("layout", MATRIX)
+        if layout == COLUMNS:
+            return cls.of_columns([Column.from_dict(c) for c in doc["columns"]])
+        if layout != MATRIX:
+            raise SchemaError(f"input layout {layout!r} is not one this agent reads", "upgrade the agent")
         return cls(
             input_name=doc["input_name"],
             feature_names=tuple(doc["feature_names"]),
@@ -69,7 +108,18 @@ class InputSchema:
         )
 
     def check(self, rows: Any, *, source: str = "input") -> np.ndarray:
-        """Return ``rows`` as a 2-D array of the schema's dtype, or raise ``InputError`` naming the first problem."""
+        """Return ``rows`` as a 2-D array of the schema's dtype (an object array of checked cells for
+        typed columns), or raise ``InputError`` naming the first problem.
+
+        Rows come as lists in the schema's order, objects keyed by column name, the columnar form
+        (one list per column name), a 2-D array, or a DataFrame (any object with ``to_dict("list")``
+        and ``columns``: device_agent never imports pandas)."""
+        if hasattr(rows, "columns") and hasattr(rows, "to_dict") and not isinstance(rows, dict):
+            rows = {str(k): v for k, v in rows.to_dict("list").items()}
+        if isinstance(rows, dict) and rows and all(isinstance(v, list) for v in rows.values()):
+            rows = rows_from_columnar(rows, self.feature_names, source)
+        if self.columns is not None:
+            return self._check_columns(rows, source)
         if (
             isinstance(rows, np.ndarray)
             and rows.ndim == 2
@@ -96,6 +146,14 @@ class InputSchema:
         if array.dtype.kind == "f":
             _check_finite(array, self, source)
         return array
+
+    def _check_columns(self, rows: Any, source: str) -> np.ndarray:
+        if isinstance(rows, dict):
+            example = f"[{{{_preview_keys(self.feature_names)}}}]"
+            raise InputError(f"{source} is one object, not a list of rows", f"send a list of rows: {example}")
+        if isinstance(rows, (list, tuple)) and rows and isinstance(rows[0], dict):
+            rows = self._rows_from_objects(rows, source)
+        return self._checker.check(rows, source)
 
     def _rows_from_objects(self, rows: Sequence[Any], source: str) -> list[list[Any]]:
         """Rows sent as objects keyed by feature name, as lists in the schema's order.
@@ -262,3 +320,18 @@ def _preview_keys(names: Sequence[str], limit: int = 2) -> str:
 def _preview(names: Sequence[str], limit: int = 4) -> str:
     shown = ", ".join(names[:limit])
     return shown + (", …" if len(names) > limit else "")
+
+
+def request_rows(body: Any) -> Any:
+    """The rows of a KServe v1 request: ``instances`` (rows: lists in schema order or objects keyed by
+    column name) or ``inputs`` (the same, or the columnar form: one list per column name). HTTP and
+    MQTT streaming both read requests with this."""
+    if not isinstance(body, dict):
+        raise InputError("the body is not a JSON object", 'send {"instances": [[...], ...]}')
+    instances = body.get("instances", body.get("inputs"))
+    if instances is None:
+        raise InputError(
+            "the body has no 'instances' (or 'inputs')",
+            'send {"instances": [[...], ...]} or {"inputs": {"column": [...], ...}}',
+        )
+    return instances

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from .config import AgentConfig, ServerConfig
 from .errors import AgentError, ConfigError, InputError, ServeError
 from .metrics import Observed, render_metrics
+from .schema import request_rows
 from .serving import PredictResult
 from .wsgi import HttpError, Request, Response, error_response, json_response, wsgi_app
 
@@ -102,16 +103,21 @@ def route(agent: Served, config: ServerConfig, request: Request) -> Response:
 
 
 def _predict(agent: Served, config: ServerConfig, body: dict[str, Any]) -> dict[str, Any]:
-    instances = body.get("instances", body.get("inputs"))
-    if instances is None:
-        raise InputError("the body has no 'instances'", 'send {"instances": [[...], ...]}')
-    if isinstance(instances, list) and len(instances) > config.max_rows:
+    instances = request_rows(body)
+    rows = _row_count(instances)
+    if rows > config.max_rows:
         raise HttpError(
             413,
-            f"the request has {len(instances)} rows, over the limit of {config.max_rows} ([server] max_rows); "
+            f"the request has {rows} rows, over the limit of {config.max_rows} ([server] max_rows); "
             "send smaller batches",
         )
     return agent.predict(instances).to_json()
+
+
+def _row_count(instances: Any) -> int:
+    if isinstance(instances, dict):  # columnar: the longest column
+        return max((len(v) for v in instances.values() if isinstance(v, list)), default=0)
+    return len(instances) if isinstance(instances, list) else 0
 
 
 def _feedback(agent: Served, body: dict[str, Any]) -> dict[str, Any]:

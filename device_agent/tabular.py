@@ -1,8 +1,13 @@
-"""Reading tabular files (``.npz`` and ``.csv``): the one reader the host and the device share.
+"""Reading tabular files (``.npz``, ``.csv``, ``.parquet``): the one reader the host and the device share.
 
 ``.npz`` holds ``X`` (rows × features), optionally ``y`` and ``feature_names``; ``.csv`` has a header
 row, numbers in every feature cell (empty, NA, NaN, null and ? are missing values) and an optional
 label column: ``label`` argument, else a column named ``label``, ``target`` or ``y``.
+
+For a model of typed columns (``columns``), each cell is read as its column's type says, never
+guessed from the text: "007" in a string column stays "007", and in a string column only the
+empty field is missing ("NA" is Namibia). The rows are then an object array, as ``columns.py``
+describes. ``.parquet`` needs pyarrow (the ``parquet`` extra) and keeps its own types.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .columns import Column
 from .errors import InputError
 
 LABEL_COLUMN_GUESSES = ("label", "target", "y")
@@ -24,17 +30,28 @@ class TableError(InputError):
 
 
 def read_table(
-    path: str | Path, label: str | None = None, raw: bytes | None = None
+    path: str | Path,
+    label: str | None = None,
+    raw: bytes | None = None,
+    *,
+    columns: Sequence[Column] | None = None,
 ) -> tuple[np.ndarray, np.ndarray | None, tuple[str, ...] | None]:
-    """``(X, y, feature_names)`` from an .npz or .csv file; ``TableError`` says what is wrong."""
+    """``(X, y, feature_names)`` from an .npz, .csv or .parquet file; ``TableError`` says what is wrong.
+
+    ``columns``: the model's typed columns, which say how to read each cell (X is then an object array)."""
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix == ".npz":
+        if columns:
+            raise TableError("is an .npz, which holds numbers only", "give the typed columns as a .csv or .parquet")
         return _read_npz(path, label)
     if suffix in (".csv", ".txt"):
-        return _read_csv(path, path.read_bytes() if raw is None else raw, label)
+        return _read_csv(path, path.read_bytes() if raw is None else raw, label, columns)
+    if suffix in (".parquet", ".pq"):
+        return _read_parquet(path, label, columns)
     raise TableError(
-        f"unknown data file type {suffix or '(none)'!r}", "give a .npz with X (and y) or a .csv with a header row"
+        f"unknown data file type {suffix or '(none)'!r}",
+        "give a .npz with X (and y), a .csv with a header row, or a .parquet file",
     )
 
 
@@ -59,7 +76,9 @@ def _read_npz(path: Path, label: str | None) -> tuple[np.ndarray, np.ndarray | N
     return X.astype(np.float32), normalise_labels(y), names
 
 
-def _read_csv(path: Path, raw: bytes, label: str | None) -> tuple[np.ndarray, np.ndarray | None, tuple[str, ...]]:
+def _read_csv(
+    path: Path, raw: bytes, label: str | None, columns: Sequence[Column] | None = None
+) -> tuple[np.ndarray, np.ndarray | None, tuple[str, ...]]:
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
@@ -92,14 +111,110 @@ def _read_csv(path: Path, raw: bytes, label: str | None) -> tuple[np.ndarray, np
     if not rows:
         raise TableError("has a header but no rows", "add data rows")
     feature_columns = [i for i in range(len(header)) if i != label_index]
-    X = np.empty((len(rows), len(feature_columns)), dtype=np.float32)
-    for r, row in enumerate(rows):
-        for c, column in enumerate(feature_columns):
-            X[r, c] = _parse_number(path, row[column], r + 2, header[column])
+    if columns:
+        X = _typed_cells(rows, [header[i] for i in feature_columns], feature_columns, columns)
+    else:
+        X = np.empty((len(rows), len(feature_columns)), dtype=np.float32)
+        for r, row in enumerate(rows):
+            for c, column in enumerate(feature_columns):
+                X[r, c] = _parse_number(path, row[column], r + 2, header[column])
     y = None
     if label_index is not None:
         y = normalise_labels(np.asarray([row[label_index].strip() for row in rows], dtype=object))
     return X, y, tuple(header[i] for i in feature_columns)
+
+
+def _typed_cells(
+    rows: list[list[str]], names: list[str], positions: list[int], columns: Sequence[Column]
+) -> np.ndarray:
+    """CSV cells read by their column's type; a column the model does not know stays text (the
+    column-order check refuses it, naming it)."""
+    by_name = {c.name: c for c in columns}
+    X = np.empty((len(rows), len(names)), dtype=object)
+    for c, (name, position) in enumerate(zip(names, positions, strict=True)):
+        column = by_name.get(name)
+        parse = _CELL_PARSERS[column.dtype] if column else str
+        for r, row in enumerate(rows):
+            try:
+                X[r, c] = parse(row[position])
+            except ValueError:
+                what = {"int64": "a whole number", "bool": "true or false"}.get(column.dtype, "a number")
+                raise TableError(
+                    f"line {r + 2} column {name!r} holds {row[position]!r}, not {what}",
+                    f"fix that cell: the model reads {name!r} as {column.dtype}",
+                ) from None
+    return X
+
+
+def _number_cell(cell: str) -> float:
+    cell = cell.strip()
+    return math.nan if cell.lower() in _MISSING else float(cell)
+
+
+def _integer_cell(cell: str) -> float | int:
+    value = _number_cell(cell)
+    if math.isnan(value):
+        return value
+    if not value.is_integer():
+        raise ValueError(cell)
+    return int(value)
+
+
+def _bool_cell(cell: str) -> float | bool:
+    text = cell.strip().lower()
+    if text in _MISSING:
+        return math.nan
+    if text in ("true", "1", "yes"):
+        return True
+    if text in ("false", "0", "no"):
+        return False
+    raise ValueError(cell)
+
+
+def _string_cell(cell: str) -> str | None:
+    return cell if cell != "" else None  # only the empty field: "NA", "null" may be real categories
+
+
+_CELL_PARSERS = {
+    "float32": _number_cell,
+    "float64": _number_cell,
+    "int64": _integer_cell,
+    "bool": _bool_cell,
+    "string": _string_cell,
+}
+
+
+def _read_parquet(
+    path: Path, label: str | None, columns: Sequence[Column] | None
+) -> tuple[np.ndarray, np.ndarray | None, tuple[str, ...]]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise TableError("is Parquet, and pyarrow is not installed", "pip install 'edgekit-ml[parquet]'") from None
+    try:
+        data = pq.read_table(path).to_pydict()
+    except Exception as exc:  # pyarrow's ArrowInvalid and OSError share no useful base
+        raise TableError(f"is not a readable Parquet file ({exc})", "write it with DataFrame.to_parquet") from exc
+    header = list(data)
+    label_index = _label_index(path, header, label)
+    names = [n for i, n in enumerate(header) if i != label_index]
+    y = normalise_labels(np.asarray(data[header[label_index]], dtype=object)) if label_index is not None else None
+    if columns:
+        X = np.empty((len(data[header[0]]) if header else 0, len(names)), dtype=object)
+        for c, name in enumerate(names):
+            X[:, c] = [math.nan if v is None and _numeric(columns, name) else v for v in data[name]]
+        return X, y, tuple(names)
+    try:
+        X = np.asarray([[math.nan if v is None else v for v in data[n]] for n in names], dtype=np.float32).T
+    except (TypeError, ValueError):
+        raise TableError(
+            "has non-numeric columns", "encode them as numbers, or convert a model that takes them"
+        ) from None
+    return X.reshape(-1, len(names)), y, tuple(names)
+
+
+def _numeric(columns: Sequence[Column], name: str) -> bool:
+    return any(c.name == name and c.dtype != "string" for c in columns)
 
 
 def _label_index(path: Path, header: list[str], label: str | None) -> int | None:

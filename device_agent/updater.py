@@ -359,7 +359,9 @@ class Updater:
                 X, answered, latency_ms = queue.popleft()
                 start = time.perf_counter()
                 try:
-                    prediction = candidate.spec.interpret(candidate.runtime.predict(X))
+                    # the live model's checked rows, checked again for the candidate (its dtype may differ)
+                    rows_in = candidate.schema.feed(candidate.schema.check(X, source="shadow"))
+                    prediction = candidate.spec.interpret(candidate.runtime.predict(rows_in))
                     scores = prediction.scores
                     if scores is not None and scores.dtype.kind == "f" and not np.isfinite(scores).all():
                         raise ModelError(candidate.bundle.path, candidate.runtime.name, "answered NaN")
@@ -492,7 +494,8 @@ def run_selftest(bundle: Bundle, runtime: Any) -> dict[str, Any]:
     vectors = bundle.selftest()
     if vectors is None:
         return {"rows": 0, "note": "the bundle has no selftest.npz"}
-    inputs = vectors["inputs"]
+    # one matrix, or (typed columns) one "input:<column>" array per fed column
+    inputs = vectors["inputs"] if "inputs" in vectors else {k[6:]: v for k, v in vectors.items() if k[:6] == "input:"}
     try:
         raw = runtime.predict(inputs)
     except AgentError as exc:

@@ -142,6 +142,52 @@ def v4_bundle(digits, digits_onnx, keypair, tmp_path_factory):
     return path
 
 
+@dataclass(frozen=True)
+class Churn:
+    """The typed tabular fixture (edgekit/local/churn.py), converted, and packaged as churn v1."""
+
+    directory: Path
+    rf: Path  # the scikit-learn pipelines
+    hgb: Path
+    rf_onnx: Path
+    hgb_onnx: Path
+    train_csv: Path
+    test_csv: Path
+    bundle: Path
+
+
+@pytest.fixture(scope="session")
+def churn(keypair, tmp_path_factory) -> Churn:
+    from edgekit.build.convert import convert_model
+    from edgekit.bundle.package import build_bundle
+    from edgekit.local.churn import make_churn
+
+    directory = tmp_path_factory.mktemp("churn")
+    paths = {k: Path(v) for k, v in make_churn(directory).items()}
+    for name in ("rf", "hgb"):
+        convert_model(str(paths[f"churn_{name}"]), str(directory / f"churn_{name}.onnx"))
+    bundle = directory / "churn-1.edgebundle"
+    build_bundle(
+        str(directory / "churn_rf.onnx"),
+        name="churn",
+        version=1,
+        baseline_path=str(paths["train_csv"]),
+        label="label",
+        key_path=str(keypair[0]),
+        output=str(bundle),
+    )
+    return Churn(
+        directory,
+        paths["churn_rf"],
+        paths["churn_hgb"],
+        directory / "churn_rf.onnx",
+        directory / "churn_hgb.onnx",
+        paths["train_csv"],
+        paths["test_csv"],
+        bundle,
+    )
+
+
 @pytest.fixture
 def cli() -> Cli:
     return Cli()

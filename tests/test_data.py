@@ -41,7 +41,8 @@ def test_npz_with_names(tmp_path):
         ("d.csv", "", None, "empty or has no header"),
         ("d.csv", "a,b\n", None, "header but no rows"),
         ("d.csv", "a,b\n1,2\n", "label", "has no column 'label'"),
-        ("d.parquet", "x", None, "unknown data file type '.parquet'"),
+        ("d.xlsx", "x", None, "unknown data file type '.xlsx'"),
+        ("d.parquet", "x", None, "is not a readable Parquet file"),
         ("d.npz", "not a zip", None, "not a readable .npz"),
     ],
 )

@@ -155,3 +155,26 @@ def test_an_untested_window_neither_opens_nor_closes_drift(fleet):
     feed(ingestor, summary(BASE, "d1", 3, rows=20))  # the flush of a stopping agent: below min_rows, no verdict
     engine.evaluate(now=1.7e9)
     assert ("drift", "f0") in rules_of(store)
+
+
+def test_unseen_categories_open_an_alert_per_column_and_close_when_they_stop(fleet, tmp_path):
+    """Known categories moving (IN -> BR) are drift, not news of unseen values; 10 % of rows with a country
+    the baseline never saw opens an unseen_rate alert on that column, which closes when they stop."""
+    from tests.tabular_helpers import typed_baseline, typed_summary
+
+    store, ingestor = fleet
+    base = typed_baseline()
+    engine = AlertEngine(store, AlertRules(), AlertSinks(log=False))
+    feed(ingestor, typed_summary(base, "d1", 1, shift=0.5))
+    assert not [c for c in engine.evaluate(now=1.7e9) if c["rule"] == "unseen_rate"]
+    feed(ingestor, typed_summary(base, "d1", 2, unseen=0.1))
+    (opened,) = [c for c in engine.evaluate(now=1.7e9) if c["rule"] == "unseen_rate"]
+    assert opened["subject"] == "country" and opened["evidence"]["column"] == "country"
+    assert opened["evidence"]["unseen_rate"] == pytest.approx(0.1, abs=0.03) and opened["evidence"]["seq"] == 2
+    assert "country value the baseline never saw" in opened["message"]
+    feed(ingestor, typed_summary(base, "d1", 3, unseen=0.01))
+    assert [(c["state"], c["subject"]) for c in engine.evaluate(now=1.7e9)] == [("closed", "country")]
+    path = tmp_path / "alerts.toml"
+    path.write_text("[rules]\nunseen_rate_max = 0.2\n")
+    feed(ingestor, typed_summary(base, "d1", 4, unseen=0.1))
+    assert AlertEngine(store, load_alert_config(path)[0], AlertSinks(log=False)).evaluate(now=1.7e9) == []

@@ -250,3 +250,58 @@ def test_the_summary_watermark_names_devices_stored_by_another_process(file_stor
     feed(Ingestor(other), summary(BASE, "d1", 1), summary(BASE, "d3", 1))  # a redelivery is not news
     assert store.devices_with_summaries_after(mark)[0] == {"d3"}
     other.close()
+
+
+def test_unseen_category_rates_are_kept_for_the_alert_rules(store):
+    """A typed window's unseen rate and the columns holding unseen values are in its alert facts; an
+    ``edgekit.summary/1`` window (no unseen_rate) and a numeric model's read as 0."""
+    from tests.tabular_helpers import typed_baseline, typed_summary
+
+    ingestor = Ingestor(store)
+    v1 = json.loads(summary(BASE, "d1", 1)[1])
+    v1["schema"] = "edgekit.summary/1"
+    v1["quality"].pop("unseen_rate")
+    outcome = feed(
+        ingestor,
+        ("edgekit/v1/f/d1/summary", json.dumps(v1).encode()),
+        summary(BASE, "d2", 1),
+        typed_summary(typed_baseline(), "d3", 1, unseen=0.1),
+    )
+    assert outcome["stored"] == 3
+    for device in ("d1", "d2"):
+        facts = store.recent_facts(device, 1)[0]
+        assert (facts["unseen_rate"], facts["unseen_columns"]) == (0.0, {})
+    facts = store.recent_facts("d3", 1)[0]
+    assert facts["unseen_rate"] == pytest.approx(0.1, abs=0.03)
+    assert facts["unseen_columns"] == {"country": pytest.approx(facts["unseen_rate"], abs=1e-4)}
+
+
+def test_rows_stored_before_unseen_rates_existed_read_as_zero(file_store):
+    feed(Ingestor(file_store), summary(BASE, "d1", 1))
+    file_store.db.execute("UPDATE summaries SET facts = json_remove(facts, '$.unseen_rate', '$.unseen_columns')")
+    assert "unseen_rate" not in file_store.db.execute("SELECT facts FROM summaries").fetchone()[0]
+    facts = file_store.recent_facts("d1", 1)[0]
+    assert (facts["unseen_rate"], facts["unseen_columns"], facts["seq"]) == (0.0, {}, 1)
+
+
+def test_categorical_columns_merge_into_parts_against_the_baseline(store):
+    """Windows of a typed model merge per category; each column's rows split into the baseline's
+    categories, other, unseen and missing; each column's quality is its share of the merged rows."""
+    from edgekit.fleet.merge import device_columns
+    from tests.tabular_helpers import typed_baseline, typed_baseline_message, typed_summary
+
+    base, ingestor = typed_baseline(), Ingestor(store)
+    windows = [typed_summary(base, "d1", s, shift=0.5, unseen=0.1, missing=0.2) for s in (1, 2, 3)]
+    feed(ingestor, typed_baseline_message(base, "d1"), *windows)
+    unseen = sum(json.loads(payload)["profile"]["features"][1][2] for _, payload in windows)  # [counts, nulls, unseen]
+    (report,) = merged_drift(store, device="d1")
+    country = report["categories"]["country"]
+    assert country["labels"][-3:] == ["other", "unseen", "missing"] and "IN" in country["labels"]
+    assert sum(country["recent"]) == 1500 and country["recent"][-2] == unseen and country["baseline"][-3:] == [0, 0, 0]
+    assert report["drift"]["features"]["country"]["drifted"] is True and "amount" not in report["categories"]
+    columns = device_columns(store, list(store.summaries(device="d1")))
+    assert (columns["windows"], columns["rows"]) == (3, 1500)
+    assert [c["column"] for c in columns["categories"]] == ["country", "plan"]
+    assert columns["kinds"] == {"amount": "numeric", "country": "categorical", "plan": "categorical"}
+    assert columns["quality"]["plan"]["null_rate"] == pytest.approx(0.2, abs=0.03)
+    assert columns["quality"]["country"] == {"null_rate": 0.0, "unseen_rate": unseen / 1500}

@@ -14,7 +14,7 @@ import numpy as np
 
 from device_agent.bundle import read_bundle
 from device_agent.profile import Profile
-from device_agent.protocol import BASELINE_SCHEMA, SUMMARY_SCHEMA, check_summary, decode
+from device_agent.protocol import BASELINE_SCHEMA, READABLE_SUMMARY_SCHEMAS, check_summary, decode
 from device_agent.runtimes import open_runtime
 from device_agent.signing import load_public_key
 from edgekit.fleet.ingest import Ingestor, Message
@@ -38,7 +38,7 @@ def test_a_version_1_bundle_verifies_loads_and_predicts(digits):
 
 
 def test_version_1_baseline_and_summary_messages_are_checked_stored_and_merged():
-    summary = decode((FORMATS / "summary-message.json").read_bytes(), SUMMARY_SCHEMA)
+    summary = decode((FORMATS / "summary-message.json").read_bytes(), READABLE_SUMMARY_SCHEMAS)
     assert check_summary(summary)["seq"] == 1
     assert decode((FORMATS / "baseline-message.json").read_bytes(), BASELINE_SCHEMA)["device"] == "dev1"
     store = SqliteStore(":memory:")
@@ -51,4 +51,4 @@ def test_version_1_baseline_and_summary_messages_are_checked_stored_and_merged()
     assert outcome["stored"] == 1, outcome
     (report,) = merged_drift(store, device="dev1")
     assert report["windows"] == 1 and "f0" in report["drift"]["features"]
-    assert json.loads((FORMATS / "summary-message.json").read_text())["schema"] == SUMMARY_SCHEMA
+    assert json.loads((FORMATS / "summary-message.json").read_text())["schema"] == "edgekit.summary/1"

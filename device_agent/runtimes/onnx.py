@@ -47,11 +47,12 @@ class OnnxRuntime:
         self.input_names = [i.name for i in self._session.get_inputs()]
         self.output_names = [o.name for o in self._session.get_outputs()]
 
-    def predict(self, rows: np.ndarray) -> dict[str, np.ndarray]:
+    def predict(self, rows: np.ndarray | dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run the model on one matrix (its single input) or on a feed of named inputs (typed columns)."""
         if self._session is None:
             raise ModelError(self.source, "onnxruntime", "has no model loaded", "call load() first")
         try:
-            values = self._session.run(None, {self.input_names[0]: rows})
+            values = self._session.run(None, rows if isinstance(rows, dict) else {self.input_names[0]: rows})
         except Exception as exc:
             raise ModelError(self.source, "onnxruntime", f"failed to run: {_first_line(exc)}") from exc
         return dict(zip(self.output_names, values, strict=True))

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from edgekit.build.booster_export import precision_notes
 from edgekit.build.onnx_export import sample_rows, serialize, to_onnx
 from edgekit.build.quant_search import PREFER, SearchOutcome, candidate_configs, search
 from edgekit.build.quantize import ensure_quantizable
@@ -89,9 +90,10 @@ def convert_model(
         raise DataError(
             "--calibration and --eval are used only with --quantize int8", "add --quantize int8, or drop them"
         )
-    calibration_set = load_dataset(calibration, label=label) if calibration else None
-    eval_set = load_dataset(evaluation, label=label) if evaluation else None
-    names_set = load_dataset(names_from, label=label) if names_from else None
+    columns = model.input.columns
+    calibration_set = load_dataset(calibration, label=label, columns=columns) if calibration else None
+    eval_set = load_dataset(evaluation, label=label, columns=columns) if evaluation else None
+    names_set = load_dataset(names_from, label=label, columns=columns) if names_from else None
     for dataset in (names_set, calibration_set, eval_set):
         model.input = adopt_feature_names(model.input, dataset)
     if names_set is not None:
@@ -104,7 +106,7 @@ def convert_model(
     if quantize is None:
         data = serialize(fp32)
         write_bytes_atomic(output, data)
-        return ConvertOutcome(source, output, len(data))
+        return ConvertOutcome(source, output, len(data), notes=precision_notes(fp32))  # booster_export.py
     calibration_rows = _rows(calibration_set, model) if calibration_set else None
     plan = _search_plan(model, quantize, calibration_rows, eval_set, evaluation)
     outcome = search(

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from edgekit.build.graph_passes import lower_for_quantization
-from edgekit.build.quantize import _quiet_quantizer
+from edgekit.build.quantize import _quiet_quantizer, model_feed
 from edgekit.errors import require
 
 MAX_ROWS = 256
@@ -30,15 +30,14 @@ def layer_errors(float_proto: Any, qdq_proto: Any, rows: np.ndarray) -> list[dic
     debug = require("onnxruntime.quantization.qdq_loss_debug")
     onnx = require("onnx")
     float_proto = lower_for_quantization(float_proto)  # the QDQ model was built from the lowered graph
-    rows = np.ascontiguousarray(rows[:MAX_ROWS], dtype=np.float32)
-    input_name = float_proto.graph.input[0].name
+    feed = model_feed(float_proto, rows[:MAX_ROWS])
     with tempfile.TemporaryDirectory(prefix="edgekit-layers-") as tmp, _quiet_quantizer():
         activations = {}
         for label, proto in (("float", float_proto), ("qdq", qdq_proto)):
             source, augmented = Path(tmp, f"{label}.onnx"), Path(tmp, f"{label}.aug.onnx")
             onnx.save(proto, source)
             debug.modify_model_output_intermediate_tensors(source, augmented)
-            activations[label] = debug.collect_activations(str(augmented), _OneBatch(input_name, rows))
+            activations[label] = debug.collect_activations(str(augmented), _OneBatch(feed))
         matched = debug.create_activation_matching(activations["qdq"], activations["float"])
         errors = debug.compute_activation_error(matched)
     producers = {out: node for node in float_proto.graph.node for out in node.output}
@@ -90,8 +89,8 @@ def _finite(value: float) -> float:
 class _OneBatch:
     """The calibration-reader protocol collect_activations iterates over: here, a single batch."""
 
-    def __init__(self, input_name: str, rows: np.ndarray) -> None:
-        self._batches = iter([{input_name: rows}])
+    def __init__(self, feed: dict[str, np.ndarray]) -> None:
+        self._batches = iter([feed])
 
     def get_next(self):
         return next(self._batches, None)

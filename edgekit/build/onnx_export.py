@@ -29,7 +29,12 @@ from edgekit.models.targets import RuntimeTarget, pin
 def to_onnx(model: SklearnModel | OnnxModel, *, target: RuntimeTarget = RuntimeTarget()) -> Any:
     """The float32 ONNX model for ``model``, checked, pinned to ``target`` and stamped with metadata."""
     target.check()
-    if isinstance(model, SklearnModel):
+    from edgekit.build import booster_export  # XGBoost and LightGBM through onnxmltools: booster_export.py
+
+    if isinstance(model, booster_export.BoosterModel):
+        proto = booster_export.booster_to_onnx(model, target)
+        schema, spec, source = model.input, model.output, model.description
+    elif isinstance(model, SklearnModel):
         proto = _from_sklearn(model, target)
         schema, spec, source = model.input, model.output, f"scikit-learn {_describe_estimator(model.estimator)}"
     else:
@@ -44,17 +49,20 @@ def to_onnx(model: SklearnModel | OnnxModel, *, target: RuntimeTarget = RuntimeT
 
 def _from_sklearn(model: SklearnModel, target: RuntimeTarget) -> Any:
     skl2onnx = require("skl2onnx")
-    from skl2onnx.common.data_types import FloatTensorType
+    from edgekit.build.sklearn_exact import conversion_functions, initial_types
 
     opset = min(target.opset, skl2onnx.get_latest_tested_opset_version())
     options = {"zipmap": False} if model.output.task == CLASSIFICATION else None
-    initial_types = [("X", FloatTensorType([None, model.input.width]))]
+    from edgekit.build.booster_export import register_converters  # a final XGBoost/LightGBM step
+
+    register_converters(model.estimator, path=model.path)
     try:
         proto = skl2onnx.convert_sklearn(
             model.estimator,
-            initial_types=initial_types,
+            initial_types=initial_types(model.input),
             options=_options_for(model.estimator, options),
             target_opset={"": opset, "ai.onnx.ml": target.ml_opset},
+            custom_conversion_functions=conversion_functions(),
         )
     except Exception as exc:  # skl2onnx raises RuntimeError, NameError, MissingShapeCalculator... with no base
         raise ConversionError(

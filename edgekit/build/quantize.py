@@ -118,15 +118,23 @@ def ensure_quantizable(proto: Any, *, source: str = "model") -> None:
             operators=tuple(already),
         )
     lowered = lower_for_quantization(proto)
-    if quantizable_ops(lowered):
-        return
     ml_ops = sorted({n.op_type for n in lowered.graph.node if n.domain == "ai.onnx.ml"})
+    trees = [op for op in ml_ops if op.startswith("TreeEnsemble")]
+    # a forest behind a scaler has quantizable arithmetic, but int8 there would only blur the inputs
+    # its thresholds compare: the trees decide whether int8 can help
+    if quantizable_ops(lowered) and not trees:
+        return
     reason = (
         f"its work is done by {', '.join(ml_ops)} (ai.onnx.ml operators), "
         "which onnxruntime.quantization does not quantize"
         if ml_ops
         else f"it has no operator onnxruntime.quantization quantizes ({', '.join(sorted(QUANTIZABLE_OPS)[:4])}, …)"
     )
+    if trees:  # XGBoost, LightGBM, scikit-learn forests: say why int8 cannot help rather than that it is not done
+        reason = (
+            f"it is a tree ensemble ({', '.join(trees)}): it has no MatMul or Conv weights for int8 to shrink "
+            "or speed up, and thresholds compared in int8 would send rows down other branches"
+        )
     raise NotQuantizableError(
         f"cannot quantize to int8: {reason}",
         "keep it float32 (drop --quantize); tree ensembles and linear models are small and fast in float already",
@@ -203,7 +211,7 @@ def _run_quantizer(
             extra_options=extra,
         )
         return
-    reader = _CalibrationReader(lowered.graph.input[0].name, calibration, progress)
+    reader = _CalibrationReader(lowered, calibration, progress)
     quantization.quantize_static(
         source_path,
         output_path,
@@ -221,14 +229,14 @@ def _run_quantizer(
 class _CalibrationReader:
     """Feeds calibration rows to the quantizer in batches, reporting progress per batch."""
 
-    def __init__(self, input_name: str, rows: np.ndarray, progress: Progress | None) -> None:
-        rows = np.ascontiguousarray(rows[:MAX_CALIBRATION_ROWS], dtype=np.float32)
+    def __init__(self, proto: Any, rows: np.ndarray, progress: Progress | None) -> None:
+        rows = rows[:MAX_CALIBRATION_ROWS]
         # Equal batches: the histogram calibrators (entropy, percentile) stack per-batch outputs
         # and fail on a shorter last batch, so the remainder is dropped.
         if len(rows) > CALIBRATION_BATCH:
             rows = rows[: len(rows) // CALIBRATION_BATCH * CALIBRATION_BATCH]
         self._batches: Iterator[dict[str, np.ndarray]] = iter(
-            {input_name: rows[i : i + CALIBRATION_BATCH]} for i in range(0, len(rows), CALIBRATION_BATCH)
+            model_feed(proto, rows[i : i + CALIBRATION_BATCH]) for i in range(0, len(rows), CALIBRATION_BATCH)
         )
         self._progress = progress
 
@@ -240,6 +248,16 @@ class _CalibrationReader:
 
     def rewind(self) -> None:  # part of onnxruntime's CalibrationDataReader protocol; one pass is enough here
         pass
+
+
+def model_feed(proto: Any, rows: np.ndarray) -> dict[str, np.ndarray]:
+    """``rows`` as the model's inputs: its float32 matrix, or one array per typed column."""
+    from edgekit.models.loading import describe_onnx
+
+    schema = describe_onnx(proto)[0]
+    if schema.columns is not None:
+        return schema.feed(rows)
+    return {proto.graph.input[0].name: np.ascontiguousarray(rows, dtype=np.float32)}
 
 
 def calibration_steps(rows: int) -> int:

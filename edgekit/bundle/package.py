@@ -58,7 +58,7 @@ def build_bundle(
             f"run 'edgekit convert {model_path} -o model.onnx' first",
             path=model_path,
         )
-    baseline_data = load_dataset(baseline_path, label=label)
+    baseline_data = load_dataset(baseline_path, label=label, columns=model.input.columns)
     model.input = adopt_feature_names(model.input, baseline_data)
     baseline_data = baseline_data.aligned_to(model.input.feature_names)
     rows = model.input.check(baseline_data.X, source=baseline_path)
@@ -90,6 +90,7 @@ def _baseline_profile(model: Any, rows: Any) -> Any:
     return build_baseline(
         rows,
         model.input.feature_names,
+        kinds=model.input.kinds,
         labels=list(spec.labels) if spec.task == "classification" else None,
         predicted_labels=prediction.labels,
         probabilities=prediction.probabilities,
@@ -125,10 +126,14 @@ def _check_identity(name: str, version: int) -> None:
 def _selftest(model: OnnxModel | TfliteModel, rows: np.ndarray) -> bytes:
     """A few baseline rows and the model's own outputs on them, for the device's health check."""
     take = np.linspace(0, len(rows) - 1, num=min(SELFTEST_ROWS, len(rows))).round().astype(int)
-    inputs = np.ascontiguousarray(rows[take])
-    outputs = model.raw(inputs)
+    if model.input.columns is None:
+        inputs = {"inputs": np.ascontiguousarray(rows[take])}
+    else:  # typed columns: the feed itself, strings as unicode arrays (an .npz holds no objects)
+        feed = model.input.feed(rows[take])
+        inputs = {f"input:{k}": v.astype(str) if v.dtype == object else v for k, v in feed.items()}
+    outputs = model.raw(rows[take])
     buffer = io.BytesIO()
-    np.savez(buffer, inputs=inputs, **{f"output:{key}": np.asarray(value) for key, value in outputs.items()})
+    np.savez(buffer, **inputs, **{f"output:{key}": np.asarray(value) for key, value in outputs.items()})
     return buffer.getvalue()
 
 

@@ -131,9 +131,7 @@ def inspect(bundle, pubkey, as_json):
         f"model      {m['name']} v{m['version']}  ({_runtime_text(m['runtime'])})",
         f"created    {m['created']}",
         f"signature  {_signature_state(opened)}",
-        f"input      {schema['input_name']}: {schema['dtype']} [{len(schema['feature_names'])} features: "
-        f"{', '.join(schema['feature_names'][:6])}{', …' if len(schema['feature_names']) > 6 else ''}]  "
-        f"NaN {'allowed' if schema['allow_nan'] else 'refused'}",
+        f"input      {_input_text(schema)}",
         f"output     {output['task']}"
         + (
             f", labels {output['labels'][:10]}{' …' if len(output['labels']) > 10 else ''}"
@@ -221,3 +219,20 @@ def verify(bundle, pubkey, as_json):
             f"OK: {bundle} is {opened.name} v{opened.version}, signed by key {opened.signed_by}; "
             f"{len(opened.members)} members match their sha256"
         )
+
+
+def _input_text(schema: dict) -> str:
+    """One matrix (its dtype and first names), or typed columns (each with its type and whether it may be missing)."""
+    if schema.get("layout") == "columns":
+        shown = [
+            f"{c['name']} ({c['dtype']}{', categorical' if c['kind'] == 'categorical' else ''}"
+            f"{', may be missing' if c['nullable'] else ''}{', unused' if c.get('feed') is None else ''})"
+            for c in schema["columns"][:8]
+        ]
+        more = f", … {len(schema['columns']) - 8} more" if len(schema["columns"]) > 8 else ""
+        return f"{len(schema['columns'])} typed columns: {', '.join(shown)}{more}"
+    names = schema["feature_names"]
+    return (
+        f"{schema['input_name']}: {schema['dtype']} [{len(names)} features: "
+        f"{', '.join(names[:6])}{', …' if len(names) > 6 else ''}]  NaN {'allowed' if schema['allow_nan'] else 'refused'}"
+    )

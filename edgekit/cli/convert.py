@@ -112,7 +112,8 @@ def convert(model, output, quantize, target_format, as_json, **flags):
     """Convert a scikit-learn model or ONNX file to ONNX or TFLite, optionally int8.
 
     A scikit-learn estimator or Pipeline (joblib or pickle: loading one runs its code, so load only
-    files you trust) is converted whole with skl2onnx. With --quantize int8 the int8 model is kept
+    files you trust) is converted whole with skl2onnx; an XGBoost or LightGBM booster saved with
+    save_model (.json, .ubj, .txt) through onnxmltools. With --quantize int8 the int8 model is kept
     only if it is not slower than float32 here (unless --force) and not larger than float32 (unless
     --prefer speed); with --eval, every configuration is
     tried and the fastest within --max-accuracy-drop (and --min-agreement) is kept; when none is, the
@@ -121,6 +122,7 @@ def convert(model, output, quantize, target_format, as_json, **flags):
     \b
     Examples:
       edgekit convert model.joblib -o model.onnx
+      edgekit convert model.xgb.json -o model.onnx
       edgekit convert model.joblib --quantize int8 --calibration train.npz -o model.int8.onnx
       edgekit convert model.onnx --quantize int8 --calibration train.csv --label target \\
           --eval test.csv --max-accuracy-drop 0.01 -o model.int8.onnx

@@ -20,7 +20,7 @@ def register(cli: click.Group) -> None:
     "--reference",
     required=True,
     type=click.Path(dir_okay=False),
-    help="The model to compare against: scikit-learn (.joblib/.pkl) or ONNX.",
+    help="The model to compare against: scikit-learn (.joblib/.pkl), ONNX, or an XGBoost/LightGBM file.",
 )
 @click.option(
     "--data",

@@ -6,6 +6,7 @@ Rules (defaults; ``alerts.toml`` changes them)::
     drift_windows = 3          # a feature drifted in this many consecutive windows
     prediction_windows = 2     # the prediction distribution drifted in this many consecutive windows
     null_rate_max = 0.05       # share of missing input values in the latest window
+    unseen_rate_max = 0.05     # share of rows with a category the baseline never saw, per column, latest window
     p99_ms_max = 500.0         # latest window's p99 latency
     error_rate_max = 0.05      # refused or failed requests / all requests, latest window
     offline_seconds = 300      # offline (its last will, or a clean stop) for longer than this
@@ -51,6 +52,7 @@ class AlertRules:
     drift_windows: int = 3
     prediction_windows: int = 2
     null_rate_max: float = 0.05
+    unseen_rate_max: float = 0.05
     p99_ms_max: float = 500.0
     error_rate_max: float = 0.05
     offline_seconds: float = 300.0
@@ -126,6 +128,7 @@ class AlertEngine:
             latest = recent[0]
             holding.update(self._drift(tested))
             holding.update(self._latest_window(latest))
+            holding.update(self._unseen(latest))
             holding.update(self._accuracy(name, latest))
         offline_for = now - (device["last_seen"] or now)
         # Offline is what the device's last will says; silence alone is not (no traffic, no windows).
@@ -192,6 +195,25 @@ class AlertEngine:
             found[("error_rate", "requests")] = (
                 f"{errors / requests:.1%} of requests failed or were refused",
                 {**evidence, "errors": latest["errors"], "rows": latest["rows"]},
+            )
+        return found
+
+    def _unseen(self, latest: dict[str, Any]) -> dict[tuple[str, str], tuple[str, dict[str, Any]]]:
+        """One alert per categorical column whose share of never-seen values passed the limit: a new
+        country code in production is news for that column, and a second column going bad later
+        opens its own alert (and reaches the sinks) rather than refreshing the first one's."""
+        limit, evidence = self.rules.unseen_rate_max, {"seq": latest["seq"], "window": latest["window"]}
+        found = {}
+        for column, rate in sorted(latest["unseen_columns"].items()):
+            if rate > limit:
+                found[("unseen_rate", column)] = (
+                    f"{rate:.1%} of rows hold a {column} value the baseline never saw (limit {limit:.1%})",
+                    {**evidence, "column": column, "unseen_rate": rate, "columns": latest["unseen_columns"]},
+                )
+        if not found and latest["unseen_rate"] > limit:  # a summary naming no column: still worth saying
+            found[("unseen_rate", "inputs")] = (
+                f"{latest['unseen_rate']:.1%} of rows hold a category the baseline never saw (limit {limit:.1%})",
+                {**evidence, "unseen_rate": latest["unseen_rate"]},
             )
         return found
 

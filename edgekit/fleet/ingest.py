@@ -21,9 +21,9 @@ from device_agent.errors import ProtocolError
 from device_agent.protocol import (
     BASELINE_SCHEMA,
     MAX_PAYLOAD_BYTES,
+    READABLE_SUMMARY_SCHEMAS,
     REPORTED_SCHEMA,
     STATE_SCHEMA,
-    SUMMARY_SCHEMA,
     UPLINK_TOPIC,
     check_baseline,
     check_reported,
@@ -128,7 +128,7 @@ class Ingestor:
             )
         leaf = match["leaf"]
         schema, check = {
-            "summary": (SUMMARY_SCHEMA, check_summary),
+            "summary": (READABLE_SUMMARY_SCHEMAS, check_summary),
             "state": (STATE_SCHEMA, check_state),
             "baseline": (BASELINE_SCHEMA, check_baseline),
             "reported": (REPORTED_SCHEMA, check_reported),

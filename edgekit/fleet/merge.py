@@ -11,7 +11,9 @@ import re
 import time
 from typing import Any
 
+from device_agent.categories import CategoricalSketch
 from device_agent.drift import drift_report
+from device_agent.errors import ProfileError
 from device_agent.profile import Profile
 from device_agent.protocol import iso
 from edgekit.errors import EdgekitError
@@ -82,4 +84,88 @@ def _report(group: dict[str, Any]) -> dict[str, Any]:
             s.name: {"baseline": b.counts.tolist(), "window": s.counts.tolist()}
             for s, b in zip(group["merged"].features, group["baseline"].features, strict=True)
         }
+        report["categories"] = _categories(group["baseline"], group["merged"])
     return report
+
+
+# The device page's "recent": enough rows for a category's share to mean something, few enough
+# windows that a shift shows soon after it starts.
+RECENT_WINDOWS = 10
+
+
+def device_columns(
+    store: SqliteStore, summaries: list[dict[str, Any]], windows: int = RECENT_WINDOWS
+) -> dict[str, Any]:
+    """What the device page draws per input column over the device's last ``windows`` windows, merged
+    on their baseline: each column's data quality, and each categorical column's parts against the
+    baseline. Only windows of the newest window's baseline merge (a model swap starts a new one)."""
+    recent = sorted(summaries, key=lambda s: s["seq"])[-windows:]
+    columns: dict[str, Any] = {"windows": 0, "rows": 0, "quality": {}, "kinds": {}, "categories": [], "note": None}
+    if not recent:
+        return columns
+    baseline_id = recent[-1]["profile"]["baseline_id"]
+    document = store.baseline(baseline_id)
+    if document is None:
+        columns["note"] = "no device has published the baseline of these windows yet: their columns cannot be drawn"
+        return columns
+    try:
+        baseline = Profile.from_dict(document)
+        merged = baseline.empty_like()
+        for summary in recent:
+            if summary["profile"]["baseline_id"] == baseline_id:
+                merged.merge(baseline.from_compact(summary["profile"]))
+                columns["windows"] += 1
+    except ProfileError as exc:  # a stored window that does not fit its baseline: say so, draw the rest of the page
+        columns["note"] = f"cannot merge these windows: {exc}"
+        return columns
+    columns.update(
+        rows=merged.rows,
+        quality=column_quality(merged),
+        kinds={s.name: s.kind for s in baseline.features},
+        categories=list(_categories(baseline, merged).values()),
+    )
+    return columns
+
+
+def column_quality(profile: Profile) -> dict[str, dict[str, float]]:
+    """Each input column's shares of the profile's rows that are missing, unseen (categorical) or out of
+    the baseline's range (numeric), for columns with any: exact, from the merged counts, so windows of
+    either summary version count (a version-1 window's unseen values are what ``from_compact`` makes of it)."""
+    rows, found = max(1, profile.rows), {}
+    for sketch in profile.features:
+        if isinstance(sketch, CategoricalSketch):
+            shares = {"null_rate": sketch.nulls / rows, "unseen_rate": sketch.unseen / rows}
+        else:
+            shares = {
+                "null_rate": sketch.nulls / rows,
+                "out_of_range_rate": int(sketch.counts[0] + sketch.counts[-1]) / rows,
+            }
+        if any(shares.values()):
+            found[sketch.name] = shares
+    return found
+
+
+def category_parts(baseline: CategoricalSketch, window: CategoricalSketch) -> dict[str, Any]:
+    """A categorical column's rows in parts that add up to all of them, for the baseline and a window:
+    each of the baseline's top categories, then "other" (a value the baseline saw, outside its top),
+    "unseen" (a value the baseline never saw) and "missing"."""
+
+    def parts(sketch: CategoricalSketch) -> list[int]:
+        counts = sketch.counts.tolist()
+        unseen = min(sketch.unseen, counts[-1])  # unseen values are counted in "other" too
+        return [*counts[:-1], counts[-1] - unseen, unseen, sketch.nulls]
+
+    return {
+        "column": baseline.name,
+        "labels": [*(str(c) for c in baseline.categories), "other", "unseen", "missing"],
+        "baseline": parts(baseline),
+        "recent": parts(window),
+    }
+
+
+def _categories(baseline: Profile, merged: Profile) -> dict[str, dict[str, Any]]:
+    return {
+        b.name: category_parts(b, w)
+        for b, w in zip(baseline.features, merged.features, strict=True)
+        if isinstance(b, CategoricalSketch)
+    }

@@ -1,7 +1,8 @@
 """The collector's HTTP side: a server-rendered dashboard, JSON APIs and Prometheus metrics.
 
     GET /                      the fleet table and open alerts
-    GET /devices/<device>      that device's drift per feature over time (inline SVG), its windows
+    GET /devices/<device>      that device's drift per feature over time (inline SVG), its windows, its
+                               categorical columns against the baseline and its data quality per column
     GET /drift?model=&version=&fleet=&since=&feature=   fleet-wide merged drift, and one feature's
                                distribution over the fleet against its baseline
     GET /api/status            ``fleet status --json``
@@ -31,7 +32,7 @@ from device_agent.config import HttpLimits
 from device_agent.errors import ServeError
 from device_agent.wsgi import HttpError, Request, Response, error_response, json_response, wsgi_app
 from edgekit.errors import EdgekitError
-from edgekit.fleet.merge import merged_drift, since_timestamp
+from edgekit.fleet.merge import device_columns, merged_drift, since_timestamp
 from edgekit.fleet.pages.device import render_device
 from edgekit.fleet.pages.drift import render_fleet_drift
 from edgekit.fleet.pages.fleet import render_fleet
@@ -122,7 +123,8 @@ def _get(collector: Fleet, request: Request) -> Response:
         device = path.split("/", 2)[2]
         if device not in {d["device"] for d in store.status()}:
             return error_response(404, f"no device {device!r} is known to this collector")
-        return Response(200, render_device(device, list(store.summaries(device=device))), HTML)
+        summaries = list(store.summaries(device=device))
+        return Response(200, render_device(device, summaries, device_columns(store, summaries)), HTML)
     if path == "/drift":
         version = int(query["version"]) if "version" in query else None
         reports = merged_drift(

@@ -3,7 +3,9 @@
 Host: fixtures (or training anew), convert, the int8 search, validation against scikit-learn, a
 signing key, bundles v1 and v2, verified as a device would. Fleet: a local broker (Mosquitto if
 installed, otherwise the embedded amqtt), the collector with its dashboard, and N emulated devices
-(real agent processes) scoring held-out digits, the first with drift injected. Part way through, v2
+(real agent processes) scoring held-out digits, the first with drift injected, and one more device
+serving a typed tabular model (churn: int, float and string columns with missing values) that starts
+seeing a country it never saw. Part way through, v2
 is rolled out over the air in two waves, each device shadow-testing it on live rows before the
 swap. The fleet table and the rollout are printed as they progress; at the end the final status,
 the drift, the alerts, the rollout and the dashboard URL.
@@ -30,6 +32,8 @@ from edgekit.local.fixtures import fixtures_usable, make_fixtures
 
 Say = Callable[[str], None]
 DRIFT = DriftSpec(feature="pixel_2_4", shift=8.0, after=600, devices=frozenset({0}))
+# the typed-tabular device: after 600 rows, 30 % of its rows name a country the model never saw
+TABULAR_DRIFT = DriftSpec(feature="country", shift=0.3, after=600, devices=frozenset({0}))
 
 
 @dataclass(frozen=True)
@@ -57,9 +61,11 @@ def run_demo(
     bundles, public, test_data, passed = _host_pipeline(workdir, fixtures, say)
     if devices <= 0:
         return DemoResult(workdir, bundles[0], passed, [], [])
+    tabular = _tabular_bundle(workdir, public, say)
     status, alerts, rollout = _fleet(
         workdir,
         bundles,
+        tabular,
         public,
         test_data,
         devices=devices,
@@ -125,9 +131,37 @@ def _host_pipeline(workdir: Path, fixtures: str | Path | None, say: Say) -> tupl
     return bundles, public, test, bool(report["passed"])
 
 
+def _tabular_bundle(workdir: Path, public: Path, say: Say) -> tuple[Path, Path]:
+    """churn v1: a DataFrame pipeline (7 number columns, 3 string columns, missing values) in front of
+    HistGradientBoosting, converted, checked against scikit-learn and packaged: ``(bundle, test.csv)``."""
+    from edgekit.local.churn import make_churn
+
+    paths = make_churn(workdir / "churn")
+    onnx = workdir / "churn.onnx"
+    convert_model(paths["churn_hgb"], str(onnx))
+    report = validate(str(onnx), reference_path=paths["churn_hgb"], data_path=paths["test_csv"])
+    bundle = workdir / "churn-1.edgebundle"
+    build_bundle(
+        str(onnx),
+        name="churn",
+        version=1,
+        baseline_path=paths["train_csv"],
+        label="label",
+        key_path=str(public.with_suffix(".key")),
+        output=str(bundle),
+    )
+    say(
+        f"[4/8] and churn v1, a typed table (ints, floats, strings, missing values) in front of "
+        f"HistGradientBoosting: agreement with scikit-learn {report['agreement']:.4f}, "
+        f"max |Δp| {report['max_abs_diff']:.1e} on {report['rows']} rows"
+    )
+    return bundle, Path(paths["test_csv"])
+
+
 def _fleet(
     workdir: Path,
     bundles: list[Path],
+    tabular: tuple[Path, Path],
     public: Path,
     test_data: Path,
     *,
@@ -143,28 +177,19 @@ def _fleet(
         say(f"[5/8] broker: {local.kind} at {local.url}")
         collector = _fleet_service(workdir, public, local.url, local.port).start()
         dashboard = f"http://127.0.0.1:{collector.server.server_address[1]}/"
-        configs = prepare_devices(
-            devices=devices,
-            bundle=str(bundles[0]),
-            pubkey=str(public),
-            broker=local.url,
-            data=str(test_data),
-            fleet="demo",
-            window_rows=200,
-            window_seconds=10,
-            rows_per_second=200,
-            drift=DRIFT,
-            state_dir=str(workdir / "fleet"),
-            http_port_base=None,
-        )
+        configs = _device_configs(workdir, bundles[0], tabular, public, local.url, test_data, devices)
         fleet = EmulatedFleet(configs, say=lambda _: None).start()
         say(
             f"[6/8] collector and dashboard at {dashboard}; {devices} emulated devices scoring 200 rows/s each, "
             f"{DRIFT.feature} shifted by {DRIFT.shift:g} on emu-00 after {DRIFT.after} rows; "
+            f"tab-00 serves churn, {TABULAR_DRIFT.shift:.0%} of its rows naming an unseen country "
+            f"after {TABULAR_DRIFT.after}; "
             f"running {duration:.0f} s (Ctrl-C stops early)"
         )
         with interrupted() as stop:
-            rollout = _run_fleet(collector, fleet, bundles[1], devices=devices, duration=duration, stop=stop, say=say)
+            rollout = _run_fleet(
+                collector, fleet, bundles[1], devices=devices + 1, duration=duration, stop=stop, say=say
+            )
             fleet.stop()
             fleet = None
             collector.drain()
@@ -183,6 +208,34 @@ def _fleet(
         if collector is not None:
             collector.stop()
         local.stop()
+
+
+def _device_configs(
+    workdir: Path, bundle: Path, tabular: tuple[Path, Path], public: Path, broker: str, test_data: Path, devices: int
+) -> list[Path]:
+    """The emulated devices: ``devices`` scoring digits (fleet "demo"), and tab-00 scoring churn."""
+    common = {
+        "pubkey": str(public),
+        "broker": broker,
+        "window_rows": 200,
+        "window_seconds": 10,
+        "rows_per_second": 200,
+        "state_dir": str(workdir / "fleet"),
+        "http_port_base": None,
+    }
+    digits = prepare_devices(
+        devices=devices, bundle=str(bundle), data=str(test_data), fleet="demo", drift=DRIFT, **common
+    )
+    churn = prepare_devices(
+        devices=1,
+        bundle=str(tabular[0]),
+        data=str(tabular[1]),
+        fleet="demo-tabular",  # its own fleet: the digits rollout is not for it
+        drift=TABULAR_DRIFT,
+        prefix="tab",
+        **common,
+    )
+    return digits + churn
 
 
 def _fleet_service(workdir: Path, public: Path, broker_url: str, broker_port: int):

@@ -84,8 +84,9 @@ def prepare_devices(
     drift: DriftSpec | None,
     state_dir: str,
     http_port_base: int | None,
+    prefix: str = "emu",
 ) -> list[Path]:
-    """Write each device's directory (agent.toml, trusted key, installed bundle); return the config paths."""
+    """Write each device's directory (``<prefix>-00``, …: agent.toml, trusted key, bundle); return the configs."""
     if broker:
         from edgekit.fleet.config import parse_broker_url
 
@@ -101,7 +102,7 @@ def prepare_devices(
     root = Path(state_dir).resolve()
     configs = []
     for index in range(devices):
-        device_id = f"emu-{index:02d}"
+        device_id = f"{prefix}-{index:02d}"
         directory = root / device_id
         directory.mkdir(parents=True, exist_ok=True)
         shutil.copy(pubkey, directory / "trusted.pub")

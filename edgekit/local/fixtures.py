@@ -7,6 +7,8 @@ scikit-learn (pickles are not portable across its versions).
 - digits: StandardScaler + MLPClassifier(64), 8x8 digit images, 10 classes
 - cancer: StandardScaler + LogisticRegression, breast cancer, 2 classes (linear ML ops: not quantizable)
 - wide: StandardScaler + MLPClassifier(1024, 1024, 512) on digits, weight-heavy (6.6 MB float32)
+- xgb_cancer, lgb_wine: an XGBoost and a LightGBM booster in their own file formats
+  (``booster_fixtures.py``; they need ``edgekit-ml[boost]``)
 """
 
 from __future__ import annotations
@@ -19,9 +21,11 @@ from typing import Any
 import numpy as np
 
 from edgekit.errors import require
+from edgekit.local.booster_fixtures import BOOSTER_FIXTURES, make_booster_fixture
 
 SEED = 0
 FIXTURES = ("digits", "cancer", "wide")
+ALL_FIXTURES = FIXTURES + BOOSTER_FIXTURES
 
 
 def _datasets() -> dict[str, Any]:
@@ -51,7 +55,8 @@ def _estimator(name: str):
 
 
 def make_fixtures(directory: str | Path, names: tuple[str, ...] = FIXTURES) -> dict[str, dict[str, str]]:
-    """Write ``<name>.joblib``, ``<name>_train.npz``/``_test.npz`` and ``_test.csv`` for each fixture."""
+    """Write ``<name>.joblib``, ``<name>_train.npz``/``_test.npz`` and ``_test.csv`` for each fixture
+    (a booster fixture writes its library's own model file and the two .npz)."""
     joblib = require("joblib")
     require("sklearn")
     from sklearn.exceptions import ConvergenceWarning
@@ -63,6 +68,9 @@ def make_fixtures(directory: str | Path, names: tuple[str, ...] = FIXTURES) -> d
     datasets = _datasets()
     written: dict[str, dict[str, str]] = {}
     for name in names:
+        if name in BOOSTER_FIXTURES:
+            written[name] = make_booster_fixture(directory, name)
+            continue
         X, y, feature_names = datasets["cancer" if name == "cancer" else "digits"]
         X_train, X_test, y_train, y_test = train_test_split(
             X.astype(np.float32), y, test_size=0.33, random_state=SEED, stratify=y

@@ -19,6 +19,7 @@ from device_agent.tabular import TableError, column_order, placeholder_names, re
 from edgekit.errors import DataError
 
 if TYPE_CHECKING:
+    from device_agent.columns import Column
     from device_agent.schema import InputSchema
 
 
@@ -84,13 +85,14 @@ def _is_default(names: Sequence[str]) -> bool:
     return tuple(names) == default_feature_names(len(names))
 
 
-def load_dataset(path: str | Path, *, label: str | None = None) -> Dataset:
+def load_dataset(path: str | Path, *, label: str | None = None, columns: Sequence[Column] | None = None) -> Dataset:
+    """The rows of a data file; ``columns`` (a model's typed columns) say how to read each cell."""
     path = Path(path)
     if not path.is_file():
         raise DataError("no such file" if not path.exists() else "is not a file", "check the path", path=path)
     raw = path.read_bytes()
     try:
-        X, y, names = read_table(path, label, raw)
+        X, y, names = read_table(path, label, raw, columns=columns)
     except TableError as exc:
         raise DataError(exc.problem, exc.fix, path=path) from exc
     if X.ndim != 2 or X.shape[0] == 0 or X.shape[1] == 0:

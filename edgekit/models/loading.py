@@ -18,11 +18,13 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from device_agent.columns import Column
 from device_agent.errors import AgentError
 from device_agent.outputs import CLASSIFICATION, REGRESSION, OutputSpec, Prediction
 from device_agent.runtimes.onnx import OnnxRuntime
 from device_agent.schema import InputSchema
 from edgekit.errors import ModelLoadError, require
+from edgekit.models.columns import has_tree_ensemble, typed_columns
 from edgekit.models.data import default_feature_names
 
 SKLEARN_SUFFIXES = (".joblib", ".pkl", ".pickle", ".sav")
@@ -61,9 +63,14 @@ def load_model(path: str | Path, *, threads: int = 1, pin_to: Any = None) -> Skl
         return OnnxModel.from_bytes(path.read_bytes(), path=str(path), threads=threads, pin_to=pin_to)
     if kind == "sklearn":
         return SklearnModel.from_file(path)
+    from edgekit.models.boosters import BoosterModel, sniff  # XGBoost/LightGBM save_model files: boosters.py
+
+    if sniff(path):
+        return BoosterModel.from_file(path, threads=threads)
     raise ModelLoadError(
         "is not a model edgekit reads",
-        "give a scikit-learn model saved with joblib or pickle (.joblib, .pkl) or an ONNX file (.onnx)",
+        "give a scikit-learn model saved with joblib or pickle (.joblib, .pkl), an ONNX file (.onnx), "
+        "or an XGBoost/LightGBM model saved with save_model (.json, .ubj, .txt)",
         path=path,
     )
 
@@ -130,12 +137,25 @@ class SklearnModel:
                 "fit the model before saving it",
                 path=path,
             )
-        names = getattr(estimator, "feature_names_in_", None)
-        names = tuple(str(n) for n in names) if names is not None else default_feature_names(int(width))
-        schema = InputSchema(
-            input_name="X", feature_names=names, dtype="float32", allow_nan=_sklearn_allows_nan(estimator)
-        )
+        columns = typed_columns(estimator)
+        if columns is not None:
+            schema = InputSchema.of_columns(columns)
+        else:
+            names = getattr(estimator, "feature_names_in_", None)
+            names = tuple(str(n) for n in names) if names is not None else default_feature_names(int(width))
+            schema = InputSchema(
+                input_name="X",
+                feature_names=names,
+                dtype="float64" if has_tree_ensemble(estimator) else "float32",
+                allow_nan=_sklearn_allows_nan(estimator),
+            )
         return cls(path=path, estimator=estimator, input=schema, output=_sklearn_output_spec(estimator))
+
+    def retyped(self, dtypes: dict[str, str]) -> None:
+        """Refine the columns' types from data that carries them (Parquet, a DataFrame)."""
+        columns = typed_columns(self.estimator, dtypes)
+        if columns is not None:
+            self.input = InputSchema.of_columns(columns)
 
     @property
     def size_bytes(self) -> int:
@@ -153,7 +173,12 @@ class SklearnModel:
     def is_classifier(self) -> bool:
         return self.output.task == CLASSIFICATION
 
+    def _frame(self, X: np.ndarray) -> Any:
+        """Typed rows as the DataFrame the pipeline was fitted on (a matrix goes in as it is)."""
+        return X if self.input.columns is None else to_frame(X, self.input.columns)
+
     def predict(self, X: np.ndarray) -> Prediction:
+        X = self._frame(X)
         with warnings.catch_warnings():
             # A model fitted on a DataFrame warns when given an array; the columns are aligned already.
             warnings.filterwarnings("ignore", message="X does not have valid feature names")
@@ -165,6 +190,7 @@ class SklearnModel:
 
     def timed_call(self, X: np.ndarray) -> object:
         """The one call that answers a request (probabilities carry the label), for latency."""
+        X = self._frame(X)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="X does not have valid feature names")
             if self.is_classifier and hasattr(self.estimator, "predict_proba"):
@@ -190,7 +216,11 @@ def _sklearn_allows_nan(estimator: Any) -> bool:
     try:
         from sklearn.utils import get_tags
 
-        return bool(get_tags(estimator).input_tags.allow_nan)
+        # A Pipeline's own tags never allow NaN (scikit-learn does not combine its steps'); it passes NaN
+        # through when every step does, e.g. a scaler before XGBoost or LightGBM, which route NaN natively.
+        steps = getattr(estimator, "steps", None)
+        steps = [s for _, s in steps if s not in (None, "passthrough")] if steps else [estimator]
+        return all(bool(get_tags(step).input_tags.allow_nan) for step in steps)
     except (ImportError, AttributeError):
         return False
 
@@ -268,9 +298,29 @@ class OnnxModel(_ConvertedModel):
         return require("onnx").load_model_from_string(self.data)
 
     def raw(self, X: np.ndarray) -> dict[str, np.ndarray]:
+        if self.input.columns is not None:
+            return self.runtime.predict(self.input.feed(X))
         return self.runtime.predict(np.ascontiguousarray(X, dtype=np.dtype(self.input.dtype)))
 
     timed_call = raw
+
+
+def to_frame(X: np.ndarray, columns: Any) -> Any:
+    """Typed rows (an object array) as a pandas DataFrame of the columns' types; missing values as
+    NaN, which is what scikit-learn's imputers look for in string columns too."""
+    pandas = require("pandas", "tabular")
+    data = {}
+    for j, column in enumerate(columns):
+        values = X[:, j]
+        if column.dtype == "string":
+            data[column.name] = pandas.Series([np.nan if v is None else v for v in values], dtype=object)
+        elif column.dtype == "int64" and not any(isinstance(v, float) for v in values):
+            data[column.name] = pandas.Series(values.astype(np.int64))
+        elif column.dtype == "bool":
+            data[column.name] = pandas.Series(values.astype(bool))
+        else:
+            data[column.name] = pandas.Series(values.astype(np.float64))
+    return pandas.DataFrame(data)
 
 
 def describe_onnx(proto: Any) -> tuple[InputSchema, OutputSpec]:
@@ -293,11 +343,10 @@ def _graph_inputs(proto: Any) -> list[Any]:
 
 def _infer_input(proto: Any) -> InputSchema:
     inputs = _graph_inputs(proto)
-    if len(inputs) != 1:
-        raise ModelLoadError(
-            f"has {len(inputs)} inputs; edgekit serves models with one tabular input",
-            "export the model with a single [batch, features] input",
-        )
+    if len(inputs) > 1:
+        return _infer_columns(proto, inputs)
+    if not inputs:
+        raise ModelLoadError("has no inputs", "export the model with a [batch, features] input")
     tensor = inputs[0].type.tensor_type
     dims = [d.dim_value if d.HasField("dim_value") else None for d in tensor.shape.dim]
     if len(dims) != 2 or dims[1] is None:
@@ -315,6 +364,28 @@ def _infer_input(proto: Any) -> InputSchema:
     return InputSchema(
         input_name=inputs[0].name, feature_names=default_feature_names(dims[1]), dtype=dtype, allow_nan=allow_nan
     )
+
+
+_COLUMN_DTYPES = {1: "float32", 11: "float64", 7: "int64", 9: "bool", 8: "string"}
+
+
+def _infer_columns(proto: Any, inputs: list[Any]) -> InputSchema:
+    """A model of several ``[batch, 1]`` inputs (another exporter's DataFrame pipeline): typed columns,
+    strings categorical, missing values allowed only where the graph has an imputer."""
+    columns = []
+    imputes = any(n.op_type in ("Imputer", "IsNaN") for n in proto.graph.node)
+    for value in inputs:
+        tensor = value.type.tensor_type
+        dims = [d.dim_value if d.HasField("dim_value") else None for d in tensor.shape.dim]
+        dtype = _COLUMN_DTYPES.get(tensor.elem_type)
+        if len(dims) != 2 or dims[1] != 1 or dtype is None:
+            raise ModelLoadError(
+                f"has {len(inputs)} inputs and {value.name!r} is not a [batch, 1] column of numbers, flags or strings",
+                "export one [batch, features] input, or one [batch, 1] input per column",
+            )
+        kind = "categorical" if dtype == "string" else "numeric"
+        columns.append(Column(value.name, dtype, kind, imputes and dtype != "int64", dtype))
+    return InputSchema.of_columns(columns)
 
 
 def _infer_output(proto: Any) -> OutputSpec:

@@ -1,4 +1,5 @@
-"""``/devices/<device>``: one device's drift per feature over time, and its windows."""
+"""``/devices/<device>``: one device's drift per feature over time, its windows, and its input columns
+(categorical distributions against the baseline, data quality per column: ``columns.py``)."""
 
 from __future__ import annotations
 
@@ -6,9 +7,11 @@ import html
 from typing import Any
 
 from edgekit.fleet.pages import PALETTE, page
+from edgekit.fleet.pages.columns import render_columns
 
 
-def render_device(device: str, summaries: list[dict[str, Any]]) -> bytes:
+def render_device(device: str, summaries: list[dict[str, Any]], columns: dict[str, Any] | None = None) -> bytes:
+    """The page; ``columns`` is ``merge.device_columns`` of the same summaries (no column sections without it)."""
     if not summaries:
         return page(
             device,
@@ -37,7 +40,7 @@ def render_device(device: str, summaries: list[dict[str, Any]]) -> bytes:
         f"<p><a href='/'>fleet</a></p><h1>{html.escape(device)}</h1>"
         f"<p class='muted'>{len(summaries)} windows, {model}, last window {html.escape(latest['window']['end'])}</p>"
         f"<h2>Drift per feature (PSI) over windows</h2>{chart}"
-        f"<h2>Latest window</h2><table>{header}{rows}</table>"
+        f"<h2>Latest window</h2><table>{header}{rows}</table>" + (render_columns(columns) if columns else "")
     )
     return page(device, body)
 

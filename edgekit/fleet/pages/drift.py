@@ -6,6 +6,7 @@ import html
 from typing import Any
 
 from edgekit.fleet.pages import page
+from edgekit.fleet.pages.columns import category_chart
 
 
 def render_fleet_drift(reports: list[dict[str, Any]], feature: str | None) -> bytes:
@@ -28,7 +29,11 @@ def render_fleet_drift(reports: list[dict[str, Any]], feature: str | None) -> by
             f"<td class='{'bad' if v['drifted'] else 'ok'}'>{'yes' if v['drifted'] else 'no'}</td></tr>"
             for name, v in sorted(features.items(), key=lambda kv: -kv[1]["psi"])[:12]
         )
-        chart = distribution_chart(chosen, report["feature_distributions"][chosen]) if chosen else ""
+        categories = report.get("categories") or {}
+        if chosen in categories:  # bars per category, not per bin between a minimum and a maximum
+            chart = category_chart(categories[chosen])
+        else:
+            chart = distribution_chart(chosen, report["feature_distributions"][chosen]) if chosen else ""
         sections.append(
             f"<h2>{title}</h2><p>merged verdict: <b class='{'bad' if report['drift']['drifted'] else 'ok'}'>"
             f"{'drifted' if report['drift']['drifted'] else 'no drift'}</b></p>{chart}"

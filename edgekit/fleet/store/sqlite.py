@@ -319,7 +319,7 @@ class SqliteStore(RolloutRecords):
             rows = self.db.execute(
                 "SELECT facts FROM summaries WHERE device = ? ORDER BY seq DESC LIMIT ?", (device, count)
             ).fetchall()
-        return [json.loads(r[0]) for r in rows]
+        return [_read_facts(r[0]) for r in rows]
 
     def labelled_accuracy(
         self, device: str, model: str, version: int, *, limit: int = 50
@@ -445,10 +445,35 @@ def alert_facts(doc: dict[str, Any]) -> dict[str, Any]:
         "prediction_drifted": bool((drift.get("prediction") or {}).get("drifted")),
         "predictions": doc.get("predictions"),
         "null_rate": doc["quality"].get("null_rate") or 0.0,
+        "unseen_rate": doc["quality"].get("unseen_rate") or 0.0,
+        "unseen_columns": _unseen_columns(doc),
         "p99_ms": doc["latency"].get("p99_ms"),
         "errors": doc["errors"],
         "accuracy": accuracy.get("accuracy"),
     }
+
+
+def _read_facts(text: str) -> dict[str, Any]:
+    """Stored facts, with what a row older than the rule reading it lacks filled in: ``edgekit.summary/1``
+    knew no unseen categories, so its rows count as 0 (read so, not rewritten by a migration)."""
+    return {"unseen_rate": 0.0, "unseen_columns": {}, **json.loads(text)}
+
+
+def _unseen_columns(doc: dict[str, Any]) -> dict[str, float]:
+    """Per categorical column with any, the share of the window's rows holding a value the baseline never
+    saw: the third count of its compact sketch (``[counts, nulls, unseen]``, ``edgekit.summary/2``), named
+    by ``drift.features``, which the device lists in the same (schema) order. ``check_summary`` checks
+    neither the sketches' shape nor that the two agree, so anything else yields nothing rather than
+    failing the batch."""
+    names, sketches, rows = list(doc["drift"]["features"]), doc["profile"]["features"], doc["profile"]["rows"]
+    if len(names) != len(sketches) or rows <= 0:
+        return {}
+    found = {}
+    for name, sketch in zip(names, sketches, strict=True):
+        unseen = sketch[2] if isinstance(sketch, list) and len(sketch) == 3 else None
+        if isinstance(unseen, int) and not isinstance(unseen, bool) and unseen > 0:
+            found[name] = round(unseen / rows, 4)
+    return found
 
 
 def _flag(value: Any) -> int | None:
