@@ -76,10 +76,40 @@ class ColumnChecker:
     def __init__(self, columns: Sequence[Column]) -> None:
         self.columns = tuple(columns)
         self.names = tuple(c.name for c in self.columns)
-        self.fed = [(j, c) for j, c in enumerate(self.columns) if c.feed is not None]
+        self.strings = [(j, c) for j, c in enumerate(self.columns) if c.feed == "string"]
+        # fed columns of one element type are converted together: one numpy call per type, not per column
+        self.groups: dict[str, list[tuple[int, str]]] = {}
+        for j, c in enumerate(self.columns):
+            if c.feed is not None and c.feed != "string":
+                self.groups.setdefault(c.feed, []).append((j, c.name))
 
     def check(self, rows: Any, source: str) -> np.ndarray:
-        """``rows`` (lists in column order, as a 2-D object array) as a checked object array."""
+        """``rows`` (lists in column order, as a 2-D object array) as a checked object array.
+
+        The common request costs a type set per column and one finiteness test for all float
+        columns together; a cell is looked at alone only on the way to an error or a fix (None to NaN)."""
+        rows = self._as_rows(rows, source)
+        cells = list(zip(*rows, strict=True))  # the columns, as tuples (widths checked above)
+        fixed: dict[int, list[Any]] = {}
+        floats: list[int] = []
+        for j, column in enumerate(self.columns):
+            values = cells[j]
+            types = set(map(type, values))
+            if _plain(column, types):
+                if float in types:
+                    floats.append(j)
+            else:
+                fixed[j] = _checked_column(column, list(values), source)
+        if floats and not _all_finite([cells[j] for j in floats]):
+            for j in floats:  # which column: NaN where it is imputed stays, anything else is refused
+                fixed[j] = _checked_column(self.columns[j], list(cells[j]), source)
+        table = np.empty((len(rows), len(self.columns)), dtype=object)
+        table[:] = rows
+        for j, values in fixed.items():
+            table[:, j] = values
+        return table
+
+    def _as_rows(self, rows: Any, source: str) -> list[Any]:
         if isinstance(rows, np.ndarray) and rows.ndim == 1 and len(rows) == len(self.columns):
             rows = rows.reshape(1, -1)
         if isinstance(rows, np.ndarray) and rows.ndim == 2:
@@ -97,23 +127,34 @@ class ColumnChecker:
                     f"send {width} values in the order {_preview(self.names)}, or objects keyed by column name",
                     row=r,
                 )
-        table = np.empty((len(rows), width), dtype=object)
-        for j, column in enumerate(self.columns):
-            table[:, j] = _checked_column(column, [row[j] for row in rows], source)
-        return table
+        return rows
 
     def feed(self, table: np.ndarray) -> dict[str, np.ndarray]:
         """The runtime's inputs: one ``[rows, 1]`` array per fed column, of the model's element type."""
         feed = {}
-        for j, column in self.fed:
+        for dtype, members in self.groups.items():
+            block = np.ascontiguousarray(table[:, [j for j, _ in members]].T, dtype=FEED_DTYPES[dtype])
+            for row, (_, name) in enumerate(members):
+                feed[name] = block[row].reshape(-1, 1)
+        for j, column in self.strings:
             values = table[:, j]
-            if column.feed == "string":
-                if column.nullable:  # the graph's imputer replaces "", the sentinel a missing string becomes
-                    values = np.asarray(["" if v is None else v for v in values], dtype=object)
-                feed[column.name] = values.astype(object).reshape(-1, 1)
-            else:
-                feed[column.name] = values.astype(FEED_DTYPES[column.feed]).reshape(-1, 1)
+            if column.nullable:  # the graph's imputer replaces "", the sentinel a missing string becomes
+                values = ["" if v is None else v for v in values]
+            feed[column.name] = np.array(values, dtype=object).reshape(-1, 1)
         return feed
+
+
+def _plain(column: Column, types: set[type]) -> bool:
+    """Whether a column's values need no look one by one (floats still get the finiteness test)."""
+    if column.dtype == "string":
+        return types <= {str}
+    if column.dtype == "bool":
+        return types <= {bool}
+    return types <= {float, int} and (types == {int} or column.dtype != "int64")
+
+
+def _all_finite(columns: list[tuple[Any, ...]]) -> bool:
+    return bool(np.isfinite(np.array(columns, dtype=np.float64)).all())
 
 
 def _checked_column(column: Column, values: list[Any], source: str) -> list[Any]:

@@ -100,6 +100,9 @@ def _ties_to_the_first_class(labels: np.ndarray, probabilities: np.ndarray, clas
 
     A forest's probability is a share of votes, so two classes often tie exactly (15 of 30 trees);
     onnxruntime sums the votes in float32 and can give the tie to either class. Only tied rows change."""
+    if probabilities.shape[1] == 2:  # the common case, in one numpy call: are the two classes tied anywhere?
+        if not (np.abs(probabilities[:, 0] - probabilities[:, 1]) <= TIE).any():
+            return labels
     near = probabilities >= probabilities.max(axis=1, keepdims=True) - TIE
     tied = near.sum(axis=1) > 1
     if not tied.any():

@@ -232,7 +232,8 @@ def _input_text(schema: dict) -> str:
         more = f", … {len(schema['columns']) - 8} more" if len(schema["columns"]) > 8 else ""
         return f"{len(schema['columns'])} typed columns: {', '.join(shown)}{more}"
     names = schema["feature_names"]
+    nan = "allowed" if schema["allow_nan"] else "refused"
     return (
         f"{schema['input_name']}: {schema['dtype']} [{len(names)} features: "
-        f"{', '.join(names[:6])}{', …' if len(names) > 6 else ''}]  NaN {'allowed' if schema['allow_nan'] else 'refused'}"
+        f"{', '.join(names[:6])}{', …' if len(names) > 6 else ''}]  NaN {nan}"
     )
