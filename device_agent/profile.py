@@ -17,8 +17,8 @@ categories plus one "other".
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -75,9 +75,8 @@ class NumericSketch:
         sparse sensor or pixel) a bin of its own beside quantile bins over the rest; between those bins,
         gap bins see values that leave the baseline's grid. The limit keeps a sketch at most
         ``2 * bins + 1`` slots, so the summary and the update (one pass per cut) stay within about twice
-        those of quantile bins; past it quantiles over the rest already resolve about one value per bin,
-        and a limit of ``2 * bins`` found no more shifts on the digits' 17-valued pixels for 2.4 times the
-        slots (measured, and the rules, in ``binning``).
+        those of quantile bins; a limit of ``2 * bins`` found no more shifts on the digits' 17-valued
+        pixels for three times the slots (the rules and the measurements: ``binning``).
         """
         values = np.asarray(values, dtype=np.float64)
         finite = values[np.isfinite(values)]
