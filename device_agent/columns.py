@@ -76,30 +76,36 @@ class ColumnChecker:
     def __init__(self, columns: Sequence[Column]) -> None:
         self.columns = tuple(columns)
         self.names = tuple(c.name for c in self.columns)
-        self.strings = [(j, c) for j, c in enumerate(self.columns) if c.feed == "string"]
-        # fed columns of one element type are converted together: one numpy call per type, not per column
-        self.groups: dict[str, list[tuple[int, str]]] = {}
-        for j, c in enumerate(self.columns):
-            if c.feed is not None and c.feed != "string":
-                self.groups.setdefault(c.feed, []).append((j, c.name))
+        self.plain = tuple(_PLAIN_TYPES[c.dtype] for c in self.columns)  # types a cell may have unlooked-at
+        self.numeric = tuple(c.dtype != "string" for c in self.columns)
+        # fed columns of one element type are converted together, one numpy call per type; strings too
+        self.groups: dict[str, tuple[np.ndarray, tuple[str, ...]]] = {}
+        for dtype in dict.fromkeys(c.feed for c in self.columns if c.feed is not None):
+            members = [(j, c.name) for j, c in enumerate(self.columns) if c.feed == dtype]
+            self.groups[dtype] = (np.asarray([j for j, _ in members], dtype=np.intp), tuple(n for _, n in members))
+        self.blank_missing = any(c.feed == "string" and c.nullable for c in self.columns)
 
     def check(self, rows: Any, source: str) -> np.ndarray:
         """``rows`` (lists in column order, as a 2-D object array) as a checked object array.
 
-        The common request costs a type set per column and one finiteness test for all float
-        columns together; a cell is looked at alone only on the way to an error or a fix (None to NaN)."""
+        The common request costs a type test per cell in C (``set(map(type, ...))``) and one
+        finiteness test for the floats; a cell is looked at alone only on the way to an error or a
+        fix (None to NaN). One row, the commonest request, has a path of its own."""
         rows = self._as_rows(rows, source)
+        if len(rows) == 1 and self._plain_row(rows[0]):
+            table = np.empty((1, len(self.columns)), dtype=object)
+            table[0] = rows[0]
+            return table
         cells = list(zip(*rows, strict=True))  # the columns, as tuples (widths checked above)
         fixed: dict[int, list[Any]] = {}
         floats: list[int] = []
         for j, column in enumerate(self.columns):
-            values = cells[j]
-            types = set(map(type, values))
-            if _plain(column, types):
+            types = set(map(type, cells[j]))
+            if types <= self.plain[j]:
                 if float in types:
                     floats.append(j)
             else:
-                fixed[j] = _checked_column(column, list(values), source)
+                fixed[j] = _checked_column(column, list(cells[j]), source)
         if floats and not _all_finite([cells[j] for j in floats]):
             for j in floats:  # which column: NaN where it is imputed stays, anything else is refused
                 fixed[j] = _checked_column(self.columns[j], list(cells[j]), source)
@@ -108,6 +114,14 @@ class ColumnChecker:
         for j, values in fixed.items():
             table[:, j] = values
         return table
+
+    def _plain_row(self, row: Any) -> bool:
+        """One row whose every cell is of a plain type and every float finite."""
+        for value, plain in zip(row, self.plain, strict=True):
+            kind = type(value)
+            if kind not in plain or (kind is float and not math.isfinite(value)):
+                return False
+        return True
 
     def _as_rows(self, rows: Any, source: str) -> list[Any]:
         if isinstance(rows, np.ndarray) and rows.ndim == 1 and len(rows) == len(self.columns):
@@ -132,25 +146,26 @@ class ColumnChecker:
     def feed(self, table: np.ndarray) -> dict[str, np.ndarray]:
         """The runtime's inputs: one ``[rows, 1]`` array per fed column, of the model's element type."""
         feed = {}
-        for dtype, members in self.groups.items():
-            block = np.ascontiguousarray(table[:, [j for j, _ in members]].T, dtype=FEED_DTYPES[dtype])
-            for row, (_, name) in enumerate(members):
-                feed[name] = block[row].reshape(-1, 1)
-        for j, column in self.strings:
-            values = table[:, j]
-            if column.nullable:  # the graph's imputer replaces "", the sentinel a missing string becomes
-                values = ["" if v is None else v for v in values]
-            feed[column.name] = np.array(values, dtype=object).reshape(-1, 1)
+        rows = len(table)
+        for dtype, (index, names) in self.groups.items():
+            block = table[:, index]
+            if dtype == "string" and self.blank_missing:  # the graph's imputer replaces "": a missing string
+                block = np.where(np.equal(block, None), "", block)
+            # one conversion, columns made contiguous rows, each handed out as a [rows, 1] view
+            block = np.ascontiguousarray(block.T, dtype=FEED_DTYPES[dtype]).reshape(len(names), rows, 1)
+            for position, name in enumerate(names):
+                feed[name] = block[position]
         return feed
 
 
-def _plain(column: Column, types: set[type]) -> bool:
-    """Whether a column's values need no look one by one (floats still get the finiteness test)."""
-    if column.dtype == "string":
-        return types <= {str}
-    if column.dtype == "bool":
-        return types <= {bool}
-    return types <= {float, int} and (types == {int} or column.dtype != "int64")
+# the types a column's cells may have without a look one by one (floats still get the finiteness test)
+_PLAIN_TYPES = {
+    "string": frozenset({str}),
+    "bool": frozenset({bool}),
+    "int64": frozenset({int}),
+    "float32": frozenset({float, int}),
+    "float64": frozenset({float, int}),
+}
 
 
 def _all_finite(columns: list[tuple[Any, ...]]) -> bool:

@@ -94,13 +94,15 @@ class HttpServer:
         self._server, self._map, self._dispatcher, self.scheme = wsgi_server, socket_map, dispatcher, scheme
         self.server_address = (wsgi_server.effective_host, int(wsgi_server.effective_port))
         self._stopping = threading.Event()
+        self._closing = threading.Lock()  # the loop closes the wake-up pipe only after shutdown has written to it
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self._thread.start()
 
     def _loop(self) -> None:
         while not self._stopping.is_set():
             wasyncore.loop(timeout=LOOP_SECONDS, map=self._map, use_poll=True, count=1)
-        wasyncore.close_all(self._map)
+        with self._closing:
+            wasyncore.close_all(self._map)
 
     def connections(self) -> int:
         """Open client connections (the listening socket and the wake-up pipe are not counted)."""
@@ -108,10 +110,13 @@ class HttpServer:
 
     def shutdown(self) -> None:
         """Stop accepting, close every connection, stop the worker threads (requests in flight get 5 s)."""
-        if self._stopping.is_set():
-            return
-        self._stopping.set()
-        self._server.pull_trigger()
+        with self._closing:
+            # set and pulled under the lock: a loop that wakes on its own between the two would
+            # otherwise close the pipe first, and the write would hit a closed (or reused) descriptor
+            if self._stopping.is_set():
+                return
+            self._stopping.set()
+            self._server.pull_trigger()
         self._thread.join(timeout=LOOP_SECONDS * 4)
         self._dispatcher.shutdown(cancel_pending=True, timeout=5)
 
