@@ -31,14 +31,13 @@ small to matter. Figures: ``scripts/bench_drift.py``.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from .profile import Profile, Sketch
-from .stats import chi2_sf
+from .stats import chi2_sf, ks_sf
 
 DEFAULT_DRIFT_THRESHOLDS: dict[str, float] = {
     "alpha": 0.01,  # family-wise false-alarm rate of one window's verdict
@@ -133,25 +132,6 @@ def _merge_small_bins(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndar
             merged_a.append(acc_a)
             merged_b.append(acc_b)
     return np.asarray(merged_a), np.asarray(merged_b)
-
-
-def ks_sf(distance: float, n: float, m: float) -> float:
-    """P(D >= distance) for the two-sample KS distance of samples of ``n`` and ``m``: the Kolmogorov
-    distribution with Stephens' small-sample correction (within a few % of the exact p-value for
-    continuous data from ``n * m / (n + m)`` of about 50 up; conservative for binned or tied data)."""
-    if distance <= 0 or n <= 0 or m <= 0:
-        return 1.0
-    root = math.sqrt(n * m / (n + m))
-    lam = (root + 0.12 + 0.11 / root) * distance
-    if lam < 0.2:  # the series converges slowly there, and Q(0.2) = 1 - 3e-11
-        return 1.0
-    total = 0.0
-    for k in range(1, 101):
-        term = math.exp(-2.0 * k * k * lam * lam)
-        total += term if k % 2 else -term
-        if term < 1e-17:
-            break
-    return min(1.0, max(0.0, 2.0 * total))
 
 
 def compare(expected: np.ndarray, actual: np.ndarray, *, ordered: bool = False) -> Comparison:

@@ -51,6 +51,8 @@ DIGITS_BASELINE_ROWS = 1200
 SYNTHETIC_ROWS, SYNTHETIC_BASELINE_ROWS = 20_000, 10_000
 CATEGORIES = ["a", "b", "c", "d", "e"]
 CATEGORY_SHARES = [0.4, 0.25, 0.15, 0.12, 0.08]
+# the shift: 10 % of a window (50 of 500 rows) from one category to another (e holds ~40: it only receives)
+CATEGORY_PAIRS = [("a", "b"), ("b", "c"), ("c", "d"), ("d", "e"), ("a", "e")]
 
 
 def digits_table() -> tuple[list[str], np.ndarray]:
@@ -156,6 +158,15 @@ def category_windows(base, cats, tally, rng) -> None:
         comparison = drift.compare_sketches(baseline, window)
         tally["cat_detected"][k] += drift.is_drifted(comparison, drift.feature_alpha(base, ALPHA), MIN_PSI)
         tally["cat_ks_detected"][k] += chi2_flags(cats[0], moved, len(base.features))
+    for k, (source, target) in enumerate(CATEGORY_PAIRS):  # the case: 50 rows of one category become another
+        moved = pick.copy()
+        sources = np.flatnonzero(moved == source)
+        moved[rng.choice(sources, min(50, len(sources)), replace=False)] = target
+        window = baseline.empty_like()
+        window.update(moved)
+        comparison = drift.compare_sketches(baseline, window)
+        tally["pair_detected"][k] += drift.is_drifted(comparison, drift.feature_alpha(base, ALPHA), MIN_PSI)
+        tally["pair_ks_detected"][k] += chi2_flags(cats[0], moved, len(base.features))
 
 
 def run_trials(dataset: str, trials: int, seed: int) -> dict:
@@ -173,6 +184,7 @@ def run_trials(dataset: str, trials: int, seed: int) -> dict:
     for key in ("detected", "ks_detected", "grid_detected", "grid_ks_detected"):
         tally[key] = np.zeros(width)
     tally["cat_detected"], tally["cat_ks_detected"] = np.zeros(len(CATEGORIES)), np.zeros(len(CATEGORIES))
+    tally["pair_detected"], tally["pair_ks_detected"] = np.zeros(len(CATEGORY_PAIRS)), np.zeros(len(CATEGORY_PAIRS))
     for _ in range(trials):
         order = rng.permutation(len(numeric))
         train, held = numeric[order[:baseline_rows]], numeric[order[baseline_rows:]]
@@ -268,10 +280,25 @@ def rows_for(dataset: str, tally: dict) -> list[Row]:
         for j in shifted:
             pair = tally["detected"][j] / trials, tally["ks_detected"][j] / trials
             rows.append((f"{dataset}: +0.5σ {names[j]}, 500 rows", *pair, "≥ 0.95", ""))
-        every = np.arange(len(CATEGORIES))
+        pairs = np.arange(len(CATEGORY_PAIRS))
         rows += _spread(
-            f"{dataset}: 10% into one category", tally["cat_detected"], tally["cat_ks_detected"], every, trials
+            f"{dataset}: 10% of rows from one category to another",
+            tally["pair_detected"],
+            tally["pair_ks_detected"],
+            pairs,
+            trials,
         )
+        every = np.arange(len(CATEGORIES))
+        rows += [
+            (a, b, c, "info", "")
+            for a, b, c, _, _ in _spread(
+                f"{dataset}: 10% drawn from all others into one category",
+                tally["cat_detected"],
+                tally["cat_ks_detected"],
+                every,
+                trials,
+            )
+        ]
         for k, target in enumerate(CATEGORIES):
             pair = tally["cat_detected"][k] / trials, tally["cat_ks_detected"][k] / trials
             rows.append((f"{dataset}: 10% into {target!r} ({CATEGORY_SHARES[k]:.0%})", *pair, "info", ""))
