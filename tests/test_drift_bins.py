@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from device_agent.drift import Comparison, drift_report, feature_alpha, is_drifted
-from device_agent.stats import ks_sf
 from device_agent.profile import CategoricalSketch, NumericSketch, Profile, build_baseline
+from device_agent.stats import ks_sf
 
 
 def slot_of(sketch: NumericSketch, value: float) -> int:
