@@ -213,6 +213,31 @@ def _read_parquet(
     return X.reshape(-1, len(names)), y, tuple(names)
 
 
+def parquet_column_types(path: str | Path) -> dict[str, str]:
+    """Each column's type in a Parquet file's schema, as a column dtype (int64, float64, bool, string):
+    the types a CSV cannot carry, which ``edgekit convert --names-from`` records in the schema."""
+    try:
+        import pyarrow.parquet as pq
+        import pyarrow.types as kinds
+    except ImportError:
+        raise TableError("is Parquet, and pyarrow is not installed", "pip install 'edgekit-ml[parquet]'") from None
+    try:
+        schema = pq.read_schema(path)
+    except Exception as exc:  # pyarrow's ArrowInvalid and OSError share no useful base
+        raise TableError(f"is not a readable Parquet file ({exc})", "write it with DataFrame.to_parquet") from exc
+    found = {}
+    for field in schema:
+        if kinds.is_boolean(field.type):
+            found[field.name] = "bool"
+        elif kinds.is_integer(field.type):
+            found[field.name] = "int64"
+        elif kinds.is_floating(field.type):
+            found[field.name] = "float64"
+        elif kinds.is_string(field.type) or kinds.is_large_string(field.type):
+            found[field.name] = "string"
+    return found
+
+
 def _numeric(columns: Sequence[Column], name: str) -> bool:
     return any(c.name == name and c.dtype != "string" for c in columns)
 

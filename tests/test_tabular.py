@@ -361,3 +361,18 @@ def test_rows_from_a_csv_agree_with_scikit_learn_reading_the_same_file(churn):
     assert (ours == pipeline.predict(frame)).mean() == 1.0
     with open(churn.test_csv) as handle:
         assert next(csv.reader(handle))[-1] == "label"
+
+
+def test_a_parquet_file_types_the_integer_columns_scikit_learn_does_not_record(tmp_path, churn, cli):
+    pytest.importorskip("pyarrow")
+    from edgekit.models.loading import load_model
+
+    pandas.read_csv(churn.train_csv).to_parquet(tmp_path / "train.parquet")
+    result = cli("convert", churn.hgb, "--names-from", tmp_path / "train.parquet", "-o", tmp_path / "typed.onnx")
+    assert result.exit_code == 0, result.stderr
+    schema = load_model(tmp_path / "typed.onnx").input
+    types = {c.name: c.dtype for c in schema.columns}
+    assert types["age"] == "int64" and types["monthly_charges"] == "float64" and types["country"] == "string"
+    with pytest.raises(InputError, match="row 0, column 'age': expected a whole number, got 41.5"):
+        schema.check([{**ROW, "age": 41.5}], source="request")
+    assert schema.check([{**ROW, "age": 41.0}])[0, 0] == 41  # a whole float is the integer it names

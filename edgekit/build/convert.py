@@ -9,6 +9,7 @@ calibration data was given, else dynamic) is checked only for speed.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -90,6 +91,7 @@ def convert_model(
         raise DataError(
             "--calibration and --eval are used only with --quantize int8", "add --quantize int8, or drop them"
         )
+    _types_from_parquet(model, names_from)
     columns = model.input.columns
     calibration_set = load_dataset(calibration, label=label, columns=columns) if calibration else None
     eval_set = load_dataset(evaluation, label=label, columns=columns) if evaluation else None
@@ -136,6 +138,19 @@ class _SearchPlan:
     max_drop: float | None
     configs: list[Any]
     notes: list[str]
+
+
+def _types_from_parquet(model: Any, names_from: str | None) -> None:
+    """A DataFrame pipeline's integer and flag columns, from a Parquet file's types (scikit-learn does
+    not record whether a numeric column held integers; a CSV cannot say)."""
+    if not names_from or Path(names_from).suffix.lower() not in (".parquet", ".pq") or not hasattr(model, "retyped"):
+        return
+    from device_agent.tabular import TableError, parquet_column_types
+
+    try:
+        model.retyped(parquet_column_types(names_from))
+    except TableError as exc:
+        raise DataError(exc.problem, exc.fix, path=names_from) from exc
 
 
 def _search_plan(

@@ -46,7 +46,7 @@ def register(cli: click.Group) -> None:
     "--names-from",
     type=click.Path(dir_okay=False),
     help="A data file whose header (or .npz feature_names) names the model's columns in training order, "
-    "for a model that knows none.",
+    "for a model that knows none; a .parquet file also types a DataFrame pipeline's integer and flag columns.",
 )
 @click.option("--label", help="Label column of CSV data (default: a column named label, target or y).")
 @click.option(
