@@ -146,27 +146,25 @@ def shifted_windows(base, ordered, held, cats, shifts, tally, rng, prefix: str =
 
 
 def category_windows(base, cats, tally, rng) -> None:
-    """10 % of a 500-row window's rows, drawn from the other categories, moved into each category in turn."""
+    """50 of a 500-row window's rows (10 %) moved into a category: drawn from all the others, into each
+    category in turn (``cat_``), and from one category to another (``pair_``, the issue's case)."""
     pick = cats[1][rng.choice(len(cats[1]), 500, replace=False)]
-    baseline = base.features[-1]
     for k, target in enumerate(CATEGORIES):
-        moved = pick.copy()
-        others = np.flatnonzero(moved != target)
-        moved[rng.choice(others, min(50, len(others)), replace=False)] = target
-        window = baseline.empty_like()
-        window.update(moved)
-        comparison = drift.compare_sketches(baseline, window)
-        tally["cat_detected"][k] += drift.is_drifted(comparison, drift.feature_alpha(base, ALPHA), MIN_PSI)
-        tally["cat_ks_detected"][k] += chi2_flags(cats[0], moved, len(base.features))
-    for k, (source, target) in enumerate(CATEGORY_PAIRS):  # the issue's case: 50 rows of one category become another
-        moved = pick.copy()
-        sources = np.flatnonzero(moved == source)
-        moved[rng.choice(sources, min(50, len(sources)), replace=False)] = target
-        window = baseline.empty_like()
-        window.update(moved)
-        comparison = drift.compare_sketches(baseline, window)
-        tally["pair_detected"][k] += drift.is_drifted(comparison, drift.feature_alpha(base, ALPHA), MIN_PSI)
-        tally["pair_ks_detected"][k] += chi2_flags(cats[0], moved, len(base.features))
+        _moved_window(base, cats, tally, rng, pick, "cat_", k, pick != target, target)
+    for k, (source, target) in enumerate(CATEGORY_PAIRS):
+        _moved_window(base, cats, tally, rng, pick, "pair_", k, pick == source, target)
+
+
+def _moved_window(base, cats, tally, rng, pick, prefix: str, k: int, movable: np.ndarray, target: str) -> None:
+    moved = pick.copy()
+    candidates = np.flatnonzero(movable)
+    moved[rng.choice(candidates, min(50, len(candidates)), replace=False)] = target
+    baseline = base.features[-1]
+    window = baseline.empty_like()
+    window.update(moved)
+    comparison = drift.compare_sketches(baseline, window)
+    tally[f"{prefix}detected"][k] += drift.is_drifted(comparison, drift.feature_alpha(base, ALPHA), MIN_PSI)
+    tally[f"{prefix}ks_detected"][k] += chi2_flags(cats[0], moved, len(base.features))
 
 
 def run_trials(dataset: str, trials: int, seed: int) -> dict:

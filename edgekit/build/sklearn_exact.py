@@ -33,6 +33,7 @@ import numpy as np
 
 from device_agent.schema import InputSchema
 from edgekit.build.booster_export import NOTE_PREFIX
+from edgekit.models.columns import HIST_TREES, SKLEARN_TREES
 
 # skl2onnx's element types by the name edgekit's schema uses
 _TENSOR_TYPES = {
@@ -42,17 +43,6 @@ _TENSOR_TYPES = {
     "bool": "BooleanTensorType",
     "string": "StringTensorType",
 }
-SKLEARN_TREES = (
-    "DecisionTreeClassifier",
-    "DecisionTreeRegressor",
-    "RandomForestClassifier",
-    "RandomForestRegressor",
-    "ExtraTreesClassifier",
-    "ExtraTreesRegressor",
-    "GradientBoostingClassifier",
-    "GradientBoostingRegressor",
-)
-HIST_TREES = ("HistGradientBoostingClassifier", "HistGradientBoostingRegressor")
 TREE_OPS = ("TreeEnsembleClassifier", "TreeEnsembleRegressor", "TreeEnsemble")
 # what ``convert`` reports (``booster_export.precision_notes`` reads it off the tree node)
 SKLEARN_TREE_NOTE = "trees fed float64, rounded to float32 as scikit-learn's trees do, thresholds in float64"

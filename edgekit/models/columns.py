@@ -27,7 +27,8 @@ from device_agent.columns import Column
 
 ENCODERS = ("OneHotEncoder", "OrdinalEncoder")
 IMPUTERS = ("SimpleImputer", "KNNImputer", "IterativeImputer")
-TREE_ENSEMBLES = (
+# scikit-learn's own trees cast inputs to float32; HistGradientBoosting compares float64 (build/sklearn_exact.py)
+SKLEARN_TREES = (
     "DecisionTreeClassifier",
     "DecisionTreeRegressor",
     "RandomForestClassifier",
@@ -36,13 +37,9 @@ TREE_ENSEMBLES = (
     "ExtraTreesRegressor",
     "GradientBoostingClassifier",
     "GradientBoostingRegressor",
-    "HistGradientBoostingClassifier",
-    "HistGradientBoostingRegressor",
-    "XGBClassifier",
-    "XGBRegressor",
-    "LGBMClassifier",
-    "LGBMRegressor",
 )
+HIST_TREES = ("HistGradientBoostingClassifier", "HistGradientBoostingRegressor")
+TREE_ENSEMBLES = (*SKLEARN_TREES, *HIST_TREES, "XGBClassifier", "XGBRegressor", "LGBMClassifier", "LGBMRegressor")
 
 
 def column_transformer(estimator: Any) -> Any | None:
