@@ -30,7 +30,8 @@ from .monitor import ClosedWindow
 from .profile import Profile
 
 TOPIC_ROOT = "edgekit/v1"
-# 2: quality gains unseen_rate; a categorical column's compact sketch is [counts, nulls, unseen]
+# 2: quality gains unseen_rate; a categorical column's compact sketch is [counts, nulls, unseen];
+# a feature's drift entry carries "drifted" only when true
 # (per-column shares: column_quality). Collectors read version 1 too.
 SUMMARY_SCHEMA = "edgekit.summary/2"
 READABLE_SUMMARY_SCHEMAS = ("edgekit.summary/1", SUMMARY_SCHEMA)
@@ -178,7 +179,7 @@ def build_summary(
         "seq": seq,
         "rows": profile.rows,
         "window": {"start": iso(window.start), "end": iso(window.end)},
-        "drift": window.drift,
+        "drift": _wire_drift(window.drift),
         "predictions": _predictions(profile),
         "quality": _quality(profile),
         "latency": _latency(window.latencies_ms),
@@ -192,6 +193,18 @@ def build_summary(
         else None,
         "profile": profile.to_compact(),
     }
+
+
+def _wire_drift(drift: dict[str, Any]) -> dict[str, Any]:
+    """The window's drift report as sent: a feature's ``drifted`` only when true (summary/2), which
+    keeps a 64-feature summary within 128 bytes a feature; readers take a missing flag as false."""
+    features = drift.get("features")
+    if not features:
+        return drift
+    slim = {
+        name: v if v.get("drifted") else {k: x for k, x in v.items() if k != "drifted"} for name, v in features.items()
+    }
+    return {**drift, "features": slim}
 
 
 def _predictions(profile: Profile) -> dict[str, Any]:

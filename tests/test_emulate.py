@@ -50,7 +50,7 @@ def test_emulated_fleet_reports_and_only_drifted_devices_are_flagged(
     )
     drifted = collector.of("emu-00")
     clean = collector.of("emu-01")
-    assert all(s["drift"]["features"]["pixel_2_4"]["drifted"] for s in drifted if s["rows"] >= 300)
+    assert all(s["drift"]["features"]["pixel_2_4"].get("drifted") for s in drifted if s["rows"] >= 300)
     assert sum(bool(s["drift"]["drifted"]) for s in clean if s["rows"] >= 300) <= 1
     assert collector.states["emu-00"]["online"] is False  # stopped cleanly: the retained state says so
     collector.close()

@@ -29,10 +29,10 @@ def render_device(device: str, summaries: list[dict[str, Any]], columns: dict[st
     latest = summaries[-1]
     rows = "".join(
         f"<tr><td>{html.escape(f)}</td><td>{v['psi']:.4f}</td><td>{v['ks']:.4f}</td><td>{v['js']:.4f}</td>"
-        f"<td class='{'bad' if v['drifted'] else 'ok'}'>{'yes' if v['drifted'] else 'no'}</td></tr>"
-        for f, v in sorted(latest["drift"]["features"].items(), key=lambda kv: (not kv[1]["drifted"], -kv[1]["psi"]))[
-            :15
-        ]
+        f"<td class='{'bad' if v.get('drifted') else 'ok'}'>{'yes' if v.get('drifted') else 'no'}</td></tr>"
+        for f, v in sorted(
+            latest["drift"]["features"].items(), key=lambda kv: (not kv[1].get("drifted"), -kv[1]["psi"])
+        )[:15]
     )
     model = f"model {html.escape(latest['model']['name'])} v{latest['model']['version']}"
     header = "<tr><th>feature</th><th>PSI</th><th>KS</th><th>JS</th><th>drifted</th></tr>"
