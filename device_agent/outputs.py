@@ -42,6 +42,8 @@ class OutputSpec:
     label_output: str | None = None
     probabilities_output: str | None = None
     value_output: str | None = None
+    # a classifier whose probabilities are shares of votes (a forest): exact ties go to the first class
+    ties_to_first: bool = False
 
     def __post_init__(self) -> None:
         if self.task not in (CLASSIFICATION, REGRESSION):
@@ -53,6 +55,8 @@ class OutputSpec:
             doc.update(
                 labels=list(self.labels), label_output=self.label_output, probabilities_output=self.probabilities_output
             )
+            if self.ties_to_first:  # written only when set: a spec without it reads as it always did
+                doc["ties_to_first"] = True
         else:
             doc.update(value_output=self.value_output)
         return doc
@@ -65,6 +69,7 @@ class OutputSpec:
             label_output=doc.get("label_output"),
             probabilities_output=doc.get("probabilities_output"),
             value_output=doc.get("value_output"),
+            ties_to_first=bool(doc.get("ties_to_first", False)),
         )
 
     def interpret(self, raw: dict[str, np.ndarray]) -> Prediction:
@@ -78,7 +83,7 @@ class OutputSpec:
                 probabilities = probabilities.reshape(len(probabilities), -1)
         if self.label_output is not None:
             labels = raw[self.label_output].ravel()
-            if probabilities is not None and len(self.labels) == probabilities.shape[1] > 1:
+            if self.ties_to_first and probabilities is not None and len(self.labels) == probabilities.shape[1] > 1:
                 labels = _ties_to_the_first_class(labels, probabilities, self.labels)
         else:
             # A bare scores tensor: the label is the class with the highest score.

@@ -208,6 +208,7 @@ def _sklearn_output_spec(estimator: Any) -> OutputSpec:
             labels=labels,
             label_output="label",
             probabilities_output="probabilities" if hasattr(estimator, "predict_proba") else None,
+            ties_to_first=has_tree_ensemble(estimator),
         )
     return OutputSpec(REGRESSION, value_output="variable")
 
