@@ -4,7 +4,8 @@ A baseline keeps its ``top`` most frequent categories as bins plus one "other" s
 missing values apart. Drift is the same chi-square test as for numeric bins (``drift.py``): a
 shift that moves 10 % of rows from one category to another changes two bins' counts.
 
-``unseen`` counts values the baseline never saw at all, which is what a data-quality alert wants:
+``unseen`` counts values the baseline never saw at all, which is what a data-quality alert wants
+(not counted for a column the model drops, nor past ``MAX_KNOWN`` distinct values, where it cannot be told):
 a new country code in production is news even when "other" already held rare known ones. The
 baseline remembers every value it saw (``known``, at most ``MAX_KNOWN``) only when there are more
 of them than bins; otherwise the bins are the whole vocabulary and "other" is exactly unseen.
@@ -35,6 +36,7 @@ class CategoricalSketch:
     nulls: int = 0
     known: list[Any] | None = None  # the whole baseline vocabulary, when it is larger than ``categories``
     unseen: int = 0
+    tracks_unseen: bool = True  # False for a column the model drops (an id): every value is new, and no news
     _index: dict[Any, int] = field(default=None, repr=False, compare=False)  # type: ignore[assignment]
     _known: frozenset[Any] | None = field(default=None, repr=False, compare=False)
 
@@ -68,12 +70,22 @@ class CategoricalSketch:
             categories = [by_key[unique[i]] for i in order[:top]]
             if top < len(order) <= MAX_KNOWN:
                 known = sorted((by_key[u] for u in unique), key=str)
+            elif len(order) > MAX_KNOWN:  # too many to remember: "unseen" cannot be told, so it is not counted
+                return cls.unused(name, values, categories=[_json_scalar(c) for c in categories])
         sketch = cls(name, [_json_scalar(c) for c in categories], known=known)
         sketch.update(values)
         return sketch
 
+    @classmethod
+    def unused(cls, name: str, values: Sequence[Any], categories: Sequence[Any] = ()) -> CategoricalSketch:
+        """A sketch that counts no unseen values: a column the model drops (no categories: nothing to
+        drift), or one with more distinct values than ``MAX_KNOWN`` (its top categories still drift)."""
+        sketch = cls(name, list(categories), tracks_unseen=False)
+        sketch.update(values)
+        return sketch
+
     def empty_like(self) -> CategoricalSketch:
-        return CategoricalSketch(self.name, self.categories, known=self.known)
+        return CategoricalSketch(self.name, self.categories, known=self.known, tracks_unseen=self.tracks_unseen)
 
     @property
     def count(self) -> int:
@@ -81,7 +93,7 @@ class CategoricalSketch:
 
     def update(self, values: Iterable[Any]) -> None:
         array = np.asarray(values)
-        if array.dtype.kind in "iu" and all(isinstance(c, int) for c in self.categories):
+        if array.dtype.kind in "iu" and self.categories and all(isinstance(c, int) for c in self.categories):
             self._update_integers(array.ravel())
             return
         other = len(self.categories)
@@ -92,7 +104,7 @@ class CategoricalSketch:
             key = _category_key(value)
             slot = self._index.get(key, other)
             self.counts[slot] += 1
-            if slot == other and (self._known is None or key not in self._known):
+            if slot == other and self.tracks_unseen and (self._known is None or key not in self._known):
                 self.unseen += 1
 
     def _update_integers(self, values: np.ndarray) -> None:
@@ -105,12 +117,15 @@ class CategoricalSketch:
         slots = np.where(known, order[position], len(categories))
         self.counts += np.bincount(slots, minlength=len(self.counts))
         others = values[~known]
-        self.unseen += sum(1 for v in others.tolist() if self._known is None or v not in self._known)
+        if self.tracks_unseen:
+            self.unseen += sum(1 for v in others.tolist() if self._known is None or v not in self._known)
 
     def definition(self) -> dict[str, Any]:
         doc = {"name": self.name, "kind": self.kind, "categories": self.categories}
         if self.known is not None:  # absent for a vocabulary the bins hold whole: older definitions read the same
             doc["known"] = self.known
+        if not self.tracks_unseen:
+            doc["unused"] = True
         return doc
 
     def merge(self, other: CategoricalSketch) -> None:
@@ -134,6 +149,7 @@ class CategoricalSketch:
             nulls=int(doc.get("nulls", 0)),
             known=doc.get("known"),
             unseen=int(doc.get("unseen", 0)),
+            tracks_unseen=not doc.get("unused", False),
         )
 
     def compact(self) -> list[Any]:

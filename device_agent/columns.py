@@ -23,8 +23,8 @@ import numpy as np
 
 from .errors import InputError, SchemaError
 
-COLUMN_DTYPES = ("float32", "float64", "int64", "bool", "string")
-COLUMN_KINDS = ("numeric", "categorical")
+COLUMN_DTYPES = ("float32", "float64", "int64", "bool", "string", "any")  # any: a column the model drops
+COLUMN_KINDS = ("numeric", "categorical", "unused")
 FEED_DTYPES = {"float32": np.float32, "float64": np.float64, "int64": np.int64, "bool": np.bool_, "string": object}
 _WHAT = {
     "float32": "a number",
@@ -32,6 +32,7 @@ _WHAT = {
     "int64": "a whole number",
     "bool": "true or false",
     "string": "a string",
+    "any": "a string, a number, true, false or null",
 }
 
 
@@ -102,7 +103,7 @@ class ColumnChecker:
         for j, column in enumerate(self.columns):
             types = set(map(type, cells[j]))
             if types <= self.plain[j]:
-                if float in types:
+                if float in types and column.dtype != "any":
                     floats.append(j)
             else:
                 fixed[j] = _checked_column(column, list(cells[j]), source)
@@ -116,11 +117,11 @@ class ColumnChecker:
         return table
 
     def _plain_row(self, row: Any) -> bool:
-        """One row whose every cell is of a plain type and every float finite."""
+        """One row whose every cell is of a plain type and every number finite and within float32's range."""
         for value, plain in zip(row, self.plain, strict=True):
             kind = type(value)
-            if kind not in plain or (kind is float and not math.isfinite(value)):
-                return False
+            if kind not in plain or ((kind is float or kind is int) and not -F32_MAX <= value <= F32_MAX):
+                return False  # NaN fails the comparison too: the slow path decides
         return True
 
     def _as_rows(self, rows: Any, source: str) -> list[Any]:
@@ -145,6 +146,14 @@ class ColumnChecker:
 
     def feed(self, table: np.ndarray) -> dict[str, np.ndarray]:
         """The runtime's inputs: one ``[rows, 1]`` array per fed column, of the model's element type."""
+        try:
+            return self._feed(table)
+        except (ValueError, OverflowError, TypeError) as exc:  # a value no check foresaw: the client's, not a 500
+            raise InputError(
+                f"a value does not fit the model's inputs ({exc})", "send values of each column's type"
+            ) from exc
+
+    def _feed(self, table: np.ndarray) -> dict[str, np.ndarray]:
         feed = {}
         rows = len(table)
         for dtype, (index, names) in self.groups.items():
@@ -165,16 +174,29 @@ _PLAIN_TYPES = {
     "int64": frozenset({int}),
     "float32": frozenset({float, int}),
     "float64": frozenset({float, int}),
+    "any": frozenset({str, float, int, bool, type(None)}),
 }
 
 
-def _all_finite(columns: list[tuple[Any, ...]]) -> bool:
-    return bool(np.isfinite(np.array(columns, dtype=np.float64)).all())
+F32_MAX = float(np.finfo(np.float32).max)
+
+
+def _all_finite(columns: list[tuple[Any, ...]], limit: float = F32_MAX) -> bool:
+    """Every value finite and within float32's range (so any feed holds it): else the slow path says which."""
+    try:
+        values = np.array(columns, dtype=np.float64)
+    except OverflowError:
+        return False
+    return bool(np.isfinite(values).all() and (np.abs(values) <= limit).all())
 
 
 def _checked_column(column: Column, values: list[Any], source: str) -> list[Any]:
     """The column's values, NaN or None for missing ones, or the first bad cell's ``InputError``."""
     types = set(map(type, values))  # one pass in C: the usual request needs no per-cell look
+    if column.dtype == "any":  # dropped by the model: any JSON scalar; a numpy scalar as the Python one
+        if types <= _PLAIN_TYPES["any"]:
+            return values
+        return [_any_cell(column, v, r, source) for r, v in enumerate(values)]
     if column.dtype == "string":
         if types <= {str}:
             return values
@@ -185,20 +207,34 @@ def _checked_column(column: Column, values: list[Any], source: str) -> list[Any]
         allowed = {bool, np.bool_, int, np.int64}
     else:
         numbers = types <= {float, int} and (types == {int} or column.dtype != "int64")
-        if numbers and (float not in types or _finite(values, column.nullable)):
+        limit = F32_MAX if column.feed == "float32" else math.inf
+        if numbers and (float not in types or _finite(values, column.nullable, limit)):
             return values
         allowed = {float, int, np.float64, np.float32, np.int64, np.int32}
     return [_checked_cell(column, v, r, source, allowed) for r, v in enumerate(values)]
 
 
-def _finite(values: list[Any], nan_allowed: bool) -> bool:
-    array = np.asarray(values, dtype=np.float64)
-    return bool(np.isfinite(array).all() or (nan_allowed and not np.isinf(array).any()))
+def _finite(values: list[Any], nan_allowed: bool, limit: float = math.inf) -> bool:
+    try:
+        array = np.asarray(values, dtype=np.float64)
+    except OverflowError:
+        return False
+    finite = np.isfinite(array)
+    within = bool((np.abs(array[finite]) <= limit).all())
+    return within and bool(finite.all() or (nan_allowed and not np.isinf(array).any()))
+
+
+def _any_cell(column: Column, value: Any, r: int, source: str) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    raise _wrong_type(column, value, f"{source} row {r}, column {column.name!r}", r)
 
 
 def _checked_cell(column: Column, value: Any, r: int, source: str, allowed: set[type]) -> Any:
     where = f"{source} row {r}, column {column.name!r}"
-    missing = value is None or (isinstance(value, float) and math.isnan(value))
+    missing = value is None or (isinstance(value, (float, np.floating)) and math.isnan(value))
     if missing:
         if not column.nullable:
             raise InputError(
@@ -216,13 +252,23 @@ def _checked_cell(column: Column, value: Any, r: int, source: str, allowed: set[
         return bool(value)
     if column.dtype == "string":
         return value
-    if isinstance(value, float) and math.isinf(value):
-        raise InputError(f"{where}: infinite", "send a finite number", row=r, column=column.name)
+    try:
+        number = float(value)
+    except OverflowError:  # an integer past any float
+        number = math.inf
+    limit = F32_MAX if column.feed == "float32" else math.inf
+    if math.isinf(number) or abs(number) > limit:
+        raise InputError(
+            f"{where}: {_shown(value)} is infinite or too large for the model's {column.feed} input",
+            f"send a finite number within ±{limit:.3g}",
+            row=r,
+            column=column.name,
+        )
     if column.dtype == "int64":
-        if not float(value).is_integer():
+        if not number.is_integer() or (column.feed == "int64" and abs(int(value)) >= 2**63):
             raise _wrong_type(column, value, where, r)
         return int(value)
-    return float(value)
+    return number
 
 
 def _wrong_type(column: Column, value: Any, where: str, r: int) -> InputError:

@@ -427,12 +427,14 @@ def build_baseline(
     per column; all numeric when absent) picks each column's sketch; typed columns come as an
     object array.
     """
-    rows = np.asarray(rows, dtype=object if kinds and "categorical" in kinds else np.float64)
+    rows = np.asarray(rows, dtype=object if kinds and set(kinds) - {"numeric"} else np.float64)
     if rows.ndim != 2 or rows.shape[1] != len(feature_names):
         raise ProfileError(f"baseline rows of shape {rows.shape} do not match {len(feature_names)} feature names")
     kinds = kinds or ("numeric",) * len(feature_names)
     features: list[Sketch] = [
-        CategoricalSketch.from_values(name, rows[:, i])
+        CategoricalSketch.unused(name, rows[:, i])
+        if kind == "unused"
+        else CategoricalSketch.from_values(name, rows[:, i])
         if kind == "categorical"
         else NumericSketch.from_values(name, rows[:, i].astype(np.float64), bins)
         for i, (name, kind) in enumerate(zip(feature_names, kinds, strict=True))

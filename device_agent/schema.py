@@ -46,7 +46,7 @@ class InputSchema:
             input_name="",
             feature_names=tuple(c.name for c in columns),
             dtype="float64",
-            allow_nan=any(c.nullable for c in columns),
+            allow_nan=any(c.nullable and c.feed is not None for c in columns),
             columns=columns,
         )
 

@@ -175,7 +175,12 @@ def _string_cell(cell: str) -> str | None:
     return cell if cell != "" else None  # only the empty field: "NA", "null" may be real categories
 
 
+def _any_cell(cell: str) -> str | None:
+    return cell if cell != "" else None  # a column the model drops: kept as text
+
+
 _CELL_PARSERS = {
+    "any": _any_cell,
     "float32": _number_cell,
     "float64": _number_cell,
     "int64": _integer_cell,

@@ -179,7 +179,7 @@ def test_http_takes_instances_and_the_columnar_inputs_form(agent):
         ({"age": [1, 2], **{n: [ROW[n]] for n in ROW if n != "age"}}, "columns differ in length"),
         ({n: [ROW[n]] for n in ROW if n != "plan"}, "lacks the columns 'plan'"),
         ([{**ROW, "autopay": True}], "column 'autopay': expected a number, got true"),
-        ([{**ROW, "monthly_charges": float("inf")}], "column 'monthly_charges': infinite"),
+        ([{**ROW, "monthly_charges": float("inf")}], "column 'monthly_charges': inf is infinite"),
     ],
 )
 def test_bad_input_is_refused_by_row_and_column(agent, rows, message):
@@ -376,3 +376,112 @@ def test_a_parquet_file_types_the_integer_columns_scikit_learn_does_not_record(t
     with pytest.raises(InputError, match="row 0, column 'age': expected a whole number, got 41.5"):
         schema.check([{**ROW, "age": 41.5}], source="request")
     assert schema.check([{**ROW, "age": 41.0}])[0, 0] == 41  # a whole float is the integer it names
+
+
+def _small_frame(rows=400):
+    rng = np.random.default_rng(0)
+    frame = pandas.DataFrame(
+        {
+            "id": [f"c{i}" for i in range(rows)],
+            "age": rng.integers(18, 80, rows).astype(float),
+            "rooms": rng.integers(1, 5, rows),
+            "income": rng.normal(5e4, 1e4, rows),
+        }
+    )
+    return frame, (frame["age"] > 40).astype(int)
+
+
+def _converted(tmp_path, pipeline, name):
+    import joblib
+
+    from edgekit.build.convert import convert_model
+    from edgekit.models.loading import load_model
+
+    joblib.dump(pipeline, tmp_path / f"{name}.joblib")
+    convert_model(str(tmp_path / f"{name}.joblib"), str(tmp_path / f"{name}.onnx"))
+    return load_model(tmp_path / f"{name}.onnx")
+
+
+def test_scikit_learns_own_trees_refuse_nan_their_onnx_would_route_otherwise(tmp_path):
+    """skl2onnx drops a forest's learned NaN routing, so NaN is refused unless the pipeline imputes it."""
+    from sklearn.compose import ColumnTransformer
+    from sklearn.ensemble import RandomForestClassifier
+    from sklearn.pipeline import Pipeline
+
+    frame, target = _small_frame()
+    pre = ColumnTransformer([("num", "passthrough", ["age", "income"])])
+    model = _converted(tmp_path, Pipeline([("pre", pre), ("m", RandomForestClassifier(10))]).fit(frame, target), "rf")
+    assert not model.input.allow_nan
+    with pytest.raises(InputError, match="column 'age': a missing value, and the model does not impute"):
+        model.input.check([{"id": "x", "age": None, "rooms": 1, "income": 1.0}])
+
+
+def test_a_dropped_string_id_is_accepted_as_sent_and_never_drifts(tmp_path, keypair):
+    from sklearn.compose import ColumnTransformer
+    from sklearn.impute import SimpleImputer
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import Pipeline, make_pipeline
+    from sklearn.preprocessing import OneHotEncoder, StandardScaler
+
+    from edgekit.bundle.package import build_bundle
+
+    frame, target = _small_frame()
+    rooms = make_pipeline(SimpleImputer(strategy="most_frequent"), OneHotEncoder())
+    pre = ColumnTransformer([("cat", rooms, ["rooms"]), ("num", StandardScaler(), ["age"])])
+    model = _converted(tmp_path, Pipeline([("pre", pre), ("m", LogisticRegression())]).fit(frame, target), "lr")
+    kinds = {c.name: (c.kind, c.nullable, c.feed) for c in model.input.columns}
+    assert kinds["id"] == ("unused", True, None) and kinds["income"] == ("unused", True, None)
+    assert kinds["rooms"] == ("categorical", False, "int64")  # an integer feed holds no missing value
+    frame.assign(label=target).to_csv(tmp_path / "train.csv", index=False)
+    report = validate(
+        str(tmp_path / "lr.onnx"), reference_path=str(tmp_path / "lr.joblib"), data_path=str(tmp_path / "train.csv")
+    )
+    assert report["agreement"] == 1.0
+    bundle = tmp_path / "lr.edgebundle"
+    build_bundle(
+        str(tmp_path / "lr.onnx"),
+        name="lr",
+        version=1,
+        baseline_path=str(tmp_path / "train.csv"),
+        label="label",
+        key_path=str(keypair[0]),
+        output=str(bundle),
+    )
+    config = make_device(tmp_path / "dev", bundle, keypair[1], window_rows=100, http=False)
+    with Agent(config_of(config)).start(http=False) as agent:
+        rows = [{"id": f"new{i}", "age": 30.0, "rooms": 2, "income": None} for i in range(100)]
+        agent.predict(rows)
+        agent.monitor.process()
+        summary = agent.last_summary
+    assert summary["quality"]["unseen_rate"] == 0 and not summary["drift"]["features"]["id"].get("drifted")
+
+
+@pytest.mark.parametrize(
+    "cell, message",
+    [
+        (1e300, "too large for the model's float32 input"),
+        (10**400, "does not fit the model's inputs"),
+        (np.float32("nan"), "a missing value"),
+    ],
+)
+def test_values_no_feed_can_hold_are_refused_not_answered(tmp_path, cell, message):
+    from sklearn.compose import ColumnTransformer
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import Pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    frame, target = _small_frame()
+    pre = ColumnTransformer([("num", StandardScaler(), ["age", "income"])])
+    model = _converted(tmp_path, Pipeline([("pre", pre), ("m", LogisticRegression())]).fit(frame, target), "lr")
+    with pytest.raises(InputError, match=message):
+        model.input.feed(model.input.check([["x", 30.0, 1, cell]]))
+
+
+def test_a_column_of_more_values_than_remembered_counts_no_unseen():
+    from device_agent.categories import MAX_KNOWN, CategoricalSketch
+
+    values = [f"zip{i}" for i in np.random.default_rng(0).integers(0, MAX_KNOWN + 1000, 30_000)]
+    baseline = CategoricalSketch.from_values("zip", values)
+    window = baseline.empty_like()
+    window.update(values[:500])
+    assert window.unseen == 0 and len(baseline.categories) == 20

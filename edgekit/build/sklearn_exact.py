@@ -82,7 +82,7 @@ def _registered(cls: type) -> Callable[..., Any]:
 
 
 def _imputer(scope: Any, operator: Any, container: Any) -> None:
-    from skl2onnx.common.data_types import DoubleTensorType, StringTensorType
+    from skl2onnx.common.data_types import DoubleTensorType, Int64TensorType, StringTensorType
     from skl2onnx.operator_converters.imputer_op import convert_sklearn_imputer
 
     op = operator.raw_operator
@@ -97,6 +97,15 @@ def _imputer(scope: Any, operator: Any, container: Any) -> None:
             operator.raw_operator = op
     elif isinstance(input_type, DoubleTensorType) and _is_nan(op.missing_values):
         _double_imputer(scope, operator, container, op.statistics_)
+    elif isinstance(input_type, Int64TensorType) and _is_nan(op.missing_values):
+        # an integer input holds no NaN (the agent refuses a missing value there): nothing to impute,
+        # where skl2onnx would cast NaN to an integer and compare with that
+        from skl2onnx.operator_converters.common import concatenate_variables
+
+        features = concatenate_variables(scope, operator.inputs, container)
+        container.add_node(
+            "Identity", [features], [operator.outputs[0].full_name], name=scope.get_unique_operator_name("Identity")
+        )
     else:
         convert_sklearn_imputer(scope, operator, container)
 

@@ -39,7 +39,12 @@ SKLEARN_TREES = (
     "GradientBoostingRegressor",
 )
 HIST_TREES = ("HistGradientBoostingClassifier", "HistGradientBoostingRegressor")
-TREE_ENSEMBLES = (*SKLEARN_TREES, *HIST_TREES, "XGBClassifier", "XGBRegressor", "LGBMClassifier", "LGBMRegressor")
+BOOSTERS = ("XGBClassifier", "XGBRegressor", "LGBMClassifier", "LGBMRegressor")
+TREE_ENSEMBLES = (*SKLEARN_TREES, *HIST_TREES, *BOOSTERS)
+# Final estimators whose converted graph routes NaN as the library does. scikit-learn's own trees take
+# NaN too (their allow_nan tag), but skl2onnx drops their learned missing_go_to_left: NaN would go
+# right in ONNX where scikit-learn sends it left, so for them NaN is refused unless imputed.
+NAN_NATIVE = (*HIST_TREES, *BOOSTERS)
 
 
 def column_transformer(estimator: Any) -> Any | None:
@@ -68,7 +73,7 @@ def typed_columns(estimator: Any, dtypes: Mapping[str, str] | None = None) -> tu
         return None
     names = [str(n) for n in ct.feature_names_in_]
     numeric_feed = "float64" if has_tree_ensemble(estimator) else "float32"
-    final_allows_nan = _allows_nan(final_estimator(estimator))
+    final_allows_nan = type(final_estimator(estimator)).__name__ in NAN_NATIVE
     columns: dict[int, Column] = {}
     for branch, indices in _branches(ct):
         steps = _steps(branch)
@@ -78,17 +83,36 @@ def typed_columns(estimator: Any, dtypes: Mapping[str, str] | None = None) -> tu
         for position, index in enumerate(indices):
             name = names[index]
             if branch == "drop":
-                columns[index] = Column(name, (dtypes or {}).get(name, "float64"), "numeric", True, None)
+                columns[index] = unused_column(name)
             elif encoder is not None:
                 dtype = _category_dtype(encoder.categories_[position])
-                columns[index] = Column(name, dtype, "categorical", imputed, _category_feed(dtype))
+                feed = _category_feed(dtype)
+                # an integer feed holds no NaN, and skl2onnx's imputer there looks for an integer
+                columns[index] = Column(name, dtype, "categorical", imputed and feed != "int64", feed)
             else:
                 dtype = (dtypes or {}).get(name, "float64")
                 dtype = dtype if dtype in ("int64", "float32", "float64", "bool") else "float64"
                 columns[index] = Column(name, dtype, "numeric", imputed or nan_through, numeric_feed)
     for index, name in enumerate(names):  # selected by no branch: the remainder was dropped
-        columns.setdefault(index, Column(name, (dtypes or {}).get(name, "float64"), "numeric", True, None))
+        columns.setdefault(index, unused_column(name))
     return tuple(columns[i] for i in range(len(names)))
+
+
+def unused_column(name: str) -> Column:
+    """A column the pipeline drops (often a string id): sent by clients, any scalar, neither fed nor tested."""
+    return Column(name, "any", "unused", True, None)
+
+
+def passes_nan(estimator: Any) -> bool:
+    """Whether a matrix pipeline answers rows with NaN as scikit-learn does: an imputer in it, or a
+    NaN-native final estimator behind steps that all pass NaN through."""
+    steps = (
+        [s for _, s in estimator.steps if s not in (None, "passthrough")]
+        if hasattr(estimator, "steps")
+        else [estimator]
+    )
+    imputed = any(type(s).__name__ in IMPUTERS for s in steps)
+    return all(_allows_nan(s) for s in steps) and (imputed or type(steps[-1]).__name__ in NAN_NATIVE)
 
 
 def _branches(ct: Any) -> list[tuple[Any, list[int]]]:

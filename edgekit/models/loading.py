@@ -24,7 +24,7 @@ from device_agent.outputs import CLASSIFICATION, REGRESSION, OutputSpec, Predict
 from device_agent.runtimes.onnx import OnnxRuntime
 from device_agent.schema import InputSchema
 from edgekit.errors import ModelLoadError, require
-from edgekit.models.columns import has_tree_ensemble, typed_columns
+from edgekit.models.columns import has_tree_ensemble, passes_nan, typed_columns
 from edgekit.models.data import default_feature_names
 
 SKLEARN_SUFFIXES = (".joblib", ".pkl", ".pickle", ".sav")
@@ -215,13 +215,7 @@ def _sklearn_output_spec(estimator: Any) -> OutputSpec:
 
 def _sklearn_allows_nan(estimator: Any) -> bool:
     try:
-        from sklearn.utils import get_tags
-
-        # A Pipeline's own tags never allow NaN (scikit-learn does not combine its steps'); it passes NaN
-        # through when every step does, e.g. a scaler before XGBoost or LightGBM, which route NaN natively.
-        steps = getattr(estimator, "steps", None)
-        steps = [s for _, s in steps if s not in (None, "passthrough")] if steps else [estimator]
-        return all(bool(get_tags(step).input_tags.allow_nan) for step in steps)
+        return passes_nan(estimator)
     except (ImportError, AttributeError):
         return False
 
@@ -313,7 +307,7 @@ def to_frame(X: np.ndarray, columns: Any) -> Any:
     data = {}
     for j, column in enumerate(columns):
         values = X[:, j]
-        if column.dtype == "string":
+        if column.dtype in ("string", "any"):  # any: a column the pipeline drops, kept as it came
             data[column.name] = pandas.Series([np.nan if v is None else v for v in values], dtype=object)
         elif column.dtype == "int64" and not any(isinstance(v, float) for v in values):
             data[column.name] = pandas.Series(values.astype(np.int64))
