@@ -107,7 +107,7 @@ class ColumnChecker:
                     floats.append(j)
             else:
                 fixed[j] = _checked_column(column, list(cells[j]), source)
-        if floats and not _all_finite([cells[j] for j in floats]):
+        if floats and not _finite([cells[j] for j in floats], False, F32_MAX):  # in range for any feed
             for j in floats:  # which column: NaN where it is imputed stays, anything else is refused
                 fixed[j] = _checked_column(self.columns[j], list(cells[j]), source)
         table = np.empty((len(rows), len(self.columns)), dtype=object)
@@ -179,15 +179,6 @@ _PLAIN_TYPES = {
 
 
 F32_MAX = float(np.finfo(np.float32).max)
-
-
-def _all_finite(columns: list[tuple[Any, ...]], limit: float = F32_MAX) -> bool:
-    """Every value finite and within float32's range (so any feed holds it): else the slow path says which."""
-    try:
-        values = np.array(columns, dtype=np.float64)
-    except OverflowError:
-        return False
-    return bool(np.isfinite(values).all() and (np.abs(values) <= limit).all())
 
 
 def _checked_column(column: Column, values: list[Any], source: str) -> list[Any]:

@@ -114,14 +114,9 @@ class InputSchema:
         Rows come as lists in the schema's order, objects keyed by column name, the columnar form
         (one list per column name), a 2-D array, or a DataFrame (any object with ``to_dict("list")``
         and ``columns``: device_agent never imports pandas)."""
-        if hasattr(rows, "columns") and hasattr(rows, "to_dict") and not isinstance(rows, dict):
-            rows = {str(k): v for k, v in rows.to_dict("list").items()}
-        if isinstance(rows, dict) and rows and all(isinstance(v, list) for v in rows.values()):
-            rows = rows_from_columnar(rows, self.feature_names, source)
-        if self.columns is not None:
-            return self._check_columns(rows, source)
         if (
-            isinstance(rows, np.ndarray)
+            self.columns is None
+            and isinstance(rows, np.ndarray)
             and rows.ndim == 2
             and rows.dtype == self._np_dtype
             and rows.shape[1] == self.width
@@ -129,6 +124,12 @@ class InputSchema:
             and math.isfinite(rows.sum())
         ):
             return rows  # the fast path an embedding app hits on every call: one sum tells "all finite"
+        if hasattr(rows, "columns") and hasattr(rows, "to_dict") and not isinstance(rows, dict):
+            rows = {str(k): v for k, v in rows.to_dict("list").items()}
+        if isinstance(rows, dict) and rows and all(isinstance(v, list) for v in rows.values()):
+            rows = rows_from_columnar(rows, self.feature_names, source)
+        if self.columns is not None:
+            return self._check_columns(rows, source)
         if isinstance(rows, dict):
             example = f"[{{{_preview_keys(self.feature_names)}}}] or [[{self.width} numbers in that order]]"
             raise InputError(f"{source} is one object, not a list of rows", f"send a list of rows: {example}")

@@ -30,18 +30,18 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench_report import print_checks, write_json  # noqa: E402  (beside this script)
+from bench_report import print_checks, write_json
 
-from device_agent import Agent  # noqa: E402
-from device_agent.config import parse_config  # noqa: E402
-from device_agent.drift import drift_report, exact_psi  # noqa: E402
-from device_agent.profile import build_baseline  # noqa: E402
-from device_agent.signing import load_public_key  # noqa: E402
-from device_agent.state import StateDir  # noqa: E402
-from edgekit.build.convert import convert_model  # noqa: E402
-from edgekit.bundle.keys import generate_keypair  # noqa: E402
-from edgekit.bundle.package import build_bundle  # noqa: E402
-from edgekit.local.fixtures import fixtures_usable, make_fixtures  # noqa: E402
+from device_agent import Agent
+from device_agent.config import parse_config
+from device_agent.drift import drift_report, exact_psi
+from device_agent.profile import build_baseline
+from device_agent.signing import load_public_key
+from device_agent.state import StateDir
+from edgekit.build.convert import convert_model
+from edgekit.bundle.keys import generate_keypair
+from edgekit.bundle.package import build_bundle
+from edgekit.local.fixtures import fixtures_usable, make_fixtures
 
 TARGETS = {
     "b1_ratio_max": 1.15,

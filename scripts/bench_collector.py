@@ -33,14 +33,14 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench_report import print_checks, write_json  # noqa: E402  (beside this script)
+from bench_report import print_checks, write_json
 
-from device_agent.drift import drift_report  # noqa: E402
-from device_agent.monitor import ClosedWindow  # noqa: E402
-from device_agent.profile import build_baseline  # noqa: E402
-from device_agent.protocol import build_summary  # noqa: E402
-from edgekit.fleet.ingest import Ingestor, Message  # noqa: E402
-from edgekit.fleet.store import SqliteStore  # noqa: E402
+from device_agent.drift import drift_report
+from device_agent.monitor import ClosedWindow
+from device_agent.profile import build_baseline
+from device_agent.protocol import build_summary
+from edgekit.fleet.ingest import Ingestor, Message
+from edgekit.fleet.store import SqliteStore
 
 DEVICES = 1000
 FEATURES = 64

@@ -39,10 +39,10 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench_report import write_json  # noqa: E402  (beside this script)
+from bench_report import write_json
 
-from device_agent import drift  # noqa: E402
-from device_agent.profile import LATENCY_CUTS_MS, CategoricalSketch, NumericSketch, Profile  # noqa: E402
+from device_agent import drift
+from device_agent.profile import LATENCY_CUTS_MS, CategoricalSketch, NumericSketch, Profile
 
 TARGETS = {"false_alarm_max": 0.01, "detection_min": 0.95}
 ALPHA = drift.DEFAULT_DRIFT_THRESHOLDS["alpha"]

@@ -25,14 +25,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import numpy as np  # noqa: E402
+import numpy as np
 
-from edgekit.build.convert import QuantizeOptions, convert_model  # noqa: E402
-from edgekit.build.validate import validate  # noqa: E402
-from edgekit.errors import NotQuantizableError  # noqa: E402
-from edgekit.local.fixtures import FIXTURES, fixtures_usable, make_fixtures  # noqa: E402
-from edgekit.models.latency import batches_from, measure  # noqa: E402
-from edgekit.models.loading import load_model  # noqa: E402
+from edgekit.build.convert import QuantizeOptions, convert_model
+from edgekit.build.validate import validate
+from edgekit.errors import NotQuantizableError
+from edgekit.local.fixtures import FIXTURES, fixtures_usable, make_fixtures
+from edgekit.models.latency import batches_from, measure
+from edgekit.models.loading import load_model
 
 TARGETS = {
     "tflite_agreement_min": 0.995,

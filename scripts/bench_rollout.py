@@ -45,18 +45,18 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench_report import print_checks, write_json  # noqa: E402  (beside this script)
+from bench_report import print_checks, write_json
 
-from edgekit.build.convert import QuantizeOptions, convert_model  # noqa: E402
-from edgekit.bundle.keys import generate_keypair  # noqa: E402
-from edgekit.bundle.package import build_bundle  # noqa: E402
-from edgekit.fleet.client import CollectorClient  # noqa: E402
-from edgekit.fleet.config import CollectorConfig  # noqa: E402
-from edgekit.fleet.service import FleetService  # noqa: E402
-from edgekit.local.broker import free_port, start_local_broker  # noqa: E402
-from edgekit.local.emulate import EmulatedFleet, prepare_devices  # noqa: E402
-from edgekit.local.fixtures import fixtures_usable, make_fixtures  # noqa: E402
-from edgekit.processes import stop_processes  # noqa: E402
+from edgekit.build.convert import QuantizeOptions, convert_model
+from edgekit.bundle.keys import generate_keypair
+from edgekit.bundle.package import build_bundle
+from edgekit.fleet.client import CollectorClient
+from edgekit.fleet.config import CollectorConfig
+from edgekit.fleet.service import FleetService
+from edgekit.local.broker import free_port, start_local_broker
+from edgekit.local.emulate import EmulatedFleet, prepare_devices
+from edgekit.local.fixtures import fixtures_usable, make_fixtures
+from edgekit.processes import stop_processes
 
 TARGETS = {"rollout_seconds_max": 60.0, "swap_gap_ms_max": 50.0, "bytes_ratio_max": 1.0, "resumed_ratio_max": 1.0}
 FINISHED = ("succeeded", "aborted", "failed")

@@ -44,19 +44,19 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench_report import Check, print_checks, write_json  # noqa: E402  (beside this script)
+from bench_report import Check, print_checks, write_json
 
-from device_agent import Agent  # noqa: E402
-from device_agent.config import load_config  # noqa: E402
-from device_agent.serving import PredictResult  # noqa: E402
-from device_agent.signing import load_public_key  # noqa: E402
-from device_agent.state import StateDir  # noqa: E402
-from device_agent.tabular import read_table  # noqa: E402
-from edgekit.build.convert import convert_model  # noqa: E402
-from edgekit.bundle.keys import generate_keypair  # noqa: E402
-from edgekit.bundle.package import build_bundle  # noqa: E402
-from edgekit.local.churn import CATEGORICAL, make_churn  # noqa: E402
-from edgekit.models.loading import load_model  # noqa: E402
+from device_agent import Agent
+from device_agent.config import load_config
+from device_agent.serving import PredictResult
+from device_agent.signing import load_public_key
+from device_agent.state import StateDir
+from device_agent.tabular import read_table
+from edgekit.build.convert import convert_model
+from edgekit.bundle.keys import generate_keypair
+from edgekit.bundle.package import build_bundle
+from edgekit.local.churn import CATEGORICAL, make_churn
+from edgekit.models.loading import load_model
 
 MODELS = ("churn_rf", "churn_hgb")
 FIXTURE_FILES = ("churn_rf.joblib", "churn_hgb.joblib", "churn_train.csv", "churn_test.csv")

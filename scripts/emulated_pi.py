@@ -14,15 +14,15 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import numpy as np  # noqa: E402
-import paho.mqtt.client as mqtt  # noqa: E402
+import numpy as np
+import paho.mqtt.client as mqtt
 
-from edgekit.build.convert import QuantizeOptions, convert_model  # noqa: E402
-from edgekit.bundle.keys import generate_keypair  # noqa: E402
-from edgekit.bundle.package import build_bundle  # noqa: E402
-from edgekit.local.broker import start_local_broker  # noqa: E402
-from edgekit.local.fixtures import fixtures_usable, make_fixtures  # noqa: E402
-from edgekit.local.flash import Flasher, FlashPlan  # noqa: E402
+from edgekit.build.convert import QuantizeOptions, convert_model
+from edgekit.bundle.keys import generate_keypair
+from edgekit.bundle.package import build_bundle
+from edgekit.local.broker import start_local_broker
+from edgekit.local.fixtures import fixtures_usable, make_fixtures
+from edgekit.local.flash import Flasher, FlashPlan
 
 
 def main(rootfs: str) -> int:

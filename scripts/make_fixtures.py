@@ -13,7 +13,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from edgekit.local.fixtures import ALL_FIXTURES, make_fixtures  # noqa: E402
+from edgekit.local.fixtures import ALL_FIXTURES, make_fixtures
 
 
 def main() -> int:

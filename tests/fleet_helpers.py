@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import numpy as np
 
@@ -76,3 +77,13 @@ def state(device: str, online: bool, fleet: str = "f", model: dict = MODEL) -> t
             online=online, device=device, fleet=fleet, model=model, runtime="onnxruntime", agent_version="0.1.0"
         )
     ).encode()
+
+
+def wait(predicate, timeout=30.0, what="condition"):
+    """Poll ``predicate`` every 0.1 s until it holds; ``AssertionError`` naming ``what`` after ``timeout``."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")

@@ -14,19 +14,11 @@ from edgekit.fleet.alerts import AlertRules, AlertSinks
 from edgekit.fleet.config import CollectorConfig
 from edgekit.fleet.service import FleetService
 from edgekit.fleet.store import SqliteStore
+from tests.fleet_helpers import wait
 from tests.mqtt_helpers import ROOT, AgentProcess
 from tests.test_agent_mqtt import emulated_device
 
 pytestmark = pytest.mark.network
-
-
-def wait(predicate, timeout=30.0, what="condition"):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if predicate():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def get(port, path):

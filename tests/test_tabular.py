@@ -10,6 +10,7 @@ import urllib.error
 import urllib.request
 
 import numpy as np
+import pandas
 import pytest
 
 from device_agent import Agent
@@ -19,8 +20,6 @@ from device_agent.protocol import column_quality
 from device_agent.signing import load_public_key
 from edgekit.build.validate import validate
 from tests.agent_helpers import config_of, make_device
-
-pandas = pytest.importorskip("pandas")
 
 ROW = {
     "age": 41,
@@ -270,7 +269,6 @@ def test_a_csv_cell_is_read_as_its_columns_type_never_guessed(tmp_path):
 
 
 def test_parquet_keeps_its_types(tmp_path, churn):
-    pytest.importorskip("pyarrow")
     frame = pandas.read_csv(churn.test_csv)
     frame.to_parquet(tmp_path / "test.parquet")
     report = validate(
@@ -290,19 +288,15 @@ def test_a_version_1_bundle_still_serves(tmp_path):
         assert len(agent.predict([[0.0] * 64]).to_json()["predictions"]) == 1
 
 
-def test_tree_ensembles_refuse_int8_and_say_why(tmp_path, churn, cli):
-    result = cli(
-        "convert",
-        churn.rf,
-        "--quantize",
-        "int8",
-        "--calibration",
-        churn.train_csv,
-        "--label",
-        "label",
-        "-o",
-        tmp_path / "x.onnx",
+def _int8(cli, churn, model, out, *more):
+    """``edgekit convert MODEL --quantize int8`` calibrated on the churn training rows."""
+    return cli(
+        "convert", model, "--quantize", "int8", "--calibration", churn.train_csv, "--label", "label", "-o", out, *more
     )
+
+
+def test_tree_ensembles_refuse_int8_and_say_why(tmp_path, churn, cli):
+    result = _int8(cli, churn, churn.rf, tmp_path / "x.onnx")
     assert result.exit_code != 0 and "tree ensemble" in result.stderr
 
 
@@ -325,20 +319,7 @@ def test_the_mlp_of_a_mixed_pipeline_is_still_quantized(tmp_path, churn, cli):
     model = Pipeline([("pre", pre), ("m", MLPClassifier((128, 128), max_iter=20, random_state=0))]).fit(frame, target)
     joblib.dump(model, tmp_path / "mlp.joblib")
     out = tmp_path / "mlp8.onnx"
-    result = cli(
-        "convert",
-        tmp_path / "mlp.joblib",
-        "--quantize",
-        "int8",
-        "--calibration",
-        churn.train_csv,
-        "--label",
-        "label",
-        "--force",
-        "-o",
-        out,
-        "--json",
-    )
+    result = _int8(cli, churn, tmp_path / "mlp.joblib", out, "--force", "--json")
     assert result.exit_code == 0, result.stderr
     assert json.loads(result.stdout)["quantization"]["chosen"] != "float32", result.stdout
     assert out.stat().st_size < (tmp_path / "mlp.joblib").stat().st_size
@@ -364,7 +345,6 @@ def test_rows_from_a_csv_agree_with_scikit_learn_reading_the_same_file(churn):
 
 
 def test_a_parquet_file_types_the_integer_columns_scikit_learn_does_not_record(tmp_path, churn, cli):
-    pytest.importorskip("pyarrow")
     from edgekit.models.loading import load_model
 
     pandas.read_csv(churn.train_csv).to_parquet(tmp_path / "train.parquet")

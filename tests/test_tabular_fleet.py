@@ -7,7 +7,6 @@ import re
 import shutil
 import struct
 import subprocess
-import time
 import urllib.request
 import zlib
 
@@ -24,6 +23,7 @@ from edgekit.fleet.pages.drift import render_fleet_drift
 from edgekit.fleet.service import FleetService
 from edgekit.fleet.store import SqliteStore
 from tests.agent_helpers import config_of, make_device
+from tests.fleet_helpers import wait
 from tests.tabular_helpers import typed_baseline, typed_baseline_message, typed_summary
 
 CATEGORICAL = ("country", "plan", "payment")
@@ -53,15 +53,6 @@ def post(port, body):
     )
     with urllib.request.urlopen(request, timeout=30) as response:
         return json.loads(response.read())
-
-
-def wait(predicate, timeout=30.0, what="condition"):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if predicate():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def test_the_device_page_draws_categories_against_the_baseline_and_quality_per_column():
