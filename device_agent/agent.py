@@ -27,7 +27,7 @@ from .monitor import ClosedWindow, Monitor
 from .predlog import PredictionLog
 from .protocol import Topics, baseline_payload, build_summary, encode, state_payload
 from .runtimes import Runtime, open_runtime
-from .schema import request_rows
+from .schema import InputSchema, request_rows
 from .serving import LATENCY_BUCKETS_MS, PredictResult, Serving
 from .signing import load_public_key
 from .spool import Spool
@@ -125,8 +125,9 @@ class Agent:
             self.config.monitor.window_rows,
             self.config.monitor.window_seconds,
             lambda window: self._on_window(window, serving),
-            backlog_rows=self.config.monitor.backlog_rows,
+            backlog_rows=_backlog_rows(self.config.monitor.backlog_rows, serving.schema),
             drift_thresholds=bundle.manifest.get("drift"),
+            signals=serving.schema.tensor_signals().rows if serving.schema.tensor is not None else None,
         )
         return serving
 
@@ -171,6 +172,7 @@ class Agent:
     spec = property(lambda self: self._serving.spec)
     baseline = property(lambda self: self._serving.baseline)
     model_info = property(lambda self: self._serving.model_info)
+    model_format = property(lambda self: self._serving.bundle.model_format)  # the v2 metadata's platform
     monitor = property(lambda self: self._serving.monitor)
 
     def _retained(self) -> list[tuple[str, dict[str, Any]]]:
@@ -399,3 +401,15 @@ class Agent:
             "unmonitored_rows": self.stats["unmonitored_rows"] + self.monitor.current()["unmonitored_rows"],
             "mqtt_connected": bool(self.reporter and self.reporter.connected.is_set()),
         }
+
+
+BACKLOG_BYTES = 64 << 20
+
+
+def _backlog_rows(configured: int, schema: InputSchema) -> int:
+    """The monitor's backlog in rows, capped so that waiting tensors hold at most ``BACKLOG_BYTES``:
+    100,000 rows of a table are a few megabytes, 100,000 camera frames would be gigabytes."""
+    if schema.tensor is None:
+        return configured
+    per_row = schema.tensor.elements * np.dtype(schema.tensor.dtype).itemsize
+    return max(1, min(configured, BACKLOG_BYTES // per_row))

@@ -36,8 +36,10 @@ from .signing import verify_signature
 
 # 2: the input schema may be typed columns, selftest.npz may hold one "input:<column>" array per
 # column, and the baseline is an edgekit.profile/2. Version-1 bundles (one numeric matrix) still load.
-BUNDLE_SCHEMA = "edgekit.bundle/2"
-READABLE_BUNDLE_SCHEMAS = ("edgekit.bundle/1", BUNDLE_SCHEMA)
+# 3: the input may be a tensor (image, spectrogram, sensor window) with its preprocessing and the signals
+# sketched of it, the output may name an embedding, and the baseline is an edgekit.profile/3.
+BUNDLE_SCHEMA = "edgekit.bundle/3"
+READABLE_BUNDLE_SCHEMAS = ("edgekit.bundle/1", "edgekit.bundle/2", BUNDLE_SCHEMA)
 BUNDLE_SUFFIX = ".edgebundle"
 MANIFEST = "manifest.json"
 SIGNATURE = "signature"

@@ -88,7 +88,10 @@ def _parser() -> argparse.ArgumentParser:
         "edge-agent predict --config agent.toml rows.csv > preds.csv",
     )
     predict.add_argument("--config", required=True, help=CONFIG_HELP)
-    predict.add_argument("data", help="a .csv with a header row, or an .npz with X")
+    predict.add_argument(
+        "data",
+        help="a .csv with a header row, an .npz with X, or for a tensor model a folder of images, WAV or .npy files",
+    )
     predict.add_argument(
         "--label",
         metavar="COLUMN",
@@ -193,11 +196,29 @@ def _predict(args: argparse.Namespace) -> int:
 
     config = load_config(args.config)
     bundle = StateDir(config.state_dir).active_bundle(load_public_key(config.public_key))
-    rows = _read_rows(args, bundle.input_schema)
+    schema, spec = bundle.input_schema, bundle.output_spec
+    if schema.tensor is not None:
+        runtime = open_runtime(bundle.model_format, bundle.model_bytes, threads=config.threads, source=bundle.path)
+        return _predict_items(args, schema, spec, runtime)
+    rows = _read_rows(args, schema)
     runtime = open_runtime(bundle.model_format, bundle.model_bytes, threads=config.threads, source=bundle.path)
-    _write_predictions(
-        bundle.output_spec.interpret(runtime.predict(bundle.input_schema.feed(rows))), bundle.output_spec.labels
-    )
+    _write_predictions(spec.interpret(runtime.predict(schema.feed(rows))), spec.labels)
+    return 0
+
+
+def _predict_items(args: argparse.Namespace, schema, spec, runtime) -> int:
+    """A tensor model's answers for a folder of images or WAV files, a single one, or an .npy/.npz of
+    tensors: one CSV line per item, named in the first column, written batch by batch (a folder of
+    10,000 photos is never held in memory at once)."""
+    from .tensor_files import read_items
+
+    if not Path(args.data).exists():
+        raise InputError(f"no such file or folder: {args.data}", "give a folder of images, WAV or .npy files")
+    header = True
+    for names, batch in read_items(args.data, schema.preprocessor(), schema.tensor):
+        prediction = spec.interpret(runtime.predict(schema.check(batch, source=args.data)))
+        _write_predictions(prediction, spec.labels, items=names, header=header)
+        header = False
     return 0
 
 
@@ -243,24 +264,31 @@ def _label_guess(data_names, model_names) -> str | None:
     return strangers[0] if len(strangers) == 1 and len(data_names) == len(model_names) + 1 else None
 
 
-def _write_predictions(prediction, labels) -> None:
-    """CSV on stdout: the label and one probability per class (6 decimals), or the values.
+def _write_predictions(prediction, labels, *, items=None, header: bool = True) -> None:
+    """CSV on stdout: the label and one probability per class (6 decimals), or the values; with
+    ``items``, a first column naming the file each line answers.
 
     float32 outputs are widened before rounding: a float32 rounded to 6 decimals is still printed with
     its binary noise (0.12345699965953827)."""
     writer = csv.writer(sys.stdout, lineterminator="\n")
+    first = ["item"] if items is not None else []
     if prediction.labels is not None:
         probabilities = (
             None if prediction.probabilities is None else np.round(prediction.probabilities.astype(np.float64), 6)
         )
-        writer.writerow(["prediction", *([f"p_{label}" for label in labels] if probabilities is not None else [])])
+        if header:
+            names = [f"p_{label}" for label in labels] if probabilities is not None else []
+            writer.writerow([*first, "prediction", *names])
         for i, label in enumerate(prediction.labels.tolist()):
-            writer.writerow([label, *(probabilities[i].tolist() if probabilities is not None else [])])
+            item = [items[i]] if items is not None else []
+            writer.writerow([*item, label, *(probabilities[i].tolist() if probabilities is not None else [])])
         return
     width = prediction.values.shape[1]
-    writer.writerow([f"prediction_{j}" for j in range(width)] if width > 1 else ["prediction"])
-    for row in prediction.values:
-        writer.writerow([str(v) for v in row])  # numpy's shortest repr that reads back as the same float32
+    if header:
+        writer.writerow([*first, *([f"prediction_{j}" for j in range(width)] if width > 1 else ["prediction"])])
+    for i, row in enumerate(prediction.values):
+        item = [items[i]] if items is not None else []
+        writer.writerow([*item, *(str(v) for v in row)])  # numpy's shortest repr that reads back as the same float32
 
 
 def _verify(args: argparse.Namespace) -> int:

@@ -27,6 +27,18 @@ With 5, clean 100-row windows of the digits alarmed 0.9 % of the time over 3,000
 five independent columns of the bench's synthetic table (5,000). A feature is drifted when one of
 its tests rejects *and* its PSI is at least ``min_psi``, so huge windows do not flag shifts too
 small to matter. Figures: ``scripts/bench_drift.py``.
+
+A sketch that takes ``per_row`` K values from each example (a tensor's per-channel element histogram,
+``tensor_signals``) holds K values per example, but they are not K independent draws: the pixels of one
+image share its lighting, its subject and its camera. Counting them as independent would shrink the
+tests' variance K-fold and flag every clean window. So both count vectors are divided by K before the
+tests, which then see one observation per example. That is the conservative end and still valid: with
+``f`` an example's vector of bin fractions (its K values' histogram, mean ``p``), the window's bin
+shares are a mean of ``N`` independent ``f``, and ``Cov(f) = E[f f^T] - p p^T`` is at most
+``diag(p) - p p^T`` (``diag(f) - f f^T`` is positive semi-definite for any fraction vector), the
+multinomial covariance of ``N`` single draws: no more variance than ``N`` examples of one value each,
+and less when elements vary within an example, which only makes the tests stricter than their
+nominal alpha. PSI, KS distance and Jensen-Shannon divergence are ratios of shares and do not change.
 """
 
 from __future__ import annotations
@@ -144,7 +156,12 @@ def compare(expected: np.ndarray, actual: np.ndarray, *, ordered: bool = False) 
 
 
 def compare_sketches(baseline: Sketch, window: Sketch) -> Comparison:
-    return compare(baseline.counts, window.counts, ordered=baseline.kind == "numeric")
+    """The tests of ``compare`` on one sketch, counting examples (``per_row`` values each: module docstring)."""
+    per_row = getattr(baseline, "per_row", 1)
+    expected, actual = baseline.counts, window.counts
+    if per_row != 1:
+        expected, actual = expected / per_row, actual / per_row
+    return compare(expected, actual, ordered=baseline.kind == "numeric")
 
 
 def feature_alpha(baseline: Profile, alpha: float) -> float:

@@ -10,6 +10,11 @@ Enabled by an ``[emulate]`` table in agent.toml (``edgekit emulate`` writes it):
     drift_after = 500            # ... from this row on
     seed = 0
 
+A tensor model (an image, audio or sensor model) is fed the examples of ``data``: an .npz of tensors
+or a folder of images, WAV or .npy files read through its preprocessing; its only drift is
+``drift_feature = "brightness"``, which scales every element by ``1 + drift_shift`` (for a model fed
+pixels / 255, a camera whose exposure went up by that share).
+
 The feeder calls ``Agent.predict`` like any app embedding the agent would, so an emulated device
 exercises the real serving, monitoring and reporting paths.
 """
@@ -65,7 +70,15 @@ class EmulationConfig:
 class Feeder:
     def __init__(self, agent: Any, config: EmulationConfig) -> None:
         self.agent, self.config = agent, config
+        self.sent = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="edgekit-feeder", daemon=True)
         schema = agent.schema
+        if schema.tensor is not None:
+            self.rows, self.kinds, self.drift_column = _tensor_examples(schema, config), ("numeric",), None
+            if config.drift_feature is not None:
+                self.drift_column = 0  # the brightness of the whole example
+            return
         try:
             X, _, names = read_table(config.data, columns=schema.columns)
         except (TableError, OSError) as exc:
@@ -89,15 +102,14 @@ class Feeder:
                     f"use one of {', '.join(schema.feature_names[:5])}, …",
                 )
             self.drift_column = schema.feature_names.index(config.drift_feature)
-        self.sent = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="edgekit-feeder", daemon=True)
 
     def _drift(self, batch: np.ndarray, shifted: np.ndarray, rng: np.random.Generator) -> None:
         """Shift a numeric column by ``drift_shift``; in a categorical column, give that share of the
         rows (``drift_shift`` between 0 and 1) a category the model never saw, "unseen"."""
         column, shift = self.drift_column, self.config.drift_shift
-        if self.kinds[column] == "categorical":
+        if batch.ndim > 2:  # a tensor: brighter
+            batch[shifted] *= 1.0 + shift
+        elif self.kinds[column] == "categorical":
             batch[shifted & (rng.random(len(batch)) < shift), column] = "unseen"
         elif batch.dtype == object:
             batch[shifted, column] = batch[shifted, column].astype(np.float64) + shift
@@ -131,3 +143,33 @@ class Feeder:
             except Exception:  # refused rows, a failing model or a bug: logged, and the traffic keeps flowing
                 log.exception("emulated request failed")
             self.sent += due
+
+
+MAX_EMULATED_EXAMPLES = 2000
+
+
+def _tensor_examples(schema: Any, config: EmulationConfig) -> np.ndarray:
+    """Up to ``MAX_EMULATED_EXAMPLES`` examples of a tensor model from ``config.data``, as float32
+    (brightness drift multiplies them)."""
+    from .errors import AgentError
+    from .tensor_files import read_items
+
+    if config.drift_feature not in (None, "brightness"):
+        raise ConfigError(
+            config.data,
+            f"drift feature {config.drift_feature!r} does not apply to a tensor model",
+            'use drift_feature = "brightness"',
+        )
+    parts, total = [], 0
+    try:
+        for _, batch in read_items(config.data, schema.preprocessor(), schema.tensor):
+            parts.append(batch)
+            total += len(batch)
+            if total >= MAX_EMULATED_EXAMPLES:
+                break
+    except (AgentError, OSError) as exc:
+        raise ConfigError(config.data, f"cannot be read as emulation data ({exc})") from exc
+    if not parts:
+        raise ConfigError(config.data, "holds no examples", "give a folder of images or an .npz of tensors")
+    examples = np.concatenate(parts)[:MAX_EMULATED_EXAMPLES]
+    return examples.astype(np.float32) if config.drift_feature else examples

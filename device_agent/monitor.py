@@ -60,7 +60,12 @@ def _take(batch: _Batch, n: int) -> _Batch:
 
     return _Batch(
         batch.rows[:n].copy(),
-        Prediction(labels=head(p.labels), probabilities=head(p.probabilities), values=head(p.values)),
+        Prediction(
+            labels=head(p.labels),
+            probabilities=head(p.probabilities),
+            values=head(p.values),
+            embedding=head(p.embedding),
+        ),
         batch.latency_ms,
     )
 
@@ -75,7 +80,9 @@ def _concatenate(batches: list[_Batch]) -> _Batch:
         parts = [getattr(b.prediction, attribute) for b in batches]
         return None if parts[0] is None else np.concatenate(parts)
 
-    prediction = Prediction(labels=join("labels"), probabilities=join("probabilities"), values=join("values"))
+    prediction = Prediction(
+        labels=join("labels"), probabilities=join("probabilities"), values=join("values"), embedding=join("embedding")
+    )
     latencies = np.repeat([b.latency_ms for b in batches], [len(b.rows) for b in batches])
     return _Batch(np.concatenate([b.rows for b in batches]), prediction, latencies)
 
@@ -89,6 +96,8 @@ class Monitor:
     clock: Callable[[], float] = time.time
     backlog_rows: int = 100_000  # most rows waiting to be sketched; the excess is counted in ``unmonitored_rows``
     drift_thresholds: dict[str, float] | None = None  # the bundle's, for each closed window's drift report
+    # a tensor model's inputs as the rows its profile sketches (``TensorSignals.rows``), run off the request path
+    signals: Callable[[np.ndarray, np.ndarray | None], np.ndarray] | None = None
     _pending: deque = field(
         default_factory=deque
     )  # appended after the backlog check under ``_lock`` (one uncontended lock per request)
@@ -191,6 +200,7 @@ class Monitor:
 
     def _absorb(self, batch: _Batch) -> int:
         closed, offset, total = 0, 0, len(batch.rows)
+        rows = batch.rows if self.signals is None else self.signals(batch.rows, batch.prediction.embedding)
         while offset < total:
             if self.stopping:  # between windows: the rest of the batch is counted, not sketched
                 self._unmonitor(total - offset)
@@ -199,7 +209,7 @@ class Monitor:
             room = self.window_rows - self._window.rows
             take = min(room, total - offset)
             part = slice(offset, offset + take)
-            self._window.update_inputs(batch.rows[part])
+            self._window.update_inputs(rows[part])
             p = batch.prediction
             self._window.update_outputs(
                 labels=None if p.labels is None else p.labels[part],

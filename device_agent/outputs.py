@@ -6,7 +6,7 @@ the host's validator read raw outputs through the same ``OutputSpec``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -24,6 +24,7 @@ class Prediction:
     labels: np.ndarray | None = None
     probabilities: np.ndarray | None = None
     values: np.ndarray | None = None
+    embedding: np.ndarray | None = None  # rows × width: the penultimate activation, when the model exposes it
 
     @property
     def primary(self) -> np.ndarray:
@@ -44,6 +45,10 @@ class OutputSpec:
     value_output: str | None = None
     # a classifier whose probabilities are shares of votes (a forest): exact ties go to the first class
     ties_to_first: bool = False
+    # the output holding the penultimate activation of a tensor model, sketched for drift (never answered)
+    embedding_output: str | None = None
+    # the probabilities output holds class scores (a network exported without its softmax): softmax them
+    logits: bool = False
 
     def __post_init__(self) -> None:
         if self.task not in (CLASSIFICATION, REGRESSION):
@@ -59,6 +64,10 @@ class OutputSpec:
                 doc["ties_to_first"] = True
         else:
             doc.update(value_output=self.value_output)
+        if self.embedding_output:
+            doc["embedding_output"] = self.embedding_output
+        if self.logits:
+            doc["logits"] = True
         return doc
 
     @classmethod
@@ -70,9 +79,18 @@ class OutputSpec:
             probabilities_output=doc.get("probabilities_output"),
             value_output=doc.get("value_output"),
             ties_to_first=bool(doc.get("ties_to_first", False)),
+            embedding_output=doc.get("embedding_output"),
+            logits=bool(doc.get("logits", False)),
         )
 
     def interpret(self, raw: dict[str, np.ndarray]) -> Prediction:
+        prediction = self._interpret(raw)
+        if self.embedding_output is None:
+            return prediction
+        embedding = raw[self.embedding_output]
+        return replace(prediction, embedding=embedding.reshape(len(embedding), -1))
+
+    def _interpret(self, raw: dict[str, np.ndarray]) -> Prediction:
         if self.task == REGRESSION:
             values = np.asarray(raw[self.value_output], dtype=np.float64)  # type: ignore[index]
             return Prediction(values=values.reshape(values.shape[0], -1))
@@ -81,6 +99,8 @@ class OutputSpec:
             probabilities = raw[self.probabilities_output]
             if probabilities.ndim != 2:
                 probabilities = probabilities.reshape(len(probabilities), -1)
+            if self.logits:
+                probabilities = softmax(probabilities)
         if self.label_output is not None:
             labels = raw[self.label_output].ravel()
             if self.ties_to_first and probabilities is not None and len(self.labels) == probabilities.shape[1] > 1:
@@ -95,6 +115,11 @@ class OutputSpec:
             if self.labels and all(isinstance(c, int) for c in self.labels):
                 labels = labels.astype(np.int64)
         return Prediction(labels=labels, probabilities=probabilities)
+
+
+def softmax(scores: np.ndarray) -> np.ndarray:
+    shifted = np.exp(scores - scores.max(axis=1, keepdims=True))
+    return shifted / shifted.sum(axis=1, keepdims=True)
 
 
 TIE = 1e-6  # classes whose probabilities differ by less are tied (float32 sums of votes differ by ~1e-7)

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import sqlite3
 import threading
@@ -90,7 +91,7 @@ class PredictionLog:
         records, position = [], 0
         for boot, first, ts, rows, _ in queue:
             for i in range((-first) % self.sample_every, len(rows), self.sample_every):
-                records.append((boot, first + i, ts, json.dumps(rows[i].tolist()), json.dumps(answers[position + i])))
+                records.append((boot, first + i, ts, _input_json(rows[i]), json.dumps(answers[position + i])))
             position += len(rows)
         if records:
             with self._lock:
@@ -132,6 +133,15 @@ class PredictionLog:
         self.flush()
         with self._lock:
             self._db.close()
+
+
+def _input_json(row: np.ndarray) -> str:
+    """One input as JSON: a row as its list of values; a tensor (an image, a spectrogram) as its raw
+    bytes in base64 with dtype and shape, a third of the size of its numbers written out."""
+    if row.ndim <= 1:
+        return json.dumps(row.tolist())
+    data = base64.b64encode(np.ascontiguousarray(row).tobytes()).decode()
+    return json.dumps({"dtype": str(row.dtype), "shape": list(row.shape), "b64": data})
 
 
 def _as_answers(answers: Any) -> list[Any]:

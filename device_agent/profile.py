@@ -30,8 +30,12 @@ from .errors import ProfileError
 
 # 2: categorical input columns, whose sketches count ``unseen`` values (and may keep the ``known``
 # vocabulary); compact windows send ``[counts, nulls, unseen]`` for them. Version 1 still reads.
-PROFILE_SCHEMA = "edgekit.profile/2"
-READABLE_PROFILE_SCHEMAS = ("edgekit.profile/1", PROFILE_SCHEMA)
+# 3: a numeric sketch may take ``per_row`` values from each example (a tensor's per-channel element
+# histogram: ``tensor_signals``), so a profile's rows are ``sum(per_row)`` columns wide and the drift
+# tests count examples, not values. A sketch with ``per_row`` 1 is written exactly as in version 2 (its
+# ``baseline_id`` does not change), and compact windows are unchanged. Versions 1 and 2 still read.
+PROFILE_SCHEMA = "edgekit.profile/3"
+READABLE_PROFILE_SCHEMAS = ("edgekit.profile/1", "edgekit.profile/2", PROFILE_SCHEMA)
 DEFAULT_BINS = 10
 CONFIDENCE_CUTS = tuple(round(0.1 * i, 1) for i in range(1, 10))
 LATENCY_CUTS_MS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0)
@@ -53,11 +57,15 @@ class NumericSketch:
     total_sq: float = 0.0
     minimum: float = math.inf
     maximum: float = -math.inf
+    per_row: int = 1  # values each example adds (``tensor_signals``: a subsample of a channel's elements)
 
     kind = "numeric"
 
     def __post_init__(self) -> None:
         self.cuts = np.asarray(self.cuts, dtype=np.float64)
+        if int(self.per_row) != self.per_row or self.per_row < 1:
+            raise ProfileError(f"feature {self.name!r}: per_row must be a positive integer, not {self.per_row!r}")
+        self.per_row = int(self.per_row)
         if self.counts is None:
             self.counts = np.zeros(len(self.cuts) + 3, dtype=np.int64)
         self.counts = np.asarray(self.counts, dtype=np.int64)
@@ -67,7 +75,7 @@ class NumericSketch:
             )
 
     @classmethod
-    def from_values(cls, name: str, values: np.ndarray, bins: int = DEFAULT_BINS) -> NumericSketch:
+    def from_values(cls, name: str, values: np.ndarray, bins: int = DEFAULT_BINS, *, per_row: int = 1) -> NumericSketch:
         """A baseline sketch: cuts at the quantiles of ``values``, then ``values`` counted into it.
 
         A column with at most ``bins`` distinct finite values (counts, flags, codes) gets a bin per value
@@ -76,19 +84,20 @@ class NumericSketch:
         gap bins see values that leave the baseline's grid. The limit keeps a sketch at most
         ``2 * bins + 1`` slots, so the summary and the update (one pass per cut) stay within about twice
         those of quantile bins; a limit of ``2 * bins`` found no more shifts on the digits' 17-valued
-        pixels for three times the slots (the rules and the measurements: ``binning``).
+        pixels for three times the slots (the rules and the measurements: ``binning``). ``per_row``
+        says how many of ``values`` each example gave (the drift tests count examples).
         """
         values = np.asarray(values, dtype=np.float64)
         finite = values[np.isfinite(values)]
         if finite.size == 0:
-            sketch = cls(name, np.empty(0), None, None)
+            sketch = cls(name, np.empty(0), None, None, per_row=per_row)
         else:
-            sketch = cls(name, *numeric_bins(finite, bins))
+            sketch = cls(name, *numeric_bins(finite, bins), per_row=per_row)
         sketch.update(values)
         return sketch
 
     def empty_like(self) -> NumericSketch:
-        return NumericSketch(self.name, self.cuts, self.low, self.high)
+        return NumericSketch(self.name, self.cuts, self.low, self.high, per_row=self.per_row)
 
     def update(self, values: np.ndarray) -> None:
         values = np.asarray(values, dtype=np.float64).ravel()
@@ -112,7 +121,10 @@ class NumericSketch:
         self.maximum = max(self.maximum, float(finite.max()))
 
     def definition(self) -> dict[str, Any]:
-        return {"name": self.name, "kind": self.kind, "cuts": self.cuts.tolist(), "low": self.low, "high": self.high}
+        doc = {"name": self.name, "kind": self.kind, "cuts": self.cuts.tolist(), "low": self.low, "high": self.high}
+        if self.per_row != 1:  # absent when 1, so version-2 sketches (and their baseline ids) stay as they were
+            doc["per_row"] = self.per_row
+        return doc
 
     def merge(self, other: NumericSketch) -> None:
         _check_same_definition(self, other)
@@ -179,6 +191,7 @@ class NumericSketch:
             total_sq=float(doc["sum_sq"]),
             minimum=math.inf if doc["min"] is None else float(doc["min"]),
             maximum=-math.inf if doc["max"] is None else float(doc["max"]),
+            per_row=int(doc.get("per_row", 1)),
         )
 
 
@@ -197,6 +210,7 @@ class Profile:
     def __post_init__(self) -> None:
         self.baseline_id = sha256_hex(canonical_json(self._definition()))[:16]
         self._numeric_block: _NumericBlock | None = None
+        self._other_columns: list[tuple[int, Sketch]] = []
 
     def _definition(self) -> dict[str, Any]:
         return {
@@ -208,6 +222,11 @@ class Profile:
     @property
     def feature_names(self) -> list[str]:
         return [s.name for s in self.features]
+
+    @property
+    def width(self) -> int:
+        """Columns of the rows ``update_inputs`` takes: a sketch with ``per_row`` K reads K consecutive ones."""
+        return sum(getattr(s, "per_row", 1) for s in self.features)
 
     def feature(self, name: str) -> Sketch:
         for sketch in self.features:
@@ -224,22 +243,29 @@ class Profile:
         )
 
     def update_inputs(self, rows: np.ndarray) -> None:
-        """Sketch a batch of rows: a numeric matrix, or the object array of typed columns."""
+        """Sketch a batch of rows: a numeric matrix, or the object array of typed columns. Each row is one
+        example, ``width`` columns wide: a sketch with ``per_row`` K takes K consecutive columns."""
         rows = np.asarray(rows)
-        if rows.ndim != 2 or rows.shape[1] != len(self.features):
-            raise ProfileError(f"rows of shape {rows.shape} do not fit a profile of {len(self.features)} features")
-        if self._numeric_block is None:
-            self._numeric_block = _NumericBlock(
-                [(i, s) for i, s in enumerate(self.features) if isinstance(s, NumericSketch)]
+        if rows.ndim != 2 or rows.shape[1] != self.width:
+            raise ProfileError(
+                f"rows of shape {rows.shape} do not fit a profile of {len(self.features)} features "
+                f"({self.width} columns)"
             )
+        if self._numeric_block is None:
+            starts = np.cumsum([0, *(getattr(s, "per_row", 1) for s in self.features)])[:-1]
+            self._numeric_block = _NumericBlock(
+                [(int(i), s) for i, s in zip(starts, self.features, strict=True) if isinstance(s, NumericSketch)]
+            )
+            self._other_columns = [
+                (int(i), s) for i, s in zip(starts, self.features, strict=True) if s.kind != "numeric"
+            ]
         block = self._numeric_block
         if rows.dtype == object:  # typed columns: the numeric ones as one float matrix for the block
             block.update(rows[:, block.columns].astype(np.float64), columns_taken=True)
         else:
             block.update(rows)
-        for column, sketch in enumerate(self.features):
-            if not isinstance(sketch, NumericSketch):
-                sketch.update(rows[:, column])
+        for column, sketch in self._other_columns:
+            sketch.update(rows[:, column])
         self.rows += rows.shape[0]
 
     def update_outputs(self, *, labels: Any = None, probabilities: Any = None, values: Any = None) -> None:
@@ -335,20 +361,30 @@ class _NumericBlock:
     Per feature, a dozen small numpy calls cost more than the model's own inference on a batch;
     here the cut points are a padded matrix (+inf past each feature's last cut), a row's bin is the
     number of cuts it reaches, and one ``bincount`` fills every feature's counts.
+
+    A sketch with ``per_row`` K is K consecutive columns with its cuts and its slots, so the one
+    ``bincount`` adds all K columns' values into its counts; the per-column moments, finite counts and
+    bounds are then added up (or min/maxed) over each sketch's columns (``groups``, None when every
+    sketch has one column: the tabular path pays nothing for it).
     """
 
     def __init__(self, columns: list[tuple[int, NumericSketch]]) -> None:
-        self.columns = np.asarray([i for i, _ in columns], dtype=np.intp)
+        """``columns``: each numeric sketch with the first column it reads."""
         self.sketches = [s for _, s in columns]
+        repeats = np.asarray([s.per_row for s in self.sketches], dtype=np.intp)
+        self.columns = np.asarray([i + k for i, s in columns for k in range(s.per_row)], dtype=np.intp)
         width = max((len(s.cuts) for s in self.sketches), default=0)
-        self.cuts = np.full((len(self.sketches), width), np.inf)
+        cuts = np.full((len(self.sketches), width), np.inf)
         for row, sketch in enumerate(self.sketches):
-            self.cuts[row, : len(sketch.cuts)] = sketch.cuts
-        self.low = np.asarray([-np.inf if s.low is None else s.low for s in self.sketches])
-        self.high = np.asarray([np.inf if s.high is None else s.high for s in self.sketches])
-        self.slots = np.asarray([len(s.counts) for s in self.sketches])
+            cuts[row, : len(sketch.cuts)] = sketch.cuts
+        self.cuts = np.repeat(cuts, repeats, axis=0)
+        self.low = np.repeat([-np.inf if s.low is None else s.low for s in self.sketches], repeats).astype(np.float64)
+        self.high = np.repeat([np.inf if s.high is None else s.high for s in self.sketches], repeats).astype(np.float64)
+        self.slots = np.asarray([len(s.counts) for s in self.sketches], dtype=np.intp)
         self.offsets = np.concatenate([[0], np.cumsum(self.slots)[:-1]]).astype(np.intp)
-        self.overflow = self.offsets + self.slots - 1
+        self.column_offsets = np.repeat(self.offsets, repeats)
+        grouped = bool((repeats != 1).any())
+        self.groups = np.concatenate([[0], np.cumsum(repeats)[:-1]]).astype(np.intp) if grouped else None
         # float32 rows (what models take) are compared in float32, at half the memory traffic, against
         # the float32 neighbours of the float64 cuts that give the very same answers: for a float32 v,
         # v >= c exactly when v >= (the least float32 >= c), and v > c when v > (the greatest float32 <= c).
@@ -376,7 +412,7 @@ class _NumericBlock:
             nulls, infs, finite_count = nan.sum(axis=0), (~finite & ~nan).sum(axis=0), finite.sum(axis=0)
             minima = np.where(finite, values, np.inf).min(axis=0)
             maxima = np.where(finite, values, -np.inf).max(axis=0)
-        index = np.broadcast_to((self.offsets + 1).astype(np.int32), clean.shape).copy()
+        index = np.broadcast_to((self.column_offsets + 1).astype(np.int32), clean.shape).copy()
         for k in range(cuts.shape[1]):  # at most the number of bins: a few passes over the batch
             index += clean >= cuts[:, k]
         index -= clean < low  # below every cut: the underflow slot just before
@@ -386,6 +422,11 @@ class _NumericBlock:
         totals, squares = clean.sum(axis=0, dtype=np.float64), np.einsum("ij,ij->j", clean, clean, dtype=np.float64)
         nulls = np.broadcast_to(nulls, finite_count.shape)
         infs = np.broadcast_to(infs, finite_count.shape)
+        if self.groups is not None:  # a sketch's K columns into one: sums add up, bounds are the extremes
+            finite_count, totals, squares, nulls, infs = (
+                np.add.reduceat(a, self.groups) for a in (finite_count, totals, squares, nulls, infs)
+            )
+            minima, maxima = np.minimum.reduceat(minima, self.groups), np.maximum.reduceat(maxima, self.groups)
         for j, sketch in enumerate(self.sketches):
             sketch.counts += counts[self.offsets[j] : self.offsets[j] + self.slots[j]]
             sketch.count += int(finite_count[j])
@@ -419,26 +460,18 @@ def build_baseline(
     predicted_values: Any = None,
     bins: int = DEFAULT_BINS,
     kinds: Sequence[str] | None = None,
+    per_row: Sequence[int] | None = None,
 ) -> Profile:
     """The baseline profile of training ``rows`` and of the model's answers on them.
 
     Classifiers give ``labels`` (the class list, fixing the category order), ``predicted_labels``
     and ``probabilities``; regressors give ``predicted_values``. ``kinds`` (numeric or categorical
     per column; all numeric when absent) picks each column's sketch; typed columns come as an
-    object array.
+    object array. ``per_row`` (1 per feature when absent) is how many consecutive columns of a row
+    each numeric feature's sketch takes (``TensorSignals.per_row``); rows are ``sum(per_row)`` wide.
     """
     rows = np.asarray(rows, dtype=object if kinds and set(kinds) - {"numeric"} else np.float64)
-    if rows.ndim != 2 or rows.shape[1] != len(feature_names):
-        raise ProfileError(f"baseline rows of shape {rows.shape} do not match {len(feature_names)} feature names")
-    kinds = kinds or ("numeric",) * len(feature_names)
-    features: list[Sketch] = [
-        CategoricalSketch.unused(name, rows[:, i])
-        if kind == "unused"
-        else CategoricalSketch.from_values(name, rows[:, i])
-        if kind == "categorical"
-        else NumericSketch.from_values(name, rows[:, i].astype(np.float64), bins)
-        for i, (name, kind) in enumerate(zip(feature_names, kinds, strict=True))
-    ]
+    features = _input_sketches(rows, feature_names, kinds, per_row, bins)
     outputs: dict[str, Sketch] = {}
     if labels is not None:
         outputs["prediction"] = CategoricalSketch.from_values(
@@ -458,6 +491,34 @@ def build_baseline(
     )
     profile.rows = rows.shape[0]
     return profile
+
+
+def _input_sketches(
+    rows: np.ndarray,
+    names: Sequence[str],
+    kinds: Sequence[str] | None,
+    per_row: Sequence[int] | None,
+    bins: int,
+) -> list[Sketch]:
+    kinds = kinds or ("numeric",) * len(names)
+    per_row = list(per_row) if per_row is not None else [1] * len(names)
+    if len(per_row) != len(names) or len(kinds) != len(names):
+        raise ProfileError(f"{len(names)} feature names for {len(kinds)} kinds and {len(per_row)} per_row counts")
+    if rows.ndim != 2 or rows.shape[1] != sum(per_row):
+        raise ProfileError(
+            f"baseline rows of shape {rows.shape} do not match {len(names)} features ({sum(per_row)} columns)"
+        )
+    if any(k != 1 and kind != "numeric" for k, kind in zip(per_row, kinds, strict=True)):
+        raise ProfileError("only numeric features take more than one value per row")
+    starts = np.cumsum([0, *per_row])[:-1]
+    return [
+        CategoricalSketch.unused(name, rows[:, i])
+        if kind == "unused"
+        else CategoricalSketch.from_values(name, rows[:, i])
+        if kind == "categorical"
+        else NumericSketch.from_values(name, rows[:, i : i + k].astype(np.float64).ravel(), bins, per_row=k)
+        for i, k, name, kind in zip(starts, per_row, names, kinds, strict=True)
+    ]
 
 
 def _short(value: float) -> float | int:

@@ -6,6 +6,8 @@ agent), so a file the host accepts is a request the device accepts.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import math
 from collections.abc import Sequence
@@ -16,20 +18,25 @@ import numpy as np
 
 from .columns import Column, ColumnChecker, rows_from_columnar
 from .errors import InputError, SchemaError
+from .tensors import TensorSpec, check_tensor
 
 SUPPORTED_DTYPES = ("float32", "float64", "int64", "int32")
-MATRIX, COLUMNS = "matrix", "columns"
+MATRIX, COLUMNS, TENSOR = "matrix", "columns", "tensor"
 
 
 @dataclass(frozen=True)
 class InputSchema:
-    """What the model takes: one numeric matrix, or typed columns.
+    """What the model takes: one numeric matrix, typed columns, or a tensor.
 
     The *matrix* layout (``columns`` is None) is one ``[rows, features]`` input of one ``dtype``: the
     fast path of an all-numeric model. The *columns* layout is one input per named, typed column
     (``device_agent.columns``): a DataFrame pipeline with string, integer and float columns.
     ``allow_nan`` is true only when the model itself handles missing values (an imputer in the
-    graph); otherwise a NaN would silently become a confident wrong answer.
+    graph); otherwise a NaN would silently become a confident wrong answer. The *tensor* layout is
+    one image, spectrogram or sensor window per example (``tensor``: ``device_agent.tensors``), with
+    the preprocessing that turns encoded items (JPEG, PNG, WAV) into it (``preprocess``, the TOML's
+    table, run by ``device_agent.preprocess``) and the summary signals the agent sketches of it
+    (``signals``, ``device_agent.tensor_signals``).
     """
 
     input_name: str
@@ -38,6 +45,22 @@ class InputSchema:
     allow_nan: bool = False
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
     columns: tuple[Column, ...] | None = None
+    tensor: TensorSpec | None = None
+    preprocess: dict[str, Any] | None = field(default=None, compare=False)
+    signals: dict[str, Any] | None = field(default=None, compare=False)
+
+    @classmethod
+    def of_tensor(
+        cls, spec: TensorSpec, *, preprocess: dict[str, Any] | None = None, signals: dict[str, Any] | None = None
+    ) -> InputSchema:
+        return cls(
+            input_name=spec.name,
+            feature_names=(spec.name,),
+            dtype=spec.dtype,
+            tensor=spec,
+            preprocess=preprocess,
+            signals=signals,
+        )
 
     @classmethod
     def of_columns(cls, columns: Sequence[Column]) -> InputSchema:
@@ -52,7 +75,7 @@ class InputSchema:
 
     @property
     def layout(self) -> str:
-        return MATRIX if self.columns is None else COLUMNS
+        return TENSOR if self.tensor is not None else MATRIX if self.columns is None else COLUMNS
 
     @property
     def kinds(self) -> tuple[str, ...]:
@@ -60,12 +83,37 @@ class InputSchema:
         return tuple(c.kind for c in self.columns) if self.columns else ("numeric",) * self.width
 
     def feed(self, rows: np.ndarray) -> np.ndarray | dict[str, np.ndarray]:
-        """Checked rows as the runtime takes them: the matrix itself, or one array per column."""
+        """Checked rows as the runtime takes them: the matrix or tensor itself, or one array per column."""
         return rows if self.columns is None else self._checker.feed(rows)
+
+    def preprocessor(self) -> Any:
+        """The ``Preprocess`` that turns encoded items into this tensor (None without preprocessing).
+        Built once, on first use: Pillow is imported only by a model that decodes images."""
+        if self.preprocess is None:
+            return None
+        cached = self.__dict__.get("_preprocessor")
+        if cached is None:
+            from .preprocess import Preprocess
+
+            cached = Preprocess.from_dict(self.preprocess, self.tensor)
+            object.__setattr__(self, "_preprocessor", cached)
+        return cached
+
+    def tensor_signals(self) -> Any:
+        """The ``TensorSignals`` that reduce a batch of this tensor to the rows the profile sketches."""
+        cached = self.__dict__.get("_signals")
+        if cached is None and self.tensor is not None:
+            from .tensor_signals import TensorSignals
+
+            cached = TensorSignals.from_dict(self.signals, self.tensor) if self.signals else TensorSignals(self.tensor)
+            object.__setattr__(self, "_signals", cached)
+        return cached
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "_np_dtype", np.dtype(self.dtype))
         object.__setattr__(self, "_checker", ColumnChecker(self.columns) if self.columns else None)
+        if self.tensor is not None:
+            return  # the tensor spec checked itself
         if self.dtype not in SUPPORTED_DTYPES:
             raise SchemaError(
                 f"input dtype {self.dtype!r} is not supported",
@@ -82,6 +130,13 @@ class InputSchema:
         return len(self.feature_names)
 
     def to_dict(self) -> dict[str, Any]:
+        if self.tensor is not None:
+            return {
+                "layout": TENSOR,
+                "tensor": self.tensor.to_dict(),
+                "preprocess": self.preprocess,
+                "signals": self.signals,
+            }
         doc = {
             "input_name": self.input_name,
             "feature_names": list(self.feature_names),
@@ -98,6 +153,10 @@ class InputSchema:
         layout = doc.get("layout", MATRIX)
         if layout == COLUMNS:
             return cls.of_columns([Column.from_dict(c) for c in doc["columns"]])
+        if layout == TENSOR:
+            return cls.of_tensor(
+                TensorSpec.from_dict(doc["tensor"]), preprocess=doc.get("preprocess"), signals=doc.get("signals")
+            )
         if layout != MATRIX:
             raise SchemaError(f"input layout {layout!r} is not one this agent reads", "upgrade the agent")
         return cls(
@@ -116,6 +175,7 @@ class InputSchema:
         and ``columns``: device_agent never imports pandas)."""
         if (
             self.columns is None
+            and self.tensor is None
             and isinstance(rows, np.ndarray)
             and rows.ndim == 2
             and rows.dtype == self._np_dtype
@@ -124,6 +184,8 @@ class InputSchema:
             and math.isfinite(rows.sum())
         ):
             return rows  # the fast path an embedding app hits on every call: one sum tells "all finite"
+        if self.tensor is not None:
+            return self._check_tensor(rows, source)
         if hasattr(rows, "columns") and hasattr(rows, "to_dict") and not isinstance(rows, dict):
             rows = {str(k): v for k, v in rows.to_dict("list").items()}
         if isinstance(rows, dict) and rows and all(isinstance(v, list) for v in rows.values()):
@@ -148,6 +210,46 @@ class InputSchema:
             _check_finite(array, self, source)
         return array
 
+    def _check_tensor(self, data: Any, source: str) -> np.ndarray:
+        """A batch of the tensor: an array, nested lists, ``{input name: ...}``, or encoded items
+        (``{"b64": ...}`` objects or bytes: JPEG, PNG, WAV, .npy) run through the preprocessing."""
+        if isinstance(data, dict) and not _is_b64(data):
+            if set(data) != {self.tensor.name}:
+                raise InputError(
+                    f"{source} names inputs {_preview_quoted(sorted(map(str, data)))}",
+                    f"the model has one input, {self.tensor.name!r}",
+                )
+            data = data[self.tensor.name]
+        if isinstance(data, (list, tuple)) and data and (_is_b64(data[0]) or isinstance(data[0], bytes)):
+            return self._decoded(data, source)
+        if _is_b64(data) or isinstance(data, bytes):
+            return self._decoded([data], source)
+        return check_tensor(self.tensor, data, source=source)
+
+    def _decoded(self, items: Sequence[Any], source: str) -> np.ndarray:
+        preprocess = self.preprocessor()
+        if preprocess is None:
+            raise InputError(
+                f"{source} holds encoded items (images, audio) but the model has no preprocessing",
+                f"send tensors of shape {list(self.tensor.shape)}, or package the model with --preprocess",
+            )
+        raw = []
+        for i, item in enumerate(items):
+            if isinstance(item, bytes):
+                raw.append(item)
+                continue
+            if not _is_b64(item):
+                raise InputError(
+                    f"{source} item {i} is {_json_kind(item)}", 'send every item as {"b64": "<base64>"}', row=i
+                )
+            try:
+                raw.append(base64.b64decode(item["b64"], validate=True))
+            except (binascii.Error, ValueError, TypeError):
+                raise InputError(
+                    f"{source} item {i} is not valid base64", "encode the file with base64", row=i
+                ) from None
+        return preprocess.batch(raw, source=source)
+
     def _check_columns(self, rows: Any, source: str) -> np.ndarray:
         if isinstance(rows, dict):
             example = f"[{{{_preview_keys(self.feature_names)}}}]"
@@ -171,6 +273,10 @@ class InputSchema:
                 raise _keys_error(row, names, source, r)
             ordered.append([row[n] for n in names])
         return ordered
+
+
+def _is_b64(value: Any) -> bool:
+    return isinstance(value, dict) and len(value) == 1 and "b64" in value
 
 
 def _keys_error(row: dict[str, Any], names: Sequence[str], source: str, r: int) -> InputError:

@@ -6,6 +6,7 @@
     GET  /v1/models/<name>           status and version
     GET  /healthz                    200 while a model is loaded
     GET  /metrics                    Prometheus text
+    /v2/...                          the Open Inference Protocol v2 (KServe v2, Triton): :mod:`device_agent.v2`
 
 Bodies come with Content-Length or Transfer-Encoding: chunked (neither: 411; over [server]
 max_body_bytes: 413). Bad requests get 400 with ``{"error": "..."}`` and the server keeps serving.
@@ -26,6 +27,8 @@ from .errors import AgentError, ConfigError, InputError, ServeError
 from .metrics import Observed, render_metrics
 from .schema import request_rows
 from .serving import PredictResult
+from .v2 import HEALTH_PREFIX
+from .v2 import route as v2_route
 from .wsgi import HttpError, Request, Response, error_response, json_response, wsgi_app
 
 if TYPE_CHECKING:
@@ -70,8 +73,12 @@ def route(agent: Served, config: ServerConfig, request: Request) -> Response:
     """The answer to one request (the HTTP server, TLS and limits are the caller's business)."""
     if request.path == "/healthz" and request.method == "GET":
         return json_response({"status": "ok", "model": agent.model_info})
+    if request.path.startswith(HEALTH_PREFIX):  # v2 hook: open like /healthz (probes carry no token)
+        return v2_route(agent, config, request)  # type: ignore[arg-type]
     if config.token and not _authorized(request, config.token):
         return error_response(401, "missing or wrong bearer token")
+    if request.path == "/v2" or request.path.startswith("/v2/"):  # v2 hook: the Open Inference Protocol
+        return v2_route(agent, config, request)  # type: ignore[arg-type]
     if request.path == "/metrics":
         _allow(request, "GET")
         return Response(200, render_metrics(agent).encode(), "text/plain; version=0.0.4")

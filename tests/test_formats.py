@@ -1,5 +1,6 @@
 """What version 1 of each contract wrote, read by today's code (the files in fixtures/formats/ were
-written once, by the first release's code, and are never regenerated).
+written once, by the first release's code, and are never regenerated; ``profile-2.json`` was written
+once by the last code that wrote ``edgekit.profile/2``).
 
 A change to the bundle, summary or baseline format bumps its schema version and must keep these
 tests passing: devices in the field hold old bundles, and a collector receives old agents' summaries.
@@ -52,3 +53,20 @@ def test_version_1_baseline_and_summary_messages_are_checked_stored_and_merged()
     (report,) = merged_drift(store, device="dev1")
     assert report["windows"] == 1 and "f0" in report["drift"]["features"]
     assert json.loads((FORMATS / "summary-message.json").read_text())["schema"] == "edgekit.summary/1"
+
+
+def test_a_version_2_profile_reads_keeps_its_baseline_id_and_takes_windows():
+    """``edgekit.profile/3`` added ``per_row``; a /2 baseline (numeric, value-binned and categorical columns
+    with ``unseen`` and ``known``, classifier outputs) must read, keep its id, and sketch and merge windows."""
+    doc = json.loads((FORMATS / "profile-2.json").read_text())
+    assert doc["schema"] == "edgekit.profile/2"
+    baseline = Profile.from_dict(doc)
+    assert baseline.baseline_id == doc["baseline_id"] == "843b8a0a334b9abc"
+    assert baseline.width == 5 and [f.kind for f in baseline.features] == ["numeric"] * 3 + ["categorical"] * 2
+    rows = np.array([[10.5, 1.0, 0.0, "c3", "pro"], [9.0, 2.0, 3.5, "zz", "basic"]], dtype=object)
+    window = baseline.empty_like()
+    window.update_inputs(rows)
+    assert window.feature("country").unseen == 1 and window.feature("amount").count == 2
+    again = baseline.from_compact(window.to_compact())
+    assert again.to_compact() == window.to_compact() and again.baseline_id == baseline.baseline_id
+    assert Profile.from_dict(baseline.to_dict()).baseline_id == baseline.baseline_id

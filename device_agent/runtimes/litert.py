@@ -62,7 +62,7 @@ class LiteRtRuntime:
         interpreter = self._interpreter_for(None)
         self._input = interpreter.get_input_details()[0]
         self._outputs = interpreter.get_output_details()
-        self.input_names = [self._input["name"]]
+        self.input_names = [d["name"] for d in interpreter.get_input_details()]  # all, so callers can refuse
         self.output_names = [o["name"] for o in self._outputs]
         # What predict needs, decided once: np.issubdtype and dict lookups per call cost as much as a tiny model.
         self._quantize_input = _quantizer(self._input)
@@ -101,6 +101,15 @@ class LiteRtRuntime:
         except (ValueError, RuntimeError) as exc:
             raise ModelError(self.source, self.name, f"failed to run: {exc}") from exc
 
+    @property
+    def input_details(self) -> dict:
+        """The input tensor as LiteRT describes it: name, shape, dtype, quantization (scale, zero point)."""
+        return self._input
+
+    @property
+    def output_details(self) -> list[dict]:
+        return self._outputs
+
     def close(self) -> None:
         self._model = None
         self._by_batch.clear()
@@ -112,8 +121,16 @@ def _quantizer(detail: dict):
     if dtype.kind == "f":
         return lambda rows: np.ascontiguousarray(rows, dtype=dtype)
     scale, zero = detail["quantization"]
+    if not scale:  # raw integers (a uint8 image model without quantization): cast, never divide by 0
+        return lambda rows: np.ascontiguousarray(rows, dtype=dtype)
     info = np.iinfo(dtype)
-    return lambda rows: np.clip(np.round(rows / scale + zero), info.min, info.max).astype(dtype)
+
+    def quantized(rows: np.ndarray) -> np.ndarray:
+        if rows.dtype == dtype:  # already the tensor's integers, quantized by the caller
+            return np.ascontiguousarray(rows)
+        return np.clip(np.round(rows / scale + zero), info.min, info.max).astype(dtype)
+
+    return quantized
 
 
 def _dequantizer(detail: dict) -> tuple[float | None, int]:

@@ -46,11 +46,18 @@ class OnnxRuntime:
             ) from exc
         self.input_names = [i.name for i in self._session.get_inputs()]
         self.output_names = [o.name for o in self._session.get_outputs()]
+        batch = self._session.get_inputs()[0].shape[0] if self._session.get_inputs()[0].shape else None
+        # a model exported with a fixed batch (often 1): larger batches run in slices of that size
+        self._fixed_batch = batch if isinstance(batch, int) and batch > 0 and len(self.input_names) == 1 else None
 
     def predict(self, rows: np.ndarray | dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run the model on one matrix (its single input) or on a feed of named inputs (typed columns)."""
         if self._session is None:
             raise ModelError(self.source, "onnxruntime", "has no model loaded", "call load() first")
+        fixed = self._fixed_batch
+        if fixed is not None and not isinstance(rows, dict) and len(rows) != fixed and len(rows) % fixed == 0:
+            parts = [self.predict(rows[i : i + fixed]) for i in range(0, len(rows), fixed)]
+            return {name: np.concatenate([p[name] for p in parts]) for name in self.output_names}
         try:
             values = self._session.run(None, rows if isinstance(rows, dict) else {self.input_names[0]: rows})
         except Exception as exc:

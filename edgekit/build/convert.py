@@ -15,15 +15,17 @@ from typing import Any
 import numpy as np
 
 from edgekit.build.booster_export import precision_notes
-from edgekit.build.onnx_export import sample_rows, serialize, to_onnx
+from edgekit.build.embedding import default_embedding_tensor, expose_embedding
+from edgekit.build.onnx_export import check, sample_rows, serialize, stamp, to_onnx
 from edgekit.build.quant_search import PREFER, SearchOutcome, candidate_configs, search
-from edgekit.build.quantize import ensure_quantizable
+from edgekit.build.quantize import MAX_CALIBRATION_ROWS, ensure_quantizable
 from edgekit.errors import DataError
 from edgekit.fsutil import write_bytes_atomic
 from edgekit.models import compare
 from edgekit.models.data import Dataset, adopt_feature_names, load_dataset
-from edgekit.models.loading import load_model
+from edgekit.models.loading import METADATA_SOURCE, load_model
 from edgekit.models.targets import RuntimeTarget
+from edgekit.models.tensor_data import with_preprocess
 from edgekit.progress import NoProgress, Progress
 
 DEFAULT_MAX_DROP = 0.01
@@ -81,26 +83,29 @@ def convert_model(
     progress: Progress = NoProgress(),
     target_format: str = "onnx",
     names_from: str | None = None,
+    preprocess: str | None = None,
+    embedding: str | bool = True,
 ) -> ConvertOutcome:
+    """Convert ``source`` to ONNX or TFLite, optionally searching int8 configurations.
+
+    For a tensor model, ``preprocess`` (a TOML file) is how encoded items become its input (it reads
+    folders of images or WAVs for calibration and travels in the model's metadata), and ``embedding``
+    exposes the classifier head's input (True), a named tensor, or nothing (False) for drift."""
     if target_format not in ("onnx", "tflite"):
         raise DataError(f"unknown --target {target_format!r}", "use onnx or tflite")
     if quantize is not None and quantize.prefer not in PREFER:
         raise DataError(f"unknown --prefer {quantize.prefer!r}", "use size or speed")
-    model = load_model(source, pin_to=target)
     if quantize is None and (calibration or evaluation):
         raise DataError(
             "--calibration and --eval are used only with --quantize int8", "add --quantize int8, or drop them"
         )
+    model = load_model(source, pin_to=target)
     _types_from_parquet(model, names_from)
-    columns = model.input.columns
-    calibration_set = load_dataset(calibration, label=label, columns=columns) if calibration else None
-    eval_set = load_dataset(evaluation, label=label, columns=columns) if evaluation else None
-    names_set = load_dataset(names_from, label=label, columns=columns) if names_from else None
-    for dataset in (names_set, calibration_set, eval_set):
-        model.input = adopt_feature_names(model.input, dataset)
-    if names_set is not None:
-        names_set.aligned_to(model.input.feature_names)  # a model that knows other names refuses them here
+    model.input = with_preprocess(model.input, preprocess)
+    calibration_set, eval_set = _read_data(model, calibration, evaluation, names_from, label, progress)
     fp32 = to_onnx(model, target=target)
+    if model.input.tensor is not None and embedding is not False and target_format == "onnx":
+        fp32 = _with_embedding(fp32, model, None if embedding is True else str(embedding), source)
     if target_format == "tflite":
         return _convert_tflite(fp32, source, output, model, quantize, calibration_set, eval_set, progress)
     if quantize is not None:
@@ -109,6 +114,22 @@ def convert_model(
         data = serialize(fp32)
         write_bytes_atomic(output, data)
         return ConvertOutcome(source, output, len(data), notes=precision_notes(fp32))  # booster_export.py
+    return _quantized(fp32, model, source, output, quantize, calibration_set, eval_set, evaluation, target, progress)
+
+
+def _quantized(
+    fp32: Any,
+    model: Any,
+    source: str,
+    output: str,
+    quantize: QuantizeOptions,
+    calibration_set: Dataset | None,
+    eval_set: Dataset | None,
+    evaluation: str | None,
+    target: RuntimeTarget,
+    progress: Progress,
+) -> ConvertOutcome:
+    """The int8 search over ``fp32`` and the model it chose, written to ``output``."""
     calibration_rows = _rows(calibration_set, model) if calibration_set else None
     plan = _search_plan(model, quantize, calibration_rows, eval_set, evaluation)
     outcome = search(
@@ -129,6 +150,33 @@ def convert_model(
     data = serialize(chosen.proto)  # stamped with its quantization by the search
     write_bytes_atomic(output, data)
     return ConvertOutcome(source, output, len(data), outcome, plan.notes)
+
+
+def _read_data(
+    model: Any,
+    calibration: str | None,
+    evaluation: str | None,
+    names_from: str | None,
+    label: str | None,
+    progress: Any,
+) -> tuple[Dataset | None, Dataset | None]:
+    """The calibration and evaluation data, read as the model's columns or tensors; the model takes its
+    feature names from them (or from ``names_from``) when it knows none."""
+    columns = model.input.columns
+    calibration_set = (
+        load_dataset(
+            calibration, label=label, columns=columns, schema=model.input, limit=MAX_CALIBRATION_ROWS, progress=progress
+        )
+        if calibration
+        else None
+    )
+    eval_set = load_dataset(evaluation, label=label, columns=columns, schema=model.input) if evaluation else None
+    names_set = load_dataset(names_from, label=label, columns=columns) if names_from else None
+    for dataset in (names_set, calibration_set, eval_set):
+        model.input = adopt_feature_names(model.input, dataset)
+    if names_set is not None:
+        names_set.aligned_to(model.input.feature_names)  # a model that knows other names refuses them here
+    return calibration_set, eval_set
 
 
 @dataclass
@@ -262,6 +310,21 @@ def _convert_tflite(
     result = ConvertOutcome(source, output, len(data), outcome, notes)
     result.extra = extra
     return result
+
+
+def _with_embedding(fp32: Any, model: Any, tensor: str | None, source: str) -> Any:
+    """The float model with its embedding exposed (``embedding``); a graph with no classifier head
+    keeps its outputs unless the user named a tensor."""
+    if tensor is None and default_embedding_tensor(fp32) is None:
+        return fp32
+    fp32, model.output = expose_embedding(fp32, model.output, tensor, source=source)
+    stamp(fp32, model.input.to_dict(), model.output.to_dict(), _source_of(fp32))
+    check(fp32, source=source)
+    return fp32
+
+
+def _source_of(proto: Any) -> str:
+    return next((p.value for p in proto.metadata_props if p.key == METADATA_SOURCE), "onnx")
 
 
 def _rows(dataset: Dataset, model: Any) -> np.ndarray:

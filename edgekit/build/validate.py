@@ -44,7 +44,12 @@ def validate(
     reference = load_model(reference_path)
     candidate = load_model(candidate_path)
     _check_compatible(reference, candidate)
-    dataset = load_dataset(data_path, label=label, columns=candidate.input.columns or reference.input.columns)
+    dataset = load_dataset(
+        data_path,
+        label=label,
+        columns=candidate.input.columns or reference.input.columns,
+        schema=candidate.input if candidate.input.tensor is not None else reference.input,
+    )
     dataset = dataset.aligned_to(_known_names(candidate, reference))
     X = candidate.input.check(dataset.X, source=data_path)
     y = dataset.y

@@ -24,6 +24,7 @@ from device_agent.profile import Profile, build_baseline
 from edgekit import __version__
 from edgekit.bundle.keys import load_private_key, sign
 from edgekit.bundle.lineage import git_state
+from edgekit.bundle.tensor_baseline import MAX_BASELINE_EXAMPLES, prepared, tensor_baseline
 from edgekit.errors import PackageError
 from edgekit.fsutil import atomic_path
 from edgekit.models.data import adopt_feature_names, load_dataset
@@ -32,6 +33,7 @@ from edgekit.models.targets import RuntimeTarget
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 SELFTEST_ROWS = 16
+SELFTEST_TENSORS = 4  # four images are enough to tell a broken model, and keep the bundle small
 _ZIP_TIME = (1980, 1, 1, 0, 0, 0)  # fixed member times: same inputs, same bytes (but for "created")
 
 
@@ -47,8 +49,11 @@ def build_bundle(
     report_path: str | None = None,
     drift: dict[str, float] | None = None,
     target: RuntimeTarget = RuntimeTarget(),
+    preprocess: str | None = None,
+    labels: str | None = None,
 ) -> dict[str, Any]:
-    """Write the bundle to ``output`` (atomically) and return its manifest."""
+    """Write the bundle to ``output`` (atomically) and return its manifest. A tensor model may be given
+    its preprocessing (``preprocess``, TOML) and class names (``labels``, one per line) here."""
     _check_identity(name, version)
     key = load_private_key(key_path)
     model = load_model(model_path)
@@ -58,11 +63,15 @@ def build_bundle(
             f"run 'edgekit convert {model_path} -o model.onnx' first",
             path=model_path,
         )
-    baseline_data = load_dataset(baseline_path, label=label, columns=model.input.columns)
+    if model.input.tensor is not None or preprocess or labels:
+        prepared(model, preprocess=preprocess, labels=labels)
+    baseline_data = load_dataset(
+        baseline_path, label=label, columns=model.input.columns, schema=model.input, limit=MAX_BASELINE_EXAMPLES
+    )
     model.input = adopt_feature_names(model.input, baseline_data)
     baseline_data = baseline_data.aligned_to(model.input.feature_names)
     rows = model.input.check(baseline_data.X, source=baseline_path)
-    profile = _baseline_profile(model, rows)
+    profile = tensor_baseline(model, rows) if model.input.tensor is not None else _baseline_profile(model, rows)
     members = {
         MODEL_FILES[model.kind]: model.data,
         BASELINE: canonical_json(profile.to_dict()),
@@ -125,7 +134,8 @@ def _check_identity(name: str, version: int) -> None:
 
 def _selftest(model: OnnxModel | TfliteModel, rows: np.ndarray) -> bytes:
     """A few baseline rows and the model's own outputs on them, for the device's health check."""
-    take = np.linspace(0, len(rows) - 1, num=min(SELFTEST_ROWS, len(rows))).round().astype(int)
+    most = SELFTEST_TENSORS if model.input.tensor is not None else SELFTEST_ROWS
+    take = np.linspace(0, len(rows) - 1, num=min(most, len(rows))).round().astype(int)
     if model.input.columns is None:
         inputs = {"inputs": np.ascontiguousarray(rows[take])}
     else:  # typed columns: the feed itself, strings as unicode arrays (an .npz holds no objects)

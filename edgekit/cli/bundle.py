@@ -47,7 +47,23 @@ def keygen(directory, name, force):
 @click.option("--name", required=True, help="Model name (letters, digits, '.', '_', '-').")
 @click.option("--version", "version", required=True, type=int, help="Integer version; devices refuse to go down.")
 @click.option(
-    "--baseline", required=True, type=click.Path(dir_okay=False), help="Training rows (.npz/.csv): the drift baseline."
+    "--baseline",
+    required=True,
+    type=click.Path(),
+    help="Training data, the drift baseline: rows (.npz/.csv/.parquet), or for a tensor model an .npz of "
+    "tensors or a folder of images, WAV files or .npy tensors (at most 5,000 read).",
+)
+@click.option(
+    "--preprocess",
+    type=click.Path(dir_okay=False),
+    help="A tensor model's preprocessing (TOML), if 'edgekit convert' did not store one: the device decodes "
+    "and prepares images or WAV files with it.",
+)
+@click.option(
+    "--labels",
+    "labels_path",
+    type=click.Path(dir_okay=False),
+    help="A tensor model's class names, one per line in output order.",
 )
 @click.option(
     "--key", "key_path", required=True, type=click.Path(dir_okay=False), help="Private key from 'edgekit keygen'."
@@ -65,13 +81,15 @@ def keygen(directory, name, force):
     help="Override a drift threshold (alpha, min_psi, min_rows, consecutive_windows).",
 )
 @json_option
-def package(model, name, version, baseline, key_path, output, label, report, drift, as_json):
+def package(model, name, version, baseline, key_path, output, label, report, drift, preprocess, labels_path, as_json):
     """Package a converted model as a signed, versioned .edgebundle with its baseline profile.
 
     \b
-    Example:
+    Examples:
       edgekit package model.int8.onnx --name digits --version 3 --baseline train.npz \\
           --key keys/edgekit.key -o digits-3.edgebundle
+      edgekit package cnn.int8.onnx --name cam --version 1 --baseline images/ --preprocess image.toml \\
+          --labels labels.txt --key keys/edgekit.key -o cam-1.edgebundle
     """
     output = output or f"{name}-{version}.edgebundle"
     manifest = build_bundle(
@@ -84,6 +102,8 @@ def package(model, name, version, baseline, key_path, output, label, report, dri
         label=label,
         report_path=report,
         drift=_parse_drift(drift),
+        preprocess=preprocess,
+        labels=labels_path,
     )
     if as_json:
         emit_json({"output": output, "manifest": manifest})
@@ -222,7 +242,15 @@ def verify(bundle, pubkey, as_json):
 
 
 def _input_text(schema: dict) -> str:
-    """One matrix (its dtype and first names), or typed columns (each with its type and whether it may be missing)."""
+    """One matrix (its dtype and first names), typed columns (each with its type and whether it may be
+    missing), or a tensor (its shape, layout and preprocessing)."""
+    if schema.get("layout") == "tensor":
+        from device_agent.tensors import TensorSpec
+
+        spec = TensorSpec.from_dict(schema["tensor"])
+        preprocess = schema.get("preprocess")
+        steps = f"; preprocessing: {next(iter(preprocess))}" if preprocess else "; no preprocessing (send tensors)"
+        return f"{spec.kind} tensor {spec.describe()}{steps}"
     if schema.get("layout") == "columns":
         shown = [
             f"{c['name']} ({c['dtype']}{', categorical' if c['kind'] == 'categorical' else ''}"

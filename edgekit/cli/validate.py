@@ -86,7 +86,7 @@ def _render(report) -> None:
     ]
     if "mae" in ref:
         rows.append(["mae", fmt(ref["mae"]), fmt(cand["mae"]), ""])
-    for batch in ("1", "256"):
+    for batch in report["speedup"]:
         rows.append(
             [
                 f"latency b{batch} p50/p99 ms",

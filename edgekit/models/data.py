@@ -11,7 +11,7 @@ import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -53,6 +53,8 @@ class Dataset:
 
     def aligned_to(self, feature_names: Sequence[str] | None, width: int | None = None) -> Dataset:
         """This data with columns in the model's order, or a ``DataError`` naming what does not match."""
+        if self.X.ndim > 2:  # tensors: checked against the model's shape when read
+            return self
         if feature_names is not None:
             try:
                 order = column_order(feature_names, self.feature_names)
@@ -85,8 +87,23 @@ def _is_default(names: Sequence[str]) -> bool:
     return tuple(names) == default_feature_names(len(names))
 
 
-def load_dataset(path: str | Path, *, label: str | None = None, columns: Sequence[Column] | None = None) -> Dataset:
-    """The rows of a data file; ``columns`` (a model's typed columns) say how to read each cell."""
+def load_dataset(
+    path: str | Path,
+    *,
+    label: str | None = None,
+    columns: Sequence[Column] | None = None,
+    schema: InputSchema | None = None,
+    limit: int | None = None,
+    progress: Any = None,
+) -> Dataset:
+    """The rows of a data file; ``columns`` (a model's typed columns) say how to read each cell. For a
+    tensor model (``schema``), the examples of an .npz, or of a folder of images, WAVs or .npy files
+    read through the model's preprocessing (``tensor_data``), at most ``limit`` of them."""
+    if schema is not None and schema.tensor is not None:
+        from edgekit.models.tensor_data import load_tensor_dataset
+
+        X, y, digest = load_tensor_dataset(path, schema, limit=limit, progress=progress)
+        return Dataset(X, y, (schema.tensor.name,), str(path), digest)
     path = Path(path)
     if not path.is_file():
         raise DataError("no such file" if not path.exists() else "is not a file", "check the path", path=path)
@@ -116,7 +133,8 @@ def adopt_feature_names(schema: InputSchema, dataset: Dataset | None) -> InputSc
     from dataclasses import replace
 
     if (
-        dataset is None
+        schema.tensor is not None
+        or dataset is None
         or dataset.feature_names is None
         or not _is_default(schema.feature_names)
         or dataset.width != schema.width

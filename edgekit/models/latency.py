@@ -14,11 +14,15 @@ from typing import Any
 import numpy as np
 
 DEFAULT_BATCHES = (1, 256)
+# a camera or a microphone sends one example at a time, a gateway a few: 256 images would take seconds a call
+TENSOR_BATCHES = (1, 16)
 
 
-def batches_from(X: np.ndarray, sizes: tuple[int, ...] = DEFAULT_BATCHES) -> dict[int, np.ndarray]:
-    """Fixed batches cut from ``X`` (tiled when ``X`` has fewer rows than a batch)."""
-    return {size: np.ascontiguousarray(np.resize(X, (size, X.shape[1])), dtype=X.dtype) for size in sizes}
+def batches_from(X: np.ndarray, sizes: tuple[int, ...] | None = None) -> dict[int, np.ndarray]:
+    """Fixed batches cut from ``X`` (tiled when ``X`` has fewer rows than a batch): 1 and 256 rows of a
+    table, 1 and 16 examples of a tensor."""
+    sizes = sizes or (TENSOR_BATCHES if X.ndim > 2 else DEFAULT_BATCHES)
+    return {size: np.ascontiguousarray(np.resize(X, (size, *X.shape[1:])), dtype=X.dtype) for size in sizes}
 
 
 def measure(

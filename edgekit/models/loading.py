@@ -19,10 +19,11 @@ from typing import Any, Protocol
 import numpy as np
 
 from device_agent.columns import Column
-from device_agent.errors import AgentError
+from device_agent.errors import AgentError, SchemaError
 from device_agent.outputs import CLASSIFICATION, REGRESSION, OutputSpec, Prediction
 from device_agent.runtimes.onnx import OnnxRuntime
 from device_agent.schema import InputSchema
+from device_agent.tensors import TENSOR_DTYPES, TensorSpec, guess_kind, guess_layout
 from edgekit.errors import ModelLoadError, require
 from edgekit.models.columns import has_tree_ensemble, passes_nan, typed_columns
 from edgekit.models.data import default_feature_names
@@ -325,7 +326,8 @@ def describe_onnx(proto: Any) -> tuple[InputSchema, OutputSpec]:
         return InputSchema.from_dict(json.loads(meta[METADATA_INPUT])), OutputSpec.from_dict(
             json.loads(meta[METADATA_OUTPUT])
         )
-    return _infer_input(proto), _infer_output(proto)
+    schema = _infer_input(proto)
+    return schema, _infer_output(proto, tensor_input=schema.tensor is not None)
 
 
 _ONNX_DTYPES = {1: "float32", 11: "float64", 7: "int64", 6: "int32"}
@@ -345,10 +347,7 @@ def _infer_input(proto: Any) -> InputSchema:
     tensor = inputs[0].type.tensor_type
     dims = [d.dim_value if d.HasField("dim_value") else None for d in tensor.shape.dim]
     if len(dims) != 2 or dims[1] is None:
-        raise ModelLoadError(
-            f"input {inputs[0].name!r} has shape {dims}; edgekit serves [batch, features] inputs",
-            "export the model with a 2-D input and a fixed feature count",
-        )
+        return InputSchema.of_tensor(_tensor_spec(inputs[0].name, tensor.elem_type, dims))
     dtype = _ONNX_DTYPES.get(tensor.elem_type)
     if dtype is None:
         raise ModelLoadError(
@@ -362,6 +361,30 @@ def _infer_input(proto: Any) -> InputSchema:
 
 
 _COLUMN_DTYPES = {1: "float32", 11: "float64", 7: "int64", 9: "bool", 8: "string"}
+_TENSOR_DTYPES = {1: "float32", 2: "uint8", 3: "int8", 5: "int16"}
+
+
+def _tensor_spec(name: str, elem_type: int | str, dims: list[int | None]) -> TensorSpec:
+    """A tensor input read off a model file: batch first, fixed sizes after it, layout guessed from
+    the shape (channels are the small dimension) unless the bundle says otherwise."""
+    dtype = _TENSOR_DTYPES.get(elem_type, elem_type) if isinstance(elem_type, int) else elem_type
+    shown = "[" + ", ".join("?" if d is None else str(d) for d in dims) + "]"
+    if len(dims) < 2 or any(d is None for d in dims[1:]):
+        raise ModelLoadError(
+            f"input {name!r} has shape {shown}: edgekit serves a batch dimension first and fixed sizes after it",
+            "export the model with fixed input sizes (e.g. torch.onnx.export with a fixed example input "
+            "and dynamic_axes only on the batch)",
+        )
+    if dtype not in TENSOR_DTYPES:
+        raise ModelLoadError(
+            f"input {name!r} has element type {dtype}, not one edgekit feeds a tensor as",
+            f"export the model with a {', '.join(TENSOR_DTYPES)} input",
+        )
+    layout = guess_layout(dims)
+    try:
+        return TensorSpec(name, dtype, tuple(dims), layout, guess_kind(layout))
+    except SchemaError as exc:
+        raise ModelLoadError(exc.problem, exc.fix) from exc
 
 
 def _infer_columns(proto: Any, inputs: list[Any]) -> InputSchema:
@@ -383,7 +406,7 @@ def _infer_columns(proto: Any, inputs: list[Any]) -> InputSchema:
     return InputSchema.of_columns(columns)
 
 
-def _infer_output(proto: Any) -> OutputSpec:
+def _infer_output(proto: Any, *, tensor_input: bool = False) -> OutputSpec:
     outputs = list(proto.graph.output)
     integer_like = [o for o in outputs if o.type.tensor_type.elem_type in (6, 7, 8)]  # int32, int64, string
     floats = [o for o in outputs if o.type.tensor_type.elem_type in (1, 11)]
@@ -398,10 +421,14 @@ def _infer_output(proto: Any) -> OutputSpec:
         )
     if len(floats) == 1:
         last = [n for n in proto.graph.node if floats[0].name in n.output]
+        width = _last_dim(floats[0])
         if last and last[0].op_type in ("Softmax", "LogSoftmax") or classes:
-            width = _last_dim(floats[0])
             labels = tuple(classes) if classes else tuple(range(width or 0))
             return OutputSpec(CLASSIFICATION, labels=labels, probabilities_output=floats[0].name)
+        if tensor_input and (width or 0) > 1:  # a network ending in its last Gemm: class scores (logits)
+            return OutputSpec(
+                CLASSIFICATION, labels=tuple(range(width)), probabilities_output=floats[0].name, logits=True
+            )
         return OutputSpec(REGRESSION, value_output=floats[0].name)
     raise ModelLoadError(
         f"has outputs {[o.name for o in outputs]} whose meaning edgekit cannot tell",
@@ -441,16 +468,17 @@ class TfliteModel(_ConvertedModel):
         from device_agent.runtimes.litert import LiteRtRuntime
 
         metadata = tflite_metadata(data, path)
-        if METADATA_INPUT not in metadata or METADATA_OUTPUT not in metadata:
-            raise ModelLoadError(
-                "is a .tflite without edgekit metadata (input schema, output meaning)",
-                "convert it with 'edgekit convert --target tflite'",
-                path=path,
-            )
         from edgekit.models.litert_banner import without_banner
 
         with without_banner():  # the first interpreter of a process logs an INFO line to stderr
             runtime = _loaded(LiteRtRuntime(threads=threads, source=path), data, path)
+        if METADATA_INPUT not in metadata or METADATA_OUTPUT not in metadata:
+            # another converter's file (TensorFlow's, Edge Impulse): the schema from the flatbuffer's tensors
+            try:
+                schema, spec = _describe_foreign_tflite(runtime, data)
+            except ModelLoadError as exc:
+                raise ModelLoadError(exc.problem, exc.fix, path=path) from exc
+            return cls(path=path, data=data, input=schema, output=spec, runtime=runtime)
         return cls(
             path=path,
             data=data,
@@ -464,9 +492,60 @@ class TfliteModel(_ConvertedModel):
         return tflite_metadata(self.data, self.path)
 
     def raw(self, X: np.ndarray) -> dict[str, np.ndarray]:
+        if self.input.tensor is not None:
+            return self.runtime.predict(np.ascontiguousarray(X))
         return self.runtime.predict(np.ascontiguousarray(X, dtype=np.float32))
 
     timed_call = raw
+
+
+def _describe_foreign_tflite(runtime: Any, data: bytes) -> tuple[InputSchema, OutputSpec]:
+    """Schema and output meaning of a .tflite edgekit did not write, from its tensors.
+
+    A quantized input (int8 or uint8 with a scale) is fed real values, quantized by the runtime
+    with the tensor's own scale and zero point, so clients and the preprocessing speak float32; an
+    integer input without a scale takes raw integers (a uint8 image model). One output of width > 1
+    is a classifier's scores: probabilities when a SOFTMAX (or LOGISTIC) makes them, else logits
+    (a Keras model trained ``from_logits``), which ``OutputSpec`` softmaxes; width 1, a value."""
+    detail = runtime.input_details
+    if len(runtime.input_names) != 1:
+        raise ModelLoadError("has several inputs", "edgekit serves .tflite models with one input")
+    scale = detail["quantization"][0]
+    dtype = "float32" if scale or np.dtype(detail["dtype"]).kind == "f" else np.dtype(detail["dtype"]).name
+    dims = [None, *(int(d) for d in detail["shape"][1:])]
+    schema = InputSchema.of_tensor(_tensor_spec(detail["name"], dtype, dims))
+    outputs = runtime.output_details
+    first = outputs[0]
+    width = int(np.prod(first["shape"][1:])) if len(first["shape"]) > 1 else 1
+    if width > 1:
+        logits = not _scores_are_probabilities(data)
+        return schema, OutputSpec(
+            CLASSIFICATION, labels=tuple(range(width)), probabilities_output=first["name"], logits=logits
+        )
+    return schema, OutputSpec(REGRESSION, value_output=first["name"])
+
+
+def _scores_are_probabilities(data: bytes) -> bool:
+    """Whether the first output comes from a SOFTMAX or LOGISTIC, looking back through the QUANTIZE,
+    DEQUANTIZE, RESHAPE and SQUEEZE a converter puts after it (TF's int8 models end in one)."""
+    schema = require("ai_edge_litert.schema_py_generated", "tflite")
+    ops = schema.BuiltinOperator
+    model = schema.Model.GetRootAs(data, 0)
+    graph = model.Subgraphs(0)
+    producers = {}
+    for i in range(graph.OperatorsLength()):
+        op = graph.Operators(i)
+        producers.update((op.Outputs(j), op) for j in range(op.OutputsLength()))
+    op = producers.get(graph.Outputs(0))
+    while op is not None:
+        code = model.OperatorCodes(op.OpcodeIndex())
+        builtin = max(code.BuiltinCode(), code.DeprecatedBuiltinCode())  # old files fill only the deprecated field
+        if builtin in (ops.SOFTMAX, ops.LOGISTIC):
+            return True
+        if builtin not in (ops.QUANTIZE, ops.DEQUANTIZE, ops.RESHAPE, ops.SQUEEZE):
+            return False
+        op = producers.get(op.Inputs(0))
+    return False
 
 
 def tflite_metadata(data: bytes, path: str = "<model>") -> dict[str, str]:

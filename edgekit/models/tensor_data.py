@@ -1,0 +1,127 @@
+"""Tensor data for the host's tools: ``.npz`` arrays, ``.npy`` files, and folders of images or WAVs.
+
+Calibration, evaluation, validation and the baseline read tensors here; folders of encoded items go
+through the model's own preprocessing (``device_agent.preprocess``, via ``device_agent.tensor_files``),
+the code the device runs on a request, so what the host measured is what the device computes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from device_agent.errors import AgentError
+from device_agent.tensors import check_tensor
+from edgekit.errors import DataError
+
+LABEL_KEYS = ("y", "labels", "label")
+
+
+def with_preprocess(schema: Any, path: str | None) -> Any:
+    """``schema`` with the preprocessing of a TOML file (``--preprocess``), checked against its tensor."""
+    if path is None:
+        return schema
+    if schema.tensor is None:
+        raise DataError(
+            "--preprocess applies to tensor models (images, audio, sensor windows)",
+            "drop --preprocess for a model of rows and columns",
+            path=path,
+        )
+    from dataclasses import replace
+
+    from device_agent.preprocess import Preprocess
+
+    try:
+        preprocess = Preprocess.from_toml(path, schema.tensor)
+    except AgentError as exc:
+        raise DataError(exc.problem, exc.fix, path=path) from exc
+    return replace(schema, preprocess=preprocess.to_dict())
+
+
+def load_tensor_dataset(
+    path: str | Path, schema: Any, *, limit: int | None = None, progress: Any = None
+) -> tuple[np.ndarray, np.ndarray | None, str]:
+    """``(X, y, sha256)``: ``X`` a ``[N, *example_shape]`` batch of the model's input tensor, ``y`` its
+    labels (an .npz may hold them), and a digest of what was read for the bundle's lineage.
+
+    An ``.npz`` gives ``X`` (or an array named after the input) and optionally labels ``y``; any other
+    file or a folder is read item by item through the preprocessing, at most ``limit`` examples
+    (calibration does not need 10,000 photos), in batches so memory holds one batch of decoded images
+    beside the result."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError("no such file or folder", "check the path", path=path)
+    if path.suffix.lower() == ".npz":
+        X, y, digest = _from_npz(path, schema)
+    else:
+        X, y, digest = _from_items(path, schema, limit, progress), None, _folder_digest(path)
+    if limit is not None and len(X) > limit:
+        X, y = X[:limit], None if y is None else y[:limit]
+    return X, y, digest
+
+
+def _from_npz(path: Path, schema: Any) -> tuple[np.ndarray, np.ndarray | None, str]:
+    spec = schema.tensor
+    raw = path.read_bytes()
+    try:
+        with np.load(path, allow_pickle=False) as arrays:
+            names = list(arrays.files)
+            key = next((k for k in (spec.name, "X", "x") if k in names), None)
+            if key is None:
+                others = [k for k in names if k not in LABEL_KEYS]
+                if len(others) != 1:
+                    raise DataError(
+                        f"has arrays {names} and none is named {spec.name!r} or X",
+                        f"save the inputs as X (or {spec.name!r}) and the labels as y",
+                        path=path,
+                    )
+                key = others[0]
+            X = arrays[key]
+            y = next((arrays[k] for k in LABEL_KEYS if k in names), None)
+    except (OSError, ValueError, zipfile.BadZipFile) as exc:
+        raise DataError(f"is not a readable .npz ({exc})", "save it with numpy.savez", path=path) from exc
+    try:
+        X = check_tensor(spec, X, source=str(path))
+    except AgentError as exc:
+        raise DataError(exc.problem, exc.fix, path=path) from exc
+    if y is not None and len(y) != len(X):
+        raise DataError(f"has {len(X)} examples but {len(y)} labels", "give one label per example", path=path)
+    return X, y, hashlib.sha256(raw).hexdigest()
+
+
+def _from_items(path: Path, schema: Any, limit: int | None, progress: Any) -> np.ndarray:
+    from device_agent.tensor_files import count_items, read_items
+
+    parts, total = [], 0
+    if progress is not None:
+        progress.start(min(count_items(path), limit or 1 << 62), f"reading {path.name}")
+    try:
+        for _, batch in read_items(path, schema.preprocessor(), schema.tensor):
+            parts.append(batch)
+            total += len(batch)
+            if progress is not None:
+                progress.advance(len(batch))
+            if limit is not None and total >= limit:
+                break
+    except AgentError as exc:
+        raise DataError(exc.problem, exc.fix, path=path) from exc
+    finally:
+        if progress is not None:
+            progress.finish()
+    if not parts:
+        raise DataError("holds no images, audio or tensors", "give a folder of .jpg/.png/.wav/.npy files", path=path)
+    return np.concatenate(parts)
+
+
+def _folder_digest(path: Path) -> str:
+    """A digest of a folder's files (names and bytes, in sorted order), for the bundle's lineage."""
+    digest = hashlib.sha256()
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    for file in files:
+        digest.update(str(file.relative_to(path) if file != path else file.name).encode() + b"\0")
+        digest.update(hashlib.sha256(file.read_bytes()).digest())
+    return digest.hexdigest()
