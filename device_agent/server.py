@@ -27,7 +27,7 @@ from .errors import AgentError, ConfigError, InputError, ServeError
 from .metrics import Observed, render_metrics
 from .schema import request_rows
 from .serving import PredictResult
-from .v2 import HEALTH_PREFIX
+from .v2 import HEALTH_PREFIX, V2Served
 from .v2 import route as v2_route
 from .wsgi import HttpError, Request, Response, error_response, json_response, wsgi_app
 
@@ -35,8 +35,8 @@ if TYPE_CHECKING:
     from .httpserver import HttpServer
 
 
-class Served(Observed, Protocol):
-    """What the routes need of an agent: the metrics' view, predictions and feedback."""
+class Served(Observed, V2Served, Protocol):
+    """What the routes need of an agent: the metrics' view, the v2 routes' view, predictions and feedback."""
 
     config: AgentConfig
 
@@ -74,11 +74,11 @@ def route(agent: Served, config: ServerConfig, request: Request) -> Response:
     if request.path == "/healthz" and request.method == "GET":
         return json_response({"status": "ok", "model": agent.model_info})
     if request.path.startswith(HEALTH_PREFIX):  # v2 hook: open like /healthz (probes carry no token)
-        return v2_route(agent, config, request)  # type: ignore[arg-type]
+        return v2_route(agent, config, request)
     if config.token and not _authorized(request, config.token):
         return error_response(401, "missing or wrong bearer token")
     if request.path == "/v2" or request.path.startswith("/v2/"):  # v2 hook: the Open Inference Protocol
-        return v2_route(agent, config, request)  # type: ignore[arg-type]
+        return v2_route(agent, config, request)
     if request.path == "/metrics":
         _allow(request, "GET")
         return Response(200, render_metrics(agent).encode(), "text/plain; version=0.0.4")

@@ -6,8 +6,10 @@ Profiles are built exactly as the agent builds them: the baseline is ``build_bas
 ``update_inputs(signals.rows(batch))``, and the verdict is ``drift_report``'s, at the default
 thresholds (alpha 0.01 family-wise, min_psi 0.02).
 
-- sample images: 96x96 RGB crops of scikit-learn's two sample photographs (random scale from a
-  quarter to all of the short side, random position, random mirror; ``sample_crops``), preprocessed
+- sample images: 96x96 RGB crops of scikit-learn's two sample photographs, the MobileNet fixture's
+  (``edgekit.local.tensor_data.sample_image_crops``: a sixth to two thirds of the short side, random
+  position and mirror; where that is missing, ``sample_crops`` here: a quarter to all of the short
+  side; the JSON's ``crops`` says which), preprocessed
   as the MobileNet fixture is (x / 255, ImageNet mean and std, NCHW); ``value_range`` is what raw 0
   and 255 become, per channel. A baseline of 1,000 crops, then ``--windows`` windows of 200 fresh
   crops each: clean, brighter (raw pixels x 1.1, rounded, clipped at 255) and blurred (Pillow's
@@ -59,7 +61,24 @@ BLUR_RADIUS = 1.5
 BRIGHTNESS = 1.1
 
 
-def sample_crops(n: int, *, size: int = SIZE, seed: int | tuple[int, ...] = 0) -> np.ndarray:
+def crops(n: int, seed: int) -> np.ndarray:
+    """``n`` raw crops from ``seed``: the fixture's when it is there (the figures then match the model's data)."""
+    try:
+        from edgekit.local.tensor_data import sample_image_crops
+    except ImportError:
+        return sample_crops(n, seed=seed)
+    return sample_image_crops(n, size=SIZE, seed=seed)
+
+
+def crops_source() -> str:
+    try:
+        from edgekit.local.tensor_data import sample_image_crops  # noqa: F401
+    except ImportError:
+        return "scripts/bench_tensor_drift.py sample_crops"
+    return "edgekit.local.tensor_data.sample_image_crops"
+
+
+def sample_crops(n: int, *, size: int = SIZE, seed: int = 0) -> np.ndarray:
     """``n`` raw uint8 ``[n, size, size, 3]`` crops of the two sample photographs, from ``seed`` alone."""
     from PIL import Image
     from sklearn.datasets import load_sample_images
@@ -121,17 +140,18 @@ def drift_figures(
 ) -> dict[str, Any]:
     """False alarms (clean) and detection (brighter, blurred) on sample-image crops; per-signal flag counts."""
     signals = TensorSignals(IMAGE_SPEC, value_range=VALUE_RANGE)
-    baseline = _baseline(signals, preprocess(sample_crops(baseline_images, seed=(seed, 0))))
+    baseline = _baseline(signals, preprocess(crops(baseline_images, seed=seed * 100_000)))
     flags: dict[str, list[bool]] = {"clean": [], "brighter": [], "blurred": []}
     by_signal: dict[str, Counter] = {name: Counter() for name in flags}
     for w in range(windows):
-        raw = sample_crops(window_images, seed=(seed, 1, w))
+        raw = crops(window_images, seed=seed * 100_000 + 1 + w)  # never the baseline's seed
         for name, batch in (("clean", raw), ("brighter", brighter(raw)), ("blurred", blurred(raw))):
             report = _verdict(baseline, signals, preprocess(batch))
             flags[name].append(bool(report["drifted"]))
             by_signal[name].update(f for f, v in report["features"].items() if v["drifted"])
     return {
         "signals": dict(zip(signals.names, signals.per_row, strict=True)),
+        "crops": crops_source(),
         "baseline_id": baseline.baseline_id,
         **{name: {**_rate(f), "by_signal": dict(by_signal[name].most_common())} for name, f in flags.items()},
     }
@@ -163,7 +183,7 @@ def digits_figures(*, trials: int = 100, baseline_images: int = 1000, window_ima
 
 def cost_figures(*, seed: int = 0) -> dict[str, float]:
     """Microseconds per image of ``rows()`` (and of the profile update of its rows) at batch 1 and 32."""
-    batch = preprocess(sample_crops(32, seed=(seed, 3)))
+    batch = preprocess(crops(32, seed=seed * 100_000 + 99_999))
     figures = {}
     for layout, spec, data in (
         ("nchw", IMAGE_SPEC, batch),

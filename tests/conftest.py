@@ -188,6 +188,54 @@ def churn(keypair, tmp_path_factory) -> Churn:
     )
 
 
+@dataclass(frozen=True)
+class DigitsCnn:
+    """The digits CNN fixture, converted (preprocessing and embedding stored) and packaged."""
+
+    directory: Path
+    model: Path  # as the numpy trainer exported it
+    onnx: Path  # converted: preprocessing in its metadata, the embedding exposed
+    train: Path
+    test: Path  # .npz: X [N, 1, 8, 8], y
+    images: Path  # PNGs of the test digits
+    labels: Path
+    preprocess: Path
+    bundle: Path
+
+
+@pytest.fixture(scope="session")
+def digits_cnn(keypair, tmp_path_factory) -> DigitsCnn:
+    from edgekit.build.convert import convert_model
+    from edgekit.bundle.package import build_bundle
+    from edgekit.local.tensor_fixtures import make_digits_cnn
+
+    directory = tmp_path_factory.mktemp("digits_cnn")
+    paths = {k: Path(v) for k, v in make_digits_cnn(directory).items() if isinstance(v, str)}
+    onnx = directory / "cnn.onnx"
+    convert_model(str(paths["model"]), str(onnx), preprocess=str(paths["preprocess"]))
+    bundle = directory / "cam-1.edgebundle"
+    build_bundle(
+        str(onnx),
+        name="cam",
+        version=1,
+        baseline_path=str(paths["images"]),
+        labels=str(paths["labels"]),
+        key_path=str(keypair[0]),
+        output=str(bundle),
+    )
+    return DigitsCnn(
+        directory,
+        paths["model"],
+        onnx,
+        paths["train"],
+        paths["test"],
+        paths["images"],
+        paths["labels"],
+        paths["preprocess"],
+        bundle,
+    )
+
+
 @pytest.fixture
 def cli() -> Cli:
     return Cli()

@@ -82,9 +82,10 @@ def tensor_baseline(model: Any, X: np.ndarray) -> Profile:
     )
 
 
-def value_range(schema: Any) -> tuple[float, float] | None:
-    """What the darkest and brightest raw pixels become after the preprocessing (for the saturation
-    signal); None for models without image preprocessing."""
+def value_range(schema: Any) -> tuple[list[float], list[float]] | None:
+    """What the darkest and brightest raw pixels become after the preprocessing, per channel (for the
+    saturation signal: ImageNet's mean/std send 0 and 255 elsewhere in each channel); None for models
+    without image preprocessing."""
     preprocess = schema.preprocessor()
     if preprocess is None or preprocess.kind != "image" or schema.tensor.spatial is None:
         return None
@@ -93,7 +94,10 @@ def value_range(schema: Any) -> tuple[float, float] | None:
     shape = (height, width) if channels == 1 else (height, width, channels)
     dark = preprocess.from_array(np.zeros(shape, dtype=np.uint8))
     bright = preprocess.from_array(np.full(shape, 255, dtype=np.uint8))
-    return float(np.min(dark)), float(np.max(bright))
+    if schema.tensor.channel_axis is None:  # one gray channel with no C in the layout
+        return [float(dark.min())], [float(bright.max())]
+    others = tuple(a for a in range(dark.ndim) if a != schema.tensor.channel_axis - 1)  # axes of one example
+    return dark.min(axis=others).tolist(), bright.max(axis=others).tolist()
 
 
 def _predict_in_batches(model: Any, X: np.ndarray) -> Prediction:

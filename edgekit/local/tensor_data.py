@@ -3,13 +3,13 @@
 - images: crops of the two photographs scikit-learn ships (``load_sample_images``: a temple in
   China, a flower), and digits upscaled to RGB (``sample_image_crops``); ``region_crops`` labels a
   crop by which photograph and which of its five vertical bands it came from (10 classes).
-- audio: 1 s, 16 kHz mono clips of six kinds of sound over background noise (``audio_clip``),
-  16-bit WAV bytes (``wav_bytes``), and a numpy log-mel front end (``log_mel``) for as long as
-  ``device_agent.preprocess`` does not provide one.
+- audio: 1 s, 16 kHz mono clips of six kinds of sound over background noise (``audio_clip``) and
+  their 16-bit WAV bytes (``wav_bytes``).
 - sensor windows: 3-axis accelerometer windows of 128 samples at 50 Hz in g, idle, walking,
   running or shaken, the device held in a random orientation (``sensor_window``).
-- ``preprocess_image``: JPEG/PNG bytes to a CHW float32 tensor (colour, resize, scale, mean, std).
 
+Turning images and clips into model inputs is ``device_agent.preprocess``'s job (one implementation
+on the host and the device); nothing here decodes.
 Imports: numpy and Pillow (the vision extra), scikit-learn for the datasets.
 """
 
@@ -43,7 +43,7 @@ def sample_photos() -> list[np.ndarray]:
 
 def _resize(pixels: np.ndarray, size: int) -> np.ndarray:
     image = _pil()
-    return np.asarray(image.fromarray(pixels).resize((size, size), image.BILINEAR))
+    return np.asarray(image.fromarray(pixels).resize((size, size), image.Resampling.BILINEAR))
 
 
 def _crop(photo: np.ndarray, box: tuple[int, int, int], flip: bool, size: int) -> np.ndarray:
@@ -83,13 +83,17 @@ def _empty(size: int) -> np.ndarray:
 
 # where the classes of region_crops are centred, as fractions of a photograph's (height, width)
 ANCHORS = ((0.25, 0.2), (0.25, 0.8), (0.75, 0.2), (0.75, 0.8), (0.5, 0.5))
+PLACES = ("top_left", "top_right", "bottom_left", "bottom_right", "centre")
+# load_sample_images gives china.jpg, then flower.jpg
+CROP_LABELS = tuple(f"{photo}_{place}" for photo in ("china", "flower") for place in PLACES)
 
 
 def region_crops(per_class: int, *, seed: int, size: int = 128) -> tuple[np.ndarray, np.ndarray]:
-    """``per_class`` crops ``[n, size, size, 3]`` of each of 10 classes, and their labels: class ``k``
-    is a neighbourhood of photograph ``k // 5`` around ``ANCHORS[k % 5]`` (the corners and the
-    centre); each crop has a random side (a quarter to three eighths of the photograph's height), a
-    centre within a tenth of the side's... of the anchor, and a random flip."""
+    """``per_class`` crops ``[n, size, size, 3]`` of each of 10 classes (interleaved: labels 0..9, 0..9,
+    ...) and their labels. Class ``k`` is the neighbourhood of ``ANCHORS[k % 5]`` (the corners and the
+    centre) in photograph ``k // 5``: a square of random side (a quarter to three eighths of the
+    photograph's height) whose centre strays at most ``JITTER`` from the anchor, flipped at random.
+    Neighbourhoods barely overlap, so a class is a place: decisive for a linear probe of an embedding."""
     rng = np.random.default_rng(seed)
     photos, crops, labels = sample_photos(), [], []
     for _ in range(per_class):
@@ -97,9 +101,8 @@ def region_crops(per_class: int, *, seed: int, size: int = 128) -> tuple[np.ndar
             photo = photos[label // len(ANCHORS)]
             height, width = photo.shape[:2]
             side = int(rng.integers(height // 4, 3 * height // 8 + 1))
-            cy, cx = (
-                a * d + rng.uniform(-JITTER, JITTER) * d for a, d in zip(ANCHORS[label % len(ANCHORS)], (height, width))
-            )
+            anchor = ANCHORS[label % len(ANCHORS)]
+            cy, cx = ((a + rng.uniform(-JITTER, JITTER)) * d for a, d in zip(anchor, (height, width), strict=True))
             top = int(np.clip(round(cy - side / 2), 0, height - side))
             left = int(np.clip(round(cx - side / 2), 0, width - side))
             crops.append(_crop(photo, (top, left, side), bool(rng.integers(2)), size))
@@ -111,29 +114,6 @@ def encode_image(pixels: np.ndarray, fmt: str, **options: Any) -> bytes:
     buffer = io.BytesIO()
     _pil().fromarray(pixels).save(buffer, format=fmt, **options)
     return buffer.getvalue()
-
-
-def preprocess_image(data: bytes, *, size: tuple[int, int], color: str, resize: str, scale: float, mean=None, std=None):
-    """Encoded image bytes as a ``[C, H, W]`` float32 tensor: converted to ``color`` ("L" or "RGB"),
-    resized to ``size`` (height, width) by stretching or, with ``resize="crop"``, by scaling the short
-    side (bilinear) and cutting the centre; then ``pixel * scale``, minus ``mean``, over ``std`` per channel."""
-    image = _pil()
-    picture = image.open(io.BytesIO(data)).convert(color)
-    height, width = size
-    if resize == "crop":
-        ratio = max(width / picture.width, height / picture.height)
-        scaled = (max(width, round(picture.width * ratio)), max(height, round(picture.height * ratio)))
-        picture = picture.resize(scaled, image.BILINEAR)
-        left, top = (scaled[0] - width) // 2, (scaled[1] - height) // 2
-        picture = picture.crop((left, top, left + width, top + height))
-    else:
-        picture = picture.resize((width, height), image.BILINEAR)
-    pixels = np.asarray(picture, dtype=np.float32).reshape(height, width, -1) * np.float32(scale)
-    if mean is not None:
-        pixels = pixels - np.asarray(mean, np.float32)
-    if std is not None:
-        pixels = pixels / np.asarray(std, np.float32)
-    return np.ascontiguousarray(pixels.transpose(2, 0, 1), dtype=np.float32)
 
 
 # -- audio ------------------------------------------------------------------------------------------------
@@ -185,51 +165,6 @@ def wav_bytes(samples: np.ndarray, sample_rate: int = SAMPLE_RATE) -> bytes:
         out.setframerate(sample_rate)
         out.writeframes(samples.astype("<i2").tobytes())
     return buffer.getvalue()
-
-
-def read_wav(data: bytes) -> tuple[np.ndarray, int]:
-    """16-bit mono WAV bytes as float samples in [-1, 1) (``int16 / 32768``) and the sample rate."""
-    with wave.open(io.BytesIO(data), "rb") as source:
-        frames = source.readframes(source.getnframes())
-        return np.frombuffer(frames, "<i2").astype(np.float32) / 32768.0, source.getframerate()
-
-
-def _hz_to_mel(f):
-    return 2595.0 * np.log10(1.0 + np.asarray(f, np.float64) / 700.0)
-
-
-def _mel_to_hz(m):
-    return 700.0 * (10.0 ** (np.asarray(m, np.float64) / 2595.0) - 1.0)
-
-
-def mel_filterbank(sample_rate: int, n_fft: int, n_mels: int, fmin: float, fmax: float) -> np.ndarray:
-    """``[n_mels, n_fft // 2 + 1]`` triangles, evenly spaced on the HTK mel scale, peak 1, not area-normalised."""
-    bins = np.linspace(0, sample_rate / 2, n_fft // 2 + 1)
-    edges = _mel_to_hz(np.linspace(_hz_to_mel(fmin), _hz_to_mel(fmax), n_mels + 2))
-    lower, centre, upper = edges[:-2, None], edges[1:-1, None], edges[2:, None]
-    rising = (bins - lower) / (centre - lower)
-    falling = (upper - bins) / (upper - centre)
-    return np.maximum(0, np.minimum(rising, falling))
-
-
-def log_mel(samples: np.ndarray, sample_rate: int, *, n_mels: int = 40, n_fft: int = 512, win_length: int = 400,
-            hop_length: int = 320, center: bool = False, fmin: float = 0.0, fmax: float | None = None,
-            log_floor: float = 1e-6) -> np.ndarray:  # fmt: skip
-    """``[n_mels, frames]`` float32: ``log(mel power + log_floor)`` of a periodic Hann window of
-    ``win_length`` centred in ``n_fft``, frames every ``hop_length`` (``1 + (len - n_fft) // hop``
-    of them without ``center``; with it the signal is reflect-padded by ``n_fft // 2`` first)."""
-    x = np.asarray(samples, np.float64)
-    if center:
-        x = np.pad(x, n_fft // 2, mode="reflect")
-    if len(x) < n_fft:
-        x = np.pad(x, (0, n_fft - len(x)))
-    window = np.zeros(n_fft)
-    offset = (n_fft - win_length) // 2
-    window[offset : offset + win_length] = 0.5 - 0.5 * np.cos(2 * np.pi * np.arange(win_length) / win_length)
-    frames = np.lib.stride_tricks.sliding_window_view(x, n_fft)[::hop_length]
-    power = np.abs(np.fft.rfft(frames * window, axis=1)) ** 2
-    bank = mel_filterbank(sample_rate, n_fft, n_mels, fmin, sample_rate / 2 if fmax is None else fmax)
-    return np.log(power @ bank.T + log_floor).T.astype(np.float32)
 
 
 # -- sensor windows ---------------------------------------------------------------------------------------

@@ -39,7 +39,9 @@ def with_preprocess(schema: Any, path: str | None) -> Any:
         preprocess = Preprocess.from_toml(path, schema.tensor)
     except AgentError as exc:
         raise DataError(exc.problem, exc.fix, path=path) from exc
-    return replace(schema, preprocess=preprocess.to_dict())
+    # what the tensor holds is what its preprocessing makes: a [N, 1, 40, 49] input fed [audio] is a spectrogram
+    tensor = replace(schema.tensor, kind=preprocess.kind)
+    return replace(schema, tensor=tensor, preprocess=preprocess.to_dict(), input_name=tensor.name)
 
 
 def load_tensor_dataset(
@@ -98,7 +100,7 @@ def _from_items(path: Path, schema: Any, limit: int | None, progress: Any) -> np
 
     parts, total = [], 0
     if progress is not None:
-        progress.start(min(count_items(path), limit or 1 << 62), f"reading {path.name}")
+        progress.start(min(count_items(path, schema.tensor), limit or 1 << 62), f"reading {path.name}")
     try:
         for _, batch in read_items(path, schema.preprocessor(), schema.tensor):
             parts.append(batch)
