@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from edgekit.build.booster_export import precision_notes
-from edgekit.build.embedding import default_embedding_tensor, expose_embedding
+from edgekit.build.embedding import EMBEDDING_OUTPUT, default_embedding_tensor, expose_embedding
 from edgekit.build.onnx_export import check, sample_rows, serialize, stamp, to_onnx
 from edgekit.build.quant_search import PREFER, SearchOutcome, candidate_configs, search
 from edgekit.build.quantize import MAX_CALIBRATION_ROWS, ensure_quantizable
@@ -315,7 +315,8 @@ def _convert_tflite(
 def _with_embedding(fp32: Any, model: Any, tensor: str | None, source: str) -> Any:
     """The float model with its embedding exposed (``embedding``); a graph with no classifier head
     keeps its outputs unless the user named a tensor."""
-    if tensor is None and default_embedding_tensor(fp32) is None:
+    exposed = any(o.name == EMBEDDING_OUTPUT for o in fp32.graph.output)
+    if tensor is None and default_embedding_tensor(fp32) is None and not exposed:
         return fp32
     fp32, model.output = expose_embedding(fp32, model.output, tensor, source=source)
     stamp(fp32, model.input.to_dict(), model.output.to_dict(), _source_of(fp32))

@@ -29,6 +29,8 @@ def expose_embedding(proto: Any, spec: Any, tensor: str | None = None, *, source
     added as the output ``edgekit_embedding``, and ``spec`` naming it. A tensor whose width cannot be
     told (no shape information) is refused: the projection is fixed at package time."""
     onnx = require("onnx")
+    if any(o.name == EMBEDDING_OUTPUT for o in proto.graph.output):  # converted before: exposed already
+        return proto, replace(spec, embedding_output=EMBEDDING_OUTPUT)
     name = _tensor_named(proto, tensor, source) if tensor else default_embedding_tensor(proto)
     if name is None:
         raise ConversionError(
