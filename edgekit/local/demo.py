@@ -5,7 +5,8 @@ signing key, bundles v1 and v2, verified as a device would. Fleet: a local broke
 installed, otherwise the embedded amqtt), the collector with its dashboard, and N emulated devices
 (real agent processes) scoring held-out digits, the first with drift injected, and one more device
 serving a typed tabular model (churn: int, float and string columns with missing values) that starts
-seeing a country it never saw. Part way through, v2
+seeing a country it never saw, and a camera-like device serving an image model (a CNN on digit images
+sent as PNG files, decoded and preprocessed on the device) whose pictures get brighter. Part way through, v2
 is rolled out over the air in two waves, each device shadow-testing it on live rows before the
 swap. The fleet table and the rollout are printed as they progress; at the end the final status,
 the drift, the alerts, the rollout and the dashboard URL.
@@ -34,6 +35,8 @@ Say = Callable[[str], None]
 DRIFT = DriftSpec(feature="pixel_2_4", shift=8.0, after=600, devices=frozenset({0}))
 # the typed-tabular device: after 600 rows, 30 % of its rows name a country the model never saw
 TABULAR_DRIFT = DriftSpec(feature="country", shift=0.3, after=600, devices=frozenset({0}))
+# the camera: after 600 images, every picture 40 % brighter (an exposure gone wrong)
+CAMERA_DRIFT = DriftSpec(feature="brightness", shift=0.4, after=600, devices=frozenset({0}))
 
 
 @dataclass(frozen=True)
@@ -62,10 +65,11 @@ def run_demo(
     if devices <= 0:
         return DemoResult(workdir, bundles[0], passed, [], [])
     tabular = _tabular_bundle(workdir, public, say)
+    camera = _camera_bundle(workdir, public, say)
     status, alerts, rollout = _fleet(
         workdir,
         bundles,
-        tabular,
+        (tabular, camera),
         public,
         test_data,
         devices=devices,
@@ -158,10 +162,37 @@ def _tabular_bundle(workdir: Path, public: Path, say: Say) -> tuple[Path, Path]:
     return bundle, Path(paths["test_csv"])
 
 
+def _camera_bundle(workdir: Path, public: Path, say: Say) -> tuple[Path, Path]:
+    """cam v1: a CNN trained on the digits' 8x8 images, fed PNG files that the device decodes and
+    preprocesses itself (the TOML stored in the bundle), drift sketched on its pixels and embedding."""
+    from edgekit.local.tensor_fixtures import make_digits_cnn
+
+    paths = make_digits_cnn(workdir / "camera")
+    onnx = workdir / "cam.onnx"
+    convert_model(paths["model"], str(onnx), preprocess=paths["preprocess"])
+    report = validate(str(onnx), reference_path=paths["model"], data_path=paths["test"])
+    bundle = workdir / "cam-1.edgebundle"
+    build_bundle(
+        str(onnx),
+        name="cam",
+        version=1,
+        baseline_path=paths["images"],
+        labels=paths["labels"],
+        key_path=str(public.with_suffix(".key")),
+        output=str(bundle),
+    )
+    say(
+        f"      and cam v1, a CNN on digit images (PNG decoded and preprocessed on the device, "
+        f"{paths['parameters']:,} parameters): accuracy {report['candidate']['metric']:.4f} on "
+        f"{report['rows']} held-out images"
+    )
+    return bundle, Path(paths["images"])
+
+
 def _fleet(
     workdir: Path,
     bundles: list[Path],
-    tabular: tuple[Path, Path],
+    extra: tuple[tuple[Path, Path], tuple[Path, Path]],
     public: Path,
     test_data: Path,
     *,
@@ -177,18 +208,19 @@ def _fleet(
         say(f"[5/8] broker: {local.kind} at {local.url}")
         collector = _fleet_service(workdir, public, local.url, local.port).start()
         dashboard = f"http://127.0.0.1:{collector.server.server_address[1]}/"
-        configs = _device_configs(workdir, bundles[0], tabular, public, local.url, test_data, devices)
+        configs = _device_configs(workdir, bundles[0], extra, public, local.url, test_data, devices)
         fleet = EmulatedFleet(configs, say=lambda _: None).start()
         say(
             f"[6/8] collector and dashboard at {dashboard}; {devices} emulated devices scoring 200 rows/s each, "
             f"{DRIFT.feature} shifted by {DRIFT.shift:g} on emu-00 after {DRIFT.after} rows; "
             f"tab-00 serves churn, {TABULAR_DRIFT.shift:.0%} of its rows naming an unseen country "
-            f"after {TABULAR_DRIFT.after}; "
+            f"after {TABULAR_DRIFT.after}; cam-00 serves cam, its images {CAMERA_DRIFT.shift:.0%} brighter "
+            f"after {CAMERA_DRIFT.after}; "
             f"running {duration:.0f} s (Ctrl-C stops early)"
         )
         with interrupted() as stop:
             rollout = _run_fleet(
-                collector, fleet, bundles[1], devices=devices + 1, duration=duration, stop=stop, say=say
+                collector, fleet, bundles[1], devices=devices + 2, duration=duration, stop=stop, say=say
             )
             fleet.stop()
             fleet = None
@@ -211,9 +243,17 @@ def _fleet(
 
 
 def _device_configs(
-    workdir: Path, bundle: Path, tabular: tuple[Path, Path], public: Path, broker: str, test_data: Path, devices: int
+    workdir: Path,
+    bundle: Path,
+    extra: tuple[tuple[Path, Path], tuple[Path, Path]],
+    public: Path,
+    broker: str,
+    test_data: Path,
+    devices: int,
 ) -> list[Path]:
-    """The emulated devices: ``devices`` scoring digits (fleet "demo"), and tab-00 scoring churn."""
+    """The emulated devices: ``devices`` scoring digits (fleet "demo"), tab-00 scoring churn and cam-00
+    scoring digit images, each in its own fleet (the digits rollout is not for them)."""
+    tabular, camera = extra
     common = {
         "pubkey": str(public),
         "broker": broker,
@@ -235,7 +275,16 @@ def _device_configs(
         prefix="tab",
         **common,
     )
-    return digits + churn
+    cam = prepare_devices(
+        devices=1,
+        bundle=str(camera[0]),
+        data=str(camera[1]),
+        fleet="demo-camera",
+        drift=CAMERA_DRIFT,
+        prefix="cam",
+        **{**common, "rows_per_second": 50},  # a camera's frame rate, not a table's
+    )
+    return digits + churn + cam
 
 
 def _fleet_service(workdir: Path, public: Path, broker_url: str, broker_port: int):

@@ -98,7 +98,11 @@ def prepare_devices(
         )
     key = load_public_key(pubkey)
     opened = read_bundle(bundle, key)
-    feature = _resolve_feature(drift.feature, opened.input_schema.feature_names) if drift else None
+    schema = opened.input_schema
+    if drift and schema.tensor is not None:  # a tensor model drifts as a whole: brighter (emulation.py)
+        feature = drift.feature if drift.feature == "brightness" else _resolve_feature(drift.feature, ("brightness",))
+    else:
+        feature = _resolve_feature(drift.feature, schema.feature_names) if drift else None
     root = Path(state_dir).resolve()
     configs = []
     for index in range(devices):
