@@ -9,10 +9,14 @@ tests passing: devices in the field hold old bundles, and a collector receives o
 from __future__ import annotations
 
 import json
+import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
+import pytest
 
+from device_agent.agent import Agent
 from device_agent.bundle import read_bundle
 from device_agent.profile import Profile
 from device_agent.protocol import BASELINE_SCHEMA, READABLE_SUMMARY_SCHEMAS, check_summary, decode
@@ -21,6 +25,7 @@ from device_agent.signing import load_public_key
 from edgekit.fleet.ingest import Ingestor, Message
 from edgekit.fleet.merge import merged_drift
 from edgekit.fleet.store import SqliteStore
+from tests.agent_helpers import config_of, make_device
 
 FORMATS = Path(__file__).resolve().parent.parent / "fixtures" / "formats"
 
@@ -36,6 +41,30 @@ def test_a_version_1_bundle_verifies_loads_and_predicts(digits):
     finally:
         runtime.close()
     assert float(np.mean(labels == data["y"])) > 0.9
+
+
+@pytest.mark.network
+def test_a_version_1_bundle_is_served_over_http_and_its_windows_sketched(digits, tmp_path):
+    """Today's agent, with its tensor routes and per-row sketches, still serves a version-1 bundle: rows
+    over the v1 HTTP API answer as the model did, and a window sketched against its version-1 baseline
+    makes a summary the collector accepts."""
+    config = make_device(tmp_path / "old", FORMATS / "digits-1.edgebundle", FORMATS / "edgekit.pub", window_rows=200)
+    data = np.load(digits.test)
+    with Agent(config_of(config)).start(mqtt=False) as agent:
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{agent.server.server_address[1]}/v1/models/digits:predict",
+            data=json.dumps({"instances": data["X"][:200].tolist()}).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(request, timeout=30) as response:
+            answer = json.loads(response.read())
+        deadline = time.time() + 10
+        while agent.last_summary is None and time.time() < deadline:
+            time.sleep(0.05)
+        summary, baseline_id = agent.last_summary, agent.serving.bundle.baseline().baseline_id
+    assert np.mean(np.asarray(answer["predictions"]) == data["y"][:200]) > 0.9
+    assert summary is not None and check_summary(summary)["rows"] == 200
+    assert summary["profile"]["baseline_id"] == baseline_id and len(summary["drift"]["features"]) == 64
 
 
 def test_version_1_baseline_and_summary_messages_are_checked_stored_and_merged():

@@ -124,7 +124,7 @@ def test_the_schema_names_types_kinds_and_what_is_imputed(churn, keypair):
     assert columns["country"].dtype == "string" and columns["country"].kind == "categorical"
     assert columns["payment"].nullable and columns["total_charges"].nullable
     assert columns["age"].kind == "numeric" and columns["age"].feed == "float64"  # trees: fed in double
-    assert bundle.manifest["schema"] == "edgekit.bundle/2"
+    assert bundle.manifest["schema"] == "edgekit.bundle/3"
     assert bundle.baseline().feature("country").kind == "categorical"
 
 

@@ -247,3 +247,10 @@ def test_one_implementation_decodes_on_both_sides(digits_cnn):
     buffer = io.BytesIO()
     Image.open(files[0]).convert("RGB").save(buffer, format="JPEG", quality=100)
     assert np.abs(preprocess.decode(buffer.getvalue()) - X[0]).max() < 0.05  # JPEG of the same digit, gray
+
+
+def test_flashing_an_image_model_installs_pillow_on_the_device(digits_cnn, bundle):
+    from edgekit.local.flash import _extras_for
+
+    assert _extras_for(read_bundle(digits_cnn.bundle)) == "agent,vision"
+    assert _extras_for(read_bundle(bundle)) == "agent"

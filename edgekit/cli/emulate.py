@@ -21,8 +21,9 @@ def register(cli: click.Group) -> None:
 @click.option(
     "--data",
     required=True,
-    type=click.Path(dir_okay=False),
-    help="Rows (.npz/.csv) each device is fed, shuffled per device.",
+    type=click.Path(),
+    help="Rows (.npz/.csv) each device is fed, shuffled per device; for a tensor model an .npz of tensors or a "
+    "folder of images, WAV or .npy files.",
 )
 @click.option("--fleet", default="default", show_default=True, help="Fleet name (an MQTT topic level).")
 @click.option(
@@ -42,7 +43,11 @@ def register(cli: click.Group) -> None:
     type=click.FloatRange(0, min_open=True),
     help="Rows each device scores per second.",
 )
-@click.option("--drift", help="Inject drift: feature=NAME|fN,shift=NUMBER[,after=ROWS][,devices=0-1].")
+@click.option(
+    "--drift",
+    help="Inject drift: feature=NAME|fN,shift=NUMBER[,after=ROWS][,devices=0-1]; for a tensor model "
+    "feature=brightness,shift=0.3 scales every element by 1.3.",
+)
 @click.option(
     "--state-dir", required=True, type=click.Path(file_okay=False), help="Where each device's directory is made."
 )

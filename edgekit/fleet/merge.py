@@ -130,15 +130,19 @@ def device_columns(
 def column_quality(profile: Profile) -> dict[str, dict[str, float]]:
     """Each input column's shares of the profile's rows that are missing, unseen (categorical) or out of
     the baseline's range (numeric), for columns with any: exact, from the merged counts, so windows of
-    either summary version count (a version-1 window's unseen values are what ``from_compact`` makes of it)."""
-    rows, found = max(1, profile.rows), {}
+    either summary version count (a version-1 window's unseen values are what ``from_compact`` makes of it).
+    A sketch of ``per_row`` K values an example (a tensor channel's elements) counts K values a row: its
+    shares are of its values, never past 1."""
+    found = {}
     for sketch in profile.features:
         if isinstance(sketch, CategoricalSketch):
+            rows = max(1, profile.rows)
             shares = {"null_rate": sketch.nulls / rows, "unseen_rate": sketch.unseen / rows}
         else:
+            values = max(1, profile.rows * sketch.per_row)
             shares = {
-                "null_rate": sketch.nulls / rows,
-                "out_of_range_rate": int(sketch.counts[0] + sketch.counts[-1]) / rows,
+                "null_rate": sketch.nulls / values,
+                "out_of_range_rate": int(sketch.counts[0] + sketch.counts[-1]) / values,
             }
         if any(shares.values()):
             found[sketch.name] = shares

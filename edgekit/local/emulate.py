@@ -98,11 +98,7 @@ def prepare_devices(
         )
     key = load_public_key(pubkey)
     opened = read_bundle(bundle, key)
-    schema = opened.input_schema
-    if drift and schema.tensor is not None:  # a tensor model drifts as a whole: brighter (emulation.py)
-        feature = drift.feature if drift.feature == "brightness" else _resolve_feature(drift.feature, ("brightness",))
-    else:
-        feature = _resolve_feature(drift.feature, schema.feature_names) if drift else None
+    feature = _drift_feature(drift, opened.input_schema)
     root = Path(state_dir).resolve()
     configs = []
     for index in range(devices):
@@ -174,6 +170,13 @@ def _agent_toml(
     if drift:
         lines += [f'drift_feature = "{feature}"', f"drift_shift = {drift.shift}", f"drift_after = {drift.after}"]
     return lines
+
+
+def _drift_feature(drift: DriftSpec | None, schema) -> str | None:
+    """The feature ``drift`` shifts: a column by name or position; a tensor model drifts as a whole (brighter)."""
+    if drift is None:
+        return None
+    return _resolve_feature(drift.feature, ("brightness",) if schema.tensor is not None else schema.feature_names)
 
 
 def _resolve_feature(name: str, feature_names: tuple[str, ...]) -> str:

@@ -104,7 +104,7 @@ class Flasher:
             f"flashing {opened.name} v{opened.version} onto {plan.target} as {plan.fleet}/{plan.device_id} "
             f"(root {root})"
         )
-        extras = "agent,tflite" if opened.model_format == "tflite" else "agent"  # the runtime the bundle needs
+        extras = _extras_for(opened)
         with tempfile.TemporaryDirectory(prefix="edgekit-flash-") as staging:
             files = self._stage(Path(staging), root)
             self._copy(files, root, ssh)
@@ -413,3 +413,10 @@ class Flasher:
             f"(agent {seen.get('agent_version')})"
         )
         return seen
+
+
+def _extras_for(bundle) -> str:
+    """The agent's extras a bundle needs: its runtime, and Pillow when its preprocessing decodes images."""
+    extras = ["agent"] + (["tflite"] if bundle.model_format == "tflite" else [])
+    preprocess = bundle.manifest.get("input", {}).get("preprocess") or {}
+    return ",".join(extras + (["vision"] if "image" in preprocess else []))
