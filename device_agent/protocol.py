@@ -232,7 +232,7 @@ def _quality(profile: Profile) -> dict[str, Any]:
     numeric = [s for s in profile.features if s.kind == "numeric"]
     categorical = [s for s in profile.features if s.kind == "categorical"]
     nulls = sum(s.nulls for s in profile.features)
-    cells = profile.rows * max(1, len(profile.features))
+    cells = profile.rows * max(1, profile.width)  # a per-row sketch (a tensor's pixel values) counts per_row values
     return {
         "nulls": int(nulls),
         "infs": int(sum(s.infs for s in numeric)),

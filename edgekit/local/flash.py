@@ -45,6 +45,8 @@ Wants=network-online.target
 [Service]
 User={user}
 ExecStart={root}/venv/bin/edge-agent run --config {root}/etc/agent.toml
+# one BLAS thread: the log-mel filterbank's matmul with a thread per core fought the runtime's thread
+Environment=OPENBLAS_NUM_THREADS=1
 Restart=on-failure
 RestartSec=5
 NoNewPrivileges=true

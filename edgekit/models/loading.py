@@ -399,7 +399,8 @@ def _infer_columns(proto: Any, inputs: list[Any]) -> InputSchema:
         if len(dims) != 2 or dims[1] != 1 or dtype is None:
             raise ModelLoadError(
                 f"has {len(inputs)} inputs and {value.name!r} is not a [batch, 1] column of numbers, flags or strings",
-                "export one [batch, features] input, or one [batch, 1] input per column",
+                "export one [batch, features] input, one [batch, 1] input per column, or one tensor input "
+                "(edgekit serves tensor models with a single input)",
             )
         kind = "categorical" if dtype == "string" else "numeric"
         columns.append(Column(value.name, dtype, kind, imputes and dtype != "int64", dtype))
