@@ -13,6 +13,7 @@ silently: ``unmonitored_rows`` (this monitor's total) and each window's ``unmoni
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections import Counter, deque
@@ -25,6 +26,9 @@ import numpy as np
 from .drift import drift_report
 from .outputs import Prediction
 from .profile import Profile
+
+log = logging.getLogger("device_agent.monitor")
+SIGNAL_CHUNK = 64
 
 
 @dataclass
@@ -200,7 +204,9 @@ class Monitor:
 
     def _absorb(self, batch: _Batch) -> int:
         closed, offset, total = 0, 0, len(batch.rows)
-        rows = batch.rows if self.signals is None else self.signals(batch.rows, batch.prediction.embedding)
+        rows = batch.rows if self.signals is None else self._signal_rows(batch)
+        if rows is None:
+            return 0
         while offset < total:
             if self.stopping:  # between windows: the rest of the batch is counted, not sketched
                 self._unmonitor(total - offset)
@@ -224,6 +230,26 @@ class Monitor:
                 self._close(self.clock())
                 closed += 1
         return closed
+
+    def _signal_rows(self, batch: _Batch) -> np.ndarray | None:
+        """A tensor batch reduced to its signals, ``SIGNAL_CHUNK`` examples at a time (their float32
+        working copies stay small whatever the backlog). A batch that cannot be reduced is counted as
+        unmonitored and logged, never dropped silently."""
+        embedding = batch.prediction.embedding
+        try:
+            return np.concatenate(
+                [
+                    self.signals(
+                        batch.rows[i : i + SIGNAL_CHUNK], None if embedding is None else embedding[i : i + SIGNAL_CHUNK]
+                    )
+                    for i in range(0, len(batch.rows), SIGNAL_CHUNK)
+                ]
+            )
+        except Exception:  # a bug in a signal must not stop the monitor: the rows are counted, not sketched
+            log.exception("could not reduce %d examples to their signals", len(batch.rows))
+            self._unmonitor(len(batch.rows))
+            self._collect()
+            return None
 
     def _close(self, now: float) -> None:
         latencies = np.concatenate(self._latencies) if self._latencies else np.empty(0)

@@ -135,11 +135,18 @@ class PredictionLog:
             self._db.close()
 
 
+# a logged tensor past this is named but not kept: 10,000 sampled 224x224x3 images would fill an SD card
+MAX_LOGGED_TENSOR_BYTES = 16 << 10
+
+
 def _input_json(row: np.ndarray) -> str:
-    """One input as JSON: a row as its list of values; a tensor (an image, a spectrogram) as its raw
-    bytes in base64 with dtype and shape, a third of the size of its numbers written out."""
+    """One input as JSON: a row as its list of values; a small tensor (a spectrogram, a sensor window,
+    a thumbnail) as its raw bytes in base64 with dtype and shape, a third of the size of its numbers
+    written out; a larger one (a camera frame) by dtype and shape only."""
     if row.ndim <= 1:
         return json.dumps(row.tolist())
+    if row.nbytes > MAX_LOGGED_TENSOR_BYTES:
+        return json.dumps({"dtype": str(row.dtype), "shape": list(row.shape), "omitted": "over 16 KB"})
     data = base64.b64encode(np.ascontiguousarray(row).tobytes()).decode()
     return json.dumps({"dtype": str(row.dtype), "shape": list(row.shape), "b64": data})
 

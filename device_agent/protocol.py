@@ -32,7 +32,7 @@ from .profile import Profile
 TOPIC_ROOT = "edgekit/v1"
 # 2: quality gains unseen_rate; a categorical column's compact sketch is [counts, nulls, unseen];
 # a feature's drift entry carries "drifted" only when true
-# (per-column shares: column_quality). Collectors read version 1 too.
+# (per-column shares: the collector's merge.column_quality). Collectors read version 1 too.
 SUMMARY_SCHEMA = "edgekit.summary/2"
 READABLE_SUMMARY_SCHEMAS = ("edgekit.summary/1", SUMMARY_SCHEMA)
 STATE_SCHEMA = "edgekit.state/1"
@@ -227,8 +227,8 @@ def _predictions(profile: Profile) -> dict[str, Any]:
 def _quality(profile: Profile) -> dict[str, Any]:
     """Data quality of the window, in totals. ``unseen_rate`` is the highest share of rows, in any
     categorical column, holding a value the baseline never saw (an alert rule watches it). Per-column
-    shares are not repeated here: ``column_quality`` derives them from the compact profile, which
-    carries every column's missing, unseen and out-of-range counts already."""
+    shares are not repeated here: the collector derives them from the compact profile, which carries
+    every column's missing, unseen and out-of-range counts already (``edgekit.fleet.merge.column_quality``)."""
     numeric = [s for s in profile.features if s.kind == "numeric"]
     categorical = [s for s in profile.features if s.kind == "categorical"]
     nulls = sum(s.nulls for s in profile.features)
@@ -240,25 +240,6 @@ def _quality(profile: Profile) -> dict[str, Any]:
         "null_rate": nulls / cells if cells else 0.0,
         "unseen_rate": _short(max((s.unseen / profile.rows for s in categorical if profile.rows), default=0.0)),
     }
-
-
-def column_quality(compact: dict[str, Any], names: list[str]) -> dict[str, dict[str, float]]:
-    """Per column, the shares of a window's rows that are missing, unseen (categorical columns) or
-    out of the baseline's range (numeric columns), from a summary's compact ``profile`` and the
-    baseline's column names; columns with nothing to report are left out."""
-    rows = max(1, int(compact.get("rows") or 0))
-    found: dict[str, dict[str, float]] = {}
-    for name, values in zip(names, compact.get("features", []), strict=False):
-        counts, nulls = values[0], values[1]
-        shares = {"null_rate": nulls / rows}
-        if len(values) == 3:  # categorical: [counts, nulls, unseen]
-            shares["unseen_rate"] = values[2] / rows
-        elif len(values) == 7 and counts:  # numeric: the first and last bins are outside the baseline's range
-            shares["out_of_range_rate"] = (counts[0] + counts[-1]) / rows
-        shown = {k: round(v, 4) for k, v in shares.items() if v}
-        if shown:
-            found[name] = shown
-    return found
 
 
 def _latency(latencies: np.ndarray) -> dict[str, Any]:

@@ -18,7 +18,7 @@ import numpy as np
 
 from .columns import Column, ColumnChecker, rows_from_columnar
 from .errors import InputError, SchemaError
-from .tensors import TensorSpec, check_tensor
+from .tensors import MAX_BATCH_BYTES, TensorSpec, check_tensor
 
 SUPPORTED_DTYPES = ("float32", "float64", "int64", "int32")
 MATRIX, COLUMNS, TENSOR = "matrix", "columns", "tensor"
@@ -227,6 +227,13 @@ class InputSchema:
         return check_tensor(self.tensor, data, source=source)
 
     def _decoded(self, items: Sequence[Any], source: str) -> np.ndarray:
+        most = max(1, MAX_BATCH_BYTES // self.tensor.example_bytes)
+        if len(items) > most:  # before anything is decoded or allocated
+            raise InputError(
+                f"{source} holds {len(items)} items, which would decode into more than "
+                f"{MAX_BATCH_BYTES >> 20} MB ({most} fit)",
+                f"send at most {most} items a request",
+            )
         preprocess = self.preprocessor()
         if preprocess is None:
             raise InputError(

@@ -22,8 +22,9 @@ from .errors import InputError, SchemaError
 
 TENSOR_DTYPES = ("float32", "uint8", "int8", "int16")
 KINDS = ("image", "audio", "sensor", "tensor")
-# v2 protocol datatypes of the element types a tensor input may have
-V2_DATATYPES = {"float32": "FP32", "uint8": "UINT8", "int8": "INT8", "int16": "INT16"}
+# The most a request's decoded items may take: 5,000 tiny PNGs (525 KB of JSON) would otherwise decode
+# into gigabytes of 224x224x3 float32 before anything else could refuse them.
+MAX_BATCH_BYTES = 64 << 20
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,10 @@ class TensorSpec:
     @property
     def elements(self) -> int:
         return int(np.prod(self.example_shape))
+
+    @property
+    def example_bytes(self) -> int:
+        return self.elements * np.dtype(self.dtype).itemsize
 
     @property
     def channel_axis(self) -> int | None:
@@ -137,10 +142,10 @@ def check_tensor(spec: TensorSpec, data: Any, *, source: str = "input") -> np.nd
         array = data if isinstance(data, np.ndarray) else np.asarray(data)
     except ValueError:
         raise InputError(f"{where} is nested unevenly", f"send a tensor of shape {_shape_text(spec)}") from None
-    if array.dtype == object or array.dtype.kind in "USV":
-        raise InputError(f"{where} holds values that are not numbers", f"send numbers of type {spec.dtype}")
     if array.dtype.kind == "b":
         raise InputError(f"{where} holds true/false", f"send numbers of type {spec.dtype}")
+    if array.dtype.kind not in "iuf":  # strings, objects, complex numbers, dates: nothing a tensor holds
+        raise InputError(f"{where} holds values that are not numbers", f"send numbers of type {spec.dtype}")
     if array.shape == spec.example_shape:
         array = array[np.newaxis]
     if array.ndim != len(spec.shape) or array.shape[1:] != spec.example_shape:

@@ -15,6 +15,7 @@ bytes) are the exception: they become Python objects, as typed columns need them
 from __future__ import annotations
 
 import json
+import re
 import struct
 import sys
 from collections.abc import Sequence
@@ -47,6 +48,9 @@ DATATYPES = (*NUMERIC, BYTES)
 _OF_DTYPE = {dtype: name for name, dtype in NUMERIC.items()}
 _UNSUPPORTED_PARAMETERS = ("shared_memory_region", "classification")
 _LENGTH = struct.Struct("<I")
+
+
+_DIGITS = re.compile(r"[0-9]+")
 
 
 def datatype_of(dtype: Any) -> str:
@@ -106,7 +110,7 @@ def split_body(request: Request) -> tuple[dict[str, Any], memoryview]:
     body = request.body
     length = request.header(HEADER_LENGTH.lower())
     if length:
-        if not length.isdigit() or int(length) > len(body):
+        if not _DIGITS.fullmatch(length) or int(length) > len(body):  # str.isdigit() takes '²'
             raise HttpError(400, f"{HEADER_LENGTH}: {length} is not a length within the body of {len(body)} bytes")
         header, blob = body[: int(length)], memoryview(body)[int(length) :]
     else:

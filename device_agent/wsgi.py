@@ -60,6 +60,8 @@ class Request:
             doc = json.loads(self.body or b"null")
         except (ValueError, UnicodeDecodeError) as exc:
             raise HttpError(400, f"the body is not JSON ({exc})") from None
+        except RecursionError:
+            raise HttpError(400, "the body is JSON nested too deeply; send a flatter document") from None
         if not isinstance(doc, dict):
             raise HttpError(400, "the body must be a JSON object")
         return doc

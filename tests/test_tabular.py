@@ -16,7 +16,6 @@ import pytest
 from device_agent import Agent
 from device_agent.bundle import read_bundle
 from device_agent.errors import InputError
-from device_agent.protocol import column_quality
 from device_agent.signing import load_public_key
 from edgekit.build.validate import validate
 from tests.agent_helpers import config_of, make_device
@@ -223,9 +222,12 @@ def test_missing_values_are_served_where_imputed_and_unseen_categories_are_serve
     agent.predict([ROW] * 97)
     agent.monitor.process()
     summary = agent.last_summary
-    columns = column_quality(summary["profile"], list(agent.schema.feature_names))
-    assert columns["country"] == {"unseen_rate": 0.02}
-    assert columns["payment"] == {"null_rate": 0.01} and columns["total_charges"] == {"null_rate": 0.01}
+    from edgekit.fleet.merge import column_quality
+
+    columns = column_quality(agent.baseline.from_compact(summary["profile"]))
+    assert columns["country"] == {"null_rate": 0.0, "unseen_rate": 0.02}
+    assert columns["payment"] == {"null_rate": 0.01, "unseen_rate": 0.0}
+    assert columns["total_charges"] == {"null_rate": 0.01, "out_of_range_rate": 0.0}
     assert summary["quality"]["unseen_rate"] == pytest.approx(0.02)
 
 

@@ -143,13 +143,16 @@ def test_inputs_with_open_sizes_are_refused_with_the_export_fix():
         OnnxModel.from_bytes(proto.SerializeToString())
 
 
-def test_a_model_exported_with_batch_one_serves_larger_batches():
+@pytest.mark.parametrize("batch", [1, 4])
+def test_a_model_exported_with_a_fixed_batch_serves_any_batch(batch):
     runtime = OnnxRuntime()
-    runtime.load(conv_model((3, 6, 6), batch=1))
-    X = np.random.default_rng(2).normal(size=(3, 3, 6, 6)).astype(np.float32)
-    together = runtime.predict(X)["probabilities"]
-    apart = np.concatenate([runtime.predict(X[i : i + 1])["probabilities"] for i in range(3)])
-    assert together.shape == (3, 3) and np.allclose(together, apart)
+    runtime.load(conv_model((3, 6, 6), batch=batch))
+    X = np.random.default_rng(2).normal(size=(7, 3, 6, 6)).astype(np.float32)
+    together = runtime.predict(X)["probabilities"]  # 7 rows: slices of the fixed batch, the last one padded
+    apart = np.concatenate(
+        [runtime.predict(np.repeat(X[i : i + 1], batch, axis=0))["probabilities"][:1] for i in range(7)]
+    )
+    assert together.shape == (7, 3) and np.allclose(together, apart, atol=1e-6)
 
 
 def test_waiting_tensors_are_bounded_in_bytes_not_rows():
@@ -168,3 +171,42 @@ def test_the_prediction_log_keeps_a_tensor_as_its_bytes():
     restored = np.frombuffer(base64.b64decode(doc["b64"]), dtype=doc["dtype"]).reshape(doc["shape"])
     assert np.array_equal(restored, tensor)
     assert json.loads(_input_json(np.array([1.5, 2.0]))) == [1.5, 2.0]
+    frame = json.loads(_input_json(np.zeros((3, 96, 96), np.float32)))  # a camera frame is named, not kept
+    assert frame == {"dtype": "float32", "shape": [3, 96, 96], "omitted": "over 16 KB"}
+
+
+def test_encoded_items_past_the_batch_bytes_are_refused_before_decoding():
+    """5,000 one-pixel PNGs are 500 KB of JSON but would decode into 2.9 GB of 224x224x3 float32."""
+    from device_agent.tensors import MAX_BATCH_BYTES
+
+    spec = TensorSpec("x", "float32", (None, 3, 224, 224), "NCHW", "image")
+    schema = InputSchema.of_tensor(spec, preprocess={"image": {}})
+    most = MAX_BATCH_BYTES // spec.example_bytes
+    with pytest.raises(InputError, match=f"holds {most + 1} items.*send at most {most} items a request"):
+        schema.check([{"b64": ""}] * (most + 1), source="request")
+
+
+def test_numbers_only_complex_or_dates_are_refused():
+    with pytest.raises(InputError, match="not numbers"):
+        check_tensor(IMAGE, np.zeros((1, 3, 4, 4), np.complex64))
+    with pytest.raises(InputError, match="not numbers"):
+        check_tensor(IMAGE, np.zeros((1, 3, 4, 4), "datetime64[s]"))
+
+
+def test_json_nested_too_deeply_is_a_400():
+    from device_agent.wsgi import HttpError, Request
+
+    request = Request("POST", "/", {}, {"content-type": "application/json"}, b"[" * 100_000 + b"]" * 100_000)
+    with pytest.raises(HttpError, match="nested too deeply") as caught:
+        request.json_object()
+    assert caught.value.status == 400
+
+
+def test_a_v2_header_length_of_unicode_digits_is_a_400():
+    from device_agent.v2_codec import split_body
+    from device_agent.wsgi import HttpError, Request
+
+    headers = {"content-type": "application/octet-stream", "inference-header-content-length": "²"}
+    with pytest.raises(HttpError, match="is not a length") as caught:
+        split_body(Request("POST", "/v2/models/m/infer", {}, headers, b"{}"))
+    assert caught.value.status == 400

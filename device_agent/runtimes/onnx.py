@@ -55,14 +55,26 @@ class OnnxRuntime:
         if self._session is None:
             raise ModelError(self.source, "onnxruntime", "has no model loaded", "call load() first")
         fixed = self._fixed_batch
-        if fixed is not None and not isinstance(rows, dict) and len(rows) != fixed and len(rows) % fixed == 0:
-            parts = [self.predict(rows[i : i + fixed]) for i in range(0, len(rows), fixed)]
-            return {name: np.concatenate([p[name] for p in parts]) for name in self.output_names}
+        if fixed is not None and not isinstance(rows, dict) and len(rows) != fixed:
+            return self._in_slices(rows, fixed)
         try:
             values = self._session.run(None, rows if isinstance(rows, dict) else {self.input_names[0]: rows})
         except Exception as exc:
             raise ModelError(self.source, "onnxruntime", f"failed to run: {_first_line(exc)}") from exc
         return dict(zip(self.output_names, values, strict=True))
+
+    def _in_slices(self, rows: np.ndarray, fixed: int) -> dict[str, np.ndarray]:
+        """A batch through a model that takes exactly ``fixed`` rows: in slices of that size, the last
+        padded with copies of its first row and the padding's answers dropped."""
+        parts = []
+        for start in range(0, len(rows), fixed):
+            part = rows[start : start + fixed]
+            short = fixed - len(part)
+            if short:
+                part = np.concatenate([part, np.repeat(part[:1], short, axis=0)])
+            answer = self.predict(part)
+            parts.append({name: value[: fixed - short] for name, value in answer.items()})
+        return {name: np.concatenate([p[name] for p in parts]) for name in self.output_names}
 
     def close(self) -> None:
         self._session = None

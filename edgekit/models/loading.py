@@ -511,8 +511,10 @@ def _describe_foreign_tflite(runtime: Any, data: bytes) -> tuple[InputSchema, Ou
     detail = runtime.input_details
     if len(runtime.input_names) != 1:
         raise ModelLoadError("has several inputs", "edgekit serves .tflite models with one input")
-    scale = detail["quantization"][0]
-    dtype = "float32" if scale or np.dtype(detail["dtype"]).kind == "f" else np.dtype(detail["dtype"]).name
+    scale, zero = detail["quantization"]
+    # scale 1 and zero point 0 quantize nothing: the model takes raw integers (a uint8 image model's pixels)
+    quantized = bool(scale) and (scale, zero) != (1.0, 0)
+    dtype = "float32" if quantized or np.dtype(detail["dtype"]).kind == "f" else np.dtype(detail["dtype"]).name
     dims = [None, *(int(d) for d in detail["shape"][1:])]
     schema = InputSchema.of_tensor(_tensor_spec(detail["name"], dtype, dims))
     outputs = runtime.output_details
