@@ -14,7 +14,7 @@ from device_agent.runtimes.onnx import OnnxRuntime
 from device_agent.schema import InputSchema
 from device_agent.tensors import TensorSpec, check_tensor, guess_layout
 from edgekit.errors import ModelLoadError
-from edgekit.models.loading import OnnxModel
+from edgekit.models.loading import OnnxModel, load_model
 
 IMAGE = TensorSpec("x", "float32", (None, 3, 4, 4), "NCHW", "image")
 
@@ -210,3 +210,18 @@ def test_a_v2_header_length_of_unicode_digits_is_a_400():
     with pytest.raises(HttpError, match="is not a length") as caught:
         split_body(Request("POST", "/v2/models/m/infer", {}, headers, b"{}"))
     assert caught.value.status == 400
+
+
+def test_a_network_of_values_is_served_as_a_regressor_with_task(tmp_path, cli):
+    source = tmp_path / "scores.onnx"
+    source.write_bytes(conv_model((3, 6, 6), softmax=False))
+    out = tmp_path / "values.onnx"
+    assert cli("convert", source, "--task", "regression", "-o", out).exit_code == 0
+    model = load_model(out)
+    assert model.output.task == "regression" and model.output.value_output == "scores"
+    assert model.predict(np.zeros((2, 3, 6, 6), np.float32)).values.shape == (2, 3)
+    refused = cli("convert", source, "--task", "regression", "-o", out, "--embedding", "none")
+    assert refused.exit_code == 0  # converting a converted regressor keeps it one
+    bad = tmp_path / "bad.onnx"
+    result = cli("convert", tmp_path / "values.onnx", "--task", "classification", "-o", bad)
+    assert result.exit_code == 2 and "cannot be read as classification" in result.stderr

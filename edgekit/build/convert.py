@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from device_agent.outputs import REGRESSION, OutputSpec
 from edgekit.build.booster_export import precision_notes
 from edgekit.build.embedding import EMBEDDING_OUTPUT, default_embedding_tensor, expose_embedding
 from edgekit.build.onnx_export import check, sample_rows, serialize, stamp, to_onnx
@@ -85,12 +86,15 @@ def convert_model(
     names_from: str | None = None,
     preprocess: str | None = None,
     embedding: str | bool = True,
+    task: str | None = None,
 ) -> ConvertOutcome:
     """Convert ``source`` to ONNX or TFLite, optionally searching int8 configurations.
 
     For a tensor model, ``preprocess`` (a TOML file) is how encoded items become its input (it reads
     folders of images or WAVs for calibration and travels in the model's metadata), and ``embedding``
-    exposes the classifier head's input (True), a named tensor, or nothing (False) for drift."""
+    exposes the classifier head's input (True), a named tensor, or nothing (False) for drift. ``task``
+    overrides what the outputs were read as (a network whose last layer is wider than one output reads
+    as a classifier's scores; ``regression`` says they are values)."""
     if target_format not in ("onnx", "tflite"):
         raise DataError(f"unknown --target {target_format!r}", "use onnx or tflite")
     if quantize is not None and quantize.prefer not in PREFER:
@@ -102,6 +106,7 @@ def convert_model(
     model = load_model(source, pin_to=target)
     _types_from_parquet(model, names_from)
     model.input = with_preprocess(model.input, preprocess)
+    model.output = with_task(model.output, task, source)
     calibration_set, eval_set = _read_data(model, calibration, evaluation, names_from, label, progress)
     fp32 = to_onnx(model, target=target)
     if model.input.tensor is not None and embedding is not False and target_format == "onnx":
@@ -302,9 +307,10 @@ def _convert_tflite(
     )
     write_bytes_atomic(output, data)
     notes = [
-        "speed of each .tflite against float32 onnxruntime on the same rows (b1, b256): "
-        + "; ".join(
-            f"{name}: {v['1']:.2f}x, {v['256']:.2f}x" for name, v in extra["speedup_vs_onnxruntime_fp32"].items()
+        "speed of each .tflite against float32 onnxruntime on the same rows (by batch size): "
+        + "; ".join(  # the batches are 1 and 256 rows of a table, 1 and 16 examples of a tensor
+            f"{name}: " + ", ".join(f"b{b} {x:.2f}x" for b, x in v.items())
+            for name, v in extra["speedup_vs_onnxruntime_fp32"].items()
         )
     ]
     result = ConvertOutcome(source, output, len(data), outcome, notes)
@@ -322,6 +328,19 @@ def _with_embedding(fp32: Any, model: Any, tensor: str | None, source: str) -> A
     stamp(fp32, model.input.to_dict(), model.output.to_dict(), _source_of(fp32))
     check(fp32, source=source)
     return fp32
+
+
+def with_task(spec: Any, task: str | None, source: str) -> Any:
+    """``spec`` read as ``task``: a classifier's single scores output read as a regressor's values."""
+    if task is None or task == spec.task:
+        return spec
+    if task != "regression" or spec.label_output is not None or spec.probabilities_output is None:
+        raise DataError(
+            f"the model's outputs cannot be read as {task}",
+            "use --task regression only for a network with one float output read as class scores",
+            path=source,
+        )
+    return OutputSpec(REGRESSION, value_output=spec.probabilities_output, embedding_output=spec.embedding_output)
 
 
 def _source_of(proto: Any) -> str:

@@ -59,6 +59,12 @@ def register(cli: click.Group) -> None:
     "files become its input. Stored in the model, run the same way on the host and the device.",
 )
 @click.option(
+    "--task",
+    type=click.Choice(["classification", "regression"]),
+    help="What the outputs are, when edgekit reads them otherwise: a network ending in one float output "
+    "wider than 1 and no softmax is read as a classifier's scores; --task regression serves them as values.",
+)
+@click.option(
     "--embedding",
     default=None,
     metavar="NODE",
@@ -163,6 +169,7 @@ def convert(model, output, quantize, target_format, as_json, **flags):
             names_from=flags["names_from"],
             preprocess=flags["preprocess"],
             embedding=_embedding(flags["embedding"]),
+            task=flags["task"],
         )
     finally:
         progress.finish()
