@@ -21,6 +21,7 @@ from edgekit.models import compare
 from edgekit.models.data import default_feature_names, load_dataset
 from edgekit.models.latency import batches_from, measure
 from edgekit.models.loading import OnnxModel, load_model
+from edgekit.models.tensor_data import in_layout
 
 LATENCY_METHOD = "interleaved in one process, 1 intra-op thread (numpy/BLAS limited to 1 thread too)"
 
@@ -57,7 +58,8 @@ def validate(
         y = dataset.require_labels("--max-accuracy-drop")
     spec = reference.output
     compare.check_labels(spec, y, source=data_path)
-    ref_pred, cand_pred = reference.predict(X), candidate.predict(X)
+    ref_X = _for_reference(X, candidate, reference)  # an NHWC .tflite of an NCHW ONNX model: each its own layout
+    ref_pred, cand_pred = reference.predict(ref_X), candidate.predict(X)
     ref_metric, cand_metric = compare.task_metric(spec, ref_pred, y), compare.task_metric(spec, cand_pred, y)
     report: dict[str, Any] = {
         "task": spec.task,
@@ -78,7 +80,7 @@ def validate(
         "thresholds": asdict(thresholds),
     }
     timings = measure(
-        {"reference": reference.timed_call, "candidate": candidate.timed_call},
+        {"reference": _reference_call(reference, candidate), "candidate": candidate.timed_call},
         batches_from(X),
         budget_seconds=latency_budget,
     )
@@ -91,6 +93,24 @@ def validate(
     report["passed"] = not report["failures"]
     report["layer_errors"] = _layer_errors(reference, candidate, X) if report["failures"] else None
     return report
+
+
+def _for_reference(X: np.ndarray, candidate: Any, reference: Any) -> np.ndarray:
+    if candidate.input.tensor is None or reference.input.tensor is None:
+        return X
+    return in_layout(X, candidate.input.tensor, reference.input.tensor)
+
+
+def _reference_call(reference: Any, candidate: Any) -> Any:
+    """The reference's timed call on the candidate's batches, transposed to its own layout when they differ."""
+    if _same_layout(candidate, reference):
+        return reference.timed_call
+    return lambda rows: reference.timed_call(_for_reference(rows, candidate, reference))
+
+
+def _same_layout(candidate: Any, reference: Any) -> bool:
+    tensors = candidate.input.tensor, reference.input.tensor
+    return None in tensors or tensors[0].layout == tensors[1].layout
 
 
 def _check_compatible(reference: Any, candidate: Any) -> None:

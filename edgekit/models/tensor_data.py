@@ -86,6 +86,7 @@ def _from_npz(path: Path, schema: Any) -> tuple[np.ndarray, np.ndarray | None, s
             y = next((arrays[k] for k in LABEL_KEYS if k in names), None)
     except (OSError, ValueError, zipfile.BadZipFile) as exc:
         raise DataError(f"is not a readable .npz ({exc})", "save it with numpy.savez", path=path) from exc
+    X = _as_layout_of(X, spec)
     try:
         X = check_tensor(spec, X, source=str(path))
     except AgentError as exc:
@@ -93,6 +94,34 @@ def _from_npz(path: Path, schema: Any) -> tuple[np.ndarray, np.ndarray | None, s
     if y is not None and len(y) != len(X):
         raise DataError(f"has {len(X)} examples but {len(y)} labels", "give one label per example", path=path)
     return X, y, hashlib.sha256(raw).hexdigest()
+
+
+# -- layouts (added for the NHWC .tflite of a channels-first ONNX model) --------------------------------------
+
+CHANNELS_LAST = {"NCHW": "NHWC", "NCW": "NWC"}
+PERMUTATIONS = {("NCHW", "NHWC"): (0, 2, 3, 1), ("NHWC", "NCHW"): (0, 3, 1, 2), ("NCW", "NWC"): (0, 2, 1)}
+PERMUTATIONS[("NWC", "NCW")] = (0, 2, 1)
+
+
+def in_layout(X: np.ndarray, source: Any, target: Any) -> np.ndarray:
+    """Examples held as TensorSpec ``source`` describes them, as ``target`` wants them (NCHW <-> NHWC, NCW <->
+    NWC): one data file feeds an ONNX model and its channel-last .tflite."""
+    perm = PERMUTATIONS.get((source.layout, target.layout))
+    return X if perm is None or X.ndim != len(perm) else np.ascontiguousarray(np.asarray(X).transpose(perm))
+
+
+def _as_layout_of(X: np.ndarray, spec: Any) -> np.ndarray:
+    """An .npz of channels-first examples read for a channel-last model (or back), when only the order differs."""
+    if X.ndim != len(spec.shape) or tuple(X.shape[1:]) == spec.example_shape:
+        return X
+    for first, last in CHANNELS_LAST.items():
+        for source, target in ((first, last), (last, first)):
+            if spec.layout == target and X.ndim == len(target):
+                perm = PERMUTATIONS[(source, target)]
+                inverse = tuple(int(i) for i in np.argsort(perm))
+                if tuple(spec.shape[i] for i in inverse)[1:] == tuple(X.shape[1:]):
+                    return np.ascontiguousarray(X.transpose(perm))
+    return X
 
 
 def _from_items(path: Path, schema: Any, limit: int | None, progress: Any) -> np.ndarray:

@@ -28,6 +28,7 @@ from edgekit.models.loading import (
     OnnxModel,
     TfliteModel,
 )
+from edgekit.models.tensor_data import in_layout
 from edgekit.progress import NoProgress, Progress
 
 FLOAT = "tflite float32"
@@ -67,10 +68,11 @@ def build(fp32_proto: Any, *, calibration: np.ndarray | None, source: str) -> di
         from edgekit.errors import ConversionError
 
         raise ConversionError("the classifier has no probability output to convert", "use --target onnx", path=source)
-    plan = plan_from_onnx(fp32_proto, tflite_output(spec), source=source)
     tflite_spec = spec.to_dict()
+    tensor = schema.tensor is not None and len(schema.tensor.shape) > 2
     if spec.task == "classification":
-        int_labels = all(isinstance(c, int) and not isinstance(c, bool) for c in spec.labels)
+        # a tensor model's labels come from its scores, as for its ONNX file: a bundle's --labels then name them
+        int_labels = not tensor and all(isinstance(c, int) and not isinstance(c, bool) for c in spec.labels)
         tflite_spec.update(label_output="label" if int_labels else None, probabilities_output=tflite_output(spec))
     meta = {p.key: p.value for p in fp32_proto.metadata_props}
     metadata = {
@@ -79,6 +81,9 @@ def build(fp32_proto: Any, *, calibration: np.ndarray | None, source: str) -> di
         METADATA_SOURCE: meta.get(METADATA_SOURCE, "onnx"),
     }
     labels = tuple(spec.labels) if spec.task == "classification" else None
+    if tensor:  # tensor models: the NHWC graph writer
+        return _build_tensor(fp32_proto, spec, calibration, None, metadata, schema, source)
+    plan = plan_from_onnx(fp32_proto, tflite_output(spec), source=source)
     built = {
         FLOAT: write_float(
             plan, tflite_output(spec), labels, {**metadata, METADATA_QUANTIZATION: json.dumps({"mode": "none"})}
@@ -87,6 +92,33 @@ def build(fp32_proto: Any, *, calibration: np.ndarray | None, source: str) -> di
     if calibration is not None:
         built[INT8] = _best_int8(plan, tflite_output(spec), calibration, labels, metadata, source)
     return built
+
+
+def _build_tensor(
+    fp32_proto: Any,
+    spec: Any,
+    calibration: np.ndarray | None,
+    labels: tuple[Any, ...] | None,
+    metadata: dict[str, str],
+    schema: Any,
+    source: str,
+) -> dict[str, bytes]:
+    """A convolutional network's .tflite files (``tensor_export``: NHWC, float32 and full int8)."""
+    from edgekit.build.tflite.tensor_export import build_tensor
+
+    output = tflite_output(spec)
+    embedding = getattr(spec, "embedding_output", None)  # drift's embedding, when the ONNX model exposes one
+    float_data, int8_data = build_tensor(
+        fp32_proto,
+        [output, *([embedding] if embedding else [])],
+        calibration,
+        labels,
+        metadata,
+        schema=schema,
+        int8_quantization={**INT8_CONFIG.to_dict(), "layout": "NHWC"},
+        source=source,
+    )
+    return {FLOAT: float_data, **({INT8: int8_data} if int8_data is not None else {})}
 
 
 def _best_int8(
@@ -134,18 +166,14 @@ def choose(
     onnx_fp32 = OnnxModel.from_bytes(serialize(fp32_proto), path=source)
     models = {name: TfliteModel.from_bytes(data, path=f"{source} ({name})") for name, data in built.items()}
     reference = onnx_fp32.predict(rows)
-    trials = {}
-    for name, model in models.items():
-        prediction = model.predict(rows)
-        config = None if name == FLOAT else INT8_CONFIG
-        trial = Trial(name, config, built[name], model.size_bytes)
-        trial.metric = compare.task_metric(model.output, prediction, labels)
-        trial.agreement = compare.agreement(model.output, reference, prediction)
-        trials[name] = trial
+    # a tensor model's .tflite takes NHWC where the ONNX one took NCHW: each is fed its own layout
+    tflite_spec = next(iter(models.values())).input.tensor
+    tflite_rows = in_layout(rows, onnx_fp32.input.tensor, tflite_spec) if tflite_spec is not None else rows
+    trials = _trials(models, built, tflite_rows, reference, labels)
     progress.advance()
     timing = measure(
-        {"onnxruntime float32": onnx_fp32.raw, **{name: m.raw for name, m in models.items()}},
-        batches_from(rows),
+        {"onnxruntime float32": _fed_as(onnx_fp32, tflite_spec), **{name: m.raw for name, m in models.items()}},
+        batches_from(tflite_rows),
         budget_seconds=3.0,
     )
     progress.advance()
@@ -176,3 +204,25 @@ def choose(
             "onnxruntime_fp32_latency": {str(b): v for b, v in timing["onnxruntime float32"].items()},
         },
     )
+
+
+def _trials(
+    models: dict[str, Any], built: dict[str, bytes], rows: np.ndarray, reference: Any, labels: np.ndarray | None
+) -> dict[str, Trial]:
+    """Each .tflite scored on ``rows``: its task metric, and its agreement with the ONNX model's ``reference``."""
+    trials = {}
+    for name, model in models.items():
+        prediction = model.predict(rows)
+        config = None if name == FLOAT else INT8_CONFIG
+        trial = Trial(name, config, built[name], model.size_bytes)
+        trial.metric = compare.task_metric(model.output, prediction, labels)
+        trial.agreement = compare.agreement(model.output, reference, prediction)
+        trials[name] = trial
+    return trials
+
+
+def _fed_as(onnx_model: Any, spec: Any) -> Any:
+    """The ONNX model's call, taking batches in the .tflite's layout (transposed back: microseconds)."""
+    if spec is None or onnx_model.input.tensor is None or spec.layout == onnx_model.input.tensor.layout:
+        return onnx_model.raw
+    return lambda X: onnx_model.raw(in_layout(X, spec, onnx_model.input.tensor))
