@@ -249,7 +249,7 @@ class Agent:
             raise
         start = time.perf_counter()
         try:
-            prediction = serving.spec.interpret(serving.runtime.predict(serving.schema.feed(X)))
+            prediction = serving.spec.interpret(serving.run(X))
         except AgentError as exc:
             self._failed(serving, X, "runtime", exc)
             raise

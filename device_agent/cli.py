@@ -219,6 +219,8 @@ def _predict_items(args: argparse.Namespace, schema, spec, runtime) -> int:
         prediction = spec.interpret(runtime.predict(schema.check(batch, source=args.data)))
         _write_predictions(prediction, spec.labels, items=names, header=header)
         header = False
+    if header:
+        raise InputError(f"{args.data} holds no items", "give a folder of images, WAV or .npy files, or an .npz")
     return 0
 
 

@@ -220,7 +220,7 @@ class InputSchema:
                     f"the model has one input, {self.tensor.name!r}",
                 )
             data = data[self.tensor.name]
-        if isinstance(data, (list, tuple)) and data and (_is_b64(data[0]) or isinstance(data[0], bytes)):
+        if isinstance(data, (list, tuple)) and data and (isinstance(data[0], (dict, bytes))):
             return self._decoded(data, source)
         if _is_b64(data) or isinstance(data, bytes):
             return self._decoded([data], source)
@@ -247,7 +247,9 @@ class InputSchema:
                 continue
             if not _is_b64(item):
                 raise InputError(
-                    f"{source} item {i} is {_json_kind(item)}", 'send every item as {"b64": "<base64>"}', row=i
+                    f"{source} item {i} is {_json_kind(item)}",
+                    'send an encoded file as {"b64": "<base64>"} (the key is b64), or the tensor as nested lists',
+                    row=i,
                 )
             try:
                 raw.append(base64.b64decode(item["b64"], validate=True))

@@ -195,5 +195,6 @@ def _shape_text(spec: TensorSpec) -> str:
 
 def _shape_fix(spec: TensorSpec, got: tuple[int, ...]) -> str:
     if len(got) == len(spec.shape) and sorted(got[1:]) == sorted(spec.example_shape) and spec.layout:
-        return f"the dimensions are in another order: send them as {spec.layout}, {_shape_text(spec).split(' ')[0]}"
+        dims = "[" + ", ".join("N" if d is None else str(d) for d in spec.shape) + "]"
+        return f"the dimensions are in another order: send them as {spec.layout}, {dims}"
     return f"send a batch of shape {_shape_text(spec)}"

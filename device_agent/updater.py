@@ -360,8 +360,7 @@ class Updater:
                 start = time.perf_counter()
                 try:
                     # the live model's checked rows, checked again for the candidate (its dtype may differ)
-                    rows_in = candidate.schema.feed(candidate.schema.check(X, source="shadow"))
-                    prediction = candidate.spec.interpret(candidate.runtime.predict(rows_in))
+                    prediction = candidate.spec.interpret(candidate.run(candidate.schema.check(X, source="shadow")))
                     scores = prediction.scores
                     if scores is not None and scores.dtype.kind == "f" and not np.isfinite(scores).all():
                         raise ModelError(candidate.bundle.path, candidate.runtime.name, "answered NaN")

@@ -254,3 +254,15 @@ def test_flashing_an_image_model_installs_pillow_on_the_device(digits_cnn, bundl
 
     assert _extras_for(read_bundle(digits_cnn.bundle)) == "agent,vision"
     assert _extras_for(read_bundle(bundle)) == "agent"
+
+
+def test_package_refuses_preprocessing_other_than_the_models_own(digits_cnn, keypair, cli, tmp_path):
+    """What was validated is what runs: a model converted with its preprocessing keeps it."""
+    other = tmp_path / "other.toml"
+    other.write_text('[image]\ncolor = "L"\nresize = "stretch"\nscale = 0.5\n')
+    args = ["package", digits_cnn.onnx, "--name", "cam", "--version", "2", "--baseline", digits_cnn.test]
+    result = cli(*args, "--preprocess", other, "--key", keypair[0], "-o", tmp_path / "b.edgebundle")
+    assert result.exit_code == 2 and "differs from the preprocessing the model was converted" in result.stderr
+    assert not (tmp_path / "b.edgebundle").exists()
+    same = cli(*args, "--preprocess", digits_cnn.preprocess, "--key", keypair[0], "-o", tmp_path / "c.edgebundle")
+    assert same.exit_code == 0, same.output

@@ -30,6 +30,7 @@ from edgekit.models.tensor_data import with_preprocess
 from edgekit.progress import NoProgress, Progress
 
 DEFAULT_MAX_DROP = 0.01
+MAX_CALIBRATION_TENSORS = 512
 
 
 @dataclass(frozen=True)
@@ -168,10 +169,10 @@ def _read_data(
     """The calibration and evaluation data, read as the model's columns or tensors; the model takes its
     feature names from them (or from ``names_from``) when it knows none."""
     columns = model.input.columns
+    # MinMax ranges of a CNN settle within a few hundred images; each static candidate calibrates on all of them
+    limit = MAX_CALIBRATION_TENSORS if model.input.tensor is not None else MAX_CALIBRATION_ROWS
     calibration_set = (
-        load_dataset(
-            calibration, label=label, columns=columns, schema=model.input, limit=MAX_CALIBRATION_ROWS, progress=progress
-        )
+        load_dataset(calibration, label=label, columns=columns, schema=model.input, limit=limit, progress=progress)
         if calibration
         else None
     )

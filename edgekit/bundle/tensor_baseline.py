@@ -27,7 +27,14 @@ MAX_BASELINE_EXAMPLES = 5000
 def prepared(model: Any, *, preprocess: str | None, labels: str | None) -> None:
     """``model`` with ``--preprocess`` and ``--labels`` applied (its class names from a labels file)."""
     if preprocess is not None:
+        stored = model.input.preprocess
         model.input = with_preprocess(model.input, preprocess)
+        if stored is not None and stored != model.input.preprocess:
+            raise PackageError(
+                "differs from the preprocessing the model was converted (and validated) with",
+                "drop --preprocess to keep the model's own, or convert the model again with this file",
+                path=preprocess,
+            )
     if labels is None:
         return
     if model.input.tensor is None:

@@ -37,7 +37,7 @@ def register(cli: click.Group) -> None:
     "--calibration",
     type=click.Path(),
     help="Representative data for static quantization: rows (.npz/.csv), or for a tensor model an .npz of "
-    "tensors or a folder of images, WAV files or .npy tensors (read through --preprocess; at most 2,000).",
+    "tensors or a folder of images, WAV files or .npy tensors (read through --preprocess; at most 512).",
 )
 @click.option(
     "--eval",
@@ -118,7 +118,7 @@ def register(cli: click.Group) -> None:
     type=click.Choice(["onnx", "tflite"]),
     default="onnx",
     show_default=True,
-    help="Output format: ONNX, or TFLite (LiteRT) written without TensorFlow (dense networks).",
+    help="Output format: ONNX, or TFLite (LiteRT) written without TensorFlow (dense and convolutional networks).",
 )
 @click.option(
     "--min-runtime",

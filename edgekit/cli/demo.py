@@ -46,9 +46,11 @@ def register(cli: click.Group) -> None:
 @click.option("--keep-serving", is_flag=True, help="Keep the dashboard up after the run, until Ctrl-C.")
 def demo(workdir, fixtures, devices, duration, broker, keep_serving):
     """Run the whole loop on one machine: convert, quantize, validate, package, then a fleet of
-    emulated devices reporting drift to a collector with a dashboard.
+    emulated devices reporting drift to a collector with a dashboard: --devices digits devices (the
+    first drifting, all rolled out to v2), a typed-table device (tab-00) seeing an unseen country, and
+    a camera-like device (cam-00) whose PNG pictures get brighter.
 
-    Uses only scikit-learn's bundled digits dataset and local processes; nothing is downloaded.
+    Uses only scikit-learn's bundled datasets and local processes; nothing is downloaded.
 
     \b
     Example:

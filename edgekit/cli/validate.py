@@ -25,8 +25,9 @@ def register(cli: click.Group) -> None:
 @click.option(
     "--data",
     required=True,
-    type=click.Path(dir_okay=False),
-    help="Rows both models answer (.npz or .csv; labels give the task metric).",
+    type=click.Path(),
+    help="Rows both models answer (.npz or .csv; labels give the task metric); for a tensor model an .npz "
+    "(X, y) or a folder of images, WAV or .npy files read through its preprocessing (no labels: agreement only).",
 )
 @click.option("--label", help="Label column of CSV data (default: label, target or y).")
 @click.option(

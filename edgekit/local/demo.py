@@ -329,10 +329,7 @@ def _final_report(
             ["device", "state", "model", "windows", "rows", "drift", "worst feature", "missing"],
         )
     )
-    say(
-        "open alerts: "
-        + ("; ".join(f"{a['rule']} {a['device']} {a['subject']}: {a['message']}" for a in alerts) or "none")
-    )
+    say("open alerts: " + (_alerts_text(alerts) or "none"))
     if rollout is not None:
         say(
             f"rollout {rollout['id']}: {rollout['state']} ({rollout['reason']}); "
@@ -347,6 +344,22 @@ def _final_report(
             else "it closes with the demo: pass --keep-serving to browse it afterwards"
         )
     )
+
+
+def _alerts_text(alerts: list[dict]) -> str:
+    """Open alerts, one clause per rule and device: a camera whose pictures got brighter drifts on a
+    dozen of its signals at once, and one line per signal would bury the other devices."""
+    grouped: dict[tuple[str, str], list[dict]] = {}
+    for alert in alerts:
+        grouped.setdefault((alert["rule"], alert["device"]), []).append(alert)
+    clauses = []
+    for (rule, device), group in grouped.items():
+        if len(group) == 1:
+            clauses.append(f"{rule} {device} {group[0]['subject']}: {group[0]['message']}")
+        else:
+            names = ", ".join(a["subject"] for a in group[:6]) + (", …" if len(group) > 6 else "")
+            clauses.append(f"{rule} {device} on {len(group)} features ({names})")
+    return "; ".join(clauses)
 
 
 ROLLOUT_SETTINGS = {

@@ -105,6 +105,10 @@ def load_dataset(
         X, y, digest = load_tensor_dataset(path, schema, limit=limit, progress=progress)
         return Dataset(X, y, (schema.tensor.name,), str(path), digest)
     path = Path(path)
+    if path.is_dir():
+        raise DataError(
+            "is a folder; a model of rows and columns reads one data file", "give an .npz, .csv or .parquet", path=path
+        )
     if not path.is_file():
         raise DataError("no such file" if not path.exists() else "is not a file", "check the path", path=path)
     raw = path.read_bytes()

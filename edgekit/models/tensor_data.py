@@ -37,8 +37,8 @@ def with_preprocess(schema: Any, path: str | None) -> Any:
 
     try:
         preprocess = Preprocess.from_toml(path, schema.tensor)
-    except AgentError as exc:
-        raise DataError(exc.problem, exc.fix, path=path) from exc
+    except AgentError as exc:  # its message names the file already
+        raise DataError(exc.problem, exc.fix) from exc
     # what the tensor holds is what its preprocessing makes: a [N, 1, 40, 49] input fed [audio] is a spectrogram
     tensor = replace(schema.tensor, kind=preprocess.kind)
     return replace(schema, tensor=tensor, preprocess=preprocess.to_dict(), input_name=tensor.name)

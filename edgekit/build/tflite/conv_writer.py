@@ -96,7 +96,7 @@ def _plain_options(s: Any, op: Op) -> tuple[str, Any] | None:
     named = {
         "TRANSPOSE": "Transpose",
         "PAD": "Pad",
-        "PADV2": "Padv2",
+        "PADV2": "PadV2",
         "MAXIMUM": "MaximumMinimum",
         "MINIMUM": "MaximumMinimum",
         "HARD_SWISH": "HardSwish",

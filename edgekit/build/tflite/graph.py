@@ -106,8 +106,9 @@ class Builder:
         return out
 
     def refuse(self, node: Any, why: str) -> ConversionError:
+        name = node.name or next((o for o in node.output if o), "")  # an optional first output (LSTM's Y) is ""
         return ConversionError(
-            f"{node.op_type} node {node.name or node.output[0]!r}: {why}",
+            f"{node.op_type} node {name!r}: {why}",
             "use --target onnx (the TFLite target converts MobileNet/ResNet-style image, audio and sensor networks)",
             path=self.source,
         )
