@@ -152,3 +152,21 @@ def _check_pages(port):
         assert f"<td>{name}</td>" in latest, name
     assert "<td>x.c0.mean</td><td>" in latest and "aria-label='drift per feature'" in device_page
     assert "<td>x.c0.values</td><td>numeric</td>" in device_page.split("Data quality per column")[1]
+
+
+def test_the_device_page_judges_by_the_last_tested_window():
+    """An agent closes a small window on shutdown: PSIs but no verdict. The table shows the last window
+    that was tested, and says why, instead of a PSI of 16 marked 'no'."""
+    from edgekit.fleet.pages.device import render_device
+
+    def window(seq, rows, tested, drifted):
+        features = {"x.c0.mean": {"psi": 16.0, "ks": 1.0, "js": 0.9, **({"drifted": True} if drifted else {})}}
+        return {
+            "seq": seq, "rows": rows, "model": {"name": "cam", "version": 1},
+            "window": {"start": "2026-12-02T00:00:00Z", "end": f"2026-12-02T00:00:0{seq}Z"},
+            "drift": {"tested": tested, "drifted": drifted, "features": features},
+        }  # fmt: skip
+
+    page = render_device("cam-00", [window(1, 200, True, True), window(2, 64, False, False)]).decode()
+    assert "the last window (64 rows) was too small for a drift verdict; this is window 1 (200 rows)" in page
+    assert "<td class='bad'>yes</td>" in page.split("Latest window")[1]

@@ -27,11 +27,21 @@ def render_device(device: str, summaries: list[dict[str, Any]], columns: dict[st
     shown = sorted(features, key=lambda f: (-drifted[f], -peak[f]))[:6]
     chart = drift_chart(summaries, shown)
     latest = summaries[-1]
+    # a window too small for a verdict (the stub an agent closes on shutdown) has PSIs but no verdict:
+    # the table shows the last window that was tested, and says so
+    tested = [s for s in summaries if s["drift"].get("tested", True)]
+    judged = tested[-1] if tested else latest
+    note = (
+        f"<p class='muted'>the last window ({latest['rows']} rows) was too small for a drift verdict; "
+        f"this is window {judged['seq']} ({judged['rows']} rows)</p>"
+        if judged is not latest
+        else ""
+    )
     rows = "".join(
         f"<tr><td>{html.escape(f)}</td><td>{v['psi']:.4f}</td><td>{v['ks']:.4f}</td><td>{v['js']:.4f}</td>"
         f"<td class='{'bad' if v.get('drifted') else 'ok'}'>{'yes' if v.get('drifted') else 'no'}</td></tr>"
         for f, v in sorted(
-            latest["drift"]["features"].items(), key=lambda kv: (not kv[1].get("drifted"), -kv[1]["psi"])
+            judged["drift"]["features"].items(), key=lambda kv: (not kv[1].get("drifted"), -kv[1]["psi"])
         )[:15]
     )
     model = f"model {html.escape(latest['model']['name'])} v{latest['model']['version']}"
@@ -40,7 +50,7 @@ def render_device(device: str, summaries: list[dict[str, Any]], columns: dict[st
         f"<p><a href='/'>fleet</a></p><h1>{html.escape(device)}</h1>"
         f"<p class='muted'>{len(summaries)} windows, {model}, last window {html.escape(latest['window']['end'])}</p>"
         f"<h2>Drift per feature (PSI) over windows</h2>{chart}"
-        f"<h2>Latest window</h2><table>{header}{rows}</table>" + (render_columns(columns) if columns else "")
+        f"<h2>Latest window</h2>{note}<table>{header}{rows}</table>" + (render_columns(columns) if columns else "")
     )
     return page(device, body)
 
