@@ -8,10 +8,13 @@ same ``batch``: what was validated is what runs. Each kind's keys are documented
 
 * ``[image]`` (``_build_image``): JPEG, PNG, BMP, GIF; EXIF orientation, color, crop or stretch, scale/mean/std.
 * ``[audio]`` (``_build_audio``): integer PCM WAV, mono, clipped; a log-mel spectrogram as librosa computes it.
-* ``[sensor]`` (``_build_sensor``): ``.npy`` windows, optional per-channel mean/std, wherever raw windows
-  come from (``.npy`` items, ``.npz`` files, JSON tensors: ``from_tensor``).
+* ``[sensor]`` (``_build_sensor``): ``.npy`` windows, optional per-channel mean/std.
 
-Every kind also takes ``.npy`` items; for images and audio they are tensors already preprocessed.
+The preprocessing runs on encoded items only: image, WAV and ``.npy`` files in a folder, ``{"b64": ...}``
+items in a request. Arrays (an ``.npz``, a ``.npy`` file given as the path, a JSON tensor) are the model's
+input as they are, checked by ``check_tensor`` and never normalized again. Every kind also takes ``.npy``
+items; for images and audio they are tensors already preprocessed, for sensors raw windows. The log-mel
+spectrogram itself is ``device_agent.spectrogram``; the item codecs are ``device_agent.tensor_files``.
 """
 
 from __future__ import annotations
@@ -28,8 +31,9 @@ from typing import Any
 import numpy as np
 
 from .errors import InputError, SchemaError
-from .tensor_files import NPY_MAGIC, LogMel, load_npy, one_example, open_image, pillow, read_wav, sniff
-from .tensors import TensorSpec, check_tensor, guess_layout
+from .spectrogram import LogMel
+from .tensor_files import NPY_MAGIC, load_npy, one_example, open_image, pillow, read_wav, sniff
+from .tensors import TensorSpec, guess_layout
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -80,6 +84,11 @@ class Preprocess:
         """``{kind: settings}`` with every default resolved: what the bundle pins."""
         return {self.kind: copy.deepcopy(self.settings)}
 
+    @property
+    def mel_axis(self) -> int | None:
+        """The axis of one example that holds an audio input's mel bands (``TensorSignals(mel_axis=...)``)."""
+        return self._steps.mel_axis if self.kind == "audio" else None
+
     def decode(self, data: bytes, *, source: str = "item") -> np.ndarray:
         """One encoded item (image, WAV or ``.npy`` bytes) as one example of the spec."""
         return self._decode_all([data], [source], [None])[0]
@@ -110,19 +119,15 @@ class Preprocess:
         self._steps.finish(self._steps.pixels(image, "the array", None), out)
         return out
 
-    def from_tensor(self, batch: np.ndarray, *, source: str = "input") -> np.ndarray:
-        """A batch of decoded tensors (an ``.npz``, a JSON tensor): checked against the spec; a sensor
-        window is also normalized, images and spectrograms are taken as already preprocessed."""
-        checked = check_tensor(self.spec, batch, source=source)
-        return self._steps.normalize(checked) if self.kind == "sensor" else checked
-
     def _decode_all(self, items: Sequence[Any], sources: list[str], rows: list[int | None]) -> np.ndarray:
         out = np.empty((len(items), *self.spec.example_shape), self.spec.dtype)
         encoded = []
         for i, (item, source, row) in enumerate(zip(items, sources, rows, strict=True)):
             data = _as_bytes(item, source, row)
             if data.startswith(NPY_MAGIC) and self.kind != "sensor":
-                out[i] = one_example(self.spec, load_npy(data, source=source, row=row), source=source, row=row)
+                out[i] = one_example(
+                    self.spec, load_npy(data, self.spec, source=source, row=row), source=source, row=row
+                )
             else:
                 encoded.append((i, data, source, row))
         if encoded:
@@ -402,7 +407,7 @@ def _build_audio(table: _Table, spec: TensorSpec) -> tuple[dict[str, Any], _Audi
             f"set n_mels = {_dim(spec, mel_letter)}",
         )
     table.done()
-    steps = _AudioSteps(settings, axes)
+    steps = _AudioSteps(settings, axes, _layout(spec).index(mel_letter) - 1)
     _check_frames(settings, steps.mel, _dim(spec, time_letter), _where(spec, time_letter))
     _check_filters(steps.mel, settings)
     return settings, steps
@@ -496,8 +501,8 @@ def _check_filters(mel: LogMel, settings: dict[str, Any]) -> None:
 class _AudioSteps:
     """WAV bytes to the model's spectrogram: rate check, clip, log-mel of the whole batch in one pass."""
 
-    def __init__(self, settings: dict[str, Any], axes: tuple[int, ...]) -> None:
-        self.rate = settings["sample_rate"]
+    def __init__(self, settings: dict[str, Any], axes: tuple[int, ...], mel_axis: int) -> None:
+        self.rate, self.mel_axis = settings["sample_rate"], mel_axis
         self.samples = round(settings["clip_seconds"] * self.rate)
         self.mel = LogMel(settings, self.rate)
         self.axes = axes
@@ -505,7 +510,7 @@ class _AudioSteps:
     def fill(self, encoded: list[tuple[int, bytes, str, int | None]], out: np.ndarray) -> None:
         clips = np.zeros((len(encoded), self.samples), np.float32)
         for j, (_, data, source, row) in enumerate(encoded):
-            samples, rate = read_wav(data, source=source, row=row)
+            samples, rate = read_wav(data, source=source, row=row, max_frames=self.samples)
             if rate != self.rate:
                 raise InputError(
                     f"{source} is {rate} Hz audio, the model takes {self.rate} Hz",
@@ -560,13 +565,10 @@ class _SensorSteps:
         for i, data, source, row in encoded:
             if not data.startswith(NPY_MAGIC):
                 raise InputError(f"{source} is not a .npy array ({sniff(data)})", "send numpy.save bytes", row=row)
-            out[i] = one_example(self.spec, load_npy(data, source=source, row=row), source=source, row=row)
+            out[i] = one_example(self.spec, load_npy(data, self.spec, source=source, row=row), source=source, row=row)
         if self.mul is not None:
             rows = [i for i, *_ in encoded]
-            out[rows] = self.normalize(out[rows])
-
-    def normalize(self, batch: np.ndarray) -> np.ndarray:
-        return batch if self.mul is None else batch * self.mul + self.add
+            out[rows] = out[rows] * self.mul + self.add
 
 
 def _as_bytes(item: Any, source: str, row: int | None) -> bytes:

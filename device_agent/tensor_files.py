@@ -1,15 +1,18 @@
 """Encoded tensor items and the files that hold them: bytes in, pixels, samples or arrays out.
 
-Three parts, all shared by the host and the device:
+Two parts, both shared by the host and the device:
 
-* item codecs: ``open_image`` (Pillow, imported on first use: only image models need it; JPEGs are
-  decoded at reduced size with ``draft`` and turned upright by their EXIF orientation), ``read_wav``
-  (the standard library's ``wave``: integer PCM, downmixed to mono) and ``load_npy`` (never pickles).
-  ``device_agent.preprocess`` builds its steps on them.
-* the log-mel spectrogram (``LogMel``) audio items become, window and filterbank computed once.
+* item codecs: ``open_image`` (Pillow, imported on first use: only image models need it; JPEG, PNG,
+  BMP and GIF only, at most ``MAX_IMAGE_PIXELS``, checked from the header before any pixel is decoded;
+  JPEGs are decoded at reduced size with ``draft`` and turned upright by their EXIF orientation),
+  ``read_wav`` (the standard library's ``wave``: 8 to 32-bit integer PCM, downmixed to mono, read no
+  further than the clip needs) and ``load_npy`` (never pickles; the header's shape, element type and
+  length are checked against the model's input before anything is allocated).
+  ``device_agent.preprocess`` builds its steps on them (and the log-mel spectrogram on ``spectrogram``).
 * files and folders: ``read_items`` streams batches out of a folder (recursively, sorted, hidden files
-  skipped), one file or an ``.npz``, through the model's preprocessing; ``count_items`` sizes a
-  progress bar; ``read_labels`` reads ``--labels labels.txt``.
+  skipped), one file or an ``.npz``; ``count_items`` sizes a progress bar; ``read_labels`` reads
+  ``--labels labels.txt``. Arrays (an ``.npz``, a ``.npy`` file given as the path) are the model's input
+  as they are; encoded items (image, WAV and ``.npy`` files in a folder) go through the preprocessing.
 
 This module never imports ``preprocess`` (that one imports this one): ``read_items`` takes any object
 with the few members ``Preprocessing`` names.
@@ -20,11 +23,13 @@ from __future__ import annotations
 import io
 import math
 import os
+import struct
+import tokenize
 import wave
 import zipfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, BinaryIO, Protocol
 
 import numpy as np
 
@@ -38,6 +43,15 @@ ACCEPTED = "images (.jpg .jpeg .png .bmp .gif), audio (.wav) or tensors (.npy)"
 NPY_MAGIC = b"\x93NUMPY"
 LABEL_KEYS = ("y", "labels", "label")
 TOML_EXAMPLE = {"image": "image.toml", "audio": "audio.toml"}
+IMAGE_FORMATS = ("JPEG", "PNG", "BMP", "GIF")  # Pillow's names: its other plugins (TIFF, WEBP, EPS...) are never tried
+# A 12 MP phone photo passes; 40 MP is 120 MB of RGB. Pillow's own limit is process-wide and 89 MP (an error past
+# 179 MP): a 493 KB PNG of 13000x13000 would decode to 694 MB.
+MAX_IMAGE_PIXELS = 40_000_000
+WAV_WIDTHS = (1, 2, 3, 4)  # bytes per sample: 8, 16, 24 and 32-bit integer PCM
+_IMAGE_MAGIC = ((b"\xff\xd8\xff", "JPEG"), (b"\x89PNG", "PNG"), (b"BM", "BMP"), (b"GIF8", "GIF"))
+_OTHER_IMAGE_MAGIC = ((b"II*\x00", "TIFF"), (b"MM\x00*", "TIFF"), (b"%!PS", "EPS"), (b"\xc5\xd0\xd3\xc6", "EPS"))
+_SMALLER_IMAGE = f"scale it down to at most {MAX_IMAGE_PIXELS // 1_000_000} megapixels"
+_NPY_FIX = "save it with numpy.save, numbers only"
 
 # EXIF orientation -> the Pillow transpose that makes the picture upright (ImageOps.exif_transpose's table)
 _ORIENTATION = {2: "FLIP_LEFT_RIGHT", 3: "ROTATE_180", 4: "FLIP_TOP_BOTTOM", 5: "TRANSPOSE", 6: "ROTATE_270"}
@@ -51,8 +65,6 @@ class Preprocessing(Protocol):
     kind: str
 
     def batch(self, items: list[bytes], *, source: str = ..., names: Sequence[str] | None = ...) -> np.ndarray: ...
-
-    def from_tensor(self, batch: np.ndarray, *, source: str = ...) -> np.ndarray: ...
 
 
 # -- item codecs ------------------------------------------------------------------------------------------------
@@ -73,11 +85,11 @@ def sniff(data: bytes) -> str:
     """What the first bytes say an item is, for error messages ("found a PNG image")."""
     if data.startswith(NPY_MAGIC):
         return "found a .npy array"
-    if data[:4] == b"RIFF" and data[8:12] == b"WAVE":
-        return "found a WAV file"
-    for magic, name in ((b"\xff\xd8\xff", "JPEG"), (b"\x89PNG", "PNG"), (b"BM", "BMP"), (b"GIF8", "GIF")):
+    if data[:4] == b"RIFF" and data[8:12] in (b"WAVE", b"WEBP"):
+        return "found a WAV file" if data[8:12] == b"WAVE" else "found a WEBP image"
+    for magic, name in _IMAGE_MAGIC + _OTHER_IMAGE_MAGIC:
         if data.startswith(magic):
-            return f"found a {name} image"
+            return f"found {'an' if name[0] in 'AEIOU' else 'a'} {name} image"
     return f"found bytes {bytes(data[:8])!r}..." if data else "found no bytes"
 
 
@@ -86,23 +98,27 @@ def open_image(data: bytes, *, mode: str, size: tuple[int, int], source: str, ro
     decoded straight at 1/2, 1/4 or 1/8 scale (``draft``) while that stays at least twice ``size``, as
     Pillow's ``thumbnail`` does: most of the saving, and the resize after it still has pixels to average
     (at 1x a 640x427 photo to 96x96 is 2.2 levels off a full decode on average, at 2x 0.8), and in
-    ``mode`` ("L" decodes luma only)."""
+    ``mode`` ("L" decodes luma only). Only ``IMAGE_FORMATS`` are tried, and the header's size is checked
+    against ``MAX_IMAGE_PIXELS`` before a pixel is decoded (Pillow's own limit is process-wide, and 4x ours)."""
     Image = pillow()
     try:
-        image = Image.open(io.BytesIO(data))
+        image = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
+        _check_pixels(image.size, source, row)
         orientation = image.getexif().get(_EXIF_ORIENTATION_TAG, 1)
         if image.format == "JPEG":
             stored = size[::-1] if orientation in (5, 6, 7, 8) else size  # draft sees the stored, unrotated image
             image.draft(mode if mode in ("L", "RGB") else None, (2 * stored[0], 2 * stored[1]))
         image.load()
-    except Image.DecompressionBombError as exc:
-        raise InputError(f"{source} is too large to decode ({exc})", "send a smaller image", row=row) from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:  # the warning: past 89 MP
+        raise InputError(f"{source} is too large to decode ({exc})", _SMALLER_IMAGE, row=row) from None
     except Image.UnidentifiedImageError:
         found = sniff(data)
-        if found.endswith(" image"):  # the right first bytes, then something Pillow cannot read
+        if data.startswith(tuple(magic for magic, _ in _IMAGE_MAGIC)):  # the right first bytes, then garbage
             raise InputError(f"{source} is a corrupt image ({found[6:]})", "send the whole file", row=row) from None
         raise InputError(
-            f"{source} is not a JPEG or PNG image ({found})", "send the bytes of a .jpg or .png file", row=row
+            f"{source} is not a JPEG, PNG, BMP or GIF image ({found})",
+            "send the bytes of a .jpg, .png, .bmp or .gif file",
+            row=row,
         ) from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise InputError(f"{source} is a truncated or corrupt image ({exc})", "send the whole file", row=row) from None
@@ -111,33 +127,46 @@ def open_image(data: bytes, *, mode: str, size: tuple[int, int], source: str, ro
     return image
 
 
-def read_wav(data: bytes, *, source: str, row: int | None = None) -> tuple[np.ndarray, int]:
+def _check_pixels(size: tuple[int, int], source: str, row: int | None) -> None:
+    width, height = size
+    if width * height > MAX_IMAGE_PIXELS:
+        raise InputError(
+            f"{source} is {width}x{height} pixels ({width * height / 1e6:.0f} MP), more than the "
+            f"{MAX_IMAGE_PIXELS / 1e6:.0f} MP an item may decode to",
+            _SMALLER_IMAGE,
+            row=row,
+        )
+
+
+def read_wav(
+    data: bytes, *, source: str, row: int | None = None, max_frames: int | None = None
+) -> tuple[np.ndarray, int]:
     """``(samples, sample_rate)``: mono float32 in [-1, 1) from an 8, 16, 24 or 32-bit integer PCM WAV.
-    Stereo is averaged to mono, the friendlier answer for a microphone that records two channels."""
+    Stereo is averaged to mono, the friendlier answer for a microphone that records two channels. At most
+    ``max_frames`` are read (the clip's length; a header may claim billions): a file is truncated when it
+    holds fewer frames than its header says and than were to be read."""
     try:
         with wave.open(io.BytesIO(data), "rb") as wav:
             channels, width, rate = wav.getnchannels(), wav.getsampwidth(), wav.getframerate()
-            expected = wav.getnframes()
+            _check_width(width, source, row)
+            declared = wav.getnframes()
+            expected = declared if max_frames is None else min(declared, max_frames)
             raw = wav.readframes(expected)
     except wave.Error as exc:
-        if "unknown format" in str(exc):
-            raise InputError(
-                f"{source} is a WAV whose samples are not integer PCM ({exc}: float or compressed)",
-                "save it as 16-bit PCM WAV",
-                row=row,
-            ) from None
-        raise InputError(
-            f"{source} is not a WAV file ({sniff(data)})", "send the bytes of a .wav file", row=row
-        ) from None
-    except EOFError:
+        raise _wav_error(exc, data, source, row) from None
+    except (EOFError, struct.error):
         raise InputError(
             f"{source} is a truncated WAV (the header is cut short)", "send the whole file", row=row
+        ) from None
+    except RuntimeError:  # Python 3.11's wave.Chunk.seek past a chunk's end, with no message
+        raise InputError(
+            f"{source} is a corrupt WAV (a chunk's size runs past its end)", "send the whole file", row=row
         ) from None
     frame_bytes = channels * width
     got = len(raw) // frame_bytes
     if got < expected:
         raise InputError(
-            f"{source} is a truncated WAV (its header says {expected} frames, it holds {got})",
+            f"{source} is a truncated WAV (its header says {declared} frames, it holds {got})",
             "send the whole file",
             row=row,
         )
@@ -147,6 +176,32 @@ def read_wav(data: bytes, *, source: str, row: int | None = None) -> tuple[np.nd
     if channels > 1:
         samples = samples.reshape(-1, channels).mean(axis=1, dtype=np.float32)
     return samples, rate
+
+
+def _check_width(width: int, source: str, row: int | None) -> None:
+    if width not in WAV_WIDTHS:  # ``wave`` takes any width up to 8191 bytes
+        raise InputError(
+            f"{source} is a WAV of {8 * width}-bit samples, read are 8, 16, 24 and 32-bit integer PCM",
+            "save it as 16-bit PCM WAV",
+            row=row,
+        )
+
+
+def _wav_error(exc: wave.Error, data: bytes, source: str, row: int | None) -> InputError:
+    """``wave``'s refusals in the item's words: a float or compressed WAV, no channels, or not a WAV."""
+    if "unknown format" in str(exc):
+        return InputError(
+            f"{source} is a WAV whose samples are not integer PCM ({exc}: float or compressed)",
+            "save it as 16-bit PCM WAV",
+            row=row,
+        )
+    if "# of channels" in str(exc):
+        return InputError(f"{source} is a WAV with 0 channels", "send a mono or stereo recording", row=row)
+    if "sample width" in str(exc):
+        return InputError(f"{source} is a WAV with 0-bit samples", "save it as 16-bit PCM WAV", row=row)
+    if sniff(data) == "found a WAV file":  # RIFF/WAVE, then chunks ``wave`` cannot use
+        return InputError(f"{source} is a corrupt WAV ({exc})", "send the whole file", row=row)
+    return InputError(f"{source} is not a WAV file ({sniff(data)})", "send the bytes of a .wav file", row=row)
 
 
 def _pcm_to_float(raw: bytes, width: int) -> np.ndarray:
@@ -162,109 +217,82 @@ def _pcm_to_float(raw: bytes, width: int) -> np.ndarray:
     return np.frombuffer(raw, dtype).astype(np.float32) / float(1 << (8 * width - 1))
 
 
-def load_npy(data: bytes, *, source: str, row: int | None = None) -> np.ndarray:
-    """The array in ``.npy`` bytes; object arrays are refused (unpickling a request would run its code)."""
+def load_npy(data: bytes, spec: TensorSpec, *, source: str, row: int | None = None, batch: bool = False) -> np.ndarray:
+    """The array in ``.npy`` bytes: one example of ``spec`` or a batch of one (with ``batch``, of any size).
+    The header is checked first (``check_npy``), so a 100-byte item claiming a terabyte allocates nothing;
+    object arrays are refused (unpickling a request would run its code)."""
+    stream = io.BytesIO(data)
+    check_npy(stream, len(data), spec, source=source, row=row, batch=batch)
+    stream.seek(0)
     try:
-        return np.load(io.BytesIO(data), allow_pickle=False)
+        return np.load(stream, allow_pickle=False)
     except (ValueError, OSError, EOFError) as exc:
+        raise InputError(f"{source} is not a readable .npy array ({exc})", _NPY_FIX, row=row) from None
+
+
+def check_npy(
+    stream: BinaryIO, size: int, spec: TensorSpec, *, source: str, row: int | None = None, batch: bool = False
+) -> tuple[int, ...]:
+    """The shape in the ``.npy`` header at the start of ``stream`` (``size`` bytes long), checked before
+    the data is read: numbers (not objects, strings or true/false), one example of ``spec`` or ``[1,
+    *example]`` (with ``batch``, ``[n, *example]``), and as many bytes left as that takes."""
+    shape, dtype = read_npy_header(stream, source=source, row=row)
+    where = f"{source} {spec.name!r}"
+    if dtype.kind == "b":
+        raise InputError(f"{where} holds true/false", f"send numbers of type {spec.dtype}", row=row)
+    if dtype.kind not in "iuf":
+        raise InputError(f"{where} holds {dtype} values, not numbers", f"send numbers of type {spec.dtype}", row=row)
+    example = list(spec.example_shape)
+    if list(shape) not in (example, [1, *example]) and not (batch and list(shape[1:]) == example):
+        raise _shape_error(spec, shape, source, row, batch)
+    needed, left = math.prod(shape) * dtype.itemsize, size - stream.tell()
+    if left < needed:
         raise InputError(
-            f"{source} is not a readable .npy array ({exc})", "save it with numpy.save, numbers only", row=row
-        ) from None
+            f"{source} is a truncated .npy array (its header says {list(shape)} {dtype}: {needed} bytes, "
+            f"it holds {left})",
+            "send the whole file",
+            row=row,
+        )
+    return shape
+
+
+def read_npy_header(stream: BinaryIO, *, source: str, row: int | None = None) -> tuple[tuple[int, ...], np.dtype]:
+    """``(shape, dtype)`` from a ``.npy`` header, nothing after it read; a garbled header is an ``InputError``."""
+    fmt = np.lib.format
+    try:
+        version = fmt.read_magic(stream)
+        if version not in ((1, 0), (2, 0), (3, 0)):
+            raise ValueError(f"format version {version[0]}.{version[1]}")
+        reader = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
+        shape, _, dtype = reader(stream)
+    except (ValueError, SyntaxError, tokenize.TokenError, EOFError, OSError) as exc:
+        raise InputError(f"{source} is not a readable .npy array ({exc})", _NPY_FIX, row=row) from None
+    return tuple(shape), dtype
 
 
 def one_example(spec: TensorSpec, array: np.ndarray, *, source: str, row: int | None = None) -> np.ndarray:
     """``array`` checked as one example of ``spec`` (a batch of one is fine)."""
-    example = list(spec.example_shape)
-    if list(array.shape) not in (example, [1, *example]):
-        letters = spec.layout[1:]
-        turned = sorted(array.shape) == sorted(example) and letters
-        raise InputError(
-            f"{source} holds an array of shape {list(array.shape)}, the model takes one example of shape {example}",
-            f"the dimensions are in another order: send {letters}" if turned else f"send an array of shape {example}",
-            row=row,
-        )
+    if list(array.shape) not in (list(spec.example_shape), [1, *spec.example_shape]):
+        raise _shape_error(spec, array.shape, source, row, False)
     try:
-        checked = check_tensor(spec, array, source=source)
+        return check_tensor(spec, array, source=source)[0]
     except InputError as exc:
         exc.row = row
         raise
-    if len(checked) != 1:
-        raise InputError(
-            f"{source} holds {len(checked)} examples", "send one example per item (or one batch as a tensor)", row=row
-        )
-    return checked[0]
 
 
-# -- the audio signal -------------------------------------------------------------------------------------------
-# (here rather than in preprocess, which parses the settings, to keep both modules small)
-
-
-class LogMel:
-    """The log-mel spectrogram of ``[..., samples]``, with its window and filterbank computed once.
-    Framing is a strided view, the FFT runs on every frame of every clip at once, the filterbank is one
-    matmul. ``center`` pads with zeros, as librosa's ``pad_mode="constant"`` (its default since 0.10).
-    In float64 until the log: numpy 2's float32 FFT is 3x slower (0.45 ms against 0.14 for 122 frames of
-    512), and numpy 1 computes in float64 anyway, so a device on either gives the same numbers."""
-
-    def __init__(self, settings: dict[str, Any], sample_rate: int) -> None:
-        self.n_fft, self.hop, self.center = settings["n_fft"], settings["hop_length"], settings["center"]
-        self.power, self.offset = settings["power"], settings["log_offset"]
-        win = settings["win_length"]
-        window = np.zeros(self.n_fft)  # periodic Hann, centered in n_fft as librosa pads it
-        left = (self.n_fft - win) // 2
-        window[left : left + win] = 0.5 - 0.5 * np.cos(2 * np.pi * np.arange(win) / win)
-        self.window = window
-        filters = mel_filters(
-            sample_rate, self.n_fft, settings["n_mels"], settings["fmin"], settings["fmax"], settings["mel_scale"]
-        )
-        self.filters = np.ascontiguousarray(filters.T)  # [bins, mels]: frames @ filters
-
-    def frames(self, samples: int, *, hop: int | None = None) -> int:
-        padded = samples + (2 * (self.n_fft // 2) if self.center else 0)
-        return 0 if padded < self.n_fft else 1 + (padded - self.n_fft) // (hop or self.hop)
-
-    def __call__(self, samples: np.ndarray) -> np.ndarray:
-        if self.center:
-            half = self.n_fft // 2
-            samples = np.pad(samples, [(0, 0)] * (samples.ndim - 1) + [(half, half)])
-        frames = np.lib.stride_tricks.sliding_window_view(samples, self.n_fft, axis=-1)[..., :: self.hop, :]
-        spectrum = np.fft.rfft(frames * self.window, axis=-1)
-        energy = spectrum.real**2 + spectrum.imag**2
-        if self.power == 1.0:
-            energy = np.sqrt(energy)
-        mel = np.matmul(energy, self.filters)
-        return np.log(mel + self.offset).astype(np.float32).swapaxes(-1, -2)
-
-
-def mel_filters(sample_rate: int, n_fft: int, n_mels: int, fmin: float, fmax: float, scale: str) -> np.ndarray:
-    """``[n_mels, n_fft // 2 + 1]`` triangles, as ``librosa.filters.mel``: Slaney's scale with area-normalized
-    triangles (librosa's default) or HTK's scale with unit-height triangles (``htk=True, norm=None``: torchaudio's
-    default). Both agree with librosa 0.11 to 1e-7 (tests/test_preprocess.py keeps its numbers)."""
-    bins = np.fft.rfftfreq(n_fft, 1.0 / sample_rate)
-    edges = _mel_to_hz(np.linspace(_hz_to_mel(fmin, scale), _hz_to_mel(fmax, scale), n_mels + 2), scale)
-    widths = np.diff(edges)
-    ramps = edges[:, np.newaxis] - bins[np.newaxis, :]
-    rising = -ramps[:-2] / widths[:-1, np.newaxis]
-    falling = ramps[2:] / widths[1:, np.newaxis]
-    weights = np.maximum(0.0, np.minimum(rising, falling))
-    if scale == "slaney":
-        weights *= (2.0 / (edges[2:] - edges[:-2]))[:, np.newaxis]
-    return weights
-
-
-_SLANEY_STEP = math.log(6.4) / 27.0  # Slaney's scale: linear to 1 kHz (15 mels), logarithmic above
-
-
-def _hz_to_mel(hz: float, scale: str) -> float:
-    if scale == "htk":
-        return 2595.0 * math.log10(1.0 + hz / 700.0)
-    return 15.0 + math.log(hz / 1000.0) / _SLANEY_STEP if hz >= 1000.0 else hz * 3.0 / 200.0
-
-
-def _mel_to_hz(mels: np.ndarray, scale: str) -> np.ndarray:
-    if scale == "htk":
-        return 700.0 * (10.0 ** (mels / 2595.0) - 1.0)
-    return np.where(mels >= 15.0, 1000.0 * np.exp(_SLANEY_STEP * (mels - 15.0)), mels * 200.0 / 3.0)
+def _shape_error(spec: TensorSpec, shape: Sequence[int], source: str, row: int | None, batch: bool) -> InputError:
+    example, letters = list(spec.example_shape), spec.layout[1:]
+    one = list(shape[1:]) if len(shape) == len(example) + 1 and (batch or shape[0] == 1) else list(shape)
+    turned = letters and one != example and sorted(one) == sorted(example)
+    batched = f"[N, {', '.join(map(str, example))}]"
+    takes = f"a batch of shape {batched} or one example" if batch else f"one example of shape {example}"
+    send = f"send a batch of shape {batched}" if batch else f"send an array of shape {example}"
+    return InputError(
+        f"{source} holds an array of shape {list(shape)}, the model takes {takes}",
+        f"the dimensions are in another order: send {letters}" if turned else send,
+        row=row,
+    )
 
 
 # -- files and folders ------------------------------------------------------------------------------------------
@@ -296,7 +324,9 @@ def read_items(
         names, sources = [f.as_posix() for f in chunk], [str(base / f) for f in chunk]
         items = [_read_bytes(base / f) for f in chunk]
         if preprocess is None:  # only .npy files get here (_check_kinds)
-            rows = [one_example(spec, load_npy(b, source=s), source=s) for b, s in zip(items, sources, strict=True)]
+            rows = [
+                one_example(spec, load_npy(b, spec, source=s), source=s) for b, s in zip(items, sources, strict=True)
+            ]
             yield names, np.stack(rows)
         else:
             yield names, preprocess.batch(items, names=sources)
@@ -308,7 +338,7 @@ def count_items(path: str | Path, spec: TensorSpec | None = None) -> int:
     path = Path(path)
     suffix = path.suffix.lower()
     if path.is_file() and suffix in (".npz", ".npy"):
-        shape = _npz_shape(path, spec) if suffix == ".npz" else np.load(path, mmap_mode="r").shape
+        shape = _npz_header(path, spec, check=False)[1] if suffix == ".npz" else _npy_file_shape(path)
         return 1 if spec is not None and tuple(shape) == spec.example_shape else int(shape[0]) if shape else 1
     return len(_listing(path))
 
@@ -372,7 +402,7 @@ def _check_kinds(root: Path, files: list[Path], preprocess: Preprocessing | None
         if kind is None:
             raise InputError(
                 f"{where} is {'an image' if found == 'image' else 'audio'} and needs preprocessing",
-                f"package the model with --preprocess {TOML_EXAMPLE[found]}",
+                f"give the model its preprocessing: --preprocess {TOML_EXAMPLE[found]} (convert and package take it)",
             )
         takes = {"image": "images", "audio": "audio (.wav)", "sensor": "sensor windows (.npy)"}[kind]
         raise InputError(
@@ -390,12 +420,16 @@ def _read_bytes(path: Path) -> bytes:
 
 def _tensor_file(path: Path, spec: TensorSpec) -> np.ndarray:
     """The array of an ``.npy``, or of an ``.npz`` (named after the input, else X or x, else its only
-    array besides labels)."""
+    array besides labels); its header checked first (``check_npy``: a batch, and no bigger than the file)."""
     try:
         if path.suffix.lower() == ".npy":
-            return np.load(path, allow_pickle=False)
+            with path.open("rb") as stream:
+                check_npy(stream, os.fstat(stream.fileno()).st_size, spec, source=str(path), batch=True)
+                stream.seek(0)
+                return np.load(stream, allow_pickle=False)
+        key, _ = _npz_header(path, spec, check=True)
         with np.load(path, allow_pickle=False) as arrays:
-            return arrays[_npz_key(path, list(arrays.files), spec.name)]
+            return arrays[key]
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
         raise InputError(
             f"{path} is not a readable {path.suffix} ({exc})", "save it with numpy, numbers only"
@@ -413,17 +447,29 @@ def _npz_key(path: Path, names: list[str], input_name: str | None) -> str:
     return key or others[0]
 
 
-def _npz_shape(path: Path, spec: TensorSpec | None) -> tuple[int, ...]:
-    """The chosen array's shape from its ``.npy`` header inside the zip, without reading the data."""
-    with zipfile.ZipFile(path) as archive:
-        names = [n[: -len(".npy")] for n in archive.namelist() if n.endswith(".npy")]
-        key = _npz_key(path, names, None if spec is None else spec.name)
-        with archive.open(key + ".npy") as member:
-            fmt = np.lib.format
-            version = fmt.read_magic(member)
-            reader = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
-            shape, _, _ = reader(member)
-    return tuple(shape)
+def _npz_header(path: Path, spec: TensorSpec | None, *, check: bool) -> tuple[str, tuple[int, ...]]:
+    """The chosen array's name and shape, from its ``.npy`` header inside the zip (the data not read);
+    with ``check``, the header checked against ``spec`` as a batch."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = [n[: -len(".npy")] for n in archive.namelist() if n.endswith(".npy")]
+            key = _npz_key(path, names, None if spec is None else spec.name)
+            info = archive.getinfo(key + ".npy")
+            with archive.open(info) as member:
+                source = f"{path} array {key!r}"
+                if check and spec is not None:
+                    return key, check_npy(member, info.file_size, spec, source=source, batch=True)
+                return key, read_npy_header(member, source=source)[0]
+    except (OSError, zipfile.BadZipFile) as exc:
+        raise InputError(f"{path} is not a readable .npz ({exc})", "save it with numpy, numbers only") from None
+
+
+def _npy_file_shape(path: Path) -> tuple[int, ...]:
+    try:
+        with path.open("rb") as stream:
+            return read_npy_header(stream, source=str(path))[0]
+    except OSError as exc:
+        raise InputError(f"{path} cannot be read ({exc.strerror})", "check its permissions") from None
 
 
 def _array_batches(

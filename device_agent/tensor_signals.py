@@ -28,18 +28,23 @@ Signals, for an input named ``x`` (``names``, with ``per_row``: values each exam
   crops: at 32 it flags every blurred 200-image window of ``scripts/bench_tensor_drift.py`` alone). A
   one-channel image's brightness and contrast are its channel's mean and std, so they are not
   sketched twice.
-- audio (a log-mel ``[.., mels, frames]``, natural log of mel power as torchaudio and TensorFlow make
-  it): ``rms``, the log RMS level, ``0.5 * log(mean(exp(log_mel)))`` over bands and frames (computed
-  shifted by the maximum, so no exp overflows); ``spectral_centroid``, the energy-weighted mean mel
-  band (in band units: 0 is the lowest). A dB-scaled input gives another monotone-ish level, which
-  the rank-based drift tests treat much the same.
+- audio (a log-mel spectrogram, natural log of mel power as torchaudio and TensorFlow make it): ``rms``,
+  the log RMS level, ``0.5 * log(mean(exp(log_mel)))`` over bands and frames (computed shifted by the
+  maximum, so no exp overflows); ``spectral_centroid``, the energy-weighted mean mel band (in band
+  units: 0 is the lowest). ``mel_axis`` says which axis of one example holds the bands (by default H
+  of a 4-D input, C of a 3-D one: ``[audio] time_axis = "H"`` puts them on W); a 3-D input (NCW, NWC)
+  is one 2-D frame of one channel, ``x.c0``, its bands never taken for channels. A dB-scaled input
+  gives another monotone-ish level, which the rank-based drift tests treat much the same.
 - ``embedding.0`` .. ``embedding.{dims-1}``: the model's embedding output through a fixed Gaussian
   random projection (seeded, scaled ``1 / sqrt(width)``, Johnson-Lindenstrauss: distances survive).
 
 The subsample positions and the projection come from numpy's PCG64 raw bit stream, whose output
 for a seed numpy guarantees across versions (its ``Generator`` methods it does not), so a device
 with another numpy draws what the host drew. ``to_dict`` (in the bundle's manifest) keeps the seed,
-the subsample size, ``value_range`` and the embedding's width and dims.
+the subsample size, ``value_range`` and the embedding's width and dims. Version 2 adds ``mel_axis``; it
+is written only where version 1 would read otherwise (an audio input's bands off H, a 3-D spectrogram),
+so agents that read version 1 keep taking image, sensor and most audio bundles; a version-1 dict reads
+as it was written (bands on H, a 3-D spectrogram's bands pooled as channels).
 
 A batch is viewed channel-first ``[N, C, P]`` (NCHW, NCW) or channel-last ``[N, P, C]`` (NHWC, NWC),
 both free reshapes of the caller's array; per-channel sums are matrix products with a vector of
@@ -51,6 +56,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -58,7 +64,8 @@ import numpy as np
 from .errors import InputError, SchemaError
 from .tensors import TensorSpec
 
-SIGNALS_VERSION = 1
+SIGNALS_VERSION = 2  # 2: ``mel_axis``, and a 3-D spectrogram is one frame of one channel (to_dict: where needed)
+READABLE_SIGNALS_VERSIONS = (1, SIGNALS_VERSION)
 MAX_CHANNELS = 16
 SHARPNESS_SIZE = 32
 SATURATION_TOLERANCE = 1e-3  # of the value range's width: a quarter of one 8-bit step is 1e-3, float32 error 1e-7
@@ -78,16 +85,20 @@ class TensorSignals:
         embedding_dims: int = 8,
         subsample: int = 64,
         seed: int = 0,
+        mel_axis: int | None = None,
     ) -> None:
         """``value_range``: what raw 0 and 255 become after preprocessing, each a number or one per
         channel (a per-channel normalization maps them differently); None skips ``saturated``.
-        ``embedding_width``: the width of the embedding output ``rows`` will be given (None: none)."""
+        ``embedding_width``: the width of the embedding output ``rows`` will be given (None: none).
+        ``mel_axis``: an audio input's axis of mel bands within one example (``Preprocess.mel_axis``;
+        None: H of a 4-D input, C of a 3-D one)."""
         if subsample < 1 or embedding_dims < 1 or seed < 0:
             raise SchemaError(f"tensor signals of {spec.name!r}: subsample, embedding_dims must be positive, seed >= 0")
         self.spec, self.subsample, self.seed = spec, int(subsample), int(seed)
         self.embedding_width = None if embedding_width is None else int(embedding_width)
         self.embedding_dims = int(embedding_dims)
         self._geometry()
+        self.mel_axis, self._mel = self._mel_axes(mel_axis)
         self.value_range = None if value_range is None else _ranges(value_range, self._channels, spec.name)
         self.positions = subsample_positions(self._elements, self.subsample, self.seed)
         self.projection = (
@@ -103,6 +114,9 @@ class TensorSignals:
     def _geometry(self) -> None:
         """How a batch is viewed: channels, channel-first or not, elements per channel and their frame."""
         shape, axis = self.spec.example_shape, self.spec.channel_axis
+        if self.spec.kind == "audio" and len(shape) == 2:
+            axis = None  # NCW, NWC: the C axis holds mel bands, one frame with the frames, not channels
+        self._axis = axis
         channels = 1 if axis is None else shape[axis - 1]
         self._pooled = channels > MAX_CHANNELS
         self._moved = not self._pooled and axis is not None and axis not in (1, len(self.spec.shape) - 1)
@@ -117,6 +131,29 @@ class TensorSignals:
                 f"batch and channels, its signals need {needs}",
                 "give the input a layout naming its channels (C), e.g. NCHW, NHWC, NCW or NWC",
             )
+
+    def _mel_axes(self, mel_axis: int | None) -> tuple[int | None, int | None]:
+        """The mel bands' axis within one example, and within the 2-D frame (None but for audio)."""
+        if self.spec.kind != "audio":
+            if mel_axis is not None:
+                raise SchemaError(f"tensor signals of {self.spec.describe()}: mel_axis applies to audio inputs")
+            return None, None
+        shape = self.spec.example_shape
+        example = self._default_mel_axis() if mel_axis is None else mel_axis
+        channel = None if self._axis is None else self._axis - 1
+        whole = isinstance(example, (int, np.integer)) and not isinstance(example, bool)
+        if not whole or not 0 <= example < len(shape) or example == channel:
+            raise SchemaError(
+                f"tensor signals of {self.spec.describe()}: mel_axis {mel_axis} is not an axis of mel bands",
+                f"give the axis of one example that holds them, 0 to {len(shape) - 1}, not the channels",
+            )
+        example = int(example)
+        return example, example - (1 if channel is not None and example > channel else 0)
+
+    def _default_mel_axis(self) -> int:
+        """H of a 4-D input (where version 1 read the bands, and ``[audio]`` puts them by default), C of a 3-D one."""
+        letter = "C" if len(self.spec.example_shape) == 2 else "H"
+        return self.spec.layout.index(letter) - 1 if letter in self.spec.layout else 0
 
     def _signal_list(self) -> tuple[tuple[str, ...], tuple[int, ...]]:
         per_channel = [("values", len(self.positions))]
@@ -163,7 +200,7 @@ class TensorSignals:
         if not self._pooled and self.spec.kind == "image":
             columns.append(self._image_columns(x3, means))
         elif not self._pooled and self.spec.kind == "audio":
-            columns.append(_audio_columns(x3, self._first, self._frame))
+            columns.append(_audio_columns(x3, self._first, self._frame, self._mel))
         if self.projection is not None:
             columns.append(self._embedding_columns(embedding, len(x3)))
         return np.concatenate(columns, axis=1, dtype=np.float32)
@@ -178,7 +215,7 @@ class TensorSignals:
         x = batch if batch.dtype == np.float32 else batch.astype(np.float32)
         n = len(x)
         if self._moved:  # channels in the middle (rare): the one layout that costs a copy
-            return np.ascontiguousarray(np.moveaxis(x, self.spec.channel_axis, 1)).reshape(n, self._channels, -1)
+            return np.ascontiguousarray(np.moveaxis(x, self._axis, 1)).reshape(n, self._channels, -1)
         if self._first:
             return x.reshape(n, self._channels, self._elements)
         return x.reshape(n, self._elements, self._channels)
@@ -231,30 +268,44 @@ class TensorSignals:
     # -- the manifest -------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         """What a device needs to reduce its batches exactly as the host reduced the baseline's."""
-        return {
-            "version": SIGNALS_VERSION,
+        doc = {
+            "version": 1,
             "subsample": self.subsample,
             "seed": self.seed,
             "value_range": None if self.value_range is None else [_plain(v) for v in self.value_range],
             "embedding_width": self.embedding_width,
             "embedding_dims": self.embedding_dims,
         }
+        if self.version == 2:
+            doc.update(version=2, mel_axis=self.mel_axis)
+        return doc
+
+    @property
+    def version(self) -> int:
+        """The dict's version: 2 where version 1 would read these signals otherwise (an audio input's bands off
+        H, a 3-D spectrogram), else 1, so agents that read only version 1 keep taking every other bundle."""
+        if self.mel_axis is None:
+            return 1
+        return 2 if len(self.spec.example_shape) == 2 or self.mel_axis != self._default_mel_axis() else 1
 
     @classmethod
     def from_dict(cls, doc: dict[str, Any], spec: TensorSpec) -> TensorSignals:
-        if not isinstance(doc, dict) or doc.get("version") != SIGNALS_VERSION:
+        version = doc.get("version") if isinstance(doc, dict) else None
+        if version not in READABLE_SIGNALS_VERSIONS:
             raise SchemaError(
-                f"tensor signals of {spec.name!r} of version {doc.get('version') if isinstance(doc, dict) else None!r}",
-                f"this agent reads version {SIGNALS_VERSION}: update the agent or repackage the model",
+                f"tensor signals of {spec.name!r} of version {version!r}",
+                f"this agent reads versions {READABLE_SIGNALS_VERSIONS}: update the agent or repackage the model",
             )
+        legacy = version == 1 and spec.kind == "audio" and len(spec.shape) == 3
         try:
             return cls(
-                spec,
+                replace(spec, kind="tensor") if legacy else spec,  # version 1 pooled a 3-D spectrogram's bands
                 value_range=None if doc.get("value_range") is None else tuple(doc["value_range"]),
                 embedding_width=doc.get("embedding_width"),
                 embedding_dims=int(doc.get("embedding_dims", 8)),
                 subsample=int(doc["subsample"]),
                 seed=int(doc["seed"]),
+                mel_axis=doc.get("mel_axis"),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise SchemaError(f"tensor signals of {spec.name!r} are malformed: {exc!r}") from exc
@@ -299,16 +350,17 @@ def _block_mean(gray: np.ndarray, factor: int) -> np.ndarray:
     return blocks
 
 
-def _audio_columns(x3: np.ndarray, first: bool, frame: tuple[int, ...]) -> np.ndarray:
-    """Log RMS level and spectral centroid (in mel bands) of log-mel examples."""
+def _audio_columns(x3: np.ndarray, first: bool, frame: tuple[int, ...], mel: int) -> np.ndarray:
+    """Log RMS level and spectral centroid (in mel bands) of log-mel examples, bands on axis ``mel`` of ``frame``."""
     n = len(x3)
     peak = x3.reshape(n, -1).max(axis=1)
     energy = np.exp(x3 - peak[:, None, None])  # <= 1: no overflow, and the shift cancels in the centroid
-    mels, frames = frame
-    bands = energy.reshape(n, -1, mels, frames).sum(axis=(1, 3)) if first else energy.reshape(n, mels, -1).sum(axis=2)
+    grid = energy.reshape(n, -1, *frame) if first else energy.reshape(n, *frame, -1)  # [N, C, a, b] or [N, a, b, C]
+    frame_axes = (2, 3) if first else (1, 2)
+    bands = grid.sum(axis=(1 if first else 3, frame_axes[1 - mel]))
     total = bands.sum(axis=1, dtype=np.float64)
     level = 0.5 * (peak + np.log(total / energy[0].size))
-    centroid = bands @ np.arange(mels, dtype=np.float64) / total
+    centroid = bands @ np.arange(frame[mel], dtype=np.float64) / total
     return np.stack([level, centroid], axis=1)
 
 

@@ -6,6 +6,7 @@ refusal is checked for both halves of its message: the problem and the fix.
 
 from __future__ import annotations
 
+import base64
 import importlib.util
 import io
 import json
@@ -13,7 +14,9 @@ import math
 import struct
 import subprocess
 import sys
+import warnings
 import wave
+import zlib
 from functools import cache
 from pathlib import Path
 
@@ -23,7 +26,8 @@ from PIL import Image
 
 from device_agent.errors import InputError, SchemaError
 from device_agent.preprocess import Preprocess, log_mel
-from device_agent.tensor_files import count_items, read_items, read_labels
+from device_agent.schema import InputSchema
+from device_agent.tensor_files import MAX_IMAGE_PIXELS, count_items, read_items, read_labels, read_wav
 from device_agent.tensors import TensorSpec
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -214,6 +218,52 @@ def test_gray_transparent_bmp_and_gif_pictures_decode(fmt, array):
     assert decoded.shape == (3, 32, 32) and np.isfinite(decoded).all()
 
 
+@pytest.mark.parametrize(("fmt", "found"), [("TIFF", "a TIFF"), ("WEBP", "a WEBP"), ("EPS", "an EPS")])
+def test_only_jpeg_png_bmp_and_gif_are_decoded(fmt, found):
+    """Pillow decodes dozens of formats, each a parser an item could reach; a model's items take four."""
+    refused(
+        InputError,
+        lambda: image_prep().decode(encode(photo(), fmt)),
+        f"item is not a JPEG, PNG, BMP or GIF image (found {found} image)",
+        "send the bytes of a .jpg, .png, .bmp or .gif file",
+    )
+
+
+def png_header(width: int, height: int) -> bytes:
+    """A PNG whose header says ``width`` x ``height`` RGB, followed by one row of pixels: all a picture past
+    the limit shows before it is decoded (a 13000x13000 one compresses to 493 KB and decodes to 694 MB)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    first_row = zlib.compress(b"\0" * (1 + 3 * width))
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", first_row) + chunk(b"IEND", b"")
+
+
+@pytest.mark.parametrize(
+    ("size", "fragments"),
+    [
+        ((8000, 6000), ("item is 8000x6000 pixels (48 MP), more than the 40 MP an item may decode to",)),
+        ((10000, 10000), ("item is too large to decode", "100000000 pixels")),  # Pillow's warning, an error here
+        ((50000, 50000), ("item is too large to decode", "2500000000 pixels")),  # Pillow's error
+    ],
+)
+def test_a_picture_past_max_image_pixels_is_refused_before_it_is_decoded(size, fragments):
+    pillow_limit = Image.MAX_IMAGE_PIXELS
+    refused(InputError, lambda: image_prep().decode(png_header(*size)), *fragments, "at most 40 megapixels")
+    with warnings.catch_warnings():  # as on a device, where Pillow's warning is only a warning
+        warnings.simplefilter("ignore")
+        refused(InputError, lambda: image_prep().decode(png_header(*size)), "at most 40 megapixels")
+    assert Image.MAX_IMAGE_PIXELS == pillow_limit  # ours is per item, not Pillow's process-wide one
+
+
+def test_a_12_megapixel_photo_is_decoded():
+    assert MAX_IMAGE_PIXELS >= 4000 * 3000
+    decoded = image_prep().decode(encode(np.zeros((3000, 4000), np.uint8)))
+    assert decoded.shape == (3, 32, 32) and (decoded == 0).all()
+
+
 def test_an_npy_item_is_a_preprocessed_tensor():
     tensor = np.random.default_rng(0).random((3, 32, 32), dtype=np.float32)
     batch = image_prep().batch([npy(tensor), encode(photo())])
@@ -227,13 +277,13 @@ def test_bad_image_items_are_named_by_index():
     error = refused(
         InputError,
         lambda: prep.batch([good, good, good, b"hello, world"]),
-        "request item 3 is not a JPEG or PNG image (found bytes b'hello, w'",
-        "send the bytes of a .jpg or .png file",
+        "request item 3 is not a JPEG, PNG, BMP or GIF image (found bytes b'hello, w'",
+        "send the bytes of a .jpg, .png, .bmp or .gif file",
     )
     assert error.row == 3
     jpeg = encode(photo(), "JPEG")
     refused(InputError, lambda: prep.decode(jpeg[: len(jpeg) // 2]), "item is a truncated or corrupt image", "whole")
-    refused(InputError, lambda: prep.decode(wav(tone())), "is not a JPEG or PNG image (found a WAV file)")
+    refused(InputError, lambda: prep.decode(wav(tone())), "is not a JPEG, PNG, BMP or GIF image (found a WAV file)")
     refused(InputError, lambda: prep.batch([good, "text"]), "request item 1 is a str, not bytes", "file's bytes")
     refused(InputError, lambda: prep.batch([]), "request has no items", "send at least one")
     refused(InputError, lambda: prep.from_array(photo().astype(np.float32)), "float32", "uint8 picture")
@@ -412,6 +462,69 @@ def test_bad_audio_items_are_refused_with_the_fix():
     refused(InputError, lambda: prep.decode(wav(np.zeros(0))), "is a WAV with no samples", "send a recording")
 
 
+def wav_by_hand(*, width: int = 2, channels: int = 1, data: bytes = b"", data_size: int | None = None) -> bytes:
+    """A PCM WAV ``wave`` would not write: any sample width or channel count, any size in the data chunk's header."""
+    fmt = struct.pack("<HHIIHH", 1, channels, RATE, RATE * width * channels, width * channels, 8 * width)
+    size = len(data) if data_size is None else data_size
+    body = b"WAVE" + b"fmt " + struct.pack("<I", len(fmt)) + fmt + b"data" + struct.pack("<I", size) + data
+    return b"RIFF" + struct.pack("<I", len(body)) + body
+
+
+def _fmt_chunk_past_the_end() -> bytes:
+    """A fmt chunk whose size runs past the file: Python 3.11's ``wave`` raises a bare RuntimeError."""
+    good = wav_by_hand(data=b"\0" * 200)
+    return good[:16] + struct.pack("<I", 0x10000) + good[20:]
+
+
+@pytest.mark.parametrize(
+    ("item", "fragments"),
+    [
+        (lambda: wav_by_hand(width=5, data=b"\1" * 5000), ("item is a WAV of 40-bit samples", "16-bit PCM WAV")),
+        (lambda: wav_by_hand(width=8, data=b"\1" * 8000), ("item is a WAV of 64-bit samples", "16-bit PCM WAV")),
+        (lambda: wav_by_hand(channels=0, data=b"\1" * 100), ("item is a WAV with 0 channels", "mono or stereo")),
+        (_fmt_chunk_past_the_end, ("item is a corrupt WAV (a chunk's size runs past its end)", "the whole file")),
+    ],
+    ids=["40-bit", "64-bit", "no channels", "chunk past the end"],
+)
+def test_wavs_the_wave_module_opens_but_no_model_can_take_are_refused(item, fragments):
+    refused(InputError, lambda: audio_prep().decode(item()), *fragments)
+
+
+def test_a_wav_is_read_no_further_than_the_clip():
+    """The preprocessing cuts every clip to clip_seconds, so no more is read, whatever the header claims: a
+    recorder streaming a WAV writes the largest size it can, and a 100-byte item may claim 4 GB."""
+    clip = np.round(tone() * 32767).astype("<i2").tobytes()
+    streamed = wav_by_hand(data=clip + clip, data_size=0xFFFFFFF0)
+    np.testing.assert_array_equal(audio_prep().decode(streamed), audio_prep().decode(wav(tone())))
+    refused(
+        InputError,
+        lambda: audio_prep().decode(wav_by_hand(data=clip[:100], data_size=0xFFFFFFF0)),
+        "item is a truncated WAV (its header says 2147483640 frames, it holds 50)",
+        "send the whole file",
+    )
+    samples, rate = read_wav(wav(tone(seconds=10.0)), source="ten seconds", max_frames=RATE)
+    assert len(samples) == RATE and rate == RATE
+
+
+def test_mangled_wav_and_npy_headers_are_input_errors():
+    """Random bytes in the first 120 of a WAV or ``.npy`` item are an ``InputError`` (a 400), never a
+    KeyError, RuntimeError, tokenize.TokenError or MemoryError (a 500)."""
+    audio, sensor = audio_prep(), sensor_prep()
+    clip = tone(seconds=0.1)[:, np.newaxis]
+    seeds = [(audio, wav(clip.repeat(c, axis=1), width=w)) for w, c in ((1, 1), (2, 2), (3, 1), (4, 2))]
+    seeds += [(sensor, npy(np.zeros((3, 50), np.float32))), (sensor, npy(np.zeros((1, 3, 50), np.int16)))]
+    rng = np.random.default_rng(0)
+    for _ in range(1500):
+        prep, data = seeds[rng.integers(len(seeds))]
+        mangled = bytearray(data)
+        for _ in range(rng.integers(1, 5)):
+            mangled[rng.integers(120)] = rng.integers(256)
+        try:
+            prep.decode(bytes(mangled))
+        except InputError:
+            pass
+
+
 @pytest.mark.parametrize(
     ("table", "spec", "fragments"),
     [
@@ -464,12 +577,12 @@ def sensor_prep(table=None, dtype="float32") -> Preprocess:
     return Preprocess.from_dict({"sensor": dict(table or {})}, TensorSpec("imu", dtype, (None, 3, 50), "NCW", "sensor"))
 
 
-def test_sensor_windows_are_normalized_per_channel_wherever_they_come_from():
+def test_sensor_windows_are_normalized_per_channel():
     prep = sensor_prep({"mean": [1.0, 2.0, 3.0], "std": 2.0})
     window = np.random.default_rng(1).normal(size=(3, 50)).astype(np.float32)
     expected = (window - np.array([[1.0], [2.0], [3.0]])) / 2.0
     np.testing.assert_allclose(prep.decode(npy(window)), expected, atol=1e-6)
-    np.testing.assert_allclose(prep.from_tensor(window[np.newaxis]), expected[np.newaxis], atol=1e-6)
+    np.testing.assert_allclose(prep.batch([npy(window), npy(window[np.newaxis])]), [expected] * 2, atol=1e-6)
     np.testing.assert_array_equal(sensor_prep().decode(npy(window)), window)
     raw = sensor_prep(dtype="int16").decode(npy(np.arange(150, dtype=np.int16).reshape(3, 50)))
     assert raw.dtype == np.int16
@@ -478,7 +591,7 @@ def test_sensor_windows_are_normalized_per_channel_wherever_they_come_from():
 def test_bad_sensor_items_and_tables_are_refused():
     prep = sensor_prep()
     refused(InputError, lambda: prep.decode(wav(tone())), "item is not a .npy array (found a WAV file)", "numpy.save")
-    refused(InputError, lambda: prep.decode(npy(np.array([{"a": 1}]))), "is not a readable .npy array", "numbers")
+    refused(InputError, lambda: prep.decode(npy(np.array([{"a": 1}]))), "holds object values, not numbers", "float32")
     refused(
         InputError,
         lambda: prep.batch([npy(np.zeros((50, 3)))]),
@@ -487,6 +600,65 @@ def test_bad_sensor_items_and_tables_are_refused():
     )
     refused(SchemaError, lambda: sensor_prep({"mean": 1.0}, dtype="int16"), "[sensor] mean does not apply", "remove")
     refused(SchemaError, lambda: sensor_prep({"std": [1, 2]}), "[sensor] std has 2 values", "give 3 numbers")
+
+
+def npy_claiming(shape: tuple[int, ...], descr: str = "<f4", header: str | None = None) -> bytes:
+    """The bytes of a version 1.0 ``.npy`` header for ``shape`` (or the ``header`` text given), and no data."""
+    text = header if header is not None else f"{{'descr': '{descr}', 'fortran_order': False, 'shape': {shape!r}, }}"
+    text += " " * ((64 - (10 + len(text) + 1) % 64) % 64) + "\n"
+    return b"\x93NUMPY\x01\x00" + struct.pack("<H", len(text)) + text.encode("latin1")
+
+
+def test_an_npy_header_is_checked_before_anything_is_allocated():
+    """A 100-byte item claiming 10**12 float32 (3.6 TB) was a MemoryError, a 500: the header's shape, element
+    type and length are checked first, against one example of the input."""
+    bomb = npy_claiming((10**12,)) + bytes(16)
+    for prep in (image_prep(), sensor_prep()):
+        refused(InputError, lambda p=prep: p.decode(bomb), "holds an array of shape [1000000000000]", "send an array")
+    refused(
+        InputError,
+        lambda: sensor_prep().decode(npy_claiming((3, 50)) + bytes(16)),
+        "item is a truncated .npy array (its header says [3, 50] float32: 600 bytes, it holds 16)",
+        "send the whole file",
+    )
+    refused(InputError, lambda: sensor_prep().decode(npy(np.zeros((2, 3, 50)))), "shape [2, 3, 50]", "[3, 50]")
+    for descr, words in (("|b1", "holds true/false"), ("<U4", "holds <U4 values, not numbers"), ("<c8", "complex64")):
+        refused(InputError, lambda d=descr: sensor_prep().decode(npy_claiming((3, 50), d) + bytes(2400)), words)
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        "{'descr': '<f4', 'fortran_order': False, 'shape': (3, ",  # tokenize.TokenError
+        "{'descr': '<f4', 'fortran_order': False, 'shape': (3, 50]}",  # SyntaxError
+        "{'descr': 'zz', 'fortran_order': False, 'shape': (3, 50), }",  # ValueError
+        "[1, 2, 3]",
+    ],
+)
+def test_a_garbled_npy_header_is_an_input_error(header):
+    item = npy_claiming((), header=header) + bytes(600)
+    refused(InputError, lambda: sensor_prep().decode(item), "item is not a readable .npy array", "numpy.save")
+
+
+def test_a_npy_file_holds_a_batch_no_bigger_than_the_file(tmp_path):
+    """A ``.npy`` file given as the path may hold a batch (the model's input as it is); its header may not
+    claim more than the file holds, nor an array of another shape. In a folder, each ``.npy`` is one item."""
+    spec = image_spec()
+    (tmp_path / "claims.npy").write_bytes(npy_claiming((10**9, 3, 32, 32)) + bytes(4096))
+    refused(InputError, lambda: next(read_items(tmp_path / "claims.npy", None, spec)), "claims.npy is a truncated .npy")
+    np.save(tmp_path / "turned.npy", np.zeros((2, 32, 32, 3), np.float32))
+    refused(
+        InputError,
+        lambda: next(read_items(tmp_path / "turned.npy", None, spec)),
+        "turned.npy holds an array of shape [2, 32, 32, 3], the model takes a batch of shape [N, 3, 32, 32]",
+        "the dimensions are in another order: send CHW",
+    )
+    folder = tmp_path / "items"
+    folder.mkdir()
+    np.save(folder / "five.npy", np.zeros((5, 3, 32, 32), np.float32))
+    refused(InputError, lambda: next(read_items(folder, None, spec)), "five.npy holds an array of shape [5, 3, 32, 32]")
+    (tmp_path / "garbled.npy").write_bytes(npy_claiming((), header="{'descr': '<f4', 'shape': (") + bytes(8))
+    refused(InputError, lambda: count_items(tmp_path / "garbled.npy", spec), "garbled.npy is not a readable .npy")
 
 
 # -- to_dict ----------------------------------------------------------------------------------------------------
@@ -574,7 +746,7 @@ def test_items_of_the_wrong_kind_or_without_preprocessing_are_refused(tmp_path):
         InputError,
         lambda: next(read_items(root, None, image_spec())),
         "photos/a.JPG is an image and needs preprocessing",
-        "package the model with --preprocess image.toml",
+        "--preprocess image.toml",
     )
     (root / "sub" / "e.wav").write_bytes(wav(tone()))
     prep = image_prep()
@@ -623,7 +795,12 @@ def test_npz_arrays_are_taken_as_tensors(tmp_path):
     np.savez(tmp_path / "two.npz", a=X, b=X)
     refused(InputError, lambda: next(read_items(tmp_path / "two.npz", None, spec)), "none is named 'pixels'", "as X")
     np.savez(tmp_path / "bad.npz", X=X[:, :2])
-    refused(InputError, lambda: next(read_items(tmp_path / "bad.npz", None, spec)), "bad.npz [0:7]", "send a batch")
+    refused(
+        InputError,
+        lambda: next(read_items(tmp_path / "bad.npz", None, spec)),
+        "bad.npz array 'X' holds an array of shape [7, 2, 32, 32], the model takes a batch of shape [N, 3, 32, 32]",
+        "send a batch of shape [N, 3, 32, 32]",
+    )
     sensor = sensor_prep({"mean": 1.0})
     np.savez(tmp_path / "imu.npz", X=np.ones((2, 3, 50), np.float32))
     # an .npz holds the model's input as it is (like a JSON tensor): never normalized a second time
@@ -639,3 +816,22 @@ def test_read_labels(tmp_path):
     path.write_text("\n\n")
     refused(SchemaError, lambda: read_labels(path), "holds no labels", "one class name per line")
     refused(SchemaError, lambda: read_labels(tmp_path / "none.txt"), "none.txt does not exist", "check the path")
+
+
+def test_arrays_are_the_input_as_they_are_and_encoded_items_are_preprocessed(tmp_path):
+    """The rule (README): arrays (an ``.npz``, a ``.npy`` file given as the path, a JSON tensor) are the model's
+    input as they are; encoded items (``.npy`` files in a folder, ``{"b64": ...}`` items) go through the
+    preprocessing. ``Preprocess.from_tensor``, which normalized arrays too, is gone."""
+    sensor = sensor_prep({"mean": 1.0})
+    window = np.ones((3, 50), np.float32)
+    np.save(tmp_path / "window.npy", window)
+    np.savez(tmp_path / "windows.npz", X=window[np.newaxis])
+    (tmp_path / "items").mkdir()
+    np.save(tmp_path / "items" / "w.npy", window)
+    for path in ("window.npy", "windows.npz"):
+        assert (next(read_items(tmp_path / path, sensor, sensor.spec))[1] == 1).all()
+    schema = InputSchema.of_tensor(sensor.spec, preprocess=sensor.to_dict())
+    assert (schema.check([window.tolist()]) == 1).all()
+    assert (next(read_items(tmp_path / "items", sensor, sensor.spec))[1] == 0).all()
+    assert (schema.check([{"b64": base64.b64encode(npy(window)).decode()}]) == 0).all()
+    assert not hasattr(Preprocess, "from_tensor")

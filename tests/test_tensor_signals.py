@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import io
+import wave
+
 import numpy as np
 import pytest
 
 from device_agent.drift import compare, compare_sketches, drift_report
 from device_agent.errors import InputError, SchemaError
+from device_agent.preprocess import Preprocess
 from device_agent.profile import NumericSketch, Profile, build_baseline
 from device_agent.tensor_signals import TensorSignals, random_projection, subsample_positions
 from device_agent.tensors import TensorSpec
@@ -140,6 +144,86 @@ def test_audio_level_and_centroid_and_sensor_activity_mean_what_they_say():
     assert activity[0] == 0 and activity[1] > 1
 
 
+def spectrogram_as(layout: str, time_axis: str, mels_by_frames: np.ndarray) -> np.ndarray:
+    """One ``[mels, frames]`` spectrogram as one example of an input of ``layout``; time_axis "H" puts the
+    frames on H (a 3-D input keeps its bands on C)."""
+    turned = mels_by_frames.T if time_axis == "H" or layout == "NWC" else mels_by_frames
+    return {"NCHW": turned[np.newaxis], "NHWC": turned[..., np.newaxis]}.get(layout, turned)
+
+
+AUDIO_LAYOUTS = [("NCHW", "W"), ("NCHW", "H"), ("NHWC", "W"), ("NHWC", "H"), ("NCW", "W"), ("NWC", "W")]
+
+
+def audio_prep(layout: str, time_axis: str) -> Preprocess:
+    shape = (None, *spectrogram_as(layout, time_axis, np.zeros((40, 49))).shape)
+    table = {"sample_rate": 16000, "clip_seconds": 1.0, "hop_length": 320, "time_axis": time_axis}
+    return Preprocess.from_dict({"audio": table}, TensorSpec("m", "float32", shape, layout, "audio"))
+
+
+@pytest.mark.parametrize(("layout", "time_axis"), AUDIO_LAYOUTS)
+def test_the_spectral_centroid_is_the_mel_band_in_every_layout(layout, time_axis):
+    """``[audio] time_axis = "H"`` puts mel bands on W: with all the energy in band 5 the centroid said 24 (the
+    middle frame). A 3-D input (NCW, NWC) had its bands taken for channels: no level, no centroid. The
+    preprocessing says where the bands are (``Preprocess.mel_axis``), the signals take it (``mel_axis``)."""
+    prep = audio_prep(layout, time_axis)
+    signals = TensorSignals(prep.spec, mel_axis=prep.mel_axis)
+    assert signals.names == ("m.c0.values", "m.c0.mean", "m.c0.std", "m.rms", "m.spectral_centroid")
+    band_5 = np.full((40, 49), -30.0, np.float32)
+    band_5[5] = 0.0
+    rows = signals.rows(spectrogram_as(layout, time_axis, band_5)[np.newaxis])
+    assert column(signals, rows, "m.spectral_centroid")[0, 0] == pytest.approx(5.0, abs=1e-6)
+    doc = signals.to_dict()  # version 2 only where version 1 would read it otherwise: old agents take the rest
+    assert doc["version"] == (2 if time_axis == "H" or layout in ("NCW", "NWC") else 1)
+    assert doc.get("mel_axis", 1 if layout == "NCHW" else 0) == prep.mel_axis
+    assert TensorSignals.from_dict(doc, prep.spec).mel_axis == prep.mel_axis
+
+
+def test_a_clip_gives_the_same_level_and_centroid_in_every_layout():
+    clip = 0.5 * np.sin(2 * np.pi * 1000.0 * np.arange(16000) / 16000)
+    buffer = io.BytesIO()
+    with wave.open(buffer, "wb") as out:
+        out.setnchannels(1)
+        out.setsampwidth(2)
+        out.setframerate(16000)
+        out.writeframes(np.round(clip * 32767).astype("<i2").tobytes())
+    found = []
+    for layout, time_axis in AUDIO_LAYOUTS:
+        prep = audio_prep(layout, time_axis)
+        signals = TensorSignals(prep.spec, mel_axis=prep.mel_axis)
+        rows = signals.rows(prep.batch([buffer.getvalue()]))
+        found.append([column(signals, rows, f"m.{name}")[0, 0] for name in ("rms", "spectral_centroid", "c0.std")])
+    np.testing.assert_allclose(found, [found[0]] * len(found), rtol=1e-4)  # float32 sums in another order
+
+
+@pytest.mark.parametrize("shape", [(None, 40, 49), (None, 10, 49)])
+def test_version_1_signals_read_as_they_were_written(shape):
+    """Version 1 took a 3-D spectrogram's mel bands for channels (more than 16: pooled, ``m.values``) and had no
+    ``mel_axis`` (bands on H): a baseline sketched then keeps its names, rows and dict."""
+    v1 = {"version": 1, "subsample": 64, "seed": 0, "value_range": None, "embedding_width": None, "embedding_dims": 8}
+    four = TensorSignals.from_dict(v1, TensorSpec("m", "float32", (None, 1, *shape[1:]), "NCHW", "audio"))
+    assert four.mel_axis == 1 and four.to_dict() == v1 and four.names[-2:] == ("m.rms", "m.spectral_centroid")
+    spec = TensorSpec("m", "float32", shape, "NCW", "audio")
+    if shape[1] > 16:
+        old = TensorSignals.from_dict(v1, spec)
+        assert old.names == ("m.values", "m.mean", "m.std") and old.to_dict() == v1
+        x = np.random.default_rng(3).normal(size=(4, *shape[1:])).astype(np.float32)
+        flat = x.reshape(4, -1)
+        expected = np.column_stack([flat[:, old.positions], flat.mean(axis=1), flat.std(axis=1)])
+        np.testing.assert_allclose(old.rows(x), expected, rtol=1e-5, atol=1e-6)
+    new = TensorSignals(spec).to_dict()
+    assert new["version"] == 2 and new["mel_axis"] == 0
+    assert TensorSignals.from_dict(new, spec).names[-2:] == ("m.rms", "m.spectral_centroid")
+
+
+def test_a_mel_axis_that_holds_no_bands_is_refused():
+    spec = TensorSpec("m", "float32", (None, 1, 40, 49), "NCHW", "audio")
+    for axis in (0, 3, -1, "H"):
+        with pytest.raises(SchemaError, match=f"mel_axis {axis} is not an axis of mel bands"):
+            TensorSignals(spec, mel_axis=axis)
+    with pytest.raises(SchemaError, match="mel_axis applies to audio inputs"):
+        TensorSignals(nchw(), mel_axis=1)
+
+
 def test_window_profiles_merge_into_the_profile_of_their_union():
     signals = TensorSignals(nchw(32), value_range=VALUE_RANGE)
     baseline = build_baseline(signals.rows(preprocess(raw_images(300, 5, 32))), signals.names, per_row=signals.per_row)
@@ -232,6 +316,7 @@ def test_to_dict_and_from_dict_reduce_batches_identically():
     assert np.array_equal(again.rows(x, embedding), signals.rows(x, embedding)) and again.names == signals.names
     scalar = TensorSignals(spec, value_range=(-1.0, 1.0)).to_dict()
     assert scalar["value_range"] == [-1.0, 1.0] and scalar["embedding_width"] is None
+    assert doc["version"] == scalar["version"] == 1 and "mel_axis" not in doc  # an agent reading version 1 takes it
     with pytest.raises(SchemaError, match="version"):
         TensorSignals.from_dict({**doc, "version": 99}, spec)
 

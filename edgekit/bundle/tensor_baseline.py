@@ -69,6 +69,7 @@ def tensor_baseline(model: Any, X: np.ndarray) -> Profile:
         model.input.tensor,
         value_range=value_range(model.input),
         embedding_width=None if embedding is None else embedding.shape[1],
+        mel_axis=getattr(model.input.preprocessor(), "mel_axis", None),
     )
     model.input = replace(model.input, signals=signals.to_dict())
     rows = np.concatenate(
