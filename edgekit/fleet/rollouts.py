@@ -233,8 +233,12 @@ class RolloutController:
         return self._transition(rollout_id, {"paused": "running"}, "")
 
     def abort(self, rollout_id: str, reason: str = "aborted by the operator") -> dict[str, Any]:
+        allowed = {"running": "aborted", "paused": "aborted", "pending": "aborted"}
         with self._lock:
-            self._transition(rollout_id, {"running": "aborted", "paused": "aborted", "pending": "aborted"}, reason)
+            rollout, devices = self._load(rollout_id)
+            if rollout["state"] in allowed:  # first, so no reader sees an aborted rollout with devices pending
+                self._abort_unstarted(rollout_id, devices)
+            self._transition(rollout_id, allowed, reason)
             self._revert_moved(rollout_id)
         return self.status(rollout_id)
 
@@ -379,16 +383,12 @@ class RolloutController:
         return self.publish(_desired_topic(rollout["fleet"], device["device"]), encode(doc), True)
 
     def _revert_moved(self, rollout_id: str) -> None:
-        """Every device that moved, or may be moving, is told to undo it; devices whose wave never came are
-        marked aborted."""
+        """Every device that moved, or may be moving, is told to undo it (devices whose wave never came are
+        marked aborted by ``_abort_unstarted``)."""
         rollout, devices = self._load(rollout_id)
+        self._abort_unstarted(rollout_id, devices)
         for device in devices:
-            if device["state"] == "pending":
-                self._set_device(
-                    rollout_id, device["device"], "aborted", "the rollout was aborted before this device's wave"
-                )
-                continue
-            if device["state"] in ("failed", "rolled_back", "aborted"):
+            if device["state"] in ("pending", "failed", "rolled_back", "aborted"):
                 continue  # it never moved, or has moved back already
             doc = desired_payload(
                 rollout=rollout_id,
@@ -400,6 +400,14 @@ class RolloutController:
             self.publish(_desired_topic(rollout["fleet"], device["device"]), encode(doc), True)
 
     # -- reads -----------------------------------------------------------------------------------------
+    def _abort_unstarted(self, rollout_id: str, devices: list[dict[str, Any]]) -> None:
+        for device in devices:
+            if device["state"] == "pending":
+                self._set_device(
+                    rollout_id, device["device"], "aborted", "the rollout was aborted before this device's wave"
+                )
+                device["state"] = "aborted"
+
     def _load(self, rollout_id: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         found = self.store.rollout(rollout_id)
         if found is None:
