@@ -411,5 +411,4 @@ def _backlog_rows(configured: int, schema: InputSchema) -> int:
     100,000 rows of a table are a few megabytes, 100,000 camera frames would be gigabytes."""
     if schema.tensor is None:
         return configured
-    per_row = schema.tensor.elements * np.dtype(schema.tensor.dtype).itemsize
-    return max(1, min(configured, BACKLOG_BYTES // per_row))
+    return max(1, min(configured, BACKLOG_BYTES // schema.tensor.example_bytes))

@@ -24,6 +24,18 @@ def print_checks(checks: list[Check]) -> None:
         print(f"{name.ljust(width)}  {shown:>10}  {target:<{target_width}} {verdict}")
 
 
+def print_run(results: dict[str, Any], *, quick: bool, how: str = "", steps: dict[str, float] | None = None) -> None:
+    """The last line of a bench run: its wall time (by step), the machine's CPUs and load before and
+    after (these machines are shared: a figure means little without them), and how it timed."""
+    load = results["machine"]["load_average"][0], results["machine"]["load_average_after"][0]
+    by_step = f" ({', '.join(f'{k} {v:.0f}' for k, v in steps.items())})" if steps else ""
+    print(
+        f"\n{'quick (smoke test, not figures): ' if quick else ''}{results['seconds']:.0f} s{by_step} on "
+        f"{results['machine']['cpus']} CPUs, load average {load[0]:.1f} before, {load[1]:.1f} after"
+        + (f"; {how}" if how else "")
+    )
+
+
 def write_json(out: str | Path, checks: list[Check], **sections: Any) -> Path:
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -44,7 +44,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench_report import Check, print_checks, write_json
+from bench_report import Check, print_checks, print_run, write_json
 
 from device_agent import Agent
 from device_agent.config import load_config
@@ -615,11 +615,10 @@ def main(argv: list[str] | None = None) -> int:
     print_op_shares(results["models"])
     print_breakdown(results["stages_us"], results["profile"])
     results["seconds"] = time.perf_counter() - started
-    load = results["machine"]["load_average"][0], results["machine"]["load_average_after"][0]
-    print(
-        f"\n{'quick (smoke test, not figures): ' if args.quick else ''}{results['seconds']:.0f} s on "
-        f"{results['machine']['cpus']} CPUs, load average {load[0]:.1f} before, {load[1]:.1f} after; "
-        "p50 of interleaved calls, one thread (threadpoolctl for scikit-learn, intra_op_num_threads=1)"
+    print_run(
+        results,
+        quick=args.quick,
+        how="p50 of interleaved calls, one thread (threadpoolctl for scikit-learn, intra_op_num_threads=1)",
     )
     write_json(args.json, checks, targets=TARGETS, **results)
     return 0

@@ -56,7 +56,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from bench_report import Check, print_checks, write_json
+from bench_report import Check, print_checks, print_run, write_json
 from bench_tabular import Timing, bare_session, interleaved, machine, op_shares, p50_us
 from bench_tensor_drift import drift_figures
 
@@ -1025,12 +1025,11 @@ def main(argv: list[str] | None = None) -> int:
     print_checks(checks)
     print_quantized(results["quantized"], results["digits"])
     print_breakdown(results)
-    load = results["machine"]["load_average"][0], results["machine"]["load_average_after"][0]
-    print(
-        f"\n{'quick (smoke test, not figures): ' if args.quick else ''}{results['seconds']:.0f} s "
-        f"({', '.join(f'{k} {v:.0f}' for k, v in results['seconds_by_step'].items())}) on "
-        f"{results['machine']['cpus']} CPUs, load average {load[0]:.1f} before, {load[1]:.1f} after; "
-        "p50 of interleaved calls, one thread (intra_op_num_threads=1, one BLAS thread)"
+    print_run(
+        results,
+        quick=args.quick,
+        steps=results["seconds_by_step"],
+        how="p50 of interleaved calls, one thread (intra_op_num_threads=1, one BLAS thread)",
     )
     write_json(args.json, checks, targets=TARGETS, **results)
     return 0

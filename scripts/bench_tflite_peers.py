@@ -49,7 +49,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from bench_report import Check, print_checks, write_json
+from bench_report import Check, print_checks, print_run, write_json
 from bench_tabular import Timing, interleaved, p50_us
 
 NETWORKS = ("mobilenet96", "kws_cnn")
@@ -803,11 +803,7 @@ def main(argv: list[str] | None = None) -> int:
     print_checks(checks)
     print("\nnotes:\n" + "\n".join(f"- {n}" for n in results["notes"]))
     results["seconds"] = time.perf_counter() - started
-    load = results["machine"]["load_average"][0], results["machine"]["load_average_after"][0]
-    print(
-        f"\n{'quick (smoke test, not figures): ' if args.quick else ''}{results['seconds']:.0f} s on "
-        f"{results['machine']['cpus']} CPUs, load average {load[0]:.1f} before, {load[1]:.1f} after"
-    )
+    print_run(results, quick=args.quick)
     write_json(args.json, checks, targets=TARGETS, **results)
     return 0
 

@@ -157,3 +157,25 @@ class AgentProcess:
         if self.process and self.process.poll() is None:
             self.process.terminate()
             self.process.wait(15)
+
+
+class OutputListener:
+    """A client on a device's streaming ``output`` topic (the answers to what is published on ``input``),
+    for the tests of MQTT streaming: ``publish`` a request, ``answers`` fill as they come."""
+
+    def __init__(self, port: int, fleet: str, device: str = "dev1") -> None:
+        self.answers: list[dict] = []
+        self.got = threading.Event()
+        self.input = f"edgekit/v1/{fleet}/{device}/input"
+        self.client = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+        self.client.on_message = lambda c, u, m: (self.answers.append(json.loads(m.payload)), self.got.set())
+        self.client.connect("127.0.0.1", port)
+        self.client.subscribe(f"edgekit/v1/{fleet}/{device}/output", qos=1)
+        self.client.loop_start()
+
+    def publish(self, payload: bytes | str) -> None:
+        self.client.publish(self.input, payload, qos=1)
+
+    def close(self) -> None:
+        self.client.loop_stop()
+        self.client.disconnect()

@@ -7,7 +7,7 @@ import pytest
 
 from device_agent import Agent
 from tests.agent_helpers import config_of, make_device
-from tests.mqtt_helpers import AgentProcess, Collector
+from tests.mqtt_helpers import AgentProcess, Collector, OutputListener
 
 pytestmark = pytest.mark.network
 
@@ -173,35 +173,27 @@ def test_malformed_commands_are_ignored_and_the_agent_keeps_reporting(
 
 def test_streaming_rows_over_mqtt_are_scored_and_answered(tmp_path, bundle, keypair, digits, broker, fleet_name):
     import json
-    import threading
-
-    import paho.mqtt.client as mqtt
 
     config = make_device(
         tmp_path / "dev", bundle, keypair[1], fleet=fleet_name, broker=broker.url, window_rows=100, http=False
     )
     with open(config, "a") as handle:
         handle.write("streaming = true\n")  # appended to the [mqtt] table, the last in the file
-    answers, got = [], threading.Event()
-    client = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
-    client.on_message = lambda c, u, m: (answers.append(json.loads(m.payload)), got.set())
-    client.connect("127.0.0.1", broker.port)
-    client.subscribe(f"edgekit/v1/{fleet_name}/dev1/output", qos=1)
-    client.loop_start()
+    listener = OutputListener(broker.port, fleet_name)
     X = np.load(digits.test)["X"]
-    with Agent(config_of(config)).start() as agent:
-        Collector(broker.url, fleet_name).wait(lambda: agent.reporter.connected.is_set(), what="connection")
-        time.sleep(0.2)
-        client.publish(
-            f"edgekit/v1/{fleet_name}/dev1/input", json.dumps({"request_id": "r1", "instances": X[:3].tolist()}), qos=1
-        )
-        assert got.wait(10)
-        client.publish(f"edgekit/v1/{fleet_name}/dev1/input", b"not json", qos=1)
-        deadline = time.time() + 10
-        while len(answers) < 2 and time.time() < deadline:
-            time.sleep(0.05)
-    client.loop_stop()
-    client.disconnect()
+    try:
+        with Agent(config_of(config)).start() as agent:
+            Collector(broker.url, fleet_name).wait(lambda: agent.reporter.connected.is_set(), what="connection")
+            time.sleep(0.2)
+            listener.publish(json.dumps({"request_id": "r1", "instances": X[:3].tolist()}))
+            assert listener.got.wait(10)
+            listener.publish(b"not json")
+            deadline = time.time() + 10
+            while len(listener.answers) < 2 and time.time() < deadline:
+                time.sleep(0.05)
+    finally:
+        listener.close()
+    answers = listener.answers
     assert (
         answers[0]["request_id"] == "r1"
         and len(answers[0]["predictions"]) == 3

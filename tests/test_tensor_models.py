@@ -10,7 +10,6 @@ import io
 import json
 import subprocess
 import sys
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -26,6 +25,7 @@ from device_agent.preprocess import Preprocess
 from device_agent.tensor_files import read_items
 from edgekit.models.loading import load_model
 from tests.agent_helpers import config_of, make_device
+from tests.mqtt_helpers import OutputListener
 
 
 def png_items(folder: Path, count: int, start: int = 0) -> tuple[list[Path], list[int]]:
@@ -204,19 +204,12 @@ def test_a_closed_window_sketches_the_signals_and_is_not_drifted_on_clean_images
 
 
 def test_streamed_images_over_mqtt_are_answered(digits_cnn, keypair, broker, fleet_name, tmp_path):
-    import paho.mqtt.client as mqtt
-
     config = make_device(
         tmp_path / "dev", digits_cnn.bundle, keypair[1], fleet=fleet_name, broker=broker.url, http=False
     )
     with open(config, "a") as handle:
         handle.write("streaming = true\n")
-    answers, got = [], threading.Event()
-    client = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
-    client.on_message = lambda c, u, m: (answers.append(json.loads(m.payload)), got.set())
-    client.connect("127.0.0.1", broker.port)
-    client.subscribe(f"edgekit/v1/{fleet_name}/dev1/output", qos=1)
-    client.loop_start()
+    listener = OutputListener(broker.port, fleet_name)
     files, labels = png_items(digits_cnn.images, 3)
     try:
         with Agent(config_of(config)).start() as agent:
@@ -225,11 +218,11 @@ def test_streamed_images_over_mqtt_are_answered(digits_cnn, keypair, broker, fle
                 time.sleep(0.05)
             time.sleep(0.2)
             body = {"request_id": "r1", "instances": [b64(f) for f in files]}
-            client.publish(f"edgekit/v1/{fleet_name}/dev1/input", json.dumps(body), qos=1)
-            assert got.wait(10)
+            listener.publish(json.dumps(body))
+            assert listener.got.wait(10)
     finally:
-        client.loop_stop()
-        client.disconnect()
+        listener.close()
+    answers = listener.answers
     assert answers[0]["request_id"] == "r1" and answers[0]["predictions"] == [str(label) for label in labels]
 
 

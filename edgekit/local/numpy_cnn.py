@@ -14,6 +14,7 @@ Imports: numpy only.
 from __future__ import annotations
 
 import time
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,18 +22,18 @@ import numpy as np
 F32 = np.float32
 
 
-class Layer:
+class Layer(ABC):
     """What every layer has: parameters and their gradients (both by name), forward and backward."""
 
     def __init__(self) -> None:
         self.params: dict[str, np.ndarray] = {}
         self.grads: dict[str, np.ndarray] = {}
 
-    def forward(self, x: np.ndarray, train: bool = False) -> np.ndarray:
-        raise NotImplementedError
+    @abstractmethod
+    def forward(self, x: np.ndarray, train: bool = False) -> np.ndarray: ...
 
-    def backward(self, grad: np.ndarray) -> np.ndarray:
-        raise NotImplementedError
+    @abstractmethod
+    def backward(self, grad: np.ndarray) -> np.ndarray: ...
 
 
 def _im2col(x: np.ndarray, kh: int, kw: int, ph: int, pw: int) -> tuple[np.ndarray, tuple[int, int]]:
