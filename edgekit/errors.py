@@ -13,7 +13,9 @@
     ├── PackageError             bundle inputs that do not make a valid bundle
     ├── OutputError              an output path that cannot be written
     ├── FlashError               a device that cannot be flashed (local/flash.py: unreachable, a step failed)
-    ├── StoreError               a fleet database that cannot be opened or migrated (fleet/store.py)
+    ├── StoreError               a fleet database that cannot be opened or migrated (fleet/store/)
+    │   ├── StoreUnavailable     the database is unreachable, busy or full: retry the batch later
+    │   └── StoreDataError       the database refuses one record (a constraint, a value out of range)
     └── RolloutError             a rollout that cannot start or change (fleet/rollouts.py)
         ├── RolloutNotFound      no rollout with that id
         └── RolloutConflict      another rollout is in progress, or the rollout is not in a state that allows it
@@ -108,3 +110,11 @@ class FlashError(EdgekitError):
 
 class StoreError(EdgekitError):
     pass
+
+
+class StoreUnavailable(StoreError):
+    """Transient: the connection was lost or the database is busy; nothing was committed."""
+
+
+class StoreDataError(StoreError):
+    """Permanent for this record: storing it again will fail again."""

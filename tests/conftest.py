@@ -267,3 +267,18 @@ def fleet_name(request) -> str:
     import uuid
 
     return re.sub(r"[^A-Za-z0-9_-]", "-", request.node.name)[:40] + "-" + uuid.uuid4().hex[:6]
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """A real PostgreSQL server (Debian's postgresql, run by hand in a temporary directory) for this worker."""
+    from edgekit.local.postgres import LocalPostgres
+
+    with LocalPostgres() as server:
+        yield server
+
+
+@pytest.fixture
+def postgres_url(postgres_server) -> str:
+    """A fresh database of its own on the worker's PostgreSQL server."""
+    return postgres_server.new_database()

@@ -8,7 +8,7 @@ import pytest
 
 from edgekit.fleet.ingest import Ingestor, Message
 from edgekit.fleet.merge import merged_drift, since_timestamp
-from edgekit.fleet.store import SqliteStore
+from edgekit.fleet.store import PostgresStore, SqliteStore
 from tests.fleet_helpers import baseline, baseline_message, state, summary
 
 BASE = baseline()
@@ -18,15 +18,16 @@ def feed(ingestor, *messages, now=1.7e9):
     return ingestor.handle([Message(topic, payload, now) for topic, payload in messages])
 
 
-STORES = {  # every store implementation runs this file's contract tests (a PostgreSQL store joins here)
-    "sqlite-file": lambda tmp_path: SqliteStore(tmp_path / "fleet.db"),
-    "sqlite-memory": lambda tmp_path: SqliteStore(":memory:"),
+STORES = {  # every store implementation runs this file's contract tests
+    "sqlite-file": lambda request, tmp_path: SqliteStore(tmp_path / "fleet.db"),
+    "sqlite-memory": lambda request, tmp_path: SqliteStore(":memory:"),
+    "postgresql": lambda request, tmp_path: PostgresStore(request.getfixturevalue("postgres_url")),
 }
 
 
 @pytest.fixture(params=sorted(STORES))
 def store(request, tmp_path):
-    opened = STORES[request.param](tmp_path)
+    opened = STORES[request.param](request, tmp_path)
     yield opened
     opened.close()
 

@@ -116,10 +116,11 @@ def test_no_function_is_a_monolith():
     assert not long, long
 
 
-def test_the_sqlite_store_provides_what_each_consumer_names():
-    from edgekit.fleet.store import CollectorStore, FleetStore, RolloutStore, SqliteStore
+def test_every_store_provides_what_each_consumer_names():
+    from edgekit.fleet.store import CollectorStore, FleetStore, PostgresStore, RolloutStore, SqliteStore
 
-    for protocol in (FleetStore, CollectorStore, RolloutStore):
-        wanted = {n for base in protocol.__mro__ if base.__module__ == protocol.__module__ for n in vars(base)}
-        missing = sorted(n for n in wanted if not n.startswith("_") and not hasattr(SqliteStore, n))
-        assert not missing, (protocol.__name__, missing)
+    for store in (SqliteStore, PostgresStore):
+        for protocol in (FleetStore, CollectorStore, RolloutStore):
+            wanted = {n for base in protocol.__mro__ if base.__module__ == protocol.__module__ for n in vars(base)}
+            missing = sorted(n for n in wanted if not n.startswith("_") and not hasattr(store, n))
+            assert not missing, (store.__name__, protocol.__name__, missing)

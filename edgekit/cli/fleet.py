@@ -17,11 +17,15 @@ from edgekit.fleet.alerts import load_alert_config
 from edgekit.fleet.config import CollectorConfig
 from edgekit.fleet.merge import MERGED_MIN_PSI, merged_drift, since_timestamp
 from edgekit.fleet.service import FleetService
-from edgekit.fleet.store import SqliteStore, StoreError
+from edgekit.fleet.store import SqlStore, StoreError, is_postgres_url, open_store
 from edgekit.text import table
 
 DB_OPTION = click.option(
-    "--db", default="fleet.db", show_default=True, type=click.Path(dir_okay=False), help="The fleet database (SQLite)."
+    "--db",
+    default="fleet.db",
+    show_default=True,
+    type=click.Path(dir_okay=False),
+    help="The fleet database: a SQLite file, or postgresql://user@host/db (postgres extra).",
 )
 
 
@@ -201,9 +205,9 @@ def status(db, as_json):
     Example:
       edgekit fleet status --db fleet.db --json
     """
-    store = _existing_store(db)
-    devices = store.status()
-    rejects = store.rejects()
+    with _existing_store(db) as store:
+        devices = store.status()
+        rejects = store.rejects()
     if as_json:
         emit_json(devices)
         return
@@ -259,9 +263,8 @@ def drift(db, device, model, version, since, as_json):
     Example:
       edgekit fleet drift --model digits --version 3 --since 1h
     """
-    reports = merged_drift(
-        _existing_store(db), device=device, model=model, version=version, since=since_timestamp(since)
-    )
+    with _existing_store(db) as store:
+        reports = merged_drift(store, device=device, model=model, version=version, since=since_timestamp(since))
     if as_json:
         emit_json([{k: v for k, v in r.items() if k != "feature_distributions"} for r in reports])
         return
@@ -306,7 +309,8 @@ def alerts(db, show_all, as_json):
     Example:
       edgekit fleet alerts --db fleet.db --json
     """
-    found = _existing_store(db).alerts(open_only=not show_all)
+    with _existing_store(db) as store:
+        found = store.alerts(open_only=not show_all)
     if as_json:
         emit_json(found)
         return
@@ -332,11 +336,11 @@ def _ago(timestamp) -> str:
     return datetime.fromtimestamp(timestamp, timezone.utc).strftime("%Y-%m-%d %H:%M")
 
 
-def _existing_store(db: str) -> SqliteStore:
+def _existing_store(db: str) -> SqlStore:
     """The reading commands open a database a collector made; a mistyped path must not look like an empty fleet."""
-    if not Path(db).is_file():
+    if not is_postgres_url(db) and not Path(db).is_file():
         raise StoreError("no fleet database here", "pass the --db that 'edgekit fleet collect' writes to", path=db)
-    return SqliteStore(db)
+    return open_store(db)
 
 
 def _http_limits(pairs: tuple[str, ...]) -> dict[str, float]:

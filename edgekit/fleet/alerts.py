@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from edgekit.errors import EdgekitError
-from edgekit.fleet.store import SqliteStore
+from edgekit.fleet.store import SqlStore
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -97,7 +97,7 @@ def load_alert_config(path: str | Path | None) -> tuple[AlertRules, AlertSinks]:
 class AlertEngine:
     def __init__(
         self,
-        store: SqliteStore,
+        store: SqlStore,
         rules: AlertRules = AlertRules(),
         sinks: AlertSinks = AlertSinks(),
         *,

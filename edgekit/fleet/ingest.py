@@ -10,7 +10,6 @@ raise out of ``handle``.
 from __future__ import annotations
 
 import logging
-import sqlite3
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -31,6 +30,7 @@ from device_agent.protocol import (
     check_summary,
     decode,
 )
+from edgekit.errors import StoreDataError
 from edgekit.fleet.store import FleetStore, SummaryRecord
 
 log = logging.getLogger("edgekit.fleet")
@@ -100,12 +100,12 @@ class Ingestor:
         poison the batch (unacknowledged, it would be redelivered forever)."""
         try:
             stored, duplicates = self.store.add_summaries(summaries, self.clock())
-        except (sqlite3.Error, OverflowError):
+        except StoreDataError:  # StoreUnavailable leaves: the batch is not acknowledged, and tried again
             stored = duplicates = 0
             for item in summaries:
                 try:
                     s, d = self.store.add_summaries([item], self.clock())
-                except (sqlite3.IntegrityError, sqlite3.InterfaceError, sqlite3.ProgrammingError, OverflowError) as exc:
+                except StoreDataError as exc:
                     self._reject("internal", item.device, repr(exc), self.clock())
                     outcome["rejected_internal"] += 1
                     continue

@@ -17,7 +17,7 @@ from device_agent.errors import ProfileError
 from device_agent.profile import Profile
 from device_agent.protocol import iso
 from edgekit.errors import EdgekitError
-from edgekit.fleet.store import SqliteStore
+from edgekit.fleet.store import SqlStore
 
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhd])$")
 _SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -38,7 +38,7 @@ def since_timestamp(text: str | None, now: float | None = None) -> str | None:
 MERGED_MIN_PSI = 0.1
 
 
-def merged_drift(store: SqliteStore, **selection: Any) -> list[dict[str, Any]]:
+def merged_drift(store: SqlStore, **selection: Any) -> list[dict[str, Any]]:
     """One drift report per baseline among the selected windows (device, model, version, fleet, since)."""
     groups: dict[str, dict[str, Any]] = {}
     for summary in store.summaries(**selection):
@@ -94,7 +94,7 @@ RECENT_WINDOWS = 10
 
 
 def device_columns(
-    store: SqliteStore, summaries: list[dict[str, Any]], windows: int = RECENT_WINDOWS
+    store: SqlStore, summaries: list[dict[str, Any]], windows: int = RECENT_WINDOWS
 ) -> dict[str, Any]:
     """What the device page draws per input column over the device's last ``windows`` windows, merged
     on their baseline: each column's data quality, and each categorical column's parts against the

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
-from edgekit.fleet.store import SqliteStore
+from edgekit.fleet.store import SqlStore
 
 
 class Observed(Protocol):
     """What /metrics reads: the store, the ingest counters, the alert engine (or None)."""
 
-    store: SqliteStore
+    store: SqlStore
     ingestor: Any
     alerts: Any
 

@@ -18,7 +18,7 @@ from edgekit.fleet.alerts import AlertEngine, AlertRules, AlertSinks
 from edgekit.fleet.collector import Collector
 from edgekit.fleet.config import CollectorConfig
 from edgekit.fleet.rollouts import RolloutController
-from edgekit.fleet.store import SqliteStore
+from edgekit.fleet.store import SqlStore, is_postgres_url, open_store
 
 
 class FleetService:
@@ -28,11 +28,11 @@ class FleetService:
         *,
         alert_rules: AlertRules | None = None,
         alert_sinks: AlertSinks | None = None,
-        store: SqliteStore | None = None,
+        store: SqlStore | None = None,
     ) -> None:
         """Alerts run when ``alert_rules`` are given (``load_alert_config`` reads them from alerts.toml)."""
         self.config = config
-        self.store = store or SqliteStore(config.db)
+        self.store = store or open_store(config.db)
         self.alerts = AlertEngine(self.store, alert_rules, alert_sinks or AlertSinks()) if alert_rules else None
         self.rollouts = RolloutController(
             self.store,
@@ -96,6 +96,6 @@ def _bundle_dir(config: CollectorConfig) -> Path:
     """Where uploaded bundles are kept: ``bundle_dir``, else beside the database, else a temporary directory."""
     if config.bundle_dir:
         return Path(config.bundle_dir)
-    if config.db != ":memory:":
+    if config.db != ":memory:" and not is_postgres_url(config.db):
         return Path(str(Path(config.db).with_suffix("")) + "-bundles")
     return Path(tempfile.mkdtemp(prefix="edgekit-bundles-"))

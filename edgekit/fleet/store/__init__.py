@@ -1,31 +1,47 @@
 """The fleet store: every SQL statement of the collector, the alerts, the dashboard and the rollouts.
 
-``FleetStore`` is the seam the ingest path is typed against; ``SqliteStore`` (``sqlite.py``) is
-today's implementation, with the rollout controller's records mixed in (``rollout_records.py``) and
-the schema's migrations in ``schema.py``. Nothing outside this package runs SQL.
+``FleetStore`` is the seam the ingest path is typed against. Every statement is written once, in SQL
+both databases run (``SqlStore``, ``sql.py``, with the rollout controller's records mixed in from
+``rollout_records.py``); ``SqliteStore`` (``sqlite.py``: a file, one machine) and ``PostgresStore``
+(``postgres.py``: a server several collectors share) hold the connections. ``open_store`` picks one
+from what ``--db`` names; the schema's migrations, in both dialects, are in ``schema.py``. Nothing
+outside this package runs SQL.
 Imports: edgekit.errors only.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any, Protocol
 
 from edgekit.errors import StoreError
+from edgekit.fleet.store.postgres import PostgresStore, is_postgres_url
+from edgekit.fleet.store.records import SummaryRecord, alert_facts
 from edgekit.fleet.store.schema import GAP_GRACE_SECONDS, MIGRATIONS
-from edgekit.fleet.store.sqlite import SqliteStore, SummaryRecord, alert_facts
+from edgekit.fleet.store.sql import SqlStore
+from edgekit.fleet.store.sqlite import SqliteStore
 
 __all__ = [
     "CollectorStore",
     "FleetStore",
+    "PostgresStore",
     "RolloutStore",
+    "SqlStore",
     "SqliteStore",
+    "is_postgres_url",
+    "open_store",
     "StoreError",
     "SummaryRecord",
     "alert_facts",
     "GAP_GRACE_SECONDS",
     "MIGRATIONS",
 ]
+
+
+def open_store(db: str | Path) -> SqlStore:
+    """The fleet store ``db`` names: a ``postgresql://`` URL, else a SQLite file (or ``:memory:``)."""
+    return PostgresStore(str(db)) if is_postgres_url(str(db)) else SqliteStore(db)
 
 
 class FleetStore(Protocol):

@@ -1,0 +1,424 @@
+"""Every SQL statement of the fleet store, in SQL that SQLite and PostgreSQL both run.
+
+``SqlStore`` holds the statements; a subclass holds a connection: ``SqliteStore`` (``sqlite.py``) or
+``PostgresStore`` (``postgres.py``). A subclass provides ``atomic()`` (one write transaction; nested
+calls join it) and ``reading()`` (reads that see one state), both yielding an object with DB-API
+``execute``/``executemany`` that take ``?`` and ``:name`` placeholders, rows that index by position
+and by name; and two dialect names: ``GREATEST`` (SQLite's two-argument ``max``) and ``ORDER_COLUMN``
+(what orders summaries by commit). Portable means: ``INSERT ... ON CONFLICT DO NOTHING``, not
+``INSERT OR IGNORE``; upserts qualify the existing row by its table; sums cast to BIGINT; JSON is
+parsed in Python, not with ``json_extract``.
+
+Summaries are stored idempotently by ``(device, seq)``: a QoS 1 redelivery is counted, never stored
+twice. The raw payload is kept as received; the columns a query filters on are extracted. Gaps in
+each device's ``seq`` are tracked so the collector can ask for resends. Nothing here assumes one
+collector: every write is an upsert or an insert-or-nothing inside a transaction.
+Imports: edgekit.errors only (through the store package).
+"""
+
+from __future__ import annotations
+
+import abc
+import contextlib
+import json
+from collections.abc import Iterator
+from typing import Any
+
+from edgekit.fleet.store.records import SummaryRecord, _flag, _read_facts
+from edgekit.fleet.store.rollout_records import RolloutRecords
+from edgekit.fleet.store.schema import GAP_GRACE_SECONDS
+
+MAX_GAP = 1000  # a jump larger than this is a reset or garbage, not a gap worth resending
+INSERT_CHUNK = 500  # summaries a multi-row INSERT (15 parameters each: under SQLite's and PostgreSQL's limits)
+_SUMMARY_COLUMNS = (
+    "device, seq, fleet, model, model_version, window_start, window_end, received_at, rows, drifted, "
+    "worst_feature, baseline_id, payload, labelled, facts"
+)
+_SUMMARY_ROW = "(" + ", ".join("?" * 15) + ")"
+
+
+class SqlStore(RolloutRecords, abc.ABC):
+    GREATEST = "max"
+    ORDER_COLUMN = "rowid"
+
+    @abc.abstractmethod
+    def atomic(self) -> contextlib.AbstractContextManager[Any]:
+        """One write transaction (nested calls join it), yielding the connection."""
+
+    @abc.abstractmethod
+    def reading(self) -> contextlib.AbstractContextManager[Any]:
+        """Reads that see one state, yielding the connection."""
+
+    @abc.abstractmethod
+    def close(self) -> None: ...
+
+    def __enter__(self) -> SqlStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- writes ----------------------------------------------------------------------------------------
+    def record_state(self, doc: dict[str, Any], now: float) -> None:
+        model = doc.get("model") or {}
+        with self.atomic() as db:
+            db.execute(
+                f"""INSERT INTO devices (device, fleet, online, model, model_version, runtime, agent_version, state_at,
+                   last_seen)
+                   VALUES (:device, :fleet, :online, :model, :version, :runtime, :agent, :now, :now)
+                   ON CONFLICT (device) DO UPDATE SET fleet=excluded.fleet, online=excluded.online,
+                   model=coalesce(excluded.model, devices.model),
+                   model_version=coalesce(excluded.model_version, devices.model_version),
+                   runtime=coalesce(excluded.runtime, devices.runtime), agent_version=excluded.agent_version,
+                   state_at=excluded.state_at,
+                   last_seen={self.GREATEST}(coalesce(devices.last_seen, 0), excluded.last_seen)""",
+                {
+                    "device": doc["device"],
+                    "fleet": doc["fleet"],
+                    "online": int(doc["online"]),
+                    "model": model.get("name"),
+                    "version": model.get("version"),
+                    "runtime": doc.get("runtime"),
+                    "agent": doc.get("agent_version"),
+                    "now": now,
+                },
+            )
+            last_seq = doc.get("last_seq")
+            if isinstance(last_seq, int) and not isinstance(last_seq, bool):
+                self._announced_gaps(db, doc["device"], last_seq, now)
+
+    def _announced_gaps(self, db: Any, device: str, last_seq: int, now: float) -> None:
+        """A state's ``last_seq`` (the device's newest window) makes trailing losses gaps too: windows after
+        the newest stored one that never arrived would otherwise never be asked for. A summary still in
+        flight is covered by the gaps' grace period, and deleted from the gaps when it arrives."""
+        row = db.execute("SELECT max_seq FROM devices WHERE device = ?", (device,)).fetchone()
+        max_seq = row[0] if row else 0
+        if not max_seq < last_seq <= max_seq + MAX_GAP:
+            return
+        db.executemany(
+            "INSERT INTO gaps (device, seq, found_at) SELECT ?, ?, ? WHERE NOT EXISTS "
+            "(SELECT 1 FROM summaries WHERE device = ? AND seq = ?) ON CONFLICT DO NOTHING",
+            [(device, s, now, device, s) for s in range(max_seq + 1, last_seq + 1)],
+        )
+
+    def record_baseline(self, doc: dict[str, Any], now: float) -> None:
+        with self.atomic() as db:
+            db.execute(
+                "INSERT INTO baselines VALUES (?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+                (doc["baseline_id"], doc["model"]["name"], doc["model"]["version"], json.dumps(doc["profile"]), now),
+            )
+
+    def add_summaries(self, records: list[SummaryRecord], now: float) -> tuple[int, int]:
+        """Store summaries; return (stored, duplicates).
+
+        One multi-row ``INSERT ... ON CONFLICT DO NOTHING RETURNING`` a chunk tells new from redelivered
+        in one round trip; the per-device bookkeeping (counters, latest verdict, seq gaps) is then a
+        few batched statements for the whole batch, so a database over the network costs a handful of
+        round trips a batch, not several a summary.
+        """
+        stored: dict[str, list[SummaryRecord]] = {}
+        with self.atomic() as db:
+            self._serialize_summary_writes(db)
+            for start in range(0, len(records), INSERT_CHUNK):
+                chunk = records[start : start + INSERT_CHUNK]
+                by_key = {(r.device, r.seq): r for r in chunk}
+                placeholders = ", ".join([_SUMMARY_ROW] * len(chunk))
+                rows = db.execute(
+                    f"INSERT INTO summaries ({_SUMMARY_COLUMNS}) VALUES {placeholders} "
+                    "ON CONFLICT DO NOTHING RETURNING device, seq",
+                    [value for r in chunk for value in _summary_values(r, now)],
+                ).fetchall()
+                for device, seq in rows:
+                    stored.setdefault(device, []).append(by_key[(device, seq)])
+            total = sum(len(b) for b in stored.values())
+            # Whatever arrives fills its gap, a redelivery too (a gap may be noted after its window was stored).
+            db.executemany("DELETE FROM gaps WHERE device = ? AND seq = ?", [(r.device, r.seq) for r in records])
+            redelivered: dict[str, int] = {}
+            stored_keys = {(r.device, r.seq) for batch in stored.values() for r in batch}
+            for r in records:
+                if (r.device, r.seq) not in stored_keys:
+                    redelivered[r.device] = redelivered.get(r.device, 0) + 1
+            if redelivered:
+                db.executemany(
+                    "UPDATE devices SET redeliveries = redeliveries + ? WHERE device = ?",
+                    [(count, device) for device, count in redelivered.items()],
+                )
+            if stored:
+                self._account(db, stored, now)
+        return total, len(records) - total
+
+    def _account(self, db: Any, stored: dict[str, list[SummaryRecord]], now: float) -> None:
+        """Per device: its row (created on first sight), gaps found and filled, counters and verdict."""
+        known = self._max_seqs(db, list(stored))
+        new_devices, missing, updates = [], [], []
+        for device, records in stored.items():
+            if device not in known:
+                first = records[0]
+                new_devices.append((device, first.fleet, first.model, first.model_version, now))
+            max_seq = known.get(device, 0)
+            seqs = sorted(r.seq for r in records)
+            new_max = max(max_seq, seqs[-1])
+            if new_max > max_seq and new_max - max_seq <= MAX_GAP:
+                arrived = set(seqs)
+                missing += [(device, s, now) for s in range(max_seq + 1, new_max) if s not in arrived]
+            updates.append(_device_update(device, records, max_seq, new_max, now))
+        if new_devices:
+            db.executemany(
+                "INSERT INTO devices (device, fleet, model, model_version, last_seen) VALUES (?, ?, ?, ?, ?)",
+                new_devices,
+            )
+        if missing:
+            db.executemany("INSERT INTO gaps (device, seq, found_at) VALUES (?, ?, ?) ON CONFLICT DO NOTHING", missing)
+        db.executemany(
+            f"""UPDATE devices SET max_seq=?, windows=windows+?, rows=rows+?,
+               last_seen={self.GREATEST}(coalesce(last_seen, 0), ?),
+               drifted=CASE WHEN ? THEN ? ELSE drifted END, worst_feature=CASE WHEN ? THEN ? ELSE worst_feature END,
+               model=CASE WHEN ? AND model IS NULL THEN ? ELSE model END,
+               model_version=CASE WHEN ? AND model IS NULL THEN ? ELSE model_version END
+               WHERE device=?""",
+            updates,
+        )
+
+    def _max_seqs(self, db: Any, devices: list[str]) -> dict[str, int]:
+        found: dict[str, int] = {}
+        for start in range(0, len(devices), INSERT_CHUNK):
+            chunk = devices[start : start + INSERT_CHUNK]
+            rows = db.execute(
+                f"SELECT device, max_seq FROM devices WHERE device IN ({', '.join('?' * len(chunk))})", chunk
+            ).fetchall()
+            found.update((r[0], r[1]) for r in rows)
+        return found
+
+    def _serialize_summary_writes(self, db: Any) -> None:
+        """Make summary inserts commit in the order of their ``ORDER_COLUMN`` (see ``devices_with_summaries_after``).
+        SQLite's writers are serialized already; a server database takes a lock here."""
+
+    def summary_watermark(self) -> int:
+        """An increasing mark of the summaries stored so far (the largest ``ORDER_COLUMN``: SQLite's rowid, a
+        sequence elsewhere; inserts only ever raise it)."""
+        with self.reading() as db:
+            return db.execute(f"SELECT coalesce(max({self.ORDER_COLUMN}), 0) FROM summaries").fetchone()[0]
+
+    def devices_with_summaries_after(self, rowid: int) -> tuple[set[str], int]:
+        """Devices with summaries stored after the watermark ``rowid`` (by any process on this store), and the
+        new watermark. Summary writers are serialized (``_serialize_summary_writes``), so a row committed later
+        never has a smaller mark than one already seen."""
+        order = self.ORDER_COLUMN
+        with self.reading() as db:
+            rows = db.execute(f"SELECT {order}, device FROM summaries WHERE {order} > ?", (rowid,)).fetchall()
+        return {r[1] for r in rows}, max((r[0] for r in rows), default=rowid)
+
+    def count_reject(self, reason: str, device: str, now: float) -> None:
+        with self.atomic() as db:
+            db.execute(
+                "INSERT INTO rejects VALUES (?, ?, 1, ?) ON CONFLICT (reason, device) "
+                "DO UPDATE SET count = rejects.count + 1, last_at = excluded.last_at",
+                (reason, device or "", now),
+            )
+
+    # -- gaps ------------------------------------------------------------------------------------------
+    def gaps_to_request(
+        self, now: float, *, retry_after: float = 30.0, grace: float = GAP_GRACE_SECONDS, limit: int = 500
+    ) -> dict[str, list[int]]:
+        """Missing seqs found over ``grace`` seconds ago and not requested in the last ``retry_after``, marked
+        as requested now."""
+        with self.atomic() as db:
+            rows = db.execute(
+                "SELECT device, seq FROM gaps "
+                "WHERE (requested_at IS NULL AND coalesce(found_at, 0) <= ?) OR requested_at < ? "
+                "ORDER BY device, seq LIMIT ?",
+                (now - grace, now - retry_after, limit),
+            ).fetchall()
+            db.executemany(
+                "UPDATE gaps SET requested_at = ?, requests = requests + 1 WHERE device = ? AND seq = ?",
+                [(now, r["device"], r["seq"]) for r in rows],
+            )
+        wanted: dict[str, list[int]] = {}
+        for row in rows:
+            wanted.setdefault(row["device"], []).append(row["seq"])
+        return wanted
+
+    # -- reads -----------------------------------------------------------------------------------------
+    def status(self) -> list[dict[str, Any]]:
+        with self.reading() as db:
+            rows = db.execute("SELECT * FROM devices ORDER BY fleet, device").fetchall()
+            gaps = dict(db.execute("SELECT device, count(*) FROM gaps GROUP BY device").fetchall())
+            rejects = {}
+            for row in db.execute("SELECT device, CAST(sum(count) AS BIGINT) FROM rejects GROUP BY device"):
+                rejects[row[0]] = row[1]
+        return [
+            {
+                "device": r["device"],
+                "fleet": r["fleet"],
+                "online": None if r["online"] is None else bool(r["online"]),
+                "model": r["model"],
+                "model_version": r["model_version"],
+                "last_seen": r["last_seen"],
+                "windows": r["windows"],
+                "rows": r["rows"],
+                "drifted": None if r["drifted"] is None else bool(r["drifted"]),
+                "worst_feature": r["worst_feature"],
+                "missing_seqs": gaps.get(r["device"], 0),
+                "redeliveries": r["redeliveries"],
+                "rejected": rejects.get(r["device"], 0),
+                "runtime": r["runtime"],
+                "agent_version": r["agent_version"],
+            }
+            for r in rows
+        ]
+
+    def rejects(self) -> dict[str, int]:
+        with self.reading() as db:
+            return {
+                row[0]: row[1]
+                for row in db.execute("SELECT reason, CAST(sum(count) AS BIGINT) FROM rejects GROUP BY reason")
+            }
+
+    def summaries(
+        self,
+        *,
+        device: str | None = None,
+        model: str | None = None,
+        version: int | None = None,
+        fleet: str | None = None,
+        since: str | None = None,
+    ) -> Iterator[dict[str, Any]]:
+        clauses, params = [], []
+        for column, value in (("device", device), ("model", model), ("model_version", version), ("fleet", fleet)):
+            if value is not None:
+                clauses.append(f"{column} = ?")
+                params.append(value)
+        if since is not None:
+            clauses.append("window_end >= ?")
+            params.append(since)
+        query = (
+            "SELECT payload FROM summaries"
+            + (" WHERE " + " AND ".join(clauses) if clauses else "")
+            + " ORDER BY window_end, device, seq"
+        )
+        with self.reading() as db:
+            rows = db.execute(query, params).fetchall()
+        for row in rows:
+            yield json.loads(row[0])
+
+    def baseline(self, baseline_id: str) -> dict[str, Any] | None:
+        with self.reading() as db:
+            row = db.execute("SELECT profile FROM baselines WHERE baseline_id = ?", (baseline_id,)).fetchone()
+        return None if row is None else json.loads(row[0])
+
+    def recent_facts(self, device: str, count: int) -> list[dict[str, Any]]:
+        """The alert facts of the device's last ``count`` windows, newest first."""
+        with self.reading() as db:
+            rows = db.execute(
+                "SELECT facts FROM summaries WHERE device = ? ORDER BY seq DESC LIMIT ?", (device, count)
+            ).fetchall()
+        return [_read_facts(r[0]) for r in rows]
+
+    def labelled_accuracy(
+        self, device: str, model: str, version: int, *, limit: int = 50
+    ) -> list[tuple[int, float, int]]:
+        """(seq, accuracy, labelled) of the device's last ``limit`` windows that received delayed labels,
+        oldest first."""
+        with self.reading() as db:
+            rows = db.execute(
+                "SELECT seq, facts, labelled FROM summaries "
+                "WHERE device = ? AND model = ? AND model_version = ? AND labelled > 0 ORDER BY seq DESC LIMIT ?",
+                (device, model, version, limit),
+            ).fetchall()
+        return [(r[0], json.loads(r[1]).get("accuracy"), r[2]) for r in reversed(rows)]
+
+    # -- alerts ----------------------------------------------------------------------------------------
+    def open_alert(
+        self, rule: str, device: str, subject: str, message: str, evidence: dict[str, Any], now: float
+    ) -> bool:
+        """Open an alert, or refresh the open one; True when it is new."""
+        with self.atomic() as db:
+            cursor = db.execute(
+                "UPDATE alerts SET updated_at = ?, message = ?, evidence = ? "
+                "WHERE rule = ? AND device = ? AND subject = ? AND state = 'open'",
+                (now, message, json.dumps(evidence), rule, device, subject),
+            )
+            if cursor.rowcount:
+                return False
+            db.execute(
+                "INSERT INTO alerts (rule, device, subject, state, opened_at, updated_at, message, evidence) "
+                "VALUES (?, ?, ?, 'open', ?, ?, ?, ?)",
+                (rule, device, subject, now, now, message, json.dumps(evidence)),
+            )
+            return True
+
+    def close_alert(self, rule: str, device: str, subject: str, now: float) -> bool:
+        with self.atomic() as db:
+            cursor = db.execute(
+                "UPDATE alerts SET state = 'closed', closed_at = ?, updated_at = ? "
+                "WHERE rule = ? AND device = ? AND subject = ? AND state = 'open'",
+                (now, now, rule, device, subject),
+            )
+            return cursor.rowcount > 0
+
+    def open_alerts_of(self, device: str) -> set[tuple[str, str]]:
+        with self.reading() as db:
+            return {
+                (r[0], r[1])
+                for r in db.execute("SELECT rule, subject FROM alerts WHERE device = ? AND state = 'open'", (device,))
+            }
+
+    def alerts(self, *, open_only: bool = False, limit: int = 200) -> list[dict[str, Any]]:
+        query = (
+            "SELECT * FROM alerts"
+            + (" WHERE state = 'open'" if open_only else "")
+            + " ORDER BY state DESC, updated_at DESC LIMIT ?"
+        )
+        with self.reading() as db:
+            rows = db.execute(query, (limit,)).fetchall()
+        return [{**dict(r), "evidence": json.loads(r["evidence"])} for r in rows]
+
+
+def _summary_values(r: SummaryRecord, now: float) -> tuple[Any, ...]:
+    return (
+        r.device,
+        r.seq,
+        r.fleet,
+        r.model,
+        r.model_version,
+        r.window_start,
+        r.window_end,
+        now,
+        r.rows,
+        _flag(r.drifted),
+        r.worst_feature,
+        r.baseline_id,
+        r.payload,
+        r.labelled,
+        r.facts,
+    )
+
+
+def _device_update(
+    device: str, records: list[SummaryRecord], max_seq: int, new_max: int, now: float
+) -> tuple[Any, ...]:
+    """The parameters of ``_account``'s UPDATE for one device.
+
+    The verdict shown is the latest *tested* window's: a small window (say, the flush when an agent
+    stops) has no verdict and must not hide the last real one. What a device serves comes from its
+    retained state, which it republishes at every model swap; a summary only fills it in when no
+    state has named a model yet: the last window of the model a device just swapped away from
+    arrives after the new state and must not undo it."""
+    tested = [r for r in records if r.seq > max_seq and r.drifted is not None]
+    latest = max(tested, key=lambda r: r.seq) if tested else None
+    newest = max(records, key=lambda r: r.seq)
+    return (
+        new_max,
+        len(records),
+        sum(r.rows for r in records),
+        now,
+        latest is not None,
+        _flag(latest.drifted) if latest else None,
+        latest is not None,
+        latest.worst_feature if latest else None,
+        newest.seq > max_seq,
+        newest.model,
+        newest.seq > max_seq,
+        newest.model_version,
+        device,
+    )
