@@ -193,13 +193,13 @@ def _refused_models():
             (1, 8, 8),
         ),
         "ConvTranspose": (
-            [conv, n("ConvTranspose", ["c", "t.w"], ["up"], kernel_shape=[2, 2], strides=[2, 2])]
+            [conv, n("ConvTranspose", ["c", "t.w"], ["up"], kernel_shape=[2, 2], strides=[2, 2], group=2)]
             + [n("GlobalAveragePool", ["up"], ["pooled"])],
-            {**image, "t.w": ((4, 4, 2, 2), 0.5)},
+            {**image, "t.w": ((4, 2, 2, 2), 0.5)},  # grouped: TRANSPOSE_CONV has no groups
             (1, 8, 8),
         ),
         "Resize": (
-            [conv, n("Resize", ["c", "", "scales"], ["up"], mode="nearest")]
+            [conv, n("Resize", ["c", "", "scales"], ["up"], mode="cubic")]  # RESIZE_* are nearest and bilinear
             + [n("GlobalAveragePool", ["up"], ["pooled"])],
             {**image, "scales": np.asarray([1, 1, 2, 2], np.float32)},
             (1, 8, 8),

@@ -1,6 +1,7 @@
 """Tensor data for the host's tools: ``.npz`` arrays, ``.npy`` files, and folders of images or WAVs.
 
-Calibration, evaluation, validation and the baseline read tensors here; folders of encoded items go
+Calibration, evaluation, validation and the baseline read tensors here (an ``.npz`` may say its examples'
+layout in a ``layout`` entry, which a square shape needs for a channel-last model); folders of encoded items go
 through the model's own preprocessing (``device_agent.preprocess``, via ``device_agent.tensor_files``),
 the code the device runs on a request, so what the host measured is what the device computes.
 """
@@ -19,6 +20,7 @@ from device_agent.tensors import check_tensor
 from edgekit.errors import DataError
 
 LABEL_KEYS = ("y", "labels", "label")
+LAYOUT_KEY = "layout"  # an .npz may say which layout its examples are in (NCHW, NHWC, NCW, NWC)
 
 
 def with_preprocess(schema: Any, path: str | None) -> Any:
@@ -74,7 +76,7 @@ def _from_npz(path: Path, schema: Any) -> tuple[np.ndarray, np.ndarray | None, s
             names = list(arrays.files)
             key = next((k for k in (spec.name, "X", "x") if k in names), None)
             if key is None:
-                others = [k for k in names if k not in LABEL_KEYS]
+                others = [k for k in names if k not in (*LABEL_KEYS, LAYOUT_KEY)]
                 if len(others) != 1:
                     raise DataError(
                         f"has arrays {names} and none is named {spec.name!r} or X",
@@ -84,9 +86,10 @@ def _from_npz(path: Path, schema: Any) -> tuple[np.ndarray, np.ndarray | None, s
                 key = others[0]
             X = arrays[key]
             y = next((arrays[k] for k in LABEL_KEYS if k in names), None)
+            layout = str(arrays[LAYOUT_KEY]) if LAYOUT_KEY in names else None
     except (OSError, ValueError, zipfile.BadZipFile) as exc:
         raise DataError(f"is not a readable .npz ({exc})", "save it with numpy.savez", path=path) from exc
-    X = _as_layout_of(X, spec)
+    X = _as_layout_of(X, spec, layout, path)
     try:
         X = check_tensor(spec, X, source=str(path))
     except AgentError as exc:
@@ -110,18 +113,46 @@ def in_layout(X: np.ndarray, source: Any, target: Any) -> np.ndarray:
     return X if perm is None or X.ndim != len(perm) else np.ascontiguousarray(np.asarray(X).transpose(perm))
 
 
-def _as_layout_of(X: np.ndarray, spec: Any) -> np.ndarray:
-    """An .npz of channels-first examples read for a channel-last model (or back), when only the order differs."""
-    if X.ndim != len(spec.shape) or tuple(X.shape[1:]) == spec.example_shape:
+def _as_layout_of(X: np.ndarray, spec: Any, layout: str | None, path: Path) -> np.ndarray:
+    """An .npz of channels-first examples read for a channel-last model (or back). The file's ``layout`` entry
+    says which it holds; without one, the shape does, and a shape that fits both orders (C == H == W, or C == W
+    of a signal) is read as the model's own layout only when that is channels-first (the ONNX model's the file
+    was made for): a channel-last model refuses it rather than guess."""
+    if layout is not None:
+        perm = PERMUTATIONS.get((layout, spec.layout))
+        if perm is None and layout != spec.layout:
+            raise DataError(
+                f"says its examples are {layout}, which the model's {spec.layout} input cannot be read from",
+                f"save them as {spec.layout} or as {'/'.join(sorted({*CHANNELS_LAST, *CHANNELS_LAST.values()}))}",
+                path=path,
+            )
+        return X if perm is None or X.ndim != len(perm) else np.ascontiguousarray(X.transpose(perm))
+    if X.ndim != len(spec.shape):
+        return X
+    other = next((f for f, last in CHANNELS_LAST.items() if last == spec.layout), None)
+    fits = tuple(X.shape[1:]) == spec.example_shape
+    if fits and other is not None and _permuted_shape(spec, other) == spec.example_shape:
+        raise DataError(
+            f"holds examples of shape {list(X.shape[1:])}, which read as {other} and as {spec.layout} alike",
+            f"save the layout with them: numpy.savez(path, X=X, layout={other!r})",
+            path=path,
+        )
+    if fits:
         return X
     for first, last in CHANNELS_LAST.items():
         for source, target in ((first, last), (last, first)):
-            if spec.layout == target and X.ndim == len(target):
-                perm = PERMUTATIONS[(source, target)]
-                inverse = tuple(int(i) for i in np.argsort(perm))
-                if tuple(spec.shape[i] for i in inverse)[1:] == tuple(X.shape[1:]):
-                    return np.ascontiguousarray(X.transpose(perm))
+            if spec.layout == target and _permuted_shape(spec, source) == tuple(X.shape[1:]):
+                return np.ascontiguousarray(X.transpose(PERMUTATIONS[(source, target)]))
     return X
+
+
+def _permuted_shape(spec: Any, source: str) -> tuple[int, ...] | None:
+    """The example shape of ``spec``'s input held in layout ``source`` (None when the two do not convert)."""
+    perm = PERMUTATIONS.get((source, spec.layout))
+    if perm is None or len(perm) != len(spec.shape):
+        return None
+    inverse = tuple(int(i) for i in np.argsort(perm))
+    return tuple(spec.shape[i] for i in inverse)[1:]
 
 
 def _from_items(path: Path, schema: Any, limit: int | None, progress: Any) -> np.ndarray:

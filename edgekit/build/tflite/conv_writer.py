@@ -22,6 +22,7 @@ from edgekit.errors import ConversionError
 
 SAME_AS_INPUT = {"MAX_POOL_2D", "AVERAGE_POOL_2D", "RESHAPE", "TRANSPOSE", "PAD", "PADV2", "REDUCE_MAX", "MAXIMUM"}
 SAME_AS_INPUT |= {"MINIMUM"}  # LiteRT's int8 MAXIMUM/MINIMUM compare the raw integers: one scale for all
+SAME_AS_INPUT |= {"SLICE", "MIRROR_PAD", "RESIZE_NEAREST_NEIGHBOR", "RESIZE_BILINEAR", "DEPTH_TO_SPACE"}
 FIXED = {"SOFTMAX": (1 / 256, -128), "LOGISTIC": (1 / 256, -128), "TANH": (1 / 128, 0)}
 WEIGHTED = {"CONV_2D": 0, "DEPTHWISE_CONV_2D": 3, "FULLY_CONNECTED": 0}  # the per-channel axis of the weights
 PREFIX = {"ADD", "MUL", "SUB", "DIV"}
@@ -89,6 +90,19 @@ def _plain_options(s: Any, op: Op) -> tuple[str, Any] | None:
         options = s.SoftmaxOptionsT()
         options.beta = o.get("beta", 1.0)
         return "SoftmaxOptions", options
+    if kind in ("RESIZE_NEAREST_NEIGHBOR", "RESIZE_BILINEAR"):
+        name = "ResizeNearestNeighborOptions" if kind == "RESIZE_NEAREST_NEIGHBOR" else "ResizeBilinearOptions"
+        options = getattr(s, f"{name}T")()
+        options.alignCorners, options.halfPixelCenters = o["align_corners"], o["half_pixel_centers"]
+        return name, options
+    if kind == "DEPTH_TO_SPACE":
+        options = s.DepthToSpaceOptionsT()
+        options.blockSize = o["block_size"]
+        return "DepthToSpaceOptions", options
+    if kind == "MIRROR_PAD":
+        options = s.MirrorPadOptionsT()
+        options.mode = getattr(s.MirrorPadMode, o["mode"])
+        return "MirrorPadOptions", options
     if kind == "LEAKY_RELU":
         options = s.LeakyReluOptionsT()
         options.alpha = o["alpha"]
@@ -100,6 +114,7 @@ def _plain_options(s: Any, op: Op) -> tuple[str, Any] | None:
         "MAXIMUM": "MaximumMinimum",
         "MINIMUM": "MaximumMinimum",
         "HARD_SWISH": "HardSwish",
+        "SLICE": "Slice",
     }
     if kind in named:
         return f"{named[kind]}Options", getattr(s, f"{named[kind]}OptionsT")()

@@ -58,11 +58,12 @@ class Graph:
     """The converted network: ``shapes`` of every tensor (batch as 1), constants, ops in order."""
 
     input: str
-    input_layout: str  # NHWC, NWC, or the ONNX input's own when it is not channels-first
+    input_layout: str  # the layout the device is sent: NHWC, NWC, or the ONNX input's own when not channels-first
     outputs: list[str]
     shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
     constants: dict[str, np.ndarray] = field(default_factory=dict)
     ops: list[Op] = field(default_factory=list)
+    source_layout: str = ""  # the ONNX input's layout (NCHW, NCW, NHWC, NWC, or "" for other ranks)
 
     def consumers(self, tensor: str) -> list[Op]:
         return [op for op in self.ops if tensor in op.inputs]
@@ -82,6 +83,7 @@ class Builder:
         self.constants: dict[str, np.ndarray] = {}  # ONNX constants, as ONNX holds them
         self.uses: dict[str, list[Any]] = {}  # ONNX value -> the ONNX nodes that read it
         self.source = source
+        self.opset = 13  # the model's ai.onnx opset (graph_from_onnx reads it): Softmax changed meaning at 13
         self._converted: dict[tuple[str, str], str] = {}
 
     # -- tensors and ops ---------------------------------------------------------------------------------

@@ -1,4 +1,6 @@
-"""ONNX operators -> the NHWC graph of ``graph``: one small function per operator, in ``CONVERTERS``.
+"""ONNX operators -> the NHWC graph of ``graph``: one small function per operator, in ``CONVERTERS``
+(``ops_base``): dense layers, element-wise operators and activations here, the windowed ones in
+``spatial_ops``, the ones that only move values in ``shape_ops``.
 
 ``graph_from_onnx`` walks the nodes an output needs (shape computations feeding a Reshape are
 not needed: the inferred output shape is), folds constants and batch normalization, and calls the
@@ -8,33 +10,30 @@ operator's translation; an operator without one is refused by name. The layout r
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
-from edgekit.build.tflite.graph import TO_NCHW, TO_NHWC, Builder, Graph, Value, fuse_activations, same_padding
-from edgekit.errors import ConversionError
+from edgekit.build.tflite import shape_ops, spatial_ops
+from edgekit.build.tflite.graph import TO_NHWC, Builder, Graph, Value, fuse_activations
+from edgekit.build.tflite.ops_base import CONVERTERS, _constant, _onnx_shape, _out, converts
+from edgekit.errors import EdgekitError
 
-SHAPE_ONLY = {"Reshape": 1, "Squeeze": 1, "Unsqueeze": 1, "Pad": 1, "Clip": 1}  # inputs read as data
+CHANNELS_LAST = {"NCHW": "NHWC", "NCW": "NWC"}
+REGISTERED = (shape_ops, spatial_ops)  # their operators are in CONVERTERS once imported
+
+SHAPE_ONLY = {"Reshape": 1, "Squeeze": 1, "Unsqueeze": 1, "Pad": 1, "Clip": 1, "Resize": 1, "Upsample": 1}
+SHAPE_ONLY |= {"ReduceMean": 1, "ReduceMax": 1}  # how many inputs are read as data (the rest: constants)
 ELEMENTWISE = {"Add": "ADD", "Mul": "MUL", "Sub": "SUB", "Div": "DIV"}
 UNARY = {"Relu": "RELU", "Sigmoid": "LOGISTIC", "Tanh": "TANH", "HardSwish": "HARD_SWISH"}
-CONVERTERS: dict[str, Callable[[Builder, Any, dict[str, Any]], None]] = {}
 
 
-def converts(*op_types: str) -> Callable:
-    def register(function: Callable) -> Callable:
-        for op_type in op_types:
-            CONVERTERS[op_type] = function
-        return function
-
-    return register
-
-
-def graph_from_onnx(proto: Any, outputs: list[str], *, source: str = "model") -> Graph:
-    """The graph of ``proto`` (one tensor input, channels-first when rank 3 or 4) computing ``outputs``."""
+def graph_from_onnx(proto: Any, outputs: list[str], *, source: str = "model", layout: str = "") -> Graph:
+    """The graph of ``proto`` (one tensor input) computing ``outputs``. ``layout`` is the input's (its TensorSpec's,
+    guessed from the shape when not given): channels-first inputs are taken channel-last, channel-last ones as they
+    are."""
     import onnx
-    from onnx import helper, numpy_helper
+    from onnx import numpy_helper
 
     proto, original = onnx.ModelProto(), proto
     proto.CopyFrom(original)  # folding rewrites nodes (a batch norm into its convolution): not the caller's
@@ -44,31 +43,60 @@ def graph_from_onnx(proto: Any, outputs: list[str], *, source: str = "model") ->
     first = next(i for i in onnx_graph.input if i.name not in initializers)
     graph = Graph(first.name, "", list(outputs))
     b = Builder(graph, shapes, source)
+    b.opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), b.opset)
     b.constants.update(initializers)
     nodes = _needed(onnx_graph.node, outputs, b)
     for node in nodes:
         for name in node.input:
             b.uses.setdefault(name, []).append(node)
-    _take_input(b, first.name, shapes[first.name])
+    _take_input(b, first.name, shapes[first.name], layout)
     for node in nodes:
-        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-        if node.domain not in ("", "ai.onnx"):
-            raise b.refuse(node, f"operators of domain {node.domain!r} have no TFLite equivalent here")
-        if _fold_constant(b, node):
-            continue
-        convert = CONVERTERS.get(node.op_type)
-        if convert is None:
-            raise b.refuse(node, f"operator {node.op_type} is not supported by the TFLite target")
-        convert(b, node, attrs)
-    graph.outputs = [_named(graph, b.plain(name), name) for name in outputs]
+        _translate(b, node)
+    graph.outputs = _outputs(b, outputs)
     fuse_activations(graph)
     return graph
 
 
-def _named(graph: Graph, tensor: str, name: str) -> str:
-    """An output tensor called by its ONNX name (the runtime's outputs are keyed by it), whatever aliased it."""
-    if tensor == name or name in graph.shapes or tensor == graph.input:
-        return tensor
+def _translate(b: Builder, node: Any) -> None:
+    """One ONNX node into the graph; whatever goes wrong is refused by the node's name and operator."""
+    from onnx import helper
+
+    if node.domain not in ("", "ai.onnx"):
+        raise b.refuse(node, f"operators of domain {node.domain!r} have no TFLite equivalent here")
+    try:
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        if _fold_constant(b, node):
+            return
+        convert = CONVERTERS.get(node.op_type)
+        if convert is None:
+            raise b.refuse(node, f"operator {node.op_type} is not supported by the TFLite target")
+        convert(b, node, attrs)
+    except EdgekitError:
+        raise
+    except Exception as exc:  # a case the translation did not foresee: one line naming the node, not a traceback
+        detail = " ".join(str(exc).split())[:200]
+        raise b.refuse(node, f"could not be translated ({type(exc).__name__}: {detail})") from exc
+
+
+def _outputs(b: Builder, outputs: list[str]) -> list[str]:
+    """The output tensors, each called by its ONNX name (the runtime's outputs are keyed by it), whatever aliased
+    it: a tensor already an output (or the input) is copied by a RESHAPE, and one that holds the name (a
+    channel-last value whose ONNX-order copy is the output) gives the name up."""
+    graph, named, renamed = b.graph, [], {}
+    for name in outputs:
+        tensor = b.plain(name)
+        tensor = renamed.get(tensor, tensor)
+        if tensor in named or tensor == graph.input:
+            tensor = b.reshape(tensor, b.shape_of(tensor))
+        if tensor != name:
+            if name in graph.shapes:
+                renamed[name] = _rename(graph, name, b.tensor(f"{name}/held", graph.shapes[name]))
+            renamed[tensor] = _rename(graph, tensor, name)
+        named.append(name)
+    return named
+
+
+def _rename(graph: Graph, tensor: str, name: str) -> str:
     graph.shapes[name] = graph.shapes.pop(tensor)
     for op in graph.ops:
         op.inputs = [name if n == tensor else n for n in op.inputs]
@@ -116,14 +144,17 @@ def _needed(nodes: Any, outputs: list[str], b: Builder) -> list[Any]:
     return [node for node in nodes if id(node) in needed]
 
 
-def _take_input(b: Builder, name: str, shape: tuple[int, ...]) -> None:
-    """A channels-first input is taken channel-last: the device is sent NHWC (NWC), the layout LiteRT wants."""
-    layout = {4: "NHWC", 3: "NWC"}.get(len(shape))
-    if layout is None:
-        b.graph.input_layout = ""
+def _take_input(b: Builder, name: str, shape: tuple[int, ...], layout: str) -> None:
+    """A channels-first input is taken channel-last: the device is sent NHWC (NWC), the layout LiteRT wants. A
+    channel-last one (a Keras graph's, read through a Transpose to NCHW) is taken as it is: the transposes cancel."""
+    from device_agent.tensors import guess_layout
+
+    b.graph.source_layout = layout or guess_layout(shape)
+    if len(shape) not in TO_NHWC or b.graph.source_layout not in CHANNELS_LAST:
+        b.graph.input_layout = b.graph.source_layout if len(shape) in TO_NHWC else ""
         b.values[name] = Value(b.tensor(name, shape), "plain", shape)
         return
-    b.graph.input_layout = layout
+    b.graph.input_layout = CHANNELS_LAST[b.graph.source_layout]
     taken = tuple(shape[i] for i in TO_NHWC[len(shape)])
     tensor = b.tensor(name, taken)
     if len(shape) == 3:
@@ -150,158 +181,6 @@ def _fold_constant(b: Builder, node: Any) -> bool:
     return True
 
 
-def _out(b: Builder, node: Any, tensor: str, layout: str, order: np.ndarray | None = None) -> None:
-    b.values[node.output[0]] = Value(tensor, layout, _onnx_shape(b, node.output[0]), order)
-
-
-def _onnx_shape(b: Builder, name: str) -> tuple[int, ...]:
-    shape = b.onnx_shapes.get(name)
-    if shape is None:
-        raise ConversionError(
-            f"the shape of {name!r} is not known", "export the model with fixed shapes", path=b.source
-        )
-    return shape
-
-
-def _nhwc_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
-    full = tuple(shape[i] for i in TO_NHWC[len(shape)])
-    return (full[0], 1, *full[1:]) if len(shape) == 3 else full
-
-
-def _constant(b: Builder, node: Any, index: int, what: str) -> np.ndarray:
-    name = node.input[index] if len(node.input) > index else ""
-    if name not in b.constants:
-        raise b.refuse(node, f"its {what} must be a constant")
-    return b.constants[name]
-
-
-# -- convolution and pooling --------------------------------------------------------------------------------
-
-
-def _window(b: Builder, node: Any, attrs: dict[str, Any], x: str, rank: int, kernel, stride, dilation) -> tuple:
-    """(input tensor, TFLite padding) for a convolution or pooling window: SAME or VALID when ONNX's pads are
-    those, else an explicit PAD (PADV2 at the lowest value for max pooling) and VALID."""
-    _, height, width, _ = b.shape_of(x)
-    auto = attrs.get("auto_pad", b"NOTSET")
-    auto = auto.decode() if isinstance(auto, bytes) else auto
-    if auto == "VALID":
-        return x, "VALID"
-    same = [
-        same_padding(height, kernel[0], stride[0], dilation[0]),
-        same_padding(width, kernel[1], stride[1], dilation[1]),
-    ]
-    if auto in ("SAME_UPPER", "SAME_LOWER"):
-        if auto == "SAME_LOWER" and any(a != c for a, c in same):
-            raise b.refuse(node, "SAME_LOWER padding with an odd total has no TFLite equivalent")
-        return x, "SAME"
-    pads = list(attrs.get("pads", [0] * 2 * rank))
-    pairs = [(pads[0], pads[1])] if rank == 1 else [(pads[0], pads[2]), (pads[1], pads[3])]
-    if rank == 1:
-        pairs = [(0, 0), pairs[0]]
-    if all(p == (0, 0) for p in pairs):
-        return x, "VALID"
-    if [tuple(p) for p in pairs] == [tuple(s) for s in same]:
-        return x, "SAME"
-    if node.op_type == "AveragePool" and not attrs.get("count_include_pad", 0):
-        raise b.refuse(node, "average pooling that excludes padding other than SAME has no TFLite equivalent")
-    paddings = b.constant(f"{x}/paddings", np.asarray([(0, 0), *pairs, (0, 0)], np.int32))
-    n, h, w, c = b.shape_of(x)
-    shape = (n, h + sum(pairs[0]), w + sum(pairs[1]), c)
-    if node.op_type == "MaxPool":
-        lowest = b.constant(f"{x}/lowest", np.asarray(np.finfo(np.float32).min, np.float32))
-        return b.emit("PADV2", [x, paddings, lowest], f"{x}/padded", shape), "VALID"
-    return b.emit("PAD", [x, paddings], f"{x}/padded", shape), "VALID"
-
-
-def _pair(values: Any, default: int, rank: int) -> tuple[int, int]:
-    values = list(values) if values is not None else [default] * rank
-    return (1, values[0]) if rank == 1 else (values[0], values[1])
-
-
-def _conv_weights(b: Builder, node: Any) -> tuple[np.ndarray, np.ndarray]:
-    """The convolution's weights and bias, with a BatchNormalization that alone reads its output folded in."""
-    weights = _constant(b, node, 1, "weights").astype(np.float64)
-    bias = _constant(b, node, 2, "bias").astype(np.float64) if len(node.input) > 2 else np.zeros(len(weights))
-    readers = b.uses.get(node.output[0], [])
-    if len(readers) == 1 and readers[0].op_type == "BatchNormalization":
-        bn = readers[0]
-        gamma, beta, mean, var = (_constant(b, bn, i, "statistics").astype(np.float64) for i in range(1, 5))
-        eps = next((a.f for a in bn.attribute if a.name == "epsilon"), 1e-5)
-        factor = gamma / np.sqrt(var + eps)
-        weights = weights * factor.reshape(-1, *([1] * (weights.ndim - 1)))
-        bias = (bias - mean) * factor + beta
-        bn.op_type, bn.input[0] = "Identity", node.output[0]  # the folded norm passes the value on
-        del bn.input[1:]
-    return weights, bias
-
-
-@converts("Conv")
-def conv(b: Builder, node: Any, attrs: dict[str, Any]) -> None:
-    x = b.nhwc(node.input[0])
-    weights, bias = _conv_weights(b, node)
-    rank = weights.ndim - 2
-    if rank not in (1, 2):
-        raise b.refuse(node, f"{rank}-D convolution is not supported")
-    if rank == 1:
-        weights = weights[:, :, np.newaxis, :]
-    out_channels, per_group, kh, kw = weights.shape
-    groups, channels = int(attrs.get("group", 1)), b.shape_of(x)[3]
-    stride, dilation = _pair(attrs.get("strides"), 1, rank), _pair(attrs.get("dilations"), 1, rank)
-    x, padding = _window(b, node, attrs, x, rank, (kh, kw), stride, dilation)
-    shape = _nhwc_shape(_onnx_shape(b, node.output[0]))
-    options = {"padding": padding, "stride": stride, "dilation": dilation}
-    bias_name = b.constant(f"{node.output[0]}/bias", bias.astype(np.float32))
-    if groups == 1:
-        kernel = b.constant(f"{node.output[0]}/weights", weights.transpose(0, 2, 3, 1).astype(np.float32))
-        b.values[node.output[0]] = Value(
-            b.emit("CONV_2D", [x, kernel, bias_name], node.output[0], shape, **options),
-            "nhwc",
-            _onnx_shape(b, node.output[0]),
-        )
-        return
-    if groups == channels and per_group == 1:
-        kernel = b.constant(f"{node.output[0]}/weights", weights.transpose(1, 2, 3, 0).astype(np.float32))
-        out = b.emit(
-            "DEPTHWISE_CONV_2D",
-            [x, kernel, bias_name],
-            node.output[0],
-            shape,
-            multiplier=out_channels // channels,
-            **options,
-        )
-        b.values[node.output[0]] = Value(out, "nhwc", _onnx_shape(b, node.output[0]))
-        return
-    kernel = b.constant(f"{node.output[0]}/weights", weights.transpose(0, 2, 3, 1).astype(np.float32))
-    out = b.emit("CONV_2D", [x, kernel, bias_name], node.output[0], shape, groups=groups, **options)
-    b.values[node.output[0]] = Value(out, "nhwc", _onnx_shape(b, node.output[0]))
-
-
-@converts("MaxPool", "AveragePool")
-def pool(b: Builder, node: Any, attrs: dict[str, Any]) -> None:
-    if attrs.get("ceil_mode", 0) or any(d != 1 for d in attrs.get("dilations", [1])):
-        raise b.refuse(node, "ceil_mode and dilated pooling are not supported")
-    if len(node.output) > 1 and node.output[1]:
-        raise b.refuse(node, "the indices output of max pooling is not supported")
-    x = b.nhwc(node.input[0])
-    rank = len(attrs["kernel_shape"])
-    kernel = _pair(attrs["kernel_shape"], 1, rank)
-    stride = _pair(attrs.get("strides"), 1, rank)
-    x, padding = _window(b, node, attrs, x, rank, kernel, stride, (1, 1))
-    shape = _nhwc_shape(_onnx_shape(b, node.output[0]))
-    kind = "MAX_POOL_2D" if node.op_type == "MaxPool" else "AVERAGE_POOL_2D"
-    out = b.emit(kind, [x], node.output[0], shape, padding=padding, stride=stride, filter=kernel)
-    _out(b, node, out, "nhwc")
-
-
-@converts("GlobalAveragePool", "GlobalMaxPool")
-def global_pool(b: Builder, node: Any, attrs: dict[str, Any]) -> None:
-    x = b.nhwc(node.input[0])
-    n, _, _, c = b.shape_of(x)
-    axes = b.constant(f"{node.output[0]}/axes", np.asarray([1, 2], np.int32))
-    kind = "MEAN" if node.op_type == "GlobalAveragePool" else "REDUCE_MAX"
-    _out(b, node, b.emit(kind, [x, axes], node.output[0], (n, 1, 1, c), keep_dims=True), "nhwc")
-
-
 # -- dense layers -------------------------------------------------------------------------------------------
 
 
@@ -325,7 +204,10 @@ def dense(b: Builder, node: Any, attrs: dict[str, Any]) -> None:
     weights = weights * attrs.get("alpha", 1.0)
     bias = np.zeros(weights.shape[0])
     if node.op_type == "Gemm" and len(node.input) > 2 and node.input[2]:
-        bias = np.broadcast_to(_constant(b, node, 2, "bias") * attrs.get("beta", 1.0), (weights.shape[0],))
+        c = _constant(b, node, 2, "bias") * attrs.get("beta", 1.0)
+        if c.size not in (1, weights.shape[0]) or (c.ndim == 2 and c.shape[0] != 1):
+            raise b.refuse(node, f"a bias C of shape {list(c.shape)} (one per row) is not supported")
+        bias = np.broadcast_to(c.reshape(-1), (weights.shape[0],))
     readers = b.uses.get(node.output[0], [])
     if node.op_type == "MatMul" and len(readers) == 1 and readers[0].op_type == "Add":
         add = readers[0]
@@ -412,7 +294,10 @@ def _clip_kind(b: Builder, node: Any, attrs: dict[str, Any]) -> str | None:
 def softmax(b: Builder, node: Any, attrs: dict[str, Any]) -> None:
     value = b.values[node.input[0]]
     rank = len(value.onnx_shape)
-    axis = attrs.get("axis", -1) % rank
+    axis = attrs.get("axis", -1 if b.opset >= 13 else 1) % rank
+    if b.opset < 13 and axis != rank - 1:
+        _flattened_softmax(b, node, value, axis)
+        return
     if value.layout == "nhwc" and axis == 1:
         tensor = value.tensor  # channels, last when held channel-last
     elif axis == rank - 1:
@@ -421,6 +306,20 @@ def softmax(b: Builder, node: Any, attrs: dict[str, Any]) -> None:
         raise b.refuse(node, "softmax over an axis other than the last (or the channels) is not supported")
     out = b.emit("SOFTMAX", [tensor], node.output[0], b.shape_of(tensor), beta=1.0)
     _out(b, node, out, "nhwc" if tensor == value.tensor and value.layout == "nhwc" else "plain")
+
+
+def _flattened_softmax(b: Builder, node: Any, value: Value, axis: int) -> None:
+    """Softmax before opset 13: over everything from ``axis`` on, as one row. From the channels of a channel-last
+    value that is all of it, in whichever order it is held; else the ONNX order, reshaped to rows and back."""
+    if axis == 0:
+        raise b.refuse(node, "softmax over the batch (axis 0 before opset 13) is not supported")
+    nhwc = value.layout == "nhwc" and axis == 1
+    tensor = value.tensor if nhwc else b.plain(node.input[0])
+    shape = b.shape_of(tensor)
+    start = 1 if nhwc else axis
+    rows = b.reshape(tensor, (int(np.prod(shape[:start])), int(np.prod(shape[start:]))))
+    out = b.emit("SOFTMAX", [rows], f"{node.output[0]}/rows", b.shape_of(rows), beta=1.0)
+    _out(b, node, b.reshape(out, shape), "nhwc" if nhwc else "plain")
 
 
 @converts("BatchNormalization")
@@ -435,102 +334,3 @@ def batch_norm(b: Builder, node: Any, attrs: dict[str, Any]) -> None:
     shift = b.constant(f"{node.output[0]}/shift", (beta - mean * factor).astype(np.float32))
     scaled = b.emit("MUL", [x, scale], f"{node.output[0]}/scaled", shape)
     _out(b, node, b.emit("ADD", [scaled, shift], node.output[0], shape), "nhwc" if len(shape) == 4 else "plain")
-
-
-# -- shapes ---------------------------------------------------------------------------------------------------
-
-
-@converts("Identity", "Dropout", "Cast")
-def identity(b: Builder, node: Any, attrs: dict[str, Any]) -> None:
-    if node.op_type == "Cast" and attrs.get("to") != 1:
-        raise b.refuse(node, "only casts to float are supported")
-    b.values[node.output[0]] = b.values[node.input[0]]
-
-
-@converts("Flatten", "Reshape", "Squeeze", "Unsqueeze")
-def reshape(b: Builder, node: Any, attrs: dict[str, Any]) -> None:
-    """A reshape of a channel-last value: free when its spatial size is 1 (both orders agree), a dense layer's
-    weight columns permuted when only dense layers read it, else after a TRANSPOSE back to ONNX's order."""
-    value, target = b.values[node.input[0]], _onnx_shape(b, node.output[0])
-    if value.layout == "nhwc" and _one_row_image(value.onnx_shape, target):
-        _out(b, node, value.tensor, "nhwc")  # NCW [N, C, W] <-> NCHW [N, C, 1, W]: both held as [N, 1, W, C]
-        return
-    if value.layout == "nhwc":
-        spatial = int(np.prod(b.shape_of(value.tensor)[1:3]))
-        readers = b.uses.get(node.output[0], [])
-        dense_only = readers and all(r.op_type in ("Gemm", "MatMul") and r.input[0] == node.output[0] for r in readers)
-        if spatial == 1:
-            _out(b, node, b.reshape(value.tensor, target), "plain")
-            return
-        if len(target) == 2 and dense_only:
-            n, h, w, c = b.shape_of(value.tensor)
-            order = np.arange(c * h * w).reshape(c, h, w).transpose(1, 2, 0).ravel()
-            _out(b, node, b.reshape(value.tensor, target), "rows", order)
-            return
-    if value.layout == "rows":
-        raise b.refuse(node, "a reshape of a flattened channel-last value is not supported")
-    _out(b, node, b.reshape(b.plain(node.input[0]), target), "plain")
-
-
-def _one_row_image(source: tuple[int, ...], target: tuple[int, ...]) -> bool:
-    ranks = (len(source), len(target))
-    if ranks == (3, 4):
-        return target == (source[0], source[1], 1, source[2])
-    return ranks == (4, 3) and source == (target[0], target[1], 1, target[2])
-
-
-@converts("Transpose")
-def transpose(b: Builder, node: Any, attrs: dict[str, Any]) -> None:
-    """NHWC -> NCHW of a plain value is a channel-last value as it is (and back): the transposes cancel."""
-    value = b.values[node.input[0]]
-    rank = len(value.onnx_shape)
-    perm = tuple(attrs.get("perm", reversed(range(rank))))
-    if rank == 4 and value.layout == "plain" and perm == TO_NCHW[4]:
-        _out(b, node, value.tensor, "nhwc")
-        return
-    if rank == 4 and value.layout == "nhwc" and perm == TO_NHWC[4]:
-        _out(b, node, value.tensor, "plain")
-        return
-    x = b.plain(node.input[0])
-    permutation = b.constant(f"{node.output[0]}/perm", np.asarray(perm, np.int32))
-    _out(b, node, b.emit("TRANSPOSE", [x, permutation], node.output[0], _onnx_shape(b, node.output[0])), "plain")
-
-
-@converts("Concat")
-def concat(b: Builder, node: Any, attrs: dict[str, Any]) -> None:
-    values = [b.values[n] for n in node.input]
-    rank = len(values[0].onnx_shape)
-    axis = attrs["axis"] % rank
-    nhwc = rank in TO_NHWC and any(v.layout == "nhwc" for v in values)
-    tensors = [b.nhwc(n) if nhwc else b.plain(n) for n in node.input]
-    if nhwc:
-        axis = {4: (0, 3, 1, 2), 3: (0, 3, 2)}[rank][axis]
-    shape = list(b.shape_of(tensors[0]))
-    shape[axis] = sum(b.shape_of(t)[axis] for t in tensors)
-    out = b.emit("CONCATENATION", tensors, node.output[0], tuple(shape), axis=axis)
-    _out(b, node, out, "nhwc" if nhwc else "plain")
-
-
-@converts("Pad")
-def pad(b: Builder, node: Any, attrs: dict[str, Any]) -> None:
-    mode = attrs.get("mode", b"constant")
-    if (mode.decode() if isinstance(mode, bytes) else mode) != "constant":
-        raise b.refuse(node, "only constant padding is supported")
-    pads = attrs.get("pads") if "pads" in attrs else _constant(b, node, 1, "pads").tolist()
-    fill = float(_constant(b, node, 2, "value").reshape(-1)[0]) if len(node.input) > 2 and node.input[2] else 0.0
-    value = b.values[node.input[0]]
-    rank = len(value.onnx_shape)
-    pairs = [(int(pads[i]), int(pads[i + rank])) for i in range(rank)]
-    if value.layout == "nhwc":
-        tensor = value.tensor
-        pairs = [pairs[i] for i in TO_NHWC[rank]]
-        pairs = [pairs[0], (0, 0), *pairs[1:]] if rank == 3 else pairs
-    else:
-        tensor = b.plain(node.input[0])
-    shape = tuple(d + sum(p) for d, p in zip(b.shape_of(tensor), pairs, strict=True))
-    paddings = b.constant(f"{node.output[0]}/paddings", np.asarray(pairs, np.int32))
-    inputs = [tensor, paddings]
-    if fill:
-        inputs.append(b.constant(f"{node.output[0]}/fill", np.asarray(fill, np.float32)))
-    out = b.emit("PADV2" if fill else "PAD", inputs, node.output[0], shape)
-    _out(b, node, out, "nhwc" if value.layout == "nhwc" else "plain")

@@ -1,9 +1,10 @@
 """``edgekit convert --target tflite`` for tensor models (images, spectrograms, sensor windows).
 
 The ONNX network becomes the NHWC graph (``onnx_ops``), written float32 and, with calibration
-examples, full-integer int8 (``conv_writer``). The input the device is sent changes layout (NCHW ->
-NHWC, NCW -> NWC), so the input schema written into the .tflite says so: its preprocessing then
-makes NHWC tensors, and a data file of NCHW examples is transposed when read (``models.tensor_data``).
+examples, full-integer int8 (``conv_writer``). A channels-first input the device is sent changes layout
+(NCHW -> NHWC, NCW -> NWC), so the input schema written into the .tflite says so: its preprocessing then
+makes NHWC tensors, and a data file of NCHW examples is transposed when read (``models.tensor_data``). A
+channel-last input (a Keras graph's) stays as it is, and so does its schema.
 
 Calibration runs the float .tflite itself with every intermediate tensor kept (LiteRT's
 ``experimental_preserve_all_tensors``, without the XNNPACK delegate, which would hide them): each
@@ -29,17 +30,24 @@ CALIBRATION_BATCH = 16
 
 
 def nhwc_schema(schema: Any, graph: Graph) -> Any:
-    """The input schema as the .tflite takes it: channel-last shape and layout, preprocessing unchanged."""
+    """The input schema as the .tflite takes it: channel-last shape and layout, preprocessing unchanged. An input
+    that was channel-last already (a Keras graph's) is recorded as it is."""
     spec = schema.tensor
-    if not graph.input_layout or graph.input_layout == spec.layout:
+    if not _transposed(graph):
         return schema
     shape = tuple(spec.shape[i] for i in TO_NHWC[len(spec.shape)])
     return replace(schema, tensor=replace(spec, shape=shape, layout=graph.input_layout))
 
 
 def to_tflite_layout(X: np.ndarray, graph: Graph) -> np.ndarray:
+    """Examples in the ONNX model's layout, in the .tflite's."""
     X = np.asarray(X, np.float32)
-    return np.ascontiguousarray(X.transpose(TO_NHWC[X.ndim])) if graph.input_layout in ("NHWC", "NWC") else X
+    return np.ascontiguousarray(X.transpose(TO_NHWC[X.ndim])) if _transposed(graph) else X
+
+
+def _transposed(graph: Graph) -> bool:
+    """Whether the .tflite takes its input channel-last where the ONNX model took it channels-first."""
+    return bool(graph.input_layout) and graph.source_layout != graph.input_layout
 
 
 def build_tensor(
@@ -55,7 +63,7 @@ def build_tensor(
 ) -> tuple[bytes, bytes | None]:
     """The float32 .tflite and, with ``calibration`` examples (in the ONNX model's layout), the int8 one,
     computing ``outputs`` (the scores first; an embedding for drift may follow)."""
-    graph = graph_from_onnx(fp32_proto, outputs, source=source)
+    graph = graph_from_onnx(fp32_proto, outputs, source=source, layout=schema.tensor.layout)
     metadata = {**metadata, METADATA_INPUT: json.dumps(nhwc_schema(schema, graph).to_dict())}
     float_data = write_float(graph, labels, {**metadata, METADATA_QUANTIZATION: json.dumps({"mode": "none"})})
     if calibration is None:
