@@ -30,6 +30,8 @@ limit of ``2 * bins`` (a bin per value for every 17-valued digits pixel) detecte
 from __future__ import annotations
 
 import math
+import threading
+from typing import Any
 
 import numpy as np
 
@@ -70,3 +72,149 @@ def _tolerances(masses: np.ndarray, values: np.ndarray) -> np.ndarray:
     below = np.where(position > 0, masses - values[np.maximum(position - 1, 0)], np.inf)
     above = np.where(position < len(values) - 1, values[np.minimum(position + 1, len(values) - 1)] - masses, np.inf)
     return np.minimum(RELATIVE_TOLERANCE * scale, np.minimum(below, above) / 4)
+
+
+# -- finding a value's bin fast -----------------------------------------------------------------------
+LOOKUP_CELLS = 512  # grid cells per sketch: a table of ints and floats small enough to stay in cache
+CELL_THRESHOLDS = 2  # the grid is refined while a cell holds more than this many thresholds ...
+MOST_TABLE_BYTES = 4 << 20  # ... and the tables stay within this
+
+
+def f32_at_or_above(values: np.ndarray) -> np.ndarray:
+    """The least float32 >= each float64 value (infinities stay)."""
+    rounded = np.asarray(values, dtype=np.float64).astype(np.float32)
+    return np.where(rounded.astype(np.float64) < values, np.nextafter(rounded, np.float32(np.inf)), rounded)
+
+
+def f32_at_or_below(values: np.ndarray) -> np.ndarray:
+    """The greatest float32 <= each float64 value (infinities stay)."""
+    rounded = np.asarray(values, dtype=np.float64).astype(np.float32)
+    return np.where(rounded.astype(np.float64) > values, np.nextafter(rounded, np.float32(-np.inf)), rounded)
+
+
+def slot_thresholds(cuts: np.ndarray, low: float | None, high: float | None, dtype: np.dtype) -> np.ndarray:
+    """A numeric sketch's slots as thresholds in ``dtype``: a finite value's slot is the number of them it
+    reaches (``v >= t``), counting from the underflow slot at 0.
+
+    The bins are ``< low | [low, c1) | ... | [c_k, high] | > high``: ``low`` and each cut are reached at
+    ``v >= t``, and the overflow at ``v > high``, which for a value of ``dtype`` is ``v >= next(high)``. For
+    float32 values each float64 edge becomes the float32 that gives the very same answers (the least float32
+    >= a cut; ``v > high`` is ``v > (the greatest float32 <= high)``), so float32 rows are binned exactly as
+    their float64 values would be."""
+    low = -np.inf if low is None else float(low)
+    high = np.inf if high is None else float(high)
+    edges = np.concatenate([[low], np.asarray(cuts, dtype=np.float64)])
+    if dtype == np.float32:
+        reach, top = f32_at_or_above(edges), f32_at_or_below(np.float64(high))
+        return np.append(reach, np.nextafter(top, np.float32(np.inf))).astype(np.float32)
+    return np.append(edges, np.nextafter(high, np.inf)).astype(np.float64)
+
+
+class BinLookup:
+    """Every column's slot in one sweep of a few numpy calls: a lookup table over a uniform grid.
+
+    Each sketch's thresholds (``slot_thresholds``) span a grid of ``cells`` cells. A value's cell is
+    ``clip((v - origin) * scale, 0, cells - 1)`` truncated to an integer, computed in the rows' dtype; a
+    threshold's cell is computed by the very same arithmetic, and since rounding is monotone, a threshold in
+    an earlier cell than the value's is below it and one in a later cell above it. So the table holds, per
+    cell, the slot a value reaches through the thresholds of earlier cells, and the (at most
+    ``CELL_THRESHOLDS`` here, rarely more) thresholds inside the cell itself, each compared exactly. The
+    answer is exactly the count of thresholds reached, whatever the grid: the grid only decides how many
+    comparisons a value needs. A point mass's two cuts ``v - tol`` and ``v + tol`` share a cell, which is
+    why a cell compares two.
+    """
+
+    def __init__(self, sketches: list[tuple[np.ndarray, int]], columns: np.ndarray, dtype: Any) -> None:
+        """``sketches``: each sketch's thresholds (``slot_thresholds``) and its first slot in the one count
+        vector; ``columns``: which sketch each column of the rows is (a ``per_row`` sketch takes several)."""
+        self.dtype = np.dtype(dtype)
+        cells = LOOKUP_CELLS
+        while True:
+            tables = [self._tables(t, base, cells) for t, base in sketches]
+            width = max((len(inside) for _, _, _, inside in tables), default=0)
+            if width <= CELL_THRESHOLDS or 2 * cells * len(tables) * (8 + 4 * width) > MOST_TABLE_BYTES:
+                break
+            cells *= 2
+        self.cells, self.width = cells, width
+        self.origin = np.asarray([t[0] for t in tables], dtype=self.dtype)[columns]
+        self.scale = np.asarray([t[1] for t in tables], dtype=self.dtype)[columns]
+        self.base = np.concatenate([t[2] for t in tables]) if tables else np.empty(0, dtype=np.intp)
+        self.inside = np.full((width, len(tables) * cells), np.inf, dtype=self.dtype)
+        for j, (_, _, _, inside) in enumerate(tables):
+            for k, row in enumerate(inside):
+                self.inside[k, j * cells : (j + 1) * cells] = row
+        self.first_cell = (np.asarray(columns, dtype=np.intp) * cells).astype(self.dtype)
+        self._lock = threading.Lock()  # the working arrays are one per table (profiles of a baseline share it)
+        self._buffers: tuple[np.ndarray, ...] | None = None
+
+    def _tables(self, thresholds: np.ndarray, first_slot: int, cells: int) -> tuple[Any, Any, np.ndarray, list]:
+        t = np.sort(np.asarray(thresholds, dtype=self.dtype))
+        always = int(np.isneginf(t).sum())  # reached by every finite value (an unbounded low)
+        t = t[np.isfinite(t)]  # +inf is never reached by a finite value
+        origin, scale = self._grid(t, cells)
+        cell = self.cell_of(t, origin, scale, cells)
+        before = np.searchsorted(cell, np.arange(cells), side="left")  # thresholds in earlier cells
+        base = (first_slot + always + before).astype(np.intp)
+        counts = np.bincount(cell, minlength=cells)
+        inside = [np.full(cells, np.inf, dtype=self.dtype) for _ in range(int(counts.max(initial=0)))]
+        for k, row in enumerate(inside):
+            has = counts > k
+            row[has] = t[before[has] + k]
+        return origin, scale, base, inside
+
+    def _grid(self, t: np.ndarray, cells: int) -> tuple[Any, Any]:
+        """Origin and scale spreading the cuts over the cells (the bounds, often far out, share the end
+        cells); any finite positive scale is correct, the grid only decides the comparisons a cell needs."""
+        t = t[1:-1] if len(t) >= 4 else t
+        if len(t) < 2:
+            return self.dtype.type(t[0] if len(t) else 0), self.dtype.type(1)
+        span = float(t[-1]) - float(t[0])
+        wanted = (cells - 1) / span if span > 0 else 1.0
+        finfo = np.finfo(self.dtype)
+        # a span too narrow (or too wide) for the dtype: any other finite positive scale is as correct
+        scale = wanted if float(finfo.tiny) < wanted < float(finfo.max) else 1.0
+        return self.dtype.type(t[0]), self.dtype.type(scale)
+
+    def cell_of(self, values: np.ndarray, origin: Any, scale: Any, cells: int) -> np.ndarray:
+        """Each threshold's cell, by the very arithmetic ``slots`` uses for the values (adding the column's
+        first cell there is exact: the grid is far below 2**24 cells)."""
+        with np.errstate(over="ignore", invalid="ignore"):
+            x = np.subtract(values, origin, dtype=self.dtype)
+            np.multiply(x, scale, out=x)
+        np.clip(x, 0, cells - 1, out=x)
+        return x.astype(np.intp)
+
+    def slots(self, values: np.ndarray, out: np.ndarray) -> np.ndarray:
+        """Each finite value's slot in the one count vector, written into ``out`` (intp, the shape of
+        ``values``: rows x columns of ``dtype``). Working arrays are reused between calls: fresh ones of
+        a batch's size would cost a page fault every few kilobytes, more than the arithmetic."""
+        with self._lock:
+            x, flat, threshold, reached, hits = self._scratch(values.shape)
+            with np.errstate(over="ignore", invalid="ignore"):
+                np.subtract(values, self.origin, out=x)
+                np.multiply(x, self.scale, out=x)
+            np.clip(x, 0, self.cells - 1, out=x)
+            np.floor(x, out=x)  # whole cells first: a fraction added to the column's first cell could round up
+            x += self.first_cell
+            np.copyto(flat, x, casting="unsafe")
+            np.take(self.base, flat, out=out, mode="clip")  # "clip": no buffered copy (indices are in range)
+            for k in range(self.width):  # the thresholds inside each value's cell, compared exactly
+                np.take(self.inside[k], flat, out=threshold, mode="clip")
+                np.greater_equal(values, threshold, out=hits if k == 0 else reached)
+                if k:
+                    hits += reached
+            if self.width:
+                np.add(out, hits, out=out, casting="unsafe")
+        return out
+
+    def _scratch(self, shape: tuple[int, ...]) -> tuple[np.ndarray, ...]:
+        size = shape[0] * shape[1]
+        if self._buffers is None or len(self._buffers[0]) < size:
+            self._buffers = (
+                np.empty(size, self.dtype),
+                np.empty(size, np.intp),
+                np.empty(size, self.dtype),
+                np.empty(size, np.uint8 if self.width < 255 else np.uint16),
+                np.empty(size, np.uint8 if self.width < 255 else np.uint16),
+            )
+        return tuple(b[:size].reshape(shape) for b in self._buffers)

@@ -7,6 +7,7 @@
     state_dir = "/var/lib/edgekit"
     [mqtt]
     url = "mqtt://127.0.0.1:1883"      # mqtts:// for TLS; username, password or password_file; "" turns MQTT off
+    # state_seconds = 300              # the retained state (and its last_seq) again this often, if windows closed
     [server]
     listen = "127.0.0.1:8470"          # token_file = "/etc/edgekit/token" for a bearer token; "" turns HTTP off
     # tls_cert = "cert.pem"            # with tls_key = "key.pem": HTTPS
@@ -21,11 +22,19 @@
     log_rows = 10000                   # :feedback finds any of the last log_rows predictions of this run
     backlog_rows = 100000              # rows waiting to be sketched at most; the excess is served,
                                        # counted as unmonitored
+    max_cpu_fraction = 0.1             # sketching takes at most this share of the inference time; past it
+                                       # a deterministic sample of rows is sketched (0: every row)
+    # keep_acked_seconds = 3600        # acknowledged summaries kept for the collector's resend requests;
+                                       # above the collectors' session expiry (120 s) plus a few gap retries
     [trust]
     public_key = "/etc/edgekit/edgekit.pub"
+    [update]                           # bundle downloads, when the collector has an API token:
+    # token_file = "/etc/edgekit/collector.token"   # or token = "...", or EDGEKIT_COLLECTOR_TOKEN
+    # collector = "http://10.0.0.5:8480"   # the token goes only there (default: the MQTT broker's host)
 
 Relative paths are relative to the file. Secrets come from files or the environment
-(``EDGEKIT_MQTT_PASSWORD``, ``EDGEKIT_API_TOKEN``), never from the TOML itself if avoidable.
+(``EDGEKIT_MQTT_PASSWORD``, ``EDGEKIT_API_TOKEN``, ``EDGEKIT_COLLECTOR_TOKEN``), never from the TOML itself
+if avoidable.
 """
 
 from __future__ import annotations
@@ -56,6 +65,9 @@ class MqttConfig:
     password: str | None = field(default=None, repr=False)
     keepalive: int = 30
     streaming: bool = False  # score rows published to .../input, answer on .../output
+    # The retained state (with last_seq) is published again this often when windows closed since the
+    # last one, so a collector learns of windows lost at the end of a run (docs/protocol.md).
+    state_seconds: float = 300.0
 
     @property
     def host(self) -> str:
@@ -149,6 +161,47 @@ class MonitorConfig:
     backlog_rows: int = (
         100_000  # rows queued for sketching at most (memory stays bounded); the excess is counted as unmonitored
     )
+    max_cpu_fraction: float = 0.1  # sketching's most time as a share of inference time; past it rows are sampled
+
+
+@dataclass(frozen=True)
+class UpdateConfig:
+    """``[update]``: the collector's API token for bundle downloads, and where it may be sent.
+
+    The bundle URL comes from the ``desired`` message, which whoever can publish to the device's topic can
+    write, so the token goes only to the collector: URLs under ``collector`` when it is set, else URLs on
+    the MQTT broker's host (where ``edgekit fleet collect`` usually runs, and what emulated devices use)."""
+
+    token: str | None = field(default=None, repr=False)
+    collector: str | None = None  # e.g. "http://10.0.0.5:8480", the collector's --public-url
+
+    def token_for(self, url: str, broker_host: str | None) -> str | None:
+        """The token to send with a download from ``url``, or None when it must not go there."""
+        if not self.token:
+            return None
+        target = urlparse(url)
+        if self.collector:
+            base = urlparse(self.collector)
+            same = (target.scheme, target.hostname, _port(target)) == (base.scheme, base.hostname, _port(base))
+            return self.token if same and target.path.startswith(base.path.rstrip("/") + "/") else None
+        return self.token if broker_host and target.hostname == broker_host else None
+
+    def refusal_fix(self, url: str, *, sent: bool) -> str:
+        """What to change when the collector refused a download from ``url`` for want of its token."""
+        if sent:
+            return "the collector refused [update] token: set it to the collector's API token (EDGEKIT_COLLECTOR_TOKEN)"
+        if self.token:
+            return (
+                f"the token was not sent, as {urlparse(url).hostname} is not the collector the device knows: set "
+                f'[update] collector = "{urlparse(url).scheme}://{urlparse(url).netloc}" in agent.toml'
+            )
+        return (
+            "set [update] token_file (or token, or EDGEKIT_COLLECTOR_TOKEN) in agent.toml to the collector's API token"
+        )
+
+
+def _port(parsed) -> int | None:
+    return parsed.port or {"http": 80, "https": 443}.get(parsed.scheme)
 
 
 @dataclass(frozen=True)
@@ -161,6 +214,7 @@ class AgentConfig:
     mqtt: MqttConfig = MqttConfig()
     server: ServerConfig = ServerConfig()
     monitor: MonitorConfig = MonitorConfig()
+    update: UpdateConfig = UpdateConfig()
     emulate: Any = None  # an emulation.EmulationConfig when the [emulate] table is present
     source: str = "<config>"
 
@@ -204,6 +258,7 @@ def parse_config(doc: dict[str, Any], *, base: Path = Path("."), source: str = "
         mqtt_config = _mqtt_config(mqtt, source, resolve)
         server_config = _server_config(server, source, resolve)
         monitor_config = _monitor_config(monitor, source)
+        update_config = _update_config(doc.get("update", {}), source, resolve)
     except (TypeError, ValueError) as exc:
         raise ConfigError(
             source,
@@ -225,6 +280,7 @@ def parse_config(doc: dict[str, Any], *, base: Path = Path("."), source: str = "
         mqtt=mqtt_config,
         server=server_config,
         monitor=monitor_config,
+        update=update_config,
         source=source,
     )
 
@@ -237,7 +293,10 @@ def _mqtt_config(mqtt: dict[str, Any], source: str, resolve) -> MqttConfig:
         password=_secret(mqtt, "password", "EDGEKIT_MQTT_PASSWORD", resolve),
         keepalive=int(mqtt.get("keepalive", 30)),
         streaming=bool(mqtt.get("streaming", False)),
+        state_seconds=float(mqtt.get("state_seconds", 300)),
     )
+    if not config.state_seconds > 0:
+        raise ConfigError(source, "[mqtt] state_seconds must be positive", "the default is 300")
     if config.url:
         _check_broker_url(config.url, source)
     return config
@@ -251,12 +310,45 @@ def _monitor_config(monitor: dict[str, Any], source: str) -> MonitorConfig:
         log_rows=int(monitor.get("log_rows", 10000)),
         keep_acked_seconds=float(monitor.get("keep_acked_seconds", 3600)),
         backlog_rows=int(monitor.get("backlog_rows", 100_000)),
+        max_cpu_fraction=float(monitor.get("max_cpu_fraction", 0.1)),
     )
+    if not 0 <= config.max_cpu_fraction <= 10:
+        raise ConfigError(
+            source,
+            f"[monitor] max_cpu_fraction = {config.max_cpu_fraction} is not a share between 0 and 10",
+            "the default is 0.1 (sketching takes at most a tenth of the inference time); 0 sketches every row",
+        )
     if config.window_rows < 1 or config.window_seconds <= 0:
         raise ConfigError(source, "[monitor] window_rows and window_seconds must be positive")
     if config.backlog_rows < 1:
         raise ConfigError(source, "[monitor] backlog_rows must be positive", "the default is 100000")
+    if not config.keep_acked_seconds >= 0:
+        raise ConfigError(
+            source,
+            "[monitor] keep_acked_seconds must be 0 or more",
+            "the default is 3600; keep it above the collectors' session expiry plus a few gap retries",
+        )
     return config
+
+
+_UPDATE_KEYS = ("token", "token_file", "collector")
+
+
+def _update_config(update: dict[str, Any], source: str, resolve) -> UpdateConfig:
+    """The [update] table; the token also comes from EDGEKIT_COLLECTOR_TOKEN, as the collector's does."""
+    unknown = sorted(set(update) - set(_UPDATE_KEYS))
+    if unknown:
+        raise ConfigError(
+            source, f"[update] has no setting {unknown[0]!r}", f"the settings are {', '.join(_UPDATE_KEYS)}"
+        )
+    collector = update.get("collector")
+    if collector is not None and (
+        not isinstance(collector, str) or urlparse(collector).scheme not in ("http", "https")
+    ):
+        raise ConfigError(
+            source, f"[update] collector {collector!r} is not an http(s) URL", 'e.g. collector = "http://10.0.0.5:8480"'
+        )
+    return UpdateConfig(token=_secret(update, "token", "EDGEKIT_COLLECTOR_TOKEN", resolve) or None, collector=collector)
 
 
 _SERVER_KEYS = ("listen", "token", "token_file", "tls_cert", "tls_key", "max_rows", *_LIMIT_KINDS)

@@ -5,6 +5,10 @@ a 206 answer is appended, a 200 answer (a server without ranges) starts the file
 the file has exactly ``size`` bytes and hashes to ``sha256`` is it renamed into place, so a
 half-fetched or corrupted file is never mistaken for a bundle. The standard library's urllib is
 enough: no extra dependency on the device.
+
+A collector with an API token wants it on bundle downloads too (``token``: ``Authorization: Bearer``).
+The header is never carried across a redirect, and a 401 or 403 is not retried: it fails at once as
+``UpdateError("auth")``, since asking again without the right token cannot succeed.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ def download(
     attempts: int = 5,
     timeout: float = 30.0,
     headers: dict[str, str] | None = None,
+    token: str | None = None,
     cancelled: Callable[[], bool] = lambda: False,
     backoff: float = 0.5,
 ) -> Downloaded:
@@ -60,7 +65,7 @@ def download(
             have = 0
         if have < size:
             try:
-                fetched += _fetch(url, part, have, timeout, headers or {}, cancelled)
+                fetched += _fetch(url, part, have, timeout, headers or {}, token, cancelled)
             except DownloadError as exc:
                 last_error = exc.problem
                 time.sleep(min(backoff * 2**attempt, 10.0))
@@ -82,15 +87,25 @@ def download(
 
 
 def _fetch(
-    url: str, part: Path, have: int, timeout: float, headers: dict[str, str], cancelled: Callable[[], bool]
+    url: str,
+    part: Path,
+    have: int,
+    timeout: float,
+    headers: dict[str, str],
+    token: str | None,
+    cancelled: Callable[[], bool],
 ) -> int:
     request = urllib.request.Request(url, headers={**headers, **({"Range": f"bytes={have}-"} if have else {})})
+    if token:  # unredirected: a redirect to another host must not take the collector's token along
+        request.add_unredirected_header("Authorization", f"Bearer {token}")
     try:
         response = urllib.request.urlopen(request, timeout=timeout)  # noqa: S310 - the URL comes from the fleet's desired state
     except urllib.error.HTTPError as exc:
         exc.close()
         if exc.code == 416:  # we hold at least the whole file: let the size check decide
             return 0
+        if exc.code in (401, 403):
+            raise UpdateError("auth", f"{url}: HTTP {exc.code}: the collector wants its API token") from exc
         raise DownloadError(url, f"HTTP {exc.code} {exc.reason}") from exc
     except (OSError, http.client.HTTPException, ValueError) as exc:
         raise DownloadError(url, f"cannot connect ({getattr(exc, 'reason', exc)})") from exc

@@ -86,7 +86,17 @@ def render_metrics(agent: Observed) -> str:
         "counter",
         "Rows served but not sketched (monitoring backlog full, or left at a stop).",
     )
-    _sample(lines, "edgekit_unmonitored_rows_total", model, agent.status()["unmonitored_rows"])
+    status = agent.status()
+    _sample(lines, "edgekit_unmonitored_rows_total", model, status["unmonitored_rows"])
+    _family(
+        lines,
+        "edgekit_sampled_out_rows_total",
+        "counter",
+        "Rows served but left out of the sketches by the CPU budget's sample ([monitor] max_cpu_fraction).",
+    )
+    _sample(lines, "edgekit_sampled_out_rows_total", model, status["sampled_out_rows"])
+    _family(lines, "edgekit_sketch_sample_rate", "gauge", "Share of the rows the monitor sketches now (1: every row).")
+    _sample(lines, "edgekit_sketch_sample_rate", model, status["sample_rate"])
     _family(lines, "edgekit_windows_total", "counter", "Windows closed and spooled.")
     _sample(lines, "edgekit_windows_total", model, stats["windows"])
     _family(lines, "edgekit_spool_depth", "gauge", "Summaries waiting for the broker's acknowledgement.")

@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from .budget import CpuBudget
 from .drift import drift_report
 from .outputs import Prediction
 from .profile import Profile
@@ -42,6 +43,14 @@ class ClosedWindow:
     correct: int = 0
     unmonitored: int = 0  # rows predicted in this window's time but not sketched (backlog full, or the agent stopping)
     drift: dict[str, Any] = field(default_factory=dict)  # the window against the baseline (drift.drift_report)
+    sampled_out: int = 0  # rows served in this window's time and left out by the CPU budget's sample
+
+    @property
+    def sample_rate(self) -> float:
+        """The share of the rows the sample kept (1.0: every row was sketched); the drift tests already
+        count only the rows sketched, so their false-alarm rate holds at any rate."""
+        kept = self.profile.rows
+        return kept / (kept + self.sampled_out) if self.sampled_out else 1.0
 
     @property
     def rows(self) -> int:
@@ -74,6 +83,20 @@ def _take(batch: _Batch, n: int) -> _Batch:
     )
 
 
+def _every(batch: _Batch, offset: int, step: int) -> _Batch:
+    """Rows ``offset``, ``offset + step``, ... of a request: views, no copy."""
+    p = batch.prediction
+
+    def pick(a: np.ndarray | None) -> np.ndarray | None:
+        return None if a is None else a[offset::step]
+
+    return _Batch(
+        batch.rows[offset::step],
+        Prediction(pick(p.labels), pick(p.probabilities), pick(p.values), pick(p.embedding)),
+        batch.latency_ms,
+    )
+
+
 def _concatenate(batches: list[_Batch]) -> _Batch:
     """Many requests as one batch, so the sketches are updated once per feature, not once per request."""
     if len(batches) == 1:
@@ -102,6 +125,9 @@ class Monitor:
     drift_thresholds: dict[str, float] | None = None  # the bundle's, for each closed window's drift report
     # a tensor model's inputs as the rows its profile sketches (``TensorSignals.rows``), run off the request path
     signals: Callable[[np.ndarray, np.ndarray | None], np.ndarray] | None = None
+    # the most time sketching may take, as a share of the time spent in inference (``budget.CpuBudget``);
+    # 0, the default here, sketches every row (the agent passes [monitor] max_cpu_fraction, 0.1 by default)
+    max_cpu_fraction: float = 0.0
     _pending: deque = field(
         default_factory=deque
     )  # appended after the backlog check under ``_lock`` (one uncontended lock per request)
@@ -111,10 +137,15 @@ class Monitor:
     _process_lock: threading.Lock = field(default_factory=threading.Lock)
     _pending_rows: int = 0  # rows in ``_pending``; changed under ``_lock``
     _unmonitored: int = 0  # not yet attributed to a window; under ``_lock``
+    _sampled_out: int = 0  # left out by the sample, not yet attributed to a window; under ``_lock``
+    _inference_ms: float = 0.0  # inference time of the requests recorded since the budget last looked
+    _sampled_carry: int = 0  # collected sampled-out rows not yet given to a window (background thread only)
     unmonitored_rows: int = 0  # all rows this monitor was given but did not sketch
+    sampled_out_rows: int = 0  # all rows the CPU budget's sample left out (attributed to windows)
     stopping: bool = False
 
     def __post_init__(self) -> None:
+        self.budget = CpuBudget(self.max_cpu_fraction)
         self._start_window(self.clock())
 
     def _start_window(self, now: float) -> None:
@@ -124,21 +155,32 @@ class Monitor:
         self._window_errors: Counter = Counter()
         self._labelled = self._correct = 0
         self._window_unmonitored = 0
+        self._window_sampled_out = 0
 
     # -- the request path: O(1), no numpy work (unless the backlog is full) --------------------
-    def record(self, rows: np.ndarray, prediction: Prediction, latency_ms: float) -> None:
+    def record(self, rows: np.ndarray, prediction: Prediction, latency_ms: float, first: int = 0) -> None:
+        """Hand one request's rows to the sketcher. ``first`` is the first row's id: under a CPU budget
+        the sample keeps the rows whose id is a multiple of ``budget.every`` (so a one-row request is kept
+        or skipped whole, and a large one becomes a strided view), whatever the rows hold."""
         n = len(rows)
+        step = self.budget.every
+        offset = (-first) % step if step > 1 else 0
+        kept = len(range(offset, n, step)) if step > 1 else n
         with self._lock:
+            self._inference_ms += latency_ms * n
+            self._sampled_out += n - kept
             room = 0 if self.stopping else max(0, self.backlog_rows - self._pending_rows)
-            take = min(n, room)
+            take = min(kept, room)
             self._pending_rows += take
-            if take < n:
-                self._unmonitored += n - take
-                self.unmonitored_rows += n - take
-        if take == n:
-            self._pending.append(_Batch(rows, prediction, latency_ms))
-        elif take:
-            self._pending.append(_take(_Batch(rows, prediction, latency_ms), take))
+            if take < kept:
+                self._unmonitored += kept - take
+                self.unmonitored_rows += kept - take
+        if not take:
+            return
+        batch = _Batch(rows, prediction, latency_ms)
+        if kept < n:
+            batch = _every(batch, offset, step)
+        self._pending.append(batch if take == kept else _take(batch, take))
 
     @property
     def backlog(self) -> int:
@@ -182,10 +224,15 @@ class Monitor:
                 self._unmonitor(taken)
                 pending = []
             self._collect()
+            started = time.thread_time()  # this thread's CPU time: a preempted sketch is not a slow one
             closed = self._absorb(_concatenate(pending)) if pending else 0
+            self._settle_sampled()
+            with self._lock:
+                inference_ms, self._inference_ms = self._inference_ms, 0.0
+            self.budget.spent(time.thread_time() - started, inference_ms / 1e3)
             now = self.clock() if now is None else now
             if now - self._window_start >= self.window_seconds:
-                if self._window.rows or self._window_unmonitored:
+                if self._window.rows or self._window_unmonitored or self._window_sampled_out:
                     self._close(now)
                     closed += 1
                 else:
@@ -197,10 +244,17 @@ class Monitor:
             errors, self._errors = self._errors, Counter()
             feedback, self._feedback = self._feedback, []
             unmonitored, self._unmonitored = self._unmonitored, 0
+            sampled_out, self._sampled_out = self._sampled_out, 0
         self._window_errors.update(errors)
         self._labelled += len(feedback)
         self._correct += sum(feedback)
         self._window_unmonitored += unmonitored
+        self._sampled_carry += sampled_out  # shared out among the windows the kept rows go to (``_absorb``)
+        self.sampled_out_rows += sampled_out
+
+    def _settle_sampled(self) -> None:
+        self._window_sampled_out += self._sampled_carry
+        self._sampled_carry = 0
 
     def _absorb(self, batch: _Batch) -> int:
         closed, offset, total = 0, 0, len(batch.rows)
@@ -214,6 +268,9 @@ class Monitor:
                 break
             room = self.window_rows - self._window.rows
             take = min(room, total - offset)
+            share = self._sampled_carry * take // (total - offset)  # the sample's skipped rows, pro rata
+            self._window_sampled_out += share
+            self._sampled_carry -= share
             part = slice(offset, offset + take)
             self._window.update_inputs(rows[part])
             p = batch.prediction
@@ -263,6 +320,7 @@ class Monitor:
             self._correct,
             self._window_unmonitored,
             drift_report(self.baseline, self._window, self.drift_thresholds),
+            self._window_sampled_out,
         )
         self._start_window(now)
         self.on_window(window)
@@ -272,7 +330,8 @@ class Monitor:
         self.process(now)
         with self._process_lock:
             self._collect()
-            if self._window.rows or self._window_unmonitored:
+            self._settle_sampled()
+            if self._window.rows or self._window_unmonitored or self._window_sampled_out:
                 captured: list[ClosedWindow] = []
                 original, self.on_window = self.on_window, captured.append
                 try:
@@ -289,4 +348,6 @@ class Monitor:
             "started": self._window_start,
             "backlog_rows": self._pending_rows,
             "unmonitored_rows": self._window_unmonitored + self._unmonitored,
+            "sampled_out_rows": self._window_sampled_out + self._sampled_out,
+            "sample_rate": 1.0 / self.budget.every,
         }

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from .binning import numeric_bins
+from .binning import BinLookup, numeric_bins, slot_thresholds
 from .canonical import canonical_json, sha256_hex
 from .categories import CategoricalSketch
 from .errors import ProfileError
@@ -211,6 +211,8 @@ class Profile:
         self.baseline_id = sha256_hex(canonical_json(self._definition()))[:16]
         self._numeric_block: _NumericBlock | None = None
         self._other_columns: list[tuple[int, Sketch]] = []
+        # the binning tables by rows' dtype, shared by a baseline and all its windows (one definition)
+        self._tables: dict[np.dtype, BinLookup] = {}
 
     def _definition(self) -> dict[str, Any]:
         return {
@@ -236,11 +238,13 @@ class Profile:
 
     def empty_like(self) -> Profile:
         """A zero-count profile with this one's bins: what a device fills during one window."""
-        return Profile(
+        window = Profile(
             features=[s.empty_like() for s in self.features],
             outputs={k: s.empty_like() for k, s in self.outputs.items()},
             latency_ms=self.latency_ms.empty_like(),
         )
+        window._tables = self._tables
+        return window
 
     def update_inputs(self, rows: np.ndarray) -> None:
         """Sketch a batch of rows: a numeric matrix, or the object array of typed columns. Each row is one
@@ -254,7 +258,8 @@ class Profile:
         if self._numeric_block is None:
             starts = np.cumsum([0, *(getattr(s, "per_row", 1) for s in self.features)])[:-1]
             self._numeric_block = _NumericBlock(
-                [(int(i), s) for i, s in zip(starts, self.features, strict=True) if isinstance(s, NumericSketch)]
+                [(int(i), s) for i, s in zip(starts, self.features, strict=True) if isinstance(s, NumericSketch)],
+                self._tables,
             )
             self._other_columns = [
                 (int(i), s) for i, s in zip(starts, self.features, strict=True) if s.kind != "numeric"
@@ -355,12 +360,17 @@ class Profile:
         return profile
 
 
+BLOCK_VALUES = 1 << 16  # values binned in one sweep (a 1000-row, 64-feature batch): about 1 MB of working arrays
+
+
 class _NumericBlock:
     """Updates every numeric sketch of a profile at once, with a handful of 2-D numpy calls.
 
-    Per feature, a dozen small numpy calls cost more than the model's own inference on a batch;
-    here the cut points are a padded matrix (+inf past each feature's last cut), a row's bin is the
-    number of cuts it reaches, and one ``bincount`` fills every feature's counts.
+    Per feature, a dozen small numpy calls cost more than the model's own inference on a batch; here
+    each value's slot comes from one lookup table over all features (``binning.BinLookup``: a grid
+    cell, a table read and two exact comparisons, a few nanoseconds a value), one ``bincount`` fills
+    every feature's counts, and float32 rows (what models take) stay float32 throughout, compared
+    against the float32 thresholds that give the very same bins as the float64 edges.
 
     A sketch with ``per_row`` K is K consecutive columns with its cuts and its slots, so the one
     ``bincount`` adds all K columns' values into its counts; the per-column moments, finite counts and
@@ -368,40 +378,44 @@ class _NumericBlock:
     sketch has one column: the tabular path pays nothing for it).
     """
 
-    def __init__(self, columns: list[tuple[int, NumericSketch]]) -> None:
-        """``columns``: each numeric sketch with the first column it reads."""
+    def __init__(self, columns: list[tuple[int, NumericSketch]], tables: dict[np.dtype, BinLookup]) -> None:
+        """``columns``: each numeric sketch with the first column it reads; ``tables``: the lookup tables
+        of these bins by dtype, shared with every profile of the same definition."""
         self.sketches = [s for _, s in columns]
         repeats = np.asarray([s.per_row for s in self.sketches], dtype=np.intp)
         self.columns = np.asarray([i + k for i, s in columns for k in range(s.per_row)], dtype=np.intp)
-        width = max((len(s.cuts) for s in self.sketches), default=0)
-        cuts = np.full((len(self.sketches), width), np.inf)
-        for row, sketch in enumerate(self.sketches):
-            cuts[row, : len(sketch.cuts)] = sketch.cuts
-        self.cuts = np.repeat(cuts, repeats, axis=0)
-        self.low = np.repeat([-np.inf if s.low is None else s.low for s in self.sketches], repeats).astype(np.float64)
-        self.high = np.repeat([np.inf if s.high is None else s.high for s in self.sketches], repeats).astype(np.float64)
         self.slots = np.asarray([len(s.counts) for s in self.sketches], dtype=np.intp)
         self.offsets = np.concatenate([[0], np.cumsum(self.slots)[:-1]]).astype(np.intp)
-        self.column_offsets = np.repeat(self.offsets, repeats)
+        self.sketch_of_column = np.repeat(np.arange(len(self.sketches), dtype=np.intp), repeats)
         grouped = bool((repeats != 1).any())
         self.groups = np.concatenate([[0], np.cumsum(repeats)[:-1]]).astype(np.intp) if grouped else None
-        # float32 rows (what models take) are compared in float32, at half the memory traffic, against
-        # the float32 neighbours of the float64 cuts that give the very same answers: for a float32 v,
-        # v >= c exactly when v >= (the least float32 >= c), and v > c when v > (the greatest float32 <= c).
-        self.cuts32, self.low32 = _f32_at_or_above(self.cuts), _f32_at_or_above(self.low)
-        self.high32 = _f32_at_or_below(self.high)
         self.all_columns = np.array_equal(self.columns, np.arange(len(self.columns)))
+        self._lookups = tables
+        self._views: list[np.ndarray] | None = None  # each sketch's counts, as views of ``self.counts``
+
+    def lookup(self, dtype: np.dtype) -> BinLookup:
+        """The table for rows of ``dtype`` (float32 or float64), built on first use (a few milliseconds)."""
+        table = self._lookups.get(dtype)
+        if table is None:
+            thresholds = [
+                (slot_thresholds(s.cuts, s.low, s.high, dtype), int(o))
+                for s, o in zip(self.sketches, self.offsets, strict=True)
+            ]
+            table = self._lookups[dtype] = BinLookup(thresholds, self.sketch_of_column, dtype)
+        return table
 
     def update(self, rows: np.ndarray, *, columns_taken: bool = False) -> None:
         if not self.sketches:
+            return
+        step = max(256, BLOCK_VALUES // len(self.columns))
+        if len(rows) > step:  # the working arrays stay the size of a slice, whatever the batch (a baseline's)
+            for start in range(0, len(rows), step):
+                self.update(rows[start : start + step], columns_taken=columns_taken)
             return
         take = not (columns_taken or (self.all_columns and rows.dtype in (np.float32, np.float64)))
         values = rows[:, self.columns] if take else rows
         if values.dtype != np.float32:
             values = values.astype(np.float64, copy=False)
-        cuts, low, high = (
-            (self.cuts32, self.low32, self.high32) if values.dtype == np.float32 else (self.cuts, self.low, self.high)
-        )
         finite = np.isfinite(values)
         if finite.all():  # the usual batch: no masks, no copies
             clean, nulls, infs, finite_count = values, 0, 0, np.full(values.shape[1], len(values))
@@ -412,14 +426,14 @@ class _NumericBlock:
             nulls, infs, finite_count = nan.sum(axis=0), (~finite & ~nan).sum(axis=0), finite.sum(axis=0)
             minima = np.where(finite, values, np.inf).min(axis=0)
             maxima = np.where(finite, values, -np.inf).max(axis=0)
-        index = np.broadcast_to((self.column_offsets + 1).astype(np.int32), clean.shape).copy()
-        for k in range(cuts.shape[1]):  # at most the number of bins: a few passes over the batch
-            index += clean >= cuts[:, k]
-        index -= clean < low  # below every cut: the underflow slot just before
-        index += clean > high  # past every cut: the overflow slot just after
+        index = self.lookup(values.dtype).slots(clean, np.empty(clean.shape, np.intp))
         counts = np.bincount(index.ravel() if finite.all() else index[finite], minlength=int(self.slots.sum()))
-        # sums in float64 whatever the input: sketches of many windows add up
-        totals, squares = clean.sum(axis=0, dtype=np.float64), np.einsum("ij,ij->j", clean, clean, dtype=np.float64)
+        # sums in float64 whatever the input (sketches of many windows add up), as two matrix-vector products
+        wide = clean.astype(np.float64)
+        ones = np.ones(len(wide))
+        totals = ones @ wide
+        np.multiply(wide, wide, out=wide)
+        squares = ones @ wide
         nulls = np.broadcast_to(nulls, finite_count.shape)
         infs = np.broadcast_to(infs, finite_count.shape)
         if self.groups is not None:  # a sketch's K columns into one: sums add up, bounds are the extremes
@@ -427,27 +441,30 @@ class _NumericBlock:
                 np.add.reduceat(a, self.groups) for a in (finite_count, totals, squares, nulls, infs)
             )
             minima, maxima = np.minimum.reduceat(minima, self.groups), np.maximum.reduceat(maxima, self.groups)
-        for j, sketch in enumerate(self.sketches):
-            sketch.counts += counts[self.offsets[j] : self.offsets[j] + self.slots[j]]
-            sketch.count += int(finite_count[j])
-            sketch.nulls += int(nulls[j])
-            sketch.infs += int(infs[j])
-            sketch.total += float(totals[j])
-            sketch.total_sq += float(squares[j])
-            sketch.minimum = min(sketch.minimum, float(minima[j]))
-            sketch.maximum = max(sketch.maximum, float(maxima[j]))
+        self._add_counts(counts)
+        columns = (finite_count, nulls, infs, totals, squares, minima, maxima)
+        moments = zip(self.sketches, *(np.asarray(a).tolist() for a in columns), strict=True)
+        for sketch, count, null, inf, total, square, low, high in moments:
+            sketch.count += count
+            sketch.nulls += null
+            sketch.infs += inf
+            sketch.total += total
+            sketch.total_sq += square
+            sketch.minimum = min(sketch.minimum, low)
+            sketch.maximum = max(sketch.maximum, high)
 
-
-def _f32_at_or_above(values: np.ndarray) -> np.ndarray:
-    """The least float32 >= each float64 value (infinities stay)."""
-    rounded = np.asarray(values, dtype=np.float64).astype(np.float32)
-    return np.where(rounded.astype(np.float64) < values, np.nextafter(rounded, np.float32(np.inf)), rounded)
-
-
-def _f32_at_or_below(values: np.ndarray) -> np.ndarray:
-    """The greatest float32 <= each float64 value (infinities stay)."""
-    rounded = np.asarray(values, dtype=np.float64).astype(np.float32)
-    return np.where(rounded.astype(np.float64) > values, np.nextafter(rounded, np.float32(-np.inf)), rounded)
+    def _add_counts(self, counts: np.ndarray) -> None:
+        """Add the one count vector into every sketch with one numpy call: each sketch's counts are a view
+        of ``self.counts`` (re-made whenever a sketch's counts were replaced since, e.g. by ``_fill``)."""
+        views = self._views
+        if views is None or any(s.counts is not v for s, v in zip(self.sketches, views, strict=True)):
+            self.counts = np.concatenate([s.counts for s in self.sketches]).astype(np.int64)
+            views = self._views = [
+                self.counts[o : o + n] for o, n in zip(self.offsets.tolist(), self.slots.tolist(), strict=True)
+            ]
+            for sketch, view in zip(self.sketches, views, strict=True):
+                sketch.counts = view
+        self.counts += counts
 
 
 def build_baseline(

@@ -38,9 +38,14 @@ READABLE_SUMMARY_SCHEMAS = ("edgekit.summary/1", SUMMARY_SCHEMA)
 STATE_SCHEMA = "edgekit.state/1"
 BASELINE_SCHEMA = "edgekit.baseline/1"
 COMMAND_SCHEMA = "edgekit.cmd/1"
-DESIRED_SCHEMA = "edgekit.desired/1"
+# 2: a revert carries a signed edgekit.revert/1 instruction (docs/protocol.md, "Signed reverts"). Install and
+# rollback did not change and are still written as /1, which agents older than /2 read; agents read both.
+DESIRED_SCHEMA = "edgekit.desired/2"
+LEGACY_DESIRED_SCHEMA = "edgekit.desired/1"
+READABLE_DESIRED_SCHEMAS = (LEGACY_DESIRED_SCHEMA, DESIRED_SCHEMA)
 REPORTED_SCHEMA = "edgekit.reported/1"
 ROLLBACK_SCHEMA = "edgekit.rollback/1"
+REVERT_SCHEMA = "edgekit.revert/1"
 UPDATE_ACTIONS = ("install", "revert", "rollback")
 TERMINAL_UPDATE_STATES = ("succeeded", "failed", "rolled_back", "aborted")
 MAX_PAYLOAD_BYTES = 256 * 1024
@@ -138,9 +143,17 @@ def iso(timestamp: float) -> str:
 
 
 def state_payload(
-    *, online: bool, device: str, fleet: str, model: dict[str, Any] | None, runtime: str | None, agent_version: str
+    *,
+    online: bool,
+    device: str,
+    fleet: str,
+    model: dict[str, Any] | None,
+    runtime: str | None,
+    agent_version: str,
+    last_seq: int | None = None,
 ) -> dict[str, Any]:
-    return {
+    """The retained ``state``; ``last_seq`` (optional, see ``with_last_seq``) is the newest summary's seq."""
+    doc = {
         "schema": STATE_SCHEMA,
         "device": device,
         "fleet": fleet,
@@ -149,6 +162,14 @@ def state_payload(
         "runtime": runtime,
         "agent_version": agent_version,
     }
+    return with_last_seq(doc, last_seq)
+
+
+def with_last_seq(state: dict[str, Any], last_seq: int | None) -> dict[str, Any]:
+    """``state`` announcing the seq of the newest summary the device has made, so a collector sees windows
+    lost at the end (no later summary shows their gap). A copy; unchanged when there is none yet (0 or None).
+    Added within ``edgekit.state/1``: collectors that predate it ignore the field, newer ones accept its absence."""
+    return {**state, "last_seq": int(last_seq)} if last_seq else dict(state)
 
 
 def baseline_payload(*, device: str, model: dict[str, Any], baseline: Profile) -> dict[str, Any]:
@@ -192,7 +213,17 @@ def build_summary(
         if window.labelled
         else None,
         "profile": profile.to_compact(),
+        **_sampling(window),
     }
+
+
+def _sampling(window: ClosedWindow) -> dict[str, Any]:
+    """``sampling`` when the CPU budget sketched a sample of the window's rows: the share kept and the rows
+    left out (``rows`` and the drift tests count the rows sketched). Absent when every row was sketched,
+    so such a summary is byte for byte what it was; a collector that does not know it ignores it."""
+    if not window.sampled_out:
+        return {}
+    return {"sampling": {"rate": round(window.sample_rate, 6), "skipped_rows": window.sampled_out}}
 
 
 def _wire_drift(drift: dict[str, Any]) -> dict[str, Any]:
@@ -304,14 +335,25 @@ def check_summary(doc: dict[str, Any]) -> dict[str, Any]:
         raise ProtocolError("field", "errors must map kinds to counts")
     if doc.get("accuracy") is not None:
         _require(doc["accuracy"], {"labelled": int, "correct": int}, "accuracy.")
+    if doc.get("sampling") is not None:
+        _require(doc["sampling"], {"skipped_rows": int}, "sampling.")
+        rate = doc["sampling"].get("rate")
+        if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 < rate <= 1:
+            raise ProtocolError("field", "sampling.rate must be a number in (0, 1]")
+        if doc["sampling"]["skipped_rows"] < 0:
+            raise ProtocolError("field", "sampling.skipped_rows must be ≥ 0")
     return doc
 
 
 def check_state(doc: dict[str, Any]) -> dict[str, Any]:
+    """The fields a collector relies on. Fields it does not know are let through, never refused: that is
+    how ``last_seq`` joined ``edgekit.state/1`` without a version bump."""
     _require(doc, {"device": str, "fleet": str, "online": bool})
     if doc.get("model") is not None:
         _require(doc["model"], {"name": str, "version": int}, "model.")
-    _optional(doc, {"runtime": str, "agent_version": str})
+    _optional(doc, {"runtime": str, "agent_version": str, "last_seq": int})
+    if doc.get("last_seq") is not None and not 0 <= doc["last_seq"] < MAX_INT:
+        raise ProtocolError("field", "last_seq must be a seq: an integer ≥ 0")
     return doc
 
 
@@ -346,9 +388,13 @@ def _require(doc: dict[str, Any], fields: dict[str, type], prefix: str = "") -> 
 
 def desired_payload(*, rollout: str, action: str, name: str, version: int, **fields: Any) -> dict[str, Any]:
     """What the fleet wants a device to run (``desired``, retained); ``check_desired`` says what each action needs:
-    ``url``, ``sha256``, ``size`` (and ``signature``, ``health``, ``shadow``) to install, ``from_version`` to revert,
-    ``instruction`` and ``instruction_signature`` to roll back."""
-    return {"schema": DESIRED_SCHEMA, "rollout": rollout, "action": action, "name": name, "version": version, **fields}
+    ``url``, ``sha256``, ``size`` (and ``signature``, ``health``, ``shadow``) to install, ``from_version``,
+    ``instruction`` and ``instruction_signature`` to revert or roll back.
+
+    Each message is labelled with the oldest schema that describes it: only a (signed) revert is ``desired/2``,
+    so agents that read only ``desired/1`` keep installing and rolling back under a newer collector."""
+    schema = DESIRED_SCHEMA if action == "revert" else LEGACY_DESIRED_SCHEMA
+    return {"schema": schema, "rollout": rollout, "action": action, "name": name, "version": version, **fields}
 
 
 def rollback_instruction(*, fleet: str, name: str, version: int, sha256: str, issued_at: float) -> dict[str, Any]:
@@ -363,11 +409,30 @@ def rollback_instruction(*, fleet: str, name: str, version: int, sha256: str, is
     }
 
 
+def revert_instruction(
+    *, rollout: str, fleet: str, name: str, version: int, sha256: str, issued_at: float
+) -> dict[str, Any]:
+    """What the fleet's private key signs, when a rollout starts, to let the devices it moves undo it if it is
+    aborted: back from ``name`` ``version`` (the bundle ``sha256``) to the slot they came from. ``rollout`` is
+    the rollout's id, chosen by the signer, so the instruction undoes that rollout and no other."""
+    return {
+        "schema": REVERT_SCHEMA,
+        "rollout": rollout,
+        "fleet": fleet,
+        "name": name,
+        "version": version,
+        "sha256": sha256,
+        "issued_at": issued_at,
+    }
+
+
 def check_desired(doc: dict[str, Any]) -> dict[str, Any]:
     """What the fleet wants this device to run (see docs/protocol.md, "Rollouts").
 
     ``install``: fetch ``url``, check ``size``/``sha256``/signature, go up to ``version``.
-    ``revert``: undo rollout ``rollout`` by going back to the previous slot, if it holds ``from_version``.
+    ``revert``: undo rollout ``rollout`` by going back to the previous slot, if it holds ``from_version``;
+    the updater applies it only with an ``instruction`` signed by the fleet key. An unsigned one passes this
+    check so that the device can refuse it in a report (``reported``) rather than in its log alone.
     ``rollback``: go *down* to ``version``; allowed only with an ``instruction`` signed by the fleet key.
     """
     _require(doc, {"rollout": str, "action": str, "name": str, "version": int})
@@ -375,6 +440,7 @@ def check_desired(doc: dict[str, Any]) -> dict[str, Any]:
         raise ProtocolError("field", f"action must be one of {', '.join(UPDATE_ACTIONS)}")
     if doc["action"] == "revert":
         _require(doc, {"from_version": int})
+        _optional(doc, {"instruction": dict, "instruction_signature": str})
         return doc
     _require(doc, {"url": str, "sha256": str, "size": int})
     if not re.fullmatch(r"[0-9a-f]{64}", doc["sha256"]) or doc["size"] <= 0:

@@ -5,6 +5,11 @@ the broker's PUBACK arrives. On every (re)connect the birth message and baseline
 (retained), the command topic is subscribed, and the whole spool is drained in ``seq`` order.
 paho's network loop runs in its own thread and reconnects with backoff; nothing here blocks the
 caller on the network.
+
+Every state this reporter publishes carries ``last_seq``, the spool's newest seq, and a small thread
+publishes it again every ``state_seconds`` when windows closed since: a window that reached a
+collector which then died shows as a gap only once a later one arrives, and for the last windows
+before a quiet spell nothing later comes. The retained state reaches every collector.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from typing import Any
 from . import mqtt_fallback
 from .config import MqttConfig
 from .errors import ProtocolError, RuntimeUnavailableError
-from .protocol import Topics, command, encode
+from .protocol import Topics, command, encode, with_last_seq
 from .spool import Spool
 
 log = logging.getLogger("device_agent.reporter")
@@ -69,6 +74,12 @@ class MqttReporter:
         self.rejected_commands = 0
         self.protocol = "5"  # falls back to "3.1.1" when the broker does not speak MQTT 5
         self._client = None
+        self._announced_seq = -1  # the last_seq of the newest state published
+        # Held while a state is built and handed to paho, so a periodic one built just before a model
+        # swap cannot go out after the swap's own. paho never waits for it (only this class's callers do).
+        self._state_lock = threading.Lock()
+        self._stopped = threading.Event()
+        self._announcer: threading.Thread | None = None
 
     def start(self) -> None:
         mqtt = _paho()
@@ -90,6 +101,10 @@ class MqttReporter:
         self._client = client
         client.connect_async(self.config.host, self.config.port, keepalive=self.config.keepalive)
         client.loop_start()
+        if self._announcer is None:  # one for the reporter's life, through fallbacks and restarts
+            self._stopped.clear()
+            self._announcer = threading.Thread(target=self._announce_seq, name="edgekit-state", daemon=True)
+            self._announcer.start()
         if self.protocol == "5":
             mqtt_fallback.watch(
                 self.connected,
@@ -118,16 +133,38 @@ class MqttReporter:
         """Publish the birth message and the retained messages again (after a model swap)."""
         client = self._client
         if client is not None and self.connected.is_set():
-            client.publish(self.topics.state, encode(self._birth()), qos=1, retain=True)
+            self._publish_state(client, self._birth)
             for topic, payload in self._retained():
                 client.publish(topic, encode(payload), qos=1, retain=True)
 
+    def _publish_state(self, client, state: Callable[[], dict[str, Any]]):
+        """Publish the state ``state()`` builds (retained), with the spool's newest seq as ``last_seq``."""
+        with self._state_lock:
+            last_seq = self.spool.last_seq()
+            info = client.publish(self.topics.state, encode(with_last_seq(state(), last_seq)), qos=1, retain=True)
+            self._announced_seq = last_seq
+        return info
+
+    def _announce_seq(self) -> None:
+        """Every ``state_seconds``, the state again if windows closed since the last one said so."""
+        while not self._stopped.wait(self.config.state_seconds):
+            client = self._client
+            try:
+                if client is not None and self.connected.is_set() and self.spool.last_seq() != self._announced_seq:
+                    self._publish_state(client, self._birth)
+            except Exception:  # a bad moment (a swap, a full disk) must not end the announcements
+                log.exception("could not republish the state")
+
     def stop(self, timeout: float = 2.0) -> None:
+        self._stopped.set()
+        if self._announcer is not None:
+            self._announcer.join(timeout=2)
+            self._announcer = None
         client, self._client = self._client, None
         if client is None:
             return
         if self.connected.is_set():
-            info = client.publish(self.topics.state, encode(self._offline), qos=1, retain=True)
+            info = self._publish_state(client, lambda: self._offline)
             try:
                 info.wait_for_publish(timeout)
             except (RuntimeError, ValueError):
@@ -144,7 +181,7 @@ class MqttReporter:
                 return
             log.warning("broker refused the connection: %s", reason_code)
             return
-        client.publish(self.topics.state, encode(self._birth()), qos=1, retain=True)
+        self._publish_state(client, self._birth)
         for topic, payload in self._retained():
             client.publish(topic, encode(payload), qos=1, retain=True)
         client.subscribe(self.topics.cmd, qos=1)

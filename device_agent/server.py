@@ -24,12 +24,13 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from .config import AgentConfig, ServerConfig
 from .errors import AgentError, ConfigError, InputError, ServeError
+from .instances import TooManyRows, numeric_instances
 from .metrics import Observed, render_metrics
-from .schema import request_rows
+from .schema import MATRIX, request_rows
 from .serving import PredictResult
 from .v2 import HEALTH_PREFIX, V2Served
 from .v2 import route as v2_route
-from .wsgi import HttpError, Request, Response, error_response, json_response, wsgi_app
+from .wsgi import JSON_TYPES, HttpError, Request, Response, error_response, json_response, wsgi_app
 
 if TYPE_CHECKING:
     from .httpserver import HttpServer
@@ -98,11 +99,13 @@ def route(agent: Served, config: ServerConfig, request: Request) -> Response:
         return json_response(agent.status())
     if request.method != "POST":
         return json_response({"error": f"{match['verb']} takes POST", "allow": "POST"}, 405, [("Allow", "POST")])
-    body = request.json_object()
     try:
         if match["verb"] == "predict":
-            return json_response(_predict(agent, config, body))
-        return json_response(_feedback(agent, body))
+            rows = _numeric_rows(agent, config, request)
+            if rows is not None:
+                return json_response(agent.predict(rows).to_json())
+            return json_response(_predict(agent, config, request.json_object()))
+        return json_response(_feedback(agent, request.json_object()))
     except InputError as exc:
         return error_response(400, str(exc))
     except AgentError as exc:
@@ -113,12 +116,24 @@ def _predict(agent: Served, config: ServerConfig, body: dict[str, Any]) -> dict[
     instances = request_rows(body)
     rows = _row_count(instances)
     if rows > config.max_rows:
-        raise HttpError(
-            413,
-            f"the request has {rows} rows, over the limit of {config.max_rows} ([server] max_rows); "
-            "send smaller batches",
-        )
+        raise HttpError(413, _too_many(rows, config.max_rows))
     return agent.predict(instances).to_json()
+
+
+def _numeric_rows(agent: Served, config: ServerConfig, request: Request) -> Any:
+    """A plain numeric ``instances`` body read straight into the model's dtype (``instances``), with the
+    row limit checked before anything is allocated; None for any other body (parsed the ordinary way)."""
+    schema = agent.schema
+    if schema.layout != MATRIX or request.media_type not in JSON_TYPES:
+        return None
+    try:
+        return numeric_instances(request.body, schema.dtype, config.max_rows)
+    except TooManyRows as exc:
+        raise HttpError(413, _too_many(exc.rows, config.max_rows)) from None
+
+
+def _too_many(rows: int, limit: int) -> str:
+    return f"the request has {rows} rows, over the limit of {limit} ([server] max_rows); send smaller batches"
 
 
 def _row_count(instances: Any) -> int:

@@ -20,6 +20,9 @@ LATENCY_BUCKETS_MS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 50, 100, 250, 500
 # a tensor model runs this many examples a call: onnxruntime's arena keeps the largest batch's activations
 # (600 images of a 96x96 network took it past 2 GB), and 32 is already past where batching pays
 TENSOR_RUN_CHUNK = 32
+# rows of a table a call: the arena keeps a batch's activations too (a 60,000-row request would leave tens of
+# MB behind in it); past a few thousand rows a larger call is no faster
+MATRIX_RUN_CHUNK = 4096
 
 
 @dataclass
@@ -68,7 +71,8 @@ class Serving:
 
     def run(self, X: np.ndarray) -> dict[str, np.ndarray]:
         """The runtime's raw outputs for checked rows; a tensor batch in chunks of ``TENSOR_RUN_CHUNK``."""
-        if self.schema.tensor is None or len(X) <= TENSOR_RUN_CHUNK:
+        chunk = MATRIX_RUN_CHUNK if self.schema.tensor is None else TENSOR_RUN_CHUNK
+        if len(X) <= chunk:
             return self.runtime.predict(self.schema.feed(X))
-        parts = [self.runtime.predict(X[i : i + TENSOR_RUN_CHUNK]) for i in range(0, len(X), TENSOR_RUN_CHUNK)]
+        parts = [self.runtime.predict(self.schema.feed(X[i : i + chunk])) for i in range(0, len(X), chunk)]
         return {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}

@@ -1,11 +1,16 @@
 """Summaries on disk until the broker acknowledges them, so a crash or an outage loses none.
 
 ``pending/<seq>.json`` is written (atomically) before a summary is published and moves to
-``acked/`` on PUBACK; acknowledged summaries are kept for ``keep_seconds`` so the collector can ask
-for a resend. ``seq`` numbers never skip and are never reused: the next one is one past both the
-counter file and every summary on disk, and the counter moves only after the summary is written. A
-crash between the two leaves the summary (the next number goes past it); a crash before the write
-leaves nothing published under that number, which the next window then takes.
+``acked/`` on PUBACK; acknowledged summaries are kept for ``keep_seconds`` after their PUBACK so the
+collector can ask for a resend: a PUBACK only says the broker has it, and a broker can still hand it
+to a collector that dies, whose session it keeps until that expires (``session_expiry_seconds``,
+120 s by default). So ``keep_seconds`` (agent.toml's ``[monitor] keep_acked_seconds``, an hour) must
+outlast the collectors' session expiry plus a few of their gap retries (30 s each by default).
+
+``seq`` numbers never skip and are never reused: the next one is one past both the counter file and
+every summary on disk, and the counter moves only after the summary is written. A crash between the
+two leaves the summary (the next number goes past it); a crash before the write leaves nothing
+published under that number, which the next window then takes.
 """
 
 from __future__ import annotations
@@ -29,12 +34,16 @@ class Spool:
 
     def next_seq(self) -> int:
         """The number the next summary gets (nothing is reserved until ``put``)."""
+        return self.last_seq() + 1
+
+    def last_seq(self) -> int:
+        """The newest summary's seq (0 before the first): what the device announces in its ``state``."""
         with self._lock:
             try:
                 last = int((self.root / "seq").read_text())
             except (FileNotFoundError, ValueError):
                 last = 0
-            return max(last, max(self._all_seqs(), default=0)) + 1
+            return max(last, max(self._all_seqs(), default=0))
 
     def put(self, seq: int, payload: bytes) -> None:
         with self._lock:
@@ -48,9 +57,12 @@ class Spool:
         return sum(1 for _ in self._pending_dir.glob("*.json"))
 
     def ack(self, seq: int) -> None:
-        source = self._pending_dir / _name(seq)
+        source, target = self._pending_dir / _name(seq), self._acked_dir / _name(seq)
         try:
-            os.replace(source, self._acked_dir / _name(seq))
+            os.replace(source, target)
+            # Kept from now, not from when it was written: a window spooled through a long outage would
+            # otherwise be pruned the moment it is acknowledged, before any collector could ask for it.
+            os.utime(target)
         except FileNotFoundError:
             pass  # acknowledged twice (a redelivery), or already pruned
 

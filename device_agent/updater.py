@@ -8,9 +8,10 @@ a reason and a short ``code`` when something fails::
                                                                \\-> rolled_back  (health watch failed)
     any step -> failed (download, hash, signature, downgrade, name, load, selftest, shadow)
 
-- Download resumes where it stopped (``download``); size and sha256 are checked before the file is
-  opened, then the bundle's Ed25519 signature against the trusted key, then the version: only a
-  rollback instruction signed by the fleet key may go down (a replayed old desired state cannot).
+- Download resumes where it stopped (``download``), with the collector's token when it wants one
+  (``[update] token``); size and sha256 are checked before the file is opened, then the bundle's
+  Ed25519 signature against the trusted key, then the version: only a rollback instruction signed by
+  the fleet key may go down (a replayed old desired state cannot).
 - The candidate is written into the inactive slot and loaded beside the serving model; the
   bundle's self-test vectors must reproduce; in the shadow phase it scores copies of live requests
   and its agreement with the serving model, latency and errors are measured.
@@ -18,6 +19,8 @@ a reason and a short ``code`` when something fails::
   watch) and one assignment in memory (``Agent.swap``): requests never stop.
 - During the health watch the new model's errors, NaN answers and latency are watched; a failure
   swaps straight back. A crash during the watch is undone at the next start (``StateDir.recover``).
+- An aborted rollout's ``revert`` goes back to the previous slot only with the fleet key's signed
+  instruction for that rollout, while the device runs what that rollout installed (``instructions``).
 
 Every attempt is written to the ledger (``updates.json``) before it starts, so a retained desired
 state that keeps failing is tried at most ``MAX_ATTEMPTS`` times, and a finished one never again.
@@ -25,7 +28,6 @@ state that keeps failing is tried at most ``MAX_ATTEMPTS`` times, and a finished
 
 from __future__ import annotations
 
-import base64
 import logging
 import threading
 import time
@@ -36,13 +38,12 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 
 from .bundle import BUNDLE_SUFFIX, Bundle, read_bundle
-from .canonical import canonical_json
-from .download import download
+from .download import Downloaded, download
 from .errors import AgentError, BundleError, InstallError, ModelError, ProtocolError, SignatureError, UpdateError
-from .protocol import DESIRED_SCHEMA, ROLLBACK_SCHEMA, check_desired, decode, reported_payload
+from .instructions import ACTIVE_BY, LAST_ROLLBACK, applied_revert, check_revert, check_rollback, moved_by, replayed
+from .protocol import READABLE_DESIRED_SCHEMAS, check_desired, decode, reported_payload
 from .runtimes import open_runtime
 from .serving import Serving
-from .signing import verify_signature
 from .state import BUNDLE_FILE
 
 if TYPE_CHECKING:
@@ -109,7 +110,7 @@ class Updater:
         doc = None
         if payload:
             try:
-                doc = check_desired(decode(payload, DESIRED_SCHEMA))
+                doc = check_desired(decode(payload, READABLE_DESIRED_SCHEMAS))
             except ProtocolError as exc:
                 self.rejected += 1
                 log.warning("ignored a desired state: %s", exc)
@@ -148,7 +149,7 @@ class Updater:
         key = _job_key(doc)
         ledger = self.state.ledger()
         entry = ledger.get(key, {})
-        if entry.get("final"):
+        if entry.get("final") and not replayed(doc, entry, ledger):
             if self.last_report is None or self.last_report.get("rollout") != doc["rollout"]:
                 self._report(doc, entry["state"], entry.get("reason", ""), code=entry.get("code"))
             return
@@ -172,7 +173,10 @@ class Updater:
         except UpdateError as exc:
             self._failed(doc, key, exc, attempts)
             return
-        self._finish(doc, key, "succeeded", f"running {doc['name']} v{doc['version']}", **facts)
+        remember = {ACTIVE_BY: doc["rollout"]}  # what a signed revert of this rollout may undo
+        if doc["action"] == "rollback":
+            remember[LAST_ROLLBACK] = doc["instruction"]["issued_at"]
+        self._finish(doc, key, "succeeded", f"running {doc['name']} v{doc['version']}", remember=remember, **facts)
 
     def _failed(self, doc: dict[str, Any], key: str, exc: UpdateError, attempts: int) -> None:
         state = "rolled_back" if exc.code == "health" else "aborted" if exc.code == "aborted" else "failed"
@@ -193,8 +197,17 @@ class Updater:
         self._finish(doc, key, state, exc.problem, code=exc.code, **exc.facts)
 
     def _finish(
-        self, doc: dict[str, Any], key: str, state: str, reason: str, *, code: str | None = None, **facts: Any
+        self,
+        doc: dict[str, Any],
+        key: str,
+        state: str,
+        reason: str,
+        *,
+        code: str | None = None,
+        remember: dict[str, Any] | None = None,
+        **facts: Any,
     ) -> None:
+        """The job's outcome, written to the ledger with ``remember`` (top-level keys) in one write, then reported."""
         ledger = self.state.ledger()
         ledger[key] = {
             **ledger.get(key, {}),
@@ -204,8 +217,7 @@ class Updater:
             "code": code,
             "at": time.time(),
         }
-        if doc["action"] == "rollback" and state == "succeeded":
-            ledger["last_rollback_issued"] = doc["instruction"]["issued_at"]
+        ledger.update(remember or {})
         self.state.write_ledger(ledger)
         self._report(doc, state, reason, code=code, **facts)
 
@@ -218,15 +230,15 @@ class Updater:
         facts: dict[str, Any] = {}
         downgrade = doc["action"] == "rollback"
         if downgrade:
-            self._check_instruction(doc)
+            config = self.agent.config
+            check_rollback(doc, public_key=self.agent.public_key, fleet=config.fleet, ledger=self.state.ledger())
         else:
             self._check_version(doc)
         self._report(doc, "downloading")
-        target = self.state.downloads / f"{doc['sha256']}{BUNDLE_SUFFIX}"
-        fetched = download(doc["url"], target, sha256=doc["sha256"], size=doc["size"], cancelled=self._cancel.is_set)
+        fetched = self._download(doc)
         facts["download"] = {"bytes": fetched.fetched, "resumed_from": fetched.resumed_from, "size": doc["size"]}
         self._report(doc, "verifying", download=facts["download"])
-        bundle = self._verify(doc, target)
+        bundle = self._verify(doc, fetched.path)
         slot = self._stage(bundle, downgrade)
         self._step(doc, "selftest")
         candidate = self._load(bundle)
@@ -279,29 +291,21 @@ class Updater:
         except InstallError as exc:
             raise UpdateError("downgrade", str(exc)) from exc
 
-    def _check_instruction(self, doc: dict[str, Any]) -> None:
-        """A rollback goes down, so it needs the fleet key's own word, fresh, for exactly this bundle."""
-        instruction = doc["instruction"]
+    def _download(self, doc: dict[str, Any]) -> Downloaded:
+        """The bundle, with the collector's token if it is going to the collector (``UpdateConfig.token_for``);
+        a refusal for want of the token fails at once, naming the setting that fixes it."""
+        config, url = self.agent.config, doc["url"]
+        token = config.update.token_for(url, config.mqtt.host if config.mqtt.url else None)
+        target = self.state.downloads / f"{doc['sha256']}{BUNDLE_SUFFIX}"
         try:
-            verify_signature(
-                f"rollout {doc['rollout']}",
-                canonical_json(instruction),
-                base64.b64decode(doc["instruction_signature"]),
-                self.agent.public_key,
+            return download(
+                url, target, sha256=doc["sha256"], size=doc["size"], token=token, cancelled=self._cancel.is_set
             )
-        except (SignatureError, ValueError) as exc:
-            raise UpdateError(
-                "signature", f"the rollback instruction is not signed by the trusted key ({exc})"
-            ) from exc
-        expected = {"schema": ROLLBACK_SCHEMA, "name": doc["name"], "version": doc["version"], "sha256": doc["sha256"]}
-        if (
-            any(instruction.get(k) != v for k, v in expected.items())
-            or instruction.get("fleet") != self.agent.config.fleet
-        ):
-            raise UpdateError("signature", "the signed rollback instruction is for another bundle or fleet")
-        issued = instruction.get("issued_at")
-        if not isinstance(issued, (int, float)) or issued <= self.state.ledger().get("last_rollback_issued", 0):
-            raise UpdateError("downgrade", "the rollback instruction is not newer than the last one applied (a replay)")
+        except UpdateError as exc:
+            if exc.code != "auth":
+                raise
+            fix = config.update.refusal_fix(url, sent=token is not None)
+            raise UpdateError("auth", f"{exc.problem}; {fix}") from exc
 
     def _verify(self, doc: dict[str, Any], path: Path) -> Bundle:
         try:
@@ -412,13 +416,18 @@ class Updater:
 
     # -- revert (undo an aborted rollout) -------------------------------------------------------------
     def _revert(self, doc: dict[str, Any], key: str) -> None:
-        """Back to the previous slot, but only to undo this very rollout: the previous slot holds the
-        version the rollout started from, which this device verified and ran before."""
-        state = self.state.state()
+        """Back to the previous slot, but only on the fleet key's signed word and only to undo this very
+        rollout: the active slot is what the rollout installed, the previous one holds the version it started
+        from, which this device verified and ran before. A refusal is reported but not final, so a correctly
+        signed revert of the same rollout arriving later is still applied."""
+        state, ledger, config = self.state.state(), self.state.ledger(), self.agent.config
+        try:
+            instruction = check_revert(doc, public_key=self.agent.public_key, fleet=config.fleet, ledger=ledger)
+        except UpdateError as exc:
+            return self._report(doc, "failed", f"{exc.problem}; staying on v{state.get('version')}", code=exc.code)
         previous = state.get("previous")
-        before = self.state.slot_meta(previous) or {}
-        moved = state.get("name") == doc["name"] and state.get("version") == doc["version"]
-        if not moved or before.get("version") != doc["from_version"]:
+        slots = (self.state.slot_meta(self.state.active_slot()), self.state.slot_meta(previous))
+        if not moved_by(doc, instruction, slots=slots, ledger=ledger):
             return self._finish(
                 doc,
                 key,
@@ -433,7 +442,12 @@ class Updater:
         self.state.activate(previous)
         self.agent.swap(serving)
         self._finish(
-            doc, key, "rolled_back", f"rollout {doc['rollout']} was aborted; back on v{bundle.version}", code="aborted"
+            doc,
+            key,
+            "rolled_back",
+            f"rollout {doc['rollout']} was aborted; back on v{bundle.version}",
+            code="aborted",
+            remember=applied_revert(self.state.ledger(), doc["rollout"]),
         )
 
     # -- reporting -------------------------------------------------------------------------------------
@@ -458,6 +472,7 @@ class Updater:
             reason=reason,
             code=code,
             active=serving.model_info if serving else None,
+            action=doc.get("action"),  # a revert's refusal is not the rollout's install failing
             **facts,
         )
         self.last_report = payload

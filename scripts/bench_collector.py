@@ -2,7 +2,8 @@
 """Measure the fleet collector; print a table and write JSON.
 
 1. Store ingest: 64-feature summaries (made by the device's own code) from 1,000 device ids,
-   handed to the collector's ingest in batches: summaries stored per second in SQLite.
+   handed to the collector's ingest in batches: summaries stored per second in SQLite (or
+   PostgreSQL with ``--db``).
 2. End to end: Mosquitto, ``edgekit fleet collect --workers 3`` (and 2, and 1, and two
    collector commands in one group) in their own processes, and load generators
    (``bench_publisher.py``: pre-encoded QoS 1 PUBLISH packets, so they take little of the two
@@ -11,7 +12,11 @@
 3. Sustained: publishers at a steady rate for ``--duration`` seconds (600 for the full 10-minute
    check) while the collector's RSS is sampled: growth from the first to the last quarter.
 
-    python scripts/bench_collector.py [--duration 60] [--out bench-results/bench_collector.json]
+    python scripts/bench_collector.py [--duration 60] [--db sqlite|postgres|postgresql://...]
+                                      [--out bench-results/bench_collector.json]
+
+``--db postgres`` starts a throwaway PostgreSQL server (Debian's postgresql, edgekit/local/postgres.py)
+for the run; a ``postgresql://`` URL uses that server, creating a database per run (it needs CREATEDB).
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -40,7 +46,7 @@ from device_agent.monitor import ClosedWindow
 from device_agent.profile import build_baseline
 from device_agent.protocol import build_summary
 from edgekit.fleet.ingest import Ingestor, Message
-from edgekit.fleet.store import SqliteStore
+from edgekit.fleet.store import is_postgres_url, open_store
 
 DEVICES = 1000
 FEATURES = 64
@@ -83,15 +89,46 @@ def payload(template: str, index: int) -> tuple[str, bytes]:
     return f"edgekit/v1/bench/dev{device:04d}/summary", text.encode()
 
 
-def bench_store(work: Path, docs: list[str], count: int = 20000) -> dict:
+class Databases:
+    """A fresh fleet database per run: a SQLite file in ``work``, or a new database on a PostgreSQL server."""
+
+    def __init__(self, work: Path, kind: str) -> None:
+        self.work, self.kind, self.server = work, kind, None
+        if kind == "postgres":
+            from edgekit.local.postgres import LocalPostgres
+
+            self.server = LocalPostgres().start()
+            self.kind = self.server.url
+
+    @property
+    def label(self) -> str:
+        return "SQLite" if self.kind == "sqlite" else "PostgreSQL"
+
+    def new(self, name: str) -> str:
+        if self.kind == "sqlite":
+            return str(self.work / f"{name}.db")
+        import psycopg
+
+        database = f"edgekit_bench_{uuid.uuid4().hex[:8]}"
+        with psycopg.connect(self.kind, autocommit=True) as connection:
+            connection.execute(f"CREATE DATABASE {database}")
+        return self.kind.rsplit("/", 1)[0] + "/" + database
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.stop()
+
+
+def bench_store(db: str, docs: list[str], count: int = 20000) -> dict:
     messages = [Message(*payload(docs[i % len(docs)], i), 0.0) for i in range(count)]
-    store = SqliteStore(work / "store-bench.db")
+    store = open_store(db)
     ingestor = Ingestor(store)
     start = time.perf_counter()
     for i in range(0, count, 1000):
         ingestor.handle(messages[i : i + 1000])
     elapsed = time.perf_counter() - start
-    stored = store.db.execute("SELECT count(*) FROM summaries").fetchone()[0]
+    stored = stored_in(db)
+    store.close()
     return {
         "store_summaries": stored,
         "store_seconds": elapsed,
@@ -160,7 +197,16 @@ def cpu_seconds(pid: int) -> float:
     return total / os.sysconf("SC_CLK_TCK")
 
 
-def stored(db: Path) -> int:
+def stored_in(db: str) -> int:
+    """Summaries in the database (0 before the collector has made it)."""
+    if is_postgres_url(db):
+        import psycopg
+
+        try:
+            with psycopg.connect(db) as connection:
+                return connection.execute("SELECT count(*) FROM summaries").fetchone()[0]
+        except psycopg.Error:
+            return 0
     try:
         with sqlite3.connect(db, timeout=10) as connection:
             return connection.execute("SELECT count(*) FROM summaries").fetchone()[0]
@@ -170,6 +216,7 @@ def stored(db: Path) -> int:
 
 def run_pipeline(
     work: Path,
+    databases: Databases,
     docs: list[str],
     *,
     total: int,
@@ -183,8 +230,8 @@ def run_pipeline(
     """Collectors (each with ``workers`` processes) in one shared-subscription group, writing one database,
     fed by publisher processes."""
     broker = Broker(work)
-    db = work / f"fleet-{total}-{int(rate)}-{collectors}-{workers}.db"
-    SqliteStore(db).close()  # create and migrate once, before collectors race to
+    db = databases.new(f"fleet-{total}-{int(rate)}-{collectors}-{workers}")
+    open_store(db).close()  # create and migrate once, before collectors race to
     group = [
         subprocess.Popen(
             [
@@ -214,9 +261,7 @@ def run_pipeline(
     templates_file.write_text(json.dumps(docs))
     script = Path(__file__).with_name("bench_publisher.py")
     try:
-        while stored(db) == 0 and not db.exists():
-            time.sleep(0.2)
-        time.sleep(1.0)  # subscribed
+        time.sleep(1.5)  # subscribed
         share = total // publishers
         cpu_before = {"collector": sum(cpu_seconds(c.pid) for c in group), "broker": cpu_seconds(broker.process.pid)}
         start = time.perf_counter()
@@ -236,7 +281,7 @@ def run_pipeline(
         ]
         samples, publisher_cpu, running = [], 0.0, {w.pid: w for w in workers}
         last_sample = 0.0
-        while stored(db) < share * publishers and time.perf_counter() - start < timeout:
+        while stored_in(db) < share * publishers and time.perf_counter() - start < timeout:
             time.sleep(0.1)  # fine enough not to round a 6 s burst up by a sampling period
             for pid in list(running):
                 done, status, usage = os.wait4(pid, os.WNOHANG)  # reaps a finished publisher, with the CPU time it used
@@ -247,7 +292,7 @@ def run_pipeline(
                         raise RuntimeError(f"a publisher failed (exit {os.waitstatus_to_exitcode(status)})")
             now = time.perf_counter() - start
             if now - last_sample >= sample_every:
-                samples.append((now, stored(db), sum(rss_mb(c.pid) for c in group) / len(group)))
+                samples.append((now, stored_in(db), sum(rss_mb(c.pid) for c in group) / len(group)))
                 last_sample = now
         elapsed = time.perf_counter() - start
         cpu = {
@@ -259,7 +304,7 @@ def run_pipeline(
             _, status, usage = os.wait4(pid, 0)
             worker.returncode = os.waitstatus_to_exitcode(status)
             cpu["publishers"] += usage.ru_utime + usage.ru_stime
-        count = stored(db)
+        count = stored_in(db)
     finally:
         for member in group:
             member.send_signal(signal.SIGTERM)
@@ -288,19 +333,26 @@ def main() -> int:
         "--duration", type=float, default=60.0, help="seconds of the sustained run (600 for the 10-minute check)"
     )
     parser.add_argument("--rate", type=float, default=1000.0, help="summaries per second during the sustained run")
+    parser.add_argument(
+        "--db", default="sqlite", help="sqlite, postgres (a throwaway local server), or a postgresql:// URL"
+    )
     parser.add_argument("--out", default=str(ROOT / "bench-results" / "bench_collector.json"))
     args = parser.parse_args()
     docs = templates()
     with tempfile.TemporaryDirectory(prefix="edgekit-bench-collector-") as tmp:
         work = Path(tmp)
-        results = {"store": bench_store(work, docs)}
-        results["burst"] = run_pipeline(work, docs, total=30000, rate=0)
-        results["burst_three_workers"] = run_pipeline(work, docs, total=30000, rate=0, workers=3)
-        results["burst_two_workers"] = run_pipeline(work, docs, total=30000, rate=0, workers=2)
-        results["burst_two_collectors"] = run_pipeline(work, docs, total=30000, rate=0, collectors=2)
-        results["sustained"] = run_pipeline(
-            work, docs, total=int(args.duration * args.rate), rate=args.rate, sample_every=5.0
-        )
+        databases = Databases(work, args.db)
+        try:
+            results = {"database": databases.label, "store": bench_store(databases.new("store-bench"), docs)}
+            results["burst"] = run_pipeline(work, databases, docs, total=30000, rate=0)
+            results["burst_three_workers"] = run_pipeline(work, databases, docs, total=30000, rate=0, workers=3)
+            results["burst_two_workers"] = run_pipeline(work, databases, docs, total=30000, rate=0, workers=2)
+            results["burst_two_collectors"] = run_pipeline(work, databases, docs, total=30000, rate=0, collectors=2)
+            results["sustained"] = run_pipeline(
+                work, databases, docs, total=int(args.duration * args.rate), rate=args.rate, sample_every=5.0
+            )
+        finally:
+            databases.stop()
     store, burst, sustained, pair = (
         results["store"],
         results["burst"],
@@ -310,7 +362,7 @@ def main() -> int:
     workers, two = results["burst_three_workers"], results["burst_two_workers"]
     rows = [
         (
-            "store ingest, summaries/s (64 features, 1,000 devices)",
+            f"store ingest into {results['database']}, summaries/s (64 features, 1,000 devices)",
             store["store_per_second"],
             f"≥ {TARGETS['ingest_per_second_min']}",
             store["store_per_second"] >= TARGETS["ingest_per_second_min"],

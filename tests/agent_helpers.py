@@ -24,6 +24,7 @@ def make_device(
     http: bool = True,
     token: str | None = None,
     server: dict | None = None,
+    max_cpu_fraction: float = 0,  # every row sketched: tests count rows exactly (the budget's own tests set it)
 ) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     lines = [
@@ -35,6 +36,7 @@ def make_device(
         "[monitor]",
         f"window_rows = {window_rows}",
         f"window_seconds = {window_seconds}",
+        f"max_cpu_fraction = {max_cpu_fraction}",
         "[server]",
         'listen = "127.0.0.1:0"' if http else 'listen = ""',
     ]

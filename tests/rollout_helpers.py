@@ -31,7 +31,10 @@ class RolloutFleet:
         rows_per_second: float = 100.0,
         trust: Path | None = None,
         proxy: BundleProxy | None = None,
+        token: str | None = None,
+        tokenless: tuple[str, ...] = (),
     ) -> None:
+        """``token``: the collector's API token, which devices get in agent.toml (but those in ``tokenless``)."""
         self.tmp, self.fleet_name = tmp, fleet
         self.collector = FleetService(
             CollectorConfig(
@@ -41,12 +44,13 @@ class RolloutFleet:
                 client_id=f"collector-{fleet}",
                 trust=str(trust or public_key),
                 public_url=proxy.url if proxy else None,
+                api_token=token,
             )
         )
         self.collector.start()
         if proxy is not None:
             proxy.upstream = f"http://127.0.0.1:{self.collector.server.server_address[1]}"
-        self.client = CollectorClient(f"http://127.0.0.1:{self.collector.server.server_address[1]}")
+        self.client = CollectorClient(f"http://127.0.0.1:{self.collector.server.server_address[1]}", token=token or "")
         self.configs = prepare_devices(
             devices=devices,
             bundle=str(bundle),
@@ -60,11 +64,25 @@ class RolloutFleet:
             drift=None,
             state_dir=str(tmp / "devices"),
             http_port_base=None,
+            collector_token=token or "",
         )
+        for config in self.configs:
+            if config.parent.name in tokenless:  # as if flashed before the collector had a token
+                config.write_text(config.read_text().split("[update]")[0])
+                (config.parent / "collector.token").unlink()
         self.devices = EmulatedFleet(self.configs, say=lambda _: None).start()
         self.wait(
             lambda: len([d for d in self.collector.store.status() if d["online"]]) == devices, 60, "every device online"
         )
+
+    def start(self, bundle: Path, *, key: Path | None = None, **settings) -> dict:
+        """``rollout start`` as the CLI does it: with ``key``, a signed revert goes along, so an abort reverts."""
+        from edgekit.bundle.keys import load_private_key
+        from edgekit.fleet.signed import sign_revert
+
+        if key is not None:
+            settings["revert"] = sign_revert(bundle, fleet=self.fleet_name, key=load_private_key(key))
+        return self.client.start(bundle, fleet=self.fleet_name, **settings)
 
     def wait(self, predicate, timeout: float = 60.0, what: str = "condition"):
         deadline = time.time() + timeout
@@ -239,3 +257,42 @@ class BundleProxy:
     def stop(self) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+class DeviceTopics:
+    """What an attacker on the broker can do: publish a device's retained ``desired`` state straight to it (no
+    collector involved), and read what the device reports."""
+
+    def __init__(self, broker, fleet: str, device: str) -> None:
+        import json
+        import threading
+
+        from paho.mqtt import client as mqtt
+
+        self.reports: list[dict] = []
+        self.topic = f"edgekit/v1/{fleet}/{device}"
+        self.client = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+        subscribed = threading.Event()
+        self.client.on_message = lambda c, u, m: self.reports.append(json.loads(m.payload))
+        self.client.on_subscribe = lambda *_: subscribed.set()
+        self.client.connect("127.0.0.1", broker.port)
+        self.client.subscribe(f"{self.topic}/reported", 1)
+        self.client.loop_start()
+        assert subscribed.wait(10), "the test client could not subscribe"
+
+    def publish(self, doc: dict) -> None:
+        import json
+
+        self.client.publish(f"{self.topic}/desired", json.dumps(doc), qos=1, retain=True).wait_for_publish(10)
+
+    def answer(self, fleet: RolloutFleet, rollout: str, states: tuple[str, ...], since: int = 0) -> dict:
+        """The device's first report on ``rollout`` in one of ``states`` after the ``since``-th report."""
+        return fleet.wait(
+            lambda: next((r for r in self.reports[since:] if r["rollout"] == rollout and r["state"] in states), None),
+            60,
+            f"the device to answer {rollout} with {'/'.join(states)}",
+        )
+
+    def close(self) -> None:
+        self.client.loop_stop()
+        self.client.disconnect()

@@ -11,16 +11,23 @@ import pytest
 from edgekit.errors import EdgekitError
 from edgekit.fleet.alerts import AlertEngine, AlertRules, AlertSinks, load_alert_config
 from edgekit.fleet.ingest import Ingestor, Message
-from edgekit.fleet.store import SqliteStore
+from edgekit.fleet.store import open_store
 from tests.fleet_helpers import baseline, state, summary
 
 BASE = baseline()
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def fleet_db(request, tmp_path):
+    """The fleet database, a SQLite file or a database on a real PostgreSQL server: the rules read both alike."""
+    return request.getfixturevalue("postgres_url") if request.param == "postgresql" else str(tmp_path / "fleet.db")
+
+
 @pytest.fixture
-def fleet(tmp_path):
-    store = SqliteStore(tmp_path / "fleet.db")
-    return store, Ingestor(store)
+def fleet(fleet_db):
+    store = open_store(fleet_db)
+    yield store, Ingestor(store)
+    store.close()
 
 
 def feed(ingestor, *messages, now=1.7e9):
@@ -132,11 +139,11 @@ def test_alerts_toml(tmp_path):
         load_alert_config(path)
 
 
-def test_fleet_cli_reads_the_store(cli, fleet, tmp_path):
+def test_fleet_cli_reads_the_store(cli, fleet, fleet_db):
     store, ingestor = fleet
     feed(ingestor, state("d1", True), summary(BASE, "d1", 1, shift=2.0), summary(BASE, "d1", 3))
     AlertEngine(store, AlertRules(), AlertSinks(log=False)).evaluate(now=1.7e9)
-    db = tmp_path / "fleet.db"
+    db = fleet_db
     status = json.loads(cli("fleet", "status", "--db", db, "--json").stdout)
     assert status[0]["device"] == "d1" and status[0]["windows"] == 2 and status[0]["missing_seqs"] == 1
     table = cli("fleet", "status", "--db", db).stdout

@@ -153,7 +153,7 @@ def test_collector_killed_and_restarted_mid_stream_loses_no_summary(
         wait(lambda: any(d["windows"] >= 20 for d in store.status()), what="20 windows stored")
         collector.send_signal(signal.SIGKILL)
         collector.wait(10)
-        time.sleep(2.0)  # summaries keep coming; the broker keeps them for the collector's session
+        time.sleep(2.0)  # summaries keep coming; the broker keeps them for the session (120 s after the kill)
         collector = start_collector()
         wait(lambda: store.status()[0]["windows"] >= 100, timeout=40, what="windows after the restart")
         # Windows published before the first collector subscribed are asked for again (after 10 s):

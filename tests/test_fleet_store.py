@@ -306,3 +306,17 @@ def test_categorical_columns_merge_into_parts_against_the_baseline(store):
     assert columns["kinds"] == {"amount": "numeric", "country": "categorical", "plan": "categorical"}
     assert columns["quality"]["plan"]["null_rate"] == pytest.approx(0.2, abs=0.03)
     assert columns["quality"]["country"] == {"null_rate": 0.0, "unseen_rate": unseen / 1500}
+
+
+def test_a_gap_asked_for_long_enough_is_given_up_but_still_counted(store):
+    from edgekit.fleet.store.sql import GAP_MAX_REQUESTS
+
+    ingestor = Ingestor(store)
+    feed(ingestor, summary(BASE, "d1", 1), summary(BASE, "d1", 3))
+    now = time.time() + 100
+    asked = 0
+    for _ in range(GAP_MAX_REQUESTS + 5):
+        asked += len(store.gaps_to_request(now=now).get("d1", []))
+        now += 31
+    assert asked == GAP_MAX_REQUESTS
+    assert store.status()[0]["missing_seqs"] == 1

@@ -59,11 +59,18 @@ def test_rollout_moves_every_device_in_waves_with_shadow(fleet, v4):
 
 
 def test_abort_sends_the_devices_that_moved_back(tmp_path, broker, bundle, keypair, digits, fleet_name, v4, cli):
+    """``rollout start --key`` signs the revert on this machine; ``rollout abort`` has the collector send it."""
     fleet = RolloutFleet(
         tmp_path, broker, bundle=bundle, public_key=keypair[1], data=digits.test, fleet=fleet_name, devices=2
     )
     try:
-        rollout_id = fleet.client.start(v4, fleet=fleet_name, waves="50%,100%", wave_wait="10m", health_seconds=1)["id"]
+        common = ("--fleet", fleet_name, "--waves", "50%,100%", "--wave-wait", "10m", "--health-seconds", "1")
+        unsigned = cli("rollout", "start", str(v4), *common, "--collector", fleet.client.url)
+        assert unsigned.exit_code == 2 and "needs --key" in unsigned.stderr and "--no-revert" in unsigned.stderr
+        started = cli("rollout", "start", str(v4), *common, "--key", str(keypair[0]), "--collector", fleet.client.url)
+        assert started.exit_code == 0, started.output
+        rollout_id = started.stdout.split()[1]
+        assert fleet.client.status(rollout_id)["signed_revert"] is True
         fleet.wait(lambda: fleet.client.status(rollout_id)["devices"][0]["state"] == "succeeded", 30, "wave 1")
         assert fleet.versions() == {"emu-00": 4, "emu-01": 3}  # soaking: wave 2 waits 10 minutes
         result = cli("rollout", "abort", rollout_id, "--collector", fleet.client.url)

@@ -114,21 +114,63 @@ def test_waves_advance_only_when_the_wave_is_done_and_survive_a_restart(controll
     assert status["state"] == "succeeded" and status["reason"] == "4 of 4 device(s) updated"
 
 
-def test_an_abort_rule_reverts_the_devices_that_moved(controller):
+def _signed_revert(bundle, key_path, fleet="f", **options):
+    from edgekit.bundle.keys import load_private_key
+    from edgekit.fleet.signed import sign_revert
+
+    return sign_revert(bundle, fleet=fleet, key=load_private_key(key_path), **options)
+
+
+def test_an_abort_rule_reverts_the_devices_that_moved(controller, bundle, keypair):
+    revert = _signed_revert(bundle, keypair[0])
     rollout_id = controller.start(
-        controller.stored["sha256"], "f", RolloutSpec(waves=(0.5, 1.0), abort_on=parse_abort_rules("agreement<0.98"))
+        controller.stored["sha256"],
+        "f",
+        RolloutSpec(waves=(0.5, 1.0), abort_on=parse_abort_rules("agreement<0.98")),
+        revert=revert,
     )
+    assert rollout_id == revert["instruction"]["rollout"]  # the id the operator's key signed
     _report(controller, rollout_id, "pi-0", "succeeded", shadow={"rows": 100, "agreement": 0.99})
     _report(controller, rollout_id, "pi-1", "succeeded", shadow={"rows": 100, "agreement": 0.90})  # mean 0.945
     controller.tick()
     status = controller.status(rollout_id)
     assert status["state"] == "aborted" and "agreement<0.98 tripped" in status["reason"]
-    assert (
-        controller.devices.desired["pi-0"]["action"] == "revert"
-        and controller.devices.desired["pi-0"]["from_version"] == 2
-    )
+    sent = controller.devices.desired["pi-0"]
+    assert sent["action"] == "revert" and sent["from_version"] == 2 and sent["schema"] == "edgekit.desired/2"
+    assert (sent["instruction"], sent["instruction_signature"]) == (revert["instruction"], revert["signature"])
     assert [d["state"] for d in status["devices"][2:]] == ["aborted", "aborted"]
     assert "pi-2" not in controller.devices.desired
+
+
+def test_a_signed_revert_is_checked_at_the_start_and_without_one_an_abort_leaves_devices(
+    controller, bundle, keypair, tmp_path
+):
+    from edgekit.bundle.keys import generate_keypair, load_private_key
+    from edgekit.fleet.signed import sign_revert
+
+    stranger = generate_keypair(tmp_path / "stranger")[0]
+    with pytest.raises(RolloutError, match="did not sign|signed by key"):
+        sign_revert(bundle, fleet="f", key=load_private_key(stranger))  # the CLI refuses before uploading
+    spec = RolloutSpec(waves=(0.5, 1.0))
+    with pytest.raises(RolloutError, match="for another fleet"):
+        controller.start(controller.stored["sha256"], "f", spec, revert=_signed_revert(bundle, keypair[0], "g"))
+    forged = _signed_revert(bundle, keypair[0])
+    forged["instruction"] = {**forged["instruction"], "rollout": "r-another"}
+    with pytest.raises(RolloutError, match="not signed by the fleet's trusted key"):
+        controller.start(controller.stored["sha256"], "f", spec, revert=forged)
+    assert controller.list() == []
+    installed = _signed_revert(bundle, keypair[0])
+    first = controller.start(controller.stored["sha256"], "f", spec, revert=installed)
+    controller.abort(first)
+    with pytest.raises(RolloutConflict, match="exists already"):
+        controller.start(controller.stored["sha256"], "f", spec, revert=installed)
+    rollout_id = controller.start(controller.stored["sha256"], "f", spec)  # an older CLI: no revert
+    assert controller.status(rollout_id)["signed_revert"] is False
+    _report(controller, rollout_id, "pi-0", "succeeded")
+    controller.devices.desired.clear()
+    status = controller.abort(rollout_id)
+    assert controller.devices.desired == {}  # devices would refuse an unsigned revert: none is sent
+    assert "2 device(s) sent v3 are not sent back" in status["reason"] and "--key" in status["reason"]
 
 
 def test_pause_resume_and_one_rollout_per_fleet(controller):
@@ -188,18 +230,24 @@ def _get(url, headers=None):
         return response.status, dict(response.headers), response.read()
 
 
-def test_bundles_are_served_with_ranges(http, controller, bundle):
+def test_bundles_are_served_with_ranges_and_only_with_the_token(http, controller, bundle):
     data, url = bundle.read_bytes(), f"{http}/bundles/{controller.stored['sha256']}"
-    assert _get(url)[2] == data
-    status, headers, body = _get(url, {"Range": "bytes=100-"})
+    for wrong in ({}, {"Authorization": "Bearer nope"}, {"Authorization": "Bearer s3cret\u00e9"}):
+        with pytest.raises(urllib.error.HTTPError) as caught:
+            _get(url, {**wrong, "Range": "bytes=0-"})
+        assert caught.value.code == 401 and b"[update] token_file" in caught.value.read()
+        caught.value.close()
+    auth = {"Authorization": "Bearer s3cret"}
+    assert _get(url, auth)[2] == data
+    status, headers, body = _get(url, {**auth, "Range": "bytes=100-"})
     assert status == 206 and body == data[100:] and headers["Content-Range"] == f"bytes 100-{len(data) - 1}/{len(data)}"
-    assert _get(url, {"Range": "bytes=-10"})[2] == data[-10:]
+    assert _get(url, {**auth, "Range": "bytes=-10"})[2] == data[-10:]
     with pytest.raises(urllib.error.HTTPError) as caught:
-        _get(url, {"Range": f"bytes={len(data)}-"})
+        _get(url, {**auth, "Range": f"bytes={len(data)}-"})
     assert caught.value.code == 416
     caught.value.close()
     with pytest.raises(urllib.error.HTTPError) as caught:
-        _get(f"{http}/bundles/{'0' * 64}")
+        _get(f"{http}/bundles/{'0' * 64}", auth)
     assert caught.value.code == 404
     caught.value.close()
 

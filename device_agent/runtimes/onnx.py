@@ -46,6 +46,8 @@ class OnnxRuntime:
             ) from exc
         self.input_names = [i.name for i in self._session.get_inputs()]
         self.output_names = [o.name for o in self._session.get_outputs()]
+        self._run = _direct_run(self._session)
+        self._run_options = ort.RunOptions()
         batch = self._session.get_inputs()[0].shape[0] if self._session.get_inputs()[0].shape else None
         # a model exported with a fixed batch (often 1): larger batches run in slices of that size
         self._fixed_batch = batch if isinstance(batch, int) and batch > 0 and len(self.input_names) == 1 else None
@@ -58,7 +60,8 @@ class OnnxRuntime:
         if fixed is not None and not isinstance(rows, dict) and len(rows) != fixed:
             return self._in_slices(rows, fixed)
         try:
-            values = self._session.run(None, rows if isinstance(rows, dict) else {self.input_names[0]: rows})
+            feed = rows if isinstance(rows, dict) else {self.input_names[0]: rows}
+            values = self._run(self.output_names, feed, self._run_options)
         except Exception as exc:
             raise ModelError(self.source, "onnxruntime", f"failed to run: {_first_line(exc)}") from exc
         return dict(zip(self.output_names, values, strict=True))
@@ -78,6 +81,17 @@ class OnnxRuntime:
 
     def close(self) -> None:
         self._session = None
+
+
+def _direct_run(session):
+    """The session's own ``run`` (its C++ binding) when this onnxruntime exposes it, else the Python one.
+
+    ``InferenceSession.run`` checks the feed's names and types in Python before every call, about 1.5 µs
+    of a 7 µs single-row prediction; the agent has checked the rows against the schema already, and the
+    binding still refuses a wrong feed (the error is translated the same way). Output names and run
+    options are resolved once at load."""
+    binding = getattr(getattr(session, "_sess", None), "run", None)
+    return binding if callable(binding) else session.run
 
 
 def _first_line(exc: BaseException) -> str:

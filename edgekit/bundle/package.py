@@ -51,9 +51,11 @@ def build_bundle(
     target: RuntimeTarget = RuntimeTarget(),
     preprocess: str | None = None,
     labels: str | None = None,
+    lineage: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Write the bundle to ``output`` (atomically) and return its manifest. A tensor model may be given
-    its preprocessing (``preprocess``, TOML) and class names (``labels``, one per line) here."""
+    its preprocessing (``preprocess``, TOML) and class names (``labels``, one per line) here; ``lineage``
+    adds to the manifest's lineage (``edgekit promote``: the parent, the data it was gated on)."""
     _check_identity(name, version)
     key = load_private_key(key_path)
     model = load_model(model_path)
@@ -87,6 +89,7 @@ def build_bundle(
         report=_read_report(report_path, model),
         drift={**DEFAULT_DRIFT_THRESHOLDS, **(drift or {})},
         target=target,
+        lineage=lineage or {},
     )
     _write_signed(output, manifest, members, key)
     return manifest
@@ -212,6 +215,7 @@ def _manifest(
     report: dict[str, Any] | None,
     drift: dict[str, float],
     target: RuntimeTarget,
+    lineage: dict[str, Any],
 ) -> dict[str, Any]:
     if isinstance(model, TfliteModel):
         meta = model.metadata
@@ -240,6 +244,7 @@ def _manifest(
             "model_sha256": sha256_hex(model.data),
             "model_source": meta.get(METADATA_SOURCE),
             "edgekit_version": __version__,
+            **lineage,
         },
     }
 

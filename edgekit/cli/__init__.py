@@ -31,9 +31,9 @@ def _build():
         """
         ctx.obj = {"debug": debug}
 
-    from edgekit.cli import bundle, convert, demo, emulate, flash, fleet, rollout, validate
+    from edgekit.cli import bundle, convert, demo, emulate, flash, fleet, promote, rollout, validate
 
-    for module in (convert, validate, bundle, emulate, flash, fleet, rollout, demo):
+    for module in (convert, validate, bundle, promote, emulate, flash, fleet, rollout, demo):
         module.register(cli)
     return cli
 

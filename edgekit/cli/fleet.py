@@ -1,4 +1,4 @@
-"""``edgekit fleet``: collect, status, drift, alerts."""
+"""``edgekit fleet``: collect, status, drift, retention, alerts."""
 
 from __future__ import annotations
 
@@ -9,13 +9,16 @@ import threading
 import time
 from datetime import datetime, timezone
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 import click
 
 from edgekit.cli.common import emit_json, fmt, json_option
 from edgekit.fleet.alerts import load_alert_config
 from edgekit.fleet.config import CollectorConfig
+from edgekit.fleet.leader import LEADER_LEASE, describe_lease
 from edgekit.fleet.merge import MERGED_MIN_PSI, merged_drift, since_timestamp
+from edgekit.fleet.pages.drift import resolutions
 from edgekit.fleet.service import FleetService
 from edgekit.fleet.store import SqlStore, StoreError, is_postgres_url, open_store
 from edgekit.text import table
@@ -108,6 +111,26 @@ def fleet():
     "idle_timeout (30 s), max_connections (100), max_body_bytes (1 GiB), max_header_bytes (64 KiB), threads (4). "
     "Repeatable.",
 )
+@click.option(
+    "--retention",
+    metavar="raw=7d,hourly=90d,daily=forever",
+    help="Bounded history, applied by the leader (default: what 'edgekit fleet retention' stored, else keep all).",
+)
+@click.option(
+    "--session-expiry",
+    type=click.IntRange(0, 0xFFFFFFFE),
+    default=120,
+    show_default=True,
+    help="Seconds the broker keeps this collector's session after it disconnects: a restart within it loses "
+    "nothing queued; a collector gone for good stops taking a share of the group after it.",
+)
+@click.option(
+    "--gap-retry",
+    type=click.FloatRange(min=1.0),
+    default=30.0,
+    show_default=True,
+    help="Seconds between requests for a missing window, until it arrives.",
+)
 @click.option("--duration", type=float, help="Stop after this many seconds (default: until Ctrl-C).")
 def collect(
     broker,
@@ -124,6 +147,9 @@ def collect(
     tls_cert,
     tls_key,
     http_limits,
+    retention,
+    session_expiry,
+    gap_retry,
     duration,
 ):
     """Run the collector: ingest, store, request missing windows, alert, serve the dashboard.
@@ -152,6 +178,9 @@ def collect(
         http_limits=_http_limits(http_limits),
         tls_cert=tls_cert,
         tls_key=tls_key,
+        retention=retention,
+        session_expiry_seconds=session_expiry,
+        gap_retry_seconds=gap_retry,
     )
     collector = FleetService(config, alert_rules=rules, alert_sinks=sinks).start()
     stop = threading.Event()
@@ -159,7 +188,7 @@ def collect(
         signal.signal(sig, lambda *_: stop.set())
     server = collector.server
     click.echo(
-        f"collecting from {broker} into {db}"
+        f"collecting from {broker} into {_redacted(db)}"
         + (f" with {workers} processes" if workers > 1 else "")
         + (f"; dashboard at {server.scheme}://{server.server_address[0]}:{server.server_address[1]}/" if server else "")
     )
@@ -208,6 +237,7 @@ def status(db, as_json):
     with _existing_store(db) as store:
         devices = store.status()
         rejects = store.rejects()
+        lease = store.lease(LEADER_LEASE)
     if as_json:
         emit_json(devices)
         return
@@ -247,6 +277,43 @@ def status(db, as_json):
     )
     if rejects:
         click.echo("rejected payloads: " + ", ".join(f"{reason} {count}" for reason, count in sorted(rejects.items())))
+    click.echo(_leader_line(describe_lease(lease)))
+
+
+@fleet.command()
+@DB_OPTION
+@json_option
+def leader(db, as_json):
+    """Which collector leads (runs alerts, gap requests and rollouts), since when, and its lease.
+
+    Every collector on the database ingests; one holds the leader lease. JSON: holder, held, token (the
+    fencing token, raised at every change of leader), since, expires_in (seconds, by the database's clock).
+
+    \b
+    Example:
+      edgekit fleet leader --db postgresql://edgekit@db.internal/fleet --json
+    """
+    with _existing_store(db) as store:
+        found = describe_lease(store.lease(LEADER_LEASE))
+    if as_json:
+        emit_json(found)
+        return
+    click.echo(_leader_line(found))
+
+
+def _leader_line(lease: dict) -> str:
+    if lease["holder"] is None:
+        return "leader: none yet (no collector has run on this database)"
+    since = datetime.fromtimestamp(lease["since"], timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+    if not lease["held"]:
+        return (
+            f"leader: none (the lease of {lease['holder']} ran out {-lease['expires_in']:.0f} s ago); "
+            "alerts, gap requests and rollouts wait for a collector to take it"
+        )
+    return (
+        f"leader: {lease['holder']} since {since} ({_ago(lease['since'])}; "
+        f"lease token {lease['token']}, {lease['expires_in']:.0f} s left)"
+    )
 
 
 @fleet.command()
@@ -277,6 +344,7 @@ def drift(db, device, model, version, since, as_json):
             f"from {len(report['devices'])} device(s), {report['first']} … {report['last']}"
         )
         click.echo(header)
+        click.echo(f"  {resolutions(report)}")
         if report["drift"] is None:
             click.echo(f"  {report['note']}")
             continue
@@ -296,6 +364,45 @@ def drift(db, device, model, version, since, as_json):
             f"(significant at family-wise alpha {report['drift']['alpha']} and PSI >= {MERGED_MIN_PSI}: "
             "merged windows make every difference significant)\n"
         )
+
+
+@fleet.command()
+@DB_OPTION
+@click.option("--raw", help="Keep raw windows this long (default 7d; at least 1h): 36h, 7d, 2w, or forever.")
+@click.option("--hourly", help="Then hourly merged buckets this long (default 90d), or forever.")
+@click.option("--daily", help="Then daily merged buckets this long (default forever).")
+@json_option
+def retention(db, raw, hourly, daily, as_json):
+    """Bound the history: roll raw windows into hourly, then daily, merged profiles, now and from now on.
+
+    Stores the policy in the database (the collector's leader applies it every few minutes) and runs one
+    pass now. Without --raw/--hourly/--daily, runs the stored policy. Merged drift over any range stays
+    exact: windows of one baseline add.
+
+    \b
+    Example:
+      edgekit fleet retention --db fleet.db --raw 7d --hourly 90d --daily forever
+    """
+    from edgekit.fleet.retention import RetentionPolicy, run_pass
+
+    with _existing_store(db) as store:
+        now = time.time()
+        if raw is None and hourly is None and daily is None:
+            stored = store.retention_policy()
+            if stored is None:
+                raise StoreError("no retention policy is stored", "give --raw, --hourly and --daily (e.g. --raw 7d)")
+            policy = RetentionPolicy.from_dict(stored)
+        else:
+            policy = RetentionPolicy.parse(raw, hourly, daily)
+            store.set_retention_policy(policy.to_dict(), now)
+        result = run_pass(store, policy, now)
+        sizes = store.history_sizes()
+    if as_json:
+        emit_json({**vars(result), "kept": sizes})
+        return
+    click.echo(f"retention {policy.describe()} (stored: the collector's leader applies it)")
+    click.echo(result.describe())
+    click.echo(f"kept: {sizes['raw']} raw window(s), {sizes['hour']} hourly and {sizes['day']} daily bucket(s)")
 
 
 @fleet.command()
@@ -334,6 +441,16 @@ def _ago(timestamp) -> str:
     if seconds < 7200:
         return f"{seconds / 60:.0f}m ago"
     return datetime.fromtimestamp(timestamp, timezone.utc).strftime("%Y-%m-%d %H:%M")
+
+
+def _redacted(db: str) -> str:
+    """A database URL fit to print: without its password."""
+    if not is_postgres_url(db):
+        return db
+    parsed = urlsplit(db)
+    if parsed.password is None:
+        return db
+    return urlunsplit(parsed._replace(netloc=parsed.netloc.replace(f":{parsed.password}@", ":***@", 1)))
 
 
 def _existing_store(db: str) -> SqlStore:

@@ -69,17 +69,45 @@ def rollout():
     metavar="SECONDS",
     help="How long each device watches the new model before committing.",
 )
+@click.option(
+    "--key",
+    "key_path",
+    type=click.Path(exists=True, dir_okay=False),
+    help="The fleet's signing key: it signs the revert an abort sends the devices that moved (devices refuse "
+    "an unsigned one). Stays on this machine.",
+)
+@click.option(
+    "--no-revert",
+    is_flag=True,
+    help="Start without a signed revert: an abort then leaves the devices that moved on the new version.",
+)
 @COLLECTOR_OPTION
 @click.option("--wait", "wait_", is_flag=True, help="Follow the rollout until it ends; exit 1 unless it succeeded.")
 @json_option
-def start(bundle, fleet, devices, waves, wave_wait, abort_on, shadow_rows, health_seconds, collector, wait_, as_json):
-    """Upload BUNDLE to the collector (it verifies the signature) and start a rollout.
+def start(
+    bundle,
+    fleet,
+    devices,
+    waves,
+    wave_wait,
+    abort_on,
+    shadow_rows,
+    health_seconds,
+    key_path,
+    no_revert,
+    collector,
+    wait_,
+    as_json,
+):
+    """Upload BUNDLE to the collector (it verifies the signature) and start a rollout; --key signs the revert
+    an abort sends.
 
     \b
     Example:
       edgekit rollout start digits-4.edgebundle --fleet default --devices 'pi-*' --waves 10%,50%,100% \\
-          --wave-wait 5m --abort-on 'failed>20%,agreement<0.98,p99_ms>50' --shadow-rows 500
+          --wave-wait 5m --abort-on 'failed>20%,agreement<0.98,p99_ms>50' --shadow-rows 500 --key keys/edgekit.key
     """
+    revert = _signed_revert(bundle, fleet, key_path, no_revert)
     client = CollectorClient(collector)
     started = client.start(
         bundle,
@@ -90,6 +118,7 @@ def start(bundle, fleet, devices, waves, wave_wait, abort_on, shadow_rows, healt
         abort_on=abort_on,
         shadow_rows=shadow_rows,
         health_seconds=health_seconds,
+        **({"revert": revert} if revert else {}),
     )
     if not wait_:
         if as_json:
@@ -101,6 +130,26 @@ def start(bundle, fleet, devices, waves, wave_wait, abort_on, shadow_rows, healt
             )
         return
     _follow(client, started["id"], as_json)
+
+
+def _signed_revert(bundle: str, fleet: str, key_path: str | None, no_revert: bool) -> dict | None:
+    """The revert this rollout's abort would send, signed here so the key never leaves this machine."""
+    from edgekit.errors import RolloutError
+
+    if no_revert:
+        if key_path:
+            raise RolloutError("--key and --no-revert contradict each other", "pass one of them")
+        return None
+    if not key_path:
+        raise RolloutError(
+            "rollout start needs --key (the fleet's signing key): devices undo an aborted rollout only on a revert "
+            "signed by it",
+            "pass --key keys/edgekit.key, or --no-revert to start one whose abort leaves moved devices where they are",
+        )
+    from edgekit.bundle.keys import load_private_key
+    from edgekit.fleet.signed import sign_revert
+
+    return sign_revert(bundle, fleet=fleet, key=load_private_key(key_path))
 
 
 @rollout.command()
@@ -157,7 +206,11 @@ def _action(verb: str, summary: str):
 
 _action("pause", "Stop starting new waves (devices already updating finish).")
 _action("resume", "Continue a paused rollout.")
-_action("abort", "Stop the rollout and send every device that moved back to the version it came from.")
+_action(
+    "abort",
+    "Stop the rollout and send every device that moved back to the version it came from (with the revert "
+    "'rollout start --key' signed).",
+)
 
 
 @rollout.command()
@@ -190,7 +243,7 @@ def rollback(fleet, version, key_path, name, bundle_path, devices, collector, wa
     """
     from edgekit.bundle.keys import load_private_key
     from edgekit.errors import RolloutError
-    from edgekit.fleet.rollouts import sign_rollback
+    from edgekit.fleet.signed import sign_rollback
 
     client = CollectorClient(collector)
     if bundle_path:

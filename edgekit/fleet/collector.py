@@ -1,16 +1,26 @@
 """``edgekit fleet collect``: the long-running collector.
 
-MQTT: a persistent MQTT 5 session (clean_start off, a day of session expiry), so what devices send
-while the collector is down waits on the broker; summaries through a shared subscription
+MQTT: a persistent MQTT 5 session (clean_start off), so what devices send while the collector is
+down waits on the broker; summaries through a shared subscription
 (``$share/<group>/edgekit/v1/+/+/summary``) so several collectors split one fleet; state and baselines
 through plain subscriptions (shared ones get no retained messages). Acknowledgements are manual and
 sent only after the SQLite transaction holding the message has committed, so a collector killed at
 any moment loses nothing: the broker redelivers, and the store ignores what it already has.
 Brokers without MQTT 5 get MQTT 3.1.1 with a persistent session and no shared subscription.
+
+The session expires ``session_expiry_seconds`` (default 120) after a disconnect, not a day later:
+a broker keeps handing a share of the group's summaries, and of the resends they cause, to a member
+that is down but whose session lives. A restart within the expiry takes that queue over; a collector
+that never comes back strands its share only until the expiry, after which the broker drops the
+session and routes everything to the live members, and the gap requests (repeated every
+``gap_retry_seconds`` until the window arrives) fetch the stranded windows from the devices' spools.
+Windows lost last (nothing after them shows the gap) are seen through ``last_seq`` in the devices'
+retained ``state``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -19,14 +29,15 @@ from typing import Any
 
 from device_agent import mqtt_fallback
 from device_agent.protocol import Topics, command_payload, encode, fleet_filter
-from edgekit.errors import require
+from edgekit.errors import StoreError, StoreUnavailable, require
 from edgekit.fleet.config import CollectorConfig, parse_broker_url
 from edgekit.fleet.ingest import Ingestor, Message
-from edgekit.fleet.store import CollectorStore, SqliteStore
+from edgekit.fleet.store import CollectorStore, open_store
 
 log = logging.getLogger("edgekit.fleet")
 BATCH_MAX = 1000
 BATCH_WAIT = 0.05
+STORE_BACKOFF_MAX = 30.0  # seconds between attempts while the database is unreachable
 GAP_CHECK_SECONDS = 5.0
 # Alert rules run on the devices with news at most this often, not after every batch: under a burst
 # a batch touches most of the fleet, and evaluating each device per batch cost more than storing.
@@ -49,9 +60,14 @@ class Collector:
         store: CollectorStore | None = None,
         alerts: Any = None,
         rollouts: Any = None,
+        leader: Any = None,
     ) -> None:
+        """With a ``leader`` (``leader.Leadership``), the gap requests, the alert passes and the rollout ticks
+        are its duties, listed in ``service.FleetService.leader_duties``, and the alert rules on devices with
+        news run only while this collector leads; without one, this collector runs them all itself."""
         self.config = config
-        self.store = store or SqliteStore(config.db)
+        self.leader = leader
+        self.store = store or open_store(config.db)
         self.ingest_only = config.role == "ingest"
         self.rollouts = rollouts
         self.alerts = alerts
@@ -64,21 +80,22 @@ class Collector:
         self.connected = threading.Event()
         self.received = 0
         self._queue: deque = deque()
+        self._store_backoff, self._store_retry_at = 0.0, 0.0  # while the database is unreachable (drain)
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._client = None
         self._threads: list[threading.Thread] = []
         self._alerts_at = 0.0
         self.unusable = threading.Event()  # an ingest worker on a broker without shared subscriptions has nothing to do
-        self._summary_watermark = self.store.summary_watermark() if config.workers > 1 else 0
+        self._summary_watermark = self.store.summary_watermark() if config.workers > 1 or leader else 0
 
     # -- lifecycle -----------------------------------------------------------------------------------
     def start(self) -> Collector:
         self._connect()
         roles = [(self._writer, "edgekit-collector-writer")]
-        if not self.ingest_only:
+        if not self.ingest_only and self.leader is None:  # else the leader's duties
             roles.append((self._housekeeping, "edgekit-collector-gaps"))
-        if self.rollouts is not None:
+        if self.rollouts is not None and self.leader is None:
             roles.append((self._rollout_loop, "edgekit-collector-rollouts"))
         for target, name in roles:
             thread = threading.Thread(target=target, name=name, daemon=True)
@@ -125,7 +142,7 @@ class Collector:
         kwargs: dict[str, Any] = {}
         if v5:
             properties = Properties(PacketTypes.CONNECT)
-            properties.SessionExpiryInterval = 86400
+            properties.SessionExpiryInterval = self.config.session_expiry_seconds
             kwargs = {"clean_start": False, "properties": properties}
         self._client = client
         port = parsed.port or (8883 if parsed.scheme == "mqtts" else 1883)  # checked by parse_broker_url
@@ -199,7 +216,13 @@ class Collector:
             self.drain()
 
     def drain(self) -> int:
-        """Store what has arrived, then acknowledge it (never before the commit)."""
+        """Store what has arrived, then acknowledge it (never before the commit).
+
+        When the database is unreachable the batch goes back to the front of the queue, unacknowledged,
+        and is tried again after a backoff that doubles up to STORE_BACKOFF_MAX: nothing is lost, and
+        nothing is acknowledged that was not committed."""
+        if time.monotonic() < self._store_retry_at:
+            return 0
         batch = []
         while self._queue and len(batch) < BATCH_MAX * 5:
             batch.append(self._queue.popleft())
@@ -208,7 +231,14 @@ class Collector:
             return 0
         try:
             self.ingestor.handle([m for m, _, _ in batch])
-        except Exception:  # a failed commit: do not ack, the broker will redeliver
+            self._store_backoff = 0.0
+        except StoreUnavailable as exc:
+            self._queue.extendleft(reversed(batch))
+            self._store_backoff = min(max(2 * self._store_backoff, 0.5), STORE_BACKOFF_MAX)
+            self._store_retry_at = time.monotonic() + self._store_backoff
+            log.warning("the fleet database is unavailable (%s); retrying in %.1f s", exc, self._store_backoff)
+            return 0
+        except Exception:  # a bug, not the database: logged loudly, and not acknowledged
             log.exception("could not store a batch of %d messages", len(batch))
             return 0
         client = self._client
@@ -224,7 +254,13 @@ class Collector:
         now = time.monotonic()
         if self.alerts is None or now - self._alerts_at < ALERT_SECONDS:
             return
-        if self.config.workers > 1:  # what the ingest workers stored: devices with summaries past the watermark
+        if self.leader is not None and not self.leader.leading():  # the leader evaluates what anyone stored
+            self._alerts_at, self.ingestor.touched = now, set()
+            with contextlib.suppress(StoreError):  # a new leader starts from here, after its full pass
+                self._summary_watermark = self.store.summary_watermark()
+            return
+        if self.config.workers > 1 or self.leader is not None:  # devices with summaries past the watermark,
+            # stored by the ingest workers or other collectors
             self._alerts_at = now  # this query, too, at most every ALERT_SECONDS
             devices, self._summary_watermark = self.store.devices_with_summaries_after(self._summary_watermark)
             self.ingestor.touched |= devices
@@ -236,7 +272,7 @@ class Collector:
 
     def _housekeeping(self) -> None:
         full_pass_at = time.monotonic()
-        while not self._stop.wait(GAP_CHECK_SECONDS):
+        while not self._stop.wait(min(GAP_CHECK_SECONDS, self.config.gap_retry_seconds)):
             try:
                 self.request_gaps()
                 if self.alerts is not None and time.monotonic() - full_pass_at >= FULL_ALERT_PASS_SECONDS:
@@ -260,7 +296,9 @@ class Collector:
         return client.publish(topic, payload, qos=1, retain=retain).rc == 0
 
     def request_gaps(self) -> int:
-        """Ask devices for the windows the store is missing (each seq again after ``gap_retry_seconds``)."""
+        """Ask devices for the windows the store is missing, each again every ``gap_retry_seconds`` for as long
+        as it is missing: a resend can itself be routed into a dead member's session until that expires,
+        so a request is never taken as answered."""
         client = self._client
         if client is None or not self.connected.is_set():
             return 0

@@ -3,6 +3,10 @@
 Profiles of one baseline add exactly, so "this device over the last hour", "model digits v3 on
 every device" and "the whole fleet today" are all one merge and one comparison. Windows of
 different baselines (different model versions) are reported as separate groups.
+
+Past the retention period (``retention.py``) windows are kept as hourly and daily buckets of merged
+windows; ``merged_drift`` reads each window at the resolution it is kept at, and each report says
+which resolutions it used and how many windows each gave.
 """
 
 from __future__ import annotations
@@ -39,9 +43,10 @@ MERGED_MIN_PSI = 0.1
 
 
 def merged_drift(store: SqlStore, **selection: Any) -> list[dict[str, Any]]:
-    """One drift report per baseline among the selected windows (device, model, version, fleet, since)."""
+    """One drift report per baseline among the selected windows (device, model, version, fleet, since),
+    raw where raw windows are kept, from hourly and daily buckets before that (``resolutions``)."""
     groups: dict[str, dict[str, Any]] = {}
-    for summary in store.summaries(**selection):
+    for summary in store.history_windows(**selection):
         baseline_id = summary["profile"]["baseline_id"]
         group = groups.get(baseline_id)
         if group is None:
@@ -57,21 +62,27 @@ def merged_drift(store: SqlStore, **selection: Any) -> list[dict[str, Any]]:
                 "last": summary["window"]["end"],
                 "baseline": Profile.from_dict(document) if document else None,
                 "merged": None,
+                "resolutions": {},
             }
             if group["baseline"] is not None:
                 group["merged"] = group["baseline"].empty_like()
         group["devices"].add(summary["device"])
         group["versions"].add(summary["model"]["version"])  # versions trained on the same data share a baseline
-        group["windows"] += 1
+        windows, resolution = summary.get("windows", 1), summary.get("resolution", "raw")
+        group["windows"] += windows
+        group["resolutions"][resolution] = group["resolutions"].get(resolution, 0) + windows
         group["rows"] += summary["rows"]
+        group["first"] = min(group["first"], summary["window"]["start"])
         group["last"] = max(group["last"], summary["window"]["end"])
-        if group["merged"] is not None:
+        if group["merged"] is not None and "features" in summary["profile"]:  # a bucket may have lost its profile
             group["merged"].merge(group["baseline"].from_compact(summary["profile"]))
     return [_report(group) for group in groups.values()]
 
 
 def _report(group: dict[str, Any]) -> dict[str, Any]:
     report = {k: group[k] for k in ("baseline_id", "model", "windows", "rows", "first", "last")}
+    order = {"raw": 0, "hour": 1, "day": 2}
+    report["resolutions"] = dict(sorted(group["resolutions"].items(), key=lambda kv: order.get(kv[0], 3)))
     report["devices"] = sorted(group["devices"])
     report["model_versions"] = sorted(group["versions"])
     report["model_version"] = report["model_versions"][-1]  # the newest of them
@@ -93,9 +104,7 @@ def _report(group: dict[str, Any]) -> dict[str, Any]:
 RECENT_WINDOWS = 10
 
 
-def device_columns(
-    store: SqlStore, summaries: list[dict[str, Any]], windows: int = RECENT_WINDOWS
-) -> dict[str, Any]:
+def device_columns(store: SqlStore, summaries: list[dict[str, Any]], windows: int = RECENT_WINDOWS) -> dict[str, Any]:
     """What the device page draws per input column over the device's last ``windows`` windows, merged
     on their baseline: each column's data quality, and each categorical column's parts against the
     baseline. Only windows of the newest window's baseline merge (a model swap starts a new one)."""

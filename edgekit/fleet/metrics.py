@@ -8,11 +8,13 @@ from edgekit.fleet.store import SqlStore
 
 
 class Observed(Protocol):
-    """What /metrics reads: the store, the ingest counters, the alert engine (or None)."""
+    """What /metrics reads: the store, the ingest counters, the alert engine (or None), and the collector's
+    ``leader.Leadership`` (``holder``, ``leading()``)."""
 
     store: SqlStore
     ingestor: Any
     alerts: Any
+    leader: Any
 
 
 def render(collector: Observed) -> bytes:
@@ -58,6 +60,7 @@ def render(collector: Observed) -> bytes:
             for reason, count in sorted(collector.store.rejects().items()):
                 rejected.add_metric([reason], count)
             yield rejected
+            yield from _leader(collector)
             if collector.alerts is not None:
                 alerts = GaugeMetricFamily("edgekit_alerts_open", "Open alerts by rule.", labels=["rule"])
                 for rule, count in collector.alerts.open_counts().items():
@@ -67,3 +70,20 @@ def render(collector: Observed) -> bytes:
     registry = CollectorRegistry()
     registry.register(_Fleet())
     return generate_latest(registry)
+
+
+def _leader(collector: Observed) -> Any:
+    """1 on the collector that holds the fleet database's lease (and runs alerts, gap requests and rollouts),
+    0 on the others: summed over the collectors, anything but 1 for long is worth an alert."""
+    from prometheus_client.core import GaugeMetricFamily
+
+    leader = getattr(collector, "leader", None)
+    if leader is None:
+        return
+    gauge = GaugeMetricFamily(
+        "edgekit_collector_leader",
+        "1 when this collector holds the leader lease (alerts, gap requests, rollouts), else 0.",
+        labels=["collector"],
+    )
+    gauge.add_metric([leader.holder], 1.0 if leader.leading() else 0.0)
+    yield gauge

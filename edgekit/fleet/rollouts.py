@@ -13,7 +13,9 @@ topic; devices answer on ``reported`` (see ``device_agent.updater``).
 - Abort rules: ``failed>20%`` (share of sent devices that failed or rolled back), ``agreement<0.98``
   (row-weighted mean shadow agreement), ``p99_ms>50`` (median candidate p99 in shadow),
   ``drift>30%`` (share of moved devices whose latest window on the new version drifted). An abort
-  sends every moved device a ``revert`` to the version it came from.
+  sends every moved device a ``revert`` to the version it came from: the instruction the operator's
+  CLI signed with the fleet key when the rollout started (``signed.sign_revert``), kept in the
+  rollout's spec. A rollout started without one (no ``--key``) leaves moved devices where they are.
 - ``rollback``: going *down* needs an instruction signed by the fleet's private key (made by the
   CLI, never held by the collector); devices check that signature themselves.
 """
@@ -21,6 +23,7 @@ topic; devices answer on ``reported`` (see ``device_agent.updater``).
 from __future__ import annotations
 
 import base64
+import contextlib
 import fnmatch
 import json
 import os
@@ -29,7 +32,6 @@ import statistics
 import tempfile
 import threading
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,16 +40,10 @@ from typing import Any
 from device_agent.bundle import BUNDLE_SUFFIX, read_bundle
 from device_agent.canonical import canonical_json, sha256_hex
 from device_agent.errors import BundleError
-from device_agent.protocol import (
-    ROLLBACK_SCHEMA,
-    TERMINAL_UPDATE_STATES,
-    Topics,
-    desired_payload,
-    encode,
-    rollback_instruction,
-)
+from device_agent.protocol import ROLLBACK_SCHEMA, TERMINAL_UPDATE_STATES, Topics, desired_payload, encode
 from device_agent.signing import verify_signature
 from edgekit.errors import RolloutConflict, RolloutError, RolloutNotFound
+from edgekit.fleet.bundle_files import bundle_file
 from edgekit.fleet.rollout_spec import (
     DEFAULT_ABORT_ON,
     RolloutSpec,
@@ -56,7 +52,9 @@ from edgekit.fleet.rollout_spec import (
     parse_duration,
     parse_waves,
 )
-from edgekit.fleet.store import RolloutStore
+from edgekit.fleet.signed import check_signed_revert, counts, new_rollout_id, unreverted
+from edgekit.fleet.signed import sign_rollback as sign_rollback  # where callers found it first
+from edgekit.fleet.store import LeaseLost, RolloutStore
 
 TERMINAL = ("aborted", "succeeded", "failed")  # a rollout in one of these is finished
 FAILED_DEVICE_STATES = ("failed", "rolled_back")
@@ -70,6 +68,7 @@ class RolloutController:
     public_url: Callable[[], str]
     trusted_key: Any = None
     clock: Callable[[], float] = time.time
+    leader: Any = None  # leader.Leadership: ticks, and their writes, only while it leads (None: alone)
     _lock: threading.RLock = field(default_factory=threading.RLock)
 
     def __post_init__(self) -> None:
@@ -106,7 +105,7 @@ class RolloutController:
             "signature": signature,
             "added_at": self.clock(),
         }
-        other = self.store.add_bundle(record)
+        other = self.store.store_bundle(record, data)  # the bytes too: any collector serves it
         if other is not None:
             raise RolloutConflict(
                 f"{bundle.name} v{bundle.version} is already known with other content (sha256 {other[:12]}…)",
@@ -122,8 +121,14 @@ class RolloutController:
     def bundles(self) -> list[dict[str, Any]]:
         return self.store.bundles()
 
+    def bundle_file(self, sha256: str) -> Path | None:
+        """The bundle's file on this collector, written from the fleet database on first use (``bundle_files``)."""
+        return bundle_file(self.store, self.bundle_dir, sha256)
+
     # -- starting --------------------------------------------------------------------------------------
-    def start(self, sha256: str, fleet: str, spec: RolloutSpec) -> str:
+    def start(self, sha256: str, fleet: str, spec: RolloutSpec, revert: dict[str, Any] | None = None) -> str:
+        """Start a rollout; ``revert`` (``signed.sign_revert``) is what an abort sends the devices that moved,
+        and its instruction names the rollout's id."""
         bundle = self.bundle(sha256=sha256)
         if bundle is None:
             raise RolloutError(
@@ -132,7 +137,7 @@ class RolloutController:
             )
         self._need_key()
         try:
-            read_bundle(bundle["path"], self.trusted_key)  # again: the file on disk is what devices get
+            read_bundle(self.bundle_file(sha256), self.trusted_key)  # again: the file is what devices get
         except BundleError as exc:
             raise RolloutError(f"the stored bundle no longer verifies: {exc}", "upload it again") from exc
         targets = self._targets(fleet, spec.devices)
@@ -143,7 +148,11 @@ class RolloutController:
                 f"(e.g. {newer[0]['device']} on v{newer[0]['model_version']})",
                 "devices only go up; use 'edgekit rollout rollback --to VERSION' with the signing key to go down",
             )
-        return self._create(fleet, "install", bundle, spec, targets)
+        if revert is None:
+            return self._create(fleet, "install", bundle, spec, targets)
+        revert = check_signed_revert(revert, self.trusted_key, fleet=fleet, bundle=bundle, taken=self.store.rollout)
+        rollout_id = revert["instruction"]["rollout"]
+        return self._create(fleet, "install", bundle, spec, targets, extra={"revert": revert}, rollout_id=rollout_id)
 
     def rollback(self, instruction: dict[str, Any], signature: str, devices: str = "*") -> str:
         """A signed instruction to go down to an earlier version (made by ``sign_rollback``)."""
@@ -197,9 +206,10 @@ class RolloutController:
         spec: RolloutSpec,
         targets: list[dict[str, Any]],
         extra: dict[str, Any] | None = None,
+        rollout_id: str | None = None,
     ) -> str:
         now = self.clock()
-        rollout_id = "r-" + time.strftime("%Y%m%d-%H%M%S", time.gmtime(now)) + "-" + uuid.uuid4().hex[:6]
+        rollout_id = rollout_id or new_rollout_id(now)
         waves = _assign_waves(len(targets), spec.waves)
         spec_doc = json.loads(spec.to_json())
         spec_doc.update(extra or {})
@@ -254,12 +264,17 @@ class RolloutController:
 
     # -- reports from devices ------------------------------------------------------------------------
     def record_report(self, doc: dict[str, Any], now: float) -> None:
+        """A device's step or result; not one on a revert it refused or was never sent (``signed.counts``)."""
+        if doc.get("action") == "revert" and not counts(doc, self.store.rollout(str(doc.get("rollout")))):
+            return
         facts = {k: doc[k] for k in ("shadow", "download", "health", "selftest") if isinstance(doc.get(k), dict)}
         self.store.record_rollout_report(doc, facts, now)
 
     # -- the loop ------------------------------------------------------------------------------------
     def tick(self) -> None:
-        with self._lock:
+        if self.leader is not None and not self.leader.leading():
+            return  # another collector leads: it runs the rollouts
+        with self._lock, contextlib.suppress(LeaseLost):  # lost mid-tick: the new leader carries on from the store
             for rollout_id in self.store.running_rollouts():
                 self._advance(rollout_id)
 
@@ -269,8 +284,7 @@ class RolloutController:
         now = self.clock()
         current = [d for d in devices if d["wave"] <= rollout["wave"]]
         for device in current:
-            if device["state"] == "pending" and self._send(rollout, device):
-                self._set_device(rollout_id, device["device"], "sent", "desired state published", sent_at=now)
+            if device["state"] == "pending" and self._claim_and_send(rollout, device, now):
                 device["state"] = "sent"
         for device in current:
             if (
@@ -301,10 +315,26 @@ class RolloutController:
         if now - rollout["wave_done_at"] < spec.wave_wait:
             return
         if rollout["wave"] + 1 < len(spec.waves):
-            self._update(rollout_id, wave=rollout["wave"] + 1, wave_started_at=now, wave_done_at=None)
+            with self._fenced():
+                self._update(rollout_id, wave=rollout["wave"] + 1, wave_started_at=now, wave_done_at=None)
             self._advance(rollout_id)
             return
         self._finish(rollout_id, devices)
+
+    def _claim_and_send(self, rollout: dict[str, Any], device: dict[str, Any], now: float) -> bool:
+        """Mark the device sent, committed (and fenced: only the leader's mark counts) before its desired
+        message goes out, so a leader killed in between leaves its successor a device marked sent, never
+        one to send a second time; a publish that fails (no broker) puts it back to pending."""
+        with self._fenced():
+            self._set_device(rollout["id"], device["device"], "sent", "desired state published", sent_at=now)
+        if self._send(rollout, device):
+            return True
+        with self._fenced():
+            self._set_device(rollout["id"], device["device"], "pending", "not sent yet: the broker is unreachable")
+        return False
+
+    def _fenced(self) -> Any:
+        return contextlib.nullcontext() if self.leader is None else self.leader.fenced()
 
     def _finish(self, rollout_id: str, devices: list[dict[str, Any]]) -> None:
         """After the last wave: done when every device has a result. Devices that are offline keep
@@ -383,19 +413,26 @@ class RolloutController:
         return self.publish(_desired_topic(rollout["fleet"], device["device"]), encode(doc), True)
 
     def _revert_moved(self, rollout_id: str) -> None:
-        """Every device that moved, or may be moving, is told to undo it (devices whose wave never came are
-        marked aborted by ``_abort_unstarted``)."""
+        """Every device that moved, or may be moving, is told to undo it with the revert the operator signed
+        at the start (devices whose wave never came are marked aborted by ``_abort_unstarted``). Without one
+        (an older CLI, or ``--no-revert``) devices refuse any revert, so none is sent and the reason says so."""
         rollout, devices = self._load(rollout_id)
         self._abort_unstarted(rollout_id, devices)
-        for device in devices:
-            if device["state"] in ("pending", "failed", "rolled_back", "aborted"):
-                continue  # it never moved, or has moved back already
+        moving = [d for d in devices if d["state"] not in ("pending", "failed", "rolled_back", "aborted")]
+        revert = json.loads(rollout["spec"]).get("revert")
+        if revert is None:
+            if moving and rollout["kind"] == "install":
+                self._update(rollout_id, reason=f"{rollout['reason']}; {unreverted(rollout, len(moving))}")
+            return
+        for device in moving:
             doc = desired_payload(
                 rollout=rollout_id,
                 action="revert",
                 name=rollout["name"],
                 version=rollout["version"],
                 from_version=device["from_version"] or 0,
+                instruction=revert["instruction"],
+                instruction_signature=revert["signature"],
             )
             self.publish(_desired_topic(rollout["fleet"], device["device"]), encode(doc), True)
 
@@ -442,6 +479,7 @@ class RolloutController:
             "wave": rollout["wave"] + 1,
             "waves": [f"{w:.0%}" for w in spec["waves"]],
             "abort_on": spec["abort_on"],
+            "signed_revert": "revert" in spec,  # whether an abort can send the devices that moved back
             "counts": counts,
             "devices": [
                 {
@@ -486,22 +524,6 @@ class RolloutController:
             )
 
 
-def sign_rollback(
-    *, fleet: str, name: str, version: int, sha256: str, key: Any, issued_at: float | None = None
-) -> tuple[dict[str, Any], str]:
-    """The signed instruction ``rollout rollback`` sends: (instruction, base64 of the signature file)."""
-    from edgekit.bundle.keys import sign
-
-    instruction = rollback_instruction(
-        fleet=fleet,
-        name=name,
-        version=version,
-        sha256=sha256,
-        issued_at=time.time() if issued_at is None else issued_at,
-    )
-    return instruction, base64.b64encode(sign(canonical_json(instruction), key)).decode()
-
-
 def _rule_value(spec: dict[str, Any], metric: str) -> float | None:
     rule = next((r for r in parse_abort_rules(",".join(spec["abort_on"])) if r.metric == metric), None)
     return None if rule is None else rule.value
@@ -509,7 +531,7 @@ def _rule_value(spec: dict[str, Any], metric: str) -> float | None:
 
 def _spec_only(text: str) -> str:
     doc = json.loads(text)
-    return json.dumps({k: v for k, v in doc.items() if k not in ("instruction", "instruction_signature")})
+    return json.dumps({k: v for k, v in doc.items() if k not in ("instruction", "instruction_signature", "revert")})
 
 
 def _signature_of(path: Path) -> bytes:
@@ -548,4 +570,4 @@ def start_from_request(controller: RolloutController, doc: dict[str, Any]) -> st
         ) from exc
     if spec.shadow_rows < 0:
         raise RolloutError("shadow_rows must be 0 or more")
-    return controller.start(sha256, str(fleet), spec)
+    return controller.start(sha256, str(fleet), spec, revert=doc.get("revert"))

@@ -2,8 +2,12 @@
 
 It builds the store, the alert engine, the rollout controller and the MQTT collector that feeds
 them, then starts the ingest worker processes and the web server, and stops them in reverse. No
-part starts another: the collector only ingests and drives the alert and rollout ticks; the web
-routes and /metrics read this object through small Protocols (``web.Fleet``, ``metrics.Observed``).
+part starts another: the collector only ingests; the web routes and /metrics read this object
+through small Protocols (``web.Fleet``, ``metrics.Observed``).
+
+Several collectors may share one database (same ``--group``, different ``--client-id``): every one
+ingests, and one, the holder of the database's lease (``leader.py``), runs the duties listed in
+``leader_duties``: the gap requests, the alert passes, the rollout controller's ticks.
 """
 
 from __future__ import annotations
@@ -15,8 +19,9 @@ from typing import Any
 from device_agent.signing import load_public_key
 from edgekit.errors import EdgekitError
 from edgekit.fleet.alerts import AlertEngine, AlertRules, AlertSinks
-from edgekit.fleet.collector import Collector
+from edgekit.fleet.collector import FULL_ALERT_PASS_SECONDS, GAP_CHECK_SECONDS, ROLLOUT_TICK, Collector
 from edgekit.fleet.config import CollectorConfig
+from edgekit.fleet.leader import Duty, Leadership
 from edgekit.fleet.rollouts import RolloutController
 from edgekit.fleet.store import SqlStore, is_postgres_url, open_store
 
@@ -34,21 +39,39 @@ class FleetService:
         self.config = config
         self.store = store or open_store(config.db)
         self.alerts = AlertEngine(self.store, alert_rules, alert_sinks or AlertSinks()) if alert_rules else None
+        self.leader = Leadership(self.store, config.client_id)
         self.rollouts = RolloutController(
             self.store,
             self._publish,
             _bundle_dir(config),
             self.http_url,
             trusted_key=load_public_key(config.trust) if config.trust else None,
+            leader=self.leader,
         )
-        self.collector = Collector(config, store=self.store, alerts=self.alerts, rollouts=self.rollouts)
+        self.collector = Collector(
+            config, store=self.store, alerts=self.alerts, rollouts=self.rollouts, leader=self.leader
+        )
         self.workers: Any = None
         self.server: Any = None
 
     ingestor = property(lambda self: self.collector.ingestor, doc="The collector's ingest counters (for /metrics).")
 
+    def leader_duties(self) -> list[Duty]:
+        """What only one of the collectors sharing the database does: the lease holder (``leader.py``).
+        Every collector ingests; the alert rules on devices with news run in the leader's writer too
+        (``Collector._evaluate_alerts``). A duty added here runs on the leader alone, and at once when a
+        collector takes the lead."""
+        duties = [
+            Duty("gap requests", self.collector.request_gaps, min(GAP_CHECK_SECONDS, self.config.gap_retry_seconds)),
+            Duty("rollouts", self.rollouts.tick, ROLLOUT_TICK),
+        ]
+        if self.alerts is not None:  # every device, for rules that fire on silence (offline)
+            duties.append(Duty("alert pass", self.alerts.evaluate, FULL_ALERT_PASS_SECONDS))
+        return duties
+
     def start(self) -> FleetService:
         self.collector.start()
+        self.leader.start(self.leader_duties())
         if self.config.workers > 1:
             from edgekit.fleet.workers import IngestWorkers
 
@@ -66,6 +89,7 @@ class FleetService:
         return self
 
     def stop(self) -> None:
+        self.leader.stop()  # first: its duties end and the lease is released, so another collector leads at once
         if self.workers is not None:
             self.workers.stop()
         if self.server is not None:

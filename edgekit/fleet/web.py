@@ -6,11 +6,13 @@
     GET /drift?model=&version=&fleet=&since=&feature=   fleet-wide merged drift, and one feature's
                                distribution over the fleet against its baseline
     GET /api/status            ``fleet status --json``
+    GET /api/leader            which collector holds the leader lease, since when (``fleet leader --json``)
     GET /api/drift?device=&model=&version=&since=   merged drift (``fleet drift --json``)
     GET /api/alerts            open and recent alerts
     GET /metrics               Prometheus text (prometheus-client)
     GET /rollouts, /rollouts/<id>   rollouts: waves, devices per state, reasons
-    GET /bundles/<sha256>      bundle bytes for devices, with Range (an interrupted download resumes)
+    GET /bundles/<sha256>      bundle bytes for devices, with Range (an interrupted download resumes);
+                               with the API token when the collector has one (devices: [update] token)
     GET  /api/bundles          stored bundles;  POST /api/bundles (the bundle's bytes) verifies and stores one
     GET  /api/rollouts[/<id>]  rollout status;  POST /api/rollouts {sha256, fleet, devices, waves, ...} starts one
     POST /api/rollouts/<id>/(pause|resume|abort);  POST /api/rollbacks {instruction, signature, devices}
@@ -32,6 +34,7 @@ from device_agent.config import HttpLimits
 from device_agent.errors import ServeError
 from device_agent.wsgi import HttpError, Request, Response, error_response, json_response, wsgi_app
 from edgekit.errors import EdgekitError
+from edgekit.fleet.leader import LEADER_LEASE, describe_lease
 from edgekit.fleet.merge import device_columns, merged_drift, since_timestamp
 from edgekit.fleet.pages.device import render_device
 from edgekit.fleet.pages.drift import render_fleet_drift
@@ -41,13 +44,13 @@ if TYPE_CHECKING:
     from device_agent.httpserver import HttpServer
     from edgekit.fleet.config import CollectorConfig
     from edgekit.fleet.rollouts import RolloutController
-    from edgekit.fleet.store import SqliteStore
+    from edgekit.fleet.store import SqlStore
 
 
 class Fleet(Protocol):
     """What the routes use of a running collector: its store, alerts, rollouts and API token."""
 
-    store: SqliteStore
+    store: SqlStore
     alerts: Any
     rollouts: RolloutController | None
     config: CollectorConfig
@@ -118,7 +121,7 @@ def route(collector: Fleet, request: Request) -> Response:
 def _get(collector: Fleet, request: Request) -> Response:
     path, query, store = request.path, request.query, collector.store
     if path == "/":
-        return Response(200, render_fleet(store.status(), _alerts(collector)), HTML)
+        return Response(200, render_fleet(store.status(), _alerts(collector), _leader(store)), HTML)
     if path.startswith("/devices/"):
         device = path.split("/", 2)[2]
         if device not in {d["device"] for d in store.status()}:
@@ -137,6 +140,8 @@ def _get(collector: Fleet, request: Request) -> Response:
         return Response(200, render_fleet_drift(reports, query.get("feature")), HTML)
     if path == "/api/status":
         return json_response(store.status())
+    if path == "/api/leader":
+        return json_response(_leader(store))
     if path == "/api/drift":
         version = int(query["version"]) if "version" in query else None
         return json_response(
@@ -155,7 +160,7 @@ def _get(collector: Fleet, request: Request) -> Response:
 
         return Response(200, render(collector), "text/plain; version=0.0.4")
     if _BUNDLE_ROUTE.match(path):
-        return _bundle(collector, _BUNDLE_ROUTE.match(path)["sha"], request.header("range"))
+        return _bundle(collector, request, _BUNDLE_ROUTE.match(path)["sha"])
     if path in ("/api/rollouts", "/api/bundles", "/rollouts") or path.startswith(("/api/rollouts/", "/rollouts/")):
         return _rollout_get(collector, path)
     return error_response(404, f"no route {path}")
@@ -207,12 +212,23 @@ def _rollout_get(collector: Fleet, path: str) -> Response:
     return Response(200, render_rollout(status), HTML)
 
 
-def _bundle(collector: Fleet, sha256: str, wanted: str) -> Response:
-    """The bundle's bytes; ``Range: bytes=N-[M]`` gets 206 and the rest, so devices resume."""
-    stored = collector.rollouts.bundle(sha256=sha256)
+def _bundle(collector: Fleet, request: Request, sha256: str) -> Response:
+    """The bundle's bytes; ``Range: bytes=N-[M]`` gets 206 and the rest, so devices resume. With an API token
+    set, only for its bearer: a bundle is the fleet's model, and its URL is no secret (it is in every device's
+    retained ``desired`` message)."""
+    token = collector.config.api_token
+    offered = request.header("authorization").encode("utf-8", "replace")
+    if token and not hmac.compare_digest(offered, f"Bearer {token}".encode()):
+        return error_response(
+            401,
+            "missing or wrong API token for a bundle download; "
+            "set [update] token_file (or EDGEKIT_COLLECTOR_TOKEN) in the device's agent.toml",
+        )
+    wanted = request.header("range")
+    stored = collector.rollouts.bundle_file(sha256)  # written from the fleet database on first use
     if stored is None:
         return error_response(404, f"no bundle {sha256}")
-    with open(stored["path"], "rb") as handle:
+    with open(stored, "rb") as handle:
         data = handle.read()
     size = len(data)
     first, last, status = 0, size - 1, 200
@@ -235,6 +251,10 @@ def _bundle(collector: Fleet, sha256: str, wanted: str) -> Response:
 
 def _range_error(size: int) -> Response:
     return Response(416, b"", "application/octet-stream", [("Content-Range", f"bytes */{size}")])
+
+
+def _leader(store: SqlStore) -> dict[str, Any]:
+    return describe_lease(store.lease(LEADER_LEASE))
 
 
 def _alerts(collector: Fleet) -> list[dict[str, Any]]:

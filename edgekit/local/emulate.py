@@ -8,6 +8,7 @@ steady rate by the agent's emulation feeder, with drift injected into chosen dev
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import signal
 import subprocess
@@ -85,17 +86,13 @@ def prepare_devices(
     state_dir: str,
     http_port_base: int | None,
     prefix: str = "emu",
+    collector_token: str | None = None,
+    collector_url: str | None = None,
 ) -> list[Path]:
-    """Write each device's directory (``<prefix>-00``, …: agent.toml, trusted key, bundle); return the configs."""
-    if broker:
-        from edgekit.fleet.config import parse_broker_url
-
-        parse_broker_url(broker)
-    if drift and max(drift.devices, default=0) >= devices:
-        raise EdgekitError(
-            f"drift is asked for devices {sorted(drift.devices)} but only {devices} run (0-{devices - 1})",
-            "fix devices= in --drift",
-        )
+    """Write each device's directory (``<prefix>-00``, …: agent.toml, trusted key, bundle); return the configs.
+    ``collector_token`` (default: ``EDGEKIT_COLLECTOR_TOKEN``): see ``_update_lines``."""
+    token = collector_token if collector_token is not None else os.environ.get("EDGEKIT_COLLECTOR_TOKEN")
+    _check_arguments(broker, drift, devices)
     key = load_public_key(pubkey)
     opened = read_bundle(bundle, key)
     feature = _drift_feature(drift, opened.input_schema)
@@ -126,10 +123,37 @@ def prepare_devices(
             drift=drifting,
             feature=feature,
         )
+        lines += _update_lines(directory, token, collector_url)
         config = directory / "agent.toml"
         config.write_text("\n".join(lines) + "\n")
         configs.append(config)
     return configs
+
+
+def _check_arguments(broker: str | None, drift: DriftSpec | None, devices: int) -> None:
+    if broker:
+        from edgekit.fleet.config import parse_broker_url
+
+        parse_broker_url(broker)
+    if drift and max(drift.devices, default=0) >= devices:
+        raise EdgekitError(
+            f"drift is asked for devices {sorted(drift.devices)} but only {devices} run (0-{devices - 1})",
+            "fix devices= in --drift",
+        )
+
+
+def _update_lines(directory: Path, token: str | None, collector_url: str | None) -> list[str]:
+    """The collector's API token, which it wants on bundle downloads when it has one: ``collector.token``
+    (0600) and ``[update] token_file``, with ``collector_url`` as ``[update] collector`` when given (else
+    the agent sends the token only to the broker's host). Nothing without a token."""
+    if not token:
+        return []
+    secret = directory / "collector.token"
+    secret.touch(mode=0o600)
+    secret.chmod(0o600)  # before the token is in it (touch keeps an existing file's mode)
+    secret.write_text(token + "\n")
+    lines = ["[update]", 'token_file = "collector.token"']
+    return lines + ([f'collector = "{collector_url}"'] if collector_url else [])
 
 
 def _agent_toml(

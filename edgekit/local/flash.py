@@ -14,13 +14,15 @@ Targets:
   install runs through ``chroot`` with a clean environment, then the agent is started there.
 
 Layout: ``venv/`` (``edgekit-ml[agent]`` from the index, or offline from ``--wheel-dir``), ``etc/agent.toml``,
-``etc/trusted.pub``, ``etc/mqtt.password`` (0600, from ``fleet provision``), ``state/`` with the bundle
+``etc/trusted.pub``, ``etc/mqtt.password`` (0600, from ``fleet provision``), ``etc/collector.token`` (0600, the
+collector's API token for bundle downloads, when ``EDGEKIT_COLLECTOR_TOKEN`` is set), ``state/`` with the bundle
 installed in its active slot. Running flash again upgrades in place. ``--dry-run`` prints each step.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import shutil
 import subprocess
@@ -74,6 +76,8 @@ class FlashPlan:
     window_rows: int = 1000
     window_seconds: float = 60.0
     start: bool = False
+    collector_token: str | None = field(default=None, repr=False)  # default: EDGEKIT_COLLECTOR_TOKEN
+    collector_url: str | None = None  # [update] collector: where the token may go (default: the broker's host)
 
 
 @dataclass
@@ -143,6 +147,7 @@ class Flasher:
             (staging / "mqtt.password").write_text(password + "\n")
             files["etc/mqtt.password"] = staging / "mqtt.password"
             mqtt += [f'username = "{plan.device_id}"', f'password_file = "{root}/etc/mqtt.password"']
+        update = self._collector_token(staging, files, root)
         config = (
             "\n".join(
                 [
@@ -158,6 +163,7 @@ class Flasher:
                     "[monitor]",
                     f"window_rows = {plan.window_rows}",
                     f"window_seconds = {plan.window_seconds}",
+                    *update,
                 ]
             )
             + "\n"
@@ -177,6 +183,18 @@ class Flasher:
         for wheel in wheels.glob("*.whl"):
             files[f"wheels/{wheel.name}"] = wheel
         return files
+
+    def _collector_token(self, staging: Path, files: dict[str, Path], root: str) -> list[str]:
+        """The ``[update]`` lines, and ``etc/collector.token`` staged, when the collector has an API token:
+        it wants it on bundle downloads, so a device flashed without it could never be updated over the air."""
+        plan = self.plan
+        token = plan.collector_token if plan.collector_token is not None else os.environ.get("EDGEKIT_COLLECTOR_TOKEN")
+        if not token:
+            return []
+        (staging / "collector.token").write_text(token + "\n")
+        files["etc/collector.token"] = staging / "collector.token"
+        lines = ["[update]", f'token_file = "{root}/etc/collector.token"']
+        return lines + ([f'collector = "{plan.collector_url}"'] if plan.collector_url else [])
 
     def _password(self) -> str | None:
         if self.plan.credentials is None:
@@ -227,6 +245,7 @@ class Flasher:
             f'"$ROOT/venv/bin/python" -m pip install -q --disable-pip-version-check {index}--find-links "$ROOT/wheels" '
             f'"edgekit-ml[{extras}]"',
             'chmod 600 "$ROOT/etc/mqtt.password" 2>/dev/null || true',
+            'chmod 600 "$ROOT/etc/collector.token" 2>/dev/null || true',
             # flashing is an administrator's direct install: it may replace the active version (OTA may not)
             '"$ROOT/venv/bin/edge-agent" install "$ROOT/bundle.edgebundle" --config "$ROOT/etc/agent.toml" '
             "--allow-downgrade",
@@ -236,7 +255,7 @@ class Flasher:
                 'if [ "$(id -u)" = 0 ]; then id edgekit >/dev/null 2>&1 || '
                 'useradd --system --home "$ROOT" --shell /usr/sbin/nologin edgekit; '
                 'chown -R edgekit: "$ROOT/state" "$ROOT/etc"; '
-                'chmod 600 "$ROOT/etc/mqtt.password" 2>/dev/null || true; fi',
+                'chmod 600 "$ROOT/etc/mqtt.password" "$ROOT/etc/collector.token" 2>/dev/null || true; fi',
                 'if [ "$(id -u)" = 0 ] && [ -d /run/systemd/system ]; then',
                 '  cp "$ROOT/etc/edgekit-agent.service" /etc/systemd/system/edgekit-agent.service',
                 "  systemctl daemon-reload && systemctl enable edgekit-agent && systemctl restart edgekit-agent",

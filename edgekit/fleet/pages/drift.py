@@ -17,6 +17,7 @@ def render_fleet_drift(reports: list[dict[str, Any]], feature: str | None) -> by
         versions = ", ".join(f"v{v}" for v in report["model_versions"])
         counts = f"{report['windows']} windows, {report['rows']:,} rows, {len(report['devices'])} device(s)"
         title = f"{html.escape(report['model'])} {versions}: {counts}"
+        title += f"<br><small class='muted'>{html.escape(resolutions(report))}</small>"
         if report["drift"] is None:
             sections.append(f"<h2>{title}</h2><p class='muted'>{html.escape(report['note'])}</p>")
             continue
@@ -43,6 +44,15 @@ def render_fleet_drift(reports: list[dict[str, Any]], feature: str | None) -> by
         "".join(sections) or "<p class='muted'>no windows stored yet</p>"
     )
     return page("fleet drift", body)
+
+
+def resolutions(report: dict[str, Any]) -> str:
+    """Which resolutions the merged report read: past the retention period, windows are kept as hourly and
+    daily buckets of merged windows (``edgekit fleet retention``), and a range starting there starts on
+    the bucket's hour or day."""
+    names = {"raw": "raw windows", "hour": "hourly buckets", "day": "daily buckets"}
+    parts = [f"{names.get(k, k)} ({n:,} windows)" for k, n in (report.get("resolutions") or {}).items()]
+    return "from " + (", ".join(parts) or "raw windows")
 
 
 def distribution_chart(feature: str, counts: dict[str, list[int]], width: int = 720, height: int = 240) -> str:

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import html
+import time
 from typing import Any
 
 from edgekit.fleet.pages import page
 
 
-def render_fleet(status: list[dict[str, Any]], alerts: list[dict[str, Any]]) -> bytes:
+def render_fleet(
+    status: list[dict[str, Any]], alerts: list[dict[str, Any]], leader: dict[str, Any] | None = None
+) -> bytes:
+    """``leader``: the lease as ``/api/leader`` shows it (holder, since, held), for the header."""
     rows = "".join(
         f"<tr><td><a href='/devices/{html.escape(d['device'])}'>{html.escape(d['device'])}</a></td>"
         f"<td>{html.escape(d['fleet'])}</td>"
@@ -40,7 +44,17 @@ def render_fleet(status: list[dict[str, Any]], alerts: list[dict[str, Any]]) -> 
     body = (
         "<h1>edgekit fleet</h1><p><a href='/drift'>fleet-wide drift</a> · <a href='/rollouts'>rollouts</a></p>"
         f"<p class='muted'>{len(status)} devices, {online} online, {drifted} drifted</p>"
+        f"{leader_line(leader)}"
         f"<table>{header}{rows}</table>"
         f"<h2>Open alerts</h2><table>{alert_header}{alert_rows}</table>"
     )
     return page("edgekit fleet", body)
+
+
+def leader_line(leader: dict[str, Any] | None) -> str:
+    """Which collector runs alerts, gap requests and rollouts, and since when (or that none does now)."""
+    if not leader or not leader.get("held"):
+        last = f" (last: {html.escape(leader['holder'])})" if leader else ""
+        return f"<p class='bad'>leader: none holds the lease{last}; alerts and rollouts wait for one</p>"
+    since = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(leader["since"]))
+    return f"<p class='muted'>leader: <b>{html.escape(leader['holder'])}</b> since {since}</p>"

@@ -2,7 +2,8 @@
 
 ``FleetStore`` is the seam the ingest path is typed against. Every statement is written once, in SQL
 both databases run (``SqlStore``, ``sql.py``, with the rollout controller's records mixed in from
-``rollout_records.py``); ``SqliteStore`` (``sqlite.py``: a file, one machine) and ``PostgresStore``
+``rollout_records.py``, the leader's lease from ``lease_records.py`` and bundles' bytes from
+``bundle_blobs.py``); ``SqliteStore`` (``sqlite.py``: a file, one machine) and ``PostgresStore``
 (``postgres.py``: a server several collectors share) hold the connections. ``open_store`` picks one
 from what ``--db`` names; the schema's migrations, in both dialects, are in ``schema.py``. Nothing
 outside this package runs SQL.
@@ -16,6 +17,8 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from edgekit.errors import StoreError
+from edgekit.fleet.store.bundle_blobs import CHUNK_BYTES
+from edgekit.fleet.store.lease_records import Lease, LeaseLost
 from edgekit.fleet.store.postgres import PostgresStore, is_postgres_url
 from edgekit.fleet.store.records import SummaryRecord, alert_facts
 from edgekit.fleet.store.schema import GAP_GRACE_SECONDS, MIGRATIONS
@@ -23,8 +26,11 @@ from edgekit.fleet.store.sql import SqlStore
 from edgekit.fleet.store.sqlite import SqliteStore
 
 __all__ = [
+    "CHUNK_BYTES",
     "CollectorStore",
     "FleetStore",
+    "Lease",
+    "LeaseLost",
     "PostgresStore",
     "RolloutStore",
     "SqlStore",
@@ -78,6 +84,10 @@ class RolloutStore(Protocol):
     def status(self) -> list[dict[str, Any]]: ...
 
     def add_bundle(self, record: dict[str, Any]) -> str | None: ...
+
+    def store_bundle(self, record: dict[str, Any], data: bytes) -> str | None: ...
+
+    def bundle_chunks(self, sha256: str) -> Iterator[bytes]: ...
 
     def bundle(
         self, *, sha256: str | None = None, name: str | None = None, version: int | None = None

@@ -30,7 +30,7 @@ class RolloutRecords:
             if row is not None and row[0] != record["sha256"]:
                 return row[0]
             db.execute(
-                "INSERT OR IGNORE INTO bundles VALUES (?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO bundles VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
                 tuple(record[k] for k in ("sha256", "name", "version", "size", "path", "signature", "added_at")),
             )
         return None

@@ -102,6 +102,51 @@ MIGRATIONS: list[tuple[str, str | dict[str, str]]] = [
             "CREATE INDEX summaries_by_id ON summaries (id)",
         },
     ),
+    # The leader's lease (lease_records.py): one row per duty set, the holder, a fencing token raised at
+    # every change of holder, and an expiry read off the database's clock, so collectors on machines
+    # whose clocks disagree agree on who leads.
+    (
+        "0006_leases",
+        """
+        CREATE TABLE leases (
+            name TEXT PRIMARY KEY, holder TEXT NOT NULL, token INTEGER NOT NULL, acquired_at REAL NOT NULL,
+            expires_at REAL NOT NULL
+        )
+    """,
+    ),
+    # An uploaded bundle's bytes, in chunks (bundle_blobs.py), so any collector sharing the database can
+    # serve a bundle another one received.
+    (
+        "0007_bundle_blobs",
+        {
+            "sqlite": "CREATE TABLE bundle_blobs (sha256 TEXT NOT NULL, n INTEGER NOT NULL, data BLOB NOT NULL, "
+            "PRIMARY KEY (sha256, n))",
+            "postgresql": "CREATE TABLE bundle_blobs (sha256 TEXT NOT NULL, n BIGINT NOT NULL, data BYTEA NOT NULL, "
+            "PRIMARY KEY (sha256, n))",
+        },
+    ),
+    # Bounded history (history_records.py, fleet/retention.py): raw windows past the retention period merged
+    # into hourly, then daily, profiles per device, model version and baseline; how far each device's
+    # windows have been rolled up (a redelivery of a rolled window is then known, not counted twice); the
+    # retention policy the leader applies; and summaries by window end, which the rollup walks in order.
+    (
+        "0008_history",
+        """
+        CREATE TABLE history (
+            resolution TEXT NOT NULL, bucket TEXT NOT NULL, device TEXT NOT NULL, model TEXT NOT NULL,
+            model_version INTEGER NOT NULL, baseline_id TEXT NOT NULL, fleet TEXT NOT NULL,
+            first_start TEXT NOT NULL, last_end TEXT NOT NULL, windows INTEGER NOT NULL, rows INTEGER NOT NULL,
+            tested INTEGER NOT NULL, drifted INTEGER NOT NULL, labelled INTEGER NOT NULL, correct INTEGER NOT NULL,
+            errors TEXT NOT NULL, p99_ms_max REAL, max_ms REAL, profile TEXT, updated_at REAL NOT NULL,
+            PRIMARY KEY (resolution, device, model, model_version, baseline_id, bucket)
+        );
+        CREATE INDEX history_by_bucket ON history (resolution, bucket);
+        CREATE INDEX history_by_model ON history (model, model_version, last_end);
+        CREATE TABLE history_marks (device TEXT PRIMARY KEY, rolled_seq INTEGER NOT NULL, rolled_end TEXT NOT NULL);
+        CREATE TABLE fleet_settings (name TEXT PRIMARY KEY, value TEXT NOT NULL, updated_at REAL NOT NULL);
+        CREATE INDEX summaries_by_end ON summaries (window_end)
+    """,
+    ),
 ]
 
 DIALECTS = ("sqlite", "postgresql")

@@ -4,10 +4,10 @@
 ``PostgresStore`` (``postgres.py``). A subclass provides ``atomic()`` (one write transaction; nested
 calls join it) and ``reading()`` (reads that see one state), both yielding an object with DB-API
 ``execute``/``executemany`` that take ``?`` and ``:name`` placeholders, rows that index by position
-and by name; and two dialect names: ``GREATEST`` (SQLite's two-argument ``max``) and ``ORDER_COLUMN``
-(what orders summaries by commit). Portable means: ``INSERT ... ON CONFLICT DO NOTHING``, not
-``INSERT OR IGNORE``; upserts qualify the existing row by its table; sums cast to BIGINT; JSON is
-parsed in Python, not with ``json_extract``.
+and by name; and three dialect names: ``GREATEST`` (SQLite's two-argument ``max``), ``ORDER_COLUMN``
+(what orders summaries by commit) and ``NOW_SECONDS`` (the database's clock, which leases expire by).
+Portable means: ``INSERT ... ON CONFLICT DO NOTHING``, not ``INSERT OR IGNORE``; upserts qualify the
+existing row by its table; sums cast to BIGINT; JSON is parsed in Python, not with ``json_extract``.
 
 Summaries are stored idempotently by ``(device, seq)``: a QoS 1 redelivery is counted, never stored
 twice. The raw payload is kept as received; the columns a query filters on are extracted. Gaps in
@@ -24,22 +24,27 @@ import json
 from collections.abc import Iterator
 from typing import Any
 
+from edgekit.fleet.store.bundle_blobs import BundleBlobs
+from edgekit.fleet.store.history_records import HistoryRecords
+from edgekit.fleet.store.lease_records import LeaseRecords
 from edgekit.fleet.store.records import SummaryRecord, _flag, _read_facts
 from edgekit.fleet.store.rollout_records import RolloutRecords
 from edgekit.fleet.store.schema import GAP_GRACE_SECONDS
 
 MAX_GAP = 1000  # a jump larger than this is a reset or garbage, not a gap worth resending
+GAP_MAX_REQUESTS = 150  # about 75 minutes at the default 30 s: past the devices' default hour of keeping windows
 INSERT_CHUNK = 500  # summaries a multi-row INSERT (15 parameters each: under SQLite's and PostgreSQL's limits)
-_SUMMARY_COLUMNS = (
+SUMMARY_COLUMNS = (
     "device, seq, fleet, model, model_version, window_start, window_end, received_at, rows, drifted, "
     "worst_feature, baseline_id, payload, labelled, facts"
 )
 _SUMMARY_ROW = "(" + ", ".join("?" * 15) + ")"
 
 
-class SqlStore(RolloutRecords, abc.ABC):
+class SqlStore(RolloutRecords, LeaseRecords, BundleBlobs, HistoryRecords, abc.ABC):
     GREATEST = "max"
     ORDER_COLUMN = "rowid"
+    NOW_SECONDS = "((julianday('now') - 2440587.5) * 86400.0)"  # the database's clock, for leases
 
     @abc.abstractmethod
     def atomic(self) -> contextlib.AbstractContextManager[Any]:
@@ -116,28 +121,19 @@ class SqlStore(RolloutRecords, abc.ABC):
         few batched statements for the whole batch, so a database over the network costs a handful of
         round trips a batch, not several a summary.
         """
-        stored: dict[str, list[SummaryRecord]] = {}
         with self.atomic() as db:
             self._serialize_summary_writes(db)
-            for start in range(0, len(records), INSERT_CHUNK):
-                chunk = records[start : start + INSERT_CHUNK]
-                by_key = {(r.device, r.seq): r for r in chunk}
-                placeholders = ", ".join([_SUMMARY_ROW] * len(chunk))
-                rows = db.execute(
-                    f"INSERT INTO summaries ({_SUMMARY_COLUMNS}) VALUES {placeholders} "
-                    "ON CONFLICT DO NOTHING RETURNING device, seq",
-                    [value for r in chunk for value in _summary_values(r, now)],
-                ).fetchall()
-                for device, seq in rows:
-                    stored.setdefault(device, []).append(by_key[(device, seq)])
-            total = sum(len(b) for b in stored.values())
-            # Whatever arrives fills its gap, a redelivery too (a gap may be noted after its window was stored).
-            db.executemany("DELETE FROM gaps WHERE device = ? AND seq = ?", [(r.device, r.seq) for r in records])
+            new = self._insert_summaries(db, records, now)
+            stored: dict[str, list[SummaryRecord]] = {}
             redelivered: dict[str, int] = {}
-            stored_keys = {(r.device, r.seq) for batch in stored.values() for r in batch}
             for r in records:
-                if (r.device, r.seq) not in stored_keys:
+                if (r.device, r.seq) in new:
+                    new.discard((r.device, r.seq))  # a seq twice in one batch is stored once
+                    stored.setdefault(r.device, []).append(r)
+                else:
                     redelivered[r.device] = redelivered.get(r.device, 0) + 1
+            total = sum(len(b) for b in stored.values())
+            self._fill_gaps(db, records)
             if redelivered:
                 db.executemany(
                     "UPDATE devices SET redeliveries = redeliveries + ? WHERE device = ?",
@@ -146,6 +142,35 @@ class SqlStore(RolloutRecords, abc.ABC):
             if stored:
                 self._account(db, stored, now)
         return total, len(records) - total
+
+    def _insert_summaries(self, db: Any, records: list[SummaryRecord], now: float) -> set[tuple[str, int]]:
+        """Insert what is new; the (device, seq) of the rows inserted. Multi-row INSERTs here; PostgreSQL's
+        store overrides it with COPY, which is several times faster for payloads of kilobytes."""
+        new: set[tuple[str, int]] = set()
+        for start in range(0, len(records), INSERT_CHUNK):
+            chunk = records[start : start + INSERT_CHUNK]
+            rows = db.execute(
+                f"INSERT INTO summaries ({SUMMARY_COLUMNS}) VALUES {', '.join([_SUMMARY_ROW] * len(chunk))} "
+                "ON CONFLICT DO NOTHING RETURNING device, seq",
+                [value for r in chunk for value in summary_values(r, now)],
+            ).fetchall()
+            new.update((row[0], row[1]) for row in rows)
+        return new
+
+    def _fill_gaps(self, db: Any, records: list[SummaryRecord]) -> None:
+        """Whatever arrives fills its gap, a redelivery too (a gap may be noted after its window was stored).
+        Gaps are few: look them up for the batch's devices and delete only those that arrived."""
+        arrived = {(r.device, r.seq) for r in records}
+        devices = sorted({r.device for r in records})
+        filled = []
+        for start in range(0, len(devices), INSERT_CHUNK):
+            chunk = devices[start : start + INSERT_CHUNK]
+            rows = db.execute(
+                f"SELECT device, seq FROM gaps WHERE device IN ({', '.join('?' * len(chunk))})", chunk
+            ).fetchall()
+            filled += [(row[0], row[1]) for row in rows if (row[0], row[1]) in arrived]
+        if filled:
+            db.executemany("DELETE FROM gaps WHERE device = ? AND seq = ?", filled)
 
     def _account(self, db: Any, stored: dict[str, list[SummaryRecord]], now: float) -> None:
         """Per device: its row (created on first sight), gaps found and filled, counters and verdict."""
@@ -221,13 +246,14 @@ class SqlStore(RolloutRecords, abc.ABC):
         self, now: float, *, retry_after: float = 30.0, grace: float = GAP_GRACE_SECONDS, limit: int = 500
     ) -> dict[str, list[int]]:
         """Missing seqs found over ``grace`` seconds ago and not requested in the last ``retry_after``, marked
-        as requested now."""
+        as requested now. A seq asked for ``GAP_MAX_REQUESTS`` times is given up (the device has pruned it:
+        it keeps acknowledged windows an hour by default); it still counts in ``missing_seqs``."""
         with self.atomic() as db:
             rows = db.execute(
                 "SELECT device, seq FROM gaps "
-                "WHERE (requested_at IS NULL AND coalesce(found_at, 0) <= ?) OR requested_at < ? "
+                "WHERE ((requested_at IS NULL AND coalesce(found_at, 0) <= ?) OR requested_at < ?) AND requests < ? "
                 "ORDER BY device, seq LIMIT ?",
-                (now - grace, now - retry_after, limit),
+                (now - grace, now - retry_after, GAP_MAX_REQUESTS, limit),
             ).fetchall()
             db.executemany(
                 "UPDATE gaps SET requested_at = ?, requests = requests + 1 WHERE device = ? AND seq = ?",
@@ -374,7 +400,7 @@ class SqlStore(RolloutRecords, abc.ABC):
         return [{**dict(r), "evidence": json.loads(r["evidence"])} for r in rows]
 
 
-def _summary_values(r: SummaryRecord, now: float) -> tuple[Any, ...]:
+def summary_values(r: SummaryRecord, now: float) -> tuple[Any, ...]:
     return (
         r.device,
         r.seq,

@@ -25,6 +25,7 @@ from edgekit.fleet.store.sql import SqlStore
 class SqliteStore(SqlStore):
     GREATEST = "max"
     ORDER_COLUMN = "rowid"
+    NOW_SECONDS = "((julianday('now') - 2440587.5) * 86400.0)"
 
     def __init__(self, path: str | Path | sqlite3.Connection = ":memory:") -> None:
         if isinstance(path, sqlite3.Connection):

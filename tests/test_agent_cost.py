@@ -1,0 +1,210 @@
+"""The agent's own cost: the CPU budget's sample, what it reports, and requests read without a float per value.
+
+No test here times anything: the budget is driven with a fake clock and given costs, and the sample is
+forced to a rate, so every verdict is deterministic (seeded data).
+"""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+
+import numpy as np
+import pytest
+
+from device_agent import Agent
+from device_agent.budget import MOST_EVERY, CpuBudget
+from device_agent.config import parse_config
+from device_agent.errors import ConfigError
+from device_agent.instances import TooManyRows, numeric_instances
+from device_agent.metrics import render_metrics
+from device_agent.monitor import Monitor
+from device_agent.outputs import Prediction
+from device_agent.profile import build_baseline
+from device_agent.protocol import ProtocolError, build_summary, check_summary
+from tests.agent_helpers import config_of, make_device
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_budget_samples_when_sketching_outgrows_its_share_and_recovers() -> None:
+    clock = FakeClock()
+    budget = CpuBudget(0.1, clock=clock)
+    clock.now = 0.05
+    budget.spent(sketch_seconds=0.006, inference_seconds=0.02)  # 30 % of the inference time: 1 row in 4
+    assert budget.every == 4 and budget.rate == 0.25
+    clock.now = 0.1
+    budget.spent(sketch_seconds=0.0015, inference_seconds=0.02)  # 7.5 % at that rate: inside the margin, kept
+    assert budget.every == 4
+    clock.now = 0.15
+    budget.spent(sketch_seconds=0.0002, inference_seconds=0.02)  # far below: more rows again
+    assert budget.every == 1
+    clock.now = 0.2
+    budget.spent(sketch_seconds=100.0, inference_seconds=0.02)
+    assert budget.every == MOST_EVERY  # never fewer than one row in a thousand
+
+
+def test_budget_leaves_an_idle_device_alone_and_zero_turns_it_off() -> None:
+    clock = FakeClock()
+    budget = CpuBudget(0.1, clock=clock)
+    clock.now = 2.0  # two seconds with 1 ms of inference: the allowance comes from a quarter of the wall time
+    budget.spent(sketch_seconds=0.01, inference_seconds=0.001)
+    assert budget.every == 1
+    off = CpuBudget(0.0, clock=clock)
+    clock.now = 4.0
+    off.spent(sketch_seconds=10.0, inference_seconds=0.02)
+    assert off.every == 1
+
+
+def _baseline(rng: np.random.Generator, features: int = 16):
+    return build_baseline(rng.normal(size=(20000, features)), [f"f{i}" for i in range(features)])
+
+
+def test_monitor_sketches_the_rows_whose_id_the_sample_keeps_and_counts_the_rest() -> None:
+    rng = np.random.default_rng(5)
+    base = _baseline(rng, 4)
+    windows: list = []
+    monitor = Monitor(base, 100, 1e9, windows.append)
+    monitor.budget.every = 4
+    rows = rng.normal(size=(1000, 4)).astype(np.float32)
+    served = 0
+    for size in (1, 1, 1, 1, 3, 250, 743):  # one-row requests are kept or skipped whole
+        monitor.record(rows[served : served + size], Prediction(values=np.zeros((size, 1))), 0.01, served)
+        served += size
+    assert monitor.backlog == 250
+    monitor.process()
+    assert len(windows) == 2 and all(w.rows == 100 for w in windows)
+    assert [w.sampled_out for w in windows] == [300, 300]  # pro rata: three rows skipped for each one kept
+    assert windows[0].sample_rate == 0.25
+    kept = rows[::4]  # ids 0, 4, 8, ...: exactly those were sketched
+    first = base.empty_like()
+    first.update_inputs(kept[:100])
+    np.testing.assert_array_equal(windows[0].profile.features[0].counts, first.features[0].counts)
+    last = monitor.flush()
+    assert last.rows == 50 and last.sampled_out == 150
+    assert sum(w.rows + w.sampled_out + w.unmonitored for w in [*windows]) == served
+
+
+def test_sampled_windows_keep_the_false_alarm_rate_and_detect_a_shift() -> None:
+    """At one row in five, windows of 400 sketched rows: the family-wise test still holds its false
+    alarms near its level, and a 0.5σ shift of one feature is still found (seeded: deterministic)."""
+    rng = np.random.default_rng(20)
+    base = _baseline(rng)
+    verdicts: dict[str, list[bool]] = {}
+    for kind in ("clean", "moved"):
+        closed: list = []
+        monitor = Monitor(base, 400, 1e9, closed.append, backlog_rows=10**6)
+        monitor.budget.every = 5
+        served = 0
+        while len(closed) < 60:
+            rows = rng.normal(size=(4000, 16)).astype(np.float32)
+            if kind == "moved":
+                rows[:, 3] += 0.5
+            monitor.record(rows, Prediction(values=np.zeros((4000, 1))), 0.01, served)
+            served += 4000
+            monitor.process()
+        assert all(w.rows == 400 and w.sample_rate == pytest.approx(0.2, abs=0.01) for w in closed)
+        if kind == "clean":
+            verdicts[kind] = [bool(w.drift["drifted"]) for w in closed[:60]]
+        else:
+            verdicts[kind] = [bool(w.drift["features"]["f3"]["drifted"]) for w in closed[:60]]
+    assert sum(verdicts["clean"]) <= 2  # 60 windows at a family-wise level of 1 %
+    assert sum(verdicts["moved"]) >= 57
+
+
+def test_a_sampled_window_says_so_in_its_summary_and_the_collector_checks_it() -> None:
+    rng = np.random.default_rng(2)
+    base = _baseline(rng, 4)
+    windows: list = []
+    monitor = Monitor(base, 100, 1e9, windows.append)
+    monitor.budget.every = 2
+    monitor.record(rng.normal(size=(200, 4)).astype(np.float32), Prediction(values=np.zeros((200, 1))), 0.01, 0)
+    monitor.process()
+    summary = build_summary(windows[0], device="d1", fleet="f", model={"name": "m", "version": 1}, seq=1)
+    assert summary["sampling"] == {"rate": 0.5, "skipped_rows": 100} and summary["rows"] == 100
+    check_summary(json.loads(json.dumps(summary)))
+    for bad in ({"rate": 0, "skipped_rows": 1}, {"rate": 0.5, "skipped_rows": -1}, {"rate": True, "skipped_rows": 1}):
+        with pytest.raises(ProtocolError):
+            check_summary({**summary, "sampling": bad})
+    full: list = []
+    plain = Monitor(base, 100, 1e9, full.append)
+    plain.record(rng.normal(size=(100, 4)).astype(np.float32), Prediction(values=np.zeros((100, 1))), 0.01, 0)
+    plain.process()
+    assert "sampling" not in build_summary(full[0], device="d1", fleet="f", model={"name": "m", "version": 1}, seq=2)
+
+
+def test_max_cpu_fraction_is_read_and_checked(tmp_path) -> None:
+    base = {"device_id": "d", "state_dir": str(tmp_path), "trust": {"public_key": str(tmp_path / "k.pub")}}
+    assert parse_config({**base}, base=tmp_path).monitor.max_cpu_fraction == 0.1
+    assert parse_config({**base, "monitor": {"max_cpu_fraction": 0}}, base=tmp_path).monitor.max_cpu_fraction == 0
+    with pytest.raises(ConfigError, match="max_cpu_fraction"):
+        parse_config({**base, "monitor": {"max_cpu_fraction": -1}}, base=tmp_path)
+
+
+def test_the_agent_reports_its_sample_rate_on_metrics_and_status(tmp_path, bundle, keypair) -> None:
+    config = make_device(tmp_path / "dev", bundle, keypair[1], http=False, max_cpu_fraction=0.1)
+    with Agent(config_of(config)).start(http=False, mqtt=False) as agent:
+        agent.monitor.budget.every = 10
+        X = np.load("fixtures/digits_test.npz")["X"].astype(np.float32)
+        for i in range(40):
+            agent.predict(X[i : i + 1])
+        status = agent.status()
+        assert status["sample_rate"] == 0.1 and status["sampled_out_rows"] == 36
+        text = render_metrics(agent)
+        assert 'edgekit_sketch_sample_rate{model="digits",version="3"} 0.1' in text
+        assert 'edgekit_sampled_out_rows_total{model="digits",version="3"} 36' in text
+
+
+def test_numeric_instances_read_as_json_would_and_refuse_what_they_cannot() -> None:
+    rows = [[1, 2.5, -3e-2], [4e10, 0, 6.25]] * 3000
+    body = json.dumps({"instances": rows}).encode()
+    array = numeric_instances(body, np.dtype("float32"), 100_000)
+    np.testing.assert_array_equal(array, np.asarray(rows, dtype=np.float64).astype(np.float32))
+    assert array.dtype == np.float32 and array.shape == (6000, 3)
+    with pytest.raises(TooManyRows) as refused:
+        numeric_instances(body, np.dtype("float32"), 5999)
+    assert refused.value.rows == 6000
+    for other in (
+        {"instances": [[1, None, 3]]},
+        {"instances": [[1, 2], [3]]},
+        {"instances": [{"a": 1}]},
+        {"instances": [[1, 2]], "parameters": {}},
+        {"inputs": [[1, 2]]},
+        {"instances": [[[1], [2]]]},
+        {"instances": [[True, 2]]},
+        {"instances": [["1", 2]]},
+        {"instances": []},
+    ):
+        assert numeric_instances(json.dumps(other).encode(), np.dtype("float32"), 10) is None, other
+    assert numeric_instances(b'{"instances": [[1, 2], [3, 4]] , "x": 1}', np.dtype("float64"), 10) is None
+    assert numeric_instances(b'{"instances": [[1, 2e], [3, 4]]}', np.dtype("float64"), 10) is None
+
+
+def test_http_reads_a_large_plain_request_and_refuses_too_many_rows_with_the_limit(tmp_path, bundle, keypair) -> None:
+    config = make_device(tmp_path / "dev", bundle, keypair[1], server={"max_rows": 5000})
+    X = np.load("fixtures/digits_test.npz")["X"]
+    with Agent(config_of(config)).start(mqtt=False) as agent:
+        url = f"http://127.0.0.1:{agent.server.server_address[1]}/v1/models/digits:predict"
+
+        def post(doc):
+            data = json.dumps(doc).encode()
+            request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+            with urllib.request.urlopen(request, timeout=30) as response:
+                return json.loads(response.read())
+
+        rows = np.resize(X, (4000, 64))
+        fast = post({"instances": rows.tolist()})
+        assert len(fast["predictions"]) == 4000
+        named = [dict(zip(agent.schema.feature_names, r, strict=True)) for r in rows[:20].tolist()]
+        assert fast["predictions"][:20] == post({"instances": named})["predictions"]  # the ordinary path agrees
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            post({"instances": np.resize(X, (5001, 64)).tolist()})
+        assert refused.value.code == 413
+        assert "5001 rows, over the limit of 5000 ([server] max_rows)" in json.loads(refused.value.read())["error"]

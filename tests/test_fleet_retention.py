@@ -1,0 +1,260 @@
+"""Bounded history: a simulated month rolled into hourly and daily buckets answers merged drift exactly as
+every raw window would, keeps the database bounded, and survives being run twice or crashing midway.
+Every store test runs on SQLite and on a real PostgreSQL server."""
+
+import json
+
+import pytest
+
+from device_agent.protocol import iso
+from edgekit.errors import EdgekitError
+from edgekit.fleet.ingest import Ingestor, Message
+from edgekit.fleet.merge import merged_drift
+from edgekit.fleet.retention import Retention, RetentionPolicy, merge_compact, parse_duration, run_pass
+from edgekit.fleet.store import PostgresStore, SqliteStore
+from tests.fleet_helpers import baseline, baseline_message, summary
+
+BASE = baseline()
+DEVICES = ("pi-a", "pi-b", "pi-c")
+PER_DAY = 48  # a window every 30 minutes
+DAY = 86400.0
+T0 = 1.7e9 - 1.7e9 % DAY  # midnight
+POLICY = RetentionPolicy.parse("2d", "10d", "forever")
+# A few real windows (the device's own code), some shifted, reused with each window's device, seq and times.
+POOL = [
+    json.loads(summary(BASE, "x", i + 1, shift=0.4 * (i % 3), labelled=i % 2 * 10, correct=i % 2 * 7)[1])
+    for i in range(6)
+]
+POOL[1]["errors"] = {"invalid_input": 2}
+
+STORES = {
+    "sqlite-file": lambda request, tmp_path: SqliteStore(tmp_path / "fleet.db"),
+    "postgresql": lambda request, tmp_path: PostgresStore(request.getfixturevalue("postgres_url")),
+}
+
+
+@pytest.fixture(params=sorted(STORES))
+def store(request, tmp_path):
+    opened = STORES[request.param](request, tmp_path)
+    yield opened
+    opened.close()
+
+
+def window(device: str, seq: int) -> tuple[str, bytes]:
+    doc = {**POOL[seq % len(POOL)], "device": device, "seq": seq}
+    doc["window"] = {"start": iso(T0 + (seq - 1) * DAY / PER_DAY), "end": iso(T0 + seq * DAY / PER_DAY)}
+    return f"edgekit/v1/f/{device}/summary", json.dumps(doc).encode()
+
+
+def day_of_windows(day: int) -> list[Message]:
+    now = T0 + (day + 1) * DAY
+    return [Message(*window(d, day * PER_DAY + k + 1), now) for d in DEVICES for k in range(PER_DAY)]
+
+
+def simulate(store, reference, days: int, *, tick=run_pass) -> list[dict[str, int]]:
+    """``days`` days of windows into both stores, a retention pass at the end of each day on ``store``
+    only; the rows kept after each day."""
+    for st in (store, reference):
+        Ingestor(st).handle([Message(*baseline_message(BASE, DEVICES[0]), T0)])
+    sizes = []
+    for day in range(days):
+        messages = day_of_windows(day)
+        Ingestor(store).handle(messages)
+        Ingestor(reference).handle(messages)
+        tick(store, POLICY, T0 + (day + 1) * DAY)
+        sizes.append(store.history_sizes())
+    return sizes
+
+
+def same_drift(store, reference, **selection):
+    mine, theirs = merged_drift(store, **selection), merged_drift(reference, **selection)
+    assert len(mine) == len(theirs) == 1
+    for key in ("windows", "rows", "devices", "feature_distributions", "categories", "first", "last", "drift"):
+        assert mine[0][key] == theirs[0][key], key
+    return mine[0]
+
+
+def test_a_month_rolled_up_answers_merged_drift_exactly_and_stays_bounded(store):
+    reference = SqliteStore(":memory:")  # every raw window, never rolled up
+    sizes = simulate(store, reference, 30)
+    report = same_drift(store, reference)
+    assert report["windows"] == 30 * PER_DAY * len(DEVICES)
+    assert set(report["resolutions"]) == {"raw", "hour", "day"}
+    assert report["resolutions"]["raw"] == 2 * PER_DAY * len(DEVICES)
+    # past the first ten days, raw windows and hourly buckets stay flat; daily ones add one a device a day
+    settled = sizes[11:]
+    assert len({(s["raw"], s["hour"]) for s in settled}) == 1
+    assert settled[0]["raw"] <= 2 * PER_DAY * len(DEVICES) and settled[0]["hour"] <= 9 * 24 * len(DEVICES)
+    assert [s["day"] for s in settled] == [settled[0]["day"] + i * len(DEVICES) for i in range(len(settled))]
+    # the same through each filter, and a range that starts in the daily, the hourly and the raw part
+    same_drift(store, reference, device="pi-b")
+    same_drift(store, reference, model="m", version=1)
+    for days_ago in (20, 5, 1):
+        since = iso(T0 + (30 - days_ago) * DAY)
+        assert same_drift(store, reference, since=since)["first"] >= iso(T0 + (30 - days_ago) * DAY - DAY / PER_DAY)
+    assert set(merged_drift(store, since=iso(T0 + 29 * DAY))[0]["resolutions"]) == {"raw"}
+    reference.close()
+
+
+def test_buckets_keep_the_counters_alerts_and_pages_need(store):
+    reference = SqliteStore(":memory:")
+    simulate(store, reference, 4)
+    buckets = store.history_buckets("hour", device="pi-a") + store.history_buckets("day", device="pi-a")
+    raw = [json.loads(window("pi-a", seq)[1]) for seq in range(1, 4 * PER_DAY + 1)]
+    rolled = raw[: sum(b["windows"] for b in buckets)]
+    assert sum(b["rows"] for b in buckets) == sum(w["rows"] for w in rolled)
+    assert sum(b["labelled"] for b in buckets) == sum((w["accuracy"] or {}).get("labelled", 0) for w in rolled)
+    assert sum(b["correct"] for b in buckets) == sum((w["accuracy"] or {}).get("correct", 0) for w in rolled)
+    assert sum(b["errors"].get("invalid_input", 0) for b in buckets) == sum(
+        w["errors"].get("invalid_input", 0) for w in rolled
+    )
+    assert sum(b["drifted"] for b in buckets) == sum(bool(w["drift"]["drifted"]) for w in rolled)
+    assert sum(b["tested"] for b in buckets) == sum(w["drift"]["drifted"] is not None for w in rolled)
+    assert max(b["p99_ms_max"] for b in buckets) == max(w["latency"]["p99_ms"] for w in rolled)
+    reference.close()
+
+
+def test_a_second_pass_changes_nothing(store):
+    reference = SqliteStore(":memory:")
+    simulate(store, reference, 14)
+    before = store.history_sizes()
+    again = run_pass(store, POLICY, T0 + 14 * DAY)
+    assert (again.rolled, again.hourly_rolled, again.expired, again.batches) == (0, 0, 0, 0)
+    assert store.history_sizes() == before
+    same_drift(store, reference)
+    reference.close()
+
+
+def test_a_crash_inside_a_rollup_leaves_no_double_counting(store, monkeypatch):
+    reference = SqliteStore(":memory:")
+    simulate(store, reference, 12, tick=lambda *a: None)  # nothing rolled up yet: twelve days of raw windows
+    original = type(store)._add_buckets
+    crashes = {"hour": 0, "day": 0}
+
+    def crashing(self, db, buckets, merge, now):
+        buckets = list(buckets)
+        original(self, db, buckets, merge, now)  # the buckets are written, the rows they replace not yet deleted
+        resolution = buckets[0]["resolution"]
+        if crashes[resolution] == 0:
+            crashes[resolution] += 1
+            raise RuntimeError(f"power cut while rolling into {resolution} buckets")
+
+    monkeypatch.setattr(type(store), "_add_buckets", crashing)
+    before = store.history_sizes()
+    with pytest.raises(RuntimeError, match="hour"):
+        run_pass(store, POLICY, T0 + 12 * DAY)
+    assert store.history_sizes() == before  # rolled back whole
+    same_drift(store, reference)
+    with pytest.raises(RuntimeError, match="day"):
+        run_pass(store, POLICY, T0 + 12 * DAY)  # the raw step completes; the first daily batch crashes
+    same_drift(store, reference)
+    monkeypatch.setattr(type(store), "_add_buckets", original)
+    run_pass(store, POLICY, T0 + 12 * DAY)
+    report = same_drift(store, reference)
+    assert set(report["resolutions"]) == {"raw", "hour", "day"}
+    reference.close()
+
+
+def test_a_redelivered_window_is_counted_once(store):
+    reference = SqliteStore(":memory:")
+    simulate(store, reference, 5)
+    late = window("pi-a", 3)  # rolled up days ago; the device resends it from its spool
+    assert Ingestor(store).handle([Message(*late, T0 + 5 * DAY)])["stored"] == 1  # its raw row was gone
+    same_drift(store, reference)  # not counted twice meanwhile
+    Ingestor(store).handle(day_of_windows(5))
+    Ingestor(reference).handle(day_of_windows(5))
+    result = run_pass(store, POLICY, T0 + 6 * DAY)
+    assert result.redeliveries == 1 and result.rolled == PER_DAY * len(DEVICES)
+    same_drift(store, reference)
+
+
+def test_a_device_keeps_its_newest_windows_raw_for_the_alert_rules(store):
+    reference = SqliteStore(":memory:")
+    simulate(store, reference, 2, tick=lambda *a: None)
+    run_pass(store, POLICY, T0 + 40 * DAY)  # long silent: everything is past raw retention
+    assert store.history_sizes()["raw"] == 50 * len(DEVICES)
+    assert len(store.recent_facts("pi-a", 10)) == 10
+    same_drift(store, reference)
+
+
+def test_the_leader_tick_applies_the_stored_policy_at_most_every_period(store):
+    reference = SqliteStore(":memory:")
+    simulate(store, reference, 4, tick=lambda *a: None)
+    retention = Retention(store, every=300, max_batches=1)
+    assert retention.tick(T0 + 4 * DAY) is None  # no policy stored: nothing to do
+    store.set_retention_policy(POLICY.to_dict(), T0)
+    retention._next = 0.0
+    first = retention.tick(T0 + 4 * DAY)
+    assert first is not None and first.batches == 1 and not first.done  # cut short: resumes at once
+    while not (result := retention.tick(T0 + 4 * DAY)).done:
+        pass
+    assert retention.tick(T0 + 4 * DAY + 10) is None  # done: waits for the period
+    assert result.policy == POLICY.to_dict()
+    same_drift(store, reference)
+
+
+def test_policy_texts_and_their_errors():
+    assert RetentionPolicy.parse("7d", "90d", "forever").to_dict() == {
+        "raw": 7 * DAY,
+        "hourly": 90 * DAY,
+        "daily": None,
+    }
+    assert RetentionPolicy.from_text("raw=36h, hourly=2w").describe() == "raw 36h, hourly 2w, daily forever"
+    assert parse_duration("2w", "raw") == 14 * DAY and parse_duration("forever", "daily") is None
+    for bad, said in (
+        (("7x", None, None), "--raw '7x' is not a retention period"),
+        (("-1d", None, None), "is not a retention period"),
+        (("30m", None, None), "--raw 30m is too short"),
+        (("10d", "2d", None), "out of order"),
+        (("forever", "90d", None), "out of order"),
+    ):
+        with pytest.raises(EdgekitError, match=said):
+            RetentionPolicy.parse(*bad)
+    with pytest.raises(EdgekitError, match="is not raw=, hourly= or daily="):
+        RetentionPolicy.from_text("raw=7d,weekly=1y")
+
+
+def test_profiles_of_different_baselines_do_not_merge():
+    a = POOL[0]["profile"]
+    with pytest.raises(Exception, match="different baselines"):
+        merge_compact(a, {**a, "baseline_id": "other"})
+    assert merge_compact(a, None) is a
+
+
+def test_cli_retention_rolls_up_stores_the_policy_and_says_what_it_did(cli, tmp_path):
+    db = tmp_path / "fleet.db"
+    with SqliteStore(db) as store, SqliteStore(":memory:") as reference:
+        simulate(store, reference, 3, tick=lambda *a: None)
+    result = cli("fleet", "retention", "--db", db, "--raw", "1d", "--hourly", "2d")
+    assert result.exit_code == 0, result.output
+    assert "retention raw 1d, hourly 2d, daily forever" in result.stdout
+    assert "rolled" in result.stdout and "kept:" in result.stdout
+    with SqliteStore(db) as store:
+        assert store.retention_policy() == {"raw": DAY, "hourly": 2 * DAY, "daily": None}
+        sizes = store.history_sizes()  # the simulated month is long past: all of it daily, but the newest windows
+        assert sizes["day"] > 0 and sizes["raw"] == 50 * len(DEVICES)
+    again = cli("fleet", "retention", "--db", db, "--json")  # the stored policy
+    assert again.exit_code == 0 and json.loads(again.stdout)["policy"]["raw"] == DAY
+    drift = cli("fleet", "drift", "--db", db)
+    assert drift.exit_code == 0 and "from raw windows (150 windows), daily buckets" in drift.stdout
+
+
+@pytest.mark.parametrize(
+    "args, said",
+    [
+        (["--raw", "7x"], "--raw '7x' is not a retention period; write a number and s, m, h, d or w"),
+        (["--raw", "10d", "--hourly", "1d"], "out of order"),
+        (["--raw", "10m"], "--raw 10m is too short"),
+        ([], "no retention policy is stored"),
+    ],
+)
+def test_cli_retention_errors_are_one_line(cli, tmp_path, args, said):
+    db = tmp_path / "fleet.db"
+    SqliteStore(db).close()
+    result = cli("fleet", "retention", "--db", db, *args)
+    assert result.exit_code == 2 and said in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_cli_retention_needs_an_existing_database(cli, tmp_path):
+    result = cli("fleet", "retention", "--db", tmp_path / "nope.db", "--raw", "7d")
+    assert result.exit_code == 2 and "no fleet database here" in result.stderr
