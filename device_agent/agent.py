@@ -75,6 +75,7 @@ class Agent:
 
     # -- lifecycle ---------------------------------------------------------------------------------
     def start(self, *, http: bool = True, mqtt: bool = True) -> Agent:
+        map_large_allocations()
         self.public_key = load_public_key(self.config.public_key)
         recovered = self.state.recover()
         bundle, note = self.state.load_usable(self.public_key)
@@ -487,19 +488,37 @@ def release_memory() -> None:
     A large request's arrays are freed when it is answered, but glibc keeps freed heap pages for reuse, so
     the agent would sit hundreds of MB above its idle size after one big request; on a Pi that memory
     belongs to the model. Elsewhere (musl, macOS) this does nothing."""
-    global _trim
-    if _trim is None:
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
+def map_large_allocations() -> None:
+    """Have glibc give every allocation of ``MMAP_BYTES`` or more its own mapping, returned to the system
+    the moment it is freed. glibc's default threshold rises to the largest block ever freed (up to 32 MB),
+    after which a large request's arrays land on the heap and stay there once freed."""
+    libc = _glibc()
+    if libc is not None:
+        libc.mallopt(M_MMAP_THRESHOLD, MMAP_BYTES)
+
+
+M_MMAP_THRESHOLD, MMAP_BYTES = -3, 1 << 20
+
+
+def _glibc() -> Any:
+    global _libc
+    if _libc is None:
         try:
             import ctypes
 
-            _trim = ctypes.CDLL("libc.so.6").malloc_trim
-        except (OSError, AttributeError):
-            _trim = False
-    if _trim:
-        _trim(0)
+            libc = ctypes.CDLL("libc.so.6")
+            _libc = libc if hasattr(libc, "malloc_trim") and hasattr(libc, "mallopt") else False
+        except OSError:
+            _libc = False
+    return _libc or None
 
 
-_trim: Any = None
+_libc: Any = None
 
 
 def _backlog_rows(configured: int, schema: InputSchema) -> int:

@@ -103,7 +103,7 @@ def route(agent: Served, config: ServerConfig, request: Request) -> Response:
         if match["verb"] == "predict":
             rows = _numeric_rows(agent, config, request)
             if rows is not None:
-                return json_response(agent.predict(rows).to_json())
+                return Response(200, agent.predict(rows).json_body(), "application/json")
             return json_response(_predict(agent, config, request.json_object()))
         return json_response(_feedback(agent, request.json_object()))
     except InputError as exc:

@@ -6,6 +6,7 @@ without importing the agent (which imports them back).
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,6 +21,7 @@ LATENCY_BUCKETS_MS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 50, 100, 250, 500
 # a tensor model runs this many examples a call: onnxruntime's arena keeps the largest batch's activations
 # (600 images of a 96x96 network took it past 2 GB), and 32 is already past where batching pays
 TENSOR_RUN_CHUNK = 32
+RESPONSE_CHUNK_ROWS = 4096  # rows of an answer turned into JSON at a time
 # rows of a table a call: the arena keeps a batch's activations too (a 60,000-row request would leave tens of
 # MB behind in it); past a few thousand rows a larger call is no faster
 MATRIX_RUN_CHUNK = 4096
@@ -50,6 +52,36 @@ class PredictResult:
             doc["probabilities"] = np.round(self.prediction.probabilities.astype(np.float64), 6).tolist()
             doc["labels"] = list(self.labels)
         return doc
+
+    def json_body(self) -> bytes:
+        """``json.dumps(self.to_json())`` as bytes, written ``RESPONSE_CHUNK_ROWS`` rows at a time: the answer
+        to a 60,000-row request would otherwise be 600,000 Python floats (30 MB) at once."""
+        rows = len(self.prediction.primary)
+        if rows <= RESPONSE_CHUNK_ROWS:
+            return json.dumps(self.to_json(), default=str).encode()
+        parts: dict[str, list[str]] = {}
+        for start in range(0, rows, RESPONSE_CHUNK_ROWS):
+            part = self._slice(start, start + RESPONSE_CHUNK_ROWS).to_json()
+            for key, value in part.items():
+                if isinstance(value, list) and key != "labels":
+                    parts.setdefault(key, []).append(json.dumps(value, default=str)[1:-1])
+        first = self._slice(0, 1).to_json()  # the keys in their order, and the fields that are not per row
+        fields = [
+            f"{json.dumps(key)}: [{', '.join(p for p in parts[key] if p)}]"
+            if key in parts
+            else f"{json.dumps(key)}: {json.dumps(value, default=str)}"
+            for key, value in first.items()
+        ]
+        return ("{" + ", ".join(fields) + "}").encode()
+
+    def _slice(self, start: int, stop: int) -> PredictResult:
+        p = self.prediction
+
+        def cut(a: np.ndarray | None) -> np.ndarray | None:
+            return None if a is None else a[start:stop]
+
+        sliced = Prediction(cut(p.labels), cut(p.probabilities), cut(p.values), cut(p.embedding))
+        return PredictResult(self.boot, self.first + start, sliced, self.model_version, self.labels)
 
 
 @dataclass

@@ -88,8 +88,7 @@ def device_config(
     work: Path, paths: dict, *, window_rows: int, listen: str = "", max_cpu_fraction: float | None = None
 ) -> Path:
     """An agent's config; ``max_cpu_fraction`` None leaves the default budget (0.1), 0 sketches every row."""
-    directory = work / f"device-{window_rows}-{listen.replace(':', '_')}-{max_cpu_fraction}"
-    directory.mkdir()
+    directory = Path(tempfile.mkdtemp(prefix=f"device-{window_rows}-", dir=work))
     StateDir(directory / "state").install(paths["bundle"], load_public_key(paths["public"]))
     config = directory / "agent.toml"
     budget = "" if max_cpu_fraction is None else f"max_cpu_fraction = {max_cpu_fraction}\n"
@@ -252,7 +251,7 @@ def drift_rates() -> dict:
     }
 
 
-def sampled_drift_rates(every: int = 4, windows: int = 200, window_rows: int = 2000) -> dict:
+def sampled_drift_rates(every: int = 4, windows: int = 500, window_rows: int = 2000) -> dict:
     """False alarms and detection when the monitor sketches one row in ``every`` (the CPU budget's sample):
     windows close on rows sketched, and the drift test counts only those."""
     from device_agent.monitor import Monitor

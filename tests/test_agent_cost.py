@@ -188,7 +188,7 @@ def test_numeric_instances_read_as_json_would_and_refuse_what_they_cannot() -> N
 
 
 def test_http_reads_a_large_plain_request_and_refuses_too_many_rows_with_the_limit(tmp_path, bundle, keypair) -> None:
-    config = make_device(tmp_path / "dev", bundle, keypair[1], server={"max_rows": 5000})
+    config = make_device(tmp_path / "dev", bundle, keypair[1], server={"max_rows": 10000})
     X = np.load("fixtures/digits_test.npz")["X"]
     with Agent(config_of(config)).start(mqtt=False) as agent:
         url = f"http://127.0.0.1:{agent.server.server_address[1]}/v1/models/digits:predict"
@@ -199,12 +199,14 @@ def test_http_reads_a_large_plain_request_and_refuses_too_many_rows_with_the_lim
             with urllib.request.urlopen(request, timeout=30) as response:
                 return json.loads(response.read())
 
-        rows = np.resize(X, (4000, 64))
+        rows = np.resize(X, (9000, 64))
         fast = post({"instances": rows.tolist()})
-        assert len(fast["predictions"]) == 4000
+        assert len(fast["predictions"]) == 9000 and len(fast["probabilities"]) == 9000
+        answer = agent.predict(rows.astype(np.float32))
+        assert answer.json_body() == json.dumps(answer.to_json()).encode()  # written in slices, the same bytes
         named = [dict(zip(agent.schema.feature_names, r, strict=True)) for r in rows[:20].tolist()]
         assert fast["predictions"][:20] == post({"instances": named})["predictions"]  # the ordinary path agrees
         with pytest.raises(urllib.error.HTTPError) as refused:
-            post({"instances": np.resize(X, (5001, 64)).tolist()})
+            post({"instances": np.resize(X, (10001, 64)).tolist()})
         assert refused.value.code == 413
-        assert "5001 rows, over the limit of 5000 ([server] max_rows)" in json.loads(refused.value.read())["error"]
+        assert "10001 rows, over the limit of 10000 ([server] max_rows)" in json.loads(refused.value.read())["error"]

@@ -258,3 +258,17 @@ def test_cli_retention_errors_are_one_line(cli, tmp_path, args, said):
 def test_cli_retention_needs_an_existing_database(cli, tmp_path):
     result = cli("fleet", "retention", "--db", tmp_path / "nope.db", "--raw", "7d")
     assert result.exit_code == 2 and "no fleet database here" in result.stderr
+
+
+def test_the_leader_runs_retention_from_the_collector_setting(tmp_path):
+    from edgekit.fleet.config import CollectorConfig
+    from edgekit.fleet.service import FleetService
+
+    service = FleetService(CollectorConfig(db=str(tmp_path / "fleet.db"), http=None, retention="raw=2d,hourly=10d"))
+    try:
+        duty = next(d for d in service.leader_duties() if d.name == "retention")
+        assert duty.run.__self__.policy == POLICY
+    finally:
+        service.store.close()
+    with pytest.raises(EdgekitError, match="retention raw '2x' is not a retention period"):
+        CollectorConfig(retention="raw=2x")

@@ -246,7 +246,7 @@ def _foreign_key(tmp_path, digits) -> list:
         ("version", "--version 3 is not above digits v3's"),
         ("no-baseline", "the new bundle needs a drift baseline"),
         ("trained-on-gate", "is also --trained-on data (digits_test.npz)"),
-        ("foreign-key", "signature"),
+        ("foreign-key", "the champion's signature does not verify: signed by key"),
         ("nothing-fresh", "every --data file is data digits v4 was already gated on"),
     ],
 )
@@ -310,7 +310,9 @@ def _worse_cnn(digits_cnn, keypair, directory: Path) -> Path:
             noisy = weights + rng.normal(0, 0.6 * weights.std(), weights.shape)
             init.CopyFrom(numpy_helper.from_array(noisy.astype(np.float32), init.name))
     onnx.save(proto, str(directory / "worse.onnx"))
-    convert_model(str(directory / "worse.onnx"), str(directory / "worse.conv.onnx"), preprocess=str(digits_cnn.preprocess))
+    convert_model(
+        str(directory / "worse.onnx"), str(directory / "worse.conv.onnx"), preprocess=str(digits_cnn.preprocess)
+    )
     names = directory / "names.txt"
     names.write_text("".join(f"digit {d}\n" for d in range(10)))
     champion = directory / "cam-1.edgebundle"
@@ -341,3 +343,40 @@ def test_a_cnn_candidate_is_gated_with_the_champions_preprocessing(cli, digits_c
 
     table = cli("promote", models.good, "--champion", champion, *common[:-2], "-o", tmp_path / "t")
     assert table.exit_code == 2 and "the candidate takes rows of features, cam v1 takes a tensor" in table.stderr
+
+
+@pytest.mark.slow
+def test_a_typed_table_candidate_is_gated_on_the_champions_columns(cli, churn, keypair, tmp_path):
+    """The churn pipelines take typed columns (strings, integers, flags); the HistGradientBoosting one is
+    judged against the random forest's bundle on the same CSV, read as the bundle's column types."""
+    result = cli(
+        "promote", churn.hgb, "--champion", churn.bundle, "--data", churn.test_csv, "--label", "label",
+        "--trained-on", churn.train_csv, "--max-regression", 1, "--key", keypair[0], "-o", tmp_path / "c.edgebundle",
+        "--json",
+    )  # fmt: skip
+    assert result.exit_code in (0, 1), result.output  # which forest wins is scikit-learn's business
+    report = json.loads(result.stdout)
+    assert report["scores"][0]["rows"] > 0 and 0.5 < report["scores"][0]["champion"] <= 1
+    assert (tmp_path / "c.edgebundle").exists() == report["promoted"]
+
+
+def test_a_candidate_that_refuses_missing_values_the_champion_took_is_refused():
+    """Accepting more missing values than the champion is harmless; accepting fewer would start refusing
+    clients that send them."""
+    from types import SimpleNamespace
+
+    from device_agent.schema import InputSchema
+    from edgekit.bundle.champion import check_same_input
+    from edgekit.errors import PackageError
+
+    def schema(allow_nan: bool) -> InputSchema:
+        return InputSchema(input_name="X", feature_names=("a", "b"), allow_nan=allow_nan)
+
+    champion = SimpleNamespace(
+        model=SimpleNamespace(input=schema(True)), label="m v1", bundle=SimpleNamespace(name="m")
+    )
+    check_same_input(SimpleNamespace(input=schema(True)), champion, source="c.joblib")
+    with pytest.raises(PackageError, match=r"refuses missing values in \[\"a\", \"b\"\], which m v1 accepts"):
+        check_same_input(SimpleNamespace(input=schema(False)), champion, source="c.joblib")
+    champion.model.input = schema(False)
+    check_same_input(SimpleNamespace(input=schema(True)), champion, source="c.joblib")

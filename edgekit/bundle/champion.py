@@ -18,6 +18,7 @@ import numpy as np
 
 from device_agent.bundle import Bundle, read_bundle
 from device_agent.canonical import sha256_hex
+from device_agent.errors import SignatureError
 from device_agent.outputs import CLASSIFICATION
 from device_agent.signing import load_public_key
 from edgekit.bundle.keys import load_private_key
@@ -64,7 +65,14 @@ def open_champion(path: str, *, key_path: str, pubkey_path: str | None) -> Champ
     """The champion bundle, its signature checked with ``pubkey_path`` or the public half of the signing key
     (a promotion that trusts an unsigned or foreign champion would launder it into a signed bundle)."""
     public = load_public_key(pubkey_path) if pubkey_path else load_private_key(key_path).public_key()
-    bundle = read_bundle(path, public)
+    try:
+        bundle = read_bundle(path, public)
+    except SignatureError as exc:
+        raise PackageError(
+            f"the champion's signature does not verify: {exc.problem}",
+            "pass --pubkey with the key that signed it (after a key rotation), or --key with its private key",
+            path=path,
+        ) from exc
     source = f"{path}:{bundle.model_file}"
     loader = TfliteModel if bundle.model_format == "tflite" else OnnxModel
     model = loader.from_bytes(bundle.model_bytes, path=source)
@@ -128,6 +136,9 @@ def check_same_input(candidate: Any, champion: Champion, *, source: str) -> None
                 champion,
                 f"has input {key} {_short(ours.get(key))}, {champion.label} {_short(theirs.get(key))}",
             )
+    missing = sorted(set(may_be_missing(champion.model.input)) - set(may_be_missing(candidate.input)))
+    if missing:  # the champion took NaN or null there: clients that send it would start to be refused
+        _refuse(source, champion, f"refuses missing values in {_short(missing)}, which {champion.label} accepts")
 
 
 def contract(schema: Any) -> dict[str, Any]:
@@ -136,7 +147,16 @@ def contract(schema: Any) -> dict[str, Any]:
         return {"tensor": schema.tensor.to_dict(), "preprocessing": schema.preprocess}
     if schema.columns is not None:
         return {"columns": [(c.name, c.dtype, c.kind) for c in schema.columns]}
-    return {"features": list(schema.feature_names), "NaN handling": schema.allow_nan}
+    return {"features": list(schema.feature_names)}
+
+
+def may_be_missing(schema: Any) -> list[str]:
+    """The inputs that may be NaN or null: accepting more is harmless, accepting fewer breaks clients."""
+    if schema.tensor is not None:
+        return []
+    if schema.columns is not None:
+        return [c.name for c in schema.columns if c.nullable]
+    return list(schema.feature_names) if schema.allow_nan else []
 
 
 def with_champion_names(candidate: Any, champion: Champion) -> None:
@@ -217,10 +237,22 @@ def load_gate_data(
 def _read(path: str, champion: Champion, label: str | None, earlier: dict[str, Any]) -> GateData:
     schema = champion.model.input
     dataset = load_dataset(path, label=label, columns=schema.columns, schema=schema).aligned_to(schema.feature_names)
-    y = dataset.require_labels("the champion/challenger gate")
+    y = _as_class_names(dataset.require_labels("the champion/challenger gate"), champion)
     compare.check_labels(champion.model.output, y, source=path)
     X = schema.check(dataset.X, source=path)
     return GateData(path, GATED if dataset.sha256 in earlier else FRESH, dataset, X, y)
+
+
+def _as_class_names(y: np.ndarray, champion: Champion) -> np.ndarray:
+    """A network's labels as its trainer saved them (class positions 0..K-1), read as the names the bundle
+    gives its outputs; labels that are names already, or a table's classes, stay as they are."""
+    spec = champion.model.output
+    names = [str(c) for c in spec.labels] if spec.task == CLASSIFICATION else []
+    if champion.model.input.tensor is None or not names or y.dtype.kind not in "iu" or set(map(str, y)) <= set(names):
+        return y
+    if y.size and (y.min() < 0 or y.max() >= len(names)):
+        return y  # check_labels names what does not fit
+    return np.asarray(names, dtype=object)[y]
 
 
 def _refuse_duplicates(gate: list[GateData]) -> None:

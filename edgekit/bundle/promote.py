@@ -124,7 +124,8 @@ def promote(
     progress: Progress = NoProgress(),
 ) -> Promotion:
     """Gate ``candidate`` (a model file ``edgekit convert`` reads) against the ``champion`` bundle on ``data``;
-    write the next version of the bundle to ``output`` only when it wins. Bad input raises before any work."""
+    write the next version of the bundle to ``output`` only when it wins. Bad input raises an ``EdgekitError``
+    (or the bundle reader's ``AgentError``), all of it but a converted model's other input before the conversion."""
     _check_options(options)
     held = open_champion(champion, key_path=key_path, pubkey_path=options.pubkey)
     version = _next_version(options.version, held)
@@ -184,6 +185,8 @@ def _baseline(options: PromoteOptions) -> str:
             "the new bundle needs a drift baseline: the data the candidate was trained on",
             "add --trained-on train.csv (or --baseline FILE)",
         )
+    if not Path(baseline).exists():  # found here, not after the conversion and the judgement
+        raise DataError("no such file or folder", "check the --baseline/--trained-on path", path=baseline)
     return baseline
 
 

@@ -73,7 +73,7 @@ def fleet():
     "--client-id",
     default="edgekit-collector",
     show_default=True,
-    help="MQTT client id; keep it stable so the broker keeps the session.",
+    help="MQTT client id; keep it stable so the broker keeps the session. It names this collector as leader too.",
 )
 @click.option(
     "--devices-file",
@@ -183,9 +183,7 @@ def collect(
         gap_retry_seconds=gap_retry,
     )
     collector = FleetService(config, alert_rules=rules, alert_sinks=sinks).start()
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
+    stop = _stopped_by_signals()
     server = collector.server
     click.echo(
         f"collecting from {broker} into {_redacted(db)}"
@@ -430,6 +428,14 @@ def alerts(db, show_all, as_json):
             ["state", "rule", "device", "subject", "opened", "message"],
         )
     )
+
+
+def _stopped_by_signals() -> threading.Event:
+    """An event SIGTERM and SIGINT set: the collector stops cleanly on either."""
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    return stop
 
 
 def _ago(timestamp) -> str:

@@ -47,6 +47,7 @@ MIN_RAW_SECONDS = 3600.0  # devices resend a missing window from a spool kept an
 KEEP_RECENT_WINDOWS = 50  # per device, always raw: alert rules read the last few, accuracy the last 50 labelled
 BATCH = 500  # windows (or buckets) a transaction moves
 TICK_SECONDS = 300.0  # the leader's pass, at most this often (a pass cut short by max_batches resumes at once)
+DUTY_SECONDS = 30.0  # how often the leader calls ``tick`` (service.leader_duties): a pass cut short resumes this soon
 DEFAULTS = {"raw": "7d", "hourly": "90d", "daily": "forever"}
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)\s*([smhdw])$")
 _SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
@@ -188,6 +189,11 @@ class Retention:
     ) -> None:
         self.store, self.policy, self.every, self.max_batches = store, policy, every, max_batches
         self._next = 0.0
+
+    @classmethod
+    def of(cls, store: HistoryStore, setting: str | None) -> Retention:
+        """The leader's retention: the collector's ``retention`` setting, else the policy stored in the database."""
+        return cls(store, RetentionPolicy.from_text(setting) if setting else None)
 
     def tick(self, now: float | None = None) -> RetentionPass | None:
         now = time.time() if now is None else now

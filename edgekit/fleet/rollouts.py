@@ -2,7 +2,9 @@
 
 It lives in the collector, keeps all of its state in the fleet store (so a collector restart picks
 running rollouts up where they were) and speaks to devices only through their retained ``desired``
-topic; devices answer on ``reported`` (see ``device_agent.updater``).
+topic; devices answer on ``reported`` (see ``device_agent.updater``). Of collectors sharing a database
+only the leader ticks (``leader.py``); a device is marked sent, fenced by the lease's token, before its
+message goes out, so a new leader carries a rollout on from the store without sending a wave twice.
 
 - ``start``: the bundle must verify against the fleet's trusted key before anything is sent; the
   target devices (a fleet, optionally a glob) are fixed and split into cumulative waves.

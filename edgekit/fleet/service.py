@@ -22,6 +22,8 @@ from edgekit.fleet.alerts import AlertEngine, AlertRules, AlertSinks
 from edgekit.fleet.collector import FULL_ALERT_PASS_SECONDS, GAP_CHECK_SECONDS, ROLLOUT_TICK, Collector
 from edgekit.fleet.config import CollectorConfig
 from edgekit.fleet.leader import Duty, Leadership
+from edgekit.fleet.retention import DUTY_SECONDS as RETENTION_DUTY_SECONDS
+from edgekit.fleet.retention import Retention
 from edgekit.fleet.rollouts import RolloutController
 from edgekit.fleet.store import SqlStore, is_postgres_url, open_store
 
@@ -64,6 +66,7 @@ class FleetService:
         duties = [
             Duty("gap requests", self.collector.request_gaps, min(GAP_CHECK_SECONDS, self.config.gap_retry_seconds)),
             Duty("rollouts", self.rollouts.tick, ROLLOUT_TICK),
+            Duty("retention", Retention.of(self.store, self.config.retention).tick, RETENTION_DUTY_SECONDS),
         ]
         if self.alerts is not None:  # every device, for rules that fire on silence (offline)
             duties.append(Duty("alert pass", self.alerts.evaluate, FULL_ALERT_PASS_SECONDS))
