@@ -343,9 +343,8 @@ class Agent:
         if len(run) == 1:
             self.log.add(self.boot, *run[0])
             return
-        rows = np.concatenate([r for _, r, _ in run])
         answers = np.concatenate([a for _, _, a in run])
-        self.log.add(self.boot, run[0][0], rows, answers)
+        self.log.add(self.boot, run[0][0], [r for _, r, _ in run], answers)  # rows not copied: a few are read
 
     # -- background ----------------------------------------------------------------------------------
     def _background(self) -> None:

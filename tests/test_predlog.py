@@ -61,3 +61,21 @@ def test_feedback_on_the_first_of_many_predictions_through_the_agent(tmp_path, b
         ids = [agent.predict(X[i : i + 1]).ids[0] for i in range(300)]
         assert [agent.feedback(ids[i], int(y[i])) for i in (0, 1, 150, 299)] == ["accepted"] * 4
         assert agent.log.count() < 10  # the SQLite log sampled a few rows; the answer did not depend on it
+
+
+def test_the_log_keeps_a_trickle_not_a_share_of_heavy_traffic(tmp_path, monkeypatch):
+    """One row in 100, but no more than ``max_per_second`` rows a second: at a thousand rows a millisecond
+    the log would otherwise cost as much as the model."""
+    clock = [1000.0]
+    monkeypatch.setattr("device_agent.predlog.time.time", lambda: clock[0])
+    log = _log(tmp_path, capacity=10_000, sample_every=100, max_per_second=10)
+    for first in range(0, 20_000, 1000):  # 200 candidates in one instant
+        log.add("boot", first, np.zeros((1000, 2)), np.zeros(1000, dtype=int))
+    log.flush()
+    assert log.count() == 10
+    clock[0] += 0.5  # half a second: half the bucket back
+    log.add("boot", 20_000, np.zeros((1000, 2)), np.zeros(1000, dtype=int))
+    log.flush()
+    assert log.count() == 15
+    assert log.label("boot", "boot", 12_345, 1)[0] == "accepted"  # every id still takes feedback
+    log.close()
