@@ -327,6 +327,59 @@ def run_pipeline(
     }
 
 
+def leader_failover(work: Path, databases: Databases, trials: int = 3) -> dict:
+    """Two ``fleet collect`` processes on one database; SIGKILL the one holding the leader lease and time
+    until the other holds it (the lease is 10 s, renewed and tried every 2.5 s: at most 12.5 s)."""
+    broker = Broker(work)
+    db = databases.new("failover")
+    store = open_store(db)
+    times, group = [], {}
+    try:
+        group = {f"bench-leader-{i}": _collector(broker.port, db, f"bench-leader-{i}", workers=1) for i in range(2)}
+        for _ in range(trials):
+            lease = _wait_for(lambda: _held(store), 30)
+            killed = lease.holder
+            group[killed].send_signal(signal.SIGKILL)
+            group[killed].wait(10)
+            start = time.perf_counter()
+            _wait_for(lambda: _held(store, other_than=killed), 30)  # noqa: B023 (polled at once)
+            times.append(time.perf_counter() - start)
+            group[killed] = _collector(broker.port, db, killed, workers=1)  # back, as a follower
+    finally:
+        for process in group.values():
+            process.send_signal(signal.SIGTERM)
+        for process in group.values():
+            process.wait(30)
+        store.close()
+        broker.stop()
+    return {"failover_seconds": times, "failover_max_seconds": max(times)}
+
+
+def _collector(port: int, db: str, client_id: str, *, workers: int) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "edgekit.cli", "fleet", "collect", "--broker", f"mqtt://127.0.0.1:{port}",
+         "--db", db, "--http", "", "--client-id", client_id, "--workers", str(workers)],
+        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+
+
+def _held(store, other_than: str | None = None):
+    lease = store.lease("leader")
+    if lease is None or lease.expires_at <= lease.now or lease.holder == other_than:
+        return None
+    return lease
+
+
+def _wait_for(predicate, timeout: float):
+    deadline = time.perf_counter() + timeout
+    while time.perf_counter() < deadline:
+        found = predicate()
+        if found:
+            return found
+        time.sleep(0.05)
+    raise RuntimeError("timed out")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
@@ -351,6 +404,7 @@ def main() -> int:
             results["sustained"] = run_pipeline(
                 work, databases, docs, total=int(args.duration * args.rate), rate=args.rate, sample_every=5.0
             )
+            results["failover"] = leader_failover(work, databases)
         finally:
             databases.stop()
     store, burst, sustained, pair = (
@@ -391,6 +445,12 @@ def main() -> int:
             sustained["stored"] / sustained["sent"],
             "= 1",
             sustained["stored"] == sustained["sent"],
+        ),
+        (
+            "leader failover: the leader SIGKILLed, the other leads after (s, worst of 3)",
+            results["failover"]["failover_max_seconds"],
+            "≤ 15",
+            results["failover"]["failover_max_seconds"] <= 15,
         ),
         (
             "collector RSS growth, first to last quarter (MB)",
