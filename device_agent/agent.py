@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from .bundle import Bundle
+from .capture import Capture
 from .config import AgentConfig
 from .drift import DEFAULT_DRIFT_THRESHOLDS
 from .errors import AgentError, InputError, ModelError
@@ -85,6 +86,7 @@ class Agent:
         self.log = _JoiningLog(
             self.config.state_dir / "predictions.db", capacity=self.config.monitor.log_rows, before=self._drain_log
         )
+        self.capture = Capture.for_agent(self)  # field samples ([capture]; off by default)
         self._serving = self.serving_for(
             bundle,
             open_runtime(bundle.model_format, bundle.model_bytes, threads=self.config.threads, source=bundle.path),
@@ -115,6 +117,7 @@ class Agent:
                 retained=self._retained,
                 on_input=self._on_stream_input if self.config.mqtt.streaming else None,
                 on_desired=self.updater.on_desired,
+                on_upload=self.capture.uploader.on_command,
             )
             self.reporter.start()
         self.updater.start()
@@ -286,6 +289,7 @@ class Agent:
             self._counter += n
         serving.monitor.record(X, prediction, elapsed_ms / n, first)
         self._to_log.append((first, X, prediction.primary))
+        self.capture.offer(serving, first, X, prediction.primary)
         for tap in self.taps:
             tap(serving, X, prediction, elapsed_ms, None)
         return PredictResult(self.boot, first, prediction, serving.model_info["version"], serving.spec.labels)
@@ -389,6 +393,7 @@ class Agent:
             seq=seq,
         )
         summary["unmonitored_rows"] = window.unmonitored
+        self.capture.window_closed(seq, window, serving, summary)
         payload = encode(summary)
         self.spool.put(seq, payload)
         self._account(window)

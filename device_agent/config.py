@@ -31,6 +31,11 @@
     [update]                           # bundle downloads, when the collector has an API token:
     # token_file = "/etc/edgekit/collector.token"   # or token = "...", or EDGEKIT_COLLECTOR_TOKEN
     # collector = "http://10.0.0.5:8480"   # the token goes only there (default: the MQTT broker's host)
+    [capture]                          # field samples for `edgekit fleet samples` (off unless enabled)
+    # enabled = true
+    # rate = 0.01                      # share of every window's rows kept (by a hash of the row id)
+    # drifted_rows = 200               # rows kept at least from each drifted window
+    # max_mb = 50                      # on disk at most; the oldest segments are dropped first
 
 Relative paths are relative to the file. Secrets come from files or the environment
 (``EDGEKIT_MQTT_PASSWORD``, ``EDGEKIT_API_TOKEN``, ``EDGEKIT_COLLECTOR_TOKEN``), never from the TOML itself
@@ -205,6 +210,18 @@ def _port(parsed) -> int | None:
 
 
 @dataclass(frozen=True)
+class CaptureConfig:
+    """``[capture]``: raw input rows kept on the device for ``edgekit fleet samples`` (``capture.py``).
+
+    Off by default: field rows are the fleet owner's data, kept and uploaded only when asked for."""
+
+    enabled: bool = False
+    rate: float = 0.01  # share of every window's rows kept, chosen by a hash of the row id
+    drifted_rows: int = 200  # rows kept at least from a window judged drifted
+    max_mb: float = 50.0  # the store's size on disk at most; the oldest segments go first
+
+
+@dataclass(frozen=True)
 class AgentConfig:
     device_id: str
     state_dir: Path
@@ -215,6 +232,7 @@ class AgentConfig:
     server: ServerConfig = ServerConfig()
     monitor: MonitorConfig = MonitorConfig()
     update: UpdateConfig = UpdateConfig()
+    capture: CaptureConfig = CaptureConfig()
     emulate: Any = None  # an emulation.EmulationConfig when the [emulate] table is present
     source: str = "<config>"
 
@@ -259,6 +277,7 @@ def parse_config(doc: dict[str, Any], *, base: Path = Path("."), source: str = "
         server_config = _server_config(server, source, resolve)
         monitor_config = _monitor_config(monitor, source)
         update_config = _update_config(doc.get("update", {}), source, resolve)
+        capture_config = _capture_config(doc.get("capture", {}), source)
     except (TypeError, ValueError) as exc:
         raise ConfigError(
             source,
@@ -281,6 +300,7 @@ def parse_config(doc: dict[str, Any], *, base: Path = Path("."), source: str = "
         server=server_config,
         monitor=monitor_config,
         update=update_config,
+        capture=capture_config,
         source=source,
     )
 
@@ -349,6 +369,35 @@ def _update_config(update: dict[str, Any], source: str, resolve) -> UpdateConfig
             source, f"[update] collector {collector!r} is not an http(s) URL", 'e.g. collector = "http://10.0.0.5:8480"'
         )
     return UpdateConfig(token=_secret(update, "token", "EDGEKIT_COLLECTOR_TOKEN", resolve) or None, collector=collector)
+
+
+_CAPTURE_KEYS = ("enabled", "rate", "drifted_rows", "max_mb")
+
+
+def _capture_config(capture: dict[str, Any], source: str) -> CaptureConfig:
+    """The [capture] table; raises ValueError or TypeError on a bad value (reported by the caller)."""
+    unknown = sorted(set(capture) - set(_CAPTURE_KEYS))
+    if unknown:
+        raise ConfigError(
+            source, f"[capture] has no setting {unknown[0]!r}", f"the settings are {', '.join(_CAPTURE_KEYS)}"
+        )
+    enabled, defaults = capture.get("enabled", False), CaptureConfig()
+    if not isinstance(enabled, bool):
+        raise ConfigError(source, f"[capture] enabled = {enabled!r} is not true or false", "enabled = true")
+    config = CaptureConfig(
+        enabled=enabled,
+        rate=float(capture.get("rate", defaults.rate)),
+        drifted_rows=int(capture.get("drifted_rows", defaults.drifted_rows)),
+        max_mb=float(capture.get("max_mb", defaults.max_mb)),
+    )
+    if not (0 <= config.rate <= 1 and config.drifted_rows >= 0 and 0 < config.max_mb < math.inf):
+        raise ConfigError(
+            source,
+            f"[capture] rate = {config.rate}, drifted_rows = {config.drifted_rows}, max_mb = {config.max_mb} "
+            "are out of range",
+            "rate is a share from 0 to 1, drifted_rows 0 or more, max_mb a positive size (defaults 0.01, 200, 50)",
+        )
+    return config
 
 
 _SERVER_KEYS = ("listen", "token", "token_file", "tls_cert", "tls_key", "max_rows", *_LIMIT_KINDS)

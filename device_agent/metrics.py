@@ -101,6 +101,11 @@ def render_metrics(agent: Observed) -> str:
     _sample(lines, "edgekit_windows_total", model, stats["windows"])
     _family(lines, "edgekit_spool_depth", "gauge", "Summaries waiting for the broker's acknowledgement.")
     _sample(lines, "edgekit_spool_depth", {}, agent.spool.depth())
+    capture = getattr(agent, "capture", None)  # field samples (capture.py): kept, stored, dropped, uploaded
+    for name, kind, help_text, samples in capture.metrics() if capture is not None else ():
+        _family(lines, name, kind, help_text)
+        for labels, value in samples:
+            _sample(lines, name, labels, value)
     summary = agent.last_summary
     if summary is not None:
         drift = summary["drift"]

@@ -206,6 +206,9 @@ class Profile:
     outputs: dict[str, Sketch]
     latency_ms: NumericSketch
     rows: int = 0
+    # A baseline's optional map from an output's bins to the model's expected accuracy (``edgekit package
+    # --eval``); carried, never read, on the device, and outside ``baseline_id``: windows and older agents agree.
+    calibration: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         self.baseline_id = sha256_hex(canonical_json(self._definition()))[:16]
@@ -305,6 +308,7 @@ class Profile:
             "features": [s.to_dict() for s in self.features],
             "outputs": {k: s.to_dict() for k, s in sorted(self.outputs.items())},
             "latency_ms": self.latency_ms.to_dict(),
+            **({"calibration": self.calibration} if self.calibration else {}),
         }
 
     def to_compact(self) -> dict[str, Any]:
@@ -352,6 +356,7 @@ class Profile:
                 outputs={k: _sketch_from_dict(d) for k, d in doc["outputs"].items()},
                 latency_ms=NumericSketch.from_dict(doc["latency_ms"]),
                 rows=int(doc["rows"]),
+                calibration=doc.get("calibration") if isinstance(doc.get("calibration"), dict) else None,
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ProfileError(f"malformed profile: {exc!r}") from exc

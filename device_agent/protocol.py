@@ -6,6 +6,7 @@ Topics live under ``edgekit/v1/<fleet>/<device>/``:
 - ``baseline`` retained; the active model's baseline profile, so a collector can merge windows
 - ``summary``  QoS 1; one closed window (see ``build_summary`` and docs/protocol.md)
 - ``cmd``      commands to the device, e.g. ``{"schema": "edgekit.cmd/1", "cmd": "resend", "seqs": [4, 5]}``
+  or ``"cmd": "upload"`` (field samples: ``upload`` id, ``url``, ``since``, ``drifted_only``)
 - ``desired`` / ``reported``  rollout state (OTA)
 - ``input`` / ``output``  optional streaming inference
 
@@ -290,6 +291,17 @@ def command(data: bytes) -> dict[str, Any]:
         seqs = doc.get("seqs")
         if not isinstance(seqs, list) or not all(isinstance(s, int) and s >= 0 for s in seqs) or len(seqs) > 10000:
             raise ProtocolError("field", "resend needs 'seqs': a list of at most 10000 non-negative integers")
+        return doc
+    if doc.get("cmd") == "upload":  # field samples (capture.py): where to send them, and which
+        since = doc.get("since")
+        if (
+            not isinstance(doc.get("upload"), str)
+            or not _LEVEL.match(doc["upload"])
+            or not str(doc.get("url", "")).startswith(("http://", "https://"))
+            or not isinstance(doc.get("drifted_only", False), bool)
+            or not (since is None or (isinstance(since, (int, float)) and not isinstance(since, bool)))
+        ):
+            raise ProtocolError("field", "upload needs 'upload' (an id), 'url' (http), 'since' and 'drifted_only'")
         return doc
     raise ProtocolError("field", f"unknown command {doc.get('cmd')!r}")
 

@@ -53,8 +53,10 @@ class MqttReporter:
         retained: Callable[[], list[tuple[str, dict[str, Any]]]] = lambda: [],
         on_input: Callable[[bytes], None] | None = None,
         on_desired: Callable[[bytes], None] | None = None,
+        on_upload: Callable[[dict[str, Any]], None] | None = None,
     ) -> None:
         self.config, self.topics, self.spool = config, topics, spool
+        self._on_upload = on_upload  # ``cmd: upload`` (field samples, capture.py); None: ignored
         self.client_id = client_id
         self._birth, self._offline, self._retained, self._on_input, self._on_desired = (
             birth,
@@ -250,6 +252,10 @@ class MqttReporter:
         except ProtocolError as exc:
             self.rejected_commands += 1
             log.warning("ignored a command on %s: %s", message.topic, exc)
+            return
+        if doc["cmd"] == "upload":  # not on paho's network thread: the handler starts its own
+            if self._on_upload is not None:
+                self._on_upload(doc)
             return
         with self._locked():
             for seq in doc["seqs"]:

@@ -11,6 +11,7 @@ import io
 import json
 import re
 import zipfile
+from collections.abc import Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from device_agent.canonical import canonical_json, sha256_hex
 from device_agent.drift import DEFAULT_DRIFT_THRESHOLDS
 from device_agent.profile import Profile, build_baseline
 from edgekit import __version__
+from edgekit.bundle.calibration import LabelledRows, calibration_of, labelled_rows
 from edgekit.bundle.keys import load_private_key, sign
 from edgekit.bundle.lineage import git_state
 from edgekit.bundle.tensor_baseline import MAX_BASELINE_EXAMPLES, prepared, tensor_baseline
@@ -52,10 +54,13 @@ def build_bundle(
     preprocess: str | None = None,
     labels: str | None = None,
     lineage: dict[str, Any] | None = None,
+    eval_paths: Sequence[str] = (),
+    eval_rows: LabelledRows | None = None,
 ) -> dict[str, Any]:
     """Write the bundle to ``output`` (atomically) and return its manifest. A tensor model may be given
     its preprocessing (``preprocess``, TOML) and class names (``labels``, one per line) here; ``lineage``
-    adds to the manifest's lineage (``edgekit promote``: the parent, the data it was gated on)."""
+    adds to the manifest's lineage (``edgekit promote``: the parent, the data it was gated on). Labelled held-out
+    ``eval_paths`` (or ``eval_rows``: promote's) calibrate the fleet's label-free accuracy estimate."""
     _check_identity(name, version)
     key = load_private_key(key_path)
     model = load_model(model_path)
@@ -74,6 +79,7 @@ def build_bundle(
     baseline_data = baseline_data.aligned_to(model.input.feature_names)
     rows = model.input.check(baseline_data.X, source=baseline_path)
     profile = tensor_baseline(model, rows) if model.input.tensor is not None else _baseline_profile(model, rows)
+    profile.calibration = _calibration(model, profile, eval_paths, eval_rows, label, {"name": name, "version": version})
     members = {
         MODEL_FILES[model.kind]: model.data,
         BASELINE: canonical_json(profile.to_dict()),
@@ -93,6 +99,20 @@ def build_bundle(
     )
     _write_signed(output, manifest, members, key)
     return manifest
+
+
+def _calibration(
+    model: Any,
+    profile: Profile,
+    paths: Sequence[str],
+    rows: LabelledRows | None,
+    label: str | None,
+    identity: dict[str, Any],
+) -> dict[str, Any] | None:
+    """The baseline's ``calibration`` (``calibration.py``), or None without eval data: no estimate, no alert."""
+    if not paths and rows is None:
+        return None
+    return calibration_of(model, profile, rows or labelled_rows(model, paths, label), identity=identity)
 
 
 def _baseline_profile(model: Any, rows: Any) -> Any:

@@ -14,7 +14,8 @@ bundle's own bytes, on the same labelled data:
 
 Only a winner is packaged (``build_bundle``: same name, the next version, the champion's drift
 thresholds), its lineage naming its parent, the code commit and every data file it was gated and
-trained on. The bundle format does not change: ``lineage`` is free-form and devices never read it.
+trained on, and its label-free accuracy estimate calibrated on the fresh files, as ``package --eval`` does.
+The bundle format does not change: ``lineage`` is free-form and devices never read it.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import numpy as np
 
 from device_agent.outputs import CLASSIFICATION
 from edgekit.build.convert import ConvertOutcome, QuantizeOptions, convert_model
+from edgekit.bundle.calibration import LabelledRows
 from edgekit.bundle.champion import (
     FRESH,
     Champion,
@@ -406,7 +408,16 @@ def _package(
         target=_target(champion),
         labels=None if labels is None else str(labels),
         lineage=_lineage(champion, gate, options, result),
+        eval_rows=_fresh_rows(converted, champion, gate),
     )
+
+
+def _fresh_rows(converted: Any, champion: Champion, gate: list[GateData]) -> LabelledRows:
+    """The fresh files the winner was just scored on (held out from its training), as read for the gate
+    (labels as the champion's class names), calibrate its label-free accuracy estimate."""
+    fresh = [item for item in gate if item.role == FRESH]
+    X = np.concatenate([_for(converted, champion, item.X) for item in fresh])
+    return LabelledRows(X, np.concatenate([item.y for item in fresh]), tuple(i.dataset.sha256 for i in fresh))
 
 
 def _lineage(champion: Champion, gate: list[GateData], options: PromoteOptions, result: Promotion) -> dict[str, Any]:

@@ -74,6 +74,14 @@ def keygen(directory, name, force):
 @click.option("--label", help="Label column of CSV baseline data, left out of the features.")
 @click.option("--report", type=click.Path(dir_okay=False), help="A 'validate --json' report to record in the manifest.")
 @click.option(
+    "--eval",
+    "eval_paths",
+    multiple=True,
+    type=click.Path(),
+    help="Labelled held-out data (repeatable): calibrates the fleet's label-free accuracy estimate per window "
+    "(the model's confidence mapped to its observed accuracy; a regressor's expected absolute error).",
+)
+@click.option(
     "--drift",
     "drift",
     multiple=True,
@@ -81,13 +89,15 @@ def keygen(directory, name, force):
     help="Override a drift threshold (alpha, min_psi, min_rows, consecutive_windows).",
 )
 @json_option
-def package(model, name, version, baseline, key_path, output, label, report, drift, preprocess, labels_path, as_json):
+def package(
+    model, name, version, baseline, key_path, output, label, report, eval_paths, drift, preprocess, labels_path, as_json
+):
     """Package a converted model as a signed, versioned .edgebundle with its baseline profile.
 
     \b
     Examples:
       edgekit package model.int8.onnx --name digits --version 3 --baseline train.npz \\
-          --key keys/edgekit.key -o digits-3.edgebundle
+          --eval test.npz --key keys/edgekit.key -o digits-3.edgebundle
       edgekit package cnn.int8.onnx --name cam --version 1 --baseline images/ --preprocess image.toml \\
           --labels labels.txt --key keys/edgekit.key -o cam-1.edgebundle
     """
@@ -104,6 +114,7 @@ def package(model, name, version, baseline, key_path, output, label, report, dri
         drift=_parse_drift(drift),
         preprocess=preprocess,
         labels=labels_path,
+        eval_paths=eval_paths,
     )
     if as_json:
         emit_json({"output": output, "manifest": manifest})

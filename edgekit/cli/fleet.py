@@ -1,4 +1,4 @@
-"""``edgekit fleet``: collect, status, drift, retention, alerts."""
+"""``edgekit fleet``: collect, status, drift, retention, alerts, samples."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from urllib.parse import urlsplit, urlunsplit
 import click
 
 from edgekit.cli.common import emit_json, fmt, json_option
+from edgekit.cli.rollout import COLLECTOR_OPTION
 from edgekit.fleet.alerts import load_alert_config
 from edgekit.fleet.config import CollectorConfig
 from edgekit.fleet.leader import LEADER_LEASE, describe_lease
@@ -428,6 +429,44 @@ def alerts(db, show_all, as_json):
             ["state", "rule", "device", "subject", "opened", "message"],
         )
     )
+
+
+@fleet.command()
+@click.option("--device", required=True, help="The device whose kept rows to fetch.")
+@click.option("--since", help="Only rows answered within this long ago: 30m, 2h, 7d (default: all it kept).")
+@click.option("--drifted-only", is_flag=True, help="Only rows of windows judged drifted.")
+@click.option(
+    "-o", "--output", "out", required=True, type=click.Path(dir_okay=False), help="A .csv, .npz or .parquet file."
+)
+@click.option("--timeout", type=float, default=300.0, show_default=True, help="Seconds to wait for the upload.")
+@COLLECTOR_OPTION
+@json_option
+def samples(device, since, drifted_only, out, timeout, collector, as_json):
+    """Fetch the field rows a device kept ([capture] in its agent.toml), with the delayed labels it got, through
+    a running collector, and write them to a file.
+
+    \b
+    Example:
+      edgekit fleet samples --device pi-kitchen-01 --since 2h --drifted-only -o field.csv
+    """
+    from edgekit.fleet.client import CollectorClient
+    from edgekit.fleet.samples import collect_samples, export_samples
+
+    doc = collect_samples(
+        CollectorClient(collector),
+        device=device,
+        since=since,
+        drifted_only=drifted_only,
+        timeout=timeout,
+        say=(lambda line: None) if as_json else lambda line: click.echo(line, err=True),
+    )
+    written = export_samples(doc, out)
+    if as_json:
+        emit_json({**written, "upload": doc["upload"]["id"], "capture": (doc.get("header") or {}).get("capture")})
+        return
+    click.echo(f"wrote {written['rows']} row(s) of {device}, {written['labelled']} with a label, to {out}")
+    if (doc.get("header") or {}).get("capture") is False:
+        click.echo(f"{device} keeps no field rows: set [capture] enabled = true in its agent.toml", err=True)
 
 
 def _stopped_by_signals() -> threading.Event:

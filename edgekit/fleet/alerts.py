@@ -12,6 +12,8 @@ Rules (defaults; ``alerts.toml`` changes them)::
     offline_seconds = 300      # offline (its last will, or a clean stop) for longer than this
     accuracy_drop_max = 0.05   # delayed-label accuracy below the device's earlier windows by more than this
     accuracy_min_labels = 20   # labels a window needs before its accuracy counts
+    estimated_accuracy_drop_max = 0.05  # label-free estimate below the bundle's eval accuracy by more than this
+    estimated_accuracy_min_rows = 100   # rows a window needs before its estimate counts
     [sinks]
     log = true
     webhook = "http://127.0.0.1:9000/hook"     # POST of the alert as JSON
@@ -58,6 +60,8 @@ class AlertRules:
     offline_seconds: float = 300.0
     accuracy_drop_max: float = 0.05
     accuracy_min_labels: int = 20
+    estimated_accuracy_drop_max: float = 0.05
+    estimated_accuracy_min_rows: int = 100
 
 
 @dataclass(frozen=True)
@@ -130,6 +134,7 @@ class AlertEngine:
             holding.update(self._latest_window(latest))
             holding.update(self._unseen(latest))
             holding.update(self._accuracy(name, latest))
+            holding.update(self._estimated_accuracy(recent))
         offline_for = now - (device["last_seen"] or now)
         # Offline is what the device's last will says; silence alone is not (no traffic, no windows).
         if device["online"] is False and offline_for > self.rules.offline_seconds:
@@ -235,6 +240,33 @@ class AlertEngine:
                 )
             }
         return {}
+
+    def _estimated_accuracy(self, recent: list[dict[str, Any]]) -> dict[tuple[str, str], tuple[str, dict[str, Any]]]:
+        """The newest window large enough for its label-free estimate (``estimate.py``), against the accuracy
+        the bundle's calibration expects on its eval data: an early warning before any label arrives. A window
+        too small for its estimate to mean much neither opens nor closes it; with no estimate in the recent
+        windows (a bundle packaged without ``--eval``) there is nothing to hold, and it closes."""
+        window = next(
+            (
+                f
+                for f in recent
+                if f.get("estimated_accuracy") is not None and f["rows"] >= self.rules.estimated_accuracy_min_rows
+            ),
+            None,
+        )
+        if window is None:
+            return {}
+        estimated, expected = window["estimated_accuracy"], window["expected_accuracy"]
+        if expected - estimated <= self.rules.estimated_accuracy_drop_max:
+            return {}
+        evidence = {"seq": window["seq"], "window": window["window"], "rows": window["rows"]}
+        return {
+            ("estimated_accuracy_drop", "confidence"): (
+                f"estimated accuracy {estimated:.3f} is {100 * (expected - estimated):.1f} points below the "
+                f"{expected:.3f} the bundle's eval data showed (from confidence, no labels)",
+                {**evidence, "estimated_accuracy": estimated, "expected_accuracy": expected},
+            )
+        }
 
     def _notify(
         self, state: str, rule: str, device: str, subject: str, message: str, evidence: dict[str, Any], now: float

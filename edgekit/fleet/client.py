@@ -12,6 +12,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote, urlencode
 
 from edgekit.errors import RolloutError
 
@@ -46,6 +47,17 @@ class CollectorClient:
 
     def rollback(self, instruction: dict[str, Any], signature: str, devices: str = "*") -> dict[str, Any]:
         return self._post("/api/rollbacks", {"instruction": instruction, "signature": signature, "devices": devices})
+
+    def request_samples(self, device: str, *, since: str | None = None, drifted_only: bool = False) -> dict[str, Any]:
+        """Have the collector ask ``device`` for its field samples (``cmd: upload``); the upload it issued."""
+        return self._post("/api/samples/requests", {"device": device, "since": since, "drifted_only": drifted_only})
+
+    def sample_upload(self, upload_id: str) -> dict[str, Any]:
+        return self._call("GET", f"/api/samples/requests/{quote(upload_id)}")
+
+    def sample_rows(self, device: str, *, upload: str | None = None) -> dict[str, Any]:
+        query = f"?{urlencode({'upload': upload})}" if upload else ""
+        return self._call("GET", f"/api/samples/{quote(device)}{query}")
 
     def _post(self, path: str, doc: dict[str, Any]) -> Any:
         return self._call("POST", path, json.dumps(doc).encode(), "application/json")

@@ -31,6 +31,7 @@ from device_agent.protocol import (
     decode,
 )
 from edgekit.errors import StoreDataError
+from edgekit.fleet.estimate import Estimates
 from edgekit.fleet.store import FleetStore, SummaryRecord
 
 log = logging.getLogger("edgekit.fleet")
@@ -57,6 +58,7 @@ class Ingestor:
         self.counters: Counter = Counter()
         self.touched: set[str] = set()  # devices with news since the alert engine last looked
         self._last_logged: dict[tuple[str, str], float] = {}
+        self.estimates = Estimates(store.baseline, clock=clock)  # each window's label-free accuracy estimate
 
     def handle(self, messages: list[Message]) -> Counter:
         """Check and store a batch (one transaction for its summaries); return what happened to it."""
@@ -66,7 +68,7 @@ class Ingestor:
             try:
                 kind, doc = self._check(message)
                 if kind == "summary":  # reduced at once: the parsed document dies young
-                    record = SummaryRecord.of(doc, message.payload.decode())
+                    record = SummaryRecord.of(doc, message.payload.decode(), self.estimates.facts(doc))
             except ProtocolError as exc:
                 self._reject(exc.reason, _device_of(message.topic), str(exc), message.received_at)
                 outcome[f"rejected_{exc.reason}"] += 1
@@ -88,6 +90,7 @@ class Ingestor:
                     self.on_report(doc, message.received_at)
                 outcome["reports"] += 1
             else:
+                self.estimates.learn(doc)
                 self.store.record_baseline(doc, message.received_at)
                 outcome["baselines"] += 1
         if summaries:

@@ -61,6 +61,9 @@ def render(collector: Observed) -> bytes:
                 rejected.add_metric([reason], count)
             yield rejected
             yield from _leader(collector)
+            from edgekit.fleet.samples import sample_metrics  # field-sample uploads and rows (samples.py)
+
+            yield from sample_metrics(collector.store)
             if collector.alerts is not None:
                 alerts = GaugeMetricFamily("edgekit_alerts_open", "Open alerts by rule.", labels=["rule"])
                 for rule, count in collector.alerts.open_counts().items():

@@ -7,7 +7,7 @@ through small Protocols (``web.Fleet``, ``metrics.Observed``).
 
 Several collectors may share one database (same ``--group``, different ``--client-id``): every one
 ingests, and one, the holder of the database's lease (``leader.py``), runs the duties listed in
-``leader_duties``: the gap requests, the alert passes, the rollout controller's ticks.
+``leader_duties``: the gap requests, the alert passes, the rollout controller's ticks, retention.
 """
 
 from __future__ import annotations

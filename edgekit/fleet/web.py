@@ -16,6 +16,7 @@
     GET  /api/bundles          stored bundles;  POST /api/bundles (the bundle's bytes) verifies and stores one
     GET  /api/rollouts[/<id>]  rollout status;  POST /api/rollouts {sha256, fleet, devices, waves, ...} starts one
     POST /api/rollouts/<id>/(pause|resume|abort);  POST /api/rollbacks {instruction, signature, devices}
+    /api/samples/..., /samples   field samples: ask a device, take its upload, serve the rows (``samples.py``)
 
 POSTs need ``Authorization: Bearer <token>`` when the collector has an API token. The routes are
 plain ``Request -> Response`` functions served by the same waitress server as the agent's API
@@ -106,6 +107,10 @@ def _limit_names():
 
 def route(collector: Fleet, request: Request) -> Response:
     """The answer to one request (the HTTP server, TLS and limits are the caller's business)."""
+    if request.path.startswith("/api/samples") or request.path == "/samples":  # its own token check, GETs too
+        from edgekit.fleet.samples import route as samples_route
+
+        return samples_route(collector, request)
     if request.method == "POST":
         return _post(collector, request)
     if request.method != "GET":
@@ -127,7 +132,8 @@ def _get(collector: Fleet, request: Request) -> Response:
         if device not in {d["device"] for d in store.status()}:
             return error_response(404, f"no device {device!r} is known to this collector")
         summaries = list(store.summaries(device=device))
-        return Response(200, render_device(device, summaries, device_columns(store, summaries)), HTML)
+        facts = store.recent_facts(device, 50)  # the windows' label-free accuracy estimates, beside labels'
+        return Response(200, render_device(device, summaries, device_columns(store, summaries), facts), HTML)
     if path == "/drift":
         version = int(query["version"]) if "version" in query else None
         reports = merged_drift(

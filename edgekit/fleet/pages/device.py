@@ -10,8 +10,15 @@ from edgekit.fleet.pages import PALETTE, page
 from edgekit.fleet.pages.columns import render_columns
 
 
-def render_device(device: str, summaries: list[dict[str, Any]], columns: dict[str, Any] | None = None) -> bytes:
-    """The page; ``columns`` is ``merge.device_columns`` of the same summaries (no column sections without it)."""
+def render_device(
+    device: str,
+    summaries: list[dict[str, Any]],
+    columns: dict[str, Any] | None = None,
+    facts: list[dict[str, Any]] | None = None,
+) -> bytes:
+    """The page; ``columns`` is ``merge.device_columns`` of the same summaries (no column sections without it);
+    ``facts`` are the stored alert facts of its recent windows (``recent_facts``), whose label-free estimates
+    are shown beside the accuracy delayed labels gave (no section when no window has either)."""
     if not summaries:
         return page(
             device,
@@ -50,9 +57,42 @@ def render_device(device: str, summaries: list[dict[str, Any]], columns: dict[st
         f"<p><a href='/'>fleet</a></p><h1>{html.escape(device)}</h1>"
         f"<p class='muted'>{len(summaries)} windows, {model}, last window {html.escape(latest['window']['end'])}</p>"
         f"<h2>Drift per feature (PSI) over windows</h2>{chart}"
-        f"<h2>Latest window</h2>{note}<table>{header}{rows}</table>" + (render_columns(columns) if columns else "")
+        f"<h2>Latest window</h2>{note}<table>{header}{rows}</table>"
+        + render_estimates(facts or [])
+        + (render_columns(columns) if columns else "")
     )
     return page(device, body)
+
+
+def render_estimates(facts: list[dict[str, Any]], limit: int = 12) -> str:
+    """Estimated (from confidence, no labels) beside realized (delayed labels) accuracy, newest window first;
+    a regressor's estimate is its expected absolute error."""
+    shown = [f for f in facts if any(f.get(k) is not None for k in ("estimated_accuracy", "estimated_mae", "accuracy"))]
+    if not shown:
+        return ""
+
+    def cell(value: Any, digits: str = ".3f") -> str:
+        return "<td class='muted'>–</td>" if value is None else f"<td>{value:{digits}}</td>"
+
+    regression = any(f.get("estimated_mae") is not None for f in shown)
+    metric = "MAE" if regression else "accuracy"
+    rows = "".join(
+        f"<tr><td>{f['seq']}</td><td>{html.escape(str(f['window'].get('end', '')))}</td><td>{f['rows']}</td>"
+        + cell(f.get("estimated_mae" if regression else "estimated_accuracy"))
+        + cell(f.get("expected_mae" if regression else "expected_accuracy"))
+        + cell(f.get("accuracy"))
+        + "</tr>"
+        for f in shown[:limit]
+    )
+    header = (
+        f"<tr><th>seq</th><th>window end</th><th>rows</th><th>estimated {metric}</th>"
+        f"<th>expected (eval data)</th><th>realized accuracy (labels)</th></tr>"
+    )
+    return (
+        f"<h2>Estimated vs realized accuracy</h2><p class='muted'>the estimate reads each window's confidence "
+        f"histogram through the bundle's calibration (edgekit package --eval); labels arrive later, if ever</p>"
+        f"<table>{header}{rows}</table>"
+    )
 
 
 def drift_chart(summaries: list[dict[str, Any]], features: list[str], width: int = 720, height: int = 260) -> str:

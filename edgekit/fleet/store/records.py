@@ -34,8 +34,9 @@ class SummaryRecord:
     payload: str
 
     @classmethod
-    def of(cls, doc: dict[str, Any], payload: str) -> SummaryRecord:
-        """From a summary that passed ``check_summary``."""
+    def of(cls, doc: dict[str, Any], payload: str, estimate: dict[str, Any] | None = None) -> SummaryRecord:
+        """From a summary that passed ``check_summary``; ``estimate`` is the window's label-free performance
+        estimate (``edgekit.fleet.estimate``), kept among its alert facts."""
         drift, accuracy = doc["drift"], doc.get("accuracy") or {}
         return cls(
             doc["device"],
@@ -50,7 +51,7 @@ class SummaryRecord:
             drift.get("worst_feature"),
             doc["profile"]["baseline_id"],
             accuracy.get("labelled", 0),
-            json.dumps(alert_facts(doc)),
+            json.dumps({**alert_facts(doc), **(estimate or {})}),
             payload,
         )
 

@@ -147,6 +147,36 @@ MIGRATIONS: list[tuple[str, str | dict[str, str]]] = [
         CREATE INDEX summaries_by_end ON summaries (window_end)
     """,
     ),
+    # Field samples (sample_records.py, fleet/samples.py): the uploads the collector asked devices for (an id
+    # it issued, so nothing unrequested or replayed is taken), their bytes while they arrive, and the rows.
+    (
+        "0009_samples",
+        {
+            dialect: f"""
+        CREATE TABLE sample_uploads (
+            id TEXT PRIMARY KEY, device TEXT NOT NULL, selection TEXT NOT NULL, state TEXT NOT NULL,
+            size {big}, sha256 TEXT, received {big} NOT NULL DEFAULT 0, rows {big} NOT NULL DEFAULT 0,
+            labelled {big} NOT NULL DEFAULT 0, header TEXT, requested_at {real} NOT NULL, updated_at {real} NOT NULL,
+            completed_at {real}, reason TEXT NOT NULL DEFAULT ''
+        );
+        CREATE INDEX sample_uploads_by_device ON sample_uploads (device, requested_at);
+        CREATE TABLE sample_chunks (
+            upload TEXT NOT NULL, first_byte {big} NOT NULL, data {blob} NOT NULL, PRIMARY KEY (upload, first_byte)
+        );
+        CREATE TABLE samples (
+            device TEXT NOT NULL, id TEXT NOT NULL, upload TEXT NOT NULL, seq {big}, model TEXT NOT NULL,
+            model_version {big} NOT NULL, ts {real} NOT NULL, drifted {big}, prediction TEXT, label TEXT,
+            input TEXT NOT NULL, PRIMARY KEY (device, id)
+        );
+        CREATE INDEX samples_by_upload ON samples (upload);
+        CREATE INDEX samples_by_window ON samples (device, seq)
+    """
+            for dialect, big, real, blob in (
+                ("sqlite", "INTEGER", "REAL", "BLOB"),
+                ("postgresql", "BIGINT", "DOUBLE PRECISION", "BYTEA"),
+            )
+        },
+    ),
 ]
 
 DIALECTS = ("sqlite", "postgresql")

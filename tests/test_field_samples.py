@@ -1,0 +1,412 @@
+"""Field samples (issue 19): rows the devices keep, uploaded when the fleet asks, exported with their labels.
+
+The capture tests run the real agent (its background thread closes the windows); the upload tests run
+the real collector with its HTTP API over Mosquitto, an in-process agent with MQTT, and ``edgekit fleet
+samples``; the resume test cuts a real TCP connection mid-chunk."""
+
+from __future__ import annotations
+
+import csv
+import json
+import socket
+import threading
+import urllib.error
+import urllib.request
+
+import numpy as np
+import pytest
+
+from device_agent import Agent
+from device_agent.capture import Capture, row_hash, row_hashes
+from device_agent.capture_upload import SAMPLES_SCHEMA, UploadError, send_file, write_upload
+from device_agent.config import parse_config
+from device_agent.errors import ConfigError
+from device_agent.metrics import render_metrics
+from edgekit.fleet.config import CollectorConfig
+from edgekit.fleet.samples import MAX_UPLOAD_BYTES, parse_upload
+from edgekit.fleet.service import FleetService
+from edgekit.fleet.store import PostgresStore, SqliteStore
+from edgekit.local.broker import free_port
+from tests.agent_helpers import config_of, make_device
+from tests.fleet_helpers import wait
+
+TOKEN = "field-token"
+
+
+def capture_device(tmp_path, bundle, keypair, *, capture=None, broker=None, fleet="f", collector=None, window_rows=100):
+    config = make_device(
+        tmp_path / "dev1", bundle, keypair[1], fleet=fleet, broker=broker, window_rows=window_rows, http=False
+    )
+    lines = []
+    if capture is not None:
+        lines += ["[capture]", *(f"{key} = {json.dumps(value)}" for key, value in capture.items())]
+    if collector:
+        lines += ["[update]", f'collector = "{collector}"', f'token = "{TOKEN}"']
+    with open(config, "a") as handle:
+        handle.write("\n".join(lines) + "\n")
+    return config
+
+
+def test_capture_is_off_by_default_and_its_settings_are_checked(tmp_path, bundle, keypair, digits):
+    X = np.load(digits.test)["X"]
+    config = capture_device(tmp_path, bundle, keypair)
+    with Agent(config_of(config)).start(http=False, mqtt=False) as agent:
+        agent.predict(X[:250])
+        wait(lambda: agent.stats["windows"] >= 2, what="two windows")
+        assert "capture" not in agent.last_summary  # a summary is what it was before capture existed
+        assert "edgekit_capture_enabled 0" in render_metrics(agent)
+    assert not (tmp_path / "dev1" / "state" / "capture" / "segments").exists()
+    base = {"device_id": "d", "state_dir": "s", "trust": {"public_key": "k.pub"}}
+    assert not parse_config(base).capture.enabled
+    for bad, says in (
+        ({"rat": 0.1}, "no setting 'rat'"),
+        ({"enabled": "yes"}, "not true or false"),
+        ({"rate": 2}, "out of range"),
+        ({"max_mb": 0}, "out of range"),
+    ):
+        with pytest.raises(ConfigError, match=says):
+            parse_config({**base, "capture": bad})
+
+
+def test_the_rows_kept_are_those_whose_id_hashes_under_the_rate_with_their_window(tmp_path, bundle, keypair, digits):
+    X = np.load(digits.test)["X"]
+    config = capture_device(tmp_path, bundle, keypair, capture={"enabled": True, "rate": 0.2, "drifted_rows": 0})
+    answers = []
+    with Agent(config_of(config)).start(http=False, mqtt=False) as agent:
+        for i in range(50):  # one-row requests (hashed in Python) and batches (in numpy) alike
+            answers += agent.predict(X[i : i + 1]).answers()
+        answers += agent.predict(X[50:330]).answers() + agent.predict(X[330:450]).answers()
+        wait(lambda: agent.stats["windows"] >= 4, what="four windows")  # a stop would leave the rest unsketched
+    boot = agent.boot
+    assert np.array_equal(row_hashes(boot, np.arange(450)), [row_hash(boot, n) for n in range(450)])
+    kept = {int(r["id"].rsplit("-", 1)[1]): r for r in agent.capture.rows()}
+    assert set(kept) == {n for n in range(450) if row_hash(boot, n) < 0.2}
+    for n, record in kept.items():
+        assert record["seq"] == n // 100 + 1  # the window the monitor sketched it in (a cut request too)
+        assert np.allclose(record["input"], X[n]) and record["prediction"] == answers[n]
+        assert (record["model"], record["version"]) == ("digits", 3)
+    assert agent.last_summary["capture"]["stored_rows"] == len(kept)
+
+
+def test_a_drifted_window_keeps_its_rows_with_the_smallest_hashes(tmp_path, bundle, keypair, digits):
+    X = np.load(digits.test)["X"]
+    config = capture_device(tmp_path, bundle, keypair, capture={"enabled": True, "rate": 0.0, "drifted_rows": 5})
+    with Agent(config_of(config)).start(http=False, mqtt=False) as agent:
+        agent.predict(X[:100])
+        agent.predict(np.clip(X[100:200] + 9.0, 0, 40))
+        wait(lambda: agent.stats["windows"] >= 2, what="two windows")
+    drifted = sorted(range(100, 200), key=lambda n: row_hash(agent.boot, n))
+    kept = [r for r in agent.capture.rows()]
+    assert {int(r["id"].rsplit("-", 1)[1]) for r in kept} == set(drifted[:5])
+    assert all(r["seq"] == 2 and r["drifted"] is True for r in kept)
+    assert agent.last_summary["drift"]["drifted"] and agent.last_summary["capture"]["kept_rows"] == 5
+
+
+def test_the_disk_cap_drops_the_oldest_segments_first(tmp_path, bundle, keypair, digits):
+    X = np.load(digits.test)["X"]
+    config = capture_device(tmp_path, bundle, keypair, capture={"enabled": True, "rate": 1.0, "max_mb": 0.02})
+    with Agent(config_of(config)).start(http=False, mqtt=False) as agent:
+        agent.predict(X[:600])
+        wait(lambda: agent.stats["windows"] >= 6, what="six windows")
+    capture, cap = agent.capture, int(0.02 * (1 << 20))
+    on_disk = sum(p.stat().st_size for p in capture.segments.glob("*.jsonl"))
+    assert on_disk == capture.stored_bytes <= cap and capture.dropped["size_cap"] > 0
+    assert capture.stored_rows + capture.dropped["size_cap"] == capture.kept_rows == 600
+    kept = sorted(int(r["id"].rsplit("-", 1)[1]) for r in capture.rows())
+    assert kept == list(range(600 - len(kept), 600))  # the newest rows stay
+    metrics = render_metrics(agent)
+    assert f'edgekit_capture_dropped_rows_total{{reason="size_cap"}} {capture.dropped["size_cap"]}' in metrics
+    reopened = Capture(config_of(config).capture, capture.directory, agent.boot, window_rows=100)
+    assert (reopened.stored_rows, reopened.stored_bytes) == (capture.stored_rows, capture.stored_bytes)
+
+
+@pytest.fixture
+def collector(tmp_path, broker, fleet_name):
+    service = FleetService(
+        CollectorConfig(
+            broker=broker.url,
+            db=str(tmp_path / "fleet.db"),
+            http=f"127.0.0.1:{free_port()}",
+            client_id=f"c-{fleet_name}",
+            api_token=TOKEN,
+        )
+    ).start()
+    service.url = f"http://127.0.0.1:{service.server.server_address[1]}"
+    yield service
+    service.stop()
+
+
+@pytest.mark.network
+def test_fleet_samples_exports_the_kept_rows_with_the_labels_that_arrived(
+    tmp_path, bundle, keypair, digits, broker, fleet_name, collector, cli
+):
+    data = np.load(digits.test)
+    X, y = data["X"], data["y"]
+    capture = {"enabled": True, "rate": 0.3, "drifted_rows": 0}
+    config = capture_device(
+        tmp_path, bundle, keypair, capture=capture, broker=broker.url, fleet=fleet_name, collector=collector.url
+    )
+    with Agent(config_of(config)).start(http=False) as agent:
+        wait(lambda: collector.drain() >= 0 and _online(collector, "dev1"), what="the device online")
+        ids = agent.predict(X[:300]).ids
+        for n in range(0, 300, 2):  # delayed labels for half of them
+            assert agent.feedback(ids[n], int(y[n])) == "accepted"
+        wait(lambda: agent.stats["windows"] >= 3, what="three windows")
+        env = {"EDGEKIT_COLLECTOR_TOKEN": TOKEN}
+        out = tmp_path / "field.csv"
+        result = cli("fleet", "samples", "--device", "dev1", "--collector", collector.url, "-o", out, env=env)
+        assert result.exit_code == 0, result.output
+        assert "with a label" in result.stdout and "complete" in result.stderr
+        expected = {n for n in range(300) if row_hash(agent.boot, n) < 0.3}
+        rows = list(csv.DictReader(out.open()))
+        assert {int(r["id"].rsplit("-", 1)[1]) for r in rows} == expected
+        for r in rows:
+            n = int(r["id"].rsplit("-", 1)[1])
+            assert r["label"] == (str(int(y[n])) if n % 2 == 0 else "")
+            assert float(r[agent.schema.feature_names[5]]) == pytest.approx(X[n, 5]) and int(r["seq"]) == n // 100 + 1
+        as_json = cli(
+            "fleet",
+            "samples",
+            "--device",
+            "dev1",
+            "--collector",
+            collector.url,
+            "-o",
+            tmp_path / "f.npz",
+            "--json",
+            env=env,
+        )
+        assert json.loads(as_json.stdout)["rows"] == len(expected)
+        with np.load(tmp_path / "f.npz") as npz:
+            assert (
+                npz["X"].shape == (len(expected), X.shape[1]) and npz["labelled"].sum() == (npz["y"] == npz["y"]).sum()
+            )
+        wait(lambda: agent.capture.uploads["done"] == 2, what="the device to count its uploads")
+        assert 'edgekit_capture_uploads_total{outcome="done"} 2' in render_metrics(agent)
+        served = agent.capture.uploader.serve({"upload": json.loads(as_json.stdout)["upload"], "url": "http://x/"})
+        assert served == 0  # a redelivered command is not served twice
+    metrics = _get(collector.url + "/metrics").decode()
+    assert f'edgekit_sample_rows_total{{device="dev1"}} {len(expected)}.0' in metrics
+    assert "complete" in _get(collector.url + "/samples").decode()
+
+
+@pytest.mark.network
+def test_a_cut_upload_resumes_where_the_collector_stands(tmp_path, broker, collector):
+    rows = [_row(n) for n in range(3000)]
+    path = tmp_path / "u.gz"
+    upload = "u-resume"
+    collector.store.issue_upload(upload, "dev1", {"since": None, "drifted_only": False}, 1.0)
+    file = write_upload(path, _header("dev1", upload, len(rows)), rows)
+    proxy = CuttingProxy(collector.server.server_address[1], cut_connection=2, after_bytes=20_000)
+    url = f"http://127.0.0.1:{proxy.port}/api/samples/dev1/{upload}"
+    chunk, sent_before_crash = 32 << 10, []
+
+    def crash_after_three(received):
+        sent_before_crash.append(received)
+
+    with pytest.raises(UploadError, match="stopping"):
+        send_file(
+            url,
+            path,
+            **file_of(file),
+            token=TOKEN,
+            chunk_bytes=chunk,
+            backoff=0.01,
+            progress=crash_after_three,
+            cancelled=lambda: len(sent_before_crash) >= 3,
+        )
+    assert collector.store.sample_upload(upload)["received"] == 3 * chunk  # the cut chunk was sent again
+    # The device lost its progress (it starts from 0): the collector answers with the offset it holds.
+    sent = send_file(url, path, **file_of(file), token=TOKEN, chunk_bytes=chunk, backoff=0.01)
+    stored = collector.store.sample_upload(upload)
+    assert stored["state"] == "complete" and stored["rows"] == 3000 and stored["received"] == file["size"]
+    assert sent == file["size"] - 3 * chunk  # the collector took nothing twice
+    # on the wire: the file, the cut part of a chunk, and the one chunk the collector answered "from 96 KB on"
+    assert file["size"] < proxy.upstream_bytes < file["size"] + 20_000 + chunk + 8_000
+    proxy.stop()
+
+
+@pytest.mark.network
+def test_replayed_unrequested_oversized_truncated_and_corrupt_uploads_are_refused_and_counted(tmp_path, collector):
+    store = collector.store
+    rows = [_row(n) for n in range(10)]
+    store.issue_upload("u-ok", "dev1", {}, 1.0)
+    store.issue_upload("u-other", "dev2", {}, 1.0)
+    store.issue_upload("u-bad", "dev1", {}, 1.0)
+    file = write_upload(tmp_path / "ok.gz", _header("dev1", "u-ok", 10), rows)
+    body = (tmp_path / "ok.gz").read_bytes()
+    base = collector.url + "/api/samples/dev1/"
+    assert _post(base + "u-ok", body, 0, file["size"], file["sha256"])[0] == 200
+    refusals = {
+        "replay": _post(base + "u-ok", body, 0, file["size"], file["sha256"]),
+        "unrequested": _post(base + "u-never", body, 0, file["size"], file["sha256"]),
+        "oversized": _post(base + "u-bad", body[:10], 0, MAX_UPLOAD_BYTES + 1, file["sha256"], last=9),
+        "truncated": _post(base + "u-bad", body[:10], 0, file["size"], file["sha256"], last=99),
+        "corrupt": _post(base + "u-bad", body, 0, file["size"], "0" * 64),
+    }
+    refusals["unrequested (another device's id)"] = _post(base + "u-other", body, 0, file["size"], file["sha256"])
+    assert {why: status for why, (status, _) in refusals.items()} == {
+        "replay": 409,
+        "unrequested": 403,
+        "oversized": 413,
+        "truncated": 400,
+        "corrupt": 400,
+        "unrequested (another device's id)": 403,
+    }
+    assert "not taken twice" in refusals["replay"][1] and "was not asked of device dev1" in refusals["unrequested"][1]
+    assert store.sample_upload("u-bad")["state"] == "failed"
+    assert {k: v for k, v in store.rejects().items() if k.startswith("upload_")} == {
+        "upload_replay": 1,
+        "upload_unrequested": 2,
+        "upload_oversized": 1,
+        "upload_truncated": 1,
+        "upload_corrupt": 1,
+    }
+    assert _post(base + "u-ok", body, 0, file["size"], file["sha256"], token="wrong")[0] == 401
+    assert 'edgekit_collector_rejected_total{reason="upload_replay"} 1.0' in _get(collector.url + "/metrics").decode()
+    assert len(store.sample_rows(device="dev1")) == 10
+
+
+STORES = {
+    "sqlite": lambda request, tmp_path: SqliteStore(tmp_path / "fleet.db"),
+    "postgresql": lambda request, tmp_path: PostgresStore(request.getfixturevalue("postgres_url")),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(STORES))
+def test_the_sample_records_on_every_store(request, tmp_path, kind):
+    store = STORES[kind](request, tmp_path)
+    try:
+        store.issue_upload("u1", "d", {"since": 5.0}, 1.0)
+        assert store.add_sample_chunk("u1", 0, b"abc", size=6, sha256="s", now=2.0) == 3
+        assert store.add_sample_chunk("u1", 0, b"abc", size=6, sha256="s", now=2.0) is None  # not the next one
+        assert store.add_sample_chunk("u1", 3, b"def", size=7, sha256="s", now=2.0) is None  # another file
+        assert store.add_sample_chunk("u1", 3, b"def", size=6, sha256="s", now=2.0) == 6
+        assert store.upload_bytes("u1") == b"abcdef"
+        rows = [_row(1), {**_row(2), "label": 7, "drifted": True}]
+        store.complete_upload("u1", "d", rows, {"models": {}}, 3.0)
+        store.issue_upload("u2", "d", {}, 4.0)
+        store.complete_upload("u2", "d", [{**_row(1), "label": "x"}, _row(2)], {}, 5.0)  # again, with a label
+        found = {r["id"]: r for r in store.sample_rows(device="d")}
+        assert found["b-1"]["label"] == "x" and found["b-2"]["label"] == 7 and found["b-2"]["upload"] == "u2"
+        assert found["b-1"]["input"] == [1.0, "a", True] and store.sample_rows(drifted_only=True)[0]["id"] == "b-2"
+        assert store.sample_upload("u1")["state"] == "complete" and store.upload_bytes("u1") == b""
+        assert store.sample_counts() == {"uploads": {"complete": 2}, "rows": {"d": (2, 2)}}
+    finally:
+        store.close()
+
+
+def test_an_upload_file_is_parsed_only_whole_and_for_its_device(tmp_path):
+    rows = [_row(n) for n in range(4)]
+    write_upload(tmp_path / "a.gz", _header("d", "u", 4), rows)
+    data = (tmp_path / "a.gz").read_bytes()
+    assert parse_upload(data, "d", "u") == (_header("d", "u", 4), rows)
+    for broken, device in ((data[:-20], "d"), (data, "e"), (b"not gzip", "d")):
+        with pytest.raises(Exception, match="upload u"):
+            parse_upload(broken, device, "u")
+
+
+# -- helpers ---------------------------------------------------------------------------------------------
+def _row(n: int) -> dict:
+    return {
+        "id": f"b-{n}",
+        "ts": 1.7e9 + n,
+        "seq": 1 + n // 100,
+        "model": "m",
+        "version": 1,
+        "drifted": False,
+        "prediction": n % 3,
+        "input": [float(n), "a", True] if n < 3 else np.random.default_rng(n).random(40).tolist(),
+        "label": None,
+    }
+
+
+def _header(device: str, upload: str, rows: int) -> dict:
+    return {"schema": SAMPLES_SCHEMA, "device": device, "upload": upload, "capture": True, "models": {}, "rows": rows}
+
+
+def file_of(file: dict) -> dict:
+    return {"size": file["size"], "sha256": file["sha256"]}
+
+
+def _online(collector, device: str) -> bool:
+    return any(d["device"] == device and d["online"] for d in collector.store.status())
+
+
+def _get(url: str) -> bytes:
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {TOKEN}"})
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return response.read()
+
+
+def _post(url, body, first, size, sha256, *, last=None, token=TOKEN) -> tuple[int, str]:
+    last = first + len(body) - 1 if last is None else last
+    headers = {"Content-Range": f"bytes {first}-{last}/{size}", "X-Edgekit-Sha256": sha256}
+    request = urllib.request.Request(
+        url, data=body, method="POST", headers={**headers, "Authorization": f"Bearer {token}"}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as exc:
+        with exc:
+            return exc.code, json.loads(exc.read()).get("error", "")
+
+
+class CuttingProxy:
+    """A TCP proxy to the collector that closes its ``cut_connection``-th connection after forwarding
+    ``after_bytes`` of the request: a link that drops mid-upload."""
+
+    def __init__(self, upstream_port: int, *, cut_connection: int, after_bytes: int) -> None:
+        self.upstream_port, self.cut_connection, self.after_bytes = upstream_port, cut_connection, after_bytes
+        self.upstream_bytes, self.connections = 0, 0
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self._stopped = threading.Event()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while not self._stopped.is_set():
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            self.connections += 1
+            limit = self.after_bytes if self.connections == self.cut_connection else None
+            upstream = socket.create_connection(("127.0.0.1", self.upstream_port))
+            threading.Thread(target=self._pipe, args=(client, upstream, limit), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(upstream, client, None, False), daemon=True).start()
+
+    def _pipe(self, source, target, limit, count=True) -> None:
+        forwarded = 0
+        try:
+            while True:
+                data = source.recv(65536)
+                if not data:
+                    break
+                if limit is not None and forwarded + len(data) > limit:
+                    target.sendall(data[: limit - forwarded])
+                    self.upstream_bytes += limit - forwarded
+                    break
+                target.sendall(data)
+                forwarded += len(data)
+                if count:
+                    self.upstream_bytes += len(data)
+        except OSError:
+            pass
+        finally:
+            for sock in (source, target):
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+                sock.close()
+
+    def stop(self) -> None:
+        self._stopped.set()
+        self.listener.close()
+
+
+def test_hashes_are_uniform_enough_to_be_a_rate():
+    shares = [(row_hashes(boot, np.arange(100_000)) < 0.01).mean() for boot in ("00000000", "deadbeef", "0a1b2c3d")]
+    assert all(0.008 < share < 0.012 for share in shares)
