@@ -12,6 +12,7 @@ import socket
 import threading
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -106,14 +107,14 @@ def test_the_disk_cap_drops_the_oldest_segments_first(tmp_path, bundle, keypair,
     X = np.load(digits.test)["X"]
     config = capture_device(tmp_path, bundle, keypair, capture={"enabled": True, "rate": 1.0, "max_mb": 0.02})
     with Agent(config_of(config)).start(http=False, mqtt=False) as agent:
-        agent.predict(X[:600])
-        wait(lambda: agent.stats["windows"] >= 6, what="six windows")
+        agent.predict(X[:500])
+        wait(lambda: agent.stats["windows"] >= 5, what="five windows")
     capture, cap = agent.capture, int(0.02 * (1 << 20))
     on_disk = sum(p.stat().st_size for p in capture.segments.glob("*.jsonl"))
     assert on_disk == capture.stored_bytes <= cap and capture.dropped["size_cap"] > 0
-    assert capture.stored_rows + capture.dropped["size_cap"] == capture.kept_rows == 600
+    assert capture.stored_rows + capture.dropped["size_cap"] == capture.kept_rows == 500
     kept = sorted(int(r["id"].rsplit("-", 1)[1]) for r in capture.rows())
-    assert kept == list(range(600 - len(kept), 600))  # the newest rows stay
+    assert kept == list(range(500 - len(kept), 500))  # the newest rows stay
     metrics = render_metrics(agent)
     assert f'edgekit_capture_dropped_rows_total{{reason="size_cap"}} {capture.dropped["size_cap"]}' in metrics
     reopened = Capture(config_of(config).capture, capture.directory, agent.boot, window_rows=100)
@@ -158,7 +159,8 @@ def test_fleet_samples_exports_the_kept_rows_with_the_labels_that_arrived(
         assert result.exit_code == 0, result.output
         assert "with a label" in result.stdout and "complete" in result.stderr
         expected = {n for n in range(300) if row_hash(agent.boot, n) < 0.3}
-        rows = list(csv.DictReader(out.open()))
+        with out.open(newline="") as handle:
+            rows = list(csv.DictReader(handle))
         assert {int(r["id"].rsplit("-", 1)[1]) for r in rows} == expected
         for r in rows:
             n = int(r["id"].rsplit("-", 1)[1])
@@ -221,8 +223,8 @@ def test_a_cut_upload_resumes_where_the_collector_stands(tmp_path, broker, colle
     stored = collector.store.sample_upload(upload)
     assert stored["state"] == "complete" and stored["rows"] == 3000 and stored["received"] == file["size"]
     assert sent == file["size"] - 3 * chunk  # the collector took nothing twice
-    # on the wire: the file, the cut part of a chunk, and the one chunk the collector answered "from 96 KB on"
-    assert file["size"] < proxy.upstream_bytes < file["size"] + 20_000 + chunk + 8_000
+    # on the wire: the file, the cut part of a chunk, the one chunk the collector answered "from 96 KB on", heads
+    assert file["size"] < proxy.upstream_bytes < file["size"] + 20_000 + chunk + 500 * proxy.connections
     proxy.stop()
 
 
@@ -410,3 +412,92 @@ class CuttingProxy:
 def test_hashes_are_uniform_enough_to_be_a_rate():
     shares = [(row_hashes(boot, np.arange(100_000)) < 0.01).mean() for boot in ("00000000", "deadbeef", "0a1b2c3d")]
     assert all(0.008 < share < 0.012 for share in shares)
+
+
+def test_exports_keep_typed_cells_and_put_tensors_in_npz_only(tmp_path):
+    import pyarrow.parquet as pq
+
+    from edgekit.errors import EdgekitError
+    from edgekit.fleet.samples import export_samples
+
+    typed = {
+        "header": {"models": {"m:1": {"features": ["x", "city", "ok"], "kind": "columns"}}},
+        "rows": [{**_row(n), "label": ["yes", None, 1][n]} for n in range(3)],
+    }
+    assert export_samples(typed, tmp_path / "t.parquet") == {
+        "path": str(tmp_path / "t.parquet"),
+        "rows": 3,
+        "labelled": 2,
+    }
+    table = pq.read_table(tmp_path / "t.parquet").to_pydict()
+    assert (
+        table["label"] == ["yes", None, "1"]
+        and table["city"] == ["a", "a", "a"]
+        and table["ok"] == [True, True, True]
+        and table["x"] == [0.0, 1.0, 2.0]
+    )
+    with pytest.raises(EdgekitError, match="typed columns do not fit a .npz"):
+        export_samples(typed, tmp_path / "t.npz")
+    image = np.arange(12, dtype=np.uint8).reshape(2, 2, 3)
+    cells = {"dtype": "uint8", "shape": [2, 2, 3], "b64": __import__("base64").b64encode(image.tobytes()).decode()}
+    tensors = {
+        "header": {"models": {"m:1": {"features": ["image"], "kind": "tensor"}}},
+        "rows": [{**_row(n), "input": cells, "label": 3} for n in range(2)],
+    }
+    export_samples(tensors, tmp_path / "x.npz")
+    with np.load(tmp_path / "x.npz") as npz:
+        assert npz["X"].shape == (2, 2, 2, 3) and np.array_equal(npz["X"][1], image) and list(npz["y"]) == [3, 3]
+    with pytest.raises(EdgekitError, match="tensor examples cannot go into a table"):
+        export_samples(tensors, tmp_path / "x.csv")
+
+
+@pytest.mark.network
+def test_a_device_that_keeps_nothing_says_so_at_once(tmp_path, bundle, keypair, broker, fleet_name, collector, cli):
+    config = capture_device(tmp_path, bundle, keypair, broker=broker.url, fleet=fleet_name, collector=collector.url)
+    with Agent(config_of(config)).start(http=False):
+        wait(lambda: collector.drain() >= 0 and _online(collector, "dev1"), what="the device online")
+        result = cli(
+            "fleet",
+            "samples",
+            "--device",
+            "dev1",
+            "--collector",
+            collector.url,
+            "-o",
+            tmp_path / "f.csv",
+            env={"EDGEKIT_COLLECTOR_TOKEN": TOKEN},
+        )
+    assert result.exit_code == 0 and "wrote 0 row(s)" in result.stdout
+    assert "keeps no field rows: set [capture] enabled = true" in result.stderr
+    unknown = cli(
+        "fleet",
+        "samples",
+        "--device",
+        "nobody",
+        "--collector",
+        collector.url,
+        "-o",
+        tmp_path / "g.csv",
+        env={"EDGEKIT_COLLECTOR_TOKEN": TOKEN},
+    )
+    assert unknown.exit_code != 0 and "no device 'nobody'" in unknown.output
+
+
+@pytest.mark.slow
+def test_the_bench_runs_quick_and_writes_its_json(tmp_path):
+    import subprocess
+    import sys
+
+    out = tmp_path / "bench.json"
+    root = Path(__file__).resolve().parent.parent
+    done = subprocess.run(
+        [sys.executable, str(root / "scripts" / "bench_samples.py"), "--quick", "--json", str(out)],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    doc = json.loads(out.read_text())
+    assert [r["kind"] for r in doc["results"]] == ["digits", "churn"]
+    assert all(d["rows"] > 0 and d["bytes_per_row"] > 0 for r in doc["results"] for d in r["devices"])

@@ -8,7 +8,7 @@ import click
 
 from edgekit.cli.common import EXIT_THRESHOLD, emit_json, exit_with, json_option
 from edgekit.fleet.client import DEFAULT_COLLECTOR, CollectorClient
-from edgekit.fleet.rollout_spec import DEFAULT_ABORT_ON
+from edgekit.fleet.rollout_spec import AB_ALPHA, AB_MIN_LABELS, DEFAULT_ABORT_ON
 from edgekit.text import table
 
 COLLECTOR_OPTION = click.option(
@@ -33,6 +33,42 @@ def rollout():
     Example:
       edgekit rollout start digits-4.edgebundle --fleet default --waves 10%,50%,100% --shadow-rows 500
     """
+
+
+AB_OPTIONS = (
+    click.option(
+        "--ab",
+        metavar="P%",
+        help="A/B split: hold with P% of the devices on the new bundle until delayed labels show a significant "
+        "winner (promote it to the rest) or the champion wins or --ab-max-duration passes (revert).",
+    ),
+    click.option(
+        "--ab-min-labels",
+        default=AB_MIN_LABELS,
+        show_default=True,
+        type=click.IntRange(min=1),
+        help="Labels each arm needs before the test may decide.",
+    ),
+    click.option(
+        "--ab-max-duration",
+        default="7d",
+        show_default=True,
+        help="How long the split may hold; then the champion stays unless the candidate won (30m, 12h, 7d).",
+    ),
+    click.option(
+        "--ab-alpha",
+        default=AB_ALPHA,
+        show_default=True,
+        type=click.FloatRange(0, 0.5, min_open=True, max_open=True),
+        help="The test's false-winner rate (a sequential test: valid however long the split holds).",
+    ),
+)
+
+
+def _ab_options(command):
+    for option in reversed(AB_OPTIONS):
+        command = option(command)
+    return command
 
 
 @rollout.command()
@@ -81,6 +117,7 @@ def rollout():
     is_flag=True,
     help="Start without a signed revert: an abort then leaves the devices that moved on the new version.",
 )
+@_ab_options
 @COLLECTOR_OPTION
 @click.option("--wait", "wait_", is_flag=True, help="Follow the rollout until it ends; exit 1 unless it succeeded.")
 @json_option
@@ -95,6 +132,10 @@ def start(
     health_seconds,
     key_path,
     no_revert,
+    ab,
+    ab_min_labels,
+    ab_max_duration,
+    ab_alpha,
     collector,
     wait_,
     as_json,
@@ -106,8 +147,11 @@ def start(
     Example:
       edgekit rollout start digits-4.edgebundle --fleet default --devices 'pi-*' --waves 10%,50%,100% \\
           --wave-wait 5m --abort-on 'failed>20%,agreement<0.98,p99_ms>50' --shadow-rows 500 --key keys/edgekit.key
+      edgekit rollout start digits-4.edgebundle --fleet default --ab 50% --ab-min-labels 500 --waves 10%,100% \\
+          --key keys/edgekit.key
     """
     revert = _signed_revert(bundle, fleet, key_path, no_revert)
+    split = {"ab": ab, "ab_min_labels": ab_min_labels, "ab_max_duration": ab_max_duration, "ab_alpha": ab_alpha}
     client = CollectorClient(collector)
     started = client.start(
         bundle,
@@ -119,6 +163,7 @@ def start(
         shadow_rows=shadow_rows,
         health_seconds=health_seconds,
         **({"revert": revert} if revert else {}),
+        **(split if ab else {}),
     )
     if not wait_:
         if as_json:
@@ -126,7 +171,8 @@ def start(
         else:
             click.echo(
                 f"rollout {started['id']} started: {started['bundle']['name']} v{started['bundle']['version']} "
-                f"to fleet {fleet} in waves {waves}; follow it with 'edgekit rollout status {started['id']}'"
+                f"to fleet {fleet} in waves {waves}{f', A/B split at {ab}' if ab else ''}; "
+                f"follow it with 'edgekit rollout status {started['id']}'"
             )
         return
     _follow(client, started["id"], as_json)
@@ -301,4 +347,38 @@ def _describe(doc: dict) -> str:
         ]
         for d in doc["devices"]
     ]
-    return head + "\n" + table(rows, ["device", "wave", "state", "version", "shadow agreement", "reason"])
+    return head + _describe_ab(doc.get("ab")) + "\n" + table(rows, HEADERS)
+
+
+HEADERS = ["device", "wave", "state", "version", "shadow agreement", "reason"]
+
+
+def _describe_ab(split: dict | None) -> str:
+    """The A/B comparison under the rollout's line: each arm's labels and accuracy, its label-free estimate
+    beside it (which says something while labels are few), the test and the decision."""
+    if not split:
+        return ""
+
+    def share(value) -> str:
+        return "-" if value is None else f"{value:.1%}"
+
+    rows = [
+        [
+            arm,
+            ", ".join(f"v{v}" for v in split[arm]["versions"]),
+            split[arm]["devices"],
+            split[arm]["labelled"],
+            share(split[arm]["accuracy"]),
+            share(split[arm]["estimated_accuracy"]),
+        ]
+        for arm in ("candidate", "champion")
+        if split.get(arm)
+    ]
+    p_value = f", p = {split['p_value']:.3g}" if split.get("p_value") is not None else ""
+    head = (
+        f"\nA/B split at {split['ab_share']:.0%}: {split['decision']}{p_value} (alpha {split['ab_alpha']:g}, "
+        f"{split['ab_min_labels']} labels per arm; {split['test']})"
+        + (f"\n  {split['why']}" if split.get("why") else "")
+    )
+    arms = table(rows, ["arm", "version", "devices", "labels", "accuracy", "estimated"]) if rows else ""
+    return head + ("\n" + arms if arms else "") + "\n"

@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass
 from edgekit.errors import RolloutError
 
 DEFAULT_ABORT_ON = "failed>20%"
+AB_MIN_LABELS, AB_MAX_DURATION, AB_ALPHA, AB_CHECK = 500, 7 * 86400.0, 0.05, 60.0
 _RULE = re.compile(r"^\s*(failed|agreement|p99_ms|drift)\s*([<>])\s*([0-9.]+)\s*(%?)\s*$")
 
 
@@ -74,13 +75,37 @@ def parse_waves(text: str) -> tuple[float, ...]:
 
 
 def parse_duration(text: str | float | int) -> float:
-    """``90``, ``90s``, ``5m``, ``1h`` -> seconds."""
+    """``90``, ``90s``, ``5m``, ``1h``, ``7d`` -> seconds."""
     if isinstance(text, (int, float)):
         return float(text)
-    match = re.fullmatch(r"\s*([0-9.]+)\s*([smh]?)\s*", str(text))
+    match = re.fullmatch(r"\s*([0-9.]+)\s*([smhd]?)\s*", str(text))
     if not match:
-        raise RolloutError(f"duration {text!r} is not understood", "e.g. 30s, 5m or 1h")
-    return float(match[1]) * {"": 1, "s": 1, "m": 60, "h": 3600}[match[2]]
+        raise RolloutError(f"duration {text!r} is not understood", "e.g. 30s, 5m, 1h or 7d")
+    return float(match[1]) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[match[2]]
+
+
+def parse_share(text: str | float) -> float:
+    """``--ab 50%`` -> 0.5: the share of the target devices on the candidate during an A/B split."""
+    try:
+        share = float(str(text).strip().rstrip("%")) / 100
+    except ValueError:
+        raise RolloutError(f"A/B share {text!r} is not a percentage", "e.g. --ab 50%") from None
+    if not 0 < share < 1:
+        raise RolloutError(f"A/B share {text!r} must be above 0% and below 100%", "e.g. --ab 50%")
+    return share
+
+
+def ab_settings(doc: dict) -> dict:
+    """The A/B fields of a ``POST /api/rollouts`` body as ``RolloutSpec`` keywords; none without ``ab``."""
+    if not doc.get("ab"):
+        return {}
+    return {
+        "ab_share": parse_share(doc["ab"]),
+        "ab_min_labels": int(doc.get("ab_min_labels") or AB_MIN_LABELS),
+        "ab_max_duration": parse_duration(doc.get("ab_max_duration") or AB_MAX_DURATION),
+        "ab_alpha": float(doc.get("ab_alpha") or AB_ALPHA),
+        "ab_check": parse_duration(doc.get("ab_check") or AB_CHECK),
+    }
 
 
 @dataclass(frozen=True)
@@ -95,6 +120,32 @@ class RolloutSpec:
     health_seconds: float = 10.0
     device_timeout: float = 900.0
     devices: str = "*"
+    # An A/B split (``ab.py``): ``ab_share`` of the devices get the candidate, and the rollout holds there
+    # until delayed labels decide between the arms or ``ab_max_duration`` passes; 0 for no split.
+    ab_share: float = 0.0
+    ab_min_labels: int = AB_MIN_LABELS  # labels each arm needs before the test may decide
+    ab_max_duration: float = AB_MAX_DURATION  # then the champion stays unless the candidate won
+    ab_alpha: float = AB_ALPHA  # the test's false-winner rate
+    ab_check: float = AB_CHECK  # seconds between looks at the labels
+
+    def __post_init__(self) -> None:
+        """The split is a wave boundary: ``--ab 50% --waves 10%,100%`` runs waves 10%, 50% (then holds), 100%."""
+        if not self.ab_share:
+            return
+        if not 0 < self.ab_share < 1:
+            raise RolloutError(f"A/B share {self.ab_share:.0%} must be above 0% and below 100%", "e.g. --ab 50%")
+        if self.ab_min_labels < 1 or not 0 < self.ab_alpha < 0.5 or self.ab_max_duration <= 0 or self.ab_check <= 0:
+            raise RolloutError(
+                "A/B settings out of range",
+                "--ab-min-labels 1 or more, --ab-alpha above 0 and below 0.5, --ab-max-duration above 0",
+            )
+        if self.ab_share not in self.waves:
+            object.__setattr__(self, "waves", tuple(sorted({*self.waves, self.ab_share})))
+
+    @property
+    def ab_wave(self) -> int:
+        """The index of the wave after which an A/B split holds; -1 without a split."""
+        return self.waves.index(self.ab_share) if self.ab_share else -1
 
     def to_json(self) -> str:
         return json.dumps({**asdict(self), "abort_on": [str(r) for r in self.abort_on]})

@@ -18,6 +18,8 @@ message goes out, so a new leader carries a rollout on from the store without se
   sends every moved device a ``revert`` to the version it came from: the instruction the operator's
   CLI signed with the fleet key when the rollout started (``signed.sign_revert``), kept in the
   rollout's spec. A rollout started without one (no ``--key``) leaves moved devices where they are.
+- A/B split (``--ab 50%``, ``ab.py``): after the split's wave the rollout holds until delayed labels show a
+  significant winner; a candidate that wins goes on with the waves, a loss or the time limit aborts.
 - ``rollback``: going *down* needs an instruction signed by the fleet's private key (made by the
   CLI, never held by the collector); devices check that signature themselves.
 """
@@ -45,11 +47,13 @@ from device_agent.errors import BundleError
 from device_agent.protocol import ROLLBACK_SCHEMA, TERMINAL_UPDATE_STATES, Topics, desired_payload, encode
 from device_agent.signing import verify_signature
 from edgekit.errors import RolloutConflict, RolloutError, RolloutNotFound
+from edgekit.fleet import ab
 from edgekit.fleet.bundle_files import bundle_file
 from edgekit.fleet.rollout_spec import (
     DEFAULT_ABORT_ON,
     RolloutSpec,
     _assign_waves,
+    ab_settings,
     parse_abort_rules,
     parse_duration,
     parse_waves,
@@ -214,7 +218,7 @@ class RolloutController:
         rollout_id = rollout_id or new_rollout_id(now)
         waves = _assign_waves(len(targets), spec.waves)
         spec_doc = json.loads(spec.to_json())
-        spec_doc.update(extra or {})
+        spec_doc.update({**(extra or {}), **ab.begin(self.store, spec, bundle["name"], ordered_targets, waves)})
         rollout = {
             "id": rollout_id,
             "fleet": fleet,
@@ -316,6 +320,8 @@ class RolloutController:
             rollout["wave_done_at"] = now
         if now - rollout["wave_done_at"] < spec.wave_wait:
             return
+        if rollout["wave"] == spec.ab_wave and self._ab_holds(rollout, spec, devices, now):
+            return
         if rollout["wave"] + 1 < len(spec.waves):
             with self._fenced():
                 self._update(rollout_id, wave=rollout["wave"] + 1, wave_started_at=now, wave_done_at=None)
@@ -334,6 +340,19 @@ class RolloutController:
         with self._fenced():
             self._set_device(rollout["id"], device["device"], "pending", "not sent yet: the broker is unreachable")
         return False
+
+    def _ab_holds(self, rollout: dict[str, Any], spec: RolloutSpec, devices: list[dict[str, Any]], now: float) -> bool:
+        """At an A/B split (``ab.py``): whether it still holds. A look's comparison is stored (fenced) before it
+        is acted on, so a new leader acts on the same decision; a lost or undecided split aborts (the revert)."""
+        doc = json.loads(rollout["spec"])
+        comparison = ab.look(self.store, rollout, spec, devices, doc.get(ab.KEY), now)
+        if comparison is not None:
+            with self._fenced():
+                self._update(rollout["id"], spec=json.dumps({**doc, ab.KEY: comparison}))
+        decided = comparison or doc.get(ab.KEY) or {}
+        if decided.get("decision") == "revert":
+            self.abort(rollout["id"], f"A/B: {decided['why']}")
+        return decided.get("decision") != "promote"
 
     def _fenced(self) -> Any:
         return contextlib.nullcontext() if self.leader is None else self.leader.fenced()
@@ -482,6 +501,7 @@ class RolloutController:
             "waves": [f"{w:.0%}" for w in spec["waves"]],
             "abort_on": spec["abort_on"],
             "signed_revert": "revert" in spec,  # whether an abort can send the devices that moved back
+            "ab": ab.summary(spec),
             "counts": counts,
             "devices": [
                 {
@@ -533,7 +553,8 @@ def _rule_value(spec: dict[str, Any], metric: str) -> float | None:
 
 def _spec_only(text: str) -> str:
     doc = json.loads(text)
-    return json.dumps({k: v for k, v in doc.items() if k not in ("instruction", "instruction_signature", "revert")})
+    kept = {k: v for k, v in doc.items() if k not in ("instruction", "instruction_signature", "revert", ab.KEY)}
+    return json.dumps(kept)
 
 
 def _signature_of(path: Path) -> bytes:
@@ -565,6 +586,7 @@ def start_from_request(controller: RolloutController, doc: dict[str, Any]) -> st
             health_seconds=parse_duration(doc.get("health_seconds") or 10),
             device_timeout=parse_duration(doc.get("device_timeout") or 900),
             devices=str(doc.get("devices") or "*"),
+            **ab_settings(doc),
         )
     except (TypeError, ValueError) as exc:
         raise RolloutError(

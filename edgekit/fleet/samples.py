@@ -370,7 +370,7 @@ def _write_csv(path: Any, rows: list[dict[str, Any]], features: list[str], kind:
         writer.writerow([*_META, *features, "label"])
         for r in rows:
             cells = ["" if c is None else c for c in r["input"]]
-            writer.writerow([*(_cell(r[name]) for name in _META), *cells, _cell(r["label"])])
+            writer.writerow([*(_cell(r.get(name)) for name in _META), *cells, _cell(r["label"])])
 
 
 def _cell(value: Any) -> Any:
@@ -421,11 +421,22 @@ def _write_parquet(path: Any, rows: list[dict[str, Any]], features: list[str], k
         import pyarrow.parquet as pq
     except ImportError:
         raise EdgekitError("Parquet needs pyarrow", "pip install 'edgekit-ml[parquet]', or export to .csv") from None
-    table = {name: [_cell(r[name]) if name == "prediction" else r[name] for r in rows] for name in _META}
+    table = {name: [_cell(r.get(name)) if name == "prediction" else r.get(name) for r in rows] for name in _META}
     for i, name in enumerate(features):
         table[name] = [r["input"][i] for r in rows]
-    table["label"] = [_cell(r["label"]) if isinstance(r["label"], (list, dict)) else r["label"] for r in rows]
+    table["label"] = _one_type(
+        [_cell(r["label"]) if isinstance(r["label"], (list, dict)) else r["label"] for r in rows]
+    )
+    table["prediction"] = _one_type(table["prediction"])
     try:
         pq.write_table(pa.table(table), path)
     except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
         raise EdgekitError(f"the rows do not fit one Parquet type per column ({exc})", "export to .csv") from exc
+
+
+def _one_type(values: list[Any]) -> list[Any]:
+    """A column Parquet can type: values of mixed kinds (labels sent as 3 and as "3") as text."""
+    kinds = {type(v) for v in values if v is not None}
+    if len(kinds) <= 1 or kinds <= {int, float}:
+        return values
+    return [None if v is None else str(v) for v in values]

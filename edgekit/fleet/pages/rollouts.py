@@ -88,10 +88,40 @@ def render_rollout(status: dict[str, Any]) -> bytes:
         f"<b class='{STATE_CLASS.get(status['state'], '')}'>{html.escape(status['state'])}</b>"
         f"{' — ' + html.escape(status['reason']) if status['reason'] else ''}</p>"
         f"<p class='muted'>abort on: {html.escape(', '.join(status['abort_on']) or 'nothing')}</p>"
+        f"{_ab(status.get('ab'))}"
         f"<h2>Waves</h2><table>{wave_header}{''.join(waves)}</table>"
         f"<h2>Devices</h2><table>{device_header}{devices}</table>"
     )
     return page(f"rollout {status['id']}", body)
+
+
+def _ab(split: dict[str, Any] | None) -> str:
+    """The A/B comparison: per arm its labels, realized accuracy and the label-free estimate beside it (what
+    there is to see while labels are few), then the test's statistic, p-value and decision."""
+    if not split:
+        return ""
+    rows = "".join(
+        f"<tr><td>{arm}</td><td>{', '.join(f'v{v}' for v in split[arm]['versions'])}</td>"
+        f"<td>{split[arm]['devices']}</td><td>{split[arm]['labelled']}</td>"
+        f"<td>{_share(split[arm]['accuracy'])}</td><td>{_share(split[arm]['estimated_accuracy'])}</td></tr>"
+        for arm in ("candidate", "champion")
+        if split.get(arm)
+    )
+    header = "<tr><th>arm</th><th>version</th><th>devices</th><th>labels</th><th>accuracy</th><th>estimated</th></tr>"
+    facts = [f"decision: <b>{html.escape(split['decision'])}</b>"]
+    if split.get("p_value") is not None:
+        facts.append(f"p = {split['p_value']:.3g} (alpha {split['ab_alpha']:g}), z = {split['z']:.2f}")
+    facts.append(f"{split['ab_min_labels']} labels per arm before deciding; {html.escape(split['test'])}")
+    when = f" · decided {_when(split['decided_at'])}" if split.get("decided_at") else ""
+    return (
+        f"<h2>A/B split at {split['ab_share']:.0%}</h2><p>{' · '.join(facts)}{when}</p>"
+        + (f"<p>{html.escape(split['why'])}</p>" if split.get("why") else "")
+        + (f"<table>{header}{rows}</table>" if rows else "")
+    )
+
+
+def _share(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1%}"
 
 
 def _counts(counts: dict[str, int]) -> str:
