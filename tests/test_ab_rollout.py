@@ -48,9 +48,7 @@ def test_equal_models_find_a_winner_no_more_often_than_alpha_however_often_one_l
 def test_a_five_point_difference_is_found_and_the_right_arm_wins():
     rng = np.random.default_rng(7)
     for candidate, champion, winner in ((0.90, 0.85, 1), (0.80, 0.85, -1)):
-        first, sign = ab.first_decisions(
-            *_streams(rng, 300, 200, 30, candidate, champion), alpha=0.05, min_labels=500
-        )
+        first, sign = ab.first_decisions(*_streams(rng, 300, 200, 30, candidate, champion), alpha=0.05, min_labels=500)
         assert (sign == winner).mean() >= 0.95 and (sign == -winner).mean() == 0
         assert np.median(first[first >= 0]) * 30 < 2000  # labels per arm at the decision, median
 
@@ -127,7 +125,12 @@ def split(tmp_path, bundle, keypair):
         )
     clock, devices = Clock(), Devices()
     made = RolloutController(
-        store, devices, tmp_path / "bundles", lambda: "http://c.test", trusted_key=load_public_key(keypair[1]), clock=clock
+        store,
+        devices,
+        tmp_path / "bundles",
+        lambda: "http://c.test",
+        trusted_key=load_public_key(keypair[1]),
+        clock=clock,
     )
     sha256 = made.add_bundle(bundle.read_bytes())["sha256"]
 
@@ -172,15 +175,15 @@ def test_the_split_holds_until_the_candidate_wins_then_goes_on(split):
     assert status["state"] == "running" and status["ab"]["decision"] == "hold"
     assert status["waves"] == ["50%", "100%"] and set(split.devices.desired) == {"pi-0", "pi-1"}
     for device, version, correct in (("pi-0", 3, 96), ("pi-1", 3, 95), ("pi-2", 2, 86), ("pi-3", 2, 85)):
-        for _ in range(2):
-            _labels(split, device, version, 100, correct, estimated=0.9)
+        _labels(split, device, version, 100, correct, estimated=0.9)
     status = _look(split, rollout_id)
     comparison = status["ab"]
     assert comparison["decision"] == "hold" and "300 labels per arm needed" in comparison["why"]
-    assert comparison["candidate"]["labelled"] == 400 and comparison["candidate"]["correct"] == 382
+    assert comparison["candidate"]["labelled"] == 200 and comparison["candidate"]["correct"] == 191
     assert comparison["champion"]["accuracy"] == 0.855 and comparison["champion"]["estimated_accuracy"] == 0.9
     for device, version, correct in (("pi-0", 3, 96), ("pi-1", 3, 95), ("pi-2", 2, 86), ("pi-3", 2, 85)):
-        _labels(split, device, version, 100, correct)
+        for _ in range(2):
+            _labels(split, device, version, 100, correct)
     status = _look(split, rollout_id)
     assert status["ab"]["decision"] == "promote" and status["ab"]["p_value"] <= 0.05, status["ab"]
     assert status["ab"]["candidate"]["labelled"] == 600 and "the candidate is better" in status["ab"]["why"]
@@ -204,8 +207,8 @@ def test_a_candidate_that_loses_is_reverted(split):
 
 
 def test_the_champion_stays_at_the_time_limit_and_looks_wait_their_interval(split):
+    _labels(split, "pi-2", 2, 100, 10)  # before the rollout: not counted for the champion
     rollout_id = split.start()
-    _labels(split, "pi-2", 2, 100, 10)  # before the split: not counted for the champion
     first = _look(split, rollout_id)["ab"]
     for device, version in (("pi-0", 3), ("pi-1", 3), ("pi-2", 2), ("pi-3", 2)):
         for _ in range(3):
@@ -266,3 +269,74 @@ def test_status_and_page_show_the_comparison(split):
     assert "A/B split at 50%: hold" in text and "estimated" in text and "91.0%" in text and "mixture SPRT" in text
     page = render_rollout(status).decode()
     assert "A/B split at 50%" in page and "91.0%" in page and "labels per arm" in page
+
+
+def test_a_request_names_the_split_as_the_cli_sends_it(split, bundle):
+    from edgekit.fleet.rollouts import start_from_request
+
+    sha256 = split.controller.bundle(name="digits", version=3)["sha256"]
+    doc = {"sha256": sha256, "fleet": "f", "waves": "100%", "ab": "50%", "ab_min_labels": 100, "ab_max_duration": "2h"}
+    status = split.controller.status(start_from_request(split.controller, doc))
+    assert status["waves"] == ["50%", "100%"] and status["ab"]["ab_min_labels"] == 100
+    assert status["ab"]["ab_max_duration"] == 7200 and status["ab"]["decision"] == "waiting for the split"
+    with pytest.raises(RolloutError, match="A/B share '150%'"):
+        start_from_request(split.controller, {**doc, "ab": "150%"})
+
+
+# -- end to end ------------------------------------------------------------------------------------------
+@pytest.mark.network
+def test_an_undecided_split_keeps_the_champion_end_to_end(
+    tmp_path, broker, bundle, v4_bundle, keypair, digits, fleet_name, cli
+):
+    """Two emulated devices, a real broker and collector: emu-00 gets v4 (the float model) and emu-01 keeps v3
+    (int8); each answers the 594 digits test rows and gets their true labels through ``:feedback``. The two
+    models are as good as each other, so no winner is found in the 20 s the split may hold: the champion stays
+    and emu-00 is sent back to v3 with the revert signed at the start."""
+    import urllib.request
+
+    from tests.rollout_helpers import RolloutFleet
+
+    data = np.load(digits.test)
+    fleet = RolloutFleet(
+        tmp_path, broker, bundle=bundle, public_key=keypair[1], data=digits.test, fleet=fleet_name, devices=2
+    )
+    try:
+        started = fleet.start(
+            v4_bundle,
+            key=keypair[0],
+            waves="100%",
+            health_seconds=1,
+            ab="50%",
+            ab_min_labels=200,
+            ab_max_duration="20s",
+            ab_check="1s",
+        )
+        rollout_id = started["id"]
+        fleet.wait(lambda: fleet.client.status(rollout_id)["devices"][0]["state"] == "succeeded", 30, "emu-00 on v4")
+        assert fleet.versions() == {"emu-00": 4, "emu-01": 3}
+        for config in fleet.configs:
+            port = json.loads((config.parent / "state" / "http.json").read_text())["port"]
+
+            def post(verb: str, body: dict, port=port) -> dict:
+                request = urllib.request.Request(
+                    f"http://127.0.0.1:{port}/v1/models/digits:{verb}",
+                    json.dumps(body).encode(),
+                    {"Content-Type": "application/json"},
+                )
+                with urllib.request.urlopen(request, timeout=10) as response:
+                    return json.loads(response.read())
+
+            ids = post("predict", {"instances": data["X"].tolist()})["ids"]
+            labels = [{"id": i, "label": int(y)} for i, y in zip(ids, data["y"], strict=True)]
+            assert post("feedback", {"feedback": labels})["accepted"] == len(ids)
+        status = fleet.finished(rollout_id, timeout=60)
+        comparison = status["ab"]
+        assert status["state"] == "aborted" and "no significant difference within 20s" in status["reason"], status
+        assert comparison["candidate"]["labelled"] == comparison["champion"]["labelled"] == len(data["y"])
+        assert comparison["candidate"]["versions"] == [4] and comparison["champion"]["versions"] == [3]
+        assert abs(comparison["difference"]) < 0.03 and comparison["p_value"] > 0.05
+        fleet.wait(lambda: fleet.versions() == {"emu-00": 3, "emu-01": 3}, 30, "emu-00 back on v3")
+        shown = cli("rollout", "status", rollout_id, "--collector", fleet.client.url)
+        assert shown.exit_code == 0 and "A/B split at 50%: revert" in shown.stdout and "champion" in shown.stdout
+    finally:
+        fleet.stop()

@@ -17,9 +17,12 @@ Rules (defaults; ``alerts.toml`` changes them)::
     [sinks]
     log = true
     webhook = "http://127.0.0.1:9000/hook"     # POST of the alert as JSON
-    command = "python retrain.py"              # run with the alert as JSON on stdin
+    command = "python notify.py"               # run with the alert as JSON on stdin
+    [sinks.retrain]                            # retrain, promote and roll out on an opened alert (retrain.py)
+    command = "python scripts/retrain_digits.py"
 
-Sinks hear about an alert when it opens and when it closes.
+Sinks hear about an alert when it opens and when it closes; the retrain sink only when one of its
+rules opens, and off the evaluation, in its own worker thread.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from edgekit.errors import EdgekitError
+from edgekit.fleet.retrain import RetrainSink, parse_retrain
 from edgekit.fleet.store import SqlStore
 
 if sys.version_info >= (3, 11):
@@ -69,6 +73,7 @@ class AlertSinks:
     log: bool = True
     webhook: str | None = None
     command: tuple[str, ...] | None = None
+    retrain: RetrainSink | None = None  # [sinks.retrain]: run by the service's ``retrain.Retrainer``
 
 
 def load_alert_config(path: str | Path | None) -> tuple[AlertRules, AlertSinks]:
@@ -94,6 +99,7 @@ def load_alert_config(path: str | Path | None) -> tuple[AlertRules, AlertSinks]:
         log=bool(sinks_doc.get("log", True)),
         webhook=sinks_doc.get("webhook"),
         command=tuple(shlex.split(command) if isinstance(command, str) else command) if command else None,
+        retrain=parse_retrain(sinks_doc["retrain"], path=path) if "retrain" in sinks_doc else None,
     )
     return rules, sinks
 
@@ -109,6 +115,7 @@ class AlertEngine:
     ) -> None:
         self.store, self.rules, self.sinks, self.clock = store, rules, sinks, clock
         self._lock = threading.Lock()
+        self.retrain: Callable[[dict[str, Any]], None] | None = None  # the retrain sink's queue (service.py)
 
     def evaluate(self, now: float | None = None, devices: set[str] | None = None) -> list[dict[str, Any]]:
         """Check every device (or only ``devices``); return the alerts that opened or closed."""
@@ -286,6 +293,8 @@ class AlertEngine:
             )
         if self.sinks.webhook or self.sinks.command:
             threading.Thread(target=self._deliver, args=(alert,), name="edgekit-alert-sink", daemon=True).start()
+        if self.retrain is not None:
+            self.retrain(alert)  # only queues it: the pipeline runs in the sink's worker
         return alert
 
     def _deliver(self, alert: dict[str, Any]) -> None:

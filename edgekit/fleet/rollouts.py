@@ -217,8 +217,9 @@ class RolloutController:
         now = self.clock()
         rollout_id = rollout_id or new_rollout_id(now)
         waves = _assign_waves(len(targets), spec.waves)
+        ordered = sorted(targets, key=lambda d: d["device"])
         spec_doc = json.loads(spec.to_json())
-        spec_doc.update({**(extra or {}), **ab.begin(self.store, spec, bundle["name"], ordered_targets, waves)})
+        spec_doc.update({**(extra or {}), **ab.begin(self.store, spec, bundle["name"], ordered, waves)})
         rollout = {
             "id": rollout_id,
             "fleet": fleet,
@@ -230,7 +231,6 @@ class RolloutController:
             "wave_started_at": now,
             "created_at": now,
         }
-        ordered = sorted(targets, key=lambda d: d["device"])
         rows = [(d["device"], wave, d["model_version"]) for d, wave in zip(ordered, waves, strict=True)]
         busy = self.store.create_rollout(rollout, rows)
         if busy is not None:

@@ -53,6 +53,18 @@ class FleetService:
         self.collector = Collector(
             config, store=self.store, alerts=self.alerts, rollouts=self.rollouts, leader=self.leader
         )
+        self.retrainer: Any = None  # [sinks.retrain]: fed by the alert engine, which runs on the leader only
+        if self.alerts is not None and self.alerts.sinks.retrain is not None:
+            from edgekit.fleet.retrain import Retrainer
+
+            self.retrainer = Retrainer(
+                self.alerts.sinks.retrain,
+                self.store,
+                ask_samples=self._ask_samples,
+                rollouts=self.rollouts,
+                collector_url=self.http_url,
+            )
+            self.alerts.retrain = self.retrainer
         self.workers: Any = None
         self.server: Any = None
 
@@ -74,6 +86,8 @@ class FleetService:
 
     def start(self) -> FleetService:
         self.collector.start()
+        if self.retrainer is not None:
+            self.retrainer.start()
         self.leader.start(self.leader_duties())
         if self.config.workers > 1:
             from edgekit.fleet.workers import IngestWorkers
@@ -93,6 +107,8 @@ class FleetService:
 
     def stop(self) -> None:
         self.leader.stop()  # first: its duties end and the lease is released, so another collector leads at once
+        if self.retrainer is not None:
+            self.retrainer.stop()  # a retraining command still running is killed, and its timeline says so
         if self.workers is not None:
             self.workers.stop()
         if self.server is not None:
@@ -102,6 +118,12 @@ class FleetService:
     def drain(self) -> int:
         """Store what the collector has received so far (the demo and tests read the store next)."""
         return self.collector.drain()
+
+    def _ask_samples(self, device: str) -> str:
+        """The retrain sink's request for a device's field samples: the upload id (``samples.request_upload``)."""
+        from edgekit.fleet.samples import request_upload
+
+        return request_upload(self, {"device": device})["upload"]
 
     def _publish(self, topic: str, payload: bytes, retain: bool = False) -> bool:
         return self.collector.publish(topic, payload, retain)

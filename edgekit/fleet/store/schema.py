@@ -177,6 +177,25 @@ MIGRATIONS: list[tuple[str, str | dict[str, str]]] = [
             )
         },
     ),
+    # The retrain sink's timelines (timeline_records.py, fleet/retrain.py): one run per alert it acted on, the
+    # run's steps in order, and runs by device and model, which the sink's cooldown reads.
+    (
+        "0011_timeline",
+        """
+        CREATE TABLE retrain_runs (
+            id INTEGER PRIMARY KEY, alert INTEGER NOT NULL, rule TEXT NOT NULL, device TEXT NOT NULL,
+            model TEXT NOT NULL, state TEXT NOT NULL, started_at REAL NOT NULL, updated_at REAL NOT NULL,
+            finished_at REAL, outcome TEXT NOT NULL DEFAULT ''
+        );
+        CREATE UNIQUE INDEX retrain_runs_by_alert ON retrain_runs (alert);
+        CREATE INDEX retrain_runs_by_model ON retrain_runs (device, model, started_at);
+        CREATE TABLE timeline (
+            id INTEGER PRIMARY KEY, alert INTEGER NOT NULL, at REAL NOT NULL, step TEXT NOT NULL,
+            status TEXT NOT NULL, message TEXT NOT NULL, detail TEXT NOT NULL
+        );
+        CREATE INDEX timeline_by_alert ON timeline (alert, id)
+    """,
+    ),
 ]
 
 DIALECTS = ("sqlite", "postgresql")

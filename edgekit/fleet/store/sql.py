@@ -31,6 +31,7 @@ from edgekit.fleet.store.records import SummaryRecord, _flag, _read_facts
 from edgekit.fleet.store.rollout_records import RolloutRecords
 from edgekit.fleet.store.sample_records import SampleRecords
 from edgekit.fleet.store.schema import GAP_GRACE_SECONDS
+from edgekit.fleet.store.timeline_records import TimelineRecords
 
 MAX_GAP = 1000  # a jump larger than this is a reset or garbage, not a gap worth resending
 GAP_MAX_REQUESTS = 150  # about 75 minutes at the default 30 s: past the devices' default hour of keeping windows
@@ -42,7 +43,7 @@ SUMMARY_COLUMNS = (
 _SUMMARY_ROW = "(" + ", ".join("?" * 15) + ")"
 
 
-class SqlStore(RolloutRecords, LeaseRecords, BundleBlobs, HistoryRecords, SampleRecords, abc.ABC):
+class SqlStore(RolloutRecords, LeaseRecords, BundleBlobs, HistoryRecords, SampleRecords, TimelineRecords, abc.ABC):
     GREATEST = "max"
     ORDER_COLUMN = "rowid"
     NOW_SECONDS = "((julianday('now') - 2440587.5) * 86400.0)"  # the database's clock, for leases
