@@ -13,15 +13,17 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import os
 import shlex
+import signal
 import subprocess
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-RETRAIN_SCHEMA = "edgekit.retrain/1"  # the command's stdin: a contract (docs/fleet.md)
+RETRAIN_SCHEMA = "edgekit.retrain/1"  # the command's stdin: a contract (docs/retrain.md)
 STDERR_TAIL = 2000  # characters of the command's stderr kept on the timeline
 POLL_SECONDS = 0.25
 _ROLLOUT_FLAGS = ("devices", "waves", "wave_wait", "abort_on", "shadow_rows", "health_seconds")  # rollout start's
@@ -42,7 +44,6 @@ class Run:
     alert_id: int
     alert: dict[str, Any]
     workdir: Path
-    facts: dict[str, Any] = field(default_factory=dict)
 
     @property
     def evidence(self) -> dict[str, Any]:
@@ -227,7 +228,12 @@ def run_command(
     (it is killed then). Polled, so a stopping collector does not wait out a 30-minute training."""
     try:
         process = subprocess.Popen(
-            list(argv), cwd=cwd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+            list(argv),
+            cwd=cwd,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            start_new_session=True,  # its own process group: a timeout kills what it started too
         )
     except OSError as exc:
         return 127, "", f"cannot run {argv[0]}: {exc.strerror or exc}"
@@ -239,9 +245,18 @@ def run_command(
         except subprocess.TimeoutExpired:
             given = None  # sent already: communicate goes on writing what is left
             if time.monotonic() > deadline or stop.is_set():
-                process.kill()
+                _kill_group(process)
                 out, err = process.communicate()
                 return None, out.decode(errors="replace"), err.decode(errors="replace")
+
+
+def _kill_group(process: subprocess.Popen) -> None:
+    """Kill the command and its children: a shell's training child would otherwise hold the pipes open, and
+    the sink would wait for it past the timeout."""
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except (OSError, AttributeError):  # gone already, or no process groups here
+        process.kill()
 
 
 # -- promote, store, roll out ------------------------------------------------------------------------------------

@@ -9,6 +9,8 @@
     GET /api/leader            which collector holds the leader lease, since when (``fleet leader --json``)
     GET /api/drift?device=&model=&version=&since=   merged drift (``fleet drift --json``)
     GET /api/alerts            open and recent alerts
+    GET /alerts/<id>/timeline, /api/alerts/<id>/timeline   what the retrain sink did about that alert;
+                               /retrains its runs (``retrain.py``, ``pages/timeline.py``)
     GET /metrics               Prometheus text (prometheus-client)
     GET /rollouts, /rollouts/<id>   rollouts: waves, devices per state, reasons
     GET /bundles/<sha256>      bundle bytes for devices, with Range (an interrupted download resumes);
@@ -61,6 +63,7 @@ class Fleet(Protocol):
 # Bundles are uploaded whole: a body limit of 1 GiB, and the time a Pi-sized link needs to send it.
 COLLECTOR_LIMITS = HttpLimits(max_body_bytes=1 << 30, body_timeout=600.0)
 _BUNDLE_ROUTE = re.compile(r"^/bundles/(?P<sha>[0-9a-f]{64})$")
+_TIMELINE_ROUTE = re.compile(r"^(?P<api>/api)?/alerts/(?P<id>[0-9]{1,18})/timeline$")
 _ROLLOUT_ROUTE = re.compile(r"^/api/rollouts/(?P<id>[A-Za-z0-9._-]{1,64})(?:/(?P<verb>pause|resume|abort))?$")
 HTML = "text/html; charset=utf-8"
 
@@ -161,6 +164,8 @@ def _get(collector: Fleet, request: Request) -> Response:
         )
     if path == "/api/alerts":
         return json_response(_alerts(collector))
+    if _TIMELINE_ROUTE.match(path) or path == "/retrains":
+        return _timeline(store, path)
     if path == "/metrics":
         from edgekit.fleet.metrics import render
 
@@ -216,6 +221,21 @@ def _rollout_get(collector: Fleet, path: str) -> Response:
     if path.startswith("/api/"):
         return json_response(status)
     return Response(200, render_rollout(status), HTML)
+
+
+def _timeline(store: SqlStore, path: str) -> Response:
+    from edgekit.fleet.pages.timeline import render_runs, render_timeline
+
+    if path == "/retrains":
+        return Response(200, render_runs(store.retrain_runs()), HTML)
+    match = _TIMELINE_ROUTE.match(path)
+    alert = store.alert(int(match["id"]))
+    if alert is None:
+        return error_response(404, f"no alert {match['id']}")
+    timeline = store.timeline(alert["id"])
+    if match["api"]:
+        return json_response({"alert": alert, **(timeline or {"run": None, "steps": []})})
+    return Response(200, render_timeline(alert, timeline), HTML)
 
 
 def _bundle(collector: Fleet, request: Request, sha256: str) -> Response:

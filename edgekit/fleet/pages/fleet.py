@@ -28,7 +28,8 @@ def render_fleet(
     open_alerts = [a for a in alerts if a["state"] == "open"]
     alert_rows = (
         "".join(
-            f"<tr><td class='bad'>{html.escape(a['rule'])}</td><td>{html.escape(a['device'])}</td>"
+            f"<tr><td class='bad'><a href='/alerts/{a['id']}/timeline'>{html.escape(a['rule'])}</a></td>"
+            f"<td>{html.escape(a['device'])}</td>"
             f"<td>{html.escape(a['subject'])}</td><td>{html.escape(a['message'])}</td></tr>"
             for a in open_alerts
         )
@@ -42,7 +43,8 @@ def render_fleet(
     )
     alert_header = "<tr><th>rule</th><th>device</th><th>subject</th><th>message</th></tr>"
     body = (
-        "<h1>edgekit fleet</h1><p><a href='/drift'>fleet-wide drift</a> · <a href='/rollouts'>rollouts</a></p>"
+        "<h1>edgekit fleet</h1><p><a href='/drift'>fleet-wide drift</a> · <a href='/rollouts'>rollouts</a> · "
+        "<a href='/retrains'>retrains</a></p>"
         f"<p class='muted'>{len(status)} devices, {online} online, {drifted} drifted</p>"
         f"{leader_line(leader)}"
         f"<table>{header}{rows}</table>"
