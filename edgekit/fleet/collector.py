@@ -37,6 +37,7 @@ from edgekit.fleet.store import CollectorStore, open_store
 log = logging.getLogger("edgekit.fleet")
 BATCH_MAX = 1000
 BATCH_WAIT = 0.05
+RECEIVE_MAXIMUM = BATCH_MAX * 5  # one drain's worth (about 50 MB of 10 KB summaries)
 STORE_BACKOFF_MAX = 30.0  # seconds between attempts while the database is unreachable
 GAP_CHECK_SECONDS = 5.0
 # Alert rules run on the devices with news at most this often, not after every batch: under a burst
@@ -143,6 +144,12 @@ class Collector:
         if v5:
             properties = Properties(PacketTypes.CONNECT)
             properties.SessionExpiryInterval = self.config.session_expiry_seconds
+            # Backpressure: a broker that honours it sends no more unacknowledged messages than this, and
+            # messages are acknowledged only once stored, so a collector that falls behind (a slow database)
+            # holds at most this many and the broker queues the rest. Mosquitto 2.0.11 was measured to honour
+            # it only until the first acknowledgements (then it sends everything queued): behind it, a
+            # collector's memory grows with its lag (docs/scaling.md).
+            properties.ReceiveMaximum = RECEIVE_MAXIMUM
             kwargs = {"clean_start": False, "properties": properties}
         self._client = client
         port = parsed.port or (8883 if parsed.scheme == "mqtts" else 1883)  # checked by parse_broker_url
