@@ -680,14 +680,12 @@ class Timeline:
 def predict_parts(t: dict[str, float], first: str) -> dict[str, float]:
     """``Agent.predict`` from ``first`` (the stamp after which the runtime's feed is built) on."""
     return {
-        "predict: feed, runtime wrapper": t["run.start"] - t[first],
-        "session.run, in the server": t["run"],
+        "predict: feed, runtime wrapper": t["_run.start"] - t[first],
+        "session.run, in the server": t["_run"],
         "predict: monitor.record": t["record"],
-        "predict: log.add": t["add"],
-        "predict: after session.run, the rest (interpret, NaN guard, counter)": t["predict.end"]
-        - t["run.end"]
-        - t["record"]
-        - t["add"],
+        "predict: after session.run, the rest (interpret, NaN guard, counter, log hand-off)": t["predict.end"]
+        - t["_run.end"]
+        - t["record"],
     }
 
 
@@ -735,9 +733,8 @@ def timeline_figures(served: Served, fixture: dict[str, Any], session: Any, call
             (agent, "predict"),
             (agent.serving.schema, "check"),
             (agent.serving.schema.preprocessor(), "batch"),
-            (agent.serving.runtime._session, "run"),
+            (agent.serving.runtime, "_run"),  # the session's run, as the runtime resolved it at load
             (agent.serving.monitor, "record"),
-            (agent.log, "add"),
         ]
     )
     records: dict[str, list[dict[str, float]]] = {"v2": [], "v1": []}
