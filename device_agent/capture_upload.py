@@ -40,6 +40,7 @@ SAMPLES_SCHEMA = "edgekit.samples/1"
 CHUNK_BYTES = 256 << 10
 ATTEMPTS = 5
 DONE_KEPT = 200  # upload ids remembered as served (a redelivered command is ignored)
+SERVED_FILE = "served.list"  # the uploads served already; not a .json, so no upload id can name it
 
 
 class UploadError(AgentError):
@@ -62,7 +63,7 @@ class Uploader:
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
         for state in sorted(self.directory.glob("*.json")) if self.directory.is_dir() else []:
-            if state.name != "done.json":  # an upload cut by a restart: on again from where it stopped
+            if state.name != SERVED_FILE:  # an upload cut by a restart: on again from where it stopped
                 self.on_command(_read_json(state) or {})
 
     def on_command(self, doc: dict[str, Any]) -> None:
@@ -92,16 +93,21 @@ class Uploader:
     def serve(self, doc: dict[str, Any]) -> int:
         """Build (or find) the upload's file and send what the collector does not have; the bytes sent."""
         upload = doc["upload"]
-        if upload in (_read_json(self.directory / "done.json") or []):
+        config = self.config
+        broker_host = config.mqtt.host if config.mqtt.url else None
+        if upload in (_read_json(self.directory / SERVED_FILE) or []):
             log.info("field samples upload %s was served already; ignored", upload)
             return 0
+        if not config.update.trusts(doc["url"], broker_host):  # anyone who can publish a cmd could name a URL
+            raise UploadError(
+                doc["url"], "refused", "not the collector this device knows; set [update] collector in agent.toml"
+            )
         state_path = self.directory / f"{upload}.json"
         state = _read_json(state_path)
         if state is None or not (self.directory / f"{upload}.gz").exists():
             state = {**doc, **self.build(doc)}
             write_atomic(state_path, json.dumps(state).encode())
-        config = self.config
-        token = config.update.token_for(state["url"], config.mqtt.host if config.mqtt.url else None)
+        token = config.update.token_for(state["url"], broker_host)
 
         def progress(received: int) -> None:
             write_atomic(state_path, json.dumps({**state, "sent": received}).encode())
@@ -160,8 +166,8 @@ class Uploader:
         for suffix in (".gz", ".json"):
             (self.directory / f"{upload}{suffix}").unlink(missing_ok=True)
         if done:
-            served = (_read_json(self.directory / "done.json") or [])[-DONE_KEPT + 1 :]
-            write_atomic(self.directory / "done.json", json.dumps([*served, upload]).encode())
+            served = (_read_json(self.directory / SERVED_FILE) or [])[-DONE_KEPT + 1 :]
+            write_atomic(self.directory / SERVED_FILE, json.dumps([*served, upload]).encode())
 
 
 def write_upload(path: Path, header: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str, Any]:

@@ -182,14 +182,17 @@ class UpdateConfig:
 
     def token_for(self, url: str, broker_host: str | None) -> str | None:
         """The token to send with a download from ``url``, or None when it must not go there."""
-        if not self.token:
-            return None
+        return self.token if self.token and self.trusts(url, broker_host) else None
+
+    def trusts(self, url: str, broker_host: str | None) -> bool:
+        """Whether ``url`` is on the collector this device knows: ``[update] collector`` if set, else the
+        MQTT broker's host. Tokens and field samples go nowhere else, whatever a message names."""
         target = urlparse(url)
         if self.collector:
             base = urlparse(self.collector)
             same = (target.scheme, target.hostname, _port(target)) == (base.scheme, base.hostname, _port(base))
-            return self.token if same and target.path.startswith(base.path.rstrip("/") + "/") else None
-        return self.token if broker_host and target.hostname == broker_host else None
+            return same and target.path.startswith(base.path.rstrip("/") + "/")
+        return bool(broker_host) and target.hostname == broker_host
 
     def refusal_fix(self, url: str, *, sent: bool) -> str:
         """What to change when the collector refused a download from ``url`` for want of its token."""

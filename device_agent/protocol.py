@@ -347,6 +347,11 @@ def check_summary(doc: dict[str, Any]) -> dict[str, Any]:
         raise ProtocolError("field", "errors must map kinds to counts")
     if doc.get("accuracy") is not None:
         _require(doc["accuracy"], {"labelled": int, "correct": int}, "accuracy.")
+        value = doc["accuracy"].get("accuracy")
+        if value is not None and (
+            isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1
+        ):
+            raise ProtocolError("field", "accuracy.accuracy must be a number in [0, 1] or null")
     if doc.get("sampling") is not None:
         _require(doc["sampling"], {"skipped_rows": int}, "sampling.")
         rate = doc["sampling"].get("rate")

@@ -296,7 +296,8 @@ def test_an_undecided_split_keeps_the_champion_end_to_end(
 
     from tests.rollout_helpers import RolloutFleet
 
-    data = np.load(digits.test)
+    with np.load(digits.test) as npz:
+        data = dict(npz)
     fleet = RolloutFleet(
         tmp_path, broker, bundle=bundle, public_key=keypair[1], data=digits.test, fleet=fleet_name, devices=2
     )

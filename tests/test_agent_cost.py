@@ -152,7 +152,8 @@ def test_the_agent_reports_its_sample_rate_on_metrics_and_status(tmp_path, bundl
     config = make_device(tmp_path / "dev", bundle, keypair[1], http=False, max_cpu_fraction=0.1)
     with Agent(config_of(config)).start(http=False, mqtt=False) as agent:
         agent.monitor.budget.every = 10
-        X = np.load("fixtures/digits_test.npz")["X"].astype(np.float32)
+        with np.load("fixtures/digits_test.npz") as npz:
+            X = npz["X"].astype(np.float32)
         for i in range(40):
             agent.predict(X[i : i + 1])
         status = agent.status()
@@ -189,7 +190,8 @@ def test_numeric_instances_read_as_json_would_and_refuse_what_they_cannot() -> N
 
 def test_http_reads_a_large_plain_request_and_refuses_too_many_rows_with_the_limit(tmp_path, bundle, keypair) -> None:
     config = make_device(tmp_path / "dev", bundle, keypair[1], server={"max_rows": 10000})
-    X = np.load("fixtures/digits_test.npz")["X"]
+    with np.load("fixtures/digits_test.npz") as npz:
+        X = npz["X"]
     with Agent(config_of(config)).start(mqtt=False) as agent:
         url = f"http://127.0.0.1:{agent.server.server_address[1]}/v1/models/digits:predict"
 

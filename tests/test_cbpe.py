@@ -126,7 +126,8 @@ def calibrated(digits, digits_onnx, keypair, tmp_path_factory):
     from tests.conftest import Cli
 
     work = tmp_path_factory.mktemp("cbpe")
-    test = np.load(digits.test)
+    with np.load(digits.test) as npz:
+        test = dict(npz)
     order = np.random.default_rng(0).permutation(len(test["y"]))
     held, windows = order[: len(order) // 2], order[len(order) // 2 :]
     np.savez(work / "eval.npz", X=test["X"][held], y=test["y"][held], feature_names=test["feature_names"])
@@ -176,7 +177,8 @@ def test_package_eval_stores_the_map_in_the_baseline(calibrated):
 def test_package_eval_without_labels_says_what_to_give(digits, digits_onnx, keypair, tmp_path):
     from edgekit.bundle.package import build_bundle
 
-    test = np.load(digits.test)
+    with np.load(digits.test) as npz:
+        test = dict(npz)
     np.savez(tmp_path / "unlabelled.npz", X=test["X"])
     with pytest.raises(EdgekitError, match="has no labels"):
         build_bundle(

@@ -49,7 +49,8 @@ def capture_device(tmp_path, bundle, keypair, *, capture=None, broker=None, flee
 
 
 def test_capture_is_off_by_default_and_its_settings_are_checked(tmp_path, bundle, keypair, digits):
-    X = np.load(digits.test)["X"]
+    with np.load(digits.test) as npz:
+        X = npz["X"]
     config = capture_device(tmp_path, bundle, keypair)
     with Agent(config_of(config)).start(http=False, mqtt=False) as agent:
         agent.predict(X[:250])
@@ -70,7 +71,8 @@ def test_capture_is_off_by_default_and_its_settings_are_checked(tmp_path, bundle
 
 
 def test_the_rows_kept_are_those_whose_id_hashes_under_the_rate_with_their_window(tmp_path, bundle, keypair, digits):
-    X = np.load(digits.test)["X"]
+    with np.load(digits.test) as npz:
+        X = npz["X"]
     config = capture_device(tmp_path, bundle, keypair, capture={"enabled": True, "rate": 0.2, "drifted_rows": 0})
     answers = []
     with Agent(config_of(config)).start(http=False, mqtt=False) as agent:
@@ -90,7 +92,8 @@ def test_the_rows_kept_are_those_whose_id_hashes_under_the_rate_with_their_windo
 
 
 def test_a_drifted_window_keeps_its_rows_with_the_smallest_hashes(tmp_path, bundle, keypair, digits):
-    X = np.load(digits.test)["X"]
+    with np.load(digits.test) as npz:
+        X = npz["X"]
     config = capture_device(tmp_path, bundle, keypair, capture={"enabled": True, "rate": 0.0, "drifted_rows": 5})
     with Agent(config_of(config)).start(http=False, mqtt=False) as agent:
         agent.predict(X[:100])
@@ -104,7 +107,8 @@ def test_a_drifted_window_keeps_its_rows_with_the_smallest_hashes(tmp_path, bund
 
 
 def test_the_disk_cap_drops_the_oldest_segments_first(tmp_path, bundle, keypair, digits):
-    X = np.load(digits.test)["X"]
+    with np.load(digits.test) as npz:
+        X = npz["X"]
     config = capture_device(tmp_path, bundle, keypair, capture={"enabled": True, "rate": 1.0, "max_mb": 0.02})
     with Agent(config_of(config)).start(http=False, mqtt=False) as agent:
         agent.predict(X[:500])
@@ -141,7 +145,8 @@ def collector(tmp_path, broker, fleet_name):
 def test_fleet_samples_exports_the_kept_rows_with_the_labels_that_arrived(
     tmp_path, bundle, keypair, digits, broker, fleet_name, collector, cli
 ):
-    data = np.load(digits.test)
+    with np.load(digits.test) as npz:
+        data = dict(npz)
     X, y = data["X"], data["y"]
     capture = {"enabled": True, "rate": 0.3, "drifted_rows": 0}
     config = capture_device(
@@ -501,3 +506,26 @@ def test_the_bench_runs_quick_and_writes_its_json(tmp_path):
     doc = json.loads(out.read_text())
     assert [r["kind"] for r in doc["results"]] == ["digits", "churn"]
     assert all(d["rows"] > 0 and d["bytes_per_row"] > 0 for r in doc["results"] for d in r["devices"])
+
+
+def test_field_samples_go_only_to_the_collector_the_device_knows(tmp_path):
+    """Anyone who can publish a ``cmd`` could name a URL: the rows go nowhere the token would not go."""
+    import threading
+    from types import SimpleNamespace
+
+    from device_agent.capture_upload import Uploader, UploadError
+    from device_agent.config import UpdateConfig
+
+    config = SimpleNamespace(
+        update=UpdateConfig(collector="http://collector:8480"),
+        mqtt=SimpleNamespace(url="mqtt://broker:1883", host="broker"),
+        state_dir=tmp_path,
+    )
+    capture = SimpleNamespace(directory=tmp_path / "capture")
+    uploader = Uploader(capture, SimpleNamespace(config=config, _stop=threading.Event()))
+    uploader.build = lambda doc: pytest.fail("built an upload for a URL it must not send to")
+    with pytest.raises(UploadError, match="not the collector this device knows"):
+        uploader.serve({"upload": "u1", "url": "https://attacker.example/api/samples/d/u1"})
+    assert UpdateConfig(collector="http://collector:8480").trusts("http://collector:8480/api/samples/d/u1", None)
+    assert UpdateConfig().trusts("http://broker:8480/api/samples/d/u1", "broker")
+    assert not UpdateConfig().trusts("http://elsewhere:8480/api/samples/d/u1", "broker")

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from edgekit.bundle.calibration import CALIBRATION_SCHEMA
+from edgekit.errors import StoreError
 
 log = logging.getLogger("edgekit.fleet")
 RETRY_SECONDS = 30.0  # a baseline not stored yet is looked for again after this long
@@ -112,7 +113,10 @@ class Estimates:
         stored, read_at = self._stored.get(baseline_id, (None, -math.inf))
         now = self.clock()
         if stored is None and now - read_at >= RETRY_SECONDS:
-            profile = self.baseline_of(baseline_id)
+            try:
+                profile = self.baseline_of(baseline_id)
+            except StoreError:  # the estimate is optional: a database hiccup must not cost the summary
+                return None
             stored = Calibration.read(profile.get("calibration")) if isinstance(profile, dict) else None
             self._stored[baseline_id] = (stored, now)
             if profile is not None:  # a stored baseline does not change: no need to ask again

@@ -179,7 +179,7 @@ def _get(collector: Fleet, request: Request) -> Response:
 
 def _post(collector: Fleet, request: Request) -> Response:
     token = collector.config.api_token
-    if token and not hmac.compare_digest(request.header("authorization"), f"Bearer {token}"):
+    if token and not hmac.compare_digest(request.header("authorization").encode(), f"Bearer {token}".encode()):
         return error_response(401, "missing or wrong API token; set EDGEKIT_COLLECTOR_TOKEN")
     rollouts, path = collector.rollouts, request.path
     try:

@@ -22,6 +22,8 @@ import json
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
+from edgekit.fleet.store.records import selection_clauses
+
 KEY = ("resolution", "bucket", "device", "model", "model_version", "baseline_id")
 VALUES = (
     "fleet",
@@ -206,20 +208,10 @@ class HistoryRecords:
         (``resolution`` "raw"), or a bucket shaped like one (``resolution`` "hour" or "day", ``windows``
         its count). One statement, so a rollup committing meanwhile cannot count a window twice or not at
         all. ``since`` selects buckets whose last window ends at or after it: a coarse bucket starts earlier."""
-        raw_where, bucket_where, params = (
-            ["(m.device IS NULL OR s.seq > m.rolled_seq OR s.window_end > m.rolled_end)"],
-            [],
-            [],
-        )
-        for column, value in (("device", device), ("model", model), ("model_version", version), ("fleet", fleet)):
-            if value is not None:
-                raw_where.append(f"s.{column} = ?")
-                bucket_where.append(f"h.{column} = ?")
-                params.append(value)
-        if since is not None:
-            raw_where.append("s.window_end >= ?")
-            bucket_where.append("h.last_end >= ?")
-            params.append(since)
+        selection = {"device": device, "model": model, "version": version, "fleet": fleet, "since": since}
+        raw_where, params = selection_clauses("s", "window_end", **selection)
+        raw_where.insert(0, "(m.device IS NULL OR s.seq > m.rolled_seq OR s.window_end > m.rolled_end)")
+        bucket_where, _ = selection_clauses("h", "last_end", **selection)
         query = (
             "SELECT 'raw' AS resolution, s.payload, s.device, s.model, s.model_version, s.baseline_id, "
             "s.window_start, s.window_end, 1 AS windows, s.rows, CAST(NULL AS TEXT) AS profile "

@@ -104,3 +104,19 @@ def _unseen_columns(doc: dict[str, Any]) -> dict[str, float]:
 
 def _flag(value: Any) -> int | None:
     return None if value is None else int(bool(value))
+
+
+def selection_clauses(
+    alias: str, since_column: str, *, device: Any, model: Any, version: Any, fleet: Any, since: Any
+) -> tuple[list[str], list[Any]]:
+    """The WHERE clauses and parameters of a selection of windows (``None`` selects all), on table ``alias``:
+    the one reading of ``fleet drift``'s options that raw summaries and history buckets share."""
+    clauses, params = [], []
+    for column, value in (("device", device), ("model", model), ("model_version", version), ("fleet", fleet)):
+        if value is not None:
+            clauses.append(f"{alias}.{column} = ?")
+            params.append(value)
+    if since is not None:
+        clauses.append(f"{alias}.{since_column} >= ?")
+        params.append(since)
+    return clauses, params

@@ -27,7 +27,7 @@ from typing import Any
 from edgekit.fleet.store.bundle_blobs import BundleBlobs
 from edgekit.fleet.store.history_records import HistoryRecords
 from edgekit.fleet.store.lease_records import LeaseRecords
-from edgekit.fleet.store.records import SummaryRecord, _flag, _read_facts
+from edgekit.fleet.store.records import SummaryRecord, _flag, _read_facts, selection_clauses
 from edgekit.fleet.store.rollout_records import RolloutRecords
 from edgekit.fleet.store.sample_records import SampleRecords
 from edgekit.fleet.store.schema import GAP_GRACE_SECONDS
@@ -191,7 +191,8 @@ class SqlStore(RolloutRecords, LeaseRecords, BundleBlobs, HistoryRecords, Sample
             updates.append(_device_update(device, records, max_seq, new_max, now))
         if new_devices:
             db.executemany(
-                "INSERT INTO devices (device, fleet, model, model_version, last_seen) VALUES (?, ?, ?, ?, ?)",
+                "INSERT INTO devices (device, fleet, model, model_version, last_seen) VALUES (?, ?, ?, ?, ?) "
+                "ON CONFLICT (device) DO NOTHING",  # its first state may be stored by another collector meanwhile
                 new_devices,
             )
         if missing:
@@ -311,14 +312,9 @@ class SqlStore(RolloutRecords, LeaseRecords, BundleBlobs, HistoryRecords, Sample
         fleet: str | None = None,
         since: str | None = None,
     ) -> Iterator[dict[str, Any]]:
-        clauses, params = [], []
-        for column, value in (("device", device), ("model", model), ("model_version", version), ("fleet", fleet)):
-            if value is not None:
-                clauses.append(f"{column} = ?")
-                params.append(value)
-        if since is not None:
-            clauses.append("window_end >= ?")
-            params.append(since)
+        clauses, params = selection_clauses(
+            "summaries", "window_end", device=device, model=model, version=version, fleet=fleet, since=since
+        )
         query = (
             "SELECT payload FROM summaries"
             + (" WHERE " + " AND ".join(clauses) if clauses else "")
