@@ -368,7 +368,7 @@ ROLLOUT_SETTINGS = {
     "health_seconds": 3,
     "abort_on": "failed>20%,agreement<0.95",
 }
-ROLLOUT_GRACE = 90.0  # the demo waits this long past --duration for a rollout under way to finish
+ROLLOUT_GRACE = 90.0  # the demo waits this long past --duration for its rollout to start and finish
 
 
 def _run_fleet(collector, fleet, bundle_v2: Path, *, devices: int, duration: float, stop, say: Say) -> dict | None:
@@ -381,8 +381,10 @@ def _run_fleet(collector, fleet, bundle_v2: Path, *, devices: int, duration: flo
     while not stop.is_set():
         now = time.monotonic()
         rollout = collector.rollouts.status(rollout_id) if rollout_id else None
+        # past the deadline: done once the rollout has finished; a rollout not yet started (devices slow to
+        # come online on a loaded machine) or still running gets ROLLOUT_GRACE more
         if now >= deadline and (
-            rollout is None or rollout["state"] not in ("running", "paused") or now >= deadline + ROLLOUT_GRACE
+            (rollout is not None and rollout["state"] not in ("running", "paused")) or now >= deadline + ROLLOUT_GRACE
         ):
             return rollout
         fleet.check()
