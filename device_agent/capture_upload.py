@@ -6,13 +6,15 @@ writes the selected rows, with the delayed labels the prediction log holds for t
 labels join by row id), into one gzip'd file of JSON lines (``SAMPLES_SCHEMA``: a header line with the
 models' feature names, then one row a line) and POSTs it in chunks of ``CHUNK_BYTES``, each with
 ``Content-Range: bytes <first>-<last>/<size>`` and the whole file's sha256 (``X-Edgekit-Sha256``), with
-the collector's token when it is going to the collector (``[update] token``; ``UpdateConfig.token_for``).
+the device's token when it is going to the collector (``[update] token``: the collector's device token, or
+its API token on older setups; ``UpdateConfig.token_for``).
 
 A chunk that does not get its answer is sent again (backoff, ``ATTEMPTS`` times); a 409 names the offset
 the collector holds, and sending goes on from there, so a cut upload resumes instead of starting over.
 The file and its progress stay on disk (``capture/uploads/<id>.*``) until the collector confirms the
-whole, so an agent restarted mid-upload resumes it too. An upload id is served once: a repeated command
-(an MQTT redelivery) is ignored.
+whole or refuses it: an upload the network cut is tried again later (``RETRY_SECONDS``, doubling), and an
+agent restarted mid-upload resumes it too. An upload id is served once: a repeated command (an MQTT
+redelivery) is ignored.
 """
 
 from __future__ import annotations
@@ -40,6 +42,8 @@ SAMPLES_SCHEMA = "edgekit.samples/1"
 CHUNK_BYTES = 256 << 10
 ATTEMPTS = 5
 DONE_KEPT = 200  # upload ids remembered as served (a redelivered command is ignored)
+RETRY_SECONDS, RETRY_ROUNDS = 30.0, 6  # an upload the network cut: again after 30 s, 60 s, … (~30 min in all)
+KEPT_SECONDS = 86400.0  # a cut upload's file is dropped at a start this long after its last progress
 SERVED_FILE = "served.list"  # the uploads served already; not a .json, so no upload id can name it
 
 
@@ -52,7 +56,18 @@ class UploadError(AgentError):
 
 
 class Uploader:
-    """The agent's uploads: commands queued from the MQTT thread, served one at a time by its own thread."""
+    """The agent's uploads: commands queued from the MQTT thread, served one at a time by its own thread.
+
+    An upload the network cut (``UploadError`` "network") keeps its file and progress and is tried again
+    after ``retry_seconds``, doubling each time, ``retry_rounds`` times; past them it waits on disk for the
+    agent's next start (or a redelivered command). One the collector refused is dropped; one cut by the
+    agent stopping waits for its next start. Files older than ``KEPT_SECONDS`` are dropped at start."""
+
+    attempts = ATTEMPTS  # per chunk, within one round (send_file's backoff)
+    backoff = 0.5
+    chunk_bytes = CHUNK_BYTES
+    retry_seconds = RETRY_SECONDS
+    retry_rounds = RETRY_ROUNDS
 
     def __init__(self, capture: Any, agent: Any) -> None:
         self.capture, self.config = capture, agent.config
@@ -60,11 +75,17 @@ class Uploader:
         self.log_path = agent.config.state_dir / "predictions.db"
         self.stopped: threading.Event = agent._stop
         self._queue: queue.Queue = queue.Queue()
+        self._later: list[tuple[float, dict[str, Any]]] = []  # (when, command): cut uploads, tried again
+        self._rounds: dict[str, int] = {}  # an upload's network failures in a row
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
         for state in sorted(self.directory.glob("*.json")) if self.directory.is_dir() else []:
-            if state.name != SERVED_FILE:  # an upload cut by a restart: on again from where it stopped
-                self.on_command(_read_json(state) or {})
+            if state.name == SERVED_FILE:
+                continue
+            if time.time() - state.stat().st_mtime > KEPT_SECONDS:  # the collector gave up on it long ago
+                self._forget(state.stem, done=False)
+                continue
+            self.on_command(_read_json(state) or {})  # an upload cut by a restart: on from where it stopped
 
     def on_command(self, doc: dict[str, Any]) -> None:
         """``cmd: upload`` (already checked by ``protocol.command``): served in the background."""
@@ -76,19 +97,49 @@ class Uploader:
 
     def _run(self) -> None:
         while not self.stopped.is_set():
-            try:
-                doc = self._queue.get(timeout=0.5)
-            except queue.Empty:
+            doc = self._next()
+            if doc is None:
                 continue
             try:
                 self.serve(doc)
             except UploadError as exc:
-                self.capture.uploads["refused" if exc.code in ("auth", "refused") else "failed"] += 1
-                log.warning("field samples upload %s failed: %s", doc.get("upload"), exc)
-                self._forget(doc.get("upload", ""), done=exc.code in ("auth", "refused"))
+                self._failed(doc, exc)
             except Exception:  # a bad file must not end the uploads to come
                 self.capture.uploads["failed"] += 1
                 log.exception("field samples upload %s failed", doc.get("upload"))
+
+    def _next(self) -> dict[str, Any] | None:
+        """The next command: a retry that is due, else a new one (waiting at most half a second)."""
+        with self._lock:
+            due = next((item for item in self._later if item[0] <= time.monotonic()), None)
+            if due is not None:
+                self._later.remove(due)
+                return due[1]
+        try:
+            return self._queue.get(timeout=0.5)
+        except queue.Empty:
+            return None
+
+    def _failed(self, doc: dict[str, Any], exc: UploadError) -> None:
+        """Refused: dropped (asking again issues a new id). Cut: kept, and tried again later from where the
+        collector stands. Stopping: kept for the next start."""
+        upload = doc.get("upload", "")
+        if exc.code == "cancelled":
+            return
+        refused = exc.code in ("auth", "refused")
+        self.capture.uploads["refused" if refused else "failed"] += 1
+        if refused:
+            log.warning("field samples upload %s refused: %s", upload, exc)
+            self._forget(upload, done=True)
+            return
+        rounds = self._rounds[upload] = self._rounds.get(upload, 0) + 1
+        if rounds > self.retry_rounds:
+            log.warning("field samples upload %s failed %d times (%s); kept for the next start", upload, rounds, exc)
+            return
+        delay = self.retry_seconds * 2 ** (rounds - 1)
+        log.warning("field samples upload %s failed (%s); trying again in %.0f s", upload, exc, delay)
+        with self._lock:
+            self._later.append((time.monotonic() + delay, doc))
 
     def serve(self, doc: dict[str, Any]) -> int:
         """Build (or find) the upload's file and send what the collector does not have; the bytes sent."""
@@ -121,7 +172,11 @@ class Uploader:
             start=int(state.get("sent", 0)),
             progress=progress,
             cancelled=self.stopped.is_set,
+            attempts=self.attempts,
+            backoff=self.backoff,
+            chunk_bytes=self.chunk_bytes,
         )
+        self._rounds.pop(upload, None)
         self.capture.uploads["done"] += 1
         self.capture.upload_bytes += sent
         self.capture.upload_rows += state["rows"]
@@ -227,7 +282,7 @@ def _next_offset(url: str, status: int, doc: dict[str, Any]) -> int:
         raise UploadError(
             url,
             "auth",
-            f"HTTP {status}: the collector wants its API token",
+            f"HTTP {status}: the collector wants its device token",
             "set [update] token_file (or EDGEKIT_COLLECTOR_TOKEN) and [update] collector in agent.toml",
         )
     raise UploadError(url, "refused", f"HTTP {status}: {doc.get('error') or 'refused'}")

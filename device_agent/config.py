@@ -28,8 +28,8 @@
                                        # above the collectors' session expiry (120 s) plus a few gap retries
     [trust]
     public_key = "/etc/edgekit/edgekit.pub"
-    [update]                           # bundle downloads, when the collector has an API token:
-    # token_file = "/etc/edgekit/collector.token"   # or token = "...", or EDGEKIT_COLLECTOR_TOKEN
+    [update]                           # bundle downloads and field-sample uploads, when the collector has tokens:
+    # token_file = "/etc/edgekit/collector.token"   # its device token; or token = "...", or EDGEKIT_COLLECTOR_TOKEN
     # collector = "http://10.0.0.5:8480"   # the token goes only there (default: the MQTT broker's host)
     [capture]                          # field samples for `edgekit fleet samples` (off unless enabled)
     # enabled = true
@@ -171,7 +171,8 @@ class MonitorConfig:
 
 @dataclass(frozen=True)
 class UpdateConfig:
-    """``[update]``: the collector's API token for bundle downloads, and where it may be sent.
+    """``[update]``: the collector's token for bundle downloads and field-sample uploads (its device token,
+    ``fleet collect --device-token-file``; or, for a collector without one, its API token), and where it may go.
 
     The bundle URL comes from the ``desired`` message, which whoever can publish to the device's topic can
     write, so the token goes only to the collector: URLs under ``collector`` when it is set, else URLs on
@@ -197,15 +198,13 @@ class UpdateConfig:
     def refusal_fix(self, url: str, *, sent: bool) -> str:
         """What to change when the collector refused a download from ``url`` for want of its token."""
         if sent:
-            return "the collector refused [update] token: set it to the collector's API token (EDGEKIT_COLLECTOR_TOKEN)"
+            return "the collector refused [update] token: set it to the collector's device token (--device-token-file)"
         if self.token:
             return (
                 f"the token was not sent, as {urlparse(url).hostname} is not the collector the device knows: set "
                 f'[update] collector = "{urlparse(url).scheme}://{urlparse(url).netloc}" in agent.toml'
             )
-        return (
-            "set [update] token_file (or token, or EDGEKIT_COLLECTOR_TOKEN) in agent.toml to the collector's API token"
-        )
+        return "set [update] token_file (or token, or EDGEKIT_COLLECTOR_TOKEN) in agent.toml to the collector's token"
 
 
 def _port(parsed) -> int | None:

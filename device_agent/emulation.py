@@ -8,6 +8,7 @@ Enabled by an ``[emulate]`` table in agent.toml (``edgekit emulate`` writes it):
     drift_feature = "pixel_2_4"  # optional: shift this feature ...
     drift_shift = 8.0            # ... by this much ...
     drift_after = 500            # ... from this row on
+    feedback = 0.25              # optional: this share of the rows gets its true label back (POST /v1/feedback)
     seed = 0
 
 A tensor model (an image, audio or sensor model) is fed the examples of ``data``: an .npz of tensors
@@ -16,7 +17,9 @@ or a folder of images, WAV or .npy files read through its preprocessing; its onl
 pixels / 255, a camera whose exposure went up by that share).
 
 The feeder calls ``Agent.predict`` like any app embedding the agent would, so an emulated device
-exercises the real serving, monitoring and reporting paths.
+exercises the real serving, monitoring and reporting paths; with ``feedback``, it also sends the data
+file's labels (``y`` of an .npz) for that share of the rows through ``Agent.feedback``, as an app that
+learns the truth later would: the delayed labels a window's accuracy and the field samples carry.
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ class EmulationConfig:
     drift_feature: str | None = None
     drift_shift: float = 0.0
     drift_after: int = 0
+    feedback: float = 0.0
     seed: int = 0
 
     @classmethod
@@ -58,12 +62,15 @@ class EmulationConfig:
                 drift_feature=table.get("drift_feature"),
                 drift_shift=float(table.get("drift_shift", 0.0)),
                 drift_after=int(table.get("drift_after", 0)),
+                feedback=float(table.get("feedback", 0.0)),
                 seed=int(table.get("seed", 0)),
             )
         except (TypeError, ValueError) as exc:
             raise ConfigError(source, f"[emulate] has a value of the wrong type ({exc})") from exc
         if config.rows_per_second <= 0:
             raise ConfigError(source, "[emulate] rows_per_second must be positive")
+        if not 0 <= config.feedback <= 1:
+            raise ConfigError(source, f"[emulate] feedback {config.feedback} is outside 0..1", "e.g. feedback = 0.25")
         return config
 
 
@@ -71,6 +78,7 @@ class Feeder:
     def __init__(self, agent: Any, config: EmulationConfig) -> None:
         self.agent, self.config = agent, config
         self.sent = 0
+        self.labels: np.ndarray | None = None  # the data file's y, when feedback is asked for and it has one
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="edgekit-feeder", daemon=True)
         schema = agent.schema
@@ -80,7 +88,7 @@ class Feeder:
                 self.drift_column = 0  # the brightness of the whole example
             return
         try:
-            X, _, names = read_table(config.data, columns=schema.columns)
+            X, y, names = read_table(config.data, columns=schema.columns)
         except (TableError, OSError) as exc:
             raise ConfigError(config.data, f"cannot be read as emulation data ({exc})") from exc
         if names is not None and set(names) == set(schema.feature_names):
@@ -92,6 +100,8 @@ class Feeder:
                 "emulate with data for this model's features",
             )
         self.rows = X if schema.columns is not None else np.ascontiguousarray(X, dtype=np.float32)
+        if config.feedback > 0 and y is not None and len(y) == len(X):
+            self.labels = y
         self.kinds = schema.kinds
         self.drift_column = None
         if config.drift_feature is not None:
@@ -126,6 +136,7 @@ class Feeder:
 
     def _run(self) -> None:
         rng = np.random.default_rng(self.config.seed)
+        labelling = np.random.default_rng([self.config.seed, 1])  # its own stream: the drift's stays as it was
         order = rng.permutation(len(self.rows))
         position, started = 0, time.monotonic()
         while not self._stop.is_set():
@@ -139,10 +150,19 @@ class Feeder:
             if self.drift_column is not None:
                 self._drift(batch, self.sent + np.arange(due) >= self.config.drift_after, rng)
             try:
-                self.agent.predict(batch)
+                result = self.agent.predict(batch)
+                if self.labels is not None:
+                    self._feedback(result.ids, self.labels[index], labelling)
             except Exception:  # refused rows, a failing model or a bug: logged, and the traffic keeps flowing
                 log.exception("emulated request failed")
             self.sent += due
+
+    def _feedback(self, ids: list[str], labels: np.ndarray, rng: np.random.Generator) -> None:
+        """The true labels of a ``feedback`` share of the rows just answered (drift moves the inputs, not the
+        truth: a shifted digit is still that digit)."""
+        for row_id, label in zip(ids, labels.tolist(), strict=True):
+            if rng.random() < self.config.feedback:
+                self.agent.feedback(row_id, label)
 
 
 MAX_EMULATED_EXAMPLES = 2000

@@ -2,9 +2,12 @@
 
 The request path only appends references to its arrays (``record``); a background thread
 (``Monitor.run`` via the agent, or ``process`` in tests) folds them into the window profile in
-vectorized batches: one ``searchsorted`` per feature per batch instead of per row, which is what
-keeps monitoring cheap next to a microsecond-scale model. A window closes after ``window_rows`` rows
-(split exactly at the boundary) or ``window_seconds`` seconds, and is handed to ``on_window``.
+vectorized batches: the requests waiting are joined into one batch, binned with one lookup table and
+one ``bincount`` over all features (``binning.NumericBlock``), which is what keeps monitoring cheap next
+to a microsecond-scale model. What costs per sketch rather than per value (the Python bookkeeping of 64
+sketches' moments, a categorical update) is left pending and settled once, when the window closes, and a
+request's latency is sketched once with its row count. A window closes after ``window_rows`` rows (split
+exactly at the boundary) or ``window_seconds`` seconds, and is handed to ``on_window``.
 
 The backlog is bounded: at most ``backlog_rows`` rows wait to be sketched. Rows beyond it (and rows
 still waiting when ``stop`` is called) are served but not sketched; they are counted, never dropped
@@ -19,7 +22,8 @@ import time
 from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from operator import attrgetter
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -57,61 +61,82 @@ class ClosedWindow:
         return self.profile.rows
 
 
-@dataclass
-class _Batch:
+class _Batch(NamedTuple):
+    """One recorded request. A tuple: made on the request path and unpacked by the thousand on the
+    background one (``zip(*batches)``), where a dataclass cost a microsecond a request."""
+
     rows: np.ndarray
     prediction: Prediction
-    latency_ms: Any  # per row: a float for one request, an array once requests are concatenated
+    latency_ms: float  # per row
+
+
+@dataclass
+class _Joined:
+    """Requests as one batch; each request's latency once, with its row count (a request's rows share it)."""
+
+    rows: np.ndarray
+    prediction: Prediction
+    latencies_ms: np.ndarray  # per request
+    ends: np.ndarray  # each request's end row in ``rows``
+
+    def latencies(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
+        """The latencies of the requests rows ``start:stop`` belong to, and how many of those rows each has."""
+        first = int(np.searchsorted(self.ends, start, side="right"))
+        last = int(np.searchsorted(self.ends, stop - 1, side="right")) + 1
+        ends = self.ends[first:last]
+        starts = self.ends[first - 1 : last - 1] if first else np.concatenate([[0], self.ends[: last - 1]])
+        return self.latencies_ms[first:last], np.minimum(ends, stop) - np.maximum(starts, start)
 
 
 def _take(batch: _Batch, n: int) -> _Batch:
     """The first ``n`` rows of a request, copied so the rest of a large request can be freed."""
-    p = batch.prediction
+    rows, p, latency_ms = batch
 
     def head(a: np.ndarray | None) -> np.ndarray | None:
         return None if a is None else a[:n].copy()
 
     return _Batch(
-        batch.rows[:n].copy(),
+        rows[:n].copy(),
         Prediction(
             labels=head(p.labels),
             probabilities=head(p.probabilities),
             values=head(p.values),
             embedding=head(p.embedding),
         ),
-        batch.latency_ms,
+        latency_ms,
     )
 
 
 def _every(batch: _Batch, offset: int, step: int) -> _Batch:
     """Rows ``offset``, ``offset + step``, ... of a request: views, no copy."""
-    p = batch.prediction
+    rows, p, latency_ms = batch
 
     def pick(a: np.ndarray | None) -> np.ndarray | None:
         return None if a is None else a[offset::step]
 
     return _Batch(
-        batch.rows[offset::step],
+        rows[offset::step],
         Prediction(pick(p.labels), pick(p.probabilities), pick(p.values), pick(p.embedding)),
-        batch.latency_ms,
+        latency_ms,
     )
 
 
-def _concatenate(batches: list[_Batch]) -> _Batch:
+def _concatenate(batches: list[_Batch]) -> _Joined:
     """Many requests as one batch, so the sketches are updated once per feature, not once per request."""
+    rows, predictions, latencies = zip(*batches, strict=True)
+    ends = np.cumsum(list(map(len, rows)))
+    latencies = np.asarray(latencies, dtype=np.float64)
     if len(batches) == 1:
-        b = batches[0]
-        return _Batch(b.rows, b.prediction, np.full(len(b.rows), b.latency_ms))
+        return _Joined(rows[0], predictions[0], latencies, ends)
 
     def join(attribute: str) -> np.ndarray | None:
-        parts = [getattr(b.prediction, attribute) for b in batches]
+        parts = list(map(attrgetter(attribute), predictions))
         return None if parts[0] is None else np.concatenate(parts)
 
     prediction = Prediction(
         labels=join("labels"), probabilities=join("probabilities"), values=join("values"), embedding=join("embedding")
     )
-    latencies = np.repeat([b.latency_ms for b in batches], [len(b.rows) for b in batches])
-    return _Batch(np.concatenate([b.rows for b in batches]), prediction, latencies)
+    return _Joined(np.concatenate(rows), prediction, latencies, ends)
 
 
 @dataclass
@@ -151,7 +176,7 @@ class Monitor:
     def _start_window(self, now: float) -> None:
         self._window = self.baseline.empty_like()
         self._window_start = now
-        self._latencies: list[np.ndarray] = []
+        self._latencies: list[tuple[np.ndarray, np.ndarray]] = []  # (per request, rows of each) per part
         self._window_errors: Counter = Counter()
         self._labelled = self._correct = 0
         self._window_unmonitored = 0
@@ -164,8 +189,11 @@ class Monitor:
         or skipped whole, and a large one becomes a strided view), whatever the rows hold."""
         n = len(rows)
         step = self.budget.every
-        offset = (-first) % step if step > 1 else 0
-        kept = len(range(offset, n, step)) if step > 1 else n
+        if step > 1:
+            offset = (-first) % step
+            kept = len(range(offset, n, step))
+        else:
+            offset, kept = 0, n
         with self._lock:
             self._inference_ms += latency_ms * n
             self._sampled_out += n - kept
@@ -212,11 +240,8 @@ class Monitor:
         that are full or old. Returns windows closed. Once stopping, pending rows are counted as
         unmonitored instead of sketched."""
         with self._process_lock:
-            pending, taken = [], 0
-            while self._pending and (max_rows is None or not pending or taken + len(self._pending[0].rows) <= max_rows):
-                batch = self._pending.popleft()
-                pending.append(batch)
-                taken += len(batch.rows)
+            pending = self._take_pending(max_rows)
+            taken = sum(map(len, (rows for rows, _, _ in pending)))
             if taken:
                 with self._lock:
                     self._pending_rows -= taken
@@ -239,6 +264,17 @@ class Monitor:
                     self._window_start = now
             return closed
 
+    def _take_pending(self, max_rows: int | None) -> list[_Batch]:
+        """The oldest pending requests, about ``max_rows`` rows of them (at least one request), or all."""
+        queue = self._pending
+        if max_rows is None or self._pending_rows <= max_rows:
+            return [queue.popleft() for _ in range(len(queue))]  # appended meanwhile: the next call's
+        pending, taken = [], 0
+        while queue and (not pending or taken + len(queue[0][0]) <= max_rows):
+            pending.append(queue.popleft())
+            taken += len(pending[-1][0])
+        return pending
+
     def _collect(self) -> None:
         with self._lock:
             errors, self._errors = self._errors, Counter()
@@ -256,7 +292,7 @@ class Monitor:
         self._window_sampled_out += self._sampled_carry
         self._sampled_carry = 0
 
-    def _absorb(self, batch: _Batch) -> int:
+    def _absorb(self, batch: _Joined) -> int:
         closed, offset, total = 0, 0, len(batch.rows)
         rows = batch.rows if self.signals is None else self._signal_rows(batch)
         if rows is None:
@@ -272,15 +308,16 @@ class Monitor:
             self._window_sampled_out += share
             self._sampled_carry -= share
             part = slice(offset, offset + take)
-            self._window.update_inputs(rows[part])
+            self._window.update_inputs(rows[part], settle=False)  # settled when the window closes
             p = batch.prediction
             self._window.update_outputs(
                 labels=None if p.labels is None else p.labels[part],
                 probabilities=None if p.probabilities is None else p.probabilities[part],
                 values=None if p.values is None else p.values[part],
+                settle=False,
             )
-            latencies = batch.latency_ms[part]
-            self._window.update_latency(latencies)
+            latencies = batch.latencies(offset, offset + take)
+            self._window.latency_ms.update_counted(*latencies)
             self._latencies.append(latencies)
             offset += take
             if self._window.rows >= self.window_rows:
@@ -288,7 +325,7 @@ class Monitor:
                 closed += 1
         return closed
 
-    def _signal_rows(self, batch: _Batch) -> np.ndarray | None:
+    def _signal_rows(self, batch: _Joined) -> np.ndarray | None:
         """A tensor batch reduced to its signals, ``SIGNAL_CHUNK`` examples at a time (their float32
         working copies stay small whatever the backlog). A batch that cannot be reduced is counted as
         unmonitored and logged, never dropped silently."""
@@ -309,7 +346,12 @@ class Monitor:
             return None
 
     def _close(self, now: float) -> None:
-        latencies = np.concatenate(self._latencies) if self._latencies else np.empty(0)
+        self._window.settle()
+        latencies = (
+            np.repeat(np.concatenate([v for v, _ in self._latencies]), np.concatenate([c for _, c in self._latencies]))
+            if self._latencies
+            else np.empty(0)
+        )
         window = ClosedWindow(
             self._window,
             self._window_start,

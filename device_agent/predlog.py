@@ -7,13 +7,16 @@
   second of traffic, ring-buffered at ``capacity`` rows, plus every row that received a label. Logging
   every row would cost more than the model itself; one row in a hundred still did at a thousand-row
   batch a millisecond (JSON of the sampled rows: 0.35 ms per 1,000 rows against 0.39 ms of inference),
-  so past ten rows a second the log keeps a steady trickle, not a share.
+  so past ten rows a second the log keeps a steady trickle, not a share. The sampled rows go into
+  SQLite in one transaction at most once a second (``WRITE_EVERY_SECONDS``; a transaction cost as much
+  as filing a thousand one-row requests), and the ring takes a request as one slice copy.
 """
 
 from __future__ import annotations
 
 import base64
 import json
+import math
 import sqlite3
 import threading
 import time
@@ -31,19 +34,46 @@ CREATE TABLE IF NOT EXISTS predictions (
 
 
 class RecentPredictions:
+    """The last ``capacity`` answers by prediction number, in an array of the answers' own type: storing a
+    request is one slice copy, and only an answer that is looked up becomes a Python value."""
+
     def __init__(self, capacity: int = 10000) -> None:
         self.capacity = capacity
-        self._answers = np.empty(capacity, dtype=object)
+        self._answers: np.ndarray | None = None  # made on the first answers, of their dtype and row shape
         self._labelled = np.zeros(capacity, dtype=bool)
         self._filled_to = 0  # one past the highest prediction number written
 
-    def put(self, numbers: np.ndarray, answers: list[Any]) -> None:
-        """Store ``answers[i]`` as prediction number ``numbers[i]`` (older ones fall out of the ring)."""
-        if len(numbers) > self.capacity:
-            numbers, answers = numbers[-self.capacity :], answers[-self.capacity :]
-        self._answers[numbers % self.capacity] = answers
-        self._labelled[numbers % self.capacity] = False
-        self._filled_to = max(self._filled_to, int(numbers.max()) + 1)
+    def put(self, first: int, answers: np.ndarray) -> None:
+        """Store ``answers[i]`` as prediction number ``first + i`` (older ones fall out of the ring)."""
+        answers = np.asarray(answers)
+        if len(answers) > self.capacity:
+            first, answers = first + len(answers) - self.capacity, answers[-self.capacity :]
+        if len(answers) == 0:
+            return
+        ring = self._ring_for(answers)
+        start, n = first % self.capacity, len(answers)
+        head = min(n, self.capacity - start)
+        for ring_slice, part in ((slice(start, start + head), answers[:head]), (slice(0, n - head), answers[head:])):
+            if ring.dtype == object and answers.dtype != object:
+                _put_values(ring, ring_slice, part)
+            else:
+                ring[ring_slice] = part
+            self._labelled[ring_slice] = False
+        self._filled_to = max(self._filled_to, first + n)
+
+    def _ring_for(self, answers: np.ndarray) -> np.ndarray:
+        ring = self._answers
+        if ring is None:
+            numeric = answers.dtype.kind in "biuf"
+            ring = np.empty((self.capacity, *answers.shape[1:]) if numeric else self.capacity, answers.dtype)
+        elif ring.dtype != object and (
+            ring.shape[1:] != answers.shape[1:] or not np.can_cast(answers.dtype, ring.dtype, "safe")
+        ):  # a hot swap changed the answers' type or shape: Python values from now on (the old ones too)
+            objects = np.empty(self.capacity, dtype=object)
+            _put_values(objects, slice(0, self.capacity), ring)
+            ring = objects
+        self._answers = ring
+        return ring
 
     def mark_labelled(self, n: int) -> bool:
         """True the first time prediction ``n`` gets a label; False for a repeat."""
@@ -53,9 +83,19 @@ class RecentPredictions:
         return bool(first)
 
     def get(self, n: int) -> Any:
-        if not (self._filled_to - self.capacity <= n < self._filled_to) or n < 0:
+        if not (self._filled_to - self.capacity <= n < self._filled_to) or n < 0 or self._answers is None:
             return None
-        return self._answers[n % self.capacity]
+        return _python(self._answers[n % self.capacity])
+
+
+def _put_values(ring: np.ndarray, where: slice, answers: np.ndarray) -> None:
+    """Answers into an object ring as Python values, one by one (a row is a list, never broadcast)."""
+    for i, value in zip(range(*where.indices(len(ring))), answers.tolist(), strict=True):
+        ring[i] = value
+
+
+def _python(value: Any) -> Any:
+    return value.tolist() if isinstance(value, (np.ndarray, np.generic)) else value
 
 
 class PredictionLog:
@@ -74,6 +114,8 @@ class PredictionLog:
         self._flush_lock = threading.Lock()
         self._queue: deque = deque()  # appended on the request path without a lock
         self.recent = RecentPredictions(capacity)
+        self._unwritten: list[tuple] = []  # sampled rows not yet in SQLite (``_write``)
+        self._written_at = -math.inf  # time.monotonic() of the last write
 
     def add(self, boot: str, first: int, rows: np.ndarray | list[np.ndarray], answers: Any) -> None:
         """Queue one request, or a run of requests with consecutive ids (``rows`` a list of their row arrays,
@@ -90,28 +132,34 @@ class PredictionLog:
             queue.append(self._queue.popleft())
         if not queue:
             return 0
-        sizes = [_count(rows) for _, _, _, rows, _ in queue]
-        numbers = np.concatenate([first + np.arange(size) for (_, first, *_), size in zip(queue, sizes, strict=True)])
-        answers = [a for *_, batch in queue for a in _as_answers(batch)]
-        holder = np.empty(len(answers), dtype=object)
-        holder[:] = answers
-        self.recent.put(numbers, holder)
-        records, position = [], 0
-        for (boot, first, ts, rows, _), size in zip(queue, sizes, strict=True):
-            for i in self._sampled(first, size, ts):
-                records.append((boot, first + i, ts, _input_json(_row(rows, i)), json.dumps(answers[position + i])))
-            position += size
-        if records:
-            with self._lock:
-                self._db.execute("BEGIN")
-                self._db.executemany(
-                    "INSERT OR REPLACE INTO predictions (boot, n, ts, input, prediction) VALUES (?,?,?,?,?)", records
-                )
-                self._db.execute(
-                    "DELETE FROM predictions WHERE rowid <= (SELECT max(rowid) FROM predictions) - ?", (self.capacity,)
-                )
-                self._db.execute("COMMIT")
+        records = []
+        for boot, first, ts, rows, answers in queue:
+            answers = _answers_array(answers)
+            self.recent.put(first, answers)
+            for i in self._sampled(first, _count(rows), ts):
+                records.append((boot, first + i, ts, _input_json(_row(rows, i)), json.dumps(_python(answers[i]))))
+        self._unwritten.extend(records)
+        if time.monotonic() - self._written_at >= WRITE_EVERY_SECONDS:
+            self._write()
         return len(records)
+
+    def _write(self) -> None:
+        """The sampled rows into SQLite, in one transaction: at most one a ``WRITE_EVERY_SECONDS`` from
+        ``flush`` (a transaction costs a millisecond, as much as logging a thousand one-row requests
+        otherwise), and before anything reads the table (``count``, ``label``, ``close``)."""
+        self._written_at = time.monotonic()
+        records, self._unwritten = self._unwritten, []
+        if not records:
+            return
+        with self._lock:
+            self._db.execute("BEGIN")
+            self._db.executemany(
+                "INSERT OR REPLACE INTO predictions (boot, n, ts, input, prediction) VALUES (?,?,?,?,?)", records
+            )
+            self._db.execute(
+                "DELETE FROM predictions WHERE rowid <= (SELECT max(rowid) FROM predictions) - ?", (self.capacity,)
+            )
+            self._db.execute("COMMIT")
 
     def _sampled(self, first: int, count: int, ts: float) -> range:
         """The rows of a request to log: every ``sample_every``-th prediction number, as many as the bucket
@@ -134,6 +182,7 @@ class PredictionLog:
         not just the sampled rows); "unknown" means an id of another run (the agent restarted) or older."""
         with self._flush_lock:  # also makes look-up and marking one step: two labels for one id count once
             self._flush()
+            self._write()  # a sampled row written after its label would replace the labelled row
             answer = self.recent.get(n) if boot == current_boot else None
             if answer is None:
                 return "unknown", None
@@ -148,15 +197,20 @@ class PredictionLog:
         return "accepted", answer
 
     def count(self) -> int:
+        with self._flush_lock:
+            self._write()
         with self._lock:
             return self._db.execute("SELECT count(*) FROM predictions").fetchone()[0]
 
     def close(self) -> None:
-        self.flush()
+        with self._flush_lock:
+            self._flush()
+            self._write()
         with self._lock:
             self._db.close()
 
 
+WRITE_EVERY_SECONDS = 1.0  # the most a crash can lose of the sampled debug rows (labels are written at once)
 # a logged tensor past this is named but not kept: 10,000 sampled 224x224x3 images would fill an SD card
 MAX_LOGGED_TENSOR_BYTES = 16 << 10
 
@@ -188,8 +242,9 @@ def _row(rows: np.ndarray | list[np.ndarray], i: int) -> np.ndarray:
     raise IndexError(i)
 
 
-def _as_answers(answers: Any) -> list[Any]:
+def _answers_array(answers: Any) -> np.ndarray:
+    """A request's answers, one per row: a one-value row as that value."""
     answers = np.asarray(answers)
     if answers.ndim > 1 and answers.shape[1] == 1:
         answers = answers[:, 0]
-    return answers.tolist()
+    return answers

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from .binning import BinLookup, numeric_bins, slot_thresholds
+from .binning import BinLookup, NumericBlock, numeric_bins
 from .canonical import canonical_json, sha256_hex
 from .categories import CategoricalSketch
 from .errors import ProfileError
@@ -101,24 +101,65 @@ class NumericSketch:
 
     def update(self, values: np.ndarray) -> None:
         values = np.asarray(values, dtype=np.float64).ravel()
-        nan = np.isnan(values)
-        inf = np.isinf(values)
-        finite = values[~(nan | inf)]
-        self.nulls += int(nan.sum())
-        self.infs += int(inf.sum())
-        if finite.size == 0:
+        if values.size == 0:
             return
-        index = np.searchsorted(self.cuts, finite, side="right") + 1
+        low, high = float(values.min()), float(values.max())
+        if math.isfinite(low) and math.isfinite(high):  # NaN propagates through min and max: all finite
+            finite = values
+        else:
+            nan = np.isnan(values)
+            inf = np.isinf(values)
+            finite = values[~(nan | inf)]
+            self.nulls += int(nan.sum())
+            self.infs += int(inf.sum())
+            if finite.size == 0:
+                return
+            low, high = float(finite.min()), float(finite.max())
+        self.counts += np.bincount(self._slots(finite), minlength=len(self.counts))
+        self.count += int(finite.size)
+        self.total += float(finite.sum())
+        self.total_sq += float(np.dot(finite, finite))
+        self.minimum = min(self.minimum, low)
+        self.maximum = max(self.maximum, high)
+
+    def update_counted(self, values: np.ndarray, counts: np.ndarray) -> None:
+        """Count ``counts[i]`` copies of ``values[i]``: a batch's latency is one value for all its rows, so
+        the monitor sketches it once per request, not once per row."""
+        values = np.asarray(values, dtype=np.float64).ravel()
+        counts = np.asarray(counts, dtype=np.int64).ravel()
+        finite = np.isfinite(values)
+        if not finite.all():
+            self.nulls += int(counts[np.isnan(values)].sum())
+            self.infs += int(counts[np.isinf(values)].sum())
+            values, counts = values[finite], counts[finite]
+        kept = counts > 0
+        if not kept.all():
+            values, counts = values[kept], counts[kept]
+        if values.size == 0:
+            return
+        self.counts += np.bincount(self._slots(values), weights=counts, minlength=len(self.counts)).astype(np.int64)
+        self.count += int(counts.sum())
+        self.total += float(np.dot(values, counts))
+        self.total_sq += float(np.dot(values * values, counts))
+        self.minimum = min(self.minimum, float(values.min()))
+        self.maximum = max(self.maximum, float(values.max()))
+
+    def _slots(self, finite: np.ndarray) -> np.ndarray:
+        """Each finite value's slot: ``< low`` 0, then a bin per cut, ``> high`` the last."""
+        edges = self.__dict__.get("_edges")
+        if edges is None:  # one searchsorted over low, the cuts and the least float64 above high
+            low = -np.inf if self.low is None else float(self.low)
+            high = np.inf if self.high is None else np.nextafter(float(self.high), np.inf)
+            edges = np.concatenate([[low], self.cuts, [high]])
+            self._edges = edges = edges if bool((np.diff(edges) > 0).all()) else False
+        if edges is not False:
+            return np.searchsorted(edges, finite, side="right")
+        index = np.searchsorted(self.cuts, finite, side="right") + 1  # cuts outside [low, high]: as they say
         if self.low is not None:
             index[finite < self.low] = 0
         if self.high is not None:
             index[finite > self.high] = len(self.counts) - 1
-        self.counts += np.bincount(index, minlength=len(self.counts))
-        self.count += int(finite.size)
-        self.total += float(finite.sum())
-        self.total_sq += float(np.dot(finite, finite))
-        self.minimum = min(self.minimum, float(finite.min()))
-        self.maximum = max(self.maximum, float(finite.max()))
+        return index
 
     def definition(self) -> dict[str, Any]:
         doc = {"name": self.name, "kind": self.kind, "cuts": self.cuts.tolist(), "low": self.low, "high": self.high}
@@ -212,8 +253,11 @@ class Profile:
 
     def __post_init__(self) -> None:
         self.baseline_id = sha256_hex(canonical_json(self._definition()))[:16]
-        self._numeric_block: _NumericBlock | None = None
+        self._numeric_block: NumericBlock | None = None
         self._other_columns: list[tuple[int, Sketch]] = []
+        self._width = 0
+        self._pending_outputs: list[tuple[str, np.ndarray]] = []  # ``update_outputs(settle=False)``, by output
+        self._pending_output_rows = 0
         # the binning tables by rows' dtype, shared by a baseline and all its windows (one definition)
         self._tables: dict[np.dtype, BinLookup] = {}
 
@@ -249,24 +293,21 @@ class Profile:
         window._tables = self._tables
         return window
 
-    def update_inputs(self, rows: np.ndarray) -> None:
+    def update_inputs(self, rows: np.ndarray, *, settle: bool = True) -> None:
         """Sketch a batch of rows: a numeric matrix, or the object array of typed columns. Each row is one
-        example, ``width`` columns wide: a sketch with ``per_row`` K takes K consecutive columns."""
+        example, ``width`` columns wide: a sketch with ``per_row`` K takes K consecutive columns.
+
+        ``settle=False`` leaves the numeric sketches' counts and moments pending until ``settle`` (or
+        anything that reads the whole profile: ``to_dict``, ``to_compact``, ``merge``): a monitor sketching
+        many small batches pays the per-sketch bookkeeping once per window instead of once per batch."""
         rows = np.asarray(rows)
-        if rows.ndim != 2 or rows.shape[1] != self.width:
+        if self._numeric_block is None:
+            self._prepare()
+        if rows.ndim != 2 or rows.shape[1] != self._width:
             raise ProfileError(
                 f"rows of shape {rows.shape} do not fit a profile of {len(self.features)} features "
-                f"({self.width} columns)"
+                f"({self._width} columns)"
             )
-        if self._numeric_block is None:
-            starts = np.cumsum([0, *(getattr(s, "per_row", 1) for s in self.features)])[:-1]
-            self._numeric_block = _NumericBlock(
-                [(int(i), s) for i, s in zip(starts, self.features, strict=True) if isinstance(s, NumericSketch)],
-                self._tables,
-            )
-            self._other_columns = [
-                (int(i), s) for i, s in zip(starts, self.features, strict=True) if s.kind != "numeric"
-            ]
         block = self._numeric_block
         if rows.dtype == object:  # typed columns: the numeric ones as one float matrix for the block
             block.update(rows[:, block.columns].astype(np.float64), columns_taken=True)
@@ -275,19 +316,55 @@ class Profile:
         for column, sketch in self._other_columns:
             sketch.update(rows[:, column])
         self.rows += rows.shape[0]
+        if settle:
+            block.settle()
 
-    def update_outputs(self, *, labels: Any = None, probabilities: Any = None, values: Any = None) -> None:
+    def _prepare(self) -> None:
+        """The numeric block and the other columns, once: the features do not change after a profile is made."""
+        starts = np.cumsum([0, *(getattr(s, "per_row", 1) for s in self.features)])[:-1]
+        self._numeric_block = NumericBlock(
+            [(int(i), s) for i, s in zip(starts, self.features, strict=True) if isinstance(s, NumericSketch)],
+            self._tables,
+        )
+        self._other_columns = [(int(i), s) for i, s in zip(starts, self.features, strict=True) if s.kind != "numeric"]
+        self._width = self.width
+
+    def settle(self) -> None:
+        """Hand the sketches what ``update_inputs`` and ``update_outputs`` with ``settle=False`` left pending."""
+        if self._numeric_block is not None:
+            self._numeric_block.settle()
+        pending, self._pending_outputs, self._pending_output_rows = self._pending_outputs, [], 0
+        for key in dict.fromkeys(k for k, _ in pending):
+            self.outputs[key].update(np.concatenate([a for k, a in pending if k == key]))
+
+    def update_outputs(
+        self, *, labels: Any = None, probabilities: Any = None, values: Any = None, settle: bool = True
+    ) -> None:
+        """Sketch the model's answers. ``settle=False`` gathers them until ``settle`` or until
+        ``OUTPUT_ROWS_GATHERED`` rows wait: a categorical update has a fixed cost that small requests would
+        each pay again."""
+        gathered = []
         if labels is not None and "prediction" in self.outputs:
-            self.outputs["prediction"].update(labels)
+            gathered.append(("prediction", np.asarray(labels).ravel()))
         if values is not None and "prediction" in self.outputs:
-            self.outputs["prediction"].update(values)
+            gathered.append(("prediction", np.asarray(values, dtype=np.float64).ravel()))
         if probabilities is not None and "confidence" in self.outputs:
-            self.outputs["confidence"].update(np.max(np.asarray(probabilities), axis=1))
+            gathered.append(("confidence", np.max(np.asarray(probabilities), axis=1)))
+        if settle:
+            for key, array in gathered:
+                self.outputs[key].update(array)
+            return
+        self._pending_outputs.extend(gathered)
+        self._pending_output_rows += max((len(a) for _, a in gathered), default=0)
+        if self._pending_output_rows >= OUTPUT_ROWS_GATHERED:
+            self.settle()
 
     def update_latency(self, milliseconds: Any) -> None:
         self.latency_ms.update(np.asarray(milliseconds, dtype=np.float64))
 
     def merge(self, other: Profile) -> Profile:
+        self.settle()
+        other.settle()
         if other.baseline_id != self.baseline_id:
             raise ProfileError(
                 f"cannot merge a profile of baseline {other.baseline_id} into one of baseline {self.baseline_id}"
@@ -301,6 +378,7 @@ class Profile:
         return self
 
     def to_dict(self) -> dict[str, Any]:
+        self.settle()
         return {
             "schema": PROFILE_SCHEMA,
             "baseline_id": self.baseline_id,
@@ -316,6 +394,7 @@ class Profile:
 
         This is what a device sends every window: a 64-feature window fits in a few kilobytes.
         """
+        self.settle()
         return {
             "baseline_id": self.baseline_id,
             "rows": self.rows,
@@ -365,111 +444,7 @@ class Profile:
         return profile
 
 
-BLOCK_VALUES = 1 << 16  # values binned in one sweep (a 1000-row, 64-feature batch): about 1 MB of working arrays
-
-
-class _NumericBlock:
-    """Updates every numeric sketch of a profile at once, with a handful of 2-D numpy calls.
-
-    Per feature, a dozen small numpy calls cost more than the model's own inference on a batch; here
-    each value's slot comes from one lookup table over all features (``binning.BinLookup``: a grid
-    cell, a table read and two exact comparisons, a few nanoseconds a value), one ``bincount`` fills
-    every feature's counts, and float32 rows (what models take) stay float32 throughout, compared
-    against the float32 thresholds that give the very same bins as the float64 edges.
-
-    A sketch with ``per_row`` K is K consecutive columns with its cuts and its slots, so the one
-    ``bincount`` adds all K columns' values into its counts; the per-column moments, finite counts and
-    bounds are then added up (or min/maxed) over each sketch's columns (``groups``, None when every
-    sketch has one column: the tabular path pays nothing for it).
-    """
-
-    def __init__(self, columns: list[tuple[int, NumericSketch]], tables: dict[np.dtype, BinLookup]) -> None:
-        """``columns``: each numeric sketch with the first column it reads; ``tables``: the lookup tables
-        of these bins by dtype, shared with every profile of the same definition."""
-        self.sketches = [s for _, s in columns]
-        repeats = np.asarray([s.per_row for s in self.sketches], dtype=np.intp)
-        self.columns = np.asarray([i + k for i, s in columns for k in range(s.per_row)], dtype=np.intp)
-        self.slots = np.asarray([len(s.counts) for s in self.sketches], dtype=np.intp)
-        self.offsets = np.concatenate([[0], np.cumsum(self.slots)[:-1]]).astype(np.intp)
-        self.sketch_of_column = np.repeat(np.arange(len(self.sketches), dtype=np.intp), repeats)
-        grouped = bool((repeats != 1).any())
-        self.groups = np.concatenate([[0], np.cumsum(repeats)[:-1]]).astype(np.intp) if grouped else None
-        self.all_columns = np.array_equal(self.columns, np.arange(len(self.columns)))
-        self._lookups = tables
-        self._views: list[np.ndarray] | None = None  # each sketch's counts, as views of ``self.counts``
-
-    def lookup(self, dtype: np.dtype) -> BinLookup:
-        """The table for rows of ``dtype`` (float32 or float64), built on first use (a few milliseconds)."""
-        table = self._lookups.get(dtype)
-        if table is None:
-            thresholds = [
-                (slot_thresholds(s.cuts, s.low, s.high, dtype), int(o))
-                for s, o in zip(self.sketches, self.offsets, strict=True)
-            ]
-            table = self._lookups[dtype] = BinLookup(thresholds, self.sketch_of_column, dtype)
-        return table
-
-    def update(self, rows: np.ndarray, *, columns_taken: bool = False) -> None:
-        if not self.sketches:
-            return
-        step = max(256, BLOCK_VALUES // len(self.columns))
-        if len(rows) > step:  # the working arrays stay the size of a slice, whatever the batch (a baseline's)
-            for start in range(0, len(rows), step):
-                self.update(rows[start : start + step], columns_taken=columns_taken)
-            return
-        take = not (columns_taken or (self.all_columns and rows.dtype in (np.float32, np.float64)))
-        values = rows[:, self.columns] if take else rows
-        if values.dtype != np.float32:
-            values = values.astype(np.float64, copy=False)
-        finite = np.isfinite(values)
-        if finite.all():  # the usual batch: no masks, no copies
-            clean, nulls, infs, finite_count = values, 0, 0, np.full(values.shape[1], len(values))
-            minima, maxima = values.min(axis=0), values.max(axis=0)
-        else:
-            nan = np.isnan(values)
-            clean = np.where(finite, values, values.dtype.type(0))
-            nulls, infs, finite_count = nan.sum(axis=0), (~finite & ~nan).sum(axis=0), finite.sum(axis=0)
-            minima = np.where(finite, values, np.inf).min(axis=0)
-            maxima = np.where(finite, values, -np.inf).max(axis=0)
-        index = self.lookup(values.dtype).slots(clean, np.empty(clean.shape, np.intp))
-        counts = np.bincount(index.ravel() if finite.all() else index[finite], minlength=int(self.slots.sum()))
-        # sums in float64 whatever the input (sketches of many windows add up), as two matrix-vector products
-        wide = clean.astype(np.float64)
-        ones = np.ones(len(wide))
-        totals = ones @ wide
-        np.multiply(wide, wide, out=wide)
-        squares = ones @ wide
-        nulls = np.broadcast_to(nulls, finite_count.shape)
-        infs = np.broadcast_to(infs, finite_count.shape)
-        if self.groups is not None:  # a sketch's K columns into one: sums add up, bounds are the extremes
-            finite_count, totals, squares, nulls, infs = (
-                np.add.reduceat(a, self.groups) for a in (finite_count, totals, squares, nulls, infs)
-            )
-            minima, maxima = np.minimum.reduceat(minima, self.groups), np.maximum.reduceat(maxima, self.groups)
-        self._add_counts(counts)
-        columns = (finite_count, nulls, infs, totals, squares, minima, maxima)
-        moments = zip(self.sketches, *(np.asarray(a).tolist() for a in columns), strict=True)
-        for sketch, count, null, inf, total, square, low, high in moments:
-            sketch.count += count
-            sketch.nulls += null
-            sketch.infs += inf
-            sketch.total += total
-            sketch.total_sq += square
-            sketch.minimum = min(sketch.minimum, low)
-            sketch.maximum = max(sketch.maximum, high)
-
-    def _add_counts(self, counts: np.ndarray) -> None:
-        """Add the one count vector into every sketch with one numpy call: each sketch's counts are a view
-        of ``self.counts`` (re-made whenever a sketch's counts were replaced since, e.g. by ``_fill``)."""
-        views = self._views
-        if views is None or any(s.counts is not v for s, v in zip(self.sketches, views, strict=True)):
-            self.counts = np.concatenate([s.counts for s in self.sketches]).astype(np.int64)
-            views = self._views = [
-                self.counts[o : o + n] for o, n in zip(self.offsets.tolist(), self.slots.tolist(), strict=True)
-            ]
-            for sketch, view in zip(self.sketches, views, strict=True):
-                sketch.counts = view
-        self.counts += counts
+OUTPUT_ROWS_GATHERED = 4096  # answers gathered before their sketches are updated (``update_outputs``)
 
 
 def build_baseline(

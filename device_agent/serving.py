@@ -100,11 +100,17 @@ class Serving:
             self.bundle.baseline(),
         )
         self.model_info = {"name": self.bundle.name, "version": self.bundle.version}
+        # a matrix model's rows go straight to the runtime's bound call when it has one (``matrix_runner``)
+        runner = getattr(self.runtime, "matrix_runner", None)
+        matrix = self.schema.columns is None and self.schema.tensor is None
+        self._run_matrix = runner() if matrix and runner is not None else None
 
     def run(self, X: np.ndarray) -> dict[str, np.ndarray]:
         """The runtime's raw outputs for checked rows; a tensor batch in chunks of ``TENSOR_RUN_CHUNK``."""
         chunk = MATRIX_RUN_CHUNK if self.schema.tensor is None else TENSOR_RUN_CHUNK
         if len(X) <= chunk:
+            if self._run_matrix is not None:
+                return self._run_matrix(X)
             return self.runtime.predict(self.schema.feed(X))
         parts = [self.runtime.predict(self.schema.feed(X[i : i + chunk])) for i in range(0, len(X), chunk)]
         return {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}

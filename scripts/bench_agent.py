@@ -12,6 +12,11 @@
   time from process start to the first HTTP prediction
 
     python scripts/bench_agent.py [--out bench-results/bench_agent.json]
+
+``--device BUNDLE PUBLIC_KEY TEST_NPZ`` measures only the per-row costs, against the bundle's own engine
+called bare (``session.run``, or a LiteRT interpreter's ``set_tensor``/``invoke``/``get_tensor``), and
+prints them as JSON: what ``scripts/emulated_pi.sh --bench`` runs inside the arm64 root, where only
+``device_agent`` is installed (this file imports ``edgekit`` only for the full run).
 """
 
 from __future__ import annotations
@@ -31,18 +36,12 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench_report import print_checks, print_run, write_json
-
 from device_agent import Agent
 from device_agent.config import parse_config
 from device_agent.drift import drift_report, exact_psi
 from device_agent.profile import build_baseline
 from device_agent.signing import load_public_key
 from device_agent.state import StateDir
-from edgekit.build.convert import convert_model
-from edgekit.bundle.keys import generate_keypair
-from edgekit.bundle.package import build_bundle
-from edgekit.local.fixtures import fixtures_usable, make_fixtures
 
 TARGETS = {
     "b1_ratio_max": 1.3,
@@ -60,6 +59,11 @@ TARGETS = {
 
 
 def setup(work: Path) -> dict:
+    from edgekit.build.convert import convert_model
+    from edgekit.bundle.keys import generate_keypair
+    from edgekit.bundle.package import build_bundle
+    from edgekit.local.fixtures import fixtures_usable, make_fixtures
+
     fixtures = ROOT / "fixtures" if fixtures_usable(ROOT / "fixtures", ("digits",)) else work / "fixtures"
     if fixtures != ROOT / "fixtures":
         make_fixtures(fixtures, ("digits",))
@@ -100,15 +104,44 @@ def device_config(
     return config
 
 
-def bare_session(model: Path):
+def bare_session(model: bytes):
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.intra_op_num_threads, options.inter_op_num_threads = 1, 1
-    return ort.InferenceSession(model.read_bytes(), options, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
 
 
-def per_row_costs(paths: dict, work: Path, *, max_cpu_fraction: float | None = None, rounds: int = 9) -> dict:
+def bare_runner(bundle):
+    """The bundle's model on its engine, called the way an app without the agent would: ``run(rows)``."""
+    if bundle.model_format == "onnx":
+        session = bare_session(bundle.model_bytes)
+        name = session.get_inputs()[0].name
+        return lambda rows: session.run(None, {name: rows})
+    from device_agent.runtimes.litert import _interpreter_class, _quantizer
+
+    interpreters: dict[int, tuple] = {}
+
+    def run(rows: np.ndarray) -> list:
+        ready = interpreters.get(len(rows))
+        if ready is None:
+            interpreter = _interpreter_class()[0](model_content=bundle.model_bytes, num_threads=1)
+            detail = interpreter.get_input_details()[0]
+            interpreter.resize_tensor_input(detail["index"], [len(rows), *detail["shape"][1:]])
+            interpreter.allocate_tensors()
+            outputs = [d["index"] for d in interpreter.get_output_details()]
+            ready = interpreters[len(rows)] = (interpreter, detail["index"], _quantizer(detail), outputs)
+        interpreter, index, quantize, outputs = ready
+        interpreter.set_tensor(index, quantize(rows))
+        interpreter.invoke()
+        return [interpreter.get_tensor(i) for i in outputs]
+
+    return run
+
+
+def per_row_costs(
+    paths: dict, work: Path, *, max_cpu_fraction: float | None = None, rounds: int = 9, warm: int | None = None
+) -> dict:
     """Agent against bare ``session.run``, interleaved round by round; the agent's time includes the
     background work it causes (sketch, prediction log), timed here explicitly. The first rounds warm up
     (and let the CPU budget settle: it looks again every 20 ms of inference) and are not counted."""
@@ -120,7 +153,7 @@ def per_row_costs(paths: dict, work: Path, *, max_cpu_fraction: float | None = N
     )
     agent._stop.set()
     agent._thread.join()  # the background work is timed here, explicitly
-    session = bare_session(paths["model"])
+    bare = bare_runner(agent.bundle)
     X = np.load(paths["test"])["X"].astype(np.float32)
     singles = [X[i : i + 1] for i in range(len(X))]
     big = np.ascontiguousarray(np.resize(X, (1000, X.shape[1])))
@@ -140,16 +173,17 @@ def per_row_costs(paths: dict, work: Path, *, max_cpu_fraction: float | None = N
         end = time.perf_counter()
         return end - start, end - logged
 
-    warm = 2 if max_cpu_fraction == 0 else 20
+    if warm is None:
+        warm = 2 if max_cpu_fraction == 0 else 20
     for round_ in range(rounds + warm):
         start = time.perf_counter()
         for row in singles:
-            session.run(None, {"X": row})
+            bare(row)
         bare1 = (time.perf_counter() - start) / len(singles)
         agent1, log1 = (t / len(singles) for t in agent_round(singles, 1))
         start = time.perf_counter()
         for _ in range(10):
-            session.run(None, {"X": big})
+            bare(big)
         bare1000 = (time.perf_counter() - start) / 10
         agent1000, log1000 = (t / 10 for t in agent_round([big], 10))
         if round_ >= warm:
@@ -409,10 +443,27 @@ def rss_and_startup(paths: dict, work: Path) -> dict:
     }
 
 
+def device_only(bundle: str, public_key: str, test: str, rounds: int) -> int:
+    """The per-row figures alone, as JSON on stdout (``--device``): needs only device_agent and the engine."""
+    with tempfile.TemporaryDirectory(prefix="edgekit-bench-device-") as tmp:
+        paths = {"bundle": Path(bundle), "public": Path(public_key), "test": Path(test)}
+        # under qemu the first rounds also translate the code: more of them are left out
+        every = per_row_costs(paths, Path(tmp), max_cpu_fraction=0, rounds=rounds, warm=6)
+        budget = per_row_costs(paths, Path(tmp), rounds=rounds, warm=24)
+    print(json.dumps({**every, **{f"budget_{k}": v for k, v in budget.items()}, "machine": machine()}))
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=str(ROOT / "bench-results" / "bench_agent.json"))
+    parser.add_argument("--device", nargs=3, metavar=("BUNDLE", "PUBLIC_KEY", "TEST_NPZ"))
+    parser.add_argument("--rounds", type=int, default=9, help="rounds counted per figure (with --device)")
     args = parser.parse_args()
+    if args.device:
+        return device_only(*args.device, args.rounds)
+    from bench_report import print_checks, print_run, write_json
+
     started, before = time.perf_counter(), machine()
     with tempfile.TemporaryDirectory(prefix="edgekit-bench-agent-") as tmp:
         work = Path(tmp)

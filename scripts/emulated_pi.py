@@ -1,9 +1,15 @@
 #!/usr/bin/env python3
-"""The host half of scripts/emulated_pi.sh: bundle, broker, flash into the arm64 root, traffic, first summary."""
+"""The host half of scripts/emulated_pi.sh: bundle, broker, flash into the arm64 root, traffic, first summary.
+
+With ``--bench``, then the agent's own cost inside the root (``scripts/bench_agent.py --device``: agent
+against the bare LiteRT interpreter, both emulated), printed beside the host's last figures.
+"""
 
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
 import sys
 import tempfile
 import threading
@@ -25,7 +31,7 @@ from edgekit.local.fixtures import fixtures_usable, make_fixtures
 from edgekit.local.flash import Flasher, FlashPlan
 
 
-def main(rootfs: str) -> int:
+def main(rootfs: str, bench: bool = False) -> int:
     work = Path(tempfile.mkdtemp(prefix="edgekit-pi-"))
     # onnxruntime's aarch64 wheel crashes on import under qemu-user (7.2 here); LiteRT runs, and it is
     # what a Pi runs best anyway: the emulated Pi gets the int8 .tflite of the digits model.
@@ -102,11 +108,62 @@ def main(rootfs: str) -> int:
             )
         )
         print("emulated Pi: agent flashed, served and reported a summary", file=sys.stderr)
-        return 0
+        return run_bench(Path(rootfs), fixtures / "digits_test.npz") if bench else 0
     finally:
         listener.loop_stop()
         broker.stop()
 
 
+def run_bench(rootfs: Path, test: Path, rounds: int = 5) -> int:
+    """``bench_agent.py --device`` in the arm64 root, on the bundle just flashed; its figures beside the host's.
+
+    Both sides of each ratio run under qemu-user, so a ratio says what the agent adds to a LiteRT call on an
+    emulated Cortex-A72, not what a real Pi takes in microseconds (qemu translates NEON and the Python
+    interpreter alike, but not at one rate)."""
+    bench = rootfs / "opt" / "edgekit" / "bench"
+    bench.mkdir(exist_ok=True)
+    shutil.copy(ROOT / "scripts" / "bench_agent.py", bench / "bench_agent.py")
+    shutil.copy(test, bench / "digits_test.npz")
+    print(f"[bench] the agent's own cost inside the arm64 root ({rounds} rounds; minutes under qemu)", file=sys.stderr)
+    inside = "/opt/edgekit"
+    command = [
+        "chroot", str(rootfs), f"{inside}/venv/bin/python", f"{inside}/bench/bench_agent.py", "--rounds", str(rounds),
+        "--device", f"{inside}/bundle.edgebundle", f"{inside}/etc/trusted.pub", f"{inside}/bench/digits_test.npz",
+    ]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, timeout=1800)
+    if done.returncode != 0:
+        print(f"emulated_pi: the bench failed inside the root:\n{done.stderr[-2000:]}", file=sys.stderr)
+        return 1
+    emulated = json.loads(done.stdout.strip().splitlines()[-1])
+    host = _host_figures()
+    rows = [
+        ("batch 1: agent / bare", "b1_ratio"),
+        ("batch 1, default CPU budget: agent / bare", "budget_b1_ratio"),
+        ("batch 1000 throughput, every row sketched", "b1000_throughput"),
+        ("batch 1000 throughput, default CPU budget", "budget_b1000_throughput"),
+        ("share of rows sketched under the budget", "budget_sample_rate"),
+        ("bare engine call, batch 1 (µs)", "bare_b1_us"),
+        ("bare engine call, batch 1000 (ms)", "bare_b1000_ms"),
+    ]
+    print(f"{'figure':46s} {'emulated Pi (LiteRT int8)':>26s} {'host (onnxruntime)':>20s}")
+    for label, key in rows:
+        shown = "n/a" if key not in host else f"{host[key]:.4g}"
+        print(f"{label:46s} {emulated[key]:>26.4g} {shown:>20s}")
+    out = ROOT / "bench-results" / "bench_agent_emulated_pi.json"
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(json.dumps({"emulated_pi": emulated, "host": host}, indent=1))
+    print(f"[bench] written to {out}", file=sys.stderr)
+    return 0
+
+
+def _host_figures() -> dict:
+    """The host's last ``scripts/bench_agent.py`` results, if it was run here."""
+    path = ROOT / "bench-results" / "bench_agent.json"
+    try:
+        return json.loads(path.read_text()).get("results", {})
+    except (OSError, ValueError):
+        return {}
+
+
 if __name__ == "__main__":
-    raise SystemExit(main(sys.argv[1]))
+    raise SystemExit(main(sys.argv[1], bench="--bench" in sys.argv[2:]))

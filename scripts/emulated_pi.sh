@@ -4,9 +4,14 @@
 # against a broker on this host until its first summary arrives. Slow (minutes): not part of the
 # test suite. Needs root (debootstrap, binfmt_misc, chroot).
 #
-#   sudo bash scripts/emulated_pi.sh [ROOTFS]        # default /var/tmp/edgekit-pi-root (kept for reruns)
+#   sudo bash scripts/emulated_pi.sh [--bench] [ROOTFS]   # default /var/tmp/edgekit-pi-root (kept for reruns)
+#
+# --bench then measures the agent's own cost inside the root (scripts/bench_agent.py --device, against the
+# bare LiteRT interpreter) and prints it beside the host's last bench_agent.py figures.
 set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+BENCH=()
+if [ "${1:-}" = "--bench" ]; then BENCH=(--bench); shift; fi
 ROOTFS="${1:-/var/tmp/edgekit-pi-root}"
 MIRROR="${EDGEKIT_DEBIAN_MIRROR:-http://deb.debian.org/debian}"
 [ "$(id -u)" = 0 ] || { echo "emulated_pi: run as root (debootstrap, binfmt_misc, chroot)" >&2; exit 2; }
@@ -54,4 +59,4 @@ echo "[3/5] the root runs aarch64: $(chroot "$ROOTFS" /usr/bin/uname -m), $(chro
 # the system python3 has none of it.
 source "$REPO/scripts/setup_env.sh" host
 cd "$REPO"
-python scripts/emulated_pi.py "$ROOTFS"   # not exec: the trap must unmount afterwards
+python scripts/emulated_pi.py "$ROOTFS" "${BENCH[@]}"   # not exec: the trap must unmount afterwards

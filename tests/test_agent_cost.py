@@ -212,3 +212,60 @@ def test_http_reads_a_large_plain_request_and_refuses_too_many_rows_with_the_lim
             post({"instances": np.resize(X, (10001, 64)).tolist()})
         assert refused.value.code == 413
         assert "10001 rows, over the limit of 10000 ([server] max_rows)" in json.loads(refused.value.read())["error"]
+
+
+def test_the_answer_ring_keeps_its_type_and_turns_to_python_values_when_a_swap_changes_it() -> None:
+    """``RecentPredictions`` stores a request with one slice copy in an array of the answers' type; a hot swap
+    to answers of another type or shape keeps every earlier answer, as the Python value it was answered as."""
+    from device_agent.predlog import RecentPredictions
+
+    ring = RecentPredictions(capacity=8)
+    ring.put(0, np.arange(6, dtype=np.int64))
+    ring.put(6, np.arange(6, 11, dtype=np.int64))  # wraps around the end of the ring
+    assert ring._answers.dtype == np.int64
+    assert [ring.get(n) for n in (2, 3, 10, 11)] == [None, 3, 10, None]  # 0-2 fell out; 11 not answered yet
+    assert type(ring.get(3)) is int
+    ring.put(11, np.array([[0.5, 1.5], [2.5, 3.5]]))  # a regressor with two targets now
+    assert ring._answers.dtype == object
+    assert [ring.get(n) for n in (10, 11, 12)] == [10, [0.5, 1.5], [2.5, 3.5]]
+    ring.put(13, np.array(["cat", "dog"], dtype=object))
+    assert [ring.get(n) for n in (12, 13, 14)] == [[2.5, 3.5], "cat", "dog"]
+    assert ring.mark_labelled(13) and not ring.mark_labelled(13)
+
+
+def test_the_log_writes_sampled_rows_at_most_once_a_second_and_a_label_is_never_overwritten(tmp_path) -> None:
+    """Sampled rows wait (at most ``WRITE_EVERY_SECONDS``) to share a transaction; whatever reads the table
+    writes them first, so a label on a sampled prediction lands on its row, not under a later replace."""
+    import sqlite3
+
+    from device_agent.predlog import PredictionLog
+
+    db = tmp_path / "predictions.db"
+    log = PredictionLog(str(db), capacity=100, sample_every=10, max_per_second=1000)
+    log.add("boot", 0, np.zeros((20, 2)), np.arange(20) % 3)
+    log.flush()  # the first flush writes at once: nothing was written in the last second
+    log.add("boot", 20, np.zeros((20, 2)), np.arange(20, 40) % 3)
+    log.flush()
+    outside = sqlite3.connect(str(db))
+    assert outside.execute("SELECT count(*) FROM predictions").fetchone()[0] == 2  # rows 0 and 10; 20, 30 wait
+    assert log.label("boot", "boot", 30, 0) == ("accepted", 0)
+    log.close()
+    rows = dict(outside.execute("SELECT n, label FROM predictions").fetchall())
+    assert rows == {0: None, 10: None, 20: None, 30: "0"}
+    outside.close()
+
+
+def test_a_request_split_across_windows_gives_each_window_its_rows_latencies() -> None:
+    """The monitor keeps a request's latency once with its row count; a window closing inside a request
+    still reports one latency per row, each row's own request's."""
+    rng = np.random.default_rng(6)
+    base = _baseline(rng, 3)
+    windows: list = []
+    monitor = Monitor(base, 100, 1e9, windows.append)
+    for size, latency in ((30, 1.0), (150, 2.0), (1, 3.0), (19, 4.0)):
+        monitor.record(rng.normal(size=(size, 3)), Prediction(values=np.zeros((size, 1))), latency, 0)
+    monitor.process()
+    assert [w.rows for w in windows] == [100, 100]
+    assert windows[0].latencies_ms.tolist() == [1.0] * 30 + [2.0] * 70
+    assert windows[1].latencies_ms.tolist() == [2.0] * 80 + [3.0] + [4.0] * 19
+    assert windows[1].profile.latency_ms.counts.sum() == 100

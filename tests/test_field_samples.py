@@ -234,6 +234,50 @@ def test_a_cut_upload_resumes_where_the_collector_stands(tmp_path, broker, colle
 
 
 @pytest.mark.network
+def test_an_upload_the_network_cut_keeps_its_state_and_resumes_when_the_link_is_back(tmp_path, collector):
+    import threading
+    from types import SimpleNamespace
+
+    from device_agent.capture_upload import Uploader
+    from device_agent.config import UpdateConfig
+
+    rows, upload, chunk = [_row(n) for n in range(3000)], "u-cut", 32 << 10
+    collector.store.issue_upload(upload, "dev1", {}, 1.0)
+    proxy = CuttingProxy(collector.server.server_address[1], cut_connection=3, after_bytes=10_000, stay_down=True)
+    url = f"http://127.0.0.1:{proxy.port}/api/samples/dev1/{upload}"
+    config = SimpleNamespace(
+        update=UpdateConfig(collector=f"http://127.0.0.1:{proxy.port}", token=TOKEN),
+        mqtt=SimpleNamespace(url="mqtt://127.0.0.1:1883", host="127.0.0.1"),
+        state_dir=tmp_path,
+        device_id="dev1",
+    )
+    capture = SimpleNamespace(
+        directory=tmp_path / "capture", uploads={"done": 0, "failed": 0, "refused": 0}, upload_bytes=0, upload_rows=0
+    )
+    stop = threading.Event()
+    uploader = Uploader(capture, SimpleNamespace(config=config, _stop=stop))
+    uploader.attempts, uploader.backoff, uploader.retry_seconds, uploader.chunk_bytes = 2, 0.01, 0.3, chunk
+    files = {}
+    uploader.build = lambda doc: files.setdefault(
+        "file", write_upload(uploader.directory / f"{upload}.gz", _header("dev1", upload, len(rows)), rows)
+    )
+    try:
+        uploader.on_command({"upload": upload, "url": url})
+        wait(lambda: capture.uploads["failed"] >= 1, what="the upload to fail while the link is down")
+        assert (uploader.directory / f"{upload}.gz").exists() and (uploader.directory / f"{upload}.json").exists()
+        assert collector.store.sample_upload(upload)["received"] == 2 * chunk
+        proxy.down = False  # the link is back: the retry goes on from the collector's offset
+        wait(lambda: capture.uploads["done"] == 1, what="the upload to resume and complete")
+    finally:
+        stop.set()
+        proxy.stop()
+    stored = collector.store.sample_upload(upload)
+    assert stored["state"] == "complete" and stored["rows"] == 3000
+    assert not (uploader.directory / f"{upload}.gz").exists()
+    assert proxy.upstream_bytes < files["file"]["size"] + 10_000 + chunk + 500 * proxy.connections  # not from 0
+
+
+@pytest.mark.network
 def test_replayed_unrequested_oversized_truncated_and_corrupt_uploads_are_refused_and_counted(tmp_path, collector):
     store = collector.store
     rows = [_row(n) for n in range(10)]
@@ -274,6 +318,64 @@ def test_replayed_unrequested_oversized_truncated_and_corrupt_uploads_are_refuse
     assert len(store.sample_rows(device="dev1")) == 10
 
 
+@pytest.mark.network
+def test_an_upload_held_whole_but_never_finished_is_finished_by_a_resent_chunk(tmp_path, collector):
+    """The collector stored the last chunk, then failed before checking the file (a crash, a database that
+    went away): the device's resent chunk finishes it, or fails it cleanly; it never stays 'receiving'."""
+    store, rows = collector.store, [_row(n) for n in range(200)]
+    files = {}
+    for upload in ("u-stuck", "u-lost-progress"):  # the whole file committed, nothing finished
+        write_upload(tmp_path / f"{upload}.gz", _header("dev1", upload, len(rows)), rows)
+        data = files[upload] = (tmp_path / f"{upload}.gz").read_bytes()
+        store.issue_upload(upload, "dev1", {}, 1.0)
+        half = len(data) // 2
+        assert store.add_sample_chunk(upload, 0, data[:half], size=len(data), sha256=_sha(data), now=2.0) == half
+        assert store.add_sample_chunk(upload, half, data[half:], size=len(data), sha256=_sha(data), now=2.0)
+        assert store.sample_upload(upload)["state"] == "receiving"
+    base, body = collector.url + "/api/samples/dev1/", files["u-stuck"]
+    status, _ = _post(base + "u-stuck", body[half:], half, len(body), _sha(body))  # the last chunk, again
+    assert status == 200 and store.sample_upload("u-stuck")["state"] == "complete"
+    assert store.sample_upload("u-stuck")["rows"] == 200 and store.upload_bytes("u-stuck") == b""
+    # a device that lost its progress starts from 0: the collector finishes rather than answering "send from N"
+    other = files["u-lost-progress"]
+    url = base + "u-lost-progress"
+    send_file(url, tmp_path / "u-lost-progress.gz", size=len(other), sha256=_sha(other), token=TOKEN, chunk_bytes=4096)
+    assert store.sample_upload("u-lost-progress")["state"] == "complete"
+    store.issue_upload("u-wrong", "dev1", {}, 1.0)
+    # whole but wrong (the stored bytes do not hash to the sha256 it began with): failed, with its reason
+    assert store.add_sample_chunk("u-wrong", 0, body, size=len(body), sha256="1" * 64, now=2.0) == len(body)
+    status, error = _post(base + "u-wrong", body, 0, len(body), "1" * 64)
+    assert status == 400 and "hash to" in error
+    assert store.sample_upload("u-wrong")["state"] == "failed" and "hash to" in store.sample_upload("u-wrong")["reason"]
+    assert _post(base + "u-wrong", body, 0, len(body), "1" * 64)[0] == 409  # and it stays closed
+    assert len(store.sample_rows(device="dev1")) == 200
+
+
+@pytest.mark.network
+def test_finishing_an_upload_streams_it_rather_than_holding_it_in_memory(tmp_path, collector):
+    import secrets
+    import tracemalloc
+
+    rows = [{**_row(n), "input": [secrets.token_hex(2000)]} for n in range(12_000)]  # ~24 MB once gzip'd
+    file = write_upload(tmp_path / "big.gz", _header("dev1", "u-big", len(rows)), rows)
+    del rows
+    body, chunk = (tmp_path / "big.gz").read_bytes(), 1 << 20
+    collector.store.issue_upload("u-big", "dev1", {}, 1.0)
+    url = collector.url + "/api/samples/dev1/u-big"
+    last = (len(body) - 1) // chunk * chunk
+    for first in range(0, last, chunk):
+        assert _post(url, body[first : first + chunk], first, len(body), file["sha256"])[0] == 200
+    tracemalloc.start()
+    try:
+        status, _ = _post(url, body[last:], last, len(body), file["sha256"])
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert status == 200 and collector.store.sample_upload("u-big")["rows"] == 12_000
+    # measured: 6.4 MB to finish 26 MB (chunk, request body, a batch of rows); reading it whole took 179 MB
+    assert peak < len(body) / 2, f"finishing a {len(body) >> 20} MB upload took {peak >> 20} MB"
+
+
 STORES = {
     "sqlite": lambda request, tmp_path: SqliteStore(tmp_path / "fleet.db"),
     "postgresql": lambda request, tmp_path: PostgresStore(request.getfixturevalue("postgres_url")),
@@ -290,8 +392,12 @@ def test_the_sample_records_on_every_store(request, tmp_path, kind):
         assert store.add_sample_chunk("u1", 3, b"def", size=7, sha256="s", now=2.0) is None  # another file
         assert store.add_sample_chunk("u1", 3, b"def", size=6, sha256="s", now=2.0) == 6
         assert store.upload_bytes("u1") == b"abcdef"
+        assert list(store.upload_chunks("u1")) == [b"abc", b"def"]  # one chunk at a time, in order
         rows = [_row(1), {**_row(2), "label": 7, "drifted": True}]
-        store.complete_upload("u1", "d", rows, {"models": {}}, 3.0)
+        assert store.complete_upload("u1", "d", iter(rows), {"models": {}}, 3.0) is True
+        assert store.complete_upload("u1", "d", [_row(3)], {}, 3.1) is False  # finished once, by one collector
+        store.fail_upload("u1", "too late", 3.2)
+        assert store.sample_upload("u1")["state"] == "complete" and store.sample_upload("u1")["rows"] == 2
         store.issue_upload("u2", "d", {}, 4.0)
         store.complete_upload("u2", "d", [{**_row(1), "label": "x"}, _row(2)], {}, 5.0)  # again, with a label
         found = {r["id"]: r for r in store.sample_rows(device="d")}
@@ -336,6 +442,12 @@ def file_of(file: dict) -> dict:
     return {"size": file["size"], "sha256": file["sha256"]}
 
 
+def _sha(data: bytes) -> str:
+    import hashlib
+
+    return hashlib.sha256(data).hexdigest()
+
+
 def _online(collector, device: str) -> bool:
     return any(d["device"] == device and d["online"] for d in collector.store.status())
 
@@ -364,9 +476,10 @@ class CuttingProxy:
     """A TCP proxy to the collector that closes its ``cut_connection``-th connection after forwarding
     ``after_bytes`` of the request: a link that drops mid-upload."""
 
-    def __init__(self, upstream_port: int, *, cut_connection: int, after_bytes: int) -> None:
+    def __init__(self, upstream_port: int, *, cut_connection: int, after_bytes: int, stay_down=False) -> None:
         self.upstream_port, self.cut_connection, self.after_bytes = upstream_port, cut_connection, after_bytes
         self.upstream_bytes, self.connections = 0, 0
+        self.stay_down, self.down = stay_down, False  # stay_down: after the cut, connections close at once
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port = self.listener.getsockname()[1]
         self._stopped = threading.Event()
@@ -378,8 +491,12 @@ class CuttingProxy:
                 client, _ = self.listener.accept()
             except OSError:
                 return
+            if self.down:
+                client.close()
+                continue
             self.connections += 1
             limit = self.after_bytes if self.connections == self.cut_connection else None
+            self.down = self.stay_down and limit is not None
             upstream = socket.create_connection(("127.0.0.1", self.upstream_port))
             threading.Thread(target=self._pipe, args=(client, upstream, limit), daemon=True).start()
             threading.Thread(target=self._pipe, args=(upstream, client, None, False), daemon=True).start()
@@ -529,3 +646,70 @@ def test_field_samples_go_only_to_the_collector_the_device_knows(tmp_path):
     assert UpdateConfig(collector="http://collector:8480").trusts("http://collector:8480/api/samples/d/u1", None)
     assert UpdateConfig().trusts("http://broker:8480/api/samples/d/u1", "broker")
     assert not UpdateConfig().trusts("http://elsewhere:8480/api/samples/d/u1", "broker")
+
+
+def test_every_export_failure_is_one_line_and_leaves_nothing_half_written(tmp_path, monkeypatch, cli):
+    import base64
+    import sys
+
+    from edgekit.errors import EdgekitError
+    from edgekit.fleet.samples import export_samples
+
+    features = [f"f{i}" for i in range(40)]
+    matrix = {
+        "header": {"models": {"m:1": {"features": features, "kind": "matrix"}}},
+        "rows": [_row(n) for n in range(3, 8)],
+    }
+    for name in ("x.csv", "x.npz", "x.parquet"):
+        with pytest.raises(EdgekitError, match="there is no directory .*nodir.* create it"):
+            export_samples(matrix, tmp_path / "nodir" / name)
+    assert not (tmp_path / "nodir").exists()
+    (tmp_path / "dir.csv").mkdir()
+    with pytest.raises(EdgekitError, match="is a directory"):
+        export_samples(matrix, tmp_path / "dir.csv")
+    (tmp_path / "out").mkdir()
+    kept = tmp_path / "out" / "field.npz"
+    kept.write_bytes(b"the export of yesterday")
+    cell = {"dtype": "uint8", "shape": [2, 2], "b64": base64.b64encode(bytes(4)).decode()}
+    broken = {
+        "a cell that is no number": {**matrix, "rows": [*matrix["rows"], {**_row(9), "input": ["x"] * 40}]},
+        "a row of another length": {**matrix, "rows": [*matrix["rows"], {**_row(9), "input": [1.0]}]},
+        "tensors of two shapes": {
+            "header": {"models": {"m:1": {"features": ["image"], "kind": "tensor"}}},
+            "rows": [{**_row(0), "input": cell}, {**_row(1), "input": {**cell, "shape": [4, 1, 1]}}, _row(2)],
+        },
+        "a tensor that is not base64": {
+            "header": {"models": {"m:1": {"features": ["image"], "kind": "tensor"}}},
+            "rows": [{**_row(0), "input": {**cell, "b64": "not base64!"}}],
+        },
+    }
+    for why, doc in broken.items():
+        with pytest.raises(EdgekitError, match=r"do not fit a \.npz file") as caught:
+            export_samples(doc, kept)
+        assert "\n" not in str(caught.value), why
+        assert kept.read_bytes() == b"the export of yesterday", why  # not clobbered
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["field.npz"]  # no part file left behind
+    assert export_samples(matrix, kept)["rows"] == 5  # a good one replaces it whole
+    with np.load(kept) as npz:
+        assert npz["X"].shape == (5, 40)
+    monkeypatch.setitem(sys.modules, "pyarrow", None)  # pyarrow is an optional extra
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
+    with pytest.raises(EdgekitError, match=r"Parquet needs pyarrow.*pip install 'edgekit-ml\[parquet\]'"):
+        export_samples(matrix, tmp_path / "out" / "x.parquet")
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["field.npz"]
+    # the CLI says so before it asks any device (no collector runs at this address)
+    nowhere = f"http://127.0.0.1:{free_port()}"
+    for out, says in ((tmp_path / "nodir" / "x.csv", "no directory"), (tmp_path / "x.parquet", "pip install")):
+        result = cli(
+            "fleet",
+            "samples",
+            "--device",
+            "d",
+            "--collector",
+            nowhere,
+            "-o",
+            out,
+            env={"EDGEKIT_COLLECTOR_TOKEN": TOKEN},
+        )
+        assert result.exit_code != 0 and says in result.output, result.output
+        assert len(result.output.strip().splitlines()) == 1 and "Traceback" not in result.output

@@ -168,6 +168,48 @@ def test_a_redelivered_window_is_counted_once(store):
     same_drift(store, reference)
 
 
+def test_a_late_window_after_a_rollup_is_merged_exactly_once(store):
+    """Windows that arrive after their device's later windows were rolled up (a gap the collector asked for, or
+    a row a pass skipped as the table's last): before, they were taken for redeliveries, hidden from merged drift
+    and deleted unmerged. Each is counted once: raw while it waits, then in its bucket; a real redelivery of it
+    afterwards is still dropped."""
+    reference = SqliteStore(":memory:")  # every window once, never rolled up
+    for st in (store, reference):
+        Ingestor(st).handle([Message(*baseline_message(BASE, DEVICES[0]), T0)])
+    missing = {("pi-a", 10), ("pi-b", 30), ("pi-b", 31)}
+    for day in range(5):
+        messages = day_of_windows(day)
+        Ingestor(store).handle(
+            [m for m in messages if (m.topic.split("/")[3], json.loads(m.payload)["seq"]) not in missing]
+        )
+        Ingestor(reference).handle(messages)
+        run_pass(store, POLICY, T0 + (day + 1) * DAY)
+    same_drift(store, reference, device="pi-c")
+    late = [Message(*window(device, seq), T0 + 5 * DAY) for device, seq in sorted(missing)]
+    assert Ingestor(store).handle(late)["stored"] == 3
+    same_drift(store, reference)  # counted at once, as raw windows
+    first = run_pass(store, POLICY, T0 + 5 * DAY)  # pi-b 31, the table's last row, waits for the next pass
+    assert (first.rolled, first.redeliveries) == (2, 0)
+    same_drift(store, reference)
+    for st in (store, reference):
+        Ingestor(st).handle(day_of_windows(5))
+    second = run_pass(store, POLICY, T0 + 6 * DAY)
+    assert (second.rolled, second.redeliveries) == (1 + PER_DAY * len(DEVICES), 0)
+    same_drift(store, reference)
+    Ingestor(store).handle([Message(*window("pi-a", 10), T0 + 6 * DAY)])  # resent once more: a redelivery now
+    same_drift(store, reference)
+    for st in (store, reference):
+        Ingestor(st).handle(day_of_windows(6))
+    third = run_pass(store, POLICY, T0 + 7 * DAY)
+    assert third.redeliveries == 1
+    report = same_drift(store, reference)
+    assert report["windows"] == 7 * PER_DAY * len(DEVICES)
+    hourly = store.history_buckets("hour", device="pi-b") + store.history_buckets("day", device="pi-b")
+    raw_left = sum(1 for w in store.history_windows(device="pi-b") if w["resolution"] == "raw")
+    assert sum(b["windows"] for b in hourly) + raw_left == 7 * PER_DAY  # no window lost, none twice
+    reference.close()
+
+
 def test_a_device_keeps_its_newest_windows_raw_for_the_alert_rules(store):
     reference = SqliteStore(":memory:")
     simulate(store, reference, 2, tick=lambda *a: None)

@@ -288,3 +288,112 @@ def test_the_drift_rule_counts_moved_devices_whose_latest_window_drifted(control
     controller.tick()
     status = controller.status(rollout_id)
     assert status["state"] == "aborted" and "drift>40% tripped (drift = 50.0%)" in status["reason"]
+
+
+def _clocked(controller, start=10.0):
+    """The controller on a clock the test moves (``now[0]``)."""
+    now = [start]
+    controller.clock = lambda: now[0]
+    return now
+
+
+def test_a_rollout_that_cannot_advance_stops_no_other_and_ends_failed(controller, caplog):
+    """Its spec was written by a newer collector (a field this one does not know): every tick of it raises. The
+    other fleet's rollout goes on; the broken one says why at once and is marked failed after FAIL_AFTER_*."""
+    from edgekit.fleet.rollouts import FAIL_AFTER_SECONDS, FAIL_AFTER_TICKS
+
+    for index in range(2):
+        controller.store.record_state(
+            {"device": f"gx-{index}", "fleet": "g", "online": True, "model": {"name": "digits", "version": 2}}, 1.0
+        )
+    now = _clocked(controller)
+    broken = controller.start(controller.stored["sha256"], "f", RolloutSpec(waves=(0.25, 1.0)))
+    healthy = controller.start(controller.stored["sha256"], "g", RolloutSpec(waves=(0.5, 1.0)))
+    spec = json.loads(controller.store.rollout(broken)[0]["spec"])
+    controller.store.update_rollout(broken, now[0], spec=json.dumps({**spec, "from_a_newer_collector": 1}))
+    _report(controller, healthy, "gx-0", "succeeded")
+    controller.tick()  # before: TypeError out of tick, and the healthy rollout never moved again
+    assert "gx-1" in controller.devices.desired
+    _report(controller, healthy, "gx-1", "succeeded")
+    controller.tick()
+    assert controller.status(healthy)["state"] == "succeeded"
+    status = controller.status(broken)
+    assert status["state"] == "running" and "cannot advance it (TypeError" in status["reason"]
+    assert controller.tick_errors == 2
+    assert any("cannot advance" in r.getMessage() for r in caplog.records)
+    for _ in range(FAIL_AFTER_TICKS):  # ticks alone do not fail it: a minute must pass too
+        controller.tick()
+    assert controller.status(broken)["state"] == "running"
+    now[0] += FAIL_AFTER_SECONDS
+    controller.tick()
+    status = controller.status(broken)
+    assert status["state"] == "failed" and "could not advance it for 60 s (TypeError" in status["reason"]
+    assert status["finished_at"] == now[0]
+    controller.tick()
+    assert controller.tick_errors == FAIL_AFTER_TICKS + 3  # a failed rollout is no longer ticked
+
+
+class Lossy(Devices):
+    """The first publish to each device in ``lose`` is lost (a collector killed between mark and publish)."""
+
+    def __init__(self, lose: set[str]) -> None:
+        super().__init__()
+        self.lose, self.sent = set(lose), []
+
+    def __call__(self, topic: str, payload: bytes, retain: bool) -> bool:
+        device = topic.split("/")[3]
+        self.sent.append(device)
+        if device in self.lose:
+            self.lose.discard(device)
+            return True
+        return super().__call__(topic, payload, retain)
+
+
+def test_a_device_whose_desired_message_was_lost_is_sent_it_again(controller):
+    lossy = Lossy({"pi-1"})
+    controller.publish, controller.resend_seconds = lossy, 30.0
+    now = _clocked(controller)
+    rollout_id = controller.start(controller.stored["sha256"], "f", RolloutSpec(waves=(1.0,), device_timeout=900))
+    assert set(lossy.desired) == {"pi-0", "pi-2", "pi-3"}
+    assert controller.status(rollout_id)["devices"][1]["state"] == "sent"  # marked sent, never delivered
+    _report(controller, rollout_id, "pi-0", "downloading")  # answered: never sent again
+    now[0] += 29
+    controller.tick()
+    assert "pi-1" not in lossy.desired
+    now[0] += 2
+    controller.tick()
+    assert lossy.desired["pi-1"]["rollout"] == rollout_id and lossy.desired["pi-1"]["version"] == 3
+    assert sorted(lossy.sent) == ["pi-0", "pi-1", "pi-1", "pi-2", "pi-2", "pi-3", "pi-3"]
+    controller.tick()  # not again before another interval
+    assert len(lossy.sent) == 7
+    for device in ("pi-0", "pi-1", "pi-2", "pi-3"):
+        _report(controller, rollout_id, device, "succeeded")
+    now[0] += 60
+    controller.tick()
+    assert len(lossy.sent) == 7 and controller.status(rollout_id)["state"] == "succeeded"
+
+
+def test_the_resend_interval_stays_under_the_device_timeout(controller):
+    lossy = Lossy({"pi-0"})
+    controller.publish = lossy  # resend_seconds left at its default (60 s)
+    now = _clocked(controller)
+    rollout_id = controller.start(controller.stored["sha256"], "f", RolloutSpec(waves=(0.25, 1.0), device_timeout=30))
+    now[0] += 10  # a third of the device timeout
+    controller.tick()
+    assert "pi-0" in lossy.desired
+    _report(controller, rollout_id, "pi-0", "succeeded")
+    controller.tick()
+    assert controller.status(rollout_id)["devices"][0]["state"] == "succeeded"
+
+
+def test_a_rollout_that_advances_again_loses_the_failing_reason(controller):
+    rollout_id = controller.start(controller.stored["sha256"], "f", RolloutSpec(waves=(0.25, 1.0)))
+    good = controller.store.rollout(rollout_id)[0]["spec"]
+    controller.store.update_rollout(rollout_id, 1.0, spec=json.dumps({**json.loads(good), "from_a_newer_collector": 1}))
+    controller.tick()
+    assert controller.status(rollout_id)["reason"].startswith("the controller cannot advance it (TypeError")
+    controller.store.update_rollout(rollout_id, 1.0, spec=good)  # the newer collector leads again, say
+    _report(controller, rollout_id, "pi-0", "succeeded")
+    controller.tick()
+    status = controller.status(rollout_id)
+    assert status["state"] == "running" and status["reason"] == "" and len(controller.devices.desired) == 4

@@ -160,3 +160,59 @@ def test_windows_share_one_table_and_counts_survive_a_replaced_array() -> None:
     both.update_inputs(X[:200].astype(np.float32))
     for a, b in zip(refilled.features, both.features, strict=True):
         np.testing.assert_array_equal(a.counts, b.counts)
+
+
+def test_a_plain_sketch_bins_like_one_comparison_per_cut_with_or_without_bounds() -> None:
+    """``NumericSketch.update`` finds a slot with one ``searchsorted`` over low, the cuts and the float64 above
+    high; unbounded sides, values on every edge and NaN/inf land where the per-cut formula puts them."""
+    rng = np.random.default_rng(3)
+    cuts = np.array([-1.0, 0.0, 0.5, 2.0])
+    for low, high in ((-2.0, 3.0), (None, 3.0), (-2.0, None), (None, None)):
+        sketch = NumericSketch("x", cuts, low, high)
+        values = np.concatenate([probes(sketch, np.float64), rng.normal(scale=3, size=500), [np.nan, np.inf, -np.inf]])
+        sketch.update(values)
+        assert sketch.counts.tolist() == reference_counts(sketch, values).tolist()
+        assert (sketch.nulls, sketch.infs, sketch.count) == (1, 2, len(values) - 3)
+
+
+def test_a_sketch_counted_by_value_equals_one_fed_each_row() -> None:
+    """The monitor sketches a request's latency once with its row count (``update_counted``)."""
+    sketch = NumericSketch("latency_ms", np.array([0.1, 1.0, 10.0]), 0.0, None)
+    values, counts = np.array([0.05, 1.0, 12.5, 0.05, np.nan, np.inf, 3.0]), np.array([3, 1, 2, 0, 2, 1, 4])
+    by_value, by_row = sketch.empty_like(), sketch.empty_like()
+    by_value.update_counted(values, counts)
+    by_row.update(np.repeat(values, counts))
+    assert by_value.counts.tolist() == by_row.counts.tolist()
+    assert (by_value.count, by_value.nulls, by_value.infs) == (by_row.count, by_row.nulls, by_row.infs) == (10, 2, 1)
+    assert (by_value.minimum, by_value.maximum) == (by_row.minimum, by_row.maximum) == (0.05, 12.5)
+    assert by_value.total == pytest.approx(by_row.total) and by_value.total_sq == pytest.approx(by_row.total_sq)
+
+
+def test_a_window_settled_once_equals_one_updated_batch_by_batch() -> None:
+    """The monitor leaves a window's counts and moments pending (``settle=False``) and settles them when it
+    closes; the result is the profile of the same rows sketched in one go, and ``to_compact`` settles."""
+    rng = np.random.default_rng(4)
+    train = rng.normal(size=(3000, 5))
+    train[:, 2] = rng.integers(0, 3, 3000)
+    labels = [0, 1, 2]
+    base = build_baseline(
+        train, [f"f{i}" for i in range(5)], labels=labels, predicted_labels=rng.integers(0, 3, 3000),
+        probabilities=rng.dirichlet(np.ones(3), 3000),
+    )  # fmt: skip
+    rows = rng.normal(size=(2500, 5)).astype(np.float32)
+    rows[7, 1], rows[8, 3] = np.nan, np.inf
+    answers, probabilities = rng.integers(0, 3, 2500), rng.dirichlet(np.ones(3), 2500)
+    pending, direct = base.empty_like(), base.empty_like()
+    for start in range(0, 2500, 300):  # batches of 300 rows
+        part = slice(start, start + 300)
+        pending.update_inputs(rows[part], settle=False)
+        pending.update_outputs(labels=answers[part], probabilities=probabilities[part], settle=False)
+    direct.update_inputs(rows)
+    direct.update_outputs(labels=answers, probabilities=probabilities)
+    assert pending.features[1].count == 0  # nothing settled yet
+    compact, expected = pending.to_compact(), direct.to_compact()
+    assert compact["rows"] == expected["rows"] == 2500
+    for mine, theirs in zip(compact["features"], expected["features"], strict=True):
+        assert mine[:3] == theirs[:3] and mine[5:] == theirs[5:]  # counts, nulls, infs, min, max
+        assert mine[3:5] == pytest.approx(theirs[3:5], rel=1e-5)  # sums: added in another order
+    assert compact["outputs"] == expected["outputs"]

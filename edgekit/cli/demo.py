@@ -35,7 +35,13 @@ def register(cli: click.Group) -> None:
     type=click.IntRange(0, 50),
     help="Emulated devices (0: the host pipeline only).",
 )
-@click.option("--duration", default=60.0, show_default=True, type=click.FloatRange(1), help="Seconds the fleet runs.")
+@click.option(
+    "--duration",
+    default=60.0,
+    show_default=True,
+    type=click.FloatRange(1),
+    help="Seconds the fleet runs at least (then until the v2 rollout and the loop are done, 150 s more at most).",
+)
 @click.option(
     "--broker",
     type=click.Choice(["auto", "mosquitto", "amqtt"]),
@@ -48,7 +54,9 @@ def demo(workdir, fixtures, devices, duration, broker, keep_serving):
     """Run the whole loop on one machine: convert, quantize, validate, package, then a fleet of
     emulated devices reporting drift to a collector with a dashboard: --devices digits devices (the
     first drifting, all rolled out to v2), a typed-table device (tab-00) seeing an unseen country, and
-    a camera-like device (cam-00) whose PNG pictures get brighter.
+    a camera-like device (cam-00) whose PNG pictures get brighter. Then the loop closes: the first
+    device's drift alert has the collector's retrain sink fetch its labelled field samples, retrain,
+    promote and roll digits v3 out to it with shadow, and the alert closes; its timeline is printed.
 
     Uses only scikit-learn's bundled datasets and local processes; nothing is downloaded.
 
@@ -74,7 +82,8 @@ def demo(workdir, fixtures, devices, duration, broker, keep_serving):
     )
     click.echo(f"done: everything is in {result.workdir}{again}")
     rollout_ok = result.rollout is None or result.rollout["state"] == "succeeded"
-    exit_with(0 if result.validation_passed and rollout_ok else EXIT_THRESHOLD)
+    loop_ok = result.loop is None or result.loop["closed"]
+    exit_with(0 if result.validation_passed and rollout_ok and loop_ok else EXIT_THRESHOLD)
 
 
 def _edgekit_command() -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from edgekit.fleet.config import read_token_file
 from edgekit.local.emulate import DriftSpec, prepare_devices, run_devices
 
 
@@ -57,6 +58,12 @@ def register(cli: click.Group) -> None:
     help="Device i listens on this port + i (default: any free port; see <dir>/state/http.json).",
 )
 @click.option(
+    "--device-token-file",
+    type=click.Path(dir_okay=False),
+    help="The collector's device token (or EDGEKIT_DEVICE_TOKEN), written for every device; without it, "
+    "EDGEKIT_COLLECTOR_TOKEN is written, if set.",
+)
+@click.option(
     "--duration",
     type=click.FloatRange(0, min_open=True),
     help="Stop after this many seconds (default: run until Ctrl-C).",
@@ -74,6 +81,7 @@ def emulate(
     drift,
     state_dir,
     http_port_base,
+    device_token_file,
     duration,
 ):
     """Run a fleet of emulated devices: real agent processes fed from a data file.
@@ -97,5 +105,6 @@ def emulate(
         drift=DriftSpec.parse(drift) if drift else None,
         state_dir=state_dir,
         http_port_base=http_port_base,
+        device_token=read_token_file(device_token_file, "--device-token-file") if device_token_file else None,
     )
     run_devices(configs, duration=duration, say=click.echo)

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from edgekit.fleet.config import read_token_file
 from edgekit.local.flash import Flasher, FlashPlan
 
 
@@ -48,6 +49,12 @@ def register(cli: click.Group) -> None:
     is_flag=True,
     help="Let the venv use the packages of --python (a virtualenv's own too; e.g. Debian's numpy).",
 )
+@click.option(
+    "--device-token-file",
+    type=click.Path(dir_okay=False),
+    help="The collector's device token (its --device-token-file; or EDGEKIT_DEVICE_TOKEN), written to the device "
+    "for bundle downloads and field-sample uploads. Without it, EDGEKIT_COLLECTOR_TOKEN is written, if set.",
+)
 @click.option("--start", is_flag=True, help="dir: targets: start the agent in the background too.")
 @click.option("--wait", default=60.0, show_default=True, help="Seconds to wait for the device's first state message.")
 @click.option("--dry-run", is_flag=True, help="Print every step instead of running it.")
@@ -65,6 +72,7 @@ def flash(
     listen,
     python_,
     system_site_packages,
+    device_token_file,
     start,
     wait,
     dry_run,
@@ -74,7 +82,8 @@ def flash(
     \b
     Example:
       edgekit flash digits-3.edgebundle --target ssh://pi@raspberrypi.local --device-id pi-kitchen-01 \\
-          --broker mqtts://10.0.0.5:8883 --pubkey keys/edgekit.pub --credentials broker/credentials
+          --broker mqtts://10.0.0.5:8883 --pubkey keys/edgekit.pub --credentials broker/credentials \\
+          --device-token-file secrets/device.token
     """
     plan = FlashPlan(
         bundle=Path(bundle),
@@ -91,5 +100,6 @@ def flash(
         python=python_,
         system_site_packages=system_site_packages,
         start=start,
+        device_token=read_token_file(device_token_file, "--device-token-file") if device_token_file else None,
     )
     Flasher(plan, dry_run=dry_run, say=click.echo).run(wait_seconds=wait)

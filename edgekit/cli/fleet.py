@@ -16,7 +16,7 @@ import click
 from edgekit.cli.common import emit_json, fmt, json_option
 from edgekit.cli.rollout import COLLECTOR_OPTION
 from edgekit.fleet.alerts import load_alert_config
-from edgekit.fleet.config import CollectorConfig
+from edgekit.fleet.config import CollectorConfig, read_token_file
 from edgekit.fleet.leader import LEADER_LEASE, describe_lease
 from edgekit.fleet.merge import MERGED_MIN_PSI, merged_drift, since_timestamp
 from edgekit.fleet.pages.drift import resolutions
@@ -132,6 +132,12 @@ def fleet():
     show_default=True,
     help="Seconds between requests for a missing window, until it arrives.",
 )
+@click.option(
+    "--device-token-file",
+    type=click.Path(dir_okay=False),
+    help="A file holding the devices' token (or EDGEKIT_DEVICE_TOKEN): taken only on bundle downloads and "
+    "field-sample uploads, so a device never holds the operators' EDGEKIT_COLLECTOR_TOKEN. Needs that set too.",
+)
 @click.option("--duration", type=float, help="Stop after this many seconds (default: until Ctrl-C).")
 def collect(
     broker,
@@ -151,6 +157,7 @@ def collect(
     retention,
     session_expiry,
     gap_retry,
+    device_token_file,
     duration,
 ):
     """Run the collector: ingest, store, request missing windows, alert, serve the dashboard.
@@ -175,6 +182,7 @@ def collect(
         bundle_dir=bundle_dir,
         public_url=public_url,
         api_token=os.environ.get("EDGEKIT_COLLECTOR_TOKEN"),
+        device_token=_device_token(device_token_file),
         workers=workers,
         http_limits=_http_limits(http_limits),
         tls_cert=tls_cert,
@@ -185,14 +193,24 @@ def collect(
     )
     collector = FleetService(config, alert_rules=rules, alert_sinks=sinks).start()
     stop = _stopped_by_signals()
-    server = collector.server
-    click.echo(
+    click.echo(_collecting_line(broker, db, workers, collector.server))
+    stop.wait(duration)
+    collector.stop()
+
+
+def _collecting_line(broker: str, db: str, workers: int, server) -> str:
+    return (
         f"collecting from {broker} into {_redacted(db)}"
         + (f" with {workers} processes" if workers > 1 else "")
         + (f"; dashboard at {server.scheme}://{server.server_address[0]}:{server.server_address[1]}/" if server else "")
     )
-    stop.wait(duration)
-    collector.stop()
+
+
+def _device_token(token_file: str | None) -> str | None:
+    """The token devices use on the routes they call: ``--device-token-file``, else ``EDGEKIT_DEVICE_TOKEN``."""
+    if token_file:
+        return read_token_file(token_file, "--device-token-file")
+    return os.environ.get("EDGEKIT_DEVICE_TOKEN") or None
 
 
 @fleet.command()
@@ -450,8 +468,9 @@ def samples(device, since, drifted_only, out, timeout, collector, as_json):
       edgekit fleet samples --device pi-kitchen-01 --since 2h --drifted-only -o field.csv
     """
     from edgekit.fleet.client import CollectorClient
-    from edgekit.fleet.samples import collect_samples, export_samples
+    from edgekit.fleet.samples import check_export_path, collect_samples, export_samples
 
+    check_export_path(out)  # a path that cannot be written is refused before the device is asked
     doc = collect_samples(
         CollectorClient(collector),
         device=device,

@@ -35,6 +35,9 @@ class CollectorConfig:
     bundle_dir: str | None = None  # where uploaded bundles are kept (default: next to the database)
     public_url: str | None = None  # the base URL devices download bundles from (default: the --http address)
     api_token: str | None = None  # required as a bearer token on the HTTP API's POSTs when set
+    # The devices' token: taken (besides api_token) only on bundle downloads and field-sample uploads, so a
+    # device's copy opens nothing else (rollouts, rollbacks, bundle uploads, the rows). Needs api_token.
+    device_token: str | None = field(default=None, repr=False)
     http_limits: dict[str, float] = field(
         default_factory=dict
     )  # overrides of web.COLLECTOR_LIMITS by name (HttpLimits)
@@ -61,6 +64,25 @@ class CollectorConfig:
             raise EdgekitError(f"gap_retry_seconds {self.gap_retry_seconds!r} must be positive", "e.g. 30")
         if self.retention is not None:
             RetentionPolicy.from_text(self.retention)  # a bad setting fails at start, not at the first pass
+        if self.device_token and not self.api_token:
+            raise EdgekitError(
+                "a device token without an API token would leave the operator API open to anyone, devices too",
+                "set EDGEKIT_COLLECTOR_TOKEN as well (the operators' token)",
+            )
+        if self.device_token and self.device_token == self.api_token:
+            raise EdgekitError("the device token is the API token", "give the devices a token of their own")
+
+
+def read_token_file(path: str, option: str) -> str:
+    """A secret kept in a file (its first line, stripped), for ``option``; one clear error when it cannot be."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            token = handle.readline().strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise EdgekitError(f"cannot read {option} {path} ({exc})", "give a readable file holding the token") from exc
+    if not token:
+        raise EdgekitError(f"{option} {path} is empty", "put the token on its first line")
+    return token
 
 
 def parse_broker_url(url: str) -> ParseResult:

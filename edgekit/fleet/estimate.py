@@ -6,7 +6,11 @@ labelled eval data (a regressor: per slot of the ``prediction`` sketch, its mean
 window's compact profile carries that sketch's counts, so its estimate is ``counts @ values / rows``: no
 labels, no raw rows. It goes into the window's alert facts (``estimated_accuracy`` and the map's
 ``expected_accuracy``, or ``estimated_mae``/``expected_mae``) beside the realized ``accuracy`` that
-delayed labels give, and the ``estimated_accuracy_drop`` rule reads it there.
+delayed labels give, and the ``estimated_accuracy_drop`` rule reads it there. It assumes that a
+prediction made with a given confidence is right as often as on the eval data: true when the mix of
+inputs moves within what the eval data covered (covariate shift in CBPE's sense), not when inputs leave
+it (noise, occlusion, rescaled features), where a model is confidently wrong and the estimate stays high
+(``scripts/bench_cbpe.py`` measures both; docs/bundle.md).
 
 The map reaches the collector in the device's ``baseline`` message (the profile's ``calibration``
 field). A baseline is stored once per ``baseline_id``, and two versions trained on the same data share

@@ -30,7 +30,7 @@ from device_agent.protocol import (
     check_summary,
     decode,
 )
-from edgekit.errors import StoreDataError
+from edgekit.errors import StoreDataError, StoreUnavailable
 from edgekit.fleet.estimate import Estimates
 from edgekit.fleet.store import FleetStore, SummaryRecord
 
@@ -82,21 +82,36 @@ class Ingestor:
                 self.touched.add(doc["device"])
             if kind == "summary":
                 summaries.append(record)
-            elif kind == "state":
-                self.store.record_state(doc, message.received_at)
-                outcome["states"] += 1
-            elif kind == "reported":
-                if self.on_report is not None:
-                    self.on_report(doc, message.received_at)
-                outcome["reports"] += 1
             else:
-                self.estimates.learn(doc)
-                self.store.record_baseline(doc, message.received_at)
-                outcome["baselines"] += 1
+                self._store_one(kind, doc, message, outcome)
         if summaries:
             self._store_summaries(summaries, outcome)
         self.counters.update(outcome)
         return outcome
+
+    def _store_one(self, kind: str, doc: dict[str, Any], message: Message, outcome: Counter) -> None:
+        """A state, report or baseline, each in its own transaction. One the store refuses (``StoreDataError``),
+        or that a bug fails, is counted and dropped here: raised, it would leave the whole batch unacknowledged,
+        redelivered forever (and a retained state would poison every restart). ``StoreUnavailable`` leaves:
+        the batch is not acknowledged, and is tried again."""
+        try:
+            if kind == "state":
+                self.store.record_state(doc, message.received_at)
+            elif kind == "reported":
+                if self.on_report is not None:
+                    self.on_report(doc, message.received_at)
+            else:
+                self.estimates.learn(doc)
+                self.store.record_baseline(doc, message.received_at)
+        except StoreUnavailable:
+            raise
+        except Exception as exc:  # StoreDataError, or a bug in the report's handler: this message alone
+            if not isinstance(exc, StoreDataError):
+                log.exception("unexpected error storing %s", message.topic)
+            self._reject("internal", _device_of(message.topic), repr(exc), message.received_at)
+            outcome["rejected_internal"] += 1
+            return
+        outcome[{"state": "states", "reported": "reports", "baseline": "baselines"}[kind]] += 1
 
     def _store_summaries(self, summaries: list[SummaryRecord], outcome: Counter) -> None:
         """One transaction for the batch; if it fails, one per summary, so a single bad one cannot

@@ -21,8 +21,10 @@ and counts nothing twice, and a second run changes nothing. A raw window is merg
 transaction; the transaction only checks that its rows are still there, deletes them and adds the
 batch's buckets in.
 
-A window arriving after its device's later windows were rolled up is taken for a redelivery and
-dropped: devices resend from a spool kept about an hour, which is why raw retention is at least
+A window arriving after its device's later windows were rolled up (a gap the collector asked for, a row a
+pass left raw) is merged by the next pass, once: each rollup records the seqs it passed without counting
+(``history_holes``). One at or under its device's marks and in no hole is a redelivery of a counted window,
+dropped. Devices resend from a spool kept about an hour, which is why raw retention is at least
 ``MIN_RAW_SECONDS``.
 Imports: edgekit.errors, device_agent (profiles), the store package (for typing only).
 """
@@ -63,7 +65,13 @@ class HistoryStore(Protocol):
     def raw_windows_before(self, cutoff: str, limit: int, *, keep_recent: int = ...) -> list[dict[str, Any]]: ...
 
     def replace_raw(
-        self, marks: list[int], buckets: Any, rolled: dict[str, tuple[int, str]], merge: Any, now: float
+        self,
+        marks: list[int],
+        buckets: Any,
+        rolled: dict[str, tuple[int, str]],
+        merge: Any,
+        now: float,
+        merged: dict[str, list[int]] | None = None,
     ) -> bool: ...
 
     def roll_history(
@@ -251,22 +259,33 @@ def _roll_raw(
         budget[0] -= 1
         buckets: dict[tuple[Any, ...], dict[str, Any]] = {}
         rolled: dict[str, tuple[int, str]] = {}
+        merged: dict[str, list[int]] = {}
         redelivered = unmergeable = 0
         for row in rows:
-            marked = rolled.get(row["device"]) or (row["rolled_seq"], row["rolled_end"])
-            if marked[0] is not None and row["seq"] <= marked[0] and row["window_end"] <= marked[1]:
+            if _redelivered(row):
                 redelivered += 1
                 continue
             bucket, fits = window_bucket(row, _baseline(store, baselines, row["baseline_id"]))
             unmergeable += not fits
             key = tuple(bucket[k] for k in ("bucket", "device", "model", "model_version", "baseline_id"))
             buckets[key] = merge_buckets(buckets[key], bucket) if key in buckets else bucket
-            rolled[row["device"]] = (max(row["seq"], marked[0] or 0), max(row["window_end"], marked[1] or ""))
-        if store.replace_raw([row["mark"] for row in rows], list(buckets.values()), rolled, merge_buckets, now):
+            marked = rolled.get(row["device"]) or (row["rolled_seq"] or 0, row["rolled_end"] or "")
+            rolled[row["device"]] = (max(row["seq"], marked[0]), max(row["window_end"], marked[1]))
+            merged.setdefault(row["device"], []).append(row["seq"])
+        marks = [row["mark"] for row in rows]
+        if store.replace_raw(marks, list(buckets.values()), rolled, merge_buckets, now, merged=merged):
             result.batches += 1
             result.rolled += len(rows) - redelivered
             result.redeliveries += redelivered
             result.unmergeable += unmergeable
+
+
+def _redelivered(row: dict[str, Any]) -> bool:
+    """A window a bucket counts already: at or under both of its device's marks and in none of its holes (the
+    marks and holes as stored; a window can be in one batch once only)."""
+    if row["rolled_seq"] is None or row["in_hole"]:
+        return False
+    return row["seq"] <= row["rolled_seq"] and row["window_end"] <= row["rolled_end"]
 
 
 def _baseline(store: HistoryStore, cache: dict[str, Profile | None], baseline_id: str) -> Profile | None:

@@ -4,10 +4,12 @@ Configured in ``alerts.toml`` beside the other sinks::
 
     [sinks.retrain]
     rules = ["drift"]                            # the alert rules it acts on (default: drift)
+    models = ["digits"]                          # the models it retrains (default: every model)
     command = "python scripts/retrain_digits.py --train fixtures/digits_train.npz"
     champion = "bundles/digits-3.edgebundle"     # default: the bundle the device runs, as uploaded here
     data = ["fixtures/digits_test.csv"]          # the champion's gate data (files it was gated on, must come back)
     trained_on = ["fixtures/digits_train.npz"]   # what the command trains on besides the field rows
+    baseline = "trained"                         # the new drift baseline: trained (the first trained_on) or field
     min_gain = 0.005                             # promote's --min-gain and --max-regression
     max_regression = 0.01
     key = "/etc/edgekit/fleet.key"               # the fleet's PRIVATE key; without it: awaiting an operator
@@ -16,6 +18,7 @@ Configured in ``alerts.toml`` beside the other sinks::
     cooldown = "6h"                              # per device and model: a flapping alert retrains once
     [sinks.retrain.rollout]                      # absent: stop after the bundle is stored
     fleet = "default"                            # default: the alert's device's fleet
+    devices = "*"                                # "{device}": only the alert's device
     waves = "10%,50%,100%"
     shadow_rows = 200                            # shadow gating: live rows scored beside the live model first
     abort_on = "failed>20%,p99_ms>50"            # default failed>20%: no agreement rule (see _rollout)
@@ -55,8 +58,8 @@ from edgekit.fleet.rollout_spec import RolloutSpec, parse_abort_rules, parse_dur
 
 log = logging.getLogger("edgekit.retrain")
 _KEYS = {
-    "rules", "command", "champion", "data", "trained_on", "min_gain", "max_regression", "quantize", "key",
-    "holdout", "timeout", "samples_timeout", "cooldown", "workdir", "rollout",
+    "rules", "models", "baseline", "command", "champion", "data", "trained_on", "min_gain", "max_regression",
+    "quantize", "key", "holdout", "timeout", "samples_timeout", "cooldown", "workdir", "rollout",
 }  # fmt: skip
 _ROLLOUT_KEYS = {
     "fleet",
@@ -83,6 +86,8 @@ class RetrainRollout:
 class RetrainSink:
     command: tuple[str, ...]
     rules: tuple[str, ...] = ("drift",)
+    models: tuple[str, ...] = ()  # empty: every model
+    baseline: str = "trained"  # the new bundle's drift baseline: "trained" (the first trained_on) or "field"
     champion: str | None = None
     data: tuple[str, ...] = ()
     trained_on: tuple[str, ...] = ()
@@ -123,6 +128,11 @@ def parse_retrain(doc: Any, *, path: str | Path) -> RetrainSink:
     for name in ("min_gain", "max_regression"):
         if not 0 <= values[name] <= 1:
             raise bad(f"{name} {values[name]} is outside 0..1", "give a fraction, e.g. 0.005")
+    if values["baseline"] not in ("trained", "field"):
+        raise bad(
+            f"baseline {values['baseline']!r} is not trained or field",
+            "trained: the first trained_on file; field: the rows of the device's drifted windows",
+        )
     if values["quantize"] not in ("auto", "int8", "none"):
         raise bad(f"quantize {values['quantize']!r} is not auto, int8 or none")
     if values["key"] and not Path(values["key"]).is_file():
@@ -140,9 +150,11 @@ def _values(doc: dict[str, Any], base: Path) -> dict[str, Any]:
         given = doc.get(name, [])
         return tuple(str(base / f) for f in ([given] if isinstance(given, str) else given))
 
-    rules = doc.get("rules", ["drift"])
+    rules, models = doc.get("rules", ["drift"]), doc.get("models", [])
     values: dict[str, Any] = {
         "rules": (rules,) if isinstance(rules, str) else tuple(str(r) for r in rules),
+        "models": (models,) if isinstance(models, str) else tuple(str(m) for m in models),
+        "baseline": str(doc.get("baseline", "trained")),
         "data": files("data"),
         "trained_on": files("trained_on"),
         "min_gain": float(doc.get("min_gain", 0.0)),
@@ -231,7 +243,10 @@ class Retrainer:
         self._thread: threading.Thread | None = None
 
     def __call__(self, alert: dict[str, Any]) -> None:
-        if alert.get("state") == "open" and alert.get("rule") in self.sink.rules:
+        model = (alert.get("evidence") or {}).get("model")
+        if alert.get("state") != "open" or alert.get("rule") not in self.sink.rules:
+            return
+        if not self.sink.models or model in self.sink.models:  # one training command trains one kind of model
             self._queue.put(alert)
 
     def start(self) -> Retrainer:

@@ -19,7 +19,8 @@ import signal
 import subprocess
 import threading
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -91,7 +92,8 @@ def samples(r: Any, run: Run) -> dict[str, Any]:
     upload_id = r.ask_samples(device)
     r.step(run, "samples requested", "ok", f"asked {device} for its field samples (upload {upload_id})")
     upload = _wait_for_upload(r, run, upload_id)
-    rows = [row for row in r.store.sample_rows(device=device, upload=upload_id) if row["label"] is not None]
+    every = r.store.sample_rows(device=device, upload=upload_id)
+    rows = [row for row in every if row["label"] is not None]
     if not rows:
         raise fail(
             r,
@@ -100,7 +102,10 @@ def samples(r: Any, run: Run) -> dict[str, Any]:
             f"upload {upload_id} holds {upload['rows']} rows and none has a label yet; "
             "send delayed labels to the device (POST /v1/feedback) before retraining on them",
         )
-    return _export(r, run, upload, rows)
+    found = _export(r, run, upload, rows)
+    if r.sink.baseline == "field":
+        found["baseline"] = _field_baseline(r, run, upload, every)
+    return found
 
 
 def _wait_for_upload(r: Any, run: Run, upload_id: str) -> dict[str, Any]:
@@ -145,9 +150,29 @@ def _export(r: Any, run: Run, upload: dict[str, Any], rows: list[dict[str, Any]]
     return found
 
 
-def _gate_file(header: dict[str, Any], rows: list[dict[str, Any]], path: Path) -> str | None:
-    """The rows as a data file ``promote`` reads: the features and ``label`` (no metadata columns); None when
-    there are no rows."""
+def _field_baseline(r: Any, run: Run, upload: dict[str, Any], rows: list[dict[str, Any]]) -> str:
+    """The new bundle's drift baseline when ``baseline = "field"``: what the device sees now, the rows of its
+    drifted windows (labelled or not) but the earliest, which the change may have begun inside of (a baseline
+    with a tenth of its rows from before the change flags every window after it); every row when no window
+    was judged drifted (an accuracy alert)."""
+    windows: dict[Any, list[dict[str, Any]]] = {}
+    for row in rows:
+        if row.get("drifted"):
+            windows.setdefault(row["seq"], []).append(row)
+    ordered = sorted(windows.values(), key=lambda window: min(row["ts"] or 0 for row in window))
+    chosen = [row for window in (ordered[1:] if len(ordered) > 1 else ordered) for row in window] or rows
+    tensor = any(isinstance(row["input"], dict) for row in chosen)
+    path = run.workdir / ("field_baseline.npz" if tensor else "field_baseline.csv")
+    _gate_file(upload.get("header") or {}, chosen, path, label=False)
+    source = f"{max(len(ordered) - 1, 1)} of the device's drifted windows" if windows else "every field row"
+    message = f"the new bundle's drift baseline: {len(chosen)} rows from {source}"
+    r.step(run, "baseline", "ok", message, {"path": str(path), "rows": len(chosen), "windows": len(ordered)})
+    return str(path)
+
+
+def _gate_file(header: dict[str, Any], rows: list[dict[str, Any]], path: Path, *, label: bool = True) -> str | None:
+    """The rows as a data file ``promote`` reads: the features and ``label`` (no metadata columns; no label with
+    ``label=False``, for a baseline); None when there are no rows."""
     if not rows:
         return None
     if path.suffix == ".npz":
@@ -159,9 +184,10 @@ def _gate_file(header: dict[str, Any], rows: list[dict[str, Any]], path: Path) -
     features = list(model.get("features") or (f"f{i}" for i in range(len(rows[0]["input"]))))
     with open(path, "w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow([*features, "label"])
+        writer.writerow([*features, *(["label"] if label else [])])
         for row in rows:
-            writer.writerow([*("" if cell is None else cell for cell in row["input"]), row["label"]])
+            cells = ["" if cell is None else cell for cell in row["input"]]
+            writer.writerow([*cells, row["label"]] if label else cells)
     return str(path)
 
 
@@ -282,6 +308,7 @@ def promote(r: Any, run: Run, champion_path: str, model: str, found: dict[str, A
         max_regression=sink.max_regression,
         quantize=sink.quantize,
         trained_on=(*sink.trained_on, found["train"]),
+        baseline=found.get("baseline"),
     )
     data = [*sink.data, *([found["holdout"]] if found["holdout"] else [])]
     result = gate(model, champion=champion_path, data=data, key_path=sink.key, output=str(output), options=options)
@@ -321,16 +348,35 @@ def rollout(r: Any, run: Run, promoted: Promoted, stored: dict[str, Any]) -> str
 
     settings = r.sink.rollout
     fleet = settings.fleet or str(run.evidence.get("fleet") or "default")
+    spec = replace(settings.spec, devices=settings.spec.devices.replace("{device}", str(run.alert["device"])))
     revert = sign_revert(promoted.path, fleet=fleet, key=load_private_key(r.sink.key))
-    rollout_id = r.rollouts.start(stored["sha256"], fleet, settings.spec, revert=revert)
-    spec = settings.spec
+    rollout_id = _start_when_free(r, run, lambda: r.rollouts.start(stored["sha256"], fleet, spec, revert=revert))
     shadow = f", shadow {spec.shadow_rows} rows first" if spec.shadow_rows else ", no shadow phase"
     message = (
-        f"rollout {rollout_id}: {promoted.name} v{promoted.version} to fleet {fleet} in waves "
+        f"rollout {rollout_id}: {promoted.name} v{promoted.version} to "
+        f"{'fleet ' + fleet if spec.devices == '*' else spec.devices + ' of fleet ' + fleet} in waves "
         f"{','.join(f'{w:.0%}' for w in spec.waves)}{shadow}"
     )
     r.step(run, "rollout started", "ok", message, {"rollout": rollout_id, "fleet": fleet, "spec": spec.to_json()})
     return rollout_id
+
+
+def _start_when_free(r: Any, run: Run, start: Callable[[], str]) -> str:
+    """``start()``, waiting (up to the sink's ``timeout``) while another rollout holds the fleet: one rollout
+    per fleet at a time, and a retrained model that waits its turn is better than one thrown away."""
+    from edgekit.errors import RolloutConflict
+
+    deadline, waiting = time.monotonic() + r.sink.timeout, False
+    while True:
+        try:
+            return start()
+        except RolloutConflict as exc:
+            if time.monotonic() > deadline or r.stopping.is_set():
+                raise
+            if not waiting:
+                r.step(run, "rollout waiting", "muted", f"{exc.problem}: waiting for it to end")
+                waiting = True
+            r.stopping.wait(POLL_SECONDS * 4)
 
 
 # -- an operator's turn ------------------------------------------------------------------------------------------
@@ -355,6 +401,8 @@ def operator_commands(r: Any, run: Run, champion_path: str, model: str, found: d
         argv += ["--data", path]
     for path in [*sink.trained_on, found["train"]]:
         argv += ["--trained-on", path]
+    if found.get("baseline"):
+        argv += ["--baseline", found["baseline"]]
     argv += ["--min-gain", str(sink.min_gain), "--max-regression", str(sink.max_regression)]
     argv += ["--quantize", sink.quantize, "--key", "KEY", "-o", output]
     return [shlex.join(argv), rollout_command(r, run, Promoted(output, name, version + 1))]
@@ -363,6 +411,8 @@ def operator_commands(r: Any, run: Run, champion_path: str, model: str, found: d
 def rollout_command(r: Any, run: Run, promoted: Promoted) -> str:
     options = dict(r.sink.rollout.options) if r.sink.rollout else {"shadow_rows": 200}
     fleet = options.pop("fleet", None) or str(run.evidence.get("fleet") or "default")
+    if "devices" in options:
+        options["devices"] = str(options["devices"]).replace("{device}", str(run.alert["device"]))
     argv = ["edgekit", "rollout", "start", promoted.path, "--collector", r.collector_url(), "--fleet", fleet]
     for name, value in options.items():
         if name in _ROLLOUT_FLAGS:

@@ -11,7 +11,9 @@ message goes out, so a new leader carries a rollout on from the store without se
 - ``tick`` (every fraction of a second): send the current wave's desired states, check the abort
   rules, and move to the next wave once every *online* device of the wave has finished and the
   wave's soak time (``wave_wait``) has passed. A device offline during its wave keeps its retained
-  desired state and updates when it returns; its report still lands.
+  desired state and updates when it returns; its report still lands. A device marked sent that has not
+  answered is sent the same message again (``resend_seconds``): delivery is at least once. Each rollout
+  steps apart from the others: one that raises says so in its reason and, if it goes on failing, ends failed.
 - Abort rules: ``failed>20%`` (share of sent devices that failed or rolled back), ``agreement<0.98``
   (row-weighted mean shadow agreement), ``p99_ms>50`` (median candidate p99 in shadow),
   ``drift>30%`` (share of moved devices whose latest window on the new version drifted). An abort
@@ -30,9 +32,8 @@ import base64
 import contextlib
 import fnmatch
 import json
+import logging
 import os
-import re
-import statistics
 import tempfile
 import threading
 import time
@@ -46,24 +47,22 @@ from device_agent.canonical import canonical_json, sha256_hex
 from device_agent.errors import BundleError
 from device_agent.protocol import ROLLBACK_SCHEMA, TERMINAL_UPDATE_STATES, Topics, desired_payload, encode
 from device_agent.signing import verify_signature
-from edgekit.errors import RolloutConflict, RolloutError, RolloutNotFound
+from edgekit.errors import EdgekitError, RolloutConflict, RolloutError, RolloutNotFound, StoreUnavailable
 from edgekit.fleet import ab
 from edgekit.fleet.bundle_files import bundle_file
-from edgekit.fleet.rollout_spec import (
-    DEFAULT_ABORT_ON,
-    RolloutSpec,
-    _assign_waves,
-    ab_settings,
-    parse_abort_rules,
-    parse_duration,
-    parse_waves,
-)
+from edgekit.fleet.rollout_request import start_from_request as start_from_request  # where callers found it
+from edgekit.fleet.rollout_rules import FAILED_DEVICE_STATES, abort_rule_tripped
+from edgekit.fleet.rollout_spec import RolloutSpec, _assign_waves, parse_abort_rules
 from edgekit.fleet.signed import check_signed_revert, counts, new_rollout_id, unreverted
 from edgekit.fleet.signed import sign_rollback as sign_rollback  # where callers found it first
 from edgekit.fleet.store import LeaseLost, RolloutStore
 
 TERMINAL = ("aborted", "succeeded", "failed")  # a rollout in one of these is finished
-FAILED_DEVICE_STATES = ("failed", "rolled_back")
+FAIL_AFTER_TICKS = 5  # a rollout whose step raises this many ticks in a row ...
+FAIL_AFTER_SECONDS = 60.0  # ... over at least this long is marked failed (``_advance_apart``)
+CANNOT_ADVANCE = "the controller cannot advance it"  # a failing rollout's reason starts so
+RESEND_SECONDS = 60.0  # desired sent again to a device that has not answered (``_resend_unanswered``)
+log = logging.getLogger("edgekit.fleet.rollouts")
 
 
 @dataclass
@@ -75,7 +74,11 @@ class RolloutController:
     trusted_key: Any = None
     clock: Callable[[], float] = time.time
     leader: Any = None  # leader.Leadership: ticks, and their writes, only while it leads (None: alone)
+    tick_errors: int = 0  # rollout steps that raised (``_advance_apart``), since start
+    resend_seconds: float = RESEND_SECONDS  # a sent device that has not answered is sent its desired again
     _lock: threading.RLock = field(default_factory=threading.RLock)
+    _failing: dict[str, tuple[float, int]] = field(default_factory=dict)  # rollout -> (first failure, ticks)
+    _resent: dict[tuple[str, str], float] = field(default_factory=dict)  # (rollout, device) -> last resent at
 
     def __post_init__(self) -> None:
         self.bundle_dir = Path(self.bundle_dir)
@@ -281,8 +284,47 @@ class RolloutController:
         if self.leader is not None and not self.leader.leading():
             return  # another collector leads: it runs the rollouts
         with self._lock, contextlib.suppress(LeaseLost):  # lost mid-tick: the new leader carries on from the store
-            for rollout_id in self.store.running_rollouts():
-                self._advance(rollout_id)
+            running = self.store.running_rollouts()
+            self._resent = {key: at for key, at in self._resent.items() if key[0] in running}  # finished: forget
+            for rollout_id in running:
+                self._advance_apart(rollout_id)
+
+    def _advance_apart(self, rollout_id: str) -> None:
+        """One rollout's step, apart from the others': one that raises is logged and counted, its reason
+        says so, and it is marked failed once it has failed ``FAIL_AFTER_TICKS`` ticks in a row over at least
+        ``FAIL_AFTER_SECONDS`` (devices stay where they are); the other rollouts go on. A lost lease or an
+        unreachable database is no rollout's fault: it ends the tick, and the next one tries again."""
+        try:
+            self._advance(rollout_id)
+        except (LeaseLost, StoreUnavailable):
+            raise
+        except Exception as exc:  # a bug or bad data in one rollout must not stop the fleet's others
+            self.tick_errors += 1
+            self._failing_tick(rollout_id, exc)
+            return
+        if self._failing.pop(rollout_id, None) is not None:
+            log.info("rollout %s advances again", rollout_id)
+            with contextlib.suppress(EdgekitError):
+                if self._load(rollout_id)[0]["reason"].startswith(CANNOT_ADVANCE):  # not a reason set since
+                    self._update(rollout_id, reason="")
+
+    def _failing_tick(self, rollout_id: str, exc: Exception) -> None:
+        now = self.clock()
+        first, ticks = self._failing.get(rollout_id, (now, 0))
+        self._failing[rollout_id] = (first, ticks + 1)
+        error = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+        if ticks == 0:
+            log.exception("rollout %s cannot advance (%s); the other rollouts go on", rollout_id, error)
+        give_up = ticks + 1 >= FAIL_AFTER_TICKS and now - first >= FAIL_AFTER_SECONDS
+        with contextlib.suppress(EdgekitError):  # the store may be what fails: then the reason waits
+            if not give_up:
+                self._update(rollout_id, reason=f"{CANNOT_ADVANCE} ({error}); {ticks + 1} tick(s)")
+                return
+            why = f"the controller could not advance it for {now - first:.0f} s ({error}); devices stay as they are"
+            with self._fenced():
+                self.store.transition_rollout(rollout_id, {"running": "failed"}, why, now, terminal=TERMINAL)
+            log.error("rollout %s marked failed: %s", rollout_id, why)
+            self._failing.pop(rollout_id, None)
 
     def _advance(self, rollout_id: str) -> None:
         rollout, devices = self._load(rollout_id)
@@ -292,6 +334,7 @@ class RolloutController:
         for device in current:
             if device["state"] == "pending" and self._claim_and_send(rollout, device, now):
                 device["state"] = "sent"
+        self._resend_unanswered(rollout, current, spec, now)
         for device in current:
             if (
                 device["state"] not in TERMINAL_UPDATE_STATES
@@ -308,7 +351,7 @@ class RolloutController:
                     code="timeout",
                 )
                 device["state"] = "failed"
-        tripped = self._tripped(rollout, spec, devices)
+        tripped = abort_rule_tripped(rollout, spec, devices)
         if tripped:
             self.abort(rollout_id, f"abort rule {tripped}")
             return
@@ -340,6 +383,23 @@ class RolloutController:
         with self._fenced():
             self._set_device(rollout["id"], device["device"], "pending", "not sent yet: the broker is unreachable")
         return False
+
+    def _resend_unanswered(
+        self, rollout: dict[str, Any], devices: list[dict[str, Any]], spec: RolloutSpec, now: float
+    ) -> None:
+        """Delivery at least once: a device marked sent that has not answered gets its desired message again
+        every ``resend_seconds`` (at most a third of ``device_timeout``), since the publish after the mark may
+        have been lost (a leader killed between the two, a broker restarted without persistence). It is the
+        same retained message, and a device ignores a desired state it is applying or has finished
+        (``device_agent.updater``: one job per rollout and action, its outcome kept in the ledger)."""
+        every = min(self.resend_seconds, spec.device_timeout / 3)
+        for device in devices:
+            key = (rollout["id"], device["device"])
+            if device["state"] != "sent" or not device["sent_at"]:
+                self._resent.pop(key, None)
+                continue
+            if now - max(device["sent_at"], self._resent.get(key, 0.0)) >= every and self._send(rollout, device):
+                self._resent[key] = now
 
     def _ab_holds(self, rollout: dict[str, Any], spec: RolloutSpec, devices: list[dict[str, Any]], now: float) -> bool:
         """At an A/B split (``ab.py``): whether it still holds. A look's comparison is stored (fenced) before it
@@ -376,35 +436,6 @@ class RolloutController:
             reason="; ".join(parts),
             finished_at=self.clock(),
         )
-
-    def _tripped(self, rollout: dict[str, Any], spec: RolloutSpec, devices: list[dict[str, Any]]) -> str | None:
-        sent = [d for d in devices if d["state"] != "pending"]
-        observed: dict[str, float | None] = {"failed": None, "agreement": None, "p99_ms": None, "drift": None}
-        if sent:
-            observed["failed"] = sum(d["state"] in FAILED_DEVICE_STATES for d in sent) / len(sent)
-        shadows = [d["facts"].get("shadow") for d in devices if d["facts"].get("shadow")]
-        rows = sum(s.get("rows") or 0 for s in shadows if s.get("agreement") is not None)
-        if rows:
-            observed["agreement"] = (
-                sum((s.get("rows") or 0) * s["agreement"] for s in shadows if s.get("agreement") is not None) / rows
-            )
-        p99s = [s["p99_ms"] for s in shadows if s.get("p99_ms") is not None]
-        if p99s:
-            observed["p99_ms"] = statistics.median(p99s)
-        moved = [d for d in devices if d["state"] == "succeeded"]
-        if moved and spec.rule("drift"):
-            observed["drift"] = sum(
-                bool(d["drifted"]) and d["model_version"] == rollout["version"] for d in moved
-            ) / len(moved)
-        for rule in spec.abort_on:
-            if rule.tripped(observed[rule.metric]):
-                shown = (
-                    f"{observed[rule.metric]:.1%}"
-                    if rule.metric in ("failed", "drift")
-                    else f"{observed[rule.metric]:.4g}"
-                )
-                return f"{rule} tripped ({rule.metric} = {shown})"
-        return None
 
     def _send(self, rollout: dict[str, Any], device: dict[str, Any]) -> bool:
         spec = json.loads(rollout["spec"])
@@ -566,32 +597,3 @@ def _signature_of(path: Path) -> bytes:
 
 def _desired_topic(fleet: str, device: str) -> str:
     return Topics(fleet, device).desired
-
-
-def start_from_request(controller: RolloutController, doc: dict[str, Any]) -> str:
-    """``POST /api/rollouts``: the JSON body the CLI sends, checked field by field."""
-    sha256 = doc.get("sha256")
-    if not isinstance(sha256, str) or not re.fullmatch(r"[0-9a-f]{64}", sha256):
-        raise RolloutError(
-            "sha256 must name an uploaded bundle (64 hex digits)", "POST the bundle to /api/bundles first"
-        )
-    fleet = doc.get("fleet") or "default"
-    try:
-        spec = RolloutSpec(
-            waves=parse_waves(str(doc.get("waves") or "100%")),
-            wave_wait=parse_duration(doc.get("wave_wait") or 0),
-            abort_on=parse_abort_rules(doc.get("abort_on", DEFAULT_ABORT_ON)),
-            shadow_rows=int(doc.get("shadow_rows") or 0),
-            shadow_timeout=parse_duration(doc.get("shadow_timeout") or 300),
-            health_seconds=parse_duration(doc.get("health_seconds") or 10),
-            device_timeout=parse_duration(doc.get("device_timeout") or 900),
-            devices=str(doc.get("devices") or "*"),
-            **ab_settings(doc),
-        )
-    except (TypeError, ValueError) as exc:
-        raise RolloutError(
-            f"the rollout request has a bad value ({exc})", "see 'edgekit rollout start --help'"
-        ) from exc
-    if spec.shadow_rows < 0:
-        raise RolloutError("shadow_rows must be 0 or more")
-    return controller.start(sha256, str(fleet), spec, revert=doc.get("revert"))

@@ -6,7 +6,8 @@
     GET  /api/samples/<device>?upload=&since=&drifted_only=   stored rows, JSON (with labels)
     GET  /samples                                             the dashboard's uploads page
 
-Every route needs the API token when the collector has one (rows are the fleet owner's data). A chunk
+Every route needs the API token when the collector has one (rows are the fleet owner's data), except the
+device's chunks, which take the device token too (``CollectorConfig.device_token``). A chunk
 is taken only for an upload id this collector's database issued to that device, while it is open, at
 the offset held (else 409 names the offset: the device resumes from there), within ``MAX_CHUNK_BYTES``
 and ``MAX_UPLOAD_BYTES``, with as many bytes as its Content-Range says. The last chunk's arrival
@@ -17,24 +18,30 @@ are: ``fleet status`` and the collector's /metrics show them.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
-import hmac
 import json
+import os
 import re
 import secrets
 import time
 import zlib
+from collections.abc import Iterable, Iterator
 from datetime import datetime
+from pathlib import Path
 from typing import Any, Protocol
 
 from device_agent.protocol import Topics, command_payload, encode
 from device_agent.wsgi import Request, Response, error_response, json_response
 from edgekit.errors import EdgekitError
+from edgekit.fleet.auth import bearer_ok, device_route_ok
 
 SAMPLES_SCHEMA = "edgekit.samples/1"  # device_agent.capture_upload's file: a header line, then one row a line
 MAX_CHUNK_BYTES = 4 << 20
 MAX_UPLOAD_BYTES = 256 << 20  # compressed; what a device may send in one upload
 MAX_UNPACKED_BYTES = 1 << 30  # the rows once decompressed (a gzip bomb stops here)
+_PIECE_BYTES = 256 << 10  # unpacked at a time: what reading an upload holds in memory, with one chunk
 _UPLOAD_ROUTE = re.compile(r"^/api/samples/(?P<device>[A-Za-z0-9][A-Za-z0-9._-]{0,63})/(?P<id>[A-Za-z0-9_-]{1,64})$")
 _RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+)")
 
@@ -56,11 +63,11 @@ class SampleStore(Protocol):
         self, upload_id: str, first: int, data: bytes, *, size: int, sha256: str, now: float
     ) -> int | None: ...
 
-    def upload_bytes(self, upload_id: str) -> bytes: ...
+    def upload_chunks(self, upload_id: str) -> Iterator[bytes]: ...
 
     def complete_upload(
-        self, upload_id: str, device: str, rows: list[dict[str, Any]], header: dict[str, Any], now: float
-    ) -> None: ...
+        self, upload_id: str, device: str, rows: Iterable[dict[str, Any]], header: dict[str, Any], now: float
+    ) -> bool: ...
 
     def fail_upload(self, upload_id: str, reason: str, now: float) -> None: ...
 
@@ -94,16 +101,20 @@ def route(fleet: SampleFleet, request: Request) -> Response | None:
         return None
     if request.method not in ("GET", "HEAD", "POST"):
         return error_response(405, f"{request.method} is not served; field samples take GET and POST")
-    token = fleet.config.api_token
-    if token and not hmac.compare_digest(request.header("authorization").encode(), f"Bearer {token}".encode()):
-        return error_response(401, "missing or wrong API token for field samples; set EDGEKIT_COLLECTOR_TOKEN")
+    chunk = _UPLOAD_ROUTE.match(path) if request.method == "POST" else None
+    if not (device_route_ok(fleet, request) if chunk else bearer_ok(request, fleet.config.api_token)):
+        return error_response(
+            401,
+            "missing or wrong token for a field-sample upload; set [update] token_file to the collector's device token"
+            if chunk
+            else "missing or wrong API token for field samples; set EDGEKIT_COLLECTOR_TOKEN (a device token is not it)",
+        )
     try:
+        if chunk:
+            return receive_chunk(fleet.store, chunk["device"], chunk["id"], request)
         if request.method == "POST":
             if path == "/api/samples/requests":
                 return json_response(request_upload(fleet, request.json_object() if request.body else {}), 201)
-            match = _UPLOAD_ROUTE.match(path)
-            if match:
-                return receive_chunk(fleet.store, match["device"], match["id"], request)
             return error_response(404, f"no route POST {path}")
         return _get(fleet, request)
     except (EdgekitError, ValueError, TypeError) as exc:
@@ -181,7 +192,7 @@ def _take_chunk(store: SampleStore, device: str, upload_id: str, request: Reques
         raise Refused("truncated", 400, f"a chunk of {len(body)} bytes, its Content-Range says {first}-{last}/{size}")
     received = store.add_sample_chunk(upload_id, first, body, size=size, sha256=sha256, now=now)
     if received is None:
-        return _out_of_turn(store, upload_id, first, size, sha256)
+        return _out_of_turn(store, device, upload_id, first, size, sha256, now)
     if received < size:
         return {"received": received, "complete": False}
     return _finish(store, device, upload_id, sha256, now)
@@ -198,49 +209,129 @@ def _chunk_range(request: Request) -> tuple[int, int, int, str]:
     return first, last, size, sha256
 
 
-def _out_of_turn(store: SampleStore, upload_id: str, first: int, size: int, sha: str) -> dict[str, Any]:
-    """A chunk that was not the next one: one of another file is refused; any other (a repeat of one held,
-    whose answer was lost, or one from further on) gets 409 and the offset to go on from."""
+def _out_of_turn(store: SampleStore, device: str, upload_id: str, first: int, size: int, sha: str, now: float):
+    """A chunk that was not the next one: one of another file is refused; a repeat of the last chunk of an
+    upload held whole but never finished (its collector failed between the two) finishes it now, or fails
+    it cleanly; any other (a repeat whose answer was lost, or one from further on) gets 409 and the offset
+    to go on from."""
     upload = store.sample_upload(upload_id) or {}
     if upload.get("state") not in ("requested", "receiving"):
         raise Refused("replay", 409, f"upload {upload_id} is {upload.get('state')} already; it is not taken twice")
     if upload.get("size") not in (None, size) or upload.get("sha256") not in (None, sha):
         raise Refused("corrupt", 409, f"upload {upload_id} began as another file (size or sha256 differ)")
     held = upload["received"]
+    if held == size:
+        return _finish(store, device, upload_id, sha, now)
     raise Refused("", 409, f"upload {upload_id} holds {held} bytes, not {first}; send from there", received=held)
 
 
 def _finish(store: SampleStore, device: str, upload_id: str, sha256: str, now: float) -> dict[str, Any]:
-    data = store.upload_bytes(upload_id)
-    digest = hashlib.sha256(data).hexdigest()
-    if digest != sha256:
-        store.fail_upload(upload_id, f"sha256 {digest[:12]}… is not the device's {sha256[:12]}…", now)
-        raise Refused("corrupt", 400, f"upload {upload_id}: the bytes do not hash to the device's sha256")
+    """Check the whole upload (its sha256, then its header and rows), then store its rows: two passes over
+    its chunks as the store yields them, so a large upload costs a chunk of memory, not its size."""
     try:
-        header, rows = parse_upload(data, device, upload_id)
+        header, count = check_upload(store.upload_chunks(upload_id), device, upload_id, sha256)
     except Refused as exc:
-        store.fail_upload(upload_id, str(exc), now)
-        raise
-    store.complete_upload(upload_id, device, rows, header, now)
-    return {"received": len(data), "complete": True, "rows": len(rows)}
+        store.fail_upload(upload_id, str(exc), now)  # a no-op when another collector completed it meanwhile
+        return _completed(store, upload_id, exc)
+    rows = _parsed(_lines(store.upload_chunks(upload_id)), upload_id)
+    next(rows)  # the header, checked above
+    if not store.complete_upload(upload_id, device, rows, header, now):  # another collector was first
+        state = (store.sample_upload(upload_id) or {}).get("state")
+        return _completed(store, upload_id, Refused("replay", 409, f"upload {upload_id} is {state} already"))
+    return {"received": (store.sample_upload(upload_id) or {}).get("size"), "complete": True, "rows": count}
+
+
+def _completed(store: SampleStore, upload_id: str, refusal: Refused) -> dict[str, Any]:
+    """The answer for an upload another collector (sharing the database) completed while this one
+    finished it too: complete. Otherwise ``refusal`` is raised."""
+    upload = store.sample_upload(upload_id) or {}
+    if upload.get("state") != "complete":
+        raise refusal
+    return {"received": upload["size"], "complete": True, "rows": upload["rows"]}
+
+
+def check_upload(
+    chunks: Iterable[bytes], device: str, upload_id: str, sha256: str | None = None
+) -> tuple[dict[str, Any], int]:
+    """The header and row count of an upload's file, read chunk by chunk: ``Refused("corrupt")`` when the
+    bytes do not hash to ``sha256``, ``Refused("malformed")`` when they do but are not its rows."""
+    hasher = hashlib.sha256()
+
+    def hashed() -> Iterator[bytes]:
+        for chunk in chunks:
+            hasher.update(chunk)
+            yield chunk
+
+    source, problem, header, count = hashed(), None, {}, 0
+    try:
+        rows = _parsed(_lines(source), upload_id)
+        header = _header(next(rows, None), device, upload_id)
+        count = sum(1 for _ in rows)
+        if header.get("rows") != count:
+            raise Refused("malformed", 400, f"upload {upload_id}: {count} rows, the header says {header.get('rows')}")
+    except Refused as exc:
+        problem = exc
+    for _ in source:  # the rest, for the hash: a bad hash says "corrupt", whatever else is wrong
+        pass
+    digest = hasher.hexdigest()
+    if sha256 is not None and digest != sha256:
+        raise Refused("corrupt", 400, f"upload {upload_id}: its bytes hash to {digest[:12]}…, not {sha256[:12]}…")
+    if problem is not None:
+        raise problem
+    return header, count
 
 
 def parse_upload(data: bytes, device: str, upload_id: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """The header and rows of an upload's file; ``Refused("malformed")`` for anything else."""
+    """The header and rows of an upload's file held in memory; ``Refused("malformed")`` for anything else."""
+    header, _ = check_upload([data], device, upload_id)
+    rows = _parsed(_lines([data]), upload_id)
+    next(rows)
+    return header, list(rows)
+
+
+def _lines(chunks: Iterable[bytes]) -> Iterator[bytes]:
+    """The JSON lines of a gzip'd file given in pieces, unpacked a bounded piece at a time (a gzip bomb stops
+    at ``MAX_UNPACKED_BYTES``). Raises ValueError or zlib.error."""
+    decompressor, pending, unpacked = zlib.decompressobj(wbits=31), bytearray(), 0
+    for chunk in chunks:
+        data = chunk
+        while data and not decompressor.eof:
+            piece = decompressor.decompress(data, _PIECE_BYTES)
+            data = decompressor.unconsumed_tail
+            unpacked += len(piece)
+            if unpacked > MAX_UNPACKED_BYTES:
+                raise ValueError(f"it unpacks past {MAX_UNPACKED_BYTES} bytes")
+            start = len(pending)
+            pending += piece
+            end = pending.rfind(b"\n", start)
+            if end >= 0:
+                yield from (line for line in bytes(pending[:end]).split(b"\n") if line.strip())
+                del pending[: end + 1]
+    if not decompressor.eof:
+        raise ValueError("the gzip stream ends early")
+    if pending.strip():
+        yield bytes(pending)
+
+
+def _parsed(lines: Iterator[bytes], upload_id: str) -> Iterator[Any]:
+    """Each line as JSON (the header first, then the rows, each checked); ``Refused("malformed")`` for a line
+    that is not one, or a file that is not gzip'd JSON lines."""
+    index = 0
     try:
-        decompressor = zlib.decompressobj(wbits=31)
-        unpacked = decompressor.decompress(data, MAX_UNPACKED_BYTES)
-        if not decompressor.eof:
-            raise ValueError("the gzip stream ends early, or unpacks past the limit")
-        lines = [json.loads(line) for line in unpacked.split(b"\n") if line.strip()]
+        for index, line in enumerate(lines):
+            value = json.loads(line)
+            if index and not _row_ok(value):
+                raise Refused("malformed", 400, f"upload {upload_id}: row {index} is not a field sample")
+            yield value
     except (zlib.error, ValueError) as exc:
         raise Refused("malformed", 400, f"upload {upload_id} is not gzip'd JSON lines ({exc})") from exc
-    header, rows = (lines[0], lines[1:]) if lines and isinstance(lines[0], dict) else ({}, [])
+
+
+def _header(value: Any, device: str, upload_id: str) -> dict[str, Any]:
+    header = value if isinstance(value, dict) else {}
     if header.get("schema") != SAMPLES_SCHEMA or header.get("upload") != upload_id or header.get("device") != device:
         raise Refused("malformed", 400, f"upload {upload_id}'s header is not {SAMPLES_SCHEMA} for {device}")
-    if header.get("rows") != len(rows) or not all(_row_ok(row) for row in rows):
-        raise Refused("malformed", 400, f"upload {upload_id}: {len(rows)} rows, the header says {header.get('rows')}")
-    return header, rows
+    return header
 
 
 def _row_ok(row: Any) -> bool:
@@ -328,22 +419,51 @@ def collect_samples(
 
 
 def export_samples(doc: dict[str, Any], path: Any) -> dict[str, Any]:
-    """Write the rows of ``doc`` (``collect_samples``) to ``path``: .csv, .npz or .parquet by its suffix."""
-    from pathlib import Path
-
-    path = Path(path)
+    """Write the rows of ``doc`` (``collect_samples``) to ``path``: .csv, .npz or .parquet by its suffix. The
+    file appears whole or not at all (written beside it, then renamed); every failure is one ``EdgekitError``."""
+    path = check_export_path(path)
     rows = doc["rows"]
     features, kind = _input_of(doc.get("header") or {}, rows)
-    writers = {".csv": _write_csv, ".npz": _write_npz, ".parquet": _write_parquet, ".pq": _write_parquet}
-    writer = writers.get(path.suffix.lower())
-    if writer is None:
-        raise EdgekitError(f"cannot export field samples to {path.name!r}", "name a .csv, .npz or .parquet file")
+    writer = _WRITERS[path.suffix.lower()]
     if kind == "tensor" and writer is not _write_npz:
         raise EdgekitError("tensor examples cannot go into a table", "export them to a .npz (-o field.npz)")
     if kind == "columns" and writer is _write_npz:
         raise EdgekitError("typed columns do not fit a .npz (numbers only)", "export them to a .csv or .parquet")
-    writer(path, rows, features, kind)
+    partial = path.with_name(f".{path.name}.{secrets.token_hex(4)}.part")
+    try:
+        writer(partial, rows, features, kind)
+        os.replace(partial, path)
+    except OSError as exc:
+        raise EdgekitError(
+            f"cannot write {path} ({exc.strerror or exc})",
+            "check the disk's free space and the directory's permissions",
+        ) from exc
+    except (ValueError, TypeError, KeyError, IndexError, binascii.Error) as exc:
+        raise EdgekitError(
+            f"the rows do not fit a {path.suffix} file ({exc})",
+            "export them to a .csv" if writer is not _write_csv else "export them to a .parquet",
+        ) from exc
+    finally:
+        partial.unlink(missing_ok=True)
     return {"path": str(path), "rows": len(rows), "labelled": sum(1 for r in rows if r["label"] is not None)}
+
+
+def check_export_path(path: Any) -> Path:
+    """``path`` if an export can be written there; else one ``EdgekitError`` naming what to fix, before a
+    device is asked for anything (``fleet samples`` checks first)."""
+    path = Path(path)
+    if path.suffix.lower() not in _WRITERS:
+        raise EdgekitError(f"cannot export field samples to {path.name!r}", "name a .csv, .npz or .parquet file")
+    if path.is_dir():
+        raise EdgekitError(f"{path} is a directory", f"name a file in it, e.g. -o {path / ('field' + path.suffix)}")
+    parent = path.parent
+    if not parent.is_dir():
+        raise EdgekitError(f"there is no directory {parent} for {path.name}", f"create it (mkdir -p {parent}) first")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise EdgekitError(f"cannot write in {parent}", "name a file in a directory you can write to")
+    if path.suffix.lower() in (".parquet", ".pq"):
+        _pyarrow()
+    return path
 
 
 _META = ("id", "device", "model", "version", "seq", "ts", "drifted", "prediction")
@@ -362,10 +482,10 @@ def _input_of(header: dict[str, Any], rows: list[dict[str, Any]]) -> tuple[list[
     return list(features), kind
 
 
-def _write_csv(path: Any, rows: list[dict[str, Any]], features: list[str], kind: str) -> None:
+def _write_csv(path: Path, rows: list[dict[str, Any]], features: list[str], kind: str) -> None:
     import csv
 
-    with open(path, "w", newline="") as handle:
+    with open(path, "x", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow([*_META, *features, "label"])
         for r in rows:
@@ -379,18 +499,13 @@ def _cell(value: Any) -> Any:
     return json.dumps(value) if isinstance(value, (list, dict)) else value
 
 
-def _write_npz(path: Any, rows: list[dict[str, Any]], features: list[str], kind: str) -> None:
+def _write_npz(path: Path, rows: list[dict[str, Any]], features: list[str], kind: str) -> None:
     """``X`` (rows × features, or the examples stacked), ``y`` and ``labelled``, the row ids and windows:
     ``device_agent.tabular`` reads X, y and feature_names back."""
-    import base64
-
     import numpy as np
 
     if kind == "tensor":
-        arrays = [
-            np.frombuffer(base64.b64decode(r["input"]["b64"]), dtype=r["input"]["dtype"]).reshape(r["input"]["shape"])
-            for r in rows
-        ]
+        arrays = [_tensor(r["input"]) for r in rows]
         X = np.stack(arrays) if arrays else np.empty((0,))
     else:
         X = np.array([[np.nan if c is None else c for c in r["input"]] for r in rows], dtype=np.float64)
@@ -402,8 +517,21 @@ def _write_npz(path: Any, rows: list[dict[str, Any]], features: list[str], kind:
         if numeric
         else np.array(["" if v is None else str(v) for v in labels])
     )
+    with open(path, "xb") as handle:  # a handle: given a path without ".npz", numpy would add one
+        _savez(handle, X, y, labels, features, rows)
+
+
+def _tensor(cell: dict[str, Any]) -> Any:
+    import numpy as np
+
+    return np.frombuffer(base64.b64decode(cell["b64"], validate=True), dtype=cell["dtype"]).reshape(cell["shape"])
+
+
+def _savez(handle: Any, X: Any, y: Any, labels: list[Any], features: list[str], rows: list[dict[str, Any]]) -> None:
+    import numpy as np
+
     np.savez(
-        path,
+        handle,
         X=X,
         y=y,
         labelled=np.array([v is not None for v in labels], dtype=bool),
@@ -415,12 +543,17 @@ def _write_npz(path: Any, rows: list[dict[str, Any]], features: list[str], kind:
     )
 
 
-def _write_parquet(path: Any, rows: list[dict[str, Any]], features: list[str], kind: str) -> None:
+def _pyarrow() -> tuple[Any, Any]:
     try:
         import pyarrow as pa
         import pyarrow.parquet as pq
     except ImportError:
         raise EdgekitError("Parquet needs pyarrow", "pip install 'edgekit-ml[parquet]', or export to .csv") from None
+    return pa, pq
+
+
+def _write_parquet(path: Path, rows: list[dict[str, Any]], features: list[str], kind: str) -> None:
+    pa, pq = _pyarrow()
     table = {name: [_cell(r.get(name)) if name == "prediction" else r.get(name) for r in rows] for name in _META}
     for i, name in enumerate(features):
         table[name] = [r["input"][i] for r in rows]
@@ -429,9 +562,12 @@ def _write_parquet(path: Any, rows: list[dict[str, Any]], features: list[str], k
     )
     table["prediction"] = _one_type(table["prediction"])
     try:
-        pq.write_table(pa.table(table), path)
+        pq.write_table(pa.table(table), str(path))
     except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
         raise EdgekitError(f"the rows do not fit one Parquet type per column ({exc})", "export to .csv") from exc
+
+
+_WRITERS = {".csv": _write_csv, ".npz": _write_npz, ".parquet": _write_parquet, ".pq": _write_parquet}
 
 
 def _one_type(values: list[Any]) -> list[Any]:

@@ -14,13 +14,15 @@
     GET /metrics               Prometheus text (prometheus-client)
     GET /rollouts, /rollouts/<id>   rollouts: waves, devices per state, reasons
     GET /bundles/<sha256>      bundle bytes for devices, with Range (an interrupted download resumes);
-                               with the API token when the collector has one (devices: [update] token)
+                               with the device (or API) token when the collector has one ([update] token)
     GET  /api/bundles          stored bundles;  POST /api/bundles (the bundle's bytes) verifies and stores one
     GET  /api/rollouts[/<id>]  rollout status;  POST /api/rollouts {sha256, fleet, devices, waves, ...} starts one
     POST /api/rollouts/<id>/(pause|resume|abort);  POST /api/rollbacks {instruction, signature, devices}
     /api/samples/..., /samples   field samples: ask a device, take its upload, serve the rows (``samples.py``)
 
-POSTs need ``Authorization: Bearer <token>`` when the collector has an API token. The routes are
+POSTs need ``Authorization: Bearer <token>`` when the collector has an API token. A device token
+(``--device-token-file``) is taken only where devices call: ``GET /bundles/<sha256>`` and the
+field-sample chunks (``POST /api/samples/<device>/<id>``); anywhere else it gets 401. The routes are
 plain ``Request -> Response`` functions served by the same waitress server as the agent's API
 (:mod:`device_agent.httpserver`: timeouts, connection limit, body limit, TLS).
 
@@ -29,7 +31,6 @@ The pages themselves (HTML and inline SVG, no JavaScript) are rendered from data
 
 from __future__ import annotations
 
-import hmac
 import re
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -37,6 +38,7 @@ from device_agent.config import HttpLimits
 from device_agent.errors import ServeError
 from device_agent.wsgi import HttpError, Request, Response, error_response, json_response, wsgi_app
 from edgekit.errors import EdgekitError
+from edgekit.fleet.auth import bearer_ok, device_route_ok
 from edgekit.fleet.leader import LEADER_LEASE, describe_lease
 from edgekit.fleet.merge import device_columns, merged_drift, since_timestamp
 from edgekit.fleet.pages.device import render_device
@@ -178,9 +180,8 @@ def _get(collector: Fleet, request: Request) -> Response:
 
 
 def _post(collector: Fleet, request: Request) -> Response:
-    token = collector.config.api_token
-    if token and not hmac.compare_digest(request.header("authorization").encode(), f"Bearer {token}".encode()):
-        return error_response(401, "missing or wrong API token; set EDGEKIT_COLLECTOR_TOKEN")
+    if not bearer_ok(request, collector.config.api_token):
+        return error_response(401, "missing or wrong API token; set EDGEKIT_COLLECTOR_TOKEN (a device token is not it)")
     rollouts, path = collector.rollouts, request.path
     try:
         if path == "/api/bundles":
@@ -240,15 +241,13 @@ def _timeline(store: SqlStore, path: str) -> Response:
 
 def _bundle(collector: Fleet, request: Request, sha256: str) -> Response:
     """The bundle's bytes; ``Range: bytes=N-[M]`` gets 206 and the rest, so devices resume. With an API token
-    set, only for its bearer: a bundle is the fleet's model, and its URL is no secret (it is in every device's
-    retained ``desired`` message)."""
-    token = collector.config.api_token
-    offered = request.header("authorization").encode("utf-8", "replace")
-    if token and not hmac.compare_digest(offered, f"Bearer {token}".encode()):
+    set, only for the bearer of it or of the device token: a bundle is the fleet's model, and its URL is no
+    secret (it is in every device's retained ``desired`` message)."""
+    if not device_route_ok(collector, request):
         return error_response(
             401,
-            "missing or wrong API token for a bundle download; "
-            "set [update] token_file (or EDGEKIT_COLLECTOR_TOKEN) in the device's agent.toml",
+            "missing or wrong token for a bundle download; set [update] token_file (or EDGEKIT_COLLECTOR_TOKEN) "
+            "in the device's agent.toml to the collector's device token",
         )
     wanted = request.header("range")
     stored = collector.rollouts.bundle_file(sha256)  # written from the fleet database on first use

@@ -6,10 +6,15 @@ installed, otherwise the embedded amqtt), the collector with its dashboard, and 
 (real agent processes) scoring held-out digits, the first with drift injected, and one more device
 serving a typed tabular model (churn: int, float and string columns with missing values) that starts
 seeing a country it never saw, and a camera-like device serving an image model (a CNN on digit images
-sent as PNG files, decoded and preprocessed on the device) whose pictures get brighter. Part way through, v2
-is rolled out over the air in two waves, each device shadow-testing it on live rows before the
-swap. The fleet table and the rollout are printed as they progress; at the end the final status,
-the drift, the alerts, the rollout and the dashboard URL.
+sent as PNG files, decoded and preprocessed on the device) whose pictures get brighter. Once the
+fleet is up, v2 is rolled out over the air in two waves, each device shadow-testing it on live rows
+before the swap. Then the loop closes (``demo_loop.py``): a hot pixel on emu-00 costs its answers ten
+points, the drift alert opens, the collector's retrain sink (configured in the ``alerts.toml`` the demo
+writes) has emu-00 upload its field samples, labelled by the emulated app's delayed feedback, runs the
+example retraining command, gates the result with ``promote``, and rolls digits v3 out to emu-00 with
+shadow; against v3's baseline its windows no longer drift and the alert closes. The fleet table, the
+rollout and the retrain's steps are printed as they progress; at the end the final status, the drift,
+the alerts, the rollout, the alert's timeline as the store recorded it, and the dashboard URL.
 Every process is stopped on exit or Ctrl-C. Each step is the library call its CLI command makes.
 """
 
@@ -32,7 +37,11 @@ from edgekit.local.emulate import DriftSpec, EmulatedFleet, interrupted, prepare
 from edgekit.local.fixtures import fixtures_usable, make_fixtures
 
 Say = Callable[[str], None]
-DRIFT = DriftSpec(feature="pixel_2_4", shift=8.0, after=600, devices=frozenset({0}))
+# emu-00: after 4,000 rows (20 s, once v2 is in) a hot pixel in the top row reads 8 levels brighter; v2 answers
+# 10 points worse there (96.8 % -> 86.7 % on the held-out digits), so a model retrained on the field can win
+DRIFT = DriftSpec(feature="pixel_0_1", shift=8.0, after=4000, devices=frozenset({0}))
+FEEDBACK = 0.75  # the digits devices' app sends the true label of 3 rows in 4 back, later (delayed labels)
+CAPTURE = {"enabled": True, "rate": 0.25}  # field samples kept on the digits devices, for the retrain sink
 # the typed-tabular device: after 600 rows, 30 % of its rows name a country the model never saw
 TABULAR_DRIFT = DriftSpec(feature="country", shift=0.3, after=600, devices=frozenset({0}))
 # the camera: after 600 images, every picture 40 % brighter (an exposure gone wrong)
@@ -47,6 +56,7 @@ class DemoResult:
     devices: list[dict]
     alerts: list[dict]
     rollout: dict | None = None
+    loop: dict | None = None  # the drift alert, its retrain timeline, the rollout, whether it closed (demo_loop)
 
 
 def run_demo(
@@ -66,7 +76,7 @@ def run_demo(
         return DemoResult(workdir, bundles[0], passed, [], [])
     tabular = _tabular_bundle(workdir, public, say)
     camera = _camera_bundle(workdir, public, say)
-    status, alerts, rollout = _fleet(
+    status, alerts, rollout, loop = _fleet(
         workdir,
         bundles,
         (tabular, camera),
@@ -78,7 +88,7 @@ def run_demo(
         keep_serving=keep_serving,
         say=say,
     )
-    return DemoResult(workdir, bundles[0], passed, status, alerts, rollout)
+    return DemoResult(workdir, bundles[0], passed, status, alerts, rollout, loop)
 
 
 def _host_pipeline(workdir: Path, fixtures: str | Path | None, say: Say) -> tuple[list[Path], Path, Path, bool]:
@@ -201,26 +211,30 @@ def _fleet(
     broker: str,
     keep_serving: bool,
     say: Say,
-) -> tuple[list[dict], list[dict], dict | None]:
+) -> tuple[list[dict], list[dict], dict | None, dict | None]:
+    from edgekit.local.demo_loop import LoopWatch
+
     local = start_local_broker(workdir / "broker", prefer="amqtt" if broker == "amqtt" else "mosquitto")
     collector = fleet = None
     try:
         say(f"[5/8] broker: {local.kind} at {local.url}")
-        collector = _fleet_service(workdir, public, local.url, local.port).start()
+        collector = _fleet_service(workdir, public, local.url, local.port, bundles[1], test_data).start()
         dashboard = f"http://127.0.0.1:{collector.server.server_address[1]}/"
         configs = _device_configs(workdir, bundles[0], extra, public, local.url, test_data, devices)
         fleet = EmulatedFleet(configs, say=lambda _: None).start()
         say(
             f"[6/8] collector and dashboard at {dashboard}; {devices} emulated devices scoring 200 rows/s each, "
-            f"{DRIFT.feature} shifted by {DRIFT.shift:g} on emu-00 after {DRIFT.after} rows; "
+            f"{DRIFT.feature} shifted by {DRIFT.shift:g} on emu-00 after {DRIFT.after} rows, "
+            f"{FEEDBACK:.0%} of the digits rows labelled later by their app; "
             f"tab-00 serves churn, {TABULAR_DRIFT.shift:.0%} of its rows naming an unseen country "
             f"after {TABULAR_DRIFT.after}; cam-00 serves cam, its images {CAMERA_DRIFT.shift:.0%} brighter "
             f"after {CAMERA_DRIFT.after}; "
             f"running {duration:.0f} s (Ctrl-C stops early)"
         )
+        loop = LoopWatch("emu-00", say)
         with interrupted() as stop:
             rollout = _run_fleet(
-                collector, fleet, bundles[1], devices=devices + 2, duration=duration, stop=stop, say=say
+                collector, fleet, bundles[1], loop, devices=devices + 2, duration=duration, stop=stop, say=say
             )
             fleet.stop()
             fleet = None
@@ -229,11 +243,12 @@ def _fleet(
             collector.drain()
             collector.alerts.evaluate()
             status, alerts = collector.store.status(), collector.store.alerts(open_only=True)
-            _final_report(status, alerts, rollout, dashboard, keep_serving, say)
+            closed = loop.result(collector)
+            _final_report(status, alerts, rollout, closed, dashboard, keep_serving, say)
             if keep_serving:
                 say("serving the dashboard until Ctrl-C")
                 stop.wait()
-            return status, alerts, rollout
+            return status, alerts, rollout, closed
     finally:
         if fleet is not None:
             fleet.stop()
@@ -264,7 +279,14 @@ def _device_configs(
         "http_port_base": None,
     }
     digits = prepare_devices(
-        devices=devices, bundle=str(bundle), data=str(test_data), fleet="demo", drift=DRIFT, **common
+        devices=devices,
+        bundle=str(bundle),
+        data=str(test_data),
+        fleet="demo",
+        drift=DRIFT,
+        feedback=FEEDBACK,
+        capture=CAPTURE,
+        **common,
     )
     churn = prepare_devices(
         devices=1,
@@ -287,10 +309,16 @@ def _device_configs(
     return digits + churn + cam
 
 
-def _fleet_service(workdir: Path, public: Path, broker_url: str, broker_port: int):
-    """The demo's collector: its dashboard on a free port, alerts after 2 drifted windows, the demo key trusted."""
-    from edgekit.fleet.alerts import AlertRules, AlertSinks
+def _fleet_service(workdir: Path, public: Path, broker_url: str, broker_port: int, champion: Path, test_data: Path):
+    """The demo's collector: its dashboard on a free port, the demo key trusted, the rules and the retrain sink of
+    the ``alerts.toml`` the demo writes (read as ``fleet collect --alerts`` reads it): alerts after 3 drifted
+    windows, the retrain sink's champion digits v2, gated on ``test_data``."""
+    from edgekit.fleet.alerts import load_alert_config
     from edgekit.fleet.config import CollectorConfig
+    from edgekit.local.demo_loop import write_alerts
+
+    train, key = test_data.with_name("digits_train.npz"), public.with_suffix(".key")
+    alerts_toml = write_alerts(workdir, champion=champion, gate=test_data, train=train, key=key)
     from edgekit.fleet.service import FleetService
 
     config = CollectorConfig(
@@ -300,14 +328,20 @@ def _fleet_service(workdir: Path, public: Path, broker_url: str, broker_port: in
         client_id=f"edgekit-demo-{broker_port}",
         trust=str(public),
     )
-    return FleetService(
-        config, alert_rules=AlertRules(drift_windows=2, offline_seconds=3600), alert_sinks=AlertSinks(log=False)
-    )
+    rules, sinks = load_alert_config(alerts_toml)
+    return FleetService(config, alert_rules=rules, alert_sinks=sinks)
 
 
 def _final_report(
-    status: list[dict], alerts: list[dict], rollout: dict | None, dashboard: str, keep_serving: bool, say: Say
+    status: list[dict],
+    alerts: list[dict],
+    rollout: dict | None,
+    loop: dict | None,
+    dashboard: str,
+    keep_serving: bool,
+    say: Say,
 ) -> None:
+    from edgekit.local.demo_loop import timeline_lines
     from edgekit.text import table
 
     say("[8/8] final fleet status: (the emulated devices were stopped first, so their last windows are in)")
@@ -335,9 +369,14 @@ def _final_report(
             f"rollout {rollout['id']}: {rollout['state']} ({rollout['reason']}); "
             f"see {dashboard}rollouts/{rollout['id']}"
         )
+    if loop is not None:
+        for line in timeline_lines(loop, dashboard):
+            say(line)
+    else:
+        say("the loop: no retrain ran (the drift alert on emu-00 did not open before the demo ended)")
     say(
         f"dashboard: {dashboard} (fleet table, per-device drift, fleet-wide drift at {dashboard}drift, "
-        f"rollouts at {dashboard}rollouts); "
+        f"rollouts at {dashboard}rollouts, retrains at {dashboard}retrains); "
         + (
             "it stays up until Ctrl-C"
             if keep_serving
@@ -368,42 +407,29 @@ ROLLOUT_SETTINGS = {
     "health_seconds": 3,
     "abort_on": "failed>20%,agreement<0.95",
 }
-ROLLOUT_GRACE = 90.0  # the demo waits this long past --duration for its rollout to start and finish
+LOOP_GRACE = 150.0  # past --duration, the demo waits this long at most for v2's rollout and the loop to finish
 
 
-def _run_fleet(collector, fleet, bundle_v2: Path, *, devices: int, duration: float, stop, say: Say) -> dict | None:
-    """Run the fleet for ``duration``; a third of the way in, roll v2 out (what 'edgekit rollout start' asks
-    the collector to do)."""
-    from edgekit.fleet.rollouts import start_from_request
-
+def _run_fleet(
+    collector, fleet, bundle_v2: Path, loop, *, devices: int, duration: float, stop, say: Say
+) -> dict | None:
+    """Run the fleet for ``duration`` at least, and until v2's rollout has finished and the loop has closed (or
+    cannot: ``LoopWatch.done``), for ``LOOP_GRACE`` more at most. v2 is rolled out (what 'edgekit rollout start'
+    asks the collector to do) as soon as every device is online, before emu-00's drift begins: the retrain
+    sink's rollout waits for a fleet's running rollout, but a drifted device would shadow-test v2 on rows v1
+    and v2 both get wrong."""
     started = time.monotonic()
     deadline, next_line, rollout_id, last_line = started + duration, started + 5, None, ""
     while not stop.is_set():
         now = time.monotonic()
         rollout = collector.rollouts.status(rollout_id) if rollout_id else None
-        # past the deadline: done once the rollout has finished; a rollout not yet started (devices slow to
-        # come online on a loaded machine) or still running gets ROLLOUT_GRACE more
-        if now >= deadline and (
-            (rollout is not None and rollout["state"] not in ("running", "paused")) or now >= deadline + ROLLOUT_GRACE
-        ):
+        finished = rollout is not None and rollout["state"] not in ("running", "paused")
+        if now >= deadline and ((finished and loop.done(collector)) or now >= deadline + LOOP_GRACE):
             return rollout
         fleet.check()
         stop.wait(0.5)
-        if (
-            rollout_id is None
-            and now - started >= duration / 3
-            and all(d["online"] for d in collector.store.status())
-            and len(collector.store.status()) == devices
-        ):
-            uploaded = collector.rollouts.add_bundle(bundle_v2.read_bytes())
-            rollout_id = start_from_request(
-                collector.rollouts, {"sha256": uploaded["sha256"], "fleet": "demo", **ROLLOUT_SETTINGS}
-            )
-            say(
-                f"[7/8] rolling out digits v2 ({rollout_id}): waves {ROLLOUT_SETTINGS['waves']}, "
-                f"each device scores {ROLLOUT_SETTINGS['shadow_rows']} live rows with v2 beside v1 before swapping, "
-                f"then watches its health for {ROLLOUT_SETTINGS['health_seconds']} s"
-            )
+        if rollout_id is None and _all_online(collector, devices):
+            rollout_id = _start_v2(collector, bundle_v2, say)
         if rollout is not None:
             line = f"      rollout: {rollout['state']}, wave {rollout['wave']}/{len(rollout['waves'])}: " + ", ".join(
                 f"{d['device']} {d['state']}" for d in rollout["devices"]
@@ -411,6 +437,7 @@ def _run_fleet(collector, fleet, bundle_v2: Path, *, devices: int, duration: flo
             if line != last_line:
                 say(line)
                 last_line = line
+        loop.poll(collector)
         if time.monotonic() >= next_line:
             next_line += 5
             say(
@@ -421,3 +448,24 @@ def _run_fleet(collector, fleet, bundle_v2: Path, *, devices: int, duration: flo
                 )
             )
     return collector.rollouts.status(rollout_id) if rollout_id else None
+
+
+def _all_online(collector, devices: int) -> bool:
+    status = collector.store.status()
+    return len(status) == devices and all(d["online"] for d in status)
+
+
+def _start_v2(collector, bundle_v2: Path, say: Say) -> str:
+    from edgekit.fleet.rollouts import start_from_request
+
+    uploaded = collector.rollouts.add_bundle(bundle_v2.read_bytes())
+    rollout_id = start_from_request(
+        collector.rollouts, {"sha256": uploaded["sha256"], "fleet": "demo", **ROLLOUT_SETTINGS}
+    )
+    say(
+        f"[7/8] rolling out digits v2 ({rollout_id}): waves {ROLLOUT_SETTINGS['waves']}, "
+        f"each device scores {ROLLOUT_SETTINGS['shadow_rows']} live rows with v2 beside v1 before swapping, "
+        f"then watches its health for {ROLLOUT_SETTINGS['health_seconds']} s; then the drift on emu-00 "
+        "starts, and the collector's retrain sink answers its alert (steps below as they are recorded)"
+    )
+    return rollout_id

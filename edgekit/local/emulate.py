@@ -24,6 +24,7 @@ from device_agent.errors import InstallError
 from device_agent.signing import load_public_key
 from device_agent.state import StateDir
 from edgekit.errors import EdgekitError
+from edgekit.local.flash import device_token_for
 from edgekit.processes import stop_processes
 
 
@@ -88,10 +89,16 @@ def prepare_devices(
     prefix: str = "emu",
     collector_token: str | None = None,
     collector_url: str | None = None,
+    feedback: float = 0.0,
+    capture: dict[str, float | int | bool] | None = None,
+    device_token: str | None = None,
 ) -> list[Path]:
     """Write each device's directory (``<prefix>-00``, …: agent.toml, trusted key, bundle); return the configs.
-    ``collector_token`` (default: ``EDGEKIT_COLLECTOR_TOKEN``): see ``_update_lines``."""
-    token = collector_token if collector_token is not None else os.environ.get("EDGEKIT_COLLECTOR_TOKEN")
+    Each device's token: the collector's device token (``device_token``, else ``EDGEKIT_DEVICE_TOKEN``), else
+    its API token (``collector_token``, else ``EDGEKIT_COLLECTOR_TOKEN``): see ``_update_lines``. ``feedback``:
+    the share of rows whose true label (the data file's ``y``) each device sends back as a delayed label; ``capture``:
+    the devices' ``[capture]`` table (field samples kept for ``fleet samples`` and the retrain sink)."""
+    token, _ = device_token_for(device_token, collector_token)
     _check_arguments(broker, drift, devices)
     key = load_public_key(pubkey)
     opened = read_bundle(bundle, key)
@@ -101,14 +108,7 @@ def prepare_devices(
     for index in range(devices):
         device_id = f"{prefix}-{index:02d}"
         directory = root / device_id
-        directory.mkdir(parents=True, exist_ok=True)
-        shutil.copy(pubkey, directory / "trusted.pub")
-        state = StateDir(directory / "state")
-        try:
-            state.install(bundle, key)
-        except InstallError:
-            if state.state().get("version") != opened.version:
-                raise  # a newer model is installed there: do not silently run something else
+        _install(directory, pubkey, bundle, key, opened.version)
         drifting = drift if drift and index in drift.devices else None
         lines = _agent_toml(
             device_id,
@@ -122,12 +122,26 @@ def prepare_devices(
             rows_per_second=rows_per_second,
             drift=drifting,
             feature=feature,
+            feedback=feedback,
         )
+        lines += _capture_lines(capture)
         lines += _update_lines(directory, token, collector_url)
         config = directory / "agent.toml"
         config.write_text("\n".join(lines) + "\n")
         configs.append(config)
     return configs
+
+
+def _install(directory: Path, pubkey: str, bundle: str, key, version: int) -> None:
+    """The device's directory with the trusted key and the bundle installed (kept when it is installed already)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    shutil.copy(pubkey, directory / "trusted.pub")
+    state = StateDir(directory / "state")
+    try:
+        state.install(bundle, key)
+    except InstallError:
+        if state.state().get("version") != version:
+            raise  # a newer model is installed there: do not silently run something else
 
 
 def _check_arguments(broker: str | None, drift: DriftSpec | None, devices: int) -> None:
@@ -142,8 +156,17 @@ def _check_arguments(broker: str | None, drift: DriftSpec | None, devices: int) 
         )
 
 
+def _capture_lines(capture: dict[str, float | int | bool] | None) -> list[str]:
+    """``[capture]`` as given (``{"enabled": True, "rate": 0.5}``); nothing when None."""
+    if not capture:
+        return []
+    return ["[capture]"] + [
+        f"{key} = {str(value).lower() if isinstance(value, bool) else value}" for key, value in capture.items()
+    ]
+
+
 def _update_lines(directory: Path, token: str | None, collector_url: str | None) -> list[str]:
-    """The collector's API token, which it wants on bundle downloads when it has one: ``collector.token``
+    """The device's token, which the collector wants on bundle downloads when it has one: ``collector.token``
     (0600) and ``[update] token_file``, with ``collector_url`` as ``[update] collector`` when given (else
     the agent sends the token only to the broker's host). Nothing without a token."""
     if not token:
@@ -169,6 +192,7 @@ def _agent_toml(
     rows_per_second: float,
     drift: DriftSpec | None,
     feature: str | None,
+    feedback: float = 0.0,
 ) -> list[str]:
     """The lines of one emulated device's agent.toml (relative paths: the file sits in the device's directory)."""
     lines = [
@@ -191,6 +215,8 @@ def _agent_toml(
         f"rows_per_second = {rows_per_second}",
         f"seed = {index}",
     ]
+    if feedback:
+        lines.append(f"feedback = {feedback}")
     if drift:
         lines += [f'drift_feature = "{feature}"', f"drift_shift = {drift.shift}", f"drift_after = {drift.after}"]
     return lines
@@ -215,6 +241,12 @@ def _resolve_feature(name: str, feature_names: tuple[str, ...]) -> str:
     )
 
 
+def device_environment() -> dict[str, str]:
+    """This environment for an emulated device, without the operators' token: the agent would take
+    ``EDGEKIT_COLLECTOR_TOKEN`` over the token file ``prepare_devices`` wrote (the device token)."""
+    return {k: v for k, v in os.environ.items() if k not in ("EDGEKIT_COLLECTOR_TOKEN", "EDGEKIT_DEVICE_TOKEN")}
+
+
 class EmulatedFleet:
     """One ``edge-agent run`` process per config: start, check, stop (every one, whatever happens)."""
 
@@ -227,7 +259,10 @@ class EmulatedFleet:
             with open(config.parent / "agent.log", "ab") as log:
                 self.processes.append(
                     subprocess.Popen(
-                        [sys.executable, "-m", "device_agent", "run", "--config", str(config)], stdout=log, stderr=log
+                        [sys.executable, "-m", "device_agent", "run", "--config", str(config)],
+                        stdout=log,
+                        stderr=log,
+                        env=device_environment(),
                     )
                 )
             self.say(f"started {config.parent.name} (pid {self.processes[-1].pid}, log {config.parent / 'agent.log'})")

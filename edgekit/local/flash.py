@@ -15,8 +15,10 @@ Targets:
 
 Layout: ``venv/`` (``edgekit-ml[agent]`` from the index, or offline from ``--wheel-dir``), ``etc/agent.toml``,
 ``etc/trusted.pub``, ``etc/mqtt.password`` (0600, from ``fleet provision``), ``etc/collector.token`` (0600, the
-collector's API token for bundle downloads, when ``EDGEKIT_COLLECTOR_TOKEN`` is set), ``state/`` with the bundle
-installed in its active slot. Running flash again upgrades in place. ``--dry-run`` prints each step.
+collector's device token for bundle downloads and field-sample uploads: ``--device-token-file`` or
+``EDGEKIT_DEVICE_TOKEN``; else, for a collector without one, its API token, ``EDGEKIT_COLLECTOR_TOKEN``),
+``state/`` with the bundle installed in its active slot. Running flash again upgrades in place. ``--dry-run``
+prints each step.
 """
 
 from __future__ import annotations
@@ -76,8 +78,23 @@ class FlashPlan:
     window_rows: int = 1000
     window_seconds: float = 60.0
     start: bool = False
-    collector_token: str | None = field(default=None, repr=False)  # default: EDGEKIT_COLLECTOR_TOKEN
+    collector_token: str | None = field(default=None, repr=False)  # the API token, for a collector without
+    device_token: str | None = field(default=None, repr=False)  # a device token (``device_token_for``)
     collector_url: str | None = None  # [update] collector: where the token may go (default: the broker's host)
+
+
+def device_token_for(device_token: str | None = None, collector_token: str | None = None) -> tuple[str | None, bool]:
+    """The token a flashed or emulated device keeps, and whether it is a device token: the collector's
+    device token (``device_token``, else ``EDGEKIT_DEVICE_TOKEN``) when there is one, else, for a collector
+    without one, its API token (``collector_token``, else ``EDGEKIT_COLLECTOR_TOKEN``). An argument given,
+    even "" (no token), wins over the environment."""
+    if device_token is not None:
+        return device_token or None, bool(device_token)
+    if collector_token is not None:
+        return collector_token or None, False
+    if os.environ.get("EDGEKIT_DEVICE_TOKEN"):
+        return os.environ["EDGEKIT_DEVICE_TOKEN"], True
+    return os.environ.get("EDGEKIT_COLLECTOR_TOKEN") or None, False
 
 
 @dataclass
@@ -185,12 +202,17 @@ class Flasher:
         return files
 
     def _collector_token(self, staging: Path, files: dict[str, Path], root: str) -> list[str]:
-        """The ``[update]`` lines, and ``etc/collector.token`` staged, when the collector has an API token:
-        it wants it on bundle downloads, so a device flashed without it could never be updated over the air."""
+        """The ``[update]`` lines, and ``etc/collector.token`` staged, when the collector has a token: it wants
+        one on bundle downloads, so a device flashed without it could never be updated over the air."""
         plan = self.plan
-        token = plan.collector_token if plan.collector_token is not None else os.environ.get("EDGEKIT_COLLECTOR_TOKEN")
+        token, is_device_token = device_token_for(plan.device_token, plan.collector_token)
         if not token:
             return []
+        if not is_device_token:
+            self.say(
+                "the device gets the collector's API token, which also starts rollouts: give the collector "
+                "--device-token-file and flash with the same file, so a device holds only the device token"
+            )
         (staging / "collector.token").write_text(token + "\n")
         files["etc/collector.token"] = staging / "collector.token"
         lines = ["[update]", f'token_file = "{root}/etc/collector.token"']
@@ -271,6 +293,8 @@ class Flasher:
         elif plan.start or self._chroot():
             lines += [
                 '[ -f "$ROOT/agent.pid" ] && kill "$(cat "$ROOT/agent.pid")" 2>/dev/null || true',
+                # started from the operator's shell: its token must not override the device's token file
+                "unset EDGEKIT_COLLECTOR_TOKEN EDGEKIT_DEVICE_TOKEN",
                 'nohup "$ROOT/venv/bin/edge-agent" run --config "$ROOT/etc/agent.toml" '
                 '>> "$ROOT/agent.log" 2>&1 < /dev/null &',
                 'echo $! > "$ROOT/agent.pid"',

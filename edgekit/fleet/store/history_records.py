@@ -6,9 +6,11 @@ or a day: their counters and their merged compact profile. What merges is decide
 transaction: the rows a bucket replaces are deleted in the transaction that writes it, so a crash
 anywhere leaves either the rows or the bucket, never both, and running a step twice changes nothing.
 
-``history_marks`` records, per device, the newest seq and window end rolled up: a raw row at or under
-both is a redelivery of a window already counted in a bucket (the device resent it from its spool
-after the raw row was gone); readers skip it and the next rollup drops it.
+``history_marks`` records, per device, the newest seq and window end rolled up, and ``history_holes`` the
+seqs at or under that mark which no bucket counts (windows missing, or left raw, when a rollup passed them):
+a raw row at or under both marks and in no hole is a redelivery of a window already counted in a bucket
+(the device resent it from its spool after the raw row was gone); readers skip it and the next rollup drops
+it. A row in a hole is a late window: readers count it, the next rollup merges it and closes its hole.
 
 Retention writers serialize on a row of ``fleet_settings`` (an upsert holds the row lock until
 commit in PostgreSQL; SQLite serializes writers anyway), so a ``fleet retention`` run and the
@@ -18,6 +20,7 @@ Imports: nothing of edgekit.
 
 from __future__ import annotations
 
+import bisect
 import json
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -48,6 +51,10 @@ _UPSERT = (
 )
 _CHUNK = 500
 Merge = Callable[[dict[str, Any], dict[str, Any]], dict[str, Any]]
+# whether raw row ``s`` is in one of its device's holes: a late window, counted nowhere yet
+_IN_HOLE = (
+    "EXISTS (SELECT 1 FROM history_holes h WHERE h.device = s.device AND s.seq BETWEEN h.first_seq AND h.last_seq)"
+)
 
 
 class RowsMoved(Exception):
@@ -78,7 +85,8 @@ class HistoryRecords:
 
     # -- raw windows into buckets ----------------------------------------------------------------------
     def raw_windows_before(self, cutoff: str, limit: int, *, keep_recent: int = 0) -> list[dict[str, Any]]:
-        """Up to ``limit`` raw windows ending before ``cutoff``, oldest first, with their device's marks.
+        """Up to ``limit`` raw windows ending before ``cutoff``, oldest first, with their device's marks and
+        whether the window is in one of its holes (``in_hole``: late, never counted).
 
         Never the row stored last (its rowid would be reused by SQLite and the alert evaluator's watermark
         would miss the next row), nor a device's newest ``keep_recent`` windows (what alert rules read)."""
@@ -86,8 +94,8 @@ class HistoryRecords:
         with self.reading() as db:
             rows = db.execute(
                 f"SELECT s.{order} AS mark, s.device, s.seq, s.fleet, s.model, s.model_version, s.window_start, "
-                "s.window_end, s.rows, s.drifted, s.baseline_id, s.labelled, s.payload, m.rolled_seq, m.rolled_end "
-                "FROM summaries s LEFT JOIN history_marks m ON m.device = s.device "
+                "s.window_end, s.rows, s.drifted, s.baseline_id, s.labelled, s.payload, m.rolled_seq, m.rolled_end, "
+                f"{_IN_HOLE} AS in_hole FROM summaries s LEFT JOIN history_marks m ON m.device = s.device "
                 f"WHERE s.window_end < ? AND s.{order} < (SELECT max({order}) FROM summaries) "
                 "AND s.seq <= (SELECT d.max_seq FROM devices d WHERE d.device = s.device) - ? "
                 "ORDER BY s.window_end, s.device, s.seq LIMIT ?",
@@ -102,9 +110,11 @@ class HistoryRecords:
         rolled: dict[str, tuple[int, str]],
         merge: Merge,
         now: float,
+        merged: dict[str, list[int]] | None = None,
     ) -> bool:
         """In one transaction: delete the raw rows ``marks`` name, add ``buckets`` into what is stored,
-        raise each device's marks to ``rolled``. False (and nothing changed) when a row was gone already."""
+        raise each device's marks to ``rolled`` and keep its holes (``merged``: the seqs the buckets count, per
+        device). False (and nothing changed) when a row was gone already."""
         order = self.ORDER_COLUMN
         try:
             with self.atomic() as db:
@@ -121,6 +131,7 @@ class HistoryRecords:
                 if deleted != len(marks):
                     raise RowsMoved
                 self._add_buckets(db, buckets, merge, now)
+                self._keep_holes(db, merged or {})
                 greatest = self.GREATEST
                 db.executemany(
                     "INSERT INTO history_marks VALUES (?, ?, ?) ON CONFLICT (device) DO UPDATE SET "
@@ -131,6 +142,30 @@ class HistoryRecords:
         except RowsMoved:
             return False
         return True
+
+    def _keep_holes(self, db: Any, merged: dict[str, list[int]]) -> None:
+        """Each device's holes after its ``merged`` seqs are counted, read and written inside the rollup's
+        transaction (before its marks rise): the seqs between the old mark and the new one that were not merged
+        become holes, and merged seqs leave the holes they filled. Holes are ranges, so a device that lost
+        windows for a day costs a row, not a row a window."""
+        devices = sorted(device for device, seqs in merged.items() if seqs)
+        before: dict[str, list[tuple[int, int]]] = {device: [] for device in devices}
+        marks: dict[str, int] = {}
+        for start in range(0, len(devices), _CHUNK):
+            chunk = devices[start : start + _CHUNK]
+            where = f"device IN ({', '.join('?' * len(chunk))})"
+            marks.update(db.execute(f"SELECT device, rolled_seq FROM history_marks WHERE {where}", chunk).fetchall())
+            for row in db.execute(f"SELECT device, first_seq, last_seq FROM history_holes WHERE {where}", chunk):
+                before[row[0]].append((row[1], row[2]))
+        for device in devices:
+            mark, seqs = marks.get(device, 0), sorted(set(merged[device]))
+            holes = sorted(before[device]) + ([(mark + 1, seqs[-1])] if seqs[-1] > mark else [])
+            after = _without(holes, seqs)
+            if after != sorted(before[device]):
+                db.execute("DELETE FROM history_holes WHERE device = ?", (device,))
+                db.executemany(
+                    "INSERT INTO history_holes VALUES (?, ?, ?)", [(device, first, last) for first, last in after]
+                )
 
     # -- buckets into coarser buckets, and expiry ------------------------------------------------------
     def roll_history(
@@ -210,7 +245,7 @@ class HistoryRecords:
         all. ``since`` selects buckets whose last window ends at or after it: a coarse bucket starts earlier."""
         selection = {"device": device, "model": model, "version": version, "fleet": fleet, "since": since}
         raw_where, params = selection_clauses("s", "window_end", **selection)
-        raw_where.insert(0, "(m.device IS NULL OR s.seq > m.rolled_seq OR s.window_end > m.rolled_end)")
+        raw_where.insert(0, f"(m.device IS NULL OR s.seq > m.rolled_seq OR s.window_end > m.rolled_end OR {_IN_HOLE})")
         bucket_where, _ = selection_clauses("h", "last_end", **selection)
         query = (
             "SELECT 'raw' AS resolution, s.payload, s.device, s.model, s.model_version, s.baseline_id, "
@@ -256,6 +291,20 @@ class HistoryRecords:
                 (row[0], row[1]) for row in db.execute("SELECT resolution, count(*) FROM history GROUP BY resolution")
             )
         return sizes
+
+
+def _without(ranges: list[tuple[int, int]], seqs: list[int]) -> list[tuple[int, int]]:
+    """Inclusive ``ranges`` (sorted) less the sorted ``seqs``."""
+    left = []
+    for first, last in ranges:
+        inside = seqs[bisect.bisect_left(seqs, first) : bisect.bisect_right(seqs, last)]
+        for seq in inside:
+            if seq > first:
+                left.append((first, seq - 1))
+            first = seq + 1
+        if first <= last:
+            left.append((first, last))
+    return left
 
 
 def _bucket(row: Any) -> dict[str, Any]:

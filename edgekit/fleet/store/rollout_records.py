@@ -22,18 +22,23 @@ class RolloutRecords:
     # -- bundles ---------------------------------------------------------------------------------------
     def add_bundle(self, record: dict[str, Any]) -> str | None:
         """Store an uploaded bundle's record; the sha256 already stored under its name and version if
-        that is other content (nothing is written then), else None."""
+        that is other content (nothing is written then), else None.
+
+        The insert does nothing on any conflict and the name and version are read again after it: two
+        collectors uploading other content as one version at once both pass a check made first, but in
+        PostgreSQL the second insert waits for the first's commit on the unique index and then does nothing,
+        so the read after it names the content that won (the same bundle twice is stored once)."""
+        key = (record["name"], record["version"])
+        query = "SELECT sha256 FROM bundles WHERE name = ? AND version = ?"
         with self.atomic() as db:
-            row = db.execute(
-                "SELECT sha256 FROM bundles WHERE name = ? AND version = ?", (record["name"], record["version"])
-            ).fetchone()
-            if row is not None and row[0] != record["sha256"]:
-                return row[0]
-            db.execute(
-                "INSERT INTO bundles VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
-                tuple(record[k] for k in ("sha256", "name", "version", "size", "path", "signature", "added_at")),
-            )
-        return None
+            row = db.execute(query, key).fetchone()
+            if row is None:
+                db.execute(
+                    "INSERT INTO bundles VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+                    tuple(record[k] for k in ("sha256", "name", "version", "size", "path", "signature", "added_at")),
+                )
+                row = db.execute(query, key).fetchone()
+        return row[0] if row is not None and row[0] != record["sha256"] else None
 
     def bundle(
         self, *, sha256: str | None = None, name: str | None = None, version: int | None = None
@@ -53,19 +58,25 @@ class RolloutRecords:
     # -- rollouts --------------------------------------------------------------------------------------
     def create_rollout(self, rollout: dict[str, Any], devices: list[tuple[str, int, int | None]]) -> str | None:
         """Store a running rollout and its ``(device, wave, from_version)`` rows; the id of the rollout
-        still in progress on that fleet if there is one (nothing is written then), else None."""
+        still in progress on that fleet if there is one (nothing is written then), else None.
+
+        The database keeps one rollout in progress per fleet (the partial unique index
+        ``rollouts_one_in_progress``): collectors starting rollouts at once both pass the check made first,
+        but the second insert waits for the first's commit and then does nothing, and says whose it is."""
+        busy_query = f"SELECT id FROM rollouts WHERE fleet = ? AND state IN {IN_PROGRESS}"
         with self.atomic() as db:
-            busy = db.execute(
-                f"SELECT id FROM rollouts WHERE fleet = ? AND state IN {IN_PROGRESS}", (rollout["fleet"],)
-            ).fetchone()
+            busy = db.execute(busy_query, (rollout["fleet"],)).fetchone()
             if busy is not None:
                 return busy[0]
             columns = ("id", "fleet", "kind", "name", "version", "sha256", "spec", "wave_started_at", "created_at")
-            db.execute(
+            inserted = db.execute(
                 f"INSERT INTO rollouts ({', '.join(columns)}, state, wave, updated_at) "
-                f"VALUES ({', '.join('?' * len(columns))}, 'running', 0, ?)",
+                f"VALUES ({', '.join('?' * len(columns))}, 'running', 0, ?) ON CONFLICT DO NOTHING RETURNING id",
                 (*(rollout[c] for c in columns), rollout["created_at"]),
-            )
+            ).fetchone()
+            if inserted is None:  # lost the race (or the id is taken): name the rollout in the way
+                busy = db.execute(busy_query, (rollout["fleet"],)).fetchone()
+                return rollout["id"] if busy is None else busy[0]
             db.executemany(
                 "INSERT INTO rollout_devices (rollout, device, wave, state, from_version, version, updated_at) "
                 "VALUES (?, ?, ?, 'pending', ?, ?, ?)",

@@ -12,6 +12,7 @@ Which request is refused and why is ``fleet/samples.py``'s business; this module
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 OPEN_STATES = ("requested", "receiving")
@@ -20,6 +21,7 @@ _UPLOAD_COLUMNS = (
     "completed_at, reason"
 )
 _SAMPLE_COLUMNS = "device, id, upload, seq, model, model_version, ts, drifted, prediction, label, input"
+_BATCH_ROWS, _BATCH_BYTES = 1000, 1 << 20  # rows (and their inputs' bytes) a statement inserts at most
 
 
 class SampleRecords:
@@ -70,41 +72,69 @@ class SampleRecords:
             return int(row[0])
 
     def upload_bytes(self, upload_id: str) -> bytes:
-        with self.reading() as db:
-            chunks = db.execute(
-                "SELECT data FROM sample_chunks WHERE upload = ? ORDER BY first_byte", (upload_id,)
-            ).fetchall()
-        return b"".join(bytes(chunk[0]) for chunk in chunks)
+        """The whole upload at once: for tests and small files; ``upload_chunks`` is what the collector reads."""
+        return b"".join(self.upload_chunks(upload_id))
+
+    def upload_chunks(self, upload_id: str) -> Iterator[bytes]:
+        """The upload's chunks in order, one query each, so a file of ``MAX_UPLOAD_BYTES`` is never in memory
+        whole and no read stays open between chunks."""
+        offset = 0
+        while True:
+            with self.reading() as db:
+                row = db.execute(
+                    "SELECT first_byte, data FROM sample_chunks WHERE upload = ? AND first_byte >= ? "
+                    "ORDER BY first_byte LIMIT 1",
+                    (upload_id, offset),
+                ).fetchone()
+            if row is None:
+                return
+            data = bytes(row[1])
+            offset = int(row[0]) + max(len(data), 1)
+            yield data
 
     def complete_upload(
-        self, upload_id: str, device: str, rows: list[dict[str, Any]], header: dict[str, Any], now: float
-    ) -> None:
-        """The upload's rows stored, its chunks gone, its state ``complete``: one transaction."""
-        records = [_sample(device, upload_id, row) for row in rows]
-        labelled = sum(1 for r in records if r[9] is not None)
+        self, upload_id: str, device: str, rows: Iterable[dict[str, Any]], header: dict[str, Any], now: float
+    ) -> bool:
+        """The upload's rows stored, its chunks gone, its state ``complete``: one transaction, written in batches
+        as ``rows`` yields them. False (and nothing written) when it is no longer open: another collector
+        finished it first."""
+        counts = {"rows": 0, "labelled": 0}
         with self.atomic() as db:
-            db.executemany(
-                f"""INSERT INTO samples ({_SAMPLE_COLUMNS}) VALUES ({", ".join("?" * 11)})
-                   ON CONFLICT (device, id) DO UPDATE SET upload = excluded.upload,
-                   label = coalesce(excluded.label, samples.label)""",
-                records,
-            )
+            closed = db.execute(
+                "UPDATE sample_uploads SET state = 'complete', completed_at = :now, updated_at = :now "
+                "WHERE id = :id AND state IN ('requested', 'receiving') RETURNING id",
+                {"now": now, "id": upload_id},
+            ).fetchone()
+            if closed is None:
+                return False
+            for batch in _batches(_sample(device, upload_id, row) for row in rows):
+                db.executemany(
+                    f"""INSERT INTO samples ({_SAMPLE_COLUMNS}) VALUES ({", ".join("?" * 11)})
+                       ON CONFLICT (device, id) DO UPDATE SET upload = excluded.upload,
+                       label = coalesce(excluded.label, samples.label)""",
+                    batch,
+                )
+                counts["rows"] += len(batch)
+                counts["labelled"] += sum(1 for r in batch if r[9] is not None)
             db.execute("DELETE FROM sample_chunks WHERE upload = ?", (upload_id,))
             db.execute(
-                "UPDATE sample_uploads SET state = 'complete', rows = ?, labelled = ?, header = ?, completed_at = ?, "
-                "updated_at = ? WHERE id = ?",
-                (len(records), labelled, json.dumps(header), now, now, upload_id),
+                "UPDATE sample_uploads SET rows = ?, labelled = ?, header = ? WHERE id = ?",
+                (counts["rows"], counts["labelled"], json.dumps(header), upload_id),
             )
+        return True
 
     def fail_upload(self, upload_id: str, reason: str, now: float) -> None:
         """Close an upload that cannot complete (it arrived whole but wrong, or was never sent): its bytes go,
-        the reason stays for ``fleet samples`` to say; asking again issues a new id."""
+        the reason stays for ``fleet samples`` to say; asking again issues a new id. One completed already
+        stays complete."""
         with self.atomic() as db:
-            db.execute("DELETE FROM sample_chunks WHERE upload = ?", (upload_id,))
-            db.execute(
-                "UPDATE sample_uploads SET state = 'failed', reason = ?, updated_at = ? WHERE id = ?",
+            failed = db.execute(
+                "UPDATE sample_uploads SET state = 'failed', reason = ?, updated_at = ? "
+                "WHERE id = ? AND state IN ('requested', 'receiving') RETURNING id",
                 (reason, now, upload_id),
-            )
+            ).fetchone()
+            if failed is not None:
+                db.execute("DELETE FROM sample_chunks WHERE upload = ?", (upload_id,))
 
     def sample_rows(
         self, *, device: str | None = None, upload: str | None = None, since: float | None = None, drifted_only=False
@@ -134,6 +164,19 @@ class SampleRecords:
             "uploads": {row[0]: int(row[1]) for row in states},
             "rows": {row[0]: (int(row[1]), int(row[2] or 0)) for row in devices},
         }
+
+
+def _batches(records: Iterable[tuple]) -> Iterator[list[tuple]]:
+    """Records in batches of at most ``_BATCH_ROWS`` rows or ``_BATCH_BYTES`` of inputs (a tensor row is big)."""
+    batch, size = [], 0
+    for record in records:
+        batch.append(record)
+        size += len(record[10])
+        if len(batch) >= _BATCH_ROWS or size >= _BATCH_BYTES:
+            yield batch
+            batch, size = [], 0
+    if batch:
+        yield batch
 
 
 def _upload(row: Any) -> dict[str, Any]:

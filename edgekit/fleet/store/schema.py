@@ -196,6 +196,45 @@ MIGRATIONS: list[tuple[str, str | dict[str, str]]] = [
         CREATE INDEX timeline_by_alert ON timeline (alert, id)
     """,
     ),
+    # One rollout in progress per fleet, kept by the database (rollout_records.create_rollout): two collectors
+    # sharing it could both pass the check before either inserted. Rollouts such a race left in progress
+    # beside an older one on the same fleet are marked failed first, so that the index can be built.
+    (
+        "0012_one_rollout_per_fleet",
+        """
+        UPDATE rollouts SET state = 'failed', finished_at = updated_at,
+            reason = 'started while another rollout was in progress on this fleet (two collectors at once)'
+        WHERE state IN ('running', 'paused', 'pending') AND EXISTS (
+            SELECT 1 FROM rollouts older WHERE older.fleet = rollouts.fleet
+            AND older.state IN ('running', 'paused', 'pending')
+            AND (older.created_at < rollouts.created_at
+                OR (older.created_at = rollouts.created_at AND older.id < rollouts.id))
+        );
+        CREATE UNIQUE INDEX rollouts_one_in_progress ON rollouts (fleet) WHERE state IN ('running', 'paused', 'pending')
+    """,
+    ),
+    # The transaction that wrote each summary, for the alert evaluator's watermark in PostgreSQL (postgres.py):
+    # summary writers no longer queue behind one lock, so the id sequence is not commit order. Rows stored
+    # before keep NULL (already seen); the column is filled from here on, with no rewrite of the table.
+    (
+        "0013_summary_xact",
+        {
+            "sqlite": "",
+            "postgresql": "ALTER TABLE summaries ADD COLUMN xact xid8;"
+            "ALTER TABLE summaries ALTER COLUMN xact SET DEFAULT pg_current_xact_id();"
+            "CREATE INDEX summaries_by_xact ON summaries (xact)",
+        },
+    ),
+    # Seqs at or under a device's rolled mark that no bucket counts (history_records.py): windows missing when
+    # the rollup passed them, so that one arriving late is merged, not taken for a redelivery and dropped.
+    (
+        "0014_history_holes",
+        """
+        CREATE TABLE history_holes (
+            device TEXT NOT NULL, first_seq INTEGER NOT NULL, last_seq INTEGER NOT NULL, PRIMARY KEY (device, first_seq)
+        )
+    """,
+    ),
 ]
 
 DIALECTS = ("sqlite", "postgresql")

@@ -124,8 +124,8 @@ class SqlStore(RolloutRecords, LeaseRecords, BundleBlobs, HistoryRecords, Sample
         round trips a batch, not several a summary.
         """
         with self.atomic() as db:
-            self._serialize_summary_writes(db)
             new = self._insert_summaries(db, records, now)
+            self._lock_devices(db, records, now)
             stored: dict[str, list[SummaryRecord]] = {}
             redelivered: dict[str, int] = {}
             for r in records:
@@ -165,11 +165,8 @@ class SqlStore(RolloutRecords, LeaseRecords, BundleBlobs, HistoryRecords, Sample
         arrived = {(r.device, r.seq) for r in records}
         devices = sorted({r.device for r in records})
         filled = []
-        for start in range(0, len(devices), INSERT_CHUNK):
-            chunk = devices[start : start + INSERT_CHUNK]
-            rows = db.execute(
-                f"SELECT device, seq FROM gaps WHERE device IN ({', '.join('?' * len(chunk))})", chunk
-            ).fetchall()
+        for among, chunk in self._devices_in(devices):
+            rows = db.execute(f"SELECT device, seq FROM gaps WHERE device {among}", chunk).fetchall()
             filled += [(row[0], row[1]) for row in rows if (row[0], row[1]) in arrived]
         if filled:
             db.executemany("DELETE FROM gaps WHERE device = ? AND seq = ?", filled)
@@ -178,7 +175,7 @@ class SqlStore(RolloutRecords, LeaseRecords, BundleBlobs, HistoryRecords, Sample
         """Per device: its row (created on first sight), gaps found and filled, counters and verdict."""
         known = self._max_seqs(db, list(stored))
         new_devices, missing, updates = [], [], []
-        for device, records in stored.items():
+        for device, records in sorted(stored.items()):  # in the order _lock_devices locked them
             if device not in known:
                 first = records[0]
                 new_devices.append((device, first.fleet, first.model, first.model_version, now))
@@ -197,6 +194,10 @@ class SqlStore(RolloutRecords, LeaseRecords, BundleBlobs, HistoryRecords, Sample
             )
         if missing:
             db.executemany("INSERT INTO gaps (device, seq, found_at) VALUES (?, ?, ?) ON CONFLICT DO NOTHING", missing)
+        self._update_devices(db, updates)
+
+    def _update_devices(self, db: Any, updates: list[tuple[Any, ...]]) -> None:
+        """Each device's counters and verdict after a batch (``_device_update``'s parameters)."""
         db.executemany(
             f"""UPDATE devices SET max_seq=?, windows=windows+?, rows=rows+?,
                last_seen={self.GREATEST}(coalesce(last_seen, 0), ?),
@@ -209,17 +210,22 @@ class SqlStore(RolloutRecords, LeaseRecords, BundleBlobs, HistoryRecords, Sample
 
     def _max_seqs(self, db: Any, devices: list[str]) -> dict[str, int]:
         found: dict[str, int] = {}
-        for start in range(0, len(devices), INSERT_CHUNK):
-            chunk = devices[start : start + INSERT_CHUNK]
-            rows = db.execute(
-                f"SELECT device, max_seq FROM devices WHERE device IN ({', '.join('?' * len(chunk))})", chunk
-            ).fetchall()
+        for among, chunk in self._devices_in(devices):
+            rows = db.execute(f"SELECT device, max_seq FROM devices WHERE device {among}", chunk).fetchall()
             found.update((r[0], r[1]) for r in rows)
         return found
 
-    def _serialize_summary_writes(self, db: Any) -> None:
-        """Make summary inserts commit in the order of their ``ORDER_COLUMN`` (see ``devices_with_summaries_after``).
-        SQLite's writers are serialized already; a server database takes a lock here."""
+    def _devices_in(self, devices: list[str]) -> Iterator[tuple[str, list[Any]]]:
+        """``device <this>`` clauses with their parameters, matching ``devices`` between them: ``IN (?, ...)``
+        chunks here (SQLite caps a statement's parameters); PostgreSQL's store passes one array."""
+        for start in range(0, len(devices), INSERT_CHUNK):
+            chunk = devices[start : start + INSERT_CHUNK]
+            yield f"IN ({', '.join('?' * len(chunk))})", chunk
+
+    def _lock_devices(self, db: Any, records: list[SummaryRecord], now: float) -> None:
+        """Lock the batch's device rows (made first for devices new to the store), in one order, before their
+        bookkeeping reads and updates them: writers that share devices then neither lose an update nor find
+        false gaps nor deadlock. SQLite's writers are serialized already; a server database locks rows here."""
 
     def summary_watermark(self) -> int:
         """An increasing mark of the summaries stored so far (the largest ``ORDER_COLUMN``: SQLite's rowid, a
@@ -229,8 +235,8 @@ class SqlStore(RolloutRecords, LeaseRecords, BundleBlobs, HistoryRecords, Sample
 
     def devices_with_summaries_after(self, rowid: int) -> tuple[set[str], int]:
         """Devices with summaries stored after the watermark ``rowid`` (by any process on this store), and the
-        new watermark. Summary writers are serialized (``_serialize_summary_writes``), so a row committed later
-        never has a smaller mark than one already seen."""
+        new watermark. SQLite's writers are serialized, so a row committed later never has a smaller rowid than
+        one already seen (PostgreSQL's store, whose writers overlap, marks by transaction id instead)."""
         order = self.ORDER_COLUMN
         with self.reading() as db:
             rows = db.execute(f"SELECT {order}, device FROM summaries WHERE {order} > ?", (rowid,)).fetchall()

@@ -1,0 +1,161 @@
+"""The demo's closing of the loop: the collector's real retrain sink, configured through an ``alerts.toml`` the
+demo writes, watched until the drifted device's alert closes, then printed as the store's timeline.
+
+drift on emu-00 → the drift alert opens → the sink asks emu-00 for its field samples (kept by ``[capture]``,
+labelled by the emulated app's delayed feedback) → the example retraining command
+(``python -m edgekit.local.retrain_example``, what ``scripts/retrain_digits.py`` runs) → ``promote`` against
+digits v2 → the bundle stored → a rollout with shadow to emu-00 → its windows, judged against the new bundle's
+baseline (the rows of its drifted windows: what it now sees), no longer drift, and the alert closes.
+Nothing here re-implements a step: this module writes the configuration, reads the store, and prints.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+Say = Callable[[str], None]
+RETRAIN_ROLLOUT = {"devices": "{device}", "shadow_rows": 100, "health_seconds": 3}
+
+
+def write_alerts(workdir: Path, *, champion: Path, gate: Path, train: Path, key: Path) -> Path:
+    """``alerts.toml`` with the demo's rules (an alert after 3 drifted windows: the first may be
+    partly from before the change, and the new baseline is the others) and ``[sinks.retrain]``: the
+    example command, promote against digits v2 on the held-out digits plus the field holdout, the new
+    baseline from the field, and a rollout with shadow to the alert's device only (the others do not drift)."""
+    command = [sys.executable, "-m", "edgekit.local.retrain_example"]
+    text = f"""# written by edgekit demo: its alert rules and the retrain sink (docs/retrain.md)
+[rules]
+drift_windows = 3
+offline_seconds = 3600
+accuracy_min_labels = 100  # of ~150 a window: fewer make a 6-point dip noise
+
+[sinks]
+log = false
+
+[sinks.retrain]
+rules = ["drift"]
+models = ["digits"]
+command = {json.dumps(command)}
+champion = {json.dumps(str(champion.resolve()))}
+data = [{json.dumps(str(gate.resolve()))}]
+trained_on = [{json.dumps(str(train.resolve()))}]
+baseline = "field"
+max_regression = 0.02
+quantize = "none"
+key = {json.dumps(str(key.resolve()))}
+samples_timeout = "60s"
+timeout = "5m"
+cooldown = "1h"
+workdir = "retrain"
+
+[sinks.retrain.rollout]
+devices = "{RETRAIN_ROLLOUT["devices"]}"
+shadow_rows = {RETRAIN_ROLLOUT["shadow_rows"]}
+health_seconds = {RETRAIN_ROLLOUT["health_seconds"]}
+"""
+    path = workdir / "alerts.toml"
+    path.write_text(text)
+    return path
+
+
+@dataclass
+class LoopWatch:
+    """Follows the retrain sink's run for ``device``: prints each new step of its timeline as it is recorded,
+    and says when the loop is over (the alert closed with the device on the new version, or the run ended
+    without a rollout)."""
+
+    device: str
+    say: Say
+    alert_id: int | None = None
+    shown: int = 0
+    rollout_said: str = ""
+    closed_said: bool = False
+    started: dict[str, Any] = field(default_factory=dict)
+
+    def poll(self, collector: Any) -> None:
+        store = collector.store
+        if self.alert_id is None:
+            runs = [r for r in store.retrain_runs(limit=100) if r["device"] == self.device and r["state"] != "skipped"]
+            if not runs:
+                return
+            self.alert_id = min(r["alert"] for r in runs)
+        timeline = store.timeline(self.alert_id) or {"steps": []}
+        for step in timeline["steps"][self.shown :]:
+            self.say(f"      retrain: {step['step']}: {step['message']}")
+            if step["step"] == "rollout started":
+                self.started = step["detail"]
+        self.shown = len(timeline["steps"])
+        rollout = self.rollout(collector)
+        if rollout is not None and rollout["state"] != self.rollout_said:
+            self.rollout_said = rollout["state"]
+            self.say(
+                f"      retrain: rollout {rollout['id']} {rollout['state']} ({rollout['reason'] or 'in progress'})"
+            )
+        alert = store.alert(self.alert_id)
+        if alert is not None and alert["state"] == "closed" and not self.closed_said:
+            self.closed_said = True
+            self.say(f"      the drift alert on {self.device} closed: {alert['rule']} on {alert['subject']} cleared")
+
+    def rollout(self, collector: Any) -> dict[str, Any] | None:
+        return collector.rollouts.status(self.started["rollout"]) if self.started.get("rollout") else None
+
+    def done(self, collector: Any) -> bool:
+        """The loop closed, or cannot any more (the run ended without a rollout, or the rollout did)."""
+        if self.alert_id is None:
+            return False
+        run = (collector.store.timeline(self.alert_id) or {}).get("run") or {}
+        if run.get("state") in ("failed", "kept", "awaiting"):
+            return True
+        rollout = self.rollout(collector)
+        if rollout is None or rollout["state"] in ("running", "paused", "pending"):
+            return False
+        return rollout["state"] != "succeeded" or self.closed(collector)
+
+    def closed(self, collector: Any) -> bool:
+        alert = collector.store.alert(self.alert_id) if self.alert_id is not None else None
+        return alert is not None and alert["state"] == "closed"
+
+    def result(self, collector: Any) -> dict[str, Any] | None:
+        """What the demo reports: the alert, the store's timeline (``/api/alerts/<id>/timeline``'s data), the
+        rollout, and whether the loop closed; None when no run started."""
+        if self.alert_id is None:
+            return None
+        alert = collector.store.alert(self.alert_id)
+        timeline = collector.store.timeline(self.alert_id) or {"run": None, "steps": []}
+        rollout = self.rollout(collector)
+        closed = self.closed(collector) and rollout is not None and rollout["state"] == "succeeded"
+        return {"alert": alert, **timeline, "rollout": rollout, "closed": closed}
+
+
+def timeline_lines(loop: dict[str, Any], dashboard: str) -> list[str]:
+    """The loop as the fleet store recorded it, seconds from the alert's opening: the retrain run's steps, then
+    the rollout's end and the alert's closing."""
+    alert = loop["alert"]
+    opened = alert["opened_at"]
+    lines = [
+        f"the loop, as the fleet store recorded it for alert {alert['id']} ({alert['rule']} on "
+        f"{alert['device']}/{alert['subject']}); also at {dashboard}alerts/{alert['id']}/timeline:"
+    ]
+    for step in loop["steps"]:
+        lines.append(f"  {step['at'] - opened:+7.1f} s  {step['step']:<18} {step['message']}")
+    ends = []  # the rollout's end and the alert's closing, in the order they happened
+    rollout = loop["rollout"]
+    if rollout is not None and rollout.get("finished_at"):
+        ends.append((rollout["finished_at"], f"rollout {rollout['state']}", rollout["reason"] or ""))
+    if alert["state"] == "closed":
+        why = (
+            f"{alert['rule']} on {alert['subject']} cleared: {alert['device']}'s windows fit the new bundle's baseline"
+        )
+        ends.append((alert["closed_at"], "alert closed", why))
+    for at, what, message in sorted(ends):
+        lines.append(f"  {at - opened:+7.1f} s  {what:<18} {message}")
+    if alert["state"] != "closed":
+        lines.append(f"  {'':>9}  {'alert still open':<18} {alert['message']}")
+    run = loop["run"] or {}
+    lines.append(f"  retrain run: {run.get('state', 'none')}" + (f" ({run['outcome']})" if run.get("outcome") else ""))
+    return lines
