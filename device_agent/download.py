@@ -6,7 +6,8 @@ the file has exactly ``size`` bytes and hashes to ``sha256`` is it renamed into 
 half-fetched or corrupted file is never mistaken for a bundle. The standard library's urllib is
 enough: no extra dependency on the device.
 
-A collector with an API token wants it on bundle downloads too (``token``: ``Authorization: Bearer``).
+A collector with tokens wants one on bundle downloads (``token``: ``Authorization: Bearer``): its device token
+(or, on older setups, its API token).
 The header is never carried across a redirect, and a 401 or 403 is not retried: it fails at once as
 ``UpdateError("auth")``, since asking again without the right token cannot succeed.
 """
@@ -105,7 +106,7 @@ def _fetch(
         if exc.code == 416:  # we hold at least the whole file: let the size check decide
             return 0
         if exc.code in (401, 403):
-            raise UpdateError("auth", f"{url}: HTTP {exc.code}: the collector wants its API token") from exc
+            raise UpdateError("auth", f"{url}: HTTP {exc.code}: the collector wants its device token; set [update] token_file") from exc
         raise DownloadError(url, f"HTTP {exc.code} {exc.reason}") from exc
     except (OSError, http.client.HTTPException, ValueError) as exc:
         raise DownloadError(url, f"cannot connect ({getattr(exc, 'reason', exc)})") from exc

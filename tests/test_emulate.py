@@ -75,3 +75,33 @@ def test_unknown_drift_feature_is_one_line(cli, bundle, keypair, digits, tmp_pat
         "1",
     )
     assert result.exit_code == 2 and "the model has no feature 'nope'" in result.stderr
+
+
+def test_feedback_and_capture_options_reach_each_device(cli, bundle, keypair, digits, tmp_path):
+    """``--feedback`` and ``--capture-rate`` end in every device's agent.toml, which the agent reads back."""
+    from device_agent.config import load_config
+
+    result = cli(
+        "emulate",
+        "--devices",
+        "2",
+        "--bundle",
+        bundle,
+        "--pubkey",
+        keypair[1],
+        "--data",
+        digits.test,
+        "--feedback",
+        "0.5",
+        "--capture-rate",
+        "0.25",
+        "--state-dir",
+        tmp_path / "fleet",
+        "--duration",
+        "0.5",
+    )
+    assert result.exit_code == 0, result.stderr
+    for index in range(2):
+        config = load_config(tmp_path / "fleet" / f"emu-{index:02d}" / "agent.toml")
+        assert config.emulate.feedback == 0.5
+        assert config.capture.enabled and config.capture.rate == 0.25

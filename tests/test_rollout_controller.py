@@ -331,6 +331,13 @@ def test_a_rollout_that_cannot_advance_stops_no_other_and_ends_failed(controller
     assert status["finished_at"] == now[0]
     controller.tick()
     assert controller.tick_errors == FAIL_AFTER_TICKS + 3  # a failed rollout is no longer ticked
+    from edgekit.fleet.metrics import render
+
+    observed = SimpleNamespace(
+        store=controller.store, ingestor=SimpleNamespace(counters={}), alerts=None, leader=None, rollouts=controller
+    )
+    exposition = render(observed).decode()
+    assert f"edgekit_collector_rollout_step_errors_total {float(FAIL_AFTER_TICKS + 3)}" in exposition
 
 
 class Lossy(Devices):

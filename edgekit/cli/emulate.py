@@ -64,6 +64,17 @@ def register(cli: click.Group) -> None:
     "EDGEKIT_COLLECTOR_TOKEN is written, if set.",
 )
 @click.option(
+    "--feedback",
+    type=click.FloatRange(0, 1),
+    default=0.0,
+    help="Share of rows whose true label (the data file's y) each device sends back as a delayed label.",
+)
+@click.option(
+    "--capture-rate",
+    type=click.FloatRange(0, 1, min_open=True),
+    help="Keep this share of rows as field samples ([capture] in agent.toml; for `fleet samples`).",
+)
+@click.option(
     "--duration",
     type=click.FloatRange(0, min_open=True),
     help="Stop after this many seconds (default: run until Ctrl-C).",
@@ -82,6 +93,8 @@ def emulate(
     state_dir,
     http_port_base,
     device_token_file,
+    feedback,
+    capture_rate,
     duration,
 ):
     """Run a fleet of emulated devices: real agent processes fed from a data file.
@@ -106,5 +119,7 @@ def emulate(
         state_dir=state_dir,
         http_port_base=http_port_base,
         device_token=read_token_file(device_token_file, "--device-token-file") if device_token_file else None,
+        feedback=feedback,
+        capture={"enabled": True, "rate": capture_rate} if capture_rate else None,
     )
     run_devices(configs, duration=duration, say=click.echo)

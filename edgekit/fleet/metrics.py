@@ -61,6 +61,7 @@ def render(collector: Observed) -> bytes:
                 rejected.add_metric([reason], count)
             yield rejected
             yield from _leader(collector)
+            yield from _rollout_errors(collector)
             from edgekit.fleet.samples import sample_metrics  # field-sample uploads and rows (samples.py)
 
             yield from sample_metrics(collector.store)
@@ -90,3 +91,18 @@ def _leader(collector: Observed) -> Any:
     )
     gauge.add_metric([leader.holder], 1.0 if leader.leading() else 0.0)
     yield gauge
+
+
+def _rollout_errors(collector: Observed) -> Any:
+    """Rollout steps that raised on this collector (each rollout is advanced apart, so one broken rollout
+    never stops the others; ``rollouts.RolloutController.tick``): anything but 0 is worth a look at its logs."""
+    from prometheus_client.core import CounterMetricFamily
+
+    rollouts = getattr(collector, "rollouts", None)
+    if rollouts is None:
+        return
+    errors = CounterMetricFamily(
+        "edgekit_collector_rollout_step_errors", "Rollout steps that raised on this collector, since it started."
+    )
+    errors.add_metric([], getattr(rollouts, "tick_errors", 0))
+    yield errors
