@@ -78,7 +78,7 @@ def _tolerances(masses: np.ndarray, values: np.ndarray) -> np.ndarray:
 
 
 # -- finding a value's bin fast -----------------------------------------------------------------------
-LOOKUP_CELLS = 512  # grid cells per sketch: a table of ints and floats small enough to stay in cache
+LOOKUP_CELLS = 64  # grid cells per sketch to start with: 64 features of 512 took 512 KB, out of cache between requests
 CELL_THRESHOLDS = 2  # the grid is refined while a cell holds more than this many thresholds ...
 MOST_TABLE_BYTES = 4 << 20  # ... and the tables stay within this
 

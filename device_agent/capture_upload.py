@@ -58,7 +58,8 @@ class UploadError(AgentError):
 class Uploader:
     """The agent's uploads: commands queued from the MQTT thread, served one at a time by its own thread.
 
-    An upload the network cut (``UploadError`` "network") keeps its file and progress and is tried again
+    An upload the network cut (``UploadError`` "network": no answer, or a 5xx, 408 or 429 from a collector
+    whose database is down or that is busy) keeps its file and progress and is tried again
     after ``retry_seconds``, doubling each time, ``retry_rounds`` times; past them it waits on disk for the
     agent's next start (or a redelivered command). One the collector refused is dropped; one cut by the
     agent stopping waits for its next start. Files older than ``KEPT_SECONDS`` are dropped at start."""
@@ -278,6 +279,8 @@ def _next_offset(url: str, status: int, doc: dict[str, Any]) -> int:
     """Where to go on after an answer: the collector's ``received`` (a 409 says it holds another offset)."""
     if status in (200, 409) and isinstance(doc.get("received"), int):
         return doc["received"]
+    if status in (408, 429) or status >= 500:  # the collector is busy or its database is down: kept, tried later
+        raise UploadError(url, "network", f"HTTP {status}: {doc.get('error') or 'the collector is unavailable'}")
     if status in (401, 403):
         raise UploadError(
             url,

@@ -106,7 +106,9 @@ def _fetch(
         if exc.code == 416:  # we hold at least the whole file: let the size check decide
             return 0
         if exc.code in (401, 403):
-            raise UpdateError("auth", f"{url}: HTTP {exc.code}: the collector wants its device token; set [update] token_file") from exc
+            raise UpdateError(
+                "auth", f"{url}: HTTP {exc.code}: the collector wants its device token; set [update] token_file"
+            ) from exc
         raise DownloadError(url, f"HTTP {exc.code} {exc.reason}") from exc
     except (OSError, http.client.HTTPException, ValueError) as exc:
         raise DownloadError(url, f"cannot connect ({getattr(exc, 'reason', exc)})") from exc

@@ -380,6 +380,36 @@ def _wait_for(predicate, timeout: float):
     raise RuntimeError("timed out")
 
 
+PARTS = {
+    "store": lambda work, databases, docs, args: bench_store(databases.new("store-bench"), docs),
+    "burst": lambda work, databases, docs, args: run_pipeline(work, databases, docs, total=30000, rate=0),
+    "workers3": lambda work, databases, docs, args: run_pipeline(work, databases, docs, total=30000, rate=0, workers=3),
+    "workers2": lambda work, databases, docs, args: run_pipeline(work, databases, docs, total=30000, rate=0, workers=2),
+    "pair": lambda work, databases, docs, args: run_pipeline(work, databases, docs, total=30000, rate=0, collectors=2),
+    "sustained": lambda work, databases, docs, args: run_pipeline(
+        work, databases, docs, total=int(args.duration * args.rate), rate=args.rate, sample_every=5.0
+    ),
+    "failover": lambda work, databases, docs, args: leader_failover(work, databases),
+}
+
+
+def run_parts(args: argparse.Namespace, docs: list[str], parts: list[str]) -> int:
+    unknown = [part for part in parts if part not in PARTS]
+    if unknown:
+        print(f"error: unknown part(s) {', '.join(unknown)}; choose from {', '.join(PARTS)}", file=sys.stderr)
+        return 2
+    with tempfile.TemporaryDirectory(prefix="edgekit-bench-collector-") as tmp:
+        databases = Databases(Path(tmp), args.db)
+        try:
+            for part in parts:
+                result = PARTS[part](Path(tmp), databases, docs, args)
+                result.pop("samples", None)
+                print(databases.label, part, json.dumps(result), flush=True)
+        finally:
+            databases.stop()
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
@@ -390,8 +420,15 @@ def main() -> int:
         "--db", default="sqlite", help="sqlite, postgres (a throwaway local server), or a postgresql:// URL"
     )
     parser.add_argument("--out", default=str(ROOT / "bench-results" / "bench_collector.json"))
+    parser.add_argument(
+        "--only",
+        help=f"a quicker look: only these parts, comma-separated ({', '.join(PARTS)}); prints each part's figures "
+        "and writes no JSON",
+    )
     args = parser.parse_args()
     docs = templates()
+    if args.only:
+        return run_parts(args, docs, [part.strip() for part in args.only.split(",")])
     with tempfile.TemporaryDirectory(prefix="edgekit-bench-collector-") as tmp:
         work = Path(tmp)
         databases = Databases(work, args.db)

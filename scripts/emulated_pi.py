@@ -141,6 +141,7 @@ def run_bench(rootfs: Path, test: Path, rounds: int = 5) -> int:
         ("batch 1, default CPU budget: agent / bare", "budget_b1_ratio"),
         ("batch 1000 throughput, every row sketched", "b1000_throughput"),
         ("batch 1000 throughput, default CPU budget", "budget_b1000_throughput"),
+        ("the same, one background pass per 100 ms", "budget_b1000_throughput_agent_pace"),
         ("share of rows sketched under the budget", "budget_sample_rate"),
         ("bare engine call, batch 1 (µs)", "bare_b1_us"),
         ("bare engine call, batch 1000 (ms)", "bare_b1000_ms"),

@@ -235,28 +235,11 @@ def test_a_cut_upload_resumes_where_the_collector_stands(tmp_path, broker, colle
 
 @pytest.mark.network
 def test_an_upload_the_network_cut_keeps_its_state_and_resumes_when_the_link_is_back(tmp_path, collector):
-    import threading
-    from types import SimpleNamespace
-
-    from device_agent.capture_upload import Uploader
-    from device_agent.config import UpdateConfig
-
     rows, upload, chunk = [_row(n) for n in range(3000)], "u-cut", 32 << 10
     collector.store.issue_upload(upload, "dev1", {}, 1.0)
     proxy = CuttingProxy(collector.server.server_address[1], cut_connection=3, after_bytes=10_000, stay_down=True)
     url = f"http://127.0.0.1:{proxy.port}/api/samples/dev1/{upload}"
-    config = SimpleNamespace(
-        update=UpdateConfig(collector=f"http://127.0.0.1:{proxy.port}", token=TOKEN),
-        mqtt=SimpleNamespace(url="mqtt://127.0.0.1:1883", host="127.0.0.1"),
-        state_dir=tmp_path,
-        device_id="dev1",
-    )
-    capture = SimpleNamespace(
-        directory=tmp_path / "capture", uploads={"done": 0, "failed": 0, "refused": 0}, upload_bytes=0, upload_rows=0
-    )
-    stop = threading.Event()
-    uploader = Uploader(capture, SimpleNamespace(config=config, _stop=stop))
-    uploader.attempts, uploader.backoff, uploader.retry_seconds, uploader.chunk_bytes = 2, 0.01, 0.3, chunk
+    uploader, capture, stop = quick_uploader(tmp_path, f"http://127.0.0.1:{proxy.port}", chunk)
     files = {}
     uploader.build = lambda doc: files.setdefault(
         "file", write_upload(uploader.directory / f"{upload}.gz", _header("dev1", upload, len(rows)), rows)
@@ -420,6 +403,29 @@ def test_an_upload_file_is_parsed_only_whole_and_for_its_device(tmp_path):
 
 
 # -- helpers ---------------------------------------------------------------------------------------------
+def quick_uploader(tmp_path: Path, collector_url: str, chunk: int):
+    """The agent's uploader for device dev1 (the collector at ``collector_url``, TOKEN) without the agent,
+    retrying fast: 2 tries a chunk, rounds 0.3 s apart. Returns it, its capture counters and its stop event."""
+    from types import SimpleNamespace
+
+    from device_agent.capture_upload import Uploader
+    from device_agent.config import UpdateConfig
+
+    config = SimpleNamespace(
+        update=UpdateConfig(collector=collector_url, token=TOKEN),
+        mqtt=SimpleNamespace(url="mqtt://127.0.0.1:1883", host="127.0.0.1"),
+        state_dir=tmp_path,
+        device_id="dev1",
+    )
+    capture = SimpleNamespace(
+        directory=tmp_path / "capture", uploads={"done": 0, "failed": 0, "refused": 0}, upload_bytes=0, upload_rows=0
+    )
+    stop = threading.Event()
+    uploader = Uploader(capture, SimpleNamespace(config=config, _stop=stop))
+    uploader.attempts, uploader.backoff, uploader.retry_seconds, uploader.chunk_bytes = 2, 0.01, 0.3, chunk
+    return uploader, capture, stop
+
+
 def _row(n: int) -> dict:
     return {
         "id": f"b-{n}",

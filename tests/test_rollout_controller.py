@@ -404,3 +404,26 @@ def test_a_rollout_that_advances_again_loses_the_failing_reason(controller):
     controller.tick()
     status = controller.status(rollout_id)
     assert status["state"] == "running" and status["reason"] == "" and len(controller.devices.desired) == 4
+
+
+def test_a_leader_deposed_mid_tick_resends_nothing(controller):
+    """Its resend would replace, as the retained message, what the new leader published since (a revert):
+    the resend is fenced. Real leases on one database: the first holder's clock stands still (a paused
+    process), so it still believes it leads when the tick starts, after the second has taken the lease."""
+    import time
+
+    from edgekit.fleet.leader import Leadership
+
+    lossy = Lossy(set())
+    controller.publish, controller.resend_seconds = lossy, 30.0
+    now = _clocked(controller)
+    controller.start(controller.stored["sha256"], "f", RolloutSpec(waves=(1.0,), device_timeout=900))
+    sent = len(lossy.sent)
+    first = Leadership(controller.store, "c1", lease_seconds=0.2, clock=lambda: 0.0)
+    assert first.attempt()
+    time.sleep(0.3)
+    assert Leadership(controller.store, "c2", lease_seconds=60).attempt()
+    controller.leader, now[0] = first, now[0] + 31
+    assert first.leading()  # by its own stopped clock
+    controller.tick()
+    assert len(lossy.sent) == sent

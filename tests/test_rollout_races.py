@@ -254,25 +254,9 @@ def test_the_device_takes_a_desired_message_delivered_again_once(tmp_path, bundl
         agent.stop()
 
 
-@pytest.fixture(scope="module")
-def v4(digits, digits_onnx, keypair, tmp_path_factory):
-    from edgekit.bundle.package import build_bundle
-
-    path = tmp_path_factory.mktemp("v4") / "digits-4.edgebundle"
-    build_bundle(
-        str(digits_onnx),
-        name="digits",
-        version=4,
-        baseline_path=str(digits.train),
-        key_path=str(keypair[0]),
-        output=str(path),
-    )
-    return path
-
-
 @pytest.mark.network
 def test_a_device_that_missed_the_first_publish_still_updates(
-    tmp_path, broker, bundle, keypair, digits, fleet_name, v4
+    tmp_path, broker, bundle, keypair, digits, fleet_name, v4_bundle
 ):
     """The leader marks the device sent and its publish is lost (as if the leader died in between): before,
     the device waited for nothing until device_timeout failed it; now the desired message is sent again."""
@@ -293,7 +277,7 @@ def test_a_device_that_missed_the_first_publish_still_updates(
 
     controller.publish, controller.resend_seconds = losing_the_first, 2.0
     try:
-        started = fleet.client.start(v4, fleet=fleet.fleet_name, health_seconds=1)
+        started = fleet.client.start(v4_bundle, fleet=fleet.fleet_name, health_seconds=1)
         status = fleet.finished(started["id"], timeout=120)
         assert status["state"] == "succeeded", status
         assert len(desired) >= 2

@@ -8,7 +8,7 @@ from __future__ import annotations
 import statistics
 from typing import Any
 
-from edgekit.fleet.rollout_spec import RolloutSpec
+from edgekit.fleet.rollout_spec import RolloutSpec, parse_abort_rules
 
 FAILED_DEVICE_STATES = ("failed", "rolled_back")
 
@@ -40,3 +40,9 @@ def abort_rule_tripped(rollout: dict[str, Any], spec: RolloutSpec, devices: list
             )
             return f"{rule} tripped ({rule.metric} = {shown})"
     return None
+
+
+def rule_value(spec: dict[str, Any], metric: str) -> float | None:
+    """The threshold of the spec's abort rule on ``metric`` (what the devices' shadow phase is told), or None."""
+    rule = next((r for r in parse_abort_rules(",".join(spec["abort_on"])) if r.metric == metric), None)
+    return None if rule is None else rule.value

@@ -51,8 +51,8 @@ from edgekit.errors import EdgekitError, RolloutConflict, RolloutError, RolloutN
 from edgekit.fleet import ab
 from edgekit.fleet.bundle_files import bundle_file
 from edgekit.fleet.rollout_request import start_from_request as start_from_request  # where callers found it
-from edgekit.fleet.rollout_rules import FAILED_DEVICE_STATES, abort_rule_tripped
-from edgekit.fleet.rollout_spec import RolloutSpec, _assign_waves, parse_abort_rules
+from edgekit.fleet.rollout_rules import FAILED_DEVICE_STATES, abort_rule_tripped, rule_value
+from edgekit.fleet.rollout_spec import RolloutSpec, _assign_waves
 from edgekit.fleet.signed import check_signed_revert, counts, new_rollout_id, unreverted
 from edgekit.fleet.signed import sign_rollback as sign_rollback  # where callers found it first
 from edgekit.fleet.store import LeaseLost, RolloutStore
@@ -392,14 +392,20 @@ class RolloutController:
         have been lost (a leader killed between the two, a broker restarted without persistence). It is the
         same retained message, and a device ignores a desired state it is applying or has finished
         (``device_agent.updater``: one job per rollout and action, its outcome kept in the ledger)."""
-        every = min(self.resend_seconds, spec.device_timeout / 3)
+        every, due = min(self.resend_seconds, spec.device_timeout / 3), []
         for device in devices:
             key = (rollout["id"], device["device"])
             if device["state"] != "sent" or not device["sent_at"]:
                 self._resent.pop(key, None)
-                continue
-            if now - max(device["sent_at"], self._resent.get(key, 0.0)) >= every and self._send(rollout, device):
-                self._resent[key] = now
+            elif now - max(device["sent_at"], self._resent.get(key, 0.0)) >= every:
+                due.append(device)
+        if not due:
+            return
+        with self._fenced():  # LeaseLost when deposed: its stale resend would replace a successor's revert
+            pass
+        for device in due:
+            if self._send(rollout, device):
+                self._resent[(rollout["id"], device["device"])] = now
 
     def _ab_holds(self, rollout: dict[str, Any], spec: RolloutSpec, devices: list[dict[str, Any]], now: float) -> bool:
         """At an A/B split (``ab.py``): whether it still holds. A look's comparison is stored (fenced) before it
@@ -451,7 +457,7 @@ class RolloutController:
             signature=bundle["signature"],
             health={"seconds": spec["health_seconds"]},
         )
-        agreement, p99 = _rule_value(spec, "agreement"), _rule_value(spec, "p99_ms")
+        agreement, p99 = rule_value(spec, "agreement"), rule_value(spec, "p99_ms")
         if spec["shadow_rows"]:
             doc["shadow"] = {
                 "rows": spec["shadow_rows"],
@@ -575,11 +581,6 @@ class RolloutController:
                 "this collector has no trusted key, so it cannot check bundles",
                 "restart it with 'edgekit fleet collect --trust edgekit.pub'",
             )
-
-
-def _rule_value(spec: dict[str, Any], metric: str) -> float | None:
-    rule = next((r for r in parse_abort_rules(",".join(spec["abort_on"])) if r.metric == metric), None)
-    return None if rule is None else rule.value
 
 
 def _spec_only(text: str) -> str:

@@ -34,7 +34,7 @@ from typing import Any, Protocol
 
 from device_agent.protocol import Topics, command_payload, encode
 from device_agent.wsgi import Request, Response, error_response, json_response
-from edgekit.errors import EdgekitError
+from edgekit.errors import EdgekitError, StoreUnavailable
 from edgekit.fleet.auth import bearer_ok, device_route_ok
 
 SAMPLES_SCHEMA = "edgekit.samples/1"  # device_agent.capture_upload's file: a header line, then one row a line
@@ -42,6 +42,9 @@ MAX_CHUNK_BYTES = 4 << 20
 MAX_UPLOAD_BYTES = 256 << 20  # compressed; what a device may send in one upload
 MAX_UNPACKED_BYTES = 1 << 30  # the rows once decompressed (a gzip bomb stops here)
 _PIECE_BYTES = 256 << 10  # unpacked at a time: what reading an upload holds in memory, with one chunk
+# one row's line at most: a kept tensor example is at most 1 MiB (capture.MAX_EXAMPLE_BYTES), ~1.4 MiB as base64;
+# without a cap, a small upload of one long line would be held (and parsed) whole, up to MAX_UNPACKED_BYTES
+MAX_LINE_BYTES = 8 << 20
 _UPLOAD_ROUTE = re.compile(r"^/api/samples/(?P<device>[A-Za-z0-9][A-Za-z0-9._-]{0,63})/(?P<id>[A-Za-z0-9_-]{1,64})$")
 _RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+)")
 
@@ -117,6 +120,8 @@ def route(fleet: SampleFleet, request: Request) -> Response | None:
                 return json_response(request_upload(fleet, request.json_object() if request.body else {}), 201)
             return error_response(404, f"no route POST {path}")
         return _get(fleet, request)
+    except StoreUnavailable as exc:  # transient: a device keeps its upload and sends it again (not a 400, dropped)
+        return error_response(503, str(exc))
     except (EdgekitError, ValueError, TypeError) as exc:
         return error_response(getattr(exc, "http_status", 400), str(exc))
 
@@ -291,7 +296,7 @@ def parse_upload(data: bytes, device: str, upload_id: str) -> tuple[dict[str, An
 
 def _lines(chunks: Iterable[bytes]) -> Iterator[bytes]:
     """The JSON lines of a gzip'd file given in pieces, unpacked a bounded piece at a time (a gzip bomb stops
-    at ``MAX_UNPACKED_BYTES``). Raises ValueError or zlib.error."""
+    at ``MAX_UNPACKED_BYTES``, a line at ``MAX_LINE_BYTES``). Raises ValueError or zlib.error."""
     decompressor, pending, unpacked = zlib.decompressobj(wbits=31), bytearray(), 0
     for chunk in chunks:
         data = chunk
@@ -307,6 +312,8 @@ def _lines(chunks: Iterable[bytes]) -> Iterator[bytes]:
             if end >= 0:
                 yield from (line for line in bytes(pending[:end]).split(b"\n") if line.strip())
                 del pending[: end + 1]
+            if len(pending) > MAX_LINE_BYTES:
+                raise ValueError(f"a line runs past {MAX_LINE_BYTES} bytes")
     if not decompressor.eof:
         raise ValueError("the gzip stream ends early")
     if pending.strip():
