@@ -124,7 +124,11 @@ def alert_to_fleet(work: Path, args: argparse.Namespace) -> dict[str, Any]:
         trust=str(public),
     )
     rules, sinks = load_alert_config(alerts)
-    service = FleetService(config, alert_rules=rules, alert_sinks=sinks).start()
+    try:
+        service = FleetService(config, alert_rules=rules, alert_sinks=sinks).start()
+    except BaseException:
+        broker.stop()  # the broker is this run's alone: a collector that did not start leaves none behind
+        raise
     fleet = None
     try:
         service.rollouts.add_bundle(bundle.read_bytes())  # the champion: the bundle the devices run

@@ -90,3 +90,25 @@ def test_one_huge_line_is_refused_without_being_held(tmp_path, collector):
     assert peak < 4 * MAX_LINE_BYTES, f"refusing a {len(body) >> 10} KiB upload took {peak >> 20} MiB"
     assert status == 400 and f"a line runs past {MAX_LINE_BYTES} bytes" in error
     assert collector.store.sample_upload(upload)["state"] == "failed"
+
+
+@pytest.mark.network
+def test_operator_routes_answer_503_with_retry_after_while_the_store_is_out(collector):
+    """Not a 400 (the request was fine) and not a 404 for a rollout the store could not be asked about."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    def down(*args, **kwargs):
+        raise StoreUnavailable("PostgreSQL: the connection was lost", "it is retried")
+
+    collector.store.rollout = down
+    collector.store.running_rollouts = down
+    collector.store.rollout_ids = down
+    for path in ("/api/rollouts/r-1", "/api/rollouts"):
+        request = urllib.request.Request(f"{collector.url}{path}", headers={"Authorization": f"Bearer {TOKEN}"})
+        with pytest.raises(urllib.error.HTTPError) as raised:
+            urllib.request.urlopen(request, timeout=10)
+        assert raised.value.code == 503, (path, raised.value.code)
+        assert raised.value.headers["Retry-After"] == "5"
+        assert "store is unavailable" in json.loads(raised.value.read())["error"]

@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from device_agent.config import HttpLimits
 from device_agent.errors import ServeError
 from device_agent.wsgi import HttpError, Request, Response, error_response, json_response, wsgi_app
-from edgekit.errors import EdgekitError
+from edgekit.errors import EdgekitError, StoreUnavailable
 from edgekit.fleet.auth import bearer_ok, device_route_ok
 from edgekit.fleet.leader import LEADER_LEASE, describe_lease
 from edgekit.fleet.merge import device_columns, merged_drift, since_timestamp
@@ -111,7 +111,15 @@ def _limit_names():
 
 
 def route(collector: Fleet, request: Request) -> Response:
-    """The answer to one request (the HTTP server, TLS and limits are the caller's business)."""
+    """The answer to one request (the HTTP server, TLS and limits are the caller's business). The store out
+    of reach is a 503 with ``Retry-After``, not a 400: the request was fine, and is worth sending again."""
+    try:
+        return _route(collector, request)
+    except StoreUnavailable as exc:
+        return error_response(503, f"the fleet store is unavailable ({exc}); try again shortly", [("Retry-After", "5")])
+
+
+def _route(collector: Fleet, request: Request) -> Response:
     if request.path.startswith("/api/samples") or request.path == "/samples":  # its own token check, GETs too
         from edgekit.fleet.samples import route as samples_route
 
@@ -124,6 +132,8 @@ def route(collector: Fleet, request: Request) -> Response:
         )
     try:
         return _get(collector, request)
+    except StoreUnavailable:
+        raise
     except (EdgekitError, ValueError) as exc:
         return error_response(400, str(exc))
 
@@ -199,6 +209,8 @@ def _post(collector: Fleet, request: Request) -> Response:
         match = _ROLLOUT_ROUTE.match(path)
         if match and match["verb"]:
             return json_response(getattr(rollouts, match["verb"])(match["id"]))
+    except StoreUnavailable:
+        raise
     except (EdgekitError, ValueError, TypeError, KeyError) as exc:
         return error_response(getattr(exc, "http_status", 400), str(exc))
     return error_response(404, f"no route POST {path}")
@@ -217,6 +229,8 @@ def _rollout_get(collector: Fleet, path: str) -> Response:
     rollout_id = path.rsplit("/", 1)[1]
     try:
         status = rollouts.status(rollout_id)
+    except StoreUnavailable:
+        raise
     except EdgekitError as exc:
         return error_response(404, str(exc))
     if path.startswith("/api/"):
