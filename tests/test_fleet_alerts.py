@@ -12,7 +12,7 @@ from edgekit.errors import EdgekitError
 from edgekit.fleet.alerts import AlertEngine, AlertRules, AlertSinks, load_alert_config
 from edgekit.fleet.ingest import Ingestor, Message
 from edgekit.fleet.store import open_store
-from tests.fleet_helpers import baseline, state, summary
+from tests.fleet_helpers import MODEL, baseline, state, summary
 
 BASE = baseline()
 
@@ -185,3 +185,68 @@ def test_unseen_categories_open_an_alert_per_column_and_close_when_they_stop(fle
     path.write_text("[rules]\nunseen_rate_max = 0.2\n")
     feed(ingestor, typed_summary(base, "d1", 4, unseen=0.1))
     assert AlertEngine(store, load_alert_config(path)[0], AlertSinks(log=False)).evaluate(now=1.7e9) == []
+
+
+def test_evidence_names_the_version_its_windows_ran_not_the_one_the_device_runs_now(fleet):
+    """Drifted windows sketched under v1, the device already swapped to v2 (the loop's retrained model) when
+    the alert is refreshed: its evidence still names v1, whose windows it cites."""
+    store, ingestor = fleet
+    engine = AlertEngine(store, AlertRules(drift_windows=3), AlertSinks(log=False))
+    feed(ingestor, state("d1", True), *[summary(BASE, "d1", s, shift=2.0) for s in (1, 2, 3)])
+    engine.evaluate(now=1.7e9)
+    feed(ingestor, state("d1", True, model={**MODEL, "version": MODEL["version"] + 1}))
+    engine.evaluate(now=1.7e9 + 1)
+    drift = rules_of(store)[("drift", "f0")]
+    evidence = drift["evidence"] if isinstance(drift["evidence"], dict) else json.loads(drift["evidence"])
+    assert evidence["seqs"] == [3, 2, 1]
+    assert evidence["model_version"] == MODEL["version"]
+
+
+def test_fleet_timeline_prints_an_alerts_loop_from_the_store(cli, fleet, fleet_db):
+    """``fleet alerts`` shows each alert's id, and ``fleet timeline ID`` its retrain run's steps and closing."""
+    store, ingestor = fleet
+    engine = AlertEngine(store, AlertRules(drift_windows=3), AlertSinks(log=False))
+    feed(ingestor, *[summary(BASE, "d1", s, shift=2.0) for s in (1, 2, 3)])
+    engine.evaluate(now=1.7e9)
+    alert = rules_of(store)[("drift", "f0")]
+    assert str(alert["id"]) in cli("fleet", "alerts", "--db", fleet_db).stdout.splitlines()[2].split()[0]
+    no_run = cli("fleet", "timeline", str(alert["id"]), "--db", fleet_db)
+    assert no_run.exit_code == 0 and "no retrain ran for it" in no_run.stdout
+    store.start_retrain(alert["id"], "drift", "d1", "m", 1.7e9 + 1)
+    store.add_timeline_step(alert["id"], "samples exported", "ok", "42 labelled rows", {}, 1.7e9 + 2)
+    store.finish_retrain(alert["id"], "failed", "the candidate did not win", 1.7e9 + 3)
+    feed(ingestor, summary(BASE, "d1", 4))
+    engine.evaluate(now=1.7e9 + 4)
+    shown = cli("fleet", "timeline", str(alert["id"]), "--db", fleet_db)
+    assert shown.exit_code == 0, shown.stderr
+    lines = shown.stdout.splitlines()
+    assert "+2.0 s  samples exported   42 labelled rows" in shown.stdout
+    assert any("alert closed" in line for line in lines)
+    assert lines[-1] == "  retrain run: failed (the candidate did not win)"
+    assert json.loads(cli("fleet", "timeline", str(alert["id"]), "--db", fleet_db, "--json").stdout)["steps"]
+    missing = cli("fleet", "timeline", "999", "--db", fleet_db)
+    assert missing.exit_code == 2 and "no alert 999" in missing.stderr
+
+
+def test_reading_commands_refuse_what_is_not_a_fleet_database_and_change_nothing(cli, tmp_path):
+    """A TOML file tab-completed next to fleet.db, a device's prediction log, an empty file: one line each,
+    and the file as it was (the fleet's tables were once quietly added to a device's database)."""
+    import sqlite3
+
+    toml = tmp_path / "alerts.toml"
+    toml.write_text("[rules]\ndrift_windows = 3\n")
+    device_db = tmp_path / "predictions.db"
+    with sqlite3.connect(device_db) as db:
+        db.execute("CREATE TABLE predictions (id INTEGER PRIMARY KEY)")
+    empty = tmp_path / "empty.db"
+    empty.touch()
+    for path, said in (
+        (toml, "not a SQLite database"),
+        (device_db, "not a fleet database (its tables: predictions)"),
+        (empty, "no fleet database here"),
+    ):
+        before = path.read_bytes()
+        result = cli("fleet", "status", "--db", path)
+        assert result.exit_code != 0 and said in result.stderr and "Traceback" not in result.stderr, result.stderr
+        assert path.read_bytes() == before
+        assert not any(p.name.startswith(path.name + "-") for p in tmp_path.iterdir())  # no -wal/-shm left

@@ -76,7 +76,8 @@ def demo(workdir, fixtures, devices, duration, broker, keep_serving):
     )
     database = result.workdir / "fleet.db"
     again = (
-        f"; look again with '{_edgekit_command()} fleet status --db {database}' (or fleet drift, fleet alerts)"
+        f"; look again with '{_edgekit_command()} fleet status --db {database}'"
+        " (or fleet drift, fleet alerts, fleet timeline ID)"
         if database.exists()
         else ""
     )

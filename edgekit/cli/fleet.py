@@ -443,10 +443,40 @@ def alerts(db, show_all, as_json):
         return
     click.echo(
         table(
-            [[a["state"], a["rule"], a["device"], a["subject"], _ago(a["opened_at"]), a["message"]] for a in found],
-            ["state", "rule", "device", "subject", "opened", "message"],
+            [
+                [a["id"], a["state"], a["rule"], a["device"], a["subject"], _ago(a["opened_at"]), a["message"]]
+                for a in found
+            ],
+            ["id", "state", "rule", "device", "subject", "opened", "message"],
         )
     )
+
+
+@fleet.command()
+@click.argument("alert_id", type=int)
+@DB_OPTION
+@json_option
+def timeline(alert_id, db, as_json):
+    """One alert's loop: its retrain run's steps (samples, training, promote, rollout), the rollout's end and
+    the alert's closing, as the fleet store recorded them (ids: `edgekit fleet alerts --all`).
+
+    \b
+    Example:
+      edgekit fleet timeline 4 --db fleet.db
+    """
+    from edgekit.fleet.timeline_text import alert_loop, timeline_lines
+
+    with _existing_store(db) as store:
+        loop = alert_loop(store, alert_id)
+    if loop is None:
+        raise click.BadParameter(f"no alert {alert_id}; 'edgekit fleet alerts --all' lists them", param_hint="ALERT_ID")
+    if as_json:
+        emit_json(loop)
+        return
+    if loop["run"] is None:
+        click.echo(f"alert {alert_id} ({loop['alert']['rule']} on {loop['alert']['device']}): no retrain ran for it")
+        return
+    click.echo("\n".join(timeline_lines(loop, "")))
 
 
 @fleet.command()
@@ -519,7 +549,7 @@ def _redacted(db: str) -> str:
 
 def _existing_store(db: str) -> SqlStore:
     """The reading commands open a database a collector made; a mistyped path must not look like an empty fleet."""
-    if not is_postgres_url(db) and not Path(db).is_file():
+    if not is_postgres_url(db) and (not Path(db).is_file() or Path(db).stat().st_size == 0):
         raise StoreError("no fleet database here", "pass the --db that 'edgekit fleet collect' writes to", path=db)
     return open_store(db)
 

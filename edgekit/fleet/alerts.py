@@ -176,7 +176,12 @@ class AlertEngine:
                     psi = [w["drifted"][feature] for w in windows]
                     found[("drift", feature)] = (
                         f"{feature} drifted in {len(windows)} consecutive windows (PSI {psi[0]:.3f})",
-                        {"feature": feature, "psi": psi, "seqs": [w["seq"] for w in windows]},
+                        {
+                            "feature": feature,
+                            "psi": psi,
+                            "seqs": [w["seq"] for w in windows],
+                            **_version_of(windows[0]),
+                        },
                     )
         windows = recent[: self.rules.prediction_windows]
         if len(windows) == self.rules.prediction_windows and all(w["prediction_drifted"] for w in windows):
@@ -188,7 +193,7 @@ class AlertEngine:
 
     def _latest_window(self, latest: dict[str, Any]) -> dict[tuple[str, str], tuple[str, dict[str, Any]]]:
         found = {}
-        evidence = {"seq": latest["seq"], "window": latest["window"]}
+        evidence = {"seq": latest["seq"], "window": latest["window"], **_version_of(latest)}
         null_rate = latest["null_rate"]
         if null_rate > self.rules.null_rate_max:
             found[("null_rate", "inputs")] = (
@@ -214,7 +219,10 @@ class AlertEngine:
         """One alert per categorical column whose share of never-seen values passed the limit: a new
         country code in production is news for that column, and a second column going bad later
         opens its own alert (and reaches the sinks) rather than refreshing the first one's."""
-        limit, evidence = self.rules.unseen_rate_max, {"seq": latest["seq"], "window": latest["window"]}
+        limit, evidence = (
+            self.rules.unseen_rate_max,
+            {"seq": latest["seq"], "window": latest["window"], **_version_of(latest)},
+        )
         found = {}
         for column, rate in sorted(latest["unseen_columns"].items()):
             if rate > limit:
@@ -266,7 +274,7 @@ class AlertEngine:
         estimated, expected = window["estimated_accuracy"], window["expected_accuracy"]
         if expected - estimated <= self.rules.estimated_accuracy_drop_max:
             return {}
-        evidence = {"seq": window["seq"], "window": window["window"], "rows": window["rows"]}
+        evidence = {"seq": window["seq"], "window": window["window"], "rows": window["rows"], **_version_of(window)}
         return {
             ("estimated_accuracy_drop", "confidence"): (
                 f"estimated accuracy {estimated:.3f} is {100 * (expected - estimated):.1f} points below the "
@@ -325,3 +333,11 @@ class AlertEngine:
 
     def open_counts(self) -> dict[str, int]:
         return dict(Counter(a["rule"] for a in self.store.alerts(open_only=True, limit=100000)))
+
+
+def _version_of(window: dict[str, Any]) -> dict[str, Any]:
+    """The model version the window was sketched under, for the evidence: the device may already run a newer
+    one when the alert is refreshed on its older windows (the loop's retrained model, just swapped in)."""
+    model = window.get("model")
+    version = model.get("version") if isinstance(model, dict) else None
+    return {} if version is None else {"model_version": version}

@@ -341,7 +341,7 @@ def _final_report(
     keep_serving: bool,
     say: Say,
 ) -> None:
-    from edgekit.local.demo_loop import timeline_lines
+    from edgekit.fleet.timeline_text import timeline_lines
     from edgekit.text import table
 
     say("[8/8] final fleet status: (the emulated devices were stopped first, so their last windows are in)")
@@ -370,7 +370,7 @@ def _final_report(
             f"see {dashboard}rollouts/{rollout['id']}"
         )
     if loop is not None:
-        for line in timeline_lines(loop, dashboard):
+        for line in timeline_lines(loop, f"; also at {dashboard}alerts/{loop['alert']['id']}/timeline"):
             say(line)
     else:
         say("the loop: no retrain ran (the drift alert on emu-00 did not open before the demo ended)")

@@ -130,32 +130,3 @@ class LoopWatch:
         rollout = self.rollout(collector)
         closed = self.closed(collector) and rollout is not None and rollout["state"] == "succeeded"
         return {"alert": alert, **timeline, "rollout": rollout, "closed": closed}
-
-
-def timeline_lines(loop: dict[str, Any], dashboard: str) -> list[str]:
-    """The loop as the fleet store recorded it, seconds from the alert's opening: the retrain run's steps, then
-    the rollout's end and the alert's closing."""
-    alert = loop["alert"]
-    opened = alert["opened_at"]
-    lines = [
-        f"the loop, as the fleet store recorded it for alert {alert['id']} ({alert['rule']} on "
-        f"{alert['device']}/{alert['subject']}); also at {dashboard}alerts/{alert['id']}/timeline:"
-    ]
-    for step in loop["steps"]:
-        lines.append(f"  {step['at'] - opened:+7.1f} s  {step['step']:<18} {step['message']}")
-    ends = []  # the rollout's end and the alert's closing, in the order they happened
-    rollout = loop["rollout"]
-    if rollout is not None and rollout.get("finished_at"):
-        ends.append((rollout["finished_at"], f"rollout {rollout['state']}", rollout["reason"] or ""))
-    if alert["state"] == "closed":
-        why = (
-            f"{alert['rule']} on {alert['subject']} cleared: {alert['device']}'s windows fit the new bundle's baseline"
-        )
-        ends.append((alert["closed_at"], "alert closed", why))
-    for at, what, message in sorted(ends):
-        lines.append(f"  {at - opened:+7.1f} s  {what:<18} {message}")
-    if alert["state"] != "closed":
-        lines.append(f"  {'':>9}  {'alert still open':<18} {alert['message']}")
-    run = loop["run"] or {}
-    lines.append(f"  retrain run: {run.get('state', 'none')}" + (f" ({run['outcome']})" if run.get("outcome") else ""))
-    return lines

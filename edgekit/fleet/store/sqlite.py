@@ -16,6 +16,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from edgekit.errors import StoreDataError, StoreError, StoreUnavailable
 from edgekit.fleet.store.schema import MIGRATIONS, statements
@@ -39,8 +40,17 @@ class SqliteStore(SqlStore):
                 ) from exc
         self._lock = threading.RLock()
         self.db.row_factory = sqlite3.Row
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=NORMAL")
+        try:
+            _refuse_foreign(self.db, path)
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA synchronous=NORMAL")
+        except sqlite3.DatabaseError as exc:  # a text file, a TOML file tab-completed next to fleet.db
+            self.db.close()
+            raise StoreError(
+                f"this is not a SQLite database ({exc})",
+                "pass the --db that 'edgekit fleet collect' writes to",
+                path=path,
+            ) from exc
         self.migrate()
 
     @contextlib.contextmanager
@@ -96,3 +106,22 @@ def _translated() -> Iterator[None]:
         raise StoreUnavailable(f"the fleet database refused the write ({exc})", "it is retried") from exc
     except (sqlite3.Error, OverflowError) as exc:
         raise StoreDataError(f"the fleet database cannot store this ({exc})", "") from exc
+
+
+def _tables_in(db: sqlite3.Connection) -> list[str] | None:
+    """The tables of a SQLite database, or None when it has none (a new or empty file)."""
+    names = [row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
+    return names or None
+
+
+def _refuse_foreign(db: sqlite3.Connection, path: Any) -> None:
+    """A database with tables but no ``migrations`` table is some other program's (a device's prediction log):
+    migrating it would quietly add the fleet's tables to it."""
+    tables = _tables_in(db)
+    if tables and "migrations" not in tables:
+        db.close()
+        raise StoreError(
+            f"this SQLite database is not a fleet database (its tables: {', '.join(sorted(tables)[:5])})",
+            "pass the --db that 'edgekit fleet collect' writes to",
+            path=path,
+        )
