@@ -22,6 +22,7 @@ for the run; a ``postgresql://`` URL uses that server, creating a database per r
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -167,18 +168,34 @@ class Broker:
         (directory / "m.conf").write_text(
             f"listener {self.port} 127.0.0.1\nallow_anonymous true\n"
             "max_queued_messages 1000000\nmax_inflight_messages 1000\n"
+            f"log_dest file {directory / 'broker.log'}\nlog_type subscribe\n"
         )
         if os.geteuid() == 0:
             import pwd
 
             user = pwd.getpwnam("mosquitto")
             os.chown(directory, user.pw_uid, user.pw_gid)
+        self.log = directory / "broker.log"
         self.process = subprocess.Popen(
             [shutil.which("mosquitto") or "/usr/sbin/mosquitto", "-c", str(directory / "m.conf")],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
         time.sleep(0.5)
+
+    def wait_for_subscriptions(self, count: int, timeout: float = 60.0) -> None:
+        """Wait until the broker has taken ``count`` shared summary subscriptions (its log names each; ``$SYS``
+        counts only plain ones): a summary published before one exists reaches no one (the collectors' sessions
+        are new), and the part would then wait for it until its timeout. The fixed 1.5 s pause this replaces
+        lost summaries on a loaded machine, where a collector took longer than that to start."""
+        deadline = time.perf_counter() + timeout
+        made = 0
+        while made < count:
+            if time.perf_counter() > deadline:
+                raise RuntimeError(f"the collectors made {made} of {count} summary subscriptions in {timeout:.0f} s")
+            time.sleep(0.05)
+            with contextlib.suppress(OSError):
+                made = sum(" $share/" in line for line in self.log.read_text().splitlines())
 
     def stop(self) -> None:
         self.process.terminate()
@@ -279,7 +296,7 @@ def run_pipeline(
     templates_file.write_text(json.dumps(docs))
     script = Path(__file__).with_name("bench_publisher.py")
     try:
-        time.sleep(1.5)  # subscribed
+        broker.wait_for_subscriptions(collectors * workers)  # each process's shared summary subscription
         share = total // publishers
         server = databases.server_pid()
         cpu_before = {"collector": sum(cpu_seconds(c.pid) for c in group), "broker": cpu_seconds(broker.process.pid)}

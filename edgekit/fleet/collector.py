@@ -221,10 +221,16 @@ class Collector:
 
     # -- threads ---------------------------------------------------------------------------------------
     def _writer(self) -> None:
+        """Never ends while the collector runs: a writer gone silent would leave this collector connected, so the
+        broker would keep handing it a share of the group's summaries that nothing stores or acknowledges."""
         while not self._stop.is_set():
             self._wake.wait(BATCH_WAIT)
             self._wake.clear()
-            self.drain()
+            try:
+                self.drain()
+            except Exception:  # a bug: logged loudly; what was not stored stays unacknowledged
+                log.exception("the collector's writer failed; it goes on")
+                self._stop.wait(1.0)
 
     def drain(self) -> int:
         """Store what has arrived, then acknowledge it (never before the commit).
@@ -274,13 +280,22 @@ class Collector:
         if self.config.workers > 1 or self.leader is not None:  # devices with summaries past the watermark,
             # stored by the ingest workers or other collectors
             self._alerts_at = now  # this query, too, at most every ALERT_SECONDS
-            devices, self._summary_watermark = self.store.devices_with_summaries_after(self._summary_watermark)
+            try:
+                devices, self._summary_watermark = self.store.devices_with_summaries_after(self._summary_watermark)
+            except StoreError as exc:  # the watermark stays: the next look finds these devices
+                log.warning("alert rules wait for the fleet database (%s)", exc)
+                return
             self.ingestor.touched |= devices
         if not self.ingestor.touched:
             return
         self._alerts_at = now
         touched, self.ingestor.touched = self.ingestor.touched, set()
-        self.alerts.evaluate(devices=touched)
+        try:
+            self.alerts.evaluate(devices=touched)
+        except StoreError as exc:  # evaluated again next time (twice is harmless: an open alert is refreshed)
+            self.ingestor.touched |= touched
+            log.warning("alert rules wait for the fleet database (%s)", exc)
+            return
         self._alerts_pause = (time.monotonic() - now) * (1 / ALERT_SHARE - 1)
 
     def _housekeeping(self) -> None:
