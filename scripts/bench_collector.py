@@ -168,13 +168,14 @@ class Broker:
         (directory / "m.conf").write_text(
             f"listener {self.port} 127.0.0.1\nallow_anonymous true\n"
             "max_queued_messages 1000000\nmax_inflight_messages 1000\n"
-            f"log_dest file {directory / 'broker.log'}\nlog_type subscribe\n"
+            f"log_dest file {directory / 'broker.log'}\nlog_type subscribe\n"  # (stdout would sit in its buffer)
         )
         if os.geteuid() == 0:
             import pwd
 
             user = pwd.getpwnam("mosquitto")
             os.chown(directory, user.pw_uid, user.pw_gid)
+            work.chmod(0o711)  # the broker runs as mosquitto: it must reach its folder to write its log
         self.log = directory / "broker.log"
         self.process = subprocess.Popen(
             [shutil.which("mosquitto") or "/usr/sbin/mosquitto", "-c", str(directory / "m.conf")],
