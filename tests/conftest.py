@@ -282,3 +282,16 @@ def postgres_server():
 def postgres_url(postgres_server) -> str:
     """A fresh database of its own on the worker's PostgreSQL server."""
     return postgres_server.new_database()
+
+
+@pytest.fixture(params=["sqlite-file", "postgresql"])
+def fleet_store(request, tmp_path):
+    """The fleet store on a SQLite file, then on a real PostgreSQL server: for tests of behaviour both must share."""
+    from edgekit.fleet.store import PostgresStore, SqliteStore
+
+    if request.param == "postgresql":
+        opened = PostgresStore(request.getfixturevalue("postgres_url"))
+    else:
+        opened = SqliteStore(tmp_path / "fleet.db")
+    yield opened
+    opened.close()

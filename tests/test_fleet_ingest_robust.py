@@ -14,20 +14,13 @@ from device_agent.protocol import STATE_SCHEMA, decode, reported_payload
 from edgekit.fleet.config import CollectorConfig
 from edgekit.fleet.ingest import Ingestor, Message
 from edgekit.fleet.service import FleetService
-from edgekit.fleet.store import PostgresStore, SqliteStore
 from tests.fleet_helpers import baseline, baseline_message, state, summary, wait
 
-STORES = {
-    "sqlite": lambda request, tmp_path: SqliteStore(tmp_path / "fleet.db"),
-    "postgresql": lambda request, tmp_path: PostgresStore(request.getfixturevalue("postgres_url")),
-}
 
-
-@pytest.fixture(params=sorted(STORES))
-def store(request, tmp_path):
-    opened = STORES[request.param](request, tmp_path)
-    yield opened
-    opened.close()
+@pytest.fixture
+def store(fleet_store):
+    """SQLite and PostgreSQL (``conftest.fleet_store``)."""
+    return fleet_store
 
 
 def _with_nul(topic_payload: tuple[str, bytes], path: tuple[str, ...]) -> tuple[str, bytes]:

@@ -11,7 +11,7 @@ from edgekit.errors import EdgekitError
 from edgekit.fleet.ingest import Ingestor, Message
 from edgekit.fleet.merge import merged_drift
 from edgekit.fleet.retention import Retention, RetentionPolicy, merge_compact, parse_duration, run_pass
-from edgekit.fleet.store import PostgresStore, SqliteStore
+from edgekit.fleet.store import SqliteStore
 from tests.fleet_helpers import baseline, baseline_message, summary
 
 BASE = baseline()
@@ -27,17 +27,11 @@ POOL = [
 ]
 POOL[1]["errors"] = {"invalid_input": 2}
 
-STORES = {
-    "sqlite-file": lambda request, tmp_path: SqliteStore(tmp_path / "fleet.db"),
-    "postgresql": lambda request, tmp_path: PostgresStore(request.getfixturevalue("postgres_url")),
-}
 
-
-@pytest.fixture(params=sorted(STORES))
-def store(request, tmp_path):
-    opened = STORES[request.param](request, tmp_path)
-    yield opened
-    opened.close()
+@pytest.fixture
+def store(fleet_store):
+    """SQLite and PostgreSQL (``conftest.fleet_store``)."""
+    return fleet_store
 
 
 def window(device: str, seq: int) -> tuple[str, bytes]:
