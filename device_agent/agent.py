@@ -334,25 +334,23 @@ class Agent:
 
         The log's own cost is per batch (a slice copy into its ring, the sampled rows' JSON, a transaction),
         so a thousand one-row requests cost it what one thousand-row request does. Requests join while their
-        ids follow on and their rows and answers have the same shape and type (a hot swap can change both);
-        the check is inlined: per one-row request it is most of what the log costs."""
+        ids follow on and their rows and answers have the same shape and type (a hot swap can change both):
+        per one-row request that check is most of what the log costs, so it is one tuple comparison."""
         with self._drain_lock:
             queue = self._to_log
             items = [queue.popleft() for _ in range(len(queue))]  # appended meanwhile: the next drain's
-            if not items:
-                return
-            run = [items[0]]
-            expected, kind = _run_kind(items[0])
-            for item in items[1:]:
+            run: list[tuple[int, np.ndarray, np.ndarray]] = []
+            expected, kind = None, None
+            for item in items:
                 first, rows, answers = item
-                if first == expected and _same_kind(kind, rows, answers):
-                    run.append(item)
-                    expected += len(rows)
-                    continue
+                item_kind = (rows.dtype, rows.shape[1:], answers.dtype, answers.shape[1:])
+                if run and (first != expected or item_kind != kind):
+                    self._log_run(run)
+                    run = []
+                run.append(item)
+                expected, kind = first + len(rows), item_kind
+            if run:
                 self._log_run(run)
-                run = [item]
-                expected, kind = _run_kind(item)
-            self._log_run(run)
 
     def _log_run(self, run: list[tuple[int, np.ndarray, np.ndarray]]) -> None:
         if len(run) == 1:
@@ -479,22 +477,6 @@ class _JoiningLog(PredictionLog):
     def flush(self) -> int:
         self._before()
         return super().flush()
-
-
-def _run_kind(item: tuple[int, np.ndarray, np.ndarray]) -> tuple[int, tuple[Any, ...]]:
-    """The id that would follow ``item`` and the shapes and types a request needs to join its run."""
-    first, rows, answers = item
-    return first + len(rows), (rows.dtype, rows.shape[1:], answers.dtype, answers.shape[1:])
-
-
-def _same_kind(kind: tuple[Any, ...], rows: np.ndarray, answers: np.ndarray) -> bool:
-    rows_dtype, row_shape, answers_dtype, answer_shape = kind
-    return (
-        (rows.dtype is rows_dtype or rows.dtype == rows_dtype)
-        and (answers.dtype is answers_dtype or answers.dtype == answers_dtype)
-        and rows.shape[1:] == row_shape
-        and answers.shape[1:] == answer_shape
-    )
 
 
 BACKLOG_BYTES = 64 << 20

@@ -45,6 +45,7 @@ DONE_KEPT = 200  # upload ids remembered as served (a redelivered command is ign
 RETRY_SECONDS, RETRY_ROUNDS = 30.0, 6  # an upload the network cut: again after 30 s, 60 s, … (~30 min in all)
 KEPT_SECONDS = 86400.0  # a cut upload's file is dropped at a start this long after its last progress
 SERVED_FILE = "served.list"  # the uploads served already; not a .json, so no upload id can name it
+OLD_SERVED_FILE = "done.json"  # where agents before ``SERVED_FILE`` kept that list: read once, then moved
 
 
 class UploadError(AgentError):
@@ -81,12 +82,21 @@ class Uploader:
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
         for state in sorted(self.directory.glob("*.json")) if self.directory.is_dir() else []:
-            if state.name == SERVED_FILE:
+            doc = _read_json(state)
+            if state.name == OLD_SERVED_FILE and isinstance(doc, list):
+                self._move_old_served(state, doc)
                 continue
             if time.time() - state.stat().st_mtime > KEPT_SECONDS:  # the collector gave up on it long ago
                 self._forget(state.stem, done=False)
                 continue
-            self.on_command(_read_json(state) or {})  # an upload cut by a restart: on from where it stopped
+            self.on_command(doc or {})  # an upload cut by a restart: on from where it stopped
+
+    def _move_old_served(self, old: Path, served: list[str]) -> None:
+        """An older agent's served list into ``SERVED_FILE``: as an upload's state it would be served as a
+        command (a list, which ended the upload thread), and its ids would be served again if redelivered."""
+        served = [*served, *(_read_json(self.directory / SERVED_FILE) or [])][-DONE_KEPT:]
+        write_atomic(self.directory / SERVED_FILE, json.dumps(served).encode())
+        old.unlink()
 
     def on_command(self, doc: dict[str, Any]) -> None:
         """``cmd: upload`` (already checked by ``protocol.command``): served in the background."""

@@ -77,15 +77,15 @@ class _Joined:
     rows: np.ndarray
     prediction: Prediction
     latencies_ms: np.ndarray  # per request
-    ends: np.ndarray  # each request's end row in ``rows``
+    bounds: np.ndarray  # request i is rows ``bounds[i]:bounds[i + 1]``
 
     def latencies(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
         """The latencies of the requests rows ``start:stop`` belong to, and how many of those rows each has."""
-        first = int(np.searchsorted(self.ends, start, side="right"))
-        last = int(np.searchsorted(self.ends, stop - 1, side="right")) + 1
-        ends = self.ends[first:last]
-        starts = self.ends[first - 1 : last - 1] if first else np.concatenate([[0], self.ends[: last - 1]])
-        return self.latencies_ms[first:last], np.minimum(ends, stop) - np.maximum(starts, start)
+        bounds = self.bounds
+        first = int(np.searchsorted(bounds, start, side="right")) - 1
+        last = int(np.searchsorted(bounds, stop, side="left"))
+        rows = np.minimum(bounds[first + 1 : last + 1], stop) - np.maximum(bounds[first:last], start)
+        return self.latencies_ms[first:last], rows
 
 
 def _take(batch: _Batch, n: int) -> _Batch:
@@ -124,10 +124,10 @@ def _every(batch: _Batch, offset: int, step: int) -> _Batch:
 def _concatenate(batches: list[_Batch]) -> _Joined:
     """Many requests as one batch, so the sketches are updated once per feature, not once per request."""
     rows, predictions, latencies = zip(*batches, strict=True)
-    ends = np.cumsum(list(map(len, rows)))
+    bounds = np.cumsum([0, *map(len, rows)])
     latencies = np.asarray(latencies, dtype=np.float64)
     if len(batches) == 1:
-        return _Joined(rows[0], predictions[0], latencies, ends)
+        return _Joined(rows[0], predictions[0], latencies, bounds)
 
     def join(attribute: str) -> np.ndarray | None:
         parts = list(map(attrgetter(attribute), predictions))
@@ -136,7 +136,7 @@ def _concatenate(batches: list[_Batch]) -> _Joined:
     prediction = Prediction(
         labels=join("labels"), probabilities=join("probabilities"), values=join("values"), embedding=join("embedding")
     )
-    return _Joined(np.concatenate(rows), prediction, latencies, ends)
+    return _Joined(np.concatenate(rows), prediction, latencies, bounds)
 
 
 @dataclass
@@ -347,11 +347,10 @@ class Monitor:
 
     def _close(self, now: float) -> None:
         self._window.settle()
-        latencies = (
-            np.repeat(np.concatenate([v for v, _ in self._latencies]), np.concatenate([c for _, c in self._latencies]))
-            if self._latencies
-            else np.empty(0)
-        )
+        latencies = np.empty(0)
+        if self._latencies:  # one per row again: each request's latency times its rows in this window
+            values, rows = zip(*self._latencies, strict=True)
+            latencies = np.repeat(np.concatenate(values), np.concatenate(rows))
         window = ClosedWindow(
             self._window,
             self._window_start,

@@ -67,7 +67,9 @@ class RecentPredictions:
             numeric = answers.dtype.kind in "biuf"
             ring = np.empty((self.capacity, *answers.shape[1:]) if numeric else self.capacity, answers.dtype)
         elif ring.dtype != object and (
-            ring.shape[1:] != answers.shape[1:] or not np.can_cast(answers.dtype, ring.dtype, "safe")
+            ring.shape[1:] != answers.shape[1:]
+            or answers.dtype.kind != ring.dtype.kind  # int labels in a float ring would read back as 3.0, not 3
+            or not np.can_cast(answers.dtype, ring.dtype, "safe")
         ):  # a hot swap changed the answers' type or shape: Python values from now on (the old ones too)
             objects = np.empty(self.capacity, dtype=object)
             _put_values(objects, slice(0, self.capacity), ring)
@@ -130,8 +132,6 @@ class PredictionLog:
         queue = []
         while self._queue:
             queue.append(self._queue.popleft())
-        if not queue:
-            return 0
         records = []
         for boot, first, ts, rows, answers in queue:
             answers = _answers_array(answers)
@@ -139,7 +139,8 @@ class PredictionLog:
             for i in self._sampled(first, _count(rows), ts):
                 records.append((boot, first + i, ts, _input_json(_row(rows, i)), json.dumps(_python(answers[i]))))
         self._unwritten.extend(records)
-        if time.monotonic() - self._written_at >= WRITE_EVERY_SECONDS:
+        # also with nothing new: the last rows before traffic stops are written a second later, not at close
+        if self._unwritten and time.monotonic() - self._written_at >= WRITE_EVERY_SECONDS:
             self._write()
         return len(records)
 

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from .binning import BinLookup, NumericBlock, numeric_bins
+from .binning import BinLookup, NumericBlock, numeric_bins, slot_thresholds
 from .canonical import canonical_json, sha256_hex
 from .categories import CategoricalSketch
 from .errors import ProfileError
@@ -147,10 +147,8 @@ class NumericSketch:
     def _slots(self, finite: np.ndarray) -> np.ndarray:
         """Each finite value's slot: ``< low`` 0, then a bin per cut, ``> high`` the last."""
         edges = self.__dict__.get("_edges")
-        if edges is None:  # one searchsorted over low, the cuts and the least float64 above high
-            low = -np.inf if self.low is None else float(self.low)
-            high = np.inf if self.high is None else np.nextafter(float(self.high), np.inf)
-            edges = np.concatenate([[low], self.cuts, [high]])
+        if edges is None:  # the block's thresholds (``slot_thresholds``): in order, one searchsorted finds a slot
+            edges = slot_thresholds(self.cuts, self.low, self.high, np.float64)
             self._edges = edges = edges if bool((np.diff(edges) > 0).all()) else False
         if edges is not False:
             return np.searchsorted(edges, finite, side="right")

@@ -433,6 +433,8 @@ PARTS = {
     ),
     "failover": lambda work, databases, docs, args: leader_failover(work, databases),
 }
+# a part's key in the JSON a full run writes, where it is not the part's name
+RESULT_KEYS = {"workers3": "burst_three_workers", "workers2": "burst_two_workers", "pair": "burst_two_collectors"}
 
 
 def run_parts(args: argparse.Namespace, docs: list[str], parts: list[str]) -> int:
@@ -475,15 +477,9 @@ def main() -> int:
         work = Path(tmp)
         databases = Databases(work, args.db)
         try:
-            results = {"database": databases.label, "store": bench_store(databases, docs)}
-            results["burst"] = run_pipeline(work, databases, docs, total=30000, rate=0)
-            results["burst_three_workers"] = run_pipeline(work, databases, docs, total=30000, rate=0, workers=3)
-            results["burst_two_workers"] = run_pipeline(work, databases, docs, total=30000, rate=0, workers=2)
-            results["burst_two_collectors"] = run_pipeline(work, databases, docs, total=30000, rate=0, collectors=2)
-            results["sustained"] = run_pipeline(
-                work, databases, docs, total=int(args.duration * args.rate), rate=args.rate, sample_every=5.0
-            )
-            results["failover"] = leader_failover(work, databases)
+            results = {"database": databases.label}
+            for part, run in PARTS.items():
+                results[RESULT_KEYS.get(part, part)] = run(work, databases, docs, args)
         finally:
             databases.stop()
     store, burst, sustained, pair = (

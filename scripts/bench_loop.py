@@ -29,11 +29,13 @@ example command training its network.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -103,34 +105,40 @@ def digits_bundle(work: Path, private: Path) -> tuple[Path, Path, Path]:
     return bundle, train, test
 
 
-def alert_to_fleet(work: Path, args: argparse.Namespace) -> dict[str, Any]:
-    """Run (a) once: the seconds from the drift alert to every device serving the new version, and their parts."""
-    from edgekit.bundle.keys import generate_keypair
+@contextlib.contextmanager
+def running_collector(work: Path, client_id: str, *, alerts: Path | None = None, **settings: Any) -> Iterator[Any]:
+    """A local broker of this run's own and the real collector on it (``settings``: more ``CollectorConfig``;
+    ``alerts``: its alerts.toml), yielded as (broker, service); both stopped on the way out, whatever happens."""
     from edgekit.fleet.alerts import load_alert_config
     from edgekit.fleet.config import CollectorConfig
     from edgekit.fleet.service import FleetService
     from edgekit.local.broker import free_port, start_local_broker
+
+    rules, sinks = load_alert_config(alerts) if alerts else (None, None)
+    with contextlib.ExitStack() as stack:
+        broker = start_local_broker(work / "broker")
+        stack.callback(broker.stop)
+        config = CollectorConfig(
+            broker=broker.url,
+            db=str(work / "fleet.db"),
+            http=f"127.0.0.1:{free_port()}",
+            client_id=client_id,
+            **settings,
+        )
+        service = FleetService(config, alert_rules=rules, alert_sinks=sinks).start()
+        stack.callback(service.stop)
+        yield broker, service
+
+
+def alert_to_fleet(work: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """Run (a) once: the seconds from the drift alert to every device serving the new version, and their parts."""
+    from edgekit.bundle.keys import generate_keypair
     from edgekit.local.emulate import DriftSpec, EmulatedFleet, prepare_devices
 
     private, public, _ = generate_keypair(work / "keys")
     bundle, train, test = digits_bundle(work, private)
     alerts = fleet_alerts(work, gate=test, train=train, key=private, waves=args.waves, max_iter=args.max_iter)
-    broker = start_local_broker(work / "broker")
-    config = CollectorConfig(
-        broker=broker.url,
-        db=str(work / "fleet.db"),
-        http=f"127.0.0.1:{free_port()}",
-        client_id="bench-loop",
-        trust=str(public),
-    )
-    rules, sinks = load_alert_config(alerts)
-    try:
-        service = FleetService(config, alert_rules=rules, alert_sinks=sinks).start()
-    except BaseException:
-        broker.stop()  # the broker is this run's alone: a collector that did not start leaves none behind
-        raise
-    fleet = None
-    try:
+    with running_collector(work, "bench-loop", alerts=alerts, trust=str(public)) as (broker, service):
         service.rollouts.add_bundle(bundle.read_bytes())  # the champion: the bundle the devices run
         configs = prepare_devices(
             devices=args.devices,
@@ -149,12 +157,10 @@ def alert_to_fleet(work: Path, args: argparse.Namespace) -> dict[str, Any]:
             capture={"enabled": True, "rate": 0.25},
         )
         fleet = EmulatedFleet(configs[1:] + configs[:1], say=lambda _: None).start()  # the drifting one last
-        return _watch(service, fleet, args)
-    finally:
-        if fleet is not None:
+        try:
+            return _watch(service, fleet, args)
+        finally:
             fleet.stop()
-        service.stop()
-        broker.stop()
 
 
 def _watch(service: Any, fleet: Any, args: argparse.Namespace) -> dict[str, Any]:
@@ -219,27 +225,12 @@ def upload_bytes(work: Path, quick: bool) -> dict[str, float]:
     import bench_samples
 
     from edgekit.bundle.keys import generate_keypair
-    from edgekit.fleet.config import CollectorConfig
-    from edgekit.fleet.service import FleetService
-    from edgekit.local.broker import free_port, start_local_broker
 
     args = SimpleNamespace(devices=1 if quick else 3, rows=2000 if quick else 20_000, rate=0.05)
     private, public, _ = generate_keypair(work / "keys")
     kinds = bench_samples.bundles(work, private)
-    broker = start_local_broker(work / "broker")
-    config = CollectorConfig(
-        broker=broker.url,
-        db=str(work / "fleet.db"),
-        http=f"127.0.0.1:{free_port()}",
-        client_id="bench-loop-up",
-        api_token=bench_samples.TOKEN,
-    )
-    service = FleetService(config).start()
-    try:
+    with running_collector(work, "bench-loop-up", api_token=bench_samples.TOKEN) as (broker, service):
         results = [bench_samples.measure(n, k, args, work, public, broker.url, service) for n, k in kinds.items()]
-    finally:
-        service.stop()
-        broker.stop()
     return {r["kind"]: float(np.mean([d["bytes_per_row"] for d in r["devices"]])) for r in results}
 
 

@@ -4,6 +4,7 @@ rollout controller), and emulated devices that are real ``edge-agent run`` proce
 from __future__ import annotations
 
 import io
+import json
 import time
 import zipfile
 from pathlib import Path
@@ -296,3 +297,14 @@ class DeviceTopics:
     def close(self) -> None:
         self.client.loop_stop()
         self.client.disconnect()
+
+
+class Devices:
+    """A controller's ``publish`` for tests that answer for the devices: each device's last desired state."""
+
+    def __init__(self) -> None:
+        self.desired: dict[str, dict] = {}
+
+    def __call__(self, topic: str, payload: bytes, retain: bool) -> bool:
+        self.desired[topic.split("/")[3]] = json.loads(payload)
+        return True

@@ -16,6 +16,7 @@ from edgekit.fleet.rollout_spec import RolloutSpec, ab_settings, parse_duration,
 from edgekit.fleet.rollouts import RolloutController
 from edgekit.fleet.store import LeaseLost, SqliteStore
 from edgekit.fleet.store.records import SummaryRecord
+from tests.rollout_helpers import Devices
 
 
 # -- the statistics ------------------------------------------------------------------------------------
@@ -91,17 +92,6 @@ def test_every_store_provides_what_a_look_reads():
 
 
 # -- the controller --------------------------------------------------------------------------------------
-class Devices:
-    """Publishes go here; the test answers for the devices."""
-
-    def __init__(self) -> None:
-        self.desired: dict[str, dict] = {}
-
-    def __call__(self, topic: str, payload: bytes, retain: bool) -> bool:
-        self.desired[topic.split("/")[3]] = json.loads(payload)
-        return True
-
-
 class Clock:
     def __init__(self) -> None:
         self.now = 1000.0

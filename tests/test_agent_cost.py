@@ -233,6 +233,19 @@ def test_the_answer_ring_keeps_its_type_and_turns_to_python_values_when_a_swap_c
     assert ring.mark_labelled(13) and not ring.mark_labelled(13)
 
 
+def test_answers_of_another_kind_after_a_swap_read_back_as_they_were_answered() -> None:
+    """A regressor swapped for a classifier: its int labels must not read back as floats from the float ring
+    (a label "3" would then never match the answer "3.0"), nor flags as ints."""
+    from device_agent.predlog import RecentPredictions
+
+    ring = RecentPredictions(capacity=8)
+    ring.put(0, np.array([0.5, 1.5]))
+    ring.put(2, np.array([3, 4], dtype=np.int64))
+    ring.put(4, np.array([True, False]))
+    assert [ring.get(n) for n in range(6)] == [0.5, 1.5, 3, 4, True, False]
+    assert [type(ring.get(n)) for n in (0, 2, 4)] == [float, int, bool]
+
+
 def test_the_log_writes_sampled_rows_at_most_once_a_second_and_a_label_is_never_overwritten(tmp_path) -> None:
     """Sampled rows wait (at most ``WRITE_EVERY_SECONDS``) to share a transaction; whatever reads the table
     writes them first, so a label on a sampled prediction lands on its row, not under a later replace."""
@@ -253,6 +266,29 @@ def test_the_log_writes_sampled_rows_at_most_once_a_second_and_a_label_is_never_
     rows = dict(outside.execute("SELECT n, label FROM predictions").fetchall())
     assert rows == {0: None, 10: None, 20: None, 30: "0"}
     outside.close()
+
+
+def test_the_last_sampled_rows_are_written_a_second_later_when_traffic_stops(tmp_path, monkeypatch) -> None:
+    """A flush with nothing new still writes the rows that waited: the background thread flushes every
+    interval, so at most ``WRITE_EVERY_SECONDS`` of sampled rows are lost to a crash, busy or idle."""
+    import sqlite3
+
+    from device_agent import predlog
+
+    monkeypatch.setattr(predlog, "WRITE_EVERY_SECONDS", 60.0)
+    db = tmp_path / "predictions.db"
+    log = predlog.PredictionLog(str(db), capacity=100, sample_every=10, max_per_second=1000)
+    log.add("boot", 0, np.zeros((20, 2)), np.arange(20) % 3)
+    log.flush()
+    log.add("boot", 20, np.zeros((20, 2)), np.arange(20, 40) % 3)
+    log.flush()
+    outside = sqlite3.connect(str(db))
+    assert outside.execute("SELECT count(*) FROM predictions").fetchone()[0] == 2  # 20 and 30 wait
+    monkeypatch.setattr(predlog, "WRITE_EVERY_SECONDS", 0.0)  # as if the second had passed
+    log.flush()  # nothing queued
+    assert outside.execute("SELECT count(*) FROM predictions").fetchone()[0] == 4
+    outside.close()
+    log.close()
 
 
 def test_a_request_split_across_windows_gives_each_window_its_rows_latencies() -> None:

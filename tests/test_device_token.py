@@ -23,28 +23,16 @@ from device_agent.download import download
 from device_agent.errors import UpdateError
 from edgekit.errors import EdgekitError
 from edgekit.fleet.config import CollectorConfig
-from edgekit.fleet.service import FleetService
-from edgekit.local.broker import free_port
+from tests.test_field_samples import _sha, file_of, running_collector
 
 OPERATOR, DEVICE = "operator-token", "device-token"
 
 
 @pytest.fixture
 def collector(tmp_path, broker, fleet_name, keypair):
-    service = FleetService(
-        CollectorConfig(
-            broker=broker.url,
-            db=str(tmp_path / "fleet.db"),
-            http=f"127.0.0.1:{free_port()}",
-            client_id=f"c-{fleet_name}",
-            trust=str(keypair[1]),
-            api_token=OPERATOR,
-            device_token=DEVICE,
-        )
-    ).start()
-    service.url = f"http://127.0.0.1:{service.server.server_address[1]}"
-    yield service
-    service.stop()
+    settings = {"trust": str(keypair[1]), "api_token": OPERATOR, "device_token": DEVICE}
+    with running_collector(tmp_path, broker, fleet_name, **settings) as service:
+        yield service
 
 
 @pytest.mark.network
@@ -200,14 +188,6 @@ def _header(upload: str) -> dict:
     from device_agent.capture_upload import SAMPLES_SCHEMA
 
     return {"schema": SAMPLES_SCHEMA, "device": "dev1", "upload": upload, "capture": True, "models": {}, "rows": 0}
-
-
-def _sha(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def file_of(file: dict) -> dict:
-    return {"size": file["size"], "sha256": file["sha256"]}
 
 
 def _call(url: str, token: str | None, body: bytes | None = None, headers: dict | None = None) -> tuple[int, bytes]:

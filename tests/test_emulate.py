@@ -17,18 +17,16 @@ def test_emulated_fleet_reports_and_only_drifted_devices_are_flagged(
     cli, bundle, keypair, digits, broker, fleet_name, tmp_path
 ):
     collector = Collector(broker.url, fleet_name)
-    result = cli(
-        "emulate",
+    result = _emulate(
+        cli,
+        bundle,
+        keypair,
+        digits,
+        tmp_path,
         "--devices",
         "2",
-        "--bundle",
-        bundle,
-        "--pubkey",
-        keypair[1],
         "--broker",
         broker.url,
-        "--data",
-        digits.test,
         "--fleet",
         fleet_name,
         "--window-rows",
@@ -37,8 +35,6 @@ def test_emulated_fleet_reports_and_only_drifted_devices_are_flagged(
         "1500",
         "--drift",
         "feature=f20,shift=8,after=0,devices=0",
-        "--state-dir",
-        tmp_path / "fleet",
         "--duration",
         "4",
     )
@@ -57,22 +53,8 @@ def test_emulated_fleet_reports_and_only_drifted_devices_are_flagged(
 
 
 def test_unknown_drift_feature_is_one_line(cli, bundle, keypair, digits, tmp_path):
-    result = cli(
-        "emulate",
-        "--devices",
-        "1",
-        "--bundle",
-        bundle,
-        "--pubkey",
-        keypair[1],
-        "--data",
-        digits.test,
-        "--drift",
-        "feature=nope,shift=1",
-        "--state-dir",
-        tmp_path / "fleet",
-        "--duration",
-        "1",
+    result = _emulate(
+        cli, bundle, keypair, digits, tmp_path, "--devices", "1", "--drift", "feature=nope,shift=1", "--duration", "1"
     )
     assert result.exit_code == 2 and "the model has no feature 'nope'" in result.stderr
 
@@ -81,22 +63,18 @@ def test_feedback_and_capture_options_reach_each_device(cli, bundle, keypair, di
     """``--feedback`` and ``--capture-rate`` end in every device's agent.toml, which the agent reads back."""
     from device_agent.config import load_config
 
-    result = cli(
-        "emulate",
+    result = _emulate(
+        cli,
+        bundle,
+        keypair,
+        digits,
+        tmp_path,
         "--devices",
         "2",
-        "--bundle",
-        bundle,
-        "--pubkey",
-        keypair[1],
-        "--data",
-        digits.test,
         "--feedback",
         "0.5",
         "--capture-rate",
         "0.25",
-        "--state-dir",
-        tmp_path / "fleet",
         "--duration",
         "0.5",
     )
@@ -105,3 +83,9 @@ def test_feedback_and_capture_options_reach_each_device(cli, bundle, keypair, di
         config = load_config(tmp_path / "fleet" / f"emu-{index:02d}" / "agent.toml")
         assert config.emulate.feedback == 0.5
         assert config.capture.enabled and config.capture.rate == 0.25
+
+
+def _emulate(cli, bundle, keypair, digits, tmp_path, *options):
+    """``edgekit emulate`` on the digits bundle and test data, its devices under ``tmp_path/fleet``."""
+    common = ["--bundle", bundle, "--pubkey", keypair[1], "--data", digits.test, "--state-dir", tmp_path / "fleet"]
+    return cli("emulate", *common, *options)

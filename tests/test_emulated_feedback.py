@@ -32,8 +32,9 @@ def test_a_share_of_the_emulated_rows_gets_its_true_label_back(tmp_path, bundle,
     with sqlite3.connect(tmp_path / "dev" / "state" / "predictions.db") as db:
         labels = db.execute("SELECT prediction, label FROM predictions WHERE label IS NOT NULL").fetchall()
     assert sent >= 2000 and 0.4 * sent < len(labels) < 0.6 * sent
-    test = np.load(digits.test)
-    assert {int(label) for _, label in labels} <= set(test["y"].tolist())
+    with np.load(digits.test) as test:
+        truth = set(test["y"].tolist())
+    assert {int(label) for _, label in labels} <= truth
     # the model is right on most digits, so the labels are the truth, not its own answers echoed nor noise
     agreement = np.mean([prediction == label for prediction, label in labels])
     assert 0.9 < agreement < 1.0

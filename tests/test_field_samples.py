@@ -6,6 +6,7 @@ samples``; the resume test cuts a real TCP connection mid-chunk."""
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import socket
@@ -125,20 +126,30 @@ def test_the_disk_cap_drops_the_oldest_segments_first(tmp_path, bundle, keypair,
     assert (reopened.stored_rows, reopened.stored_bytes) == (capture.stored_rows, capture.stored_bytes)
 
 
-@pytest.fixture
-def collector(tmp_path, broker, fleet_name):
+@contextlib.contextmanager
+def running_collector(tmp_path, broker, fleet_name, **settings):
+    """The real collector on ``broker`` with its HTTP API on a free port (at ``.url``); ``settings``: the rest
+    of its ``CollectorConfig`` (tokens, trust)."""
     service = FleetService(
         CollectorConfig(
             broker=broker.url,
             db=str(tmp_path / "fleet.db"),
             http=f"127.0.0.1:{free_port()}",
             client_id=f"c-{fleet_name}",
-            api_token=TOKEN,
+            **settings,
         )
     ).start()
     service.url = f"http://127.0.0.1:{service.server.server_address[1]}"
-    yield service
-    service.stop()
+    try:
+        yield service
+    finally:
+        service.stop()
+
+
+@pytest.fixture
+def collector(tmp_path, broker, fleet_name):
+    with running_collector(tmp_path, broker, fleet_name, api_token=TOKEN) as service:
+        yield service
 
 
 @pytest.mark.network

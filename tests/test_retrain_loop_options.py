@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import csv
 import threading
-import time
 
 import pytest
 
@@ -18,6 +17,7 @@ from edgekit.fleet.alerts import load_alert_config
 from edgekit.fleet.retrain import parse_retrain
 from edgekit.fleet.rollout_spec import RolloutSpec
 from tests import test_retrain_sink
+from tests.fleet_helpers import wait
 from tests.test_retrain_sink import _sink
 
 fleet, world = test_retrain_sink.fleet, test_retrain_sink.world  # its fixtures: a store and device, a champion
@@ -86,15 +86,14 @@ def test_a_retrained_model_waits_for_the_fleets_running_rollout(fleet, world, di
     outcome = []
     worker = threading.Thread(target=lambda: outcome.append(retrainer.run(fleet.alert())))
     worker.start()
-    alert_id = None
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        alert_id = alert_id or fleet.store.alert_id("drift", "dev1", "pixel_3_4", 10.0)
-        steps = [s["step"] for s in (fleet.store.timeline(alert_id) or {"steps": []})["steps"]] if alert_id else []
-        if "rollout waiting" in steps:
-            break
-        time.sleep(0.1)
-    assert "rollout waiting" in steps and outcome == []  # still waiting, not failed
+
+    def steps() -> list[str]:
+        alert_id = fleet.store.alert_id("drift", "dev1", "pixel_3_4", 10.0)
+        return [s["step"] for s in (fleet.store.timeline(alert_id) or {"steps": []})["steps"]] if alert_id else []
+
+    wait(lambda: "rollout waiting" in steps(), 60, "the retrain to wait for the running rollout")
+    assert "rollout waiting" in steps() and outcome == []  # still waiting, not failed
+    alert_id = fleet.store.alert_id("drift", "dev1", "pixel_3_4", 10.0)
     fleet.rollouts.abort(other)
     worker.join(30)
     assert outcome == ["succeeded"]

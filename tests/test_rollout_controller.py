@@ -16,6 +16,7 @@ from edgekit.fleet.rollout_spec import RolloutSpec, _assign_waves, parse_abort_r
 from edgekit.fleet.rollouts import RolloutController
 from edgekit.fleet.store import SqliteStore
 from edgekit.local.broker import free_port
+from tests.rollout_helpers import Devices
 
 
 def test_rules_and_waves_parse_or_say_how_to_write_them():
@@ -34,17 +35,6 @@ def test_rules_and_waves_parse_or_say_how_to_write_them():
             parse_waves(bad)
     assert _assign_waves(10, (0.1, 0.5, 1.0)) == [0] + [1] * 4 + [2] * 5
     assert _assign_waves(2, (0.1, 0.5, 1.0)) == [0, 1]  # every wave gets a device while devices remain
-
-
-class Devices:
-    """Publishes go here; the test answers for the devices."""
-
-    def __init__(self) -> None:
-        self.desired: dict[str, dict] = {}
-
-    def __call__(self, topic: str, payload: bytes, retain: bool) -> bool:
-        self.desired[topic.split("/")[3]] = json.loads(payload)
-        return True
 
 
 @pytest.fixture

@@ -15,6 +15,7 @@ from edgekit.fleet.rollout_spec import RolloutSpec
 from edgekit.fleet.rollouts import RolloutController
 from edgekit.fleet.store import PostgresStore, SqliteStore
 from edgekit.fleet.store.schema import MIGRATIONS
+from tests.rollout_helpers import Devices
 from tests.test_updater import _wait_report, served  # noqa: F401 - served is a fixture
 
 IN_PROGRESS = ("running", "paused", "pending")
@@ -146,15 +147,6 @@ def test_the_migration_fails_the_later_of_two_rollouts_a_race_left_in_progress(d
         assert store.create_rollout(_rollout("r-new"), []) == "r-old"
     finally:
         store.close()
-
-
-class Devices:
-    def __init__(self) -> None:
-        self.desired: dict[str, dict] = {}
-
-    def __call__(self, topic: str, payload: bytes, retain: bool) -> bool:
-        self.desired[topic.split("/")[3]] = json.loads(payload)
-        return True
 
 
 def test_two_controllers_starting_at_once_give_the_second_the_usual_error(postgres_url, tmp_path, bundle, keypair):

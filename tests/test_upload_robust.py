@@ -112,3 +112,22 @@ def test_operator_routes_answer_503_with_retry_after_while_the_store_is_out(coll
         assert raised.value.code == 503, (path, raised.value.code)
         assert raised.value.headers["Retry-After"] == "5"
         assert "store is unavailable" in json.loads(raised.value.read())["error"]
+
+
+def test_the_served_list_of_an_older_agent_is_moved_not_served_as_an_upload(tmp_path):
+    """Agents before ``served.list`` kept the served ids in ``uploads/done.json``, a name the start-up scan
+    takes for an upload's state: it is moved into the new list, and its ids stay served."""
+    import json
+
+    from device_agent.capture_upload import SERVED_FILE
+
+    uploads = tmp_path / "capture" / "uploads"
+    uploads.mkdir(parents=True)
+    (uploads / "done.json").write_text(json.dumps(["u-old1", "u-old2"]))
+    uploader, capture, stop = quick_uploader(tmp_path, "http://127.0.0.1:9/", 1024)
+    stop.set()
+    assert not (uploads / "done.json").exists()
+    assert json.loads((uploads / SERVED_FILE).read_text()) == ["u-old1", "u-old2"]
+    assert uploader._queue.empty()  # nothing taken for a command
+    assert uploader.serve({"upload": "u-old2", "url": "http://127.0.0.1:9/api/samples/dev1/u-old2"}) == 0
+    assert capture.uploads == {"done": 0, "failed": 0, "refused": 0}

@@ -42,7 +42,11 @@ from edgekit.models.data import load_dataset
 CALIBRATION_SCHEMA = "edgekit.calibration/1"
 PRIOR_ROWS = 5.0  # pseudo-rows at the model's own confidence (or the overall MAE) in every slot
 MIN_EVAL_ROWS = 20  # fewer labelled rows than this give no map, and package says so
-METHODS = ("isotonic", "isotonic at mean", "binned")  # how a slot's value is read: ``classifier_map``
+METHODS = {  # how ``classifier_map`` reads a slot's value, and how its map says so
+    "isotonic": "mean of the isotonic fit over the slot's eval rows",
+    "isotonic at mean": "isotonic at the slot's mean eval confidence",
+    "binned": "the slot's eval accuracy",
+}
 
 
 @dataclass(frozen=True)
@@ -131,7 +135,7 @@ def calibrate(profile: Profile, *, confidence: Any = None, correct: Any = None, 
 
 
 def classifier_map(
-    sketch: NumericSketch, confidence: Any, correct: Any, *, prior_rows: float = PRIOR_ROWS, method: str = METHODS[0]
+    sketch: NumericSketch, confidence: Any, correct: Any, *, prior_rows: float = PRIOR_ROWS, method: str = "isotonic"
 ) -> dict[str, Any]:
     """Expected accuracy per slot of the ``confidence`` sketch. ``method`` "isotonic at mean" reads the fit at
     the slot's mean eval confidence (the earlier maps), "binned" takes each slot's raw eval
@@ -151,19 +155,8 @@ def classifier_map(
         observed = np.divide(np.bincount(slots, fitted, size), rows, out=mean_conf.copy(), where=rows > 0)
     weight = rows + prior_rows  # a slot with no eval rows (and no prior) keeps its midpoint
     values = np.divide(rows * observed + prior_rows * mean_conf, weight, out=mean_conf.copy(), where=weight > 0)
-    described = {
-        "isotonic": "mean of the isotonic fit over the slot's eval rows",
-        "isotonic at mean": "isotonic at the slot's mean eval confidence",
-        "binned": "the slot's eval accuracy",
-    }[method]
-    return _document(
-        "accuracy",
-        "confidence",
-        values,
-        rows,
-        float(correct.mean()),
-        f"{described}, prior {prior_rows:g} rows at the slot's mean eval confidence",
-    )
+    described = f"{METHODS[method]}, prior {prior_rows:g} rows at the slot's mean eval confidence"
+    return _document("accuracy", "confidence", values, rows, float(correct.mean()), described)
 
 
 def regressor_map(

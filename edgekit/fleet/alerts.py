@@ -219,10 +219,8 @@ class AlertEngine:
         """One alert per categorical column whose share of never-seen values passed the limit: a new
         country code in production is news for that column, and a second column going bad later
         opens its own alert (and reaches the sinks) rather than refreshing the first one's."""
-        limit, evidence = (
-            self.rules.unseen_rate_max,
-            {"seq": latest["seq"], "window": latest["window"], **_version_of(latest)},
-        )
+        limit = self.rules.unseen_rate_max
+        evidence = {"seq": latest["seq"], "window": latest["window"], **_version_of(latest)}
         found = {}
         for column, rate in sorted(latest["unseen_columns"].items()):
             if rate > limit:

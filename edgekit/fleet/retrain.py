@@ -243,9 +243,9 @@ class Retrainer:
         self._thread: threading.Thread | None = None
 
     def __call__(self, alert: dict[str, Any]) -> None:
-        model = (alert.get("evidence") or {}).get("model")
         if alert.get("state") != "open" or alert.get("rule") not in self.sink.rules:
             return
+        model = (alert.get("evidence") or {}).get("model")
         if not self.sink.models or model in self.sink.models:  # one training command trains one kind of model
             self._queue.put(alert)
 

@@ -120,8 +120,8 @@ def route(fleet: SampleFleet, request: Request) -> Response | None:
                 return json_response(request_upload(fleet, request.json_object() if request.body else {}), 201)
             return error_response(404, f"no route POST {path}")
         return _get(fleet, request)
-    except StoreUnavailable as exc:  # transient: a device keeps its upload and sends it again (not a 400, dropped)
-        return error_response(503, str(exc))
+    except StoreUnavailable:  # transient, not a 400 (a device drops a refused upload): web.route's 503
+        raise
     except (EdgekitError, ValueError, TypeError) as exc:
         return error_response(getattr(exc, "http_status", 400), str(exc))
 

@@ -315,12 +315,11 @@ def _fleet_service(workdir: Path, public: Path, broker_url: str, broker_port: in
     windows, the retrain sink's champion digits v2, gated on ``test_data``."""
     from edgekit.fleet.alerts import load_alert_config
     from edgekit.fleet.config import CollectorConfig
+    from edgekit.fleet.service import FleetService
     from edgekit.local.demo_loop import write_alerts
 
     train, key = test_data.with_name("digits_train.npz"), public.with_suffix(".key")
     alerts_toml = write_alerts(workdir, champion=champion, gate=test_data, train=train, key=key)
-    from edgekit.fleet.service import FleetService
-
     config = CollectorConfig(
         broker=broker_url,
         db=str(workdir / "fleet.db"),

@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 Say = Callable[[str], None]
-RETRAIN_ROLLOUT = {"devices": "{device}", "shadow_rows": 100, "health_seconds": 3}
 
 
 def write_alerts(workdir: Path, *, champion: Path, gate: Path, train: Path, key: Path) -> Path:
@@ -54,9 +53,9 @@ cooldown = "1h"
 workdir = "retrain"
 
 [sinks.retrain.rollout]
-devices = "{RETRAIN_ROLLOUT["devices"]}"
-shadow_rows = {RETRAIN_ROLLOUT["shadow_rows"]}
-health_seconds = {RETRAIN_ROLLOUT["health_seconds"]}
+devices = "{{device}}"
+shadow_rows = 100
+health_seconds = 3
 """
     path = workdir / "alerts.toml"
     path.write_text(text)
@@ -121,12 +120,13 @@ class LoopWatch:
         return alert is not None and alert["state"] == "closed"
 
     def result(self, collector: Any) -> dict[str, Any] | None:
-        """What the demo reports: the alert, the store's timeline (``/api/alerts/<id>/timeline``'s data), the
-        rollout, and whether the loop closed; None when no run started."""
-        if self.alert_id is None:
+        """What the demo reports: ``alert_loop``'s document (the alert, the store's timeline, the rollout's row,
+        as ``fleet timeline`` prints them) and whether the loop closed; None when no run started."""
+        from edgekit.fleet.timeline_text import alert_loop
+
+        loop = alert_loop(collector.store, self.alert_id) if self.alert_id is not None else None
+        if loop is None:
             return None
-        alert = collector.store.alert(self.alert_id)
-        timeline = collector.store.timeline(self.alert_id) or {"run": None, "steps": []}
-        rollout = self.rollout(collector)
-        closed = self.closed(collector) and rollout is not None and rollout["state"] == "succeeded"
-        return {"alert": alert, **timeline, "rollout": rollout, "closed": closed}
+        rollout = loop["rollout"]
+        closed = loop["alert"]["state"] == "closed" and rollout is not None and rollout["state"] == "succeeded"
+        return {**loop, "closed": closed}

@@ -67,6 +67,7 @@ class HistoryRecords:
     GREATEST: str
     atomic: Callable[[], Any]
     reading: Callable[[], Any]
+    _devices_in: Callable[[list[str]], Iterator[tuple[str, list[Any]]]]  # SqlStore's: ``device <this>`` clauses
 
     # -- the policy ------------------------------------------------------------------------------------
     def retention_policy(self) -> dict[str, Any] | None:
@@ -151,11 +152,11 @@ class HistoryRecords:
         devices = sorted(device for device, seqs in merged.items() if seqs)
         before: dict[str, list[tuple[int, int]]] = {device: [] for device in devices}
         marks: dict[str, int] = {}
-        for start in range(0, len(devices), _CHUNK):
-            chunk = devices[start : start + _CHUNK]
-            where = f"device IN ({', '.join('?' * len(chunk))})"
-            marks.update(db.execute(f"SELECT device, rolled_seq FROM history_marks WHERE {where}", chunk).fetchall())
-            for row in db.execute(f"SELECT device, first_seq, last_seq FROM history_holes WHERE {where}", chunk):
+        for among, chunk in self._devices_in(devices):
+            marks.update(
+                db.execute(f"SELECT device, rolled_seq FROM history_marks WHERE device {among}", chunk).fetchall()
+            )
+            for row in db.execute(f"SELECT device, first_seq, last_seq FROM history_holes WHERE device {among}", chunk):
                 before[row[0]].append((row[1], row[2]))
         for device in devices:
             mark, seqs = marks.get(device, 0), sorted(set(merged[device]))

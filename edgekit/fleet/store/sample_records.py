@@ -57,9 +57,9 @@ class SampleRecords:
         the ones it started with); the bytes held after it, or None when the write was not the next one."""
         with self.atomic() as db:
             row = db.execute(
-                """UPDATE sample_uploads SET received = received + :n, size = :size, sha256 = :sha,
+                f"""UPDATE sample_uploads SET received = received + :n, size = :size, sha256 = :sha,
                    state = 'receiving', updated_at = :now
-                   WHERE id = :id AND state IN ('requested', 'receiving') AND received = :first
+                   WHERE id = :id AND state IN {OPEN_STATES} AND received = :first
                    AND (size IS NULL OR size = :size) AND (sha256 IS NULL OR sha256 = :sha)
                    RETURNING received""",
                 {"n": len(data), "size": size, "sha": sha256, "now": now, "id": upload_id, "first": first},
@@ -98,11 +98,11 @@ class SampleRecords:
         """The upload's rows stored, its chunks gone, its state ``complete``: one transaction, written in batches
         as ``rows`` yields them. False (and nothing written) when it is no longer open: another collector
         finished it first."""
-        counts = {"rows": 0, "labelled": 0}
+        stored = labelled = 0
         with self.atomic() as db:
             closed = db.execute(
                 "UPDATE sample_uploads SET state = 'complete', completed_at = :now, updated_at = :now "
-                "WHERE id = :id AND state IN ('requested', 'receiving') RETURNING id",
+                f"WHERE id = :id AND state IN {OPEN_STATES} RETURNING id",
                 {"now": now, "id": upload_id},
             ).fetchone()
             if closed is None:
@@ -114,12 +114,12 @@ class SampleRecords:
                        label = coalesce(excluded.label, samples.label)""",
                     batch,
                 )
-                counts["rows"] += len(batch)
-                counts["labelled"] += sum(1 for r in batch if r[9] is not None)
+                stored += len(batch)
+                labelled += sum(1 for r in batch if r[9] is not None)
             db.execute("DELETE FROM sample_chunks WHERE upload = ?", (upload_id,))
             db.execute(
                 "UPDATE sample_uploads SET rows = ?, labelled = ?, header = ? WHERE id = ?",
-                (counts["rows"], counts["labelled"], json.dumps(header), upload_id),
+                (stored, labelled, json.dumps(header), upload_id),
             )
         return True
 
@@ -130,7 +130,7 @@ class SampleRecords:
         with self.atomic() as db:
             failed = db.execute(
                 "UPDATE sample_uploads SET state = 'failed', reason = ?, updated_at = ? "
-                "WHERE id = ? AND state IN ('requested', 'receiving') RETURNING id",
+                f"WHERE id = ? AND state IN {OPEN_STATES} RETURNING id",
                 (reason, now, upload_id),
             ).fetchone()
             if failed is not None:

@@ -108,16 +108,10 @@ def _translated() -> Iterator[None]:
         raise StoreDataError(f"the fleet database cannot store this ({exc})", "") from exc
 
 
-def _tables_in(db: sqlite3.Connection) -> list[str] | None:
-    """The tables of a SQLite database, or None when it has none (a new or empty file)."""
-    names = [row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
-    return names or None
-
-
 def _refuse_foreign(db: sqlite3.Connection, path: Any) -> None:
     """A database with tables but no ``migrations`` table is some other program's (a device's prediction log):
-    migrating it would quietly add the fleet's tables to it."""
-    tables = _tables_in(db)
+    migrating it would quietly add the fleet's tables to it. A new or empty file has none."""
+    tables = [row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
     if tables and "migrations" not in tables:
         db.close()
         raise StoreError(
