@@ -250,3 +250,30 @@ def test_reading_commands_refuse_what_is_not_a_fleet_database_and_change_nothing
         assert result.exit_code != 0 and said in result.stderr and "Traceback" not in result.stderr, result.stderr
         assert path.read_bytes() == before
         assert not any(p.name.startswith(path.name + "-") for p in tmp_path.iterdir())  # no -wal/-shm left
+
+
+def test_a_pass_over_many_devices_opens_refreshes_and_closes_each_alone(fleet, monkeypatch):
+    """Devices are evaluated in chunks, their alerts read and written together: each device's rules still
+    hold or clear on its own windows, an open alert is refreshed (not opened twice), and a device named in
+    ``devices`` is the only one looked at."""
+    monkeypatch.setattr("edgekit.fleet.alerts.EVALUATE_CHUNK", 2)
+    store, ingestor = fleet
+    engine = AlertEngine(store, AlertRules(drift_windows=2), AlertSinks(log=False))
+    drifting, clean = ["d1", "d3", "d5"], ["d2", "d4"]
+    for seq in (1, 2):
+        feed(ingestor, *[summary(BASE, d, seq, shift=2.0 if d in drifting else 0.0) for d in drifting + clean])
+    opened = engine.evaluate(now=1.7e9)
+    assert sorted(c["device"] for c in opened if c["rule"] == "drift") == drifting
+    assert engine.evaluate(now=1.7e9 + 60) == []  # held: refreshed, not opened again
+    drift = {a["device"]: a for a in store.alerts(open_only=True) if a["rule"] == "drift"}
+    assert sorted(drift) == drifting and {a["updated_at"] for a in drift.values()} == {1.7e9 + 60}
+    assert {a["opened_at"] for a in drift.values()} == {1.7e9}
+    feed(ingestor, *[summary(BASE, d, 3) for d in ("d1", "d5")])
+    closed = engine.evaluate(now=1.7e9 + 120, devices={"d1"})  # d5's window waits for its own pass
+    assert [(c["state"], c["device"]) for c in closed if c["rule"] == "drift"] == [("closed", "d1")]
+    closed = engine.evaluate(now=1.7e9 + 180)
+    assert [(c["state"], c["device"]) for c in closed if c["rule"] == "drift"] == [("closed", "d5")]
+    assert sorted(a["device"] for a in store.alerts(open_only=True) if a["rule"] == "drift") == ["d3"]
+    assert len(store.alerts(limit=100)) == len(
+        {(a["rule"], a["device"], a["subject"]) for a in store.alerts(limit=100)}
+    )

@@ -51,6 +51,7 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 log = logging.getLogger("edgekit.alerts")
+EVALUATE_CHUNK = 1000  # devices whose windows and alerts are read, and whose alerts are written, together
 
 
 @dataclass(frozen=True)
@@ -118,19 +119,57 @@ class AlertEngine:
         self.retrain: Callable[[dict[str, Any]], None] | None = None  # the retrain sink's queue (service.py)
 
     def evaluate(self, now: float | None = None, devices: set[str] | None = None) -> list[dict[str, Any]]:
-        """Check every device (or only ``devices``); return the alerts that opened or closed."""
+        """Check every device (or only ``devices``); return the alerts that opened or closed.
+
+        ``EVALUATE_CHUNK`` devices at a time: their windows, labels and open alerts read in a few statements
+        and the chunk's openings, refreshes and closings written in one transaction (``alert_records.py``),
+        so a pass over a large fleet costs a few round trips a thousand devices and bounded memory."""
         now = self.clock() if now is None else now
         changes = []
         with self._lock:
-            for device in self.store.status():
-                if devices is None or device["device"] in devices:
-                    changes += self._evaluate_device(device, now)
+            rows = self.store.devices_for_alerts(None if devices is None else sorted(devices))
+            for start in range(0, len(rows), EVALUATE_CHUNK):
+                changes += self._evaluate_chunk(rows[start : start + EVALUATE_CHUNK], now)
         return changes
 
-    def _evaluate_device(self, device: dict[str, Any], now: float) -> list[dict[str, Any]]:
+    def _evaluate_chunk(self, devices: list[dict[str, Any]], now: float) -> list[dict[str, Any]]:
+        names = [device["device"] for device in devices]
+        depth = max(self.rules.drift_windows, self.rules.prediction_windows, 1)
+        recent = self.store.recent_facts_of(names, depth + 5)
+        latest_models = {
+            name: (facts[0]["model"]["name"], facts[0]["model"]["version"]) for name, facts in recent.items() if facts
+        }
+        labelled = self.store.labelled_accuracy_of([(name, *model) for name, model in latest_models.items()])
+        open_now = self.store.open_alerts_by_device(names)
+        opens, closes = [], []
+        for device in devices:
+            name = device["device"]
+            history = labelled.get((name, *latest_models[name]), []) if name in latest_models else []
+            holding = self._holding(device, recent[name], history, now)
+            for (rule, subject), (message, evidence) in holding.items():
+                evidence = {
+                    "device": name,
+                    "fleet": device["fleet"],
+                    "model": device["model"],
+                    "model_version": device["model_version"],
+                    **evidence,
+                }
+                opens.append((rule, name, subject, message, evidence))
+            closes += [(rule, name, subject) for rule, subject in sorted(open_now.get(name, set()) - set(holding))]
+        opened, closed = self.store.apply_alerts(opens, closes, now)
+        changes = [self._notify("open", *o[:4], o[4], now) for o in opens if o[:3] in opened]
+        for rule, name, subject in closes:
+            if (rule, name, subject) in closed:
+                message = f"{rule} on {subject} cleared"
+                changes.append(self._notify("closed", rule, name, subject, message, {"device": name}, now))
+        return changes
+
+    def _holding(
+        self, device: dict[str, Any], recent: list[dict[str, Any]], labelled: list[tuple[int, float, int]], now: float
+    ) -> dict[tuple[str, str], tuple[str, dict[str, Any]]]:
+        """The rules that hold for one device: (rule, subject) -> (message, evidence)."""
         name = device["device"]
         depth = max(self.rules.drift_windows, self.rules.prediction_windows, 1)
-        recent = self.store.recent_facts(name, depth + 5)
         # Drift rules look at tested windows only: a window too small for a verdict (an agent's last,
         # flushed on stop) says nothing either way and must not close an alert.
         tested = [f for f in recent if f.get("tested", True)][:depth]
@@ -140,7 +179,7 @@ class AlertEngine:
             holding.update(self._drift(tested))
             holding.update(self._latest_window(latest))
             holding.update(self._unseen(latest))
-            holding.update(self._accuracy(name, latest))
+            holding.update(self._accuracy(labelled))
             holding.update(self._estimated_accuracy(recent))
         offline_for = now - (device["last_seen"] or now)
         # Offline is what the device's last will says; silence alone is not (no traffic, no windows).
@@ -149,23 +188,7 @@ class AlertEngine:
                 f"{name} has been offline for {offline_for:.0f} s",
                 {"last_seen": device["last_seen"], "online": False},
             )
-        changes = []
-        for (rule, subject), (message, evidence) in holding.items():
-            evidence = {
-                "device": name,
-                "fleet": device["fleet"],
-                "model": device["model"],
-                "model_version": device["model_version"],
-                **evidence,
-            }
-            if self.store.open_alert(rule, name, subject, message, evidence, now):
-                changes.append(self._notify("open", rule, name, subject, message, evidence, now))
-        for rule, subject in self.store.open_alerts_of(name) - set(holding):
-            if self.store.close_alert(rule, name, subject, now):
-                changes.append(
-                    self._notify("closed", rule, name, subject, f"{rule} on {subject} cleared", {"device": name}, now)
-                )
-        return changes
+        return holding
 
     def _drift(self, recent: list[dict[str, Any]]) -> dict[tuple[str, str], tuple[str, dict[str, Any]]]:
         found = {}
@@ -235,12 +258,10 @@ class AlertEngine:
             )
         return found
 
-    def _accuracy(self, device: str, latest: dict[str, Any]) -> dict[tuple[str, str], tuple[str, dict[str, Any]]]:
-        history = [
-            h
-            for h in self.store.labelled_accuracy(device, latest["model"]["name"], latest["model"]["version"])
-            if h[2] >= self.rules.accuracy_min_labels
-        ]
+    def _accuracy(self, labelled: list[tuple[int, float, int]]) -> dict[tuple[str, str], tuple[str, dict[str, Any]]]:
+        """The latest labelled window's accuracy against the earlier ones' (of the latest window's model
+        version; ``labelled`` is ``store.labelled_accuracy``, oldest first)."""
+        history = [h for h in labelled if h[2] >= self.rules.accuracy_min_labels]
         if len(history) < 2:
             return {}
         *earlier, (seq, accuracy, labelled) = history

@@ -9,6 +9,20 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+try:  # the collector writes a summary's facts, and an alert pass reads thousands of them, a second: orjson (the
+    # host extra's) takes 4-10 µs of the standard library's 10-17 µs a facts document
+    from orjson import dumps as _orjson_dumps
+    from orjson import loads as _loads_facts
+
+    def _dumps_facts(facts: dict[str, Any]) -> str:
+        return _orjson_dumps(facts).decode()
+
+except ImportError:  # a plain install
+    _loads_facts = json.loads
+
+    def _dumps_facts(facts: dict[str, Any]) -> str:
+        return json.dumps(facts)
+
 
 @dataclass(frozen=True, slots=True)
 class SummaryRecord:
@@ -51,7 +65,7 @@ class SummaryRecord:
             drift.get("worst_feature"),
             doc["profile"]["baseline_id"],
             accuracy.get("labelled", 0),
-            json.dumps({**alert_facts(doc), **(estimate or {})}),
+            _dumps_facts({**alert_facts(doc), **(estimate or {})}),
             payload,
         )
 
@@ -80,7 +94,7 @@ def alert_facts(doc: dict[str, Any]) -> dict[str, Any]:
 def _read_facts(text: str) -> dict[str, Any]:
     """Stored facts, with what a row older than the rule reading it lacks filled in: ``edgekit.summary/1``
     knew no unseen categories, so its rows count as 0 (read so, not rewritten by a migration)."""
-    return {"unseen_rate": 0.0, "unseen_columns": {}, **json.loads(text)}
+    return {"unseen_rate": 0.0, "unseen_columns": {}, **_loads_facts(text)}
 
 
 def _unseen_columns(doc: dict[str, Any]) -> dict[str, float]:

@@ -24,10 +24,11 @@ import json
 from collections.abc import Iterator
 from typing import Any
 
+from edgekit.fleet.store.alert_records import AlertRecords
 from edgekit.fleet.store.bundle_blobs import BundleBlobs
 from edgekit.fleet.store.history_records import HistoryRecords
 from edgekit.fleet.store.lease_records import LeaseRecords
-from edgekit.fleet.store.records import SummaryRecord, _flag, _read_facts, selection_clauses
+from edgekit.fleet.store.records import SummaryRecord, _flag, selection_clauses
 from edgekit.fleet.store.rollout_records import RolloutRecords
 from edgekit.fleet.store.sample_records import SampleRecords
 from edgekit.fleet.store.schema import GAP_GRACE_SECONDS
@@ -43,7 +44,9 @@ SUMMARY_COLUMNS = (
 _SUMMARY_ROW = "(" + ", ".join("?" * 15) + ")"
 
 
-class SqlStore(RolloutRecords, LeaseRecords, BundleBlobs, HistoryRecords, SampleRecords, TimelineRecords, abc.ABC):
+class SqlStore(
+    AlertRecords, RolloutRecords, LeaseRecords, BundleBlobs, HistoryRecords, SampleRecords, TimelineRecords, abc.ABC
+):
     GREATEST = "max"
     ORDER_COLUMN = "rowid"
     NOW_SECONDS = "((julianday('now') - 2440587.5) * 86400.0)"  # the database's clock, for leases
@@ -335,73 +338,6 @@ class SqlStore(RolloutRecords, LeaseRecords, BundleBlobs, HistoryRecords, Sample
         with self.reading() as db:
             row = db.execute("SELECT profile FROM baselines WHERE baseline_id = ?", (baseline_id,)).fetchone()
         return None if row is None else json.loads(row[0])
-
-    def recent_facts(self, device: str, count: int) -> list[dict[str, Any]]:
-        """The alert facts of the device's last ``count`` windows, newest first."""
-        with self.reading() as db:
-            rows = db.execute(
-                "SELECT facts FROM summaries WHERE device = ? ORDER BY seq DESC LIMIT ?", (device, count)
-            ).fetchall()
-        return [_read_facts(r[0]) for r in rows]
-
-    def labelled_accuracy(
-        self, device: str, model: str, version: int, *, limit: int = 50
-    ) -> list[tuple[int, float, int]]:
-        """(seq, accuracy, labelled) of the device's last ``limit`` windows that received delayed labels,
-        oldest first."""
-        with self.reading() as db:
-            rows = db.execute(
-                "SELECT seq, facts, labelled FROM summaries "
-                "WHERE device = ? AND model = ? AND model_version = ? AND labelled > 0 ORDER BY seq DESC LIMIT ?",
-                (device, model, version, limit),
-            ).fetchall()
-        return [(r[0], json.loads(r[1]).get("accuracy"), r[2]) for r in reversed(rows)]
-
-    # -- alerts ----------------------------------------------------------------------------------------
-    def open_alert(
-        self, rule: str, device: str, subject: str, message: str, evidence: dict[str, Any], now: float
-    ) -> bool:
-        """Open an alert, or refresh the open one; True when it is new."""
-        with self.atomic() as db:
-            cursor = db.execute(
-                "UPDATE alerts SET updated_at = ?, message = ?, evidence = ? "
-                "WHERE rule = ? AND device = ? AND subject = ? AND state = 'open'",
-                (now, message, json.dumps(evidence), rule, device, subject),
-            )
-            if cursor.rowcount:
-                return False
-            db.execute(
-                "INSERT INTO alerts (rule, device, subject, state, opened_at, updated_at, message, evidence) "
-                "VALUES (?, ?, ?, 'open', ?, ?, ?, ?)",
-                (rule, device, subject, now, now, message, json.dumps(evidence)),
-            )
-            return True
-
-    def close_alert(self, rule: str, device: str, subject: str, now: float) -> bool:
-        with self.atomic() as db:
-            cursor = db.execute(
-                "UPDATE alerts SET state = 'closed', closed_at = ?, updated_at = ? "
-                "WHERE rule = ? AND device = ? AND subject = ? AND state = 'open'",
-                (now, now, rule, device, subject),
-            )
-            return cursor.rowcount > 0
-
-    def open_alerts_of(self, device: str) -> set[tuple[str, str]]:
-        with self.reading() as db:
-            return {
-                (r[0], r[1])
-                for r in db.execute("SELECT rule, subject FROM alerts WHERE device = ? AND state = 'open'", (device,))
-            }
-
-    def alerts(self, *, open_only: bool = False, limit: int = 200) -> list[dict[str, Any]]:
-        query = (
-            "SELECT * FROM alerts"
-            + (" WHERE state = 'open'" if open_only else "")
-            + " ORDER BY state DESC, updated_at DESC LIMIT ?"
-        )
-        with self.reading() as db:
-            rows = db.execute(query, (limit,)).fetchall()
-        return [{**dict(r), "evidence": json.loads(r["evidence"])} for r in rows]
 
 
 def summary_values(r: SummaryRecord, now: float) -> tuple[Any, ...]:
