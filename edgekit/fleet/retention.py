@@ -25,7 +25,8 @@ A window arriving after its device's later windows were rolled up (a gap the col
 pass left raw) is merged by the next pass, once: each rollup records the seqs it passed without counting
 (``history_holes``). One at or under its device's marks and in no hole is a redelivery of a counted window,
 dropped. Devices resend from a spool kept about an hour, which is why raw retention is at least
-``MIN_RAW_SECONDS``.
+``MIN_RAW_SECONDS``; and why a hole is forgotten a raw period after it was noted (its windows are then two
+raw periods old): without that, a device that lost a window now and then kept a row per loss for ever.
 Imports: edgekit.errors, device_agent (profiles), the store package (for typing only).
 """
 
@@ -79,6 +80,8 @@ class HistoryStore(Protocol):
     ) -> int: ...
 
     def expire_history(self, resolution: str, before: str, *, limit: int) -> int: ...
+
+    def forget_holes(self, noted_before: float, now: float) -> int: ...
 
 
 def parse_duration(text: str | float | None, name: str) -> float | None:
@@ -169,6 +172,7 @@ class RetentionPass:
     unmergeable: int = 0  # raw windows whose profile did not fit their baseline: counted, profile left out
     hourly_rolled: int = 0  # hourly buckets merged into daily ones
     expired: int = 0  # daily buckets deleted
+    holes_forgotten: int = 0  # missing windows no device resends any more (history_records.forget_holes)
     batches: int = 0
     done: bool = True  # False: cut short by max_batches, more to do
     seconds: float = 0.0
@@ -179,6 +183,7 @@ class RetentionPass:
             f"rolled {self.rolled} raw window(s) into hourly buckets and {self.hourly_rolled} hourly bucket(s) into "
             f"daily ones; deleted {self.rolled + self.redeliveries} raw row(s) ({self.redeliveries} redelivered), "
             f"{self.hourly_rolled} hourly and {self.expired} expired daily bucket(s) in {self.batches} batch(es)"
+            + (f"; forgot {self.holes_forgotten} hole(s) no window will fill" if self.holes_forgotten else "")
             + ("" if self.done else "; more to do")
         )
 
@@ -229,6 +234,8 @@ def run_pass(
     budget = [float("inf") if max_batches is None else max_batches]
     if policy.raw is not None:
         _roll_raw(store, _hour(iso(now - policy.raw)), result, batch, budget, now)
+        if budget[0] > 0:  # every late window already stored is merged: the holes noted a raw period ago can go
+            result.holes_forgotten = store.forget_holes(now - policy.raw, now)
     if policy.hourly is not None:
         day_cutoff = _day(iso(now - policy.hourly))
         while budget[0] > 0 and (

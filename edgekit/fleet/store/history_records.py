@@ -132,7 +132,7 @@ class HistoryRecords:
                 if deleted != len(marks):
                     raise RowsMoved
                 self._add_buckets(db, buckets, merge, now)
-                self._keep_holes(db, merged or {})
+                self._keep_holes(db, merged or {}, now)
                 greatest = self.GREATEST
                 db.executemany(
                     "INSERT INTO history_marks VALUES (?, ?, ?) ON CONFLICT (device) DO UPDATE SET "
@@ -144,29 +144,43 @@ class HistoryRecords:
             return False
         return True
 
-    def _keep_holes(self, db: Any, merged: dict[str, list[int]]) -> None:
+    def _keep_holes(self, db: Any, merged: dict[str, list[int]], now: float) -> None:
         """Each device's holes after its ``merged`` seqs are counted, read and written inside the rollup's
         transaction (before its marks rise): the seqs between the old mark and the new one that were not merged
-        become holes, and merged seqs leave the holes they filled. Holes are ranges, so a device that lost
-        windows for a day costs a row, not a row a window."""
+        become holes (noted ``now``), and merged seqs leave the holes they filled (what is left of a hole keeps
+        its age). Holes are ranges, so a device that lost windows for a day costs a row, not a row a window."""
         devices = sorted(device for device, seqs in merged.items() if seqs)
-        before: dict[str, list[tuple[int, int]]] = {device: [] for device in devices}
+        before: dict[str, list[tuple[int, int, float | None]]] = {device: [] for device in devices}
         marks: dict[str, int] = {}
         for among, chunk in self._devices_in(devices):
             marks.update(
                 db.execute(f"SELECT device, rolled_seq FROM history_marks WHERE device {among}", chunk).fetchall()
             )
-            for row in db.execute(f"SELECT device, first_seq, last_seq FROM history_holes WHERE device {among}", chunk):
-                before[row[0]].append((row[1], row[2]))
+            for row in db.execute(
+                f"SELECT device, first_seq, last_seq, noted_at FROM history_holes WHERE device {among}", chunk
+            ):
+                before[row[0]].append((row[1], row[2], row[3]))
         for device in devices:
             mark, seqs = marks.get(device, 0), sorted(set(merged[device]))
-            holes = sorted(before[device]) + ([(mark + 1, seqs[-1])] if seqs[-1] > mark else [])
+            holes = sorted(before[device]) + ([(mark + 1, seqs[-1], now)] if seqs[-1] > mark else [])
             after = _without(holes, seqs)
             if after != sorted(before[device]):
                 db.execute("DELETE FROM history_holes WHERE device = ?", (device,))
                 db.executemany(
-                    "INSERT INTO history_holes VALUES (?, ?, ?)", [(device, first, last) for first, last in after]
+                    "INSERT INTO history_holes (device, first_seq, last_seq, noted_at) VALUES (?, ?, ?, ?)",
+                    [(device, *hole) for hole in after],
                 )
+
+    def forget_holes(self, noted_before: float, now: float) -> int:
+        """Forget the holes noted before ``noted_before``: windows that late are no longer resent by any device
+        (they keep a window about an hour), so one arriving still is taken for a redelivery and dropped. Holes
+        from before their age was kept count from ``now``. How many were forgotten."""
+        with self.atomic() as db:
+            self._lock_history(db, now)
+            db.execute("UPDATE history_holes SET noted_at = ? WHERE noted_at IS NULL", (now,))
+            return len(
+                db.execute("DELETE FROM history_holes WHERE noted_at < ? RETURNING device", (noted_before,)).fetchall()
+            )
 
     # -- buckets into coarser buckets, and expiry ------------------------------------------------------
     def roll_history(
@@ -294,17 +308,18 @@ class HistoryRecords:
         return sizes
 
 
-def _without(ranges: list[tuple[int, int]], seqs: list[int]) -> list[tuple[int, int]]:
-    """Inclusive ``ranges`` (sorted) less the sorted ``seqs``."""
+def _without(ranges: list[tuple[int, int, Any]], seqs: list[int]) -> list[tuple[int, int, Any]]:
+    """Inclusive ``ranges`` (sorted; each with a third value, its age, that its pieces keep) less the sorted
+    ``seqs``."""
     left = []
-    for first, last in ranges:
+    for first, last, age in ranges:
         inside = seqs[bisect.bisect_left(seqs, first) : bisect.bisect_right(seqs, last)]
         for seq in inside:
             if seq > first:
-                left.append((first, seq - 1))
+                left.append((first, seq - 1, age))
             first = seq + 1
         if first <= last:
-            left.append((first, last))
+            left.append((first, last, age))
     return left
 
 

@@ -235,6 +235,10 @@ MIGRATIONS: list[tuple[str, str | dict[str, str]]] = [
         )
     """,
     ),
+    # When each hole was noted, so that holes no window can fill any more are forgotten (retention.py): without
+    # it a device that lost windows now and then kept a row per loss for ever. Holes noted before this
+    # migration count from the first retention pass after it.
+    ("0015_history_hole_age", "ALTER TABLE history_holes ADD COLUMN noted_at REAL"),
 ]
 
 DIALECTS = ("sqlite", "postgresql")
