@@ -447,7 +447,9 @@ def run_parts(args: argparse.Namespace, docs: list[str], parts: list[str]) -> in
         try:
             for part in parts:
                 result = PARTS[part](Path(tmp), databases, docs, args)
-                result.pop("samples", None)
+                samples = result.pop("samples", None)
+                if samples:  # the collector's RSS at ten points of the run: a plateau, or a trend?
+                    result["rss_trace_mb"] = [round(samples[i * (len(samples) - 1) // 9][2], 1) for i in range(10)]
                 print(databases.label, part, json.dumps(result), flush=True)
         finally:
             databases.stop()
