@@ -11,6 +11,9 @@ against the inference time of the requests it was handed, and moves ``every`` to
 with a margin so that it does not flap. The sketch's cost is the background thread's own CPU time
 (``time.thread_time``), so a thread that was preempted is not taken for a slow sketch.
 
+The sample shrinks (``every`` grows) at once and grows back at most twofold a look, so a burst of traffic
+after an idle spell is not recorded in full before the budget has seen what it costs.
+
 A device that is mostly idle is not sampled for being idle: below ``BUSY_SHARE`` of the wall time in
 inference, the allowance is computed from that share of the wall time, so the sketcher may always use
 ``max_cpu_fraction * BUSY_SHARE`` of one core (2.5 % by default). The budget protects the model when it
@@ -58,6 +61,8 @@ class CpuBudget:
         if self._sketch > HEADROOM * allowance or self._sketch < HEADROOM * allowance / 2:
             # the sketch's cost is about proportional to the rows kept, so this ``every`` would have fit
             wanted = math.ceil(self.every * self._sketch / (HEADROOM * allowance)) if allowance > 0 else MOST_EVERY
-            self.every = max(1, min(MOST_EVERY, wanted))
+            # the sample shrinks at once but grows at most twofold a look: after an idle spell the allowance
+            # is large, and a burst of traffic recorded in full would fill the backlog before the next look
+            self.every = max(1, min(MOST_EVERY, max(wanted, self.every // 2)))
         self._sketch = self._inference = 0.0
         self._since = self.clock()

@@ -3,11 +3,17 @@
 The request path only appends references to its arrays (``record``); a background thread
 (``Monitor.run`` via the agent, or ``process`` in tests) folds them into the window profile in
 vectorized batches: the requests waiting are joined into one batch, binned with one lookup table and
-one ``bincount`` over all features (``binning.NumericBlock``), which is what keeps monitoring cheap next
+one count over all features (``binning.NumericBlock``), which is what keeps monitoring cheap next
 to a microsecond-scale model. What costs per sketch rather than per value (the Python bookkeeping of 64
 sketches' moments, a categorical update) is left pending and settled once, when the window closes, and a
-request's latency is sketched once with its row count. A window closes after ``window_rows`` rows (split
-exactly at the boundary) or ``window_seconds`` seconds, and is handed to ``on_window``.
+request's latency is kept once with its row count and sketched when the window closes. A window closes after
+``window_rows`` rows (split exactly at the boundary) or ``window_seconds`` seconds, and is handed to ``on_window``.
+
+Under the CPU budget (``budget.CpuBudget``) a request is recorded with its sample (which rows, by id), taken
+on the background thread; requests queued before the budget looked are sampled again at its rate. The
+agent's passes gather: a pass costs some thirty numpy calls whatever it sketches (200-300 µs once the
+model's inference has emptied the caches), so fewer than ``GATHER_ROWS`` waiting rows wait for more, for
+at most ``GATHER_SECONDS`` and never past the window's time.
 
 The backlog is bounded: at most ``backlog_rows`` rows wait to be sketched. Rows beyond it (and rows
 still waiting when ``stop`` is called) are served but not sketched; they are counted, never dropped
@@ -34,6 +40,8 @@ from .profile import Profile
 
 log = logging.getLogger("device_agent.monitor")
 SIGNAL_CHUNK = 64
+GATHER_ROWS = 256  # a gathering pass (``process(gather=True)``) leaves fewer waiting rows than this for later ...
+GATHER_SECONDS = 1.0  # ... for at most this long
 
 
 @dataclass
@@ -68,6 +76,10 @@ class _Batch(NamedTuple):
     rows: np.ndarray
     prediction: Prediction
     latency_ms: float  # per row
+    kept: int = 0  # the rows the sample keeps: ``offset``, ``offset + step``, ... (``_every``), or all when step is 1
+    offset: int = 0
+    step: int = 1
+    first: int = -1  # the first row's id (-1: a copied part, sampled already)
 
 
 @dataclass
@@ -82,6 +94,8 @@ class _Joined:
     def latencies(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
         """The latencies of the requests rows ``start:stop`` belong to, and how many of those rows each has."""
         bounds = self.bounds
+        if start == 0 and stop == bounds[-1]:  # the usual case: the whole batch in one window
+            return self.latencies_ms, np.diff(bounds)
         first = int(np.searchsorted(bounds, start, side="right")) - 1
         last = int(np.searchsorted(bounds, stop, side="left"))
         rows = np.minimum(bounds[first + 1 : last + 1], stop) - np.maximum(bounds[first:last], start)
@@ -89,8 +103,8 @@ class _Joined:
 
 
 def _take(batch: _Batch, n: int) -> _Batch:
-    """The first ``n`` rows of a request, copied so the rest of a large request can be freed."""
-    rows, p, latency_ms = batch
+    """The first ``n`` rows of a request (sampled already), copied so the rest of a large request can be freed."""
+    rows, p, latency_ms = batch[:3]
 
     def head(a: np.ndarray | None) -> np.ndarray | None:
         return None if a is None else a[:n].copy()
@@ -104,12 +118,16 @@ def _take(batch: _Batch, n: int) -> _Batch:
             embedding=head(p.embedding),
         ),
         latency_ms,
+        n,
     )
 
 
-def _every(batch: _Batch, offset: int, step: int) -> _Batch:
-    """Rows ``offset``, ``offset + step``, ... of a request: views, no copy."""
-    rows, p, latency_ms = batch
+def _every(batch: _Batch) -> _Batch:
+    """The rows a request's sample keeps: ``offset``, ``offset + step``, ... (views, no copy). Done on the
+    background thread: on the request path the views and their ``Prediction`` cost 3 µs a request."""
+    rows, p, latency_ms, kept, offset, step, _ = batch
+    if step == 1:
+        return batch
 
     def pick(a: np.ndarray | None) -> np.ndarray | None:
         return None if a is None else a[offset::step]
@@ -118,25 +136,28 @@ def _every(batch: _Batch, offset: int, step: int) -> _Batch:
         rows[offset::step],
         Prediction(pick(p.labels), pick(p.probabilities), pick(p.values), pick(p.embedding)),
         latency_ms,
+        kept,
     )
 
 
 def _concatenate(batches: list[_Batch]) -> _Joined:
-    """Many requests as one batch, so the sketches are updated once per feature, not once per request."""
-    rows, predictions, latencies = zip(*batches, strict=True)
-    bounds = np.cumsum([0, *map(len, rows)])
-    latencies = np.asarray(latencies, dtype=np.float64)
+    """Many requests as one batch, so the sketches are updated once per feature, not once per request.
+    Each request's sample is taken here as a slice of its arrays (no per-request ``Prediction``: under a
+    small sample rate a pass joins hundreds of one-row slices)."""
     if len(batches) == 1:
-        return _Joined(rows[0], predictions[0], latencies, bounds)
+        rows, prediction, latency_ms, kept = _every(batches[0])[:4]
+        return _Joined(rows, prediction, np.asarray([latency_ms], dtype=np.float64), np.asarray([0, kept]))
+    rows, predictions, latencies, kept, offsets, steps, _ = zip(*batches, strict=True)
+    picks = list(map(slice, offsets, [None] * len(batches), steps))
 
-    def join(attribute: str) -> np.ndarray | None:
-        parts = list(map(attrgetter(attribute), predictions))
-        return None if parts[0] is None else np.concatenate(parts)
+    def join(parts: list[np.ndarray | None]) -> np.ndarray | None:
+        return None if parts[0] is None else np.concatenate(list(map(np.ndarray.__getitem__, parts, picks)))
 
     prediction = Prediction(
-        labels=join("labels"), probabilities=join("probabilities"), values=join("values"), embedding=join("embedding")
+        *(join(list(map(attrgetter(name), predictions))) for name in ("labels", "probabilities", "values", "embedding"))
     )
-    return _Joined(np.concatenate(rows), prediction, latencies, bounds)
+    bounds = np.cumsum([0, *kept])
+    return _Joined(join(list(rows)), prediction, np.asarray(latencies, dtype=np.float64), bounds)
 
 
 @dataclass
@@ -165,6 +186,7 @@ class Monitor:
     _sampled_out: int = 0  # left out by the sample, not yet attributed to a window; under ``_lock``
     _inference_ms: float = 0.0  # inference time of the requests recorded since the budget last looked
     _sampled_carry: int = 0  # collected sampled-out rows not yet given to a window (background thread only)
+    _gathered_since: float | None = None  # when a gathering pass first left rows waiting (``_gathering``)
     unmonitored_rows: int = 0  # all rows this monitor was given but did not sketch
     sampled_out_rows: int = 0  # all rows the CPU budget's sample left out (attributed to windows)
     stopping: bool = False
@@ -191,7 +213,7 @@ class Monitor:
         step = self.budget.every
         if step > 1:
             offset = (-first) % step
-            kept = len(range(offset, n, step))
+            kept = (n - offset + step - 1) // step if offset < n else 0
         else:
             offset, kept = 0, n
         with self._lock:
@@ -203,12 +225,11 @@ class Monitor:
             if take < kept:
                 self._unmonitored += kept - take
                 self.unmonitored_rows += kept - take
-        if not take:
-            return
-        batch = _Batch(rows, prediction, latency_ms)
-        if kept < n:
-            batch = _every(batch, offset, step)
-        self._pending.append(batch if take == kept else _take(batch, take))
+        if take == kept:
+            if take:
+                self._pending.append(_Batch(rows, prediction, latency_ms, kept, offset, step, first))
+        elif take:
+            self._pending.append(_take(_every(_Batch(rows, prediction, latency_ms, kept, offset, step)), take))
 
     @property
     def backlog(self) -> int:
@@ -235,19 +256,26 @@ class Monitor:
             self._feedback.append(correct)
 
     # -- the background path ---------------------------------------------------------------------
-    def process(self, now: float | None = None, *, max_rows: int | None = None) -> int:
+    def process(self, now: float | None = None, *, max_rows: int | None = None, gather: bool = False) -> int:
         """Fold pending batches (about ``max_rows`` rows of them, or all) into windows; close windows
         that are full or old. Returns windows closed. Once stopping, pending rows are counted as
-        unmonitored instead of sketched."""
+        unmonitored instead of sketched.
+
+        ``gather`` (the agent's background passes): fewer than ``GATHER_ROWS`` waiting rows are left for a
+        later pass, for at most ``GATHER_SECONDS`` and never past the window's time. A pass costs some
+        thirty numpy calls whatever it sketches, 200-300 µs once inference has emptied the caches: under a
+        small sample rate, more than the rows it sketches, and more than the CPU budget allows."""
         with self._process_lock:
-            pending = self._take_pending(max_rows)
-            taken = sum(map(len, (rows for rows, _, _ in pending)))
+            pending = [] if gather and self._gathering(now) else self._take_pending(max_rows)
+            taken = sum(batch.kept for batch in pending)
             if taken:
                 with self._lock:
                     self._pending_rows -= taken
             if self.stopping:
                 self._unmonitor(taken)
                 pending = []
+            elif pending and self.budget.every > 1:
+                pending = self._resample(pending)
             self._collect()
             started = time.thread_time()  # this thread's CPU time: a preempted sketch is not a slow one
             closed = self._absorb(_concatenate(pending)) if pending else 0
@@ -264,26 +292,62 @@ class Monitor:
                     self._window_start = now
             return closed
 
+    def _resample(self, pending: list[_Batch]) -> list[_Batch]:
+        """Requests recorded under a smaller ``every`` than the budget's now, sampled again: after an idle spell
+        (or at start) a burst is recorded in full until the budget has seen what it costs, and the backlog it
+        leaves would take far more than the budget's share. A step that divides the new one keeps a subset
+        of the rows it kept, so the rest are counted as sampled out; the sample stays one by row id."""
+        step, kept_batches, dropped = self.budget.every, [], 0
+        for batch in pending:
+            if batch.first >= 0 and batch.step < step and step % batch.step == 0:
+                offset = (-batch.first) % step
+                kept = len(range(offset, len(batch.rows), step))
+                dropped += batch.kept - kept
+                batch = batch._replace(kept=kept, offset=offset, step=step)
+            if batch.kept:
+                kept_batches.append(batch)
+        if dropped:
+            with self._lock:
+                self._sampled_out += dropped
+        return kept_batches
+
+    def _gathering(self, now: float | None) -> bool:
+        """Whether a gathering pass leaves the waiting rows for later (``process``)."""
+        if self.stopping or not 0 < self._pending_rows < GATHER_ROWS:
+            return False
+        now = self.clock() if now is None else now
+        if now - self._window_start >= self.window_seconds:
+            return False
+        if self._gathered_since is None:
+            self._gathered_since = now
+        return now - self._gathered_since < GATHER_SECONDS
+
     def _take_pending(self, max_rows: int | None) -> list[_Batch]:
         """The oldest pending requests, about ``max_rows`` rows of them (at least one request), or all."""
+        self._gathered_since = None
         queue = self._pending
         if max_rows is None or self._pending_rows <= max_rows:
             return [queue.popleft() for _ in range(len(queue))]  # appended meanwhile: the next call's
         pending, taken = [], 0
-        while queue and (not pending or taken + len(queue[0][0]) <= max_rows):
+        while queue and (not pending or taken + queue[0].kept <= max_rows):
             pending.append(queue.popleft())
-            taken += len(pending[-1][0])
+            taken += pending[-1].kept
         return pending
 
     def _collect(self) -> None:
         with self._lock:
-            errors, self._errors = self._errors, Counter()
-            feedback, self._feedback = self._feedback, []
+            errors, feedback = self._errors or None, self._feedback or None  # usually none: nothing new made
+            if errors is not None:
+                self._errors = Counter()
+            if feedback is not None:
+                self._feedback = []
             unmonitored, self._unmonitored = self._unmonitored, 0
             sampled_out, self._sampled_out = self._sampled_out, 0
-        self._window_errors.update(errors)
-        self._labelled += len(feedback)
-        self._correct += sum(feedback)
+        if errors is not None:
+            self._window_errors.update(errors)
+        if feedback is not None:
+            self._labelled += len(feedback)
+            self._correct += sum(feedback)
         self._window_unmonitored += unmonitored
         self._sampled_carry += sampled_out  # shared out among the windows the kept rows go to (``_absorb``)
         self.sampled_out_rows += sampled_out
@@ -316,9 +380,7 @@ class Monitor:
                 values=None if p.values is None else p.values[part],
                 settle=False,
             )
-            latencies = batch.latencies(offset, offset + take)
-            self._window.latency_ms.update_counted(*latencies)
-            self._latencies.append(latencies)
+            self._latencies.append(batch.latencies(offset, offset + take))  # sketched when the window closes
             offset += take
             if self._window.rows >= self.window_rows:
                 self._close(self.clock())
@@ -346,11 +408,12 @@ class Monitor:
             return None
 
     def _close(self, now: float) -> None:
-        self._window.settle()
         latencies = np.empty(0)
-        if self._latencies:  # one per row again: each request's latency times its rows in this window
-            values, rows = zip(*self._latencies, strict=True)
-            latencies = np.repeat(np.concatenate(values), np.concatenate(rows))
+        if self._latencies:  # each request's latency once, with its rows in this window: one update a window
+            values, rows = map(np.concatenate, zip(*self._latencies, strict=True))
+            self._window.latency_ms.update_counted(values, rows)
+            latencies = np.repeat(values, rows)  # one per row again
+        self._window.settle()
         window = ClosedWindow(
             self._window,
             self._window_start,

@@ -19,7 +19,7 @@ from device_agent.config import parse_config
 from device_agent.errors import ConfigError
 from device_agent.instances import TooManyRows, numeric_instances
 from device_agent.metrics import render_metrics
-from device_agent.monitor import Monitor
+from device_agent.monitor import GATHER_ROWS, GATHER_SECONDS, Monitor
 from device_agent.outputs import Prediction
 from device_agent.profile import build_baseline
 from device_agent.protocol import ProtocolError, build_summary, check_summary
@@ -44,7 +44,10 @@ def test_budget_samples_when_sketching_outgrows_its_share_and_recovers() -> None
     budget.spent(sketch_seconds=0.0015, inference_seconds=0.02)  # 7.5 % at that rate: inside the margin, kept
     assert budget.every == 4
     clock.now = 0.15
-    budget.spent(sketch_seconds=0.0002, inference_seconds=0.02)  # far below: more rows again
+    budget.spent(sketch_seconds=0.0002, inference_seconds=0.02)  # far below: more rows again, twice as many a look
+    assert budget.every == 2
+    clock.now = 0.175
+    budget.spent(sketch_seconds=0.0001, inference_seconds=0.02)
     assert budget.every == 1
     clock.now = 0.2
     budget.spent(sketch_seconds=100.0, inference_seconds=0.02)
@@ -305,3 +308,92 @@ def test_a_request_split_across_windows_gives_each_window_its_rows_latencies() -
     assert windows[0].latencies_ms.tolist() == [1.0] * 30 + [2.0] * 70
     assert windows[1].latencies_ms.tolist() == [2.0] * 80 + [3.0] + [4.0] * 19
     assert windows[1].profile.latency_ms.counts.sum() == 100
+
+
+def test_a_gathering_pass_leaves_a_few_rows_for_later_but_never_past_their_time() -> None:
+    """The agent's background passes (``gather=True``) leave fewer than ``GATHER_ROWS`` waiting rows for a
+    later pass: at most ``GATHER_SECONDS``, never past the window's time; a plain ``process`` and ``flush``
+    sketch everything."""
+    rng = np.random.default_rng(8)
+    base = _baseline(rng, 4)
+    clock = FakeClock()
+    windows: list = []
+    monitor = Monitor(base, 10_000, 60.0, windows.append, clock=clock)
+
+    def record(n: int) -> None:
+        monitor.record(rng.normal(size=(n, 4)).astype(np.float32), Prediction(values=np.zeros((n, 1))), 0.01)
+
+    record(100)
+    monitor.process(gather=True)
+    clock.now = GATHER_SECONDS / 2
+    monitor.process(gather=True)
+    assert monitor.backlog == 100 and monitor.current()["rows"] == 0
+    clock.now = GATHER_SECONDS * 1.1  # waited long enough since the first pass left them
+    monitor.process(gather=True)
+    assert monitor.backlog == 0 and monitor.current()["rows"] == 100
+    record(GATHER_ROWS)
+    monitor.process(gather=True)
+    assert monitor.current()["rows"] == 100 + GATHER_ROWS
+    record(10)
+    monitor.process()
+    assert monitor.backlog == 0
+    record(10)
+    monitor.process(gather=True)
+    assert monitor.backlog == 10
+    clock.now = 61.0  # the window's time is up: its rows are sketched before it closes
+    monitor.process(gather=True)
+    assert [w.rows for w in windows] == [120 + GATHER_ROWS] and monitor.backlog == 0
+    record(5)
+    monitor.process(gather=True)
+    assert monitor.flush().rows == 5 and monitor.backlog == 0
+
+
+def test_a_backlog_recorded_before_the_budget_looked_is_sampled_again_by_row_id() -> None:
+    """Requests queued in full (the budget had not looked yet) are sampled at the rate in force when they are
+    sketched, by row id, when the new step is a multiple of theirs; the rows left out are counted."""
+    rng = np.random.default_rng(9)
+    base = _baseline(rng, 4)
+    windows: list = []
+    monitor = Monitor(base, 10_000, 1e9, windows.append)
+    rows = rng.normal(size=(2000, 4)).astype(np.float32)
+    for first in (0, 1000):
+        monitor.record(rows[first : first + 1000], Prediction(values=np.zeros((1000, 1))), 0.01, first)
+    monitor.budget.every = 4
+    monitor.process()
+    window = monitor.flush()
+    assert window.rows == 500 and window.sampled_out == 1500 and window.sample_rate == 0.25
+    expected = base.empty_like()
+    expected.update_inputs(rows[::4])
+    for got, want in zip(window.profile.features, expected.features, strict=True):
+        np.testing.assert_array_equal(got.counts, want.counts)
+    assert window.latencies_ms.size == 500
+    monitor.budget.every = 2  # recorded one row in two ...
+    monitor.record(rows[:1000], Prediction(values=np.zeros((1000, 1))), 0.01, 0)
+    monitor.budget.every = 3  # ... then the budget asks one in three: not a subset, the recorded sample stands
+    assert monitor.flush().rows == 500
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_small_updates_gathered_give_the_sketch_of_every_row(dtype: type) -> None:
+    """A window fed a few rows at a time (the numeric block holds them, ``binning.HOLD_ROWS``), with a
+    change of dtype on the way, ends with the counts, moments and extremes of each column sketched on its
+    own (``NumericSketch.update``, no block), NaN and infinities included."""
+    rng = np.random.default_rng(10)
+    base = _baseline(rng, 6)
+    rows = rng.normal(size=(700, 6)).astype(dtype)
+    rows[::37, 2], rows[::53, 4] = np.nan, np.inf
+    other = rows[:3].astype(np.float64 if dtype == np.float32 else np.float32)
+    window = base.empty_like()
+    for start in range(0, len(rows), 7):
+        window.update_inputs(rows[start : start + 7], settle=False)
+    window.update_inputs(other, settle=False)  # another dtype: what was gathered is binned first
+    window.settle()
+    every = np.concatenate([rows.astype(np.float64), other.astype(np.float64)])
+    for column, (made, sketch) in enumerate(zip(window.features, base.features, strict=True)):
+        plain = sketch.empty_like()
+        plain.update(every[:, column])
+        np.testing.assert_array_equal(made.counts, plain.counts)
+        assert (made.count, made.nulls, made.infs) == (plain.count, plain.nulls, plain.infs)
+        assert (made.minimum, made.maximum) == (plain.minimum, plain.maximum)
+        assert made.total == pytest.approx(plain.total) and made.total_sq == pytest.approx(plain.total_sq)
+    assert window.rows == 703

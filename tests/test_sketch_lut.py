@@ -84,8 +84,11 @@ def digits_baseline() -> tuple[Profile, np.ndarray]:
     return build_baseline(X, [f"f{i}" for i in range(X.shape[1])]), X
 
 
+@pytest.mark.parametrize("fast_add_at", [True, False])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_digits_bins_at_and_beside_every_cut(dtype: type) -> None:
+def test_digits_bins_at_and_beside_every_cut(dtype: type, fast_add_at: bool, monkeypatch) -> None:
+    """Counted with ``np.add.at`` (numpy >= 1.25) and with ``bincount`` (older numpy, as on Raspberry Pi OS)."""
+    monkeypatch.setattr("device_agent.binning._FAST_ADD_AT", fast_add_at)
     profile, X = digits_baseline()
     rng = np.random.default_rng(1)
     check_profile(profile, probe_rows(profile, dtype, rng))
