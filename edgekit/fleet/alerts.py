@@ -258,10 +258,10 @@ class AlertEngine:
             )
         return found
 
-    def _accuracy(self, labelled: list[tuple[int, float, int]]) -> dict[tuple[str, str], tuple[str, dict[str, Any]]]:
+    def _accuracy(self, windows: list[tuple[int, float, int]]) -> dict[tuple[str, str], tuple[str, dict[str, Any]]]:
         """The latest labelled window's accuracy against the earlier ones' (of the latest window's model
-        version; ``labelled`` is ``store.labelled_accuracy``, oldest first)."""
-        history = [h for h in labelled if h[2] >= self.rules.accuracy_min_labels]
+        version; ``windows`` is ``store.labelled_accuracy``, oldest first)."""
+        history = [h for h in windows if h[2] >= self.rules.accuracy_min_labels]
         if len(history) < 2:
             return {}
         *earlier, (seq, accuracy, labelled) = history
