@@ -202,7 +202,8 @@ class BinLookup:
                 np.add.at(counts, index, 1)
             else:  # numpy before 1.25 (Raspberry Pi OS bookworm's is 1.24): ``add.at`` was 50-100x slower
                 counts += np.bincount(index, minlength=len(counts))
-            wide = scratch[1].view(np.float64)  # the cell indexes' memory, free now
+            # the cell indexes' memory, free now (where an index is 8 bytes: not on a 32-bit build)
+            wide = scratch[1].view(np.float64) if scratch[1].itemsize == 8 else np.empty(values.shape)
             np.copyto(wide, values)  # float64 whatever the rows: a window's sums add up many batches
             ones = self._ones(len(values))
             totals = ones @ wide

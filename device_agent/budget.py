@@ -63,6 +63,6 @@ class CpuBudget:
             wanted = math.ceil(self.every * self._sketch / (HEADROOM * allowance)) if allowance > 0 else MOST_EVERY
             # the sample shrinks at once but grows at most twofold a look: after an idle spell the allowance
             # is large, and a burst of traffic recorded in full would fill the backlog before the next look
-            self.every = max(1, min(MOST_EVERY, max(wanted, self.every // 2)))
+            self.every = max(1, min(MOST_EVERY, max(wanted, -(-self.every // 2))))  # (half, rounded up)
         self._sketch = self._inference = 0.0
         self._since = self.clock()

@@ -10,7 +10,8 @@ request's latency is kept once with its row count and sketched when the window c
 ``window_rows`` rows (split exactly at the boundary) or ``window_seconds`` seconds, and is handed to ``on_window``.
 
 Under the CPU budget (``budget.CpuBudget``) a request is recorded with its sample (which rows, by id), taken
-on the background thread; requests queued before the budget looked are sampled again at its rate. The
+on the background thread; requests queued before the budget looked are sampled again at its rate (when
+that rate's step is a multiple of theirs: the sample stays one by row id). The
 agent's passes gather: a pass costs some thirty numpy calls whatever it sketches (200-300 µs once the
 model's inference has emptied the caches), so fewer than ``GATHER_ROWS`` waiting rows wait for more, for
 at most ``GATHER_SECONDS`` and never past the window's time.
@@ -238,7 +239,11 @@ class Monitor:
 
     def stop(self) -> None:
         """Sketch no more: a running ``process`` returns at the next window boundary, and rows still
-        waiting (or recorded from now on) are counted as unmonitored. ``flush`` still closes the window."""
+        waiting (or recorded from now on) are counted as unmonitored. ``flush`` still closes the window.
+        Rows a gathering pass left for later (fewer than ``GATHER_ROWS``, a moment's work) are sketched
+        first: without the gathering they would have been already."""
+        if self._gathered_since is not None and 0 < self._pending_rows < GATHER_ROWS:
+            self.process()
         self.stopping = True
 
     def _unmonitor(self, n: int) -> None:

@@ -674,7 +674,8 @@ def main() -> int:
         f"closing one 1000-row window (drift, summary, spool) {results['window_close_ms']:.1f} ms; "
         f"RSS bare {results['bare_rss_mb']:.1f} MB, agent {results['agent_rss_mb']:.1f} MB"
     )
-    print_run(results, quick=False, how="agent and bare session.run interleaved in one process, means of 9 rounds")
+    how = "agent and bare session.run interleaved in one process, means of 9 rounds (36 at batch 1,000)"
+    print_run(results, quick=False, how=how)
     write_json(args.out, checks, targets=TARGETS, results=results)
     return 0
 

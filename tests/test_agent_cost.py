@@ -52,6 +52,9 @@ def test_budget_samples_when_sketching_outgrows_its_share_and_recovers() -> None
     clock.now = 0.2
     budget.spent(sketch_seconds=100.0, inference_seconds=0.02)
     assert budget.every == MOST_EVERY  # never fewer than one row in a thousand
+    budget.every, clock.now = 3, 0.25  # an odd step grows back to 2, not 1: at most twofold a look, rounded up
+    budget.spent(sketch_seconds=0.0, inference_seconds=0.02)
+    assert budget.every == 2
 
 
 def test_budget_leaves_an_idle_device_alone_and_zero_turns_it_off() -> None:
@@ -346,6 +349,19 @@ def test_a_gathering_pass_leaves_a_few_rows_for_later_but_never_past_their_time(
     record(5)
     monitor.process(gather=True)
     assert monitor.flush().rows == 5 and monitor.backlog == 0
+
+
+def test_rows_a_gathering_pass_left_waiting_are_sketched_when_the_monitor_stops() -> None:
+    """A few rows a gathering pass left for later would have been sketched a pass later: stopping sketches
+    them rather than counting them unmonitored."""
+    rng = np.random.default_rng(10)
+    monitor = Monitor(_baseline(rng, 4), 10_000, 60.0, lambda window: None, clock=FakeClock())
+    monitor.record(rng.normal(size=(50, 4)).astype(np.float32), Prediction(values=np.zeros((50, 1))), 0.01)
+    monitor.process(gather=True)
+    assert monitor.backlog == 50
+    monitor.stop()
+    window = monitor.flush()
+    assert (window.rows, window.unmonitored) == (50, 0)
 
 
 def test_a_backlog_recorded_before_the_budget_looked_is_sampled_again_by_row_id() -> None:

@@ -277,3 +277,24 @@ def test_a_pass_over_many_devices_opens_refreshes_and_closes_each_alone(fleet, m
     assert len(store.alerts(limit=100)) == len(
         {(a["rule"], a["device"], a["subject"]) for a in store.alerts(limit=100)}
     )
+
+
+def test_a_device_whose_rules_fail_keeps_its_alerts_and_holds_up_no_other(fleet, monkeypatch):
+    """Devices are evaluated a chunk at a time, their alerts written together: one whose rules raise (a bug,
+    a stored row no rule expected) is logged and left as it is, and the others' alerts open and close."""
+    store, ingestor = fleet
+    engine = AlertEngine(store, AlertRules(drift_windows=1), AlertSinks(log=False))
+    feed(ingestor, *[summary(BASE, d, 1, shift=2.0) for d in ("d1", "d2", "d3")])
+    assert sorted(c["device"] for c in engine.evaluate(now=1.7e9) if c["rule"] == "drift") == ["d1", "d2", "d3"]
+    feed(ingestor, *[summary(BASE, d, 2) for d in ("d1", "d2", "d3")])  # all clean now
+    holding = AlertEngine._holding
+
+    def failing_on_d2(self, device, *args):
+        if device["device"] == "d2":
+            raise KeyError("a field the rule expected")
+        return holding(self, device, *args)
+
+    monkeypatch.setattr(AlertEngine, "_holding", failing_on_d2)
+    closed = engine.evaluate(now=1.7e9 + 60)
+    assert sorted(c["device"] for c in closed if c["rule"] == "drift") == ["d1", "d3"]
+    assert [a["device"] for a in store.alerts(open_only=True) if a["rule"] == "drift"] == ["d2"]

@@ -342,3 +342,20 @@ def test_holes_no_window_can_fill_are_forgotten_a_raw_period_after_they_were_not
     Ingestor(store).handle([Message(*window("pi-c", 4 * PER_DAY + 2), noted + POLICY.raw + 2)])
     assert run_pass(store, POLICY, noted + POLICY.raw + 3).redeliveries == 1
     assert run_pass(store, POLICY, noted + 2 * POLICY.raw + 2).holes_forgotten == 1 and holes(store) == []
+
+
+def test_a_hole_whose_late_window_waits_raw_is_not_forgotten(store):
+    """A late window stored as the table's newest row waits for the next pass (never rolled up last): its hole
+    must outlive the pass that would forget it, or the window would be dropped as a redelivery."""
+    Ingestor(store).handle([Message(*baseline_message(BASE, DEVICES[0]), T0)])
+    for day in range(4):
+        Ingestor(store).handle([m for m in day_of_windows(day) if json.loads(m.payload)["seq"] != 10])
+        run_pass(store, POLICY, T0 + (day + 1) * DAY)
+    noted = {hole[3] for hole in holes(store)}.pop()
+    late = [Message(*window(device, 10), noted + POLICY.raw + 1) for device in DEVICES]
+    Ingestor(store).handle(late)  # pi-c's is the table's newest row: this pass leaves it raw
+    first = run_pass(store, POLICY, noted + POLICY.raw + 1)
+    assert first.holes_forgotten == 0 and [hole[:3] for hole in holes(store)] == [("pi-c", 10, 10)]
+    Ingestor(store).handle([Message(*window("pi-a", 4 * PER_DAY + 1), noted + POLICY.raw + 2)])
+    second = run_pass(store, POLICY, noted + POLICY.raw + 2)
+    assert second.rolled >= 1 and second.redeliveries == 0 and holes(store) == []

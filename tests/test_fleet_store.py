@@ -57,14 +57,17 @@ def test_redelivery_is_counted_never_stored_twice(store):
     assert (device["windows"], device["rows"], device["redeliveries"]) == (1, 500, 1)
 
 
-def test_a_batch_mixing_new_and_redelivered_windows_stores_each_once(store):
+@pytest.mark.parametrize("burst_seconds", [0.0, 30.0])
+def test_a_batch_mixing_new_and_redelivered_windows_stores_each_once(store, burst_seconds, monkeypatch):
     """PostgreSQL COPYs a batch straight in and falls back to ON CONFLICT when that hits a stored window (or the
-    same window twice in one batch): either way each window is stored once and the rest counted as redelivered."""
+    same window twice in one batch), and for ``REDELIVERY_BURST_SECONDS`` after: either way each window is
+    stored once and the rest counted as redelivered."""
+    monkeypatch.setattr("edgekit.fleet.store.postgres.REDELIVERY_BURST_SECONDS", burst_seconds)
     ingestor = Ingestor(store)
     assert feed(ingestor, summary(BASE, "d1", 1), summary(BASE, "d2", 1))["stored"] == 2
     outcome = feed(ingestor, summary(BASE, "d1", 1), summary(BASE, "d1", 2), summary(BASE, "d1", 2))
     assert (outcome["stored"], outcome["duplicates"]) == (1, 2)
-    assert feed(ingestor, summary(BASE, "d1", 3), summary(BASE, "d2", 2))["stored"] == 2  # straight in again
+    assert feed(ingestor, summary(BASE, "d1", 3), summary(BASE, "d2", 2))["stored"] == 2  # straight, or not yet
     windows = {d["device"]: (d["windows"], d["redeliveries"], d["missing_seqs"]) for d in store.status()}
     assert windows == {"d1": (3, 2, 0), "d2": (2, 0, 0)}
 

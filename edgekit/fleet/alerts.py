@@ -141,11 +141,15 @@ class AlertEngine:
         }
         labelled = self.store.labelled_accuracy_of([(name, *model) for name, model in latest_models.items()])
         open_now = self.store.open_alerts_by_device(names)
-        opens, closes = [], []
+        opens, closes, order = [], [], []  # ``order``: each device's openings, then its closings, device by device
         for device in devices:
             name = device["device"]
             history = labelled.get((name, *latest_models[name]), []) if name in latest_models else []
-            holding = self._holding(device, recent[name], history, now)
+            try:
+                holding = self._holding(device, recent[name], history, now)
+            except Exception:  # a bug, or a stored row no rule expected: this device waits, its alerts stand
+                log.exception("alert rules failed on %s; its alerts are left as they are", name)
+                continue
             for (rule, subject), (message, evidence) in holding.items():
                 evidence = {
                     "device": name,
@@ -155,11 +159,17 @@ class AlertEngine:
                     **evidence,
                 }
                 opens.append((rule, name, subject, message, evidence))
-            closes += [(rule, name, subject) for rule, subject in sorted(open_now.get(name, set()) - set(holding))]
+                order.append(("open", opens[-1]))
+            for rule, subject in sorted(open_now.get(name, set()) - set(holding)):
+                closes.append((rule, name, subject))
+                order.append(("closed", closes[-1]))
         opened, closed = self.store.apply_alerts(opens, closes, now)
-        changes = [self._notify("open", *o[:4], o[4], now) for o in opens if o[:3] in opened]
-        for rule, name, subject in closes:
-            if (rule, name, subject) in closed:
+        changes = []
+        for state, alert in order:
+            rule, name, subject = alert[:3]
+            if state == "open" and alert[:3] in opened:
+                changes.append(self._notify("open", rule, name, subject, alert[3], alert[4], now))
+            elif state == "closed" and alert in closed:
                 message = f"{rule} on {subject} cleared"
                 changes.append(self._notify("closed", rule, name, subject, message, {"device": name}, now))
         return changes

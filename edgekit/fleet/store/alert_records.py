@@ -6,9 +6,9 @@ in one transaction. Evaluating device by device had cost four statements and fou
 on PostgreSQL a leader evaluating the 1,000 devices of the collector bench spent 0.65 s of its own CPU and
 about as much of the server's a pass, a fifth of everything the two-collector run did. Here a dialect
 override is one statement a read (PostgreSQL: ``LATERAL`` joins over arrays); SQLite, in-process, runs one
-indexed statement a device inside one transaction, which costs it microseconds.
+indexed statement a device, which costs it microseconds.
 
-Imports: nothing of edgekit.
+Imports: the store's ``records`` only.
 """
 
 from __future__ import annotations

@@ -178,8 +178,14 @@ class HistoryRecords:
         with self.atomic() as db:
             self._lock_history(db, now)
             db.execute("UPDATE history_holes SET noted_at = ? WHERE noted_at IS NULL", (now,))
+            # never one whose late window is stored and waiting (the table's newest row is not rolled up yet)
             return len(
-                db.execute("DELETE FROM history_holes WHERE noted_at < ? RETURNING device", (noted_before,)).fetchall()
+                db.execute(
+                    "DELETE FROM history_holes WHERE noted_at < ? AND NOT EXISTS (SELECT 1 FROM summaries s WHERE "
+                    "s.device = history_holes.device AND s.seq BETWEEN history_holes.first_seq AND "
+                    "history_holes.last_seq) RETURNING device",
+                    (noted_before,),
+                ).fetchall()
             )
 
     # -- buckets into coarser buckets, and expiry ------------------------------------------------------
