@@ -19,9 +19,10 @@ watermark had ended before the last look, so rows not seen then have ``xact`` at
 (``devices_with_summaries_after``; tests/test_pg_watermark.py). Migrations take an advisory lock, so
 collectors that start together apply them once.
 
-A batch is one binary COPY into a session's temporary table and one ``INSERT ... SELECT ... ON
-CONFLICT DO NOTHING RETURNING``; the per-device bookkeeping is a few statements that each take the
-batch's devices as one array, not one statement a device.
+A batch is one binary COPY straight into ``summaries`` (through a session's temporary table and ``INSERT ...
+ON CONFLICT DO NOTHING RETURNING`` when it holds a window already stored); the per-device bookkeeping and the
+alert pass's reads and writes are a few statements that each take the batch's devices as one array, not
+one statement a device.
 
 A lost connection (the server restarted, a network cut) raises ``StoreUnavailable`` and the
 connection is dropped; the next call connects again. Nothing is committed half: the collector
@@ -248,8 +249,7 @@ class PostgresStore(SqlStore):
     def _update_devices(self, db: Any, updates: list[tuple[Any, ...]]) -> None:
         """``SqlStore._update_devices`` as one statement over arrays, not one UPDATE a device."""
         if updates:
-            columns = [list(column) for column in zip(*updates, strict=True)]
-            db.execute(_UPDATE_DEVICES, columns)
+            db.execute(_UPDATE_DEVICES, _columns(updates))
 
     # -- alerts: one statement a read or write of a whole pass (alert_records.py) ---------------------
     def recent_facts_of(self, devices: list[str], count: int) -> dict[str, list[dict[str, Any]]]:
@@ -291,26 +291,23 @@ class PostgresStore(SqlStore):
         closed: set[AlertKey] = set()
         with self.atomic() as db:
             if opens:
-                columns = [list(c) for c in zip(*[(*o[:4], json.dumps(o[4])) for o in opens], strict=True)]
+                rows = {o[:3]: (*o[:4], json.dumps(o[4])) for o in opens}  # one JSON text an alert, used twice
                 refreshed = {
                     tuple(row)
                     for row in db.execute(
                         "UPDATE alerts SET updated_at = ?, message = u.message, evidence = u.evidence "
                         f"FROM {_ALERT_ARRAYS} WHERE {_ALERT_MATCH} RETURNING alerts.rule, alerts.device, "
                         "alerts.subject",
-                        (now, *columns),
-                        binary=True,
+                        (now, *_columns(rows.values())),
                     )
                 }
-                new = [o for o in opens if o[:3] not in refreshed]
-                if new:
+                opened = set(rows) - refreshed
+                if opened:
                     db.execute(
                         "INSERT INTO alerts (rule, device, subject, state, opened_at, updated_at, message, evidence) "
                         f"SELECT u.rule, u.device, u.subject, 'open', ?, ?, u.message, u.evidence FROM {_ALERT_ARRAYS}",
-                        (now, now, *[list(c) for c in zip(*[(*o[:4], json.dumps(o[4])) for o in new], strict=True)]),
-                        binary=True,
+                        (now, now, *_columns(row for key, row in rows.items() if key in opened)),
                     )
-                opened = {o[:3] for o in new}
             if closes:
                 closed = {
                     tuple(row)
@@ -318,8 +315,7 @@ class PostgresStore(SqlStore):
                         "UPDATE alerts SET state = 'closed', closed_at = ?, updated_at = ? FROM unnest(CAST(? AS "
                         "TEXT[]), CAST(? AS TEXT[]), CAST(? AS TEXT[])) AS u(rule, device, subject) "
                         f"WHERE {_ALERT_MATCH} RETURNING alerts.rule, alerts.device, alerts.subject",
-                        (now, now, *[list(c) for c in zip(*closes, strict=True)]),
-                        binary=True,
+                        (now, now, *_columns(closes)),
                     )
                 }
         return opened, closed
@@ -335,6 +331,13 @@ _DEVICE_UPDATE_TYPES = (
     "bigint", "bigint", "bigint", "double precision", "boolean", "bigint", "boolean", "text", "boolean", "text",
     "boolean", "bigint", "text",
 )  # fmt: skip
+
+
+def _columns(rows: Any) -> list[list[Any]]:
+    """Rows of equal length as one list a column: the arrays an ``unnest(...)`` statement takes."""
+    return [list(column) for column in zip(*rows, strict=True)]
+
+
 _ALERT_ARRAYS = (
     "unnest(CAST(? AS TEXT[]), CAST(? AS TEXT[]), CAST(? AS TEXT[]), CAST(? AS TEXT[]), CAST(? AS TEXT[])) "
     "AS u(rule, device, subject, message, evidence)"
@@ -365,10 +368,8 @@ class _Connection:
     def __init__(self, raw: Any) -> None:
         self.raw = raw
 
-    def execute(self, sql: str, params: Sequence[Any] | dict[str, Any] | None = None, *, binary: bool = False) -> Any:
-        """``binary``: parameters (and results) in PostgreSQL's binary format: arrays of text that holds quotes
-        (alert evidence) are then not escaped element by element, which cost 60 ms a thousand alerts."""
-        return self.raw.execute(postgres_sql(sql), params, binary=binary)
+    def execute(self, sql: str, params: Sequence[Any] | dict[str, Any] | None = None) -> Any:
+        return self.raw.execute(postgres_sql(sql), params)
 
     def executemany(self, sql: str, params: Sequence[Sequence[Any]]) -> None:
         params = list(params)
