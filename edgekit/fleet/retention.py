@@ -234,7 +234,7 @@ def run_pass(
     budget = [float("inf") if max_batches is None else max_batches]
     if policy.raw is not None:
         _roll_raw(store, _hour(iso(now - policy.raw)), result, batch, budget, now)
-        if budget[0] > 0:  # every late window already stored is merged: the holes noted a raw period ago can go
+        if budget[0] > 0:  # the late windows stored are merged (forget_holes keeps a hole whose window waits)
             result.holes_forgotten = store.forget_holes(now - policy.raw, now)
     if policy.hourly is not None:
         day_cutoff = _day(iso(now - policy.hourly))
