@@ -383,6 +383,26 @@ def test_the_resend_interval_stays_under_the_device_timeout(controller):
     assert controller.status(rollout_id)["devices"][0]["state"] == "succeeded"
 
 
+def test_a_failing_rollout_paused_and_resumed_counts_its_failures_anew(controller):
+    """The operator pauses a failing rollout to look into it: once resumed, it gets FAIL_AFTER_* again, not
+    marked failed at its first failing tick for the failures counted before the pause."""
+    from edgekit.fleet.rollouts import FAIL_AFTER_SECONDS, FAIL_AFTER_TICKS
+
+    now = _clocked(controller)
+    rollout_id = controller.start(controller.stored["sha256"], "f", RolloutSpec(waves=(0.25, 1.0)))
+    spec = json.loads(controller.store.rollout(rollout_id)[0]["spec"])
+    controller.store.update_rollout(rollout_id, now[0], spec=json.dumps({**spec, "from_a_newer_collector": 1}))
+    for _ in range(FAIL_AFTER_TICKS - 1):
+        controller.tick()
+    now[0] += FAIL_AFTER_SECONDS
+    controller.pause(rollout_id)
+    controller.tick()
+    controller.resume(rollout_id)
+    controller.tick()
+    status = controller.status(rollout_id)
+    assert status["state"] == "running" and "1 tick(s)" in status["reason"]
+
+
 def test_a_rollout_that_advances_again_loses_the_failing_reason(controller):
     rollout_id = controller.start(controller.stored["sha256"], "f", RolloutSpec(waves=(0.25, 1.0)))
     good = controller.store.rollout(rollout_id)[0]["spec"]

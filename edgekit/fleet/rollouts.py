@@ -286,14 +286,14 @@ class RolloutController:
         with self._lock, contextlib.suppress(LeaseLost):  # lost mid-tick: the new leader carries on from the store
             running = self.store.running_rollouts()
             self._resent = {key: at for key, at in self._resent.items() if key[0] in running}  # finished: forget
+            self._failing = {key: v for key, v in self._failing.items() if key in running}  # paused: counts anew
             for rollout_id in running:
                 self._advance_apart(rollout_id)
 
     def _advance_apart(self, rollout_id: str) -> None:
-        """One rollout's step, apart from the others': one that raises is logged and counted, its reason
-        says so, and it is marked failed once it has failed ``FAIL_AFTER_TICKS`` ticks in a row over at least
-        ``FAIL_AFTER_SECONDS`` (devices stay where they are); the other rollouts go on. A lost lease or an
-        unreachable database is no rollout's fault: it ends the tick, and the next one tries again."""
+        """One rollout's step, apart from the others': one that raises is logged, counted and said in its reason,
+        and marked failed after ``FAIL_AFTER_TICKS`` failing ticks in a row over ``FAIL_AFTER_SECONDS`` at least
+        (devices stay put). A lost lease or an unreachable database is no rollout's fault: it ends the tick."""
         try:
             self._advance(rollout_id)
         except (LeaseLost, StoreUnavailable):

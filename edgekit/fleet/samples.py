@@ -200,7 +200,7 @@ def _take_chunk(store: SampleStore, device: str, upload_id: str, request: Reques
         return _out_of_turn(store, device, upload_id, first, size, sha256, now)
     if received < size:
         return {"received": received, "complete": False}
-    return _finish(store, device, upload_id, sha256, now)
+    return _finish(store, device, upload_id, size, sha256, now)
 
 
 def _chunk_range(request: Request) -> tuple[int, int, int, str]:
@@ -226,11 +226,11 @@ def _out_of_turn(store: SampleStore, device: str, upload_id: str, first: int, si
         raise Refused("corrupt", 409, f"upload {upload_id} began as another file (size or sha256 differ)")
     held = upload["received"]
     if held == size:
-        return _finish(store, device, upload_id, sha, now)
+        return _finish(store, device, upload_id, size, sha, now)
     raise Refused("", 409, f"upload {upload_id} holds {held} bytes, not {first}; send from there", received=held)
 
 
-def _finish(store: SampleStore, device: str, upload_id: str, sha256: str, now: float) -> dict[str, Any]:
+def _finish(store: SampleStore, device: str, upload_id: str, size: int, sha256: str, now: float) -> dict[str, Any]:
     """Check the whole upload (its sha256, then its header and rows), then store its rows: two passes over
     its chunks as the store yields them, so a large upload costs a chunk of memory, not its size."""
     try:
@@ -243,7 +243,7 @@ def _finish(store: SampleStore, device: str, upload_id: str, sha256: str, now: f
     if not store.complete_upload(upload_id, device, rows, header, now):  # another collector was first
         state = (store.sample_upload(upload_id) or {}).get("state")
         return _completed(store, upload_id, Refused("replay", 409, f"upload {upload_id} is {state} already"))
-    return {"received": (store.sample_upload(upload_id) or {}).get("size"), "complete": True, "rows": count}
+    return {"received": size, "complete": True, "rows": count}
 
 
 def _completed(store: SampleStore, upload_id: str, refusal: Refused) -> dict[str, Any]:
