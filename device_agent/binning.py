@@ -182,7 +182,7 @@ class BinLookup:
         return self.dtype.type(t[0]), self.dtype.type(scale)
 
     def cell_of(self, values: np.ndarray, origin: Any, scale: Any, cells: int) -> np.ndarray:
-        """Each threshold's cell, by the very arithmetic ``slots`` uses for the values (the conversion to an
+        """Each threshold's cell, by the very arithmetic ``_slots`` uses for the values (the conversion to an
         integer truncates, which for a clipped, non-negative cell is its floor)."""
         with np.errstate(over="ignore", invalid="ignore"):
             x = np.subtract(values, origin, dtype=self.dtype)
@@ -196,7 +196,7 @@ class BinLookup:
         every value given). One lock for the whole: the working arrays are the table's."""
         with self._lock:
             scratch = self._scratch(values.shape)
-            index = self._slots(values, scratch[4])
+            index = self._slots(values, scratch)
             index = index.reshape(-1) if finite is None else index[finite]
             if _FAST_ADD_AT:  # a little faster than adding a ``bincount``, and no temporary
                 np.add.at(counts, index, 1)
@@ -215,18 +215,14 @@ class BinLookup:
             self._ones_cache = np.ones(n)
         return self._ones_cache[:n]
 
-    def slots(self, values: np.ndarray, out: np.ndarray) -> np.ndarray:
-        """Each finite value's slot in the one count vector, written into ``out`` (intp, the shape of
-        ``values``: rows x columns of ``dtype``)."""
-        with self._lock:
-            return self._slots(values, out)
-
-    def _slots(self, values: np.ndarray, out: np.ndarray) -> np.ndarray:
-        """Working arrays are reused between calls: fresh ones of a batch's size would cost a page fault every
-        few kilobytes, more than the arithmetic. A dozen passes over the batch, each a plain numpy loop: the
-        cell (subtract, multiply, clip, as an integer, plus the column's first cell), the table (the slot
-        below the cell, then each threshold inside it read and compared, the comparisons added up), the sum."""
-        x, flat, reached, hits = self._scratch(values.shape)[:4]
+    def _slots(self, values: np.ndarray, scratch: tuple[np.ndarray, ...]) -> np.ndarray:
+        """Each finite value's slot in the one count vector (intp, the shape of ``values``: rows x columns of
+        ``dtype``), in the last of ``scratch`` (``_scratch``; the caller holds the lock). Working arrays are
+        reused between calls: fresh ones of a batch's size would cost a page fault every few kilobytes, more
+        than the arithmetic. A dozen passes over the batch, each a plain numpy loop: the cell (subtract,
+        multiply, clip, as an integer, plus the column's first cell), the table (the slot below the cell,
+        then each threshold inside it read and compared, the comparisons added up), the sum."""
+        x, flat, reached, hits, out = scratch
         threshold = x  # the cells are read once, into ``flat``
         with np.errstate(over="ignore", invalid="ignore"):
             np.subtract(values, self.origin, out=x)
