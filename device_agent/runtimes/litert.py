@@ -8,6 +8,8 @@ their outputs dequantized here, so callers always see float arrays.
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 
 from ..errors import ModelError, RuntimeUnavailableError
@@ -53,13 +55,17 @@ class LiteRtRuntime:
         self._model: bytes | None = None
         self._class = None
         # One interpreter per recent batch size: resizing an interpreter re-plans and re-allocates
-        # every tensor, which costs more than a small model's inference when sizes alternate.
-        self._by_batch: dict[int, object] = {}
+        # every tensor, which costs more than a small model's inference when sizes alternate. Each comes
+        # with its lock: an interpreter is one set of tensors, and LiteRT lets go of the GIL while it
+        # invokes, so two requests on one interpreter (the HTTP server's worker threads) overwrote each
+        # other's input (a wrong answer) or failed ("at least 1 reference to internal data").
+        self._by_batch: dict[int | None, tuple[object, threading.Lock]] = {}
+        self._creating = threading.Lock()  # the cache's insertions and evictions, not the calls
 
     def load(self, model: bytes) -> None:
         self._class, self.name = _interpreter_class()
         self._model = model
-        interpreter = self._interpreter_for(None)
+        interpreter, _ = self._interpreter_for(None)
         self._input = interpreter.get_input_details()[0]
         self._outputs = interpreter.get_output_details()
         self.input_names = [d["name"] for d in interpreter.get_input_details()]  # all, so callers can refuse
@@ -68,10 +74,16 @@ class LiteRtRuntime:
         self._quantize_input = _quantizer(self._input)
         self._output_plan = [(o["name"], o["index"], *_dequantizer(o)) for o in self._outputs]
 
-    def _interpreter_for(self, batch: int | None):
-        interpreter = self._by_batch.get(batch)
-        if interpreter is not None:
-            return interpreter
+    def _interpreter_for(self, batch: int | None) -> tuple[object, threading.Lock]:
+        """The interpreter sized for ``batch`` rows and the lock its calls are made under."""
+        ready = self._by_batch.get(batch)
+        if ready is not None:
+            return ready
+        with self._creating:
+            ready = self._by_batch.get(batch)  # made by another thread while this one waited
+            return ready if ready is not None else self._new_interpreter(batch)
+
+    def _new_interpreter(self, batch: int | None) -> tuple[object, threading.Lock]:
         try:
             interpreter = self._class(model_content=self._model, num_threads=self.threads)
             if batch is not None:
@@ -81,25 +93,27 @@ class LiteRtRuntime:
             raise ModelError(
                 self.source, self.name, f"cannot load the model: {exc}", "check it is a valid .tflite file"
             ) from exc
-        if len(self._by_batch) >= MAX_INTERPRETERS:
+        if len(self._by_batch) >= MAX_INTERPRETERS:  # a request still using the evicted one keeps it (and its lock)
             self._by_batch.pop(next(iter(self._by_batch)))
-        self._by_batch[batch] = interpreter
-        return interpreter
+        ready = self._by_batch[batch] = (interpreter, threading.Lock())
+        return ready
 
     def predict(self, rows: np.ndarray) -> dict[str, np.ndarray]:
         if self._model is None:
             raise ModelError(self.source, self.name, "has no model loaded", "call load() first")
-        interpreter = self._interpreter_for(len(rows))
+        interpreter, lock = self._interpreter_for(len(rows))
         try:
-            interpreter.set_tensor(self._input["index"], self._quantize_input(rows))
-            interpreter.invoke()
-            outputs = {}
-            for name, index, scale, zero in self._output_plan:
-                values = interpreter.get_tensor(index)
-                outputs[name] = values if scale is None else (values.astype(np.float32) - zero) * scale
-            return outputs
+            quantized = self._quantize_input(rows)
+            with lock:  # concurrent requests of one size take turns; ``get_tensor`` answers copies
+                interpreter.set_tensor(self._input["index"], quantized)
+                interpreter.invoke()
+                raw = [interpreter.get_tensor(index) for _, index, _, _ in self._output_plan]
         except (ValueError, RuntimeError) as exc:
             raise ModelError(self.source, self.name, f"failed to run: {exc}") from exc
+        return {
+            name: values if scale is None else (values.astype(np.float32) - zero) * scale
+            for (name, _, scale, zero), values in zip(self._output_plan, raw, strict=True)
+        }
 
     @property
     def input_details(self) -> dict:
