@@ -117,27 +117,28 @@ class Capture:
         if not self.enabled:
             return
         n = len(rows)
-        with self._offer_lock:  # the order the monitor got the rows in (``record`` was called just before)
-            ordinal = self._offered.get(id(serving), 0)
-            self._offered[id(serving)] = ordinal + n
         if n == 1:
             h = row_hash(self.boot, first)
-            if h >= self.threshold:
-                return
-            picked, hashes = np.zeros(1, dtype=np.int64), np.array([h])
+            picked, hashes = (np.zeros(1, dtype=np.int64), np.array([h])) if h < self.threshold else (None, None)
         else:
             all_hashes = row_hashes(self.boot, np.arange(first, first + n, dtype=np.uint64))
             picked = np.flatnonzero(all_hashes < self.threshold)
-            if not len(picked):
-                return
             hashes = all_hashes[picked]
-        if self._pending_rows + len(picked) > MAX_PENDING_ROWS:
-            self.dropped["overflow"] += len(picked)
-            return
-        self._pending_rows += len(picked)
-        self._pending.append(
-            (time.time(), serving, ordinal, first, picked, hashes, rows[picked], np.asarray(answers)[picked])
-        )
+        # one lock for the ordinals (the order the monitor got the rows in: ``record`` was called just before)
+        # and the pending count, which the background thread's ``_take`` lowers: ``+=`` from two threads at
+        # once loses one of them, and a count that only drifts up would end every capture as "overflow"
+        with self._offer_lock:
+            ordinal = self._offered.get(id(serving), 0)
+            self._offered[id(serving)] = ordinal + n
+            if picked is None or not len(picked):
+                return
+            if self._pending_rows + len(picked) > MAX_PENDING_ROWS:
+                self.dropped["overflow"] += len(picked)
+                return
+            self._pending_rows += len(picked)
+            self._pending.append(
+                (time.time(), serving, ordinal, first, picked, hashes, rows[picked], np.asarray(answers)[picked])
+            )
 
     # -- the background thread ----------------------------------------------------------------------
     def window_closed(self, seq: int, window: Any, serving: Any, summary: dict[str, Any]) -> None:
@@ -172,7 +173,8 @@ class Capture:
                 taken.append(_part(item, now))
                 kept.append(_part(item, ~now))
         self._pending.extendleft(reversed(kept))
-        self._pending_rows -= sum(len(item[4]) for item in taken)
+        with self._offer_lock:
+            self._pending_rows -= sum(len(item[4]) for item in taken)
         return taken
 
     def _records(self, batches: list[tuple], window: dict[str, Any]) -> Iterator[dict[str, Any]]:
