@@ -347,7 +347,7 @@ class Updater:
 
         def tap(serving, X, prediction, latency_ms, error) -> None:
             if error is None and serving is not candidate and offered[0] < want:
-                offered[0] += len(X)
+                offered[0] += len(X)  # two threads at once may offer a request more: the loop takes what it needs
                 queue.append((X, prediction.primary, latency_ms))
 
         rows = agree = errors = error_rows = 0
@@ -391,14 +391,16 @@ class Updater:
         """Watch the new model for ``seconds``: NaN answers, error rate and p99 latency."""
         seen = {"requests": 0, "rows": 0, "errors": 0, "nan": 0}
         latencies: deque = deque(maxlen=5000)
+        counting = threading.Lock()  # taps run on the request threads: a ``+=`` from two at once loses one
 
         def tap(serving, X, prediction, latency_ms, error) -> None:
             if serving is candidate:
-                seen["requests"] += 1
-                seen["rows"] += len(X)
-                if error is not None:
-                    seen["nan" if error == "nan_output" else "errors"] += 1
-                else:
+                with counting:
+                    seen["requests"] += 1
+                    seen["rows"] += len(X)
+                    if error is not None:
+                        seen["nan" if error == "nan_output" else "errors"] += 1
+                if error is None:
                     latencies.append(latency_ms)
 
         self.agent.taps.append(tap)
@@ -409,7 +411,9 @@ class Updater:
                     failure = "the rollout was aborted or superseded during the health watch"
                     break
                 time.sleep(0.05)
-                failure = _health_failure(seen, list(latencies), health)
+                with counting:
+                    counts = dict(seen)
+                failure = _health_failure(counts, list(latencies), health)
         finally:
             self.agent.taps.remove(tap)
         return failure, {**seen, "p99_ms": _pct(list(latencies), 99), "seconds": health["seconds"]}
