@@ -31,7 +31,7 @@ from device_agent import mqtt_fallback
 from device_agent.protocol import Topics, command_payload, encode, fleet_filter
 from edgekit.errors import StoreError, StoreUnavailable, require
 from edgekit.fleet.config import CollectorConfig, parse_broker_url
-from edgekit.fleet.ingest import Ingestor, Message
+from edgekit.fleet.ingest import Ingestor, Message, device_of
 from edgekit.fleet.store import CollectorStore, open_store
 
 log = logging.getLogger("edgekit.fleet")
@@ -233,11 +233,12 @@ class Collector:
                 self._stop.wait(1.0)
 
     def drain(self) -> int:
-        """Store what has arrived, then acknowledge it (never before the commit).
+        """Store what has arrived, then acknowledge it (never before the commit); return how many were stored.
 
         When the database is unreachable the batch goes back to the front of the queue, unacknowledged,
         and is tried again after a backoff that doubles up to STORE_BACKOFF_MAX: nothing is lost, and
-        nothing is acknowledged that was not committed."""
+        nothing is acknowledged that was not committed. A batch that raises anything else is stored in
+        parts (``_store_in_parts``), so one message the code cannot handle costs only itself."""
         if time.monotonic() < self._store_retry_at:
             return 0
         batch = []
@@ -248,22 +249,96 @@ class Collector:
             return 0
         try:
             self.ingestor.handle([m for m, _, _ in batch])
-            self._store_backoff = 0.0
         except StoreUnavailable as exc:
-            self._queue.extendleft(reversed(batch))
-            self._store_backoff = min(max(2 * self._store_backoff, 0.5), STORE_BACKOFF_MAX)
-            self._store_retry_at = time.monotonic() + self._store_backoff
-            log.warning("the fleet database is unavailable (%s); retrying in %.1f s", exc, self._store_backoff)
+            self._hold(batch, f"the fleet database is unavailable ({exc})")
             return 0
-        except Exception:  # a bug, not the database: logged loudly, and not acknowledged
-            log.exception("could not store a batch of %d messages", len(batch))
-            return 0
+        except Exception as exc:  # a bug, not the database: find the message(s) at fault
+            log.warning("a batch of %d messages failed (%r); storing it in parts", len(batch), exc)
+            stored, held = self._store_in_parts(batch)
+            if held:
+                return stored
+        else:
+            stored = len(batch)
+            self._acknowledge(batch)
+        self._store_backoff = 0.0
+        self._evaluate_alerts()
+        return stored
+
+    def _store_in_parts(self, batch: list) -> tuple[int, bool]:
+        """Store a batch that raised an unexpected exception by halves, acknowledging each part once stored,
+        down to the single messages that raise on their own; return (stored, whether some were held back).
+
+        Unacknowledged, a message holds one of the broker's inflight slots (our ReceiveMaximum) until the
+        connection drops, and comes back after a reconnect only to fail the same way with its batch: a few
+        bad batches would stall this collector's share of the fleet, and lose the good messages in them
+        until a restart. So a message that raises on its own is logged once (topic, device, size and
+        traceback), counted (``edgekit_collector_messages_total{outcome="failed"}`` and the store's rejects)
+        and acknowledged: a redelivery would fail the same way, and the log keeps what is needed to find the
+        bug. It is given up only when some other part of the batch went through, proof that the code works
+        and this message is what breaks it; when nothing went through (a bug that fails every message) the
+        batch is held, unacknowledged, and tried again with what arrives next, after the store backoff.
+        ``StoreUnavailable`` at any point puts everything not yet stored back, unacknowledged, and backs off."""
+        parts, failed, stored = deque([batch]), [], 0
+        while parts:
+            part = parts.popleft()
+            try:
+                self.ingestor.handle([m for m, _, _ in part])
+            except StoreUnavailable as exc:
+                self._hold(
+                    [item for item, _ in failed] + part + [item for p in parts for item in p],
+                    f"the fleet database is unavailable ({exc})",
+                )
+                return stored, True
+            except Exception as exc:
+                if len(part) == 1:
+                    failed.append((part[0], exc))
+                else:  # the halves go first, in order, so messages are stored in the order they came
+                    parts.extendleft((part[len(part) // 2 :], part[: len(part) // 2]))
+                continue
+            self._acknowledge(part)
+            stored += len(part)
+        if failed and not stored:
+            self._hold(
+                [item for item, _ in failed],
+                f"every message of a batch of {len(batch)} failed ({failed[0][1]!r}), "
+                "a bug rather than one bad message; they stay unacknowledged",
+            )
+            return 0, True
+        for item, exc in failed:
+            self._give_up(item, exc)
+        return stored, False
+
+    def _give_up(self, item: tuple[Message, int, int], exc: Exception) -> None:
+        """Log, count and acknowledge one message that the collector cannot store (``_store_in_parts`` says why)."""
+        message = item[0]
+        device = device_of(message.topic)
+        log.error(
+            "dropped a message the collector cannot store: %s (device %s, %d bytes): %r",
+            message.topic[:200],
+            device or "?",
+            len(message.payload),
+            exc,
+            exc_info=exc,
+        )
+        self.ingestor.counters["failed"] += 1
+        try:  # seen by every collector sharing the store (ingest workers included), if the store takes it
+            self.store.count_reject("failed", device, time.time())
+        except Exception as count_error:
+            log.warning("could not count the dropped message in the store (%r)", count_error)
+        self._acknowledge([item])
+
+    def _acknowledge(self, items: list) -> None:
         client = self._client
-        for _, mid, qos in batch:
+        for _, mid, qos in items:
             if qos and client is not None:
                 client.ack(mid, qos)
-        self._evaluate_alerts()
-        return len(batch)
+
+    def _hold(self, items: list, why: str) -> None:
+        """Put unstored messages back at the front of the queue, unacknowledged, and back off."""
+        self._queue.extendleft(reversed(items))
+        self._store_backoff = min(max(2 * self._store_backoff, 0.5), STORE_BACKOFF_MAX)
+        self._store_retry_at = time.monotonic() + self._store_backoff
+        log.warning("%s; retrying in %.1f s", why, self._store_backoff)
 
     def _evaluate_alerts(self) -> None:
         """Run the alert rules on the devices that sent something since the last run (at most every

@@ -70,12 +70,12 @@ class Ingestor:
                 if kind == "summary":  # reduced at once: the parsed document dies young
                     record = SummaryRecord.of(doc, message.payload.decode(), self.estimates.facts(doc))
             except ProtocolError as exc:
-                self._reject(exc.reason, _device_of(message.topic), str(exc), message.received_at)
+                self._reject(exc.reason, device_of(message.topic), str(exc), message.received_at)
                 outcome[f"rejected_{exc.reason}"] += 1
                 continue
             except Exception as exc:  # a collector must outlive any payload; this is a bug, so log it loudly
                 log.exception("unexpected error on %s", message.topic)
-                self._reject("internal", _device_of(message.topic), repr(exc), message.received_at)
+                self._reject("internal", device_of(message.topic), repr(exc), message.received_at)
                 outcome["rejected_internal"] += 1
                 continue
             if kind in ("summary", "state"):
@@ -108,7 +108,7 @@ class Ingestor:
         except Exception as exc:  # StoreDataError, or a bug in the report's handler: this message alone
             if not isinstance(exc, StoreDataError):
                 log.exception("unexpected error storing %s", message.topic)
-            self._reject("internal", _device_of(message.topic), repr(exc), message.received_at)
+            self._reject("internal", device_of(message.topic), repr(exc), message.received_at)
             outcome["rejected_internal"] += 1
             return
         outcome[{"state": "states", "reported": "reports", "baseline": "baselines"}[kind]] += 1
@@ -169,6 +169,7 @@ class Ingestor:
             log.warning("rejected a payload from %s (%s): %s", device or "?", reason, why[:200])
 
 
-def _device_of(topic: str) -> str:
+def device_of(topic: str) -> str:
+    """The device an uplink topic names ("" for a topic that is not edgekit's): for logs and reject counts."""
     parts = topic.split("/")
     return parts[3][:64] if len(parts) >= 5 and parts[0] == "edgekit" else ""
