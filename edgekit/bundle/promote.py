@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from device_agent.outputs import CLASSIFICATION
+from edgekit import tomlfile
 from edgekit.build.convert import ConvertOutcome, QuantizeOptions, convert_model
 from edgekit.bundle.calibration import LabelledRows
 from edgekit.bundle.champion import (
@@ -245,28 +246,8 @@ def _champion_preprocessing(peek: Any, champion: Champion, work: Path) -> str | 
     preprocess = champion.model.input.preprocess
     if peek.input.tensor is None or peek.input.preprocess is not None or not preprocess:
         return None
-    path = work / "preprocess.toml"
-    path.write_text(_toml(preprocess), encoding="utf-8")
-    return str(path)
-
-
-def _toml(doc: dict[str, Any]) -> str:
-    """A one-table TOML document of the resolved settings ``Preprocess.to_dict`` wrote (numbers, strings,
-    flags, lists); a setting left unset (None) is left out, which TOML cannot say otherwise."""
-
-    def value(v: Any) -> str:
-        if isinstance(v, bool):
-            return "true" if v else "false"
-        if isinstance(v, (int, float)):
-            return repr(v)
-        if isinstance(v, str):
-            return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
-        if isinstance(v, (list, tuple)):
-            return "[" + ", ".join(value(x) for x in v) + "]"
-        return "{" + ", ".join(f"{k} = {value(x)}" for k, x in v.items() if x is not None) + "}"
-
-    (kind, settings), *_ = doc.items()
-    return "\n".join([f"[{kind}]", *(f"{k} = {value(v)}" for k, v in settings.items() if v is not None)]) + "\n"
+    # Settings left unset (None) are left out, which TOML cannot say otherwise.
+    return str(tomlfile.write(work / "preprocess.toml", preprocess))
 
 
 # -- the judgement -----------------------------------------------------------------------------------------

@@ -11,12 +11,13 @@ Nothing here re-implements a step: this module writes the configuration, reads t
 
 from __future__ import annotations
 
-import json
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from edgekit import tomlfile
 
 Say = Callable[[str], None]
 
@@ -26,40 +27,32 @@ def write_alerts(workdir: Path, *, champion: Path, gate: Path, train: Path, key:
     partly from before the change, and the new baseline is the others) and ``[sinks.retrain]``: the
     example command, promote against digits v2 on the held-out digits plus the field holdout, the new
     baseline from the field, and a rollout with shadow to the alert's device only (the others do not drift)."""
-    command = [sys.executable, "-m", "edgekit.local.retrain_example"]
-    text = f"""# written by edgekit demo: its alert rules and the retrain sink (docs/retrain.md)
-[rules]
-drift_windows = 3
-offline_seconds = 3600
-accuracy_min_labels = 100  # of ~150 a window: fewer make a 6-point dip noise
-
-[sinks]
-log = false
-
-[sinks.retrain]
-rules = ["drift"]
-models = ["digits"]
-command = {json.dumps(command)}
-champion = {json.dumps(str(champion.resolve()))}
-data = [{json.dumps(str(gate.resolve()))}]
-trained_on = [{json.dumps(str(train.resolve()))}]
-baseline = "field"
-max_regression = 0.02
-quantize = "none"
-key = {json.dumps(str(key.resolve()))}
-samples_timeout = "60s"
-timeout = "5m"
-cooldown = "1h"
-workdir = "retrain"
-
-[sinks.retrain.rollout]
-devices = "{{device}}"
-shadow_rows = 100
-health_seconds = 3
-"""
-    path = workdir / "alerts.toml"
-    path.write_text(text)
-    return path
+    retrain = {
+        "rules": ["drift"],
+        "models": ["digits"],
+        "command": [sys.executable, "-m", "edgekit.local.retrain_example"],
+        "champion": str(champion.resolve()),
+        "data": [str(gate.resolve())],
+        "trained_on": [str(train.resolve())],
+        "baseline": "field",
+        "max_regression": 0.02,
+        "quantize": "none",
+        "key": str(key.resolve()),
+        "samples_timeout": "60s",
+        "timeout": "5m",
+        "cooldown": "1h",
+        "workdir": "retrain",
+        "rollout": {"devices": "{device}", "shadow_rows": 100, "health_seconds": 3},
+    }
+    doc = {
+        "rules": {"drift_windows": 3, "offline_seconds": 3600, "accuracy_min_labels": 100},
+        "sinks": {"log": False, "retrain": retrain},
+    }
+    comment = (
+        "written by edgekit demo: its alert rules and the retrain sink (docs/retrain.md)\n"
+        "accuracy_min_labels = 100 of ~150 labels a window: fewer make a 6-point dip noise"
+    )
+    return tomlfile.write(workdir / "alerts.toml", doc, comment=comment)
 
 
 @dataclass

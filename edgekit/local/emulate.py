@@ -18,11 +18,13 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from device_agent.bundle import read_bundle
 from device_agent.errors import InstallError
 from device_agent.signing import load_public_key
 from device_agent.state import StateDir
+from edgekit import tomlfile
 from edgekit.errors import EdgekitError
 from edgekit.local.flash import device_token_for
 from edgekit.processes import stop_processes
@@ -95,7 +97,7 @@ def prepare_devices(
 ) -> list[Path]:
     """Write each device's directory (``<prefix>-00``, …: agent.toml, trusted key, bundle); return the configs.
     Each device's token: the collector's device token (``device_token``, else ``EDGEKIT_DEVICE_TOKEN``), else
-    its API token (``collector_token``, else ``EDGEKIT_COLLECTOR_TOKEN``): see ``_update_lines``. ``feedback``:
+    its API token (``collector_token``, else ``EDGEKIT_COLLECTOR_TOKEN``): see ``_update_table``. ``feedback``:
     the share of rows whose true label (the data file's ``y``) each device sends back as a delayed label; ``capture``:
     the devices' ``[capture]`` table (field samples kept for ``fleet samples`` and the retrain sink)."""
     token, _ = device_token_for(device_token, collector_token)
@@ -110,7 +112,7 @@ def prepare_devices(
         directory = root / device_id
         _install(directory, pubkey, bundle, key, opened.version)
         drifting = drift if drift and index in drift.devices else None
-        lines = _agent_toml(
+        doc = _agent_toml(
             device_id,
             index,
             fleet=fleet,
@@ -124,11 +126,9 @@ def prepare_devices(
             feature=feature,
             feedback=feedback,
         )
-        lines += _capture_lines(capture)
-        lines += _update_lines(directory, token, collector_url)
-        config = directory / "agent.toml"
-        config.write_text("\n".join(lines) + "\n")
-        configs.append(config)
+        doc["capture"] = dict(capture) if capture else None  # as given ({"enabled": True, "rate": 0.5})
+        doc["update"] = _update_table(directory, token, collector_url)
+        configs.append(tomlfile.write(directory / "agent.toml", doc, comment="written by edgekit emulate"))
     return configs
 
 
@@ -156,27 +156,17 @@ def _check_arguments(broker: str | None, drift: DriftSpec | None, devices: int) 
         )
 
 
-def _capture_lines(capture: dict[str, float | int | bool] | None) -> list[str]:
-    """``[capture]`` as given (``{"enabled": True, "rate": 0.5}``); nothing when None."""
-    if not capture:
-        return []
-    return ["[capture]"] + [
-        f"{key} = {str(value).lower() if isinstance(value, bool) else value}" for key, value in capture.items()
-    ]
-
-
-def _update_lines(directory: Path, token: str | None, collector_url: str | None) -> list[str]:
+def _update_table(directory: Path, token: str | None, collector_url: str | None) -> dict[str, str] | None:
     """The device's token, which the collector wants on bundle downloads when it has one: ``collector.token``
     (0600) and ``[update] token_file``, with ``collector_url`` as ``[update] collector`` when given (else
-    the agent sends the token only to the broker's host). Nothing without a token."""
+    the agent sends the token only to the broker's host). None (no table) without a token."""
     if not token:
-        return []
+        return None
     secret = directory / "collector.token"
     secret.touch(mode=0o600)
     secret.chmod(0o600)  # before the token is in it (touch keeps an existing file's mode)
     secret.write_text(token + "\n")
-    lines = ["[update]", 'token_file = "collector.token"']
-    return lines + ([f'collector = "{collector_url}"'] if collector_url else [])
+    return {"token_file": "collector.token", "collector": collector_url}
 
 
 def _agent_toml(
@@ -193,33 +183,27 @@ def _agent_toml(
     drift: DriftSpec | None,
     feature: str | None,
     feedback: float = 0.0,
-) -> list[str]:
-    """The lines of one emulated device's agent.toml (relative paths: the file sits in the device's directory)."""
-    lines = [
-        f'device_id = "{device_id}"',
-        f'fleet = "{fleet}"',
-        'state_dir = "state"',
-        "[trust]",
-        'public_key = "trusted.pub"',
-        "[monitor]",
-        f"window_rows = {window_rows}",
-        f"window_seconds = {window_seconds}",
-        "[server]",
-        f'listen = "127.0.0.1:{http_port_base + index}"' if http_port_base else 'listen = "127.0.0.1:0"',
-    ]
-    if broker:
-        lines += ["[mqtt]", f'url = "{broker}"']
-    lines += [
-        "[emulate]",
-        f'data = "{Path(data).resolve()}"',
-        f"rows_per_second = {rows_per_second}",
-        f"seed = {index}",
-    ]
-    if feedback:
-        lines.append(f"feedback = {feedback}")
+) -> dict[str, Any]:
+    """One emulated device's agent.toml as a document (relative paths: the file sits in the device's directory;
+    None: a key or table left out)."""
+    emulate: dict[str, Any] = {
+        "data": str(Path(data).resolve()),
+        "rows_per_second": rows_per_second,
+        "seed": index,
+        "feedback": feedback or None,
+    }
     if drift:
-        lines += [f'drift_feature = "{feature}"', f"drift_shift = {drift.shift}", f"drift_after = {drift.after}"]
-    return lines
+        emulate |= {"drift_feature": feature, "drift_shift": drift.shift, "drift_after": drift.after}
+    return {
+        "device_id": device_id,
+        "fleet": fleet,
+        "state_dir": "state",
+        "trust": {"public_key": "trusted.pub"},
+        "monitor": {"window_rows": window_rows, "window_seconds": window_seconds},
+        "server": {"listen": f"127.0.0.1:{http_port_base + index if http_port_base else 0}"},
+        "mqtt": {"url": broker} if broker else None,
+        "emulate": emulate,
+    }
 
 
 def _drift_feature(drift: DriftSpec | None, schema) -> str | None:

@@ -39,6 +39,7 @@ from urllib.parse import urlparse
 from device_agent.bundle import read_bundle
 from device_agent.protocol import Topics
 from device_agent.signing import load_public_key
+from edgekit import tomlfile
 from edgekit.errors import FlashError
 
 UNIT = """[Unit]
@@ -159,33 +160,23 @@ class Flasher:
         plan = self.plan
         files = {"etc/trusted.pub": plan.pubkey, "bundle.edgebundle": plan.bundle}
         password = self._password()
-        mqtt = [f'url = "{plan.broker}"']
+        mqtt = {"url": plan.broker}
         if password is not None:
             (staging / "mqtt.password").write_text(password + "\n")
             files["etc/mqtt.password"] = staging / "mqtt.password"
-            mqtt += [f'username = "{plan.device_id}"', f'password_file = "{root}/etc/mqtt.password"']
-        update = self._collector_token(staging, files, root)
-        config = (
-            "\n".join(
-                [
-                    f'device_id = "{plan.device_id}"',
-                    f'fleet = "{plan.fleet}"',
-                    f'state_dir = "{root}/state"',
-                    "[trust]",
-                    f'public_key = "{root}/etc/trusted.pub"',
-                    "[mqtt]",
-                    *mqtt,
-                    "[server]",
-                    f'listen = "{plan.listen}"',
-                    "[monitor]",
-                    f"window_rows = {plan.window_rows}",
-                    f"window_seconds = {plan.window_seconds}",
-                    *update,
-                ]
-            )
-            + "\n"
-        )
-        (staging / "agent.toml").write_text(config)
+            mqtt |= {"username": plan.device_id, "password_file": f"{root}/etc/mqtt.password"}
+        doc = {
+            "device_id": plan.device_id,
+            "fleet": plan.fleet,
+            "state_dir": f"{root}/state",
+            "trust": {"public_key": f"{root}/etc/trusted.pub"},
+            "mqtt": mqtt,
+            "server": {"listen": plan.listen},
+            "monitor": {"window_rows": plan.window_rows, "window_seconds": plan.window_seconds},
+            "update": self._collector_token(staging, files, root),
+        }
+        config = tomlfile.dumps(doc, comment="written by edgekit flash")
+        (staging / "agent.toml").write_text(config, encoding="utf-8")
         files["etc/agent.toml"] = staging / "agent.toml"
         if self.dry_run:
             self.say("[dry-run] agent.toml:\n    " + config.strip().replace("\n", "\n    "))
@@ -201,13 +192,13 @@ class Flasher:
             files[f"wheels/{wheel.name}"] = wheel
         return files
 
-    def _collector_token(self, staging: Path, files: dict[str, Path], root: str) -> list[str]:
-        """The ``[update]`` lines, and ``etc/collector.token`` staged, when the collector has a token: it wants
+    def _collector_token(self, staging: Path, files: dict[str, Path], root: str) -> dict[str, str | None] | None:
+        """The ``[update]`` table, and ``etc/collector.token`` staged, when the collector has a token: it wants
         one on bundle downloads, so a device flashed without it could never be updated over the air."""
         plan = self.plan
         token, is_device_token = device_token_for(plan.device_token, plan.collector_token)
         if not token:
-            return []
+            return None
         if not is_device_token:
             self.say(
                 "the device gets the collector's API token, which also starts rollouts: give the collector "
@@ -215,8 +206,7 @@ class Flasher:
             )
         (staging / "collector.token").write_text(token + "\n")
         files["etc/collector.token"] = staging / "collector.token"
-        lines = ["[update]", f'token_file = "{root}/etc/collector.token"']
-        return lines + ([f'collector = "{plan.collector_url}"'] if plan.collector_url else [])
+        return {"token_file": f"{root}/etc/collector.token", "collector": plan.collector_url}
 
     def _password(self) -> str | None:
         if self.plan.credentials is None:

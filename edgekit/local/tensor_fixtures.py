@@ -35,6 +35,7 @@ import numpy as np
 
 from device_agent.preprocess import Preprocess
 from device_agent.tensors import TensorSpec
+from edgekit import tomlfile
 from edgekit.errors import require
 from edgekit.local import mobilenet96
 from edgekit.local import numpy_cnn as nn
@@ -116,21 +117,8 @@ def _write_labels(path: Path, labels: tuple[str, ...]) -> str:
     return str(path)
 
 
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, str):
-        return f'"{value}"'
-    if isinstance(value, list):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    return repr(value)
-
-
 def _write_toml(path: Path, table: str, values: dict[str, Any], comment: str) -> str:
-    lines = [f"# {line}".rstrip() for line in comment.splitlines()]
-    lines += [f"[{table}]", *(f"{key} = {_toml_value(value)}" for key, value in values.items())]
-    path.write_text("\n".join(lines) + "\n")
-    return str(path)
+    return str(tomlfile.write(path, {table: values}, comment=comment))
 
 
 def _fit(net: nn.Sequential, split: tuple[np.ndarray, ...], config: nn.TrainConfig, model_path: Path) -> dict:
