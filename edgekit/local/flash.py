@@ -49,7 +49,7 @@ Wants=network-online.target
 
 [Service]
 User={user}
-ExecStart={root}/venv/bin/edge-agent run --config {root}/etc/agent.toml
+ExecStart={agent} run --config {config}
 # one BLAS thread: the log-mel filterbank's matmul with a thread per core fought the runtime's thread
 Environment=OPENBLAS_NUM_THREADS=1
 Restart=on-failure
@@ -180,7 +180,12 @@ class Flasher:
         files["etc/agent.toml"] = staging / "agent.toml"
         if self.dry_run:
             self.say("[dry-run] agent.toml:\n    " + config.strip().replace("\n", "\n    "))
-        (staging / "edgekit-agent.service").write_text(UNIT.format(user="edgekit", root=root))
+        unit = UNIT.format(
+            user="edgekit",
+            agent=systemd_word(f"{root}/venv/bin/edge-agent"),
+            config=systemd_word(f"{root}/etc/agent.toml"),
+        )
+        (staging / "edgekit-agent.service").write_text(unit, encoding="utf-8")
         files["etc/edgekit-agent.service"] = staging / "edgekit-agent.service"
         wheels = staging / "wheels"
         wheels.mkdir()
@@ -455,3 +460,9 @@ def _extras_for(bundle) -> str:
     extras = ["agent"] + (["tflite"] if bundle.model_format == "tflite" else [])
     preprocess = bundle.manifest.get("input", {}).get("preprocess") or {}
     return ",".join(extras + (["vision"] if "image" in preprocess else []))
+
+
+def systemd_word(text: str) -> str:
+    """``text`` as one argument of a systemd ``ExecStart=`` line: quoted (an install root may hold a space),
+    with the backslash and the quote escaped and ``%`` doubled (systemd reads ``%h``, ``%n``... as specifiers)."""
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("%", "%%") + '"'
