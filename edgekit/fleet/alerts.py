@@ -81,7 +81,7 @@ def load_alert_config(path: str | Path | None) -> tuple[AlertRules, AlertSinks]:
     if path is None:
         return AlertRules(), AlertSinks()
     try:
-        doc = tomllib.loads(Path(path).read_text())
+        doc = tomllib.loads(Path(path).read_text(encoding="utf-8"))
     except OSError as exc:
         raise EdgekitError(f"cannot read the alerts file ({exc.strerror})", "check --alerts", path=path) from exc
     except tomllib.TOMLDecodeError as exc:
