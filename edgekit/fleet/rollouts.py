@@ -14,6 +14,7 @@ message goes out, so a new leader carries a rollout on from the store without se
   desired state and updates when it returns; its report still lands. A device marked sent that has not
   answered is sent the same message again (``resend_seconds``): delivery is at least once. Each rollout
   steps apart from the others: one that raises says so in its reason and, if it goes on failing, ends failed.
+  Pauses, aborts and reports wait for a running tick, which acts on the states it loaded.
 - Abort rules: ``failed>20%`` (share of sent devices that failed or rolled back), ``agreement<0.98``
   (row-weighted mean shadow agreement), ``p99_ms>50`` (median candidate p99 in shadow),
   ``drift>30%`` (share of moved devices whose latest window on the new version drifted). An abort
@@ -262,7 +263,8 @@ class RolloutController:
         return self.status(rollout_id)
 
     def _transition(self, rollout_id: str, allowed: dict[str, str], reason: str) -> dict[str, Any]:
-        was = self.store.transition_rollout(rollout_id, allowed, reason, self.clock(), terminal=TERMINAL)
+        with self._lock:  # a tick that loaded the rollout as running must not send on after a pause's answer
+            was = self.store.transition_rollout(rollout_id, allowed, reason, self.clock(), terminal=TERMINAL)
         if was is None:
             raise RolloutNotFound(f"no rollout {rollout_id!r}", "list them with 'edgekit rollout status'")
         if was not in allowed:
@@ -277,7 +279,8 @@ class RolloutController:
         if doc.get("action") == "revert" and not counts(doc, self.store.rollout(str(doc.get("rollout")))):
             return
         facts = {k: doc[k] for k in ("shadow", "download", "health", "selftest") if isinstance(doc.get(k), dict)}
-        self.store.record_rollout_report(doc, facts, now)
+        with self._lock:  # not inside a tick: its device-timeout mark, made on states loaded before, would replace it
+            self.store.record_rollout_report(doc, facts, now)
 
     # -- the loop ------------------------------------------------------------------------------------
     def tick(self) -> None:
@@ -560,17 +563,8 @@ class RolloutController:
         return [self.status(i) for i in self.store.rollout_ids(limit)]
 
     # -- small helpers -------------------------------------------------------------------------------
-    def _set_device(
-        self,
-        rollout_id: str,
-        device: str,
-        state: str,
-        reason: str,
-        *,
-        code: str | None = None,
-        sent_at: float | None = None,
-    ) -> None:
-        self.store.set_rollout_device(rollout_id, device, state, reason, self.clock(), code=code, sent_at=sent_at)
+    def _set_device(self, rollout_id: str, device: str, state: str, reason: str, **marks: Any) -> None:
+        self.store.set_rollout_device(rollout_id, device, state, reason, self.clock(), **marks)  # code=, sent_at=
 
     def _update(self, rollout_id: str, **columns: Any) -> None:
         self.store.update_rollout(rollout_id, self.clock(), **columns)
