@@ -18,19 +18,21 @@ reports on reverts they refused, or were never sent, out of the rollout's record
 from __future__ import annotations
 
 import base64
+import json
 import logging
 import re
 import time
 import uuid
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from device_agent.bundle import read_bundle
+from device_agent.bundle import SIGNATURE, read_bundle
 from device_agent.canonical import canonical_json, sha256_hex
 from device_agent.errors import BundleError
 from device_agent.protocol import REVERT_SCHEMA, revert_instruction, rollback_instruction
-from device_agent.signing import verify_signature
+from device_agent.signing import key_id, verify_signature
 from edgekit.errors import RolloutConflict, RolloutError
 
 log = logging.getLogger("edgekit.fleet.rollouts")
@@ -63,14 +65,7 @@ def sign_revert(
     """``{"instruction", "signature"}``: what ``rollout start --key`` sends with the request, so that an abort
     can send the devices that moved back. The bundle is verified against ``key``'s public half first: a key
     that did not sign it would make every device refuse the revert (and the bundle) later."""
-    try:
-        bundle = read_bundle(bundle_path, key.public_key())
-    except BundleError as exc:
-        raise RolloutError(
-            f"--key cannot sign this rollout's revert: {exc.problem}",
-            "pass the fleet's signing key, the one the bundle was packaged with",
-            path=bundle_path,
-        ) from exc
+    bundle = _bundle_signed_by(bundle_path, key.public_key())
     instruction = revert_instruction(
         rollout=rollout_id or new_rollout_id(),
         fleet=fleet,
@@ -80,6 +75,43 @@ def sign_revert(
         issued_at=time.time() if issued_at is None else issued_at,
     )
     return {"instruction": instruction, "signature": _sign(instruction, key)}
+
+
+def _bundle_signed_by(bundle_path: str | Path, public_key: Any) -> Any:
+    """The bundle, verified against ``public_key``; the error names the culprit. Only a signature by another
+    key is the key's fault: a truncated, corrupted or unsigned bundle is the bundle's, and blaming the key
+    would send the operator hunting for another key that cannot help."""
+    damaged = "re-package it with 'edgekit package', or download it again"
+    if not Path(bundle_path).is_file():
+        raise RolloutError("no such bundle file", "check the path", path=bundle_path)
+    try:
+        read_bundle(bundle_path)  # the archive and every member's hash, before any signature
+        signer = _signer_of(bundle_path)
+    except BundleError as exc:
+        raise RolloutError(f"the bundle is damaged: {exc.problem}", damaged, path=bundle_path) from exc
+    if signer is not None and signer != key_id(public_key):
+        raise RolloutError(
+            f"--key ({key_id(public_key)}) cannot sign this rollout's revert: the bundle was signed by key {signer}",
+            "pass the fleet's signing key, the one the bundle was packaged with",
+            path=bundle_path,
+        )
+    try:
+        return read_bundle(bundle_path, public_key)
+    except BundleError as exc:  # unsigned, or a signature that is malformed or does not match the manifest
+        raise RolloutError(
+            f"the bundle's signature is unusable: {exc.problem}", exc.fix or damaged, path=bundle_path
+        ) from exc
+
+
+def _signer_of(bundle_path: str | Path) -> str | None:
+    """The key id the bundle's signature names; None when it has no readable one (the full check says why)."""
+    try:
+        with zipfile.ZipFile(bundle_path) as archive:
+            with archive.open(SIGNATURE) as member:
+                doc = json.loads(member.read(4096))
+    except (KeyError, ValueError, OSError, zipfile.BadZipFile):
+        return None
+    return doc.get("key_id") if isinstance(doc, dict) and isinstance(doc.get("key_id"), str) else None
 
 
 def check_signed_revert(
