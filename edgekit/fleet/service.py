@@ -12,6 +12,7 @@ ingests, and one, the holder of the database's lease (``leader.py``), runs the d
 
 from __future__ import annotations
 
+import socket
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ from device_agent.signing import load_public_key
 from edgekit.errors import EdgekitError
 from edgekit.fleet.alerts import AlertEngine, AlertRules, AlertSinks
 from edgekit.fleet.collector import FULL_ALERT_PASS_SECONDS, GAP_CHECK_SECONDS, ROLLOUT_TICK, Collector
-from edgekit.fleet.config import CollectorConfig
+from edgekit.fleet.config import CollectorConfig, parse_broker_url
 from edgekit.fleet.leader import Duty, Leadership
 from edgekit.fleet.retention import DUTY_SECONDS as RETENTION_DUTY_SECONDS
 from edgekit.fleet.retention import Retention
@@ -37,7 +38,9 @@ class FleetService:
         alert_sinks: AlertSinks | None = None,
         store: SqlStore | None = None,
     ) -> None:
-        """Alerts run when ``alert_rules`` are given (``load_alert_config`` reads them from alerts.toml)."""
+        """Alerts run when ``alert_rules`` are given (``load_alert_config`` reads them from alerts.toml).
+        Settings that cannot work fail first (``check_can_start``), before a database file is made."""
+        check_can_start(config)
         self.config = config
         self.store = store or open_store(config.db)
         self.alerts = AlertEngine(self.store, alert_rules, alert_sinks or AlertSinks()) if alert_rules else None
@@ -85,14 +88,9 @@ class FleetService:
         return duties
 
     def start(self) -> FleetService:
-        self.collector.start()
-        if self.retrainer is not None:
-            self.retrainer.start()
-        self.leader.start(self.leader_duties())
-        if self.config.workers > 1:
-            from edgekit.fleet.workers import IngestWorkers
-
-            self.workers = IngestWorkers(self.config).start()
+        """The HTTP port first: a collector that cannot have it must not reach the broker at all. Connecting
+        with the same client id as a running collector closes that one's connection (MQTT's session takeover),
+        so a second ``fleet collect`` started by mistake would cut the first off on its way to failing."""
         if self.config.http:
             from edgekit.fleet.web import COLLECTOR_LIMITS, serve
 
@@ -103,6 +101,19 @@ class FleetService:
                 tls_cert=self.config.tls_cert,
                 tls_key=self.config.tls_key,
             )
+        try:
+            self.collector.start()
+        except BaseException:
+            if self.server is not None:
+                self.server.shutdown()
+            raise
+        if self.retrainer is not None:
+            self.retrainer.start()
+        self.leader.start(self.leader_duties())
+        if self.config.workers > 1:
+            from edgekit.fleet.workers import IngestWorkers
+
+            self.workers = IngestWorkers(self.config).start()
         return self
 
     def stop(self) -> None:
@@ -139,6 +150,36 @@ class FleetService:
             )
         host, port = self.server.server_address[:2]
         return f"{self.server.scheme}://{'127.0.0.1' if host in ('0.0.0.0', '') else host}:{port}"
+
+
+def check_can_start(config: CollectorConfig) -> None:
+    """Refuse, with one clear error, what would fail only after the database was made or the broker reached:
+    a broker URL that is not mqtt(s)://, an HTTP address that is malformed or taken (another collector on it).
+    The port is tried and let go here, then bound for good by ``start``; one taken in between still fails
+    there, before the broker is reached."""
+    parse_broker_url(config.broker)
+    if not config.http:
+        return
+    host, _, port_text = config.http.rpartition(":")
+    host = (host or "127.0.0.1").strip("[]")
+    try:
+        port = int(port_text)
+        if not 0 <= port <= 65535:
+            raise ValueError(f"port {port} is out of range")
+    except ValueError as exc:
+        raise EdgekitError(f"cannot serve HTTP on {config.http} ({exc})", "pass --http host:port") from None
+    if port == 0:  # any free port: nothing to collide with
+        return
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server binds: TIME_WAIT is no clash
+            probe.bind(address)
+    except OSError as exc:
+        raise EdgekitError(
+            f"cannot serve HTTP on {config.http} ({exc.strerror or exc})",
+            "is another 'edgekit fleet collect' running there? Stop it, or pass another --http host:port",
+        ) from None
 
 
 def _bundle_dir(config: CollectorConfig) -> Path:
