@@ -14,6 +14,7 @@ import math
 import os
 import threading
 import time
+import weakref
 from collections import deque
 from typing import Any
 
@@ -73,9 +74,19 @@ class Agent:
         # answered requests on their way to the prediction log, handed over in runs (``_drain_log``)
         self._to_log: deque = deque()
         self._drain_lock = threading.Lock()
+        self._reported = (0, 0)  # the unmonitored and sampled-out totals ``status`` said last (``_never_lower``)
+        self._reported_lock = threading.Lock()
 
     # -- lifecycle ---------------------------------------------------------------------------------
     def start(self, *, http: bool = True, mqtt: bool = True) -> Agent:
+        self._claim = self.state.hold()  # before anything is read or written: one agent per state dir
+        try:
+            return self._start(http=http, mqtt=mqtt)
+        except BaseException:
+            self.state.release(self._claim)
+            raise
+
+    def _start(self, *, http: bool, mqtt: bool) -> Agent:
         map_large_allocations()
         self.public_key = load_public_key(self.config.public_key)
         recovered = self.state.recover()
@@ -241,6 +252,8 @@ class Agent:
             self.reporter.stop()
         if self.runtime is not None:
             self.runtime.close()
+        self.state.release(getattr(self, "_claim", None))
+        self._claim = None
 
     def __enter__(self) -> Agent:
         # ``with Agent(config).start() as agent`` is common: starting twice would run two background threads.
@@ -260,15 +273,24 @@ class Agent:
         binding with names, options and error translation resolved at load, 6.4 µs of which onnxruntime's
         own 5.9), the outputs read (0.9 µs), the NaN check of the scores (0.8 µs), the id block (a lock,
         0.2 µs), the hand-off to the monitor (0.8 µs) and to the prediction log (an append) and the result
-        (0.3 µs together). The sketch, the log and the window are the background thread's: per one-row
-        request about 1-2 µs and 0.5-0.8 µs of its time (``scripts/bench_agent.py`` counts them in).
+        (0.3 µs together), and since measured the request's mark on its model for a hot swap (a deque append
+        and pop, and a call: 0.05 µs with ``timeit``). The sketch, the log and the window are the background
+        thread's: per one-row request about 1-2 µs and 0.5-0.8 µs of its time (``scripts/bench_agent.py``).
 
         At batch 1,000 (64 features; a loaded 2-core host, each part timed right after the model ran, where
         ``session.run`` took 240-350 µs) the parts cost 15-20 µs together, 5-7 %: the schema check 5-9 µs
         (the ``x . x`` over 64,000 values), the outputs read 2-5, the NaN check of the scores 2.5-4, the id
         block 0.6-1, the monitor hand-off 2-3 (the CPU budget's sample is taken on the background thread),
-        the log hand-off and the result 1. The background thread's share is bounded by the CPU budget."""
+        the log hand-off and the result 1. The background thread's share is bounded by the CPU budget. ``rows``
+        is read on other threads after this returns, not copied (90 µs of page faults at 1,000): never refill it."""
         serving = self._serving  # one read: a swap mid-request cannot mix two models
+        serving.running.append(None)  # its monitor's last window waits for this request (``_close_retired``)
+        try:
+            return self._predict(serving, rows)
+        finally:
+            serving.running.pop()
+
+    def _predict(self, serving: Serving, rows: Any) -> PredictResult:
         try:
             X = serving.schema.check(rows, source="request")
         except InputError:
@@ -297,7 +319,7 @@ class Agent:
             self._counter += n
         serving.monitor.record(X, prediction, elapsed_ms / n, first)
         primary = prediction.primary
-        self._to_log.append((first, X, primary))
+        self._to_log.append((first, X, primary, serving))
         self.capture.offer(serving, first, X, primary)
         for tap in self.taps:
             tap(serving, X, prediction, elapsed_ms, None)
@@ -317,9 +339,21 @@ class Agent:
         self._check_label(label)
         self._drain_log()  # an id answered a moment ago is in the log before it is looked up
         status, logged = self.log.label(boot, self.boot, int(n), label)
-        if status == "accepted":
-            self.monitor.record_feedback(str(logged) == str(label))
+        serving = self._answered_by(int(n)) if status == "accepted" else None
+        if serving is not None:
+            serving.monitor.record_feedback(str(logged) == str(label))
         return status
+
+    def _answered_by(self, n: int) -> Serving | None:
+        """The model that answered prediction ``n`` while its windows are open, else None: in the new model's
+        windows its label would pass for the new model's accuracy (and an A/B split compare the old with itself)."""
+        answered_by = self.log.answered_by(n)
+        if answered_by is None:  # not said (a log filled by other means): the model serving now
+            return self._serving
+        serving = answered_by()
+        if serving is self._serving or any(serving is retired for _, retired in list(self._retired)):
+            return serving
+        return None
 
     def _check_label(self, label: Any) -> None:
         if self.spec.task == "classification":
@@ -340,16 +374,17 @@ class Agent:
 
         The log's own cost is per batch (a slice copy into its ring, the sampled rows' JSON, a transaction),
         so a thousand one-row requests cost it what one thousand-row request does. Requests join while their
-        ids follow on and their rows and answers have the same shape and type (a hot swap can change both):
-        per one-row request that check is most of what the log costs, so it is one tuple comparison."""
+        ids follow on, one model answered them, and their rows and answers have the same shape and type (a hot
+        swap can change both): per one-row request that check is most of what the log costs, so it is one tuple
+        comparison."""
         with self._drain_lock:
             queue = self._to_log
             items = [queue.popleft() for _ in range(len(queue))]  # appended meanwhile: the next drain's
-            run: list[tuple[int, np.ndarray, np.ndarray]] = []
+            run: list[tuple[int, np.ndarray, np.ndarray, Serving]] = []
             expected, kind = None, None
             for item in items:
-                first, rows, answers = item
-                item_kind = (rows.dtype, rows.shape[1:], answers.dtype, answers.shape[1:])
+                first, rows, answers, serving = item
+                item_kind = (rows.dtype, rows.shape[1:], answers.dtype, answers.shape[1:], id(serving))
                 if run and (first != expected or item_kind != kind):
                     self._log_run(run)
                     run = []
@@ -358,12 +393,14 @@ class Agent:
             if run:
                 self._log_run(run)
 
-    def _log_run(self, run: list[tuple[int, np.ndarray, np.ndarray]]) -> None:
+    def _log_run(self, run: list[tuple[int, np.ndarray, np.ndarray, Serving]]) -> None:
+        answered_by = weakref.ref(run[0][3])  # not the model: the log's ring would keep swapped-out models alive
         if len(run) == 1:
-            self.log.add(self.boot, *run[0])
+            self.log.add(self.boot, *run[0][:3], answered_by)
             return
-        answers = np.concatenate([a for _, _, a in run])
-        self.log.add(self.boot, run[0][0], [r for _, r, _ in run], answers)  # rows not copied: a few are read
+        answers = np.concatenate([a for _, _, a, _ in run])
+        rows = [r for _, r, _, _ in run]  # not copied: a few are read
+        self.log.add(self.boot, run[0][0], rows, answers, answered_by)
 
     # -- background ----------------------------------------------------------------------------------
     def _background(self) -> None:
@@ -394,9 +431,15 @@ class Agent:
                 log.exception("background processing failed")
 
     def _close_retired(self, grace: float = 1.0) -> None:
+        """Close the last window of each model swapped out ``grace`` seconds ago once no request answers on it
+        (a slower one's rows would be in no window); one swapped back in (a failed health watch) goes on."""
         while self._retired and time.monotonic() - self._retired[0][0] >= grace:
-            _, retired = self._retired.pop(0)
-            retired.monitor.flush()
+            retired = self._retired[0][1]
+            if retired is not self._serving and retired.running:
+                return  # a later pass closes it
+            self._retired.pop(0)
+            if retired is not self._serving:
+                retired.monitor.flush()
 
     def _on_window(self, window: ClosedWindow, serving: Serving) -> None:
         seq = self.spool.next_seq()
@@ -406,6 +449,7 @@ class Agent:
             fleet=self.config.fleet,
             model=serving.model_info,
             seq=seq,
+            seq_base=self.spool.seq_base(),
         )
         summary["unmonitored_rows"] = window.unmonitored
         self.capture.window_closed(seq, window, serving, summary)
@@ -455,6 +499,11 @@ class Agent:
 
     def status(self) -> dict[str, Any]:
         update = self.updater.last_report if self.updater is not None else None
+        window = self.monitor.current()
+        unmonitored, sampled_out = self._never_lower(
+            self.stats["unmonitored_rows"] + window["unmonitored_rows"],
+            self.stats["sampled_out_rows"] + window["sampled_out_rows"],
+        )
         return {
             "name": self.model_info["name"],
             "version": self.model_info["version"],
@@ -463,13 +512,23 @@ class Agent:
             "update": None if update is None else {k: update.get(k) for k in ("rollout", "version", "state", "reason")},
             "device": self.config.device_id,
             "fleet": self.config.fleet,
-            "window": self.monitor.current(),
+            "window": window,
             "spool_depth": self.spool.depth(),
-            "unmonitored_rows": self.stats["unmonitored_rows"] + self.monitor.current()["unmonitored_rows"],
-            "sampled_out_rows": self.stats["sampled_out_rows"] + self.monitor.current()["sampled_out_rows"],
+            "unmonitored_rows": unmonitored,
+            "sampled_out_rows": sampled_out,
             "sample_rate": self.monitor.budget.rate,
             "mqtt_connected": bool(self.reporter and self.reporter.connected.is_set()),
         }
+
+    def _never_lower(self, unmonitored: int, sampled_out: int) -> tuple[int, int]:
+        """The totals ``status`` (and /metrics' counters) report, never below the last ones: the background
+        thread moves rows from the open window to ``stats`` in steps (the window is emptied before ``_account``),
+        and a read between two counted fewer rows (millions, past a full backlog), which Prometheus takes for a
+        restart. Such a read only counts fewer, never more: the truth catches up with the highest reported."""
+        with self._reported_lock:  # two scrapes at once: the later answer must not undo the earlier one's
+            last_unmonitored, last_sampled_out = self._reported
+            self._reported = (max(last_unmonitored, unmonitored), max(last_sampled_out, sampled_out))
+            return self._reported
 
 
 class _JoiningLog(PredictionLog):
@@ -483,6 +542,10 @@ class _JoiningLog(PredictionLog):
     def flush(self) -> int:
         self._before()
         return super().flush()
+
+    def close(self) -> None:
+        self._before()  # requests answered since the background thread's last pass (it is stopped by now)
+        super().close()
 
 
 BACKLOG_BYTES = 64 << 20

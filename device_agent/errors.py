@@ -116,6 +116,17 @@ class InstallError(AgentError):
     pass
 
 
+class StateDirBusy(AgentError):
+    """Another agent process runs on this state dir: two would write one spool, log and slot pointer."""
+
+    def __init__(self, path: object, holder: str) -> None:
+        self._say(
+            f"another agent ({holder}) is running on this state dir",
+            "stop it first, or give this agent a state_dir of its own",
+            path,
+        )
+
+
 class ProtocolError(AgentError):
     def __init__(self, reason: str, problem: str) -> None:
         self.reason = reason  # a short machine-readable cause: "json", "schema", "size", "field"

@@ -35,11 +35,13 @@ CREATE TABLE IF NOT EXISTS predictions (
 
 class RecentPredictions:
     """The last ``capacity`` answers by prediction number, in an array of the answers' own type: storing a
-    request is one slice copy, and only an answer that is looked up becomes a Python value."""
+    request is one slice copy, and only an answer that is looked up becomes a Python value. Beside each, what
+    the caller said answered it (the agent: a weak reference to the model, so a label counts in its windows)."""
 
     def __init__(self, capacity: int = 10000) -> None:
         self.capacity = capacity
         self._answers: np.ndarray | None = None  # made on the first answers, of their dtype and row shape
+        self._answered_by = np.full(capacity, None, dtype=object)
         self._labelled = np.zeros(capacity, dtype=bool)
         self._filled_to = 0  # one past the highest prediction number written
 
@@ -89,6 +91,21 @@ class RecentPredictions:
             return None
         return _python(self._answers[n % self.capacity])
 
+    def note_answered_by(self, first: int, count: int, answered_by: Any) -> None:
+        """What answered predictions ``first`` to ``first + count - 1`` (stored by ``put``)."""
+        if count > self.capacity:
+            first, count = first + count - self.capacity, self.capacity
+        start = first % self.capacity
+        head = min(count, self.capacity - start)
+        self._answered_by[start : start + head] = answered_by
+        self._answered_by[: count - head] = answered_by
+
+    def answered_by(self, n: int) -> Any:
+        """What ``note_answered_by`` said answered prediction ``n`` (None when not said, or ``n`` is not held)."""
+        if not (self._filled_to - self.capacity <= n < self._filled_to) or n < 0:
+            return None
+        return self._answered_by[n % self.capacity]
+
 
 def _put_values(ring: np.ndarray, where: slice, answers: np.ndarray) -> None:
     """Answers into an object ring as Python values, one by one (a row is a list, never broadcast)."""
@@ -119,10 +136,13 @@ class PredictionLog:
         self._unwritten: list[tuple] = []  # sampled rows not yet in SQLite (``_write``)
         self._written_at = -math.inf  # time.monotonic() of the last write
 
-    def add(self, boot: str, first: int, rows: np.ndarray | list[np.ndarray], answers: Any) -> None:
+    def add(
+        self, boot: str, first: int, rows: np.ndarray | list[np.ndarray], answers: Any, answered_by: Any = None
+    ) -> None:
         """Queue one request, or a run of requests with consecutive ids (``rows`` a list of their row arrays,
-        never concatenated: only the sampled few are read); ``flush`` files it. A deque append."""
-        self._queue.append((boot, first, time.time(), rows, answers))
+        never concatenated: only the sampled few are read); ``flush`` files it. A deque append. ``answered_by``
+        is kept beside the answers for ``answered_by()``."""
+        self._queue.append((boot, first, time.time(), rows, answers, answered_by))
 
     def flush(self) -> int:
         with self._flush_lock:
@@ -133,9 +153,10 @@ class PredictionLog:
         while self._queue:
             queue.append(self._queue.popleft())
         records = []
-        for boot, first, ts, rows, answers in queue:
+        for boot, first, ts, rows, answers, answered_by in queue:
             answers = _answers_array(answers)
             self.recent.put(first, answers)
+            self.recent.note_answered_by(first, len(answers), answered_by)
             for i in self._sampled(first, _count(rows), ts):
                 records.append((boot, first + i, ts, _input_json(_row(rows, i)), json.dumps(_python(answers[i]))))
         self._unwritten.extend(records)
@@ -196,6 +217,11 @@ class PredictionLog:
                 (boot, n, time.time(), json.dumps(answer), json.dumps(label)),
             )
         return "accepted", answer
+
+    def answered_by(self, n: int) -> Any:
+        """What ``add`` was told answered prediction ``n`` of this run, while the ring holds it (else None)."""
+        with self._flush_lock:
+            return self.recent.answered_by(n)
 
     def count(self) -> int:
         with self._flush_lock:

@@ -182,8 +182,14 @@ def state_payload(
     runtime: str | None,
     agent_version: str,
     last_seq: int | None = None,
+    issued_at: float | None = None,
 ) -> dict[str, Any]:
-    """The retained ``state``; ``last_seq`` (optional, see ``with_last_seq``) is the newest summary's seq."""
+    """The retained ``state``; ``last_seq`` (optional, see ``with_last_seq``) is the newest summary's seq.
+
+    ``issued_at`` (default: now) is when the device made this state, by its own clock. A broker keeps one
+    retained state per topic, so a device that moved fleets leaves its old fleet's state behind, replayed to
+    every collector that connects: the time is how a collector tells the old claim from the current one.
+    Added within ``edgekit.state/1``, like ``last_seq``."""
     doc = {
         "schema": STATE_SCHEMA,
         "device": device,
@@ -192,6 +198,7 @@ def state_payload(
         "model": model,
         "runtime": runtime,
         "agent_version": agent_version,
+        "issued_at": round(time.time() if issued_at is None else issued_at, 3),
     }
     return with_last_seq(doc, last_seq)
 
@@ -220,8 +227,10 @@ def build_summary(
     fleet: str,
     model: dict[str, Any],
     seq: int,
+    seq_base: int | None = None,
 ) -> dict[str, Any]:
-    """A closed window as the summary message: the monitor has already measured its drift."""
+    """A closed window as the summary message: the monitor has already measured its drift. ``seq_base`` is
+    where this install's numbering began (``Spool.seq_base``; None for a spool older than bases: not sent)."""
     profile = window.profile
     return {
         "schema": SUMMARY_SCHEMA,
@@ -245,6 +254,7 @@ def build_summary(
         else None,
         "profile": profile.to_compact(),
         **_sampling(window),
+        **({"seq_base": seq_base} if seq_base else {}),
     }
 
 
@@ -365,6 +375,9 @@ def check_summary(doc: dict[str, Any]) -> dict[str, Any]:
     )
     if doc["seq"] < 1 or doc["rows"] < 0:
         raise ProtocolError("field", "seq must be ≥ 1 and rows ≥ 0")
+    _optional(doc, {"seq_base": int})  # added within summary/2: where the install's numbering began
+    if doc.get("seq_base") is not None and not 1 <= doc["seq_base"] <= doc["seq"]:
+        raise ProtocolError("field", "seq_base must be an integer from 1 to the summary's seq")
     features = doc["drift"].get("features")
     if not isinstance(features, dict) or not all(isinstance(v, dict) for v in features.values()):
         raise ProtocolError("field", "drift.features must map feature names to objects")
@@ -398,9 +411,11 @@ def check_state(doc: dict[str, Any]) -> dict[str, Any]:
     _require(doc, {"device": str, "fleet": str, "online": bool})
     if doc.get("model") is not None:
         _require(doc["model"], {"name": str, "version": int}, "model.")
-    _optional(doc, {"runtime": str, "agent_version": str, "last_seq": int})
+    _optional(doc, {"runtime": str, "agent_version": str, "last_seq": int, "issued_at": (int, float)})
     if doc.get("last_seq") is not None and not 0 <= doc["last_seq"] < MAX_INT:
         raise ProtocolError("field", "last_seq must be a seq: an integer ≥ 0")
+    if doc.get("issued_at") is not None and not 0 <= doc["issued_at"] < MAX_INT:  # NaN fails this too
+        raise ProtocolError("field", "issued_at must be a time: seconds since 1970, ≥ 0")
     return doc
 
 

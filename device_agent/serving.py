@@ -7,6 +7,7 @@ without importing the agent (which imports them back).
 from __future__ import annotations
 
 import json
+from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
@@ -104,6 +105,9 @@ class Serving:
         runner = getattr(self.runtime, "matrix_runner", None)
         matrix = self.schema.columns is None and self.schema.tensor is None
         self._run_matrix = runner() if matrix and runner is not None else None
+        # one item per request answering on this model now (``Agent.predict``): a swapped-out model's last
+        # window waits for them. A deque's append and pop are atomic: no lock on the request path
+        self.running: deque = deque()
 
     def run(self, X: np.ndarray) -> dict[str, np.ndarray]:
         """The runtime's raw outputs for checked rows; a tensor batch in chunks of ``TENSOR_RUN_CHUNK``."""

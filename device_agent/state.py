@@ -20,6 +20,7 @@ undoes a swap whose health watch was cut short by a crash.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,13 +28,14 @@ from typing import Any
 
 from .bundle import Bundle, read_bundle
 from .canonical import sha256_hex
-from .errors import BundleError, InstallError
+from .errors import BundleError, InstallError, StateDirBusy
 from .fsutil import write_atomic
 
 SLOTS = ("a", "b")
 BUNDLE_FILE = "bundle.edgebundle"
 SLOT_META = "slot.json"
 LEDGER = "updates.json"
+LOCK_FILE = "agent.lock"  # held (flock) by the one agent process running on the state dir
 
 
 @dataclass
@@ -46,6 +48,38 @@ class StateDir:
     @property
     def spool(self) -> Path:
         return self.root / "spool"
+
+    def hold(self) -> Any:
+        """Claim the state dir for this agent process, or raise ``StateDirBusy`` naming the one that has it.
+
+        Two agents on one state dir (a second ``edge-agent run`` with a copied config, a unit started twice)
+        would both append to the spool, the prediction log and the field samples and both move the active
+        slot: nothing refused it, and the files ended up mixed. An exclusive ``flock`` on ``agent.lock``
+        is released by the kernel when the process ends, however it ends, so a crash never leaves the dir
+        claimed. The returned file must stay open while the agent runs (``release`` closes it)."""
+        try:
+            import fcntl
+        except ImportError:  # not a POSIX system: nothing to hold it with
+            return None
+        self.root.mkdir(parents=True, exist_ok=True)
+        handle = open(self.root / LOCK_FILE, "a+")  # noqa: SIM115 (held open while the agent runs)
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.seek(0)
+            holder = handle.read().strip() or "its pid unknown"
+            handle.close()
+            raise StateDirBusy(self.root, holder) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()}\n")
+        handle.flush()
+        return handle
+
+    @staticmethod
+    def release(handle: Any) -> None:
+        if handle is not None:
+            handle.close()
 
     def slot(self, name: str) -> Path:
         return self.root / "slots" / name

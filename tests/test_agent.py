@@ -44,8 +44,10 @@ def test_python_api_predicts_and_closes_windows_of_exact_size(device, digits):
         assert result.to_json()["model_version"] == 3 and len(result.to_json()["probabilities"][0]) == 10
         agent.monitor.process()
         assert agent.stats["windows"] == 2 and agent.last_summary["rows"] == 100
-        assert agent.last_summary["schema"] == SUMMARY_SCHEMA and agent.last_summary["seq"] == 2
-        assert agent.spool.pending() == [1, 2]  # no broker configured: they wait in the spool
+        first = agent.spool.seq_base()  # a fresh spool numbers from the clock (ms): test_seq_reinstall.py
+        assert agent.last_summary["schema"] == SUMMARY_SCHEMA and agent.last_summary["seq"] == first + 1
+        assert agent.last_summary["seq_base"] == first and first > 1.6e12
+        assert agent.spool.pending() == [first, first + 1]  # no broker configured: they wait in the spool
 
 
 def test_bad_rows_are_refused_and_counted_while_good_rows_are_served(device, digits):
@@ -206,18 +208,18 @@ def test_spool_numbers_never_skip_or_repeat_across_crashes(tmp_path):
     from device_agent.spool import Spool
 
     spool = Spool(tmp_path / "spool")
-    assert spool.next_seq() == 1
-    spool.put(1, b"{}")
-    assert spool.next_seq() == 2
-    seq = spool.next_seq()  # a crash here, before put: nothing was published as 2
-    assert Spool(tmp_path / "spool").next_seq() == seq == 2
-    (tmp_path / "spool" / "pending" / "000000000002.json").write_bytes(
+    first = spool.next_seq()  # a fresh spool's base (test_seq_reinstall.py)
+    spool.put(first, b"{}")
+    assert spool.next_seq() == first + 1
+    seq = spool.next_seq()  # a crash here, before put: nothing was published under it
+    assert Spool(tmp_path / "spool").next_seq() == seq == first + 1
+    (tmp_path / "spool" / "pending" / f"{first + 1:012d}.json").write_bytes(
         b"{}"
     )  # a crash after the write, before the counter moved
-    assert Spool(tmp_path / "spool").next_seq() == 3
-    spool.ack(1)
+    assert Spool(tmp_path / "spool").next_seq() == first + 2
+    spool.ack(first)
     spool.prune(now=10**12)  # acknowledged ones pruned: the counter still remembers
-    assert Spool(tmp_path / "spool").next_seq() == 3
+    assert Spool(tmp_path / "spool").next_seq() == first + 2
 
 
 def test_windows_too_small_for_a_drift_verdict_are_named_at_start(tmp_path, bundle, keypair, caplog):

@@ -33,13 +33,18 @@ def emulated_device(
     return config
 
 
+def first_seq(collector, device):
+    """Where the device's numbering began: its summaries' ``seq_base`` (a fresh spool numbers from the clock)."""
+    return min(s.get("seq_base", 1) for s in collector.of(device))
+
+
 def no_gaps(collector, device, upto):
-    return set(range(1, upto + 1)) <= collector.seqs(device)
+    return set(range(first_seq(collector, device), upto + 1)) <= collector.seqs(device)
 
 
 def fill_gaps(collector, device, upto):
     """What a collector does after an outage: ask the device to resend the seqs it never heard."""
-    missing = sorted(set(range(1, upto + 1)) - collector.seqs(device))
+    missing = sorted(set(range(first_seq(collector, device), upto + 1)) - collector.seqs(device))
     if missing:
         collector.resend(device, missing)
     collector.wait(lambda: no_gaps(collector, device, upto), what=f"seqs 1..{upto} (missing {missing[:10]})")
@@ -62,7 +67,8 @@ def test_summaries_arrive_with_the_right_row_counts_and_state_is_retained(
             agent.spool.depth() == 0 or collector.wait(lambda: agent.spool.depth() == 0, what="spool drained") is None
         )
     summaries = sorted(collector.of("dev1"), key=lambda s: s["seq"])
-    assert [s["seq"] for s in summaries] == [1, 2, 3, 4, 5] and all(s["rows"] == 100 for s in summaries)
+    first = summaries[0]["seq_base"]
+    assert [s["seq"] for s in summaries] == list(range(first, first + 5)) and all(s["rows"] == 100 for s in summaries)
     assert summaries[0]["model"] == {"name": "digits", "version": 3} and summaries[0]["fleet"] == fleet_name
     assert set(summaries[0]["drift"]["features"]) == set(agent.schema.feature_names)
     assert collector.baselines["dev1"]["baseline_id"] == summaries[0]["profile"]["baseline_id"]
@@ -101,7 +107,11 @@ def test_broker_killed_and_restarted_mid_stream_loses_no_window(tmp_path, bundle
         broker.kill()
         time.sleep(2.0)  # the agent keeps scoring; windows close into the spool
         broker.start()
-        collector.wait(lambda: max(collector.seqs("dev1")) >= 60, timeout=40, what="summaries after the outage")
+        collector.wait(
+            lambda: max(collector.seqs("dev1")) >= first_seq(collector, "dev1") + 59,
+            timeout=40,
+            what="summaries after the outage",
+        )
     finally:
         agent.stop()
     upto = max(collector.seqs("dev1"))
@@ -112,7 +122,7 @@ def test_broker_killed_and_restarted_mid_stream_loses_no_window(tmp_path, bundle
     finally:
         agent.stop()
     rows = {s["seq"]: s["rows"] for s in collector.of("dev1")}
-    assert all(rows[seq] == 100 for seq in range(1, upto))
+    assert all(rows[seq] == 100 for seq in range(first_seq(collector, "dev1"), upto))
     collector.close()
 
 
@@ -133,7 +143,8 @@ def test_agent_killed_and_restarted_loses_no_closed_window(tmp_path, bundle, key
     finally:
         agent.stop()
     seqs = collector.seqs("dev1")
-    assert set(range(1, closed_before + 1)) <= seqs  # every window closed before the crash arrived
+    first = first_seq(collector, "dev1")
+    assert set(range(first, closed_before + 1)) <= seqs  # every window closed before the crash arrived
     assert len([s for s in collector.of("dev1") if s["seq"] > closed_before]) >= 5  # numbering went on, never reused
     collector.close()
 
@@ -247,7 +258,8 @@ def test_a_broker_that_speaks_only_mqtt_3_gets_mqtt_3(tmp_path, bundle, keypair,
                 time.sleep(0.05)
         listener.loop_stop()
         listener.disconnect()
-        assert sorted(s["seq"] for s in summaries) == [1, 2]
+        first = summaries[0]["seq_base"]
+        assert sorted(s["seq"] for s in summaries) == [first, first + 1]
     finally:
         broker.terminate()
         broker.wait(10)

@@ -252,6 +252,8 @@ class Device:
 
     def __init__(self, tmp_path, broker, fleet: str, name: str, base) -> None:
         self.name, self.fleet, self.base = name, fleet, base
+        (tmp_path / name / "spool").mkdir(parents=True)
+        (tmp_path / name / "spool" / "base").write_text("1")  # numbered from 1: its seqs count its windows
         self.spool = Spool(tmp_path / name / "spool")
         state = {"device": name, "fleet": fleet, "model": {"name": "m", "version": 1}}
         state.update(runtime="onnxruntime", agent_version="0.1.0")

@@ -86,7 +86,7 @@ def test_the_rows_kept_are_those_whose_id_hashes_under_the_rate_with_their_windo
     kept = {int(r["id"].rsplit("-", 1)[1]): r for r in agent.capture.rows()}
     assert set(kept) == {n for n in range(450) if row_hash(boot, n) < 0.2}
     for n, record in kept.items():
-        assert record["seq"] == n // 100 + 1  # the window the monitor sketched it in (a cut request too)
+        assert record["seq"] == agent.spool.seq_base() + n // 100  # the window it was sketched in (a cut request too)
         assert np.allclose(record["input"], X[n]) and record["prediction"] == answers[n]
         assert (record["model"], record["version"]) == ("digits", 3)
     assert agent.last_summary["capture"]["stored_rows"] == len(kept)
@@ -103,7 +103,7 @@ def test_a_drifted_window_keeps_its_rows_with_the_smallest_hashes(tmp_path, bund
     drifted = sorted(range(100, 200), key=lambda n: row_hash(agent.boot, n))
     kept = [r for r in agent.capture.rows()]
     assert {int(r["id"].rsplit("-", 1)[1]) for r in kept} == set(drifted[:5])
-    assert all(r["seq"] == 2 and r["drifted"] is True for r in kept)
+    assert all(r["seq"] == agent.spool.seq_base() + 1 and r["drifted"] is True for r in kept)
     assert agent.last_summary["drift"]["drifted"] and agent.last_summary["capture"]["kept_rows"] == 5
 
 
@@ -181,7 +181,8 @@ def test_fleet_samples_exports_the_kept_rows_with_the_labels_that_arrived(
         for r in rows:
             n = int(r["id"].rsplit("-", 1)[1])
             assert r["label"] == (str(int(y[n])) if n % 2 == 0 else "")
-            assert float(r[agent.schema.feature_names[5]]) == pytest.approx(X[n, 5]) and int(r["seq"]) == n // 100 + 1
+            assert float(r[agent.schema.feature_names[5]]) == pytest.approx(X[n, 5])
+            assert int(r["seq"]) == agent.spool.seq_base() + n // 100
         as_json = cli(
             "fleet",
             "samples",

@@ -96,7 +96,9 @@ class Ingestor:
         the batch is not acknowledged, and is tried again."""
         try:
             if kind == "state":
-                self.store.record_state(doc, message.received_at)
+                if self.store.record_state(doc, message.received_at) is False:  # another fleet's stale claim
+                    outcome["stale_states"] += 1
+                    return
             elif kind == "reported":
                 if self.on_report is not None:
                     self.on_report(doc, message.received_at)
@@ -117,19 +119,30 @@ class Ingestor:
         """One transaction for the batch; if it fails, one per summary, so a single bad one cannot
         poison the batch (unacknowledged, it would be redelivered forever)."""
         try:
-            stored, duplicates = self.store.add_summaries(summaries, self.clock())
+            stored, duplicates, reused = self.store.add_summaries(summaries, self.clock())
         except StoreDataError:  # StoreUnavailable leaves: the batch is not acknowledged, and tried again
             stored = duplicates = 0
+            reused = []
             for item in summaries:
                 try:
-                    s, d = self.store.add_summaries([item], self.clock())
+                    s, d, r = self.store.add_summaries([item], self.clock())
                 except StoreDataError as exc:
                     self._reject("internal", item.device, repr(exc), self.clock())
                     outcome["rejected_internal"] += 1
                     continue
                 stored, duplicates = stored + s, duplicates + d
+                reused += r
         outcome["stored"] += stored
         outcome["duplicates"] += duplicates
+        for record in reused:  # counted by the store already, in the batch's transaction
+            outcome["rejected_seq-reused"] += 1
+            self._warn(
+                "seq-reused",
+                record.device,
+                f"seq {record.seq} (window end {record.window_end}) is stored with another window: state dir reset "
+                "under an agent that sends no seq_base? Upgrade it (new installs then number past old ones)",
+                self.clock(),
+            )
 
     def _check(self, message: Message) -> tuple[str, dict[str, Any]]:
         match = UPLINK_TOPIC.match(message.topic)
@@ -163,6 +176,10 @@ class Ingestor:
 
     def _reject(self, reason: str, device: str, why: str, now: float) -> None:
         self.store.count_reject(reason, device, now)
+        self._warn(reason, device, why, now)
+
+    def _warn(self, reason: str, device: str, why: str, now: float) -> None:
+        """The log line of a rejection, at most one per device and reason every ``LOG_INTERVAL``."""
         key = (device, reason)
         if now - self._last_logged.get(key, 0.0) >= LOG_INTERVAL:
             self._last_logged[key] = now

@@ -10,7 +10,9 @@ anywhere leaves either the rows or the bucket, never both, and running a step tw
 seqs at or under that mark which no bucket counts (windows missing, or left raw, when a rollup passed them):
 a raw row at or under both marks and in no hole is a redelivery of a window already counted in a bucket
 (the device resent it from its spool after the raw row was gone); readers skip it and the next rollup drops
-it. A row in a hole is a late window: readers count it, the next rollup merges it and closes its hole.
+it. A row in a hole is a late window: readers count it, the next rollup merges it and closes its hole. The seqs
+between a device's previous install and its new one's ``seq_base`` (``devices.seq_base``) are a jump: never a
+hole, as no window of them will ever come.
 
 Retention writers serialize on a row of ``fleet_settings`` (an upsert holds the row lock until
 commit in PostgreSQL; SQLite serializes writers anyway), so a ``fleet retention`` run and the
@@ -152,9 +154,15 @@ class HistoryRecords:
         devices = sorted(device for device, seqs in merged.items() if seqs)
         before: dict[str, list[tuple[int, int, float | None]]] = {device: [] for device in devices}
         marks: dict[str, int] = {}
+        bases: dict[str, int] = {}
         for among, chunk in self._devices_in(devices):
             marks.update(
                 db.execute(f"SELECT device, rolled_seq FROM history_marks WHERE device {among}", chunk).fetchall()
+            )
+            bases.update(
+                db.execute(
+                    f"SELECT device, seq_base FROM devices WHERE device {among} AND seq_base IS NOT NULL", chunk
+                ).fetchall()
             )
             for row in db.execute(
                 f"SELECT device, first_seq, last_seq, noted_at FROM history_holes WHERE device {among}", chunk
@@ -164,12 +172,22 @@ class HistoryRecords:
             mark, seqs = marks.get(device, 0), sorted(set(merged[device]))
             holes = sorted(before[device]) + ([(mark + 1, seqs[-1], now)] if seqs[-1] > mark else [])
             after = _without(holes, seqs)
+            base = bases.get(device, 0)
+            if mark < base <= seqs[-1]:  # this rollup reaches a new install's numbering: the jump to it is no hole
+                after = _cut(after, self._last_seq_before(db, device, base, seqs, mark) + 1, base - 1)
             if after != sorted(before[device]):
                 db.execute("DELETE FROM history_holes WHERE device = ?", (device,))
                 db.executemany(
                     "INSERT INTO history_holes (device, first_seq, last_seq, noted_at) VALUES (?, ?, ?, ?)",
                     [(device, *hole) for hole in after],
                 )
+
+    @staticmethod
+    def _last_seq_before(db: Any, device: str, base: int, merged: list[int], mark: int) -> int:
+        """The newest seq of ``device``'s previous install that is counted (``mark``, or merged now) or still
+        stored raw (a late window the next rollup merges: it keeps its hole); the jump starts after it."""
+        raw = db.execute("SELECT max(seq) FROM summaries WHERE device = ? AND seq < ?", (device, base)).fetchone()[0]
+        return max(mark, raw or 0, max((seq for seq in merged if seq < base), default=0))
 
     def forget_holes(self, noted_before: float, now: float) -> int:
         """Forget the holes noted before ``noted_before``: windows that late are no longer resent by any device
@@ -326,6 +344,21 @@ def _without(ranges: list[tuple[int, int, Any]], seqs: list[int]) -> list[tuple[
             first = seq + 1
         if first <= last:
             left.append((first, last, age))
+    return left
+
+
+def _cut(ranges: list[tuple[int, int, Any]], first: int, last: int) -> list[tuple[int, int, Any]]:
+    """Inclusive ``ranges`` (each with its age) less the inclusive range ``first``..``last``, which may be wide
+    (a jump of a trillion seqs), so it is cut out, not walked."""
+    left = []
+    for lo, hi, age in ranges:
+        if hi < first or lo > last:
+            left.append((lo, hi, age))
+            continue
+        if lo < first:
+            left.append((lo, first - 1, age))
+        if hi > last:
+            left.append((last + 1, hi, age))
     return left
 
 

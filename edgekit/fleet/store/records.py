@@ -46,6 +46,7 @@ class SummaryRecord:
     labelled: int
     facts: str  # JSON of alert_facts
     payload: str
+    seq_base: int | None = None  # where the device's install began numbering (None: an agent that does not say)
 
     @classmethod
     def of(cls, doc: dict[str, Any], payload: str, estimate: dict[str, Any] | None = None) -> SummaryRecord:
@@ -67,6 +68,7 @@ class SummaryRecord:
             accuracy.get("labelled", 0),
             _dumps_facts({**alert_facts(doc), **(estimate or {})}),
             payload,
+            doc.get("seq_base"),
         )
 
 

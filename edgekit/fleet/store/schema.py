@@ -239,6 +239,10 @@ MIGRATIONS: list[tuple[str, str | dict[str, str]]] = [
     # it a device that lost windows now and then kept a row per loss for ever. Holes noted before this
     # migration count from the first retention pass after it.
     ("0015_history_hole_age", "ALTER TABLE history_holes ADD COLUMN noted_at REAL"),
+    # Where each device's current install began numbering its windows (the summaries' ``seq_base``; sql.py,
+    # history_records.py): the seqs between its previous install's windows and that base are a jump, never
+    # windows to ask for or holes to keep. NULL for devices whose agent announces no base.
+    ("0016_device_seq_base", "ALTER TABLE devices ADD COLUMN seq_base INTEGER"),
 ]
 
 DIALECTS = ("sqlite", "postgresql")

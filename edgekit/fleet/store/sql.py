@@ -21,6 +21,8 @@ from __future__ import annotations
 import abc
 import contextlib
 import json
+import logging
+from collections import Counter
 from collections.abc import Iterator
 from typing import Any
 
@@ -34,6 +36,7 @@ from edgekit.fleet.store.sample_records import SampleRecords
 from edgekit.fleet.store.schema import GAP_GRACE_SECONDS
 from edgekit.fleet.store.timeline_records import TimelineRecords
 
+log = logging.getLogger("edgekit.fleet")
 MAX_GAP = 1000  # a jump larger than this is a reset or garbage, not a gap worth resending
 GAP_MAX_REQUESTS = 150  # about 75 minutes at the default 30 s: past the devices' default hour of keeping windows
 INSERT_CHUNK = 500  # summaries a multi-row INSERT (15 parameters each: under SQLite's and PostgreSQL's limits)
@@ -69,19 +72,26 @@ class SqlStore(
         self.close()
 
     # -- writes ----------------------------------------------------------------------------------------
-    def record_state(self, doc: dict[str, Any], now: float) -> None:
+    def record_state(self, doc: dict[str, Any], now: float) -> bool:
+        """Store a device's state; False when it was ignored as another fleet's stale claim (``_STATE_APPLIES``).
+
+        The row is keyed by device alone, and a broker replays every retained state to a collector that
+        connects, in topic order: a device that moved fleets (a reflashed Pi, an emulator run again with
+        another ``--fleet``) left its old fleet's state behind, and taken in that order the last one won."""
         model = doc.get("model") or {}
+        issued_at = doc.get("issued_at")
         with self.atomic() as db:
-            db.execute(
+            cursor = db.execute(
                 f"""INSERT INTO devices (device, fleet, online, model, model_version, runtime, agent_version, state_at,
                    last_seen)
-                   VALUES (:device, :fleet, :online, :model, :version, :runtime, :agent, :now, :now)
+                   VALUES (:device, :fleet, :online, :model, :version, :runtime, :agent, :issued_at, :now)
                    ON CONFLICT (device) DO UPDATE SET fleet=excluded.fleet, online=excluded.online,
                    model=coalesce(excluded.model, devices.model),
                    model_version=coalesce(excluded.model_version, devices.model_version),
                    runtime=coalesce(excluded.runtime, devices.runtime), agent_version=excluded.agent_version,
                    state_at=excluded.state_at,
-                   last_seen={self.GREATEST}(coalesce(devices.last_seen, 0), excluded.last_seen)""",
+                   last_seen={self.GREATEST}(coalesce(devices.last_seen, 0), excluded.last_seen)
+                   WHERE {_STATE_APPLIES}""",
                 {
                     "device": doc["device"],
                     "fleet": doc["fleet"],
@@ -90,12 +100,16 @@ class SqlStore(
                     "version": model.get("version"),
                     "runtime": doc.get("runtime"),
                     "agent": doc.get("agent_version"),
+                    "issued_at": None if issued_at is None else float(issued_at),
                     "now": now,
                 },
             )
+            if cursor.rowcount == 0:  # another fleet's stale claim: its last_seq counts another spool's windows
+                return False
             last_seq = doc.get("last_seq")
             if isinstance(last_seq, int) and not isinstance(last_seq, bool):
                 self._announced_gaps(db, doc["device"], last_seq, now)
+        return True
 
     def _announced_gaps(self, db: Any, device: str, last_seq: int, now: float) -> None:
         """A state's ``last_seq`` (the device's newest window) makes trailing losses gaps too: windows after
@@ -118,35 +132,77 @@ class SqlStore(
                 (doc["baseline_id"], doc["model"]["name"], doc["model"]["version"], json.dumps(doc["profile"]), now),
             )
 
-    def add_summaries(self, records: list[SummaryRecord], now: float) -> tuple[int, int]:
-        """Store summaries; return (stored, duplicates).
+    def add_summaries(self, records: list[SummaryRecord], now: float) -> tuple[int, int, list[SummaryRecord]]:
+        """Store summaries; return (stored, duplicates, reused).
 
         One multi-row ``INSERT ... ON CONFLICT DO NOTHING RETURNING`` a chunk tells new from redelivered
         in one round trip; the per-device bookkeeping (counters, latest verdict, seq gaps) is then a
         few batched statements for the whole batch, so a database over the network costs a handful of
         round trips a batch, not several a summary.
+
+        A summary refused on its ``(device, seq)`` is a duplicate only if the window stored under that key is
+        the same one (same start and end): one that differs is a *reused* seq, a device numbering from 1 again
+        after its state dir was wiped under an agent that announces no ``seq_base``. It cannot be stored under
+        that key; it is counted in ``rejects`` (``seq-reused``, in this transaction, so ``fleet status`` and
+        /metrics show it) and returned for the caller to log, never hidden among the redeliveries.
         """
         with self.atomic() as db:
             new = self._insert_summaries(db, records, now)
             self._lock_devices(db, records, now)
             stored: dict[str, list[SummaryRecord]] = {}
-            redelivered: dict[str, int] = {}
+            taken: dict[tuple[str, int], SummaryRecord] = {}  # what this batch stored, by key
+            refused: list[SummaryRecord] = []
             for r in records:
                 if (r.device, r.seq) in new:
                     new.discard((r.device, r.seq))  # a seq twice in one batch is stored once
+                    taken[(r.device, r.seq)] = r
                     stored.setdefault(r.device, []).append(r)
                 else:
-                    redelivered[r.device] = redelivered.get(r.device, 0) + 1
+                    refused.append(r)
+            reused = self._reused(db, refused, taken)
+            redelivered = Counter(r.device for r in refused) - Counter(r.device for r in reused)
             total = sum(len(b) for b in stored.values())
-            self._fill_gaps(db, records)
+            if reused:  # a reused seq fills no gap
+                reused_ids = {id(r) for r in reused}
+                self._fill_gaps(db, [r for r in records if id(r) not in reused_ids])
+            else:
+                self._fill_gaps(db, records)
             if redelivered:
                 db.executemany(
                     "UPDATE devices SET redeliveries = redeliveries + ? WHERE device = ?",
                     [(count, device) for device, count in redelivered.items()],
                 )
+            if reused:
+                db.executemany(
+                    "INSERT INTO rejects VALUES ('seq-reused', ?, ?, ?) ON CONFLICT (reason, device) "
+                    "DO UPDATE SET count = rejects.count + excluded.count, last_at = excluded.last_at",
+                    [(device, count, now) for device, count in sorted(Counter(r.device for r in reused).items())],
+                )
             if stored:
                 self._account(db, stored, now)
-        return total, len(records) - total
+        return total, len(records) - total - len(reused), reused
+
+    def _reused(
+        self, db: Any, refused: list[SummaryRecord], taken: dict[tuple[str, int], SummaryRecord]
+    ) -> list[SummaryRecord]:
+        """Of ``refused`` (their key was stored already), those whose window is not the one stored under it."""
+        if not refused:
+            return []
+        windows = {key: _window(r) for key, r in taken.items()}
+        windows.update(self._stored_windows(db, sorted({(r.device, r.seq) for r in refused} - windows.keys())))
+        return [r for r in refused if windows.get((r.device, r.seq), _window(r)) != _window(r)]
+
+    def _stored_windows(self, db: Any, keys: list[tuple[str, int]]) -> dict[tuple[str, int], tuple[str, str]]:
+        """(window_start, window_end) of the stored summaries ``keys`` name: a lookup each, which SQLite answers
+        in microseconds; PostgreSQL's store asks for them all in one statement."""
+        found = {}
+        for device, seq in keys:
+            row = db.execute(
+                "SELECT window_start, window_end FROM summaries WHERE device = ? AND seq = ?", (device, seq)
+            ).fetchone()
+            if row is not None:
+                found[(device, seq)] = (row[0], row[1])
+        return found
 
     def _insert_summaries(self, db: Any, records: list[SummaryRecord], now: float) -> set[tuple[str, int]]:
         """Insert what is new; the (device, seq) of the rows inserted. Multi-row INSERTs here; PostgreSQL's
@@ -177,7 +233,7 @@ class SqlStore(
     def _account(self, db: Any, stored: dict[str, list[SummaryRecord]], now: float) -> None:
         """Per device: its row (created on first sight), gaps found and filled, counters and verdict."""
         known = self._max_seqs(db, list(stored))
-        new_devices, missing, updates = [], [], []
+        new_devices, missing, updates, installs = [], [], [], []
         for device, records in sorted(stored.items()):  # in the order _lock_devices locked them
             if device not in known:
                 first = records[0]
@@ -185,9 +241,14 @@ class SqlStore(
             max_seq = known.get(device, 0)
             seqs = sorted(r.seq for r in records)
             new_max = max(max_seq, seqs[-1])
-            if new_max > max_seq and new_max - max_seq <= MAX_GAP:
+            first_missing = max_seq + 1
+            base = max((r.seq_base for r in records if r.seq_base), default=0)
+            if base > max_seq:  # a new install's numbering: the seqs below its base are a jump, not lost windows
+                installs.append((base, device, max_seq))
+                first_missing = base
+            if first_missing <= new_max and new_max - first_missing < MAX_GAP:
                 arrived = set(seqs)
-                missing += [(device, s, now) for s in range(max_seq + 1, new_max) if s not in arrived]
+                missing += [(device, s, now) for s in range(first_missing, new_max) if s not in arrived]
             updates.append(_device_update(device, records, max_seq, new_max, now))
         if new_devices:
             db.executemany(
@@ -195,9 +256,21 @@ class SqlStore(
                 "ON CONFLICT (device) DO NOTHING",  # its first state may be stored by another collector meanwhile
                 new_devices,
             )
+        if installs:
+            self._new_installs(db, installs)
         if missing:
             db.executemany("INSERT INTO gaps (device, seq, found_at) VALUES (?, ?, ?) ON CONFLICT DO NOTHING", missing)
         self._update_devices(db, updates)
+
+    def _new_installs(self, db: Any, installs: list[tuple[int, str, int]]) -> None:
+        """Devices whose windows now number from a new ``seq_base`` (base, device, the max seq stored before):
+        the base is kept (retention leaves the jump out of its holes), and the gaps below it are dropped: the
+        old install's spool is gone, so asking for them would go on for ``GAP_MAX_REQUESTS`` rounds for nothing."""
+        db.executemany("UPDATE devices SET seq_base = ? WHERE device = ?", [(b, device) for b, device, _ in installs])
+        db.executemany("DELETE FROM gaps WHERE device = ? AND seq < ?", [(device, b) for b, device, _ in installs])
+        for base, device, before in installs:
+            if before:  # a device new to the store starts from its base too: nothing to say
+                log.info("%s numbers its windows from %d (a new install; it had reached seq %d)", device, base, before)
 
     def _update_devices(self, db: Any, updates: list[tuple[Any, ...]]) -> None:
         """Each device's counters and verdict after a batch (``_device_update``'s parameters)."""
@@ -338,6 +411,24 @@ class SqlStore(
         with self.reading() as db:
             row = db.execute("SELECT profile FROM baselines WHERE baseline_id = ?", (baseline_id,)).fetchone()
         return None if row is None else json.loads(row[0])
+
+
+# When a state replaces the device's row (``record_state``; ``devices.state_at`` holds the stored state's own
+# ``issued_at``, NULL when its agent predates the field). In its fleet, always: a retained state is that topic's
+# latest. Into another fleet only when it is the device's current claim:
+# - an online state beats an offline one: the other fleet's instance is gone, this one is alive (comparing
+#   times would not do: an offline state is the last will, stamped at connect, not when the device went away);
+# - an offline state never moves a device that is online elsewhere (a retained will of the fleet it left);
+# - online against online, or offline against offline: the later ``issued_at``; with either time unknown, an
+#   online state still moves the device (what agents without the field need to move at all), an offline not.
+_STATE_APPLIES = """devices.fleet = excluded.fleet
+    OR (excluded.online = 1 AND coalesce(devices.online, 0) = 0)
+    OR (excluded.online = coalesce(devices.online, 0) AND (excluded.state_at > devices.state_at
+        OR ((excluded.state_at IS NULL OR devices.state_at IS NULL) AND excluded.online = 1)))"""
+
+
+def _window(r: SummaryRecord) -> tuple[str, str]:
+    return r.window_start, r.window_end
 
 
 def summary_values(r: SummaryRecord, now: float) -> tuple[Any, ...]:
