@@ -83,6 +83,7 @@ class Collector:
         )
         self.protocol = "5"
         self.connected = threading.Event()
+        self.subscribed = threading.Event()  # the broker confirmed the subscriptions: what is published now arrives
         self.received = 0
         self._queue: deque = deque()
         self._store_backoff, self._store_retry_at = 0.0, 0.0  # while the database is unreachable (drain)
@@ -142,6 +143,7 @@ class Collector:
             self._on_message,
             self._on_disconnect,
         )
+        client.on_subscribe = lambda *_: self.subscribed.set()
         self._notes = mqtt_fallback.ConnectionNotes(log, self.config.broker, self.config.client_id)
         client.on_connect_fail = self._notes.connect_failed
         kwargs: dict[str, Any] = {}
@@ -151,8 +153,8 @@ class Collector:
             # Backpressure: a broker that honours it sends no more unacknowledged messages than this, and
             # messages are acknowledged only once stored, so a collector that falls behind (a slow database)
             # holds at most this many and the broker queues the rest. Mosquitto 2.0.11 was measured to honour
-            # it only until the first acknowledgements (then it sends everything queued): behind it, a
-            # collector's memory grows with its lag (docs/scaling.md).
+            # it while messages come one at a time and to go past it in a fast burst: behind it, a collector's
+            # memory grows with its lag (docs/scaling.md).
             properties.ReceiveMaximum = RECEIVE_MAXIMUM
             kwargs = {"clean_start": False, "properties": properties}
         self._client = client
@@ -211,6 +213,7 @@ class Collector:
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
         self.connected.clear()
+        self.subscribed.clear()
         self._notes.disconnected(reason_code)
 
     def _on_message(self, client, userdata, message) -> None:
