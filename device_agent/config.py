@@ -39,20 +39,23 @@
 
 Relative paths are relative to the file. Secrets come from files or the environment
 (``EDGEKIT_MQTT_PASSWORD``, ``EDGEKIT_API_TOKEN``, ``EDGEKIT_COLLECTOR_TOKEN``), never from the TOML itself
-if avoidable.
+if avoidable. A key this file does not know, or a value of the wrong kind (``"false"`` for false, a port past
+65535), is refused in one line naming the key, its table and the fix (the closest known key, for a typo).
 """
 
 from __future__ import annotations
 
+import difflib
 import math
 import os
 import re
 import sys
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+from .config_reader import Reader, shown
 from .errors import ConfigError
 
 if sys.version_info >= (3, 11):
@@ -254,18 +257,34 @@ def load_config(path: str | Path) -> AgentConfig:
     return parse_config(doc, base=path.parent, source=str(path))
 
 
-def parse_config(doc: dict[str, Any], *, base: Path = Path("."), source: str = "<config>") -> AgentConfig:
-    def need(table: dict[str, Any], key: str, where: str) -> Any:
-        if key not in table:
-            raise ConfigError(source, f"missing {where}{key}", f"add {key} = ... to the config")
-        return table[key]
+# Every setting agent.toml may hold, by table ("" is the top level). A key not here is refused with the
+# closest known one: a typo would otherwise leave its setting at the default without a word.
+_MQTT_KEYS = ("url", "username", "password", "password_file", "keepalive", "streaming", "state_seconds")
+_MONITOR_KEYS = tuple(f.name for f in fields(MonitorConfig))  # each a number, read by _monitor_config
+_UPDATE_KEYS = ("token", "token_file", "collector")
+_CAPTURE_KEYS = tuple(f.name for f in fields(CaptureConfig))
+_SERVER_KEYS = ("listen", "token", "token_file", "tls_cert", "tls_key", "max_rows", *_LIMIT_KINDS)
+_EMULATE_KEYS = ("data", "rows_per_second", "drift_feature", "drift_shift", "drift_after", "feedback", "seed")
+_TABLE_KEYS = {
+    "trust": ("public_key",),
+    "mqtt": _MQTT_KEYS,
+    "server": _SERVER_KEYS,
+    "monitor": _MONITOR_KEYS,
+    "update": _UPDATE_KEYS,
+    "capture": _CAPTURE_KEYS,
+    "emulate": _EMULATE_KEYS,
+}
+_TOP_KEYS = ("device_id", "fleet", "state_dir", "threads")
 
+
+def parse_config(doc: dict[str, Any], *, base: Path = Path("."), source: str = "<config>") -> AgentConfig:
     def resolve(value: str) -> Path:
         p = Path(value).expanduser()
         return p if p.is_absolute() else (base / p)
 
-    device_id = str(need(doc, "device_id", ""))
-    fleet = str(doc.get("fleet", "default"))
+    _check_layout(doc, source)  # unknown or misplaced keys first: they explain a "missing" key below
+    top = Reader(doc, "", source)
+    device_id, fleet = top.text("device_id", required=True), top.text("fleet", "default")
     for label, value in (("device_id", device_id), ("fleet", fleet)):
         if not ID_PATTERN.match(value):
             raise ConfigError(
@@ -273,31 +292,33 @@ def parse_config(doc: dict[str, Any], *, base: Path = Path("."), source: str = "
                 f"{label} {value!r} is not allowed",
                 "use letters, digits, '.', '_' or '-' (it becomes an MQTT topic level)",
             )
-    trust, mqtt, server, monitor = (doc.get(k, {}) for k in ("trust", "mqtt", "server", "monitor"))
+    state_dir = top.text("state_dir", required=True)
+    public_key = Reader(doc.get("trust", {}), "trust", source).text("public_key", required=True)
     try:
-        mqtt_config = _mqtt_config(mqtt, source, resolve)
-        server_config = _server_config(server, source, resolve)
-        monitor_config = _monitor_config(monitor, source)
+        mqtt_config = _mqtt_config(doc.get("mqtt", {}), source, resolve)
+        server_config = _server_config(doc.get("server", {}), source, resolve)
+        monitor_config = _monitor_config(doc.get("monitor", {}), source)
         update_config = _update_config(doc.get("update", {}), source, resolve)
         capture_config = _capture_config(doc.get("capture", {}), source)
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError) as exc:  # a check above missed it: still one line, never a traceback
         raise ConfigError(
             source,
             f"a value is invalid ({exc})",
-            "check numbers are numbers, ports are 1-65535 and listen is host:port",
+            "check numbers are numbers, ports are 0-65535 and listen is host:port",
         ) from exc
     emulate = None
     if "emulate" in doc:
         from .emulation import EmulationConfig
 
+        _check_emulate(doc["emulate"], source)
         emulate = EmulationConfig.from_table(doc["emulate"], base=base, source=source)
     return AgentConfig(
         emulate=emulate,
         device_id=device_id,
         fleet=fleet,
-        state_dir=resolve(str(need(doc, "state_dir", ""))),
-        public_key=resolve(str(need(trust, "public_key", "[trust] "))),
-        threads=int(doc.get("threads", 1)),
+        state_dir=resolve(state_dir),
+        public_key=resolve(public_key),
+        threads=top.number("threads", 1, whole=True, least=1, hint="intra-op threads of the runtime"),
         mqtt=mqtt_config,
         server=server_config,
         monitor=monitor_config,
@@ -307,145 +328,192 @@ def parse_config(doc: dict[str, Any], *, base: Path = Path("."), source: str = "
     )
 
 
+def _check_layout(doc: dict[str, Any], source: str) -> None:
+    """Every table a table, every key one this file knows, in the table it belongs to."""
+    for key, value in doc.items():
+        if key in _TABLE_KEYS:
+            if not isinstance(value, dict):
+                raise ConfigError(
+                    source,
+                    f"{key} = {shown(value)} is not a table",
+                    f"write a [{key}] header with its settings on the lines below it",
+                )
+            for inner in value:
+                if inner not in _TABLE_KEYS[key]:
+                    raise ConfigError(source, f"[{key}] has no setting {inner!r}", _fix_for_unknown(inner, key))
+        elif key not in _TOP_KEYS:
+            if isinstance(value, dict):
+                close = difflib.get_close_matches(key, list(_TABLE_KEYS), n=1)
+                fix = f"did you mean [{close[0]}]?" if close else "remove it"
+                raise ConfigError(source, f"has no table [{key}]", f"{fix} (the tables are {', '.join(_TABLE_KEYS)})")
+            raise ConfigError(source, f"has no top-level setting {key!r}", _fix_for_unknown(key, ""))
+
+
+def _fix_for_unknown(key: str, table: str) -> str:
+    """What to do about ``key`` found in ``table`` ("" the top level): move it where it belongs, or the
+    known key it is closest to (a typo), or remove it."""
+    if table and key in _TOP_KEYS:
+        return (
+            f"{key} is a top-level setting: move it above the first [table] header "
+            "(a key belongs to the table whose header it follows)"
+        )
+    homes = [name for name, keys in _TABLE_KEYS.items() if key in keys and name != table]
+    if homes:
+        return f"{key} belongs in [{homes[0]}]: move it under that header"
+    known = _TABLE_KEYS[table] if table else _TOP_KEYS
+    close = difflib.get_close_matches(key, known, n=1)
+    if close:
+        return f"did you mean {close[0]}?"
+    return f"remove it; the settings {f'of [{table}]' if table else 'at the top'} are {', '.join(known)}"
+
+
 def _mqtt_config(mqtt: dict[str, Any], source: str, resolve) -> MqttConfig:
-    """The [mqtt] table; raises ValueError or TypeError on a bad value (reported by the caller)."""
+    read = Reader(mqtt, "mqtt", source)
     config = MqttConfig(
-        url=mqtt.get("url"),
-        username=mqtt.get("username"),
-        password=_secret(mqtt, "password", "EDGEKIT_MQTT_PASSWORD", resolve),
-        keepalive=int(mqtt.get("keepalive", 30)),
-        streaming=bool(mqtt.get("streaming", False)),
-        state_seconds=float(mqtt.get("state_seconds", 300)),
+        url=read.text("url"),
+        username=read.text("username"),
+        password=_secret(read, "password", "EDGEKIT_MQTT_PASSWORD", resolve),
+        keepalive=read.number("keepalive", 30, whole=True, least=0, most=65535, unit="seconds"),
+        streaming=read.flag("streaming", False),
+        state_seconds=read.number("state_seconds", 300, above=0, unit="seconds"),
     )
-    if not config.state_seconds > 0:
-        raise ConfigError(source, "[mqtt] state_seconds must be positive", "the default is 300")
     if config.url:
         _check_broker_url(config.url, source)
     return config
 
 
 def _monitor_config(monitor: dict[str, Any], source: str) -> MonitorConfig:
-    """The [monitor] table; raises ValueError or TypeError on a bad value (reported by the caller)."""
-    config = MonitorConfig(
-        window_rows=int(monitor.get("window_rows", 1000)),
-        window_seconds=float(monitor.get("window_seconds", 60)),
-        log_rows=int(monitor.get("log_rows", 10000)),
-        keep_acked_seconds=float(monitor.get("keep_acked_seconds", 3600)),
-        backlog_rows=int(monitor.get("backlog_rows", 100_000)),
-        max_cpu_fraction=float(monitor.get("max_cpu_fraction", 0.1)),
+    """The [monitor] table."""
+    read = Reader(monitor, "monitor", source)
+    return MonitorConfig(
+        window_rows=read.number(
+            "window_rows", 1000, whole=True, least=1, hint="at least the bundle's drift min_rows, default 100"
+        ),
+        window_seconds=read.number("window_seconds", 60, above=0, unit="seconds"),
+        log_rows=read.number("log_rows", 10000, whole=True, least=1),
+        keep_acked_seconds=read.number(
+            "keep_acked_seconds",
+            3600,
+            least=0,
+            unit="seconds",
+            hint="keep it above the collectors' session expiry plus a few gap retries",
+        ),
+        backlog_rows=read.number("backlog_rows", 100_000, whole=True, least=1),
+        max_cpu_fraction=read.number(
+            "max_cpu_fraction",
+            0.1,
+            least=0,
+            most=10,
+            unit="a share of the inference time",
+            hint="0 sketches every row",
+        ),
     )
-    if not 0 <= config.max_cpu_fraction <= 10:
-        raise ConfigError(
-            source,
-            f"[monitor] max_cpu_fraction = {config.max_cpu_fraction} is not a share between 0 and 10",
-            "the default is 0.1 (sketching takes at most a tenth of the inference time); 0 sketches every row",
-        )
-    if config.window_rows < 1 or config.window_seconds <= 0:
-        raise ConfigError(source, "[monitor] window_rows and window_seconds must be positive")
-    if config.backlog_rows < 1:
-        raise ConfigError(source, "[monitor] backlog_rows must be positive", "the default is 100000")
-    if not config.keep_acked_seconds >= 0:
-        raise ConfigError(
-            source,
-            "[monitor] keep_acked_seconds must be 0 or more",
-            "the default is 3600; keep it above the collectors' session expiry plus a few gap retries",
-        )
-    return config
-
-
-_UPDATE_KEYS = ("token", "token_file", "collector")
 
 
 def _update_config(update: dict[str, Any], source: str, resolve) -> UpdateConfig:
     """The [update] table; the token also comes from EDGEKIT_COLLECTOR_TOKEN, as the collector's does."""
-    unknown = sorted(set(update) - set(_UPDATE_KEYS))
-    if unknown:
-        raise ConfigError(
-            source, f"[update] has no setting {unknown[0]!r}", f"the settings are {', '.join(_UPDATE_KEYS)}"
-        )
-    collector = update.get("collector")
+    read = Reader(update, "update", source)
+    collector = read.text("collector")
     if collector is not None and (
-        not isinstance(collector, str) or urlparse(collector).scheme not in ("http", "https")
+        urlparse(collector).scheme not in ("http", "https") or not urlparse(collector).hostname
     ):
         raise ConfigError(
             source, f"[update] collector {collector!r} is not an http(s) URL", 'e.g. collector = "http://10.0.0.5:8480"'
         )
-    return UpdateConfig(token=_secret(update, "token", "EDGEKIT_COLLECTOR_TOKEN", resolve) or None, collector=collector)
-
-
-_CAPTURE_KEYS = ("enabled", "rate", "drifted_rows", "max_mb")
+    return UpdateConfig(token=_secret(read, "token", "EDGEKIT_COLLECTOR_TOKEN", resolve) or None, collector=collector)
 
 
 def _capture_config(capture: dict[str, Any], source: str) -> CaptureConfig:
-    """The [capture] table; raises ValueError or TypeError on a bad value (reported by the caller)."""
-    unknown = sorted(set(capture) - set(_CAPTURE_KEYS))
-    if unknown:
-        raise ConfigError(
-            source, f"[capture] has no setting {unknown[0]!r}", f"the settings are {', '.join(_CAPTURE_KEYS)}"
-        )
-    enabled, defaults = capture.get("enabled", False), CaptureConfig()
-    if not isinstance(enabled, bool):
-        raise ConfigError(source, f"[capture] enabled = {enabled!r} is not true or false", "enabled = true")
-    config = CaptureConfig(
-        enabled=enabled,
-        rate=float(capture.get("rate", defaults.rate)),
-        drifted_rows=int(capture.get("drifted_rows", defaults.drifted_rows)),
-        max_mb=float(capture.get("max_mb", defaults.max_mb)),
+    """The [capture] table."""
+    read, defaults = Reader(capture, "capture", source), CaptureConfig()
+    return CaptureConfig(
+        enabled=read.flag("enabled", defaults.enabled),
+        rate=read.number("rate", defaults.rate, least=0, most=1, unit="a share of each window's rows"),
+        drifted_rows=read.number("drifted_rows", defaults.drifted_rows, whole=True, least=0),
+        max_mb=read.number("max_mb", defaults.max_mb, above=0, unit="megabytes on disk"),
     )
-    if not (0 <= config.rate <= 1 and config.drifted_rows >= 0 and 0 < config.max_mb < math.inf):
-        raise ConfigError(
-            source,
-            f"[capture] rate = {config.rate}, drifted_rows = {config.drifted_rows}, max_mb = {config.max_mb} "
-            "are out of range",
-            "rate is a share from 0 to 1, drifted_rows 0 or more, max_mb a positive size (defaults 0.01, 200, 50)",
-        )
-    return config
-
-
-_SERVER_KEYS = ("listen", "token", "token_file", "tls_cert", "tls_key", "max_rows", *_LIMIT_KINDS)
 
 
 def _server_config(server: dict[str, Any], source: str, resolve) -> ServerConfig:
-    """The [server] table; raises ValueError or TypeError on a bad value (reported by the caller)."""
-    unknown = sorted(set(server) - set(_SERVER_KEYS))
-    if unknown:  # a typo would otherwise leave a limit at its default without a word
-        raise ConfigError(
-            source, f"[server] has no setting {unknown[0]!r}", f"the settings are {', '.join(_SERVER_KEYS)}"
-        )
+    """The [server] table."""
+    read = Reader(server, "server", source)
     try:
+        for key in (*_LIMIT_KINDS, "max_rows"):  # numbers, not their text (that form is --http-limit's)
+            if isinstance(server.get(key), str):
+                what = "a positive number of seconds" if _LIMIT_KINDS.get(key) is float else "a positive whole number"
+                raise ValueError(f"{key} must be {what}, not {shown(server[key])}")
         limits = HttpLimits().with_values({key: server[key] for key in _LIMIT_KINDS if key in server})
         max_rows = _limit_value("max_rows", server.get("max_rows", ServerConfig.max_rows), int)
     except ValueError as exc:
         raise ConfigError(source, f"[server] {exc}", "e.g. header_timeout = 10, max_connections = 100") from None
-    cert, key = server.get("tls_cert"), server.get("tls_key")
+    cert, key = read.text("tls_cert"), read.text("tls_key")
     if bool(cert) != bool(key):
         raise ConfigError(
             source,
             "[server] has tls_cert or tls_key but not both",
             "give both PEM files to serve HTTPS, or neither for HTTP",
         )
-    config = ServerConfig(
-        listen=server.get("listen", "127.0.0.1:8470") or None,
-        token=_secret(server, "token", "EDGEKIT_API_TOKEN", resolve),
+    return ServerConfig(
+        listen=_listen(read),
+        token=_secret(read, "token", "EDGEKIT_API_TOKEN", resolve),
         tls_cert=resolve(cert) if cert else None,
         tls_key=resolve(key) if key else None,
         max_rows=max_rows,
         limits=limits,
     )
-    if config.listen:
-        config.address  # noqa: B018 - validates the port
-    return config
 
 
-def _secret(table: dict[str, Any], key: str, env: str, resolve) -> str | None:
+def _listen(read: Reader) -> str | None:
+    """``[server] listen`` as host:port with a port from 0 to 65535 (0: any free one); "" turns HTTP off."""
+    listen = read.text("listen", ServerConfig.listen)
+    if not listen:
+        return None
+    _host, colon, port = listen.rpartition(":")
+    if not (colon and port.isascii() and port.isdigit() and int(port) <= 65535):
+        raise read.refuse(
+            "listen",
+            "is not host:port with a port from 0 to 65535",
+            'e.g. listen = "127.0.0.1:8470" (port 0: any free port), or listen = "" to turn HTTP off',
+        )
+    return listen
+
+
+def _secret(read: Reader, key: str, env: str, resolve) -> str | None:
+    """A secret from ``env``, else the file ``<key>_file`` names, else ``key`` itself."""
     if env in os.environ:
         return os.environ[env]
-    if f"{key}_file" in table:
-        try:
-            return resolve(table[f"{key}_file"]).read_text().strip()
-        except OSError as exc:
-            raise ConfigError(table[f"{key}_file"], f"cannot read the {key} file ({exc.strerror})") from exc
-    return table.get(key)
+    file_key = f"{key}_file"
+    if key in read.values and file_key in read.values:
+        raise ConfigError(
+            read.source, f"{read.where}has both {key} and {file_key}", f"keep one ({file_key} keeps it out of the file)"
+        )
+    name = read.text(file_key)
+    if name is None:
+        return read.text(key)
+    path = resolve(name)
+    try:
+        return path.read_text().strip()
+    except FileNotFoundError:
+        problem, fix = "does not exist", f"create it holding the {key}, fix the path, or set {env} instead"
+    except IsADirectoryError:
+        problem, fix = "is a directory", f"name the file holding the {key}, or set {env} instead"
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = getattr(exc, "strerror", None) or exc
+        problem, fix = f"cannot be read ({reason})", f"let the agent's user read it (chmod, chown), or set {env}"
+    raise ConfigError(read.source, f"{read.where}{file_key} {str(path)!r} {problem}", fix)
+
+
+def _check_emulate(table: dict[str, Any], source: str) -> None:
+    """The kinds of [emulate]'s values (emulation.EmulationConfig checks its ranges): no ``float("1e3")``
+    or ``int(True)`` on what the user wrote."""
+    read = Reader(table, "emulate", source)
+    read.text("data")
+    read.text("drift_feature")
+    read.number("rows_per_second", 100)
+    read.number("drift_shift", 0.0)
+    read.number("feedback", 0.0)
+    read.number("drift_after", 0, whole=True, least=0, hint="the row from which the feature is shifted")
+    read.number("seed", 0, whole=True, least=0)
 
 
 def _check_broker_url(url: str, source: str) -> None:

@@ -27,8 +27,10 @@ rules opens, and off the evaluation, in its own worker thread.
 
 from __future__ import annotations
 
+import difflib
 import json
 import logging
+import math
 import shlex
 import subprocess
 import sys
@@ -37,9 +39,10 @@ import time
 import urllib.request
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 from edgekit.errors import EdgekitError
 from edgekit.fleet.retrain import RetrainSink, parse_retrain
@@ -77,32 +80,144 @@ class AlertSinks:
     retrain: RetrainSink | None = None  # [sinks.retrain]: run by the service's ``retrain.Retrainer``
 
 
+# What each rule takes: (least, most) for a share or a count; the defaults live in AlertRules. A share above
+# 1 never fires (the way to turn a rule off is a value of 1), so 5 meaning 5 % is refused, not run as "never".
+_RULE_BOUNDS: dict[str, tuple[float, float | None, str]] = {
+    "drift_windows": (1, None, "a whole number of consecutive windows, 1 or more"),
+    "prediction_windows": (1, None, "a whole number of consecutive windows, 1 or more"),
+    "null_rate_max": (0, 1, "a share from 0 to 1 (0.05 is 5 %; 1 turns the rule off)"),
+    "unseen_rate_max": (0, 1, "a share from 0 to 1 (0.05 is 5 %; 1 turns the rule off)"),
+    "p99_ms_max": (0, None, "a number of milliseconds above 0"),
+    "error_rate_max": (0, 1, "a share from 0 to 1 (0.05 is 5 %; 1 turns the rule off)"),
+    "offline_seconds": (0, None, "a number of seconds, 0 or more"),
+    "accuracy_drop_max": (0, 1, "a share from 0 to 1 (0.05 is 5 points)"),
+    "accuracy_min_labels": (0, None, "a whole number of labels, 0 or more"),
+    "estimated_accuracy_drop_max": (0, 1, "a share from 0 to 1 (0.05 is 5 points)"),
+    "estimated_accuracy_min_rows": (0, None, "a whole number of rows, 0 or more"),
+}
+_SINK_KEYS = ("log", "webhook", "command", "retrain")
+_TABLES = {"rules": tuple(_RULE_BOUNDS), "sinks": _SINK_KEYS}
+
+
 def load_alert_config(path: str | Path | None) -> tuple[AlertRules, AlertSinks]:
+    """``alerts.toml``, read strictly: an unknown table, rule or sink is refused with the closest known name
+    (a webhook under a typo would never fire), and every value must be of its kind (``log = "false"`` is
+    not false). One ``EdgekitError`` naming the key and the fix."""
     if path is None:
         return AlertRules(), AlertSinks()
     try:
         doc = tomllib.loads(Path(path).read_text(encoding="utf-8"))
     except OSError as exc:
         raise EdgekitError(f"cannot read the alerts file ({exc.strerror})", "check --alerts", path=path) from exc
+    except UnicodeDecodeError as exc:
+        raise EdgekitError(f"is not UTF-8 text ({exc.reason})", "save it as UTF-8", path=path) from exc
     except tomllib.TOMLDecodeError as exc:
         raise EdgekitError(f"is not valid TOML ({exc})", "fix the syntax", path=path) from exc
-    rules_doc, sinks_doc = doc.get("rules", {}), doc.get("sinks", {})
-    known = {f.name: f.type for f in fields(AlertRules)}
-    unknown = set(rules_doc) - set(known)
+    _check_alert_layout(doc, path)
+    return _alert_rules(doc.get("rules", {}), path), _alert_sinks(doc.get("sinks", {}), path)
+
+
+def _check_alert_layout(doc: dict[str, Any], path: str | Path) -> None:
+    """Only [rules] and [sinks], each holding only its own keys; a key in the wrong one is told where it goes."""
+    for name, value in doc.items():
+        if name not in _TABLES:
+            home = next((table for table, keys in _TABLES.items() if name in keys), None)
+            if home:
+                raise EdgekitError(f"{name} is outside any table", f"put it under [{home}]", path=path)
+            close = difflib.get_close_matches(name, list(_TABLES), n=1)
+            fix = f"did you mean [{close[0]}]?" if close else "the tables are [rules] and [sinks]"
+            raise EdgekitError(f"has no table [{name}]", fix, path=path)
+        if not isinstance(value, dict):
+            raise EdgekitError(
+                f"{name} is not a table", f"write a [{name}] header with its settings below it", path=path
+            )
+    rules, sinks = doc.get("rules", {}), doc.get("sinks", {})
+    unknown = sorted(set(rules) - set(_RULE_BOUNDS))
     if unknown:
-        raise EdgekitError(f"unknown alert rules {sorted(unknown)}", f"use {', '.join(known)}", path=path)
-    try:
-        rules = AlertRules(**{k: type(getattr(AlertRules(), k))(v) for k, v in rules_doc.items()})
-    except (TypeError, ValueError) as exc:
-        raise EdgekitError(f"a rule has a value of the wrong type ({exc})", path=path) from exc
-    command = sinks_doc.get("command")
-    sinks = AlertSinks(
-        log=bool(sinks_doc.get("log", True)),
-        webhook=sinks_doc.get("webhook"),
-        command=tuple(shlex.split(command) if isinstance(command, str) else command) if command else None,
-        retrain=parse_retrain(sinks_doc["retrain"], path=path) if "retrain" in sinks_doc else None,
+        raise EdgekitError(
+            f"[rules] has unknown alert rules {unknown}", _fix_for(unknown[0], "rules", "sinks"), path=path
+        )
+    unknown = sorted(set(sinks) - set(_SINK_KEYS))
+    if unknown:
+        fix = _fix_for(unknown[0], "sinks", "rules")
+        setting = difflib.get_close_matches(unknown[0], ("log", "webhook", "command"), n=1)
+        if isinstance(sinks[unknown[0]], dict) and setting and unknown[0] not in _RULE_BOUNDS:  # [sinks.webhok]
+            fix = f"did you mean {setting[0]}? It is a setting, not a table: write {setting[0]} = ... under [sinks]"
+        raise EdgekitError(f"[sinks] has no sink {unknown[0]!r}", fix, path=path)
+
+
+def _fix_for(key: str, table: str, other: str) -> str:
+    if key in _TABLES[other]:
+        return f"{key} belongs in [{other}]: move it under that header"
+    close = difflib.get_close_matches(key, _TABLES[table], n=1)
+    if close:
+        shape = f"[sinks.{close[0]}]" if close[0] == "retrain" else close[0]
+        return f"did you mean {shape}?"
+    return f"remove it; [{table}] takes {', '.join(_TABLES[table])}"
+
+
+def _alert_rules(doc: dict[str, Any], path: str | Path) -> AlertRules:
+    """[rules]: each a number of its kind (a whole one for counts) within its bounds; never ``int("3")``."""
+    defaults, values = AlertRules(), {}
+    for name, value in doc.items():
+        least, most, what = _RULE_BOUNDS[name]
+        whole = isinstance(getattr(defaults, name), int)
+        numeric = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        fits = numeric and (not whole or float(value).is_integer())
+        above = name == "p99_ms_max"  # a latency limit of 0 would fire on every window
+        if not fits or value < least or (above and value <= least) or (most is not None and value > most):
+            shown = json.dumps(value) if isinstance(value, (str, bool)) else repr(value)
+            raise EdgekitError(
+                f"[rules] {name} = {shown} is not {what}",
+                f"e.g. {name} = {getattr(defaults, name)} (the default)",
+                path=path,
+            )
+        values[name] = int(value) if whole else float(value)
+    return AlertRules(**values)
+
+
+def _alert_sinks(doc: dict[str, Any], path: str | Path) -> AlertSinks:
+    """[sinks]: ``log`` a real true or false, ``webhook`` an http(s) URL, ``command`` a string or a list of them."""
+    log_sink = doc.get("log", True)
+    if not isinstance(log_sink, bool):
+        raise EdgekitError(
+            f"[sinks] log = {json.dumps(log_sink)} is not true or false",
+            "write log = true or log = false, no quotes",
+            path=path,
+        )
+    webhook = doc.get("webhook")
+    if webhook is not None and (not isinstance(webhook, str) or webhook and not _is_http(webhook)):
+        raise EdgekitError(
+            f"[sinks] webhook = {webhook!r} is not an http(s) URL",
+            'write webhook = "http://host:port/path" under [sinks]',
+            path=path,
+        )
+    return AlertSinks(
+        log=log_sink,
+        webhook=webhook or None,
+        command=_command(doc.get("command"), path),
+        retrain=parse_retrain(doc["retrain"], path=path) if "retrain" in doc else None,
     )
-    return rules, sinks
+
+
+def _is_http(url: str) -> bool:
+    parsed = urlparse(url)
+    return parsed.scheme in ("http", "https") and bool(parsed.netloc)
+
+
+def _command(command: Any, path: str | Path) -> tuple[str, ...] | None:
+    """``[sinks] command`` as argv: a string split as a shell would, or a list of strings; "" is no command."""
+    example = 'e.g. command = "python notify.py" or command = ["python", "notify.py"]'
+    if isinstance(command, str):
+        try:
+            return tuple(shlex.split(command)) or None
+        except ValueError as exc:  # an unclosed quote
+            raise EdgekitError(f"[sinks] command {command!r} cannot be split ({exc})", example, path=path) from None
+    if isinstance(command, list) and command and all(isinstance(word, str) for word in command):
+        return tuple(command)
+    if command is None:
+        return None
+    raise EdgekitError(f"[sinks] command = {command!r} is not a string or a list of strings", example, path=path)
 
 
 class AlertEngine:
