@@ -484,18 +484,25 @@ def timeline(alert_id, db, as_json):
 @click.option("--since", help="Only rows answered within this long ago: 30m, 2h, 7d (default: all it kept).")
 @click.option("--drifted-only", is_flag=True, help="Only rows of windows judged drifted.")
 @click.option(
+    "--labelled-only",
+    is_flag=True,
+    help="Only rows whose label has arrived: the file for promote --data, validate --data and convert --eval "
+    "(a --baseline counts unlabelled rows too, so leave it off there).",
+)
+@click.option(
     "-o", "--output", "out", required=True, type=click.Path(dir_okay=False), help="A .csv, .npz or .parquet file."
 )
 @click.option("--timeout", type=float, default=300.0, show_default=True, help="Seconds to wait for the upload.")
 @COLLECTOR_OPTION
 @json_option
-def samples(device, since, drifted_only, out, timeout, collector, as_json):
+def samples(device, since, drifted_only, labelled_only, out, timeout, collector, as_json):
     """Fetch the field rows a device kept ([capture] in its agent.toml), with the delayed labels it got, through
-    a running collector, and write them to a file.
+    a running collector, and write them to a file. Every command that reads data (promote, validate, package
+    --baseline, convert --eval) reads this file as it is: its features and label, never its metadata columns.
 
     \b
     Example:
-      edgekit fleet samples --device pi-kitchen-01 --since 2h --drifted-only -o field.csv
+      edgekit fleet samples --device pi-kitchen-01 --since 2h --drifted-only --labelled-only -o field.csv
     """
     from edgekit.fleet.client import CollectorClient
     from edgekit.fleet.samples import check_export_path, collect_samples, export_samples
@@ -509,11 +516,12 @@ def samples(device, since, drifted_only, out, timeout, collector, as_json):
         timeout=timeout,
         say=(lambda line: None) if as_json else lambda line: click.echo(line, err=True),
     )
-    written = export_samples(doc, out)
+    written = export_samples(doc, out, labelled_only=labelled_only)
     if as_json:
         emit_json({**written, "upload": doc["upload"]["id"], "capture": (doc.get("header") or {}).get("capture")})
         return
-    click.echo(f"wrote {written['rows']} row(s) of {device}, {written['labelled']} with a label, to {out}")
+    left_out = f" ({written['left_out']} without one left out)" if labelled_only else ""
+    click.echo(f"wrote {written['rows']} row(s) of {device}, {written['labelled']} with a label{left_out}, to {out}")
     if (doc.get("header") or {}).get("capture") is False:
         click.echo(f"{device} keeps no field rows: set [capture] enabled = true in its agent.toml", err=True)
 

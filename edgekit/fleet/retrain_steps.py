@@ -10,7 +10,6 @@ queue and worker) so that each reads in one sitting.
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import os
@@ -172,22 +171,12 @@ def _field_baseline(r: Any, run: Run, upload: dict[str, Any], rows: list[dict[st
 
 def _gate_file(header: dict[str, Any], rows: list[dict[str, Any]], path: Path, *, label: bool = True) -> str | None:
     """The rows as a data file ``promote`` reads: the features and ``label`` (no metadata columns; no label with
-    ``label=False``, for a baseline); None when there are no rows."""
+    ``label=False``, for a baseline), written by ``fleet samples``' exporter; None when there are no rows."""
     if not rows:
         return None
-    if path.suffix == ".npz":
-        from edgekit.fleet.samples import export_samples
+    from edgekit.fleet.samples import export_samples
 
-        export_samples({"header": header, "rows": rows}, path)
-        return str(path)
-    model = (header.get("models") or {}).get(f"{rows[0]['model']}:{rows[0]['version']}", {})
-    features = list(model.get("features") or (f"f{i}" for i in range(len(rows[0]["input"]))))
-    with open(path, "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow([*features, *(["label"] if label else [])])
-        for row in rows:
-            cells = ["" if cell is None else cell for cell in row["input"]]
-            writer.writerow([*cells, row["label"]] if label else cells)
+    export_samples({"header": header, "rows": rows}, path, metadata=False, label=label)
     return str(path)
 
 

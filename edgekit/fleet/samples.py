@@ -36,6 +36,7 @@ from device_agent.protocol import Topics, command_payload, encode
 from device_agent.wsgi import Request, Response, error_response, json_response
 from edgekit.errors import EdgekitError, StoreUnavailable
 from edgekit.fleet.auth import bearer_ok, device_route_ok
+from edgekit.models.data import FIELD_SAMPLE_METADATA
 
 SAMPLES_SCHEMA = "edgekit.samples/1"  # device_agent.capture_upload's file: a header line, then one row a line
 MAX_CHUNK_BYTES = 4 << 20
@@ -425,11 +426,16 @@ def collect_samples(
     return {"upload": upload, **client.sample_rows(device, upload=upload_id)}
 
 
-def export_samples(doc: dict[str, Any], path: Any) -> dict[str, Any]:
+def export_samples(
+    doc: dict[str, Any], path: Any, *, labelled_only: bool = False, metadata: bool = True, label: bool = True
+) -> dict[str, Any]:
     """Write the rows of ``doc`` (``collect_samples``) to ``path``: .csv, .npz or .parquet by its suffix. The
-    file appears whole or not at all (written beside it, then renamed); every failure is one ``EdgekitError``."""
-    path = check_export_path(path)
-    rows = doc["rows"]
+    file appears whole or not at all (written beside it, then renamed); every failure is one ``EdgekitError``.
+    A table holds ``_META``, the features, ``label``: data readers take its features and label only
+    (``models.data.is_field_export``). ``labelled_only``: the rows with a label (promote's gate, validate);
+    ``metadata``/``label`` False: the retrain sink's plain files (an .npz always holds X, y, ids)."""
+    path, every = check_export_path(path), doc["rows"]
+    rows = [r for r in every if r["label"] is not None] if labelled_only else every
     features, kind = _input_of(doc.get("header") or {}, rows)
     writer = _WRITERS[path.suffix.lower()]
     if kind == "tensor" and writer is not _write_npz:
@@ -438,7 +444,7 @@ def export_samples(doc: dict[str, Any], path: Any) -> dict[str, Any]:
         raise EdgekitError("typed columns do not fit a .npz (numbers only)", "export them to a .csv or .parquet")
     partial = path.with_name(f".{path.name}.{secrets.token_hex(4)}.part")
     try:
-        writer(partial, rows, features, kind)
+        writer(partial, rows, (_META if metadata else (), features, ["label"] if label else []), kind)
         os.replace(partial, path)
     except OSError as exc:
         raise EdgekitError(
@@ -452,7 +458,8 @@ def export_samples(doc: dict[str, Any], path: Any) -> dict[str, Any]:
         ) from exc
     finally:
         partial.unlink(missing_ok=True)
-    return {"path": str(path), "rows": len(rows), "labelled": sum(1 for r in rows if r["label"] is not None)}
+    written = {"path": str(path), "rows": len(rows), "labelled": sum(1 for r in rows if r["label"] is not None)}
+    return {**written, "left_out": len(every) - len(rows)} if labelled_only else written
 
 
 def check_export_path(path: Any) -> Path:
@@ -473,13 +480,14 @@ def check_export_path(path: Any) -> Path:
     return path
 
 
-_META = ("id", "device", "model", "version", "seq", "ts", "drifted", "prediction")
+_META = FIELD_SAMPLE_METADATA
 
 
 def _input_of(header: dict[str, Any], rows: list[dict[str, Any]]) -> tuple[list[str], str]:
-    """The rows' feature names and input kind; refused when they come from models of different inputs."""
+    """The rows' feature names and input kind; refused when they come from models of different inputs. Rows
+    of a model the header does not describe are named by position (f0, f1, …), their kind by their cells."""
     models = header.get("models") or {}
-    described = [models.get(f"{r['model']}:{r['version']}", {}) for r in rows]
+    described = [models.get(f"{r['model']}:{r['version']}") or _unnamed(r["input"]) for r in rows]
     found = {(tuple(d.get("features", ())), d.get("kind", "matrix")) for d in described}
     if len(found) > 1:
         raise EdgekitError(
@@ -489,15 +497,21 @@ def _input_of(header: dict[str, Any], rows: list[dict[str, Any]]) -> tuple[list[
     return list(features), kind
 
 
-def _write_csv(path: Path, rows: list[dict[str, Any]], features: list[str], kind: str) -> None:
+def _unnamed(cells: Any) -> dict[str, Any]:
+    return {"kind": "tensor"} if isinstance(cells, dict) else {"features": [f"f{i}" for i in range(len(cells))]}
+
+
+def _write_csv(path: Path, rows: list[dict[str, Any]], columns: tuple, kind: str) -> None:
+    """``columns``: the metadata columns, the features, and ``["label"]`` or none (also for the others)."""
     import csv
 
+    meta, features, label = columns
     with open(path, "x", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow([*_META, *features, "label"])
+        writer.writerow([*meta, *features, *label])
         for r in rows:
             cells = ["" if c is None else c for c in r["input"]]
-            writer.writerow([*(_cell(r.get(name)) for name in _META), *cells, _cell(r["label"])])
+            writer.writerow([*(_cell(r.get(name)) for name in meta), *cells, *(_cell(r[name]) for name in label)])
 
 
 def _cell(value: Any) -> Any:
@@ -506,7 +520,7 @@ def _cell(value: Any) -> Any:
     return json.dumps(value) if isinstance(value, (list, dict)) else value
 
 
-def _write_npz(path: Path, rows: list[dict[str, Any]], features: list[str], kind: str) -> None:
+def _write_npz(path: Path, rows: list[dict[str, Any]], columns: tuple, kind: str) -> None:
     """``X`` (rows × features, or the examples stacked), ``y`` and ``labelled``, the row ids and windows:
     ``device_agent.tabular`` reads X, y and feature_names back."""
     import numpy as np
@@ -516,7 +530,7 @@ def _write_npz(path: Path, rows: list[dict[str, Any]], features: list[str], kind
         X = np.stack(arrays) if arrays else np.empty((0,))
     else:
         X = np.array([[np.nan if c is None else c for c in r["input"]] for r in rows], dtype=np.float64)
-        X = X.reshape(len(rows), len(features))
+        X = X.reshape(len(rows), len(columns[1]))
     labels = [r["label"] for r in rows]
     numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in labels if v is not None)
     y = (
@@ -525,7 +539,7 @@ def _write_npz(path: Path, rows: list[dict[str, Any]], features: list[str], kind
         else np.array(["" if v is None else str(v) for v in labels])
     )
     with open(path, "xb") as handle:  # a handle: given a path without ".npz", numpy would add one
-        _savez(handle, X, y, labels, features, rows)
+        _savez(handle, X, y, labels, columns[1], rows)
 
 
 def _tensor(cell: dict[str, Any]) -> Any:
@@ -559,15 +573,16 @@ def _pyarrow() -> tuple[Any, Any]:
     return pa, pq
 
 
-def _write_parquet(path: Path, rows: list[dict[str, Any]], features: list[str], kind: str) -> None:
+def _write_parquet(path: Path, rows: list[dict[str, Any]], columns: tuple, kind: str) -> None:
     pa, pq = _pyarrow()
-    table = {name: [_cell(r.get(name)) if name == "prediction" else r.get(name) for r in rows] for name in _META}
+    meta, features, label = columns
+    table = {name: [_cell(r.get(name)) if name == "prediction" else r.get(name) for r in rows] for name in meta}
     for i, name in enumerate(features):
         table[name] = [r["input"][i] for r in rows]
-    table["label"] = _one_type(
-        [_cell(r["label"]) if isinstance(r["label"], (list, dict)) else r["label"] for r in rows]
-    )
-    table["prediction"] = _one_type(table["prediction"])
+    for name in label:
+        table[name] = _one_type([_cell(r[name]) if isinstance(r[name], (list, dict)) else r[name] for r in rows])
+    if "prediction" in table:
+        table["prediction"] = _one_type(table["prediction"])
     try:
         pq.write_table(pa.table(table), str(path))
     except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
