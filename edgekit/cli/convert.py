@@ -149,7 +149,7 @@ def convert(model, output, quantize, target_format, as_json, **flags):
       edgekit convert model.onnx --quantize int8 --calibration train.csv --label target \\
           --eval test.csv --max-accuracy-drop 0.01 -o model.int8.onnx
       edgekit convert model.joblib --target tflite --quantize int8 --calibration train.npz -o model.tflite
-      edgekit convert cnn.onnx --quantize int8 --calibration images/ --preprocess image.toml \
+      edgekit convert cnn.onnx --quantize int8 --calibration images/ --preprocess image.toml \\
           --eval eval.npz -o cnn.int8.onnx
     """
     _check_extension(output, target_format)

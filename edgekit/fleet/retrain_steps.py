@@ -64,7 +64,7 @@ def champion(r: Any, run: Run) -> str:
     if r.sink.champion:
         if not Path(r.sink.champion).is_file():
             raise fail(r, run, "champion", f"the champion bundle {r.sink.champion} is not a file")
-        r.step(run, "champion", "ok", f"champion {r.sink.champion} (from alerts.toml)", {"path": r.sink.champion})
+        r.step(run, "champion", "ok", f"{r.sink.champion} (from alerts.toml)", {"path": r.sink.champion})
         return r.sink.champion
     name, version = run.evidence.get("model"), run.evidence.get("model_version")
     record = r.rollouts.bundle(name=name, version=version) if r.rollouts is not None and name else None
@@ -77,7 +77,7 @@ def champion(r: Any, run: Run) -> str:
             f"the device runs {name} v{version}, which was never uploaded to this collector; "
             "set champion = in [sinks.retrain]",
         )
-    r.step(run, "champion", "ok", f"champion {name} v{version}, the bundle the device runs", {"path": str(path)})
+    r.step(run, "champion", "ok", f"{name} v{version}, the bundle the device runs", {"path": str(path)})
     return str(path)
 
 

@@ -165,7 +165,7 @@ def _tabular_bundle(workdir: Path, public: Path, say: Say) -> tuple[Path, Path]:
         output=str(bundle),
     )
     say(
-        f"[4/8] and churn v1, a typed table (ints, floats, strings, missing values) in front of "
+        f"      and churn v1, a typed table (ints, floats, strings, missing values) in front of "
         f"HistGradientBoosting: agreement with scikit-learn {report['agreement']:.4f}, "
         f"max |Δp| {report['max_abs_diff']:.1e} on {report['rows']} rows"
     )
