@@ -101,10 +101,13 @@ def test_a_drifted_window_keeps_its_rows_with_the_smallest_hashes(tmp_path, bund
         agent.predict(np.clip(X[100:200] + 9.0, 0, 40))
         wait(lambda: agent.stats["windows"] >= 2, what="two windows")
     drifted = sorted(range(100, 200), key=lambda n: row_hash(agent.boot, n))
+    # candidates are the rows hashing under drifted_share (twice the rows wanted): for about 2 boots in 100,
+    # fewer than 5 of a window's 100 rows do, and the window keeps those it has
+    candidates = [n for n in drifted if row_hash(agent.boot, n) < agent.capture.drifted_share]
     kept = [r for r in agent.capture.rows()]
-    assert {int(r["id"].rsplit("-", 1)[1]) for r in kept} == set(drifted[:5])
+    assert {int(r["id"].rsplit("-", 1)[1]) for r in kept} == set(candidates[:5])
     assert all(r["seq"] == agent.spool.seq_base() + 1 and r["drifted"] is True for r in kept)
-    assert agent.last_summary["drift"]["drifted"] and agent.last_summary["capture"]["kept_rows"] == 5
+    assert agent.last_summary["drift"]["drifted"] and agent.last_summary["capture"]["kept_rows"] == len(candidates[:5])
 
 
 def test_the_disk_cap_drops_the_oldest_segments_first(tmp_path, bundle, keypair, digits):

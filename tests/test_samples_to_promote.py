@@ -132,9 +132,13 @@ def test_a_labelled_only_export_is_gated_on_as_it_is(cli, field, models, digits,
     assert json.loads(result.stdout)["decision"] != "promoted" and not kept.exists()
 
 
-def test_unlabelled_rows_are_refused_in_one_line_where_labels_are_needed(cli, field, models, digits, keypair, tmp_path):
-    """Failed before: "has labels the model does not know: ''" (or the metadata error first)."""
-    path = tmp_path / "field.csv"
+@pytest.mark.parametrize("suffix", [".csv", ".npz"])
+def test_unlabelled_rows_are_refused_in_one_line_where_labels_are_needed(
+    cli, field, models, digits, keypair, tmp_path, suffix
+):
+    """Failed before: "has labels the model does not know: ''" (or the metadata error first); an .npz export's
+    unlabelled rows (a placeholder in y, False in ``labelled``) were scored as labels."""
+    path = tmp_path / f"field{suffix}"
     assert export_samples(field.doc, path)["labelled"] == field.labelled
     said = f"{field.unlabelled} of its {len(field.doc['rows'])} field rows have no label yet"
     result = _promote(cli, models.good, models, digits, keypair, tmp_path / "out.edgebundle", path)

@@ -127,7 +127,8 @@ def load_dataset(
         from edgekit.models.tensor_data import load_tensor_dataset
 
         X, y, digest = load_tensor_dataset(path, schema, limit=limit, progress=progress)
-        return Dataset(X, y, (schema.tensor.name,), str(path), digest)
+        unlabelled = _npz_unlabelled(Path(path))
+        return Dataset(X, None if unlabelled else y, (schema.tensor.name,), str(path), digest, unlabelled)
     path = Path(path)
     if path.is_dir():
         raise DataError(
@@ -170,6 +171,10 @@ def _read_rows(
     and its own ``label`` column whatever ``--label`` names for the other files); its labels only when every
     row has one. The sha256 stays the file's own (lineage and the gate know files by it)."""
     suffix = path.suffix.lower()
+    if suffix == ".npz":
+        X, y, names = read_table(path, label, raw, columns=columns)
+        unlabelled = _npz_unlabelled(path)
+        return X, (y if unlabelled == 0 else None), names, unlabelled
     header = _csv_header(raw) if suffix in (".csv", ".txt") else _parquet_header(path) if suffix in _PARQUET else None
     if header is None or not is_field_export(header):
         return (*read_table(path, label, raw, columns=columns), 0)
@@ -186,11 +191,27 @@ _PARQUET = (".parquet", ".pq")
 
 
 def _csv_header(raw: bytes) -> list[str] | None:
+    end = raw.find(b"\n")  # the first line only: a training CSV may be gigabytes, and read_table decodes it anyway
     try:
-        first = raw.decode("utf-8-sig").splitlines()[:1]
+        first = raw[: end if end >= 0 else len(raw)].decode("utf-8-sig").rstrip("\r")
     except UnicodeDecodeError:
         return None  # read_table says so
-    return next(csv.reader(first), None)
+    return next(csv.reader([first]), None)
+
+
+def _npz_unlabelled(path: Path) -> int:
+    """Rows of an .npz field-samples export (``fleet samples -o x.npz``: it holds ``labelled`` and ``ids``) whose
+    label has not arrived (their ``y`` is a placeholder); 0 for any other file."""
+    if path.suffix.lower() != ".npz" or not path.is_file():
+        return 0
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            if "labelled" not in data.files or "ids" not in data.files:
+                return 0
+            labelled = np.asarray(data["labelled"], dtype=bool)
+    except (ValueError, OSError, EOFError):
+        return 0  # read_table (or the tensor reader) has said what is wrong with it
+    return int(len(labelled) - labelled.sum())  # of the whole file, even when a limit read fewer rows: never less
 
 
 def _parquet_header(path: Path) -> list[str] | None:
