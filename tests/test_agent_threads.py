@@ -14,6 +14,7 @@ import numpy as np
 
 from device_agent import Agent
 from tests.agent_helpers import config_of, make_device
+from tests.fleet_helpers import wait
 
 COUNTERS = ("edgekit_unmonitored_rows_total", "edgekit_sampled_out_rows_total")
 
@@ -172,11 +173,14 @@ def test_a_label_for_an_answer_of_the_model_swapped_out_is_not_credited_to_the_n
     try:
         before = agent.predict(X)  # v3's answers
         newer = read_bundle(v4_bundle, load_public_key(keypair[1]))
+        close_retired = agent._close_retired
+        agent._close_retired = lambda: close_retired(grace=600)  # v3's last window stays open however slow this is
         agent.swap(agent.serving_for(newer, open_runtime(newer.model_format, newer.model_bytes, source=newer.path)))
         labels = {i: int(label) for i, label in zip(before.ids, y, strict=True)}
         early = before.ids[:5]  # within the swap's grace: v3's last window is still open
         assert [agent.feedback(i, labels[i]) for i in early] == ["accepted"] * len(early)
-        time.sleep(1.5)  # v3's last window closed
+        agent._close_retired = lambda: close_retired(grace=0.0)
+        wait(lambda: not agent._retired, what="v3's last window closed")
         after = agent.predict(X)  # v4's answers
         labels.update({i: int(label) for i, label in zip(after.ids, y, strict=True)})
         late = before.ids[5:] + after.ids

@@ -110,11 +110,14 @@ class ReportingClock:
     def __init__(self, controller: RolloutController, now: float) -> None:
         self.controller, self.now = controller, now
         self.report: dict | None = None  # armed: sent at the next reading
+        self.writer: threading.Thread | None = None
 
     def __call__(self) -> float:
         if self.report is not None:
             report, self.report = self.report, None
-            writer = threading.Thread(target=self.controller.record_report, args=(report, self.now), daemon=True)
+            writer = self.writer = threading.Thread(
+                target=self.controller.record_report, args=(report, self.now), daemon=True
+            )
             writer.start()
             writer.join(1.0)  # stored at once when nothing holds it back
         return self.now
@@ -141,9 +144,7 @@ def test_a_report_stored_during_a_tick_is_not_overwritten_by_the_ticks_timeout(f
     ticking = threading.Thread(target=controller.tick, name="edgekit-collector-rollouts")
     ticking.start()
     ticking.join(60)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and controller.status(rollout_id)["devices"][0]["state"] == "sent":
-        time.sleep(0.01)
-    time.sleep(0.2)  # a report held back lands after the tick
+    assert clock.writer is not None
+    clock.writer.join(60)  # a report held back lands after the tick
     device = next(d for d in controller.status(rollout_id)["devices"] if d["device"] == "pi-0")
     assert device["state"] == "succeeded", device
