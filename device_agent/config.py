@@ -318,7 +318,7 @@ def parse_config(doc: dict[str, Any], *, base: Path = Path("."), source: str = "
         fleet=fleet,
         state_dir=resolve(state_dir),
         public_key=resolve(public_key),
-        threads=top.number("threads", 1, whole=True, least=1, hint="intra-op threads of the runtime"),
+        threads=top.number("threads", 1, whole=True, least=0, hint="runtime intra-op threads; 0: its default"),
         mqtt=mqtt_config,
         server=server_config,
         monitor=monitor_config,
@@ -463,13 +463,18 @@ def _server_config(server: dict[str, Any], source: str, resolve) -> ServerConfig
     )
 
 
+def address_port(address: str) -> int | None:
+    """The port of ``host:port`` (or of a bare port, which binds 127.0.0.1), if it is one from 0 to 65535."""
+    _host, _, port = address.rpartition(":")
+    return int(port) if port.isascii() and port.isdigit() and int(port) <= 65535 else None
+
+
 def _listen(read: Reader) -> str | None:
     """``[server] listen`` as host:port with a port from 0 to 65535 (0: any free one); "" turns HTTP off."""
     listen = read.text("listen", ServerConfig.listen)
     if not listen:
         return None
-    _host, colon, port = listen.rpartition(":")
-    if not (colon and port.isascii() and port.isdigit() and int(port) <= 65535):
+    if address_port(listen) is None:
         raise read.refuse(
             "listen",
             "is not host:port with a port from 0 to 65535",

@@ -60,7 +60,7 @@ MISTAKES = [
     ({**BASE, "monitor": {"log_rows": 0}}, r"\[monitor\] log_rows = 0 is out of range: log_rows must be 1 or more"),
     ({**BASE, "monitor": {"window_seconds": float("inf")}}, r"window_seconds = inf is out of range"),
     ({**BASE, "mqtt": {"keepalive": 70000}}, r"\[mqtt\] keepalive = 70000 is out of range: .* from 0 to 65535"),
-    ({**BASE, "threads": 0}, r"threads = 0 is out of range: threads must be 1 or more"),
+    ({**BASE, "threads": -1}, r"threads = -1 is out of range: threads must be 0 or more"),
     ({**BASE, "server": {"header_timeout": "10"}}, r"\[server\] header_timeout must be .* seconds, not \"10\""),
     ({**BASE, "server": {"max_rows": "10"}}, r"\[server\] max_rows must be a positive whole number, not \"10\""),
     ({**BASE, "mqtt": {"password": "a", "password_file": "b"}}, r"\[mqtt\] has both password and password_file"),
@@ -114,6 +114,15 @@ def test_real_values_are_read_as_they_were(tmp_path):
     assert config.monitor.window_rows == 500 and isinstance(config.monitor.window_rows, int)
     assert config.monitor.window_seconds == 30.0 and config.monitor.keep_acked_seconds == 0
     assert parse_config({**BASE, "server": {"listen": ""}, "mqtt": {"url": ""}}).server.listen is None
+    # worked before the strict reader, and still do: a bare port binds 127.0.0.1; threads = 0 is the runtime's default
+    assert parse_config({**BASE, "server": {"listen": "8470"}}).server.address == ("127.0.0.1", 8470)
+    assert parse_config({**BASE, "threads": 0}).threads == 0
+
+
+def test_the_collector_takes_a_bare_http_port_as_before():
+    from edgekit.fleet.config import CollectorConfig
+
+    assert CollectorConfig(broker="mqtt://127.0.0.1:1883", db="fleet.db", http="8480").http == "8480"
 
 
 def _toml_blocks(text: str) -> list[str]:

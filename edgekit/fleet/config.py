@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from urllib.parse import ParseResult, urlsplit
 
 from device_agent import protocol
-from device_agent.config import HttpLimits
+from device_agent.config import HttpLimits, address_port
 from device_agent.errors import ProtocolError
 from edgekit.errors import EdgekitError
 from edgekit.fleet.retention import RetentionPolicy
@@ -98,8 +98,7 @@ class CollectorConfig:
         65535 or a '/' in the group would otherwise fail later, or subscribe to something else."""
         parse_broker_url(self.broker)
         if self.http:
-            _host, colon, port = self.http.rpartition(":")
-            if not (colon and port.isascii() and port.isdigit() and int(port) <= 65535):
+            if address_port(self.http) is None:
                 raise EdgekitError(
                     f"HTTP address {self.http!r} is not host:port with a port from 0 to 65535",
                     "e.g. --http 127.0.0.1:8480 (port 0: any free port)",
