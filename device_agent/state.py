@@ -61,8 +61,14 @@ class StateDir:
             import fcntl
         except ImportError:  # not a POSIX system: nothing to hold it with
             return None
-        self.root.mkdir(parents=True, exist_ok=True)
-        handle = open(self.root / LOCK_FILE, "a+")  # noqa: SIM115 (held open while the agent runs)
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            handle = open(self.root / LOCK_FILE, "a+")  # noqa: SIM115 (held open while the agent runs)
+        except OSError as exc:
+            raise InstallError(
+                f"{self.root}: the state dir cannot be written ({exc.strerror or exc}); "
+                "create it, writable by the agent's user, or point state_dir elsewhere"
+            ) from None
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:

@@ -182,7 +182,7 @@ class Flasher:
             self.say("[dry-run] agent.toml:\n    " + config.strip().replace("\n", "\n    "))
         unit = UNIT.format(
             user="edgekit",
-            agent=systemd_word(f"{root}/venv/bin/edge-agent"),
+            agent=systemd_word(f"{root}/venv/bin/edge-agent", command=True),
             config=systemd_word(f"{root}/etc/agent.toml"),
         )
         (staging / "edgekit-agent.service").write_text(unit, encoding="utf-8")
@@ -462,7 +462,9 @@ def _extras_for(bundle) -> str:
     return ",".join(extras + (["vision"] if "image" in preprocess else []))
 
 
-def systemd_word(text: str) -> str:
-    """``text`` as one argument of a systemd ``ExecStart=`` line: quoted (an install root may hold a space),
-    with the backslash and the quote escaped and ``%`` doubled (systemd reads ``%h``, ``%n``... as specifiers)."""
-    return '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("%", "%%") + '"'
+def systemd_word(text: str, *, command: bool = False) -> str:
+    """``text`` as one word of a systemd ``ExecStart=`` line: quoted (an install root may hold a space), with the
+    backslash and the quote escaped and ``%`` doubled (systemd reads ``%h``, ``%n``... as specifiers); in an
+    argument ``$`` is doubled too (systemd expands ``$VAR`` there), in the ``command`` itself it is not."""
+    escaped = text.replace("\\", "\\\\").replace('"', '\\"').replace("%", "%%")
+    return '"' + (escaped if command else escaped.replace("$", "$$")) + '"'
