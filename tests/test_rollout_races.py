@@ -276,3 +276,21 @@ def test_a_device_that_missed_the_first_publish_still_updates(
         assert fleet.versions() == {"emu-00": 4}
     finally:
         fleet.stop()
+
+
+def test_a_timeout_mark_made_on_an_earlier_state_yields_to_a_report_stored_since(fleet_store):
+    """The controller's tick marks a device failed for its timeout from the state it loaded; a report stored in
+    between (by the ingest thread, or another collector) must win: ``only_from`` sets it only if still there."""
+    assert fleet_store.create_rollout(_rollout("r-1"), [("pi-0", 0, 2), ("pi-1", 0, 2)]) is None
+    for device in ("pi-0", "pi-1"):
+        fleet_store.set_rollout_device("r-1", device, "sent", "desired state published", 2.0, sent_at=2.0)
+    report = {"rollout": "r-1", "device": "pi-0", "state": "succeeded", "reason": "running v3", "version": 3}
+    fleet_store.record_rollout_report(report, {}, 3.0)
+    marked = [
+        fleet_store.set_rollout_device(
+            "r-1", d, "failed", "no result within 60 s", 4.0, code="timeout", only_from="sent"
+        )
+        for d in ("pi-0", "pi-1")
+    ]
+    states = {d["device"]: d["state"] for d in fleet_store.rollout("r-1")[1]}
+    assert marked == [False, True] and states == {"pi-0": "succeeded", "pi-1": "failed"}

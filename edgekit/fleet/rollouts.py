@@ -14,7 +14,8 @@ message goes out, so a new leader carries a rollout on from the store without se
   desired state and updates when it returns; its report still lands. A device marked sent that has not
   answered is sent the same message again (``resend_seconds``): delivery is at least once. Each rollout
   steps apart from the others: one that raises says so in its reason and, if it goes on failing, ends failed.
-  Pauses, aborts and reports wait for a running tick, which acts on the states it loaded.
+  Pauses and aborts wait for a running tick, which acts on the states it loaded; its timeout mark
+  applies only to a device still in the state it loaded, so a report stored meanwhile wins.
 - Abort rules: ``failed>20%`` (share of sent devices that failed or rolled back), ``agreement<0.98``
   (row-weighted mean shadow agreement), ``p99_ms>50`` (median candidate p99 in shadow),
   ``drift>30%`` (share of moved devices whose latest window on the new version drifted). An abort
@@ -279,8 +280,7 @@ class RolloutController:
         if doc.get("action") == "revert" and not counts(doc, self.store.rollout(str(doc.get("rollout")))):
             return
         facts = {k: doc[k] for k in ("shadow", "download", "health", "selftest") if isinstance(doc.get(k), dict)}
-        with self._lock:  # not inside a tick: its device-timeout mark, made on states loaded before, would replace it
-            self.store.record_rollout_report(doc, facts, now)
+        self.store.record_rollout_report(doc, facts, now)  # a tick's timeout mark yields to it (``only_from``)
 
     # -- the loop ------------------------------------------------------------------------------------
     def tick(self) -> None:
@@ -346,14 +346,15 @@ class RolloutController:
                 and now - device["sent_at"] > spec.device_timeout
             ):
                 why = "offline since" if not device["online"] else "no result within"
-                self._set_device(
+                if self._set_device(  # only from the state loaded: a report stored since this tick began wins
                     rollout_id,
                     device["device"],
                     "failed",
                     f"{why} {spec.device_timeout:.0f} s after the update was sent",
                     code="timeout",
-                )
-                device["state"] = "failed"
+                    only_from=device["state"],
+                ):
+                    device["state"] = "failed"
         tripped = abort_rule_tripped(rollout, spec, devices)
         if tripped:
             self.abort(rollout_id, f"abort rule {tripped}")
@@ -563,8 +564,9 @@ class RolloutController:
         return [self.status(i) for i in self.store.rollout_ids(limit)]
 
     # -- small helpers -------------------------------------------------------------------------------
-    def _set_device(self, rollout_id: str, device: str, state: str, reason: str, **marks: Any) -> None:
-        self.store.set_rollout_device(rollout_id, device, state, reason, self.clock(), **marks)  # code=, sent_at=
+    def _set_device(self, rollout_id: str, device: str, state: str, reason: str, **marks: Any) -> bool:
+        # marks: code=, sent_at=, only_from= (set only if still in that state); whether it was set
+        return self.store.set_rollout_device(rollout_id, device, state, reason, self.clock(), **marks)
 
     def _update(self, rollout_id: str, **columns: Any) -> None:
         self.store.update_rollout(rollout_id, self.clock(), **columns)

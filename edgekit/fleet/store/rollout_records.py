@@ -141,13 +141,18 @@ class RolloutRecords:
         *,
         code: str | None = None,
         sent_at: float | None = None,
-    ) -> None:
+        only_from: str | None = None,
+    ) -> bool:
+        """Set a device's state in a rollout; with ``only_from``, only if it is still in that state (a mark made
+        on states loaded earlier, which a device's report stored since must win over). Whether it was set."""
+        guard = "" if only_from is None else " AND state = ?"
         with self.atomic() as db:
-            db.execute(
+            cursor = db.execute(
                 "UPDATE rollout_devices SET state = ?, reason = ?, code = coalesce(?, code), "
-                "sent_at = coalesce(?, sent_at), updated_at = ? WHERE rollout = ? AND device = ?",
-                (state, reason, code, sent_at, now, rollout_id, device),
+                f"sent_at = coalesce(?, sent_at), updated_at = ? WHERE rollout = ? AND device = ?{guard}",
+                (state, reason, code, sent_at, now, rollout_id, device, *(() if only_from is None else (only_from,))),
             )
+            return cursor.rowcount > 0
 
     def record_rollout_report(self, report: dict[str, Any], facts: dict[str, Any], now: float) -> None:
         """A device's ``reported`` message: its state in the rollout, why, and what it measured."""
