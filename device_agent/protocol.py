@@ -203,11 +203,16 @@ def state_payload(
     return with_last_seq(doc, last_seq)
 
 
-def with_last_seq(state: dict[str, Any], last_seq: int | None) -> dict[str, Any]:
+def with_last_seq(state: dict[str, Any], last_seq: int | None, seq_base: int | None = None) -> dict[str, Any]:
     """``state`` announcing the seq of the newest summary the device has made, so a collector sees windows
-    lost at the end (no later summary shows their gap). A copy; unchanged when there is none yet (0 or None).
-    Added within ``edgekit.state/1``: collectors that predate it ignore the field, newer ones accept its absence."""
-    return {**state, "last_seq": int(last_seq)} if last_seq else dict(state)
+    lost at the end (no later summary shows their gap), and where this install's numbering began (``seq_base``,
+    as in its summaries): a new install's ``last_seq`` is far past anything the collector stored, and the base
+    is what its losses are counted from. A copy; unchanged when there is no summary yet (0 or None).
+    Added within ``edgekit.state/1``: collectors that predate them ignore the fields, newer ones accept their
+    absence."""
+    if not last_seq:
+        return dict(state)
+    return {**state, "last_seq": int(last_seq), **({"seq_base": int(seq_base)} if seq_base else {})}
 
 
 def baseline_payload(*, device: str, model: dict[str, Any], baseline: Profile) -> dict[str, Any]:
@@ -411,9 +416,11 @@ def check_state(doc: dict[str, Any]) -> dict[str, Any]:
     _require(doc, {"device": str, "fleet": str, "online": bool})
     if doc.get("model") is not None:
         _require(doc["model"], {"name": str, "version": int}, "model.")
-    _optional(doc, {"runtime": str, "agent_version": str, "last_seq": int, "issued_at": (int, float)})
+    _optional(doc, {"runtime": str, "agent_version": str, "last_seq": int, "seq_base": int, "issued_at": (int, float)})
     if doc.get("last_seq") is not None and not 0 <= doc["last_seq"] < MAX_INT:
         raise ProtocolError("field", "last_seq must be a seq: an integer ≥ 0")
+    if doc.get("seq_base") is not None and not 1 <= doc["seq_base"] <= (doc.get("last_seq") or 0):
+        raise ProtocolError("field", "seq_base must be a seq from 1 to last_seq (where this install's numbering began)")
     if doc.get("issued_at") is not None and not 0 <= doc["issued_at"] < MAX_INT:  # NaN fails this too
         raise ProtocolError("field", "issued_at must be a time: seconds since 1970, ≥ 0")
     return doc

@@ -143,7 +143,8 @@ class MqttReporter:
         """Publish the state ``state()`` builds (retained), with the spool's newest seq as ``last_seq``."""
         with self._state_lock:
             last_seq = self.spool.last_seq()
-            info = client.publish(self.topics.state, encode(with_last_seq(state(), last_seq)), qos=1, retain=True)
+            announced = with_last_seq(state(), last_seq, self.spool.seq_base())
+            info = client.publish(self.topics.state, encode(announced), qos=1, retain=True)
             self._announced_seq = last_seq
         return info
 

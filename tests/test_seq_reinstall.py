@@ -16,7 +16,7 @@ import time
 import pytest
 
 from device_agent.errors import ProtocolError
-from device_agent.protocol import READABLE_SUMMARY_SCHEMAS, check_summary, decode
+from device_agent.protocol import READABLE_SUMMARY_SCHEMAS, check_state, check_summary, decode
 from device_agent.spool import Spool
 from edgekit.fleet.config import CollectorConfig
 from edgekit.fleet.ingest import Ingestor, Message
@@ -153,6 +153,25 @@ def test_a_new_install_whose_first_windows_are_lost_asks_for_them_only(fleet_sto
     ingestor.handle(old_install())
     ingestor.handle(new_install(count=4, skip=(0, 1)))
     assert gaps_of(fleet_store, "pi") == [REINSTALLED_AT_MS, REINSTALLED_AT_MS + 1]
+
+
+def test_a_new_install_that_lost_its_first_windows_and_went_quiet_announces_them_in_its_state(fleet_store):
+    """No summary of the new install has arrived, so only its retained state says windows were made: its
+    ``last_seq`` is far past the old install's end, and its ``seq_base`` is where the losses are counted from
+    (without it, nothing was recorded until a summary of the new install was stored)."""
+    from device_agent.protocol import state_payload, with_last_seq
+
+    ingestor = Ingestor(fleet_store, clock=lambda: NOW)
+    ingestor.handle(old_install())
+    state = with_last_seq(
+        state_payload(online=True, device="pi", fleet="f", model=None, runtime=None, agent_version="t"),
+        REINSTALLED_AT_MS + 2,
+        REINSTALLED_AT_MS,
+    )
+    ingestor.handle([Message("edgekit/v1/f/pi/state", json.dumps(state).encode(), NOW)])
+    assert gaps_of(fleet_store, "pi") == [REINSTALLED_AT_MS + k for k in range(3)]
+    with pytest.raises(ProtocolError, match="seq_base must be a seq from 1 to last_seq"):
+        check_state({**state, "seq_base": REINSTALLED_AT_MS + 3})
 
 
 def test_a_device_that_reuses_its_seqs_is_counted_and_logged_not_taken_for_redeliveries(fleet_store, caplog):

@@ -106,17 +106,21 @@ class SqlStore(
             )
             if cursor.rowcount == 0:  # another fleet's stale claim: its last_seq counts another spool's windows
                 return False
-            last_seq = doc.get("last_seq")
+            last_seq, seq_base = doc.get("last_seq"), doc.get("seq_base")
             if isinstance(last_seq, int) and not isinstance(last_seq, bool):
-                self._announced_gaps(db, doc["device"], last_seq, now)
+                base = seq_base if isinstance(seq_base, int) and not isinstance(seq_base, bool) else None
+                self._announced_gaps(db, doc["device"], last_seq, now, base)
         return True
 
-    def _announced_gaps(self, db: Any, device: str, last_seq: int, now: float) -> None:
+    def _announced_gaps(self, db: Any, device: str, last_seq: int, now: float, seq_base: int | None = None) -> None:
         """A state's ``last_seq`` (the device's newest window) makes trailing losses gaps too: windows after
         the newest stored one that never arrived would otherwise never be asked for. A summary still in
-        flight is covered by the gaps' grace period, and deleted from the gaps when it arrives."""
+        flight is covered by the gaps' grace period, and deleted from the gaps when it arrives. A new install
+        (its ``seq_base`` past what is stored) counts its losses from its base, not from the old install's end."""
         row = db.execute("SELECT max_seq FROM devices WHERE device = ?", (device,)).fetchone()
         max_seq = row[0] if row else 0
+        if seq_base is not None and seq_base > max_seq:
+            max_seq = seq_base - 1
         if not max_seq < last_seq <= max_seq + MAX_GAP:
             return
         db.executemany(
