@@ -155,13 +155,22 @@ def _install(args: argparse.Namespace) -> int:
     from .state import StateDir
 
     config = load_config(args.config)
-    bundle = StateDir(config.state_dir).install(
-        args.bundle, load_public_key(config.public_key), allow_downgrade=args.allow_downgrade
-    )
+    state = StateDir(config.state_dir)
+    before = state.state()
+    bundle = state.install(args.bundle, load_public_key(config.public_key), allow_downgrade=args.allow_downgrade)
+    # another model in place of the one installed is allowed (a device can change jobs), but never silently
+    replaced = before.get("name") if before.get("name") not in (None, bundle.name) else None
+    note = f" (in place of {replaced} v{before.get('version')})" if replaced else ""
     _emit(
         args,
-        {"installed": bundle.name, "version": bundle.version, "state_dir": str(config.state_dir)},
-        f"installed {bundle.name} v{bundle.version} in {config.state_dir}; a running agent serves it after a restart",
+        {
+            "installed": bundle.name,
+            "version": bundle.version,
+            "state_dir": str(config.state_dir),
+            **({"replaced": {"name": replaced, "version": before.get("version")}} if replaced else {}),
+        },
+        f"installed {bundle.name} v{bundle.version}{note} in {config.state_dir}; "
+        "a running agent serves it after a restart",
     )
     return 0
 

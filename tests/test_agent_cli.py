@@ -59,6 +59,23 @@ def test_install_and_verify_print_a_sentence_or_json(
         "version": 5,
         "state_dir": str(tmp_path / "dev" / "state"),
     }
+    other = tmp_path / "other-1.edgebundle"  # another model in place of digits: allowed, and said
+    cli(
+        "package",
+        digits_int8,
+        "--name",
+        "other",
+        "--version",
+        "1",
+        "--baseline",
+        digits.train,
+        "--key",
+        keypair[0],
+        "-o",
+        other,
+    )
+    code, out, _ = run(capsys, "install", other, "--config", config)
+    assert code == 0 and out.startswith("installed other v1 (in place of digits v5) in "), out
     code, out, _ = run(capsys, "verify", bundle, "--pubkey", keypair[1])
     assert (
         code == 0
