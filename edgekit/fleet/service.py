@@ -17,11 +17,12 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from device_agent.config import address_port
 from device_agent.signing import load_public_key
 from edgekit.errors import EdgekitError
 from edgekit.fleet.alerts import AlertEngine, AlertRules, AlertSinks
 from edgekit.fleet.collector import FULL_ALERT_PASS_SECONDS, GAP_CHECK_SECONDS, ROLLOUT_TICK, Collector
-from edgekit.fleet.config import CollectorConfig, parse_broker_url
+from edgekit.fleet.config import CollectorConfig
 from edgekit.fleet.leader import Duty, Leadership
 from edgekit.fleet.retention import DUTY_SECONDS as RETENTION_DUTY_SECONDS
 from edgekit.fleet.retention import Retention
@@ -153,21 +154,13 @@ class FleetService:
 
 
 def check_can_start(config: CollectorConfig) -> None:
-    """Refuse, with one clear error, what would fail only after the database was made or the broker reached:
-    a broker URL that is not mqtt(s)://, an HTTP address that is malformed or taken (another collector on it).
-    The port is tried and let go here, then bound for good by ``start``; one taken in between still fails
-    there, before the broker is reached."""
-    parse_broker_url(config.broker)
+    """Refuse, with one clear error, what would fail only after the database was made or the broker reached: an
+    HTTP port another process holds (another collector on it). The broker URL and the address's form are checked
+    when the config is made (``CollectorConfig``). The port is tried and let go here, then bound for good by
+    ``start``; one taken in between still fails there, before the broker is reached."""
     if not config.http:
         return
-    host, _, port_text = config.http.rpartition(":")
-    host = (host or "127.0.0.1").strip("[]")
-    try:
-        port = int(port_text)
-        if not 0 <= port <= 65535:
-            raise ValueError(f"port {port} is out of range")
-    except ValueError as exc:
-        raise EdgekitError(f"cannot serve HTTP on {config.http} ({exc})", "pass --http host:port") from None
+    host, port = (config.http.rpartition(":")[0] or "127.0.0.1").strip("[]"), address_port(config.http)
     if port == 0:  # any free port: nothing to collide with
         return
     try:
